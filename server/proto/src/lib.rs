@@ -11,3 +11,4 @@
 //! Nothing here opens a socket, reads a clock or spawns a thread: time (`Instant` for
 //! protocol timers, `SystemTime` for certificate validity) and randomness are inputs,
 //! so every behaviour is testable deterministically in memory.
+pub mod ca;

@@ -1,0 +1,237 @@
+//! PKCS#10 certification requests (RFC 2986): parse once, check the profile, verify proof of possession.
+
+use der::asn1::{AnyRef, BitString};
+use der::{Decode, Reader, SliceReader, Tag};
+use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
+use spki::SubjectPublicKeyInfoOwned;
+use x509_cert::ext::pkix::SubjectAltName;
+use x509_cert::ext::Extension;
+use x509_cert::name::Name;
+use x509_cert::request::CertReq;
+
+use super::error::CsrError;
+use super::names::{hardware_module_in_san, HardwareModuleName};
+use super::oid;
+
+/// A PKCS#10 request that passed [`parse_and_verify_csr`]: DER, size-limited, P-256 key, self-signature
+/// verified. Fields are extracted once here so that later layers never re-parse.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedCsr {
+    /// The request as received.
+    pub der: Vec<u8>,
+    /// SHA-256 of `der` ([`csr_digest`]), to recognise a retried identical request.
+    pub digest: [u8; 32],
+    /// Requested subject (may be empty when the identity is in subjectAltName).
+    pub subject: Name,
+    /// The subject public key: id-ecPublicKey on secp256r1, uncompressed point.
+    pub public_key: SubjectPublicKeyInfoOwned,
+    /// hardwareModuleName (RFC 4108) found in the requested subjectAltName, if any.
+    pub hardware_module: Option<HardwareModuleName>,
+    /// Content octets of the challengePassword attribute (RFC 2985 §5.4.1), whatever its string type.
+    /// EST puts the base64 tls-unique value here for channel binding (RFC 7030 §3.5, RFC 9148 §3).
+    pub challenge_password: Option<Vec<u8>>,
+    /// Whether the extensionRequest asked for a subjectAltName.
+    pub requested_san_present: bool,
+    /// The requested subjectAltName, decoded (RFC 7030 §4.2.2 compares it on re-enrollment).
+    pub requested_san: Option<SubjectAltName>,
+    /// All extensions of the extensionRequest attribute (RFC 2985 §5.4.2), in request order.
+    pub requested_extensions: Vec<Extension>,
+}
+
+impl ParsedCsr {
+    /// The uncompressed SEC1 public point (65 bytes).
+    pub fn public_key_sec1(&self) -> &[u8] {
+        self.public_key.subject_public_key.raw_bytes()
+    }
+}
+
+/// SHA-256 of a CSR's DER, used to detect a retried identical request.
+pub fn csr_digest(der: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Parse a DER PKCS#10 request and verify its self-signature.
+///
+/// * more than `max_len` bytes: [`CsrError::TooLarge`], before any parsing;
+/// * not DER, trailing bytes, duplicated attributes or extensions, a challengePassword or
+///   extensionRequest that is not single-valued, an undecodable subjectAltName or
+///   hardwareModuleName: [`CsrError::Malformed`];
+/// * key not id-ecPublicKey/secp256r1 with an uncompressed point (RFC 7925 §4.4.2 profile):
+///   [`CsrError::UnsupportedKey`];
+/// * signature algorithm not ecdsa-with-SHA256 with absent parameters (RFC 5758 §3.2):
+///   [`CsrError::UnsupportedSignatureAlgorithm`];
+/// * signature (or public point) invalid: [`CsrError::BadSignature`].
+///
+/// The signature is checked over the certificationRequestInfo bytes exactly as received (RFC 2986
+/// §4.2), not over a re-encoding, so a decoder that normalises (e.g. sorts SET OF) cannot change
+/// what is verified.
+pub fn parse_and_verify_csr(der: &[u8], max_len: usize) -> Result<ParsedCsr, CsrError> {
+    if der.len() > max_len {
+        return Err(CsrError::TooLarge {
+            len: der.len(),
+            max: max_len,
+        });
+    }
+    // Full typed parse; from_der rejects trailing bytes.
+    let req = CertReq::from_der(der)?;
+
+    // Key profile first: an RSA or P-384 request is "unsupported key" whatever it is signed with.
+    let spki = &req.info.public_key;
+    if spki.algorithm.oid != oid::ID_EC_PUBLIC_KEY {
+        return Err(CsrError::UnsupportedKey("not an id-ecPublicKey key"));
+    }
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .ok_or(CsrError::UnsupportedKey("EC key without namedCurve parameters"))?
+        .decode_as::<const_oid::ObjectIdentifier>()
+        .map_err(|_| CsrError::UnsupportedKey("EC parameters are not a namedCurve"))?;
+    if curve != oid::SECP256R1 {
+        return Err(CsrError::UnsupportedKey("curve is not secp256r1 (P-256)"));
+    }
+    let point = uncompressed_point(&spki.subject_public_key)?;
+
+    if req.algorithm.oid != oid::ECDSA_WITH_SHA256 || req.algorithm.parameters.is_some() {
+        return Err(CsrError::UnsupportedSignatureAlgorithm(req.algorithm.oid));
+    }
+    let signature = req
+        .signature
+        .as_bytes()
+        .ok_or(CsrError::Malformed(Tag::BitString.value_error()))?;
+
+    let info_bytes = raw_info(der)?;
+    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, point)
+        .verify(info_bytes, signature)
+        .map_err(|_| CsrError::BadSignature)?;
+
+    // Attributes (RFC 2986 §4.1, RFC 2985 §5.4).
+    let mut challenge_password = None;
+    let mut requested_extensions: Option<Vec<Extension>> = None;
+    let mut seen = Vec::with_capacity(req.info.attributes.len());
+    for attr in req.info.attributes.iter() {
+        if seen.contains(&attr.oid) {
+            return Err(CsrError::Malformed(Tag::Set.value_error()));
+        }
+        seen.push(attr.oid);
+        if attr.oid == oid::CHALLENGE_PASSWORD {
+            let value = single_value(attr)?;
+            challenge_password = Some(value.value().to_vec());
+        } else if attr.oid == oid::EXTENSION_REQUEST {
+            let value = single_value(attr)?;
+            requested_extensions = Some(value.decode_as::<Vec<Extension>>()?);
+        }
+    }
+    let requested_extensions = requested_extensions.unwrap_or_default();
+
+    let mut requested_san = None;
+    for (i, ext) in requested_extensions.iter().enumerate() {
+        // RFC 5280 §4.2: at most one instance of a given extension.
+        if requested_extensions
+            .iter()
+            .skip(i.saturating_add(1))
+            .any(|other| other.extn_id == ext.extn_id)
+        {
+            return Err(CsrError::Malformed(Tag::Sequence.value_error()));
+        }
+        if ext.extn_id == oid::CE_SUBJECT_ALT_NAME {
+            requested_san = Some(SubjectAltName::from_der(ext.extn_value.as_bytes())?);
+        }
+    }
+    let hardware_module = match &requested_san {
+        Some(san) => hardware_module_in_san(san)?,
+        None => None,
+    };
+
+    Ok(ParsedCsr {
+        der: der.to_vec(),
+        digest: csr_digest(der),
+        subject: req.info.subject,
+        public_key: req.info.public_key,
+        hardware_module,
+        challenge_password,
+        requested_san_present: requested_san.is_some(),
+        requested_san,
+        requested_extensions,
+    })
+}
+
+/// The 65-byte uncompressed point of a P-256 key (RFC 5480 §2.2; RFC 7925 requires uncompressed).
+fn uncompressed_point(bits: &BitString) -> Result<&[u8], CsrError> {
+    let point = bits
+        .as_bytes()
+        .ok_or(CsrError::UnsupportedKey("public key bit string has unused bits"))?;
+    match point.first() {
+        Some(0x04) if point.len() == 65 => Ok(point),
+        Some(0x02 | 0x03) => Err(CsrError::UnsupportedKey("compressed EC point")),
+        _ => Err(CsrError::UnsupportedKey("not a P-256 uncompressed EC point")),
+    }
+}
+
+/// The certificationRequestInfo TLV exactly as it appears in `der`.
+fn raw_info(der: &[u8]) -> Result<&[u8], der::Error> {
+    let outer = AnyRef::from_der(der)?;
+    let mut reader = SliceReader::new(outer.value())?;
+    reader.tlv_bytes()
+}
+
+/// The only value of a SINGLE VALUE attribute.
+fn single_value(attr: &x509_cert::attr::Attribute) -> Result<&der::Any, CsrError> {
+    match attr.values.as_slice() {
+        [one] => Ok(one),
+        _ => Err(CsrError::Malformed(Tag::Set.value_error())),
+    }
+}
+
+/// Build and sign a PKCS#10 request (what a meter does before /sen or /sren; the simulator and tests
+/// use it). `hardware_module` becomes a subjectAltName otherName in an extensionRequest attribute;
+/// `challenge_password` (e.g. base64 tls-unique, RFC 7030 §3.5) is a PrintableString when its
+/// characters allow, else a UTF8String.
+pub fn build_csr(
+    signer: &dyn super::Signer,
+    subject: &Name,
+    hardware_module: Option<&HardwareModuleName>,
+    challenge_password: Option<&str>,
+) -> Result<Vec<u8>, super::CaError> {
+    use der::asn1::{PrintableStringRef, SetOfVec, Utf8StringRef};
+    use der::{Any, Encode};
+    use x509_cert::attr::Attribute;
+    use x509_cert::request::{CertReqInfo, Version};
+
+    let public_key = SubjectPublicKeyInfoOwned::from_der(signer.public_key_spki_der())?;
+    let mut attributes = SetOfVec::new();
+    if let Some(pw) = challenge_password {
+        let value = match PrintableStringRef::new(pw) {
+            Ok(p) => Any::encode_from(&p)?,
+            Err(_) => Any::encode_from(&Utf8StringRef::new(pw)?)?,
+        };
+        attributes.insert(Attribute {
+            oid: oid::CHALLENGE_PASSWORD,
+            values: SetOfVec::try_from(vec![value])?,
+        })?;
+    }
+    if let Some(hmn) = hardware_module {
+        let san = super::issue::subject_alt_name(subject, vec![hmn.to_general_name()?])?;
+        attributes.insert(Attribute {
+            oid: oid::EXTENSION_REQUEST,
+            values: SetOfVec::try_from(vec![Any::encode_from(&vec![san])?])?,
+        })?;
+    }
+    let info = CertReqInfo {
+        version: Version::V1,
+        subject: subject.clone(),
+        public_key,
+        attributes,
+    };
+    let info_der = info.to_der()?;
+    let signature = signer.sign(&info_der)?;
+    let req = CertReq {
+        info,
+        algorithm: super::signer::ecdsa_with_sha256(),
+        signature: BitString::from_bytes(&signature)?,
+    };
+    Ok(req.to_der()?)
+}
