@@ -3,3 +3,4 @@
 //! Owns the UDP socket, DTLS (webrtc-dtls behind our own transport layer), timers,
 //! the durable store, configuration and the command line. The protocol logic lives in
 //! the sans-IO crate `est-proto`; this crate only moves datagrams and bytes.
+pub mod transport;

@@ -1,0 +1,510 @@
+//! DTLS transport on real UDP sockets (127.0.0.1 only).
+#![allow(clippy::unwrap_used)]
+
+mod transport_support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use est_server::transport::client::{self, DtlsClientConfig};
+use est_server::transport::{
+    CipherSuiteName, CloseReason, DtlsListener, DtlsServerConfig, DtlsSession, PeerCertificateHook,
+    SocketConn, TransportError,
+};
+use tokio::net::UdpSocket;
+use transport_support::TestPki;
+use webrtc_dtls::conn::DTLSConn;
+use webrtc_util::conn::Conn;
+
+const LOCALHOST: &str = "127.0.0.1:0";
+
+async fn start_server(config: DtlsServerConfig) -> (Arc<DtlsListener>, SocketAddr) {
+    let socket = UdpSocket::bind(LOCALHOST).await.unwrap();
+    let listener = Arc::new(DtlsListener::bind(socket, config).await.unwrap());
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+/// Accept sessions and echo every datagram back, prefixed with "echo:".
+fn spawn_echo(listener: Arc<DtlsListener>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok(session) = listener.accept().await {
+            tokio::spawn(echo(session));
+        }
+    })
+}
+
+async fn echo(session: DtlsSession) {
+    let mut buf = vec![0u8; 2048];
+    while let Ok(n) = session.recv(&mut buf).await {
+        let mut reply = b"echo:".to_vec();
+        reply.extend_from_slice(&buf[..n]);
+        if session.send(&reply).await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn client_socket() -> Arc<UdpSocket> {
+    Arc::new(UdpSocket::bind(LOCALHOST).await.unwrap())
+}
+
+async fn connect(
+    socket: &Arc<UdpSocket>,
+    server: SocketAddr,
+    cfg: &DtlsClientConfig,
+) -> Result<Arc<DTLSConn>, TransportError> {
+    let conn: Arc<dyn Conn + Send + Sync> = Arc::new(SocketConn::new(Arc::clone(socket), server));
+    client::connect(conn, cfg).await
+}
+
+async fn round_trip(conn: &DTLSConn, payload: &[u8]) -> Vec<u8> {
+    conn.write(payload, None).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    let n = conn
+        .read(&mut buf, Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+#[tokio::test]
+async fn good_client_completes_and_exchanges_data() {
+    let pki = TestPki::generate();
+    let (listener, addr) = start_server(pki.server_config()).await;
+    let socket = client_socket().await;
+    let cfg = pki.device_config("127.0.0.1");
+
+    let accept = {
+        let listener = Arc::clone(&listener);
+        tokio::spawn(async move { listener.accept().await })
+    };
+    let conn = connect(&socket, addr, &cfg).await.unwrap();
+    let session = accept.await.unwrap().unwrap();
+
+    assert_eq!(session.peer_addr(), socket.local_addr().unwrap());
+    assert_eq!(
+        session.peer_certificates(),
+        &[pki.device.cert_der.clone(), pki.device_sub_ca_der.clone()][..]
+    );
+    assert_eq!(session.cipher_suite(), Some(CipherSuiteName::Ccm8));
+
+    conn.write(b"GET /.well-known/est/crts", None).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    let n = session.recv(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"GET /.well-known/est/crts");
+    session.send(b"2.05 Content").await.unwrap();
+    let n = conn
+        .read(&mut buf, Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(&buf[..n], b"2.05 Content");
+
+    let too_big = vec![0u8; 1153];
+    assert!(matches!(
+        session.send(&too_big).await,
+        Err(TransportError::DatagramTooLarge { len: 1153, max_bytes: 1152 })
+    ));
+
+    let m = listener.metrics();
+    assert_eq!(m.handshakes_started, 1);
+    assert_eq!(m.handshakes_completed, 1);
+    assert_eq!(m.sessions_now, 1);
+    assert_eq!(m.half_open_now, 0);
+
+    // The client closes: the server session ends with PeerClosed and the peer is forgotten.
+    conn.close().await.unwrap();
+    let err = session.recv(&mut buf).await.unwrap_err();
+    assert!(
+        matches!(err, TransportError::Closed(CloseReason::PeerClosed)),
+        "{err:?}"
+    );
+    assert_eq!(listener.metrics().sessions_now, 0);
+}
+
+#[tokio::test]
+async fn gcm_is_negotiated_when_the_client_prefers_it() {
+    let pki = TestPki::generate();
+    let mut server_cfg = pki.server_config();
+    server_cfg.cipher_suites = vec![CipherSuiteName::Ccm8, CipherSuiteName::Gcm];
+    let (listener, addr) = start_server(server_cfg).await;
+    let socket = client_socket().await;
+    let mut cfg = pki.device_config("localhost");
+    cfg.cipher_suites = vec![CipherSuiteName::Gcm, CipherSuiteName::Ccm8];
+    let accept = {
+        let listener = Arc::clone(&listener);
+        tokio::spawn(async move { listener.accept().await })
+    };
+    let _conn = connect(&socket, addr, &cfg).await.unwrap();
+    let session = accept.await.unwrap().unwrap();
+    assert_eq!(session.cipher_suite(), Some(CipherSuiteName::Gcm));
+}
+
+#[tokio::test]
+async fn client_without_certificate_is_refused() {
+    let pki = TestPki::generate();
+    let (listener, addr) = start_server(pki.server_config()).await;
+    let _echo = spawn_echo(Arc::clone(&listener));
+    let socket = client_socket().await;
+    let mut cfg = pki.device_config("127.0.0.1");
+    cfg.certificate_chain_der.clear();
+    cfg.attempt_timeout = Duration::from_secs(3);
+    cfg.overall_timeout = Duration::from_secs(3);
+    let result = connect(&socket, addr, &cfg).await;
+    assert!(
+        matches!(result, Err(TransportError::Handshake(_))),
+        "a client without a certificate must be refused, got {:?}",
+        result.map(|_| ())
+    );
+    wait_for(|| listener.metrics().handshakes_failed == 1).await;
+    let m = listener.metrics();
+    assert_eq!(m.handshakes_completed, 0);
+    assert_eq!(m.sessions_now, 0);
+    assert_eq!(m.half_open_now, 0);
+}
+
+#[tokio::test]
+async fn client_from_unknown_ca_is_refused() {
+    let pki = TestPki::generate();
+    let (listener, addr) = start_server(pki.server_config()).await;
+    let _echo = spawn_echo(Arc::clone(&listener));
+    let socket = client_socket().await;
+    let mut cfg = pki.device_config("127.0.0.1");
+    cfg.certificate_chain_der = vec![pki.rogue_device.cert_der.clone()];
+    cfg.private_key_pkcs8_der = pki.rogue_device.key_pkcs8_der.clone();
+    cfg.attempt_timeout = Duration::from_secs(3);
+    cfg.overall_timeout = Duration::from_secs(3);
+    let result = connect(&socket, addr, &cfg).await;
+    assert!(
+        matches!(result, Err(TransportError::Handshake(_))),
+        "a client from an unknown CA must be refused, got {:?}",
+        result.map(|_| ())
+    );
+    wait_for(|| listener.metrics().handshakes_failed == 1).await;
+    assert_eq!(listener.metrics().handshakes_completed, 0);
+}
+
+#[tokio::test]
+async fn policy_hook_refuses_a_device_during_the_handshake() {
+    let pki = TestPki::generate();
+    let refused_leaf = pki.device.cert_der.clone();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<usize>::new()));
+    let seen_in_hook = Arc::clone(&seen);
+    let hook: PeerCertificateHook = Arc::new(move |chain: &[Vec<u8>]| {
+        seen_in_hook.lock().unwrap().push(chain.len());
+        if chain.first() == Some(&refused_leaf) {
+            Err("device is revoked".to_string())
+        } else {
+            Ok(())
+        }
+    });
+    let mut server_cfg = pki.server_config();
+    server_cfg.verify_peer_certificate = Some(hook);
+    let (listener, addr) = start_server(server_cfg).await;
+    let _echo = spawn_echo(Arc::clone(&listener));
+    let socket = client_socket().await;
+    let mut cfg = pki.device_config("127.0.0.1");
+    cfg.attempt_timeout = Duration::from_secs(3);
+    cfg.overall_timeout = Duration::from_secs(3);
+    let result = connect(&socket, addr, &cfg).await;
+    assert!(
+        matches!(result, Err(TransportError::Handshake(_))),
+        "{:?}",
+        result.map(|_| ())
+    );
+    wait_for(|| listener.metrics().handshakes_failed == 1).await;
+    assert_eq!(*seen.lock().unwrap(), vec![2], "hook saw [leaf, sub-CA]");
+    assert_eq!(listener.metrics().handshakes_completed, 0);
+}
+
+fn record(content_type: u8, epoch: u16, fragment: &[u8]) -> Vec<u8> {
+    let mut r = vec![content_type, 0xFE, 0xFD];
+    r.extend_from_slice(&epoch.to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0, 0, 1]);
+    r.extend_from_slice(&u16::try_from(fragment.len()).unwrap().to_be_bytes());
+    r.extend_from_slice(fragment);
+    r
+}
+
+/// A syntactically plausible ClientHello with the given random (no extensions).
+fn client_hello(random: [u8; 32]) -> Vec<u8> {
+    let mut body = vec![0xFE, 0xFD];
+    body.extend_from_slice(&random);
+    body.push(0); // session id
+    body.push(0); // cookie
+    body.extend_from_slice(&[0, 2, 0xC0, 0xAE]); // cipher suites
+    body.extend_from_slice(&[1, 0]); // compression methods
+    let len = u32::try_from(body.len()).unwrap().to_be_bytes();
+    let mut handshake = vec![1, len[1], len[2], len[3], 0, 0, 0, 0, 0, len[1], len[2], len[3]];
+    handshake.extend_from_slice(&body);
+    record(22, 0, &handshake)
+}
+
+async fn wait_for(mut condition: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if condition() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(condition(), "condition not reached within 5 s");
+}
+
+#[tokio::test]
+async fn garbage_and_truncated_records_are_ignored() {
+    let pki = TestPki::generate();
+    let (listener, addr) = start_server(pki.server_config()).await;
+    let _echo = spawn_echo(Arc::clone(&listener));
+
+    let attacker = UdpSocket::bind(LOCALHOST).await.unwrap();
+    let mut truncated = record(22, 0, &[1u8; 100]);
+    truncated.truncate(40);
+    let mut truncated_hello = client_hello([7; 32]);
+    truncated_hello.truncate(30);
+    let tls_record = {
+        let mut r = record(22, 0, &[1, 0, 0, 0]);
+        r[1] = 0x03;
+        r
+    };
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![],
+        vec![0xFF; 3],
+        (0..=255u8).collect(),
+        truncated,
+        truncated_hello,
+        tls_record,
+        record(25, 1, &[0u8; 40]), // tls12_cid: not supported
+    ];
+    for datagram in &garbage {
+        attacker.send_to(datagram, addr).await.unwrap();
+    }
+    // Well-formed records that are not a ClientHello, from an unknown address.
+    attacker
+        .send_to(&record(23, 1, &[0u8; 40]), addr)
+        .await
+        .unwrap();
+    attacker
+        .send_to(&record(20, 0, &[1]), addr)
+        .await
+        .unwrap();
+
+    // A good client still completes and is echoed.
+    let socket = client_socket().await;
+    let conn = connect(&socket, addr, &pki.device_config("127.0.0.1"))
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&conn, b"ping").await, b"echo:ping");
+
+    let m = listener.metrics();
+    // The empty datagram may or may not reach us (OS-dependent); the other six are garbage.
+    assert!(m.dropped_garbage >= 6, "{m:?}");
+    assert_eq!(m.dropped_unknown_peer, 2, "{m:?}");
+    assert_eq!(m.handshakes_started, 1, "no state for garbage: {m:?}");
+    assert_eq!(m.handshakes_completed, 1);
+}
+
+#[tokio::test]
+async fn half_open_limit_is_enforced_and_recovers() {
+    let pki = TestPki::generate();
+    let mut server_cfg = pki.server_config();
+    server_cfg.max_half_open_handshakes = 2;
+    server_cfg.handshake_timeout = Duration::from_millis(1500);
+    let (listener, addr) = start_server(server_cfg).await;
+    let _echo = spawn_echo(Arc::clone(&listener));
+
+    // Two ClientHellos that will never continue hold both half-open slots.
+    let idle_a = UdpSocket::bind(LOCALHOST).await.unwrap();
+    let idle_b = UdpSocket::bind(LOCALHOST).await.unwrap();
+    idle_a.send_to(&client_hello([1; 32]), addr).await.unwrap();
+    idle_b.send_to(&client_hello([2; 32]), addr).await.unwrap();
+    wait_for(|| listener.metrics().half_open_now == 2).await;
+
+    // A third is refused while they last, and completes once they timed out.
+    let started = tokio::time::Instant::now();
+    let socket = client_socket().await;
+    let mut cfg = pki.device_config("127.0.0.1");
+    cfg.flight_interval = Duration::from_millis(200);
+    let conn = connect(&socket, addr, &cfg).await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!(round_trip(&conn, b"x").await, b"echo:x");
+
+    let m = listener.metrics();
+    assert!(m.dropped_over_limit >= 1, "{m:?}");
+    assert_eq!(m.handshakes_timed_out, 2, "{m:?}");
+    assert_eq!(m.handshakes_started, 3, "{m:?}");
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "the third handshake must wait for a free slot, took {waited:?}"
+    );
+    assert!(m.half_open_now <= 1, "{m:?}");
+}
+
+#[tokio::test]
+async fn same_port_rehandshake_after_close_and_after_silent_restart() {
+    let pki = TestPki::generate();
+    let (listener, addr) = start_server(pki.server_config()).await;
+    let sessions = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let _acceptor = {
+        let listener = Arc::clone(&listener);
+        let sessions = Arc::clone(&sessions);
+        tokio::spawn(async move {
+            while let Ok(session) = listener.accept().await {
+                let session = Arc::new(session);
+                sessions.lock().unwrap().push(Arc::clone(&session));
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 2048];
+                    while let Ok(n) = session.recv(&mut buf).await {
+                        let mut reply = b"echo:".to_vec();
+                        reply.extend_from_slice(&buf[..n]);
+                        if session.send(&reply).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        })
+    };
+    let socket = client_socket().await;
+    let cfg = pki.device_config("127.0.0.1");
+
+    // 1. Handshake, exchange, close (close_notify reaches the server).
+    let first = connect(&socket, addr, &cfg).await.unwrap();
+    assert_eq!(round_trip(&first, b"one").await, b"echo:one");
+    first.close().await.unwrap();
+    wait_for(|| listener.metrics().sessions_now == 0).await;
+
+    // 2. Same IP:port again, at once (the stock listener black-holes this forever).
+    let second = connect(&socket, addr, &cfg).await.unwrap();
+    assert_eq!(round_trip(&second, b"two").await, b"echo:two");
+
+    // 3. The meter "reboots" without close_notify and handshakes again from the same port: the
+    //    server replaces the old session after the cookie exchange.
+    drop(second);
+    let third = connect(&socket, addr, &cfg).await.unwrap();
+    assert_eq!(round_trip(&third, b"three").await, b"echo:three");
+
+    let m = listener.metrics();
+    assert_eq!(m.handshakes_completed, 3, "{m:?}");
+    assert_eq!(m.sessions_replaced, 1, "{m:?}");
+    assert_eq!(m.sessions_now, 1, "{m:?}");
+    let all = sessions.lock().unwrap().clone();
+    assert_eq!(all.len(), 3);
+    let mut buf = [0u8; 64];
+    assert!(matches!(
+        all[1].recv(&mut buf).await,
+        Err(TransportError::Closed(CloseReason::Replaced))
+    ));
+}
+
+#[tokio::test]
+async fn spoofed_client_hello_does_not_disturb_an_established_session() {
+    // The "spoofer" shares the client's address here only in the sense that we inject a
+    // ClientHello with a fresh random from the same socket but never answer the cookie.
+    let pki = TestPki::generate();
+    let mut server_cfg = pki.server_config();
+    server_cfg.handshake_timeout = Duration::from_millis(500);
+    let (listener, addr) = start_server(server_cfg).await;
+    let _echo = spawn_echo(Arc::clone(&listener));
+    let socket = client_socket().await;
+    let conn = connect(&socket, addr, &pki.device_config("127.0.0.1"))
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&conn, b"before").await, b"echo:before");
+
+    // Inject from the same address via a raw send on the client's socket. The server's
+    // HelloVerifyRequest comes back to this socket; the DTLS client ignores it.
+    socket.send_to(&client_hello([9; 32]), addr).await.unwrap();
+    wait_for(|| listener.metrics().handshakes_timed_out == 1).await;
+
+    assert_eq!(round_trip(&conn, b"after").await, b"echo:after");
+    let m = listener.metrics();
+    assert_eq!(m.sessions_replaced, 0, "{m:?}");
+    assert_eq!(m.sessions_now, 1, "{m:?}");
+}
+
+#[tokio::test]
+async fn idle_session_is_closed() {
+    let pki = TestPki::generate();
+    let mut server_cfg = pki.server_config();
+    server_cfg.idle_timeout = Duration::from_millis(300);
+    let (listener, addr) = start_server(server_cfg).await;
+    let accept = {
+        let listener = Arc::clone(&listener);
+        tokio::spawn(async move { listener.accept().await })
+    };
+    let socket = client_socket().await;
+    let conn = connect(&socket, addr, &pki.device_config("127.0.0.1"))
+        .await
+        .unwrap();
+    let session = accept.await.unwrap().unwrap();
+    let mut buf = [0u8; 64];
+    let started = tokio::time::Instant::now();
+    let err = session.recv(&mut buf).await.unwrap_err();
+    assert!(
+        matches!(err, TransportError::Closed(CloseReason::IdleTimeout)),
+        "{err:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    let m = listener.metrics();
+    assert_eq!(m.sessions_idle_closed, 1);
+    assert_eq!(m.sessions_now, 0);
+    // The client got our close_notify.
+    let read = conn.read(&mut buf, Some(Duration::from_secs(2))).await;
+    assert!(
+        matches!(read, Err(webrtc_dtls::Error::ErrAlertFatalOrClose)),
+        "{read:?}"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_ends_accept_and_sessions() {
+    let pki = TestPki::generate();
+    let (listener, addr) = start_server(pki.server_config()).await;
+    let accept = {
+        let listener = Arc::clone(&listener);
+        tokio::spawn(async move { listener.accept().await })
+    };
+    let socket = client_socket().await;
+    let _conn = connect(&socket, addr, &pki.device_config("127.0.0.1"))
+        .await
+        .unwrap();
+    let session = accept.await.unwrap().unwrap();
+    listener.shutdown().await;
+    let mut buf = [0u8; 64];
+    assert!(matches!(
+        session.recv(&mut buf).await,
+        Err(TransportError::Closed(CloseReason::Shutdown))
+    ));
+    assert!(matches!(
+        listener.accept().await,
+        Err(TransportError::ListenerClosed)
+    ));
+}
+
+#[tokio::test]
+async fn bad_configuration_is_rejected() {
+    let pki = TestPki::generate();
+    let socket = UdpSocket::bind(LOCALHOST).await.unwrap();
+    let mut cfg = pki.server_config();
+    cfg.client_trust_anchors_der.clear();
+    assert!(matches!(
+        DtlsListener::bind(socket, cfg).await,
+        Err(TransportError::Config(_))
+    ));
+    let socket = UdpSocket::bind(LOCALHOST).await.unwrap();
+    let mut cfg = pki.server_config();
+    cfg.private_key_pkcs8_der = vec![1, 2, 3];
+    assert!(matches!(
+        DtlsListener::bind(socket, cfg).await,
+        Err(TransportError::Config(_))
+    ));
+    let socket = UdpSocket::bind(LOCALHOST).await.unwrap();
+    let mut cfg = pki.server_config();
+    cfg.cipher_suites.clear();
+    assert!(matches!(
+        DtlsListener::bind(socket, cfg).await,
+        Err(TransportError::Config(_))
+    ));
+}

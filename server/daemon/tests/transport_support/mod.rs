@@ -1,0 +1,175 @@
+//! Shared helpers for the transport tests: a test PKI made with rcgen (P-256), config builders,
+//! and a turmoil UDP socket adapter.
+#![allow(dead_code)]
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use est_server::transport::client::DtlsClientConfig;
+use est_server::transport::{CipherSuiteName, DatagramSocket, DtlsServerConfig};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+/// A certificate with its key, DER.
+#[derive(Clone)]
+pub struct Issued {
+    pub cert_der: Vec<u8>,
+    pub key_pkcs8_der: Vec<u8>,
+}
+
+/// Root CA -> server leaf (SAN localhost, 127.0.0.1; serverAuth);
+/// root CA -> device sub-CA (pathlen 0) -> device leaf (clientAuth), sent as [leaf, sub-CA];
+/// an unrelated "rogue" root -> rogue device leaf.
+#[derive(Clone)]
+pub struct TestPki {
+    pub root_der: Vec<u8>,
+    pub server: Issued,
+    pub device_sub_ca_der: Vec<u8>,
+    pub device: Issued,
+    pub rogue_root_der: Vec<u8>,
+    pub rogue_device: Issued,
+}
+
+fn p256() -> KeyPair {
+    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("P-256 key")
+}
+
+fn ca_params(cn: &str, constraint: BasicConstraints) -> CertificateParams {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.is_ca = IsCa::Ca(constraint);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+fn leaf_params(cn: &str, sans: Vec<String>, eku: ExtendedKeyUsagePurpose) -> CertificateParams {
+    let mut params = CertificateParams::new(sans).expect("params");
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![eku];
+    params
+}
+
+impl TestPki {
+    pub fn generate() -> Self {
+        let root_key = p256();
+        let root = ca_params("Test Root CA", BasicConstraints::Unconstrained)
+            .self_signed(&root_key)
+            .expect("root");
+
+        let server_key = p256();
+        let server = leaf_params(
+            "localhost",
+            vec!["localhost".into(), "127.0.0.1".into(), "server".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )
+        .signed_by(&server_key, &root, &root_key)
+        .expect("server cert");
+
+        let sub_key = p256();
+        let sub = ca_params("Test Device Sub-CA", BasicConstraints::Constrained(0))
+            .signed_by(&sub_key, &root, &root_key)
+            .expect("sub-CA");
+
+        let device_key = p256();
+        let device = leaf_params(
+            "meter-0001",
+            Vec::new(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )
+        .signed_by(&device_key, &sub, &sub_key)
+        .expect("device cert");
+
+        let rogue_root_key = p256();
+        let rogue_root = ca_params("Rogue Root CA", BasicConstraints::Unconstrained)
+            .self_signed(&rogue_root_key)
+            .expect("rogue root");
+        let rogue_key = p256();
+        let rogue = leaf_params(
+            "meter-rogue",
+            Vec::new(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )
+        .signed_by(&rogue_key, &rogue_root, &rogue_root_key)
+        .expect("rogue device cert");
+
+        TestPki {
+            root_der: root.der().to_vec(),
+            server: Issued {
+                cert_der: server.der().to_vec(),
+                key_pkcs8_der: server_key.serialize_der(),
+            },
+            device_sub_ca_der: sub.der().to_vec(),
+            device: Issued {
+                cert_der: device.der().to_vec(),
+                key_pkcs8_der: device_key.serialize_der(),
+            },
+            rogue_root_der: rogue_root.der().to_vec(),
+            rogue_device: Issued {
+                cert_der: rogue.der().to_vec(),
+                key_pkcs8_der: rogue_key.serialize_der(),
+            },
+        }
+    }
+
+    pub fn server_config(&self) -> DtlsServerConfig {
+        DtlsServerConfig {
+            certificate_chain_der: vec![self.server.cert_der.clone()],
+            private_key_pkcs8_der: self.server.key_pkcs8_der.clone(),
+            client_trust_anchors_der: vec![self.root_der.clone()],
+            cipher_suites: vec![CipherSuiteName::Ccm8],
+            ..DtlsServerConfig::default()
+        }
+    }
+
+    /// The good device, sending [leaf, sub-CA], offering CCM_8 only.
+    pub fn device_config(&self, server_name: &str) -> DtlsClientConfig {
+        DtlsClientConfig {
+            certificate_chain_der: vec![self.device.cert_der.clone(), self.device_sub_ca_der.clone()],
+            private_key_pkcs8_der: self.device.key_pkcs8_der.clone(),
+            server_trust_anchors_der: vec![self.root_der.clone()],
+            server_name: server_name.to_string(),
+            cipher_suites: vec![CipherSuiteName::Ccm8],
+            flight_interval: Duration::from_secs(1),
+            attempt_timeout: Duration::from_secs(10),
+            overall_timeout: Duration::from_secs(20),
+            ..DtlsClientConfig::default()
+        }
+    }
+}
+
+/// turmoil's simulated UDP socket as a [`DatagramSocket`].
+pub struct SimUdp(pub turmoil::net::UdpSocket);
+
+#[async_trait]
+impl DatagramSocket for SimUdp {
+    async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+        self.0.recv_from(buf).await
+    }
+
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> io::Result<usize> {
+        self.0.send_to(buf, target).await
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+/// p-th percentile (0..=100) of sorted durations, nearest rank.
+pub fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (p * sorted.len()).div_ceil(100).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
