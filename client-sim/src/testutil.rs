@@ -1,0 +1,164 @@
+//! Test helpers: a scripted in-memory EST responder built on the real issuing code of est-proto.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, SystemTime};
+
+use est_proto::ca::{self, IssueParams, IssuingCa, RingP256Signer};
+use est_proto::coap::{Method, Request, Response, ResponseType};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use crate::meter::content_format as cf;
+use crate::pki::DeviceIdentity;
+
+pub struct FakeEst {
+    pub ca: IssuingCa,
+    pub ca_der: Vec<u8>,
+    pub manufacturer: IssuingCa,
+    /// Certificates issued so far (DER).
+    pub issued: Vec<Vec<u8>>,
+    /// Answer this many /sen requests with 5.03 + Max-Age `busy_max_age` first.
+    pub busy_first: u32,
+    pub busy_max_age: u32,
+    /// Answer /sen with this code instead of issuing.
+    pub reject_sen: Option<ResponseType>,
+    /// Issue for a different key than the CSR's (a broken or malicious server).
+    pub wrong_key: bool,
+    /// Requests seen: (method, path joined with '/').
+    pub log: Vec<(Method, String)>,
+    /// CSR payloads of /sen requests, in order.
+    pub csrs: Vec<Vec<u8>>,
+    rng: ChaCha8Rng,
+}
+
+fn now_wall() -> SystemTime {
+    SystemTime::now() - Duration::from_secs(3600)
+}
+
+impl FakeEst {
+    pub fn new(seed: u64) -> FakeEst {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (ca_der, ca_key) = ca::generate_root_ca(
+            "Test EST CA",
+            "Test Utility",
+            now_wall(),
+            Duration::from_secs(86_400 * 365),
+            &mut rng,
+        )
+        .unwrap();
+        let ca = IssuingCa::new(
+            ca_der.clone(),
+            Box::new(RingP256Signer::from_pkcs8_der(&ca_key).unwrap()),
+        )
+        .unwrap();
+        let (m_der, m_key) = ca::generate_root_ca(
+            "Test Manufacturer CA",
+            "ACME Meters",
+            now_wall(),
+            Duration::from_secs(86_400 * 365),
+            &mut rng,
+        )
+        .unwrap();
+        let manufacturer = IssuingCa::new(
+            m_der,
+            Box::new(RingP256Signer::from_pkcs8_der(&m_key).unwrap()),
+        )
+        .unwrap();
+        FakeEst {
+            ca,
+            ca_der,
+            manufacturer,
+            issued: Vec::new(),
+            busy_first: 0,
+            busy_max_age: 5,
+            reject_sen: None,
+            wrong_key: false,
+            log: Vec::new(),
+            csrs: Vec::new(),
+            rng,
+        }
+    }
+
+    /// A device identity minted by the manufacturer CA (IEEE 802.1AR-style IDevID).
+    pub fn device(&mut self, serial: &str) -> DeviceIdentity {
+        let (cert, key) = ca::mint_idevid(
+            &self.manufacturer,
+            serial,
+            const_oid::ObjectIdentifier::new_unwrap("1.3.6.1.4.1.55555.1.1"),
+            now_wall(),
+            now_wall() + Duration::from_secs(86_400 * 365),
+            &mut self.rng,
+        )
+        .unwrap();
+        DeviceIdentity {
+            serial: serial.to_string(),
+            cert_chain_der: vec![cert],
+            key_pkcs8_der: key,
+        }
+    }
+
+    pub fn handle(&mut self, req: &Request) -> Response {
+        let path = req.path.join("/");
+        self.log.push((req.method, path.clone()));
+        match (req.method, path.as_str()) {
+            (Method::Get, ".well-known/core") => Response::new(ResponseType::Content).with_payload(
+                cf::LINK_FORMAT,
+                b"</est/crts>;rt=\"ace.est.crts\";ct=\"281 287\",</est/sen>;rt=\"ace.est.sen\";ct=\"281 287\",</est/sren>;rt=\"ace.est.sren\";ct=\"281 287\"".to_vec(),
+            ),
+            (Method::Get, ".well-known/est/crts" | "est/crts") => {
+                if req.accept == Some(cf::PKIX_CERT) {
+                    Response::new(ResponseType::Content).with_payload(cf::PKIX_CERT, self.ca_der.clone())
+                } else {
+                    Response::new(ResponseType::Content).with_payload(
+                        cf::PKCS7_CERTS_ONLY,
+                        ca::certs_only(&[&self.ca_der]).unwrap(),
+                    )
+                }
+            }
+            (Method::Post, ".well-known/est/sen" | "est/sen" | ".well-known/est/sren" | "est/sren") => {
+                self.csrs.push(req.payload.clone());
+                if self.busy_first > 0 {
+                    self.busy_first -= 1;
+                    let mut r = Response::new(ResponseType::ServiceUnavailable);
+                    r.max_age = Some(self.busy_max_age);
+                    return r;
+                }
+                if let Some(code) = self.reject_sen {
+                    return Response::new(code);
+                }
+                if req.content_format != Some(cf::PKCS10) {
+                    return Response::new(ResponseType::UnsupportedContentFormat);
+                }
+                let Ok(csr) = ca::parse_and_verify_csr(&req.payload, 4096) else {
+                    return Response::new(ResponseType::BadRequest);
+                };
+                let mut public_key = csr.public_key.clone();
+                if self.wrong_key {
+                    let other = ca::generate_p256_pkcs8(&mut self.rng).unwrap();
+                    let s = RingP256Signer::from_pkcs8_der(&other).unwrap();
+                    use der::Decode;
+                    public_key =
+                        spki::SubjectPublicKeyInfoOwned::from_der(ca::Signer::public_key_spki_der(&s))
+                            .unwrap();
+                }
+                let mut params = IssueParams::new(
+                    csr.subject.clone(),
+                    public_key,
+                    ca::random_serial(&mut self.rng),
+                    now_wall(),
+                    now_wall() + Duration::from_secs(86_400 * 30),
+                );
+                params.hardware_module = csr.hardware_module.clone();
+                let cert = self.ca.issue(&params).unwrap();
+                self.issued.push(cert.clone());
+                if req.accept == Some(cf::PKIX_CERT) {
+                    Response::new(ResponseType::Changed).with_payload(cf::PKIX_CERT, cert)
+                } else {
+                    Response::new(ResponseType::Changed)
+                        .with_payload(cf::PKCS7_CERTS_ONLY, ca::certs_only(&[&cert]).unwrap())
+                }
+            }
+            _ => Response::new(ResponseType::NotFound),
+        }
+    }
+}
