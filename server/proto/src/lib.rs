@@ -12,3 +12,4 @@
 //! protocol timers, `SystemTime` for certificate validity) and randomness are inputs,
 //! so every behaviour is testable deterministically in memory.
 pub mod ca;
+pub mod coap;
