@@ -68,6 +68,30 @@ impl RingP256Signer {
         Self::from_pkcs8_der(&der)
     }
 
+    /// Load a SEC1 `ECPrivateKey` DER P-256 key (RFC 5915; what `openssl pkey -outform DER` and
+    /// `openssl ecparam -genkey` write), by converting it to PKCS#8 with p256.
+    pub fn from_sec1_der(der: &[u8]) -> Result<Self, CaError> {
+        let secret =
+            p256::SecretKey::from_sec1_der(der).map_err(|e| CaError::KeyRejected(e.to_string()))?;
+        let pkcs8 = secret
+            .to_pkcs8_der()
+            .map_err(|e| CaError::KeyRejected(e.to_string()))?;
+        Self::from_pkcs8_der(pkcs8.as_bytes())
+    }
+
+    /// Load a PEM P-256 key, either PKCS#8 (`PRIVATE KEY`) or SEC1 (`EC PRIVATE KEY`).
+    pub fn from_pem(pem: &str) -> Result<Self, CaError> {
+        let (label, der) = der::pem::decode_vec(pem.as_bytes())
+            .map_err(|e| CaError::KeyRejected(format!("PEM: {e}")))?;
+        match label {
+            "PRIVATE KEY" => Self::from_pkcs8_der(&der),
+            "EC PRIVATE KEY" => Self::from_sec1_der(&der),
+            other => Err(CaError::KeyRejected(format!(
+                "PEM label {other:?}, expected \"PRIVATE KEY\" or \"EC PRIVATE KEY\""
+            ))),
+        }
+    }
+
     /// The uncompressed SEC1 public point (65 bytes, `04 || X || Y`).
     pub fn public_key_sec1(&self) -> &[u8] {
         self.key_pair.public_key().as_ref()
