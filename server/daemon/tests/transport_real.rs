@@ -91,7 +91,9 @@ async fn good_client_completes_and_exchanges_data() {
     );
     assert_eq!(session.cipher_suite(), Some(CipherSuiteName::Ccm8));
 
-    conn.write(b"GET /.well-known/est/crts", None).await.unwrap();
+    conn.write(b"GET /.well-known/est/crts", None)
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 2048];
     let n = session.recv(&mut buf).await.unwrap();
     assert_eq!(&buf[..n], b"GET /.well-known/est/crts");
@@ -105,7 +107,10 @@ async fn good_client_completes_and_exchanges_data() {
     let too_big = vec![0u8; 1153];
     assert!(matches!(
         session.send(&too_big).await,
-        Err(TransportError::DatagramTooLarge { len: 1153, max_bytes: 1152 })
+        Err(TransportError::DatagramTooLarge {
+            len: 1153,
+            max_bytes: 1152
+        })
     ));
 
     let m = listener.metrics();
@@ -228,7 +233,7 @@ fn record(content_type: u8, epoch: u16, fragment: &[u8]) -> Vec<u8> {
     r
 }
 
-/// A syntactically plausible ClientHello with the given random (no extensions).
+/// A minimal ClientHello webrtc-dtls accepts (it answers with a HelloVerifyRequest).
 fn client_hello(random: [u8; 32]) -> Vec<u8> {
     let mut body = vec![0xFE, 0xFD];
     body.extend_from_slice(&random);
@@ -236,8 +241,11 @@ fn client_hello(random: [u8; 32]) -> Vec<u8> {
     body.push(0); // cookie
     body.extend_from_slice(&[0, 2, 0xC0, 0xAE]); // cipher suites
     body.extend_from_slice(&[1, 0]); // compression methods
+    body.extend_from_slice(&[0, 4, 0x00, 0x17, 0, 0]); // extensions: extended_master_secret
     let len = u32::try_from(body.len()).unwrap().to_be_bytes();
-    let mut handshake = vec![1, len[1], len[2], len[3], 0, 0, 0, 0, 0, len[1], len[2], len[3]];
+    let mut handshake = vec![
+        1, len[1], len[2], len[3], 0, 0, 0, 0, 0, len[1], len[2], len[3],
+    ];
     handshake.extend_from_slice(&body);
     record(22, 0, &handshake)
 }
@@ -285,10 +293,7 @@ async fn garbage_and_truncated_records_are_ignored() {
         .send_to(&record(23, 1, &[0u8; 40]), addr)
         .await
         .unwrap();
-    attacker
-        .send_to(&record(20, 0, &[1]), addr)
-        .await
-        .unwrap();
+    attacker.send_to(&record(20, 0, &[1]), addr).await.unwrap();
 
     // A good client still completes and is echoed.
     let socket = client_socket().await;
@@ -507,4 +512,66 @@ async fn bad_configuration_is_rejected() {
         DtlsListener::bind(socket, cfg).await,
         Err(TransportError::Config(_))
     ));
+}
+
+#[tokio::test]
+async fn session_limit_is_enforced() {
+    let pki = TestPki::generate();
+    let mut server_cfg = pki.server_config();
+    server_cfg.max_sessions = 1;
+    let (listener, addr) = start_server(server_cfg).await;
+    let _echo = spawn_echo(Arc::clone(&listener));
+    let cfg = pki.device_config("127.0.0.1");
+
+    let first_socket = client_socket().await;
+    let first = connect(&first_socket, addr, &cfg).await.unwrap();
+    assert_eq!(round_trip(&first, b"1").await, b"echo:1");
+
+    // The second meter is refused while the first holds the only slot ...
+    let second_socket = client_socket().await;
+    let mut short = cfg.clone();
+    short.flight_interval = Duration::from_millis(100);
+    short.attempt_timeout = Duration::from_millis(600);
+    short.overall_timeout = Duration::from_millis(600);
+    assert!(matches!(
+        connect(&second_socket, addr, &short).await,
+        Err(TransportError::HandshakeTimeout(_))
+    ));
+    assert!(listener.metrics().dropped_over_limit >= 1);
+
+    // ... and admitted once the first one closed.
+    first.close().await.unwrap();
+    wait_for(|| listener.metrics().sessions_now == 0).await;
+    let second = connect(&second_socket, addr, &cfg).await.unwrap();
+    assert_eq!(round_trip(&second, b"2").await, b"echo:2");
+    assert_eq!(listener.metrics().handshakes_completed, 2);
+}
+
+#[tokio::test]
+async fn restarted_handshake_from_same_port_replaces_the_half_open_one() {
+    let pki = TestPki::generate();
+    let (listener, addr) = start_server(pki.server_config()).await;
+    let _echo = spawn_echo(Arc::clone(&listener));
+    let socket = client_socket().await;
+
+    // An abandoned handshake from this port: a ClientHello whose HelloVerifyRequest is never answered.
+    socket.send_to(&client_hello([3; 32]), addr).await.unwrap();
+    let mut hvr = [0u8; 512];
+    let (_, from) = tokio::time::timeout(Duration::from_secs(5), socket.recv_from(&mut hvr))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(from, addr);
+    assert_eq!(listener.metrics().half_open_now, 1);
+
+    // The meter starts over with a fresh session from the same port.
+    let conn = connect(&socket, addr, &pki.device_config("127.0.0.1"))
+        .await
+        .unwrap();
+    assert_eq!(round_trip(&conn, b"again").await, b"echo:again");
+    let m = listener.metrics();
+    assert_eq!(m.handshakes_started, 2, "{m:?}");
+    assert_eq!(m.handshakes_completed, 1, "{m:?}");
+    assert_eq!(m.handshakes_abandoned, 1, "{m:?}");
+    assert_eq!(m.half_open_now, 0, "{m:?}");
 }

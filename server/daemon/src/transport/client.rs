@@ -60,7 +60,10 @@ impl std::fmt::Debug for DtlsClientConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DtlsClientConfig")
             .field("certificate_chain_len", &self.certificate_chain_der.len())
-            .field("server_trust_anchors_len", &self.server_trust_anchors_der.len())
+            .field(
+                "server_trust_anchors_len",
+                &self.server_trust_anchors_der.len(),
+            )
             .field("server_name", &self.server_name)
             .field("cipher_suites", &self.cipher_suites)
             .field("mtu_bytes", &self.mtu_bytes)

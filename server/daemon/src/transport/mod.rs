@@ -199,7 +199,10 @@ impl fmt::Debug for DtlsServerConfig {
         // Never print the private key.
         f.debug_struct("DtlsServerConfig")
             .field("certificate_chain_len", &self.certificate_chain_der.len())
-            .field("client_trust_anchors_len", &self.client_trust_anchors_der.len())
+            .field(
+                "client_trust_anchors_len",
+                &self.client_trust_anchors_der.len(),
+            )
             .field(
                 "verify_peer_certificate",
                 &self.verify_peer_certificate.is_some(),

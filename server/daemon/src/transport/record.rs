@@ -27,11 +27,17 @@ pub(crate) type ClientRandom = [u8; 32];
 pub(crate) enum FirstRecord {
     /// An epoch-0 handshake record carrying (a fragment of) a ClientHello. `random` is known when
     /// the fragment starts at offset 0 and is long enough to hold it.
-    ClientHello { random: Option<ClientRandom> },
+    ClientHello {
+        random: Option<ClientRandom>,
+    },
     /// An epoch-0 ServerHello (only our own outgoing datagrams).
-    ServerHello { cipher_suite: Option<u16> },
+    ServerHello {
+        cipher_suite: Option<u16>,
+    },
     /// Any other handshake record (at epoch >= 1 it is encrypted, so its type is unknown).
-    OtherHandshake { epoch: u16 },
+    OtherHandshake {
+        epoch: u16,
+    },
     ChangeCipherSpec,
     Alert,
     ApplicationData,
@@ -153,9 +159,8 @@ fn classify_handshake(epoch: u16, fragment: &[u8]) -> FirstRecord {
         HANDSHAKE_SERVER_HELLO => {
             // session_id<0..32> follows the random, then the cipher suite.
             let cipher_suite = if starts_message {
-                body.get(HELLO_RANDOM_END).and_then(|&sid_len| {
-                    u16_at(body, HELLO_RANDOM_END + 1 + usize::from(sid_len))
-                })
+                body.get(HELLO_RANDOM_END)
+                    .and_then(|&sid_len| u16_at(body, HELLO_RANDOM_END + 1 + usize::from(sid_len)))
             } else {
                 None
             };
@@ -246,9 +251,13 @@ mod tests {
             .expect("valid")
             .is_flight_retransmission());
         let cert = record(22, 0, &handshake(11, 0, &[0u8; 20]));
-        assert!(parse_datagram(&cert).expect("valid").is_flight_retransmission());
+        assert!(parse_datagram(&cert)
+            .expect("valid")
+            .is_flight_retransmission());
         let app = record(23, 1, &[0u8; 30]);
-        assert!(!parse_datagram(&app).expect("valid").is_flight_retransmission());
+        assert!(!parse_datagram(&app)
+            .expect("valid")
+            .is_flight_retransmission());
     }
 
     #[test]

@@ -407,10 +407,8 @@ fn build_server_config(config: &DtlsServerConfig) -> Result<(Settings, Config), 
             "max_half_open_handshakes and max_sessions must be at least 1".into(),
         ));
     }
-    let certificate = load_certificate(
-        &config.certificate_chain_der,
-        &config.private_key_pkcs8_der,
-    )?;
+    let certificate =
+        load_certificate(&config.certificate_chain_der, &config.private_key_pkcs8_der)?;
     let client_cas = root_store(&config.client_trust_anchors_der, "client_trust_anchors_der")?;
     let verify_peer_certificate = config.verify_peer_certificate.clone().map(|hook| {
         Arc::new(
@@ -884,10 +882,11 @@ impl Shared {
     }
 
     async fn sweep_loop(self: Arc<Self>) {
-        let shortest = self
-            .settings
-            .idle_timeout
-            .min(self.settings.tombstone_duration.max(Duration::from_millis(40)));
+        let shortest = self.settings.idle_timeout.min(
+            self.settings
+                .tombstone_duration
+                .max(Duration::from_millis(40)),
+        );
         let interval = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         let mut shutdown = self.shutdown.subscribe();
         loop {

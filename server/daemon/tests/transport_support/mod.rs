@@ -134,7 +134,10 @@ impl TestPki {
     /// The good device, sending [leaf, sub-CA], offering CCM_8 only.
     pub fn device_config(&self, server_name: &str) -> DtlsClientConfig {
         DtlsClientConfig {
-            certificate_chain_der: vec![self.device.cert_der.clone(), self.device_sub_ca_der.clone()],
+            certificate_chain_der: vec![
+                self.device.cert_der.clone(),
+                self.device_sub_ca_der.clone(),
+            ],
             private_key_pkcs8_der: self.device.key_pkcs8_der.clone(),
             server_trust_anchors_der: vec![self.root_der.clone()],
             server_name: server_name.to_string(),
