@@ -9,9 +9,14 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod driver;
+pub mod dtls;
+pub mod fleet;
 pub mod link;
 pub mod meter;
+pub mod net;
 pub mod pki;
+pub mod record;
 pub mod schedule;
 
 #[cfg(test)]

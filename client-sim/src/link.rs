@@ -110,8 +110,7 @@ impl FrameModel {
         let len = u64::try_from(udp_payload).unwrap_or(u64::MAX);
         let frames = u64::from(self.frames(udp_payload));
         let frag = if frames > 1 {
-            u64::from(self.frag1_header_bytes)
-                + (frames - 1) * u64::from(self.fragn_header_bytes)
+            u64::from(self.frag1_header_bytes) + (frames - 1) * u64::from(self.fragn_header_bytes)
         } else {
             0
         };
@@ -376,7 +375,12 @@ impl FromStr for LinkParams {
         }
         let mut params = LinkParams::profile(LinkProfile::Lan);
         // A profile given first (as `profile=wisun` or a bare name) is the base the keys modify.
-        for (i, part) in s.split(',').map(str::trim).filter(|p| !p.is_empty()).enumerate() {
+        for (i, part) in s
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .enumerate()
+        {
             let Some((key, value)) = part.split_once('=') else {
                 if i == 0 {
                     if let Some(p) = LinkProfile::ALL.iter().find(|p| p.name() == part) {
@@ -673,7 +677,10 @@ mod tests {
         let t0 = Instant::now();
         let mut d = LinkDirection::new(params.clone(), 1);
         // 50 B datagram -> 85 on-air bytes = 680 bits at 50 kbit/s = 13.6 ms.
-        assert_eq!(params.serialization_delay(85), Duration::from_micros(13_600));
+        assert_eq!(
+            params.serialization_delay(85),
+            Duration::from_micros(13_600)
+        );
         let v1 = d.submit(t0, 50);
         assert_eq!(
             v1,
@@ -775,7 +782,9 @@ mod tests {
         params.loss = ge;
         let t0 = Instant::now();
         let mut d = LinkDirection::new(params.clone(), 11);
-        let ge_losses: Vec<bool> = (0..20_000).map(|_| d.submit(t0, 40) == Verdict::Lost).collect();
+        let ge_losses: Vec<bool> = (0..20_000)
+            .map(|_| d.submit(t0, 40) == Verdict::Lost)
+            .collect();
         let rate = ge_losses.iter().filter(|l| **l).count() as f64 / 20_000.0;
         assert!((rate - 0.2).abs() < 0.03, "GE loss rate {rate}");
         // Bad state lasts 1/0.2 = 5 datagrams on average, all lost.
@@ -785,9 +794,14 @@ mod tests {
         // Independent loss at the same mean: bursts of ~1/(1-0.2) = 1.25.
         params.loss = LossModel::Independent { p: 0.2 };
         let mut i = LinkDirection::new(params, 11);
-        let ind_losses: Vec<bool> = (0..20_000).map(|_| i.submit(t0, 40) == Verdict::Lost).collect();
+        let ind_losses: Vec<bool> = (0..20_000)
+            .map(|_| i.submit(t0, 40) == Verdict::Lost)
+            .collect();
         let ind_burst = mean_burst(&ind_losses);
-        assert!((1.1..1.4).contains(&ind_burst), "independent burst {ind_burst}");
+        assert!(
+            (1.1..1.4).contains(&ind_burst),
+            "independent burst {ind_burst}"
+        );
     }
 
     #[test]
@@ -808,12 +822,18 @@ mod tests {
         }
         assert!(min >= Duration::from_millis(100));
         assert!(max <= Duration::from_millis(150));
-        assert!(max - min > Duration::from_millis(45), "jitter spread {:?}", max - min);
+        assert!(
+            max - min > Duration::from_millis(45),
+            "jitter spread {:?}",
+            max - min
+        );
     }
 
     #[test]
     fn link_spec_parsing() {
-        let p: LinkParams = "loss=0.2,latency=400ms,jitter=100ms,rate=50kbps".parse().unwrap();
+        let p: LinkParams = "loss=0.2,latency=400ms,jitter=100ms,rate=50kbps"
+            .parse()
+            .unwrap();
         assert_eq!(p.loss, LossModel::Independent { p: 0.2 });
         assert_eq!(p.latency, Duration::from_millis(400));
         assert_eq!(p.jitter, Duration::from_millis(100));

@@ -1,1 +1,442 @@
-fn main() {}
+//! `client-sim`: a fleet of virtual smart meters enrolling over EST-coaps (RFC 9148) through emulated
+//! narrowband links. See `client-sim --help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use client_sim::driver::DriverConfig;
+use client_sim::dtls::DtlsClientConfig;
+use client_sim::fleet::{render_summary, run_fleet, FleetConfig};
+use client_sim::link::LinkParams;
+use client_sim::meter::{CertFormat, MeterConfig};
+use client_sim::pki::{self, DeviceIdentity, Fleet};
+use client_sim::record::{Recording, RECORD_VERSION};
+use client_sim::schedule::{build_schedule, Arrival, FleetPlan};
+use est_proto::coap::{ClientConfig, CoapConfig};
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        return Err(format!("`{s}`: expected a unit, e.g. 2s, 500ms, 1m"));
+    };
+    let x: f64 = num.parse().map_err(|_| format!("`{s}`: not a number"))?;
+    let secs = x * scale;
+    if !secs.is_finite() || !(0.0..=86_400.0).contains(&secs) {
+        return Err(format!("`{s}`: must be between 0 and 1 day"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_block_size(s: &str) -> Result<u8, String> {
+    let n: usize = s.parse().map_err(|_| format!("`{s}`: not a number"))?;
+    (0u8..=6).find(|szx| (16usize << szx) == n).ok_or_else(|| {
+        format!("`{s}`: block size must be 16, 32, 64, 128, 256, 512 or 1024 (RFC 7959 §2.2)")
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum CertEncoding {
+    /// DER X.509 (RFC 9148).
+    Der,
+    /// C509 (draft-ietf-cose-cbor-encoded-cert); not implemented yet.
+    C509,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AcceptFormat {
+    /// application/pkcs7-mime; smime-type=certs-only (Content-Format 281, the default).
+    Pkcs7,
+    /// application/pkix-cert (Content-Format 287).
+    Pkix,
+}
+
+/// Thousands of virtual smart meters enrolling over EST-coaps (RFC 9148) through emulated narrowband links.
+///
+/// Each meter has its own IDevID, generates an enrollment key, runs a real DTLS 1.2 handshake
+/// (TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8, client certificate) and a CoAP client with RFC 7252
+/// reliability and RFC 7959 block-wise transfer, then /crts and /sen (optionally discovery first and
+/// /sren after), and verifies what it receives. Datagrams pass through a per-meter link emulator
+/// (latency, jitter, independent or Gilbert-Elliott loss, rate limit with serialization delay, 802.15.4
+/// frame accounting) and optionally a DCU's shared, rate-limited backhaul.
+///
+/// Link profiles (`--link NAME`, per direction):
+///   lan       1 ms, no jitter, no loss, unlimited rate
+///   wisun     150 ms, jitter 100 ms, 50 kbit/s, Gilbert-Elliott G->B 0.02 B->G 0.3 loss-in-bad 0.6 (~3.7% mean), queue 16 KiB
+///   plc       400 ms, jitter 200 ms, 20 kbit/s, GE G->B 0.05 B->G 0.3 loss-in-bad 0.5 loss-in-good 0.01 (~8% mean), queue 8 KiB
+///   cellular  80 ms, jitter 40 ms, 200 kbit/s, 1% independent loss, queue 64 KiB
+/// Or `key=value,...` on top of a profile: `plc,loss=0.1` or `loss=0.2,latency=400ms,jitter=100ms,rate=50kbps`
+/// (keys: profile, loss, ge=P_GB/P_BG/LOSS_BAD[/LOSS_GOOD], latency, jitter, rate [bps|kbps|mbps|unlimited], queue [bytes]).
+///
+/// Frame accounting: 127-byte 802.15.4 frames, 25 B MAC header+FCS, 10 B 6LoWPAN IPHC+UDP NHC once per
+/// datagram, RFC 4944 fragmentation (FRAG1 4 B, FRAGN 5 B, 8-byte offsets): 92 B of UDP payload fit one
+/// frame. The rate limit serializes on-air bytes (payload + all those headers).
+///
+/// Exit status: 0 when every meter enrolled (and renewed, with --renew); 1 otherwise, after printing the
+/// failures by reason; 2 on bad arguments or unreadable inputs.
+#[derive(Debug, Parser)]
+#[command(name = "client-sim", version, verbatim_doc_comment)]
+struct Cli {
+    /// EST-coaps server address (DTLS over UDP).
+    #[arg(long, default_value = "127.0.0.1:5684")]
+    server: SocketAddr,
+    /// Name checked against the server certificate's subjectAltName.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    /// Fleet directory from `est-server factory mint` (fleet.json, <serial>/idevid.pem|key, implicit-ta.pem).
+    #[arg(long, required_unless_present = "replay")]
+    fleet: Option<PathBuf>,
+    /// Trust anchor(s) for the server's DTLS certificate (PEM); default FLEET/implicit-ta.pem.
+    #[arg(long)]
+    trust_anchor: Option<PathBuf>,
+    /// Mint this many IDevIDs in-process with --manufacturer-ca-cert/--manufacturer-ca-key instead of
+    /// reading them from the fleet directory (the fleet directory still provides implicit-ta.pem).
+    #[arg(long, requires_all = ["manufacturer_ca_cert", "manufacturer_ca_key"])]
+    mint: Option<usize>,
+    /// Manufacturer CA certificate (PEM) for --mint.
+    #[arg(long)]
+    manufacturer_ca_cert: Option<PathBuf>,
+    /// Manufacturer CA private key (PKCS#8 PEM) for --mint.
+    #[arg(long)]
+    manufacturer_ca_key: Option<PathBuf>,
+    /// Number of meters (default: every device of the fleet).
+    #[arg(long)]
+    meters: Option<usize>,
+    /// Meters in flight at once.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// Arrival pattern: burst | ramp[:DURATION] (default 60s) | poisson[:RATE per second] (default 100).
+    #[arg(long, default_value = "burst")]
+    arrival: Arrival,
+    /// Meter link: a profile (lan, wisun, plc, cellular) or key=value list (see above).
+    #[arg(long, default_value = "lan")]
+    link: LinkParams,
+    /// Mesh hops per meter drawn uniformly in 1..=N; latency and jitter scale with hops.
+    #[arg(long, default_value_t = 1)]
+    max_hops: u32,
+    /// Group meters behind DCUs of K meters each; their traffic also crosses the DCU's shared backhaul.
+    #[arg(long)]
+    meters_per_dcu: Option<u64>,
+    /// The DCU backhaul link (shared by its meters, FIFO, rate-limited).
+    #[arg(
+        long,
+        default_value = "latency=30ms,jitter=10ms,rate=256kbps,queue=65536"
+    )]
+    dcu_link: LinkParams,
+    /// Run seed: decides arrivals, per-meter seeds (keys, CoAP IDs, link draws).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Write the machine-readable summary (and per-meter outcomes) to FILE.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the schedule (start times, link draws, seeds) and outcomes to FILE.
+    #[arg(long)]
+    record: Option<PathBuf>,
+    /// Re-run the schedule of a recording (its seed, arrivals, links, DCUs) against --server.
+    #[arg(long, conflicts_with_all = ["arrival", "link", "seed", "max_hops", "meters_per_dcu", "dcu_link"])]
+    replay: Option<PathBuf>,
+    /// Certificate encoding.
+    #[arg(long, value_enum, default_value = "der")]
+    format: CertEncoding,
+    /// Response format requested with Accept.
+    #[arg(long, value_enum, default_value = "pkcs7")]
+    accept: AcceptFormat,
+    /// Start with resource discovery (GET /.well-known/core?rt=ace.est*).
+    #[arg(long)]
+    discovery: bool,
+    /// After enrolling, re-enroll (/sren) authenticated with the new LDevID.
+    #[arg(long)]
+    renew: bool,
+    /// CoAP ACK_TIMEOUT (RFC 7252 §4.8).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    ack_timeout: Duration,
+    /// CoAP ACK_RANDOM_FACTOR.
+    #[arg(long, default_value_t = 1.5)]
+    ack_random_factor: f64,
+    /// CoAP MAX_RETRANSMIT.
+    #[arg(long, default_value_t = 4)]
+    max_retransmit: u32,
+    /// Block1 and Block2 size in bytes (16..1024); Block2 is negotiated early (RFC 9148 App. B.2).
+    #[arg(long, default_value = "1024", value_parser = parse_block_size)]
+    block_size: u8,
+    /// Sessions per meter before a retryable failure (handshake, CoAP timeout, 5.xx) is final.
+    #[arg(long, default_value_t = 4)]
+    attempts: u32,
+    /// Backoff before a new session: doubles per attempt, plus up to 50% jitter.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    retry_backoff: Duration,
+    /// 5.03 + Max-Age answers honoured per meter before giving up.
+    #[arg(long, default_value_t = 8)]
+    max_busy_retries: u32,
+    /// Cap on one Max-Age wait.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    max_retry_after: Duration,
+    /// Give up on one DTLS handshake attempt after this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    handshake_timeout: Duration,
+    /// webrtc-dtls flight retransmission interval (fixed, no backoff in that library).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    dtls_flight_interval: Duration,
+    /// DTLS MTU: handshake messages are fragmented to this size.
+    #[arg(long, default_value_t = 1152)]
+    dtls_mtu: usize,
+    /// EST root path (without discovery).
+    #[arg(long, default_value = "/.well-known/est")]
+    est_root: String,
+    /// Local address for the meters' sockets.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    bind: SocketAddr,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+fn mint_fleet(cli: &Cli, n: usize, seed: u64) -> Result<Vec<DeviceIdentity>> {
+    use est_proto::ca::{IssuingCa, RingP256Signer};
+    use rand::SeedableRng;
+    let (Some(cert), Some(key)) = (&cli.manufacturer_ca_cert, &cli.manufacturer_ca_key) else {
+        bail!("--mint needs --manufacturer-ca-cert and --manufacturer-ca-key");
+    };
+    let cert_der = pki::load_cert_chain(cert)?
+        .into_iter()
+        .next()
+        .context("manufacturer CA certificate")?;
+    let key_der = pki::load_pkcs8_key(key)?;
+    let signer = RingP256Signer::from_pkcs8_der(&key_der).context("manufacturer CA key")?;
+    let ca = IssuingCa::new(cert_der, Box::new(signer)).context("manufacturer CA")?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x6d696e74);
+    let now = SystemTime::now() - Duration::from_secs(3600);
+    let hw_type = est_proto::ca::ObjectIdentifier::new_unwrap("1.3.6.1.4.1.55555.1.1");
+    (0..n)
+        .map(|i| {
+            let serial = format!("SIM{i:07}");
+            let (cert, key) = est_proto::ca::mint_idevid(
+                &ca,
+                &serial,
+                hw_type,
+                now,
+                now + Duration::from_secs(86_400 * 365 * 20),
+                &mut rng,
+            )
+            .with_context(|| format!("minting {serial}"))?;
+            Ok(DeviceIdentity {
+                serial,
+                cert_chain_der: vec![cert],
+                key_pkcs8_der: key,
+            })
+        })
+        .collect()
+}
+
+async fn run(cli: Cli) -> Result<bool> {
+    if cli.format == CertEncoding::C509 {
+        bail!("--format c509 is not implemented yet (DER only)");
+    }
+    let replay = match &cli.replay {
+        Some(p) => Some(Recording::read(p)?),
+        None => None,
+    };
+    // Devices.
+    let fleet: Option<Fleet> = match (&cli.fleet, cli.mint) {
+        (Some(dir), None) => Some(pki::load_fleet(dir, cli.meters)?),
+        _ => None,
+    };
+    let mut devices: Vec<DeviceIdentity> = match (&fleet, cli.mint) {
+        (Some(f), _) => f.devices.clone(),
+        (None, Some(n)) => mint_fleet(&cli, cli.meters.unwrap_or(n).min(n), cli.seed)?,
+        (None, None) => bail!("--fleet DIR (or --mint N with a manufacturer CA) is required"),
+    };
+    // Trust anchors.
+    let ta = match (&cli.trust_anchor, &fleet, &cli.fleet) {
+        (Some(p), _, _) => pki::load_cert_chain(p)?,
+        (None, Some(f), _) if !f.implicit_ta_der.is_empty() => f.implicit_ta_der.clone(),
+        (None, _, Some(dir)) if dir.join("implicit-ta.pem").exists() => {
+            pki::load_cert_chain(&dir.join("implicit-ta.pem"))?
+        }
+        _ => bail!("no trust anchor for the server: give --trust-anchor FILE or put implicit-ta.pem in the fleet directory"),
+    };
+
+    // Schedule: recorded, or from the seed.
+    let (plans, rec_base) = match replay {
+        Some(rec) => {
+            // Match recorded serials to devices.
+            let by_serial: std::collections::HashMap<&str, &DeviceIdentity> =
+                devices.iter().map(|d| (d.serial.as_str(), d)).collect();
+            let mut ordered = Vec::with_capacity(rec.meters.len());
+            for m in &rec.meters {
+                let d = by_serial
+                    .get(m.serial.as_str())
+                    .with_context(|| format!("recorded meter {} is not in the fleet", m.serial))?;
+                ordered.push((*d).clone());
+            }
+            devices = ordered;
+            (rec.meters.clone(), rec)
+        }
+        None => {
+            if let Some(n) = cli.meters {
+                if n > devices.len() {
+                    bail!(
+                        "--meters {n} but the fleet has only {} devices",
+                        devices.len()
+                    );
+                }
+                devices.truncate(n);
+            }
+            let plan = FleetPlan {
+                arrival: cli.arrival,
+                link: cli.link.clone(),
+                max_hops: cli.max_hops.max(1),
+                meters_per_dcu: cli.meters_per_dcu,
+            };
+            let serials: Vec<String> = devices.iter().map(|d| d.serial.clone()).collect();
+            let plans = build_schedule(&plan, &serials, cli.seed);
+            let rec = Recording {
+                version: RECORD_VERSION,
+                seed: cli.seed,
+                arrival: cli.arrival,
+                link: cli.link.clone(),
+                max_hops: plan.max_hops,
+                meters_per_dcu: cli.meters_per_dcu,
+                dcu_link: cli.dcu_link.clone(),
+                server: cli.server.to_string(),
+                meters: Vec::new(),
+                outcomes: Vec::new(),
+                summary: None,
+            };
+            (plans, rec)
+        }
+    };
+
+    let coap = ClientConfig {
+        coap: CoapConfig {
+            ack_timeout: cli.ack_timeout,
+            ack_random_factor: cli.ack_random_factor,
+            max_retransmit: cli.max_retransmit,
+            ..CoapConfig::default()
+        },
+        block1_szx: cli.block_size,
+        block2_szx: Some(cli.block_size),
+        max_response_body_bytes: 64 * 1024,
+    };
+    coap.validate().context("CoAP parameters")?;
+    let cfg = FleetConfig {
+        concurrency: cli.concurrency.max(1),
+        driver: DriverConfig {
+            server: cli.server,
+            bind: cli.bind,
+            dtls: DtlsClientConfig {
+                trust_anchors_der: ta,
+                server_name: cli.server_name.clone(),
+                mtu: cli.dtls_mtu,
+                flight_interval: cli.dtls_flight_interval,
+                handshake_timeout: cli.handshake_timeout,
+                danger_skip_server_verification: false,
+            },
+            coap,
+        },
+        meter: MeterConfig {
+            discovery: cli.discovery,
+            renew: cli.renew,
+            accept: match cli.accept {
+                AcceptFormat::Pkcs7 => CertFormat::Pkcs7,
+                AcceptFormat::Pkix => CertFormat::PkixCert,
+            },
+            max_attempts: cli.attempts.max(1),
+            retry_backoff: cli.retry_backoff,
+            max_busy_retries: cli.max_busy_retries,
+            max_retry_after: cli.max_retry_after,
+            est_root: cli.est_root.clone(),
+        },
+        dcu_link: rec_base.dcu_link.clone(),
+        progress: !cli.no_progress,
+    };
+    eprintln!(
+        "client-sim: {} meters -> coaps://{} (seed {}, arrival {:?}, link {}, concurrency {}{})",
+        plans.len(),
+        cli.server,
+        rec_base.seed,
+        rec_base.arrival,
+        rec_base.link,
+        cfg.concurrency,
+        rec_base
+            .meters_per_dcu
+            .map(|k| format!(", {k} meters per DCU over {}", rec_base.dcu_link))
+            .unwrap_or_default()
+    );
+    let result = run_fleet(plans.clone(), devices, cfg, rec_base.seed).await;
+    print!("{}", render_summary(&result.summary));
+    let all_ok = result.summary.enrolled == result.summary.meters
+        && (!cli.renew || result.summary.renewed == result.summary.meters);
+
+    let seed = rec_base.seed;
+    if let Some(path) = &cli.json {
+        let doc = serde_json::json!({
+            "seed": rec_base.seed,
+            "server": cli.server.to_string(),
+            "summary": result.summary,
+            "meters": result.outcomes,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&doc)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &cli.record {
+        let rec = Recording {
+            meters: plans,
+            outcomes: result.outcomes.clone(),
+            summary: Some(result.summary.clone()),
+            server: cli.server.to_string(),
+            ..rec_base
+        };
+        rec.write(path)?;
+    }
+    if !all_ok {
+        eprintln!(
+            "client-sim: {} of {} meters did not enroll (seed {}); failures by reason:",
+            result.summary.failed, result.summary.meters, seed
+        );
+        for (reason, n) in &result.summary.failures_by_reason {
+            eprintln!("  {reason}: {n}");
+        }
+    }
+    Ok(all_ok)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CLIENT_SIM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("client-sim: tokio runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("client-sim: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

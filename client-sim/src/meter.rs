@@ -387,7 +387,11 @@ impl std::fmt::Debug for Meter {
 impl Meter {
     /// A meter with its factory identity. Generates the enrollment key pair from `seed` and builds
     /// the PKCS#10 request once (the same CSR is resent after 5.03, RFC 9148 §4.7).
-    pub fn new(config: MeterConfig, identity: &DeviceIdentity, seed: u64) -> Result<Meter, PkiError> {
+    pub fn new(
+        config: MeterConfig,
+        identity: &DeviceIdentity,
+        seed: u64,
+    ) -> Result<Meter, PkiError> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let key = EnrollmentKey::generate(&mut rng);
         let csr_der = pki::build_csr(
@@ -507,7 +511,9 @@ impl Meter {
                     key_pkcs8_der: key,
                 },
                 (None, _) => {
-                    return self.fail(FailureReason::Credentials("renewal without an LDevID".into()))
+                    return self.fail(FailureReason::Credentials(
+                        "renewal without an LDevID".into(),
+                    ))
                 }
                 (_, Err(e)) => return self.fail(FailureReason::Credentials(e.to_string())),
             },
@@ -690,19 +696,16 @@ impl Meter {
                 },
                 Err(e) => {
                     self.actions.push_back(Action::Disconnect);
-                    self.fail(FailureReason::BadResponse {
-                        resource,
-                        error: e,
-                    });
+                    self.fail(FailureReason::BadResponse { resource, error: e });
                 }
             },
             Step::Enroll | Step::ReEnroll => {
-                let verified = self.certs_of(&response).map_err(|e| {
-                    FailureReason::BadResponse {
+                let verified = self
+                    .certs_of(&response)
+                    .map_err(|e| FailureReason::BadResponse {
                         resource: resource.clone(),
                         error: e,
-                    }
-                });
+                    });
                 let verified = verified.and_then(|certs| {
                     pki::verify_issued(&certs, &self.key.spki_der, &self.ca_certs)
                         .map_err(|e: VerifyError| FailureReason::Verification(e.to_string()))
@@ -714,7 +717,8 @@ impl Meter {
                         self.busy = 0;
                         if step == Step::Enroll {
                             if let Some(s) = self.started {
-                                self.stats.enroll_us = Some(micros(now.saturating_duration_since(s)));
+                                self.stats.enroll_us =
+                                    Some(micros(now.saturating_duration_since(s)));
                             }
                             if self.config.renew {
                                 self.attempts = 0;
@@ -724,7 +728,8 @@ impl Meter {
                         } else {
                             self.renewed = true;
                             if let Some(s) = self.renew_started {
-                                self.stats.renew_us = Some(micros(now.saturating_duration_since(s)));
+                                self.stats.renew_us =
+                                    Some(micros(now.saturating_duration_since(s)));
                             }
                         }
                         self.state = MeterState::Enrolled;
@@ -824,7 +829,12 @@ mod tests {
         let (purpose, cred) = expect_connect(&mut m);
         assert_eq!(purpose, Purpose::Enroll);
         assert_eq!(cred.chain_der, dev.cert_chain_der);
-        assert_eq!(m.state(), &MeterState::Handshaking { purpose: Purpose::Enroll });
+        assert_eq!(
+            m.state(),
+            &MeterState::Handshaking {
+                purpose: Purpose::Enroll
+            }
+        );
         m.handle_connected(now + Duration::from_millis(800));
         assert_eq!(m.stats().handshake_us, Some(800_000));
         let crts = expect_send(&mut m);
@@ -948,7 +958,10 @@ mod tests {
                 m.handle_timeout(now);
             }
         }
-        assert_eq!(m.state(), &MeterState::Failed(FailureReason::Busy("/sen".into())));
+        assert_eq!(
+            m.state(),
+            &MeterState::Failed(FailureReason::Busy("/sen".into()))
+        );
         assert_eq!(est.csrs.len(), 3);
     }
 
@@ -976,12 +989,19 @@ mod tests {
         assert_eq!(then, Resume::Reconnect(Purpose::Enroll));
         // 2 s * 2^0 plus up to 50% jitter.
         let wait = until - now;
-        assert!(wait >= Duration::from_secs(2) && wait < Duration::from_secs(3), "{wait:?}");
+        assert!(
+            wait >= Duration::from_secs(2) && wait < Duration::from_secs(3),
+            "{wait:?}"
+        );
         m.handle_timeout(until);
         expect_connect(&mut m);
         m.handle_connected(until);
         let sen = expect_send(&mut m);
-        assert_eq!(sen.path.last().map(String::as_str), Some("sen"), "CA certs kept");
+        assert_eq!(
+            sen.path.last().map(String::as_str),
+            Some("sen"),
+            "CA certs kept"
+        );
         m.handle_response(until, est.handle(&sen));
         assert_eq!(m.state(), &MeterState::Enrolled);
         assert_eq!(m.stats().session_retries, 1);
@@ -1016,7 +1036,10 @@ mod tests {
             }
         }
         assert_eq!(connects, 3);
-        assert_eq!(m.state(), &MeterState::Failed(FailureReason::HandshakeTimeout));
+        assert_eq!(
+            m.state(),
+            &MeterState::Failed(FailureReason::HandshakeTimeout)
+        );
         assert_eq!(m.stats().handshakes_failed, 3);
     }
 
@@ -1055,7 +1078,10 @@ mod tests {
         expect_connect(&mut m);
         m.handle_connected(now);
         serve(&mut m, &mut est, now);
-        assert!(matches!(m.state(), MeterState::Failed(FailureReason::Verification(_))));
+        assert!(matches!(
+            m.state(),
+            MeterState::Failed(FailureReason::Verification(_))
+        ));
         assert!(m.ldevid().is_none());
     }
 
@@ -1089,7 +1115,11 @@ mod tests {
         assert_eq!(m.state(), &MeterState::Enrolled);
         assert!(m.renewed());
         assert_eq!(m.ldevid(), Some(est.issued[1].as_slice()));
-        assert_eq!(m.stats().renew_us, Some(2_000_000), "from the end of /sen to the renewed LDevID");
+        assert_eq!(
+            m.stats().renew_us,
+            Some(2_000_000),
+            "from the end of /sen to the renewed LDevID"
+        );
     }
 
     #[test]

@@ -111,7 +111,11 @@ fn read(path: &Path) -> Result<Vec<u8>, PkiError> {
 }
 
 /// All PEM blocks with the given label (or any label if `None`), DER-decoded.
-pub fn pem_blocks(path: &Path, bytes: &[u8], label: Option<&str>) -> Result<Vec<Vec<u8>>, PkiError> {
+pub fn pem_blocks(
+    path: &Path,
+    bytes: &[u8],
+    label: Option<&str>,
+) -> Result<Vec<Vec<u8>>, PkiError> {
     let text = std::str::from_utf8(bytes).map_err(|_| PkiError::Format {
         path: path.to_path_buf(),
         reason: "not UTF-8 PEM".into(),
@@ -188,10 +192,7 @@ pub fn load_fleet(dir: &Path, limit: Option<usize>) -> Result<Fleet, PkiError> {
             })?;
         manufacturer = fj.manufacturer;
         for d in fj.devices.into_iter().take(limit) {
-            let cert = dir.join(
-                d.cert
-                    .unwrap_or_else(|| format!("{}/idevid.pem", d.serial)),
-            );
+            let cert = dir.join(d.cert.unwrap_or_else(|| format!("{}/idevid.pem", d.serial)));
             let key = dir.join(d.key.unwrap_or_else(|| format!("{}/idevid.key", d.serial)));
             devices.push(DeviceIdentity {
                 cert_chain_der: load_cert_chain(&cert)?,
@@ -339,8 +340,8 @@ pub fn build_csr(
     let subject: Name = format!("serialNumber={serial}")
         .parse()
         .map_err(|e: der::Error| PkiError::Csr(e.to_string()))?;
-    let mut builder = RequestBuilder::new(subject, &key.signing_key)
-        .map_err(|e| PkiError::Csr(e.to_string()))?;
+    let mut builder =
+        RequestBuilder::new(subject, &key.signing_key).map_err(|e| PkiError::Csr(e.to_string()))?;
     if let Some(san) = san {
         builder
             .add_extension(&san)
@@ -524,18 +525,18 @@ mod tests {
     fn issued_certificate_verification() {
         let ca = test_pki::ca("Test EST CA");
         let other = test_pki::ca("Test EST CA"); // same name, other key
-        let ca_certs = parse_ca_certs(&[ca.cert_der.clone()]).unwrap();
+        let ca_certs = parse_ca_certs(std::slice::from_ref(&ca.cert_der)).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
         let key = EnrollmentKey::generate(&mut rng);
         let leaf = test_pki::issue_for(&ca, &key, "SN1");
         assert_eq!(
-            verify_issued(&[leaf.clone()], &key.spki_der, &ca_certs).unwrap(),
+            verify_issued(std::slice::from_ref(&leaf), &key.spki_der, &ca_certs).unwrap(),
             leaf
         );
         // Wrong key.
         let key2 = EnrollmentKey::generate(&mut rng);
         assert_eq!(
-            verify_issued(&[leaf.clone()], &key2.spki_der, &ca_certs),
+            verify_issued(std::slice::from_ref(&leaf), &key2.spki_der, &ca_certs),
             Err(VerifyError::WrongPublicKey)
         );
         // Signed by an impostor CA with the same name.
@@ -566,8 +567,8 @@ mod tests {
             let cert = test_pki::issue_for(&ca, &key, &serial);
             let sd = dir.path().join(&serial);
             fs::create_dir_all(&sd).unwrap();
-            let cert_pem = der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, &cert)
-                .unwrap();
+            let cert_pem =
+                der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, &cert).unwrap();
             fs::write(sd.join("idevid.pem"), cert_pem).unwrap();
             let key_pem = key
                 .signing_key
@@ -576,8 +577,8 @@ mod tests {
             fs::write(sd.join("idevid.key"), key_pem.as_bytes()).unwrap();
             devices.push(serde_json::json!({"serial": serial, "cert": format!("{serial}/idevid.pem"), "key": format!("{serial}/idevid.key")}));
         }
-        let ta = der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, &ca.cert_der)
-            .unwrap();
+        let ta =
+            der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, &ca.cert_der).unwrap();
         fs::write(dir.path().join("implicit-ta.pem"), ta).unwrap();
         // Without fleet.json: directory scan.
         let f = load_fleet(dir.path(), None).unwrap();
@@ -599,7 +600,10 @@ mod tests {
         let k = EnrollmentKey::generate(&mut rng);
         let csr = build_csr(&k, "ignored", Some(&f.devices[1].cert_chain_der[0])).unwrap();
         let req = x509_cert::request::CertReq::from_der(&csr).unwrap();
-        assert_eq!(serial_number_of(&req.info.subject).as_deref(), Some("SN000001"));
+        assert_eq!(
+            serial_number_of(&req.info.subject).as_deref(),
+            Some("SN000001")
+        );
         assert!(load_fleet(&dir.path().join("nope"), None).is_err());
     }
 }

@@ -221,7 +221,9 @@ mod tests {
         assert_eq!(o[0], Duration::ZERO);
         assert_eq!(o[50], Duration::from_secs(5));
         assert_eq!(o[99], Duration::from_millis(9900));
-        assert!(o.windows(2).all(|w| w[1] - w[0] == Duration::from_millis(100)));
+        assert!(o
+            .windows(2)
+            .all(|w| w[1] - w[0] == Duration::from_millis(100)));
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub struct FakeEst {
     pub ca: IssuingCa,
     pub ca_der: Vec<u8>,
     pub manufacturer: IssuingCa,
+    manufacturer_der: Vec<u8>,
     /// Certificates issued so far (DER).
     pub issued: Vec<Vec<u8>>,
     /// Answer this many /sen requests with 5.03 + Max-Age `busy_max_age` first.
@@ -60,7 +61,7 @@ impl FakeEst {
         )
         .unwrap();
         let manufacturer = IssuingCa::new(
-            m_der,
+            m_der.clone(),
             Box::new(RingP256Signer::from_pkcs8_der(&m_key).unwrap()),
         )
         .unwrap();
@@ -68,6 +69,7 @@ impl FakeEst {
             ca,
             ca_der,
             manufacturer,
+            manufacturer_der: m_der,
             issued: Vec::new(),
             busy_first: 0,
             busy_max_age: 5,
@@ -77,6 +79,10 @@ impl FakeEst {
             csrs: Vec::new(),
             rng,
         }
+    }
+
+    pub fn manufacturer_cert_der(&self) -> Vec<u8> {
+        self.manufacturer_der.clone()
     }
 
     /// A device identity minted by the manufacturer CA (IEEE 802.1AR-style IDevID).
@@ -159,6 +165,97 @@ impl FakeEst {
                 }
             }
             _ => Response::new(ResponseType::NotFound),
+        }
+    }
+}
+
+/// An in-process EST-coaps server for runtime tests: webrtc-dtls's stock listener (CCM_8, client
+/// certificates verified against the manufacturer CA and the EST CA), est-proto's CoAP server
+/// session, and [`FakeEst`] behind it. Lossless links only (the stock listener accepts serially and
+/// does not resend its final flight).
+pub mod server {
+    use std::net::SocketAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use est_proto::coap::{CoapConfig, Incoming, ServerSession};
+    use rand::SeedableRng;
+    use webrtc_dtls::cipher_suite::CipherSuiteId;
+    use webrtc_dtls::config::{ClientAuthType, Config, ExtendedMasterSecretType};
+    use webrtc_dtls::crypto::{Certificate, CryptoPrivateKey};
+    use webrtc_util::conn::Listener;
+
+    use super::FakeEst;
+
+    pub struct TestServer {
+        pub addr: SocketAddr,
+        /// The root that verifies the server certificate (the meters' Implicit TA).
+        pub trust_anchor_der: Vec<u8>,
+        pub est: Arc<Mutex<FakeEst>>,
+    }
+
+    pub async fn spawn(est: FakeEst) -> TestServer {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(77);
+        let (server_cert, server_key) = est_proto::ca::generate_server_cert(
+            &est.ca,
+            &["localhost".to_string()],
+            &["127.0.0.1".parse().unwrap()],
+            super::now_wall(),
+            Duration::from_secs(86_400),
+            &mut rng,
+        )
+        .unwrap();
+        let kp = rcgen::KeyPair::try_from(server_key.as_slice()).unwrap();
+        let mut client_cas = rustls::RootCertStore::empty();
+        client_cas.add(est.manufacturer_cert_der().into()).unwrap();
+        client_cas.add(est.ca_der.clone().into()).unwrap();
+        let config = Config {
+            certificates: vec![Certificate {
+                certificate: vec![server_cert.into()],
+                private_key: CryptoPrivateKey::from_key_pair(&kp).unwrap(),
+            }],
+            cipher_suites: vec![CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Ccm_8],
+            extended_master_secret: ExtendedMasterSecretType::Require,
+            client_auth: ClientAuthType::RequireAndVerifyClientCert,
+            client_cas,
+            mtu: 1152,
+            ..Config::default()
+        };
+        let trust_anchor_der = est.ca_der.clone();
+        let listener = webrtc_dtls::listener::listen("127.0.0.1:0", config)
+            .await
+            .unwrap();
+        let addr = listener.addr().await.unwrap();
+        let est = Arc::new(Mutex::new(est));
+        let est2 = est.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let est = est2.clone();
+                tokio::spawn(async move {
+                    let mut session = ServerSession::new(Arc::new(CoapConfig::default()));
+                    let mut buf = vec![0u8; 4096];
+                    while let Ok(n) = conn.recv(&mut buf).await {
+                        let out = match session.handle_datagram(Instant::now(), &buf[..n]) {
+                            Incoming::Send(d) => vec![d],
+                            Incoming::Request(id, req) => {
+                                let resp = est.lock().unwrap().handle(&req);
+                                session.respond(Instant::now(), id, resp)
+                            }
+                            Incoming::Ignore => Vec::new(),
+                        };
+                        for d in out {
+                            if conn.send(&d).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        TestServer {
+            addr,
+            trust_anchor_der,
+            est,
         }
     }
 }

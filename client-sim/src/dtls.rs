@@ -1,0 +1,118 @@
+//! The meter's DTLS 1.2 client (webrtc-dtls), as RFC 9148 §3 asks: TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8,
+//! a client certificate (IDevID, or LDevID for /sren), the server authenticated against the Implicit
+//! TA, extended master secret required (RFC 7627).
+//!
+//! webrtc-dtls retransmits flights at a fixed interval forever and has no handshake timeout
+//! (see docs on the dependency study), so every attempt runs under a timeout; retrying from a fresh
+//! session is the meter's job ([`crate::meter`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use webrtc_dtls::cipher_suite::CipherSuiteId;
+use webrtc_dtls::config::{Config, ExtendedMasterSecretType};
+use webrtc_dtls::conn::DTLSConn;
+use webrtc_dtls::crypto::{Certificate, CryptoPrivateKey};
+use webrtc_util::conn::Conn;
+
+use crate::meter::{Credential, FailureReason};
+
+/// DTLS client settings shared by all meters.
+#[derive(Clone)]
+pub struct DtlsClientConfig {
+    /// Roots that verify the server's certificate (the meters' Implicit TA database).
+    pub trust_anchors_der: Vec<Vec<u8>>,
+    /// Name checked against the server certificate's subjectAltName.
+    pub server_name: String,
+    /// Handshake messages are fragmented to this size (webrtc-dtls `Config.mtu`).
+    pub mtu: usize,
+    /// Fixed flight retransmission interval of webrtc-dtls.
+    pub flight_interval: Duration,
+    /// Give up on one handshake attempt after this long.
+    pub handshake_timeout: Duration,
+    /// Skip server certificate verification (testing only).
+    pub danger_skip_server_verification: bool,
+}
+
+impl std::fmt::Debug for DtlsClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DtlsClientConfig")
+            .field("trust_anchors", &self.trust_anchors_der.len())
+            .field("server_name", &self.server_name)
+            .field("mtu", &self.mtu)
+            .field("flight_interval", &self.flight_interval)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish()
+    }
+}
+
+impl Default for DtlsClientConfig {
+    fn default() -> Self {
+        DtlsClientConfig {
+            trust_anchors_der: Vec::new(),
+            server_name: "localhost".into(),
+            mtu: 1152,
+            flight_interval: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(30),
+            danger_skip_server_verification: false,
+        }
+    }
+}
+
+/// Builds the webrtc-dtls client config for one session.
+pub fn client_config(cfg: &DtlsClientConfig, cred: &Credential) -> Result<Config, FailureReason> {
+    let key_pair = rcgen::KeyPair::try_from(cred.key_pkcs8_der.as_slice())
+        .map_err(|e| FailureReason::Credentials(format!("client key: {e}")))?;
+    let private_key = CryptoPrivateKey::from_key_pair(&key_pair)
+        .map_err(|e| FailureReason::Credentials(format!("client key: {e}")))?;
+    let certificate = Certificate {
+        certificate: cred
+            .chain_der
+            .iter()
+            .map(|d| rustls::pki_types::CertificateDer::from(d.clone()))
+            .collect(),
+        private_key,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for ta in &cfg.trust_anchors_der {
+        roots
+            .add(rustls::pki_types::CertificateDer::from(ta.clone()))
+            .map_err(|e| FailureReason::Credentials(format!("trust anchor: {e}")))?;
+    }
+    Ok(Config {
+        certificates: vec![certificate],
+        cipher_suites: vec![CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Ccm_8],
+        extended_master_secret: ExtendedMasterSecretType::Require,
+        roots_cas: roots,
+        server_name: cfg.server_name.clone(),
+        mtu: cfg.mtu,
+        flight_interval: cfg.flight_interval,
+        insecure_skip_verify: cfg.danger_skip_server_verification,
+        ..Config::default()
+    })
+}
+
+/// One handshake attempt over `conn`, bounded by `cfg.handshake_timeout`.
+pub async fn connect(
+    conn: Arc<dyn Conn + Send + Sync>,
+    cfg: &DtlsClientConfig,
+    cred: &Credential,
+) -> Result<Arc<DTLSConn>, FailureReason> {
+    let config = client_config(cfg, cred)?;
+    match tokio::time::timeout(
+        cfg.handshake_timeout,
+        DTLSConn::new(conn, config, true, None),
+    )
+    .await
+    {
+        Ok(Ok(c)) => Ok(Arc::new(c)),
+        Ok(Err(e)) => Err(FailureReason::HandshakeError(e.to_string())),
+        Err(_) => Err(FailureReason::HandshakeTimeout),
+    }
+}
+
+/// The server's address, for messages.
+pub fn describe(addr: SocketAddr) -> String {
+    format!("coaps://{addr}")
+}

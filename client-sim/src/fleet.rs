@@ -1,0 +1,389 @@
+//! The fleet runner: starts meters on their schedule under a concurrency limit, groups them behind
+//! DCUs, collects outcomes, and measures memory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::driver::{run_meter, DriverConfig, MeterOutcome};
+use crate::link::{LinkCounters, LinkParams};
+use crate::meter::{FailureReason, Meter, MeterConfig};
+use crate::net::{Dcu, MeterLink};
+use crate::pki::DeviceIdentity;
+use crate::schedule::{mix64, MeterPlan};
+
+/// Everything a fleet run needs besides the schedule.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub concurrency: usize,
+    pub driver: DriverConfig,
+    pub meter: MeterConfig,
+    /// The shared backhaul of each DCU (if the schedule assigns DCUs).
+    pub dcu_link: LinkParams,
+    pub progress: bool,
+}
+
+/// Reads a field of /proc/self/status in kB (Linux); `None` elsewhere.
+pub fn proc_status_kb(field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Percentiles {
+        let ms = |us: u64| us as f64 / 1000.0;
+        Percentiles {
+            count: h.len(),
+            p50_ms: ms(h.value_at_quantile(0.5)),
+            p90_ms: ms(h.value_at_quantile(0.9)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            max_ms: ms(h.max()),
+        }
+    }
+}
+
+/// The machine-readable summary of a run (`--json`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub meters: u64,
+    pub enrolled: u64,
+    pub renewed: u64,
+    pub failed: u64,
+    pub failures_by_reason: BTreeMap<String, u64>,
+    pub wall_s: f64,
+    pub enrollments_per_s: f64,
+    pub handshake: Percentiles,
+    pub enrollment: Percentiles,
+    pub renewal: Percentiles,
+    pub handshakes: u64,
+    pub handshakes_failed: u64,
+    pub session_retries: u64,
+    pub busy_retries: u64,
+    pub coap_requests: u64,
+    pub coap_retransmissions: u64,
+    /// Meter links, summed: up = meter -> server.
+    pub up: LinkCounters,
+    pub down: LinkCounters,
+    /// Per enrolled meter (all traffic of all meters / enrolled meters).
+    pub bytes_up_per_enrollment: f64,
+    pub bytes_down_per_enrollment: f64,
+    pub datagrams_per_enrollment: f64,
+    pub frames_per_enrollment: f64,
+    pub dcus: u64,
+    pub dcu_up: LinkCounters,
+    pub dcu_down: LinkCounters,
+    pub peak_in_flight: u64,
+    pub rss_before_kb: u64,
+    pub rss_peak_kb: u64,
+    /// (peak RSS - RSS before) / meters.
+    pub rss_per_meter_kb: f64,
+    /// (peak RSS - RSS before) / peak concurrent meters.
+    pub rss_per_concurrent_meter_kb: f64,
+}
+
+/// Result of a run: the summary and every meter's outcome.
+#[derive(Debug, Clone)]
+pub struct FleetResult {
+    pub summary: Summary,
+    pub outcomes: Vec<MeterOutcome>,
+}
+
+fn new_hist() -> Histogram<u64> {
+    // 1 µs .. 1 h, 3 significant digits; values above are clamped by `saturating_record`.
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant, valid histogram bounds")
+}
+
+/// Summarises outcomes (pure: used by the runner and by tests).
+pub fn summarize(outcomes: &[MeterOutcome]) -> Summary {
+    let mut s = Summary {
+        meters: outcomes.len() as u64,
+        ..Summary::default()
+    };
+    let (mut hh, mut he, mut hr) = (new_hist(), new_hist(), new_hist());
+    for o in outcomes {
+        if o.enrolled {
+            s.enrolled += 1;
+        } else {
+            s.failed += 1;
+            let label = o
+                .failure
+                .as_ref()
+                .map_or_else(|| "unfinished".to_string(), FailureReason::label);
+            *s.failures_by_reason.entry(label).or_default() += 1;
+        }
+        if o.renewed {
+            s.renewed += 1;
+        }
+        if let Some(v) = o.stats.handshake_us {
+            hh.saturating_record(v.max(1));
+        }
+        if let Some(v) = o.stats.enroll_us {
+            he.saturating_record(v.max(1));
+        }
+        if let Some(v) = o.stats.renew_us {
+            hr.saturating_record(v.max(1));
+        }
+        s.handshakes += u64::from(o.stats.handshakes);
+        s.handshakes_failed += u64::from(o.stats.handshakes_failed);
+        s.session_retries += u64::from(o.stats.session_retries);
+        s.busy_retries += u64::from(o.stats.busy_retries);
+        s.coap_requests += o.coap.requests;
+        s.coap_retransmissions += o.coap.retransmissions;
+        s.up += o.link_up;
+        s.down += o.link_down;
+    }
+    s.handshake = Percentiles::of(&hh);
+    s.enrollment = Percentiles::of(&he);
+    s.renewal = Percentiles::of(&hr);
+    let per = |x: u64| {
+        if s.enrolled == 0 {
+            0.0
+        } else {
+            x as f64 / s.enrolled as f64
+        }
+    };
+    s.bytes_up_per_enrollment = per(s.up.bytes);
+    s.bytes_down_per_enrollment = per(s.down.bytes);
+    s.datagrams_per_enrollment = per(s.up.datagrams + s.down.datagrams);
+    s.frames_per_enrollment = per(s.up.frames + s.down.frames);
+    s
+}
+
+/// Runs a fleet: `plans[i]` uses `devices[i]`.
+pub async fn run_fleet(
+    plans: Vec<MeterPlan>,
+    devices: Vec<DeviceIdentity>,
+    cfg: FleetConfig,
+    run_seed: u64,
+) -> FleetResult {
+    let rss_before = proc_status_kb("VmRSS:").unwrap_or(0);
+    let n = plans.len() as u64;
+    let cfg = Arc::new(cfg);
+    let sem = Arc::new(Semaphore::new(cfg.concurrency.max(1)));
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let peak = Arc::new(AtomicU64::new(0));
+    let rss_peak = Arc::new(AtomicU64::new(rss_before));
+
+    // DCUs, created on demand by index.
+    let mut dcus: HashMap<u64, Arc<Dcu>> = HashMap::new();
+    for p in &plans {
+        if let Some(d) = p.dcu {
+            dcus.entry(d).or_insert_with(|| {
+                Arc::new(Dcu::new(
+                    d,
+                    cfg.dcu_link.clone(),
+                    mix64(run_seed ^ 0xdc0 ^ d),
+                ))
+            });
+        }
+    }
+
+    let bar = if cfg.progress {
+        let b = ProgressBar::new(n);
+        if let Ok(style) =
+            ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} done  {msg}")
+        {
+            b.set_style(style.progress_chars("=> "));
+        }
+        b
+    } else {
+        ProgressBar::hidden()
+    };
+
+    // RSS sampler (VmHWM is the kernel's own peak; sampling VmRSS also works where HWM was reset).
+    let sampler = {
+        let rss_peak = rss_peak.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(r) = proc_status_kb("VmRSS:") {
+                    rss_peak.fetch_max(r, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+
+    let (tx, mut rx) = mpsc::unbounded_channel::<MeterOutcome>();
+    let start = Instant::now();
+    for (plan, device) in plans.into_iter().zip(devices) {
+        let tx = tx.clone();
+        let sem = sem.clone();
+        let cfg = cfg.clone();
+        let in_flight = in_flight.clone();
+        let peak = peak.clone();
+        let dcu = plan.dcu.and_then(|d| dcus.get(&d).cloned());
+        tokio::spawn(async move {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(start + plan.start())).await;
+            let Ok(_permit) = sem.acquire_owned().await else {
+                return;
+            };
+            let now_in = in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            peak.fetch_max(now_in, Ordering::Relaxed);
+            let outcome = match Meter::new(cfg.meter.clone(), &device, plan.seed) {
+                Ok(meter) => {
+                    let link = MeterLink::new(plan.link.clone(), mix64(plan.seed ^ 0x11), dcu);
+                    run_meter(plan.index, meter, link, &cfg.driver, plan.seed).await
+                }
+                Err(e) => MeterOutcome {
+                    index: plan.index,
+                    serial: device.serial.clone(),
+                    enrolled: false,
+                    renewed: false,
+                    failure: Some(FailureReason::Credentials(e.to_string())),
+                    stats: Default::default(),
+                    coap: Default::default(),
+                    link_up: Default::default(),
+                    link_down: Default::default(),
+                    ldevid_sha256: None,
+                    ldevid_serial: None,
+                },
+            };
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            let _ = tx.send(outcome);
+        });
+    }
+    drop(tx);
+
+    let mut outcomes = Vec::with_capacity(usize::try_from(n).unwrap_or(0));
+    let (mut ok, mut failed) = (0u64, 0u64);
+    while let Some(o) = rx.recv().await {
+        if o.enrolled {
+            ok += 1;
+        } else {
+            failed += 1;
+        }
+        bar.inc(1);
+        bar.set_message(format!(
+            "enrolled {ok}  failed {failed}  in flight {}",
+            in_flight.load(Ordering::Relaxed)
+        ));
+        outcomes.push(o);
+    }
+    let wall = start.elapsed();
+    bar.finish_and_clear();
+    sampler.abort();
+    if let Some(r) = proc_status_kb("VmRSS:") {
+        rss_peak.fetch_max(r, Ordering::Relaxed);
+    }
+    outcomes.sort_by_key(|o| o.index);
+
+    let mut summary = summarize(&outcomes);
+    summary.wall_s = wall.as_secs_f64();
+    summary.enrollments_per_s = if wall.is_zero() {
+        0.0
+    } else {
+        summary.enrolled as f64 / wall.as_secs_f64()
+    };
+    summary.dcus = dcus.len() as u64;
+    for d in dcus.values() {
+        let (u, dn) = d.counters();
+        summary.dcu_up += u;
+        summary.dcu_down += dn;
+    }
+    summary.peak_in_flight = peak.load(Ordering::Relaxed);
+    summary.rss_before_kb = rss_before;
+    summary.rss_peak_kb = rss_peak.load(Ordering::Relaxed);
+    let delta = summary.rss_peak_kb.saturating_sub(rss_before) as f64;
+    summary.rss_per_meter_kb = if n == 0 { 0.0 } else { delta / n as f64 };
+    summary.rss_per_concurrent_meter_kb = if summary.peak_in_flight == 0 {
+        0.0
+    } else {
+        delta / summary.peak_in_flight as f64
+    };
+    FleetResult { summary, outcomes }
+}
+
+/// The human summary table.
+pub fn render_summary(s: &Summary) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(o, "meters            {:>10}", s.meters);
+    let _ = writeln!(o, "enrolled          {:>10}", s.enrolled);
+    if s.renewed > 0 {
+        let _ = writeln!(o, "renewed (/sren)   {:>10}", s.renewed);
+    }
+    let _ = writeln!(o, "failed            {:>10}", s.failed);
+    for (reason, count) in &s.failures_by_reason {
+        let _ = writeln!(o, "  {reason:<30} {count:>8}");
+    }
+    let _ = writeln!(
+        o,
+        "wall time         {:>10.1} s   ({:.1} enrollments/s)",
+        s.wall_s, s.enrollments_per_s
+    );
+    let _ = writeln!(
+        o,
+        "latency (ms)            p50        p90        p99        max      count"
+    );
+    for (name, p) in [
+        ("  handshake", &s.handshake),
+        ("  enrollment", &s.enrollment),
+        ("  renewal", &s.renewal),
+    ] {
+        if p.count > 0 {
+            let _ = writeln!(
+                o,
+                "{name:<16}{:>11.1}{:>11.1}{:>11.1}{:>11.1}{:>11}",
+                p.p50_ms, p.p90_ms, p.p99_ms, p.max_ms, p.count
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "handshakes        {:>10}   (failed {}, session retries {}, 5.03 retries {})",
+        s.handshakes, s.handshakes_failed, s.session_retries, s.busy_retries
+    );
+    let _ = writeln!(
+        o,
+        "coap requests     {:>10}   (retransmissions {})",
+        s.coap_requests, s.coap_retransmissions
+    );
+    let _ = writeln!(
+        o,
+        "meter links       up {} B in {} datagrams / {} frames (lost {}, queue drops {}); down {} B in {} datagrams / {} frames (lost {}, queue drops {})",
+        s.up.bytes, s.up.datagrams, s.up.frames, s.up.lost, s.up.queue_drops,
+        s.down.bytes, s.down.datagrams, s.down.frames, s.down.lost, s.down.queue_drops
+    );
+    let _ = writeln!(
+        o,
+        "per enrollment    {:.0} B up, {:.0} B down, {:.1} datagrams, {:.1} 802.15.4 frames",
+        s.bytes_up_per_enrollment,
+        s.bytes_down_per_enrollment,
+        s.datagrams_per_enrollment,
+        s.frames_per_enrollment
+    );
+    if s.dcus > 0 {
+        let _ = writeln!(
+            o,
+            "DCUs              {:>10}   backhaul up {} B (queue drops {}), down {} B (queue drops {})",
+            s.dcus, s.dcu_up.bytes, s.dcu_up.queue_drops, s.dcu_down.bytes, s.dcu_down.queue_drops
+        );
+    }
+    let _ = writeln!(
+        o,
+        "memory            RSS {} -> peak {} kB: {:.1} kB per meter, {:.1} kB per concurrent meter (peak in flight {})",
+        s.rss_before_kb, s.rss_peak_kb, s.rss_per_meter_kb, s.rss_per_concurrent_meter_kb, s.peak_in_flight
+    );
+    o
+}
