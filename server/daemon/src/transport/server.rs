@@ -58,6 +58,10 @@ pub struct TransportMetrics {
     pub handshakes_abandoned: u64,
     pub half_open_now: u64,
     pub sessions_now: u64,
+    /// Addresses the demultiplexer holds state for (peers, candidates' addresses, tombstones).
+    pub tracked_addresses_now: u64,
+    /// Of those, tombstones of recently closed peers.
+    pub tombstones_now: u64,
     /// Sessions closed because the same address proved return routability for a new handshake.
     pub sessions_replaced: u64,
     pub sessions_idle_closed: u64,
@@ -116,6 +120,8 @@ impl Counters {
             handshakes_abandoned: get(&self.handshakes_abandoned),
             half_open_now: get(&self.half_open_now),
             sessions_now: get(&self.sessions_now),
+            tracked_addresses_now: 0,
+            tombstones_now: 0,
             sessions_replaced: get(&self.sessions_replaced),
             sessions_idle_closed: get(&self.sessions_idle_closed),
             final_flight_resends: get(&self.final_flight_resends),
@@ -332,7 +338,11 @@ impl DtlsListener {
     }
 
     pub fn metrics(&self) -> TransportMetrics {
-        self.shared.counters.snapshot()
+        let mut metrics = self.shared.counters.snapshot();
+        let table = lock(&self.shared.table);
+        metrics.tracked_addresses_now = to_u64(table.slots.len());
+        metrics.tombstones_now = to_u64(table.tombstones);
+        metrics
     }
 
     /// Stop receiving, abort handshakes, send close_notify to established sessions (best effort,
