@@ -387,3 +387,133 @@ pub fn render_summary(s: &Summary) -> String {
     );
     o
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::driver::DriverConfig;
+    use crate::dtls::DtlsClientConfig;
+    use crate::schedule::{build_schedule, Arrival, FleetPlan};
+    use crate::testutil::{server, FakeEst};
+    use est_proto::coap::ClientConfig;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fleet_behind_dcus_enrolls_and_every_certificate_is_distinct() {
+        let mut est = FakeEst::new(31);
+        let devices: Vec<DeviceIdentity> =
+            (0..24).map(|i| est.device(&format!("SN3{i:05}"))).collect();
+        let srv = server::spawn(est).await;
+        let plan = FleetPlan {
+            arrival: Arrival::Ramp {
+                over: Duration::from_millis(500),
+            },
+            link: "latency=5ms,jitter=2ms,rate=250kbps".parse().unwrap(),
+            max_hops: 2,
+            meters_per_dcu: Some(8),
+        };
+        let serials: Vec<String> = devices.iter().map(|d| d.serial.clone()).collect();
+        let plans = build_schedule(&plan, &serials, 9);
+        let cfg = FleetConfig {
+            concurrency: 6,
+            driver: DriverConfig {
+                server: srv.addr,
+                bind: "127.0.0.1:0".parse().unwrap(),
+                dtls: DtlsClientConfig {
+                    trust_anchors_der: vec![srv.trust_anchor_der.clone()],
+                    handshake_timeout: Duration::from_secs(10),
+                    ..DtlsClientConfig::default()
+                },
+                coap: ClientConfig {
+                    block1_szx: 4,
+                    block2_szx: Some(4),
+                    ..ClientConfig::default()
+                },
+            },
+            meter: MeterConfig::default(),
+            dcu_link: "latency=2ms,rate=512kbps".parse().unwrap(),
+            progress: false,
+        };
+        let r = tokio::time::timeout(
+            Duration::from_secs(60),
+            run_fleet(plans, devices, cfg, 9),
+        )
+        .await
+        .unwrap();
+        let s = &r.summary;
+        assert_eq!(s.meters, 24);
+        assert_eq!(s.enrolled, 24, "{}", render_summary(s));
+        assert_eq!(s.failed, 0);
+        assert_eq!(s.dcus, 3);
+        assert!(s.peak_in_flight <= 6 && s.peak_in_flight >= 1);
+        assert_eq!(s.enrollment.count, 24);
+        assert!(s.enrollment.p50_ms > 0.0 && s.enrollment.max_ms >= s.enrollment.p99_ms);
+        assert!(s.frames_per_enrollment > s.datagrams_per_enrollment);
+        // All DCU traffic is meter traffic: the DCUs carried the datagrams the meters' links
+        // delivered, except the last close_notify of a session that may still be in flight.
+        let delivered = s.up.datagrams - s.up.lost - s.up.queue_drops;
+        assert!(s.dcu_up.datagrams <= delivered);
+        assert!(s.dcu_up.datagrams + s.handshakes >= delivered);
+        // Every meter holds a distinct certificate that the server issued.
+        let est = srv.est.lock().unwrap();
+        assert_eq!(est.issued.len(), 24);
+        let mut hashes: Vec<String> = r
+            .outcomes
+            .iter()
+            .map(|o| o.ldevid_sha256.clone().unwrap())
+            .collect();
+        hashes.sort();
+        hashes.dedup();
+        assert_eq!(hashes.len(), 24);
+        let text = render_summary(s);
+        assert!(text.contains("enrolled") && text.contains("p99"));
+    }
+
+    #[test]
+    fn summary_counts_failures_by_reason() {
+        let mk = |i: u64, failure: Option<FailureReason>| MeterOutcome {
+            index: i,
+            serial: format!("S{i}"),
+            enrolled: failure.is_none(),
+            renewed: false,
+            failure,
+            stats: crate::meter::MeterStats {
+                handshake_us: Some(1000 * (i + 1)),
+                enroll_us: Some(10_000 * (i + 1)),
+                handshakes: 1,
+                ..Default::default()
+            },
+            coap: Default::default(),
+            link_up: LinkCounters {
+                datagrams: 10,
+                bytes: 1000,
+                frames: 20,
+                ..Default::default()
+            },
+            link_down: Default::default(),
+            ldevid_sha256: None,
+            ldevid_serial: None,
+        };
+        let outcomes: Vec<MeterOutcome> = (0..10)
+            .map(|i| match i {
+                0 | 1 => mk(i, Some(FailureReason::HandshakeTimeout)),
+                2 => mk(
+                    i,
+                    Some(FailureReason::Rejected {
+                        resource: "/sen".into(),
+                        code: "4.03".into(),
+                    }),
+                ),
+                _ => mk(i, None),
+            })
+            .collect();
+        let s = summarize(&outcomes);
+        assert_eq!((s.meters, s.enrolled, s.failed), (10, 7, 3));
+        assert_eq!(s.failures_by_reason.get("handshake timeout"), Some(&2));
+        assert_eq!(s.failures_by_reason.get("4.03 /sen"), Some(&1));
+        assert_eq!(s.handshake.count, 10);
+        assert!((s.handshake.max_ms - 10.0).abs() < 0.1);
+        assert!((s.bytes_up_per_enrollment - 10_000.0 / 7.0).abs() < 1e-9);
+        assert!((s.frames_per_enrollment - 200.0 / 7.0).abs() < 1e-9);
+    }
+}
