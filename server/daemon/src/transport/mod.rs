@@ -59,6 +59,15 @@
 //!    `flight_interval` forever. [`client::connect`] runs each attempt under a timeout and retries
 //!    the whole handshake from a fresh session until an overall deadline.
 //!
+//! Evidence (tests in `server/daemon/tests/`): `transport_sim.rs` runs seeded turmoil
+//! simulations at 20% loss — `thousand_handshakes_at_20_percent_loss_all_complete` (25 sims x 40
+//! meters x 2 handshakes from the same IP:port, each with a round trip: 2000/2000 complete, none
+//! needed a client restart), `final_flight_resend_fixes_hung_handshakes` (the same seeds with the
+//! resend switched off leave about one handshake in six hung), and
+//! `final_flight_is_resent_after_server_side_close`. `transport_real.rs` covers certificate
+//! refusal, the policy hook, garbage, limits, same-port re-handshakes, replacement, the
+//! resend rate limit, idle timeout, shutdown and task/memory cleanup on 127.0.0.1.
+//!
 //! Not available from outside the crate, hence not offered: DTLS Connection ID (RFC 9146),
 //! session resumption, exponential retransmission back-off (RFC 6347 §4.2.4.1; the interval is fixed),
 //! tls-unique channel binding (the Finished verify_data is private), stateless cookies inside the
