@@ -31,6 +31,7 @@ const LOSS: f64 = 0.2;
 #[derive(Clone, Copy, Debug)]
 struct SimParams {
     seed: u64,
+    loss: f64,
     clients: usize,
     /// Handshakes per client, all from the same IP:port, each followed by one round trip and close.
     rounds: usize,
@@ -86,7 +87,7 @@ fn run_sim(pki: &TestPki, params: SimParams) -> Outcome {
 
     let mut sim = turmoil::Builder::new()
         .rng_seed(params.seed)
-        .fail_rate(LOSS)
+        .fail_rate(params.loss)
         .min_message_latency(Duration::from_millis(5))
         .max_message_latency(Duration::from_millis(50))
         .tick_duration(Duration::from_millis(2))
@@ -214,6 +215,7 @@ fn thousand_handshakes_at_20_percent_loss_all_complete() {
     for sim_index in 0..25u64 {
         let params = SimParams {
             seed: base_seed + sim_index,
+            loss: LOSS,
             clients: 40,
             rounds: 2,
             final_flight_resend: true,
@@ -275,6 +277,7 @@ fn final_flight_resend_fixes_hung_handshakes() {
         for sim_index in 0..3u64 {
             let params = SimParams {
                 seed: base_seed + sim_index,
+                loss: LOSS,
                 clients: 40,
                 rounds: 1,
                 final_flight_resend: resend,
@@ -378,4 +381,47 @@ fn final_flight_is_resent_after_server_side_close() {
     assert_eq!(completed, 40, "seed {seed}");
     assert!(m.final_flight_resends > 0, "seed {seed}: {m:?}");
     assert_eq!(m.sessions_now, 0, "seed {seed}: {m:?}");
+}
+
+/// Manual soak: `DTLS_SIM_LOSS=0.4 DTLS_SIM_SIMS=10 cargo test -p est-server --test transport_sim
+/// soak -- --ignored --nocapture` (client restarts allowed after 60 s, overall 300 s).
+#[test]
+#[ignore = "manual soak; configure with DTLS_SIM_LOSS, DTLS_SIM_SIMS, DTLS_SIM_SEED"]
+fn soak_configurable_loss() {
+    let env = |name: &str| std::env::var(name).ok();
+    let loss = env("DTLS_SIM_LOSS")
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or(0.4);
+    let sims = env("DTLS_SIM_SIMS")
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(10);
+    let base_seed = env("DTLS_SIM_SEED")
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0x5EED_3000);
+    let pki = TestPki::generate();
+    let wall = std::time::Instant::now();
+    let mut outcomes = Vec::new();
+    for sim_index in 0..sims {
+        let params = SimParams {
+            seed: base_seed + sim_index,
+            loss,
+            clients: 40,
+            rounds: 2,
+            final_flight_resend: true,
+            attempt_timeout: Duration::from_secs(60),
+            overall_timeout: Duration::from_secs(300),
+        };
+        let o = run_sim(&pki, params);
+        assert_eq!(o.hung, 0, "seed {}: {o:?}", params.seed);
+        assert_eq!(o.round_trip_failures, 0, "seed {}: {o:?}", params.seed);
+        outcomes.push(o);
+    }
+    summary(
+        &format!(
+            "{:.0}% loss soak, {sims} sims x 40 meters x 2 rounds",
+            loss * 100.0
+        ),
+        &outcomes,
+        wall.elapsed(),
+    );
 }
