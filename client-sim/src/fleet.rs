@@ -434,12 +434,9 @@ mod tests {
             dcu_link: "latency=2ms,rate=512kbps".parse().unwrap(),
             progress: false,
         };
-        let r = tokio::time::timeout(
-            Duration::from_secs(60),
-            run_fleet(plans, devices, cfg, 9),
-        )
-        .await
-        .unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(60), run_fleet(plans, devices, cfg, 9))
+            .await
+            .unwrap();
         let s = &r.summary;
         assert_eq!(s.meters, 24);
         assert_eq!(s.enrolled, 24, "{}", render_summary(s));

@@ -1220,7 +1220,13 @@ mod virtual_time {
                 while let Some(d) = c.poll_transmit() {
                     if let Verdict::Deliver { at } = up.submit(now, d.len()) {
                         seq += 1;
-                        heap.push(InFlight { at: Reverse(at), seq, to_server: true, session, data: d });
+                        heap.push(InFlight {
+                            at: Reverse(at),
+                            seq,
+                            to_server: true,
+                            session,
+                            data: d,
+                        });
                     }
                 }
                 let mut any = false;
@@ -1272,7 +1278,13 @@ mod virtual_time {
                     for d in out {
                         if let Verdict::Deliver { at } = down.submit(now, d.len()) {
                             seq += 1;
-                            heap.push(InFlight { at: Reverse(at), seq, to_server: false, session, data: d });
+                            heap.push(InFlight {
+                                at: Reverse(at),
+                                seq,
+                                to_server: false,
+                                session,
+                                data: d,
+                            });
                         }
                     }
                 } else if let Some(c) = client.as_mut() {
@@ -1284,7 +1296,9 @@ mod virtual_time {
             }
             m.handle_timeout(now);
         }
-        let ldevid_issued = m.ldevid().is_some_and(|l| est.issued.iter().any(|i| i == l));
+        let ldevid_issued = m
+            .ldevid()
+            .is_some_and(|l| est.issued.iter().any(|i| i == l));
         Run {
             enrolled: matches!(m.state(), MeterState::Enrolled) && ldevid_issued,
             end: now - t0,
@@ -1307,13 +1321,24 @@ mod virtual_time {
             assert!(r.end < Duration::from_secs(900), "seed {seed}: {:?}", r.end);
             assert!(r.frames > 40, "seed {seed}: {} frames", r.frames);
         }
-        assert!(total_lost > 0 && total_retx > 0, "loss must have caused retransmissions");
+        assert!(
+            total_lost > 0 && total_retx > 0,
+            "loss must have caused retransmissions"
+        );
     }
 
     #[test]
     fn same_seed_same_run() {
-        let a = run(5, "ge=0.05/0.3/0.8,latency=200ms,jitter=50ms,rate=20kbps", 4);
-        let b = run(5, "ge=0.05/0.3/0.8,latency=200ms,jitter=50ms,rate=20kbps", 4);
+        let a = run(
+            5,
+            "ge=0.05/0.3/0.8,latency=200ms,jitter=50ms,rate=20kbps",
+            4,
+        );
+        let b = run(
+            5,
+            "ge=0.05/0.3/0.8,latency=200ms,jitter=50ms,rate=20kbps",
+            4,
+        );
         assert!(a.enrolled && b.enrolled);
         assert_eq!(a.frames, b.frames);
         assert_eq!(a.lost, b.lost);
