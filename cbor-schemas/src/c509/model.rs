@@ -620,6 +620,9 @@ pub(crate) fn decode_extensions(
         if v == 0 {
             return Err(DecodeError::Invalid("keyUsage without bits"));
         }
+        if v.unsigned_abs() > 0x1FF {
+            return Err(DecodeError::OutOfRange("keyUsage"));
+        }
         return Ok(vec![Extension {
             critical: v < 0,
             value: ExtensionValue::KeyUsage(v.unsigned_abs()),

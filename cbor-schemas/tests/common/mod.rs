@@ -16,8 +16,14 @@ const C509_CDDL: &str = include_str!("../../cddl/c509.cddl");
 const COSE_CDDL: &str = include_str!("../../cddl/cose-chain.cddl");
 const MULTIPART_CDDL: &str = include_str!("../../cddl/multipart-core.cddl");
 
+/// The CDDL handed to the validator. The files are used as they are, with one
+/// rewrite: the `cddl` crate (0.10.7) does not implement the unwrap operator
+/// `~` on user-defined tag types (it demands tag 111 where `~oid` means the
+/// bare byte string, RFC 8610 Section 3.7), so `~oid` is replaced by a rule
+/// that is exactly its unwrapped content, `bstr` (RFC 9090 Section 2).
 fn doc(rule: &str) -> String {
-    format!("root = {rule}\n{C509_CDDL}\n{COSE_CDDL}\n{MULTIPART_CDDL}")
+    let all = format!("{C509_CDDL}\n{COSE_CDDL}\n{MULTIPART_CDDL}").replace("~oid", "unwrapped_oid");
+    format!("root = {rule}\n{all}\nunwrapped_oid = bstr\n")
 }
 
 /// Validate one CBOR item against a rule of the project's CDDL files.

@@ -1,0 +1,291 @@
+//! Decoder strictness, conversion refusals, COSE headers and multipart-core.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use cbor_schemas::c509::{self, C509Certificate, C509Csr};
+use cbor_schemas::{cose, multipart, ConvertError, DecodeError};
+use common::*;
+use der::{Decode, Encode};
+
+fn splice(v: &[u8], at: usize, remove: usize, insert: &[u8]) -> Vec<u8> {
+    let mut out = v[..at].to_vec();
+    out.extend_from_slice(insert);
+    out.extend_from_slice(&v[at + remove..]);
+    out
+}
+
+#[test]
+fn trailing_bytes_are_rejected() {
+    let mut c = vector("rfc7925.c509");
+    c.push(0x00);
+    // The extra item is read as the signature, then the real end is missing.
+    assert!(C509Certificate::from_sequence(&c).is_err());
+    let mut arr = wrap_array(&vector("rfc7925.c509"), 11);
+    arr.push(0xf6);
+    assert_eq!(C509Certificate::from_array(&arr), Err(DecodeError::TrailingBytes(1)));
+    let mut csr = vector("c509tv-csr-type3.c509");
+    csr.push(0x01);
+    assert_eq!(C509Csr::decode(&csr), Err(DecodeError::TrailingBytes(1)));
+}
+
+#[test]
+fn indefinite_lengths_are_rejected() {
+    let csr = vector("c509tv-csr-type3.c509");
+    // Indefinite outer array.
+    let mut indef = splice(&csr, 0, 1, &[0x9f]);
+    indef.push(0xff);
+    assert_eq!(
+        C509Csr::decode(&indef),
+        Err(DecodeError::IndefiniteLength("C509CertificationRequest"))
+    );
+    // Indefinite byte string for the serial number.
+    let c = vector("rfc7925.c509");
+    let indef_bytes = splice(&c, 1, 4, &[0x5f, 0x43, 0x01, 0xf5, 0x0d, 0xff]);
+    assert_eq!(
+        C509Certificate::from_sequence(&indef_bytes),
+        Err(DecodeError::IndefiniteLength("certificateSerialNumber"))
+    );
+}
+
+#[test]
+fn non_deterministic_encodings_are_rejected() {
+    let c = vector("rfc7925.c509");
+    // Type 3 as a two-byte integer.
+    let long_int = splice(&c, 0, 1, &[0x18, 0x03]);
+    assert!(matches!(
+        C509Certificate::from_sequence(&long_int),
+        Err(DecodeError::NotDeterministic(_))
+    ));
+    // Serial with a leading zero.
+    let lead0 = splice(&c, 1, 4, &[0x44, 0x00, 0x01, 0xf5, 0x0d]);
+    assert!(matches!(
+        C509Certificate::from_sequence(&lead0),
+        Err(DecodeError::NotDeterministic(_))
+    ));
+    // Issuer "RFC test CA" as [1, "RFC test CA"] instead of the text form.
+    let arr_cn = splice(&c, 6, 12, &[&[0x82, 0x01][..], &c[6..18]].concat());
+    assert!(matches!(
+        C509Certificate::from_sequence(&arr_cn),
+        Err(DecodeError::NotDeterministic(_))
+    ));
+    // keyUsage only, as an array [2, 1] instead of the int 1.
+    let ext_at = c.len() - 66 - 1;
+    assert_eq!(c[ext_at], 0x01);
+    let ku_arr = splice(&c, ext_at, 1, &[0x82, 0x02, 0x01]);
+    assert!(matches!(
+        C509Certificate::from_sequence(&ku_arr),
+        Err(DecodeError::NotDeterministic(_))
+    ));
+}
+
+#[test]
+fn out_of_range_values_are_rejected() {
+    let c = vector("rfc7925.c509");
+    assert!(matches!(
+        C509Certificate::from_sequence(&splice(&c, 0, 1, &[0x04])),
+        Err(DecodeError::UnsupportedValue { value: 4, .. })
+    ));
+    assert!(matches!(
+        C509Certificate::from_sequence(&splice(&c, 0, 1, &[0x20])),
+        Err(DecodeError::UnsupportedValue { value: -1, .. })
+    ));
+    // keyUsage beyond decipherOnly.
+    let ext_at = c.len() - 67;
+    assert!(matches!(
+        C509Certificate::from_sequence(&splice(&c, ext_at, 1, &[0x19, 0x04, 0x00])),
+        Err(DecodeError::OutOfRange(_))
+    ));
+    // notBefore negative.
+    let nb = 18;
+    assert_eq!(c[nb], 0x1a);
+    assert!(C509Certificate::from_sequence(&splice(&c, nb, 5, &[0x20])).is_err());
+    // multipart Content-Format over 65535.
+    assert_eq!(
+        multipart::decode(&[0x82, 0x1a, 0x00, 0x01, 0x00, 0x00, 0x40]),
+        Err(DecodeError::OutOfRange("Content-Format (uint .size 2)"))
+    );
+}
+
+#[test]
+fn every_truncation_fails_cleanly() {
+    for name in ["rfc7925.c509", "ieee8021ar.c509", "rfc7925-native.c509"] {
+        let v = vector(name);
+        for n in 0..v.len() {
+            assert!(C509Certificate::from_sequence(&v[..n]).is_err(), "{name} prefix {n}");
+            assert!(c509::describe(&v[..n]).is_err());
+        }
+    }
+    let v = vector("c509tv-csr-type2.c509");
+    for n in 0..v.len() {
+        assert!(C509Csr::decode(&v[..n]).is_err());
+    }
+}
+
+#[test]
+fn oversized_input_is_rejected() {
+    let big = vec![0u8; cbor_schemas::MAX_INPUT_BYTES + 1];
+    assert!(matches!(C509Csr::decode(&big), Err(DecodeError::TooLarge(_))));
+    assert!(matches!(multipart::decode(&big), Err(DecodeError::TooLarge(_))));
+}
+
+// ------------------------------------------------------ DER refusals ----
+
+fn base_cert() -> x509_cert::Certificate {
+    x509_cert::Certificate::from_der(&vector("rfc7925.der")).unwrap()
+}
+
+#[test]
+fn unimplemented_registered_extension_fails_with_a_clear_error() {
+    let mut cert = base_cert();
+    let exts = cert.tbs_certificate.extensions.as_mut().unwrap();
+    exts.push(x509_cert::ext::Extension {
+        extn_id: const_oid::db::rfc5280::ID_CE_CRL_DISTRIBUTION_POINTS,
+        critical: false,
+        extn_value: der::asn1::OctetString::new(vec![0x30, 0x00]).unwrap(),
+    });
+    let err = c509::certificate_der_to_c509(&cert.to_der().unwrap()).unwrap_err();
+    assert!(
+        matches!(&err, ConvertError::Unsupported(m) if m.contains("cRLDistributionPoints")),
+        "{err}"
+    );
+}
+
+#[test]
+fn unregistered_extension_uses_the_oid_form_and_round_trips() {
+    let mut cert = base_cert();
+    let exts = cert.tbs_certificate.extensions.as_mut().unwrap();
+    exts.push(x509_cert::ext::Extension {
+        extn_id: const_oid::ObjectIdentifier::new_unwrap("1.3.6.1.4.1.99999.1"),
+        critical: true,
+        extn_value: der::asn1::OctetString::new(vec![0x05, 0x00]).unwrap(),
+    });
+    let der = cert.to_der().unwrap();
+    let c = c509::certificate_der_to_c509(&der).unwrap();
+    assert_cert_sequence(&c);
+    assert_eq!(c509::certificate_c509_to_der(&c).unwrap(), der);
+    let parsed = C509Certificate::from_sequence(&c).unwrap();
+    assert!(matches!(
+        parsed.tbs.extensions.last().map(|e| (&e.value, e.critical)),
+        Some((c509::ExtensionValue::Generic { .. }, true))
+    ));
+}
+
+#[test]
+fn multi_valued_rdn_and_bmpstring_are_refused() {
+    use x509_cert::attr::AttributeTypeAndValue;
+    let mut cert = base_cert();
+    let cn = cert.tbs_certificate.subject.0[0].0.get(0).unwrap().clone();
+    let o = AttributeTypeAndValue {
+        oid: const_oid::db::rfc4519::O,
+        value: der::asn1::Any::new(der::Tag::Utf8String, "x".as_bytes()).unwrap(),
+    };
+    cert.tbs_certificate.subject.0[0] =
+        x509_cert::name::RelativeDistinguishedName(der::asn1::SetOfVec::try_from(vec![cn, o]).unwrap());
+    let err = c509::certificate_der_to_c509(&cert.to_der().unwrap()).unwrap_err();
+    assert!(matches!(err, ConvertError::Unsupported(ref m) if m.contains("more than one")), "{err}");
+
+    let mut cert = base_cert();
+    let bmp = AttributeTypeAndValue {
+        oid: const_oid::db::rfc4519::CN,
+        value: der::asn1::Any::new(der::Tag::BmpString, vec![0, b'a']).unwrap(),
+    };
+    cert.tbs_certificate.subject.0[0] =
+        x509_cert::name::RelativeDistinguishedName(der::asn1::SetOfVec::try_from(vec![bmp]).unwrap());
+    assert!(matches!(
+        c509::certificate_der_to_c509(&cert.to_der().unwrap()),
+        Err(ConvertError::Unsupported(_))
+    ));
+}
+
+#[test]
+fn generalized_time_before_2050_is_not_invertible() {
+    let mut cert = base_cert();
+    cert.tbs_certificate.validity.not_after = x509_cert::time::Time::GeneralTime(
+        der::asn1::GeneralizedTime::from_unix_duration(std::time::Duration::from_secs(1_900_000_000)).unwrap(),
+    );
+    assert!(matches!(
+        c509::certificate_der_to_c509(&cert.to_der().unwrap()),
+        Err(ConvertError::NotInvertible(_))
+    ));
+}
+
+#[test]
+fn garbage_der_is_an_error() {
+    assert!(matches!(c509::certificate_der_to_c509(&[0x30, 0x03, 0x02, 0x01]), Err(ConvertError::Der(_))));
+    assert!(c509::csr_der_to_c509(&[]).is_err());
+}
+
+// ------------------------------------------------------------ COSE ----
+
+#[test]
+fn cose_c509_chain_of_two_validates_and_round_trips() {
+    let leaf = vector("rfc7925.c509");
+    let ca = vector("rfc7925-native.c509");
+    let chain = cose::cose_c509_chain(&[leaf.clone(), ca.clone()]).unwrap();
+    assert_eq!(chain[0], 0x82);
+    assert_cose_c509(&chain);
+    assert_eq!(cose::decode_cose_c509(&chain).unwrap(), vec![leaf.clone(), ca]);
+    // A single cert wrapped in an array is not deterministic.
+    let mut one = vec![0x81, 0x58, 140];
+    one.extend_from_slice(&leaf);
+    assert!(cose::decode_cose_c509(&one).is_err());
+    assert_eq!(cose::cose_c509_chain(&[]), Err(ConvertError::EmptyChain));
+    assert!(cose::cose_c509_chain(&[vec![1, 2, 3]]).is_err());
+}
+
+#[test]
+fn c5c_and_x5chain_in_a_cose_sign1_header() {
+    use coset::{CborSerializable, CoseSign1Builder, HeaderBuilder};
+    let c509_chain = vec![vector("rfc7925.c509"), vector("ieee8021ar.c509")];
+    let der_chain = vec![vector("rfc7925.der")];
+    let mut protected = HeaderBuilder::new().algorithm(coset::iana::Algorithm::ES256).build();
+    cose::set_c5c(&mut protected, &c509_chain).unwrap();
+    let mut unprotected = coset::Header::default();
+    cose::set_x5chain(&mut unprotected, &der_chain).unwrap();
+    let sign1 = CoseSign1Builder::new()
+        .protected(protected)
+        .unprotected(unprotected)
+        .payload(b"hello".to_vec())
+        .signature(vec![0; 64])
+        .build();
+    let bytes = sign1.to_vec().unwrap();
+    let back = coset::CoseSign1::from_slice(&bytes).unwrap();
+    assert_eq!(cose::c5c(&back.protected.header).unwrap(), Some(c509_chain));
+    assert_eq!(cose::x5chain(&back.unprotected).unwrap(), Some(der_chain));
+    assert_eq!(cose::c5c(&back.unprotected).unwrap(), None);
+    // The protected header map carries the chain as the CDDL says.
+    let map = back.protected.original_data.clone().unwrap();
+    assert_cddl("ChainHeaderMap", &map);
+    let x5 = cose::cose_x509_chain(&[vector("rfc7925.der")]).unwrap();
+    assert_cddl("COSE_X509", &x5);
+    assert_eq!(cose::decode_cose_x509(&x5).unwrap(), vec![vector("rfc7925.der")]);
+}
+
+// ------------------------------------------------------- multipart ----
+
+#[test]
+fn multipart_rfc9148_example_byte_for_byte() {
+    // RFC 9148 Section 4.3: [284, h'0123456789abcdef', 281, h'fedcba9876543210']
+    let want = hex::decode("8419011C480123456789ABCDEF190119 48FEDCBA9876543210".replace(' ', "")).unwrap();
+    let k = hex::decode("0123456789abcdef").unwrap();
+    let c = hex::decode("fedcba9876543210").unwrap();
+    let got = multipart::encode(&[(284, &k), (281, &c)]);
+    assert_eq!(got, want);
+    assert_cddl("multipart-core", &got);
+    assert_eq!(multipart::decode(&want).unwrap(), vec![(284, k), (281, c)]);
+}
+
+#[test]
+fn multipart_strictness() {
+    // null part: allowed by RFC 8710, visible via decode_parts only.
+    let with_null = [0x82, 0x18, 0x3c, 0xf6];
+    assert_cddl("multipart-core", &with_null);
+    assert_eq!(multipart::decode_parts(&with_null).unwrap(), vec![(60, None)]);
+    assert!(multipart::decode(&with_null).is_err());
+    assert_eq!(multipart::decode(&[0x81, 0x01]), Err(DecodeError::Length("multipart-core (pairs)")));
+    assert_eq!(multipart::decode(&[0x80, 0x00]), Err(DecodeError::TrailingBytes(1)));
+    assert!(matches!(multipart::decode(&[0x9f, 0xff]), Err(DecodeError::IndefiniteLength(_))));
+    assert!(matches!(multipart::decode(&[0x82, 0x18, 0x01, 0x40]), Err(DecodeError::NotDeterministic(_))));
+    assert_eq!(multipart::decode(&[0x80]).unwrap(), vec![]);
+}
