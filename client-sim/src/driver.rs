@@ -150,6 +150,7 @@ pub async fn run_meter(
                 }
             }
             if let Some(e) = lost {
+                close(&mut session, &mut coap).await;
                 meter.handle_session_lost(Instant::now(), e);
                 continue;
             }
@@ -186,6 +187,7 @@ pub async fn run_meter(
             continue;
         };
         let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+        let mut lost = None;
         match session.as_mut() {
             Some(s) => {
                 tokio::select! {
@@ -195,7 +197,9 @@ pub async fn run_meter(
                                 s.client.handle_datagram(Instant::now(), d);
                             }
                         }
-                        Err(e) => meter.handle_session_lost(Instant::now(), e.to_string()),
+                        // The session is gone (alert, close_notify): drop it so that the next
+                        // request of the meter (e.g. after a Max-Age wait) opens a new one.
+                        Err(e) => lost = Some(e.to_string()),
                     },
                     _ = sleep => {
                         let now = Instant::now();
@@ -208,6 +212,10 @@ pub async fn run_meter(
                 sleep.await;
                 meter.handle_timeout(Instant::now());
             }
+        }
+        if let Some(e) = lost {
+            close(&mut session, &mut coap).await;
+            meter.handle_session_lost(Instant::now(), e);
         }
     }
     close(&mut session, &mut coap).await;
