@@ -179,6 +179,9 @@ pub struct DtlsServerConfig {
     pub final_flight_retention: Duration,
     /// How long a closed peer's address keeps swallowing late duplicates.
     pub tombstone_duration: Duration,
+    /// SO_RCVBUF requested by [`DtlsListener::bind_udp`] (0: leave the OS default, often 208 KiB,
+    /// which a burst of handshake flights can overflow). Linux caps it at `net.core.rmem_max`.
+    pub socket_receive_buffer_bytes: usize,
 }
 
 impl Default for DtlsServerConfig {
@@ -199,6 +202,7 @@ impl Default for DtlsServerConfig {
             final_flight_resend: true,
             final_flight_retention: Duration::from_secs(240),
             tombstone_duration: Duration::from_secs(30),
+            socket_receive_buffer_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -230,6 +234,10 @@ impl fmt::Debug for DtlsServerConfig {
             .field("final_flight_resend", &self.final_flight_resend)
             .field("final_flight_retention", &self.final_flight_retention)
             .field("tombstone_duration", &self.tombstone_duration)
+            .field(
+                "socket_receive_buffer_bytes",
+                &self.socket_receive_buffer_bytes,
+            )
             .finish()
     }
 }

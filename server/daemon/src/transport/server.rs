@@ -311,12 +311,19 @@ impl DtlsListener {
         })
     }
 
-    /// Bind a tokio UDP socket on `addr` and serve DTLS on it.
+    /// Bind a tokio UDP socket on `addr` (with `socket_receive_buffer_bytes`) and serve DTLS on it.
     pub async fn bind_udp(
         addr: SocketAddr,
         config: DtlsServerConfig,
     ) -> Result<Self, TransportError> {
         let socket = tokio::net::UdpSocket::bind(addr).await?;
+        if config.socket_receive_buffer_bytes > 0 {
+            // Best effort: the kernel may cap it (net.core.rmem_max) without an error.
+            let sock = socket2::SockRef::from(&socket);
+            if let Err(e) = sock.set_recv_buffer_size(config.socket_receive_buffer_bytes) {
+                tracing::warn!(error = %e, "could not set SO_RCVBUF on the DTLS socket");
+            }
+        }
         Self::bind(socket, config).await
     }
 
