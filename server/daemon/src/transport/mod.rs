@@ -48,6 +48,13 @@
 //!    candidate promoted. A spoofed ClientHello costs one half-open slot until `handshake_timeout`
 //!    and never touches the existing session. (The cookie state itself is per-candidate, i.e.
 //!    stateful; it is bounded by the half-open limit and one candidate per address.)
+//!    A stateless HMAC cookie exchange of our own in front of the library is not possible: the
+//!    library's server always sends its own HelloVerifyRequest and only accepts a first
+//!    ClientHello with message_seq 0, while a ClientHello that echoes our cookie has message_seq 1;
+//!    rewriting it would change the handshake transcript (RFC 6347 §4.2.6 hashes the DTLS
+//!    handshake headers) and break the Finished check. So spoofed ClientHellos from many
+//!    addresses can fill the half-open slots for `handshake_timeout`; they are refused and counted
+//!    (`dropped_over_limit`), never grow memory beyond the limits.
 //! 5. **The library's reader task spins at 100% CPU when `Conn::recv` returns an error.** The
 //!    virtual connection's `recv` therefore never fails: on a removed peer it pends; the library's
 //!    tasks end when the `DTLSConn` is closed or dropped, and the application learns of the removal
