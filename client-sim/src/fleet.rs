@@ -124,6 +124,12 @@ pub fn summarize(outcomes: &[MeterOutcome]) -> Summary {
     for o in outcomes {
         if o.enrolled {
             s.enrolled += 1;
+            // Enrolled, then the /sren step failed.
+            if let Some(f) = &o.failure {
+                *s.failures_by_reason
+                    .entry(format!("renewal: {}", f.label()))
+                    .or_default() += 1;
+            }
         } else {
             s.failed += 1;
             let label = o
