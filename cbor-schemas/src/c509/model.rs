@@ -189,6 +189,33 @@ pub enum Name {
 }
 
 impl Name {
+    /// The same name with every attribute type made non-negative, as natively
+    /// signed items require (Section 3.1.4: "in natively signed C509
+    /// certificates all CBOR ints SHALL be non-negative").
+    pub fn into_native(self) -> Name {
+        match self {
+            Name::Attributes(a) => {
+                let mut attrs: Vec<RdnAttribute> = a
+                    .into_iter()
+                    .map(|x| match x {
+                        RdnAttribute::Registered { attr_type, value } => RdnAttribute::Registered {
+                            attr_type: attr_type.checked_abs().unwrap_or(attr_type),
+                            value,
+                        },
+                        other => other,
+                    })
+                    .collect();
+                if let [RdnAttribute::Registered { attr_type: 1, .. }] = attrs.as_slice() {
+                    if let Some(RdnAttribute::Registered { value, .. }) = attrs.pop() {
+                        return Name::CommonName(value);
+                    }
+                }
+                Name::Attributes(attrs)
+            }
+            n => n,
+        }
+    }
+
     pub(crate) fn encode(&self, e: &mut Enc) -> EncResult {
         match self {
             Name::CommonName(t) => t.encode(e),
@@ -229,6 +256,11 @@ impl Name {
                         registry: "C509 RDN Attributes",
                         value: attr_type,
                     });
+                }
+                if !strict && attr_type < 0 {
+                    return Err(DecodeError::Invalid(
+                        "negative attribute type in a natively signed item",
+                    ));
                 }
                 let value = SpecialText::decode(r, strict)?;
                 attrs.push(RdnAttribute::Registered { attr_type, value });
