@@ -732,3 +732,27 @@ async fn final_flight_resend_is_rate_limited_and_released_by_application_data() 
     // The duplicates never reached the session, which still works.
     assert_eq!(round_trip(&conn, b"still").await, b"echo:still");
 }
+
+#[tokio::test]
+async fn panicking_policy_hook_refuses_and_leaves_no_state() {
+    let pki = TestPki::generate();
+    let hook: PeerCertificateHook = Arc::new(|_chain: &[Vec<u8>]| panic!("bug in policy code"));
+    let mut server_cfg = pki.server_config();
+    server_cfg.verify_peer_certificate = Some(hook);
+    let (listener, addr) = start_server(server_cfg).await;
+    let _echo = spawn_echo(Arc::clone(&listener));
+    let socket = client_socket().await;
+    let mut cfg = pki.device_config("127.0.0.1");
+    cfg.attempt_timeout = Duration::from_secs(3);
+    cfg.overall_timeout = Duration::from_secs(3);
+    let result = connect(&socket, addr, &cfg).await;
+    assert!(
+        matches!(result, Err(TransportError::Handshake(_))),
+        "{:?}",
+        result.map(|_| ())
+    );
+    wait_for(|| listener.metrics().handshakes_failed == 1).await;
+    let m = listener.metrics();
+    assert_eq!(m.half_open_now, 0, "{m:?}");
+    assert_eq!(m.tombstones_now, 1, "{m:?}");
+}

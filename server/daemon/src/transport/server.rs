@@ -196,6 +196,9 @@ struct PeerState {
     /// We have written our ChangeCipherSpec: the rest of the handshake is the final flight.
     capturing_final_flight: bool,
     final_flight: SavedFlight,
+    /// Application data arrived (the client has our Finished) — possibly before the handshake
+    /// task noticed the completion, hence remembered here.
+    peer_sent_application_data: bool,
     server_hello_sent: bool,
     cipher_suite: Option<u16>,
     conn: Weak<DTLSConn>,
@@ -263,16 +266,27 @@ struct Shared {
     next_peer_id: AtomicU64,
 }
 
-/// Counts a handshake as half-open for as long as it lives (also when its task is aborted).
-struct HalfOpenGuard(Arc<Shared>);
+/// Counts a handshake as half-open for as long as its task lives (also when the task is aborted
+/// or panics), and forgets the peer if the task ends without completing or cleaning up.
+struct HalfOpenGuard {
+    shared: Arc<Shared>,
+    peer: Arc<Peer>,
+}
 
 impl Drop for HalfOpenGuard {
     fn drop(&mut self) {
-        drop_one(&self.0.counters.half_open_now);
+        drop_one(&self.shared.counters.half_open_now);
+        if self.peer.phase() == Phase::Handshaking {
+            // Only reachable if the handshake task panicked (e.g. in a policy hook).
+            bump(&self.shared.counters.handshakes_failed);
+            self.shared
+                .remove_peer(&self.peer, CloseReason::PeerClosed, false);
+        }
     }
 }
 
-/// A DTLS server on one datagram socket.
+/// A DTLS server on one datagram socket. Dropping it stops the receive loop (sessions can still
+/// send but no longer receive); [`DtlsListener::shutdown`] also closes sessions in order.
 pub struct DtlsListener {
     shared: Arc<Shared>,
     accept_rx: tokio::sync::Mutex<mpsc::Receiver<DtlsSession>>,
@@ -430,7 +444,10 @@ fn build_server_config(config: &DtlsServerConfig) -> Result<(Settings, Config), 
     let verify_peer_certificate = config.verify_peer_certificate.clone().map(|hook| {
         Arc::new(
             move |certs: &[Vec<u8>], _chains: &[rustls::pki_types::CertificateDer<'static>]| {
-                hook(certs).map_err(webrtc_dtls::Error::Other)
+                // A panicking hook refuses the device instead of killing the handshake task.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(certs)))
+                    .unwrap_or_else(|_| Err("peer certificate hook panicked".to_string()))
+                    .map_err(webrtc_dtls::Error::Other)
             },
         )
             as Arc<
@@ -613,6 +630,9 @@ impl Shared {
         let mut st = lock(&peer.state);
         match st.phase {
             Phase::Handshaking => {
+                if parsed.first == FirstRecord::ApplicationData {
+                    st.peer_sent_application_data = true;
+                }
                 drop(st);
                 self.forward(&peer, datagram, now);
             }
@@ -631,6 +651,7 @@ impl Shared {
                 }
                 if parsed.first == FirstRecord::ApplicationData {
                     // The client only sends application data once it has our Finished.
+                    st.peer_sent_application_data = true;
                     st.final_flight.release();
                 }
                 drop(st);
@@ -682,6 +703,7 @@ impl Shared {
                 last_activity: now,
                 capturing_final_flight: false,
                 final_flight: SavedFlight::default(),
+                peer_sent_application_data: false,
                 server_hello_sent: false,
                 cipher_suite: None,
                 conn: Weak::new(),
@@ -694,7 +716,10 @@ impl Shared {
         }
         self.counters.half_open_now.fetch_add(1, Ordering::Relaxed);
         bump(&self.counters.handshakes_started);
-        let guard = HalfOpenGuard(Arc::clone(self));
+        let guard = HalfOpenGuard {
+            shared: Arc::clone(self),
+            peer: Arc::clone(&peer),
+        };
         let task = tokio::spawn(Arc::clone(self).run_handshake(Arc::clone(&peer), guard));
         lock(&peer.state).handshake_task = Some(task.abort_handle());
         Some(peer)
@@ -738,7 +763,9 @@ impl Shared {
             st.last_activity = now;
             st.conn = Arc::downgrade(&dtls);
             st.capturing_final_flight = false;
-            if !st.final_flight.datagrams.is_empty() {
+            if st.peer_sent_application_data {
+                st.final_flight.release();
+            } else if !st.final_flight.datagrams.is_empty() {
                 st.final_flight.keep_until = Some(now + self.settings.final_flight_retention);
             }
             st.cipher_suite
