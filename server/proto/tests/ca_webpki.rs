@@ -46,16 +46,30 @@ fn roots(certs: &[&[u8]]) -> Arc<RootCertStore> {
 }
 
 fn client_verifier(root: &[u8]) -> Arc<dyn ClientCertVerifier> {
-    WebPkiClientVerifier::builder_with_provider(roots(&[root]), provider()).build().unwrap()
+    WebPkiClientVerifier::builder_with_provider(roots(&[root]), provider())
+        .build()
+        .unwrap()
 }
 
 fn server_verifier(root: &[u8]) -> Arc<WebPkiServerVerifier> {
-    WebPkiServerVerifier::builder_with_provider(roots(&[root]), provider()).build().unwrap()
+    WebPkiServerVerifier::builder_with_provider(roots(&[root]), provider())
+        .build()
+        .unwrap()
 }
 
-fn new_ca(rng: &mut ChaCha20Rng, cn: &str, not_before: SystemTime, validity: Duration) -> IssuingCa {
-    let (cert, key) = ca::generate_root_ca(cn, "Example Meters", not_before, validity, rng).unwrap();
-    IssuingCa::new(cert, Box::new(ca::RingP256Signer::from_pkcs8_der(&key).unwrap())).unwrap()
+fn new_ca(
+    rng: &mut ChaCha20Rng,
+    cn: &str,
+    not_before: SystemTime,
+    validity: Duration,
+) -> IssuingCa {
+    let (cert, key) =
+        ca::generate_root_ca(cn, "Example Meters", not_before, validity, rng).unwrap();
+    IssuingCa::new(
+        cert,
+        Box::new(ca::RingP256Signer::from_pkcs8_der(&key).unwrap()),
+    )
+    .unwrap()
 }
 
 #[test]
@@ -63,13 +77,29 @@ fn webpki_accepts_minted_idevid_with_no_expiry() {
     let mut rng = ChaCha20Rng::seed_from_u64(1);
     let forever = ca::idevid_no_expiry().duration_since(t0()).unwrap();
     let maker = new_ca(&mut rng, "Meter Factory CA", t0(), forever);
-    let (idev, _) = ca::mint_idevid(&maker, "SN0001", hw_type(), t0(), ca::idevid_no_expiry(), &mut rng).unwrap();
+    let (idev, _) = ca::mint_idevid(
+        &maker,
+        "SN0001",
+        hw_type(),
+        t0(),
+        ca::idevid_no_expiry(),
+        &mut rng,
+    )
+    .unwrap();
     let v = client_verifier(maker.certificate_der());
-    v.verify_client_cert(&CertificateDer::from(idev.clone()), &[], at(NOW + 60)).unwrap();
+    v.verify_client_cert(&CertificateDer::from(idev.clone()), &[], at(NOW + 60))
+        .unwrap();
     // Still valid far in the future (notAfter 99991231235959Z).
-    v.verify_client_cert(&CertificateDer::from(idev.clone()), &[], at(NOW + 100 * YEAR.as_secs())).unwrap();
+    v.verify_client_cert(
+        &CertificateDer::from(idev.clone()),
+        &[],
+        at(NOW + 100 * YEAR.as_secs()),
+    )
+    .unwrap();
     // Not before its notBefore.
-    assert!(v.verify_client_cert(&CertificateDer::from(idev.clone()), &[], at(NOW - 1)).is_err());
+    assert!(v
+        .verify_client_cert(&CertificateDer::from(idev.clone()), &[], at(NOW - 1))
+        .is_err());
     // Not under another root.
     let other = new_ca(&mut rng, "Other CA", t0(), YEAR);
     assert!(client_verifier(other.certificate_der())
@@ -81,19 +111,45 @@ fn webpki_accepts_minted_idevid_with_no_expiry() {
 fn webpki_accepts_issued_ldevid_direct_and_through_sub_ca() {
     let mut rng = ChaCha20Rng::seed_from_u64(2);
     let root = new_ca(&mut rng, "EST Root", t0(), 10 * YEAR);
-    let (sub_cert, sub_key) = ca::generate_sub_ca(&root, "EST Issuing CA", "Example Meters", t0(), 5 * YEAR, &mut rng).unwrap();
-    let sub = IssuingCa::new(sub_cert, Box::new(ca::RingP256Signer::from_pkcs8_der(&sub_key).unwrap())).unwrap();
+    let (sub_cert, sub_key) = ca::generate_sub_ca(
+        &root,
+        "EST Issuing CA",
+        "Example Meters",
+        t0(),
+        5 * YEAR,
+        &mut rng,
+    )
+    .unwrap();
+    let sub = IssuingCa::new(
+        sub_cert,
+        Box::new(ca::RingP256Signer::from_pkcs8_der(&sub_key).unwrap()),
+    )
+    .unwrap();
 
     // The meter: its key, a CSR with a hardwareModuleName, parsed and verified by the server.
-    let device = ca::RingP256Signer::from_pkcs8_der(&ca::generate_p256_pkcs8(&mut rng).unwrap()).unwrap();
-    let subject = ca::name_from_attrs(&[(oid::AT_COMMON_NAME, "meter-1"), (oid::AT_SERIAL_NUMBER, "SN1")]).unwrap();
+    let device =
+        ca::RingP256Signer::from_pkcs8_der(&ca::generate_p256_pkcs8(&mut rng).unwrap()).unwrap();
+    let subject = ca::name_from_attrs(&[
+        (oid::AT_COMMON_NAME, "meter-1"),
+        (oid::AT_SERIAL_NUMBER, "SN1"),
+    ])
+    .unwrap();
     let hmn = HardwareModuleName::new(hw_type(), b"SN1").unwrap();
-    let csr = ca::parse_and_verify_csr(&ca::build_csr(&device, &subject, Some(&hmn), None).unwrap(), 4096).unwrap();
+    let csr = ca::parse_and_verify_csr(
+        &ca::build_csr(&device, &subject, Some(&hmn), None).unwrap(),
+        4096,
+    )
+    .unwrap();
 
     let v = client_verifier(root.certificate_der());
     for issuer in [&root, &sub] {
-        let mut params =
-            IssueParams::new(csr.subject.clone(), csr.public_key.clone(), ca::random_serial(&mut rng), t0(), t0() + YEAR);
+        let mut params = IssueParams::new(
+            csr.subject.clone(),
+            csr.public_key.clone(),
+            ca::random_serial(&mut rng),
+            t0(),
+            t0() + YEAR,
+        );
         params.hardware_module = csr.hardware_module.clone();
         let ldev = CertificateDer::from(issuer.issue(&params).unwrap());
         let chain: Vec<CertificateDer<'static>> = if std::ptr::eq(issuer, &sub) {
@@ -103,11 +159,15 @@ fn webpki_accepts_issued_ldevid_direct_and_through_sub_ca() {
         };
         v.verify_client_cert(&ldev, &chain, at(NOW + 60)).unwrap();
         // Expired one second after notAfter.
-        assert!(v.verify_client_cert(&ldev, &chain, at(NOW + YEAR.as_secs() + 1)).is_err());
+        assert!(v
+            .verify_client_cert(&ldev, &chain, at(NOW + YEAR.as_secs() + 1))
+            .is_err());
         // An LDevID is a client certificate, not a server one (EKU clientAuth only).
         let sv = server_verifier(root.certificate_der());
         let name = ServerName::try_from("meter-1").unwrap();
-        assert!(sv.verify_server_cert(&ldev, &chain, &name, &[], at(NOW + 60)).is_err());
+        assert!(sv
+            .verify_server_cert(&ldev, &chain, &name, &[], at(NOW + 60))
+            .is_err());
     }
 }
 
@@ -128,11 +188,16 @@ fn webpki_accepts_server_cert_for_dns_and_ip_but_not_as_client() {
     let sv = server_verifier(root.certificate_der());
     for name in ["est.example.net", "localhost", "127.0.0.1"] {
         let name = ServerName::try_from(name).unwrap();
-        sv.verify_server_cert(&srv, &[], &name, &[], at(NOW + 60)).unwrap();
+        sv.verify_server_cert(&srv, &[], &name, &[], at(NOW + 60))
+            .unwrap();
     }
     let wrong = ServerName::try_from("other.example.net").unwrap();
-    assert!(sv.verify_server_cert(&srv, &[], &wrong, &[], at(NOW + 60)).is_err());
-    assert!(client_verifier(root.certificate_der()).verify_client_cert(&srv, &[], at(NOW + 60)).is_err());
+    assert!(sv
+        .verify_server_cert(&srv, &[], &wrong, &[], at(NOW + 60))
+        .is_err());
+    assert!(client_verifier(root.certificate_der())
+        .verify_client_cert(&srv, &[], at(NOW + 60))
+        .is_err());
 }
 
 #[test]
@@ -141,11 +206,23 @@ fn webpki_and_ldevid_without_eku() {
     // without extKeyUsage as usable for any purpose, so it is still a valid client certificate.
     let mut rng = ChaCha20Rng::seed_from_u64(4);
     let root = new_ca(&mut rng, "EST Root", t0(), 10 * YEAR);
-    let device = ca::RingP256Signer::from_pkcs8_der(&ca::generate_p256_pkcs8(&mut rng).unwrap()).unwrap();
-    let spki = <ca::SubjectPublicKeyInfoOwned as der::Decode>::from_der(ca::Signer::public_key_spki_der(&device)).unwrap();
+    let device =
+        ca::RingP256Signer::from_pkcs8_der(&ca::generate_p256_pkcs8(&mut rng).unwrap()).unwrap();
+    let spki = <ca::SubjectPublicKeyInfoOwned as der::Decode>::from_der(
+        ca::Signer::public_key_spki_der(&device),
+    )
+    .unwrap();
     let subject = ca::name_from_attrs(&[(oid::AT_COMMON_NAME, "meter-2")]).unwrap();
-    let mut params = IssueParams::new(subject, spki, ca::random_serial(&mut rng), t0(), t0() + YEAR);
+    let mut params = IssueParams::new(
+        subject,
+        spki,
+        ca::random_serial(&mut rng),
+        t0(),
+        t0() + YEAR,
+    );
     params.extended_key_usage_client_auth = false;
     let ldev = CertificateDer::from(root.issue(&params).unwrap());
-    client_verifier(root.certificate_der()).verify_client_cert(&ldev, &[], at(NOW + 60)).unwrap();
+    client_verifier(root.certificate_der())
+        .verify_client_cert(&ldev, &[], at(NOW + 60))
+        .unwrap();
 }

@@ -87,7 +87,9 @@ pub fn parse_and_verify_csr(der: &[u8], max_len: usize) -> Result<ParsedCsr, Csr
         .algorithm
         .parameters
         .as_ref()
-        .ok_or(CsrError::UnsupportedKey("EC key without namedCurve parameters"))?
+        .ok_or(CsrError::UnsupportedKey(
+            "EC key without namedCurve parameters",
+        ))?
         .decode_as::<const_oid::ObjectIdentifier>()
         .map_err(|_| CsrError::UnsupportedKey("EC parameters are not a namedCurve"))?;
     if curve != oid::SECP256R1 {
@@ -161,13 +163,15 @@ pub fn parse_and_verify_csr(der: &[u8], max_len: usize) -> Result<ParsedCsr, Csr
 
 /// The 65-byte uncompressed point of a P-256 key (RFC 5480 §2.2; RFC 7925 requires uncompressed).
 fn uncompressed_point(bits: &BitString) -> Result<&[u8], CsrError> {
-    let point = bits
-        .as_bytes()
-        .ok_or(CsrError::UnsupportedKey("public key bit string has unused bits"))?;
+    let point = bits.as_bytes().ok_or(CsrError::UnsupportedKey(
+        "public key bit string has unused bits",
+    ))?;
     match point.first() {
         Some(0x04) if point.len() == 65 => Ok(point),
         Some(0x02 | 0x03) => Err(CsrError::UnsupportedKey("compressed EC point")),
-        _ => Err(CsrError::UnsupportedKey("not a P-256 uncompressed EC point")),
+        _ => Err(CsrError::UnsupportedKey(
+            "not a P-256 uncompressed EC point",
+        )),
     }
 }
 

@@ -62,7 +62,4 @@ pub enum CaError {
     /// A CMS message is not what was expected.
     #[error("unexpected CMS content: {0}")]
     UnexpectedCms(&'static str),
-    /// A certificate does not re-encode to the same bytes (not DER), so it cannot be carried verbatim.
-    #[error("certificate is not canonical DER")]
-    NonCanonicalCertificate,
 }

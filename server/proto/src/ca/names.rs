@@ -89,7 +89,9 @@ fn attr_value_string(value: &Any) -> Option<String> {
         Tag::Utf8String | Tag::PrintableString | Tag::Ia5String | Tag::VisibleString => {
             std::str::from_utf8(bytes).ok().map(str::to_owned)
         }
-        Tag::TeletexString if bytes.is_ascii() => std::str::from_utf8(bytes).ok().map(str::to_owned),
+        Tag::TeletexString if bytes.is_ascii() => {
+            std::str::from_utf8(bytes).ok().map(str::to_owned)
+        }
         Tag::BmpString => {
             if bytes.len() % 2 != 0 {
                 return None;

@@ -10,12 +10,15 @@ pub const SECP256R1: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10
 pub const ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
 
 /// PKCS#9 challengePassword (RFC 2985 §5.4.1); carries tls-unique in EST (RFC 7030 §3.5).
-pub const CHALLENGE_PASSWORD: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.7");
+pub const CHALLENGE_PASSWORD: ObjectIdentifier =
+    ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.7");
 /// PKCS#9 extensionRequest (RFC 2985 §5.4.2).
-pub const EXTENSION_REQUEST: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.14");
+pub const EXTENSION_REQUEST: ObjectIdentifier =
+    ObjectIdentifier::new_unwrap("1.2.840.113549.1.9.14");
 
 /// id-on-hardwareModuleName (RFC 4108 §5).
-pub const HARDWARE_MODULE_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.8.4");
+pub const HARDWARE_MODULE_NAME: ObjectIdentifier =
+    ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.8.4");
 
 /// X.520 commonName (RFC 5280 App. A).
 pub const AT_COMMON_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.3");

@@ -3,51 +3,75 @@
 
 use cms::cert::CertificateChoices;
 use cms::content_info::{CmsVersion, ContentInfo};
-use cms::signed_data::{
-    CertificateSet, DigestAlgorithmIdentifiers, EncapsulatedContentInfo, SignedData, SignerInfos,
-};
-use der::asn1::SetOfVec;
-use der::{Any, Decode, Encode};
-use x509_cert::Certificate;
+use cms::signed_data::{DigestAlgorithmIdentifiers, EncapsulatedContentInfo, SignedData};
+use der::asn1::{AnyRef, BitStringRef, SetOfVec};
+use der::{Decode, Encode};
+use spki::AlgorithmIdentifierRef;
 
 use super::error::CaError;
 use super::oid;
 
+/// RFC 5652 §3 ContentInfo holding a SignedData whose certificates are carried as raw DER: the
+/// same schema as `cms::content_info::ContentInfo` + `cms::signed_data::SignedData`, but
+/// certificates are emitted byte for byte instead of parsed and re-encoded (three times cheaper,
+/// and exact even for a CA certificate that is not in canonical DER).
+#[derive(der::Sequence)]
+struct CertsOnlyContentInfo<'a> {
+    content_type: der::asn1::ObjectIdentifier,
+    #[asn1(context_specific = "0", tag_mode = "EXPLICIT")]
+    content: CertsOnlySignedData<'a>,
+}
+
+/// RFC 5652 §5.1 SignedData, with `certificates [0] IMPLICIT CertificateSet` as raw TLVs and no
+/// `crls`.
+#[derive(der::Sequence)]
+struct CertsOnlySignedData<'a> {
+    version: CmsVersion,
+    digest_algorithms: DigestAlgorithmIdentifiers,
+    encap_content_info: EncapsulatedContentInfo,
+    #[asn1(context_specific = "0", tag_mode = "IMPLICIT", optional = "true")]
+    certificates: Option<SetOfVec<AnyRef<'a>>>,
+    signer_infos: SetOfVec<AnyRef<'a>>,
+}
+
+/// The outer shape of an X.509 Certificate (RFC 5280 §4.1), checked without decoding the TBS.
+#[derive(der::Sequence)]
+struct CertificateShape<'a> {
+    tbs_certificate: AnyRef<'a>,
+    signature_algorithm: AlgorithmIdentifierRef<'a>,
+    signature: BitStringRef<'a>,
+}
+
 /// Wrap DER certificates in a certs-only CMS message (DER ContentInfo).
 ///
 /// The SignedData has version 1, no digest algorithms, an id-data encapContentInfo without content,
-/// and no signerInfos (RFC 5652 §5.1). `certificates` is a SET OF, so DER orders the certificates
-/// by their encoding; duplicates are dropped. Each certificate must be canonical DER, so that it is
-/// carried byte for byte ([`CaError::NonCanonicalCertificate`] otherwise).
+/// no crls and no signerInfos (RFC 5652 §5.1). `certificates` is a SET OF, so DER orders the
+/// certificates by their encoding; duplicates are dropped. Each input must be one DER TLV with the
+/// outer shape of a Certificate (SEQUENCE of TBS, AlgorithmIdentifier, BIT STRING); the TBS is not
+/// decoded: the certificates are the CA's own (checked when loaded) or just issued.
 pub fn certs_only(certs: &[&[u8]]) -> Result<Vec<u8>, CaError> {
-    let mut choices = Vec::with_capacity(certs.len());
+    let mut set = Vec::with_capacity(certs.len());
     let mut seen: Vec<&[u8]> = Vec::with_capacity(certs.len());
     for der in certs {
         if seen.contains(der) {
             continue;
         }
         seen.push(der);
-        let cert = Certificate::from_der(der)?;
-        // The set is re-encoded from parsed certificates; make sure that is lossless.
-        if cert.to_der()?.as_slice() != *der {
-            return Err(CaError::NonCanonicalCertificate);
-        }
-        choices.push(CertificateChoices::Certificate(cert));
+        CertificateShape::from_der(der)?;
+        set.push(AnyRef::from_der(der)?);
     }
-    let signed_data = SignedData {
-        version: CmsVersion::V1,
-        digest_algorithms: DigestAlgorithmIdentifiers::new(),
-        encap_content_info: EncapsulatedContentInfo {
-            econtent_type: oid::CMS_DATA,
-            econtent: None,
-        },
-        certificates: Some(CertificateSet(SetOfVec::try_from(choices)?)),
-        crls: None,
-        signer_infos: SignerInfos(SetOfVec::new()),
-    };
-    let content_info = ContentInfo {
+    let content_info = CertsOnlyContentInfo {
         content_type: oid::CMS_SIGNED_DATA,
-        content: Any::encode_from(&signed_data)?,
+        content: CertsOnlySignedData {
+            version: CmsVersion::V1,
+            digest_algorithms: DigestAlgorithmIdentifiers::new(),
+            encap_content_info: EncapsulatedContentInfo {
+                econtent_type: oid::CMS_DATA,
+                econtent: None,
+            },
+            certificates: Some(SetOfVec::try_from(set)?),
+            signer_infos: SetOfVec::new(),
+        },
     };
     Ok(content_info.to_der()?)
 }

@@ -133,7 +133,9 @@ pub(crate) fn ecdsa_with_sha256() -> AlgorithmIdentifierOwned {
 
 /// Generate a P-256 private key from `rng` and return it as PKCS#8 v1 DER (RFC 5208, ECPrivateKey of
 /// RFC 5915 including the public key), which both ring and p256 accept.
-pub fn generate_p256_pkcs8<R: RngCore + CryptoRng + ?Sized>(rng: &mut R) -> Result<Vec<u8>, CaError> {
+pub fn generate_p256_pkcs8<R: RngCore + CryptoRng + ?Sized>(
+    rng: &mut R,
+) -> Result<Vec<u8>, CaError> {
     // Rejection sampling: a uniformly random 256-bit string is a valid scalar (0 < k < n) with
     // probability about 1 - 2^-32, so more than a couple of rounds means a broken generator.
     for _ in 0..8 {

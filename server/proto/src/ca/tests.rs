@@ -35,8 +35,13 @@ struct Pki {
 
 fn pki(seed: u64) -> Pki {
     let mut r = rng(seed);
-    let (cert, key) = generate_root_ca("Test Root", "Example Meters", t0(), 10 * YEAR, &mut r).unwrap();
-    let ca = IssuingCa::new(cert, Box::new(RingP256Signer::from_pkcs8_der(&key).unwrap())).unwrap();
+    let (cert, key) =
+        generate_root_ca("Test Root", "Example Meters", t0(), 10 * YEAR, &mut r).unwrap();
+    let ca = IssuingCa::new(
+        cert,
+        Box::new(RingP256Signer::from_pkcs8_der(&key).unwrap()),
+    )
+    .unwrap();
     Pki { ca }
 }
 
@@ -47,7 +52,11 @@ fn device_signer(seed: u64) -> RingP256Signer {
 /// Check `cert`'s signature with `issuer_spki` using ring over the TBS bytes as encoded.
 fn signature_verifies(cert: &Certificate, issuer: &Certificate) -> bool {
     let tbs = cert.tbs_certificate.to_der().unwrap();
-    let key = issuer.tbs_certificate.subject_public_key_info.subject_public_key.raw_bytes();
+    let key = issuer
+        .tbs_certificate
+        .subject_public_key_info
+        .subject_public_key
+        .raw_bytes();
     UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key)
         .verify(&tbs, cert.signature.raw_bytes())
         .is_ok()
@@ -70,7 +79,10 @@ fn generated_pkcs8_is_accepted_by_ring_and_p256() {
     let sk = p256::SecretKey::from_pkcs8_der(&der).unwrap();
     let pk = sk.public_key();
     use p256::elliptic_curve::sec1::ToEncodedPoint;
-    assert_eq!(signer.public_key_sec1(), pk.to_encoded_point(false).as_bytes());
+    assert_eq!(
+        signer.public_key_sec1(),
+        pk.to_encoded_point(false).as_bytes()
+    );
     // Same seed, same key: key generation is a function of the supplied RNG only.
     assert_eq!(der, generate_p256_pkcs8(&mut rng(1)).unwrap());
     assert_ne!(der, generate_p256_pkcs8(&mut rng(2)).unwrap());
@@ -81,13 +93,19 @@ fn ring_signature_verifies_and_signer_spki_is_p256() {
     let signer = device_signer(3);
     let msg = b"hello";
     let sig = signer.sign(msg).unwrap();
-    assert!(UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, signer.public_key_sec1())
-        .verify(msg, &sig)
-        .is_ok());
+    assert!(
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, signer.public_key_sec1())
+            .verify(msg, &sig)
+            .is_ok()
+    );
     let spki = SubjectPublicKeyInfoOwned::from_der(signer.public_key_spki_der()).unwrap();
     assert_eq!(spki.algorithm.oid, oid::ID_EC_PUBLIC_KEY);
     assert_eq!(
-        spki.algorithm.parameters.unwrap().decode_as::<ObjectIdentifier>().unwrap(),
+        spki.algorithm
+            .parameters
+            .unwrap()
+            .decode_as::<ObjectIdentifier>()
+            .unwrap(),
         oid::SECP256R1
     );
     assert!(format!("{signer:?}").starts_with("RingP256Signer"));
@@ -99,9 +117,14 @@ fn pkcs8_pem_and_garbage_keys() {
     let sk = p256::SecretKey::from_slice(&[7u8; 32]).unwrap();
     let pem = sk.to_pkcs8_pem(LineEnding::LF).unwrap();
     assert!(RingP256Signer::from_pkcs8_pem(&pem).is_ok());
-    assert!(matches!(RingP256Signer::from_pkcs8_der(b"\x30\x00"), Err(CaError::KeyRejected(_))));
     assert!(matches!(
-        RingP256Signer::from_pkcs8_pem("-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n"),
+        RingP256Signer::from_pkcs8_der(b"\x30\x00"),
+        Err(CaError::KeyRejected(_))
+    ));
+    assert!(matches!(
+        RingP256Signer::from_pkcs8_pem(
+            "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n"
+        ),
         Err(CaError::KeyRejected(_))
     ));
 }
@@ -114,7 +137,10 @@ fn root_ca_profile() {
     assert_eq!(tbs.version, x509_cert::certificate::Version::V3);
     assert_eq!(tbs.issuer, tbs.subject);
     assert_eq!(common_name(&tbs.subject).as_deref(), Some("Test Root"));
-    assert_eq!(organization(&tbs.subject).as_deref(), Some("Example Meters"));
+    assert_eq!(
+        organization(&tbs.subject).as_deref(),
+        Some("Example Meters")
+    );
     let (crit, bc) = tbs.get::<BasicConstraints>().unwrap().unwrap();
     assert!(crit && bc.ca && bc.path_len_constraint.is_none());
     let (crit, ku) = tbs.get::<KeyUsage>().unwrap().unwrap();
@@ -129,8 +155,17 @@ fn root_ca_profile() {
     assert!(matches!(tbs.validity.not_before, Time::UtcTime(_)));
 }
 
-fn issue_for(p: &Pki, device: &RingP256Signer, hmn: Option<HardwareModuleName>, serial: SerialNumber) -> Vec<u8> {
-    let subject = name_from_attrs(&[(oid::AT_COMMON_NAME, "meter-0001"), (oid::AT_SERIAL_NUMBER, "SN0001")]).unwrap();
+fn issue_for(
+    p: &Pki,
+    device: &RingP256Signer,
+    hmn: Option<HardwareModuleName>,
+    serial: SerialNumber,
+) -> Vec<u8> {
+    let subject = name_from_attrs(&[
+        (oid::AT_COMMON_NAME, "meter-0001"),
+        (oid::AT_SERIAL_NUMBER, "SN0001"),
+    ])
+    .unwrap();
     let csr = build_csr(device, &subject, hmn.as_ref(), Some("dGxzLXVuaXF1ZQ==")).unwrap();
     let parsed = parse_and_verify_csr(&csr, 4096).unwrap();
     let mut params = IssueParams::new(parsed.subject, parsed.public_key, serial, t0(), t0() + YEAR);
@@ -153,7 +188,10 @@ fn issued_end_entity_profile() {
     assert_eq!(&tbs.issuer, p.ca.subject());
     assert_eq!(common_name(&tbs.subject).as_deref(), Some("meter-0001"));
     assert_eq!(serial_number_attr(&tbs.subject).as_deref(), Some("SN0001"));
-    assert_eq!(tbs.subject_public_key_info.subject_public_key.raw_bytes(), device.public_key_sec1());
+    assert_eq!(
+        tbs.subject_public_key_info.subject_public_key.raw_bytes(),
+        device.public_key_sec1()
+    );
     assert!(signature_verifies(&cert, p.ca.certificate()));
     assert_eq!(tbs.validity.not_before.to_system_time(), t0());
     assert_eq!(tbs.validity.not_after.to_system_time(), t0() + YEAR);
@@ -166,14 +204,26 @@ fn issued_end_entity_profile() {
     assert!(!crit);
     assert_eq!(eku.0, vec![oid::KP_CLIENT_AUTH]);
     let (_, ski) = tbs.get::<SubjectKeyIdentifier>().unwrap().unwrap();
-    let expect_ski = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, device.public_key_sec1());
+    let expect_ski = ring::digest::digest(
+        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+        device.public_key_sec1(),
+    );
     assert_eq!(ski.0.as_bytes(), expect_ski.as_ref());
     let (_, aki) = tbs.get::<AuthorityKeyIdentifier>().unwrap().unwrap();
-    assert_eq!(aki.key_identifier.unwrap().as_bytes(), p.ca.key_identifier());
+    assert_eq!(
+        aki.key_identifier.unwrap().as_bytes(),
+        p.ca.key_identifier()
+    );
     assert_eq!(ext_critical(&cert, oid::CE_SUBJECT_ALT_NAME), Some(false));
     assert_eq!(hardware_module_from_cert(&cert), Some(hmn));
     // Exactly these six extensions, in the documented order.
-    let ids: Vec<_> = tbs.extensions.as_ref().unwrap().iter().map(|e| e.extn_id).collect();
+    let ids: Vec<_> = tbs
+        .extensions
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| e.extn_id)
+        .collect();
     assert_eq!(
         ids,
         vec![
@@ -193,13 +243,23 @@ fn issue_options_key_agreement_no_eku_no_san() {
     let device = device_signer(31);
     let spki = SubjectPublicKeyInfoOwned::from_der(device.public_key_spki_der()).unwrap();
     let subject = name_from_attrs(&[(oid::AT_COMMON_NAME, "m")]).unwrap();
-    let mut params = IssueParams::new(subject, spki, random_serial(&mut rng(32)), t0(), t0() + YEAR);
+    let mut params = IssueParams::new(
+        subject,
+        spki,
+        random_serial(&mut rng(32)),
+        t0(),
+        t0() + YEAR,
+    );
     params.key_agreement = true;
     params.extended_key_usage_client_auth = false;
     let cert = Certificate::from_der(&p.ca.issue(&params).unwrap()).unwrap();
     let (_, ku) = cert.tbs_certificate.get::<KeyUsage>().unwrap().unwrap();
     assert!(ku.digital_signature() && ku.key_agreement());
-    assert!(cert.tbs_certificate.get::<ExtendedKeyUsage>().unwrap().is_none());
+    assert!(cert
+        .tbs_certificate
+        .get::<ExtendedKeyUsage>()
+        .unwrap()
+        .is_none());
     assert_eq!(ext_critical(&cert, oid::CE_SUBJECT_ALT_NAME), None);
     assert_eq!(hardware_module_from_cert(&cert), None);
 }
@@ -223,14 +283,29 @@ fn validity_is_clamped_to_ca_and_checked() {
     let device = device_signer(51);
     let spki = SubjectPublicKeyInfoOwned::from_der(device.public_key_spki_der()).unwrap();
     let subject = name_from_attrs(&[(oid::AT_COMMON_NAME, "m")]).unwrap();
-    let mut params = IssueParams::new(subject, spki, random_serial(&mut rng(52)), t0(), idevid_no_expiry());
+    let mut params = IssueParams::new(
+        subject,
+        spki,
+        random_serial(&mut rng(52)),
+        t0(),
+        idevid_no_expiry(),
+    );
     let cert = Certificate::from_der(&p.ca.issue(&params).unwrap()).unwrap();
-    assert_eq!(cert.tbs_certificate.validity.not_after.to_system_time(), p.ca.not_after());
+    assert_eq!(
+        cert.tbs_certificate.validity.not_after.to_system_time(),
+        p.ca.not_after()
+    );
     params.not_after = params.not_before;
-    assert!(matches!(p.ca.issue(&params), Err(CaError::InvalidValidity(_))));
+    assert!(matches!(
+        p.ca.issue(&params),
+        Err(CaError::InvalidValidity(_))
+    ));
     params.not_before = UNIX_EPOCH - Duration::from_secs(1);
     params.not_after = t0();
-    assert!(matches!(p.ca.issue(&params), Err(CaError::InvalidValidity(_))));
+    assert!(matches!(
+        p.ca.issue(&params),
+        Err(CaError::InvalidValidity(_))
+    ));
 }
 
 #[test]
@@ -270,13 +345,22 @@ fn ca_key_mismatch_and_non_ca_are_refused() {
     let mut r = rng(70);
     let (cert, _key) = generate_root_ca("A", "", t0(), YEAR, &mut r).unwrap();
     let other = generate_p256_pkcs8(&mut r).unwrap();
-    let err = IssuingCa::new(cert, Box::new(RingP256Signer::from_pkcs8_der(&other).unwrap())).unwrap_err();
+    let err = IssuingCa::new(
+        cert,
+        Box::new(RingP256Signer::from_pkcs8_der(&other).unwrap()),
+    )
+    .unwrap_err();
     assert_eq!(err, CaError::KeyMismatch);
 
     // An end-entity certificate with its own key is not a CA.
     let p = pki(71);
-    let (ee, ee_key) = mint_idevid(&p.ca, "SN1", hw_type(), t0(), idevid_no_expiry(), &mut r).unwrap();
-    let err = IssuingCa::new(ee, Box::new(RingP256Signer::from_pkcs8_der(&ee_key).unwrap())).unwrap_err();
+    let (ee, ee_key) =
+        mint_idevid(&p.ca, "SN1", hw_type(), t0(), idevid_no_expiry(), &mut r).unwrap();
+    let err = IssuingCa::new(
+        ee,
+        Box::new(RingP256Signer::from_pkcs8_der(&ee_key).unwrap()),
+    )
+    .unwrap_err();
     assert!(matches!(err, CaError::NotACa(_)));
     assert!(matches!(
         IssuingCa::new(vec![0x30, 0x00], Box::new(device_signer(72))),
@@ -288,32 +372,75 @@ fn ca_key_mismatch_and_non_ca_are_refused() {
 fn sub_ca_chain_and_server_cert() {
     let p = pki(80);
     let mut r = rng(81);
-    let (sub_cert, sub_key) = generate_sub_ca(&p.ca, "Issuing CA 1", "Example Meters", t0(), 5 * YEAR, &mut r).unwrap();
-    let sub = IssuingCa::new(sub_cert, Box::new(RingP256Signer::from_pkcs8_der(&sub_key).unwrap())).unwrap();
-    let (_, bc) = sub.certificate().tbs_certificate.get::<BasicConstraints>().unwrap().unwrap();
+    let (sub_cert, sub_key) = generate_sub_ca(
+        &p.ca,
+        "Issuing CA 1",
+        "Example Meters",
+        t0(),
+        5 * YEAR,
+        &mut r,
+    )
+    .unwrap();
+    let sub = IssuingCa::new(
+        sub_cert,
+        Box::new(RingP256Signer::from_pkcs8_der(&sub_key).unwrap()),
+    )
+    .unwrap();
+    let (_, bc) = sub
+        .certificate()
+        .tbs_certificate
+        .get::<BasicConstraints>()
+        .unwrap()
+        .unwrap();
     assert_eq!((bc.ca, bc.path_len_constraint), (true, Some(0)));
     assert!(signature_verifies(sub.certificate(), p.ca.certificate()));
-    let (_, aki) = sub.certificate().tbs_certificate.get::<AuthorityKeyIdentifier>().unwrap().unwrap();
-    assert_eq!(aki.key_identifier.unwrap().as_bytes(), p.ca.key_identifier());
+    let (_, aki) = sub
+        .certificate()
+        .tbs_certificate
+        .get::<AuthorityKeyIdentifier>()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        aki.key_identifier.unwrap().as_bytes(),
+        p.ca.key_identifier()
+    );
 
     let ips = ["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
-    let (srv, srv_key) = generate_server_cert(&sub, &["localhost".to_string()], &ips, t0(), YEAR, &mut r).unwrap();
+    let (srv, srv_key) =
+        generate_server_cert(&sub, &["localhost".to_string()], &ips, t0(), YEAR, &mut r).unwrap();
     assert!(RingP256Signer::from_pkcs8_der(&srv_key).is_ok());
     let srv = Certificate::from_der(&srv).unwrap();
     assert!(signature_verifies(&srv, sub.certificate()));
-    assert_eq!(common_name(&srv.tbs_certificate.subject).as_deref(), Some("localhost"));
-    let (_, eku) = srv.tbs_certificate.get::<ExtendedKeyUsage>().unwrap().unwrap();
+    assert_eq!(
+        common_name(&srv.tbs_certificate.subject).as_deref(),
+        Some("localhost")
+    );
+    let (_, eku) = srv
+        .tbs_certificate
+        .get::<ExtendedKeyUsage>()
+        .unwrap()
+        .unwrap();
     assert_eq!(eku.0, vec![oid::KP_SERVER_AUTH]);
     let san = subject_alt_name_from_cert(&srv).unwrap().unwrap();
     assert_eq!(san.0.len(), 3);
     assert!(generate_server_cert(&sub, &[], &[], t0(), YEAR, &mut r).is_err());
-    assert!(generate_server_cert(&sub, &["bad\u{e9}".to_string()], &[], t0(), YEAR, &mut r).is_err());
+    assert!(
+        generate_server_cert(&sub, &["bad\u{e9}".to_string()], &[], t0(), YEAR, &mut r).is_err()
+    );
 }
 
 #[test]
 fn minted_idevid_carries_serial_number_and_hardware_module() {
     let p = pki(90);
-    let (der, key) = mint_idevid(&p.ca, "WT1234", hw_type(), t0(), idevid_no_expiry(), &mut rng(91)).unwrap();
+    let (der, key) = mint_idevid(
+        &p.ca,
+        "WT1234",
+        hw_type(),
+        t0(),
+        idevid_no_expiry(),
+        &mut rng(91),
+    )
+    .unwrap();
     let cert = Certificate::from_der(&der).unwrap();
     let subject = &cert.tbs_certificate.subject;
     assert_eq!(serial_number_attr(subject).as_deref(), Some("WT1234"));
@@ -326,10 +453,23 @@ fn minted_idevid_carries_serial_number_and_hardware_module() {
     assert!(signature_verifies(&cert, p.ca.certificate()));
     // Key in the PKCS#8 matches the certificate.
     let signer = RingP256Signer::from_pkcs8_der(&key).unwrap();
-    assert_eq!(cert.tbs_certificate.subject_public_key_info.to_der().unwrap(), signer.public_key_spki_der());
+    assert_eq!(
+        cert.tbs_certificate
+            .subject_public_key_info
+            .to_der()
+            .unwrap(),
+        signer.public_key_spki_der()
+    );
     // serialNumber is a PrintableString: a character outside its set is refused.
     assert!(matches!(
-        mint_idevid(&p.ca, "SN_1", hw_type(), t0(), idevid_no_expiry(), &mut rng(92)),
+        mint_idevid(
+            &p.ca,
+            "SN_1",
+            hw_type(),
+            t0(),
+            idevid_no_expiry(),
+            &mut rng(92)
+        ),
         Err(CaError::InvalidName(_))
     ));
 }
@@ -338,7 +478,11 @@ fn minted_idevid_carries_serial_number_and_hardware_module() {
 
 fn sample_csr(seed: u64) -> (RingP256Signer, Vec<u8>) {
     let device = device_signer(seed);
-    let subject = name_from_attrs(&[(oid::AT_COMMON_NAME, "meter-0001"), (oid::AT_SERIAL_NUMBER, "SN0001")]).unwrap();
+    let subject = name_from_attrs(&[
+        (oid::AT_COMMON_NAME, "meter-0001"),
+        (oid::AT_SERIAL_NUMBER, "SN0001"),
+    ])
+    .unwrap();
     let hmn = HardwareModuleName::new(hw_type(), b"SN0001").unwrap();
     let csr = build_csr(&device, &subject, Some(&hmn), Some("dGxzLXVuaXF1ZQ==")).unwrap();
     (device, csr)
@@ -352,8 +496,14 @@ fn built_csr_parses_and_verifies() {
     assert_eq!(parsed.digest, csr_digest(&csr));
     assert_eq!(common_name(&parsed.subject).as_deref(), Some("meter-0001"));
     assert_eq!(parsed.public_key_sec1(), device.public_key_sec1());
-    assert_eq!(parsed.hardware_module, Some(HardwareModuleName::new(hw_type(), b"SN0001").unwrap()));
-    assert_eq!(parsed.challenge_password.as_deref(), Some(&b"dGxzLXVuaXF1ZQ=="[..]));
+    assert_eq!(
+        parsed.hardware_module,
+        Some(HardwareModuleName::new(hw_type(), b"SN0001").unwrap())
+    );
+    assert_eq!(
+        parsed.challenge_password.as_deref(),
+        Some(&b"dGxzLXVuaXF1ZQ=="[..])
+    );
     assert!(parsed.requested_san_present);
     assert_eq!(parsed.requested_extensions.len(), 1);
 
@@ -369,7 +519,10 @@ fn csr_size_limit() {
     let (_, csr) = sample_csr(101);
     assert_eq!(
         parse_and_verify_csr(&csr, csr.len() - 1),
-        Err(CsrError::TooLarge { len: csr.len(), max: csr.len() - 1 })
+        Err(CsrError::TooLarge {
+            len: csr.len(),
+            max: csr.len() - 1
+        })
     );
     assert!(parse_and_verify_csr(&csr, csr.len()).is_ok());
 }
@@ -379,9 +532,18 @@ fn csr_trailing_bytes_and_truncation_are_malformed() {
     let (_, csr) = sample_csr(102);
     let mut trailing = csr.clone();
     trailing.push(0);
-    assert!(matches!(parse_and_verify_csr(&trailing, 4096), Err(CsrError::Malformed(_))));
+    assert!(matches!(
+        parse_and_verify_csr(&trailing, 4096),
+        Err(CsrError::Malformed(_))
+    ));
     for cut in [0, 1, 2, 10, csr.len() / 2, csr.len() - 1] {
-        assert!(matches!(parse_and_verify_csr(&csr[..cut], 4096), Err(CsrError::Malformed(_))), "cut {cut}");
+        assert!(
+            matches!(
+                parse_and_verify_csr(&csr[..cut], 4096),
+                Err(CsrError::Malformed(_))
+            ),
+            "cut {cut}"
+        );
     }
 }
 
@@ -391,13 +553,22 @@ fn csr_tampered_subject_is_bad_signature() {
     let pos = csr.windows(10).position(|w| w == b"meter-0001").unwrap();
     let mut tampered = csr.clone();
     tampered[pos + 9] = b'2';
-    assert_eq!(parse_and_verify_csr(&tampered, 4096), Err(CsrError::BadSignature));
+    assert_eq!(
+        parse_and_verify_csr(&tampered, 4096),
+        Err(CsrError::BadSignature)
+    );
     // A signature from another key over the same info.
     let (_, other) = sample_csr(104);
     let req_a = x509_cert::request::CertReq::from_der(&csr).unwrap();
     let req_b = x509_cert::request::CertReq::from_der(&other).unwrap();
-    let swapped = x509_cert::request::CertReq { signature: req_b.signature, ..req_a };
-    assert_eq!(parse_and_verify_csr(&swapped.to_der().unwrap(), 4096), Err(CsrError::BadSignature));
+    let swapped = x509_cert::request::CertReq {
+        signature: req_b.signature,
+        ..req_a
+    };
+    assert_eq!(
+        parse_and_verify_csr(&swapped.to_der().unwrap(), 4096),
+        Err(CsrError::BadSignature)
+    );
 }
 
 #[test]
@@ -421,7 +592,10 @@ fn csr_other_algorithms_are_unsupported() {
     let mut req = x509_cert::request::CertReq::from_der(&csr).unwrap();
     req.info.public_key.algorithm.parameters =
         Some(der::Any::encode_from(&ObjectIdentifier::new_unwrap("1.3.132.0.34")).unwrap());
-    assert!(matches!(parse_and_verify_csr(&req.to_der().unwrap(), 4096), Err(CsrError::UnsupportedKey(_))));
+    assert!(matches!(
+        parse_and_verify_csr(&req.to_der().unwrap(), 4096),
+        Err(CsrError::UnsupportedKey(_))
+    ));
     // Compressed point.
     let mut req = x509_cert::request::CertReq::from_der(&csr).unwrap();
     let mut point = req.info.public_key.subject_public_key.raw_bytes()[..33].to_vec();
@@ -434,7 +608,10 @@ fn csr_other_algorithms_are_unsupported() {
     // Not an EC key at all (rsaEncryption OID).
     let mut req = x509_cert::request::CertReq::from_der(&csr).unwrap();
     req.info.public_key.algorithm.oid = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
-    assert!(matches!(parse_and_verify_csr(&req.to_der().unwrap(), 4096), Err(CsrError::UnsupportedKey(_))));
+    assert!(matches!(
+        parse_and_verify_csr(&req.to_der().unwrap(), 4096),
+        Err(CsrError::UnsupportedKey(_))
+    ));
 }
 
 #[test]
@@ -444,7 +621,10 @@ fn csr_point_not_on_curve_is_bad_signature() {
     let mut point = req.info.public_key.subject_public_key.raw_bytes().to_vec();
     point[64] ^= 1;
     req.info.public_key.subject_public_key = der::asn1::BitString::from_bytes(&point).unwrap();
-    assert_eq!(parse_and_verify_csr(&req.to_der().unwrap(), 4096), Err(CsrError::BadSignature));
+    assert_eq!(
+        parse_and_verify_csr(&req.to_der().unwrap(), 4096),
+        Err(CsrError::BadSignature)
+    );
 }
 
 /// C509 test vectors draft (C509TV, "ECDSA With SHA256" certification request; copied in
@@ -469,7 +649,9 @@ fn c509tv_csr_vector_parses_and_verifies() {
     assert!(parsed.requested_san_present && parsed.hardware_module.is_none());
     assert_eq!(&parsed.public_key_sec1()[..4], &[0x04, 0xF4, 0x13, 0x59]);
     let san = parsed.requested_san.unwrap();
-    assert!(matches!(&san.0[..], [x509_cert::ext::pkix::name::GeneralName::DnsName(d)] if d.as_str() == "example.com"));
+    assert!(
+        matches!(&san.0[..], [x509_cert::ext::pkix::name::GeneralName::DnsName(d)] if d.as_str() == "example.com")
+    );
 }
 
 /// RFC 9148 App. A.2 / C509 draft App. A.2 IEEE 802.1AR certificate (577 bytes; hex in
@@ -516,7 +698,10 @@ fn rfc9148_devid_vector_names_and_hardware_module() {
     assert_eq!(serial_number_attr(subject).as_deref(), Some("Wt1234"));
     assert_eq!(organization(subject).as_deref(), Some("example Inc"));
     assert_eq!(common_name(subject), None);
-    assert_eq!(common_name(&cert.tbs_certificate.issuer).as_deref(), Some("802.1AR CA"));
+    assert_eq!(
+        common_name(&cert.tbs_certificate.issuer).as_deref(),
+        Some("802.1AR CA")
+    );
     assert_eq!(
         hardware_module_from_cert(&cert),
         Some(HardwareModuleName::new(hw_type(), &[1, 2, 3, 4]).unwrap())
@@ -545,7 +730,10 @@ fn certs_only_round_trip_and_dedup() {
     // Structure: ContentInfo id-signedData, SignedData v1 with no digests and no signers.
     let ci = cms::content_info::ContentInfo::from_der(&p7).unwrap();
     assert_eq!(ci.content_type, oid::CMS_SIGNED_DATA);
-    let sd = ci.content.decode_as::<cms::signed_data::SignedData>().unwrap();
+    let sd = ci
+        .content
+        .decode_as::<cms::signed_data::SignedData>()
+        .unwrap();
     assert_eq!(sd.version, cms::content_info::CmsVersion::V1);
     assert!(sd.digest_algorithms.is_empty() && sd.signer_infos.0.is_empty());
     assert_eq!(sd.encap_content_info.econtent_type, oid::CMS_DATA);
@@ -560,12 +748,49 @@ fn certs_only_round_trip_and_dedup() {
     assert_eq!(one.len(), 624);
     assert_eq!(&one[one.len() - 2..], &[0x31, 0x00]);
     assert_eq!(certs_from_certs_only(&one).unwrap(), vec![vector.clone()]);
-    assert_eq!(certs_from_certs_only(&certs_only(&[]).unwrap()).unwrap(), Vec::<Vec<u8>>::new());
+    assert_eq!(
+        certs_from_certs_only(&certs_only(&[]).unwrap()).unwrap(),
+        Vec::<Vec<u8>>::new()
+    );
+}
+
+#[test]
+fn certs_only_encoding_equals_the_cms_crate_schema() {
+    // Our raw-certificate SignedData must be byte-identical to what the cms crate's types encode.
+    use cms::cert::CertificateChoices;
+    use cms::signed_data::{CertificateSet, EncapsulatedContentInfo, SignedData, SignerInfos};
+    let p = pki(111);
+    let (idev, _) =
+        mint_idevid(&p.ca, "SN111", hw_type(), t0(), t0() + YEAR, &mut rng(112)).unwrap();
+    let certs = [idev.as_slice(), p.ca.certificate_der(), &devid_vector()];
+    let choices: Vec<_> = certs
+        .iter()
+        .map(|d| CertificateChoices::Certificate(Certificate::from_der(d).unwrap()))
+        .collect();
+    let sd = SignedData {
+        version: cms::content_info::CmsVersion::V1,
+        digest_algorithms: der::asn1::SetOfVec::new(),
+        encap_content_info: EncapsulatedContentInfo {
+            econtent_type: oid::CMS_DATA,
+            econtent: None,
+        },
+        certificates: Some(CertificateSet::try_from(choices).unwrap()),
+        crls: None,
+        signer_infos: SignerInfos(der::asn1::SetOfVec::new()),
+    };
+    let ci = cms::content_info::ContentInfo {
+        content_type: oid::CMS_SIGNED_DATA,
+        content: der::Any::encode_from(&sd).unwrap(),
+    };
+    assert_eq!(certs_only(&certs).unwrap(), ci.to_der().unwrap());
 }
 
 #[test]
 fn certs_only_rejects_garbage_and_non_signed_data() {
-    assert!(matches!(certs_only(&[b"\x30\x03\x02\x01\x01"]), Err(CaError::Der(_))));
+    assert!(matches!(
+        certs_only(&[b"\x30\x03\x02\x01\x01"]),
+        Err(CaError::Der(_))
+    ));
     assert!(certs_from_certs_only(b"\x30\x00").is_err());
     let ci = cms::content_info::ContentInfo {
         content_type: oid::CMS_DATA,

@@ -1,0 +1,31 @@
+//! Fuzz target: `est_proto::ca::parse_and_verify_csr` on arbitrary bytes.
+//!
+//! Invariants: no panic; a request over the limit is `TooLarge` without parsing; an accepted
+//! request is the input byte for byte, its digest is `csr_digest(input)`, its key is a 65-byte
+//! uncompressed P-256 point, and parsing it again gives the same result (determinism).
+//! Seeds (committed; `corpus/` is git-ignored): `seeds/csr_der/` holds the C509 test-vector CSR and an
+//! `openssl req` CSR with every attribute we read. Run: `cargo fuzz run csr_der corpus/csr_der seeds/csr_der`.
+#![no_main]
+
+use est_proto::ca::{csr_digest, parse_and_verify_csr, CsrError};
+use libfuzzer_sys::fuzz_target;
+
+const MAX_CSR: usize = 2048;
+
+fuzz_target!(|data: &[u8]| {
+    match parse_and_verify_csr(data, MAX_CSR) {
+        Ok(csr) => {
+            assert!(data.len() <= MAX_CSR);
+            assert_eq!(csr.der, data);
+            assert_eq!(csr.digest, csr_digest(data));
+            assert_eq!(csr.public_key_sec1().len(), 65);
+            assert_eq!(csr.requested_san_present, csr.requested_san.is_some());
+            assert_eq!(parse_and_verify_csr(data, MAX_CSR).as_ref(), Ok(&csr));
+        }
+        Err(CsrError::TooLarge { len, max }) => {
+            assert_eq!((len, max), (data.len(), MAX_CSR));
+            assert!(data.len() > MAX_CSR);
+        }
+        Err(_) => assert!(data.len() <= MAX_CSR),
+    }
+});
