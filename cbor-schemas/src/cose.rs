@@ -119,7 +119,9 @@ fn bag_value(items: &[Vec<u8>]) -> Result<Value, ConvertError> {
     match items {
         [] => Err(ConvertError::EmptyChain),
         [one] => Ok(Value::Bytes(one.clone())),
-        many => Ok(Value::Array(many.iter().cloned().map(Value::Bytes).collect())),
+        many => Ok(Value::Array(
+            many.iter().cloned().map(Value::Bytes).collect(),
+        )),
     }
 }
 

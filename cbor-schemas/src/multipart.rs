@@ -13,6 +13,9 @@ use crate::error::DecodeError;
 /// Content-Format of application/multipart-core.
 pub const CONTENT_FORMAT_MULTIPART_CORE: u16 = 62;
 
+/// One decoded part: Content-Format and representation (`None` for `null`).
+pub type Part = (u16, Option<Vec<u8>>);
+
 /// Encode parts as a multipart-core array.
 pub fn encode(parts: &[(u16, &[u8])]) -> Vec<u8> {
     let mut e = cbor::encoder();
@@ -30,12 +33,15 @@ pub fn encode(parts: &[(u16, &[u8])]) -> Vec<u8> {
 pub fn decode(bytes: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, DecodeError> {
     decode_parts(bytes)?
         .into_iter()
-        .map(|(cf, p)| p.map(|b| (cf, b)).ok_or(DecodeError::Invalid("null multipart-core part")))
+        .map(|(cf, p)| {
+            p.map(|b| (cf, b))
+                .ok_or(DecodeError::Invalid("null multipart-core part"))
+        })
         .collect()
 }
 
 /// Decode a multipart-core body; `None` is a `null` part.
-pub fn decode_parts(bytes: &[u8]) -> Result<Vec<(u16, Option<Vec<u8>>)>, DecodeError> {
+pub fn decode_parts(bytes: &[u8]) -> Result<Vec<Part>, DecodeError> {
     let mut r = Reader::new(bytes)?;
     let n = r.array("multipart-core")?;
     if n % 2 != 0 {

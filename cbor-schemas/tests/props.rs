@@ -33,7 +33,7 @@ struct Attr {
 fn arb_value() -> impl Strategy<Value = String> {
     prop_oneof![
         "[A-Za-z0-9 .-]{1,14}",
-        "[0-9a-f]{1,8}",              // hex-looking (even lengths become bytes)
+        "[0-9a-f]{1,8}",                // hex-looking (even lengths become bytes)
         "([0-9A-F]{2}-){7}[0-9A-F]{2}", // EUI-64 text
         "[0-9A-F]{6}-FF-FE-[0-9A-F]{6}".prop_map(|s| s), // not EUI shape
         "[a-zäöü]{1,8}",
@@ -55,7 +55,11 @@ fn arb_attr() -> impl Strategy<Value = Attr> {
                 && value
                     .bytes()
                     .all(|c| c.is_ascii_alphanumeric() || b" '()+,-./:=?".contains(&c));
-            Attr { oid, printable, value }
+            Attr {
+                oid,
+                printable,
+                value,
+            }
         })
 }
 
@@ -64,7 +68,11 @@ fn name(attrs: &[Attr]) -> Name {
         attrs
             .iter()
             .map(|a| {
-                let tag = if a.printable { Tag::PrintableString } else { Tag::Utf8String };
+                let tag = if a.printable {
+                    Tag::PrintableString
+                } else {
+                    Tag::Utf8String
+                };
                 RelativeDistinguishedName(
                     SetOfVec::try_from(vec![AttributeTypeAndValue {
                         oid: Oid::new_unwrap(a.oid),
@@ -87,7 +95,8 @@ fn time(secs: u64) -> Time {
 }
 
 fn key() -> impl Strategy<Value = SigningKey> {
-    prop::array::uniform32(any::<u8>()).prop_filter_map("valid scalar", |b| SigningKey::from_slice(&b).ok())
+    prop::array::uniform32(any::<u8>())
+        .prop_filter_map("valid scalar", |b| SigningKey::from_slice(&b).ok())
 }
 
 #[derive(Debug, Clone)]
@@ -106,7 +115,11 @@ struct Hmn {
 fn arb_san() -> impl Strategy<Value = San> {
     prop_oneof![
         "[a-z]{1,10}\\.example".prop_map(San::Dns),
-        prop_oneof![prop::collection::vec(any::<u8>(), 4), prop::collection::vec(any::<u8>(), 16)].prop_map(San::Ip),
+        prop_oneof![
+            prop::collection::vec(any::<u8>(), 4),
+            prop::collection::vec(any::<u8>(), 16)
+        ]
+        .prop_map(San::Ip),
         prop::collection::vec(any::<u8>(), 1..16).prop_map(San::Hw),
     ]
 }
@@ -127,7 +140,10 @@ fn key_usage_der(bits: u16) -> Vec<u8> {
             bytes[i / 8] |= 0x80 >> (i % 8);
         }
     }
-    BitString::new((7 - highest % 8) as u8, bytes).unwrap().to_der().unwrap()
+    BitString::new((7 - highest % 8) as u8, bytes)
+        .unwrap()
+        .to_der()
+        .unwrap()
 }
 
 #[derive(Debug, Clone)]
@@ -145,14 +161,26 @@ fn arb_exts() -> impl Strategy<Value = ExtChoice> {
         prop::option::of((any::<bool>(), prop::option::of(0u8..4), any::<bool>())),
         prop::option::of((1u16..0x200, any::<bool>())),
         prop::sample::subsequence(
-            vec!["1.3.6.1.5.5.7.3.1", "1.3.6.1.5.5.7.3.2", "1.3.6.1.5.5.7.3.28", "1.3.6.1.4.1.99999.7"],
+            vec![
+                "1.3.6.1.5.5.7.3.1",
+                "1.3.6.1.5.5.7.3.2",
+                "1.3.6.1.5.5.7.3.28",
+                "1.3.6.1.4.1.99999.7",
+            ],
             0..=3,
         ),
         prop::option::of(any::<[u8; 20]>()),
         prop::option::of(any::<[u8; 20]>()),
         prop::collection::vec(arb_san(), 0..3),
     )
-        .prop_map(|(bc, ku, eku, ski, aki, san)| ExtChoice { bc, ku, eku, ski, aki, san })
+        .prop_map(|(bc, ku, eku, ski, aki, san)| ExtChoice {
+            bc,
+            ku,
+            eku,
+            ski,
+            aki,
+            san,
+        })
 }
 
 fn build_exts(c: &ExtChoice) -> Vec<Extension> {
@@ -163,10 +191,18 @@ fn build_exts(c: &ExtChoice) -> Vec<Extension> {
             ca,
             path_len_constraint: if ca { path } else { None },
         };
-        v.push(ext(Oid::new_unwrap("2.5.29.19"), crit, bc.to_der().unwrap()));
+        v.push(ext(
+            Oid::new_unwrap("2.5.29.19"),
+            crit,
+            bc.to_der().unwrap(),
+        ));
     }
     if let Some(ski) = c.ski {
-        v.push(ext(Oid::new_unwrap("2.5.29.14"), false, OctetString::new(ski.to_vec()).unwrap().to_der().unwrap()));
+        v.push(ext(
+            Oid::new_unwrap("2.5.29.14"),
+            false,
+            OctetString::new(ski.to_vec()).unwrap().to_der().unwrap(),
+        ));
     }
     if let Some(aki) = c.aki {
         let a = pkix::AuthorityKeyIdentifier {
@@ -174,14 +210,22 @@ fn build_exts(c: &ExtChoice) -> Vec<Extension> {
             authority_cert_issuer: None,
             authority_cert_serial_number: None,
         };
-        v.push(ext(Oid::new_unwrap("2.5.29.35"), false, a.to_der().unwrap()));
+        v.push(ext(
+            Oid::new_unwrap("2.5.29.35"),
+            false,
+            a.to_der().unwrap(),
+        ));
     }
     if let Some((bits, crit)) = c.ku {
         v.push(ext(Oid::new_unwrap("2.5.29.15"), crit, key_usage_der(bits)));
     }
     if !c.eku.is_empty() {
         let e = pkix::ExtendedKeyUsage(c.eku.iter().map(|o| Oid::new_unwrap(o)).collect());
-        v.push(ext(Oid::new_unwrap("2.5.29.37"), false, e.to_der().unwrap()));
+        v.push(ext(
+            Oid::new_unwrap("2.5.29.37"),
+            false,
+            e.to_der().unwrap(),
+        ));
     }
     if !c.san.is_empty() {
         let names: Vec<GeneralName> = c
@@ -200,7 +244,11 @@ fn build_exts(c: &ExtChoice) -> Vec<Extension> {
                 }),
             })
             .collect();
-        v.push(ext(Oid::new_unwrap("2.5.29.17"), false, names.to_der().unwrap()));
+        v.push(ext(
+            Oid::new_unwrap("2.5.29.17"),
+            false,
+            names.to_der().unwrap(),
+        ));
     }
     v
 }

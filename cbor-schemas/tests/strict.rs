@@ -23,7 +23,10 @@ fn trailing_bytes_are_rejected() {
     assert!(C509Certificate::from_sequence(&c).is_err());
     let mut arr = wrap_array(&vector("rfc7925.c509"), 11);
     arr.push(0xf6);
-    assert_eq!(C509Certificate::from_array(&arr), Err(DecodeError::TrailingBytes(1)));
+    assert_eq!(
+        C509Certificate::from_array(&arr),
+        Err(DecodeError::TrailingBytes(1))
+    );
     let mut csr = vector("c509tv-csr-type3.c509");
     csr.push(0x01);
     assert_eq!(C509Csr::decode(&csr), Err(DecodeError::TrailingBytes(1)));
@@ -112,7 +115,10 @@ fn every_truncation_fails_cleanly() {
     for name in ["rfc7925.c509", "ieee8021ar.c509", "rfc7925-native.c509"] {
         let v = vector(name);
         for n in 0..v.len() {
-            assert!(C509Certificate::from_sequence(&v[..n]).is_err(), "{name} prefix {n}");
+            assert!(
+                C509Certificate::from_sequence(&v[..n]).is_err(),
+                "{name} prefix {n}"
+            );
             assert!(c509::describe(&v[..n]).is_err());
         }
     }
@@ -125,8 +131,14 @@ fn every_truncation_fails_cleanly() {
 #[test]
 fn oversized_input_is_rejected() {
     let big = vec![0u8; cbor_schemas::MAX_INPUT_BYTES + 1];
-    assert!(matches!(C509Csr::decode(&big), Err(DecodeError::TooLarge(_))));
-    assert!(matches!(multipart::decode(&big), Err(DecodeError::TooLarge(_))));
+    assert!(matches!(
+        C509Csr::decode(&big),
+        Err(DecodeError::TooLarge(_))
+    ));
+    assert!(matches!(
+        multipart::decode(&big),
+        Err(DecodeError::TooLarge(_))
+    ));
 }
 
 // ------------------------------------------------------ DER refusals ----
@@ -180,18 +192,23 @@ fn multi_valued_rdn_and_bmpstring_are_refused() {
         oid: const_oid::db::rfc4519::O,
         value: der::asn1::Any::new(der::Tag::Utf8String, "x".as_bytes()).unwrap(),
     };
-    cert.tbs_certificate.subject.0[0] =
-        x509_cert::name::RelativeDistinguishedName(der::asn1::SetOfVec::try_from(vec![cn, o]).unwrap());
+    cert.tbs_certificate.subject.0[0] = x509_cert::name::RelativeDistinguishedName(
+        der::asn1::SetOfVec::try_from(vec![cn, o]).unwrap(),
+    );
     let err = c509::certificate_der_to_c509(&cert.to_der().unwrap()).unwrap_err();
-    assert!(matches!(err, ConvertError::Unsupported(ref m) if m.contains("more than one")), "{err}");
+    assert!(
+        matches!(err, ConvertError::Unsupported(ref m) if m.contains("more than one")),
+        "{err}"
+    );
 
     let mut cert = base_cert();
     let bmp = AttributeTypeAndValue {
         oid: const_oid::db::rfc4519::CN,
         value: der::asn1::Any::new(der::Tag::BmpString, vec![0, b'a']).unwrap(),
     };
-    cert.tbs_certificate.subject.0[0] =
-        x509_cert::name::RelativeDistinguishedName(der::asn1::SetOfVec::try_from(vec![bmp]).unwrap());
+    cert.tbs_certificate.subject.0[0] = x509_cert::name::RelativeDistinguishedName(
+        der::asn1::SetOfVec::try_from(vec![bmp]).unwrap(),
+    );
     assert!(matches!(
         c509::certificate_der_to_c509(&cert.to_der().unwrap()),
         Err(ConvertError::Unsupported(_))
@@ -202,7 +219,10 @@ fn multi_valued_rdn_and_bmpstring_are_refused() {
 fn generalized_time_before_2050_is_not_invertible() {
     let mut cert = base_cert();
     cert.tbs_certificate.validity.not_after = x509_cert::time::Time::GeneralTime(
-        der::asn1::GeneralizedTime::from_unix_duration(std::time::Duration::from_secs(1_900_000_000)).unwrap(),
+        der::asn1::GeneralizedTime::from_unix_duration(std::time::Duration::from_secs(
+            1_900_000_000,
+        ))
+        .unwrap(),
     );
     assert!(matches!(
         c509::certificate_der_to_c509(&cert.to_der().unwrap()),
@@ -212,7 +232,10 @@ fn generalized_time_before_2050_is_not_invertible() {
 
 #[test]
 fn garbage_der_is_an_error() {
-    assert!(matches!(c509::certificate_der_to_c509(&[0x30, 0x03, 0x02, 0x01]), Err(ConvertError::Der(_))));
+    assert!(matches!(
+        c509::certificate_der_to_c509(&[0x30, 0x03, 0x02, 0x01]),
+        Err(ConvertError::Der(_))
+    ));
     assert!(c509::csr_der_to_c509(&[]).is_err());
 }
 
@@ -225,7 +248,10 @@ fn cose_c509_chain_of_two_validates_and_round_trips() {
     let chain = cose::cose_c509_chain(&[leaf.clone(), ca.clone()]).unwrap();
     assert_eq!(chain[0], 0x82);
     assert_cose_c509(&chain);
-    assert_eq!(cose::decode_cose_c509(&chain).unwrap(), vec![leaf.clone(), ca]);
+    assert_eq!(
+        cose::decode_cose_c509(&chain).unwrap(),
+        vec![leaf.clone(), ca]
+    );
     // A single cert wrapped in an array is not deterministic.
     let mut one = vec![0x81, 0x58, 140];
     one.extend_from_slice(&leaf);
@@ -239,7 +265,9 @@ fn c5c_and_x5chain_in_a_cose_sign1_header() {
     use coset::{CborSerializable, CoseSign1Builder, HeaderBuilder};
     let c509_chain = vec![vector("rfc7925.c509"), vector("ieee8021ar.c509")];
     let der_chain = vec![vector("rfc7925.der")];
-    let mut protected = HeaderBuilder::new().algorithm(coset::iana::Algorithm::ES256).build();
+    let mut protected = HeaderBuilder::new()
+        .algorithm(coset::iana::Algorithm::ES256)
+        .build();
     cose::set_c5c(&mut protected, &c509_chain).unwrap();
     let mut unprotected = coset::Header::default();
     cose::set_x5chain(&mut unprotected, &der_chain).unwrap();
@@ -259,7 +287,10 @@ fn c5c_and_x5chain_in_a_cose_sign1_header() {
     assert_cddl("ChainHeaderMap", &map);
     let x5 = cose::cose_x509_chain(&[vector("rfc7925.der")]).unwrap();
     assert_cddl("COSE_X509", &x5);
-    assert_eq!(cose::decode_cose_x509(&x5).unwrap(), vec![vector("rfc7925.der")]);
+    assert_eq!(
+        cose::decode_cose_x509(&x5).unwrap(),
+        vec![vector("rfc7925.der")]
+    );
 }
 
 // ------------------------------------------------------- multipart ----
@@ -267,7 +298,8 @@ fn c5c_and_x5chain_in_a_cose_sign1_header() {
 #[test]
 fn multipart_rfc9148_example_byte_for_byte() {
     // RFC 9148 Section 4.3: [284, h'0123456789abcdef', 281, h'fedcba9876543210']
-    let want = hex::decode("8419011C480123456789ABCDEF190119 48FEDCBA9876543210".replace(' ', "")).unwrap();
+    let want = hex::decode("8419011C480123456789ABCDEF190119 48FEDCBA9876543210".replace(' ', ""))
+        .unwrap();
     let k = hex::decode("0123456789abcdef").unwrap();
     let c = hex::decode("fedcba9876543210").unwrap();
     let got = multipart::encode(&[(284, &k), (281, &c)]);
@@ -281,11 +313,26 @@ fn multipart_strictness() {
     // null part: allowed by RFC 8710, visible via decode_parts only.
     let with_null = [0x82, 0x18, 0x3c, 0xf6];
     assert_cddl("multipart-core", &with_null);
-    assert_eq!(multipart::decode_parts(&with_null).unwrap(), vec![(60, None)]);
+    assert_eq!(
+        multipart::decode_parts(&with_null).unwrap(),
+        vec![(60, None)]
+    );
     assert!(multipart::decode(&with_null).is_err());
-    assert_eq!(multipart::decode(&[0x81, 0x01]), Err(DecodeError::Length("multipart-core (pairs)")));
-    assert_eq!(multipart::decode(&[0x80, 0x00]), Err(DecodeError::TrailingBytes(1)));
-    assert!(matches!(multipart::decode(&[0x9f, 0xff]), Err(DecodeError::IndefiniteLength(_))));
-    assert!(matches!(multipart::decode(&[0x82, 0x18, 0x01, 0x40]), Err(DecodeError::NotDeterministic(_))));
+    assert_eq!(
+        multipart::decode(&[0x81, 0x01]),
+        Err(DecodeError::Length("multipart-core (pairs)"))
+    );
+    assert_eq!(
+        multipart::decode(&[0x80, 0x00]),
+        Err(DecodeError::TrailingBytes(1))
+    );
+    assert!(matches!(
+        multipart::decode(&[0x9f, 0xff]),
+        Err(DecodeError::IndefiniteLength(_))
+    ));
+    assert!(matches!(
+        multipart::decode(&[0x82, 0x18, 0x01, 0x40]),
+        Err(DecodeError::NotDeterministic(_))
+    ));
     assert_eq!(multipart::decode(&[0x80]).unwrap(), vec![]);
 }

@@ -27,7 +27,10 @@ fn rfc7925_c509_type3_to_der_byte_for_byte() {
     let c = vector("rfc7925.c509");
     assert_eq!(c509::certificate_c509_to_der(&c).unwrap(), der);
     // The array form converts back too.
-    assert_eq!(c509::certificate_c509_to_der(&wrap_array(&c, 11)).unwrap(), der);
+    assert_eq!(
+        c509::certificate_c509_to_der(&wrap_array(&c, 11)).unwrap(),
+        der
+    );
 }
 
 #[test]
@@ -81,7 +84,10 @@ fn rfc7925_native_tbs_is_derived_from_the_x509_tbs() {
     let der = x509_cert::Certificate::from_der(&vector("rfc7925.der")).unwrap();
     let tbs = c509::tbs_from_x509(&der.tbs_certificate, 2).unwrap();
     let native = vector("rfc7925-native.c509");
-    assert_eq!(hex::encode(tbs.to_cbor_sequence()), hex::encode(&native[..74]));
+    assert_eq!(
+        hex::encode(tbs.to_cbor_sequence()),
+        hex::encode(&native[..74])
+    );
 }
 
 #[test]
@@ -108,7 +114,7 @@ fn rfc7925_native_array_and_cert_data_wrappings() {
     let native = vector("rfc7925-native.c509");
     let c = C509Certificate::from_sequence(&native).unwrap();
     assert_eq!(c.to_array(), vector("rfc7925-native-array.c509"));
-    let cose = cose::cose_c509_chain(&[native.clone()]).unwrap();
+    let cose = cose::cose_c509_chain(std::slice::from_ref(&native)).unwrap();
     assert_eq!(cose, vector("rfc7925-native-certdata.c509"));
     assert_eq!(cose.len(), 142);
     assert_cose_c509(&cose);
@@ -172,13 +178,19 @@ fn c509tv_csr_proof_of_possession_both_types() {
         );
         let exts = csr.extension_request().unwrap();
         assert_eq!(exts.len(), 1);
-        assert_eq!(exts[0].extn_id, const_oid::db::rfc5280::ID_CE_SUBJECT_ALT_NAME);
+        assert_eq!(
+            exts[0].extn_id,
+            const_oid::db::rfc5280::ID_CE_SUBJECT_ALT_NAME
+        );
     }
     // The SPKI of the type-3 request is exactly the PKCS#10 one.
     let der = x509_cert::request::CertReq::from_der(&vector("c509tv-csr.der")).unwrap();
     let csr = C509Csr::decode(&vector("c509tv-csr-type3.c509")).unwrap();
     assert_eq!(csr.subject_public_key_info().unwrap(), der.info.public_key);
-    assert_eq!(csr.cert_req_info().unwrap().to_der().unwrap(), der.info.to_der().unwrap());
+    assert_eq!(
+        csr.cert_req_info().unwrap().to_der().unwrap(),
+        der.info.to_der().unwrap()
+    );
     // Type 2 has no PKCS#10 form.
     assert!(c509::csr_c509_to_der(&vector("c509tv-csr-type2.c509")).is_err());
 }
@@ -197,14 +209,20 @@ fn c509tv_key_matches_the_request() {
 #[test]
 fn describe_reports_sizes() {
     let d = c509::describe(&vector("rfc7925.c509")).unwrap();
-    assert!(d.contains("~C509Certificate (CBOR sequence), 140 bytes"), "{d}");
+    assert!(
+        d.contains("~C509Certificate (CBOR sequence), 140 bytes"),
+        "{d}"
+    );
     assert!(d.contains("issuerSignatureValue: 64 B"), "{d}");
     let d = c509::describe(&vector("ieee8021ar.c509")).unwrap();
     assert!(d.contains("notAfter: null"), "{d}");
     let d = c509::describe(&vector("c509tv-csr-type3.c509")).unwrap();
     assert!(d.contains("C509CertificationRequest, 164 bytes"), "{d}");
     let d = c509::describe(&vector("rfc7925-native-certdata.c509")).unwrap();
-    assert!(d.contains("COSE_C509 with 1 certificate(s), 142 bytes"), "{d}");
+    assert!(
+        d.contains("COSE_C509 with 1 certificate(s), 142 bytes"),
+        "{d}"
+    );
     let d = c509::describe(&vector("rfc7925-native-array.c509")).unwrap();
     assert!(d.contains("C509Certificate (CBOR array), 141 bytes"), "{d}");
 }
@@ -213,7 +231,10 @@ fn describe_reports_sizes() {
 fn cddl_validator_rejects_wrong_items() {
     // The CDDL tie is real: broken items fail validation.
     let c = vector("rfc7925.c509");
-    assert!(check_cddl("C509Certificate", &c).is_err(), "a bare sequence is not the array");
+    assert!(
+        check_cddl("C509Certificate", &c).is_err(),
+        "a bare sequence is not the array"
+    );
     let mut arr = wrap_array(&c, 11);
     arr[1] = 0x60; // type as text ""
     assert!(check_cddl("C509Certificate", &arr).is_err());

@@ -86,7 +86,11 @@ impl C509Csr {
     /// when the C509 form is compressed; for type 3 it is exactly the DER one).
     pub fn subject_public_key_info(&self) -> Result<spki::SubjectPublicKeyInfoOwned, ConvertError> {
         let t = &self.request.tbs;
-        x509::spki_from_c509(&t.subject_public_key_algorithm, &t.subject_public_key, self.native())
+        x509::spki_from_c509(
+            &t.subject_public_key_algorithm,
+            &t.subject_public_key,
+            self.native(),
+        )
     }
 
     /// The requested extensions (extensionRequest attribute) as X.509 extensions.
@@ -162,7 +166,10 @@ impl C509Csr {
                     } else {
                         Tag::Utf8String
                     };
-                    (registry::CHALLENGE_PASSWORD, Any::new(tag, password.as_bytes())?)
+                    (
+                        registry::CHALLENGE_PASSWORD,
+                        Any::new(tag, password.as_bytes())?,
+                    )
                 }
                 CrAttribute::Unregistered { oid, value } => (
                     Oid::from_bytes(oid).map_err(|_| ConvertError::Malformed("OID"))?,
@@ -192,8 +199,10 @@ impl C509Csr {
         }
         let info = self.cert_req_info()?;
         let algorithm = x509::sig_alg_from_c509(&self.request.tbs.subject_signature_algorithm)?;
-        let signature =
-            x509::sig_value_from_c509(&self.request.tbs.subject_signature_algorithm, &self.request.signature)?;
+        let signature = x509::sig_value_from_c509(
+            &self.request.tbs.subject_signature_algorithm,
+            &self.request.signature,
+        )?;
         Ok(CertReq {
             info,
             algorithm,
@@ -213,7 +222,9 @@ pub fn csr_der_to_c509(der: &[u8]) -> Result<Vec<u8>, ConvertError> {
         return Err(ConvertError::NotCanonicalDer);
     }
     if req.info.version != x509_cert::request::Version::V1 {
-        return Err(ConvertError::Unsupported("PKCS#10 version other than v1(0)".into()));
+        return Err(ConvertError::Unsupported(
+            "PKCS#10 version other than v1(0)".into(),
+        ));
     }
     let subject_signature_algorithm = x509::sig_alg_to_c509(&req.algorithm)?;
     let (pk_alg, pk) = x509::spki_to_c509(&req.info.public_key, KeyForm::AsIs)?;
@@ -274,7 +285,9 @@ pub fn csr_der_to_c509(der: &[u8]) -> Result<Vec<u8>, ConvertError> {
     };
     let out = c.to_array();
     if C509Csr::decode(&out)?.to_der()? != der {
-        return Err(ConvertError::NotInvertible("PKCS#10 -> C509 -> PKCS#10 differs"));
+        return Err(ConvertError::NotInvertible(
+            "PKCS#10 -> C509 -> PKCS#10 differs",
+        ));
     }
     Ok(out)
 }

@@ -16,7 +16,9 @@ fn cbor_len(f: impl FnOnce(&mut crate::cbor::Enc) -> crate::cbor::EncResult) -> 
 
 fn alg_str(a: &super::model::AlgorithmIdentifier, sig: bool) -> String {
     match a {
-        super::model::AlgorithmIdentifier::Int(v) => format!("{v} ({})", super::registry::alg_name(*v, sig)),
+        super::model::AlgorithmIdentifier::Int(v) => {
+            format!("{v} ({})", super::registry::alg_name(*v, sig))
+        }
         other => format!("{other:?}"),
     }
 }
@@ -44,20 +46,33 @@ fn describe_tbs(out: &mut String, t: &TbsCertificate) {
         2 => "natively signed",
         _ => "CBOR re-encoded X.509",
     };
-    let _ = writeln!(out, "  c509CertificateType: {} ({kind})", t.certificate_type);
+    let _ = writeln!(
+        out,
+        "  c509CertificateType: {} ({kind})",
+        t.certificate_type
+    );
     let _ = writeln!(
         out,
         "  serialNumber: {} ({} B)",
         hex::encode(&t.serial_number),
         t.serial_number.len()
     );
-    let _ = writeln!(out, "  issuerSignatureAlgorithm: {}", alg_str(&t.issuer_signature_algorithm, true));
+    let _ = writeln!(
+        out,
+        "  issuerSignatureAlgorithm: {}",
+        alg_str(&t.issuer_signature_algorithm, true)
+    );
     match &t.issuer {
         None => {
             let _ = writeln!(out, "  issuer: null (same as subject)");
         }
         Some(n) => {
-            let _ = writeln!(out, "  issuer: {} ({} B)", name_str(n), cbor_len(|e| n.encode(e)));
+            let _ = writeln!(
+                out,
+                "  issuer: {} ({} B)",
+                name_str(n),
+                cbor_len(|e| n.encode(e))
+            );
         }
     }
     let _ = writeln!(out, "  notBefore: {} (POSIX seconds)", t.not_before);
@@ -114,9 +129,22 @@ pub fn describe(bytes: &[u8]) -> Result<String, DecodeError> {
             let t = &c.tbs;
             let _ = writeln!(out, "C509CertificationRequest, {} bytes", bytes.len());
             let _ = writeln!(out, "  c509CertificationRequestType: {}", t.request_type);
-            let _ = writeln!(out, "  subjectSignatureAlgorithm: {}", alg_str(&t.subject_signature_algorithm, true));
-            let _ = writeln!(out, "  subject: {} ({} B)", name_str(&t.subject), cbor_len(|e| t.subject.encode(e)));
-            let _ = writeln!(out, "  subjectPublicKeyAlgorithm: {}", alg_str(&t.subject_public_key_algorithm, false));
+            let _ = writeln!(
+                out,
+                "  subjectSignatureAlgorithm: {}",
+                alg_str(&t.subject_signature_algorithm, true)
+            );
+            let _ = writeln!(
+                out,
+                "  subject: {} ({} B)",
+                name_str(&t.subject),
+                cbor_len(|e| t.subject.encode(e))
+            );
+            let _ = writeln!(
+                out,
+                "  subjectPublicKeyAlgorithm: {}",
+                alg_str(&t.subject_public_key_algorithm, false)
+            );
             let _ = writeln!(
                 out,
                 "  subjectPublicKey: {} ({} B)",
@@ -140,7 +168,12 @@ pub fn describe(bytes: &[u8]) -> Result<String, DecodeError> {
         }
         (2, _) | (4, _) => {
             let certs = crate::cose::decode_cose_c509(bytes)?;
-            let _ = writeln!(out, "COSE_C509 with {} certificate(s), {} bytes", certs.len(), bytes.len());
+            let _ = writeln!(
+                out,
+                "COSE_C509 with {} certificate(s), {} bytes",
+                certs.len(),
+                bytes.len()
+            );
             for (i, c) in certs.iter().enumerate() {
                 let _ = writeln!(out, "certificate #{i}: ~C509Certificate, {} bytes", c.len());
                 let cert = C509Certificate::from_sequence(c)?;
@@ -150,7 +183,11 @@ pub fn describe(bytes: &[u8]) -> Result<String, DecodeError> {
         }
         _ => {
             let c = C509Certificate::from_sequence(bytes)?;
-            let _ = writeln!(out, "~C509Certificate (CBOR sequence), {} bytes", bytes.len());
+            let _ = writeln!(
+                out,
+                "~C509Certificate (CBOR sequence), {} bytes",
+                bytes.len()
+            );
             describe_tbs(&mut out, &c.tbs);
             let _ = writeln!(out, "  issuerSignatureValue: {} B", c.signature.len());
         }

@@ -62,7 +62,9 @@ pub const TYPE_REENCODED: i64 = 3;
 
 fn check_der_size(der: &[u8]) -> Result<(), ConvertError> {
     if der.len() > MAX_DER_BYTES {
-        return Err(ConvertError::Decode(crate::DecodeError::TooLarge(der.len())));
+        return Err(ConvertError::Decode(crate::DecodeError::TooLarge(
+            der.len(),
+        )));
     }
     Ok(())
 }

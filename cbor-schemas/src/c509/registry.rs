@@ -18,29 +18,84 @@ pub(crate) enum AttrSyntax {
 
 /// C509 RDN Attributes registry (Section 8.6): (value, OID, name, syntax).
 pub(crate) const RDN_ATTRIBUTES: &[(i64, Oid, &str, AttrSyntax)] = &[
-    (0, oid("1.2.840.113549.1.9.1"), "emailAddress", AttrSyntax::Ia5),
+    (
+        0,
+        oid("1.2.840.113549.1.9.1"),
+        "emailAddress",
+        AttrSyntax::Ia5,
+    ),
     (1, oid("2.5.4.3"), "commonName", AttrSyntax::Directory),
     (2, oid("2.5.4.4"), "surname", AttrSyntax::Directory),
     (3, oid("2.5.4.5"), "serialNumber", AttrSyntax::Directory),
     (4, oid("2.5.4.6"), "countryName", AttrSyntax::Directory),
     (5, oid("2.5.4.7"), "localityName", AttrSyntax::Directory),
-    (6, oid("2.5.4.8"), "stateOrProvinceName", AttrSyntax::Directory),
+    (
+        6,
+        oid("2.5.4.8"),
+        "stateOrProvinceName",
+        AttrSyntax::Directory,
+    ),
     (7, oid("2.5.4.9"), "streetAddress", AttrSyntax::Directory),
-    (8, oid("2.5.4.10"), "organizationName", AttrSyntax::Directory),
-    (9, oid("2.5.4.11"), "organizationalUnitName", AttrSyntax::Directory),
+    (
+        8,
+        oid("2.5.4.10"),
+        "organizationName",
+        AttrSyntax::Directory,
+    ),
+    (
+        9,
+        oid("2.5.4.11"),
+        "organizationalUnitName",
+        AttrSyntax::Directory,
+    ),
     (10, oid("2.5.4.12"), "title", AttrSyntax::Directory),
-    (11, oid("2.5.4.15"), "businessCategory", AttrSyntax::Directory),
+    (
+        11,
+        oid("2.5.4.15"),
+        "businessCategory",
+        AttrSyntax::Directory,
+    ),
     (12, oid("2.5.4.17"), "postalCode", AttrSyntax::Directory),
     (13, oid("2.5.4.42"), "givenName", AttrSyntax::Directory),
     (14, oid("2.5.4.43"), "initials", AttrSyntax::Directory),
-    (15, oid("2.5.4.44"), "generationQualifier", AttrSyntax::Directory),
+    (
+        15,
+        oid("2.5.4.44"),
+        "generationQualifier",
+        AttrSyntax::Directory,
+    ),
     (16, oid("2.5.4.46"), "dnQualifier", AttrSyntax::Directory),
     (17, oid("2.5.4.65"), "pseudonym", AttrSyntax::Directory),
-    (18, oid("2.5.4.97"), "organizationIdentifier", AttrSyntax::Directory),
-    (19, oid("1.3.6.1.4.1.311.60.2.1.1"), "jurisdictionLocality", AttrSyntax::Directory),
-    (20, oid("1.3.6.1.4.1.311.60.2.1.2"), "jurisdictionStateOrProvince", AttrSyntax::Directory),
-    (21, oid("1.3.6.1.4.1.311.60.2.1.3"), "jurisdictionCountry", AttrSyntax::Directory),
-    (22, oid("0.9.2342.19200300.100.1.25"), "domainComponent", AttrSyntax::Ia5),
+    (
+        18,
+        oid("2.5.4.97"),
+        "organizationIdentifier",
+        AttrSyntax::Directory,
+    ),
+    (
+        19,
+        oid("1.3.6.1.4.1.311.60.2.1.1"),
+        "jurisdictionLocality",
+        AttrSyntax::Directory,
+    ),
+    (
+        20,
+        oid("1.3.6.1.4.1.311.60.2.1.2"),
+        "jurisdictionStateOrProvince",
+        AttrSyntax::Directory,
+    ),
+    (
+        21,
+        oid("1.3.6.1.4.1.311.60.2.1.3"),
+        "jurisdictionCountry",
+        AttrSyntax::Directory,
+    ),
+    (
+        22,
+        oid("0.9.2342.19200300.100.1.25"),
+        "domainComponent",
+        AttrSyntax::Ia5,
+    ),
 ];
 
 pub(crate) fn rdn_by_oid(o: &Oid) -> Option<(i64, &'static str, AttrSyntax)> {
@@ -68,11 +123,36 @@ pub(crate) struct SigAlg {
 }
 
 pub(crate) const SIG_ALGS: &[SigAlg] = &[
-    SigAlg { value: 0, oid: oid("1.2.840.10045.4.3.2"), name: "ecdsa-with-SHA256", ecdsa: true },
-    SigAlg { value: 1, oid: oid("1.2.840.10045.4.3.3"), name: "ecdsa-with-SHA384", ecdsa: true },
-    SigAlg { value: 2, oid: oid("1.2.840.10045.4.3.4"), name: "ecdsa-with-SHA512", ecdsa: true },
-    SigAlg { value: 12, oid: oid("1.3.101.112"), name: "Ed25519", ecdsa: false },
-    SigAlg { value: 13, oid: oid("1.3.101.113"), name: "Ed448", ecdsa: false },
+    SigAlg {
+        value: 0,
+        oid: oid("1.2.840.10045.4.3.2"),
+        name: "ecdsa-with-SHA256",
+        ecdsa: true,
+    },
+    SigAlg {
+        value: 1,
+        oid: oid("1.2.840.10045.4.3.3"),
+        name: "ecdsa-with-SHA384",
+        ecdsa: true,
+    },
+    SigAlg {
+        value: 2,
+        oid: oid("1.2.840.10045.4.3.4"),
+        name: "ecdsa-with-SHA512",
+        ecdsa: true,
+    },
+    SigAlg {
+        value: 12,
+        oid: oid("1.3.101.112"),
+        name: "Ed25519",
+        ecdsa: false,
+    },
+    SigAlg {
+        value: 13,
+        oid: oid("1.3.101.113"),
+        name: "Ed448",
+        ecdsa: false,
+    },
 ];
 
 pub(crate) fn sig_by_value(v: i64) -> Option<&'static SigAlg> {
@@ -91,9 +171,24 @@ pub(crate) const RSA_ENCRYPTION: Oid = oid("1.2.840.113549.1.1.1");
 
 /// Public key algorithms (Section 8.15): value, algorithm OID, namedCurve parameter.
 pub(crate) const PK_ALGS: &[(i64, Oid, Option<Oid>, &str)] = &[
-    (1, ID_EC_PUBLIC_KEY, Some(SECP256R1), "id-ecPublicKey secp256r1 (P-256)"),
-    (2, ID_EC_PUBLIC_KEY, Some(SECP384R1), "id-ecPublicKey secp384r1 (P-384)"),
-    (3, ID_EC_PUBLIC_KEY, Some(SECP521R1), "id-ecPublicKey secp521r1 (P-521)"),
+    (
+        1,
+        ID_EC_PUBLIC_KEY,
+        Some(SECP256R1),
+        "id-ecPublicKey secp256r1 (P-256)",
+    ),
+    (
+        2,
+        ID_EC_PUBLIC_KEY,
+        Some(SECP384R1),
+        "id-ecPublicKey secp384r1 (P-384)",
+    ),
+    (
+        3,
+        ID_EC_PUBLIC_KEY,
+        Some(SECP521R1),
+        "id-ecPublicKey secp521r1 (P-521)",
+    ),
     (8, oid("1.3.101.110"), None, "X25519"),
     (9, oid("1.3.101.111"), None, "X448"),
     (12, oid("1.3.101.112"), None, "Ed25519"),
@@ -127,11 +222,36 @@ pub(crate) const EXTENSIONS: &[(i64, Oid, &str, bool)] = &[
     (30, oid("2.5.29.54"), "inhibitAnyPolicy", true),
     (31, oid("1.3.6.1.5.5.7.1.11"), "subjectInfoAccess", false),
     (32, oid("1.3.6.1.5.5.7.1.7"), "id-pe-ipAddrBlocks", false),
-    (33, oid("1.3.6.1.5.5.7.1.8"), "id-pe-autonomousSysIds", false),
-    (34, oid("1.3.6.1.5.5.7.1.28"), "id-pe-ipAddrBlocks-v2", false),
-    (35, oid("1.3.6.1.5.5.7.1.29"), "id-pe-autonomousSysIds-v2", false),
-    (36, oid("1.3.6.1.5.5.7.48.1.5"), "id-pkix-ocsp-nocheck", true),
-    (37, oid("1.3.6.1.4.1.11129.2.4.3"), "precertificateSigningCertificate", false),
+    (
+        33,
+        oid("1.3.6.1.5.5.7.1.8"),
+        "id-pe-autonomousSysIds",
+        false,
+    ),
+    (
+        34,
+        oid("1.3.6.1.5.5.7.1.28"),
+        "id-pe-ipAddrBlocks-v2",
+        false,
+    ),
+    (
+        35,
+        oid("1.3.6.1.5.5.7.1.29"),
+        "id-pe-autonomousSysIds-v2",
+        false,
+    ),
+    (
+        36,
+        oid("1.3.6.1.5.5.7.48.1.5"),
+        "id-pkix-ocsp-nocheck",
+        true,
+    ),
+    (
+        37,
+        oid("1.3.6.1.4.1.11129.2.4.3"),
+        "precertificateSigningCertificate",
+        false,
+    ),
     (38, oid("1.3.6.1.5.5.7.1.24"), "id-pe-tlsfeature", false),
 ];
 
@@ -167,7 +287,11 @@ pub(crate) const EKUS: &[(i64, Oid, &str)] = &[
     (16, oid("1.3.6.1.5.5.7.3.28"), "id-kp-cmcRA"),
     (17, oid("1.3.6.1.5.5.7.3.29"), "id-kp-cmcArchive"),
     (18, oid("1.3.6.1.5.5.7.3.32"), "id-kp-cmKGA"),
-    (19, oid("1.3.6.1.4.1.11129.2.4.4"), "certificateTransparency"),
+    (
+        19,
+        oid("1.3.6.1.4.1.11129.2.4.4"),
+        "certificateTransparency",
+    ),
     (20, oid("1.3.6.1.4.1.45605.1"), "id-kp-wisun-fan-device"),
 ];
 

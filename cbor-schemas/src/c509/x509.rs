@@ -44,12 +44,19 @@ struct HardwareModuleName {
 
 /// X.509 Name -> C509 Name (Section 3.1.4). `native` selects the type-2 rules
 /// (all attribute types non-negative).
-pub(crate) fn name_to_c509(name: &x509_cert::name::Name, native: bool) -> Result<Name, ConvertError> {
+pub(crate) fn name_to_c509(
+    name: &x509_cert::name::Name,
+    native: bool,
+) -> Result<Name, ConvertError> {
     let mut attrs = Vec::with_capacity(name.0.len());
     for rdn in &name.0 {
         let atv = match rdn.0.as_slice() {
             [one] => one,
-            _ => return Err(unsupported("RelativeDistinguishedName with more than one attribute")),
+            _ => {
+                return Err(unsupported(
+                    "RelativeDistinguishedName with more than one attribute",
+                ))
+            }
         };
         let Some((value, name_str, syntax)) = registry::rdn_by_oid(&atv.oid) else {
             attrs.push(RdnAttribute::Unregistered {
@@ -81,7 +88,11 @@ pub(crate) fn name_to_c509(name: &x509_cert::name::Name, native: bool) -> Result
             value: SpecialText::from_text(text),
         });
     }
-    if let [RdnAttribute::Registered { attr_type: 1, value }] = attrs.as_slice() {
+    if let [RdnAttribute::Registered {
+        attr_type: 1,
+        value,
+    }] = attrs.as_slice()
+    {
         return Ok(Name::CommonName(value.clone()));
     }
     Ok(Name::Attributes(attrs))
@@ -90,7 +101,10 @@ pub(crate) fn name_to_c509(name: &x509_cert::name::Name, native: bool) -> Result
 /// C509 Name -> X.509 Name. For natively signed items the string type is not
 /// carried; countryName, serialNumber and dnQualifier become PrintableString
 /// (their X.520 syntax), IA5 attributes IA5String, everything else UTF8String.
-pub(crate) fn name_from_c509(name: &Name, native: bool) -> Result<x509_cert::name::Name, ConvertError> {
+pub(crate) fn name_from_c509(
+    name: &Name,
+    native: bool,
+) -> Result<x509_cert::name::Name, ConvertError> {
     let single;
     let attrs: &[RdnAttribute] = match name {
         Name::CommonName(v) => {
@@ -153,16 +167,22 @@ fn is_printable(c: u8) -> bool {
 
 // ---------------------------------------------------------- algorithms ----
 
-pub(crate) fn sig_alg_to_c509(a: &AlgorithmIdentifierOwned) -> Result<AlgorithmIdentifier, ConvertError> {
+pub(crate) fn sig_alg_to_c509(
+    a: &AlgorithmIdentifierOwned,
+) -> Result<AlgorithmIdentifier, ConvertError> {
     if a.parameters.is_none() {
         if let Some(s) = registry::sig_by_oid(&a.oid) {
             return Ok(AlgorithmIdentifier::Int(s.value));
         }
     }
-    if registry::sig_by_oid(&a.oid).is_none() && a.oid.as_bytes().starts_with(&[0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01]) {
+    if registry::sig_by_oid(&a.oid).is_none()
+        && a.oid
+            .as_bytes()
+            .starts_with(&[0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x01])
+    {
         return Err(unsupported(format!("RSA signature algorithm {}", a.oid)));
     }
-    Ok(generic_alg(a)?)
+    generic_alg(a)
 }
 
 fn generic_alg(a: &AlgorithmIdentifierOwned) -> Result<AlgorithmIdentifier, ConvertError> {
@@ -172,11 +192,14 @@ fn generic_alg(a: &AlgorithmIdentifierOwned) -> Result<AlgorithmIdentifier, Conv
     })
 }
 
-pub(crate) fn sig_alg_from_c509(a: &AlgorithmIdentifier) -> Result<AlgorithmIdentifierOwned, ConvertError> {
+pub(crate) fn sig_alg_from_c509(
+    a: &AlgorithmIdentifier,
+) -> Result<AlgorithmIdentifierOwned, ConvertError> {
     Ok(match a {
         AlgorithmIdentifier::Int(v) => {
-            let s = registry::sig_by_value(*v)
-                .ok_or_else(|| ConvertError::UnsupportedAlgorithm(format!("C509 signature algorithm {v}")))?;
+            let s = registry::sig_by_value(*v).ok_or_else(|| {
+                ConvertError::UnsupportedAlgorithm(format!("C509 signature algorithm {v}"))
+            })?;
             AlgorithmIdentifierOwned {
                 oid: s.oid,
                 parameters: None,
@@ -217,7 +240,8 @@ struct EcdsaSigValue<'a> {
 /// DER Ecdsa-Sig-Value -> r||s, each left-padded to the smallest group-order
 /// size (32 P-256, 48 P-384, 66 P-521) that fits both (Section 3.2.2).
 pub fn ecdsa_der_to_raw(der_sig: &[u8]) -> Result<Vec<u8>, ConvertError> {
-    let v = EcdsaSigValue::from_der(der_sig).map_err(|_| ConvertError::Malformed("ECDSA signature DER"))?;
+    let v = EcdsaSigValue::from_der(der_sig)
+        .map_err(|_| ConvertError::Malformed("ECDSA signature DER"))?;
     if v.to_der()? != der_sig {
         return Err(ConvertError::NotCanonicalDer);
     }
@@ -253,7 +277,10 @@ pub fn ecdsa_raw_to_der(raw: &[u8]) -> Result<Vec<u8>, ConvertError> {
     Ok(v.to_der()?)
 }
 
-pub(crate) fn sig_value_to_c509(alg: &AlgorithmIdentifier, bits: &BitString) -> Result<Vec<u8>, ConvertError> {
+pub(crate) fn sig_value_to_c509(
+    alg: &AlgorithmIdentifier,
+    bits: &BitString,
+) -> Result<Vec<u8>, ConvertError> {
     let raw = bits
         .as_bytes()
         .ok_or_else(|| unsupported("signature BIT STRING with unused bits"))?;
@@ -264,7 +291,10 @@ pub(crate) fn sig_value_to_c509(alg: &AlgorithmIdentifier, bits: &BitString) -> 
     }
 }
 
-pub(crate) fn sig_value_from_c509(alg: &AlgorithmIdentifier, v: &[u8]) -> Result<BitString, ConvertError> {
+pub(crate) fn sig_value_from_c509(
+    alg: &AlgorithmIdentifier,
+    v: &[u8],
+) -> Result<BitString, ConvertError> {
     let der_bytes = if is_ecdsa(alg) {
         ecdsa_raw_to_der(v)?
     } else {
@@ -291,7 +321,9 @@ pub(crate) fn spki_to_c509(
     form: KeyForm,
 ) -> Result<(AlgorithmIdentifier, Vec<u8>), ConvertError> {
     if spki.algorithm.oid == registry::RSA_ENCRYPTION {
-        return Err(unsupported("RSA public keys (rsaEncryption) are not implemented"));
+        return Err(unsupported(
+            "RSA public keys (rsaEncryption) are not implemented",
+        ));
     }
     let key = spki
         .subject_public_key
@@ -334,17 +366,23 @@ pub(crate) fn p256_key_to_sec1(key: &[u8], native: bool) -> Result<Vec<u8>, Conv
             if let Some(b) = c.first_mut() {
                 *b = if *b == 0xFE { 0x02 } else { 0x03 };
             }
-            let pk = p256::PublicKey::from_sec1_bytes(&c).map_err(|_| ConvertError::Malformed("P-256 point"))?;
-            Ok(p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&pk, false)
-                .as_bytes()
-                .to_vec())
+            let pk = p256::PublicKey::from_sec1_bytes(&c)
+                .map_err(|_| ConvertError::Malformed("P-256 point"))?;
+            Ok(
+                p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&pk, false)
+                    .as_bytes()
+                    .to_vec(),
+            )
         }
         Some(0x02) | Some(0x03) if native => {
             // Natively signed: no DER original; expose the uncompressed point.
-            let pk = p256::PublicKey::from_sec1_bytes(key).map_err(|_| ConvertError::Malformed("P-256 point"))?;
-            Ok(p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&pk, false)
-                .as_bytes()
-                .to_vec())
+            let pk = p256::PublicKey::from_sec1_bytes(key)
+                .map_err(|_| ConvertError::Malformed("P-256 point"))?;
+            Ok(
+                p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&pk, false)
+                    .as_bytes()
+                    .to_vec(),
+            )
         }
         Some(0x02) | Some(0x03) | Some(0x04) => Ok(key.to_vec()),
         _ => Err(ConvertError::Malformed("P-256 public key prefix")),
@@ -358,8 +396,9 @@ pub(crate) fn spki_from_c509(
 ) -> Result<SubjectPublicKeyInfoOwned, ConvertError> {
     let algorithm = match alg {
         AlgorithmIdentifier::Int(v) => {
-            let (oid, params, _) = registry::pk_by_value(*v)
-                .ok_or_else(|| ConvertError::UnsupportedAlgorithm(format!("C509 public key algorithm {v}")))?;
+            let (oid, params, _) = registry::pk_by_value(*v).ok_or_else(|| {
+                ConvertError::UnsupportedAlgorithm(format!("C509 public key algorithm {v}"))
+            })?;
             AlgorithmIdentifierOwned {
                 oid,
                 parameters: params.map(|p| Any::encode_from(&p)).transpose()?,
@@ -420,19 +459,26 @@ pub(crate) fn serial_to_c509<P: x509_cert::certificate::Profile>(
     if content.first().is_some_and(|b| b & 0x80 != 0) {
         return Err(unsupported("negative serial number"));
     }
-    let start = content.iter().position(|b| *b != 0).unwrap_or(content.len());
+    let start = content
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(content.len());
     Ok(content.get(start..).unwrap_or_default().to_vec())
 }
 
 /// ~biguint bytes -> DER INTEGER SerialNumber.
-pub(crate) fn serial_from_c509(b: &[u8]) -> Result<x509_cert::serial_number::SerialNumber, ConvertError> {
+pub(crate) fn serial_from_c509(
+    b: &[u8],
+) -> Result<x509_cert::serial_number::SerialNumber, ConvertError> {
     let mut content = Vec::with_capacity(b.len() + 1);
     if b.is_empty() || b.first().is_some_and(|x| x & 0x80 != 0) {
         content.push(0);
     }
     content.extend_from_slice(b);
     let any = Any::new(Tag::Integer, content)?;
-    Ok(x509_cert::serial_number::SerialNumber::from_der(&any.to_der()?)?)
+    Ok(x509_cert::serial_number::SerialNumber::from_der(
+        &any.to_der()?,
+    )?)
 }
 
 // ---------------------------------------------------------- extensions ----
@@ -472,7 +518,10 @@ fn key_usage_from_c509(v: u64) -> Result<Vec<u8>, ConvertError> {
     Ok(BitString::new(unused, bytes)?.to_der()?)
 }
 
-fn general_name_to_c509(g: &X509GeneralName, native: bool) -> Result<Option<GeneralName>, ConvertError> {
+fn general_name_to_c509(
+    g: &X509GeneralName,
+    native: bool,
+) -> Result<Option<GeneralName>, ConvertError> {
     Ok(Some(match g {
         X509GeneralName::OtherName(o) => {
             if o.type_id == registry::ID_ON_HARDWARE_MODULE_NAME {
@@ -483,11 +532,15 @@ fn general_name_to_c509(g: &X509GeneralName, native: bool) -> Result<Option<Gene
                     },
                     _ => return Ok(None),
                 }
-            } else if o.type_id == registry::ID_ON_SMTP_UTF8_MAILBOX && o.value.tag() == Tag::Utf8String {
+            } else if o.type_id == registry::ID_ON_SMTP_UTF8_MAILBOX
+                && o.value.tag() == Tag::Utf8String
+            {
                 GeneralName::SmtpUtf8Mailbox(
-                    String::from_utf8(o.value.value().to_vec()).map_err(|_| ConvertError::Malformed("UTF8String"))?,
+                    String::from_utf8(o.value.value().to_vec())
+                        .map_err(|_| ConvertError::Malformed("UTF8String"))?,
                 )
-            } else if o.type_id == registry::ID_ON_MAC_ADDRESS && o.value.tag() == Tag::OctetString {
+            } else if o.type_id == registry::ID_ON_MAC_ADDRESS && o.value.tag() == Tag::OctetString
+            {
                 GeneralName::MacAddress(o.value.value().to_vec())
             } else {
                 GeneralName::OtherName {
@@ -508,7 +561,10 @@ fn general_name_to_c509(g: &X509GeneralName, native: bool) -> Result<Option<Gene
 
 /// GeneralNames -> C509; `None` when some name has no C509 encoding (the
 /// caller then uses the generic extension form, Section 3.3).
-fn general_names_to_c509(der_value: &[u8], native: bool) -> Result<Option<Vec<GeneralName>>, ConvertError> {
+fn general_names_to_c509(
+    der_value: &[u8],
+    native: bool,
+) -> Result<Option<Vec<GeneralName>>, ConvertError> {
     let Ok(names) = Vec::<X509GeneralName>::from_der(der_value) else {
         return Ok(None);
     };
@@ -559,8 +615,13 @@ fn general_name_from_c509(g: &GeneralName, native: bool) -> Result<X509GeneralNa
     })
 }
 
-fn general_names_from_c509(g: &[GeneralName], native: bool) -> Result<Vec<X509GeneralName>, ConvertError> {
-    g.iter().map(|x| general_name_from_c509(x, native)).collect()
+fn general_names_from_c509(
+    g: &[GeneralName],
+    native: bool,
+) -> Result<Vec<X509GeneralName>, ConvertError> {
+    g.iter()
+        .map(|x| general_name_from_c509(x, native))
+        .collect()
 }
 
 fn generic(e: &x509_cert::ext::Extension) -> Extension {
@@ -574,7 +635,10 @@ fn generic(e: &x509_cert::ext::Extension) -> Extension {
 }
 
 /// X.509 extension -> C509 extension (Sections 3.1.10 and 3.3).
-pub(crate) fn extension_to_c509(e: &x509_cert::ext::Extension, native: bool) -> Result<Extension, ConvertError> {
+pub(crate) fn extension_to_c509(
+    e: &x509_cert::ext::Extension,
+    native: bool,
+) -> Result<Extension, ConvertError> {
     let Some((id, name, implemented)) = registry::ext_by_oid(&e.extn_id) else {
         return Ok(generic(e));
     };
@@ -596,7 +660,11 @@ pub(crate) fn extension_to_c509(e: &x509_cert::ext::Extension, native: bool) -> 
             let bc = x509_cert::ext::pkix::BasicConstraints::from_der(v)?;
             ExtensionValue::BasicConstraints(match (bc.ca, bc.path_len_constraint) {
                 (false, None) => BasicConstraints::NotCa,
-                (false, Some(_)) => return Err(unsupported("basicConstraints cA=false with pathLenConstraint")),
+                (false, Some(_)) => {
+                    return Err(unsupported(
+                        "basicConstraints cA=false with pathLenConstraint",
+                    ))
+                }
                 (true, p) => BasicConstraints::Ca {
                     path_len: p.map(u64::from),
                 },
@@ -604,11 +672,17 @@ pub(crate) fn extension_to_c509(e: &x509_cert::ext::Extension, native: bool) -> 
         }
         7 => {
             let a = x509_cert::ext::pkix::AuthorityKeyIdentifier::from_der(v)?;
-            match (a.key_identifier, a.authority_cert_issuer, a.authority_cert_serial_number) {
-                (Some(k), None, None) => ExtensionValue::AuthorityKeyIdentifier(AuthorityKeyIdentifier {
-                    key_identifier: k.as_bytes().to_vec(),
-                    issuer_and_serial: None,
-                }),
+            match (
+                a.key_identifier,
+                a.authority_cert_issuer,
+                a.authority_cert_serial_number,
+            ) {
+                (Some(k), None, None) => {
+                    ExtensionValue::AuthorityKeyIdentifier(AuthorityKeyIdentifier {
+                        key_identifier: k.as_bytes().to_vec(),
+                        issuer_and_serial: None,
+                    })
+                }
                 (Some(k), Some(names), Some(serial)) => {
                     let mut g = Vec::with_capacity(names.len());
                     for n in &names {
@@ -655,14 +729,20 @@ pub(crate) fn extension_to_c509(e: &x509_cert::ext::Extension, native: bool) -> 
 }
 
 /// C509 extension -> X.509 extension.
-pub(crate) fn extension_from_c509(x: &Extension, native: bool) -> Result<x509_cert::ext::Extension, ConvertError> {
+pub(crate) fn extension_from_c509(
+    x: &Extension,
+    native: bool,
+) -> Result<x509_cert::ext::Extension, ConvertError> {
     let (oid, der_value) = match &x.value {
         ExtensionValue::Generic { oid, value } => (oid_from_bytes(oid)?, value.clone()),
         v => {
             let id = x.registry_value().unwrap_or(0);
-            let (oid, _, _) = registry::ext_by_value(id).ok_or(ConvertError::Malformed("extension id"))?;
+            let (oid, _, _) =
+                registry::ext_by_value(id).ok_or(ConvertError::Malformed("extension id"))?;
             let der_value = match v {
-                ExtensionValue::SubjectKeyIdentifier(b) => OctetString::new(b.as_slice())?.to_der()?,
+                ExtensionValue::SubjectKeyIdentifier(b) => {
+                    OctetString::new(b.as_slice())?.to_der()?
+                }
                 ExtensionValue::KeyUsage(k) => key_usage_from_c509(*k)?,
                 ExtensionValue::SubjectAltName(g) | ExtensionValue::IssuerAltName(g) => {
                     general_names_from_c509(g, native)?.to_der()?
@@ -687,7 +767,10 @@ pub(crate) fn extension_from_c509(x: &Extension, native: bool) -> Result<x509_ce
                 ExtensionValue::AuthorityKeyIdentifier(a) => {
                     let (issuer, serial) = match &a.issuer_and_serial {
                         None => (None, None),
-                        Some((g, s)) => (Some(general_names_from_c509(g, native)?), Some(serial_from_c509(s)?)),
+                        Some((g, s)) => (
+                            Some(general_names_from_c509(g, native)?),
+                            Some(serial_from_c509(s)?),
+                        ),
                     };
                     x509_cert::ext::pkix::AuthorityKeyIdentifier {
                         key_identifier: Some(OctetString::new(a.key_identifier.as_slice())?),

@@ -22,7 +22,8 @@ const MULTIPART_CDDL: &str = include_str!("../../cddl/multipart-core.cddl");
 /// bare byte string, RFC 8610 Section 3.7), so `~oid` is replaced by a rule
 /// that is exactly its unwrapped content, `bstr` (RFC 9090 Section 2).
 fn doc(rule: &str) -> String {
-    let all = format!("{C509_CDDL}\n{COSE_CDDL}\n{MULTIPART_CDDL}").replace("~oid", "unwrapped_oid");
+    let all =
+        format!("{C509_CDDL}\n{COSE_CDDL}\n{MULTIPART_CDDL}").replace("~oid", "unwrapped_oid");
     format!("root = {rule}\n{all}\nunwrapped_oid = bstr\n")
 }
 
@@ -34,7 +35,10 @@ pub fn check_cddl(rule: &str, item: &[u8]) -> Result<(), String> {
 /// Assert that `item` validates against `rule`.
 pub fn assert_cddl(rule: &str, item: &[u8]) {
     if let Err(e) = check_cddl(rule, item) {
-        panic!("{rule} CDDL validation failed for {}: {e}", hex::encode(item));
+        panic!(
+            "{rule} CDDL validation failed for {}: {e}",
+            hex::encode(item)
+        );
     }
 }
 
