@@ -217,6 +217,9 @@ fn build_exts(c: &ExtChoice) -> Vec<Extension> {
         ));
     }
     if let Some((bits, crit)) = c.ku {
+        // Our own minimal named-bit encoding must equal x509-cert's (used by the CA).
+        let ku = pkix::KeyUsage(der::flagset::FlagSet::new(bits).unwrap());
+        assert_eq!(ku.to_der().unwrap(), key_usage_der(bits));
         v.push(ext(Oid::new_unwrap("2.5.29.15"), crit, key_usage_der(bits)));
     }
     if !c.eku.is_empty() {

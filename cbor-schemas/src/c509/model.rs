@@ -11,6 +11,8 @@ use crate::error::DecodeError;
 
 use super::registry;
 
+/// 99991231235959Z as POSIX seconds; encoded as `null` (Section 3.1.5).
+pub const NO_EXPIRY_SECONDS: u64 = 253_402_300_799;
 /// CBOR tag 48: MAC address (RFC 9542 Section 2.4), used for EUI-64 text (Section 3.1.4).
 pub const TAG_MAC_ADDRESS: u64 = 48;
 /// CBOR tag 121: challengePassword as PrintableString (Section 4.3.2).
@@ -867,7 +869,14 @@ impl TbsCertificate {
             r.null()?;
             None
         } else {
-            Some(r.uint("validityNotAfter")?)
+            match r.uint("validityNotAfter")? {
+                NO_EXPIRY_SECONDS => {
+                    return Err(DecodeError::NotDeterministic(
+                        "99991231235959Z must be encoded as null",
+                    ))
+                }
+                t => Some(t),
+            }
         };
         let subject = Name::decode(r, strict)?;
         let subject_public_key_algorithm = AlgorithmIdentifier::decode(r)?;

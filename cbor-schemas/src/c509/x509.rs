@@ -129,7 +129,10 @@ pub(crate) fn name_from_c509(
                         "negative attribute type in a natively signed item",
                     ));
                 }
-                let (oid, _, syntax) = registry::rdn_by_value(attr_type.unsigned_abs() as i64)
+                let abs = attr_type
+                    .checked_abs()
+                    .ok_or(ConvertError::Malformed("RDN attribute type"))?;
+                let (oid, _, syntax) = registry::rdn_by_value(abs)
                     .ok_or(ConvertError::Malformed("RDN attribute type"))?;
                 let text = value.to_text()?;
                 let tag = match syntax {
