@@ -1,7 +1,8 @@
 //! Fuzz target: a CoAP server session fed arbitrary datagrams.
 //!
 //! Input format: a sequence of `[len: u8][advance_ms: u8][datagram: len bytes]` records.
-//! Invariants: no panic; every datagram the session emits is a valid CoAP message;
+//! Invariants: no panic; every datagram the session emits (answers, separate responses and
+//! their retransmissions) is a valid CoAP message;
 //! Block1 reassembly, the dedup cache and the pending set stay within their limits.
 #![no_main]
 
@@ -25,6 +26,7 @@ fuzz_target!(|data: &[u8]| {
     let mut now = t0;
     let mut rest = data;
     let mut answer_next = true;
+    let mut requests = 0u32;
     while let [len, advance, tail @ ..] = rest {
         let len = usize::from(*len).min(tail.len());
         let (datagram, next) = tail.split_at(len);
@@ -37,6 +39,13 @@ fuzz_target!(|data: &[u8]| {
             }
             Incoming::Request(id, request) => {
                 assert!(request.payload.len() <= MAX_BODY);
+                requests += 1;
+                // Every third request takes the separate-response path (empty ACK first).
+                if requests % 3 == 0 {
+                    if let Some(ack) = session.acknowledge(now, id) {
+                        assert_eq!(ack.len(), 4);
+                    }
+                }
                 // Answer every other request (with a body that needs Block2), leave the rest
                 // pending so the pending bound is exercised too.
                 if answer_next {
@@ -53,6 +62,9 @@ fuzz_target!(|data: &[u8]| {
             if deadline <= now {
                 session.handle_timeout(now);
             }
+        }
+        while let Some(bytes) = session.poll_transmit() {
+            assert!(coap_lite::Packet::from_bytes(&bytes).is_ok());
         }
         let stats = session.stats();
         assert!(stats.reassembly_bytes <= MAX_BODY);

@@ -19,9 +19,11 @@
 //! # Server ([`ServerSession`])
 //!
 //! * CON requests get piggybacked ACKs (same Message ID and token); NON requests get NON
-//!   responses (fresh Message ID, same token). Separate (delayed) responses are not
-//!   implemented: the application is expected to answer promptly, or with 5.03 + Max-Age
-//!   (RFC 9148 §5.7 "long delay").
+//!   responses (fresh Message ID, same token). An application that needs time calls
+//!   [`ServerSession::acknowledge`] (empty ACK, RFC 7252 §5.2.2, RFC 9148 §5.7 "short
+//!   delay"); its response then goes out as a separate CON, retransmitted through
+//!   [`ServerSession::handle_timeout`] / [`ServerSession::poll_transmit`] until ACKed. For
+//!   long delays the application answers 5.03 + Max-Age (RFC 9148 §5.7 "long delay").
 //! * Deduplication (RFC 7252 §4.5) by Message ID within one session (= one peer endpoint):
 //!   a duplicate CON gets the identical bytes of the earlier answer, a duplicate NON is
 //!   ignored, a duplicate that arrives before the application answered is ignored. The
@@ -55,7 +57,7 @@
 //! reassembly bytes (one transfer), one Block2 body. Nothing on network input panics: all
 //! option values are length-checked before use, integer conversions are checked.
 //! Not implemented: Observe, OSCORE, RFC 9175 Request-Tag/Echo, RFC 8974 extended tokens,
-//! server-side separate responses, congestion control beyond NSTART = 1.
+//! congestion control beyond NSTART = 1, critical-option checks on responses (client).
 
 mod client;
 mod server;

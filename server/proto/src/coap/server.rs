@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
-use rand::RngCore;
+use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 
 use super::wire::{self, BadOption, BlockOpt, Malformed};
@@ -52,6 +52,13 @@ pub struct SessionStats {
     pub layer_errors: u64,
     /// Requests refused with 5.03 because too many were pending.
     pub shed: u64,
+    /// Empty ACKs sent by [`ServerSession::acknowledge`].
+    pub empty_acks_sent: u64,
+    /// Separate CON responses acknowledged by the peer.
+    pub separate_acked: u64,
+    /// Separate CON responses retransmitted / abandoned after MAX_RETRANSMIT.
+    pub retransmissions: u64,
+    pub separate_given_up: u64,
     /// Gauge: bytes held by the Block1 reassembly buffer.
     pub reassembly_bytes: usize,
     /// Gauge: bytes held by the Block2 body cache.
@@ -110,7 +117,19 @@ struct Pending {
     /// Block2 asked by the client: early negotiation (NUM 0) or a later block.
     block2: Option<BlockOpt>,
     size2_requested: bool,
+    /// An empty ACK was sent (RFC 7252 §5.2.2): the response goes in a separate CON.
+    separate: bool,
     expires: Instant,
+}
+
+/// A separate CON response waiting for its ACK (RFC 7252 §4.2, §5.2.2).
+#[derive(Debug)]
+struct Outgoing {
+    mid: u16,
+    bytes: Vec<u8>,
+    retransmissions: u32,
+    timeout: Duration,
+    deadline: Instant,
 }
 
 #[derive(Debug)]
@@ -189,6 +208,9 @@ pub struct ServerSession {
     pending: BTreeMap<RequestId, Pending>,
     reassembly: Option<Reassembly>,
     block2: Option<Block2Cache>,
+    outgoing: VecDeque<Outgoing>,
+    transmit: VecDeque<Vec<u8>>,
+    rng: StdRng,
     stats: SessionStats,
 }
 
@@ -199,12 +221,16 @@ impl ServerSession {
         Self::with_initial_message_id(config, 0)
     }
 
-    /// A session with a random initial Message ID for NON responses.
+    /// A session with a random initial Message ID (for NON and separate responses) and
+    /// random retransmission jitter.
     pub fn with_rng<R: RngCore + ?Sized>(config: Arc<CoapConfig>, rng: &mut R) -> Self {
         let [a, b, ..] = rng.next_u32().to_be_bytes();
-        Self::with_initial_message_id(config, u16::from_be_bytes([a, b]))
+        let mut s = Self::with_initial_message_id(config, u16::from_be_bytes([a, b]));
+        s.rng = StdRng::seed_from_u64(rng.next_u64());
+        s
     }
 
+    /// A session with a fixed initial Message ID (tests); jitter is seeded from it.
     pub fn with_initial_message_id(config: Arc<CoapConfig>, mid: u16) -> Self {
         Self {
             config,
@@ -214,6 +240,9 @@ impl ServerSession {
             pending: BTreeMap::new(),
             reassembly: None,
             block2: None,
+            outgoing: VecDeque::new(),
+            transmit: VecDeque::new(),
+            rng: StdRng::seed_from_u64(u64::from(mid)),
             stats: SessionStats::default(),
         }
     }
@@ -247,12 +276,21 @@ impl ServerSession {
                     self.stats.pings += 1;
                     self.reject(header.mtype, header.mid)
                 }
-                MessageType::Reset => {
-                    // We never send CON, so a RST can only reject a NON response (§4.3).
-                    self.stats.resets_received += 1;
+                MessageType::Acknowledgement | MessageType::Reset => {
+                    // ACK or RST of a separate CON response (matched by MID, §4.2) ends
+                    // its retransmission; a RST may also reject a NON response (§4.3).
+                    if header.mtype == MessageType::Reset {
+                        self.stats.resets_received += 1;
+                    }
+                    let before = self.outgoing.len();
+                    self.outgoing.retain(|o| o.mid != header.mid);
+                    if self.outgoing.len() < before && header.mtype == MessageType::Acknowledgement
+                    {
+                        self.stats.separate_acked += 1;
+                    }
                     Incoming::Ignore
                 }
-                _ => Incoming::Ignore,
+                MessageType::NonConfirmable => Incoming::Ignore,
             },
             MessageClass::Request(r) => match header.mtype {
                 MessageType::Confirmable | MessageType::NonConfirmable => self.handle_request(
@@ -430,6 +468,7 @@ impl ServerSession {
             block1_echo,
             block2,
             size2_requested,
+            separate: false,
             expires: deadline(now, expires_in),
         };
         let lifetime = self.config.exchange_lifetime;
@@ -680,6 +719,14 @@ impl ServerSession {
             }
             reply.payload = response.payload;
         }
+        if p.separate {
+            // RFC 7252 §5.2.2: the separate response is a CON with a fresh MID and the
+            // request's token; the dedup entry keeps answering duplicates with the empty ACK.
+            let mid = self.alloc_mid();
+            let bytes = self.build(MessageType::Confirmable, mid, &p.to.token, &reply);
+            self.send_confirmable(now, mid, bytes.clone());
+            return vec![bytes];
+        }
         let bytes = self.emit(&p.to, &reply);
         if let Some(entry) = self.dedup.iter_mut().find(|e| e.mid == p.to.mid) {
             entry.state = if p.to.confirmable {
@@ -691,18 +738,100 @@ impl ServerSession {
         vec![bytes]
     }
 
+    /// Acknowledges pending CON request `id` with an empty ACK now, for an application that
+    /// needs time (RFC 7252 §5.2.2, RFC 9148 §5.7 "short delay"). The later
+    /// [`Self::respond`] then sends the response as a separate CON, retransmitted from
+    /// [`Self::handle_timeout`] through [`Self::poll_transmit`] until the peer ACKs it.
+    /// Duplicates of the request get the empty ACK again. Returns `None` (nothing to send)
+    /// for a NON request, an unknown id, or one already acknowledged.
+    pub fn acknowledge(&mut self, now: Instant, id: RequestId) -> Option<Vec<u8>> {
+        self.expire(now);
+        let p = self.pending.get_mut(&id)?;
+        if !p.to.confirmable || p.separate {
+            return None;
+        }
+        p.separate = true;
+        let ack = wire::empty(MessageType::Acknowledgement, p.to.mid);
+        let mid = p.to.mid;
+        if let Some(entry) = self.dedup.iter_mut().find(|e| e.mid == mid) {
+            entry.state = DedupState::Answered(ack.clone());
+        }
+        self.stats.empty_acks_sent += 1;
+        Some(ack)
+    }
+
+    /// Retransmissions of separate CON responses that are due (after [`Self::handle_timeout`]).
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.transmit.pop_front()
+    }
+
+    fn alloc_mid(&mut self) -> u16 {
+        let mid = self.next_mid;
+        self.next_mid = self.next_mid.wrapping_add(1);
+        mid
+    }
+
+    fn send_confirmable(&mut self, now: Instant, mid: u16, bytes: Vec<u8>) {
+        // RFC 7252 §4.2: initial timeout random in [ACK_TIMEOUT, ACK_TIMEOUT x ACK_RANDOM_FACTOR].
+        let factor = self.config.ack_random_factor;
+        let jitter = if factor.is_finite() && factor > 1.0 {
+            self.rng.gen_range(1.0..=factor)
+        } else {
+            1.0
+        };
+        let timeout = Duration::try_from_secs_f64(self.config.ack_timeout.as_secs_f64() * jitter)
+            .unwrap_or(self.config.ack_timeout);
+        // Bounded like the pending set it comes from.
+        while self.outgoing.len() >= self.config.max_pending_requests.max(1) {
+            self.outgoing.pop_front();
+            self.stats.separate_given_up += 1;
+        }
+        self.outgoing.push_back(Outgoing {
+            mid,
+            bytes,
+            retransmissions: 0,
+            timeout,
+            deadline: deadline(now, timeout),
+        });
+    }
+
     /// Earliest instant at which some held state expires.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let dedup = self.dedup.iter().map(|e| e.expires);
         let pending = self.pending.values().map(|p| p.expires);
         let reassembly = self.reassembly.as_ref().map(|r| r.expires);
         let block2 = self.block2.as_ref().map(|c| c.expires);
-        dedup.chain(pending).chain(reassembly).chain(block2).min()
+        let outgoing = self.outgoing.iter().map(|o| o.deadline);
+        dedup
+            .chain(pending)
+            .chain(reassembly)
+            .chain(block2)
+            .chain(outgoing)
+            .min()
     }
 
-    /// Drops expired dedup entries, pending requests, reassembly and Block2 cache.
+    /// Drops expired dedup entries, pending requests, reassembly and Block2 cache, and
+    /// queues due retransmissions of separate CON responses (doubling timeout, given up
+    /// after MAX_RETRANSMIT; RFC 7252 §4.2) for [`Self::poll_transmit`].
     pub fn handle_timeout(&mut self, now: Instant) {
         self.expire(now);
+        let max_retransmit = self.config.max_retransmit;
+        let mut given_up = 0;
+        for o in self.outgoing.iter_mut().filter(|o| o.deadline <= now) {
+            if o.retransmissions < max_retransmit {
+                o.retransmissions += 1;
+                o.timeout = o.timeout.checked_mul(2).unwrap_or(o.timeout);
+                o.deadline = deadline(now, o.timeout);
+                self.transmit.push_back(o.bytes.clone());
+                self.stats.retransmissions += 1;
+            } else {
+                given_up += 1;
+            }
+        }
+        if given_up > 0 {
+            self.outgoing.retain(|o| o.deadline > now);
+            self.stats.separate_given_up += given_up;
+        }
     }
 
     pub fn stats(&self) -> SessionStats {
@@ -760,15 +889,17 @@ impl ServerSession {
         let (mtype, mid) = if to.confirmable {
             (MessageType::Acknowledgement, to.mid)
         } else {
-            let mid = self.next_mid;
-            self.next_mid = self.next_mid.wrapping_add(1);
-            (MessageType::NonConfirmable, mid)
+            (MessageType::NonConfirmable, self.alloc_mid())
         };
+        self.build(mtype, mid, &to.token, reply)
+    }
+
+    fn build(&self, mtype: MessageType, mid: u16, token: &[u8], reply: &Reply) -> Vec<u8> {
         let code = match reply.code {
             ResponseType::UnKnown => ResponseType::InternalServerError,
             c => c,
         };
-        let mut p = wire::packet(mtype, MessageClass::Response(code), mid, &to.token);
+        let mut p = wire::packet(mtype, MessageClass::Response(code), mid, token);
         if let Some(etag) = &reply.etag {
             p.add_option(CoapOption::ETag, etag.clone());
         }

@@ -1256,6 +1256,143 @@ fn block1_block2_combined_post_figure_10() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Separate responses (RFC 7252 §5.2.2, RFC 9148 §5.7 short delay)
+
+#[test]
+fn separate_response_empty_ack_then_con_until_acked() {
+    let t0 = Instant::now();
+    let mut s = ServerSession::with_initial_message_id(Arc::new(CoapConfig::default()), 0x4000);
+    let m = Msg::con(0x0A0A, RequestType::Post)
+        .path("est/sen")
+        .cf(286)
+        .payload(b"csr")
+        .bytes();
+    let (id, _) = request(s.handle_datagram(t0, &m));
+    let ack = s.acknowledge(t0, id).unwrap();
+    assert_eq!(ack, vec![0x60, 0x00, 0x0A, 0x0A]);
+    assert_eq!(s.acknowledge(t0, id), None, "only once");
+    // §5.2.2: a retransmitted request gets the empty ACK again, never the response.
+    assert_eq!(send(s.handle_datagram(t0 + secs(2), &m)), ack);
+    let con = one(s.respond(
+        t0 + secs(10),
+        id,
+        Response::new(ResponseType::Changed).with_payload(281, b"cert".to_vec()),
+    ));
+    let p = parse(&con);
+    assert_eq!(p.header.get_type(), MessageType::Confirmable);
+    assert_eq!(p.header.message_id, 0x4000);
+    assert_eq!(p.get_token(), TOKEN);
+    assert_eq!(code(&p), ResponseType::Changed);
+    assert_eq!(
+        send(s.handle_datagram(t0 + secs(11), &m)),
+        ack,
+        "still the empty ACK"
+    );
+    // Not ACKed: retransmitted with doubling timeouts, identical bytes.
+    let d1 = s.poll_timeout().unwrap();
+    assert!(d1 >= t0 + secs(12) && d1 <= t0 + secs(13), "{:?}", d1 - t0);
+    s.handle_timeout(d1);
+    assert_eq!(s.poll_transmit(), Some(con.clone()));
+    assert_eq!(s.poll_transmit(), None);
+    let d2 = s.poll_timeout().unwrap();
+    assert_eq!(d2 - d1, (d1 - (t0 + secs(10))) * 2);
+    // The peer's empty ACK (matched by MID) stops retransmission.
+    assert_eq!(
+        s.handle_datagram(d1 + secs(1), &[0x60, 0x00, 0x40, 0x00]),
+        Incoming::Ignore
+    );
+    s.handle_timeout(d2);
+    assert_eq!(s.poll_transmit(), None);
+    let st = s.stats();
+    assert_eq!(
+        (st.empty_acks_sent, st.separate_acked, st.retransmissions),
+        (1, 1, 1)
+    );
+    // Only dedup expiry is left to wait for.
+    assert_eq!(s.poll_timeout(), Some(t0 + secs(247)));
+}
+
+#[test]
+fn separate_response_is_abandoned_after_max_retransmit() {
+    let t0 = Instant::now();
+    let mut s = session();
+    let (id, _) = request(s.handle_datagram(t0, &Msg::con(1, RequestType::Get).path("a").bytes()));
+    let _ = s.acknowledge(t0, id).unwrap();
+    let _ = s.respond(t0, id, Response::new(ResponseType::Content));
+    let mut sent = 0;
+    while let Some(t) = s.poll_timeout() {
+        if t >= t0 + secs(247) {
+            break;
+        }
+        s.handle_timeout(t);
+        while s.poll_transmit().is_some() {
+            sent += 1;
+        }
+    }
+    assert_eq!(sent, 4);
+    assert_eq!(s.stats().separate_given_up, 1);
+}
+
+#[test]
+fn acknowledge_is_refused_for_non_and_unknown_ids() {
+    let t0 = Instant::now();
+    let mut s = session();
+    let (id, _) = request(s.handle_datagram(t0, &Msg::non(1, RequestType::Get).path("a").bytes()));
+    assert_eq!(s.acknowledge(t0, id), None);
+    let _ = s.respond(t0, id, Response::new(ResponseType::Content));
+    assert_eq!(s.acknowledge(t0, id), None);
+}
+
+#[test]
+fn client_and_server_complete_a_separate_response_with_block2() {
+    // RFC 9148 §5.7 Figure 2 shape: empty ACK, then CON 2.04 with Block2 NUM 0, client
+    // ACKs it and fetches the rest with piggybacked responses.
+    let t0 = Instant::now();
+    let cfg = ClientConfig {
+        block2_szx: Some(4),
+        ..client_cfg()
+    };
+    let mut c = Client::new(cfg, 11);
+    let mut s = session();
+    c.start(
+        t0,
+        Request::new(Method::Post, "est/sen").with_payload(286, body(100)),
+    )
+    .unwrap();
+    let (id, _) = request(s.handle_datagram(t0, &c.poll_transmit().unwrap()));
+    c.handle_datagram(t0, &s.acknowledge(t0, id).unwrap());
+    assert_eq!(
+        c.poll_timeout(),
+        Some(t0 + secs(247)),
+        "client waits, no retransmission"
+    );
+    let now = t0 + secs(20);
+    let con = one(s.respond(
+        now,
+        id,
+        Response::new(ResponseType::Changed).with_payload(281, body(700)),
+    ));
+    c.handle_datagram(now, &con);
+    // The client's empty ACK, then its Block2 NUM 1 request.
+    let ack = c.poll_transmit().unwrap();
+    assert_eq!(ack.len(), 4);
+    assert_eq!(s.handle_datagram(now, &ack), Incoming::Ignore);
+    assert_eq!(s.stats().separate_acked, 1);
+    while let Some(d) = c.poll_transmit() {
+        c.handle_datagram(now, &send(s.handle_datagram(now, &d)));
+    }
+    match c.poll_event().unwrap() {
+        ClientEvent::Response(r) => {
+            assert_eq!(r.code, ResponseType::Changed);
+            assert_eq!(r.payload, body(700));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.stats().block2_received, 3);
+    assert_eq!(s.stats().requests_delivered, 1);
+}
+
+// ---------------------------------------------------------------------------------------
 // Client
 
 fn client_cfg() -> ClientConfig {
