@@ -96,6 +96,17 @@ pub fn cose_c509_chain(certs: &[Vec<u8>]) -> Result<Vec<u8>, ConvertError> {
     encode_bag(certs)
 }
 
+/// COSE_C509 from DER certificates (leaf first), each re-encoded as C509
+/// type 3 (losslessly; see [`crate::c509::certificate_der_to_c509`]). Use this
+/// for an EST response in `application/cose-c509-cert`.
+pub fn cose_c509_chain_from_der(der_certs: &[Vec<u8>]) -> Result<Vec<u8>, ConvertError> {
+    let certs = der_certs
+        .iter()
+        .map(|d| crate::c509::certificate_der_to_c509(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    encode_bag(&certs)
+}
+
 /// Decode COSE_C509 into its `~C509Certificate` sequences, each validated.
 pub fn decode_cose_c509(bytes: &[u8]) -> Result<Vec<Vec<u8>>, DecodeError> {
     let certs = decode_bag(bytes)?;

@@ -257,6 +257,21 @@ fn cose_c509_chain_of_two_validates_and_round_trips() {
     one.extend_from_slice(&leaf);
     assert!(cose::decode_cose_c509(&one).is_err());
     assert_eq!(cose::cose_c509_chain(&[]), Err(ConvertError::EmptyChain));
+    // From DER: the same bytes as converting one by one.
+    let from_der =
+        cose::cose_c509_chain_from_der(&[vector("rfc7925.der"), vector("ieee8021ar.der")]).unwrap();
+    assert_eq!(
+        from_der,
+        cose::cose_c509_chain(&[vector("rfc7925.c509"), vector("ieee8021ar.c509")]).unwrap()
+    );
+    assert_cose_c509(&from_der);
+    // COSE_X509 of the same chain, for comparison of sizes (RFC 9360).
+    let x509 = cose::cose_x509_chain(&[vector("rfc7925.der"), vector("ieee8021ar.der")]).unwrap();
+    println!(
+        "chain of 2: COSE_X509 {} B, COSE_C509 {} B",
+        x509.len(),
+        from_der.len()
+    );
     assert!(cose::cose_c509_chain(&[vec![1, 2, 3]]).is_err());
 }
 
