@@ -64,6 +64,25 @@ impl IssueParams {
             extended_key_usage_client_auth: true,
         }
     }
+
+    /// Defaults as [`IssueParams::new`], with subject, public key and hardwareModuleName taken from
+    /// a verified CSR.
+    pub fn from_csr(
+        csr: &super::ParsedCsr,
+        serial: SerialNumber,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Self {
+        let mut params = Self::new(
+            csr.subject.clone(),
+            csr.public_key.clone(),
+            serial,
+            not_before,
+            not_after,
+        );
+        params.hardware_module = csr.hardware_module.clone();
+        params
+    }
 }
 
 /// A positive random serial number of 16 octets (RFC 5280 §4.1.2.2: positive, at most 20 octets;
@@ -155,6 +174,12 @@ impl IssuingCa {
         self.not_after
     }
 
+    /// The notAfter a certificate asked to end at `not_after` actually gets: issued certificates
+    /// never outlive the CA (rustls-webpki checks every certificate of the chain at the same time).
+    pub fn effective_not_after(&self, not_after: SystemTime) -> SystemTime {
+        not_after.min(self.not_after)
+    }
+
     /// The CA's key identifier (its SKI), put in the AKI of what it issues.
     pub fn key_identifier(&self) -> &[u8] {
         &self.key_id
@@ -226,9 +251,7 @@ impl IssuingCa {
 
     /// Sign a certificate with this CA as issuer (notAfter clamped to the CA's notAfter).
     pub(crate) fn sign(&self, mut template: CertTemplate) -> Result<Vec<u8>, CaError> {
-        if template.not_after > self.not_after {
-            template.not_after = self.not_after;
-        }
+        template.not_after = self.effective_not_after(template.not_after);
         sign_certificate(self.signer.as_ref(), self.subject(), template)
     }
 }

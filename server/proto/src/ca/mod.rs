@@ -54,7 +54,7 @@ pub use pki::{
     generate_root_ca, generate_server_cert, generate_sub_ca, idevid_no_expiry, mint_idevid,
     IDEVID_NO_EXPIRY_UNIX_SECS,
 };
-pub use signer::{generate_p256_pkcs8, RingP256Signer, Signer};
+pub use signer::{generate_p256_pkcs8, p256_spki_from_pkcs8, RingP256Signer, Signer};
 
 // Re-exported so that callers can name the types of this API without adding the crates themselves.
 pub use const_oid::ObjectIdentifier;

@@ -112,6 +112,13 @@ impl Signer for RingP256Signer {
     }
 }
 
+/// The SubjectPublicKeyInfo of a PKCS#8 P-256 private key (e.g. one made by [`generate_p256_pkcs8`]
+/// for server-side key generation, RFC 9148 §4.8 /skg).
+pub fn p256_spki_from_pkcs8(pkcs8: &[u8]) -> Result<SubjectPublicKeyInfoOwned, CaError> {
+    let signer = RingP256Signer::from_pkcs8_der(pkcs8)?;
+    p256_spki(signer.public_key_sec1())
+}
+
 /// SubjectPublicKeyInfo of an uncompressed P-256 point (RFC 5480 §2: id-ecPublicKey, namedCurve secp256r1).
 pub(crate) fn p256_spki(sec1_uncompressed: &[u8]) -> Result<SubjectPublicKeyInfoOwned, CaError> {
     Ok(SubjectPublicKeyInfoOwned {

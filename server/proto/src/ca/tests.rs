@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use der::{Decode, Encode};
+use der::{Decode, Encode, Tag};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
@@ -168,8 +168,12 @@ fn issue_for(
     .unwrap();
     let csr = build_csr(device, &subject, hmn.as_ref(), Some("dGxzLXVuaXF1ZQ==")).unwrap();
     let parsed = parse_and_verify_csr(&csr, 4096).unwrap();
-    let mut params = IssueParams::new(parsed.subject, parsed.public_key, serial, t0(), t0() + YEAR);
-    params.hardware_module = parsed.hardware_module;
+    let params = IssueParams::from_csr(&parsed, serial, t0(), t0() + YEAR);
+    assert_eq!(params.hardware_module, hmn);
+    assert_eq!(
+        (params.key_agreement, params.extended_key_usage_client_auth),
+        (false, true)
+    );
     p.ca.issue(&params).unwrap()
 }
 
@@ -408,7 +412,11 @@ fn sub_ca_chain_and_server_cert() {
     let ips = ["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
     let (srv, srv_key) =
         generate_server_cert(&sub, &["localhost".to_string()], &ips, t0(), YEAR, &mut r).unwrap();
-    assert!(RingP256Signer::from_pkcs8_der(&srv_key).is_ok());
+    let srv_signer = RingP256Signer::from_pkcs8_der(&srv_key).unwrap();
+    assert_eq!(
+        p256_spki_from_pkcs8(&srv_key).unwrap().to_der().unwrap(),
+        srv_signer.public_key_spki_der()
+    );
     let srv = Certificate::from_der(&srv).unwrap();
     assert!(signature_verifies(&srv, sub.certificate()));
     assert_eq!(
@@ -817,4 +825,122 @@ fn name_helpers() {
     assert_eq!(n.to_string(), "CN=inner,CN=outer,O=Zähler GmbH,C=DE");
     assert!(name_from_attrs(&[(oid::AT_COUNTRY_NAME, "Ü")]).is_err());
     assert!(name_from_attrs(&[(oid::AT_COMMON_NAME, "")]).is_err());
+}
+
+// ------------------------------------------------- CSR decoding cost bounds (hand-made DER)
+
+fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    let n = body.len();
+    if n < 0x80 {
+        v.push(n as u8);
+    } else if n < 0x100 {
+        v.extend([0x81, n as u8]);
+    } else {
+        v.extend([0x82, (n >> 8) as u8, n as u8]);
+    }
+    v.extend_from_slice(body);
+    v
+}
+
+/// A CSR signed by `device` whose subject is one RDN SET of `count` commonName-like attributes
+/// (OIDs 1.2.3.<i>), in ascending or descending order, and whose attributes are `attrs` (raw).
+fn handmade_csr(device: &RingP256Signer, count: usize, ascending: bool, attrs: &[u8]) -> Vec<u8> {
+    let mut set = Vec::new();
+    let order: Vec<usize> = if ascending {
+        (0..count).collect()
+    } else {
+        (0..count).rev().collect()
+    };
+    for i in order {
+        let oid = [
+            0x06,
+            0x04,
+            0x2A,
+            0x03,
+            0x80 | (i >> 7) as u8,
+            (i & 0x7f) as u8,
+        ];
+        set.extend(tlv(0x30, &[&oid[..], &[0x0C, 0x01, b'x']].concat()));
+    }
+    let name = tlv(0x30, &tlv(0x31, &set));
+    let info = tlv(
+        0x30,
+        &[
+            &[0x02, 0x01, 0x00][..],
+            &name,
+            device.public_key_spki_der(),
+            &tlv(0xA0, attrs),
+        ]
+        .concat(),
+    );
+    let sig = device.sign(&info).unwrap();
+    let alg = [
+        0x30, 0x0A, 0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04, 0x03, 0x02,
+    ];
+    let bits = tlv(0x03, &[&[0u8][..], &sig].concat());
+    tlv(0x30, &[&info[..], &alg, &bits].concat())
+}
+
+#[test]
+fn csr_small_unsorted_set_is_accepted_and_verified_over_received_bytes() {
+    // Not DER (SET OF out of order), but small: decoded (der sorts it) and the signature is checked
+    // over the bytes as received, not over the re-sorted encoding.
+    let device = device_signer(120);
+    let csr = handmade_csr(&device, 5, false, &[]);
+    let parsed = parse_and_verify_csr(&csr, 4096).unwrap();
+    assert_eq!(parsed.subject.0.len(), 1);
+    assert_eq!(parsed.subject.0[0].0.len(), 5);
+    // The re-encoding is sorted, so it is not what was signed.
+    let reencoded = parsed.subject.to_der().unwrap();
+    assert!(!csr
+        .windows(reencoded.len())
+        .any(|w| w == reencoded.as_slice()));
+}
+
+#[test]
+fn csr_large_unsorted_set_is_refused_before_decoding() {
+    let device = device_signer(121);
+    let big_unsorted = handmade_csr(&device, 200, false, &[]);
+    assert_eq!(
+        parse_and_verify_csr(&big_unsorted, 8192),
+        Err(CsrError::Malformed(Tag::Set.value_error()))
+    );
+    // The same set in DER order is fine (the decoder's sort is then linear).
+    let big_sorted = handmade_csr(&device, 200, true, &[]);
+    assert_eq!(
+        parse_and_verify_csr(&big_sorted, 8192).unwrap().subject.0[0]
+            .0
+            .len(),
+        200
+    );
+}
+
+#[test]
+fn csr_deep_nesting_is_refused() {
+    let device = device_signer(122);
+    // An unknown attribute whose value nests 40 SEQUENCEs.
+    let mut v = vec![0x05, 0x00];
+    for _ in 0..40 {
+        v = tlv(0x30, &v);
+    }
+    let attr = tlv(
+        0x30,
+        &[&[0x06, 0x03, 0x2A, 0x03, 0x04][..], &tlv(0x31, &v)].concat(),
+    );
+    let csr = handmade_csr(&device, 1, true, &attr);
+    assert!(matches!(
+        parse_and_verify_csr(&csr, 8192),
+        Err(CsrError::Malformed(_))
+    ));
+    // 10 levels are fine.
+    let mut v = vec![0x05, 0x00];
+    for _ in 0..10 {
+        v = tlv(0x30, &v);
+    }
+    let attr = tlv(
+        0x30,
+        &[&[0x06, 0x03, 0x2A, 0x03, 0x04][..], &tlv(0x31, &v)].concat(),
+    );
+    assert!(parse_and_verify_csr(&handmade_csr(&device, 1, true, &attr), 8192).is_ok());
 }
