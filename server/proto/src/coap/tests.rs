@@ -1912,6 +1912,138 @@ fn interop_libcoap_client_block1_and_block2() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Runs one exchange of `client` against a real UDP peer, on the wall clock.
+fn exchange_udp(
+    client: &mut Client,
+    socket: &std::net::UdpSocket,
+    request: Request,
+) -> ClientEvent {
+    let deadline = Instant::now() + secs(30);
+    client.start(Instant::now(), request).unwrap();
+    let mut buf = [0u8; 2048];
+    loop {
+        while let Some(d) = client.poll_transmit() {
+            socket.send(&d).unwrap();
+        }
+        if let Some(ev) = client.poll_event() {
+            return ev;
+        }
+        let now = Instant::now();
+        assert!(now < deadline, "no outcome within 30 s");
+        let wait = client
+            .poll_timeout()
+            .map_or(Duration::from_millis(50), |t| {
+                t.saturating_duration_since(now)
+            })
+            .clamp(Duration::from_millis(1), Duration::from_millis(200));
+        socket.set_read_timeout(Some(wait)).unwrap();
+        match socket.recv(&mut buf) {
+            Ok(n) => client.handle_datagram(Instant::now(), &buf[..n]),
+            Err(_) => client.handle_timeout(Instant::now()),
+        }
+    }
+}
+
+#[test]
+fn interop_client_against_libcoap_server() {
+    let bin = "/usr/bin/coap-server-notls";
+    if !std::path::Path::new(bin).exists() {
+        eprintln!("skipped: {bin} not installed (apt-get install libcoap3-bin)");
+        return;
+    }
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(
+        std::process::Command::new(bin)
+            .args(["-A", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect(("127.0.0.1", port)).unwrap();
+    let cfg = ClientConfig {
+        block1_szx: 2,
+        block2_szx: Some(2),
+        ..client_cfg()
+    };
+    let mut c = Client::new(cfg, 5);
+    // Wait until the server answers (it needs a moment to bind).
+    let mut up = false;
+    for _ in 0..50 {
+        let fast = CoapConfig {
+            ack_timeout: Duration::from_millis(100),
+            max_retransmit: 0,
+            ..CoapConfig::default()
+        };
+        let mut probe = Client::new(
+            ClientConfig {
+                coap: fast,
+                ..client_cfg()
+            },
+            1,
+        );
+        if let ClientEvent::Response(_) = exchange_udp(
+            &mut probe,
+            &socket,
+            Request::new(Method::Get, ".well-known/core"),
+        ) {
+            up = true;
+            break;
+        }
+    }
+    assert!(up, "libcoap server did not come up");
+
+    // PUT 3000 B in Block1 64 (libcoap reassembles), GET it back in Block2 64.
+    let data = ascii_body(3000);
+    let ev = exchange_udp(
+        &mut c,
+        &socket,
+        Request::new(Method::Put, "example_data").with_payload(0, data.clone()),
+    );
+    assert!(
+        matches!(&ev, ClientEvent::Response(r) if r.code == ResponseType::Changed || r.code == ResponseType::Created),
+        "{ev:?}"
+    );
+    let ev = exchange_udp(&mut c, &socket, Request::new(Method::Get, "example_data"));
+    match ev {
+        ClientEvent::Response(r) => {
+            assert_eq!(r.code, ResponseType::Content);
+            assert_eq!(r.payload, data, "body read back through libcoap");
+        }
+        other => panic!("{other:?}"),
+    }
+    // /async?1: libcoap answers with an empty ACK and a separate CON response 1 s later.
+    let ev = exchange_udp(
+        &mut c,
+        &socket,
+        Request::new(Method::Get, "async").with_query("1"),
+    );
+    assert!(
+        matches!(&ev, ClientEvent::Response(r) if r.code == ResponseType::Content),
+        "{ev:?}"
+    );
+    let st = c.stats();
+    eprintln!("client vs libcoap: {st:?}");
+    assert_eq!(st.block1_sent, 47);
+    // 47 blocks of the GET, plus a Block2 M=0 libcoap puts on a small answer to our early
+    // negotiation.
+    assert!((47..=49).contains(&st.block2_received), "{st:?}");
+    assert_eq!(st.empty_acks_received, 1);
+    assert_eq!(st.separate_responses, 1);
+}
+
 // ---------------------------------------------------------------------------------------
 // Randomised robustness
 
