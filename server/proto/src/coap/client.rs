@@ -368,6 +368,14 @@ impl Client {
                     self.stats.ignored += 1;
                     return;
                 }
+                if let Some(n) = unrecognised_critical(&packet) {
+                    // §5.4.1: the response is rejected; we end the exchange rather than
+                    // retransmit into the same answer.
+                    tracing::debug!(option = n, "response with unrecognised critical option");
+                    return self.fail(ClientError::Protocol(
+                        "response carries an unrecognised critical option",
+                    ));
+                }
                 self.on_response(now, Answer::read(&packet));
             }
             MessageType::Confirmable | MessageType::NonConfirmable => {
@@ -378,7 +386,15 @@ impl Client {
                         .as_ref()
                         .and_then(|e| e.flight.as_ref())
                         .is_some_and(|f| f.token.as_slice() == packet.get_token());
-                if matches {
+                if matches && unrecognised_critical(&packet).is_some() {
+                    // §5.4.1: reject (RST for a CON) and end the exchange.
+                    if confirmable {
+                        self.queue(wire::empty(MessageType::Reset, header.mid));
+                    }
+                    self.fail(ClientError::Protocol(
+                        "response carries an unrecognised critical option",
+                    ));
+                } else if matches {
                     // §5.2.2: a separate response (possibly before the empty ACK). ACK a CON.
                     if confirmable {
                         self.ack_separate(header.mid);
@@ -664,4 +680,13 @@ impl Client {
         }
         self.queue(bytes);
     }
+}
+
+/// The first critical (odd-numbered) option of a response that this client does not
+/// process (RFC 7252 §5.4.1); only Block2 (23) and Block1 (27) are.
+fn unrecognised_critical(packet: &Packet) -> Option<u16> {
+    packet
+        .options()
+        .map(|(&n, _)| n)
+        .find(|&n| n % 2 == 1 && n != 23 && n != 27)
 }

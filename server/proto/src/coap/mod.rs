@@ -57,7 +57,7 @@
 //! reassembly bytes (one transfer), one Block2 body. Nothing on network input panics: all
 //! option values are length-checked before use, integer conversions are checked.
 //! Not implemented: Observe, OSCORE, RFC 9175 Request-Tag/Echo, RFC 8974 extended tokens,
-//! congestion control beyond NSTART = 1, critical-option checks on responses (client).
+//! congestion control beyond NSTART = 1.
 
 mod client;
 mod server;

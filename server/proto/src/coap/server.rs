@@ -368,6 +368,12 @@ impl ServerSession {
             Step::Reply(reply) => {
                 if reply.code.is_error() {
                     self.stats.layer_errors += 1;
+                    tracing::debug!(
+                        mid,
+                        code = ?reply.code,
+                        diagnostic = %String::from_utf8_lossy(&reply.payload),
+                        "request answered by the CoAP layer"
+                    );
                 }
                 let bytes = self.emit(&to, &reply);
                 self.remember(mid, expires, DedupState::Answered(bytes.clone()));

@@ -1549,6 +1549,38 @@ fn client_ignores_piggybacked_response_with_wrong_token() {
     assert!(c.is_busy());
 }
 
+#[test]
+fn client_rejects_response_with_unrecognised_critical_option() {
+    let t0 = Instant::now();
+    let mut c = Client::new(client_cfg(), 3);
+    c.start(t0, Request::new(Method::Get, "x")).unwrap();
+    let req = parse(&c.poll_transmit().unwrap());
+    let mut ack = wire::packet(
+        MessageType::Acknowledgement,
+        MessageClass::Response(ResponseType::Content),
+        req.header.message_id,
+        req.get_token(),
+    );
+    ack.add_option(CoapOption::Unknown(65001), vec![1]);
+    c.handle_datagram(t0, &ack.to_bytes().unwrap());
+    assert!(matches!(
+        c.poll_event(),
+        Some(ClientEvent::Failed(ClientError::Protocol(_)))
+    ));
+    // An elective unknown option is fine.
+    c.start(t0, Request::new(Method::Get, "x")).unwrap();
+    let req = parse(&c.poll_transmit().unwrap());
+    let mut ack = wire::packet(
+        MessageType::Acknowledgement,
+        MessageClass::Response(ResponseType::Content),
+        req.header.message_id,
+        req.get_token(),
+    );
+    ack.add_option(CoapOption::Unknown(65000), vec![1]);
+    c.handle_datagram(t0, &ack.to_bytes().unwrap());
+    assert!(matches!(c.poll_event(), Some(ClientEvent::Response(_))));
+}
+
 /// Client against server on a perfect pipe; returns the response and both stats.
 fn run_pipe(
     cfg: ClientConfig,
