@@ -15,12 +15,15 @@
 //!   self-signature (proof of possession) with ring over the *received* bytes of
 //!   `certificationRequestInfo`. It extracts what enrollment policy needs: subject, public key, the
 //!   RFC 4108 `hardwareModuleName` SAN, the `challengePassword` (RFC 9148 §3 / RFC 7030 §3.5 tls-unique).
+//!   Its cost is bounded: the `der` crate sorts every SET OF it decodes with an insertion sort, so
+//!   large out-of-order SETs and deep nesting are refused by a linear pre-scan before decoding.
 //! * [`IssuingCa`] keeps the CA certificate parsed and its key loaded, and issues LDevID end-entity
 //!   certificates following the RFC 7925 §4.4.2 / RFC 5280 profile (see [`IssuingCa::issue`]).
 //!   The TBSCertificate is built directly with `x509-cert` types and its DER is signed by a
 //!   [`Signer`], so an HSM signer plugs in without an adapter for x509-cert's builder traits.
 //! * [`certs_only`] / [`certs_from_certs_only`] produce and read the degenerate CMS SignedData of
-//!   `application/pkcs7-mime; smime-type=certs-only` (RFC 9148 §4.1 Content-Format 281, RFC 5652 §5).
+//!   `application/pkcs7-mime; smime-type=certs-only` (RFC 9148 §4.1 Content-Format 281, RFC 5652 §5);
+//!   certificates are carried byte for byte (the schema is the `cms` crate's, checked by a test).
 //! * [`generate_root_ca`], [`generate_sub_ca`], [`generate_server_cert`] and [`mint_idevid`] make test and
 //!   bootstrap PKIs (an IEEE 802.1AR-style IDevID as a meter factory would).
 //!

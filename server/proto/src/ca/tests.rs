@@ -944,3 +944,80 @@ fn csr_deep_nesting_is_refused() {
     );
     assert!(parse_and_verify_csr(&handmade_csr(&device, 1, true, &attr), 8192).is_ok());
 }
+
+// ---------------------------------------------------------------- properties
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn seed() -> proptest::test_runner::RngSeed {
+        match std::env::var("PROPTEST_RNG_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+        {
+            Some(s) => proptest::test_runner::RngSeed::Fixed(s),
+            None => proptest::test_runner::RngSeed::Fixed(0x0ca5_eed5),
+        }
+    }
+
+    fn csr_and_signer() -> &'static (RingP256Signer, Vec<u8>) {
+        static CELL: std::sync::OnceLock<(RingP256Signer, Vec<u8>)> = std::sync::OnceLock::new();
+        CELL.get_or_init(|| sample_csr(200))
+    }
+
+    proptest! {
+        // Fixed seed: the same cases on every run (override with PROPTEST_RNG_SEED to explore).
+        #![proptest_config(ProptestConfig { cases: 512, rng_seed: seed(), ..ProptestConfig::default() })]
+
+        /// Any single-byte change, truncation or insertion of a valid CSR is refused without panic
+        /// (the only acceptable outcome is an error: every byte is covered by DER or the signature).
+        #[test]
+        fn mutated_csr_is_refused(pos in 0usize..400, byte in any::<u8>(), kind in 0u8..3) {
+            let (_, csr) = csr_and_signer();
+            let pos = pos % csr.len();
+            let mut m = csr.clone();
+            match kind {
+                0 => { if m[pos] == byte { return Ok(()); } m[pos] = byte; }
+                1 => m.truncate(pos),
+                _ => m.insert(pos, byte),
+            }
+            prop_assert!(parse_and_verify_csr(&m, 4096).is_err());
+        }
+
+        /// Arbitrary bytes never panic, and a verdict is reproducible.
+        #[test]
+        fn arbitrary_bytes_do_not_panic(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let a = parse_and_verify_csr(&data, 4096);
+            prop_assert_eq!(a, parse_and_verify_csr(&data, 4096));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, rng_seed: seed(), ..ProptestConfig::default() })]
+
+        /// CSR -> issue round trip for arbitrary UTF-8 common names and serials: the issued
+        /// certificate carries exactly the requested subject and hardwareModuleName.
+        #[test]
+        fn csr_to_certificate_round_trip(
+            cn in "\\PC{1,40}",
+            serial in "[A-Za-z0-9 ]{1,24}",
+            hw_serial in proptest::collection::vec(any::<u8>(), 0..32),
+            seed in any::<u64>(),
+        ) {
+            let p = pki(300);
+            let device = device_signer(seed);
+            let subject = name_from_attrs(&[(oid::AT_COMMON_NAME, &cn), (oid::AT_SERIAL_NUMBER, &serial)]).unwrap();
+            let hmn = HardwareModuleName::new(hw_type(), &hw_serial).unwrap();
+            let csr = parse_and_verify_csr(&build_csr(&device, &subject, Some(&hmn), None).unwrap(), 4096).unwrap();
+            prop_assert_eq!(common_name(&csr.subject), Some(cn.clone()));
+            let der = p.ca.issue(&IssueParams::from_csr(&csr, random_serial(&mut rng(seed)), t0(), t0() + YEAR)).unwrap();
+            let cert = Certificate::from_der(&der).unwrap();
+            prop_assert_eq!(&cert.tbs_certificate.subject, &subject);
+            prop_assert_eq!(common_name(&cert.tbs_certificate.subject), Some(cn));
+            prop_assert_eq!(serial_number_attr(&cert.tbs_certificate.subject), Some(serial));
+            prop_assert_eq!(hardware_module_from_cert(&cert), Some(hmn));
+            prop_assert!(signature_verifies(&cert, p.ca.certificate()));
+        }
+    }
+}
