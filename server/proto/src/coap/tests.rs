@@ -1805,6 +1805,15 @@ fn client_server_over_lossy_pipe_completes_3kb_post_with_block1_64_and_block2_64
 }
 
 #[test]
+fn session_and_client_can_move_between_threads() {
+    // The daemon keeps sessions in tokio tasks / a DashMap: they must be Send + Sync.
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<ServerSession>();
+    assert_send_sync::<Client>();
+    assert_send_sync::<Incoming>();
+}
+
+#[test]
 fn idle_session_footprint_is_small() {
     // One ServerSession per DTLS session: keep the idle cost visible.
     let size = std::mem::size_of::<ServerSession>();
