@@ -351,3 +351,12 @@ fn multipart_strictness() {
     ));
     assert_eq!(multipart::decode(&[0x80]).unwrap(), vec![]);
 }
+
+#[test]
+fn fuzz_regressions_do_not_panic() {
+    // SPKI parameters that are not an OID used to panic (const-oid new_unwrap).
+    let cert = vector("regress-spki-params-cert.der");
+    let _ = c509::certificate_der_to_c509(&cert);
+    let csr = vector("regress-spki-params-csr.der");
+    let _ = c509::csr_der_to_c509(&csr);
+}

@@ -332,14 +332,17 @@ pub(crate) fn spki_to_c509(
         .subject_public_key
         .as_bytes()
         .ok_or_else(|| unsupported("subjectPublicKey BIT STRING with unused bits"))?;
-    let params_oid = match &spki.algorithm.parameters {
-        None => None,
-        Some(p) if p.tag() == Tag::ObjectIdentifier => Some(p.decode_as::<Oid>()?),
-        Some(_) => Some(Oid::new_unwrap("0.0")),
+    // Outer None: parameters present but not an OID (never a registered algorithm).
+    let params_oid: Option<Option<Oid>> = match &spki.algorithm.parameters {
+        None => Some(None),
+        Some(p) if p.tag() == Tag::ObjectIdentifier => p.decode_as::<Oid>().ok().map(Some),
+        Some(_) => None,
     };
-    let known = registry::PK_ALGS
-        .iter()
-        .find(|(_, o, p, _)| *o == spki.algorithm.oid && *p == params_oid);
+    let known = params_oid.and_then(|po| {
+        registry::PK_ALGS
+            .iter()
+            .find(|(_, o, p, _)| *o == spki.algorithm.oid && *p == po)
+    });
     let Some((value, _, _, _)) = known else {
         return Ok((generic_alg(&spki.algorithm)?, key.to_vec()));
     };
