@@ -13,3 +13,6 @@
 //! so every behaviour is testable deterministically in memory.
 pub mod ca;
 pub mod coap;
+pub mod est;
+pub mod policy;
+pub mod store;

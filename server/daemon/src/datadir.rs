@@ -1,0 +1,293 @@
+//! The data directory: keys, certificates, configuration and the store.
+//!
+//! ```text
+//! est-data/
+//!   est-server.toml                          documented configuration (all defaults)
+//!   ca/issuing-ca.pem, ca/issuing-ca.key     P-256 issuing CA (signs LDevIDs and our DTLS cert)
+//!   dtls/server.pem, dtls/server.key         the server's DTLS certificate
+//!   manufacturers/demo-manufacturer-ca.pem   stands for a meter maker's IDevID CA
+//!   manufacturers/demo-manufacturer-ca.key   its key, used only by `factory mint`
+//!   est.sqlite3                              issued certificates, audit log, allowlist
+//! ```
+//! Private keys are created with mode 0600 (and their directories 0700) before any byte
+//! is written, and are never logged.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use der::pem::LineEnding;
+use est_proto::ca::{self, IssuingCa, RingP256Signer};
+use x509_cert::der::{Decode, Encode};
+
+use crate::config::{Config, DEFAULT_CONFIG_TOML};
+
+/// Default data directory, relative to the working directory.
+pub const DEFAULT_DATA_DIR: &str = "est-data";
+/// Configuration file name inside the data directory.
+pub const CONFIG_FILE: &str = "est-server.toml";
+
+const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Write `contents` to a new file readable by the owner only (0600 from creation on).
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    let mut opts = OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    // The mode only applies on creation: tighten an existing file too.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    }
+    f.write_all(contents)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// Create a directory (and parents) with mode 0700.
+pub fn create_private_dir(path: &Path) -> Result<()> {
+    fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// PEM text of a certificate.
+pub fn cert_pem(der: &[u8]) -> Result<String> {
+    der::pem::encode_string("CERTIFICATE", LineEnding::LF, der)
+        .map_err(|e| anyhow::anyhow!("PEM encoding: {e}"))
+}
+
+/// PEM text of a PKCS#8 private key.
+pub fn key_pem(pkcs8: &[u8]) -> Result<String> {
+    der::pem::encode_string("PRIVATE KEY", LineEnding::LF, pkcs8)
+        .map_err(|e| anyhow::anyhow!("PEM encoding: {e}"))
+}
+
+/// All certificates in a PEM file (DER each), or the file itself if it is DER.
+pub fn read_certs(path: &Path) -> Result<Vec<Vec<u8>>> {
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.first() == Some(&0x30) {
+        return Ok(vec![bytes]);
+    }
+    let certs = x509_cert::Certificate::load_pem_chain(&bytes)
+        .with_context(|| format!("parsing PEM certificates in {}", path.display()))?;
+    if certs.is_empty() {
+        bail!("no certificate in {}", path.display());
+    }
+    certs
+        .iter()
+        .map(|c| c.to_der().map_err(anyhow::Error::from))
+        .collect()
+}
+
+/// A PKCS#8 private key from a PEM or DER file. Warns when others may read it.
+pub fn read_key(path: &Path) -> Result<Vec<u8>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = fs::metadata(path) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                tracing::warn!(file = %path.display(), "private key file is readable by group or others; chmod 600 it");
+            }
+        }
+    }
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.first() == Some(&0x30) {
+        return Ok(bytes);
+    }
+    let text = std::str::from_utf8(&bytes).context("key file is neither DER nor PEM")?;
+    let (label, der) = der::pem::decode_vec(text.as_bytes())
+        .map_err(|e| anyhow::anyhow!("{}: not a PEM key: {e}", path.display()))?;
+    if label != "PRIVATE KEY" {
+        bail!(
+            "{}: expected a PKCS#8 \"PRIVATE KEY\", found {label:?}",
+            path.display()
+        );
+    }
+    Ok(der)
+}
+
+/// An issuing CA from its certificate and key files.
+pub fn load_ca(cert: &Path, key: &Path) -> Result<IssuingCa> {
+    let cert_der = read_certs(cert)?
+        .into_iter()
+        .next()
+        .context("CA certificate file is empty")?;
+    let signer = RingP256Signer::from_pkcs8_der(&read_key(key)?)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    IssuingCa::new(cert_der, Box::new(signer))
+        .map_err(|e| anyhow::anyhow!("{} / {}: {e}", cert.display(), key.display()))
+}
+
+/// What `init` created.
+#[derive(Debug)]
+pub struct InitReport {
+    pub data_dir: PathBuf,
+    pub created: bool,
+}
+
+/// Create a data directory with a fresh PKI and configuration. Does nothing if one
+/// already exists there (its configuration file is the marker).
+pub fn init(data_dir: &Path, server_names: &[String]) -> Result<InitReport> {
+    let config_path = data_dir.join(CONFIG_FILE);
+    if config_path.exists() {
+        return Ok(InitReport {
+            data_dir: data_dir.to_path_buf(),
+            created: false,
+        });
+    }
+    fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let cfg = Config::default();
+    let mut rng = rand::rngs::OsRng;
+    let now = SystemTime::now();
+    // Backdate a little: meters' clocks drift.
+    let not_before = now.checked_sub(Duration::from_secs(3600)).unwrap_or(now);
+
+    // Issuing CA.
+    let (ca_cert, ca_key) = ca::generate_root_ca(
+        "EST Issuing CA",
+        "est-server",
+        not_before,
+        20 * YEAR,
+        &mut rng,
+    )
+    .map_err(|e| anyhow::anyhow!("generating the issuing CA: {e}"))?;
+    let ca_cert_path = data_dir.join(&cfg.pki.issuing_ca_cert);
+    let ca_key_path = data_dir.join(&cfg.pki.issuing_ca_key);
+    create_private_dir(parent(&ca_key_path)?)?;
+    write_private(&ca_key_path, key_pem(&ca_key)?.as_bytes())?;
+    fs::write(&ca_cert_path, cert_pem(&ca_cert)?)?;
+    let issuing = IssuingCa::new(
+        ca_cert.clone(),
+        Box::new(RingP256Signer::from_pkcs8_der(&ca_key).map_err(|e| anyhow::anyhow!("{e}"))?),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // The server's DTLS certificate, issued by the same CA, so a meter's Implicit TA
+    // (RFC 9148 §3) and the Explicit TA from /crts are the same certificate.
+    let mut dns: Vec<String> = vec!["localhost".into()];
+    let mut ips: Vec<IpAddr> = vec![
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ];
+    for name in server_names {
+        match name.parse::<IpAddr>() {
+            Ok(ip) => ips.push(ip),
+            Err(_) => dns.push(name.clone()),
+        }
+    }
+    let (srv_cert, srv_key) =
+        ca::generate_server_cert(&issuing, &dns, &ips, not_before, 2 * YEAR, &mut rng)
+            .map_err(|e| anyhow::anyhow!("generating the server certificate: {e}"))?;
+    let srv_cert_path = data_dir.join(&cfg.pki.server_cert);
+    let srv_key_path = data_dir.join(&cfg.pki.server_key);
+    create_private_dir(parent(&srv_key_path)?)?;
+    write_private(&srv_key_path, key_pem(&srv_key)?.as_bytes())?;
+    fs::write(&srv_cert_path, cert_pem(&srv_cert)?)?;
+
+    // The demo manufacturer CA (stands for a meter maker's IDevID CA).
+    let (mfr_cert, mfr_key) = ca::generate_root_ca(
+        "Demo Meter Manufacturer CA",
+        "Demo Meters Ltd",
+        not_before,
+        25 * YEAR,
+        &mut rng,
+    )
+    .map_err(|e| anyhow::anyhow!("generating the manufacturer CA: {e}"))?;
+    let mfr_cert_path = data_dir.join(&cfg.pki.manufacturer_cas[0]);
+    let mfr_key_path = mfr_cert_path.with_extension("key");
+    create_private_dir(parent(&mfr_key_path)?)?;
+    write_private(&mfr_key_path, key_pem(&mfr_key)?.as_bytes())?;
+    fs::write(&mfr_cert_path, cert_pem(&mfr_cert)?)?;
+
+    // The store.
+    let store = crate::store::SqliteStore::open(&data_dir.join(&cfg.storage.database), 1)
+        .map_err(|e| anyhow::anyhow!("creating the store: {e}"))?;
+    store.close();
+
+    // The configuration last: its presence marks a complete data directory.
+    fs::write(&config_path, DEFAULT_CONFIG_TOML)?;
+    Ok(InitReport {
+        data_dir: data_dir.to_path_buf(),
+        created: true,
+    })
+}
+
+fn parent(p: &Path) -> Result<&Path> {
+    p.parent().context("path has no parent directory")
+}
+
+/// Everything the server needs from the data directory, loaded and checked.
+pub struct Loaded {
+    pub config: Config,
+    pub data_dir: PathBuf,
+    pub issuing_ca: IssuingCa,
+    pub server_chain: Vec<Vec<u8>>,
+    pub server_key_pkcs8: Vec<u8>,
+    pub manufacturer_cas: Vec<Vec<u8>>,
+    pub database: PathBuf,
+}
+
+/// Resolve a configured path against the data directory.
+pub fn resolve(data_dir: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        data_dir.join(p)
+    }
+}
+
+/// The configuration file to use: `explicit`, else the data directory's.
+pub fn load_config(data_dir: &Path, explicit: Option<&Path>) -> Result<Config> {
+    let path = explicit
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| data_dir.join(CONFIG_FILE));
+    Ok(Config::load(&path)?)
+}
+
+/// Load keys and certificates named by `config`.
+pub fn load(data_dir: &Path, config: Config) -> Result<Loaded> {
+    let issuing_ca = load_ca(
+        &resolve(data_dir, &config.pki.issuing_ca_cert),
+        &resolve(data_dir, &config.pki.issuing_ca_key),
+    )?;
+    let server_chain = read_certs(&resolve(data_dir, &config.pki.server_cert))?;
+    let server_key_pkcs8 = read_key(&resolve(data_dir, &config.pki.server_key))?;
+    let mut manufacturer_cas = Vec::new();
+    for p in &config.pki.manufacturer_cas {
+        manufacturer_cas.extend(read_certs(&resolve(data_dir, p))?);
+    }
+    // Distinct subjects: the policy tells IDevIDs from LDevIDs by their issuer.
+    let ours = issuing_ca.certificate().tbs_certificate.subject.to_der()?;
+    for m in &manufacturer_cas {
+        let c = x509_cert::Certificate::from_der(m)?;
+        if c.tbs_certificate.subject.to_der()? == ours {
+            bail!("a manufacturer CA has the same subject as the issuing CA; they must differ");
+        }
+    }
+    let database = resolve(data_dir, &config.storage.database);
+    Ok(Loaded {
+        config,
+        data_dir: data_dir.to_path_buf(),
+        issuing_ca,
+        server_chain,
+        server_key_pkcs8,
+        manufacturer_cas,
+        database,
+    })
+}

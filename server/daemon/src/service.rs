@@ -1,0 +1,249 @@
+//! The driver: DTLS sessions in, CoAP through the sans-IO core, EST responses out.
+//!
+//! One tokio task per DTLS session owns that session's [`ServerSession`] (CoAP
+//! deduplication and block-wise state) and runs its requests one after another (an
+//! EST-coaps client has at most one outstanding request, RFC 9148 §6). Enrollments,
+//! which sign and wait for a durable commit, run on the blocking pool so that the I/O
+//! threads keep serving handshakes and other sessions.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use est_proto::coap::{CoapConfig, Incoming, ServerSession};
+use est_proto::est::{EstService, RequestContext};
+use est_proto::policy::Policy;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::datadir::Loaded;
+use crate::store::SqliteStore;
+use crate::transport::{CipherSuiteName, DtlsListener, DtlsServerConfig, DtlsSession};
+
+/// Largest datagram we read from a session (the DTLS layer never hands us more than
+/// its 8 KiB record buffer).
+const RECV_BUFFER_BYTES: usize = 8192;
+
+/// Counters of the EST driver.
+#[derive(Default, Debug)]
+pub struct ServiceCounters {
+    pub sessions_accepted: AtomicU64,
+    pub requests: AtomicU64,
+    pub enrollments: AtomicU64,
+}
+
+/// A server that is running; dropping it does not stop it, call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    pub local_addr: SocketAddr,
+    pub listener: Arc<DtlsListener>,
+    pub store: Arc<SqliteStore>,
+    pub counters: Arc<ServiceCounters>,
+    stop: watch::Sender<bool>,
+    accept_task: JoinHandle<()>,
+}
+
+impl RunningServer {
+    /// Stop accepting, close the listener and the store.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.listener.shutdown().await;
+        let _ = self.accept_task.await;
+        self.store.close();
+    }
+}
+
+fn suites(names: &[String]) -> Vec<CipherSuiteName> {
+    names
+        .iter()
+        .filter_map(|s| match s.as_str() {
+            "ccm8" => Some(CipherSuiteName::Ccm8),
+            "gcm" => Some(CipherSuiteName::Gcm),
+            "ccm" => Some(CipherSuiteName::Ccm),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Build the core and the transport from a loaded data directory, bind, and serve.
+pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<RunningServer> {
+    let cfg = &loaded.config;
+    let store = Arc::new(
+        SqliteStore::open(&loaded.database, cfg.storage.max_batch)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", loaded.database.display()))?,
+    );
+    let policy = Policy::new(
+        cfg.policy_config(),
+        &loaded.manufacturer_cas,
+        loaded.issuing_ca.certificate_der(),
+    )
+    .map_err(|e| anyhow::anyhow!("trust anchors: {e}"))?;
+    let mut anchors = loaded.manufacturer_cas.clone();
+    anchors.push(loaded.issuing_ca.certificate_der().to_vec());
+    let dtls = DtlsServerConfig {
+        certificate_chain_der: loaded.server_chain.clone(),
+        private_key_pkcs8_der: loaded.server_key_pkcs8.clone(),
+        client_trust_anchors_der: anchors,
+        cipher_suites: suites(&cfg.dtls.cipher_suites),
+        mtu_bytes: cfg.dtls.mtu_bytes,
+        flight_interval: Duration::from_millis(cfg.dtls.flight_interval_ms),
+        handshake_timeout: Duration::from_secs(cfg.dtls.handshake_timeout_secs),
+        idle_timeout: Duration::from_secs(cfg.dtls.idle_timeout_secs),
+        max_half_open_handshakes: cfg.dtls.max_half_open_handshakes,
+        max_sessions: cfg.dtls.max_sessions,
+        ..DtlsServerConfig::default()
+    };
+    let coap_cfg = Arc::new(cfg.coap_config());
+    let est_cfg = cfg.est_config();
+    let store_dyn: Arc<dyn est_proto::store::Store> = store.clone();
+    let est = Arc::new(
+        EstService::new(est_cfg, loaded.issuing_ca, policy, store_dyn)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    let addr = listen.unwrap_or(cfg.server.listen);
+    let listener = Arc::new(
+        DtlsListener::bind_udp(addr, dtls)
+            .await
+            .with_context(|| format!("binding UDP {addr}"))?,
+    );
+    let local_addr = listener.local_addr()?;
+    let counters = Arc::new(ServiceCounters::default());
+    let (stop, stop_rx) = watch::channel(false);
+    let accept_task = tokio::spawn(accept_loop(
+        listener.clone(),
+        est,
+        coap_cfg,
+        counters.clone(),
+        stop_rx,
+    ));
+    Ok(RunningServer {
+        local_addr,
+        listener,
+        store,
+        counters,
+        stop,
+        accept_task,
+    })
+}
+
+async fn accept_loop(
+    listener: Arc<DtlsListener>,
+    est: Arc<EstService>,
+    coap_cfg: Arc<CoapConfig>,
+    counters: Arc<ServiceCounters>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let session = tokio::select! {
+            s = listener.accept() => s,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match session {
+            Ok(session) => {
+                counters.sessions_accepted.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(serve_session(
+                    session,
+                    est.clone(),
+                    coap_cfg.clone(),
+                    counters.clone(),
+                ));
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "listener stopped");
+                return;
+            }
+        }
+    }
+}
+
+async fn serve_session(
+    session: DtlsSession,
+    est: Arc<EstService>,
+    coap_cfg: Arc<CoapConfig>,
+    counters: Arc<ServiceCounters>,
+) {
+    let peer = session.peer_addr().to_string();
+    let chain: Arc<Vec<Vec<u8>>> = Arc::new(session.peer_certificates().to_vec());
+    tracing::debug!(%peer, suite = ?session.cipher_suite(), "session established");
+    let mut coap = ServerSession::with_rng(coap_cfg, &mut rand::rngs::OsRng);
+    let mut buf = vec![0u8; RECV_BUFFER_BYTES];
+    loop {
+        let deadline = coap.poll_timeout();
+        let n = tokio::select! {
+            r = session.recv(&mut buf) => match r {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(%peer, reason = %e, "session ended");
+                    break;
+                }
+            },
+            _ = sleep_until_std(deadline) => {
+                coap.handle_timeout(std::time::Instant::now());
+                // Retransmissions of separate (CON) responses, if any.
+                while let Some(d) = coap.poll_transmit() {
+                    if session.send(&d).await.is_err() {
+                        break;
+                    }
+                }
+                continue;
+            }
+        };
+        let Some(datagram) = buf.get(..n) else {
+            continue;
+        };
+        match coap.handle_datagram(std::time::Instant::now(), datagram) {
+            Incoming::Send(bytes) => {
+                if session.send(&bytes).await.is_err() {
+                    break;
+                }
+            }
+            Incoming::Ignore => {}
+            Incoming::Request(id, req) => {
+                counters.requests.fetch_add(1, Ordering::Relaxed);
+                let response = if EstService::is_enrollment(&req) {
+                    counters.enrollments.fetch_add(1, Ordering::Relaxed);
+                    let est = est.clone();
+                    let chain = chain.clone();
+                    let peer_for_task = peer.clone();
+                    let joined = tokio::task::spawn_blocking(move || {
+                        let ctx = RequestContext {
+                            peer: &peer_for_task,
+                            client_chain: &chain,
+                            now: SystemTime::now(),
+                        };
+                        est.handle(&ctx, &req, &mut rand::rngs::OsRng)
+                    })
+                    .await;
+                    match joined {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!(%peer, error = %e, "enrollment task failed");
+                            est_proto::est::EstError::Internal("task failed".into()).to_response()
+                        }
+                    }
+                } else {
+                    let ctx = RequestContext {
+                        peer: &peer,
+                        client_chain: &chain,
+                        now: SystemTime::now(),
+                    };
+                    est.handle(&ctx, &req, &mut rand::rngs::OsRng)
+                };
+                for d in coap.respond(std::time::Instant::now(), id, response) {
+                    if session.send(&d).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    session.close().await;
+}
+
+async fn sleep_until_std(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,617 @@
+//! SQLite implementation of [`est_proto::store::Store`].
+//!
+//! Durability: WAL journal with `synchronous=FULL`, so a COMMIT returns only after the
+//! WAL is fsynced. Throughput: one writer thread owns the write connection and groups
+//! whatever commits are queued (up to `max_batch`) into one transaction, so a storm of
+//! enrollments costs one fsync per batch rather than per certificate; every caller
+//! still gets its answer only after its own data is durable. Each operation in a
+//! batch runs under its own SAVEPOINT, so one failing operation does not fail the others.
+//! Reads use a separate connection (WAL readers do not block the writer).
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+
+use est_proto::store::{
+    AuditEvent, CertStatus, CommitOutcome, IssuanceKind, IssuedCert, Store, StoreError,
+};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS certificates (
+    serial          TEXT PRIMARY KEY,
+    device_id       TEXT NOT NULL,
+    subject         TEXT NOT NULL,
+    der             BLOB NOT NULL,
+    request_digest  BLOB NOT NULL,
+    not_before      INTEGER NOT NULL,
+    not_after       INTEGER NOT NULL,
+    issued_at       INTEGER NOT NULL,
+    status          TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    replaces        TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS certificates_by_request ON certificates(device_id, request_digest);
+CREATE INDEX IF NOT EXISTS certificates_by_device ON certificates(device_id, status);
+CREATE TABLE IF NOT EXISTS audit (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         INTEGER NOT NULL,
+    peer       TEXT NOT NULL,
+    device_id  TEXT NOT NULL,
+    operation  TEXT NOT NULL,
+    outcome    TEXT NOT NULL,
+    code       TEXT NOT NULL,
+    detail     TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id    TEXT PRIMARY KEY,
+    imported_at  INTEGER NOT NULL
+);
+"#;
+
+const CERT_COLUMNS: &str = "serial, device_id, subject, der, request_digest, not_before, not_after, issued_at, status, kind, replaces";
+
+enum WriteOp {
+    Issue {
+        cert: Box<IssuedCert>,
+        audit: AuditEvent,
+        reply: SyncSender<Result<CommitOutcome, StoreError>>,
+    },
+    Audit {
+        audit: AuditEvent,
+        reply: SyncSender<Result<(), StoreError>>,
+    },
+}
+
+/// The SQLite store. Cheap to share behind an `Arc`.
+pub struct SqliteStore {
+    path: PathBuf,
+    reader: Mutex<Connection>,
+    writer: Mutex<Option<Sender<WriteOp>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path).map_err(backend)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(backend)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(backend)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(backend)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(backend)?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Open (creating if needed) the database at `path`.
+    pub fn open(path: &Path, max_batch: usize) -> Result<Self, StoreError> {
+        let write_conn = open_connection(path)?;
+        write_conn.execute_batch(SCHEMA).map_err(backend)?;
+        let reader = open_connection(path)?;
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("est-store-writer".into())
+            .spawn(move || writer_loop(write_conn, rx, max_batch.max(1)))
+            .map_err(backend)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            reader: Mutex::new(reader),
+            writer: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn send(&self, op: WriteOp) -> Result<(), StoreError> {
+        let guard = self
+            .writer
+            .lock()
+            .map_err(|_| backend("writer mutex poisoned"))?;
+        let tx = guard.as_ref().ok_or_else(|| backend("store is closed"))?;
+        tx.send(op)
+            .map_err(|_| backend("store writer thread has stopped"))
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let conn = self
+            .reader
+            .lock()
+            .map_err(|_| backend("reader mutex poisoned"))?;
+        f(&conn).map_err(backend)
+    }
+
+    /// All certificates, newest first (for `certs list`).
+    pub fn list_certificates(&self, limit: usize) -> Result<Vec<IssuedCert>, StoreError> {
+        let rows = self.read(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {CERT_COLUMNS} FROM certificates ORDER BY issued_at DESC, rowid DESC LIMIT ?1"
+            ))?;
+            let rows = st
+                .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], raw_cert)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        rows.into_iter().map(cert_from_raw).collect()
+    }
+
+    /// Certificates whose serial starts with `prefix` (for `certs show`).
+    pub fn find_by_serial_prefix(&self, prefix: &str) -> Result<Vec<IssuedCert>, StoreError> {
+        let pattern = format!("{}%", prefix.to_ascii_lowercase().replace(['%', '_'], ""));
+        let rows = self.read(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {CERT_COLUMNS} FROM certificates WHERE serial LIKE ?1 LIMIT 10"
+            ))?;
+            let rows = st
+                .query_map([pattern], raw_cert)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        rows.into_iter().map(cert_from_raw).collect()
+    }
+
+    /// Number of certificates in the store.
+    pub fn count_certificates(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            c.query_row("SELECT COUNT(*) FROM certificates", [], |r| {
+                r.get::<_, i64>(0)
+            })
+        })
+        .map(|n| u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The most recent audit events, newest first.
+    pub fn recent_audit(&self, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
+        self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT at, peer, device_id, operation, outcome, code, detail FROM audit ORDER BY id DESC LIMIT ?1",
+            )?;
+            let rows = st
+                .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                    Ok(AuditEvent {
+                        at_unix: r.get(0)?,
+                        peer: r.get(1)?,
+                        device_id: r.get(2)?,
+                        operation: r.get(3)?,
+                        outcome: r.get(4)?,
+                        code: r.get(5)?,
+                        detail: r.get(6)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+    }
+
+    /// Add device serials to the allowlist; returns how many were new.
+    pub fn import_devices(&self, ids: &[String], now_unix: i64) -> Result<usize, StoreError> {
+        // Administrative and rare: a connection of its own keeps it off the writer queue.
+        let mut conn = open_connection(&self.path)?;
+        let tx = conn.transaction().map_err(backend)?;
+        let mut added = 0;
+        {
+            let mut st = tx
+                .prepare("INSERT OR IGNORE INTO devices(device_id, imported_at) VALUES (?1, ?2)")
+                .map_err(backend)?;
+            for id in ids {
+                added += st.execute(params![id, now_unix]).map_err(backend)?;
+            }
+        }
+        tx.commit().map_err(backend)?;
+        Ok(added)
+    }
+
+    /// Stop the writer thread after it has drained its queue.
+    pub fn close(&self) {
+        if let Ok(mut w) = self.writer.lock() {
+            w.take();
+        }
+        if let Ok(mut t) = self.thread.lock() {
+            if let Some(handle) = t.take() {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+type RawCert = (
+    String,
+    String,
+    String,
+    Vec<u8>,
+    Vec<u8>,
+    i64,
+    i64,
+    i64,
+    String,
+    String,
+    Option<String>,
+);
+
+fn raw_cert(r: &Row<'_>) -> rusqlite::Result<RawCert> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+        r.get(7)?,
+        r.get(8)?,
+        r.get(9)?,
+        r.get(10)?,
+    ))
+}
+
+fn cert_from_raw(raw: RawCert) -> Result<IssuedCert, StoreError> {
+    let (serial, device, subject, der, digest, nb, na, at, status, kind, replaces) = raw;
+    let request_digest: [u8; 32] = digest
+        .as_slice()
+        .try_into()
+        .map_err(|_| StoreError::Corrupt(format!("request digest of {serial}")))?;
+    let status = CertStatus::parse(&status)
+        .ok_or_else(|| StoreError::Corrupt(format!("status {status:?} of {serial}")))?;
+    let kind = match kind.as_str() {
+        "enroll" => IssuanceKind::Enroll,
+        "reenroll" => IssuanceKind::Reenroll,
+        "serverkeygen" => IssuanceKind::ServerKeygen,
+        other => return Err(StoreError::Corrupt(format!("kind {other:?} of {serial}"))),
+    };
+    Ok(IssuedCert {
+        serial_hex: serial,
+        device_id: device,
+        subject,
+        der,
+        request_digest,
+        not_before_unix: nb,
+        not_after_unix: na,
+        issued_at_unix: at,
+        status,
+        kind,
+        replaces_serial_hex: replaces,
+    })
+}
+
+fn query_cert(
+    conn: &Connection,
+    where_clause: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<Option<RawCert>> {
+    conn.query_row(
+        &format!("SELECT {CERT_COLUMNS} FROM certificates WHERE {where_clause}"),
+        params,
+        raw_cert,
+    )
+    .optional()
+}
+
+fn insert_audit(conn: &Connection, a: &AuditEvent) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO audit(at, peer, device_id, operation, outcome, code, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![a.at_unix, a.peer, a.device_id, a.operation, a.outcome, a.code, a.detail],
+    )?;
+    Ok(())
+}
+
+fn apply_issue(
+    conn: &Connection,
+    cert: &IssuedCert,
+    audit: &AuditEvent,
+) -> Result<CommitOutcome, StoreError> {
+    if let Some(raw) = query_cert(
+        conn,
+        "device_id = ?1 AND request_digest = ?2",
+        params![cert.device_id, cert.request_digest.as_slice()],
+    )
+    .map_err(backend)?
+    {
+        return Ok(CommitOutcome::AlreadyIssued(cert_from_raw(raw)?));
+    }
+    conn.execute(
+        "UPDATE certificates SET status = 'superseded' WHERE device_id = ?1 AND status = 'active'",
+        params![cert.device_id],
+    )
+    .map_err(backend)?;
+    conn.execute(
+        &format!("INSERT INTO certificates({CERT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+        params![
+            cert.serial_hex,
+            cert.device_id,
+            cert.subject,
+            cert.der,
+            cert.request_digest.as_slice(),
+            cert.not_before_unix,
+            cert.not_after_unix,
+            cert.issued_at_unix,
+            cert.status.as_str(),
+            cert.kind.as_str(),
+            cert.replaces_serial_hex,
+        ],
+    )
+    .map_err(backend)?;
+    insert_audit(conn, audit).map_err(backend)?;
+    Ok(CommitOutcome::Committed)
+}
+
+/// Run `f` inside a SAVEPOINT: released on success, rolled back on error.
+fn in_savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.execute_batch("SAVEPOINT op").map_err(backend)?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE op").map_err(backend)?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK TO op; RELEASE op");
+            Err(e)
+        }
+    }
+}
+
+enum Pending {
+    Issue(
+        SyncSender<Result<CommitOutcome, StoreError>>,
+        Result<CommitOutcome, StoreError>,
+    ),
+    Audit(SyncSender<Result<(), StoreError>>, Result<(), StoreError>),
+}
+
+fn writer_loop(conn: Connection, rx: Receiver<WriteOp>, max_batch: usize) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let began = conn.execute_batch("BEGIN IMMEDIATE").map_err(backend);
+        let mut pending = Vec::with_capacity(batch.len());
+        for op in batch {
+            match op {
+                WriteOp::Issue { cert, audit, reply } => {
+                    let r = match &began {
+                        Ok(()) => in_savepoint(&conn, |c| apply_issue(c, &cert, &audit)),
+                        Err(e) => Err(backend(e)),
+                    };
+                    pending.push(Pending::Issue(reply, r));
+                }
+                WriteOp::Audit { audit, reply } => {
+                    let r = match &began {
+                        Ok(()) => in_savepoint(&conn, |c| insert_audit(c, &audit).map_err(backend)),
+                        Err(e) => Err(backend(e)),
+                    };
+                    pending.push(Pending::Audit(reply, r));
+                }
+            }
+        }
+        // Nobody hears "committed" before COMMIT (with synchronous=FULL, the fsync) returns.
+        let committed = if began.is_ok() {
+            conn.execute_batch("COMMIT").map_err(backend)
+        } else {
+            Err(backend("could not begin transaction"))
+        };
+        if let Err(e) = &committed {
+            tracing::error!(error = %e, "store commit failed");
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for p in pending {
+            match p {
+                Pending::Issue(reply, r) => {
+                    let r = match (&committed, r) {
+                        (Ok(()), r) => r,
+                        (Err(e), _) => Err(backend(e)),
+                    };
+                    let _ = reply.send(r);
+                }
+                Pending::Audit(reply, r) => {
+                    let r = match (&committed, r) {
+                        (Ok(()), r) => r,
+                        (Err(e), _) => Err(backend(e)),
+                    };
+                    let _ = reply.send(r);
+                }
+            }
+        }
+    }
+}
+
+impl Store for SqliteStore {
+    fn find_by_request(
+        &self,
+        device_id: &str,
+        request_digest: &[u8; 32],
+    ) -> Result<Option<IssuedCert>, StoreError> {
+        let raw = self.read(|c| {
+            query_cert(
+                c,
+                "device_id = ?1 AND request_digest = ?2",
+                params![device_id, request_digest.as_slice()],
+            )
+        })?;
+        raw.map(cert_from_raw).transpose()
+    }
+
+    fn find_by_serial(&self, serial_hex: &str) -> Result<Option<IssuedCert>, StoreError> {
+        let raw = self.read(|c| query_cert(c, "serial = ?1", params![serial_hex]))?;
+        raw.map(cert_from_raw).transpose()
+    }
+
+    fn commit_issuance(
+        &self,
+        cert: &IssuedCert,
+        audit: &AuditEvent,
+    ) -> Result<CommitOutcome, StoreError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.send(WriteOp::Issue {
+            cert: Box::new(cert.clone()),
+            audit: audit.clone(),
+            reply,
+        })?;
+        answer
+            .recv()
+            .map_err(|_| backend("store writer thread has stopped"))?
+    }
+
+    fn record_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.send(WriteOp::Audit {
+            audit: audit.clone(),
+            reply,
+        })?;
+        answer
+            .recv()
+            .map_err(|_| backend("store writer thread has stopped"))?
+    }
+
+    fn device_allowed(&self, device_id: &str) -> Result<bool, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT 1 FROM devices WHERE device_id = ?1",
+                params![device_id],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|r| r.is_some())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn cert(serial: &str, device: &str, digest: u8) -> IssuedCert {
+        IssuedCert {
+            serial_hex: serial.into(),
+            device_id: device.into(),
+            subject: format!("CN={device}"),
+            der: vec![0x30, 0x00],
+            request_digest: [digest; 32],
+            not_before_unix: 1,
+            not_after_unix: 2,
+            issued_at_unix: 3,
+            status: CertStatus::Active,
+            kind: IssuanceKind::Enroll,
+            replaces_serial_hex: None,
+        }
+    }
+
+    fn audit(device: &str) -> AuditEvent {
+        AuditEvent {
+            at_unix: 3,
+            peer: "127.0.0.1:1".into(),
+            device_id: device.into(),
+            operation: "sen".into(),
+            outcome: "issued".into(),
+            code: "2.04".into(),
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn commit_supersede_replay_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("est.sqlite3");
+        {
+            let s = SqliteStore::open(&path, 16).unwrap();
+            assert_eq!(
+                s.commit_issuance(&cert("01", "SN1", 1), &audit("SN1"))
+                    .unwrap(),
+                CommitOutcome::Committed
+            );
+            // Same device, same request: the first certificate comes back.
+            match s
+                .commit_issuance(&cert("02", "SN1", 1), &audit("SN1"))
+                .unwrap()
+            {
+                CommitOutcome::AlreadyIssued(c) => assert_eq!(c.serial_hex, "01"),
+                other => panic!("{other:?}"),
+            }
+            // A new request supersedes the first.
+            s.commit_issuance(&cert("03", "SN1", 3), &audit("SN1"))
+                .unwrap();
+            assert_eq!(
+                s.find_by_serial("01").unwrap().unwrap().status,
+                CertStatus::Superseded
+            );
+            assert_eq!(
+                s.find_by_serial("03").unwrap().unwrap().status,
+                CertStatus::Active
+            );
+            assert!(s.find_by_serial("02").unwrap().is_none());
+            assert_eq!(s.recent_audit(10).unwrap().len(), 2);
+        }
+        // Durable across close and reopen.
+        let s = SqliteStore::open(&path, 16).unwrap();
+        assert_eq!(s.count_certificates().unwrap(), 2);
+        assert_eq!(
+            s.find_by_request("SN1", &[3; 32])
+                .unwrap()
+                .unwrap()
+                .serial_hex,
+            "03"
+        );
+        assert_eq!(s.find_by_serial_prefix("0").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn concurrent_commits_are_grouped_and_all_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(SqliteStore::open(&dir.path().join("db"), 64).unwrap());
+        let handles: Vec<_> = (0..8)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..50 {
+                        let dev = format!("SN{t}-{i}");
+                        let c = cert(&format!("{t:02x}{i:04x}"), &dev, 7);
+                        assert_eq!(
+                            s.commit_issuance(&c, &audit(&dev)).unwrap(),
+                            CommitOutcome::Committed
+                        );
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(s.count_certificates().unwrap(), 400);
+    }
+
+    #[test]
+    fn allowlist() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db"), 4).unwrap();
+        assert!(!s.device_allowed("SN1").unwrap());
+        assert_eq!(
+            s.import_devices(&["SN1".into(), "SN2".into(), "SN1".into()], 0)
+                .unwrap(),
+            2
+        );
+        assert!(s.device_allowed("SN1").unwrap());
+        assert!(!s.device_allowed("SN3").unwrap());
+    }
+}

@@ -1,0 +1,610 @@
+//! EST-coaps resources (RFC 9148) on top of the CoAP layer.
+//!
+//! ```text
+//!   GET  /.well-known/core[?rt=ace.est*]   discovery (RFC 6690 link format, RFC 9148 §4.1)
+//!   GET  /.well-known/est/crts             CA certificates      281 (default) | 287
+//!   POST /.well-known/est/sen              enroll (IDevID)      286 -> 281 | 287
+//!   POST /.well-known/est/sren             re-enroll (LDevID)   286 -> 281 | 287
+//!   GET  /.well-known/est/att              CSR attributes       285
+//!   POST /.well-known/est/skg              server keygen        286 -> 62 {284 key, 281 cert}
+//!   POST /.well-known/est/skc              server keygen        286 -> 62 {284 key, 287 cert}
+//! ```
+//!
+//! [`EstService::handle`] takes one reassembled request plus the authenticated peer,
+//! applies the [`Policy`], issues through the CA's `Signer`, commits the certificate to
+//! the [`Store`] (durably, before answering), and returns the complete response; the
+//! CoAP layer slices it into blocks. Errors are typed ([`EstError`]) and become CoAP
+//! codes in exactly one place ([`EstError::to_response`]).
+
+mod csrattrs;
+mod discovery;
+mod error;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use coap_lite::ResponseType;
+use rand::{CryptoRng, RngCore};
+
+use crate::ca::{self, IssueParams, IssuingCa};
+use crate::coap::{Method, Request, Response};
+use crate::policy::{Device, Policy};
+use crate::store::{
+    unix_seconds, AuditEvent, CertStatus, CommitOutcome, IssuanceKind, IssuedCert, Store,
+};
+
+pub use error::{code_text, EstError};
+
+/// application/link-format (RFC 6690).
+pub const CF_LINK_FORMAT: u16 = 40;
+/// application/multipart-core (RFC 8710).
+pub const CF_MULTIPART_CORE: u16 = 62;
+/// application/pkcs7-mime; smime-type=certs-only.
+pub const CF_PKCS7_CERTS_ONLY: u16 = 281;
+/// application/pkcs8.
+pub const CF_PKCS8: u16 = 284;
+/// application/csrattrs.
+pub const CF_CSRATTRS: u16 = 285;
+/// application/pkcs10.
+pub const CF_PKCS10: u16 = 286;
+/// application/pkix-cert.
+pub const CF_PKIX_CERT: u16 = 287;
+
+/// The EST resource root every server must support (RFC 9148 §4.1).
+pub const EST_ROOT: [&str; 2] = [".well-known", "est"];
+
+/// Settings of the EST layer (the `[est]` table of the configuration).
+#[derive(Clone, Debug)]
+pub struct EstConfig {
+    /// Largest certification request accepted, bytes; larger gets 4.13. Default 4096.
+    pub max_csr_bytes: usize,
+    /// Enrollments (sen/sren/skg/skc) processed at once; beyond it 5.03 + Max-Age.
+    /// Default 256.
+    pub max_concurrent_enrollments: usize,
+    /// Max-Age sent with 5.03 when overloaded, seconds. Default 5.
+    pub overload_retry_after_seconds: u32,
+    /// Serve /skg and /skc (server-side key generation). Default true.
+    pub server_keygen: bool,
+    /// Content-Format for C509 certificates (the draft leaves it TBD; experimental range).
+    pub c509_cert_content_format: u16,
+    /// Content-Format for C509 certification requests.
+    pub c509_pkcs10_content_format: u16,
+}
+
+impl Default for EstConfig {
+    fn default() -> Self {
+        Self {
+            max_csr_bytes: 4096,
+            max_concurrent_enrollments: 256,
+            overload_retry_after_seconds: 5,
+            server_keygen: true,
+            c509_cert_content_format: 65025,
+            c509_pkcs10_content_format: 65026,
+        }
+    }
+}
+
+/// Who is asking, as established by the transport, and the wall clock.
+pub struct RequestContext<'a> {
+    /// Peer address for the audit log, e.g. `127.0.0.1:40001`.
+    pub peer: &'a str,
+    /// The client certificate chain (DER, leaf first) that the DTLS handshake verified.
+    pub client_chain: &'a [Vec<u8>],
+    /// Wall-clock time, for certificate validity.
+    pub now: SystemTime,
+}
+
+/// EST operations, for the audit log and the overload counter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Operation {
+    Crts,
+    Sen,
+    Sren,
+    Att,
+    Skg,
+    Skc,
+}
+
+impl Operation {
+    fn from_segment(s: &str) -> Option<Self> {
+        Some(match s {
+            "crts" => Operation::Crts,
+            "sen" => Operation::Sen,
+            "sren" => Operation::Sren,
+            "att" => Operation::Att,
+            "skg" => Operation::Skg,
+            "skc" => Operation::Skc,
+            _ => return None,
+        })
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Operation::Crts => "crts",
+            Operation::Sen => "sen",
+            Operation::Sren => "sren",
+            Operation::Att => "att",
+            Operation::Skg => "skg",
+            Operation::Skc => "skc",
+        }
+    }
+
+    fn method(self) -> Method {
+        match self {
+            Operation::Crts | Operation::Att => Method::Get,
+            _ => Method::Post,
+        }
+    }
+}
+
+/// The EST-coaps service: resources, policy, CA and store.
+pub struct EstService {
+    config: EstConfig,
+    ca: IssuingCa,
+    policy: Policy,
+    store: Arc<dyn Store>,
+    in_flight: AtomicUsize,
+    crts_pkcs7: Vec<u8>,
+    csrattrs: Vec<u8>,
+}
+
+/// What the EST layer decided for an enrollment, for callers that want to log it.
+struct Issued {
+    response: Response,
+    audit: AuditEvent,
+}
+
+impl EstService {
+    pub fn new(
+        config: EstConfig,
+        ca: IssuingCa,
+        policy: Policy,
+        store: Arc<dyn Store>,
+    ) -> Result<Self, EstError> {
+        let crts_pkcs7 = ca::certs_only(&[ca.certificate_der()])
+            .map_err(|e| EstError::Internal(format!("building /crts: {e}")))?;
+        let csrattrs = csrattrs::encode().map_err(|e| EstError::Internal(e.to_string()))?;
+        Ok(Self {
+            config,
+            ca,
+            policy,
+            store,
+            in_flight: AtomicUsize::new(0),
+            crts_pkcs7,
+            csrattrs,
+        })
+    }
+
+    pub fn config(&self) -> &EstConfig {
+        &self.config
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Enrollments being processed right now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether `req` is an enrollment (which may take a store round trip and should be
+    /// run off the I/O thread by the driver).
+    pub fn is_enrollment(req: &Request) -> bool {
+        req.method == Method::Post
+            && req.path.len() == 3
+            && req.path[..2] == EST_ROOT
+            && matches!(req.path[2].as_str(), "sen" | "sren" | "skg" | "skc")
+    }
+
+    /// Serve one complete request.
+    pub fn handle<R: RngCore + CryptoRng>(
+        &self,
+        ctx: &RequestContext<'_>,
+        req: &Request,
+        rng: &mut R,
+    ) -> Response {
+        match self.route(ctx, req, rng) {
+            Ok(r) => r,
+            Err(e) => {
+                if let EstError::Internal(detail) = &e {
+                    tracing::error!(peer = ctx.peer, path = %req.path_string(), %detail, "internal error");
+                }
+                e.to_response()
+            }
+        }
+    }
+
+    fn route<R: RngCore + CryptoRng>(
+        &self,
+        ctx: &RequestContext<'_>,
+        req: &Request,
+        rng: &mut R,
+    ) -> Result<Response, EstError> {
+        let path: Vec<&str> = req.path.iter().map(String::as_str).collect();
+        match path.as_slice() {
+            [".well-known", "core"] => {
+                if req.method != Method::Get {
+                    return Err(EstError::MethodNotAllowed);
+                }
+                check_accept(req, &[CF_LINK_FORMAT])?;
+                let body = discovery::links(&self.config, self.config.server_keygen, &req.query);
+                Ok(Response::new(ResponseType::Content).with_payload(CF_LINK_FORMAT, body))
+            }
+            [".well-known", "est", op] => {
+                let op = Operation::from_segment(op).ok_or(EstError::NotFound)?;
+                if matches!(op, Operation::Skg | Operation::Skc) && !self.config.server_keygen {
+                    return Err(EstError::NotFound);
+                }
+                if req.method != op.method() {
+                    return Err(EstError::MethodNotAllowed);
+                }
+                match op {
+                    Operation::Crts => self.crts(req),
+                    Operation::Att => {
+                        check_accept(req, &[CF_CSRATTRS])?;
+                        Ok(Response::new(ResponseType::Content)
+                            .with_payload(CF_CSRATTRS, self.csrattrs.clone()))
+                    }
+                    _ => self.enrollment(ctx, op, req, rng),
+                }
+            }
+            _ => Err(EstError::NotFound),
+        }
+    }
+
+    fn crts(&self, req: &Request) -> Result<Response, EstError> {
+        match req.accept {
+            None | Some(CF_PKCS7_CERTS_ONLY) => Ok(Response::new(ResponseType::Content)
+                .with_payload(CF_PKCS7_CERTS_ONLY, self.crts_pkcs7.clone())),
+            Some(CF_PKIX_CERT) => Ok(Response::new(ResponseType::Content)
+                .with_payload(CF_PKIX_CERT, self.ca.certificate_der().to_vec())),
+            Some(other) => Err(EstError::NotAcceptable(other)),
+        }
+    }
+
+    /// sen / sren / skg / skc: overload gate, then audit whatever happens.
+    fn enrollment<R: RngCore + CryptoRng>(
+        &self,
+        ctx: &RequestContext<'_>,
+        op: Operation,
+        req: &Request,
+        rng: &mut R,
+    ) -> Result<Response, EstError> {
+        let _slot = match InFlight::acquire(&self.in_flight, self.config.max_concurrent_enrollments)
+        {
+            Some(slot) => slot,
+            None => {
+                return Err(EstError::Overloaded {
+                    retry_after_seconds: self.config.overload_retry_after_seconds,
+                })
+            }
+        };
+        let mut device_id = String::new();
+        match self.enroll_inner(ctx, op, req, rng, &mut device_id) {
+            Ok(Issued { response, audit }) => {
+                // A fresh issuance was audited inside its commit; replays are audited here.
+                if audit.outcome != "issued" {
+                    self.store.record_audit(&audit)?;
+                }
+                Ok(response)
+            }
+            Err(e) => {
+                let audit = AuditEvent {
+                    at_unix: unix_seconds(ctx.now),
+                    peer: ctx.peer.to_string(),
+                    device_id,
+                    operation: op.name().to_string(),
+                    outcome: "refused".into(),
+                    code: e.code_text(),
+                    detail: e.to_string(),
+                };
+                if let Err(store_err) = self.store.record_audit(&audit) {
+                    tracing::error!(%store_err, "could not record audit event");
+                }
+                tracing::info!(peer = ctx.peer, device = %audit.device_id, op = op.name(), code = %audit.code, reason = %audit.detail, "enrollment refused");
+                Err(e)
+            }
+        }
+    }
+
+    fn enroll_inner<R: RngCore + CryptoRng>(
+        &self,
+        ctx: &RequestContext<'_>,
+        op: Operation,
+        req: &Request,
+        rng: &mut R,
+        device_id_out: &mut String,
+    ) -> Result<Issued, EstError> {
+        // 1. Who is this? /sen and server keygen take a manufacturer IDevID, /sren an
+        //    LDevID of ours that is still the device's current certificate.
+        let device = match op {
+            Operation::Sren => self
+                .policy
+                .authenticate_operational(ctx.client_chain, ctx.now)?,
+            _ => self
+                .policy
+                .authenticate_manufacturer(ctx.client_chain, ctx.now)?,
+        };
+        device_id_out.clone_from(&device.device_id);
+        if self.policy.config().require_device_allowlist
+            && !self.store.device_allowed(&device.device_id)?
+        {
+            return Err(crate::policy::PolicyError::NotAllowlisted.into());
+        }
+        let replaces = if op == Operation::Sren {
+            let current = self
+                .store
+                .find_by_serial(&device.certificate_serial_hex)?
+                .ok_or(crate::policy::PolicyError::UnknownCertificate)?;
+            Some(current)
+        } else {
+            None
+        };
+
+        // 2. What is asked for, in which format?
+        let accept = self.response_format(op, req.accept)?;
+        if req.content_format != Some(CF_PKCS10) {
+            return Err(EstError::UnsupportedContentFormat(req.content_format));
+        }
+        if req.payload.len() > self.config.max_csr_bytes {
+            return Err(EstError::TooLarge {
+                size: req.payload.len(),
+                limit: self.config.max_csr_bytes,
+            });
+        }
+        let csr = ca::parse_and_verify_csr(&req.payload, self.config.max_csr_bytes)
+            .map_err(|e| EstError::BadRequest(format!("CSR: {e}")))?;
+
+        // 3. Policy on the request itself.
+        match op {
+            Operation::Sren => {
+                self.policy.check_reenroll_csr(
+                    &device,
+                    &csr.subject,
+                    csr.hardware_module.as_ref(),
+                )?;
+            }
+            _ => self
+                .policy
+                .check_enroll_csr_subject(&device, &csr.subject)?,
+        }
+
+        // 4. A retried request (same device, same CSR) gets the certificate already issued.
+        //    Server keygen is excluded: its private key is never stored, so it cannot be
+        //    replayed (the CoAP layer's deduplication covers retransmissions).
+        let keygen = matches!(op, Operation::Skg | Operation::Skc);
+        if !keygen {
+            if let Some(existing) = self.store.find_by_request(&device.device_id, &csr.digest)? {
+                if existing.status == CertStatus::Active {
+                    return Ok(self.replay(ctx, op, &device, existing, accept));
+                }
+            }
+        }
+        // Re-enrollment authenticated by a certificate that is no longer current (and
+        // which was not the subject of a replay above) is refused.
+        if let Some(current) = &replaces {
+            if current.status != CertStatus::Active {
+                return Err(crate::policy::PolicyError::CertificateNotActive(
+                    current.status.as_str(),
+                )
+                .into());
+            }
+        }
+
+        // 5. Issue.
+        let (public_key, private_key) = if keygen {
+            let pkcs8 =
+                ca::generate_p256_pkcs8(rng).map_err(|e| EstError::Internal(e.to_string()))?;
+            let spki = spki_from_pkcs8(&pkcs8)?;
+            (spki, Some(pkcs8))
+        } else {
+            (csr.public_key.clone(), None)
+        };
+        let subject = match (&op, &replaces) {
+            // RFC 7030 §4.2.2: the renewed certificate keeps its subject.
+            (Operation::Sren, Some(_)) => device.certificate.tbs_certificate.subject.clone(),
+            _ => self.policy.ldevid_subject(&device)?,
+        };
+        let cfg = self.policy.config();
+        let not_before = ctx
+            .now
+            .checked_sub(cfg.not_before_backdate)
+            .unwrap_or(ctx.now);
+        let not_after = ctx
+            .now
+            .checked_add(cfg.ldevid_validity)
+            .ok_or_else(|| EstError::Internal("validity overflows".into()))?;
+        let serial = ca::random_serial(rng);
+        let params = IssueParams {
+            subject,
+            public_key,
+            hardware_module: device.hardware_module.clone(),
+            serial,
+            not_before,
+            not_after,
+            key_agreement: cfg.key_agreement,
+            extended_key_usage_client_auth: true,
+        };
+        let der = self
+            .ca
+            .issue(&params)
+            .map_err(|e| EstError::Internal(format!("issuing: {e}")))?;
+        let record = IssuedCert {
+            serial_hex: hex::encode(params.serial.as_bytes()),
+            device_id: device.device_id.clone(),
+            subject: params.subject.to_string(),
+            // Keygen requests are never replayed (the key is not kept), so their record is
+            // keyed by the certificate itself rather than the request.
+            request_digest: if keygen {
+                ca::csr_digest(&der)
+            } else {
+                csr.digest
+            },
+            der,
+            not_before_unix: unix_seconds(not_before),
+            not_after_unix: unix_seconds(not_after),
+            issued_at_unix: unix_seconds(ctx.now),
+            status: CertStatus::Active,
+            kind: match op {
+                Operation::Sren => IssuanceKind::Reenroll,
+                Operation::Skg | Operation::Skc => IssuanceKind::ServerKeygen,
+                _ => IssuanceKind::Enroll,
+            },
+            replaces_serial_hex: replaces.as_ref().map(|c| c.serial_hex.clone()),
+        };
+        let audit = AuditEvent {
+            at_unix: unix_seconds(ctx.now),
+            peer: ctx.peer.to_string(),
+            device_id: device.device_id.clone(),
+            operation: op.name().to_string(),
+            outcome: "issued".into(),
+            code: code_text(ResponseType::Changed),
+            detail: format!("serial {}", record.serial_hex),
+        };
+
+        // 6. Durable before the meter sees it.
+        match self.store.commit_issuance(&record, &audit)? {
+            CommitOutcome::Committed => {
+                tracing::info!(peer = ctx.peer, device = %device.device_id, op = op.name(), serial = %record.serial_hex, "certificate issued");
+                let response = self.certificate_response(op, &record.der, accept, private_key)?;
+                Ok(Issued { response, audit })
+            }
+            CommitOutcome::AlreadyIssued(existing) => {
+                Ok(self.replay(ctx, op, &device, existing, accept))
+            }
+        }
+    }
+
+    fn replay(
+        &self,
+        ctx: &RequestContext<'_>,
+        op: Operation,
+        device: &Device,
+        existing: IssuedCert,
+        accept: u16,
+    ) -> Issued {
+        let audit = AuditEvent {
+            at_unix: unix_seconds(ctx.now),
+            peer: ctx.peer.to_string(),
+            device_id: device.device_id.clone(),
+            operation: op.name().to_string(),
+            outcome: "replayed".into(),
+            code: code_text(ResponseType::Changed),
+            detail: format!("serial {}", existing.serial_hex),
+        };
+        tracing::info!(peer = ctx.peer, device = %device.device_id, serial = %existing.serial_hex, "retried request answered with the certificate already issued");
+        let response = match self.certificate_response(op, &existing.der, accept, None) {
+            Ok(r) => r,
+            Err(e) => e.to_response(),
+        };
+        Issued { response, audit }
+    }
+
+    /// Which Content-Format to answer with, or 4.06 (RFC 9148 §4.3).
+    fn response_format(&self, op: Operation, accept: Option<u16>) -> Result<u16, EstError> {
+        match op {
+            Operation::Skg | Operation::Skc => match accept {
+                None | Some(CF_MULTIPART_CORE) => Ok(CF_MULTIPART_CORE),
+                Some(other) => Err(EstError::NotAcceptable(other)),
+            },
+            _ => match accept {
+                None => Ok(CF_PKCS7_CERTS_ONLY),
+                Some(cf @ (CF_PKCS7_CERTS_ONLY | CF_PKIX_CERT)) => Ok(cf),
+                Some(other) => Err(EstError::NotAcceptable(other)),
+            },
+        }
+    }
+
+    fn certificate_response(
+        &self,
+        op: Operation,
+        cert_der: &[u8],
+        accept: u16,
+        private_key: Option<Vec<u8>>,
+    ) -> Result<Response, EstError> {
+        let changed = Response::new(ResponseType::Changed);
+        match (op, private_key) {
+            (Operation::Skg | Operation::Skc, Some(key)) => {
+                // RFC 9148 §4.8 / Table 3: key as application/pkcs8 (284), the
+                // certificate as 281 for /skg and 287 for /skc.
+                let cert_part = if op == Operation::Skg {
+                    (
+                        CF_PKCS7_CERTS_ONLY,
+                        ca::certs_only(&[cert_der])
+                            .map_err(|e| EstError::Internal(e.to_string()))?,
+                    )
+                } else {
+                    (CF_PKIX_CERT, cert_der.to_vec())
+                };
+                let body = cbor_schemas::multipart::encode(&[
+                    (CF_PKCS8, key.as_slice()),
+                    (cert_part.0, cert_part.1.as_slice()),
+                ]);
+                Ok(changed.with_payload(CF_MULTIPART_CORE, body))
+            }
+            (Operation::Skg | Operation::Skc, None) => Err(EstError::Internal(
+                "server keygen response without a key".into(),
+            )),
+            _ if accept == CF_PKIX_CERT => {
+                Ok(changed.with_payload(CF_PKIX_CERT, cert_der.to_vec()))
+            }
+            _ => {
+                let p7 =
+                    ca::certs_only(&[cert_der]).map_err(|e| EstError::Internal(e.to_string()))?;
+                Ok(changed.with_payload(CF_PKCS7_CERTS_ONLY, p7))
+            }
+        }
+    }
+}
+
+/// 4.06 unless Accept is absent or one of `offered`.
+fn check_accept(req: &Request, offered: &[u16]) -> Result<(), EstError> {
+    match req.accept {
+        Some(a) if !offered.contains(&a) => Err(EstError::NotAcceptable(a)),
+        _ => Ok(()),
+    }
+}
+
+/// A slot in the bounded set of enrollments in progress.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn acquire(counter: &'a AtomicUsize, limit: usize) -> Option<Self> {
+        let prev = counter.fetch_add(1, Ordering::AcqRel);
+        if prev >= limit {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            None
+        } else {
+            Some(Self(counter))
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// SubjectPublicKeyInfo of a P-256 PKCS#8 private key (server-side key generation).
+fn spki_from_pkcs8(pkcs8: &[u8]) -> Result<spki::SubjectPublicKeyInfoOwned, EstError> {
+    use der::Decode;
+    use p256::pkcs8::{DecodePrivateKey, EncodePublicKey};
+    let secret = p256::SecretKey::from_pkcs8_der(pkcs8)
+        .map_err(|e| EstError::Internal(format!("generated key: {e}")))?;
+    let doc = secret
+        .public_key()
+        .to_public_key_der()
+        .map_err(|e| EstError::Internal(format!("generated key: {e}")))?;
+    spki::SubjectPublicKeyInfoOwned::from_der(doc.as_bytes())
+        .map_err(|e| EstError::Internal(format!("generated key: {e}")))
+}
+
+#[cfg(test)]
+mod tests;

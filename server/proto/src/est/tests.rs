@@ -1,0 +1,661 @@
+//! In-memory tests of the EST resources and the enrollment policy, on a fixed clock and
+//! a seeded RNG: every decision tested both ways (allowed and refused).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use coap_lite::ResponseType;
+use der::{Decode, Encode};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use x509_cert::Certificate;
+
+use super::*;
+use crate::ca::{HardwareModuleName, Name, ObjectIdentifier, RingP256Signer};
+use crate::policy::{PolicyConfig, OID_COMMON_NAME, OID_SERIAL_NUMBER};
+use crate::store::MemoryStore;
+
+const HW_TYPE: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.6175.10.1");
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn now() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+}
+
+struct Pki {
+    rng: ChaCha20Rng,
+    maker: IssuingCa,
+    rogue: IssuingCa,
+    issuing_der: Vec<u8>,
+    issuing_key: Vec<u8>,
+}
+
+fn ca(name: &str, org: &str, rng: &mut ChaCha20Rng) -> (Vec<u8>, Vec<u8>, IssuingCa) {
+    let (cert, key) =
+        ca::generate_root_ca(name, org, now() - 10 * DAY, 3650 * DAY, rng).expect("CA");
+    let signer = RingP256Signer::from_pkcs8_der(&key).expect("key");
+    let issuing = IssuingCa::new(cert.clone(), Box::new(signer)).expect("CA");
+    (cert, key, issuing)
+}
+
+impl Pki {
+    fn new() -> Self {
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let (_, _, maker) = ca("Maker CA", "Maker", &mut rng);
+        let (_, _, rogue) = ca("Rogue CA", "Rogue", &mut rng);
+        let (issuing_der, issuing_key, _) = ca("EST Issuing CA", "est", &mut rng);
+        Self {
+            rng,
+            maker,
+            rogue,
+            issuing_der,
+            issuing_key,
+        }
+    }
+
+    fn issuing(&self) -> IssuingCa {
+        IssuingCa::new(
+            self.issuing_der.clone(),
+            Box::new(RingP256Signer::from_pkcs8_der(&self.issuing_key).expect("key")),
+        )
+        .expect("CA")
+    }
+
+    fn idevid(&mut self, serial: &str, not_after: SystemTime) -> (Vec<u8>, Vec<u8>) {
+        ca::mint_idevid(
+            &self.maker,
+            serial,
+            HW_TYPE,
+            now() - 5 * DAY,
+            not_after,
+            &mut self.rng,
+        )
+        .expect("IDevID")
+    }
+
+    fn service(&self, policy: PolicyConfig, est: EstConfig) -> (EstService, Arc<MemoryStore>) {
+        let store = Arc::new(MemoryStore::new());
+        let policy = Policy::new(
+            policy,
+            &[self.maker.certificate_der().to_vec()],
+            &self.issuing_der,
+        )
+        .expect("policy");
+        let dyn_store: Arc<dyn Store> = store.clone();
+        let svc = EstService::new(est, self.issuing(), policy, dyn_store).expect("service");
+        (svc, store)
+    }
+
+    fn key(&mut self) -> (Vec<u8>, RingP256Signer) {
+        let pkcs8 = ca::generate_p256_pkcs8(&mut self.rng).expect("key");
+        let signer = RingP256Signer::from_pkcs8_der(&pkcs8).expect("key");
+        (pkcs8, signer)
+    }
+}
+
+fn name(attrs: &[(ObjectIdentifier, &str)]) -> Name {
+    ca::name_from_attrs(attrs).expect("name")
+}
+
+fn csr(signer: &RingP256Signer, subject: &Name) -> Vec<u8> {
+    ca::build_csr(signer, subject, None, None).expect("csr")
+}
+
+fn post(op: &str, payload: Vec<u8>) -> Request {
+    Request::new(Method::Post, &format!("/.well-known/est/{op}")).with_payload(CF_PKCS10, payload)
+}
+
+fn call(svc: &EstService, chain: &[Vec<u8>], req: &Request, rng: &mut ChaCha20Rng) -> Response {
+    let ctx = RequestContext {
+        peer: "192.0.2.1:5684",
+        client_chain: chain,
+        now: now(),
+    };
+    svc.handle(&ctx, req, rng)
+}
+
+fn only_cert(resp: &Response) -> Certificate {
+    assert_eq!(
+        resp.code,
+        ResponseType::Changed,
+        "{:?}",
+        String::from_utf8_lossy(&resp.payload)
+    );
+    let der = match resp.content_format {
+        Some(CF_PKCS7_CERTS_ONLY) => {
+            let certs = ca::certs_from_certs_only(&resp.payload).expect("p7");
+            assert_eq!(certs.len(), 1);
+            certs.into_iter().next().expect("one")
+        }
+        Some(CF_PKIX_CERT) => resp.payload.clone(),
+        other => panic!("unexpected Content-Format {other:?}"),
+    };
+    Certificate::from_der(&der).expect("certificate")
+}
+
+fn assert_refused(resp: &Response, code: ResponseType, needle: &str) {
+    assert_eq!(
+        resp.code,
+        code,
+        "payload: {}",
+        String::from_utf8_lossy(&resp.payload)
+    );
+    let text = String::from_utf8_lossy(&resp.payload);
+    assert!(
+        text.contains(needle),
+        "diagnostic {text:?} lacks {needle:?}"
+    );
+    assert!(resp.payload.len() < 128, "diagnostic payloads stay short");
+}
+
+struct Device {
+    chain: Vec<Vec<u8>>,
+    signer: RingP256Signer,
+}
+
+fn device(pki: &mut Pki, serial: &str) -> Device {
+    let (cert, _key) = pki.idevid(serial, now() + 3650 * DAY);
+    let (_, signer) = pki.key();
+    Device {
+        chain: vec![cert],
+        signer,
+    }
+}
+
+#[test]
+fn sen_issues_an_ldevid_whose_subject_comes_from_the_idevid() {
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    // The CSR asks for a different CN: policy decides the subject, not the CSR.
+    let req = post(
+        "sen",
+        csr(
+            &dev.signer,
+            &name(&[(OID_COMMON_NAME, "please-make-me-admin")]),
+        ),
+    );
+    let resp = call(&svc, &dev.chain, &req, &mut pki.rng);
+    let cert = only_cert(&resp);
+    let tbs = &cert.tbs_certificate;
+    assert_eq!(ca::serial_number_attr(&tbs.subject).as_deref(), Some("SN1"));
+    assert_eq!(ca::common_name(&tbs.subject).as_deref(), Some("SN1"));
+    assert_eq!(
+        tbs.subject_public_key_info.subject_public_key.raw_bytes(),
+        dev.signer.public_key_sec1(),
+        "the certificate certifies the CSR's key"
+    );
+    assert_eq!(
+        ca::hardware_module_from_cert(&cert),
+        Some(HardwareModuleName::new(HW_TYPE, b"SN1").expect("hmn")),
+        "hardwareModuleName carried over from the IDevID"
+    );
+    assert_eq!(
+        tbs.issuer.to_der().expect("der"),
+        Certificate::from_der(&pki.issuing_der)
+            .expect("ca")
+            .tbs_certificate
+            .subject
+            .to_der()
+            .expect("der")
+    );
+    let nb = tbs.validity.not_before.to_system_time();
+    let na = tbs.validity.not_after.to_system_time();
+    assert_eq!(nb, now() - Duration::from_secs(300));
+    assert_eq!(na, now() + 365 * DAY);
+    let certs = store.certificates();
+    assert_eq!(certs.len(), 1);
+    assert_eq!(certs[0].der, cert.to_der().expect("der"));
+    assert_eq!(certs[0].status, crate::store::CertStatus::Active);
+    let audit = store.audit_events();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(
+        (audit[0].outcome.as_str(), audit[0].device_id.as_str()),
+        ("issued", "SN1")
+    );
+}
+
+#[test]
+fn accept_287_returns_a_bare_certificate_and_9999_is_not_acceptable() {
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let req = post("sen", csr(&dev.signer, &name(&[]))).with_accept(CF_PKIX_CERT);
+    let resp = call(&svc, &dev.chain, &req, &mut pki.rng);
+    assert_eq!(resp.content_format, Some(CF_PKIX_CERT));
+    only_cert(&resp);
+    let req = post("sen", csr(&dev.signer, &name(&[]))).with_accept(9999);
+    assert_refused(
+        &call(&svc, &dev.chain, &req, &mut pki.rng),
+        ResponseType::NotAcceptable,
+        "9999",
+    );
+    assert_eq!(store.certificates().len(), 1);
+}
+
+#[test]
+fn a_retried_sen_gets_the_same_certificate_not_a_second_one() {
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let req = post("sen", csr(&dev.signer, &name(&[])));
+    let first = call(&svc, &dev.chain, &req, &mut pki.rng);
+    let second = call(&svc, &dev.chain, &req, &mut pki.rng);
+    assert_eq!(only_cert(&first), only_cert(&second));
+    assert_eq!(store.certificates().len(), 1);
+    let outcomes: Vec<String> = store
+        .audit_events()
+        .into_iter()
+        .map(|a| a.outcome)
+        .collect();
+    assert_eq!(outcomes, vec!["issued", "replayed"]);
+    // A different CSR is a new enrollment and supersedes the first certificate.
+    let (_, other_key) = pki.key();
+    let third = call(
+        &svc,
+        &dev.chain,
+        &post("sen", csr(&other_key, &name(&[]))),
+        &mut pki.rng,
+    );
+    assert_ne!(only_cert(&third), only_cert(&first));
+    let certs = store.certificates();
+    assert_eq!(certs.len(), 2);
+    assert_eq!(certs[0].status, crate::store::CertStatus::Superseded);
+    assert_eq!(certs[1].status, crate::store::CertStatus::Active);
+}
+
+#[test]
+fn sren_renews_with_the_same_subject_and_supersedes_the_old_certificate() {
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let ldevid = only_cert(&call(
+        &svc,
+        &dev.chain,
+        &post("sen", csr(&dev.signer, &name(&[]))),
+        &mut pki.rng,
+    ));
+    let ldevid_chain = vec![ldevid.to_der().expect("der")];
+    let subject = ldevid.tbs_certificate.subject.clone();
+
+    // Refused: the subject differs from the certificate being renewed (RFC 7030 §4.2.2).
+    let (_, new_key) = pki.key();
+    let wrong = post("sren", csr(&new_key, &name(&[(OID_SERIAL_NUMBER, "SN1")])));
+    assert_refused(
+        &call(&svc, &ldevid_chain, &wrong, &mut pki.rng),
+        ResponseType::Forbidden,
+        "subject",
+    );
+    // Refused: an IDevID cannot re-enroll.
+    let good = post("sren", csr(&new_key, &subject));
+    assert_refused(
+        &call(&svc, &dev.chain, &good, &mut pki.rng),
+        ResponseType::Forbidden,
+        "issuing CA",
+    );
+    assert_eq!(store.certificates().len(), 1);
+
+    // Allowed: a current LDevID with the identical subject (rekey).
+    let renewed = only_cert(&call(&svc, &ldevid_chain, &good, &mut pki.rng));
+    assert_eq!(renewed.tbs_certificate.subject, subject);
+    assert_eq!(
+        renewed
+            .tbs_certificate
+            .subject_public_key_info
+            .subject_public_key
+            .raw_bytes(),
+        new_key.public_key_sec1()
+    );
+    let certs = store.certificates();
+    assert_eq!(certs.len(), 2);
+    assert_eq!(certs[0].status, crate::store::CertStatus::Superseded);
+    assert_eq!(certs[1].kind, crate::store::IssuanceKind::Reenroll);
+    assert_eq!(
+        certs[1].replaces_serial_hex.as_deref(),
+        Some(certs[0].serial_hex.as_str())
+    );
+    // The same request again is a retry: same answer, nothing new.
+    let again = only_cert(&call(&svc, &ldevid_chain, &good, &mut pki.rng));
+    assert_eq!(again, renewed);
+    assert_eq!(store.certificates().len(), 2);
+    // But the superseded certificate cannot renew again with a new request.
+    let (_, third_key) = pki.key();
+    let resp = call(
+        &svc,
+        &ldevid_chain,
+        &post("sren", csr(&third_key, &subject)),
+        &mut pki.rng,
+    );
+    assert_refused(&resp, ResponseType::Forbidden, "superseded");
+}
+
+#[test]
+fn an_ldevid_cannot_use_sen() {
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let ldevid = only_cert(&call(
+        &svc,
+        &dev.chain,
+        &post("sen", csr(&dev.signer, &name(&[]))),
+        &mut pki.rng,
+    ));
+    let resp = call(
+        &svc,
+        &[ldevid.to_der().expect("der")],
+        &post("sen", csr(&dev.signer, &name(&[]))),
+        &mut pki.rng,
+    );
+    assert_refused(&resp, ResponseType::Forbidden, "manufacturer");
+    assert_eq!(store.certificates().len(), 1);
+}
+
+#[test]
+fn unknown_manufacturer_and_missing_certificate_are_refused_and_store_nothing() {
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let (rogue_cert, _) = ca::mint_idevid(
+        &pki.rogue,
+        "SN9",
+        HW_TYPE,
+        now() - DAY,
+        now() + DAY,
+        &mut pki.rng,
+    )
+    .expect("rogue");
+    let (_, key) = pki.key();
+    let req = post("sen", csr(&key, &name(&[])));
+    assert_refused(
+        &call(&svc, &[rogue_cert], &req, &mut pki.rng),
+        ResponseType::Forbidden,
+        "manufacturer",
+    );
+    assert_refused(
+        &call(&svc, &[], &req, &mut pki.rng),
+        ResponseType::Forbidden,
+        "no client certificate",
+    );
+    assert!(store.certificates().is_empty());
+    let audit = store.audit_events();
+    assert_eq!(audit.len(), 2);
+    assert!(audit
+        .iter()
+        .all(|a| a.outcome == "refused" && a.code == "4.03"));
+}
+
+#[test]
+fn expired_idevid_is_refused_unless_policy_accepts_it() {
+    let mut pki = Pki::new();
+    let (cert, _) = pki.idevid("SN1", now() - DAY);
+    let (_, key) = pki.key();
+    let req = post("sen", csr(&key, &name(&[])));
+    let (strict, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    assert_refused(
+        &call(&strict, std::slice::from_ref(&cert), &req, &mut pki.rng),
+        ResponseType::Forbidden,
+        "expired",
+    );
+    assert!(store.certificates().is_empty());
+    let lenient_cfg = PolicyConfig {
+        accept_expired_idevid: true,
+        ..PolicyConfig::default()
+    };
+    let (lenient, store) = pki.service(lenient_cfg, EstConfig::default());
+    only_cert(&call(&lenient, &[cert], &req, &mut pki.rng));
+    assert_eq!(store.certificates().len(), 1);
+}
+
+#[test]
+fn allowlist_refuses_unlisted_devices_and_admits_listed_ones() {
+    let mut pki = Pki::new();
+    let cfg = PolicyConfig {
+        require_device_allowlist: true,
+        ..PolicyConfig::default()
+    };
+    let (svc, store) = pki.service(cfg, EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let req = post("sen", csr(&dev.signer, &name(&[])));
+    assert_refused(
+        &call(&svc, &dev.chain, &req, &mut pki.rng),
+        ResponseType::Forbidden,
+        "allowlist",
+    );
+    store.allow_devices(["SN1".to_string()]);
+    only_cert(&call(&svc, &dev.chain, &req, &mut pki.rng));
+}
+
+#[test]
+fn csr_naming_another_device_is_refused() {
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let req = post(
+        "sen",
+        csr(&dev.signer, &name(&[(OID_SERIAL_NUMBER, "SN2")])),
+    );
+    assert_refused(
+        &call(&svc, &dev.chain, &req, &mut pki.rng),
+        ResponseType::Forbidden,
+        "serialNumber",
+    );
+    let req = post(
+        "sen",
+        csr(&dev.signer, &name(&[(OID_SERIAL_NUMBER, "SN1")])),
+    );
+    only_cert(&call(&svc, &dev.chain, &req, &mut pki.rng));
+    assert_eq!(store.certificates().len(), 1);
+}
+
+#[test]
+fn malformed_requests_get_4xx_and_store_nothing() {
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let good = csr(&dev.signer, &name(&[]));
+    // Bad CSR signature: flip a bit in the signature.
+    let mut tampered = good.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x01;
+    assert_refused(
+        &call(&svc, &dev.chain, &post("sen", tampered), &mut pki.rng),
+        ResponseType::BadRequest,
+        "CSR",
+    );
+    assert_refused(
+        &call(
+            &svc,
+            &dev.chain,
+            &post("sen", b"not a csr".to_vec()),
+            &mut pki.rng,
+        ),
+        ResponseType::BadRequest,
+        "CSR",
+    );
+    // Wrong Content-Format.
+    let req =
+        Request::new(Method::Post, "/.well-known/est/sen").with_payload(CF_PKCS8, good.clone());
+    assert_refused(
+        &call(&svc, &dev.chain, &req, &mut pki.rng),
+        ResponseType::UnsupportedContentFormat,
+        "Content-Format",
+    );
+    // Too large.
+    let req = post("sen", vec![0x30; 5000]);
+    assert_refused(
+        &call(&svc, &dev.chain, &req, &mut pki.rng),
+        ResponseType::RequestEntityTooLarge,
+        "too large",
+    );
+    assert!(store.certificates().is_empty());
+    assert_eq!(store.audit_events().len(), 4);
+}
+
+#[test]
+fn methods_and_paths() {
+    let mut pki = Pki::new();
+    let (svc, _) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let get_sen = Request::new(Method::Get, "/.well-known/est/sen");
+    assert_eq!(
+        call(&svc, &dev.chain, &get_sen, &mut pki.rng).code,
+        ResponseType::MethodNotAllowed
+    );
+    let nope = Request::new(Method::Get, "/.well-known/est/nope");
+    assert_eq!(
+        call(&svc, &dev.chain, &nope, &mut pki.rng).code,
+        ResponseType::NotFound
+    );
+    let nope = Request::new(Method::Get, "/other");
+    assert_eq!(
+        call(&svc, &dev.chain, &nope, &mut pki.rng).code,
+        ResponseType::NotFound
+    );
+    let post_crts = Request::new(Method::Post, "/.well-known/est/crts");
+    assert_eq!(
+        call(&svc, &dev.chain, &post_crts, &mut pki.rng).code,
+        ResponseType::MethodNotAllowed
+    );
+}
+
+#[test]
+fn crts_in_both_formats_and_att() {
+    let mut pki = Pki::new();
+    let (svc, _) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let crts = Request::new(Method::Get, "/.well-known/est/crts");
+    let r = call(&svc, &dev.chain, &crts, &mut pki.rng);
+    assert_eq!(
+        (r.code, r.content_format),
+        (ResponseType::Content, Some(CF_PKCS7_CERTS_ONLY))
+    );
+    assert_eq!(
+        ca::certs_from_certs_only(&r.payload).expect("p7"),
+        vec![pki.issuing_der.clone()]
+    );
+    let r = call(
+        &svc,
+        &dev.chain,
+        &crts.clone().with_accept(CF_PKIX_CERT),
+        &mut pki.rng,
+    );
+    assert_eq!(
+        (r.content_format, r.payload.clone()),
+        (Some(CF_PKIX_CERT), pki.issuing_der.clone())
+    );
+    let r = call(&svc, &dev.chain, &crts.with_accept(9999), &mut pki.rng);
+    assert_eq!(r.code, ResponseType::NotAcceptable);
+    let att = Request::new(Method::Get, "/.well-known/est/att");
+    let r = call(&svc, &dev.chain, &att, &mut pki.rng);
+    assert_eq!(
+        (r.code, r.content_format),
+        (ResponseType::Content, Some(CF_CSRATTRS))
+    );
+    // A SEQUENCE naming ecdsa-with-SHA256 (06 08 2A 86 48 CE 3D 04 03 02).
+    assert_eq!(r.payload[0], 0x30);
+    let oid = [0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x04, 0x03, 0x02];
+    assert!(r.payload.windows(oid.len()).any(|w| w == oid));
+}
+
+#[test]
+fn discovery_honours_the_rt_filter() {
+    let mut pki = Pki::new();
+    let (svc, _) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let get = |q: &[&str], rng: &mut ChaCha20Rng| {
+        let mut req = Request::new(Method::Get, "/.well-known/core");
+        for a in q {
+            req = req.with_query(a);
+        }
+        let r = call(&svc, &dev.chain, &req, rng);
+        assert_eq!(
+            (r.code, r.content_format),
+            (ResponseType::Content, Some(CF_LINK_FORMAT))
+        );
+        String::from_utf8(r.payload).expect("utf8")
+    };
+    let all = get(&[], &mut pki.rng);
+    assert_eq!(all.matches('<').count(), 6);
+    assert!(all.contains("</.well-known/est/sen>;rt=\"ace.est.sen\";ct=\"281 287 65025\""));
+    assert_eq!(get(&["rt=ace.est*"], &mut pki.rng), all);
+    assert_eq!(
+        get(&["rt=ace.est.sen"], &mut pki.rng),
+        "</.well-known/est/sen>;rt=\"ace.est.sen\";ct=\"281 287 65025\""
+    );
+    assert_eq!(
+        get(&["ct=285"], &mut pki.rng),
+        "</.well-known/est/att>;rt=\"ace.est.att\";ct=285"
+    );
+    assert_eq!(get(&["rt=core.rd"], &mut pki.rng), "");
+}
+
+#[test]
+fn overload_answers_503_with_max_age() {
+    let mut pki = Pki::new();
+    let est = EstConfig {
+        max_concurrent_enrollments: 0,
+        overload_retry_after_seconds: 17,
+        ..EstConfig::default()
+    };
+    let (svc, store) = pki.service(PolicyConfig::default(), est);
+    let dev = device(&mut pki, "SN1");
+    let r = call(
+        &svc,
+        &dev.chain,
+        &post("sen", csr(&dev.signer, &name(&[]))),
+        &mut pki.rng,
+    );
+    assert_eq!(
+        (r.code, r.max_age),
+        (ResponseType::ServiceUnavailable, Some(17))
+    );
+    assert!(store.certificates().is_empty());
+    assert_eq!(svc.in_flight(), 0);
+}
+
+#[test]
+fn server_keygen_returns_a_key_that_matches_its_certificate() {
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    for (op, cert_cf) in [("skg", CF_PKCS7_CERTS_ONLY), ("skc", CF_PKIX_CERT)] {
+        let req = post(op, csr(&dev.signer, &name(&[]))).with_accept(CF_MULTIPART_CORE);
+        let r = call(&svc, &dev.chain, &req, &mut pki.rng);
+        assert_eq!(
+            (r.code, r.content_format),
+            (ResponseType::Changed, Some(CF_MULTIPART_CORE))
+        );
+        let parts = cbor_schemas::multipart::decode(&r.payload).expect("multipart");
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].0, CF_PKCS8);
+        assert_eq!(parts[1].0, cert_cf);
+        let cert_der = if cert_cf == CF_PKCS7_CERTS_ONLY {
+            ca::certs_from_certs_only(&parts[1].1)
+                .expect("p7")
+                .remove(0)
+        } else {
+            parts[1].1.clone()
+        };
+        let cert = Certificate::from_der(&cert_der).expect("cert");
+        let key = RingP256Signer::from_pkcs8_der(&parts[0].1).expect("returned key");
+        assert_eq!(
+            cert.tbs_certificate
+                .subject_public_key_info
+                .subject_public_key
+                .raw_bytes(),
+            key.public_key_sec1()
+        );
+        assert_ne!(
+            key.public_key_sec1(),
+            dev.signer.public_key_sec1(),
+            "the CSR's key is ignored"
+        );
+    }
+    assert_eq!(store.certificates().len(), 2);
+    let r = call(
+        &svc,
+        &dev.chain,
+        &post("skg", csr(&dev.signer, &name(&[]))).with_accept(CF_PKCS7_CERTS_ONLY),
+        &mut pki.rng,
+    );
+    assert_eq!(r.code, ResponseType::NotAcceptable);
+}

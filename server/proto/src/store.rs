@@ -1,0 +1,265 @@
+//! The durable record of what the CA issued, and the audit trail.
+//!
+//! The core talks to storage through the synchronous [`Store`] trait: the daemon
+//! implements it with SQLite (WAL, `synchronous=FULL`, group commit), tests use
+//! [`MemoryStore`]. The one rule every implementation keeps: [`Store::commit_issuance`]
+//! returns only once the certificate is durable, because the meter receives it right
+//! after (the "nothing lost" rule), and it is atomic with the supersession of the
+//! device's previous certificate and the audit row.
+
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+/// Lifecycle of an issued certificate in the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertStatus {
+    /// The device's current operational certificate.
+    Active,
+    /// Replaced by a later enrollment or re-enrollment of the same device.
+    Superseded,
+    /// Revoked by an operator.
+    Revoked,
+}
+
+impl CertStatus {
+    /// Stable text form used in storage and CLI output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertStatus::Active => "active",
+            CertStatus::Superseded => "superseded",
+            CertStatus::Revoked => "revoked",
+        }
+    }
+
+    /// Inverse of [`CertStatus::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(CertStatus::Active),
+            "superseded" => Some(CertStatus::Superseded),
+            "revoked" => Some(CertStatus::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// How a certificate came to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IssuanceKind {
+    /// `/sen`: first enrollment, authenticated by a manufacturer IDevID.
+    Enroll,
+    /// `/sren`: re-enrollment, authenticated by a current LDevID.
+    Reenroll,
+    /// `/skg` or `/skc`: server-side key generation.
+    ServerKeygen,
+}
+
+impl IssuanceKind {
+    /// Stable text form used in storage and CLI output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssuanceKind::Enroll => "enroll",
+            IssuanceKind::Reenroll => "reenroll",
+            IssuanceKind::ServerKeygen => "serverkeygen",
+        }
+    }
+}
+
+/// One issued certificate as the store keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuedCert {
+    /// Certificate serial number, lower-case hex without leading sign byte handling
+    /// (exactly the DER INTEGER content bytes).
+    pub serial_hex: String,
+    /// The device identity the certificate was issued to (IDevID serialNumber).
+    pub device_id: String,
+    /// Subject DN in RFC 4514 text form, for display.
+    pub subject: String,
+    /// The certificate, DER.
+    pub der: Vec<u8>,
+    /// SHA-256 of the request (PKCS#10 DER, or the C509 request bytes) that produced it.
+    pub request_digest: [u8; 32],
+    /// Validity as seconds since the Unix epoch.
+    pub not_before_unix: i64,
+    /// Validity as seconds since the Unix epoch.
+    pub not_after_unix: i64,
+    /// When it was committed, seconds since the Unix epoch.
+    pub issued_at_unix: i64,
+    pub status: CertStatus,
+    pub kind: IssuanceKind,
+    /// For a re-enrollment: the serial of the certificate it replaces.
+    pub replaces_serial_hex: Option<String>,
+}
+
+/// One audit record: every enrollment attempt, success or refusal.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEvent {
+    pub at_unix: i64,
+    /// Peer transport address, e.g. `127.0.0.1:40001`.
+    pub peer: String,
+    /// Device identity if it could be established (serialNumber), else empty.
+    pub device_id: String,
+    /// EST operation, e.g. `sen`, `sren`, `skg`.
+    pub operation: String,
+    /// `issued`, `replayed` (a retried request answered with the certificate already
+    /// issued), or `refused`.
+    pub outcome: String,
+    /// CoAP response code sent, e.g. `2.04`, `4.03`.
+    pub code: String,
+    /// Short human-readable reason or the issued serial.
+    pub detail: String,
+}
+
+/// Errors of a storage backend.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage backend failed: {0}")]
+    Backend(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Result of [`Store::commit_issuance`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// The new certificate is durable.
+    Committed,
+    /// Another request from the same device with the same request digest committed first
+    /// (two retries raced); answer with this one instead.
+    AlreadyIssued(IssuedCert),
+}
+
+/// Synchronous storage used by the EST core. Implementations must be safe to call from
+/// several threads at once.
+pub trait Store: Send + Sync {
+    /// The certificate already issued to `device_id` for an identical request, if any.
+    fn find_by_request(
+        &self,
+        device_id: &str,
+        request_digest: &[u8; 32],
+    ) -> Result<Option<IssuedCert>, StoreError>;
+
+    /// Look a certificate up by serial (lower-case hex).
+    fn find_by_serial(&self, serial_hex: &str) -> Result<Option<IssuedCert>, StoreError>;
+
+    /// Durably commit a newly issued certificate, mark every other active certificate of
+    /// the same device superseded, and append `audit`, all in one transaction. Returns only
+    /// after the data is on stable storage.
+    fn commit_issuance(
+        &self,
+        cert: &IssuedCert,
+        audit: &AuditEvent,
+    ) -> Result<CommitOutcome, StoreError>;
+
+    /// Append an audit event on its own (refusals, replays).
+    fn record_audit(&self, audit: &AuditEvent) -> Result<(), StoreError>;
+
+    /// Whether `device_id` is on the device allowlist.
+    fn device_allowed(&self, device_id: &str) -> Result<bool, StoreError>;
+}
+
+/// Seconds since the Unix epoch (negative before 1970).
+pub fn unix_seconds(t: SystemTime) -> i64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+#[derive(Default)]
+struct MemoryInner {
+    certs: Vec<IssuedCert>,
+    audit: Vec<AuditEvent>,
+    allowlist: Vec<String>,
+}
+
+/// An in-memory [`Store`] for tests and simulations. Not durable.
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<MemoryInner>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add device serials to the allowlist.
+    pub fn allow_devices<I: IntoIterator<Item = String>>(&self, ids: I) {
+        if let Ok(mut g) = self.inner.lock() {
+            g.allowlist.extend(ids);
+        }
+    }
+
+    /// Every certificate committed so far, oldest first.
+    pub fn certificates(&self) -> Vec<IssuedCert> {
+        self.inner
+            .lock()
+            .map(|g| g.certs.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every audit event so far, oldest first.
+    pub fn audit_events(&self) -> Vec<AuditEvent> {
+        self.inner
+            .lock()
+            .map(|g| g.audit.clone())
+            .unwrap_or_default()
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, MemoryInner>, StoreError> {
+        self.inner
+            .lock()
+            .map_err(|_| StoreError::Backend("memory store mutex poisoned".into()))
+    }
+}
+
+impl Store for MemoryStore {
+    fn find_by_request(
+        &self,
+        device_id: &str,
+        request_digest: &[u8; 32],
+    ) -> Result<Option<IssuedCert>, StoreError> {
+        let g = self.lock()?;
+        Ok(g.certs
+            .iter()
+            .find(|c| c.device_id == device_id && &c.request_digest == request_digest)
+            .cloned())
+    }
+
+    fn find_by_serial(&self, serial_hex: &str) -> Result<Option<IssuedCert>, StoreError> {
+        let g = self.lock()?;
+        Ok(g.certs.iter().find(|c| c.serial_hex == serial_hex).cloned())
+    }
+
+    fn commit_issuance(
+        &self,
+        cert: &IssuedCert,
+        audit: &AuditEvent,
+    ) -> Result<CommitOutcome, StoreError> {
+        let mut g = self.lock()?;
+        if let Some(existing) = g
+            .certs
+            .iter()
+            .find(|c| c.device_id == cert.device_id && c.request_digest == cert.request_digest)
+        {
+            return Ok(CommitOutcome::AlreadyIssued(existing.clone()));
+        }
+        for c in g.certs.iter_mut() {
+            if c.device_id == cert.device_id && c.status == CertStatus::Active {
+                c.status = CertStatus::Superseded;
+            }
+        }
+        g.certs.push(cert.clone());
+        g.audit.push(audit.clone());
+        Ok(CommitOutcome::Committed)
+    }
+
+    fn record_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
+        self.lock()?.audit.push(audit.clone());
+        Ok(())
+    }
+
+    fn device_allowed(&self, device_id: &str) -> Result<bool, StoreError> {
+        Ok(self.lock()?.allowlist.iter().any(|d| d == device_id))
+    }
+}
