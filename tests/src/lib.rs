@@ -1,1 +1,291 @@
-//! placeholder
+//! Harness for the cross-crate integration and interop tests.
+//!
+//! [`TestServer`] starts a real `est-server` (UDP + DTLS + CoAP + EST + SQLite) in
+//! process on `127.0.0.1:0`, on a fresh data directory created exactly as
+//! `est-server init` does; the test PKI is therefore regenerated for every test, never
+//! checked in. [`Tools`] wraps the third-party peers: libcoap's `coap-client-gnutls` and
+//! `coap-client-openssl`, and the `openssl` command line.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use est_server::config::Config;
+use est_server::service::RunningServer;
+use est_server::{datadir, factory};
+
+pub use tempfile::TempDir;
+
+/// A running server on a temporary data directory.
+pub struct TestServer {
+    pub dir: TempDir,
+    pub data_dir: PathBuf,
+    pub addr: SocketAddr,
+    pub server: Option<RunningServer>,
+}
+
+impl TestServer {
+    /// Start with the default configuration, adjusted by `tweak`.
+    pub async fn start(tweak: impl FnOnce(&mut Config)) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let data_dir = dir.path().join("est-data");
+        datadir::init(&data_dir, &[])?;
+        let mut config = datadir::load_config(&data_dir, None)?;
+        config.server.listen = "127.0.0.1:0".parse()?;
+        tweak(&mut config);
+        config.validate()?;
+        let loaded = datadir::load(&data_dir, config)?;
+        let server = est_server::service::start(loaded, None).await?;
+        Ok(Self {
+            addr: server.local_addr,
+            dir,
+            data_dir,
+            server: Some(server),
+        })
+    }
+
+    /// `coaps://127.0.0.1:PORT/.well-known/est/<op>`.
+    pub fn url(&self, op: &str) -> String {
+        format!("coaps://{}/.well-known/est/{op}", self.addr)
+    }
+
+    /// Mint IDevIDs as `est-server factory mint` does; returns the output directory.
+    pub fn mint(&self, serials: &[&str]) -> Result<PathBuf> {
+        let out = self.dir.path().join(format!("fleet-{}", serials.join("-")));
+        let cfg = datadir::load_config(&self.data_dir, None)?;
+        let serials: Vec<String> = serials.iter().map(|s| s.to_string()).collect();
+        factory::mint(&self.data_dir, &cfg, &serials, &out, None, |_| {})?;
+        Ok(out)
+    }
+
+    /// The issuing CA certificate file (PEM).
+    pub fn ca_pem(&self) -> PathBuf {
+        self.data_dir.join("ca/issuing-ca.pem")
+    }
+
+    /// The store, for assertions.
+    pub fn store(&self) -> &est_server::store::SqliteStore {
+        match &self.server {
+            Some(s) => &s.store,
+            None => panic!("server already stopped"),
+        }
+    }
+
+    /// Transport counters.
+    pub fn transport(&self) -> est_server::transport::TransportMetrics {
+        match &self.server {
+            Some(s) => s.listener.metrics(),
+            None => panic!("server already stopped"),
+        }
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+    }
+}
+
+/// Which libcoap build to drive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Libcoap {
+    /// `coap-client-gnutls`: sends the whole certificate chain.
+    Gnutls,
+    /// `coap-client-openssl`: sends only its leaf certificate.
+    Openssl,
+}
+
+impl Libcoap {
+    pub fn binary(self) -> &'static str {
+        match self {
+            Libcoap::Gnutls => "coap-client-gnutls",
+            Libcoap::Openssl => "coap-client-openssl",
+        }
+    }
+}
+
+/// What a `coap-client` run printed.
+#[derive(Debug)]
+pub struct CoapRun {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+    /// The payload written with `-o`, if any.
+    pub payload: Option<Vec<u8>>,
+}
+
+impl CoapRun {
+    /// The response code libcoap prints on stderr for a 4.xx/5.xx answer, e.g. "4.06".
+    pub fn error_code(&self) -> Option<&str> {
+        self.stderr
+            .lines()
+            .chain(self.stdout.lines())
+            .find_map(|l| {
+                let code = l.get(..4)?;
+                let b = code.as_bytes();
+                (b[0].is_ascii_digit()
+                    && b[1] == b'.'
+                    && b[2].is_ascii_digit()
+                    && b[3].is_ascii_digit())
+                .then_some(code)
+            })
+    }
+}
+
+/// True when every external tool the interop tests need is on PATH.
+pub fn have_tools() -> bool {
+    ["coap-client-gnutls", "coap-client-openssl", "openssl"]
+        .iter()
+        .all(|t| which(t))
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// Fail loudly in CI (where `.ci/run` installs the tools), skip with a message elsewhere.
+pub fn require_tools() -> bool {
+    if have_tools() {
+        return true;
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("coap-client-gnutls, coap-client-openssl and openssl are required in CI");
+    }
+    eprintln!("skipping: libcoap3-bin / openssl not installed");
+    false
+}
+
+/// Client credentials for a libcoap run.
+pub struct Creds<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub trust: &'a Path,
+}
+
+/// Run `coap-client-*` with a wall-clock limit. `args` go before the URL.
+pub async fn coap_client(
+    which: Libcoap,
+    creds: Option<&Creds<'_>>,
+    args: &[&str],
+    url: &str,
+    out: Option<&Path>,
+) -> Result<CoapRun> {
+    let mut cmd = tokio::process::Command::new("timeout");
+    cmd.arg("60").arg(which.binary());
+    // -B: give up after this many seconds of waiting for a response.
+    cmd.args(["-B", "30"]);
+    if let Some(c) = creds {
+        cmd.arg("-c")
+            .arg(c.cert)
+            .arg("-j")
+            .arg(c.key)
+            .arg("-C")
+            .arg(c.trust);
+    }
+    cmd.args(args);
+    if let Some(o) = out {
+        let _ = std::fs::remove_file(o);
+        cmd.arg("-o").arg(o);
+    }
+    cmd.arg(url);
+    let output = cmd
+        .output()
+        .await
+        .with_context(|| format!("running {}", which.binary()))?;
+    Ok(CoapRun {
+        status: output.status,
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        payload: out.and_then(|o| std::fs::read(o).ok()),
+    })
+}
+
+/// Run `openssl` with arguments; error with its stderr if it fails.
+pub fn openssl(args: &[&str]) -> Result<String> {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .context("running openssl")?;
+    if !out.status.success() {
+        bail!(
+            "openssl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A fresh P-256 key and a DER CSR for `subject` (e.g. "/serialNumber=SN1"), made by
+/// `openssl req`. Returns (key path, CSR path).
+pub fn openssl_csr(dir: &Path, name: &str, subject: &str) -> Result<(PathBuf, PathBuf)> {
+    let key = dir.join(format!("{name}.key"));
+    let csr = dir.join(format!("{name}.csr.der"));
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        path_str(&key)?,
+        "-subj",
+        subject,
+        "-outform",
+        "DER",
+        "-out",
+        path_str(&csr)?,
+    ])?;
+    Ok((key, csr))
+}
+
+/// A CSR for an existing key.
+pub fn openssl_csr_for_key(dir: &Path, name: &str, key: &Path, subject: &str) -> Result<PathBuf> {
+    let csr = dir.join(format!("{name}.csr.der"));
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        path_str(key)?,
+        "-subj",
+        subject,
+        "-outform",
+        "DER",
+        "-out",
+        path_str(&csr)?,
+    ])?;
+    Ok(csr)
+}
+
+/// DER certificate -> PEM file next to it; returns the PEM path.
+pub fn der_to_pem(der_path: &Path) -> Result<PathBuf> {
+    let pem = der_path.with_extension("pem");
+    openssl(&[
+        "x509",
+        "-inform",
+        "DER",
+        "-in",
+        path_str(der_path)?,
+        "-out",
+        path_str(&pem)?,
+    ])?;
+    Ok(pem)
+}
+
+/// `openssl verify -CAfile ca cert` succeeded (prints "<file>: OK").
+pub fn openssl_verify(ca: &Path, cert_pem: &Path) -> Result<()> {
+    let out = openssl(&["verify", "-CAfile", path_str(ca)?, path_str(cert_pem)?])?;
+    if !out.trim_end().ends_with(": OK") {
+        bail!("openssl verify: {out}");
+    }
+    Ok(())
+}
+
+pub fn path_str(p: &Path) -> Result<&str> {
+    p.to_str().context("non-UTF-8 path")
+}

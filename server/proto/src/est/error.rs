@@ -29,7 +29,7 @@ pub enum EstError {
     #[error("request too large ({size} > {limit} bytes)")]
     TooLarge { size: usize, limit: usize },
     /// 4.15: the request's Content-Format is not one this resource takes.
-    #[error("unsupported Content-Format {0:?}")]
+    #[error("unsupported Content-Format {}", .0.map_or_else(|| "(none)".to_string(), |c| c.to_string()))]
     UnsupportedContentFormat(Option<u16>),
     /// 5.03 + Max-Age: issuance is overloaded, retry later (RFC 9148 §4.7).
     #[error("overloaded, retry in {retry_after_seconds} s")]

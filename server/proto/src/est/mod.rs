@@ -401,7 +401,8 @@ impl EstService {
         let (public_key, private_key) = if keygen {
             let pkcs8 =
                 ca::generate_p256_pkcs8(rng).map_err(|e| EstError::Internal(e.to_string()))?;
-            let spki = spki_from_pkcs8(&pkcs8)?;
+            let spki = ca::p256_spki_from_pkcs8(&pkcs8)
+                .map_err(|e| EstError::Internal(format!("generated key: {e}")))?;
             (spki, Some(pkcs8))
         } else {
             (csr.public_key.clone(), None)
@@ -420,6 +421,8 @@ impl EstService {
             .now
             .checked_add(cfg.ldevid_validity)
             .ok_or_else(|| EstError::Internal("validity overflows".into()))?;
+        // Never beyond the CA's own notAfter (the CA clamps; record what it signs).
+        let not_after = self.ca.effective_not_after(not_after);
         let serial = ca::random_serial(rng);
         let params = IssueParams {
             subject,
@@ -590,20 +593,6 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
-}
-
-/// SubjectPublicKeyInfo of a P-256 PKCS#8 private key (server-side key generation).
-fn spki_from_pkcs8(pkcs8: &[u8]) -> Result<spki::SubjectPublicKeyInfoOwned, EstError> {
-    use der::Decode;
-    use p256::pkcs8::{DecodePrivateKey, EncodePublicKey};
-    let secret = p256::SecretKey::from_pkcs8_der(pkcs8)
-        .map_err(|e| EstError::Internal(format!("generated key: {e}")))?;
-    let doc = secret
-        .public_key()
-        .to_public_key_der()
-        .map_err(|e| EstError::Internal(format!("generated key: {e}")))?;
-    spki::SubjectPublicKeyInfoOwned::from_der(doc.as_bytes())
-        .map_err(|e| EstError::Internal(format!("generated key: {e}")))
 }
 
 #[cfg(test)]
