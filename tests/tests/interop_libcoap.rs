@@ -1,6 +1,7 @@
 //! Interop with software nobody here wrote: libcoap's `coap-client` (GnuTLS and OpenSSL
 //! builds, Debian libcoap3-bin 4.3.1) enrolls against our server over real UDP + DTLS 1.2
 //! with certificates and 64-byte Block1, and `openssl verify` checks what we issued.
+#![allow(clippy::unwrap_used)]
 
 use est_tests::*;
 

@@ -3,9 +3,9 @@
 //! Owns the UDP socket, DTLS (webrtc-dtls behind our own transport layer), timers,
 //! the durable store, configuration and the command line. The protocol logic lives in
 //! the sans-IO crate `est-proto`; this crate only moves datagrams and bytes.
-pub mod transport;
 pub mod config;
 pub mod datadir;
 pub mod factory;
 pub mod service;
 pub mod store;
+pub mod transport;
