@@ -268,8 +268,8 @@ overload_retry_after_secs = 5
 server_keygen = true
 # Content-Formats for C509 (draft-ietf-cose-cbor-encoded-cert leaves them TBD; these are in
 # the experimental range 65000-65535 until IANA assigns numbers).
-c509_cert_content_format = 65025
-c509_pkcs10_content_format = 65026
+c509_cert_content_format = 65003
+c509_pkcs10_content_format = 65004
 
 [policy]
 # Accept manufacturer certificates (IDevIDs) past their notAfter (RFC 9148 §3 allows it).

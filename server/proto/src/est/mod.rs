@@ -27,6 +27,8 @@ use std::time::SystemTime;
 use coap_lite::ResponseType;
 use rand::{CryptoRng, RngCore};
 
+use cbor_schemas::c509::C509Csr;
+
 use crate::ca::{self, IssueParams, IssuingCa};
 use crate::coap::{Method, Request, Response};
 use crate::policy::{Device, Policy};
@@ -79,8 +81,8 @@ impl Default for EstConfig {
             max_concurrent_enrollments: 256,
             overload_retry_after_seconds: 5,
             server_keygen: true,
-            c509_cert_content_format: 65025,
-            c509_pkcs10_content_format: 65026,
+            c509_cert_content_format: cbor_schemas::c509::CONTENT_FORMAT_C509_CERT_DEFAULT,
+            c509_pkcs10_content_format: cbor_schemas::c509::CONTENT_FORMAT_C509_PKCS10_DEFAULT,
         }
     }
 }
@@ -264,6 +266,15 @@ impl EstService {
                 .with_payload(CF_PKCS7_CERTS_ONLY, self.crts_pkcs7.clone())),
             Some(CF_PKIX_CERT) => Ok(Response::new(ResponseType::Content)
                 .with_payload(CF_PKIX_CERT, self.ca.certificate_der().to_vec())),
+            // COSE_C509 (C509 draft §8.16): the CA certificate re-encoded as type 3.
+            Some(cf) if cf == self.config.c509_cert_content_format => {
+                let body = cbor_schemas::cose::cose_c509_chain_from_der(&[self
+                    .ca
+                    .certificate_der()
+                    .to_vec()])
+                .map_err(|e| EstError::Internal(format!("C509 /crts: {e}")))?;
+                Ok(Response::new(ResponseType::Content).with_payload(cf, body))
+            }
             Some(other) => Err(EstError::NotAcceptable(other)),
         }
     }
@@ -348,18 +359,14 @@ impl EstService {
         };
 
         // 2. What is asked for, in which format?
-        let accept = self.response_format(op, req.accept)?;
-        if req.content_format != Some(CF_PKCS10) {
-            return Err(EstError::UnsupportedContentFormat(req.content_format));
-        }
         if req.payload.len() > self.config.max_csr_bytes {
             return Err(EstError::TooLarge {
                 size: req.payload.len(),
                 limit: self.config.max_csr_bytes,
             });
         }
-        let csr = ca::parse_and_verify_csr(&req.payload, self.config.max_csr_bytes)
-            .map_err(|e| EstError::BadRequest(format!("CSR: {e}")))?;
+        let csr = self.parse_request(req)?;
+        let accept = self.response_format(op, req.accept, csr.format)?;
 
         // 3. Policy on the request itself.
         match op {
@@ -490,7 +497,7 @@ impl EstService {
         op: Operation,
         device: &Device,
         existing: IssuedCert,
-        accept: u16,
+        accept: CertFormat,
     ) -> Issued {
         let audit = AuditEvent {
             at_unix: unix_seconds(ctx.now),
@@ -509,16 +516,72 @@ impl EstService {
         Issued { response, audit }
     }
 
-    /// Which Content-Format to answer with, or 4.06 (RFC 9148 §4.3).
-    fn response_format(&self, op: Operation, accept: Option<u16>) -> Result<u16, EstError> {
+    /// Parse and check a certification request, PKCS#10 (CF 286) or C509
+    /// (`application/cose-c509-pkcs10`), into one form: proof of possession verified.
+    fn parse_request(&self, req: &Request) -> Result<Csr, EstError> {
+        match req.content_format {
+            Some(CF_PKCS10) => {
+                let p = ca::parse_and_verify_csr(&req.payload, self.config.max_csr_bytes)
+                    .map_err(|e| EstError::BadRequest(format!("CSR: {e}")))?;
+                Ok(Csr {
+                    digest: p.digest,
+                    subject: p.subject,
+                    public_key: p.public_key,
+                    hardware_module: p.hardware_module,
+                    format: RequestFormat::Pkcs10,
+                })
+            }
+            Some(cf) if cf == self.config.c509_pkcs10_content_format => {
+                let bad =
+                    |e: &dyn std::fmt::Display| EstError::BadRequest(format!("C509 CSR: {e}"));
+                let c = C509Csr::decode(&req.payload).map_err(|e| bad(&e))?;
+                c.verify_pop().map_err(|e| bad(&e))?;
+                let hardware_module = match c.hardware_module_name() {
+                    Some((hw_type, serial)) => {
+                        Some(ca::HardwareModuleName::new(hw_type, &serial).map_err(|e| bad(&e))?)
+                    }
+                    None => None,
+                };
+                Ok(Csr {
+                    digest: ca::csr_digest(&req.payload),
+                    subject: c.subject().map_err(|e| bad(&e))?,
+                    public_key: c.subject_public_key_info().map_err(|e| bad(&e))?,
+                    hardware_module,
+                    format: RequestFormat::C509 {
+                        native: i64::from(c.csr_type()) == cbor_schemas::c509::TYPE_NATIVE,
+                    },
+                })
+            }
+            other => Err(EstError::UnsupportedContentFormat(other)),
+        }
+    }
+
+    /// Which representation to answer with, or 4.06 (RFC 9148 §4.3). Without Accept a
+    /// PKCS#10 request gets PKCS#7 (281) and a C509 request gets a C509 certificate of
+    /// the request's type (natively signed for a natively signed request), as the C509
+    /// draft's EST section says.
+    fn response_format(
+        &self,
+        op: Operation,
+        accept: Option<u16>,
+        request: RequestFormat,
+    ) -> Result<CertFormat, EstError> {
+        let c509 = CertFormat::C509 {
+            native: matches!(request, RequestFormat::C509 { native: true }),
+        };
         match op {
             Operation::Skg | Operation::Skc => match accept {
-                None | Some(CF_MULTIPART_CORE) => Ok(CF_MULTIPART_CORE),
+                None | Some(CF_MULTIPART_CORE) => Ok(CertFormat::Multipart),
                 Some(other) => Err(EstError::NotAcceptable(other)),
             },
             _ => match accept {
-                None => Ok(CF_PKCS7_CERTS_ONLY),
-                Some(cf @ (CF_PKCS7_CERTS_ONLY | CF_PKIX_CERT)) => Ok(cf),
+                None => Ok(match request {
+                    RequestFormat::Pkcs10 => CertFormat::Pkcs7,
+                    RequestFormat::C509 { .. } => c509,
+                }),
+                Some(CF_PKCS7_CERTS_ONLY) => Ok(CertFormat::Pkcs7),
+                Some(CF_PKIX_CERT) => Ok(CertFormat::Pkix),
+                Some(cf) if cf == self.config.c509_cert_content_format => Ok(c509),
                 Some(other) => Err(EstError::NotAcceptable(other)),
             },
         }
@@ -528,19 +591,19 @@ impl EstService {
         &self,
         op: Operation,
         cert_der: &[u8],
-        accept: u16,
+        format: CertFormat,
         private_key: Option<Vec<u8>>,
     ) -> Result<Response, EstError> {
         let changed = Response::new(ResponseType::Changed);
-        match (op, private_key) {
-            (Operation::Skg | Operation::Skc, Some(key)) => {
+        let internal = |e: &dyn std::fmt::Display| EstError::Internal(e.to_string());
+        match (format, private_key) {
+            (CertFormat::Multipart, Some(key)) => {
                 // RFC 9148 §4.8 / Table 3: key as application/pkcs8 (284), the
                 // certificate as 281 for /skg and 287 for /skc.
                 let cert_part = if op == Operation::Skg {
                     (
                         CF_PKCS7_CERTS_ONLY,
-                        ca::certs_only(&[cert_der])
-                            .map_err(|e| EstError::Internal(e.to_string()))?,
+                        ca::certs_only(&[cert_der]).map_err(|e| internal(&e))?,
                     )
                 } else {
                     (CF_PKIX_CERT, cert_der.to_vec())
@@ -551,19 +614,83 @@ impl EstService {
                 ]);
                 Ok(changed.with_payload(CF_MULTIPART_CORE, body))
             }
-            (Operation::Skg | Operation::Skc, None) => Err(EstError::Internal(
+            (CertFormat::Multipart, None) => Err(EstError::Internal(
                 "server keygen response without a key".into(),
             )),
-            _ if accept == CF_PKIX_CERT => {
-                Ok(changed.with_payload(CF_PKIX_CERT, cert_der.to_vec()))
-            }
-            _ => {
-                let p7 =
-                    ca::certs_only(&[cert_der]).map_err(|e| EstError::Internal(e.to_string()))?;
+            (CertFormat::Pkix, _) => Ok(changed.with_payload(CF_PKIX_CERT, cert_der.to_vec())),
+            (CertFormat::Pkcs7, _) => {
+                let p7 = ca::certs_only(&[cert_der]).map_err(|e| internal(&e))?;
                 Ok(changed.with_payload(CF_PKCS7_CERTS_ONLY, p7))
+            }
+            (CertFormat::C509 { native: false }, _) => {
+                // Type 3: the exact DER certificate, re-encoded losslessly.
+                let body = cbor_schemas::cose::cose_c509_chain_from_der(&[cert_der.to_vec()])
+                    .map_err(|e| internal(&e))?;
+                Ok(changed.with_payload(self.config.c509_cert_content_format, body))
+            }
+            (CertFormat::C509 { native: true }, _) => {
+                let native = self.sign_native(cert_der)?;
+                let body =
+                    cbor_schemas::cose::cose_c509_chain(&[native]).map_err(|e| internal(&e))?;
+                Ok(changed.with_payload(self.config.c509_cert_content_format, body))
             }
         }
     }
+
+    /// A natively signed (type 2) C509 certificate with the same content as the X.509
+    /// certificate `cert_der` (which is what the store keeps): the CA signs the CBOR
+    /// TBSCertificate. A replay of it carries the same content with a fresh ECDSA
+    /// signature.
+    fn sign_native(&self, cert_der: &[u8]) -> Result<Vec<u8>, EstError> {
+        use der::Decode;
+        let internal = |e: &dyn std::fmt::Display| EstError::Internal(format!("C509: {e}"));
+        let cert = x509_cert::Certificate::from_der(cert_der).map_err(|e| internal(&e))?;
+        let tbs = cbor_schemas::c509::tbs_from_x509(
+            &cert.tbs_certificate,
+            cbor_schemas::c509::TYPE_NATIVE,
+        )
+        .map_err(|e| internal(&e))?;
+        let failure = std::cell::RefCell::new(None);
+        let native = cbor_schemas::c509::sign_native_certificate(&tbs, |msg| {
+            self.ca.signer().sign(msg).unwrap_or_else(|e| {
+                *failure.borrow_mut() = Some(e.to_string());
+                Vec::new()
+            })
+        });
+        if let Some(f) = failure.into_inner() {
+            return Err(EstError::Internal(format!("signing: {f}")));
+        }
+        native.map_err(|e| internal(&e))
+    }
+}
+
+/// Encoding of the certification request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RequestFormat {
+    Pkcs10,
+    C509 { native: bool },
+}
+
+/// Representation of the certificate in the response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CertFormat {
+    /// 281
+    Pkcs7,
+    /// 287
+    Pkix,
+    /// application/cose-c509-cert: type 3 (re-encoded) or type 2 (natively signed).
+    C509 { native: bool },
+    /// 62, for server-side key generation.
+    Multipart,
+}
+
+/// A certification request after parsing and proof-of-possession verification.
+struct Csr {
+    digest: [u8; 32],
+    subject: ca::Name,
+    public_key: spki::SubjectPublicKeyInfoOwned,
+    hardware_module: Option<ca::HardwareModuleName>,
+    format: RequestFormat,
 }
 
 /// 4.06 unless Accept is absent or one of `offered`.

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::ca::Signer;
 use coap_lite::ResponseType;
 use der::{Decode, Encode};
 use rand::SeedableRng;
@@ -575,11 +576,11 @@ fn discovery_honours_the_rt_filter() {
     };
     let all = get(&[], &mut pki.rng);
     assert_eq!(all.matches('<').count(), 6);
-    assert!(all.contains("</.well-known/est/sen>;rt=\"ace.est.sen\";ct=\"281 287 65025\""));
+    assert!(all.contains("</.well-known/est/sen>;rt=\"ace.est.sen\";ct=\"281 287 65003\""));
     assert_eq!(get(&["rt=ace.est*"], &mut pki.rng), all);
     assert_eq!(
         get(&["rt=ace.est.sen"], &mut pki.rng),
-        "</.well-known/est/sen>;rt=\"ace.est.sen\";ct=\"281 287 65025\""
+        "</.well-known/est/sen>;rt=\"ace.est.sen\";ct=\"281 287 65003\""
     );
     assert_eq!(
         get(&["ct=285"], &mut pki.rng),
@@ -658,4 +659,165 @@ fn server_keygen_returns_a_key_that_matches_its_certificate() {
         &mut pki.rng,
     );
     assert_eq!(r.code, ResponseType::NotAcceptable);
+}
+
+/// A C509 request (type 3, re-encoded from a PKCS#10 made by `signer`).
+fn c509_csr_type3(signer: &RingP256Signer, subject: &Name) -> Vec<u8> {
+    cbor_schemas::c509::csr_der_to_c509(&csr(signer, subject)).expect("C509 CSR")
+}
+
+/// A natively signed (type 2) C509 request with the same content.
+fn c509_csr_native(signer: &RingP256Signer, subject: &Name) -> Vec<u8> {
+    let t3 = c509_csr_type3(signer, subject);
+    let mut tbs = cbor_schemas::c509::C509Csr::decode(&t3)
+        .expect("decode")
+        .request()
+        .tbs
+        .clone();
+    tbs.request_type = cbor_schemas::c509::TYPE_NATIVE;
+    tbs.subject = tbs.subject.into_native();
+    cbor_schemas::c509::sign_native_csr(&tbs, |m| signer.sign(m).expect("sign")).expect("native")
+}
+
+fn c509_post(op: &str, payload: Vec<u8>) -> Request {
+    Request::new(Method::Post, &format!("/.well-known/est/{op}"))
+        .with_payload(EstConfig::default().c509_pkcs10_content_format, payload)
+}
+
+#[test]
+fn c509_request_gets_a_c509_certificate_whose_der_equivalent_is_stored() {
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let cf = EstConfig::default().c509_cert_content_format;
+    // Type 3 request, no Accept: the answer follows the request's type (re-encoded).
+    let r = call(
+        &svc,
+        &dev.chain,
+        &c509_post("sen", c509_csr_type3(&dev.signer, &name(&[]))),
+        &mut pki.rng,
+    );
+    assert_eq!(
+        (r.code, r.content_format),
+        (ResponseType::Changed, Some(cf)),
+        "{:?}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
+    assert_eq!(certs.len(), 1);
+    let der = cbor_schemas::c509::certificate_c509_to_der(&certs[0]).expect("type 3 -> DER");
+    let stored = store.certificates();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(
+        stored[0].der, der,
+        "the store keeps the exact DER equivalent"
+    );
+    assert!(
+        certs[0].len() < der.len(),
+        "C509 {} < DER {}",
+        certs[0].len(),
+        der.len()
+    );
+    let parsed = Certificate::from_der(&der).expect("cert");
+    assert_eq!(
+        ca::serial_number_attr(&parsed.tbs_certificate.subject).as_deref(),
+        Some("SN1")
+    );
+
+    // The same C509 request with Accept 287 gets the DER certificate.
+    let (_, key2) = pki.key();
+    let r = call(
+        &svc,
+        &dev.chain,
+        &c509_post("sen", c509_csr_type3(&key2, &name(&[]))).with_accept(CF_PKIX_CERT),
+        &mut pki.rng,
+    );
+    only_cert(&r);
+}
+
+#[test]
+fn natively_signed_c509_request_gets_a_natively_signed_certificate() {
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let r = call(
+        &svc,
+        &dev.chain,
+        &c509_post("sen", c509_csr_native(&dev.signer, &name(&[]))),
+        &mut pki.rng,
+    );
+    assert_eq!(
+        r.code,
+        ResponseType::Changed,
+        "{:?}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
+    let ca_key = svc.ca.signer().public_key_spki_der().to_vec();
+    let ca_spki = spki::SubjectPublicKeyInfoOwned::from_der(&ca_key).expect("spki");
+    let c = cbor_schemas::c509::verify_native_certificate(
+        &certs[0],
+        ca_spki.subject_public_key.raw_bytes(),
+    )
+    .expect("the CA's native signature verifies");
+    assert_eq!(c.tbs.certificate_type, cbor_schemas::c509::TYPE_NATIVE);
+    assert_eq!(
+        store.certificates().len(),
+        1,
+        "its X.509 equivalent is stored"
+    );
+    // A PKCS#10 request asking for C509 gets type 3.
+    let (_, k2) = pki.key();
+    let r = call(
+        &svc,
+        &dev.chain,
+        &post("sen", csr(&k2, &name(&[])))
+            .with_accept(EstConfig::default().c509_cert_content_format),
+        &mut pki.rng,
+    );
+    let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
+    assert!(cbor_schemas::c509::certificate_c509_to_der(&certs[0]).is_ok());
+}
+
+#[test]
+fn c509_with_a_bad_proof_of_possession_is_400() {
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let mut bad = c509_csr_native(&dev.signer, &name(&[]));
+    let last = bad.len() - 1;
+    bad[last] ^= 0x01;
+    let r = call(&svc, &dev.chain, &c509_post("sen", bad), &mut pki.rng);
+    assert_refused(&r, ResponseType::BadRequest, "C509 CSR");
+    let r = call(
+        &svc,
+        &dev.chain,
+        &c509_post("sen", vec![0x83, 0x01]),
+        &mut pki.rng,
+    );
+    assert_refused(&r, ResponseType::BadRequest, "C509 CSR");
+    assert!(store.certificates().is_empty());
+}
+
+#[test]
+fn crts_as_cose_c509() {
+    let mut pki = Pki::new();
+    let (svc, _) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let cf = EstConfig::default().c509_cert_content_format;
+    let r = call(
+        &svc,
+        &dev.chain,
+        &Request::new(Method::Get, "/.well-known/est/crts").with_accept(cf),
+        &mut pki.rng,
+    );
+    assert_eq!(
+        (r.code, r.content_format),
+        (ResponseType::Content, Some(cf))
+    );
+    let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
+    assert_eq!(
+        cbor_schemas::c509::certificate_c509_to_der(&certs[0]).expect("der"),
+        pki.issuing_der
+    );
 }
