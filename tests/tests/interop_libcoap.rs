@@ -546,3 +546,69 @@ async fn garbage_and_truncated_records_do_not_disturb_an_enrollment() {
     assert_eq!(srv.store().count_certificates().unwrap(), 1);
     srv.stop().await;
 }
+
+/// Issue 4's end-to-end bar: a C509 request over DTLS (libcoap posts the bytes with our
+/// experimental Content-Format), a C509 answer whose DER equivalent passes openssl verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c509_enrollment_over_dtls_verifies_with_openssl() {
+    if !require_tools() {
+        return;
+    }
+    let srv = TestServer::start(|_| {}).await.unwrap();
+    let fleet = srv.mint(&["SNC509"]).unwrap();
+    let dev = fleet.join("SNC509");
+    let trust = fleet.join("implicit-ta.pem");
+    let creds = Creds {
+        cert: &dev.join("idevid-chain.pem"),
+        key: &dev.join("idevid.key"),
+        trust: &trust,
+    };
+    let (_, csr) = openssl_csr(srv.dir.path(), "c509", "/serialNumber=SNC509").unwrap();
+    let csr_der = std::fs::read(&csr).unwrap();
+    let c509_csr = cbor_schemas::c509::csr_der_to_c509(&csr_der).unwrap();
+    assert!(c509_csr.len() < csr_der.len());
+    let c509_path = srv.dir.path().join("csr.c509");
+    std::fs::write(&c509_path, &c509_csr).unwrap();
+    let cert_cf = cbor_schemas::c509::CONTENT_FORMAT_C509_CERT_DEFAULT.to_string();
+    let csr_cf = cbor_schemas::c509::CONTENT_FORMAT_C509_PKCS10_DEFAULT.to_string();
+    let out = srv.dir.path().join("ldevid.c509");
+    let run = coap_client(
+        Libcoap::Gnutls,
+        Some(&creds),
+        &[
+            "-m",
+            "post",
+            "-b",
+            "64",
+            "-t",
+            &csr_cf,
+            "-A",
+            &cert_cf,
+            "-f",
+            path_str(&c509_path).unwrap(),
+        ],
+        &srv.url("sen"),
+        Some(&out),
+    )
+    .await
+    .unwrap();
+    let body = run
+        .payload
+        .clone()
+        .unwrap_or_else(|| panic!("no C509 answer: {run:?}"));
+    let certs = cbor_schemas::cose::decode_cose_c509(&body).unwrap();
+    let der = cbor_schemas::c509::certificate_c509_to_der(&certs[0]).unwrap();
+    assert!(
+        certs[0].len() < der.len(),
+        "C509 {} vs DER {}",
+        certs[0].len(),
+        der.len()
+    );
+    let der_path = srv.dir.path().join("ldevid-from-c509.der");
+    std::fs::write(&der_path, &der).unwrap();
+    openssl_verify(&srv.ca_pem(), &der_to_pem(&der_path).unwrap()).unwrap();
+    let stored = srv.store().list_certificates(5).unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].der, der, "the store holds the DER equivalent");
+    srv.stop().await;
+}

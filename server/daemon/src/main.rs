@@ -53,6 +53,10 @@ enum Command {
     /// Manage the device allowlist (used when policy.require_device_allowlist = true).
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// C509 tools for meter vendors: convert certificates and CSRs between DER and C509
+    /// (draft-ietf-cose-cbor-encoded-cert, type 3: lossless re-encoding).
+    #[command(subcommand)]
+    C509(C509Command),
     /// Show the most recent audit events (every enrollment attempt, allowed or refused).
     Audit {
         /// How many events to show.
@@ -114,6 +118,37 @@ enum CertsCommand {
     },
     /// Show one certificate (by serial or unique serial prefix) as PEM with its record.
     Show { serial: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum C509Command {
+    /// DER (or PEM) certificate or PKCS#10 request -> C509 type 3. A certificate becomes
+    /// the CBOR sequence ~C509Certificate (or COSE_C509 with --cose), a request the
+    /// C509CertificationRequest array. Raw bytes go to stdout unless --out is given.
+    Encode {
+        file: PathBuf,
+        /// Write the C509 bytes here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Wrap a certificate as COSE_C509 (what application/cose-c509-cert carries).
+        #[arg(long)]
+        cose: bool,
+        /// Print a readable dump with sizes (DER vs C509) instead of raw bytes on stdout.
+        #[arg(long)]
+        info: bool,
+    },
+    /// C509 certificate (~C509Certificate, C509Certificate or COSE_C509) or C509 request
+    /// -> the exact DER it was re-encoded from (type 3 only: a natively signed type 2
+    /// has no DER form).
+    Decode {
+        file: PathBuf,
+        /// Write the DER bytes here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print a readable dump with sizes instead of raw bytes on stdout.
+        #[arg(long)]
+        info: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -264,6 +299,7 @@ fn main() -> Result<()> {
             println!("{} serial(s) read, {added} new on the allowlist", ids.len());
             Ok(())
         }
+        Some(Command::C509(cmd)) => c509_tool(cmd),
         Some(Command::Audit { limit }) => {
             init_logging(false);
             let store = open_store(&data_dir)?;
@@ -286,6 +322,90 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn c509_tool(cmd: C509Command) -> Result<()> {
+    use cbor_schemas::{c509, cose};
+    use std::io::Write;
+    let emit = |bytes: &[u8], out: Option<PathBuf>, info: Option<String>| -> Result<()> {
+        if let Some(o) = &out {
+            std::fs::write(o, bytes).with_context(|| format!("writing {}", o.display()))?;
+        }
+        match info {
+            Some(text) => println!("{text}"),
+            None if out.is_none() => std::io::stdout().write_all(bytes)?,
+            None => {}
+        }
+        Ok(())
+    };
+    match cmd {
+        C509Command::Encode {
+            file,
+            out,
+            cose: wrap,
+            info,
+        } => {
+            let input = read_der_or_pem(&file)?;
+            let (c509, what) = match c509::certificate_der_to_c509(&input) {
+                Ok(seq) if wrap => (cose::cose_c509_chain(&[seq])?, "COSE_C509 certificate"),
+                Ok(seq) => (seq, "~C509Certificate (type 3)"),
+                Err(cert_err) => match c509::csr_der_to_c509(&input) {
+                    Ok(csr) => (csr, "C509CertificationRequest (type 3)"),
+                    Err(csr_err) => bail!(
+                        "{}: not convertible as a certificate ({cert_err}) nor as a PKCS#10 request ({csr_err})",
+                        file.display()
+                    ),
+                },
+            };
+            let text = info.then(|| {
+                let dump = c509::describe(&c509).unwrap_or_else(|e| format!("(dump failed: {e})"));
+                format!(
+                    "{what}: DER {} bytes -> C509 {} bytes ({:.0}%)\n{dump}",
+                    input.len(),
+                    c509.len(),
+                    100.0 * c509.len() as f64 / input.len().max(1) as f64
+                )
+            });
+            emit(&c509, out, text)
+        }
+        C509Command::Decode { file, out, info } => {
+            let input =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let der = if let Ok(csr) = c509::C509Csr::decode(&input) {
+                csr.to_der()?
+            } else if let Ok(d) = c509::certificate_c509_to_der(&input) {
+                d
+            } else {
+                let certs = cose::decode_cose_c509(&input).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: not a C509 certificate, request or COSE_C509: {e}",
+                        file.display()
+                    )
+                })?;
+                let first = certs.first().context("empty COSE_C509")?;
+                c509::certificate_c509_to_der(first)?
+            };
+            let text = info.then(|| {
+                let dump = c509::describe(&input).unwrap_or_else(|e| format!("(dump failed: {e})"));
+                format!(
+                    "C509 {} bytes -> DER {} bytes\n{dump}",
+                    input.len(),
+                    der.len()
+                )
+            });
+            emit(&der, out, text)
+        }
+    }
+}
+
+fn read_der_or_pem(path: &Path) -> Result<Vec<u8>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.first() == Some(&0x30) {
+        return Ok(bytes);
+    }
+    let (_label, der) = der::pem::decode_vec(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: neither DER nor PEM: {e}", path.display()))?;
+    Ok(der)
 }
 
 fn indicatif_bar(n: usize) -> Option<impl Fn(usize)> {
