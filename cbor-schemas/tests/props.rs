@@ -397,3 +397,70 @@ proptest! {
         prop_assert_eq!(c509::ecdsa_raw_to_der(&raw).unwrap(), d);
     }
 }
+
+/// A certificate shaped like the ones our CA issues to meters (IDevID-style
+/// subject, KU critical, EKU clientAuth, SKI, AKI, SAN hardwareModuleName):
+/// prints DER vs C509 sizes (`cargo test -p cbor-schemas --test props sizes -- --nocapture`).
+#[test]
+fn typical_device_certificate_sizes() {
+    let issuer_key = SigningKey::from_slice(&[7u8; 32]).unwrap();
+    let subject_key = SigningKey::from_slice(&[9u8; 32]).unwrap();
+    let a = |oid: &'static str, printable: bool, value: &str| Attr {
+        oid,
+        printable,
+        value: value.into(),
+    };
+    let subject = name(&[
+        a("2.5.4.6", true, "NL"),
+        a("2.5.4.10", false, "Example Grid"),
+        a("2.5.4.5", true, "4D4554455231323334"),
+        a("2.5.4.3", false, "4d4554455231323334"),
+    ]);
+    let issuer = name(&[
+        a("2.5.4.6", true, "NL"),
+        a("2.5.4.10", false, "Example Grid"),
+        a("2.5.4.3", false, "Meter Issuing CA 1"),
+    ]);
+    let exts = build_exts(&ExtChoice {
+        bc: None,
+        ku: Some((0x11, true)),
+        eku: vec!["1.3.6.1.5.5.7.3.2"],
+        ski: Some([1; 20]),
+        aki: Some([2; 20]),
+        san: vec![San::Hw(b"4D4554455231323334".to_vec())],
+    });
+    let tbs = x509_cert::TbsCertificate {
+        version: x509_cert::Version::V3,
+        serial_number: x509_cert::serial_number::SerialNumber::new(&[0x5a; 16]).unwrap(),
+        signature: ecdsa_alg(),
+        issuer,
+        validity: x509_cert::time::Validity {
+            not_before: time(1_767_225_600),
+            not_after: time(253_402_300_799),
+        },
+        subject,
+        subject_public_key_info: spki_of(&subject_key),
+        issuer_unique_id: None,
+        subject_unique_id: None,
+        extensions: Some(exts),
+    };
+    let sig = sign_der(&issuer_key, &tbs.to_der().unwrap());
+    let der = x509_cert::Certificate {
+        tbs_certificate: tbs,
+        signature_algorithm: ecdsa_alg(),
+        signature: BitString::from_bytes(&sig).unwrap(),
+    }
+    .to_der()
+    .unwrap();
+    let c = c509::certificate_der_to_c509(&der).unwrap();
+    assert_cert_sequence(&c);
+    println!(
+        "typical meter certificate: DER {} B, C509 {} B",
+        der.len(),
+        c.len()
+    );
+    assert!(
+        c.len() * 10 < der.len() * 6,
+        "C509 should be well under 60% of DER"
+    );
+}

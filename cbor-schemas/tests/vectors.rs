@@ -246,7 +246,12 @@ fn cddl_validator_rejects_wrong_items() {
 fn rfc7925_cose_sizes_match_draft_section_6_2() {
     // draft -18 Section 6.2 figure: COSE_X509 319 bytes vs COSE_C509 142 bytes.
     let der = vector("rfc7925.der");
-    assert_eq!(cose::cose_x509_chain(std::slice::from_ref(&der)).unwrap().len(), 319);
+    assert_eq!(
+        cose::cose_x509_chain(std::slice::from_ref(&der))
+            .unwrap()
+            .len(),
+        319
+    );
     let c = cose::cose_c509_chain_from_der(&[der]).unwrap();
     assert_eq!(c.len(), 142);
     assert_cose_c509(&c);
