@@ -159,7 +159,10 @@ async fn enrollment_with_16_byte_blocks_both_ways() {
     );
     let policy = est_proto::policy::Policy::new(Default::default(), &[], &cas[0]).unwrap();
     policy
-        .authenticate_operational(&[resp.payload.clone()], std::time::SystemTime::now())
+        .authenticate_operational(
+            std::slice::from_ref(&resp.payload),
+            std::time::SystemTime::now(),
+        )
         .expect("chains to the CA from /crts");
     let stats = c.stats();
     assert!(
