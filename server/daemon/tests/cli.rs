@@ -1,0 +1,150 @@
+//! The `est-server` binary as an operator uses it: init, key file modes, factory mint,
+//! run (prints where it listens), certs list, help texts.
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_est-server"))
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = bin().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "est-server {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[cfg(unix)]
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn help_explains_every_subcommand() {
+    let top = run_ok(&["--help"]);
+    for sub in [
+        "init", "run", "factory", "certs", "devices", "c509", "audit",
+    ] {
+        assert!(top.contains(sub), "--help lacks {sub}: {top}");
+    }
+    assert!(run_ok(&["factory", "mint", "--help"]).contains("--count"));
+    assert!(run_ok(&["run", "--help"]).contains("--listen"));
+    assert!(run_ok(&["c509", "encode", "--help"]).contains("--info"));
+}
+
+#[cfg(unix)]
+#[test]
+fn init_writes_private_keys_0600_and_a_documented_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    let ds = d.to_str().unwrap();
+    assert!(run_ok(&["init", "--data-dir", ds]).contains("created"));
+    for key in [
+        "ca/issuing-ca.key",
+        "dtls/server.key",
+        "manufacturers/demo-manufacturer-ca.key",
+    ] {
+        assert_eq!(mode(&d.join(key)), 0o600, "{key}");
+    }
+    let toml = std::fs::read_to_string(d.join("est-server.toml")).unwrap();
+    assert!(toml.contains("max_half_open_handshakes"));
+    // A second init leaves everything alone.
+    let before = std::fs::read(d.join("ca/issuing-ca.key")).unwrap();
+    assert!(run_ok(&["init", "--data-dir", ds]).contains("untouched"));
+    assert_eq!(std::fs::read(d.join("ca/issuing-ca.key")).unwrap(), before);
+
+    // A fleet: keys 0600, fleet.json lists the devices.
+    let out = dir.path().join("fleet");
+    run_ok(&[
+        "factory",
+        "mint",
+        "--data-dir",
+        ds,
+        "--count",
+        "3",
+        "--prefix",
+        "MTR",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(mode(&out.join("MTR000002/idevid.key")), 0o600);
+    let fleet: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("fleet.json")).unwrap()).unwrap();
+    assert_eq!(fleet["devices"].as_array().unwrap().len(), 3);
+    // The IDevID carries the serial (checked by openssl when present).
+    if Command::new("openssl").arg("version").output().is_ok() {
+        let text = Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-in"])
+            .arg(out.join("MTR000001/idevid.pem"))
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&text.stdout).contains("MTR000001"));
+    }
+    assert!(run_ok(&["certs", "list", "--data-dir", ds]).starts_with("serial"));
+}
+
+#[test]
+fn run_starts_listening_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    let mut child = bin()
+        .args([
+            "run",
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut listening = None;
+    while Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
+            if line.contains("listening on coaps://127.0.0.1:") {
+                listening = Some(line);
+                break;
+            }
+        }
+    }
+    let line = listening.expect("server announced its address");
+    assert!(!line.contains(":0 "), "the real port is printed: {line}");
+    // First start created the data directory on its own.
+    assert!(d.join("est-server.toml").exists());
+    #[cfg(unix)]
+    {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+    }
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
