@@ -1,1 +1,806 @@
-fn main() {}
+//! `loadtest`: enrollments per second of est-server against the crypto ceiling, side by side with
+//! libcoap, with a JSON + HTML report.
+//!
+//! ```text
+//!   loadtest ──starts──> est-server (child, fresh data dir, release build)   [or --server ADDR]
+//!      │  crypto ceiling (ring sign/verify, p256 0.13 ECDH)
+//!      │  stepped closed-loop fleets (client-sim meters): 1, 8, 64, 256 ... meters
+//!      │  open-loop step at half the peak rate (p99 target)
+//!      │  peer: handshake + GET /.well-known/core vs libcoap coap-server-openssl
+//!      │  held sessions (server RSS), core path under callgrind
+//!      └─> OUT/report.json, OUT/report.html, table on stdout
+//! ```
+//!
+//! `loadtest --smoke --out DIR` does all of it in seconds with a tiny fleet (CI).
+#![forbid(unsafe_code)]
+
+mod core_bench;
+mod crypto;
+mod direct;
+mod peer;
+mod report;
+mod server;
+mod steps;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use report::{Machine, PeerComparison, Report, TargetCheck};
+use server::ChildServer;
+use steps::{Mode, StepConfig, Target, Transport};
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1e-3)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        return Err(format!("`{s}`: expected a unit, e.g. 10s, 500ms, 1m"));
+    };
+    let x: f64 = num.parse().map_err(|_| format!("`{s}`: not a number"))?;
+    let secs = x * scale;
+    if !secs.is_finite() || !(0.0..=3600.0).contains(&secs) {
+        return Err(format!("`{s}`: must be between 0 and 1 hour"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_step(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(c) if (1..=100_000).contains(&c) => Ok(c),
+        _ => Err(format!("`{s}`: a step is 1..=100000 meters")),
+    }
+}
+
+/// Enrollments per second of est-server at stepped concurrency, against the crypto ceiling and
+/// libcoap's coap-server-openssl, with a JSON and HTML report.
+///
+/// Without --server it starts a fresh est-server (release build; found beside this executable or
+/// built with cargo), with a new data directory and a minted fleet, on 127.0.0.1.
+///
+/// Exit status: 0 when every enrollment step enrolled meters with under 5% errors and the server
+/// stayed up; 1 otherwise; 2 on bad arguments.
+#[derive(Debug, Parser)]
+#[command(name = "loadtest", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Concurrent meters per step (closed loop).
+    #[arg(long, value_delimiter = ',', value_parser = parse_step, default_value = "1,8,64,256")]
+    steps: Vec<usize>,
+    /// Duration of each step.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    step_duration: Duration,
+    /// Output directory (default target/loadtest/<run>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A tiny, fast run (seconds): steps 1,4 for 3 s, 16 devices, short peer and memory checks.
+    #[arg(long)]
+    smoke: bool,
+    /// Drive an already running server at this address (no child process, no server CPU/RSS);
+    /// needs --fleet.
+    #[arg(long, requires = "fleet")]
+    server: Option<std::net::SocketAddr>,
+    /// Fleet directory (`est-server factory mint` output with implicit-ta.pem) for --server.
+    #[arg(long)]
+    fleet: Option<PathBuf>,
+    /// The est-server binary (default: beside this executable, else built with cargo).
+    #[arg(long)]
+    est_server: Option<PathBuf>,
+    /// Pin the server (and the libcoap peer) to these CPUs (taskset -c LIST).
+    #[arg(long)]
+    server_cpus: Option<String>,
+    /// Pin the load generator to these CPUs (re-executes itself under taskset -c LIST).
+    #[arg(long)]
+    client_cpus: Option<String>,
+    /// Devices minted for the fleet (meters reuse them round-robin; every enrollment has its own key and CSR).
+    #[arg(long, default_value_t = 2048)]
+    devices: usize,
+    /// Extra server configuration, SECTION.KEY=VALUE (TOML value), repeatable.
+    #[arg(long = "server-config")]
+    server_config: Vec<String>,
+    /// Meters of the side-by-side peer comparison (0 = skip it).
+    #[arg(long, default_value_t = 64)]
+    peer_concurrency: usize,
+    /// Duration of each side of the peer comparison (default: --step-duration).
+    #[arg(long, value_parser = parse_duration)]
+    peer_duration: Option<Duration>,
+    /// Sessions to open and hold at once for the server memory figure (0 = skip).
+    #[arg(long, default_value_t = 10_000)]
+    hold_sessions: usize,
+    /// Skip the open-loop step at half the peak rate.
+    #[arg(long)]
+    no_half_rate: bool,
+    /// Time per crypto operation for the ceiling.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    crypto_duration: Duration,
+    /// Run the core path under valgrind callgrind (default: when valgrind is installed and not --smoke).
+    #[arg(long)]
+    callgrind: Option<bool>,
+    /// Iterations of the core path under callgrind.
+    #[arg(long, default_value_t = 20)]
+    callgrind_iterations: u64,
+    /// Seed of the meters' keys and CoAP message IDs.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Send the meters' datagrams through client-sim's link emulator (zero latency) instead of
+    /// plain UDP sockets; costs the load generator a task and a timer per datagram.
+    #[arg(long)]
+    emulated_link: bool,
+    #[arg(long)]
+    no_progress: bool,
+}
+
+impl Cli {
+    fn transport(&self) -> Transport {
+        if self.emulated_link {
+            Transport::Emulated
+        } else {
+            Transport::Direct
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the in-memory core path of N enrollments (what callgrind counts) and print its time.
+    CoreBench {
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+    },
+}
+
+fn now_strings() -> (String, String) {
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    report::utc_strings(unix)
+}
+
+fn core_bench(iterations: usize) -> Result<f64> {
+    let mut b = core_bench::CoreBench::new(iterations, 0xbe9c)?;
+    let t = Instant::now();
+    b.run_all()?;
+    Ok(t.elapsed().as_secs_f64() * 1e6 / iterations.max(1) as f64)
+}
+
+/// Re-executes this program under `taskset -c CPUS` (once).
+fn reexec_pinned(cpus: &str) -> Result<ExitCode> {
+    let exe = std::env::current_exe()?;
+    let status = std::process::Command::new("taskset")
+        .arg("-c")
+        .arg(cpus)
+        .arg(exe)
+        .args(std::env::args_os().skip(1))
+        .env("LOADTEST_PINNED", cpus)
+        .status()
+        .context("running taskset (util-linux)")?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(c) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
+}
+
+fn cpu_count(list: &str) -> f64 {
+    // "0", "0,1", "0-3", "0-1,4".
+    list.split(',')
+        .map(|p| match p.split_once('-') {
+            Some((a, b)) => match (a.trim().parse::<u32>(), b.trim().parse::<u32>()) {
+                (Ok(a), Ok(b)) if b >= a => f64::from(b - a + 1),
+                _ => 1.0,
+            },
+            None => 1.0,
+        })
+        .sum()
+}
+
+struct Setup {
+    target: Target,
+    server: Option<ChildServer>,
+    data_dir: Option<PathBuf>,
+    server_bin: Option<PathBuf>,
+}
+
+fn setup_local(cli: &Cli, out: &Path, devices: usize) -> Result<Setup> {
+    let bin = server::locate_est_server(cli.est_server.as_deref())?;
+    let data = out.join("est-data");
+    if data.exists() {
+        std::fs::remove_dir_all(&data).with_context(|| format!("removing {}", data.display()))?;
+    }
+    let d = data.display().to_string();
+    server::est_server_cmd(&bin, &["init", "--data-dir", &d])?;
+    let mut edits: Vec<(String, String, String)> = Vec::new();
+    for kv in &cli.server_config {
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--server-config {kv}: expected SECTION.KEY=VALUE"))?;
+        let (sec, key) = k
+            .split_once('.')
+            .with_context(|| format!("--server-config {kv}: expected SECTION.KEY=VALUE"))?;
+        edits.push((sec.trim().into(), key.trim().into(), v.trim().into()));
+    }
+    let edits_ref: Vec<(&str, &str, String)> = edits
+        .iter()
+        .map(|(a, b, c)| (a.as_str(), b.as_str(), c.clone()))
+        .collect();
+    if !edits_ref.is_empty() {
+        server::set_config(&data, &edits_ref)?;
+    }
+    let fleet_dir = out.join("fleet");
+    if fleet_dir.exists() {
+        std::fs::remove_dir_all(&fleet_dir)?;
+    }
+    let f = fleet_dir.display().to_string();
+    let count = devices.to_string();
+    server::est_server_cmd(
+        &bin,
+        &[
+            "factory",
+            "mint",
+            "--data-dir",
+            &d,
+            "--count",
+            &count,
+            "--out",
+            &f,
+        ],
+    )?;
+    let fleet =
+        client_sim::pki::load_fleet(&fleet_dir, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let child = server::start_est_server(&bin, &data, cli.server_cpus.as_deref())?;
+    Ok(Setup {
+        target: Target {
+            name: "est-server".into(),
+            addr: child.addr,
+            devices: Arc::new(fleet.devices),
+            trust_anchors_der: fleet.implicit_ta_der,
+            pid: Some(child.pid()),
+        },
+        server: Some(child),
+        data_dir: Some(data),
+        server_bin: Some(bin),
+    })
+}
+
+fn setup_remote(addr: std::net::SocketAddr, fleet_dir: &Path) -> Result<Setup> {
+    let fleet = client_sim::pki::load_fleet(fleet_dir, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if fleet.implicit_ta_der.is_empty() {
+        bail!("{}: no implicit-ta.pem", fleet_dir.display());
+    }
+    Ok(Setup {
+        target: Target {
+            name: format!("est-server at {addr}"),
+            addr,
+            devices: Arc::new(fleet.devices),
+            trust_anchors_der: fleet.implicit_ta_der,
+            pid: None,
+        },
+        server: None,
+        data_dir: None,
+        server_bin: None,
+    })
+}
+
+fn server_alive(setup: &mut Setup) -> bool {
+    setup.server.as_mut().is_none_or(ChildServer::alive)
+}
+
+/// The side-by-side comparison: ours, then libcoap, doing handshake + GET /.well-known/core.
+async fn compare_peer(
+    cli: &Cli,
+    setup: &Setup,
+    out: &Path,
+    concurrency: usize,
+    duration: Duration,
+    progress: bool,
+) -> PeerComparison {
+    let mut cmp = PeerComparison {
+        concurrency,
+        ..PeerComparison::default()
+    };
+    let step = |label: &str| StepConfig {
+        mode: Mode::Discover,
+        transport: cli.transport(),
+        concurrency,
+        duration,
+        warmup: warmup_of(duration),
+        drain_timeout: Duration::from_secs(20),
+        seed: cli.seed ^ 0x9ee2,
+        prebuild: 0,
+        arrival_rate: None,
+        progress,
+        label: label.into(),
+    };
+    cmp.ours = Some(steps::run_step(&setup.target, &step("ours: handshake+GET")).await);
+    let Some(data) = &setup.data_dir else {
+        cmp.note = Some("libcoap comparison needs a local server (skipped with --server)".into());
+        return cmp;
+    };
+    let Some(bin) = server::on_path(peer::LIBCOAP_SERVER) else {
+        cmp.note = Some(format!(
+            "{} not installed (apt-get install libcoap3-bin): libcoap comparison skipped",
+            peer::LIBCOAP_SERVER
+        ));
+        return cmp;
+    };
+    let port = match server::free_udp_port() {
+        Ok(p) if p < u16::MAX => p,
+        _ => {
+            cmp.note = Some("no free UDP port for libcoap".into());
+            return cmp;
+        }
+    };
+    cmp.libcoap_command = peer::describe(port);
+    let child = peer::start_libcoap(
+        &bin,
+        port,
+        &data.join("dtls/server.pem"),
+        &data.join("dtls/server.key"),
+        &data.join("manufacturers/demo-manufacturer-ca.pem"),
+        &out.join("libcoap.log"),
+        cli.server_cpus.as_deref(),
+    );
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            cmp.note = Some(format!("libcoap did not start: {e:#}"));
+            return cmp;
+        }
+    };
+    let target = Target {
+        name: child.name.clone(),
+        addr: child.addr,
+        devices: setup.target.devices.clone(),
+        trust_anchors_der: setup.target.trust_anchors_der.clone(),
+        pid: Some(child.pid()),
+    };
+    // Ready when one exchange succeeds (bounded).
+    let mut ready = false;
+    for _ in 0..20 {
+        let probe = StepConfig {
+            concurrency: 1,
+            duration: Duration::from_millis(300),
+            warmup: Duration::ZERO,
+            progress: false,
+            ..step("probe")
+        };
+        if steps::run_step(&target, &probe).await.completed > 0 {
+            ready = true;
+            break;
+        }
+        if !child.alive() {
+            break;
+        }
+    }
+    if !ready {
+        let log = std::fs::read_to_string(out.join("libcoap.log")).unwrap_or_default();
+        let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+        cmp.note = Some(format!("libcoap never answered a handshake + GET: {tail}"));
+        return cmp;
+    }
+    let r = steps::run_step(&target, &step("libcoap: handshake+GET")).await;
+    drop(child);
+    if let (Some(a), true) = (&cmp.ours, r.rate_per_s > 0.0) {
+        cmp.ratio = Some(a.rate_per_s / r.rate_per_s);
+    }
+    cmp.libcoap = Some(r);
+    cmp
+}
+
+fn warmup_of(d: Duration) -> Duration {
+    (d / 5).min(Duration::from_secs(2))
+}
+
+fn targets(r: &Report) -> Vec<TargetCheck> {
+    let mut v = Vec::new();
+    let peak = r
+        .steps
+        .iter()
+        .filter(|s| s.mode == "enroll" && s.arrival_rate.is_none())
+        .max_by(|a, b| a.rate_per_s.total_cmp(&b.rate_per_s));
+    v.push(TargetCheck {
+        name: "full enrollments/s (2 cores, load generator beside)".into(),
+        target: ">= 1000/s".into(),
+        measured: format!("{:.0}/s at {} meters", r.peak_rate, r.peak_concurrency),
+        met: Some(r.peak_rate >= 1000.0),
+        note: format!("{:.0}% of target", r.peak_rate / 10.0),
+    });
+    let over = r.peer.as_ref().and_then(|p| p.enroll_peak_over_libcoap);
+    v.push(TargetCheck {
+        name: "enrollments/s vs libcoap handshake+GET/s".into(),
+        target: ">= 1.7x".into(),
+        measured: over.map_or_else(|| "not measured".into(), |x| format!("{x:.2}x")),
+        met: over.map(|x| x >= 1.7),
+        note: r
+            .peer
+            .as_ref()
+            .and_then(|p| p.libcoap.as_ref())
+            .map_or_else(String::new, |l| format!("libcoap {:.0}/s", l.rate_per_s)),
+    });
+    let cpu = peak.and_then(|s| s.server_cpu_ms_per_op);
+    v.push(TargetCheck {
+        name: "server CPU per full enrollment (at peak)".into(),
+        target: "<= 1.0 ms".into(),
+        measured: cpu.map_or_else(|| "not measured".into(), |c| format!("{c:.3} ms")),
+        met: cpu.map(|c| c <= 1.0),
+        note: r.crypto.as_ref().map_or_else(String::new, |c| {
+            format!(
+                "curve operations (2S+3V+1E) {:.3} ms of it",
+                c.model_us_per_enrollment / 1000.0
+            )
+        }),
+    });
+    let hold = r.hold.as_ref();
+    v.push(TargetCheck {
+        name: "10,000 concurrent meters, server RSS".into(),
+        target: "<= 1 GiB".into(),
+        measured: hold.map_or_else(
+            || "not measured".into(),
+            |h| {
+                format!(
+                    "{} sessions held, RSS {} MB",
+                    h.held,
+                    h.server_rss_held_kb.map_or(0, |k| k / 1024)
+                )
+            },
+        ),
+        met: hold.and_then(|h| {
+            let rss_ok = h.server_rss_held_kb.map(|k| k <= 1024 * 1024)?;
+            if h.requested < 10_000 {
+                None
+            } else {
+                Some(rss_ok && h.held >= 10_000)
+            }
+        }),
+        note: hold.map_or_else(String::new, |h| {
+            format!(
+                "{} failed to open; {} kB/session",
+                h.failed,
+                h.server_kb_per_session.map_or(0.0, |x| x)
+            )
+        }),
+    });
+    let half = r
+        .steps
+        .iter()
+        .find(|s| s.mode == "enroll" && s.arrival_rate.is_some());
+    v.push(TargetCheck {
+        name: "p99 at half the peak rate (open loop, loopback)".into(),
+        target: "<= 50 ms".into(),
+        measured: half.map_or_else(
+            || "not measured".into(),
+            |s| {
+                format!(
+                    "p99 {:.1} ms at {:.0}/s offered, {:.0}/s done",
+                    s.latency.p99_ms,
+                    s.arrival_rate.unwrap_or(0.0),
+                    s.rate_per_s
+                )
+            },
+        ),
+        met: half.map(|s| s.latency.p99_ms <= 50.0 && s.completed > 0),
+        note: half.map_or_else(String::new, |s| {
+            format!("p50 {:.1} ms, errors {}", s.latency.p50_ms, s.errors)
+        }),
+    });
+    v
+}
+
+async fn run(cli: Cli) -> Result<bool> {
+    let (date, run_id) = now_strings();
+    let out = cli
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("target/loadtest").join(&run_id));
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let smoke = cli.smoke;
+    let progress = !cli.no_progress;
+    let steps_list: Vec<usize> = if smoke { vec![1, 4] } else { cli.steps.clone() };
+    let duration = if smoke {
+        Duration::from_secs(3)
+    } else {
+        cli.step_duration
+    };
+    let devices = if smoke { 16 } else { cli.devices.max(1) };
+    let crypto_budget = if smoke {
+        Duration::from_millis(100)
+    } else {
+        cli.crypto_duration
+    };
+    let machine = Machine::detect();
+    let server_cores = cli
+        .server_cpus
+        .as_deref()
+        .map_or(machine.cpus as f64, cpu_count);
+
+    let mut report = Report {
+        run_id: run_id.clone(),
+        date_utc: date,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine,
+        server_cpus: cli.server_cpus.clone(),
+        client_cpus: cli.client_cpus.clone(),
+        devices,
+        step_duration_s: duration.as_secs_f64(),
+        warmup_s: warmup_of(duration).as_secs_f64(),
+        ..Report::default()
+    };
+
+    // 1. Crypto ceiling, before any server runs.
+    eprintln!(
+        "loadtest: measuring the crypto ceiling ({} ms per operation)",
+        crypto_budget.as_millis()
+    );
+    let crypto = tokio::task::spawn_blocking(move || crypto::measure(crypto_budget, server_cores))
+        .await
+        .context("crypto task")??;
+    report.crypto = Some(crypto);
+
+    // 2. The server.
+    let mut setup = match (&cli.server, &cli.fleet) {
+        (Some(addr), Some(fleet)) => setup_remote(*addr, fleet)?,
+        (Some(_), None) => bail!("--server needs --fleet DIR"),
+        _ => {
+            eprintln!("loadtest: starting a fresh est-server with {devices} minted devices");
+            setup_local(&cli, &out, devices)?
+        }
+    };
+    report.server_mode = if setup.server.is_some() {
+        "child"
+    } else {
+        "remote"
+    }
+    .into();
+    report.server_addr = setup.target.addr.to_string();
+    report.server_bin = setup.server_bin.as_ref().map(|p| p.display().to_string());
+    eprintln!("loadtest: server at coaps://{}", setup.target.addr);
+
+    // 3. Enrollment steps (closed loop).
+    let mut ok = true;
+    let mut last_rate: f64 = 0.0;
+    for (i, &c) in steps_list.iter().enumerate() {
+        let expected = last_rate.max(300.0) * 1.5 * duration.as_secs_f64();
+        let cfg = StepConfig {
+            mode: Mode::Enroll,
+            transport: cli.transport(),
+            concurrency: c,
+            duration,
+            warmup: warmup_of(duration),
+            drain_timeout: Duration::from_secs(30),
+            seed: cli.seed ^ ((i as u64) << 40),
+            prebuild: ((expected as usize) + c).min(40_000),
+            arrival_rate: None,
+            progress,
+            label: format!("enroll, {c} meters"),
+        };
+        let r = steps::run_step(&setup.target, &cfg).await;
+        last_rate = last_rate.max(r.rate_per_s);
+        if r.completed == 0 || (r.errors as f64) > 0.05 * (r.finished.max(1) as f64) {
+            eprintln!(
+                "loadtest: step {c}: {} enrolled, {} errors {:?}",
+                r.completed, r.errors, r.errors_by_reason
+            );
+            ok = false;
+        }
+        report.steps.push(r);
+        if !server_alive(&mut setup) {
+            eprintln!("loadtest: the server exited during the {c}-meter step");
+            ok = false;
+            break;
+        }
+    }
+    if let Some(peak) = report
+        .steps
+        .iter()
+        .max_by(|a, b| a.rate_per_s.total_cmp(&b.rate_per_s))
+    {
+        report.peak_rate = peak.rate_per_s;
+        report.peak_concurrency = peak.concurrency;
+        if let Some(c) = &report.crypto {
+            report.ratio_to_ceiling = (c.ceiling > 0.0).then(|| peak.rate_per_s / c.ceiling);
+            report.crypto_share_of_server_cpu = peak
+                .server_cpu_ms_per_op
+                .filter(|x| *x > 0.0)
+                .map(|x| c.model_us_per_enrollment / 1000.0 / x);
+        }
+    }
+
+    // 4. Open loop at half the peak rate: the latency target.
+    if !cli.no_half_rate && report.peak_rate > 0.0 && server_alive(&mut setup) {
+        let rate = report.peak_rate / 2.0;
+        let cfg = StepConfig {
+            mode: Mode::Enroll,
+            transport: cli.transport(),
+            concurrency: 4096,
+            duration,
+            warmup: warmup_of(duration),
+            drain_timeout: Duration::from_secs(30),
+            seed: cli.seed ^ 0x4a1f,
+            prebuild: (rate * 1.2 * duration.as_secs_f64()) as usize + 16,
+            arrival_rate: Some(rate),
+            progress,
+            label: format!("enroll at {rate:.0}/s (open loop)"),
+        };
+        let r = steps::run_step(&setup.target, &cfg).await;
+        if r.completed == 0 {
+            ok = false;
+        }
+        report.steps.push(r);
+    }
+
+    // 5. Side by side with libcoap.
+    let peer_c = if smoke { 4 } else { cli.peer_concurrency };
+    if peer_c > 0 && server_alive(&mut setup) {
+        let d = if smoke {
+            Duration::from_secs(2)
+        } else {
+            cli.peer_duration.unwrap_or(duration)
+        };
+        let mut cmp = compare_peer(&cli, &setup, &out, peer_c, d, progress).await;
+        if let Some(o) = &cmp.ours {
+            if o.completed == 0 {
+                eprintln!(
+                    "loadtest: no handshake + GET succeeded against our server: {:?}",
+                    o.errors_by_reason
+                );
+                ok = false;
+            }
+        }
+        if let Some(l) = cmp.libcoap.as_ref().filter(|l| l.rate_per_s > 0.0) {
+            cmp.enroll_peak_over_libcoap = Some(report.peak_rate / l.rate_per_s);
+        }
+        if let Some(n) = &cmp.note {
+            report.notes.push(format!("peer: {n}"));
+        }
+        report.peer = Some(cmp);
+    }
+
+    // 6. Many sessions held at once: server memory.
+    let hold_n = if smoke { 50 } else { cli.hold_sessions };
+    if hold_n > 0 && server_alive(&mut setup) {
+        let h = steps::hold_sessions(cli.transport(), &setup.target, hold_n, 128, progress).await;
+        if h.held == 0 {
+            ok = false;
+        }
+        report.hold = Some(h);
+    }
+    if !server_alive(&mut setup) {
+        eprintln!("loadtest: the server is no longer running");
+        ok = false;
+    }
+    drop(setup.server.take());
+
+    // 7. The core path: native time, and instructions under callgrind.
+    let iters = if smoke { 3 } else { 50 };
+    match tokio::task::spawn_blocking(move || core_bench(iters)).await {
+        Ok(Ok(us)) => report.core_native_us = Some(us),
+        Ok(Err(e)) => {
+            report.notes.push(format!("core bench failed: {e:#}"));
+            ok = false;
+        }
+        Err(e) => report.notes.push(format!("core bench task: {e}")),
+    }
+    let want_callgrind = cli
+        .callgrind
+        .unwrap_or(!smoke && server::on_path("valgrind").is_some());
+    if want_callgrind {
+        eprintln!(
+            "loadtest: counting the core path under callgrind ({} iterations)",
+            cli.callgrind_iterations
+        );
+        let exe = std::env::current_exe()?;
+        let (iters, out2) = (cli.callgrind_iterations, out.clone());
+        match tokio::task::spawn_blocking(move || core_bench::run_callgrind(&exe, iters, &out2))
+            .await
+        {
+            Ok(Ok(c)) => report.callgrind = Some(c),
+            Ok(Err(e)) => report.notes.push(format!("callgrind: {e:#}")),
+            Err(e) => report.notes.push(format!("callgrind task: {e}")),
+        }
+    }
+
+    report.targets = targets(&report);
+    if smoke {
+        report
+            .notes
+            .push("smoke run: tiny fleet and short steps; the figures are not benchmarks".into());
+    }
+    let json = serde_json::to_string_pretty(&report)?;
+    std::fs::write(out.join("report.json"), json)?;
+    std::fs::write(out.join("report.html"), report::render_html(&report))?;
+    print!("{}", report::render_table(&report));
+    println!(
+        "report: {} and {}",
+        out.join("report.json").display(),
+        out.join("report.html").display()
+    );
+    Ok(ok)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Cmd::CoreBench { iterations }) = cli.cmd {
+        return match core_bench(iterations) {
+            Ok(us) => {
+                println!("core path: {iterations} enrollments, {us:.1} us each");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("core-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(cpus) = &cli.client_cpus {
+        if std::env::var_os("LOADTEST_PINNED").is_none() {
+            return match reexec_pinned(cpus) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("loadtest: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(2, usize::from);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loadtest: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("loadtest: FAILED (see above and the report)");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("loadtest: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn arguments_parse() {
+        assert_eq!(parse_step(" 8").unwrap(), 8);
+        assert!(parse_step("0").is_err() && parse_step("x").is_err());
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("10").is_err());
+        assert_eq!(cpu_count("0"), 1.0);
+        assert_eq!(cpu_count("0-3,6"), 5.0);
+        let cli = Cli::try_parse_from([
+            "loadtest",
+            "--steps",
+            "1,8,64,256",
+            "--step-duration",
+            "10s",
+            "--out",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(cli.steps, vec![1, 8, 64, 256]);
+        assert!(Cli::try_parse_from(["loadtest", "--server", "127.0.0.1:5684"]).is_err());
+    }
+}

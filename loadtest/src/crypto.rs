@@ -1,0 +1,162 @@
+//! The crypto ceiling: what the elliptic-curve operations of one enrollment cost on this machine,
+//! measured with the exact backends the server uses, and the enrollments/s that bounds.
+//!
+//! Backends (see the dependency study, section 6):
+//! * ECDSA P-256 sign and verify: `ring` 0.17. Our CA signs with `RingP256Signer`, CSR and chain
+//!   checks verify with `ring::signature`, and webrtc-dtls signs ServerKeyExchange and verifies the
+//!   client's certificate and CertificateVerify with ring.
+//! * ECDHE P-256: `p256` 0.13 (`elliptic_curve::ecdh`), as webrtc-dtls 0.12 does (ephemeral key
+//!   generation, public key encoding, shared secret).
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ring::rand::SystemRandom;
+use ring::signature::{
+    EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1,
+    ECDSA_P256_SHA256_ASN1_SIGNING,
+};
+use serde::{Deserialize, Serialize};
+
+/// Server-side operations per full enrollment, by the model of the issue: handshake
+/// (ServerKeyExchange sign, client certificate verify, CertificateVerify verify, ECDHE) and EST
+/// (CSR verify, certificate sign).
+pub const MODEL_SIGNS: u32 = 2;
+pub const MODEL_VERIFIES: u32 = 3;
+pub const MODEL_ECDH: u32 = 1;
+/// As implemented today: the EST policy verifies the client chain again (1 more verify) after
+/// webrtc-dtls did.
+pub const IMPLEMENTED_VERIFIES: u32 = 4;
+
+/// One measured operation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OpCost {
+    pub name: String,
+    pub backend: String,
+    pub iterations: u64,
+    pub us_per_op: f64,
+    pub ops_per_s: f64,
+}
+
+/// The crypto ceiling of one full enrollment on this machine.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Ceiling {
+    pub sign: OpCost,
+    pub verify: OpCost,
+    pub ecdh: OpCost,
+    /// 2 sign + 3 verify + 1 ECDH, microseconds.
+    pub model_us_per_enrollment: f64,
+    /// 2 sign + 4 verify + 1 ECDH (the EST layer re-verifies the client chain), microseconds.
+    pub implemented_us_per_enrollment: f64,
+    /// 1e6 / model cost: enrollments/s one core could do if crypto were all it did.
+    pub ceiling_per_core: f64,
+    /// Cores the server can use (available parallelism, or the pinned CPU count).
+    pub server_cores: f64,
+    /// ceiling_per_core * server_cores.
+    pub ceiling: f64,
+}
+
+fn time_op(name: &str, backend: &str, budget: Duration, mut op: impl FnMut()) -> OpCost {
+    // Warm up (page in code, fill caches), then run batches until the budget is spent.
+    for _ in 0..20 {
+        op();
+    }
+    let start = Instant::now();
+    let mut n: u64 = 0;
+    while start.elapsed() < budget {
+        for _ in 0..32 {
+            op();
+        }
+        n += 32;
+    }
+    let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
+    OpCost {
+        name: name.into(),
+        backend: backend.into(),
+        iterations: n,
+        us_per_op: us,
+        ops_per_s: 1e6 / us,
+    }
+}
+
+/// Measures sign, verify and ECDH for `budget` each (single thread) and derives the ceiling.
+pub fn measure(budget: Duration, server_cores: f64) -> Result<Ceiling> {
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+        .map_err(|_| anyhow::anyhow!("ring: key generation failed"))?;
+    let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+        .map_err(|e| anyhow::anyhow!("ring: {e}"))?;
+    // About the size of an LDevID's TBSCertificate.
+    let msg = [0x5au8; 320];
+    let sig = key
+        .sign(&rng, &msg)
+        .map_err(|_| anyhow::anyhow!("ring: sign failed"))?;
+    let public =
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key().as_ref().to_vec());
+    public
+        .verify(&msg, sig.as_ref())
+        .map_err(|_| anyhow::anyhow!("ring: verify of our own signature failed"))?;
+
+    let sign = time_op("ECDSA P-256 sign", "ring 0.17", budget, || {
+        let s = key.sign(&rng, black_box(&msg));
+        black_box(s.is_ok());
+    });
+    let verify = time_op("ECDSA P-256 verify", "ring 0.17", budget, || {
+        black_box(public.verify(black_box(&msg), sig.as_ref()).is_ok());
+    });
+
+    // ECDHE as webrtc-dtls 0.12 does it: fresh ephemeral secret, encoded public key, agreement
+    // with the peer's point.
+    let mut os = rand::rngs::OsRng;
+    let peer = p256::ecdh::EphemeralSecret::random(&mut os);
+    let peer_pub = p256::EncodedPoint::from(peer.public_key());
+    let peer_key =
+        p256::PublicKey::from_sec1_bytes(peer_pub.as_bytes()).context("p256: peer point")?;
+    let ecdh = time_op(
+        "ECDH P-256 (ephemeral keygen + agree)",
+        "p256 0.13",
+        budget,
+        || {
+            let secret = p256::ecdh::EphemeralSecret::random(&mut os);
+            let ours = p256::EncodedPoint::from(secret.public_key());
+            let shared = secret.diffie_hellman(black_box(&peer_key));
+            black_box((ours.len(), shared.raw_secret_bytes().len()));
+        },
+    );
+
+    let model = f64::from(MODEL_SIGNS) * sign.us_per_op
+        + f64::from(MODEL_VERIFIES) * verify.us_per_op
+        + f64::from(MODEL_ECDH) * ecdh.us_per_op;
+    let implemented = model + f64::from(IMPLEMENTED_VERIFIES - MODEL_VERIFIES) * verify.us_per_op;
+    let per_core = 1e6 / model;
+    Ok(Ceiling {
+        sign,
+        verify,
+        ecdh,
+        model_us_per_enrollment: model,
+        implemented_us_per_enrollment: implemented,
+        ceiling_per_core: per_core,
+        server_cores,
+        ceiling: per_core * server_cores,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn ceiling_adds_up_from_the_measured_operations() {
+        let c = measure(Duration::from_millis(20), 2.0).unwrap();
+        for op in [&c.sign, &c.verify, &c.ecdh] {
+            assert!(op.iterations >= 32 && op.us_per_op > 0.0, "{op:?}");
+            assert!((op.ops_per_s * op.us_per_op - 1e6).abs() < 1.0);
+        }
+        let model = 2.0 * c.sign.us_per_op + 3.0 * c.verify.us_per_op + c.ecdh.us_per_op;
+        assert!((c.model_us_per_enrollment - model).abs() < 1e-6);
+        assert!(c.implemented_us_per_enrollment > c.model_us_per_enrollment);
+        assert!((c.ceiling - 2.0 * 1e6 / model).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,289 @@
+//! The server under test as a child process: locating (or building) `est-server`, a fresh data
+//! directory, a minted fleet, optional CPU pinning, readiness, and CPU/RSS figures from /proc.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+/// CPU time and memory of a process, from /proc (Linux).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcSample {
+    /// utime + stime, seconds.
+    pub cpu_s: f64,
+    pub rss_kb: u64,
+    /// VmHWM: the kernel's peak RSS since the process started.
+    pub hwm_kb: u64,
+}
+
+/// Clock ticks per second for /proc/<pid>/stat (`getconf CLK_TCK`; 100 on Linux in practice).
+pub fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|t| *t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// utime + stime in ticks from the text of /proc/<pid>/stat. The command name (field 2) may
+/// contain spaces and parentheses, so fields are counted after the last ')'.
+pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let mut f = rest.split_whitespace();
+    // After ')' come field 3 (state) ... ; utime is field 14, stime field 15.
+    let utime: u64 = f.nth(11)?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// A `Field:   1234 kB` line of /proc/<pid>/status.
+pub fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Reads CPU and memory of `pid`; `None` when the process is gone or /proc is unavailable.
+pub fn sample(pid: u32, ticks_per_s: f64) -> Option<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    Some(ProcSample {
+        cpu_s: parse_stat_ticks(&stat)? as f64 / ticks_per_s,
+        rss_kb: parse_status_kb(&status, "VmRSS:").unwrap_or(0),
+        hwm_kb: parse_status_kb(&status, "VmHWM:").unwrap_or(0),
+    })
+}
+
+/// Finds `est-server`: an explicit path, next to our own executable (same cargo profile), or
+/// built with `cargo build --release -p est-server`.
+pub fn locate_est_server(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        if p.is_file() {
+            return Ok(p.to_path_buf());
+        }
+        bail!("--est-server {}: no such file", p.display());
+    }
+    let exe = std::env::current_exe().context("locating our own executable")?;
+    if let Some(dir) = exe.parent() {
+        let beside = dir.join("est-server");
+        if beside.is_file() {
+            return Ok(beside);
+        }
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .or_else(|| exe.parent().and_then(Path::parent).map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("target"));
+    eprintln!("loadtest: est-server not found beside {}; building it (cargo build --release -p est-server)", exe.display());
+    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["build", "--release", "-p", "est-server"])
+        .env("CARGO_TARGET_DIR", &target)
+        .status()
+        .context("running cargo build -p est-server")?;
+    if !status.success() {
+        bail!("cargo build --release -p est-server failed ({status})");
+    }
+    let built = target.join("release").join("est-server");
+    if built.is_file() {
+        Ok(built)
+    } else {
+        bail!("built est-server not found at {}", built.display())
+    }
+}
+
+/// Runs `est-server ARGS...` to completion, failing with its stderr.
+pub fn est_server_cmd(bin: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {} {}", bin.display(), args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "{} {} failed ({}): {}",
+            bin.display(),
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Replaces `key = value` lines of the data directory's documented config (first match after
+/// the `[section]` header). Keys that are not found are an error: the config format changed.
+pub fn set_config(data_dir: &Path, edits: &[(&str, &str, String)]) -> Result<()> {
+    let path = data_dir.join("est-server.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    for (section, key, value) in edits {
+        let header = format!("[{section}]");
+        let start = lines
+            .iter()
+            .position(|l| l.trim() == header)
+            .with_context(|| format!("{}: no {header}", path.display()))?;
+        let idx = lines
+            .iter()
+            .enumerate()
+            .skip(start + 1)
+            .take_while(|(_, l)| !l.trim_start().starts_with('['))
+            .find(|(_, l)| {
+                l.split('=')
+                    .next()
+                    .is_some_and(|k| k.trim() == *key && !l.trim_start().starts_with('#'))
+            })
+            .map(|(i, _)| i)
+            .with_context(|| format!("{}: no {key} in {header}", path.display()))?;
+        if let Some(l) = lines.get_mut(idx) {
+            *l = format!("{key} = {value}");
+        }
+    }
+    std::fs::write(&path, lines.join("\n") + "\n")?;
+    Ok(())
+}
+
+/// A server child process that is killed on drop.
+pub struct ChildServer {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub name: String,
+}
+
+impl ChildServer {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the child is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `taskset -c CPUS` in front of a command, when pinning was asked for.
+pub fn command_pinned(bin: &Path, cpus: Option<&str>) -> Command {
+    match cpus {
+        Some(c) => {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("-c").arg(c).arg(bin);
+            cmd
+        }
+        None => Command::new(bin),
+    }
+}
+
+/// Starts `est-server run` on 127.0.0.1 port 0 and waits for its "listening on coaps://ADDR" line.
+pub fn start_est_server(bin: &Path, data_dir: &Path, cpus: Option<&str>) -> Result<ChildServer> {
+    let mut cmd = command_pinned(bin, cpus);
+    cmd.args(["run", "--data-dir"])
+        .arg(data_dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(
+            std::fs::File::create(data_dir.join("server.log")).context("server.log")?,
+        ));
+    let mut child = cmd.spawn().context("starting est-server run")?;
+    let stdout = child.stdout.take().context("est-server stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("coaps://").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or("").to_string();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let mut server = ChildServer {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        name: "est-server".into(),
+    };
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(a) => {
+            server.addr = a
+                .parse()
+                .with_context(|| format!("est-server printed an unparsable address `{a}`"))?;
+        }
+        Err(_) => {
+            let alive = server.alive();
+            let log = std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
+            bail!("est-server did not report listening within 30 s (running: {alive}); its log:\n{log}");
+        }
+    }
+    Ok(server)
+}
+
+/// Picks a free UDP port on loopback (bind port 0, read it, release it).
+pub fn free_udp_port() -> Result<u16> {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").context("binding a probe socket")?;
+    Ok(s.local_addr()?.port())
+}
+
+/// Whether a program is on PATH.
+pub fn on_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_counted_after_the_command_name() {
+        // comm with spaces and a ')' inside, as the kernel prints it.
+        let stat = "4242 (est (srv) x) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 75 0 0 20 0 9 0 100 2000000 3000 18446744073709551615";
+        assert_eq!(parse_stat_ticks(stat), Some(325));
+        assert_eq!(parse_stat_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn own_process_is_sampled() {
+        let s = sample(std::process::id(), clock_ticks()).unwrap();
+        assert!(s.rss_kb > 0 && s.hwm_kb >= s.rss_kb);
+        assert!(s.cpu_s >= 0.0);
+        assert_eq!(
+            parse_status_kb("Name:\tx\nVmHWM:\t  1234 kB\n", "VmHWM:"),
+            Some(1234)
+        );
+    }
+
+    #[test]
+    fn config_edits_replace_keys_in_their_section_only() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("est-server.toml"),
+            "[dtls]\n# max_sessions = 1\nmax_sessions = 20000\n[est]\nmax_sessions = 7\n",
+        )
+        .unwrap();
+        set_config(dir.path(), &[("dtls", "max_sessions", "30000".into())]).unwrap();
+        let t = std::fs::read_to_string(dir.path().join("est-server.toml")).unwrap();
+        assert_eq!(
+            t,
+            "[dtls]\n# max_sessions = 1\nmax_sessions = 30000\n[est]\nmax_sessions = 7\n"
+        );
+        assert!(set_config(dir.path(), &[("dtls", "nope", "1".into())]).is_err());
+    }
+}
