@@ -29,6 +29,9 @@ pub struct DtlsClientConfig {
     pub mtu: usize,
     /// Fixed flight retransmission interval of webrtc-dtls.
     pub flight_interval: Duration,
+    /// Derive the flight interval per meter from its link ([`auto_flight_interval`]) instead of
+    /// using `flight_interval`; the handshake timeout is then at least 8 intervals.
+    pub flight_interval_auto: bool,
     /// Give up on one handshake attempt after this long.
     pub handshake_timeout: Duration,
     /// Skip server certificate verification (testing only).
@@ -54,6 +57,7 @@ impl Default for DtlsClientConfig {
             server_name: "localhost".into(),
             mtu: 1152,
             flight_interval: Duration::from_secs(2),
+            flight_interval_auto: false,
             handshake_timeout: Duration::from_secs(30),
             danger_skip_server_verification: false,
         }
@@ -112,7 +116,53 @@ pub async fn connect(
     }
 }
 
+/// A flight retransmission interval suited to a meter's path: 1.5 x the worst-case round trip of
+/// a full 1152-byte flight datagram (latency + jitter + serialization, each direction, over the
+/// meter link and the DCU backhaul), between 2 s and 20 s.
+///
+/// webrtc-dtls retransmits at a fixed interval with no backoff (RFC 6347 §4.2.4.1 asks for
+/// doubling); an interval below the path's RTT makes every meter resend every flight before the
+/// answer can arrive, which collapses a shared narrowband backhaul. RFC 7925 §11 recommends 9 s
+/// initial timers for constrained links.
+pub fn auto_flight_interval(
+    link: &crate::link::LinkParams,
+    dcu: Option<&crate::link::LinkParams>,
+) -> Duration {
+    let one_way = |l: &crate::link::LinkParams| {
+        l.latency + l.jitter + l.serialization_delay(l.frames.air_bytes(1152))
+    };
+    let rtt = (one_way(link) + dcu.map(one_way).unwrap_or_default()) * 2;
+    rtt.mul_f64(1.5)
+        .clamp(Duration::from_secs(2), Duration::from_secs(20))
+}
+
 /// The server's address, for messages.
 pub fn describe(addr: SocketAddr) -> String {
     format!("coaps://{addr}")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::link::{LinkParams, LinkProfile};
+
+    #[test]
+    fn auto_flight_interval_follows_the_path() {
+        let lan = LinkParams::profile(LinkProfile::Lan);
+        assert_eq!(auto_flight_interval(&lan, None), Duration::from_secs(2));
+        let mut plc = LinkParams::profile(LinkProfile::Plc);
+        plc.latency *= 3;
+        plc.jitter *= 3;
+        let dcu: LinkParams = "latency=30ms,rate=64kbps".parse().unwrap();
+        let i = auto_flight_interval(&plc, Some(&dcu));
+        // one way: 1.8 s + 1541 on-air bytes at 20 kbit/s (0.62 s) + DCU 30 ms + 0.19 s.
+        assert!(
+            i > Duration::from_secs(7) && i < Duration::from_secs(9),
+            "{i:?}"
+        );
+        let mut slow = plc.clone();
+        slow.latency = Duration::from_secs(30);
+        assert_eq!(auto_flight_interval(&slow, None), Duration::from_secs(20));
+    }
 }

@@ -248,8 +248,17 @@ pub async fn run_fleet(
             peak.fetch_max(now_in, Ordering::Relaxed);
             let outcome = match Meter::new(cfg.meter.clone(), &device, plan.seed) {
                 Ok(meter) => {
+                    let mut driver = cfg.driver.clone();
+                    if driver.dtls.flight_interval_auto {
+                        let i = crate::dtls::auto_flight_interval(
+                            &plan.link,
+                            dcu.as_ref().map(|_| &cfg.dcu_link),
+                        );
+                        driver.dtls.flight_interval = i;
+                        driver.dtls.handshake_timeout = driver.dtls.handshake_timeout.max(i * 8);
+                    }
                     let link = MeterLink::new(plan.link.clone(), mix64(plan.seed ^ 0x11), dcu);
-                    run_meter(plan.index, meter, link, &cfg.driver, plan.seed).await
+                    run_meter(plan.index, meter, link, &driver, plan.seed).await
                 }
                 Err(e) => MeterOutcome {
                     index: plan.index,

@@ -38,6 +38,18 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// `auto` (None) or a fixed duration.
+#[derive(Debug, Clone, Copy)]
+struct FlightInterval(Option<Duration>);
+
+fn parse_flight_interval(s: &str) -> Result<FlightInterval, String> {
+    if s == "auto" {
+        Ok(FlightInterval(None))
+    } else {
+        parse_duration(s).map(|d| FlightInterval(Some(d)))
+    }
+}
+
 fn parse_block_size(s: &str) -> Result<u8, String> {
     let n: usize = s.parse().map_err(|_| format!("`{s}`: not a number"))?;
     (0u8..=6).find(|szx| (16usize << szx) == n).ok_or_else(|| {
@@ -184,9 +196,11 @@ struct Cli {
     /// Give up on one DTLS handshake attempt after this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     handshake_timeout: Duration,
-    /// webrtc-dtls flight retransmission interval (fixed, no backoff in that library).
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    dtls_flight_interval: Duration,
+    /// webrtc-dtls flight retransmission interval (fixed, no backoff in that library): `auto` derives
+    /// it per meter from its path (1.5 x worst-case RTT of a full flight, 2..20 s, and a handshake
+    /// timeout of at least 8 intervals), or a duration such as 2s.
+    #[arg(long, default_value = "auto", value_parser = parse_flight_interval)]
+    dtls_flight_interval: FlightInterval,
     /// DTLS MTU: handshake messages are fragmented to this size.
     #[arg(long, default_value_t = 1152)]
     dtls_mtu: usize,
@@ -338,7 +352,8 @@ async fn run(cli: Cli) -> Result<bool> {
                 trust_anchors_der: ta,
                 server_name: cli.server_name.clone(),
                 mtu: cli.dtls_mtu,
-                flight_interval: cli.dtls_flight_interval,
+                flight_interval: cli.dtls_flight_interval.0.unwrap_or(Duration::from_secs(2)),
+                flight_interval_auto: cli.dtls_flight_interval.0.is_none(),
                 handshake_timeout: cli.handshake_timeout,
                 danger_skip_server_verification: false,
             },
