@@ -131,6 +131,10 @@ struct Cli {
     /// Seed of the meters' keys and CoAP message IDs.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Profile the server with `perf record -g` during the last closed-loop step
+    /// (OUT/perf.data, summary in OUT/perf-report.txt).
+    #[arg(long)]
+    perf: bool,
     /// Send the meters' datagrams through client-sim's link emulator (zero latency) instead of
     /// plain UDP sockets; costs the load generator a task and a timer per datagram.
     #[arg(long)]
@@ -396,6 +400,116 @@ async fn compare_peer(
     cmp
 }
 
+/// `perf record -g` on the server for the step's window (started after the warm-up).
+fn start_perf(
+    pid: u32,
+    out: &Path,
+    delay: Duration,
+    window: Duration,
+) -> Option<std::thread::JoinHandle<Result<()>>> {
+    server::on_path("perf")?;
+    let data = out.join("perf.data");
+    Some(std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        let st = std::process::Command::new("perf")
+            .args(["record", "-F", "499", "-g", "-q", "-o"])
+            .arg(&data)
+            .args(["-p", &pid.to_string(), "--", "sleep"])
+            .arg(format!("{:.1}", window.as_secs_f64()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .context("running perf record")?;
+        if !st.success() {
+            bail!("perf record failed ({st})");
+        }
+        Ok(())
+    }))
+}
+
+fn finish_perf(h: std::thread::JoinHandle<Result<()>>, out: &Path) -> Result<String> {
+    h.join()
+        .map_err(|_| anyhow::anyhow!("perf thread panicked"))??;
+    let rep = std::process::Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--percent-limit",
+            "0.01",
+            "--sort",
+            "dso,symbol",
+            "-g",
+            "none",
+            "-i",
+        ])
+        .arg(out.join("perf.data"))
+        .output()
+        .context("running perf report")?;
+    let path = out.join("perf-report.txt");
+    std::fs::write(&path, &rep.stdout)?;
+    let text = String::from_utf8_lossy(&rep.stdout);
+    let cats = perf_categories(&text);
+    let mut summary = String::new();
+    for (name, pct) in &cats {
+        summary.push_str(&format!("{name} {pct:.1}%, "));
+    }
+    Ok(format!(
+        "{} ({})",
+        path.display(),
+        summary.trim_end_matches(", ")
+    ))
+}
+
+/// Groups a flat `perf report --sort dso,symbol` by where the time goes.
+pub(crate) fn perf_categories(report: &str) -> Vec<(String, f64)> {
+    let mut acc: std::collections::BTreeMap<&'static str, f64> = std::collections::BTreeMap::new();
+    for line in report.lines() {
+        let l = line.trim_start();
+        let Some((pct, rest)) = l.split_once('%') else {
+            continue;
+        };
+        let Ok(pct) = pct.trim().parse::<f64>() else {
+            continue;
+        };
+        let cat = if rest.contains("nistz256") || rest.contains("ring_core") {
+            "ring ECDSA/P-256"
+        } else if rest.contains("p256::")
+            || rest.contains("primeorder")
+            || rest.contains("elliptic_curve")
+        {
+            "p256 0.13 (ECDHE)"
+        } else if rest.contains("sqlite3") {
+            "SQLite"
+        } else if rest.contains("[kernel") {
+            "kernel (syscalls, scheduling, UDP, fsync)"
+        } else if rest.contains("malloc")
+            || rest.contains("free")
+            || rest.contains("_int_")
+            || rest.contains("memmove")
+            || rest.contains("memcpy")
+            || rest.contains("memset")
+        {
+            "allocation and copies"
+        } else if rest.contains("aes")
+            || rest.contains("ccm")
+            || rest.contains("sha2")
+            || rest.contains("sha256")
+            || rest.contains("hmac")
+        {
+            "AES-CCM / SHA-256 / PRF"
+        } else if rest.contains("tokio") {
+            "tokio runtime"
+        } else {
+            "other"
+        };
+        *acc.entry(cat).or_default() += pct;
+    }
+    let mut v: Vec<(String, f64)> = acc.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
+}
+
 fn warmup_of(d: Duration) -> Duration {
     (d / 5).min(Duration::from_secs(2))
 }
@@ -447,9 +561,12 @@ fn targets(r: &Report) -> Vec<TargetCheck> {
             || "not measured".into(),
             |h| {
                 format!(
-                    "{} sessions held, RSS {} MB",
+                    "{} sessions held, RSS {}",
                     h.held,
-                    h.server_rss_held_kb.map_or(0, |k| k / 1024)
+                    h.server_rss_held_kb.map_or_else(
+                        || "not measured (remote server)".into(),
+                        |k| format!("{} MB", k / 1024)
+                    )
                 )
             },
         ),
@@ -465,7 +582,8 @@ fn targets(r: &Report) -> Vec<TargetCheck> {
             format!(
                 "{} failed to open; {} kB/session",
                 h.failed,
-                h.server_kb_per_session.map_or(0.0, |x| x)
+                h.server_kb_per_session
+                    .map_or_else(|| "-".into(), |x| format!("{x:.1}"))
             )
         }),
     });
@@ -568,7 +686,9 @@ async fn run(cli: Cli) -> Result<bool> {
     let mut ok = true;
     let mut last_rate: f64 = 0.0;
     for (i, &c) in steps_list.iter().enumerate() {
-        let expected = last_rate.max(300.0) * 1.5 * duration.as_secs_f64();
+        // Keys and CSRs for the whole step are built before it (client-side p256 work that would
+        // otherwise compete with the server for the CPUs); built inline only if this runs dry.
+        let expected = last_rate.max(500.0) * 2.0 * duration.as_secs_f64();
         let cfg = StepConfig {
             mode: Mode::Enroll,
             transport: cli.transport(),
@@ -582,7 +702,19 @@ async fn run(cli: Cli) -> Result<bool> {
             progress,
             label: format!("enroll, {c} meters"),
         };
+        let perf = match (cli.perf && i + 1 == steps_list.len(), setup.target.pid) {
+            (true, Some(pid)) => start_perf(pid, &out, cfg.warmup, duration - cfg.warmup),
+            _ => None,
+        };
         let r = steps::run_step(&setup.target, &cfg).await;
+        if let Some(p) = perf {
+            match finish_perf(p, &out) {
+                Ok(path) => report.notes.push(format!(
+                    "perf profile of the server during the {c}-meter step: {path}"
+                )),
+                Err(e) => report.notes.push(format!("perf: {e:#}")),
+            }
+        }
         last_rate = last_rate.max(r.rate_per_s);
         if r.completed == 0 || (r.errors as f64) > 0.05 * (r.finished.max(1) as f64) {
             eprintln!(
@@ -801,6 +933,11 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.steps, vec![1, 8, 64, 256]);
+        let cats = perf_categories(
+            "# x\n     9.78%  est-server  [.] __ecp_nistz256_mul_montx\n     8.18%  est-server  [.] p256::arithmetic::field::field_impl::fe_mul\n     1.00%  [kernel.kallsyms]  [k] finish_task_switch\n     0.50%  est-server  [.] foo\n",
+        );
+        assert_eq!(cats.first().map(|c| c.0.as_str()), Some("ring ECDSA/P-256"));
+        assert_eq!(cats.len(), 4);
         assert!(Cli::try_parse_from(["loadtest", "--server", "127.0.0.1:5684"]).is_err());
     }
 }

@@ -17,6 +17,8 @@ pub struct Machine {
     pub cpu_model: String,
     pub mem_total_gib: f64,
     pub kernel: String,
+    /// /proc/loadavg when the run started (other work on the box skews the figures).
+    pub loadavg_at_start: String,
 }
 
 impl Machine {
@@ -33,7 +35,11 @@ impl Machine {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
+        let loadavg_at_start = std::fs::read_to_string("/proc/loadavg")
+            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+            .unwrap_or_default();
         Machine {
+            loadavg_at_start,
             cpus: std::thread::available_parallelism().map_or(1, usize::from),
             cpu_model,
             mem_total_gib: mem_kb as f64 / 1024.0 / 1024.0,
@@ -455,7 +461,7 @@ pub fn render_html(r: &Report) -> String {
 <style>body{{font-family:sans-serif;max-width:1100px;margin:1em auto}}table{{border-collapse:collapse}}\
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}th{{background:#eee}}.missed{{color:#b00}}.met{{color:#070}}\
 pre{{background:#f6f6f6;padding:6px;overflow-x:auto}}</style></head><body>\
-<h1>EST-coaps load test {id}</h1><p>{date} &middot; {cpus} CPUs ({model}), {mem:.1} GiB, Linux {kernel}</p>\
+<h1>EST-coaps load test {id}</h1><p>{date} &middot; {cpus} CPUs ({model}), {mem:.1} GiB, Linux {kernel}, load average at start {load}</p>\
 <pre>{cmd}</pre>",
         id = esc(&r.run_id),
         date = esc(&r.date_utc),
@@ -463,6 +469,7 @@ pre{{background:#f6f6f6;padding:6px;overflow-x:auto}}</style></head><body>\
         model = esc(&r.machine.cpu_model),
         mem = r.machine.mem_total_gib,
         kernel = esc(&r.machine.kernel),
+        load = esc(&r.machine.loadavg_at_start),
         cmd = esc(&r.command)
     );
     h.push_str("<h2>Targets</h2><table><tr><th>target</th><th>goal</th><th>measured</th><th>status</th><th>note</th></tr>");

@@ -75,6 +75,23 @@ pub fn locate_est_server(explicit: Option<&Path>) -> Result<PathBuf> {
         bail!("--est-server {}: no such file", p.display());
     }
     let exe = std::env::current_exe().context("locating our own executable")?;
+    // Run through cargo (`cargo run -p loadtest`, CI): make sure the release est-server beside
+    // us is current, not a stale build (a no-op when it is).
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let target = exe.parent().and_then(Path::parent);
+        if let (Some(dir), Some(target)) = (exe.parent(), target) {
+            if dir.file_name().is_some_and(|n| n == "release") {
+                let status = Command::new(cargo)
+                    .args(["build", "--release", "-p", "est-server"])
+                    .env("CARGO_TARGET_DIR", target)
+                    .status()
+                    .context("running cargo build -p est-server")?;
+                if !status.success() {
+                    bail!("cargo build --release -p est-server failed ({status})");
+                }
+            }
+        }
+    }
     if let Some(dir) = exe.parent() {
         let beside = dir.join("est-server");
         if beside.is_file() {
