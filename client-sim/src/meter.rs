@@ -356,6 +356,8 @@ pub struct Meter {
     idevid: Credential,
     key: EnrollmentKey,
     csr_der: Vec<u8>,
+    /// The /sren request (subject and SAN of the LDevID), built after enrollment.
+    renewal_csr_der: Option<Vec<u8>>,
     paths: EstPaths,
     state: MeterState,
     actions: VecDeque<Action>,
@@ -409,6 +411,7 @@ impl Meter {
             },
             key,
             csr_der,
+            renewal_csr_der: None,
             paths,
             state: MeterState::Unprovisioned,
             actions: VecDeque::new(),
@@ -585,7 +588,10 @@ impl Meter {
                 query: Vec::new(),
                 content_format: Some(content_format::PKCS10),
                 accept,
-                payload: self.csr_der.clone(),
+                payload: match (step, &self.renewal_csr_der) {
+                    (Step::ReEnroll, Some(r)) => r.clone(),
+                    _ => self.csr_der.clone(),
+                },
             },
         }
     }
@@ -713,7 +719,7 @@ impl Meter {
                 self.actions.push_back(Action::Disconnect);
                 match verified {
                     Ok(leaf) => {
-                        self.ldevid = Some(leaf);
+                        self.ldevid = Some(leaf.clone());
                         self.busy = 0;
                         if step == Step::Enroll {
                             if let Some(s) = self.started {
@@ -721,6 +727,16 @@ impl Meter {
                                     Some(micros(now.saturating_duration_since(s)));
                             }
                             if self.config.renew {
+                                // RFC 7030 §4.2.2: the /sren request carries the subject and SAN
+                                // of the certificate being renewed.
+                                match pki::build_renewal_csr(&self.key, &leaf) {
+                                    Ok(csr) => self.renewal_csr_der = Some(csr),
+                                    Err(e) => {
+                                        self.ldevid = Some(leaf);
+                                        return self
+                                            .fail(FailureReason::Credentials(e.to_string()));
+                                    }
+                                }
                                 self.attempts = 0;
                                 self.renew_started = Some(now);
                                 return self.connect(now, Purpose::Renew);
@@ -1110,6 +1126,17 @@ mod tests {
         m.handle_connected(t1);
         let sren = expect_send(&mut m);
         assert_eq!(sren.path, vec![".well-known", "est", "sren"]);
+        // RFC 7030 §4.2.2: subject and SAN identical to the certificate being renewed.
+        let csr = est_proto::ca::parse_and_verify_csr(&sren.payload, 4096).unwrap();
+        let current = {
+            use der::Decode;
+            x509_cert::Certificate::from_der(&est.issued[0]).unwrap()
+        };
+        assert_eq!(csr.subject, current.tbs_certificate.subject);
+        assert_eq!(
+            csr.hardware_module,
+            est_proto::ca::hardware_module_from_cert(&current)
+        );
         m.handle_response(t1 + Duration::from_secs(1), est.handle(&sren));
         expect_disconnect(&mut m);
         assert_eq!(m.state(), &MeterState::Enrolled);

@@ -353,6 +353,29 @@ pub fn build_csr(
     req.to_der().map_err(|e| PkiError::Csr(e.to_string()))
 }
 
+/// Builds the PKCS#10 request for /sren: RFC 7030 §4.2.2 requires the Subject and subjectAltName
+/// to be identical to those of the certificate being renewed, so both are copied from `current`.
+pub fn build_renewal_csr(key: &EnrollmentKey, current_der: &[u8]) -> Result<Vec<u8>, PkiError> {
+    let cert = Certificate::from_der(current_der).map_err(|e| PkiError::Csr(e.to_string()))?;
+    let mut builder = RequestBuilder::new(cert.tbs_certificate.subject.clone(), &key.signing_key)
+        .map_err(|e| PkiError::Csr(e.to_string()))?;
+    if let Some(exts) = &cert.tbs_certificate.extensions {
+        for ext in exts {
+            if ext.extn_id == const_oid::db::rfc5280::ID_CE_SUBJECT_ALT_NAME {
+                let san = SubjectAltName::from_der(ext.extn_value.as_bytes())
+                    .map_err(|e| PkiError::Csr(e.to_string()))?;
+                builder
+                    .add_extension(&san)
+                    .map_err(|e| PkiError::Csr(e.to_string()))?;
+            }
+        }
+    }
+    let req = builder
+        .build::<p256::ecdsa::DerSignature>()
+        .map_err(|e| PkiError::Csr(e.to_string()))?;
+    req.to_der().map_err(|e| PkiError::Csr(e.to_string()))
+}
+
 /// Checks an ECDSA P-256/SHA-256 signature of `cert` with `issuer`'s public key (ring).
 fn signed_by(cert: &Certificate, issuer: &Certificate) -> Result<(), String> {
     let tbs = cert

@@ -147,8 +147,16 @@ impl FakeEst {
                         spki::SubjectPublicKeyInfoOwned::from_der(ca::Signer::public_key_spki_der(&s))
                             .unwrap();
                 }
+                // Like a real CA, issue under a subject of our own making (O + serialNumber), so
+                // that a /sren request must copy it from the LDevID (RFC 7030 §4.2.2).
+                let serial = ca::serial_number_attr(&csr.subject).unwrap_or_default();
+                let subject = ca::name_from_attrs(&[
+                    (ca::oid::AT_ORGANIZATION_NAME, "Test Utility"),
+                    (ca::oid::AT_SERIAL_NUMBER, serial.as_str()),
+                ])
+                .unwrap();
                 let mut params = IssueParams::new(
-                    csr.subject.clone(),
+                    subject,
                     public_key,
                     ca::random_serial(&mut self.rng),
                     now_wall(),
