@@ -148,6 +148,24 @@ async fn read_loop(
             None => Some(now),
         };
         let Some(at_dcu) = at_dcu else { continue };
+        if link.dcu.is_none() {
+            // Zero-delay path: deliver inline, keeping datagram order.
+            let v = lock(&link.down).submit(at_dcu, data.len());
+            match v {
+                Verdict::Deliver { at } if at <= Instant::now() => {
+                    let _ = tx.send(data);
+                    continue;
+                }
+                Verdict::Deliver { at } => {
+                    tokio::spawn(async move {
+                        sleep_until(at).await;
+                        let _ = tx.send(data);
+                    });
+                    continue;
+                }
+                _ => continue,
+            }
+        }
         tokio::spawn(async move {
             if at_dcu > Instant::now() {
                 sleep_until(at_dcu).await;
@@ -202,6 +220,11 @@ impl Conn for EmulatedConn {
         let now = Instant::now();
         let verdict = lock(&self.link.up).submit(now, buf.len());
         if let Verdict::Deliver { at } = verdict {
+            // A zero-delay path (latency 0, unlimited rate, no DCU) sends inline: no task, no timer.
+            if self.link.dcu.is_none() && at <= Instant::now() {
+                let _ = self.socket.send_to(buf, self.server).await;
+                return Ok(buf.len());
+            }
             let data = buf.to_vec();
             let socket = self.socket.clone();
             let link = self.link.clone();
@@ -298,6 +321,24 @@ mod tests {
         assert_eq!(up.datagrams, 1);
         assert_eq!(up.frames, 2);
         assert_eq!(down.bytes, 100);
+    }
+
+    #[tokio::test]
+    async fn zero_delay_link_passes_datagrams_inline_in_order() {
+        let server = echo().await;
+        let link = MeterLink::new(params(0, LossModel::None, None), 1, None);
+        let conn = EmulatedConn::connect("127.0.0.1:0".parse().unwrap(), server, link.clone())
+            .await
+            .unwrap();
+        for i in 0..20u8 {
+            conn.send(&[i; 10]).await.unwrap();
+        }
+        let mut buf = [0u8; 64];
+        for i in 0..20u8 {
+            let n = conn.recv(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], &[i; 10]);
+        }
+        assert_eq!(link.counters().1.datagrams, 20);
     }
 
     #[tokio::test]
