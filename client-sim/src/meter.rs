@@ -32,6 +32,10 @@ pub mod content_format {
     pub const PKCS7_CERTS_ONLY: u16 = 281;
     pub const PKCS10: u16 = 286;
     pub const PKIX_CERT: u16 = 287;
+    /// application/cose-c509-cert (draft-ietf-cose-cbor-encoded-cert; experimental number).
+    pub const C509_CERT: u16 = cbor_schemas::c509::CONTENT_FORMAT_C509_CERT_DEFAULT;
+    /// application/cose-c509-pkcs10 (experimental number).
+    pub const C509_PKCS10: u16 = cbor_schemas::c509::CONTENT_FORMAT_C509_PKCS10_DEFAULT;
 }
 
 /// The response format the meter asks for with Accept.
@@ -42,6 +46,8 @@ pub enum CertFormat {
     Pkcs7,
     /// application/pkix-cert (287): the single DER certificate.
     PkixCert,
+    /// application/cose-c509-cert: COSE_C509, certificates re-encoded as C509 type 3.
+    C509,
 }
 
 impl CertFormat {
@@ -49,6 +55,7 @@ impl CertFormat {
         match self {
             CertFormat::Pkcs7 => content_format::PKCS7_CERTS_ONLY,
             CertFormat::PkixCert => content_format::PKIX_CERT,
+            CertFormat::C509 => content_format::C509_CERT,
         }
     }
 }
@@ -61,6 +68,8 @@ pub struct MeterConfig {
     /// After enrolling, open a new session with the LDevID and re-enroll (/sren).
     pub renew: bool,
     pub accept: CertFormat,
+    /// Send certification requests as C509 (CF 65004, type 3) instead of PKCS#10 (286).
+    pub c509_requests: bool,
     /// Sessions (handshake + exchanges) tried before giving up on a retryable failure.
     pub max_attempts: u32,
     /// Backoff before session attempt k+1: `retry_backoff * 2^(k-1)`, plus up to 50% seeded jitter.
@@ -79,6 +88,7 @@ impl Default for MeterConfig {
             discovery: false,
             renew: false,
             accept: CertFormat::Pkcs7,
+            c509_requests: false,
             max_attempts: 4,
             retry_backoff: Duration::from_secs(2),
             max_busy_retries: 8,
@@ -586,12 +596,16 @@ impl Meter {
                     self.paths.sren.clone()
                 },
                 query: Vec::new(),
-                content_format: Some(content_format::PKCS10),
+                content_format: Some(if self.config.c509_requests {
+                    content_format::C509_PKCS10
+                } else {
+                    content_format::PKCS10
+                }),
                 accept,
-                payload: match (step, &self.renewal_csr_der) {
-                    (Step::ReEnroll, Some(r)) => r.clone(),
-                    _ => self.csr_der.clone(),
-                },
+                payload: self.encode_request(match (step, &self.renewal_csr_der) {
+                    (Step::ReEnroll, Some(r)) => r,
+                    _ => &self.csr_der,
+                }),
             },
         }
     }
@@ -756,10 +770,30 @@ impl Meter {
         }
     }
 
+    /// The request payload: the PKCS#10 DER, or its lossless C509 type-3 re-encoding.
+    fn encode_request(&self, csr_der: &[u8]) -> Vec<u8> {
+        if self.config.c509_requests {
+            // Our own CSRs are canonical DER within the C509 profile; should conversion
+            // ever fail, sending the DER makes the server answer 4.00 visibly.
+            cbor_schemas::c509::csr_der_to_c509(csr_der).unwrap_or_else(|_| csr_der.to_vec())
+        } else {
+            csr_der.to_vec()
+        }
+    }
+
     /// The certificates in a /crts, /sen or /sren answer, by Content-Format.
     fn certs_of(&self, response: &Response) -> Result<Vec<Vec<u8>>, String> {
         match response.content_format {
             Some(content_format::PKIX_CERT) => Ok(vec![response.payload.clone()]),
+            Some(content_format::C509_CERT) => {
+                let c509 = cbor_schemas::cose::decode_cose_c509(&response.payload)
+                    .map_err(|e| e.to_string())?;
+                c509.iter()
+                    .map(|c| {
+                        cbor_schemas::c509::certificate_c509_to_der(c).map_err(|e| e.to_string())
+                    })
+                    .collect()
+            }
             // RFC 9148 §4.3: 281 is the default when the server sends no Content-Format.
             Some(content_format::PKCS7_CERTS_ONLY) | None => {
                 est_proto::ca::certs_from_certs_only(&response.payload).map_err(|e| e.to_string())
