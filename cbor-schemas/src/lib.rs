@@ -43,6 +43,8 @@ mod cbor;
 pub mod cose;
 mod error;
 pub mod multipart;
+#[cfg(feature = "cddl-check")]
+pub mod schema;
 
 pub use cbor::MAX_INPUT_BYTES;
 pub use error::{ConvertError, DecodeError};

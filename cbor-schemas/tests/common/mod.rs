@@ -12,24 +12,9 @@ pub fn vector(name: &str) -> Vec<u8> {
     hex::decode(s.trim()).expect("hex")
 }
 
-const C509_CDDL: &str = include_str!("../../cddl/c509.cddl");
-const COSE_CDDL: &str = include_str!("../../cddl/cose-chain.cddl");
-const MULTIPART_CDDL: &str = include_str!("../../cddl/multipart-core.cddl");
-
-/// The CDDL handed to the validator. The files are used as they are, with one
-/// rewrite: the `cddl` crate (0.10.7) does not implement the unwrap operator
-/// `~` on user-defined tag types (it demands tag 111 where `~oid` means the
-/// bare byte string, RFC 8610 Section 3.7), so `~oid` is replaced by a rule
-/// that is exactly its unwrapped content, `bstr` (RFC 9090 Section 2).
-fn doc(rule: &str) -> String {
-    let all =
-        format!("{C509_CDDL}\n{COSE_CDDL}\n{MULTIPART_CDDL}").replace("~oid", "unwrapped_oid");
-    format!("root = {rule}\n{all}\nunwrapped_oid = bstr\n")
-}
-
 /// Validate one CBOR item against a rule of the project's CDDL files.
 pub fn check_cddl(rule: &str, item: &[u8]) -> Result<(), String> {
-    cddl::validate_cbor_from_slice(&doc(rule), item, None).map_err(|e| format!("{e:?}"))
+    cbor_schemas::schema::check(rule, item)
 }
 
 /// Assert that `item` validates against `rule`.
@@ -42,10 +27,14 @@ pub fn assert_cddl(rule: &str, item: &[u8]) {
     }
 }
 
-/// Validate `~C509Certificate` (a CBOR sequence): with its array header it
-/// must be a `C509Certificate` (RFC 8742: the sequence is the array's items).
+/// Validate `~C509Certificate` (a CBOR sequence).
 pub fn assert_cert_sequence(seq: &[u8]) {
-    assert_cddl("C509Certificate", &wrap_array(seq, 11));
+    if let Err(e) = cbor_schemas::schema::check_cert_sequence(seq) {
+        panic!(
+            "~C509Certificate CDDL validation failed for {}: {e}",
+            hex::encode(seq)
+        );
+    }
 }
 
 /// Prepend a CBOR array header of `n` items (n < 24).
@@ -56,11 +45,12 @@ pub fn wrap_array(seq: &[u8], n: u8) -> Vec<u8> {
     v
 }
 
-/// Validate COSE_C509 and apply the `.cborseq C509Certificate` control to each
-/// certificate (the cddl crate cannot parse `.cborseq`).
+/// Validate COSE_C509 and each certificate in it.
 pub fn assert_cose_c509(item: &[u8]) {
-    assert_cddl("COSE_C509", item);
-    for c in cbor_schemas::cose::decode_cose_c509(item).unwrap() {
-        assert_cert_sequence(&c);
+    if let Err(e) = cbor_schemas::schema::check_cose_c509(item) {
+        panic!(
+            "COSE_C509 CDDL validation failed for {}: {e}",
+            hex::encode(item)
+        );
     }
 }

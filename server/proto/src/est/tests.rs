@@ -625,6 +625,7 @@ fn server_keygen_returns_a_key_that_matches_its_certificate() {
             (r.code, r.content_format),
             (ResponseType::Changed, Some(CF_MULTIPART_CORE))
         );
+        assert_cddl("multipart-core", &r.payload);
         let parts = cbor_schemas::multipart::decode(&r.payload).expect("multipart");
         assert_eq!(parts.len(), 2);
         assert_eq!(parts[0].0, CF_PKCS8);
@@ -661,9 +662,23 @@ fn server_keygen_returns_a_key_that_matches_its_certificate() {
     assert_eq!(r.code, ResponseType::NotAcceptable);
 }
 
+/// Every CBOR item the EST layer emits (or a simulated meter sends) must match the
+/// project's CDDL (cbor-schemas/cddl).
+fn assert_cddl(rule: &str, item: &[u8]) {
+    let result = match rule {
+        "COSE_C509" => cbor_schemas::schema::check_cose_c509(item),
+        _ => cbor_schemas::schema::check(rule, item),
+    };
+    if let Err(e) = result {
+        panic!("{rule}: CDDL validation failed: {e}");
+    }
+}
+
 /// A C509 request (type 3, re-encoded from a PKCS#10 made by `signer`).
 fn c509_csr_type3(signer: &RingP256Signer, subject: &Name) -> Vec<u8> {
-    cbor_schemas::c509::csr_der_to_c509(&csr(signer, subject)).expect("C509 CSR")
+    let c = cbor_schemas::c509::csr_der_to_c509(&csr(signer, subject)).expect("C509 CSR");
+    assert_cddl("C509CertificationRequest", &c);
+    c
 }
 
 /// A natively signed (type 2) C509 request with the same content.
@@ -676,7 +691,10 @@ fn c509_csr_native(signer: &RingP256Signer, subject: &Name) -> Vec<u8> {
         .clone();
     tbs.request_type = cbor_schemas::c509::TYPE_NATIVE;
     tbs.subject = tbs.subject.into_native();
-    cbor_schemas::c509::sign_native_csr(&tbs, |m| signer.sign(m).expect("sign")).expect("native")
+    let c = cbor_schemas::c509::sign_native_csr(&tbs, |m| signer.sign(m).expect("sign"))
+        .expect("native");
+    assert_cddl("C509CertificationRequest", &c);
+    c
 }
 
 fn c509_post(op: &str, payload: Vec<u8>) -> Request {
@@ -703,6 +721,7 @@ fn c509_request_gets_a_c509_certificate_whose_der_equivalent_is_stored() {
         "{:?}",
         String::from_utf8_lossy(&r.payload)
     );
+    assert_cddl("COSE_C509", &r.payload);
     let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
     assert_eq!(certs.len(), 1);
     let der = cbor_schemas::c509::certificate_c509_to_der(&certs[0]).expect("type 3 -> DER");
@@ -752,6 +771,7 @@ fn natively_signed_c509_request_gets_a_natively_signed_certificate() {
         "{:?}",
         String::from_utf8_lossy(&r.payload)
     );
+    assert_cddl("COSE_C509", &r.payload);
     let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
     let ca_key = svc.ca.signer().public_key_spki_der().to_vec();
     let ca_spki = spki::SubjectPublicKeyInfoOwned::from_der(&ca_key).expect("spki");
@@ -775,6 +795,7 @@ fn natively_signed_c509_request_gets_a_natively_signed_certificate() {
             .with_accept(EstConfig::default().c509_cert_content_format),
         &mut pki.rng,
     );
+    assert_cddl("COSE_C509", &r.payload);
     let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
     assert!(cbor_schemas::c509::certificate_c509_to_der(&certs[0]).is_ok());
 }
@@ -815,6 +836,7 @@ fn crts_as_cose_c509() {
         (r.code, r.content_format),
         (ResponseType::Content, Some(cf))
     );
+    assert_cddl("COSE_C509", &r.payload);
     let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
     assert_eq!(
         cbor_schemas::c509::certificate_c509_to_der(&certs[0]).expect("der"),
