@@ -17,8 +17,10 @@ pub struct Machine {
     pub cpu_model: String,
     pub mem_total_gib: f64,
     pub kernel: String,
-    /// /proc/loadavg when the run started (other work on the box skews the figures).
+    /// /proc/loadavg when the run started and ended (other work on the box skews the figures).
     pub loadavg_at_start: String,
+    #[serde(default)]
+    pub loadavg_at_end: String,
 }
 
 impl Machine {
@@ -35,17 +37,22 @@ impl Machine {
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
-        let loadavg_at_start = std::fs::read_to_string("/proc/loadavg")
-            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .unwrap_or_default();
         Machine {
-            loadavg_at_start,
+            loadavg_at_start: loadavg(),
+            loadavg_at_end: String::new(),
             cpus: std::thread::available_parallelism().map_or(1, usize::from),
             cpu_model,
             mem_total_gib: mem_kb as f64 / 1024.0 / 1024.0,
             kernel,
         }
     }
+}
+
+/// The 1, 5 and 15 minute load averages.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// Our server and libcoap doing the same exchange in the same run.
@@ -136,7 +143,9 @@ pub fn render_table(r: &Report) -> String {
             .flat_map(|p| p.ours.iter().chain(p.libcoap.iter())),
     );
     for s in all {
-        let name = if s.mode == "enroll" {
+        let name = if s.mode == "enroll" && s.arrival_rate.is_some() {
+            "open-loop".to_string()
+        } else if s.mode == "enroll" {
             "enroll".to_string()
         } else if s.target.starts_with("libcoap") {
             "libcoap hs".to_string()
@@ -147,7 +156,11 @@ pub fn render_table(r: &Report) -> String {
             o,
             "{:<10} {:>5} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8} {:>7} {:>8} {:>8.0} {:>7} {:>7}",
             name,
-            s.concurrency,
+            if s.arrival_rate.is_some() {
+                "-".to_string()
+            } else {
+                s.concurrency.to_string()
+            },
             s.rate_per_s,
             s.latency.p50_ms,
             s.latency.p99_ms,
@@ -461,7 +474,7 @@ pub fn render_html(r: &Report) -> String {
 <style>body{{font-family:sans-serif;max-width:1100px;margin:1em auto}}table{{border-collapse:collapse}}\
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}th{{background:#eee}}.missed{{color:#b00}}.met{{color:#070}}\
 pre{{background:#f6f6f6;padding:6px;overflow-x:auto}}</style></head><body>\
-<h1>EST-coaps load test {id}</h1><p>{date} &middot; {cpus} CPUs ({model}), {mem:.1} GiB, Linux {kernel}, load average at start {load}</p>\
+<h1>EST-coaps load test {id}</h1><p>{date} &middot; {cpus} CPUs ({model}), {mem:.1} GiB, Linux {kernel}, load average at start {load}, at end {load_end}</p>\
 <pre>{cmd}</pre>",
         id = esc(&r.run_id),
         date = esc(&r.date_utc),
@@ -470,6 +483,7 @@ pre{{background:#f6f6f6;padding:6px;overflow-x:auto}}</style></head><body>\
         mem = r.machine.mem_total_gib,
         kernel = esc(&r.machine.kernel),
         load = esc(&r.machine.loadavg_at_start),
+        load_end = esc(&r.machine.loadavg_at_end),
         cmd = esc(&r.command)
     );
     h.push_str("<h2>Targets</h2><table><tr><th>target</th><th>goal</th><th>measured</th><th>status</th><th>note</th></tr>");

@@ -35,9 +35,9 @@ use crate::server::{sample, ProcSample};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Transport {
-    /// A plain connected UDP socket per session (see [`crate::direct`]).
+    /// A plain connected UDP socket per session and loadtest's driver (see [`crate::direct`]).
     Direct,
-    /// client-sim's link emulator at zero latency (a task and a timer per datagram).
+    /// client-sim's driver and link emulator at zero delay (datagrams pass inline).
     Emulated,
 }
 
