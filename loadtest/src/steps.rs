@@ -815,17 +815,21 @@ pub async fn hold_sessions(
         .unwrap_or_default();
     let count = sessions.len();
     bar.set_message("closing");
-    for chunk in sessions.chunks(256) {
-        let closes = chunk.iter().map(|c| {
-            let c = c.clone();
-            async move {
+    // Close them all at once, bounded: close_notify is one datagram each.
+    let closing: Vec<_> = sessions
+        .into_iter()
+        .map(|c| {
+            tokio::spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(1), c.close()).await;
-            }
-        });
-        for f in closes {
-            f.await;
+            })
+        })
+        .collect();
+    let _ = tokio::time::timeout(Duration::from_secs(30), async {
+        for c in closing {
+            let _ = c.await;
         }
-    }
+    })
+    .await;
     bar.finish_and_clear();
     let errors_by_reason = errors.lock().map(|e| e.clone()).unwrap_or_default();
     HoldResult {
