@@ -123,7 +123,11 @@ pub fn render_table(r: &Report) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:<10} {:>5} {:>9} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>8} {:>7} {:>7}",
+        "columns: cpu ms/op = server CPU per operation; srv / box = cores busy in the server / on the whole machine"
+    );
+    let _ = writeln!(
+        o,
+        "{:<10} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>8} {:>7} {:>7}",
         "target",
         "conc",
         "ops/s",
@@ -131,7 +135,8 @@ pub fn render_table(r: &Report) -> String {
         "p99 ms",
         "max ms",
         "cpu ms/op",
-        "cores",
+        "srv",
+        "box",
         "rss MB",
         "B/op",
         "errors",
@@ -154,7 +159,7 @@ pub fn render_table(r: &Report) -> String {
         };
         let _ = writeln!(
             o,
-            "{:<10} {:>5} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>8} {:>7} {:>8} {:>8.0} {:>7} {:>7}",
+            "{:<10} {:>5} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>9} {:>7} {:>7} {:>8} {:>8.0} {:>7} {:>7}",
             name,
             if s.arrival_rate.is_some() {
                 "-".to_string()
@@ -167,6 +172,7 @@ pub fn render_table(r: &Report) -> String {
             s.latency.max_ms,
             fmt_opt(s.server_cpu_ms_per_op, 3),
             fmt_opt(s.server_cores_busy, 2),
+            fmt_opt(s.machine_cores_busy, 2),
             fmt_opt(s.server_rss_peak_kb.map(|k| k as f64 / 1024.0), 1),
             s.bytes_up_per_op + s.bytes_down_per_op,
             s.errors,
@@ -502,7 +508,7 @@ pre{{background:#f6f6f6;padding:6px;overflow-x:auto}}</style></head><body>\
             esc(&t.note)
         );
     }
-    h.push_str("</table><h2>Steps</h2><table><tr><th>target</th><th>mode</th><th>meters</th><th>ops/s</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>max ms</th><th>handshake p50 ms</th><th>server CPU ms/op</th><th>server cores busy</th><th>loadgen CPU s</th><th>server peak RSS MB</th><th>B up/op</th><th>B down/op</th><th>datagrams/op</th><th>errors</th><th>retries</th></tr>");
+    h.push_str("</table><h2>Steps</h2><table><tr><th>target</th><th>mode</th><th>meters</th><th>ops/s</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>max ms</th><th>handshake p50 ms</th><th>server CPU ms/op</th><th>server cores busy</th><th>loadgen CPU s</th><th>machine cores busy</th><th>server peak RSS MB</th><th>B up/op</th><th>B down/op</th><th>datagrams/op</th><th>errors</th><th>retries</th></tr>");
     let all = r.steps.iter().chain(
         r.peer
             .iter()
@@ -511,7 +517,7 @@ pre{{background:#f6f6f6;padding:6px;overflow-x:auto}}</style></head><body>\
     for s in all {
         let _ = write!(
             h,
-            "<tr><td style=\"text-align:left\">{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.1}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.1}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td style=\"text-align:left\">{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.1}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.1}</td><td>{}</td><td>{}</td></tr>",
             esc(&s.target),
             s.mode,
             s.concurrency,
@@ -524,6 +530,7 @@ pre{{background:#f6f6f6;padding:6px;overflow-x:auto}}</style></head><body>\
             fmt_opt(s.server_cpu_ms_per_op, 3),
             fmt_opt(s.server_cores_busy, 2),
             fmt_opt(s.client_cpu_s, 1),
+            fmt_opt(s.machine_cores_busy, 2),
             fmt_opt(s.server_rss_peak_kb.map(|k| k as f64 / 1024.0), 1),
             s.bytes_up_per_op,
             s.bytes_down_per_op,

@@ -54,6 +54,25 @@ pub fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// Busy CPU seconds of the whole machine so far (all CPUs; everything but idle and iowait),
+/// from the first line of /proc/stat.
+pub fn machine_busy_s(ticks_per_s: f64) -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    parse_machine_busy_ticks(stat.lines().next()?).map(|t| t as f64 / ticks_per_s)
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal ...` -> busy ticks.
+pub fn parse_machine_busy_ticks(line: &str) -> Option<u64> {
+    let mut f = line.split_whitespace();
+    if f.next()? != "cpu" {
+        return None;
+    }
+    let v: Vec<u64> = f.take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    let total: u64 = v.iter().sum();
+    let idle = v.get(3)? + v.get(4)?;
+    Some(total.saturating_sub(idle))
+}
+
 /// Reads CPU and memory of `pid`; `None` when the process is gone or /proc is unavailable.
 pub fn sample(pid: u32, ticks_per_s: f64) -> Option<ProcSample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -274,6 +293,16 @@ mod tests {
         let stat = "4242 (est (srv) x) S 1 4242 4242 0 -1 4194560 1000 0 0 0 250 75 0 0 20 0 9 0 100 2000000 3000 18446744073709551615";
         assert_eq!(parse_stat_ticks(stat), Some(325));
         assert_eq!(parse_stat_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn machine_busy_excludes_idle_and_iowait() {
+        assert_eq!(
+            parse_machine_busy_ticks("cpu  100 5 50 1000 20 1 2 3 0 0"),
+            Some(161)
+        );
+        assert_eq!(parse_machine_busy_ticks("cpu0 1 2 3 4 5 6 7 8"), None);
+        assert!(machine_busy_s(clock_ticks()).is_some());
     }
 
     #[test]

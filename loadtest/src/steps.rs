@@ -148,6 +148,9 @@ pub struct StepResult {
     pub server_hwm_kb: Option<u64>,
     /// The load generator's own CPU over the window.
     pub client_cpu_s: Option<f64>,
+    /// Busy cores of the whole machine over the window (server + load generator + anything else).
+    #[serde(default)]
+    pub machine_cores_busy: Option<f64>,
     /// UDP payload bytes per successful exchange, meter -> server and back, and datagrams.
     pub bytes_up_per_op: f64,
     pub bytes_down_per_op: f64,
@@ -516,7 +519,8 @@ pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
         tokio::spawn(async move {
             let mut peak_rss = 0u64;
             let mut at_warm: Option<(ProcSample, ProcSample)> = None;
-            let last: (ProcSample, ProcSample);
+            let last: (ProcSample, ProcSample, Option<f64>);
+            let mut box_warm: Option<f64> = None;
             loop {
                 let now = Instant::now();
                 let srv = pid.and_then(|p| sample(p, ticks)).unwrap_or_default();
@@ -524,9 +528,10 @@ pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
                 peak_rss = peak_rss.max(srv.rss_kb);
                 if at_warm.is_none() && now >= warm_at {
                     at_warm = Some((srv, own));
+                    box_warm = crate::server::machine_busy_s(ticks);
                 }
                 if now >= stop_at {
-                    last = (srv, own);
+                    last = (srv, own, crate::server::machine_busy_s(ticks));
                     break;
                 }
                 let next_edge = if now < warm_at { warm_at } else { stop_at };
@@ -535,7 +540,11 @@ pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
                     .min(Duration::from_millis(100));
                 tokio::time::sleep(nap).await;
             }
-            (peak_rss, at_warm, Some(last))
+            let box_busy = match (box_warm, last.2) {
+                (Some(a), Some(b)) => Some(b - a),
+                _ => None,
+            };
+            (peak_rss, at_warm, Some((last.0, last.1)), box_busy)
         })
     };
 
@@ -645,7 +654,7 @@ pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
         }
     }
 
-    let (peak_rss, at_warm, last) = sampler.await.unwrap_or((0, None, None));
+    let (peak_rss, at_warm, last, box_busy) = sampler.await.unwrap_or((0, None, None, None));
     // Drain: in-flight exchanges finish (bounded), then stragglers are aborted.
     let drain_until = tokio::time::Instant::now() + cfg.drain_timeout;
     for w in workers {
@@ -706,6 +715,7 @@ pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
         r.bytes_down_per_op = down as f64 / n;
         r.datagrams_per_op = dg as f64 / n;
     }
+    r.machine_cores_busy = box_busy.filter(|_| window > 0.0).map(|b| b / window);
     if let (Some((s0, o0)), Some((s1, o1))) = (at_warm, last) {
         r.client_cpu_s = Some(o1.cpu_s - o0.cpu_s);
         if t.pid.is_some() {
