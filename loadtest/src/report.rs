@@ -256,8 +256,12 @@ const PALETTE: [RGBColor; 6] = [
     RGBColor(140, 86, 75),
 ];
 
+/// Closed-loop enrollment steps (the concurrency axis).
 fn enroll_steps(r: &Report) -> Vec<&StepResult> {
-    r.steps.iter().filter(|s| s.mode == "enroll").collect()
+    r.steps
+        .iter()
+        .filter(|s| s.mode == "enroll" && s.arrival_rate.is_none())
+        .collect()
 }
 
 fn plot_throughput(r: &Report, out: &mut String) -> PlotResult {
@@ -341,7 +345,7 @@ fn plot_throughput(r: &Report, out: &mut String) -> PlotResult {
 }
 
 fn plot_cdf(r: &Report, out: &mut String) -> PlotResult {
-    let steps = enroll_steps(r);
+    let steps: Vec<&StepResult> = r.steps.iter().filter(|s| s.mode == "enroll").collect();
     let max_x = steps
         .iter()
         .flat_map(|s| s.latency.cdf.iter().map(|p| p.0))
@@ -372,7 +376,10 @@ fn plot_cdf(r: &Report, out: &mut String) -> PlotResult {
                 s.latency.cdf.iter().map(|&(x, q)| (x.max(min_x), q)),
                 color.stroke_width(2),
             ))?
-            .label(format!("{} meters", s.concurrency))
+            .label(match s.arrival_rate {
+                Some(rate) => format!("open loop {rate:.0}/s"),
+                None => format!("{} meters", s.concurrency),
+            })
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
     }
     chart
