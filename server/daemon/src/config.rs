@@ -54,6 +54,8 @@ pub struct ServerSection {
     pub listen: SocketAddr,
     /// Log format: "text" or "json".
     pub log_format: String,
+    /// A structured `metrics` log line (transport and EST counters) this often; 0 = never.
+    pub metrics_log_interval_secs: u64,
 }
 
 impl Default for ServerSection {
@@ -61,6 +63,7 @@ impl Default for ServerSection {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 5684)),
             log_format: "text".into(),
+            metrics_log_interval_secs: 60,
         }
     }
 }
@@ -222,6 +225,10 @@ pub const DEFAULT_CONFIG_TOML: &str = r#"# est-server configuration. Every setti
 listen = "0.0.0.0:5684"
 # Log format: "text" (human) or "json" (one object per line). RUST_LOG sets the level.
 log_format = "text"
+# Log one structured "metrics" line (handshakes, sessions, drops over limits, final-flight
+# resends, certificates issued/replayed/refused, 5.03 answers, enrollments in flight) this often.
+# 0 turns it off.
+metrics_log_interval_secs = 60
 
 [dtls]
 # Cipher suites offered, in order: "ccm8" = TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 (mandatory in

@@ -110,6 +110,15 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     let local_addr = listener.local_addr()?;
     let counters = Arc::new(ServiceCounters::default());
     let (stop, stop_rx) = watch::channel(false);
+    if cfg.server.metrics_log_interval_secs > 0 {
+        tokio::spawn(metrics_loop(
+            listener.clone(),
+            est.clone(),
+            counters.clone(),
+            Duration::from_secs(cfg.server.metrics_log_interval_secs),
+            stop_rx.clone(),
+        ));
+    }
     let accept_task = tokio::spawn(accept_loop(
         listener.clone(),
         est,
@@ -125,6 +134,44 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
         stop,
         accept_task,
     })
+}
+
+/// One structured log line of every counter, periodically: what an operator graphs.
+async fn metrics_loop(
+    listener: Arc<DtlsListener>,
+    est: Arc<EstService>,
+    counters: Arc<ServiceCounters>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let t = listener.metrics();
+        let e = est.counters();
+        tracing::info!(
+            target: "metrics",
+            handshakes_completed = t.handshakes_completed,
+            handshakes_failed = t.handshakes_failed,
+            handshakes_timed_out = t.handshakes_timed_out,
+            half_open_now = t.half_open_now,
+            sessions_now = t.sessions_now,
+            dropped_over_limit = t.dropped_over_limit,
+            dropped_garbage = t.dropped_garbage,
+            final_flight_resends = t.final_flight_resends,
+            requests = counters.requests.load(Ordering::Relaxed),
+            issued = e.issued,
+            replayed = e.replayed,
+            refused = e.refused,
+            overloaded_503 = e.overloaded,
+            enrollments_in_flight = est.in_flight(),
+            "metrics"
+        );
+    }
 }
 
 async fn accept_loop(

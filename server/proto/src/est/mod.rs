@@ -20,7 +20,7 @@ mod csrattrs;
 mod discovery;
 mod error;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -140,8 +140,30 @@ impl Operation {
     }
 }
 
+/// Outcome counters of the EST layer (monotonic since start).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EstCounters {
+    /// Certificates issued (sen, sren, skg, skc).
+    pub issued: u64,
+    /// Retried requests answered with the certificate already issued.
+    pub replayed: u64,
+    /// Enrollments refused (4.xx, 5.00), overload excluded.
+    pub refused: u64,
+    /// 5.03 + Max-Age answers because `max_concurrent_enrollments` was reached.
+    pub overloaded: u64,
+}
+
+#[derive(Default)]
+struct AtomicCounters {
+    issued: AtomicU64,
+    replayed: AtomicU64,
+    refused: AtomicU64,
+    overloaded: AtomicU64,
+}
+
 /// The EST-coaps service: resources, policy, CA and store.
 pub struct EstService {
+    counters: AtomicCounters,
     config: EstConfig,
     ca: IssuingCa,
     policy: Policy,
@@ -168,6 +190,7 @@ impl EstService {
             .map_err(|e| EstError::Internal(format!("building /crts: {e}")))?;
         let csrattrs = csrattrs::encode().map_err(|e| EstError::Internal(e.to_string()))?;
         Ok(Self {
+            counters: AtomicCounters::default(),
             config,
             ca,
             policy,
@@ -188,6 +211,17 @@ impl EstService {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+
+    /// Outcome counters since start.
+    pub fn counters(&self) -> EstCounters {
+        let c = &self.counters;
+        EstCounters {
+            issued: c.issued.load(Ordering::Relaxed),
+            replayed: c.replayed.load(Ordering::Relaxed),
+            refused: c.refused.load(Ordering::Relaxed),
+            overloaded: c.overloaded.load(Ordering::Relaxed),
+        }
     }
 
     /// Enrollments being processed right now.
@@ -291,21 +325,26 @@ impl EstService {
         {
             Some(slot) => slot,
             None => {
+                self.counters.overloaded.fetch_add(1, Ordering::Relaxed);
                 return Err(EstError::Overloaded {
                     retry_after_seconds: self.config.overload_retry_after_seconds,
-                })
+                });
             }
         };
         let mut device_id = String::new();
         match self.enroll_inner(ctx, op, req, rng, &mut device_id) {
             Ok(Issued { response, audit }) => {
                 // A fresh issuance was audited inside its commit; replays are audited here.
-                if audit.outcome != "issued" {
+                if audit.outcome == "issued" {
+                    self.counters.issued.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.counters.replayed.fetch_add(1, Ordering::Relaxed);
                     self.store.record_audit(&audit)?;
                 }
                 Ok(response)
             }
             Err(e) => {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
                 let audit = AuditEvent {
                     at_unix: unix_seconds(ctx.now),
                     peer: ctx.peer.to_string(),

@@ -250,6 +250,8 @@ fn a_retried_sen_gets_the_same_certificate_not_a_second_one() {
         .map(|a| a.outcome)
         .collect();
     assert_eq!(outcomes, vec!["issued", "replayed"]);
+    let c = svc.counters();
+    assert_eq!((c.issued, c.replayed, c.refused), (1, 1, 0));
     // A different CSR is a new enrollment and supersedes the first certificate.
     let (_, other_key) = pki.key();
     let third = call(
@@ -611,6 +613,7 @@ fn overload_answers_503_with_max_age() {
     );
     assert!(store.certificates().is_empty());
     assert_eq!(svc.in_flight(), 0);
+    assert_eq!(svc.counters().overloaded, 1);
 }
 
 #[test]
