@@ -338,7 +338,7 @@ fn plot_throughput(r: &Report, out: &mut String) -> PlotResult {
         .configure_series_labels()
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::LowerRight)
+        .position(SeriesLabelPosition::MiddleRight)
         .draw()?;
     root.present()?;
     Ok(())
