@@ -1,5 +1,6 @@
 //! The thin tokio driver of one meter: carries out the [`Meter`]'s actions with a real DTLS client
-//! over the emulated link and the sans-IO `est_proto::coap::Client`.
+//! (either backend, [`DtlsSession`]) over the emulated link, or any caller-made datagram
+//! connection ([`run_meter_over`]), and the sans-IO `est_proto::coap::Client`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use est_proto::coap::{Client, ClientConfig, ClientEvent, ClientStats};
 use serde::{Deserialize, Serialize};
-use webrtc_dtls::conn::DTLSConn;
+use webrtc_util::conn::Conn;
 
-use crate::dtls::{self, DtlsClientConfig};
+use crate::dtls::{self, DtlsClientConfig, DtlsSession};
 use crate::link::LinkCounters;
 use crate::meter::{Action, FailureReason, Meter, MeterState, MeterStats};
 use crate::net::{EmulatedConn, MeterLink};
@@ -72,7 +73,7 @@ pub struct MeterOutcome {
 }
 
 struct Session {
-    dtls: Arc<DTLSConn>,
+    dtls: DtlsSession,
     client: Client,
 }
 
@@ -84,14 +85,44 @@ async fn close(session: &mut Option<Session>, coap: &mut CoapCounters) {
     }
 }
 
-/// Runs `meter` to completion (enrolled or failed).
+/// A new datagram connection to the server, for one DTLS session.
+pub type ConnResult = std::io::Result<Arc<dyn Conn + Send + Sync>>;
+
+/// Runs `meter` to completion (enrolled or failed) through its emulated `link`.
 pub async fn run_meter(
     index: u64,
-    mut meter: Meter,
+    meter: Meter,
     link: Arc<MeterLink>,
     cfg: &DriverConfig,
     seed: u64,
 ) -> MeterOutcome {
+    let (bind, server) = (cfg.bind, cfg.server);
+    let l = link.clone();
+    let mut out = run_meter_over(index, meter, cfg, seed, move || {
+        let l = l.clone();
+        async move {
+            let c: Arc<dyn Conn + Send + Sync> = EmulatedConn::connect(bind, server, l).await?;
+            Ok(c)
+        }
+    })
+    .await;
+    (out.link_up, out.link_down) = link.counters();
+    out
+}
+
+/// Runs `meter` to completion over connections made by `open` (one per DTLS session: a
+/// plain UDP socket, an emulated link, ...). The outcome's link counters are left at zero.
+pub async fn run_meter_over<F, Fut>(
+    index: u64,
+    mut meter: Meter,
+    cfg: &DriverConfig,
+    seed: u64,
+    mut open: F,
+) -> MeterOutcome
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ConnResult>,
+{
     let mut session: Option<Session> = None;
     let mut coap = CoapCounters::default();
     let mut sessions: u64 = 0;
@@ -104,8 +135,7 @@ pub async fn run_meter(
                 Action::Connect { credential, .. } => {
                     close(&mut session, &mut coap).await;
                     sessions += 1;
-                    let conn = match EmulatedConn::connect(cfg.bind, cfg.server, link.clone()).await
-                    {
+                    let conn = match open().await {
                         Ok(c) => c,
                         Err(e) => {
                             meter.handle_connect_failed(
@@ -115,7 +145,7 @@ pub async fn run_meter(
                             continue;
                         }
                     };
-                    match dtls::connect(conn, &cfg.dtls, &credential).await {
+                    match dtls::connect_session(conn, &cfg.dtls, &credential).await {
                         Ok(d) => {
                             session = Some(Session {
                                 dtls: d,
@@ -144,7 +174,7 @@ pub async fn run_meter(
         if let Some(s) = session.as_mut() {
             let mut lost = None;
             while let Some(d) = s.client.poll_transmit() {
-                if let Err(e) = s.dtls.write(&d, Some(Duration::from_secs(5))).await {
+                if let Err(e) = s.dtls.send(&d).await {
                     lost = Some(e.to_string());
                     break;
                 }
@@ -191,7 +221,7 @@ pub async fn run_meter(
         match session.as_mut() {
             Some(s) => {
                 tokio::select! {
-                    r = s.dtls.read(&mut buf, None) => match r {
+                    r = s.dtls.recv(&mut buf) => match r {
                         Ok(n) => {
                             if let Some(d) = buf.get(..n) {
                                 s.client.handle_datagram(Instant::now(), d);
@@ -219,7 +249,6 @@ pub async fn run_meter(
         }
     }
     close(&mut session, &mut coap).await;
-    let (link_up, link_down) = link.counters();
     let ldevid = meter.ldevid().map(<[u8]>::to_vec);
     let failure = match meter.state() {
         MeterState::Failed(r) => Some(r.clone()),
@@ -233,8 +262,8 @@ pub async fn run_meter(
         failure,
         stats: meter.stats().clone(),
         coap,
-        link_up,
-        link_down,
+        link_up: LinkCounters::default(),
+        link_down: LinkCounters::default(),
         ldevid_sha256: ldevid.as_ref().map(|d| {
             use sha2::Digest;
             hex::encode(sha2::Sha256::digest(d))
@@ -257,6 +286,14 @@ mod tests {
     use crate::testutil::{server, FakeEst};
 
     fn driver_cfg(srv: &server::TestServer, block_szx: u8) -> DriverConfig {
+        driver_cfg_with(srv, block_szx, crate::dtls::DtlsBackend::Webrtc)
+    }
+
+    fn driver_cfg_with(
+        srv: &server::TestServer,
+        block_szx: u8,
+        backend: crate::dtls::DtlsBackend,
+    ) -> DriverConfig {
         DriverConfig {
             server: srv.addr,
             bind: "127.0.0.1:0".parse().unwrap(),
@@ -264,6 +301,7 @@ mod tests {
                 trust_anchors_der: vec![srv.trust_anchor_der.clone()],
                 handshake_timeout: Duration::from_secs(10),
                 flight_interval: Duration::from_millis(500),
+                backend,
                 ..DtlsClientConfig::default()
             },
             coap: ClientConfig {
@@ -276,10 +314,19 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn meter_enrolls_and_renews_over_real_dtls_with_64_byte_blocks() {
+        enrolls_and_renews_with_64_byte_blocks(crate::dtls::DtlsBackend::Webrtc).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn meter_enrolls_and_renews_over_openssl_dtls_with_64_byte_blocks() {
+        enrolls_and_renews_with_64_byte_blocks(crate::dtls::DtlsBackend::Openssl).await;
+    }
+
+    async fn enrolls_and_renews_with_64_byte_blocks(backend: crate::dtls::DtlsBackend) {
         let mut est = FakeEst::new(21);
         let dev = est.device("SN100001");
         let srv = server::spawn(est).await;
-        let cfg = driver_cfg(&srv, 2);
+        let cfg = driver_cfg_with(&srv, 2, backend);
         let meter = Meter::new(
             MeterConfig {
                 renew: true,

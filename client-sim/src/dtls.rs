@@ -1,6 +1,10 @@
-//! The meter's DTLS 1.2 client (webrtc-dtls), as RFC 9148 §3 asks: TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8,
+//! The meter's DTLS 1.2 client, as RFC 9148 §3 asks: TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8,
 //! a client certificate (IDevID, or LDevID for /sren), the server authenticated against the Implicit
 //! TA, extended master secret required (RFC 7627).
+//!
+//! Two backends with the same profile ([`DtlsBackend`]): webrtc-dtls (below, the default) and
+//! OpenSSL ([`crate::dtls_openssl`], far cheaper in CPU: the load generator's choice). The driver
+//! sees either through [`DtlsSession`].
 //!
 //! webrtc-dtls retransmits flights at a fixed interval forever and has no handshake timeout
 //! (see docs on the dependency study), so every attempt runs under a timeout; retrying from a fresh
@@ -17,6 +21,53 @@ use webrtc_dtls::crypto::{Certificate, CryptoPrivateKey};
 use webrtc_util::conn::Conn;
 
 use crate::meter::{Credential, FailureReason};
+
+/// Which DTLS client library a meter uses.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DtlsBackend {
+    /// webrtc-dtls 0.12 (pure Rust).
+    #[default]
+    Webrtc,
+    /// The system's OpenSSL 3 through the `openssl` crate.
+    Openssl,
+}
+
+impl DtlsBackend {
+    pub fn name(self) -> &'static str {
+        match self {
+            DtlsBackend::Webrtc => "webrtc",
+            DtlsBackend::Openssl => "openssl",
+        }
+    }
+}
+
+impl std::fmt::Display for DtlsBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DtlsBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "webrtc" | "webrtc-dtls" => Ok(DtlsBackend::Webrtc),
+            "openssl" => Ok(DtlsBackend::Openssl),
+            _ => Err(format!("`{s}`: expected webrtc or openssl")),
+        }
+    }
+}
 
 /// DTLS client settings shared by all meters.
 #[derive(Clone)]
@@ -36,6 +87,8 @@ pub struct DtlsClientConfig {
     pub handshake_timeout: Duration,
     /// Skip server certificate verification (testing only).
     pub danger_skip_server_verification: bool,
+    /// The DTLS client library.
+    pub backend: DtlsBackend,
 }
 
 impl std::fmt::Debug for DtlsClientConfig {
@@ -46,6 +99,7 @@ impl std::fmt::Debug for DtlsClientConfig {
             .field("mtu", &self.mtu)
             .field("flight_interval", &self.flight_interval)
             .field("handshake_timeout", &self.handshake_timeout)
+            .field("backend", &self.backend)
             .finish()
     }
 }
@@ -60,6 +114,7 @@ impl Default for DtlsClientConfig {
             flight_interval_auto: false,
             handshake_timeout: Duration::from_secs(30),
             danger_skip_server_verification: false,
+            backend: DtlsBackend::Webrtc,
         }
     }
 }
@@ -113,6 +168,85 @@ pub async fn connect(
         Ok(Ok(c)) => Ok(Arc::new(c)),
         Ok(Err(e)) => Err(FailureReason::HandshakeError(e.to_string())),
         Err(_) => Err(FailureReason::HandshakeTimeout),
+    }
+}
+
+/// An established session's I/O failed or ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("DTLS session closed by the server (close_notify)")]
+    Closed,
+    #[error("DTLS: {0}")]
+    Tls(String),
+    #[error("datagram I/O: {0}")]
+    Io(String),
+    /// webrtc-dtls's own error text, unchanged.
+    #[error("{0}")]
+    Webrtc(String),
+}
+
+/// An established DTLS session of either backend: application datagrams in and out.
+pub enum DtlsSession {
+    Webrtc(Arc<DTLSConn>),
+    Openssl(Box<crate::dtls_openssl::OpensslSession>),
+}
+
+impl std::fmt::Debug for DtlsSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DtlsSession::Webrtc(_) => f.write_str("DtlsSession::Webrtc"),
+            DtlsSession::Openssl(s) => f.debug_tuple("DtlsSession::Openssl").field(s).finish(),
+        }
+    }
+}
+
+impl DtlsSession {
+    /// Sends one application datagram.
+    pub async fn send(&mut self, data: &[u8]) -> Result<(), SessionError> {
+        match self {
+            DtlsSession::Webrtc(c) => c
+                .write(data, Some(Duration::from_secs(5)))
+                .await
+                .map(|_| ())
+                .map_err(|e| SessionError::Webrtc(e.to_string())),
+            DtlsSession::Openssl(s) => s.send(data).await,
+        }
+    }
+
+    /// Receives one application datagram. Cancel-safe (used under `select!`).
+    pub async fn recv(&mut self, buf: &mut [u8]) -> Result<usize, SessionError> {
+        match self {
+            DtlsSession::Webrtc(c) => c
+                .read(buf, None)
+                .await
+                .map_err(|e| SessionError::Webrtc(e.to_string())),
+            DtlsSession::Openssl(s) => s.recv(buf).await,
+        }
+    }
+
+    /// Sends close_notify and closes the connection (callers bound it with a timeout).
+    pub async fn close(self) {
+        match self {
+            DtlsSession::Webrtc(c) => {
+                let _ = c.close().await;
+            }
+            DtlsSession::Openssl(s) => s.close().await,
+        }
+    }
+}
+
+/// One handshake attempt over `conn` with the backend `cfg.backend`, bounded by
+/// `cfg.handshake_timeout`.
+pub async fn connect_session(
+    conn: Arc<dyn Conn + Send + Sync>,
+    cfg: &DtlsClientConfig,
+    cred: &Credential,
+) -> Result<DtlsSession, FailureReason> {
+    match cfg.backend {
+        DtlsBackend::Webrtc => connect(conn, cfg, cred).await.map(DtlsSession::Webrtc),
+        DtlsBackend::Openssl => crate::dtls_openssl::connect(conn, cfg, cred)
+            .await
+            .map(|s| DtlsSession::Openssl(Box::new(s))),
     }
 }
 

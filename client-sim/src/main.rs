@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use client_sim::driver::DriverConfig;
-use client_sim::dtls::DtlsClientConfig;
+use client_sim::dtls::{DtlsBackend, DtlsClientConfig};
 use client_sim::fleet::{render_summary, run_fleet, FleetConfig};
 use client_sim::link::LinkParams;
 use client_sim::meter::{CertFormat, MeterConfig};
@@ -205,6 +205,11 @@ struct Cli {
     /// DTLS MTU: handshake messages are fragmented to this size.
     #[arg(long, default_value_t = 1152)]
     dtls_mtu: usize,
+    /// The meters' DTLS client library: webrtc (webrtc-dtls) or openssl (system OpenSSL 3, far
+    /// less CPU per handshake; retransmits on OpenSSL's own 1 s doubling timer, so
+    /// --dtls-flight-interval does not apply to it).
+    #[arg(long, value_enum, default_value_t = DtlsBackend::Webrtc)]
+    dtls_backend: DtlsBackend,
     /// EST root path (without discovery).
     #[arg(long, default_value = "/.well-known/est")]
     est_root: String,
@@ -354,6 +359,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 flight_interval_auto: cli.dtls_flight_interval.0.is_none(),
                 handshake_timeout: cli.handshake_timeout,
                 danger_skip_server_verification: false,
+                backend: cli.dtls_backend,
             },
             coap,
         },
