@@ -5,13 +5,15 @@
 //! What one iteration runs (`enroll_once`, the only function callgrind collects):
 //! * the EST-coaps exchanges of a full enrollment through the sans-IO core exactly as the daemon
 //!   drives it: a fresh `ServerSession` (one per DTLS session), `GET /crts`, then `POST /sen`
-//!   with a PKCS#10 request — CoAP decode, dedup and encode, policy (IDevID chain check),
-//!   CSR parse + verify, certificate build + ring signature, PKCS#7 certs-only, store commit
-//!   (in-memory `MemoryStore`; the daemon's SQLite writer thread is not in this path);
+//!   with a PKCS#10 request — CoAP decode, dedup and encode, policy (anchor class of the chain
+//!   verified at the handshake), CSR parse + verify, certificate build + ring signature,
+//!   PKCS#7 certs-only, store commit (in-memory `MemoryStore`; the daemon's SQLite writer
+//!   thread is not in this path);
 //! * the handshake's public-key operations on the server side, with the server's backends:
-//!   ServerKeyExchange sign (ring), client certificate + CertificateVerify verify (ring, 2x),
-//!   ECDHE (p256 0.13 ephemeral key + agreement). webrtc-dtls's own record/handshake code is not
-//!   in this path (it needs its async runtime); the stepped load test measures it for real.
+//!   ServerKeyExchange sign (ring), CertificateVerify verify (ring), the client chain's
+//!   validation by the policy's handshake verifier (rustls-webpki + ring, once), ECDHE (p256 0.13
+//!   ephemeral key + agreement). webrtc-dtls's own record/handshake code is not in this path (it
+//!   needs its async runtime); the stepped load test measures it for real.
 //!
 //! Everything else (CA generation, minting, CSR building on the "meter" side, client CoAP) runs
 //! outside `enroll_once` and is not counted.
@@ -29,7 +31,7 @@ use est_proto::coap::{
     ServerSession,
 };
 use est_proto::est::{EstConfig, EstService, RequestContext};
-use est_proto::policy::{Policy, PolicyConfig};
+use est_proto::policy::{Policy, PolicyConfig, VerifiedChain};
 use est_proto::store::MemoryStore;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -166,6 +168,7 @@ fn exchange(
     session: &mut ServerSession,
     client: &mut Client,
     chain: &[Vec<u8>],
+    verified: &VerifiedChain,
     req: Request,
 ) -> Result<ResponseType> {
     let now = Instant::now();
@@ -180,6 +183,7 @@ fn exchange(
                     let ctx = RequestContext {
                         peer: "127.0.0.1:40000",
                         client_chain: chain,
+                        verified: Some(verified),
                         now: SystemTime::now(),
                     };
                     let resp = bench.est.handle(&ctx, &req, &mut bench.rng);
@@ -209,30 +213,35 @@ pub fn enroll_once(bench: &mut CoreBench, i: usize) -> Result<()> {
     let hs = &bench.hs;
     let ske = hs.server_key.sign(&hs.rng, black_box(&[1u8; 150]));
     black_box(ske.is_ok());
+    // CertificateVerify (webrtc-dtls, ring).
     let vk = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &hs.client_pub);
-    for _ in 0..2 {
-        black_box(vk.verify(&[7u8; 200], &hs.client_sig).is_ok());
-    }
+    black_box(vk.verify(&[7u8; 200], &hs.client_sig).is_ok());
     let eph = p256::ecdh::EphemeralSecret::random(&mut bench.rng);
     black_box(p256::EncodedPoint::from(eph.public_key()).len());
     black_box(eph.diffie_hellman(&hs.peer_point).raw_secret_bytes().len());
-
-    // EST over CoAP through the sans-IO core.
     let (chain, csr) = match bench.meters.get(i) {
         Some(m) => (m.chain.clone(), m.csr.clone()),
         None => bail!("no prepared meter {i}"),
     };
+    // The client chain, validated once by the policy as the daemon's handshake verifier does.
+    let verified = bench
+        .est
+        .policy()
+        .verify_peer_chain(&chain, SystemTime::now())
+        .map_err(|e| anyhow::anyhow!("client chain: {e}"))?;
+
+    // EST over CoAP through the sans-IO core.
     let mut session = ServerSession::with_initial_message_id(bench.coap.clone(), 1);
     let mut client = Client::new(ClientConfig::default(), i as u64);
     let crts = Request::new(Method::Get, "/.well-known/est/crts").with_accept(CF_PKCS7_CERTS_ONLY);
-    let code = exchange(bench, &mut session, &mut client, &chain, crts)?;
+    let code = exchange(bench, &mut session, &mut client, &chain, &verified, crts)?;
     if code != ResponseType::Content {
         bail!("/crts answered {code:?}");
     }
     let sen = Request::new(Method::Post, "/.well-known/est/sen")
         .with_payload(CF_PKCS10, csr)
         .with_accept(CF_PKCS7_CERTS_ONLY);
-    let code = exchange(bench, &mut session, &mut client, &chain, sen)?;
+    let code = exchange(bench, &mut session, &mut client, &chain, &verified, sen)?;
     if code != ResponseType::Changed
         && code != ResponseType::Created
         && code != ResponseType::Content

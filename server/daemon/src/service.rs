@@ -14,13 +14,16 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use est_proto::coap::{CoapConfig, Incoming, ServerSession};
 use est_proto::est::{EstService, RequestContext};
-use est_proto::policy::Policy;
+use est_proto::policy::{Policy, VerifiedChain};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::datadir::Loaded;
 use crate::store::SqliteStore;
-use crate::transport::{CipherSuiteName, DtlsListener, DtlsServerConfig, DtlsSession};
+use crate::transport::{
+    CipherSuiteName, ClientChainVerifier, DtlsListener, DtlsServerConfig, DtlsSession,
+    PeerVerification,
+};
 
 /// Largest datagram we read from a session (the DTLS layer never hands us more than
 /// its 8 KiB record buffer).
@@ -81,10 +84,28 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     .map_err(|e| anyhow::anyhow!("trust anchors: {e}"))?;
     let mut anchors = loaded.manufacturer_cas.clone();
     anchors.push(loaded.issuing_ca.certificate_der().to_vec());
+    let coap_cfg = Arc::new(cfg.coap_config());
+    let est_cfg = cfg.est_config();
+    let store_dyn: Arc<dyn est_proto::store::Store> = store.clone();
+    let est = Arc::new(
+        EstService::new(est_cfg, loaded.issuing_ca, policy, store_dyn)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    // The client chain is validated once, at the handshake, by the policy (rustls-webpki against
+    // the manufacturer CAs and our CA), which records the anchor class for /sen vs /sren.
+    let verifier_est = est.clone();
+    let client_chain_verifier: ClientChainVerifier = Arc::new(move |chain: &[Vec<u8>]| {
+        verifier_est
+            .policy()
+            .verify_peer_chain(chain, SystemTime::now())
+            .map(|v| Arc::new(v) as PeerVerification)
+            .map_err(|e| e.to_string())
+    });
     let dtls = DtlsServerConfig {
         certificate_chain_der: loaded.server_chain.clone(),
         private_key_pkcs8_der: loaded.server_key_pkcs8.clone(),
         client_trust_anchors_der: anchors,
+        client_chain_verifier: Some(client_chain_verifier),
         cipher_suites: suites(&cfg.dtls.cipher_suites),
         mtu_bytes: cfg.dtls.mtu_bytes,
         flight_interval: Duration::from_millis(cfg.dtls.flight_interval_ms),
@@ -94,13 +115,6 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
         max_sessions: cfg.dtls.max_sessions,
         ..DtlsServerConfig::default()
     };
-    let coap_cfg = Arc::new(cfg.coap_config());
-    let est_cfg = cfg.est_config();
-    let store_dyn: Arc<dyn est_proto::store::Store> = store.clone();
-    let est = Arc::new(
-        EstService::new(est_cfg, loaded.issuing_ca, policy, store_dyn)
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
-    );
     let addr = listen.unwrap_or(cfg.server.listen);
     let listener = Arc::new(
         DtlsListener::bind_udp(addr, dtls)
@@ -212,6 +226,9 @@ async fn serve_session(
 ) {
     let peer = session.peer_addr().to_string();
     let chain: Arc<Vec<Vec<u8>>> = Arc::new(session.peer_certificates().to_vec());
+    let verified: Option<Arc<VerifiedChain>> = session
+        .peer_verification()
+        .and_then(|v| Arc::clone(v).downcast::<VerifiedChain>().ok());
     tracing::debug!(%peer, suite = ?session.cipher_suite(), "session established");
     let mut coap = ServerSession::with_rng(coap_cfg, &mut rand::rngs::OsRng);
     let mut buf = vec![0u8; RECV_BUFFER_BYTES];
@@ -252,11 +269,13 @@ async fn serve_session(
                     counters.enrollments.fetch_add(1, Ordering::Relaxed);
                     let est = est.clone();
                     let chain = chain.clone();
+                    let verified = verified.clone();
                     let peer_for_task = peer.clone();
                     let joined = tokio::task::spawn_blocking(move || {
                         let ctx = RequestContext {
                             peer: &peer_for_task,
                             client_chain: &chain,
+                            verified: verified.as_deref(),
                             now: SystemTime::now(),
                         };
                         est.handle(&ctx, &req, &mut rand::rngs::OsRng)
@@ -273,6 +292,7 @@ async fn serve_session(
                     let ctx = RequestContext {
                         peer: &peer,
                         client_chain: &chain,
+                        verified: verified.as_deref(),
                         now: SystemTime::now(),
                     };
                     est.handle(&ctx, &req, &mut rand::rngs::OsRng)

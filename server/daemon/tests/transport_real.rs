@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use est_server::transport::client::{self, DtlsClientConfig};
 use est_server::transport::{
-    CipherSuiteName, CloseReason, DtlsListener, DtlsServerConfig, DtlsSession, PeerCertificateHook,
-    SocketConn, TransportError,
+    CipherSuiteName, ClientChainVerifier, CloseReason, DtlsListener, DtlsServerConfig, DtlsSession,
+    PeerCertificateHook, PeerVerification, SocketConn, TransportError,
 };
 use tokio::net::UdpSocket;
 use transport_support::TestPki;
@@ -234,6 +234,97 @@ async fn policy_hook_refuses_a_device_during_the_handshake() {
     wait_for(|| listener.metrics().handshakes_failed == 1).await;
     assert_eq!(*seen.lock().unwrap(), vec![2], "hook saw [leaf, sub-CA]");
     assert_eq!(listener.metrics().handshakes_completed, 0);
+}
+
+/// With our own chain verifier, webrtc-dtls runs in RequireAnyClientCert mode: the verifier runs
+/// once per handshake (the library's parser may ask twice), its result travels with the session,
+/// the policy hook still runs, and the library still demands a certificate and proof of
+/// possession (CertificateVerify) before the verifier is asked.
+#[tokio::test]
+async fn own_chain_verifier_decides_once_and_its_result_travels_with_the_session() {
+    let pki = TestPki::generate();
+    let genuine_leaf = pki.device.cert_der.clone();
+    let verifier_calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let hook_calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let calls = Arc::clone(&verifier_calls);
+    let verifier: ClientChainVerifier = Arc::new(move |chain: &[Vec<u8>]| {
+        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if chain.first() == Some(&genuine_leaf) {
+            Ok(Arc::new(format!("device with {} certificates", chain.len())) as PeerVerification)
+        } else {
+            Err("not a known device".to_string())
+        }
+    });
+    let hooked = Arc::clone(&hook_calls);
+    let hook: PeerCertificateHook = Arc::new(move |_chain: &[Vec<u8>]| {
+        hooked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    });
+    let mut server_cfg = pki.server_config();
+    server_cfg.client_chain_verifier = Some(verifier);
+    server_cfg.verify_peer_certificate = Some(hook);
+    // The verifier holds its own anchors; the library's are not consulted.
+    server_cfg.client_trust_anchors_der.clear();
+    let (listener, addr) = start_server(server_cfg).await;
+    let accepted = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let accepted_in_task = Arc::clone(&accepted);
+    let acceptor = Arc::clone(&listener);
+    let _server = tokio::spawn(async move {
+        while let Ok(session) = acceptor.accept().await {
+            let what = session
+                .peer_verification()
+                .and_then(|v| Arc::clone(v).downcast::<String>().ok())
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_default();
+            accepted_in_task.lock().unwrap().push(what);
+            tokio::spawn(echo(session));
+        }
+    });
+
+    // The genuine device: accepted, verified once, hook once.
+    let socket = client_socket().await;
+    let cfg = pki.device_config("127.0.0.1");
+    let conn = connect(&socket, addr, &cfg).await.expect("genuine device");
+    assert_eq!(round_trip(&conn, b"hi").await, b"echo:hi");
+    assert_eq!(verifier_calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(hook_calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        *accepted.lock().unwrap(),
+        vec!["device with 2 certificates".to_string()]
+    );
+
+    // Another device's chain: the verifier refuses, the hook is not asked.
+    let refuse = |mut cfg: DtlsClientConfig| {
+        cfg.attempt_timeout = Duration::from_secs(3);
+        cfg.overall_timeout = Duration::from_secs(3);
+        cfg
+    };
+    let mut rogue = refuse(pki.device_config("127.0.0.1"));
+    rogue.certificate_chain_der = vec![pki.rogue_device.cert_der.clone()];
+    rogue.private_key_pkcs8_der = pki.rogue_device.key_pkcs8_der.clone();
+    let result = connect(&client_socket().await, addr, &rogue).await;
+    assert!(matches!(result, Err(TransportError::Handshake(_))));
+    wait_for(|| listener.metrics().handshakes_failed == 1).await;
+    assert_eq!(verifier_calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(hook_calls.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // The genuine chain without its private key: CertificateVerify fails in the library,
+    // before our verifier is asked.
+    let mut stolen = refuse(pki.device_config("127.0.0.1"));
+    stolen.private_key_pkcs8_der = pki.rogue_device.key_pkcs8_der.clone();
+    let result = connect(&client_socket().await, addr, &stolen).await;
+    assert!(matches!(result, Err(TransportError::Handshake(_))));
+    wait_for(|| listener.metrics().handshakes_failed == 2).await;
+
+    // No certificate at all: refused by the library (RequireAnyClientCert).
+    let mut anonymous = refuse(pki.device_config("127.0.0.1"));
+    anonymous.certificate_chain_der.clear();
+    let result = connect(&client_socket().await, addr, &anonymous).await;
+    assert!(matches!(result, Err(TransportError::Handshake(_))));
+    wait_for(|| listener.metrics().handshakes_failed == 3).await;
+    assert_eq!(verifier_calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(listener.metrics().handshakes_completed, 1);
+    assert_eq!(accepted.lock().unwrap().len(), 1);
 }
 
 fn record(content_type: u8, epoch: u16, fragment: &[u8]) -> Vec<u8> {

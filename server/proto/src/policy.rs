@@ -2,11 +2,16 @@
 //! certificate says about them.
 //!
 //! Every decision here is explicit and returns a typed [`PolicyError`] that the EST
-//! layer maps to 4.03 (or 4.00 for a malformed request). The DTLS layer has already
-//! verified the client's chain against the union of all trust anchors (manufacturer CAs
-//! and our issuing CA); the policy verifies it again against the anchor set that fits
-//! the operation, because `/sen` must only accept manufacturer IDevIDs and `/sren` only
-//! our own LDevIDs (RFC 9148 §3; RFC 7030 §4.2.2 for re-enrollment).
+//! layer maps to 4.03 (or 4.00 for a malformed request).
+//!
+//! A client chain is validated once, during the DTLS handshake, by
+//! [`Policy::verify_peer_chain`]: full path validation with rustls-webpki (signatures,
+//! validity, basicConstraints, EKU clientAuth, name constraints) against the union of all
+//! trust anchors, recording *which* class of anchor the path ends in. The EST layer then
+//! requires the class that fits the operation, because `/sen` must only accept
+//! manufacturer IDevIDs and `/sren` only our own LDevIDs (RFC 9148 §3; RFC 7030 §4.2.2 for
+//! re-enrollment), without verifying the signatures a second time. A caller without a
+//! [`VerifiedChain`] (in-memory use) gets the full check against the operation's anchors.
 
 use std::time::{Duration, SystemTime};
 
@@ -25,8 +30,6 @@ pub const OID_SERIAL_NUMBER: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.
 pub const OID_COMMON_NAME: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.3");
 /// id-at-organizationName.
 pub const OID_ORGANIZATION: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.4.10");
-/// ecdsa-with-SHA256.
-const OID_ECDSA_WITH_SHA256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.2");
 
 /// Policy settings (the `[policy]` table of the server configuration).
 #[derive(Clone, Debug)]
@@ -102,7 +105,6 @@ pub enum PolicyError {
 pub struct TrustAnchor {
     der: Vec<u8>,
     subject_der: Vec<u8>,
-    public_key: Vec<u8>,
 }
 
 impl TrustAnchor {
@@ -114,16 +116,9 @@ impl TrustAnchor {
             .subject
             .to_der()
             .map_err(|_| PolicyError::MalformedCertificate)?;
-        let public_key = cert
-            .tbs_certificate
-            .subject_public_key_info
-            .subject_public_key
-            .raw_bytes()
-            .to_vec();
         Ok(Self {
             der: der.to_vec(),
             subject_der,
-            public_key,
         })
     }
 
@@ -136,6 +131,55 @@ impl TrustAnchor {
     pub fn subject_der(&self) -> &[u8] {
         &self.subject_der
     }
+}
+
+/// Which class of trust anchor a client chain leads to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AnchorClass {
+    /// A manufacturer CA: the leaf is an IDevID (`/sen`, server-side key generation).
+    Manufacturer,
+    /// Our issuing CA: the leaf is an LDevID (`/sren`).
+    Operational,
+}
+
+impl AnchorClass {
+    fn what(self) -> &'static str {
+        match self {
+            AnchorClass::Manufacturer => "manufacturer CA",
+            AnchorClass::Operational => "issuing CA (an LDevID is required)",
+        }
+    }
+}
+
+/// A client chain validated by [`Policy::verify_peer_chain`] (at the DTLS handshake). Only
+/// the policy makes one; it is bound to the exact chain bytes by a SHA-256 digest, so it
+/// cannot vouch for another chain.
+#[derive(Clone, Debug)]
+pub struct VerifiedChain {
+    digest: [u8; 32],
+    class: AnchorClass,
+}
+
+impl VerifiedChain {
+    /// The class of anchor the validated path ends in.
+    pub fn class(&self) -> AnchorClass {
+        self.class
+    }
+
+    fn covers(&self, chain: &[Vec<u8>]) -> bool {
+        self.digest == chain_digest(chain)
+    }
+}
+
+fn chain_digest(chain: &[Vec<u8>]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for cert in chain {
+        ctx.update(&(cert.len() as u64).to_be_bytes());
+        ctx.update(cert);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 /// The authenticated device behind a DTLS session, as the policy established it.
@@ -156,6 +200,8 @@ pub struct Policy {
     config: PolicyConfig,
     manufacturer_anchors: Vec<TrustAnchor>,
     operational_anchor: TrustAnchor,
+    /// rustls-webpki anchors: the manufacturer CAs in order, then our issuing CA (last).
+    webpki_anchors: Vec<rustls_pki_types::TrustAnchor<'static>>,
 }
 
 impl Policy {
@@ -170,11 +216,151 @@ impl Policy {
             .iter()
             .map(|d| TrustAnchor::from_der(d))
             .collect::<Result<Vec<_>, _>>()?;
+        let operational_anchor = TrustAnchor::from_der(issuing_ca)?;
+        let webpki_anchors = manufacturer_anchors
+            .iter()
+            .chain(std::iter::once(&operational_anchor))
+            .map(|a| {
+                let der = rustls_pki_types::CertificateDer::from(a.der.as_slice());
+                webpki::anchor_from_trusted_cert(&der)
+                    .map(|ta| ta.to_owned())
+                    .map_err(|_| PolicyError::MalformedCertificate)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Self {
             config,
             manufacturer_anchors,
-            operational_anchor: TrustAnchor::from_der(issuing_ca)?,
+            operational_anchor,
+            webpki_anchors,
         })
+    }
+
+    /// Validate a client's chain (DER, leaf first, as sent in the DTLS Certificate message)
+    /// against every trust anchor, as the DTLS handshake does before it completes: RFC 5280
+    /// path validation by rustls-webpki with ECDSA P-256/SHA-256 (the RFC 7925 profile), EKU
+    /// clientAuth when an EKU is present, the path built only from the presented
+    /// certificates. Records whether the path ends in a manufacturer CA or our issuing CA.
+    ///
+    /// An expired leaf is accepted only when `accept_expired_idevid` is set and the path ends
+    /// in a manufacturer CA (RFC 9148 §3 allows this for IDevIDs); the path is then validated
+    /// as of the leaf's notAfter and every other presented certificate must be valid now.
+    pub fn verify_peer_chain(
+        &self,
+        chain: &[Vec<u8>],
+        now: SystemTime,
+    ) -> Result<VerifiedChain, PolicyError> {
+        let Some(first) = chain.first() else {
+            return Err(PolicyError::NoClientCertificate);
+        };
+        if chain.len() > self.config.max_chain_len {
+            return Err(PolicyError::ChainTooLong);
+        }
+        let leaf_der = rustls_pki_types::CertificateDer::from(first.as_slice());
+        let leaf = webpki::EndEntityCert::try_from(&leaf_der)
+            .map_err(|_| PolicyError::MalformedCertificate)?;
+        let intermediates: Vec<rustls_pki_types::CertificateDer<'_>> = chain
+            .iter()
+            .skip(1)
+            .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
+            .collect();
+        let validate = |at: SystemTime| -> Result<AnchorClass, webpki::Error> {
+            let secs = at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+            let path = leaf.verify_for_usage(
+                &[webpki::ring::ECDSA_P256_SHA256],
+                &self.webpki_anchors,
+                &intermediates,
+                rustls_pki_types::UnixTime::since_unix_epoch(secs),
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )?;
+            let anchor = path.anchor();
+            let operational = self.webpki_anchors.last().is_some_and(|op| {
+                op.subject == anchor.subject
+                    && op.subject_public_key_info == anchor.subject_public_key_info
+            });
+            let manufacturer = self
+                .webpki_anchors
+                .iter()
+                .take(self.manufacturer_anchors.len())
+                .any(|m| {
+                    m.subject == anchor.subject
+                        && m.subject_public_key_info == anchor.subject_public_key_info
+                });
+            if manufacturer {
+                Ok(AnchorClass::Manufacturer)
+            } else if operational {
+                Ok(AnchorClass::Operational)
+            } else {
+                Err(webpki::Error::UnknownIssuer)
+            }
+        };
+        let class = match validate(now) {
+            Ok(class) => class,
+            Err(webpki::Error::CertExpired { .. }) if self.config.accept_expired_idevid => {
+                let leaf_cert =
+                    Certificate::from_der(first).map_err(|_| PolicyError::MalformedCertificate)?;
+                let not_after = leaf_cert
+                    .tbs_certificate
+                    .validity
+                    .not_after
+                    .to_system_time();
+                let class = validate(not_after).map_err(map_webpki_error)?;
+                if class != AnchorClass::Manufacturer {
+                    return Err(PolicyError::Expired);
+                }
+                check_validity(&leaf_cert, now, true)?;
+                for der in chain.iter().skip(1) {
+                    let c = Certificate::from_der(der)
+                        .map_err(|_| PolicyError::MalformedCertificate)?;
+                    check_validity(&c, now, false)?;
+                }
+                class
+            }
+            Err(e) => return Err(map_webpki_error(e)),
+        };
+        Ok(VerifiedChain {
+            digest: chain_digest(chain),
+            class,
+        })
+    }
+
+    /// Authenticate the device behind `chain` for an operation that needs `required`: with a
+    /// [`VerifiedChain`] for exactly this chain (from the handshake) the class is compared
+    /// and the leaf's validity checked at `now`; without one, the chain is verified here
+    /// against the anchors of `required`.
+    pub fn authenticate(
+        &self,
+        required: AnchorClass,
+        chain: &[Vec<u8>],
+        verified: Option<&VerifiedChain>,
+        now: SystemTime,
+    ) -> Result<Device, PolicyError> {
+        let fresh;
+        let verified = match verified {
+            Some(v) if v.covers(chain) => v,
+            _ => {
+                fresh = self.verify_peer_chain(chain, now).map_err(|e| match e {
+                    // Name the anchors the operation needed, as the refusal's diagnostic.
+                    PolicyError::UntrustedIssuer(_) => {
+                        PolicyError::UntrustedIssuer(required.what())
+                    }
+                    other => other,
+                })?;
+                &fresh
+            }
+        };
+        if verified.class != required {
+            return Err(PolicyError::UntrustedIssuer(required.what()));
+        }
+        let first = chain.first().ok_or(PolicyError::NoClientCertificate)?;
+        let leaf = Certificate::from_der(first).map_err(|_| PolicyError::MalformedCertificate)?;
+        let may_be_expired =
+            required == AnchorClass::Manufacturer && self.config.accept_expired_idevid;
+        check_validity(&leaf, now, may_be_expired)?;
+        device_from_leaf(leaf)
     }
 
     pub fn config(&self) -> &PolicyConfig {
@@ -186,40 +372,31 @@ impl Policy {
         &self.manufacturer_anchors
     }
 
+    /// Our issuing CA, the anchor of LDevIDs.
+    pub fn operational_anchor(&self) -> &TrustAnchor {
+        &self.operational_anchor
+    }
+
     /// Authenticate a device for `/sen` (and server-side key generation): the chain must
     /// lead to a configured manufacturer CA, each certificate within validity (the leaf
-    /// may be expired when `accept_expired_idevid` is set).
+    /// may be expired when `accept_expired_idevid` is set). Verifies the chain in full.
     pub fn authenticate_manufacturer(
         &self,
         chain: &[Vec<u8>],
         now: SystemTime,
     ) -> Result<Device, PolicyError> {
-        let leaf = self.verify_chain(
-            chain,
-            &self.manufacturer_anchors,
-            now,
-            self.config.accept_expired_idevid,
-            "manufacturer CA",
-        )?;
-        device_from_leaf(leaf)
+        self.authenticate(AnchorClass::Manufacturer, chain, None, now)
     }
 
     /// Authenticate a device for `/sren`: the leaf must be issued by our CA and within
     /// validity. Whether it is still the device's current certificate is checked by the
-    /// caller against the store.
+    /// caller against the store. Verifies the chain in full.
     pub fn authenticate_operational(
         &self,
         chain: &[Vec<u8>],
         now: SystemTime,
     ) -> Result<Device, PolicyError> {
-        let leaf = self.verify_chain(
-            chain,
-            std::slice::from_ref(&self.operational_anchor),
-            now,
-            false,
-            "issuing CA (an LDevID is required)",
-        )?;
-        device_from_leaf(leaf)
+        self.authenticate(AnchorClass::Operational, chain, None, now)
     }
 
     /// The subject of the LDevID issued to `device`: set by policy from the
@@ -280,59 +457,21 @@ impl Policy {
         }
         Ok(())
     }
+}
 
-    fn verify_chain(
-        &self,
-        chain: &[Vec<u8>],
-        anchors: &[TrustAnchor],
-        now: SystemTime,
-        leaf_may_be_expired: bool,
-        what: &'static str,
-    ) -> Result<Certificate, PolicyError> {
-        let Some(first) = chain.first() else {
-            return Err(PolicyError::NoClientCertificate);
-        };
-        if chain.len() > self.config.max_chain_len {
-            return Err(PolicyError::ChainTooLong);
+fn map_webpki_error(e: webpki::Error) -> PolicyError {
+    match e {
+        webpki::Error::CertExpired { .. } => PolicyError::Expired,
+        webpki::Error::CertNotValidYet { .. } => PolicyError::NotYetValid,
+        webpki::Error::InvalidSignatureForPublicKey
+        | webpki::Error::UnsupportedSignatureAlgorithmContext(_)
+        | webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
+            PolicyError::BadCertificateSignature
         }
-        let leaf = Certificate::from_der(first).map_err(|_| PolicyError::MalformedCertificate)?;
-        check_validity(&leaf, now, leaf_may_be_expired)?;
-        // Walk up the presented chain until a certificate is issued by an anchor.
-        let mut current = leaf.clone();
-        let mut rest = chain.iter().skip(1);
-        loop {
-            let issuer_der = current
-                .tbs_certificate
-                .issuer
-                .to_der()
-                .map_err(|_| PolicyError::MalformedCertificate)?;
-            if let Some(anchor) = anchors.iter().find(|a| a.subject_der == issuer_der) {
-                verify_signed_by(&current, &anchor.public_key)?;
-                return Ok(leaf);
-            }
-            let Some(next_der) = rest.next() else {
-                return Err(PolicyError::UntrustedIssuer(what));
-            };
-            let next =
-                Certificate::from_der(next_der).map_err(|_| PolicyError::MalformedCertificate)?;
-            let next_subject = next
-                .tbs_certificate
-                .subject
-                .to_der()
-                .map_err(|_| PolicyError::MalformedCertificate)?;
-            if next_subject != issuer_der {
-                return Err(PolicyError::UntrustedIssuer(what));
-            }
-            verify_signed_by(
-                &current,
-                next.tbs_certificate
-                    .subject_public_key_info
-                    .subject_public_key
-                    .raw_bytes(),
-            )?;
-            check_validity(&next, now, false)?;
-            current = next;
+        webpki::Error::BadDer | webpki::Error::BadDerTime | webpki::Error::TrailingData(_) => {
+            PolicyError::MalformedCertificate
         }
+        _ => PolicyError::UntrustedIssuer("trusted CA"),
     }
 }
 
@@ -365,26 +504,6 @@ fn check_validity(
         return Err(PolicyError::Expired);
     }
     Ok(())
-}
-
-fn verify_signed_by(cert: &Certificate, issuer_public_key: &[u8]) -> Result<(), PolicyError> {
-    if cert.signature_algorithm.oid != OID_ECDSA_WITH_SHA256 {
-        return Err(PolicyError::BadCertificateSignature);
-    }
-    let tbs = cert
-        .tbs_certificate
-        .to_der()
-        .map_err(|_| PolicyError::MalformedCertificate)?;
-    let sig = cert
-        .signature
-        .as_bytes()
-        .ok_or(PolicyError::MalformedCertificate)?;
-    ring::signature::UnparsedPublicKey::new(
-        &ring::signature::ECDSA_P256_SHA256_ASN1,
-        issuer_public_key,
-    )
-    .verify(&tbs, sig)
-    .map_err(|_| PolicyError::BadCertificateSignature)
 }
 
 fn utf8_rdn(oid: ObjectIdentifier, value: &str) -> Result<RelativeDistinguishedName, PolicyError> {

@@ -99,6 +99,23 @@ pub use socket::{DatagramSocket, SocketConn};
 /// aborts the handshake with a `bad_certificate` alert (e.g. revoked or not allow-listed device).
 pub type PeerCertificateHook = Arc<dyn Fn(&[Vec<u8>]) -> Result<(), String> + Send + Sync>;
 
+/// What a [`ClientChainVerifier`] established about a client, kept with the session
+/// ([`DtlsSession::peer_verification`]); the caller downcasts it to its own type.
+pub type PeerVerification = Arc<dyn std::any::Any + Send + Sync>;
+
+/// Validates the client's certificate chain (DER, leaf first, as sent) during the handshake,
+/// in place of webrtc-dtls's own verifier. Returning `Err` aborts the handshake with a
+/// `bad_certificate` alert.
+///
+/// Why: webrtc-dtls 0.12's verifier (`RequireAndVerifyClientCert`) validates the chain on every
+/// pass of its flight-4 parser (twice per handshake) and builds a throw-away rcgen root per
+/// connection for its fallback (`unwrap_or`, dependencies.md §2), and the EST policy needs to
+/// know *which* anchor the path ends in, which that verifier does not tell. With a verifier the
+/// library runs in `RequireAnyClientCert` mode: it still requires the Certificate and checks the
+/// CertificateVerify signature (proof of possession) before calling us.
+pub type ClientChainVerifier =
+    Arc<dyn Fn(&[Vec<u8>]) -> Result<PeerVerification, String> + Send + Sync>;
+
 /// Cipher suites we allow (all ECDHE_ECDSA, AES-128).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CipherSuiteName {
@@ -162,6 +179,9 @@ pub struct DtlsServerConfig {
     pub client_trust_anchors_der: Vec<Vec<u8>>,
     /// Optional policy hook run during the handshake.
     pub verify_peer_certificate: Option<PeerCertificateHook>,
+    /// Validates client chains instead of webrtc-dtls (then `client_trust_anchors_der` is not
+    /// used: the verifier holds its own anchors). Runs once per handshake, before the hook.
+    pub client_chain_verifier: Option<ClientChainVerifier>,
     /// Allowed suites. The client's order decides among them.
     pub cipher_suites: Vec<CipherSuiteName>,
     /// Handshake fragmentation size handed to webrtc-dtls, and the largest application datagram
@@ -198,6 +218,7 @@ impl Default for DtlsServerConfig {
             private_key_pkcs8_der: Vec::new(),
             client_trust_anchors_der: Vec::new(),
             verify_peer_certificate: None,
+            client_chain_verifier: None,
             cipher_suites: vec![CipherSuiteName::Ccm8, CipherSuiteName::Gcm],
             mtu_bytes: 1152,
             flight_interval: Duration::from_secs(1),
@@ -226,6 +247,10 @@ impl fmt::Debug for DtlsServerConfig {
             .field(
                 "verify_peer_certificate",
                 &self.verify_peer_certificate.is_some(),
+            )
+            .field(
+                "client_chain_verifier",
+                &self.client_chain_verifier.is_some(),
             )
             .field("cipher_suites", &self.cipher_suites)
             .field("mtu_bytes", &self.mtu_bytes)

@@ -19,7 +19,8 @@ use webrtc_util::conn::Conn;
 use super::record::{self, ClientRandom, FirstRecord};
 use super::{
     dtls_cipher_suites, ensure_crypto_provider, load_certificate, root_store, CipherSuiteName,
-    CloseReason, DatagramSocket, DtlsServerConfig, TransportError,
+    ClientChainVerifier, CloseReason, DatagramSocket, DtlsServerConfig, PeerCertificateHook,
+    PeerVerification, TransportError,
 };
 
 /// webrtc-dtls reads datagrams into 8 KiB buffers (`INBOUND_BUFFER_SIZE`); larger ones are no use.
@@ -136,7 +137,7 @@ impl Counters {
 }
 
 /// The listener settings we act on ourselves (the rest went into the webrtc-dtls `Config`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 struct Settings {
     mtu_bytes: usize,
     handshake_timeout: Duration,
@@ -146,6 +147,57 @@ struct Settings {
     final_flight_resend: bool,
     final_flight_retention: Duration,
     tombstone_duration: Duration,
+    /// Our own client-chain validation, run per connection (see [`ClientChainVerifier`]).
+    client_verification: Option<ClientVerification>,
+}
+
+#[derive(Clone)]
+struct ClientVerification {
+    verifier: ClientChainVerifier,
+    hook: Option<PeerCertificateHook>,
+}
+
+/// The chain a connection's verifier accepted, and what it established.
+type VerifiedSlot = Arc<Mutex<Option<(Vec<Vec<u8>>, PeerVerification)>>>;
+
+type DtlsVerifyFn = Arc<
+    dyn Fn(
+            &[Vec<u8>],
+            &[rustls::pki_types::CertificateDer<'static>],
+        ) -> Result<(), webrtc_dtls::Error>
+        + Send
+        + Sync,
+>;
+
+/// Runs a policy function, turning a panic into a refusal instead of killing the handshake task.
+fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, webrtc_dtls::Error> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err("peer certificate hook panicked".to_string()))
+        .map_err(webrtc_dtls::Error::Other)
+}
+
+impl ClientVerification {
+    /// webrtc-dtls's `verify_peer_certificate` for one connection: validates once (its flight-4
+    /// parser may call again with the same chain) and keeps the result in `slot`.
+    fn per_connection(&self, slot: VerifiedSlot) -> DtlsVerifyFn {
+        let verifier = self.verifier.clone();
+        let hook = self.hook.clone();
+        Arc::new(move |certs: &[Vec<u8>], _| {
+            let mut held = lock(&slot);
+            if held
+                .as_ref()
+                .is_some_and(|(chain, _)| chain.as_slice() == certs)
+            {
+                return Ok(());
+            }
+            let established = guarded(|| verifier(certs))?;
+            if let Some(hook) = &hook {
+                guarded(|| hook(certs))?;
+            }
+            *held = Some((certs.to_vec(), established));
+            Ok(())
+        })
+    }
 }
 
 /// Our server's final flight (RFC 6347 §4.2.4), kept to answer a retransmitted flight 5.
@@ -440,29 +492,39 @@ fn build_server_config(config: &DtlsServerConfig) -> Result<(Settings, Config), 
     }
     let certificate =
         load_certificate(&config.certificate_chain_der, &config.private_key_pkcs8_der)?;
-    let client_cas = root_store(&config.client_trust_anchors_der, "client_trust_anchors_der")?;
-    let verify_peer_certificate = config.verify_peer_certificate.clone().map(|hook| {
-        Arc::new(
-            move |certs: &[Vec<u8>], _chains: &[rustls::pki_types::CertificateDer<'static>]| {
-                // A panicking hook refuses the device instead of killing the handshake task.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| hook(certs)))
-                    .unwrap_or_else(|_| Err("peer certificate hook panicked".to_string()))
-                    .map_err(webrtc_dtls::Error::Other)
-            },
+    let client_verification =
+        config
+            .client_chain_verifier
+            .clone()
+            .map(|verifier| ClientVerification {
+                verifier,
+                hook: config.verify_peer_certificate.clone(),
+            });
+    let (client_auth, client_cas, verify_peer_certificate) = if client_verification.is_some() {
+        // Our verifier is installed per connection (run_handshake).
+        (
+            ClientAuthType::RequireAnyClientCert,
+            rustls::RootCertStore::empty(),
+            None,
         )
-            as Arc<
-                dyn Fn(
-                        &[Vec<u8>],
-                        &[rustls::pki_types::CertificateDer<'static>],
-                    ) -> Result<(), webrtc_dtls::Error>
-                    + Send
-                    + Sync,
-            >
-    });
+    } else {
+        let hook = config.verify_peer_certificate.clone().map(|hook| {
+            Arc::new(
+                move |certs: &[Vec<u8>], _: &[rustls::pki_types::CertificateDer<'static>]| {
+                    guarded(|| hook(certs))
+                },
+            ) as DtlsVerifyFn
+        });
+        (
+            ClientAuthType::RequireAndVerifyClientCert,
+            root_store(&config.client_trust_anchors_der, "client_trust_anchors_der")?,
+            hook,
+        )
+    };
     let dtls_config = Config {
         certificates: vec![certificate],
         cipher_suites: dtls_cipher_suites(&config.cipher_suites)?,
-        client_auth: ClientAuthType::RequireAndVerifyClientCert,
+        client_auth,
         client_cas,
         extended_master_secret: if config.extended_master_secret_required {
             ExtendedMasterSecretType::Require
@@ -483,6 +545,7 @@ fn build_server_config(config: &DtlsServerConfig) -> Result<(Settings, Config), 
         final_flight_resend: config.final_flight_resend,
         final_flight_retention: config.final_flight_retention,
         tombstone_duration: config.tombstone_duration,
+        client_verification,
     };
     Ok((settings, dtls_config))
 }
@@ -730,9 +793,15 @@ impl Shared {
             shared: Arc::clone(&self),
             peer: Arc::clone(&peer),
         });
+        let mut dtls_config = self.dtls_config.clone();
+        let verified_slot: VerifiedSlot = Arc::default();
+        if let Some(verification) = &self.settings.client_verification {
+            dtls_config.verify_peer_certificate =
+                Some(verification.per_connection(Arc::clone(&verified_slot)));
+        }
         let outcome = tokio::time::timeout(
             self.settings.handshake_timeout,
-            DTLSConn::new(conn, self.dtls_config.clone(), false, None),
+            DTLSConn::new(conn, dtls_config, false, None),
         )
         .await;
         let dtls = match outcome {
@@ -751,6 +820,20 @@ impl Shared {
             }
         };
         let peer_certificates = dtls.connection_state().await.peer_certificates;
+        let verified = lock(&verified_slot).take();
+        let peer_verification = match verified {
+            Some((chain, established)) if chain == peer_certificates => Some(established),
+            _ if self.settings.client_verification.is_some() => {
+                // Unreachable with webrtc-dtls 0.12 (RequireAnyClientCert demands a certificate
+                // and CertificateVerify, which runs our verifier); refuse rather than assume.
+                bump(&self.counters.handshakes_failed);
+                tracing::warn!(peer = %peer.addr, "handshake completed without our chain verification");
+                let _ = dtls.close().await;
+                self.remove_peer(&peer, CloseReason::PeerClosed, false);
+                return;
+            }
+            _ => None,
+        };
         let now = Instant::now();
         let cipher_suite = {
             let mut st = lock(&peer.state);
@@ -778,6 +861,7 @@ impl Shared {
             peer,
             shared: Arc::clone(&self),
             peer_certificates,
+            peer_verification,
             cipher_suite: cipher_suite.and_then(CipherSuiteName::from_iana_code),
         };
         // If the listener is gone the session is dropped, which removes the peer.
@@ -1060,6 +1144,7 @@ pub struct DtlsSession {
     peer: Arc<Peer>,
     shared: Arc<Shared>,
     peer_certificates: Vec<Vec<u8>>,
+    peer_verification: Option<PeerVerification>,
     cipher_suite: Option<CipherSuiteName>,
 }
 
@@ -1081,6 +1166,12 @@ impl DtlsSession {
     /// The client's certificates, DER, leaf first, as sent and verified in the handshake.
     pub fn peer_certificates(&self) -> &[Vec<u8>] {
         &self.peer_certificates
+    }
+
+    /// What the configured [`ClientChainVerifier`] established for [`Self::peer_certificates`]
+    /// (`None` without one).
+    pub fn peer_verification(&self) -> Option<&PeerVerification> {
+        self.peer_verification.as_ref()
     }
 
     /// The negotiated suite (read from our ServerHello on its way out).

@@ -31,7 +31,7 @@ use cbor_schemas::c509::C509Csr;
 
 use crate::ca::{self, IssueParams, IssuingCa};
 use crate::coap::{Method, Request, Response};
-use crate::policy::{Device, Policy};
+use crate::policy::{AnchorClass, Device, Policy};
 use crate::store::{
     unix_seconds, AuditEvent, CertStatus, CommitOutcome, IssuanceKind, IssuedCert, Store,
 };
@@ -93,6 +93,10 @@ pub struct RequestContext<'a> {
     pub peer: &'a str,
     /// The client certificate chain (DER, leaf first) that the DTLS handshake verified.
     pub client_chain: &'a [Vec<u8>],
+    /// What [`Policy::verify_peer_chain`] established for `client_chain` at the handshake.
+    /// With it the policy only checks the anchor class the operation needs; without it (or
+    /// for another chain) the chain is verified again, in full.
+    pub verified: Option<&'a crate::policy::VerifiedChain>,
     /// Wall-clock time, for certificate validity.
     pub now: SystemTime,
 }
@@ -373,14 +377,13 @@ impl EstService {
     ) -> Result<Issued, EstError> {
         // 1. Who is this? /sen and server keygen take a manufacturer IDevID, /sren an
         //    LDevID of ours that is still the device's current certificate.
-        let device = match op {
-            Operation::Sren => self
-                .policy
-                .authenticate_operational(ctx.client_chain, ctx.now)?,
-            _ => self
-                .policy
-                .authenticate_manufacturer(ctx.client_chain, ctx.now)?,
+        let required = match op {
+            Operation::Sren => AnchorClass::Operational,
+            _ => AnchorClass::Manufacturer,
         };
+        let device = self
+            .policy
+            .authenticate(required, ctx.client_chain, ctx.verified, ctx.now)?;
         device_id_out.clone_from(&device.device_id);
         if self.policy.config().require_device_allowlist
             && !self.store.device_allowed(&device.device_id)?

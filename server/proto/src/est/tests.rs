@@ -106,13 +106,128 @@ fn post(op: &str, payload: Vec<u8>) -> Request {
     Request::new(Method::Post, &format!("/.well-known/est/{op}")).with_payload(CF_PKCS10, payload)
 }
 
+/// As the daemon calls: the chain was validated at the handshake
+/// ([`Policy::verify_peer_chain`]). A chain that fails there never reaches EST over DTLS;
+/// here it still does, without a `VerifiedChain`, so the policy's own full check answers.
 fn call(svc: &EstService, chain: &[Vec<u8>], req: &Request, rng: &mut ChaCha20Rng) -> Response {
+    let verified = svc.policy().verify_peer_chain(chain, now()).ok();
     let ctx = RequestContext {
         peer: "192.0.2.1:5684",
         client_chain: chain,
+        verified: verified.as_ref(),
         now: now(),
     };
     svc.handle(&ctx, req, rng)
+}
+
+/// Without the handshake's verification: the policy verifies the chain itself.
+fn call_unverified(
+    svc: &EstService,
+    chain: &[Vec<u8>],
+    req: &Request,
+    rng: &mut ChaCha20Rng,
+) -> Response {
+    let ctx = RequestContext {
+        peer: "192.0.2.1:5684",
+        client_chain: chain,
+        verified: None,
+        now: now(),
+    };
+    svc.handle(&ctx, req, rng)
+}
+
+#[test]
+fn handshake_verification_names_the_anchor_class_and_vouches_for_its_chain_only() {
+    use crate::policy::{AnchorClass, PolicyError};
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let policy = svc.policy();
+    let dev = device(&mut pki, "SN1");
+    let idevid = policy.verify_peer_chain(&dev.chain, now()).expect("IDevID");
+    assert_eq!(idevid.class(), AnchorClass::Manufacturer);
+
+    // Enrolled without the handshake's verification, then with it: same policy outcome.
+    let req = post("sen", csr(&dev.signer, &name(&[])));
+    let ldevid = only_cert(&call_unverified(&svc, &dev.chain, &req, &mut pki.rng));
+    assert_eq!(
+        only_cert(&call(&svc, &dev.chain, &req, &mut pki.rng)),
+        ldevid,
+        "a retried sen is answered from the store"
+    );
+    let ldevid_chain = vec![ldevid.to_der().expect("der")];
+    let operational = policy
+        .verify_peer_chain(&ldevid_chain, now())
+        .expect("LDevID");
+    assert_eq!(operational.class(), AnchorClass::Operational);
+
+    // The class must fit the operation.
+    let device = policy
+        .authenticate(AnchorClass::Manufacturer, &dev.chain, Some(&idevid), now())
+        .expect("IDevID on sen");
+    assert_eq!(device.device_id, "SN1");
+    assert!(matches!(
+        policy.authenticate(AnchorClass::Operational, &dev.chain, Some(&idevid), now()),
+        Err(PolicyError::UntrustedIssuer(_))
+    ));
+    assert!(matches!(
+        policy.authenticate(
+            AnchorClass::Manufacturer,
+            &ldevid_chain,
+            Some(&operational),
+            now()
+        ),
+        Err(PolicyError::UntrustedIssuer(_))
+    ));
+
+    // A VerifiedChain cannot vouch for another chain: a rogue device presenting the genuine
+    // IDevID's verification is verified afresh and refused.
+    let (rogue_cert, _) = ca::mint_idevid(
+        &pki.rogue,
+        "SN1",
+        HW_TYPE,
+        now() - DAY,
+        now() + DAY,
+        &mut pki.rng,
+    )
+    .expect("rogue");
+    let rogue_chain = vec![rogue_cert];
+    assert!(matches!(
+        policy.verify_peer_chain(&rogue_chain, now()),
+        Err(PolicyError::UntrustedIssuer(_))
+    ));
+    assert!(matches!(
+        policy.authenticate(
+            AnchorClass::Manufacturer,
+            &rogue_chain,
+            Some(&idevid),
+            now()
+        ),
+        Err(PolicyError::UntrustedIssuer(_))
+    ));
+
+    // Validity is checked again at request time.
+    assert!(matches!(
+        policy.authenticate(
+            AnchorClass::Manufacturer,
+            &dev.chain,
+            Some(&idevid),
+            now() + 4000 * DAY
+        ),
+        Err(PolicyError::Expired)
+    ));
+    assert!(matches!(
+        policy.verify_peer_chain(&[], now()),
+        Err(PolicyError::NoClientCertificate)
+    ));
+    assert!(matches!(
+        policy.verify_peer_chain(&[b"not a certificate".to_vec()], now()),
+        Err(PolicyError::MalformedCertificate)
+    ));
+    assert!(matches!(
+        policy.verify_peer_chain(&vec![dev.chain[0].clone(); 5], now()),
+        Err(PolicyError::ChainTooLong)
+    ));
+    assert_eq!(store.certificates().len(), 1);
 }
 
 fn only_cert(resp: &Response) -> Certificate {
@@ -404,6 +519,32 @@ fn expired_idevid_is_refused_unless_policy_accepts_it() {
         ..PolicyConfig::default()
     };
     let (lenient, store) = pki.service(lenient_cfg, EstConfig::default());
+    // At the handshake: refused by default, accepted (as a manufacturer chain) when allowed.
+    assert!(matches!(
+        strict
+            .policy()
+            .verify_peer_chain(std::slice::from_ref(&cert), now()),
+        Err(crate::policy::PolicyError::Expired)
+    ));
+    assert_eq!(
+        lenient
+            .policy()
+            .verify_peer_chain(std::slice::from_ref(&cert), now())
+            .expect("expired IDevID allowed")
+            .class(),
+        crate::policy::AnchorClass::Manufacturer
+    );
+    assert_refused(
+        &call_unverified(&strict, std::slice::from_ref(&cert), &req, &mut pki.rng),
+        ResponseType::Forbidden,
+        "expired",
+    );
+    only_cert(&call_unverified(
+        &lenient,
+        std::slice::from_ref(&cert),
+        &req,
+        &mut pki.rng,
+    ));
     only_cert(&call(&lenient, &[cert], &req, &mut pki.rng));
     assert_eq!(store.certificates().len(), 1);
 }
