@@ -34,6 +34,7 @@ fn help_explains_every_option() {
         "--renew",
         "--discovery",
         "--max-hops",
+        "--dtls-backend",
     ] {
         assert!(text.contains(opt), "--help lacks {opt}");
     }

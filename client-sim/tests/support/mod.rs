@@ -1,0 +1,151 @@
+//! Shared by the integration tests that run a real `est-server` on loopback.
+//!
+//! The `est-server` binary is located next to the test binary (same target directory and
+//! profile) after `cargo build -p est-server --bin est-server`, which is run here (a no-op when up
+//! to date). Set `EST_SERVER_BIN=/path/to/est-server` to use another build.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// target/<profile>/ of this test binary (target/<profile>/deps/<test>).
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+pub fn est_server_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("EST_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let profile_dir = profile_dir();
+    let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .args(["build", "-p", "est-server", "--bin", "est-server"])
+        .current_dir(workspace_root())
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .status()
+        .expect("running cargo build -p est-server");
+    assert!(status.success(), "cargo build -p est-server failed");
+    profile_dir.join("est-server")
+}
+
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("spawning est-server");
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}\n{}",
+        cmd,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running `est-server run`, killed on drop.
+pub struct Server(pub Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A fresh data directory with `meters` minted IDevIDs, and the server running on loopback.
+pub struct Running {
+    pub tmp: tempfile::TempDir,
+    pub data: PathBuf,
+    pub fleet_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub server: Option<Server>,
+}
+
+impl Running {
+    pub fn start(meters: usize) -> Running {
+        let bin = est_server_bin();
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("est-data");
+        let fleet_dir = tmp.path().join("fleet");
+        run_ok(Command::new(&bin).arg("init").arg("--data-dir").arg(&data));
+        run_ok(
+            Command::new(&bin)
+                .args(["factory", "mint", "--count", &meters.to_string()])
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--out")
+                .arg(&fleet_dir),
+        );
+        let port = free_udp_port();
+        let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let server = Server(
+            Command::new(&bin)
+                .arg("run")
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--listen")
+                .arg(listen.to_string())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting est-server run"),
+        );
+        // Ready when the port is taken.
+        for _ in 0..100 {
+            if UdpSocket::bind(listen).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Running {
+            tmp,
+            data,
+            fleet_dir,
+            listen,
+            server: Some(server),
+        }
+    }
+
+    /// Stops the server and returns the DER of every certificate in its store.
+    pub fn stop_and_read_store(&mut self) -> Vec<Vec<u8>> {
+        drop(self.server.take());
+        let db = rusqlite::Connection::open_with_flags(
+            self.data.join("est.sqlite3"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let mut stmt = db.prepare("SELECT der FROM certificates").unwrap();
+        let ders: Vec<Vec<u8>> = stmt
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        ders
+    }
+}
+
+pub fn sha256_hex(d: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(d))
+}
