@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use client_sim::dtls::DtlsBackend;
 
 use report::{Machine, PeerComparison, Report, TargetCheck};
 use server::ChildServer;
@@ -139,6 +140,11 @@ struct Cli {
     /// client-sim's driver over its (zero-delay) link emulator. A cross-check of the harness.
     #[arg(long)]
     direct_udp: bool,
+    /// The load generator's DTLS client (client-sim's meter backend), used for every step and for
+    /// both sides of the libcoap comparison: openssl (system OpenSSL 3, ~5x less CPU per
+    /// handshake, so the generator does not cap the measured rate) or webrtc (webrtc-dtls 0.12).
+    #[arg(long, value_enum, default_value_t = DtlsBackend::Openssl)]
+    client_dtls: DtlsBackend,
     #[arg(long)]
     no_progress: bool,
 }
@@ -314,6 +320,7 @@ async fn compare_peer(
     let step = |label: &str| StepConfig {
         mode: Mode::Discover,
         transport: cli.transport(),
+        dtls_backend: cli.client_dtls,
         concurrency,
         duration,
         warmup: warmup_of(duration),
@@ -664,6 +671,7 @@ async fn run(cli: Cli) -> Result<bool> {
         machine,
         server_cpus: cli.server_cpus.clone(),
         client_cpus: cli.client_cpus.clone(),
+        client_dtls: cli.client_dtls.name().into(),
         devices,
         step_duration_s: duration.as_secs_f64(),
         warmup_s: warmup_of(duration).as_secs_f64(),
@@ -709,6 +717,7 @@ async fn run(cli: Cli) -> Result<bool> {
         let cfg = StepConfig {
             mode: Mode::Enroll,
             transport: cli.transport(),
+            dtls_backend: cli.client_dtls,
             concurrency: c,
             duration,
             warmup: warmup_of(duration),
@@ -769,6 +778,7 @@ async fn run(cli: Cli) -> Result<bool> {
         let cfg = StepConfig {
             mode: Mode::Enroll,
             transport: cli.transport(),
+            dtls_backend: cli.client_dtls,
             concurrency: 4096,
             duration,
             warmup: warmup_of(duration),
@@ -816,7 +826,15 @@ async fn run(cli: Cli) -> Result<bool> {
     // 6. Many sessions held at once: server memory.
     let hold_n = if smoke { 50 } else { cli.hold_sessions };
     if hold_n > 0 && server_alive(&mut setup) {
-        let h = steps::hold_sessions(cli.transport(), &setup.target, hold_n, 128, progress).await;
+        let h = steps::hold_sessions(
+            cli.transport(),
+            cli.client_dtls,
+            &setup.target,
+            hold_n,
+            128,
+            progress,
+        )
+        .await;
         if h.held == 0 {
             ok = false;
         }
@@ -951,6 +969,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.steps, vec![1, 8, 64, 256]);
+        assert_eq!(cli.client_dtls, DtlsBackend::Openssl);
+        let cli = Cli::try_parse_from(["loadtest", "--client-dtls", "webrtc"]).unwrap();
+        assert_eq!(cli.client_dtls, DtlsBackend::Webrtc);
+        assert!(Cli::try_parse_from(["loadtest", "--client-dtls", "rustls"]).is_err());
         let cats = perf_categories(
             "# x\n     9.78%  est-server  [.] __ecp_nistz256_mul_montx\n     8.18%  est-server  [.] p256::arithmetic::field::field_impl::fe_mul\n     1.00%  [kernel.kallsyms]  [k] finish_task_switch\n     0.50%  est-server  [.] foo\n",
         );

@@ -93,6 +93,9 @@ pub struct Report {
     pub server_bin: Option<String>,
     pub server_cpus: Option<String>,
     pub client_cpus: Option<String>,
+    /// The load generator's DTLS client library (client-sim backend): "openssl" or "webrtc".
+    #[serde(default)]
+    pub client_dtls: String,
     pub devices: usize,
     pub step_duration_s: f64,
     pub warmup_s: f64,
@@ -119,8 +122,19 @@ fn fmt_opt(v: Option<f64>, prec: usize) -> String {
 }
 
 /// The stdout table.
+/// "load generator: client-sim, openssl DTLS client".
+pub fn load_generator(r: &Report) -> String {
+    let backend = if r.client_dtls.is_empty() {
+        "webrtc"
+    } else {
+        r.client_dtls.as_str()
+    };
+    format!("load generator: client-sim, {backend} DTLS client")
+}
+
 pub fn render_table(r: &Report) -> String {
     let mut o = String::new();
+    let _ = writeln!(o, "{}", load_generator(r));
     let _ = writeln!(
         o,
         "columns: cpu ms/op = server CPU per operation; srv / box = cores busy in the server / on the whole machine"
@@ -488,7 +502,8 @@ pub fn render_html(r: &Report) -> String {
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}}th{{background:#eee}}.missed{{color:#b00}}.met{{color:#070}}\
 pre{{background:#f6f6f6;padding:6px;overflow-x:auto}}</style></head><body>\
 <h1>EST-coaps load test {id}</h1><p>{date} &middot; {cpus} CPUs ({model}), {mem:.1} GiB, Linux {kernel}, load average at start {load}, at end {load_end}</p>\
-<pre>{cmd}</pre>",
+<p>{generator}</p><pre>{cmd}</pre>",
+        generator = esc(&load_generator(r)),
         id = esc(&r.run_id),
         date = esc(&r.date_utc),
         cpus = r.machine.cpus,
@@ -631,9 +646,11 @@ mod tests {
                 met: Some(false),
                 note: "x".into(),
             }],
+            client_dtls: "openssl".into(),
             ..Report::default()
         };
         let h = render_html(&r);
+        assert!(h.contains("load generator: client-sim, openssl DTLS client"));
         assert_eq!(h.matches("<svg").count(), 3, "{h}");
         assert!(!h.contains("plot failed"));
         assert!(h.contains("t&lt;1&gt;") && !h.contains("t<1>"));
@@ -641,6 +658,10 @@ mod tests {
         assert!(h.contains("410.5") && h.contains("missed"));
         let t = render_table(&r);
         assert!(t.lines().count() >= 5 && t.contains("MISSED"), "{t}");
+        assert!(
+            t.starts_with("load generator: client-sim, openssl DTLS client\n"),
+            "{t}"
+        );
         // The JSON round-trips.
         let j = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<Report>(&j).unwrap(), r);

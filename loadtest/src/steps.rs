@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use client_sim::driver::{run_meter, DriverConfig};
-use client_sim::dtls::{self, DtlsClientConfig};
+use client_sim::driver::{run_meter, run_meter_over, DriverConfig};
+use client_sim::dtls::{self, DtlsBackend, DtlsClientConfig, DtlsSession};
 use client_sim::link::{LinkParams, LossModel};
 use client_sim::meter::{Credential, Meter, MeterConfig};
 use client_sim::net::{EmulatedConn, MeterLink};
@@ -26,16 +26,15 @@ use est_proto::coap::{Client, ClientConfig, ClientEvent, Method, Request, Respon
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use webrtc_dtls::conn::DTLSConn;
 
-use crate::direct::{run_meter_direct, Counters, CountingUdp};
+use crate::direct::{Counters, CountingUdp};
 use crate::server::{sample, ProcSample};
 
 /// How the meters' datagrams reach the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Transport {
-    /// A plain connected UDP socket per session and loadtest's driver (see [`crate::direct`]).
+    /// A plain connected UDP socket per session (see [`crate::direct`]), same driver.
     Direct,
     /// client-sim's driver and link emulator at zero delay (datagrams pass inline).
     Emulated,
@@ -164,6 +163,8 @@ pub struct StepResult {
 pub struct StepConfig {
     pub mode: Mode,
     pub transport: Transport,
+    /// The meters' DTLS client library (the load generator's).
+    pub dtls_backend: DtlsBackend,
     pub concurrency: usize,
     pub duration: Duration,
     pub warmup: Duration,
@@ -191,8 +192,9 @@ pub fn loopback_link() -> LinkParams {
     }
 }
 
-fn dtls_config(t: &Target) -> DtlsClientConfig {
+fn dtls_config(t: &Target, backend: DtlsBackend) -> DtlsClientConfig {
     DtlsClientConfig {
+        backend,
         trust_anchors_der: t.trust_anchors_der.clone(),
         server_name: "localhost".into(),
         handshake_timeout: Duration::from_secs(15),
@@ -266,7 +268,7 @@ async fn discover_once(
     device: &DeviceIdentity,
     seed: u64,
     keep: bool,
-) -> (Sample, Option<Arc<DTLSConn>>) {
+) -> (Sample, Option<DtlsSession>) {
     let start = Instant::now();
     let link = MeterLink::new(loopback_link(), seed, None);
     let fail = |e: String, link: &Arc<MeterLink>, c: &Arc<Counters>| {
@@ -309,7 +311,7 @@ async fn discover_once(
         chain_der: device.cert_chain_der.clone(),
         key_pkcs8_der: device.key_pkcs8_der.clone(),
     };
-    let session = match dtls::connect(conn, dcfg, &cred).await {
+    let mut session = match dtls::connect_session(conn, dcfg, &cred).await {
         Ok(s) => s,
         Err(e) => return fail(e.label(), &link, &counters),
     };
@@ -327,7 +329,7 @@ async fn discover_once(
     for _ in 0..256 {
         let mut lost = None;
         while let Some(d) = client.poll_transmit() {
-            if let Err(e) = session.write(&d, Some(Duration::from_secs(5))).await {
+            if let Err(e) = session.send(&d).await {
                 lost = Some(e.to_string());
                 break;
             }
@@ -352,7 +354,7 @@ async fn discover_once(
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(10));
         tokio::select! {
-            r = session.read(&mut buf, None) => match r {
+            r = session.recv(&mut buf) => match r {
                 Ok(n) => {
                     if let Some(d) = buf.get(..n) {
                         client.handle_datagram(Instant::now(), d);
@@ -433,7 +435,16 @@ async fn one_exchange(ctx: &Ctx, seed: u64) -> Option<Sample> {
                 }
                 Transport::Direct => {
                     let c = Arc::new(Counters::default());
-                    let run = run_meter_direct(meter, &ctx.driver, c.clone(), seed);
+                    let server = ctx.driver.server;
+                    let open = || {
+                        let c = c.clone();
+                        async move {
+                            let conn: Arc<dyn webrtc_util::Conn + Send + Sync> =
+                                CountingUdp::connect(server, c).await?;
+                            Ok(conn)
+                        }
+                    };
+                    let run = run_meter_over(seed, meter, &ctx.driver, seed, open);
                     let r = tokio::time::timeout(timeout, run).await.ok();
                     let (up, down) = c.bytes();
                     (
@@ -487,7 +498,7 @@ async fn one_exchange(ctx: &Ctx, seed: u64) -> Option<Sample> {
 pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
     let ticks = crate::server::clock_ticks();
     let self_pid = std::process::id();
-    let dcfg = dtls_config(t);
+    let dcfg = dtls_config(t, cfg.dtls_backend);
     let driver = DriverConfig {
         server: t.addr,
         bind: "127.0.0.1:0".parse().expect("literal"),
@@ -751,13 +762,14 @@ pub struct HoldResult {
 /// them all open, samples the server's memory, then closes them.
 pub async fn hold_sessions(
     transport: Transport,
+    backend: DtlsBackend,
     t: &Target,
     n: usize,
     parallel: usize,
     progress: bool,
 ) -> HoldResult {
     let ticks = crate::server::clock_ticks();
-    let dcfg = dtls_config(t);
+    let dcfg = dtls_config(t, backend);
     let before = t.pid.and_then(|p| sample(p, ticks));
     let bar = if progress {
         let b = ProgressBar::new(n as u64);
@@ -771,7 +783,7 @@ pub async fn hold_sessions(
         ProgressBar::hidden()
     };
     let next = Arc::new(AtomicUsize::new(0));
-    let held: Arc<Mutex<Vec<Arc<DTLSConn>>>> = Arc::new(Mutex::new(Vec::with_capacity(n)));
+    let held: Arc<Mutex<Vec<DtlsSession>>> = Arc::new(Mutex::new(Vec::with_capacity(n)));
     let errors: Arc<Mutex<BTreeMap<String, u64>>> = Arc::new(Mutex::new(BTreeMap::new()));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -819,7 +831,7 @@ pub async fn hold_sessions(
     // Let the server settle, then sample while everything is held.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let during = t.pid.and_then(|p| sample(p, ticks));
-    let sessions: Vec<Arc<DTLSConn>> = held
+    let sessions: Vec<DtlsSession> = held
         .lock()
         .map(|mut h| std::mem::take(&mut *h))
         .unwrap_or_default();
