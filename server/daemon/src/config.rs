@@ -56,6 +56,8 @@ pub struct ServerSection {
     pub log_format: String,
     /// A structured `metrics` log line (transport and EST counters) this often; 0 = never.
     pub metrics_log_interval_secs: u64,
+    /// tokio worker threads (the DTLS and CoAP I/O); 0 = one per CPU core.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerSection {
@@ -64,6 +66,7 @@ impl Default for ServerSection {
             listen: SocketAddr::from(([0, 0, 0, 0], 5684)),
             log_format: "text".into(),
             metrics_log_interval_secs: 60,
+            worker_threads: 0,
         }
     }
 }
@@ -229,6 +232,9 @@ log_format = "text"
 # resends, certificates issued/replayed/refused, 5.03 answers, enrollments in flight) this often.
 # 0 turns it off.
 metrics_log_interval_secs = 60
+# Threads running the DTLS and CoAP I/O (tokio workers); 0 = one per CPU core. Enrollments
+# (signing, the durable commit) run on a separate pool either way.
+worker_threads = 0
 
 [dtls]
 # Cipher suites offered, in order: "ccm8" = TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 (mandatory in
@@ -335,6 +341,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !matches!(self.server.log_format.as_str(), "text" | "json") {
             return Err(invalid("server.log_format", "must be \"text\" or \"json\""));
+        }
+        if self.server.worker_threads > 1024 {
+            return Err(invalid(
+                "server.worker_threads",
+                "must be at most 1024 (0 = one per CPU core)",
+            ));
         }
         if self.dtls.cipher_suites.is_empty() {
             return Err(invalid(
@@ -459,6 +471,14 @@ mod tests {
     fn empty_file_is_the_defaults() {
         let parsed = Config::parse("", Path::new("empty")).expect("parses");
         assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn worker_threads_is_bounded() {
+        let cfg = Config::parse("[server]\nworker_threads = 1\n", Path::new("x")).expect("parses");
+        assert_eq!(cfg.server.worker_threads, 1);
+        let err = Config::parse("[server]\nworker_threads = 5000\n", Path::new("x")).unwrap_err();
+        assert!(err.to_string().contains("server.worker_threads"), "{err}");
     }
 
     #[test]

@@ -474,11 +474,13 @@ fn run(data_dir: &Path, args: RunArgs) -> Result<()> {
     }
     let config: Config = datadir::load_config(data_dir, args.config.as_deref())?;
     init_logging(config.server.log_format == "json");
+    let worker_threads = config.server.worker_threads;
     let loaded = datadir::load(data_dir, config)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("est-io")
-        .build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    let rt = builder.enable_all().thread_name("est-io").build()?;
     rt.block_on(async move {
         let server = service::start(loaded, args.listen).await?;
         let addr = server.local_addr;

@@ -50,7 +50,32 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 "#;
 
-const CERT_COLUMNS: &str = "serial, device_id, subject, der, request_digest, not_before, not_after, issued_at, status, kind, replaces";
+/// The certificate columns, as a literal so the statements below are `&'static str`
+/// (each is prepared once per connection and then reused from rusqlite's statement cache).
+macro_rules! cert_columns {
+    () => {
+        "serial, device_id, subject, der, request_digest, not_before, not_after, issued_at, status, kind, replaces"
+    };
+}
+const CERT_COLUMNS: &str = cert_columns!();
+const SELECT_BY_REQUEST: &str = concat!(
+    "SELECT ",
+    cert_columns!(),
+    " FROM certificates WHERE device_id = ?1 AND request_digest = ?2"
+);
+const SELECT_BY_SERIAL: &str = concat!(
+    "SELECT ",
+    cert_columns!(),
+    " FROM certificates WHERE serial = ?1"
+);
+const INSERT_CERT: &str = concat!(
+    "INSERT INTO certificates(",
+    cert_columns!(),
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+);
+const SUPERSEDE_ACTIVE: &str =
+    "UPDATE certificates SET status = 'superseded' WHERE device_id = ?1 AND status = 'active'";
+const INSERT_AUDIT: &str = "INSERT INTO audit(at, peer, device_id, operation, outcome, code, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
 enum WriteOp {
     Issue {
@@ -289,23 +314,39 @@ fn cert_from_raw(raw: RawCert) -> Result<IssuedCert, StoreError> {
     })
 }
 
+/// One certificate row by a cached statement (`sql` is one of the `SELECT_BY_*` texts).
 fn query_cert(
     conn: &Connection,
-    where_clause: &str,
+    sql: &'static str,
     params: impl rusqlite::Params,
 ) -> rusqlite::Result<Option<RawCert>> {
-    conn.query_row(
-        &format!("SELECT {CERT_COLUMNS} FROM certificates WHERE {where_clause}"),
-        params,
-        raw_cert,
-    )
-    .optional()
+    conn.prepare_cached(sql)?
+        .query_row(params, raw_cert)
+        .optional()
+}
+
+/// Run a cached statement that returns no rows.
+fn exec_cached(
+    conn: &Connection,
+    sql: &'static str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
 }
 
 fn insert_audit(conn: &Connection, a: &AuditEvent) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO audit(at, peer, device_id, operation, outcome, code, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![a.at_unix, a.peer, a.device_id, a.operation, a.outcome, a.code, a.detail],
+    exec_cached(
+        conn,
+        INSERT_AUDIT,
+        params![
+            a.at_unix,
+            a.peer,
+            a.device_id,
+            a.operation,
+            a.outcome,
+            a.code,
+            a.detail
+        ],
     )?;
     Ok(())
 }
@@ -317,20 +358,17 @@ fn apply_issue(
 ) -> Result<CommitOutcome, StoreError> {
     if let Some(raw) = query_cert(
         conn,
-        "device_id = ?1 AND request_digest = ?2",
+        SELECT_BY_REQUEST,
         params![cert.device_id, cert.request_digest.as_slice()],
     )
     .map_err(backend)?
     {
         return Ok(CommitOutcome::AlreadyIssued(cert_from_raw(raw)?));
     }
-    conn.execute(
-        "UPDATE certificates SET status = 'superseded' WHERE device_id = ?1 AND status = 'active'",
-        params![cert.device_id],
-    )
-    .map_err(backend)?;
-    conn.execute(
-        &format!("INSERT INTO certificates({CERT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+    exec_cached(conn, SUPERSEDE_ACTIVE, params![cert.device_id]).map_err(backend)?;
+    exec_cached(
+        conn,
+        INSERT_CERT,
         params![
             cert.serial_hex,
             cert.device_id,
@@ -355,10 +393,10 @@ fn in_savepoint<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    conn.execute_batch("SAVEPOINT op").map_err(backend)?;
+    exec_cached(conn, "SAVEPOINT op", []).map_err(backend)?;
     match f(conn) {
         Ok(v) => {
-            conn.execute_batch("RELEASE op").map_err(backend)?;
+            exec_cached(conn, "RELEASE op", []).map_err(backend)?;
             Ok(v)
         }
         Err(e) => {
@@ -385,7 +423,9 @@ fn writer_loop(conn: Connection, rx: Receiver<WriteOp>, max_batch: usize) {
                 Err(_) => break,
             }
         }
-        let began = conn.execute_batch("BEGIN IMMEDIATE").map_err(backend);
+        let began = exec_cached(&conn, "BEGIN IMMEDIATE", [])
+            .map(|_| ())
+            .map_err(backend);
         let mut pending = Vec::with_capacity(batch.len());
         for op in batch {
             match op {
@@ -407,7 +447,9 @@ fn writer_loop(conn: Connection, rx: Receiver<WriteOp>, max_batch: usize) {
         }
         // Nobody hears "committed" before COMMIT (with synchronous=FULL, the fsync) returns.
         let committed = if began.is_ok() {
-            conn.execute_batch("COMMIT").map_err(backend)
+            exec_cached(&conn, "COMMIT", [])
+                .map(|_| ())
+                .map_err(backend)
         } else {
             Err(backend("could not begin transaction"))
         };
@@ -445,7 +487,7 @@ impl Store for SqliteStore {
         let raw = self.read(|c| {
             query_cert(
                 c,
-                "device_id = ?1 AND request_digest = ?2",
+                SELECT_BY_REQUEST,
                 params![device_id, request_digest.as_slice()],
             )
         })?;
@@ -453,7 +495,7 @@ impl Store for SqliteStore {
     }
 
     fn find_by_serial(&self, serial_hex: &str) -> Result<Option<IssuedCert>, StoreError> {
-        let raw = self.read(|c| query_cert(c, "serial = ?1", params![serial_hex]))?;
+        let raw = self.read(|c| query_cert(c, SELECT_BY_SERIAL, params![serial_hex]))?;
         raw.map(cert_from_raw).transpose()
     }
 
@@ -486,13 +528,10 @@ impl Store for SqliteStore {
 
     fn device_allowed(&self, device_id: &str) -> Result<bool, StoreError> {
         self.read(|c| {
-            c.query_row(
-                "SELECT 1 FROM devices WHERE device_id = ?1",
-                params![device_id],
-                |_| Ok(()),
-            )
-            .optional()
-            .map(|r| r.is_some())
+            c.prepare_cached("SELECT 1 FROM devices WHERE device_id = ?1")?
+                .query_row(params![device_id], |_| Ok(()))
+                .optional()
+                .map(|r| r.is_some())
         })
     }
 }
