@@ -17,13 +17,17 @@
 //! datagram arrives. The initial timer cannot be changed through the safe API
 //! (`DTLS_set_timer_cb` is not wrapped), so `DtlsClientConfig::flight_interval` does not apply.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use openssl::pkey::PKey;
+use openssl::bn::{BigNum, BigNumContext};
+use openssl::ec::{EcGroup, EcGroupRef, EcKey, EcPoint};
+use openssl::error::ErrorStack;
+use openssl::nid::Nid;
+use openssl::pkey::{PKey, Private};
 use openssl::ssl::{
     ErrorCode, Ssl, SslContext, SslContextBuilder, SslMethod, SslOptions, SslStream, SslVerifyMode,
     SslVersion,
@@ -50,6 +54,8 @@ const RECV_BUF: usize = 8192;
 const MAX_QUEUED: usize = 256;
 /// SSL contexts kept (one per distinct trust-anchor set; a run normally has one).
 const MAX_CONTEXTS: usize = 8;
+/// Parsed credentials kept (a load generator reuses a few thousand device identities).
+const MAX_CREDENTIALS: usize = 4096;
 
 /// In-memory datagram transport under OpenSSL.
 #[derive(Debug, Default)]
@@ -174,28 +180,137 @@ fn context(cfg: &DtlsClientConfig) -> Result<SslContext, FailureReason> {
     Ok(ctx)
 }
 
-/// One connection's `Ssl`: client certificate and key, server name check, MTU.
-fn new_ssl(cfg: &DtlsClientConfig, cred: &Credential) -> Result<Ssl, FailureReason> {
-    let setup = |what: &str, e: openssl::error::ErrorStack| {
-        FailureReason::HandshakeError(format!("OpenSSL client setup ({what}): {e}"))
+/// The P-256 curve, built once.
+fn p256_group() -> Result<&'static EcGroupRef, ErrorStack> {
+    static GROUP: OnceLock<EcGroup> = OnceLock::new();
+    if let Some(g) = GROUP.get() {
+        return Ok(g);
+    }
+    let g = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
+    Ok(GROUP.get_or_init(|| g))
+}
+
+/// ECPrivateKey (RFC 5915 §3), as carried inside PKCS#8.
+#[derive(der::Sequence)]
+struct EcPrivateKeyDer<'a> {
+    version: u8,
+    private_key: der::asn1::OctetStringRef<'a>,
+    #[asn1(context_specific = "0", tag_mode = "EXPLICIT", optional = "true")]
+    parameters: Option<der::asn1::ObjectIdentifier>,
+    #[asn1(context_specific = "1", tag_mode = "EXPLICIT", optional = "true")]
+    public_key: Option<der::asn1::BitStringRef<'a>>,
+}
+
+/// A P-256 private key from PKCS#8 DER without OpenSSL 3's decoder framework, whose
+/// `d2i_PKCS8`/`EVP_PKCS82PKEY` path costs milliseconds per key: the PKCS#8 and SEC1 (RFC 5915)
+/// layers are read here, and the key is built from its components.
+fn p256_private_key(pkcs8_der: &[u8]) -> Result<PKey<Private>, String> {
+    use der::Decode;
+    let pki = p256::pkcs8::PrivateKeyInfo::from_der(pkcs8_der).map_err(|e| e.to_string())?;
+    if pki.algorithm.oid != p256::pkcs8::ObjectIdentifier::new_unwrap("1.2.840.10045.2.1")
+        || pki.algorithm.parameters_oid().map_err(|e| e.to_string())?
+            != p256::pkcs8::ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7")
+    {
+        return Err("not a P-256 key (RFC 9148 §3 / RFC 7925 §4.4)".into());
+    }
+    let sec1 = EcPrivateKeyDer::from_der(pki.private_key).map_err(|e| e.to_string())?;
+    if sec1.version != 1 {
+        return Err(format!("ECPrivateKey version {}", sec1.version));
+    }
+    let public_key = sec1.public_key.as_ref().and_then(|b| b.as_bytes());
+    let group = p256_group().map_err(|e| e.to_string())?;
+    let d = BigNum::from_slice(sec1.private_key.as_bytes()).map_err(|e| e.to_string())?;
+    let mut ctx = BigNumContext::new().map_err(|e| e.to_string())?;
+    let public = match public_key {
+        Some(p) => EcPoint::from_bytes(group, p, &mut ctx).map_err(|e| e.to_string())?,
+        None => {
+            let mut p = EcPoint::new(group).map_err(|e| e.to_string())?;
+            p.mul_generator2(group, &d, &mut ctx)
+                .map_err(|e| e.to_string())?;
+            p
+        }
     };
-    let ctx = context(cfg)?;
-    let mut ssl = Ssl::new(&ctx).map_err(|e| setup("SSL", e))?;
+    let key = EcKey::from_private_components(group, &d, &public).map_err(|e| e.to_string())?;
+    PKey::from_ec_key(key).map_err(|e| e.to_string())
+}
+
+/// A credential in OpenSSL's types.
+#[derive(Clone)]
+struct ParsedCredential {
+    leaf: X509,
+    intermediates: Vec<X509>,
+    key: PKey<Private>,
+}
+
+/// (PKCS#8 key, certificate chain) -> parsed, with insertion order for eviction.
+#[derive(Default)]
+struct CredentialCache {
+    map: HashMap<(Vec<u8>, Vec<Vec<u8>>), ParsedCredential>,
+    order: VecDeque<(Vec<u8>, Vec<Vec<u8>>)>,
+}
+
+static CREDENTIALS: Mutex<Option<CredentialCache>> = Mutex::new(None);
+
+fn parse_credential(cred: &Credential) -> Result<ParsedCredential, FailureReason> {
     let mut chain = cred.chain_der.iter();
     let leaf = chain
         .next()
         .ok_or_else(|| FailureReason::Credentials("empty certificate chain".into()))?;
     let leaf = X509::from_der(leaf)
         .map_err(|e| FailureReason::Credentials(format!("client cert: {e}")))?;
-    ssl.set_certificate(&leaf)
+    let key = p256_private_key(&cred.key_pkcs8_der)
+        .map_err(|e| FailureReason::Credentials(format!("client key: {e}")))?;
+    let intermediates = chain
+        .map(|c| {
+            X509::from_der(c).map_err(|e| FailureReason::Credentials(format!("client chain: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ParsedCredential {
+        leaf,
+        intermediates,
+        key,
+    })
+}
+
+/// The credential in OpenSSL's types, parsed once: OpenSSL 3's decoders (the PKCS#8 key and the
+/// certificates' public keys go through OSSL_DECODER) cost more than the rest of the client's
+/// per-connection setup, and a load generator reuses its device identities.
+fn credential(cred: &Credential) -> Result<ParsedCredential, FailureReason> {
+    let key = (cred.key_pkcs8_der.clone(), cred.chain_der.clone());
+    {
+        let cache = CREDENTIALS.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = cache.as_ref().and_then(|c| c.map.get(&key)) {
+            return Ok(p.clone());
+        }
+    }
+    let parsed = parse_credential(cred)?;
+    let mut guard = CREDENTIALS.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = guard.get_or_insert_with(CredentialCache::default);
+    if !cache.map.contains_key(&key) {
+        while cache.order.len() >= MAX_CREDENTIALS {
+            if let Some(old) = cache.order.pop_front() {
+                cache.map.remove(&old);
+            }
+        }
+        cache.order.push_back(key.clone());
+        cache.map.insert(key, parsed.clone());
+    }
+    Ok(parsed)
+}
+
+/// One connection's `Ssl`: client certificate and key, server name check, MTU.
+fn new_ssl(cfg: &DtlsClientConfig, cred: &Credential) -> Result<Ssl, FailureReason> {
+    let setup = |what: &str, e: openssl::error::ErrorStack| {
+        FailureReason::HandshakeError(format!("OpenSSL client setup ({what}): {e}"))
+    };
+    let ctx = context(cfg)?;
+    let cred = credential(cred)?;
+    let mut ssl = Ssl::new(&ctx).map_err(|e| setup("SSL", e))?;
+    ssl.set_certificate(&cred.leaf)
         .map_err(|e| FailureReason::Credentials(format!("client cert: {e}")))?;
-    let key = PKey::private_key_from_pkcs8(&cred.key_pkcs8_der)
+    ssl.set_private_key(&cred.key)
         .map_err(|e| FailureReason::Credentials(format!("client key: {e}")))?;
-    ssl.set_private_key(&key)
-        .map_err(|e| FailureReason::Credentials(format!("client key: {e}")))?;
-    for c in chain {
-        let c = X509::from_der(c)
-            .map_err(|e| FailureReason::Credentials(format!("client chain: {e}")))?;
+    for c in cred.intermediates {
         ssl.add_chain_cert(c)
             .map_err(|e| FailureReason::Credentials(format!("client chain: {e}")))?;
     }
@@ -641,6 +756,39 @@ mod tests {
     }
 
     #[test]
+    fn p256_keys_are_read_without_the_decoders_and_others_refused() {
+        use der::{Decode, Encode};
+        let group = p256_group().unwrap();
+        let ec = openssl::ec::EcKey::generate(group).unwrap();
+        let original = PKey::from_ec_key(ec.clone()).unwrap();
+        let pkcs8 = original.private_key_to_pkcs8().unwrap();
+        let read = p256_private_key(&pkcs8).unwrap();
+        assert!(read.public_eq(&original));
+        assert_eq!(
+            read.ec_key().unwrap().private_key().to_vec(),
+            ec.private_key().to_vec()
+        );
+        // Without the optional public key (RFC 5915 §3), it is computed.
+        let pki = p256::pkcs8::PrivateKeyInfo::from_der(&pkcs8).unwrap();
+        let mut sec1 = EcPrivateKeyDer::from_der(pki.private_key).unwrap();
+        sec1.public_key = None;
+        sec1.parameters = None;
+        let inner = sec1.to_der().unwrap();
+        let stripped = p256::pkcs8::PrivateKeyInfo {
+            private_key: &inner,
+            ..pki
+        }
+        .to_der()
+        .unwrap();
+        assert!(p256_private_key(&stripped).unwrap().public_eq(&original));
+        // P-384 is not the profile's curve.
+        let p384 = EcGroup::from_curve_name(Nid::SECP384R1).unwrap();
+        let other = PKey::from_ec_key(openssl::ec::EcKey::generate(&p384).unwrap()).unwrap();
+        assert!(p256_private_key(&other.private_key_to_pkcs8().unwrap()).is_err());
+        assert!(p256_private_key(b"junk").is_err());
+    }
+
+    #[test]
     fn pipe_carries_whole_datagrams_in_order() {
         let mut p = DatagramPipe::default();
         let mut buf = [0u8; 8];
@@ -656,5 +804,133 @@ mod tests {
         p.write_all(b"xyz").unwrap();
         p.write_all(b"w").unwrap();
         assert_eq!(p.outgoing.len(), 2);
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::time::Instant;
+
+    /// `cargo test --release -p client-sim --lib dtls_openssl::bench -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn setup_costs() {
+        let mut est = crate::testutil::FakeEst::new(41);
+        let dev = est.device("SN400001");
+        let n = 500;
+        let t = Instant::now();
+        for _ in 0..n {
+            let _ = PKey::private_key_from_pkcs8(&dev.key_pkcs8_der).unwrap();
+        }
+        println!("PKey::private_key_from_pkcs8 {:?}", t.elapsed() / n);
+        let t = Instant::now();
+        for _ in 0..n {
+            let _ = p256_private_key(&dev.key_pkcs8_der).unwrap();
+        }
+        println!("PKCS#8 -> SEC1 -> EcKey -> PKey {:?}", t.elapsed() / n);
+        let t = Instant::now();
+        for _ in 0..n {
+            let _ = X509::from_der(&dev.cert_chain_der[0]).unwrap();
+        }
+        println!(
+            "X509::from_der {:?} (chain {})",
+            t.elapsed() / n,
+            dev.cert_chain_der.len()
+        );
+        let cfg = DtlsClientConfig {
+            trust_anchors_der: vec![est.ca_der.clone()],
+            ..DtlsClientConfig::default()
+        };
+        let cred = Credential {
+            chain_der: dev.cert_chain_der.clone(),
+            key_pkcs8_der: dev.key_pkcs8_der.clone(),
+        };
+        let _ = new_ssl(&cfg, &cred).unwrap();
+        let t = Instant::now();
+        for _ in 0..n {
+            let _ = new_ssl(&cfg, &cred).unwrap();
+        }
+        println!("new_ssl (cached ctx + credential) {:?}", t.elapsed() / n);
+        let t = Instant::now();
+        for _ in 0..n {
+            let _ = build_context(&cfg).unwrap();
+        }
+        println!("build_context {:?}", t.elapsed() / n);
+    }
+}
+
+#[cfg(test)]
+mod handshake_bench {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::dtls::{connect_session, DtlsBackend};
+
+    fn cpu_s() -> f64 {
+        let s = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let rest = s.rsplit_once(')').unwrap().1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+    }
+
+    /// Client CPU per handshake of each backend against a running server:
+    /// `BENCH_SERVER=127.0.0.1:PORT BENCH_FLEET=DIR cargo test --release -p client-sim --lib
+    /// handshake_bench -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn client_cpu_per_handshake() {
+        let server: std::net::SocketAddr = std::env::var("BENCH_SERVER").unwrap().parse().unwrap();
+        let fleet = crate::pki::load_fleet(
+            std::path::Path::new(&std::env::var("BENCH_FLEET").unwrap()),
+            Some(400),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for backend in [
+            DtlsBackend::Openssl,
+            DtlsBackend::Webrtc,
+            DtlsBackend::Openssl,
+        ] {
+            let cfg = DtlsClientConfig {
+                trust_anchors_der: fleet.implicit_ta_der.clone(),
+                backend,
+                ..DtlsClientConfig::default()
+            };
+            let (c0, t0) = (cpu_s(), std::time::Instant::now());
+            let n = rt.block_on(async {
+                let mut ok = 0;
+                for d in &fleet.devices {
+                    let cred = Credential {
+                        chain_der: d.cert_chain_der.clone(),
+                        key_pkcs8_der: d.key_pkcs8_der.clone(),
+                    };
+                    let mut p = crate::link::LinkParams::profile(crate::link::LinkProfile::Lan);
+                    p.latency = Duration::ZERO;
+                    let link = crate::net::MeterLink::new(p, 1, None);
+                    let conn = crate::net::EmulatedConn::connect(
+                        "127.0.0.1:0".parse().unwrap(),
+                        server,
+                        link,
+                    )
+                    .await
+                    .unwrap();
+                    if let Ok(s) = connect_session(conn, &cfg, &cred).await {
+                        ok += 1;
+                        s.close().await;
+                    }
+                }
+                ok
+            });
+            let cpu = cpu_s() - c0;
+            println!(
+                "{backend}: {n} handshakes, client CPU {:.3} ms each, wall {:.3} ms each",
+                cpu * 1000.0 / f64::from(n),
+                t0.elapsed().as_secs_f64() * 1000.0 / f64::from(n)
+            );
+        }
     }
 }
