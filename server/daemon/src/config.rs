@@ -229,8 +229,8 @@ listen = "0.0.0.0:5684"
 # Log format: "text" (human) or "json" (one object per line). RUST_LOG sets the level.
 log_format = "text"
 # Log one structured "metrics" line (handshakes, sessions, drops over limits, final-flight
-# resends, certificates issued/replayed/refused, 5.03 answers, enrollments in flight) this often.
-# 0 turns it off.
+# resends, certificates issued/replayed/refused, 5.03 answers, enrollments in flight, store
+# transactions and the operations grouped into them) this often. 0 turns it off.
 metrics_log_interval_secs = 60
 # Threads running the DTLS and CoAP I/O (tokio workers); 0 = one per CPU core. Enrollments
 # (signing, the durable commit) run on a separate pool either way.

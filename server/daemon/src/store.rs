@@ -9,8 +9,9 @@
 //! Reads use a separate connection (WAL readers do not block the writer).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use est_proto::store::{
@@ -95,6 +96,22 @@ pub struct SqliteStore {
     reader: Mutex<Connection>,
     writer: Mutex<Option<Sender<WriteOp>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    counters: Arc<WriterCounters>,
+}
+
+/// What the writer thread has done: `operations / transactions` is the group-commit factor.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Transactions committed (one fsync each, with `synchronous=FULL`).
+    pub transactions: u64,
+    /// Operations (issuances, audit rows) in them.
+    pub operations: u64,
+}
+
+#[derive(Default)]
+struct WriterCounters {
+    transactions: AtomicU64,
+    operations: AtomicU64,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -121,16 +138,29 @@ impl SqliteStore {
         write_conn.execute_batch(SCHEMA).map_err(backend)?;
         let reader = open_connection(path)?;
         let (tx, rx) = mpsc::channel();
+        let counters = Arc::new(WriterCounters::default());
         let thread = std::thread::Builder::new()
             .name("est-store-writer".into())
-            .spawn(move || writer_loop(write_conn, rx, max_batch.max(1)))
+            .spawn({
+                let counters = counters.clone();
+                move || writer_loop(write_conn, rx, max_batch.max(1), &counters)
+            })
             .map_err(backend)?;
         Ok(Self {
             path: path.to_path_buf(),
             reader: Mutex::new(reader),
             writer: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
+            counters,
         })
+    }
+
+    /// Transactions and operations committed by the writer thread so far.
+    pub fn writer_stats(&self) -> WriterStats {
+        WriterStats {
+            transactions: self.counters.transactions.load(Ordering::Relaxed),
+            operations: self.counters.operations.load(Ordering::Relaxed),
+        }
     }
 
     /// The database file.
@@ -414,7 +444,12 @@ enum Pending {
     Audit(SyncSender<Result<(), StoreError>>, Result<(), StoreError>),
 }
 
-fn writer_loop(conn: Connection, rx: Receiver<WriteOp>, max_batch: usize) {
+fn writer_loop(
+    conn: Connection,
+    rx: Receiver<WriteOp>,
+    max_batch: usize,
+    counters: &WriterCounters,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < max_batch {
@@ -453,9 +488,18 @@ fn writer_loop(conn: Connection, rx: Receiver<WriteOp>, max_batch: usize) {
         } else {
             Err(backend("could not begin transaction"))
         };
-        if let Err(e) = &committed {
-            tracing::error!(error = %e, "store commit failed");
-            let _ = conn.execute_batch("ROLLBACK");
+        match &committed {
+            Ok(()) => {
+                counters.transactions.fetch_add(1, Ordering::Relaxed);
+                counters.operations.fetch_add(
+                    u64::try_from(pending.len()).unwrap_or(u64::MAX),
+                    Ordering::Relaxed,
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed");
+                let _ = conn.execute_batch("ROLLBACK");
+            }
         }
         for p in pending {
             match p {
@@ -638,6 +682,10 @@ mod tests {
             h.join().unwrap();
         }
         assert_eq!(s.count_certificates().unwrap(), 400);
+        // Group commit: eight writers at once share transactions (fsyncs).
+        let st = s.writer_stats();
+        assert_eq!(st.operations, 400);
+        assert!(st.transactions < st.operations, "{st:?}");
     }
 
     #[test]
