@@ -40,7 +40,10 @@ use crate::dtls::{DtlsClientConfig, SessionError};
 use crate::meter::{Credential, FailureReason};
 
 /// OpenSSL cipher name of TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 (RFC 7251), the RFC 9148 §3 suite.
-const CIPHER: &str = "ECDHE-ECDSA-AES128-CCM8";
+/// Newer OpenSSL releases (3.6 verified) count its 64-bit tag as 64-bit security and drop it below
+/// the default security level ("no ciphers available"); the profile mandates it, hence level 0
+/// (groups and signature algorithms stay pinned to P-256 / ECDSA-SHA256 below).
+const CIPHER: &str = "ECDHE-ECDSA-AES128-CCM8:@SECLEVEL=0";
 /// The one ECDHE group (RFC 7925 §4.4: secp256r1).
 const GROUPS: &str = "P-256";
 /// ecdsa_secp256r1_sha256 (RFC 7925 §4.4.2).
@@ -613,7 +616,22 @@ mod tests {
         // secret.
         let ch = conn.first_client_hello.lock().unwrap().clone();
         let has = |needle: &[u8]| ch.windows(needle.len()).any(|w| w == needle);
-        assert!(has(&[0x00, 0x04, 0xc0, 0xae, 0x00, 0xff]), "cipher suites");
+        // DTLS record header 13 B, handshake header 12 B, client_version 2 B, random 32 B, then
+        // session_id, cookie and the cipher suites (RFC 6347 §4.2.1).
+        let mut off = 13 + 12 + 2 + 32;
+        off += 1 + usize::from(ch[off]);
+        off += 1 + usize::from(ch[off]);
+        let len = usize::from(u16::from_be_bytes([ch[off], ch[off + 1]]));
+        let suites: Vec<u16> = ch[off + 2..off + 2 + len]
+            .chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .filter(|s| *s != 0x00ff) // TLS_EMPTY_RENEGOTIATION_INFO_SCSV (RFC 5746)
+            .collect();
+        assert_eq!(
+            suites,
+            vec![0xc0ae],
+            "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 only"
+        );
         assert!(
             has(&[0x00, 0x0a, 0x00, 0x04, 0x00, 0x02, 0x00, 0x17]),
             "groups"
