@@ -140,9 +140,11 @@ struct Cli {
     /// client-sim's driver over its (zero-delay) link emulator. A cross-check of the harness.
     #[arg(long)]
     direct_udp: bool,
-    /// The load generator's DTLS client (client-sim's meter backend), used for every step and for
-    /// both sides of the libcoap comparison: openssl (system OpenSSL 3, ~5x less CPU per
-    /// handshake, so the generator does not cap the measured rate) or webrtc (webrtc-dtls 0.12).
+    /// The load generator's DTLS client (client-sim's meter backend), used for every step, both
+    /// sides of the libcoap comparison and the held sessions: openssl (the system's OpenSSL 3) or
+    /// webrtc (webrtc-dtls 0.12). With Debian 12's OpenSSL 3.0 the openssl generator costs more
+    /// CPU per enrollment than webrtc (about 1.1-1.25 vs 0.85-0.95 ms measured), so it leaves the
+    /// server less of the box; OpenSSL 3.6 is on par with webrtc.
     #[arg(long, value_enum, default_value_t = DtlsBackend::Openssl)]
     client_dtls: DtlsBackend,
     #[arg(long)]
