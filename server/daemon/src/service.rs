@@ -236,7 +236,9 @@ async fn serve_session(
         .peer_verification()
         .and_then(|v| Arc::clone(v).downcast::<VerifiedChain>().ok());
     tracing::debug!(%peer, suite = ?session.cipher_suite(), "session established");
-    let mut coap = ServerSession::with_rng(coap_cfg, &mut rand::rngs::OsRng);
+    // rand's ThreadRng: a ChaCha CSPRNG seeded from the OS, without a getrandom syscall per use
+    // (message IDs, tokens, certificate serial numbers).
+    let mut coap = ServerSession::with_rng(coap_cfg, &mut rand::thread_rng());
     let mut buf = vec![0u8; RECV_BUFFER_BYTES];
     loop {
         let deadline = coap.poll_timeout();
@@ -284,7 +286,7 @@ async fn serve_session(
                             verified: verified.as_deref(),
                             now: SystemTime::now(),
                         };
-                        est.handle(&ctx, &req, &mut rand::rngs::OsRng)
+                        est.handle(&ctx, &req, &mut rand::thread_rng())
                     })
                     .await;
                     match joined {
@@ -301,7 +303,7 @@ async fn serve_session(
                         verified: verified.as_deref(),
                         now: SystemTime::now(),
                     };
-                    est.handle(&ctx, &req, &mut rand::rngs::OsRng)
+                    est.handle(&ctx, &req, &mut rand::thread_rng())
                 };
                 for d in coap.respond(std::time::Instant::now(), id, response) {
                     if session.send(&d).await.is_err() {
