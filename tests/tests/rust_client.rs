@@ -277,3 +277,81 @@ async fn a_meter_reenrolls_from_the_same_address_and_port() {
     assert_eq!(srv.store().count_certificates().unwrap(), 2);
     srv.stop().await;
 }
+
+/// An IDevID past its notAfter, signed by the configured manufacturer CA: RFC 9148 §3 lets a
+/// server accept it. With `policy.accept_expired_idevid = false` (the default) the handshake
+/// refuses it; with `true` the handshake's chain verifier accepts it as a manufacturer chain and
+/// the device enrolls over DTLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_idevid_enrolls_over_dtls_only_when_policy_allows_it() {
+    for accept in [false, true] {
+        let srv = TestServer::start(|c| c.policy.accept_expired_idevid = accept)
+            .await
+            .unwrap();
+        let mfr_pem = srv.data_dir.join("manufacturers/demo-manufacturer-ca.pem");
+        let maker = datadir::load_ca(&mfr_pem, &mfr_pem.with_extension("key")).unwrap();
+        let day = Duration::from_secs(86_400);
+        let now = std::time::SystemTime::now();
+        let (idevid, key) = ca::mint_idevid(
+            &maker,
+            "SNOLD",
+            est_server::factory::DEMO_HW_TYPE,
+            now - 800 * day,
+            now - day,
+            &mut rand::rngs::OsRng,
+        )
+        .unwrap();
+        let chain = vec![idevid, maker.certificate_der().to_vec()];
+        let trust =
+            datadir::read_certs(&srv.mint(&["SNNEW"]).unwrap().join("implicit-ta.pem")).unwrap();
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.connect(srv.addr).await.unwrap();
+        let cfg = DtlsClientConfig {
+            certificate_chain_der: chain,
+            private_key_pkcs8_der: key,
+            server_trust_anchors_der: trust,
+            server_name: "localhost".into(),
+            attempt_timeout: Duration::from_secs(5),
+            overall_timeout: Duration::from_secs(5),
+            ..DtlsClientConfig::default()
+        };
+        let connected = connect(Arc::new(sock), &cfg).await;
+        if !accept {
+            assert!(
+                connected.is_err(),
+                "an expired IDevID must be refused by default"
+            );
+            assert_eq!(srv.transport().handshakes_completed, 0);
+            assert_eq!(srv.store().count_certificates().unwrap(), 0);
+            srv.stop().await;
+            continue;
+        }
+        let conn: Arc<dyn Conn + Send + Sync> =
+            connected.expect("accepted when policy.accept_expired_idevid = true");
+        let mut c = client(1);
+        let (csr, signer, _) = new_csr("SNOLD");
+        let req = Request::new(Method::Post, "/.well-known/est/sen")
+            .with_payload(CF_PKCS10, csr)
+            .with_accept(CF_PKIX_CERT);
+        let resp = exchange(&conn, &mut c, req).await;
+        assert_eq!(
+            resp.code,
+            coap_lite::ResponseType::Changed,
+            "{:?}",
+            String::from_utf8_lossy(&resp.payload)
+        );
+        use der::Decode;
+        let cert = x509_cert::Certificate::from_der(&resp.payload).unwrap();
+        assert_eq!(
+            cert.tbs_certificate
+                .subject_public_key_info
+                .subject_public_key
+                .raw_bytes(),
+            signer.public_key_sec1()
+        );
+        let stored = srv.store().list_certificates(10).unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].device_id, "SNOLD");
+        srv.stop().await;
+    }
+}
