@@ -9,6 +9,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod driver;
 pub mod dtls;
 pub mod dtls_openssl;

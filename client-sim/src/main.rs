@@ -20,22 +20,7 @@ use client_sim::schedule::{build_schedule, Arrival, FleetPlan};
 use est_proto::coap::{ClientConfig, CoapConfig};
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 1e-3)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        return Err(format!("`{s}`: expected a unit, e.g. 2s, 500ms, 1m"));
-    };
-    let x: f64 = num.parse().map_err(|_| format!("`{s}`: not a number"))?;
-    let secs = x * scale;
-    if !secs.is_finite() || !(0.0..=86_400.0).contains(&secs) {
-        return Err(format!("`{s}`: must be between 0 and 1 day"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    client_sim::cli::parse_duration(s, Duration::from_secs(86_400))
 }
 
 /// `auto` (None) or a fixed duration.

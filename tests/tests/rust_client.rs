@@ -114,6 +114,36 @@ fn new_csr(serial: &str) -> (Vec<u8>, RingP256Signer, Vec<u8>) {
     )
 }
 
+/// POST /sen with a fresh key and CSR for `serial`; asserts 2.04 and that the certificate
+/// (returned, DER) certifies that key.
+async fn sen_with_a_fresh_key(
+    conn: &Arc<dyn Conn + Send + Sync>,
+    c: &mut Client,
+    serial: &str,
+) -> Vec<u8> {
+    let (csr, signer, _) = new_csr(serial);
+    let req = Request::new(Method::Post, "/.well-known/est/sen")
+        .with_payload(CF_PKCS10, csr)
+        .with_accept(CF_PKIX_CERT);
+    let resp = exchange(conn, c, req).await;
+    assert_eq!(
+        resp.code,
+        coap_lite::ResponseType::Changed,
+        "{:?}",
+        String::from_utf8_lossy(&resp.payload)
+    );
+    use der::Decode;
+    let cert = x509_cert::Certificate::from_der(&resp.payload).unwrap();
+    assert_eq!(
+        cert.tbs_certificate
+            .subject_public_key_info
+            .subject_public_key
+            .raw_bytes(),
+        signer.public_key_sec1()
+    );
+    resp.payload
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrollment_with_16_byte_blocks_both_ways() {
     let srv = TestServer::start(|_| {}).await.unwrap();
@@ -136,33 +166,11 @@ async fn enrollment_with_16_byte_blocks_both_ways() {
     assert_eq!(crts.content_format, Some(CF_PKCS7_CERTS_ONLY));
     let cas = ca::certs_from_certs_only(&crts.payload).unwrap();
     assert_eq!(cas.len(), 1);
-    let (csr, signer, _) = new_csr("SNBLK");
-    let req = Request::new(Method::Post, "/.well-known/est/sen")
-        .with_payload(CF_PKCS10, csr)
-        .with_accept(CF_PKIX_CERT);
-    let resp = exchange(&conn, &mut c, req).await;
-    assert_eq!(
-        resp.code,
-        coap_lite::ResponseType::Changed,
-        "{:?}",
-        String::from_utf8_lossy(&resp.payload)
-    );
     // The certificate certifies our key and chains to the CA that /crts gave us.
-    use der::Decode;
-    let cert = x509_cert::Certificate::from_der(&resp.payload).unwrap();
-    assert_eq!(
-        cert.tbs_certificate
-            .subject_public_key_info
-            .subject_public_key
-            .raw_bytes(),
-        signer.public_key_sec1()
-    );
+    let ldevid = sen_with_a_fresh_key(&conn, &mut c, "SNBLK").await;
     let policy = est_proto::policy::Policy::new(Default::default(), &[], &cas[0]).unwrap();
     policy
-        .authenticate_operational(
-            std::slice::from_ref(&resp.payload),
-            std::time::SystemTime::now(),
-        )
+        .authenticate_operational(std::slice::from_ref(&ldevid), std::time::SystemTime::now())
         .expect("chains to the CA from /crts");
     let stats = c.stats();
     assert!(
@@ -328,27 +336,7 @@ async fn expired_idevid_enrolls_over_dtls_only_when_policy_allows_it() {
         }
         let conn: Arc<dyn Conn + Send + Sync> =
             connected.expect("accepted when policy.accept_expired_idevid = true");
-        let mut c = client(1);
-        let (csr, signer, _) = new_csr("SNOLD");
-        let req = Request::new(Method::Post, "/.well-known/est/sen")
-            .with_payload(CF_PKCS10, csr)
-            .with_accept(CF_PKIX_CERT);
-        let resp = exchange(&conn, &mut c, req).await;
-        assert_eq!(
-            resp.code,
-            coap_lite::ResponseType::Changed,
-            "{:?}",
-            String::from_utf8_lossy(&resp.payload)
-        );
-        use der::Decode;
-        let cert = x509_cert::Certificate::from_der(&resp.payload).unwrap();
-        assert_eq!(
-            cert.tbs_certificate
-                .subject_public_key_info
-                .subject_public_key
-                .raw_bytes(),
-            signer.public_key_sec1()
-        );
+        sen_with_a_fresh_key(&conn, &mut client(1), "SNOLD").await;
         let stored = srv.store().list_certificates(10).unwrap();
         assert_eq!(stored.len(), 1);
         assert_eq!(stored[0].device_id, "SNOLD");

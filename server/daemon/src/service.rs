@@ -82,8 +82,6 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
         loaded.issuing_ca.certificate_der(),
     )
     .map_err(|e| anyhow::anyhow!("trust anchors: {e}"))?;
-    let mut anchors = loaded.manufacturer_cas.clone();
-    anchors.push(loaded.issuing_ca.certificate_der().to_vec());
     let coap_cfg = Arc::new(cfg.coap_config());
     let est_cfg = cfg.est_config();
     let store_dyn: Arc<dyn est_proto::store::Store> = store.clone();
@@ -104,7 +102,7 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     let dtls = DtlsServerConfig {
         certificate_chain_der: loaded.server_chain.clone(),
         private_key_pkcs8_der: loaded.server_key_pkcs8.clone(),
-        client_trust_anchors_der: anchors,
+        // The policy's verifier holds the anchors (manufacturer CAs and our issuing CA).
         client_chain_verifier: Some(client_chain_verifier),
         cipher_suites: suites(&cfg.dtls.cipher_suites),
         mtu_bytes: cfg.dtls.mtu_bytes,

@@ -276,25 +276,17 @@ impl Policy {
                 None,
                 None,
             )?;
+            // The anchor webpki chose is an element of our slice: manufacturer CAs first, our
+            // issuing CA last.
             let anchor = path.anchor();
-            let operational = self.webpki_anchors.last().is_some_and(|op| {
-                op.subject == anchor.subject
-                    && op.subject_public_key_info == anchor.subject_public_key_info
-            });
-            let manufacturer = self
+            match self
                 .webpki_anchors
                 .iter()
-                .take(self.manufacturer_anchors.len())
-                .any(|m| {
-                    m.subject == anchor.subject
-                        && m.subject_public_key_info == anchor.subject_public_key_info
-                });
-            if manufacturer {
-                Ok(AnchorClass::Manufacturer)
-            } else if operational {
-                Ok(AnchorClass::Operational)
-            } else {
-                Err(webpki::Error::UnknownIssuer)
+                .position(|a| std::ptr::eq(a, anchor))
+            {
+                Some(i) if i < self.manufacturer_anchors.len() => Ok(AnchorClass::Manufacturer),
+                Some(_) => Ok(AnchorClass::Operational),
+                None => Err(webpki::Error::UnknownIssuer),
             }
         };
         let class = match validate(now) {
