@@ -137,11 +137,11 @@ pub fn render_table(r: &Report) -> String {
     let _ = writeln!(o, "{}", load_generator(r));
     let _ = writeln!(
         o,
-        "columns: cpu ms/op = server CPU per operation; srv / box = cores busy in the server / on the whole machine"
+        "columns: cpu ms/op = server CPU per operation; gen ms/op = the load generator's CPU per operation; srv / box = cores busy in the server / on the whole machine"
     );
     let _ = writeln!(
         o,
-        "{:<10} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7} {:>7} {:>8} {:>8} {:>7} {:>7}",
+        "{:<10} {:>5} {:>9} {:>8} {:>8} {:>8} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8} {:>7} {:>7}",
         "target",
         "conc",
         "ops/s",
@@ -149,6 +149,7 @@ pub fn render_table(r: &Report) -> String {
         "p99 ms",
         "max ms",
         "cpu ms/op",
+        "gen ms/op",
         "srv",
         "box",
         "rss MB",
@@ -173,7 +174,7 @@ pub fn render_table(r: &Report) -> String {
         };
         let _ = writeln!(
             o,
-            "{:<10} {:>5} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>9} {:>7} {:>7} {:>8} {:>8.0} {:>7} {:>7}",
+            "{:<10} {:>5} {:>9.1} {:>8.1} {:>8.1} {:>8.1} {:>9} {:>9} {:>7} {:>7} {:>8} {:>8.0} {:>7} {:>7}",
             name,
             if s.arrival_rate.is_some() {
                 "-".to_string()
@@ -185,6 +186,7 @@ pub fn render_table(r: &Report) -> String {
             s.latency.p99_ms,
             s.latency.max_ms,
             fmt_opt(s.server_cpu_ms_per_op, 3),
+            fmt_opt(s.client_cpu_ms_per_op(), 3),
             fmt_opt(s.server_cores_busy, 2),
             fmt_opt(s.machine_cores_busy, 2),
             fmt_opt(s.server_rss_peak_kb.map(|k| k as f64 / 1024.0), 1),
@@ -530,7 +532,7 @@ pre{{background:#f6f6f6;padding:6px;overflow-x:auto}}</style></head><body>\
             esc(&t.note)
         );
     }
-    h.push_str("</table><h2>Steps</h2><table><tr><th>target</th><th>mode</th><th>meters</th><th>ops/s</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>max ms</th><th>handshake p50 ms</th><th>server CPU ms/op</th><th>server cores busy</th><th>loadgen CPU s</th><th>machine cores busy</th><th>server peak RSS MB</th><th>B up/op</th><th>B down/op</th><th>datagrams/op</th><th>errors</th><th>retries</th></tr>");
+    h.push_str("</table><h2>Steps</h2><table><tr><th>target</th><th>mode</th><th>meters</th><th>ops/s</th><th>p50 ms</th><th>p90 ms</th><th>p99 ms</th><th>max ms</th><th>handshake p50 ms</th><th>server CPU ms/op</th><th>server cores busy</th><th>load generator CPU ms/op</th><th>machine cores busy</th><th>server peak RSS MB</th><th>B up/op</th><th>B down/op</th><th>datagrams/op</th><th>errors</th><th>retries</th></tr>");
     let all = r.steps.iter().chain(
         r.peer
             .iter()
@@ -551,7 +553,7 @@ pre{{background:#f6f6f6;padding:6px;overflow-x:auto}}</style></head><body>\
             s.handshake.p50_ms,
             fmt_opt(s.server_cpu_ms_per_op, 3),
             fmt_opt(s.server_cores_busy, 2),
-            fmt_opt(s.client_cpu_s, 1),
+            fmt_opt(s.client_cpu_ms_per_op(), 3),
             fmt_opt(s.machine_cores_busy, 2),
             fmt_opt(s.server_rss_peak_kb.map(|k| k as f64 / 1024.0), 1),
             s.bytes_up_per_op,
@@ -632,6 +634,24 @@ mod tests {
             },
             ..StepResult::default()
         }
+    }
+
+    #[test]
+    fn table_shows_the_load_generators_cpu_per_operation() {
+        let mut s = step(64, 1000.0);
+        s.completed = 500;
+        s.client_cpu_s = Some(0.4);
+        assert_eq!(s.client_cpu_ms_per_op(), Some(0.8));
+        let r = Report {
+            steps: vec![s, step(8, 300.0)],
+            ..Report::default()
+        };
+        let t = render_table(&r);
+        let row = t.lines().find(|l| l.contains(" 1000.0 ")).unwrap();
+        assert!(row.contains(" 0.800 "), "{t}");
+        // No generator CPU sampled (or nothing completed): a dash, not a made-up figure.
+        let other = t.lines().find(|l| l.contains(" 300.0 ")).unwrap();
+        assert_eq!(other.matches(" - ").count(), 4, "{t}");
     }
 
     #[test]

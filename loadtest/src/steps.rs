@@ -158,6 +158,15 @@ pub struct StepResult {
     pub meters_built_inline: u64,
 }
 
+impl StepResult {
+    /// The load generator's CPU milliseconds per successful exchange over the window.
+    pub fn client_cpu_ms_per_op(&self) -> Option<f64> {
+        self.client_cpu_s
+            .filter(|_| self.completed > 0)
+            .map(|c| c * 1000.0 / self.completed as f64)
+    }
+}
+
 /// Step settings shared by all steps of a run.
 #[derive(Debug, Clone)]
 pub struct StepConfig {
