@@ -106,16 +106,9 @@ impl Write for DatagramPipe {
     }
 }
 
-/// Sends the queued outgoing datagrams; a datagram leaves the queue only once sent, so a
-/// cancelled flush loses nothing.
+/// Sends the datagrams OpenSSL wrote ([`crate::dtls::send_queued`]: cancel-safe).
 async fn flush(conn: &(dyn Conn + Send + Sync), pipe: &mut DatagramPipe) -> io::Result<()> {
-    while let Some(d) = pipe.outgoing.front() {
-        conn.send(d)
-            .await
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        pipe.outgoing.pop_front();
-    }
-    Ok(())
+    crate::dtls::send_queued(conn, &mut pipe.outgoing).await
 }
 
 /// What makes one SSL context differ from another.
@@ -401,15 +394,16 @@ async fn handshake(
             }
         }
         flush(&*conn, stream.get_mut()).await.map_err(io_err)?;
-        tokio::select! {
-            r = conn.recv(&mut rbuf) => {
-                let n = r.map_err(|e| FailureReason::Io(e.to_string()))?;
-                let d = rbuf.get(..n).unwrap_or_default();
-                stream.get_mut().push_incoming(d).map_err(io_err)?;
-            }
-            // No datagram: drive the handshake anyway; OpenSSL retransmits its last flight when
-            // its timer has expired (dtls1_handle_timeout, checked on every read attempt).
-            _ = tokio::time::sleep(TIMER_TICK) => {}
+        // No datagram within TIMER_TICK: drive the handshake anyway; OpenSSL retransmits its
+        // last flight when its timer has expired (dtls1_handle_timeout, checked on every read
+        // attempt).
+        let wake = std::time::Instant::now() + TIMER_TICK;
+        if let Some(n) = crate::dtls::recv_until(&*conn, &mut rbuf, wake)
+            .await
+            .map_err(io_err)?
+        {
+            let d = rbuf.get(..n).unwrap_or_default();
+            stream.get_mut().push_incoming(d).map_err(io_err)?;
         }
         result = stream.do_handshake();
     }

@@ -3,7 +3,7 @@
 //! ```text
 //!   fleet runner (arrival schedule, concurrency, DCUs, metrics, record/replay)
 //!        |  one task per meter
-//!   driver (tokio): DTLS client (webrtc-dtls or OpenSSL) + est_proto::coap::Client  <- sans-IO meter state machine
+//!   driver (tokio): DTLS client (webrtc-dtls, OpenSSL or dimpl) + est_proto::coap::Client  <- sans-IO meter state machine
 //!        |  datagrams
 //!   link emulator (latency, jitter, loss, rate, 802.15.4 frames) -> DCU shared uplink -> UDP socket
 //! ```
@@ -12,6 +12,7 @@
 pub mod cli;
 pub mod driver;
 pub mod dtls;
+pub mod dtls_dimpl;
 pub mod dtls_openssl;
 pub mod fleet;
 pub mod link;

@@ -182,17 +182,19 @@ struct Cli {
     /// Give up on one DTLS handshake attempt after this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     handshake_timeout: Duration,
-    /// webrtc-dtls flight retransmission interval (fixed, no backoff in that library): `auto` derives
-    /// it per meter from its path (1.5 x worst-case RTT of a full flight, 2..20 s, and a handshake
-    /// timeout of at least 8 intervals), or a duration such as 2s.
+    /// DTLS flight retransmission interval: webrtc-dtls's fixed interval (no backoff in that
+    /// library), dimpl's initial timer (doubled on each expiry); `auto` derives it per meter from
+    /// its path (1.5 x worst-case RTT of a full flight, 2..20 s, and a handshake timeout of at
+    /// least 8 intervals), or a duration such as 2s.
     #[arg(long, default_value = "auto", value_parser = parse_flight_interval)]
     dtls_flight_interval: FlightInterval,
     /// DTLS MTU: handshake messages are fragmented to this size.
     #[arg(long, default_value_t = 1152)]
     dtls_mtu: usize,
-    /// The meters' DTLS client library: webrtc (webrtc-dtls) or openssl (system OpenSSL 3, far
-    /// less CPU per handshake; retransmits on OpenSSL's own 1 s doubling timer, so
-    /// --dtls-flight-interval does not apply to it).
+    /// The meters' DTLS client library: webrtc (webrtc-dtls), openssl (system OpenSSL 3;
+    /// retransmits on OpenSSL's own 1 s doubling timer, so --dtls-flight-interval does not apply
+    /// to it) or dimpl (sans-IO, ring crypto; negotiates TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+    /// instead of CCM_8 and sends the leaf certificate only).
     #[arg(long, value_enum, default_value_t = DtlsBackend::Webrtc)]
     dtls_backend: DtlsBackend,
     /// EST root path (without discovery).

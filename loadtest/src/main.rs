@@ -126,10 +126,12 @@ struct Cli {
     #[arg(long)]
     direct_udp: bool,
     /// The load generator's DTLS client (client-sim's meter backend), used for every step, both
-    /// sides of the libcoap comparison and the held sessions: webrtc (webrtc-dtls 0.12) or
-    /// openssl (the system's OpenSSL 3). With Debian 12's OpenSSL 3.0 the openssl generator costs
-    /// more CPU per enrollment than webrtc (about 1.1-1.25 vs 0.85-0.95 ms measured), so it leaves
-    /// the server less of the box; OpenSSL 3.6 is on par with webrtc.
+    /// sides of the libcoap comparison and the held sessions: webrtc (webrtc-dtls 0.12), openssl
+    /// (the system's OpenSSL 3) or dimpl (dimpl 0.9 with ring crypto). With Debian 12's OpenSSL
+    /// 3.0 the openssl generator costs more CPU per enrollment than webrtc (about 1.1-1.25 vs
+    /// 0.85-0.95 ms measured), so it leaves the server less of the box; OpenSSL 3.6 is on par
+    /// with webrtc. dimpl negotiates TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 (it has no CCM_8),
+    /// so with it the server runs AES-GCM instead of the RFC 9148 AES-CCM_8 record protection.
     #[arg(long, value_enum, default_value_t = DtlsBackend::Webrtc)]
     client_dtls: DtlsBackend,
     #[arg(long)]
@@ -959,6 +961,8 @@ mod tests {
         assert_eq!(cli.client_dtls, DtlsBackend::Webrtc);
         let cli = Cli::try_parse_from(["loadtest", "--client-dtls", "openssl"]).unwrap();
         assert_eq!(cli.client_dtls, DtlsBackend::Openssl);
+        let cli = Cli::try_parse_from(["loadtest", "--client-dtls", "dimpl"]).unwrap();
+        assert_eq!(cli.client_dtls, DtlsBackend::Dimpl);
         assert!(Cli::try_parse_from(["loadtest", "--client-dtls", "rustls"]).is_err());
         let cats = perf_categories(
             "# x\n     9.78%  est-server  [.] __ecp_nistz256_mul_montx\n     8.18%  est-server  [.] p256::arithmetic::field::field_impl::fe_mul\n     1.00%  [kernel.kallsyms]  [k] finish_task_switch\n     0.50%  est-server  [.] foo\n",
