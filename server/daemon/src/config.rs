@@ -83,6 +83,8 @@ pub struct DtlsSection {
     pub idle_timeout_secs: u64,
     pub max_half_open_handshakes: usize,
     pub max_sessions: usize,
+    /// Answer a ClientHello's use_srtp extension (RFC 5764) rather than refuse the handshake.
+    pub answer_use_srtp: bool,
 }
 
 impl Default for DtlsSection {
@@ -95,6 +97,7 @@ impl Default for DtlsSection {
             idle_timeout_secs: 120,
             max_half_open_handshakes: 1024,
             max_sessions: 20_000,
+            answer_use_srtp: true,
         }
     }
 }
@@ -253,6 +256,11 @@ idle_timeout_secs = 120
 max_half_open_handshakes = 1024
 # Established sessions at once; further handshakes are refused.
 max_sessions = 20000
+# DTLS stacks written for WebRTC (dimpl, for one) offer the use_srtp extension (RFC 5764) on
+# every handshake. true: echo it (listing the SRTP profiles) and go on; no SRTP keys are ever
+# exported, the session carries CoAP only. false: refuse such clients with a fatal
+# insufficient_security alert (webrtc-dtls's behaviour when no profile matches).
+answer_use_srtp = true
 
 [coap]
 # RFC 7252 §4.8 transmission parameters (used for the derived lifetimes below).

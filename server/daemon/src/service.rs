@@ -111,6 +111,7 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
         idle_timeout: Duration::from_secs(cfg.dtls.idle_timeout_secs),
         max_half_open_handshakes: cfg.dtls.max_half_open_handshakes,
         max_sessions: cfg.dtls.max_sessions,
+        answer_use_srtp: cfg.dtls.answer_use_srtp,
         ..DtlsServerConfig::default()
     };
     let addr = listen.unwrap_or(cfg.server.listen);

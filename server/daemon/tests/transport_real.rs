@@ -159,6 +159,52 @@ async fn gcm_is_negotiated_when_the_client_prefers_it() {
     assert_eq!(session.cipher_suite(), Some(CipherSuiteName::Gcm));
 }
 
+/// A WebRTC-style client offers use_srtp (RFC 5764) on every handshake. By default the server
+/// answers it and the session works; with `answer_use_srtp = false` webrtc-dtls refuses it
+/// (insufficient_security) and nothing is left behind.
+#[tokio::test]
+async fn a_client_offering_use_srtp_is_answered_and_refused_only_when_configured_off() {
+    use webrtc_dtls::extension::extension_use_srtp::SrtpProtectionProfile;
+    let pki = TestPki::generate();
+    for answer in [true, false] {
+        let mut server_cfg = pki.server_config();
+        assert!(server_cfg.answer_use_srtp, "on by default");
+        server_cfg.answer_use_srtp = answer;
+        let (listener, addr) = start_server(server_cfg).await;
+        let _echo = spawn_echo(Arc::clone(&listener));
+        let socket = client_socket().await;
+        let mut cfg = pki.device_config("127.0.0.1");
+        cfg.attempt_timeout = Duration::from_secs(3);
+        cfg.overall_timeout = Duration::from_secs(3);
+        let mut config = client::build_config(&cfg).unwrap();
+        config.srtp_protection_profiles = vec![SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm];
+        let conn: Arc<dyn Conn + Send + Sync> =
+            Arc::new(SocketConn::new(Arc::clone(&socket), addr));
+        let result =
+            client::connect_with_config(conn, &config, cfg.attempt_timeout, cfg.overall_timeout)
+                .await;
+        if answer {
+            let c = result.unwrap();
+            assert_eq!(
+                round_trip(&c.conn, b"srtp offered").await,
+                b"echo:srtp offered"
+            );
+            assert_eq!(listener.metrics().handshakes_completed, 1);
+        } else {
+            assert!(
+                matches!(result, Err(TransportError::Handshake(_))),
+                "refused when configured off, got {:?}",
+                result.map(|_| ())
+            );
+            wait_for(|| listener.metrics().handshakes_failed == 1).await;
+            let m = listener.metrics();
+            assert_eq!(m.handshakes_completed, 0);
+            assert_eq!(m.sessions_now, 0);
+            assert_eq!(m.half_open_now, 0);
+        }
+    }
+}
+
 #[tokio::test]
 async fn client_without_certificate_is_refused() {
     let pki = TestPki::generate();

@@ -199,6 +199,12 @@ pub struct DtlsServerConfig {
     pub max_sessions: usize,
     /// Require the extended_master_secret extension (RFC 7627), as RFC 9148 §3 advises.
     pub extended_master_secret_required: bool,
+    /// Answer a ClientHello's `use_srtp` extension (RFC 5764 §4.1.1) instead of refusing it.
+    /// DTLS stacks written for WebRTC (dimpl, for one) offer it on every handshake; webrtc-dtls
+    /// refuses such a client with a fatal insufficient_security alert unless the server lists a
+    /// matching SRTP profile. With this set the server lists all four profiles webrtc-dtls knows,
+    /// echoes the extension, and never exports SRTP keys: the session carries CoAP only.
+    pub answer_use_srtp: bool,
     /// Re-send our saved final flight when the client's flight 5 comes back (RFC 6347 §4.2.4).
     /// Only tests turn this off, to show the library defect.
     pub final_flight_resend: bool,
@@ -227,6 +233,7 @@ impl Default for DtlsServerConfig {
             max_half_open_handshakes: 1024,
             max_sessions: 20_000,
             extended_master_secret_required: true,
+            answer_use_srtp: true,
             final_flight_resend: true,
             final_flight_retention: Duration::from_secs(240),
             tombstone_duration: Duration::from_secs(30),

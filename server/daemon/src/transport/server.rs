@@ -14,6 +14,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use webrtc_dtls::config::{ClientAuthType, Config, ExtendedMasterSecretType};
 use webrtc_dtls::conn::DTLSConn;
+use webrtc_dtls::extension::extension_use_srtp::SrtpProtectionProfile;
 use webrtc_util::conn::Conn;
 
 use super::record::{self, ClientRandom, FirstRecord};
@@ -534,6 +535,16 @@ fn build_server_config(config: &DtlsServerConfig) -> Result<(Settings, Config), 
         flight_interval: config.flight_interval,
         mtu: config.mtu_bytes,
         verify_peer_certificate,
+        srtp_protection_profiles: if config.answer_use_srtp {
+            vec![
+                SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm,
+                SrtpProtectionProfile::Srtp_Aead_Aes_256_Gcm,
+                SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_80,
+                SrtpProtectionProfile::Srtp_Aes128_Cm_Hmac_Sha1_32,
+            ]
+        } else {
+            Vec::new()
+        },
         ..Config::default()
     };
     let settings = Settings {
