@@ -15,10 +15,11 @@
 //!   credential's further chain certificates are not sent. Fleet IDevIDs are signed directly by
 //!   the manufacturer CA, which the server holds as a trust anchor, so the leaf suffices.
 //! - dimpl's ClientHello always offers use_srtp (RFC 5764; it is a WebRTC library) and cannot be
-//!   told not to. webrtc-dtls (est-server) answers an SRTP offer it cannot match with a fatal
-//!   insufficient_security alert rather than ignoring it (RFC 5764 §4.1.1), so est-server must
-//!   list at least one SRTP profile in its webrtc-dtls `Config` (it is then only echoed in the
-//!   ServerHello; no SRTP keys are used). OpenSSL servers (libcoap) ignore the offer.
+//!   told not to. webrtc-dtls refuses an SRTP offer it cannot match with a fatal
+//!   insufficient_security alert, where RFC 5764 §4.1.1 says a server without a shared profile
+//!   SHOULD leave the extension out and go on; est-server therefore answers the offer
+//!   (`dtls.answer_use_srtp`, default on; it echoes a profile and exports no SRTP keys). With a
+//!   server that has it off, this backend cannot connect. OpenSSL servers (libcoap) ignore it.
 //! - No server_name (SNI) extension in the ClientHello (dimpl sends none); the name is still
 //!   checked against the server certificate.
 //! - Server authentication: dimpl does no PKI validation; it hands the server's leaf certificate

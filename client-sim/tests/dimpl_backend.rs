@@ -5,13 +5,10 @@
 //! resent on dimpl's timer; a lossy emulated link still completes; a wrong trust anchor or
 //! server name is refused before the client's second flight; the command line selects it.
 //!
-//! Run: `cargo test -p client-sim --test dimpl_backend -- --nocapture --include-ignored`
+//! Run: `cargo test -p client-sim --test dimpl_backend -- --nocapture`
 //!
-//! The tests that talk to est-server are ignored until est-server accepts the use_srtp extension
-//! dimpl 0.9 always puts in its ClientHello: webrtc-dtls answers a use_srtp offer it cannot
-//! match with a fatal insufficient_security alert (see `client_sim::dtls_dimpl`). With an
-//! est-server that lists one SRTP profile in its webrtc-dtls `Config` they all pass
-//! (`EST_SERVER_BIN=/path/to/that/est-server`).
+//! dimpl always offers use_srtp (RFC 5764) in its ClientHello; est-server answers it
+//! (`dtls.answer_use_srtp`, default on) instead of webrtc-dtls's insufficient_security refusal.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -133,7 +130,6 @@ fn check_store(srv: &mut support::Running, result: &FleetResult, meters: usize) 
     }
 }
 
-#[ignore = "needs est-server to accept use_srtp (RFC 5764) offers; see the module docs"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dimpl_meters_enroll_against_est_server_and_ldevids_verify() {
     const METERS: usize = 16;
@@ -151,7 +147,6 @@ async fn dimpl_meters_enroll_against_est_server_and_ldevids_verify() {
     check_store(&mut srv, &result, METERS);
 }
 
-#[ignore = "needs est-server to accept use_srtp (RFC 5764) offers; see the module docs"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dimpl_meters_enroll_over_a_15_percent_lossy_link() {
     const METERS: usize = 6;
@@ -167,7 +162,6 @@ async fn dimpl_meters_enroll_over_a_15_percent_lossy_link() {
     check_store(&mut srv, &result, METERS);
 }
 
-#[ignore = "needs est-server to accept use_srtp (RFC 5764) offers; see the module docs"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dimpl_meter_with_a_wrong_trust_anchor_fails_the_handshake() {
     let mut srv = support::Running::start(1);
@@ -295,7 +289,6 @@ fn credential(d: &pki::DeviceIdentity) -> Credential {
     }
 }
 
-#[ignore = "needs est-server to accept use_srtp (RFC 5764) offers; see the module docs"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dimpl_wire_profile_and_lost_flights_resent_on_dimpl_timer() {
     let srv = support::Running::start(1);
@@ -362,6 +355,11 @@ async fn dimpl_wire_profile_and_lost_flights_resent_on_dimpl_timer() {
     let off = off + 1 + usize::from(sh[off]);
     assert_eq!(u16::from_be_bytes([sh[off], sh[off + 1]]), 0xc02b);
     assert!(sh.windows(4).any(|w| w == [0x00, 0x17, 0x00, 0x00]));
+    // dimpl offers use_srtp (extension 14) unasked; est-server echoes it (one profile, no MKI)
+    // rather than refusing the handshake.
+    let srtp = |m: &[u8]| m.windows(2).any(|w| w == [0x00, 0x0e]);
+    assert!(srtp(&ch), "ClientHello offers use_srtp");
+    assert!(srtp(&sh), "ServerHello answers use_srtp");
     // The client's Certificate carries the leaf alone (RFC 5246 §7.4.2 list of 3-byte lengths).
     let cert = handshake_body(&sent, 11).unwrap();
     let list = u32::from_be_bytes([0, cert[0], cert[1], cert[2]]) as usize;
@@ -371,7 +369,6 @@ async fn dimpl_wire_profile_and_lost_flights_resent_on_dimpl_timer() {
     s.close().await;
 }
 
-#[ignore = "needs est-server to accept use_srtp (RFC 5764) offers; see the module docs"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dimpl_refuses_a_wrong_server_name_before_its_second_flight() {
     let srv = support::Running::start(1);
@@ -403,7 +400,6 @@ async fn dimpl_refuses_a_wrong_server_name_before_its_second_flight() {
     s.close().await;
 }
 
-#[ignore = "needs est-server to accept use_srtp (RFC 5764) offers; see the module docs"]
 #[test]
 fn command_line_selects_the_dimpl_backend() {
     const METERS: usize = 3;
@@ -428,31 +424,6 @@ fn command_line_selects_the_dimpl_backend() {
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(doc["summary"]["enrolled"], METERS as u64);
     assert_eq!(srv.stop_and_read_store().len(), METERS);
-}
-
-/// The state of things until est-server lists an SRTP profile: dimpl's ClientHello always offers
-/// use_srtp (RFC 5764), and webrtc-dtls refuses an offer it cannot match with a fatal
-/// insufficient_security alert (71) instead of ignoring the extension. When this test fails,
-/// est-server accepts the offer: drop the `#[ignore]`s above.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dimpl_is_refused_by_an_est_server_without_srtp_profiles() {
-    if std::env::var_os("EST_SERVER_BIN").is_some() {
-        return; // another server build was chosen on purpose (see the module docs)
-    }
-    let srv = support::Running::start(1);
-    let fleet = pki::load_fleet(&srv.fleet_dir, Some(1)).unwrap();
-    let conn = wire(srv.listen, Vec::new()).await;
-    let cfg = dimpl_dtls(fleet.implicit_ta_der.clone());
-    let e = connect_session(conn.clone(), &cfg, &credential(&fleet.devices[0]))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&e, FailureReason::HandshakeError(m) if m.contains("fatal alert") && m.contains("71")),
-        "{e:?}"
-    );
-    // The client offered use_srtp (extension 14) in its ClientHello.
-    let ch = handshake_body(&conn.sent.lock().unwrap(), 1).unwrap();
-    assert!(ch.windows(2).any(|w| w == [0x00, 0x0e]));
 }
 
 #[test]
