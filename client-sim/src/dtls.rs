@@ -87,7 +87,8 @@ pub struct DtlsClientConfig {
     pub trust_anchors_der: Vec<Vec<u8>>,
     /// Name checked against the server certificate's subjectAltName.
     pub server_name: String,
-    /// Handshake messages are fragmented to this size (webrtc-dtls `Config.mtu`).
+    /// Handshake messages are fragmented to this size (webrtc-dtls `Config.mtu`, OpenSSL
+    /// `SSL_set_mtu`, dimpl `Config::mtu`).
     pub mtu: usize,
     /// Fixed flight retransmission interval of webrtc-dtls; dimpl's initial retransmission
     /// timer (doubled on each expiry); not used by OpenSSL.

@@ -426,6 +426,33 @@ fn command_line_selects_the_dimpl_backend() {
     assert_eq!(srv.stop_and_read_store().len(), METERS);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dimpl_handshake_datagrams_fit_the_mtu() {
+    let srv = support::Running::start(1);
+    let fleet = pki::load_fleet(&srv.fleet_dir, Some(1)).unwrap();
+    let conn = wire(srv.listen, Vec::new()).await;
+    let mut cfg = dimpl_dtls(fleet.implicit_ta_der.clone());
+    cfg.mtu = 300;
+    let s = connect_session(conn.clone(), &cfg, &credential(&fleet.devices[0]))
+        .await
+        .unwrap();
+    let sent = conn.sent.lock().unwrap().clone();
+    let largest = sent.iter().map(Vec::len).max().unwrap();
+    assert!(largest <= 300, "{largest}");
+    // The client's Certificate message (the IDevID) needed several fragments.
+    assert!(
+        sent.iter()
+            .filter(|d| handshake_type(d) == Some(11))
+            .count()
+            >= 2,
+        "{:?}",
+        sent.iter()
+            .map(|d| (handshake_type(d), d.len()))
+            .collect::<Vec<_>>()
+    );
+    s.close().await;
+}
+
 #[test]
 fn the_dimpl_backend_is_named_on_the_command_line() {
     assert_eq!("dimpl".parse::<DtlsBackend>().unwrap(), DtlsBackend::Dimpl);
