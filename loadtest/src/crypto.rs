@@ -63,13 +63,17 @@ fn time_op(name: &str, backend: &str, budget: Duration, mut op: impl FnMut()) ->
     for _ in 0..20 {
         op();
     }
+    // At least one batch, so a zero budget still yields a finite figure.
     let start = Instant::now();
     let mut n: u64 = 0;
-    while start.elapsed() < budget {
+    loop {
         for _ in 0..32 {
             op();
         }
         n += 32;
+        if start.elapsed() >= budget {
+            break;
+        }
     }
     let us = start.elapsed().as_secs_f64() * 1e6 / n as f64;
     OpCost {

@@ -289,8 +289,15 @@ fn plot_throughput(r: &Report, out: &mut String) -> PlotResult {
         .unwrap_or(1)
         .max(2) as f64;
     let mut max_y = steps.iter().map(|s| s.rate_per_s).fold(1.0, f64::max);
-    if let Some(c) = &r.crypto {
-        max_y = max_y.max(c.ceiling);
+    // Only finite figures shape the axes and get drawn: plotters does not return on an
+    // infinite or NaN range.
+    let ceiling = r
+        .crypto
+        .as_ref()
+        .map(|c| c.ceiling)
+        .filter(|c| c.is_finite());
+    if let Some(c) = ceiling {
+        max_y = max_y.max(c);
     }
     let libcoap = r
         .peer
@@ -332,10 +339,10 @@ fn plot_throughput(r: &Report, out: &mut String) -> PlotResult {
             PALETTE[0].filled(),
         )
     }))?;
-    if let Some(c) = &r.crypto {
+    if let Some(c) = ceiling {
         chart
             .draw_series(LineSeries::new(
-                [(1.0, c.ceiling), (max_c * 1.2, c.ceiling)],
+                [(1.0, c), (max_c * 1.2, c)],
                 PALETTE[3].stroke_width(1),
             ))?
             .label("crypto ceiling (2S+3V+1E, all cores)")
@@ -426,7 +433,8 @@ fn plot_cpu(r: &Report, out: &mut String) -> PlotResult {
     let model_ms = r
         .crypto
         .as_ref()
-        .map(|c| c.model_us_per_enrollment / 1000.0);
+        .map(|c| c.model_us_per_enrollment / 1000.0)
+        .filter(|m| m.is_finite());
     let max_y = pts
         .iter()
         .map(|p| p.1)
@@ -609,6 +617,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::steps::Latency;
+    use std::time::Duration;
 
     #[test]
     fn utc_dates_match_known_instants() {
@@ -634,6 +643,24 @@ mod tests {
             },
             ..StepResult::default()
         }
+    }
+
+    #[test]
+    fn plots_finish_when_the_crypto_figures_are_not_finite() {
+        let mut r = Report {
+            steps: vec![step(1, 50.0)],
+            ..Report::default()
+        };
+        let mut c = crate::crypto::measure(Duration::ZERO, 2.0).unwrap();
+        assert!(
+            c.ceiling.is_finite() && c.ceiling > 0.0,
+            "zero budget: {c:?}"
+        );
+        c.ceiling = f64::INFINITY;
+        c.model_us_per_enrollment = f64::NAN;
+        r.crypto = Some(c);
+        let h = render_html(&r);
+        assert_eq!(h.matches("<svg").count(), 3, "{h}");
     }
 
     #[test]
