@@ -116,7 +116,9 @@ impl SpecialText {
 }
 
 fn is_lower_hex_even(s: &str) -> bool {
-    s.len() >= 2 && s.len() % 2 == 0 && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    s.len() >= 2
+        && s.len().is_multiple_of(2)
+        && s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn parse_eui64(s: &str) -> Option<Vec<u8>> {

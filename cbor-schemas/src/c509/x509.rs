@@ -269,7 +269,7 @@ pub fn ecdsa_der_to_raw(der_sig: &[u8]) -> Result<Vec<u8>, ConvertError> {
 /// r||s -> DER Ecdsa-Sig-Value (leading zeros removed, 0x00 added where the
 /// high bit is set, as DER INTEGER requires).
 pub fn ecdsa_raw_to_der(raw: &[u8]) -> Result<Vec<u8>, ConvertError> {
-    if raw.is_empty() || raw.len() % 2 != 0 || ![64usize, 96, 132].contains(&raw.len()) {
+    if raw.is_empty() || !raw.len().is_multiple_of(2) || ![64usize, 96, 132].contains(&raw.len()) {
         return Err(ConvertError::Malformed("ECDSA r||s length"));
     }
     let (r, s) = raw.split_at(raw.len() / 2);

@@ -93,7 +93,7 @@ fn attr_value_string(value: &Any) -> Option<String> {
             std::str::from_utf8(bytes).ok().map(str::to_owned)
         }
         Tag::BmpString => {
-            if bytes.len() % 2 != 0 {
+            if !bytes.len().is_multiple_of(2) {
                 return None;
             }
             let units: Vec<u16> = bytes
