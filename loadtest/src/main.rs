@@ -121,18 +121,19 @@ struct Cli {
     /// meters (OUT/perf.data, flat profile in OUT/perf-report.txt, grouped in the report notes).
     #[arg(long)]
     perf_step: Option<usize>,
-    /// Use plain connected UDP sockets and loadtest's copy of the meter driver instead of
-    /// client-sim's driver over its (zero-delay) link emulator. A cross-check of the harness.
+    /// Drive the meters over plain connected UDP sockets instead of client-sim's (zero-delay)
+    /// link emulator. A cross-check of the harness.
     #[arg(long)]
     direct_udp: bool,
     /// The load generator's DTLS client (client-sim's meter backend), used for every step, both
-    /// sides of the libcoap comparison and the held sessions: webrtc (webrtc-dtls 0.12), openssl
-    /// (the system's OpenSSL 3) or dimpl (dimpl 0.9 with ring crypto). With Debian 12's OpenSSL
-    /// 3.0 the openssl generator costs more CPU per enrollment than webrtc (about 1.1-1.25 vs
-    /// 0.85-0.95 ms measured), so it leaves the server less of the box; OpenSSL 3.6 is on par
-    /// with webrtc. dimpl negotiates TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 (it has no CCM_8),
-    /// so with it the server runs AES-GCM instead of the RFC 9148 AES-CCM_8 record protection.
-    #[arg(long, value_enum, default_value_t = DtlsBackend::Webrtc)]
+    /// sides of the libcoap comparison and the held sessions: dimpl (dimpl 0.9 with ring crypto,
+    /// the default: the cheapest, about 0.5 ms of CPU per enrollment, so the server gets most of
+    /// a shared box), webrtc (webrtc-dtls 0.12, about 0.8 ms) or openssl (the system's OpenSSL 3;
+    /// on Debian 12's OpenSSL 3.0 about 1.1 ms). dimpl negotiates
+    /// TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 (it has no CCM_8), so with it the server protects
+    /// records with AES-GCM instead of RFC 9148's AES-CCM_8; webrtc and openssl use CCM_8. The
+    /// handshake (P-256 ECDHE, ECDSA mutual authentication, extended master secret) is the same.
+    #[arg(long, value_enum, default_value_t = DtlsBackend::Dimpl)]
     client_dtls: DtlsBackend,
     #[arg(long)]
     no_progress: bool,
@@ -958,6 +959,8 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.steps, vec![1, 8, 64, 256]);
+        assert_eq!(cli.client_dtls, DtlsBackend::Dimpl);
+        let cli = Cli::try_parse_from(["loadtest", "--client-dtls", "webrtc"]).unwrap();
         assert_eq!(cli.client_dtls, DtlsBackend::Webrtc);
         let cli = Cli::try_parse_from(["loadtest", "--client-dtls", "openssl"]).unwrap();
         assert_eq!(cli.client_dtls, DtlsBackend::Openssl);

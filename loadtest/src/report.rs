@@ -93,7 +93,8 @@ pub struct Report {
     pub server_bin: Option<String>,
     pub server_cpus: Option<String>,
     pub client_cpus: Option<String>,
-    /// The load generator's DTLS client library (client-sim backend): "openssl" or "webrtc".
+    /// The load generator's DTLS client library (client-sim backend): "dimpl", "webrtc" or
+    /// "openssl" (empty in reports written before the field existed: webrtc).
     #[serde(default)]
     pub client_dtls: String,
     pub devices: usize,
@@ -122,14 +123,19 @@ fn fmt_opt(v: Option<f64>, prec: usize) -> String {
 }
 
 /// The stdout table.
-/// "load generator: client-sim, openssl DTLS client".
+/// "load generator: client-sim, openssl DTLS client (TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8)".
 pub fn load_generator(r: &Report) -> String {
     let backend = if r.client_dtls.is_empty() {
         "webrtc"
     } else {
         r.client_dtls.as_str()
     };
-    format!("load generator: client-sim, {backend} DTLS client")
+    let suite = match backend {
+        "dimpl" => "AES_128_GCM",
+        "webrtc" | "openssl" => "AES_128_CCM_8",
+        _ => "?",
+    };
+    format!("load generator: client-sim, {backend} DTLS client (TLS_ECDHE_ECDSA_WITH_{suite})")
 }
 
 pub fn render_table(r: &Report) -> String {
@@ -697,7 +703,9 @@ mod tests {
             ..Report::default()
         };
         let h = render_html(&r);
-        assert!(h.contains("load generator: client-sim, openssl DTLS client"));
+        assert!(h.contains(
+            "load generator: client-sim, openssl DTLS client (TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8)"
+        ));
         assert_eq!(h.matches("<svg").count(), 3, "{h}");
         assert!(!h.contains("plot failed"));
         assert!(h.contains("t&lt;1&gt;") && !h.contains("t<1>"));
@@ -706,7 +714,9 @@ mod tests {
         let t = render_table(&r);
         assert!(t.lines().count() >= 5 && t.contains("MISSED"), "{t}");
         assert!(
-            t.starts_with("load generator: client-sim, openssl DTLS client\n"),
+            t.starts_with(
+                "load generator: client-sim, openssl DTLS client (TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8)\n"
+            ),
             "{t}"
         );
         // The JSON round-trips.
