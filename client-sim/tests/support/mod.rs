@@ -5,6 +5,8 @@
 //! to date). Set `EST_SERVER_BIN=/path/to/est-server` to use another build.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod backend;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
