@@ -82,6 +82,15 @@ async fn round_trip(conn: &DTLSConn, payload: &[u8]) -> Vec<u8> {
     panic!("no echo of {:?}", String::from_utf8_lossy(payload));
 }
 
+/// The listener refused one handshake and holds no session or half-open state for it.
+async fn one_refusal_and_nothing_left(listener: &DtlsListener) {
+    wait_for(|| listener.metrics().handshakes_failed == 1).await;
+    let m = listener.metrics();
+    assert_eq!(m.handshakes_completed, 0);
+    assert_eq!(m.sessions_now, 0);
+    assert_eq!(m.half_open_now, 0);
+}
+
 #[tokio::test]
 async fn good_client_completes_and_exchanges_data() {
     let pki = TestPki::generate();
@@ -196,11 +205,7 @@ async fn a_client_offering_use_srtp_is_answered_and_refused_only_when_configured
                 "refused when configured off, got {:?}",
                 result.map(|_| ())
             );
-            wait_for(|| listener.metrics().handshakes_failed == 1).await;
-            let m = listener.metrics();
-            assert_eq!(m.handshakes_completed, 0);
-            assert_eq!(m.sessions_now, 0);
-            assert_eq!(m.half_open_now, 0);
+            one_refusal_and_nothing_left(&listener).await;
         }
     }
 }
@@ -221,11 +226,7 @@ async fn client_without_certificate_is_refused() {
         "a client without a certificate must be refused, got {:?}",
         result.map(|_| ())
     );
-    wait_for(|| listener.metrics().handshakes_failed == 1).await;
-    let m = listener.metrics();
-    assert_eq!(m.handshakes_completed, 0);
-    assert_eq!(m.sessions_now, 0);
-    assert_eq!(m.half_open_now, 0);
+    one_refusal_and_nothing_left(&listener).await;
 }
 
 #[tokio::test]
