@@ -577,20 +577,34 @@ fn openssl_made_ca_key_and_cert_are_usable() {
         ca::CaError::KeyMismatch
     );
 
-    // openssl's CA validity starts now (wall clock), so this test verifies at the current time.
+    // openssl's CA validity starts when `openssl req` ran (wall clock), so this part cannot use the
+    // fixed NOW. Nor may it compare our clock reading with openssl's: glibc's time(), which openssl
+    // uses, reads the kernel's coarse clock, up to a tick behind the clock_gettime that
+    // SystemTime::now reads, so a leaf minted with notBefore = now just after a second boundary
+    // was "not yet valid" to an `openssl verify` run a few ms later (seen once in CI). The leaf is
+    // backdated an hour, as `factory mint` does, and openssl verifies at an explicit time an hour
+    // ahead, inside both validities.
     let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
     let (idev, _) = ca::mint_idevid(
         &issuing,
         "SN50",
         hw_type(),
-        now,
+        now - hour,
         now + YEAR,
         &mut ChaCha20Rng::seed_from_u64(51),
     )
     .unwrap();
     dir.write_cert_pem("idev.pem", &idev);
+    let at = (now + hour)
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        .to_string();
     let out = dir.openssl(&[
         "verify",
+        "-attime",
+        &at,
         "-purpose",
         "sslclient",
         "-CAfile",
