@@ -407,6 +407,7 @@ fn plot_cdf(r: &Report, out: &mut String) -> PlotResult {
             ))?
             .label(match s.arrival_rate {
                 Some(rate) => format!("open loop {rate:.0}/s"),
+                None if s.concurrency == 1 => "1 meter".to_string(),
                 None => format!("{} meters", s.concurrency),
             })
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
@@ -557,8 +558,15 @@ pre{{background:#f6f6f6;padding:6px;overflow-x:auto}}</style></head><body>\
             h,
             "<tr><td style=\"text-align:left\">{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.1}</td><td>{:.2}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.0}</td><td>{:.1}</td><td>{}</td><td>{}</td></tr>",
             esc(&s.target),
-            s.mode,
-            s.concurrency,
+            match s.arrival_rate {
+                Some(rate) => format!("{} (open loop, {rate:.0}/s offered)", s.mode),
+                None => s.mode.clone(),
+            },
+            match s.arrival_rate {
+                // Open loop: arrivals decide the concurrency; this is only its cap.
+                Some(_) => format!("up to {}", s.concurrency),
+                None => s.concurrency.to_string(),
+            },
             s.rate_per_s,
             s.latency.p50_ms,
             s.latency.p90_ms,
@@ -689,9 +697,13 @@ mod tests {
 
     #[test]
     fn html_is_self_contained_with_three_svg_plots_and_the_table() {
+        let open_loop = StepResult {
+            arrival_rate: Some(205.0),
+            ..step(4096, 204.9)
+        };
         let r = Report {
             run_id: "t<1>".into(),
-            steps: vec![step(1, 50.0), step(8, 300.0), step(64, 410.5)],
+            steps: vec![step(1, 50.0), step(8, 300.0), step(64, 410.5), open_loop],
             targets: vec![TargetCheck {
                 name: "rate".into(),
                 target: ">= 1000/s".into(),
@@ -711,6 +723,13 @@ mod tests {
         assert!(h.contains("t&lt;1&gt;") && !h.contains("t<1>"));
         assert!(!h.contains("<script") && !h.contains("src=\"http"));
         assert!(h.contains("410.5") && h.contains("missed"));
+        // The open-loop step says so, and that its meter count is only a cap.
+        assert!(
+            h.contains(
+                "<td>enroll (open loop, 205/s offered)</td><td>up to 4096</td><td>204.9</td>"
+            ),
+            "{h}"
+        );
         let t = render_table(&r);
         assert!(t.lines().count() >= 5 && t.contains("MISSED"), "{t}");
         assert!(
