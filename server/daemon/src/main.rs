@@ -488,6 +488,10 @@ fn run(data_dir: &Path, args: RunArgs) -> Result<()> {
     }
     let rt = builder.enable_all().thread_name("est-io").build()?;
     rt.block_on(async move {
+        // The handlers go in before anything is announced: a supervisor (or a test) that sends
+        // SIGTERM as soon as it reads "listening" must get a clean shutdown, not the default
+        // action's kill.
+        let shutdown = ShutdownSignal::install();
         let server = service::start(loaded, args.listen).await?;
         let addr = server.local_addr;
         tracing::info!(%addr, data_dir = %data_dir.display(), "est-server listening (coaps, DTLS 1.2)");
@@ -500,7 +504,7 @@ fn run(data_dir: &Path, args: RunArgs) -> Result<()> {
             "  coap-client-gnutls -m post -b 64 -t 286 -A 287 -f meter/csr.der -c meter/SN0001/idevid-chain.pem -j meter/SN0001/idevid.key -C meter/implicit-ta.pem -o meter/ldevid.der coaps://{}/.well-known/est/sen",
             display_host(addr)
         );
-        wait_for_signal().await;
+        shutdown.recv().await;
         tracing::info!("shutting down");
         server.shutdown().await;
         Ok::<(), anyhow::Error>(())
@@ -515,24 +519,49 @@ fn display_host(addr: SocketAddr) -> String {
     }
 }
 
-async fn wait_for_signal() {
+/// SIGTERM or SIGINT (Ctrl-C), with the handlers registered when this is made.
+struct ShutdownSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {},
-                    _ = term.recv() => {},
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignal {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            ShutdownSignal {
+                terminate: signal(SignalKind::terminate()).ok(),
+                interrupt: signal(SignalKind::interrupt()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        {
+            ShutdownSignal {}
+        }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn recv(self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                _ = next(self.terminate) => {},
+                _ = next(self.interrupt) => {},
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -92,7 +92,14 @@ fn init_writes_private_keys_0600_and_a_documented_config() {
 }
 
 #[test]
-fn run_starts_listening_and_stops_on_sigterm() {
+fn run_starts_listening_and_stops_on_sigterm_and_sigint() {
+    // Each signal is sent the moment the first line is read: the handlers must already be in.
+    for signal in ["-TERM", "-INT"] {
+        run_until_signal(signal);
+    }
+}
+
+fn run_until_signal(signal: &str) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("data");
     let mut child = bin()
@@ -131,19 +138,19 @@ fn run_starts_listening_and_stops_on_sigterm() {
     #[cfg(unix)]
     {
         let _ = Command::new("kill")
-            .arg("-TERM")
+            .arg(signal)
             .arg(child.id().to_string())
             .status();
     }
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "exit status {status}");
+            assert!(status.success(), "exit status {status} after kill {signal}");
             break;
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "did not stop on SIGTERM"
+            "did not stop on kill {signal}"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
