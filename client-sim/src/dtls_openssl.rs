@@ -685,9 +685,11 @@ mod tests {
         let took = t.elapsed();
         assert_eq!(conn.dropped.load(Ordering::Relaxed), 2);
         let sent = conn.sent.lock().unwrap().clone();
-        // CH (dropped), CH again after the timer, CH with the cookie; Certificate twice.
-        assert_eq!(sent.iter().filter(|t| **t == 1).count(), 3, "{sent:?}");
-        assert_eq!(sent.iter().filter(|t| **t == 11).count(), 2, "{sent:?}");
+        // CH (dropped), CH again after the timer, CH with the cookie; Certificate twice. One
+        // more resend is allowed: on a loaded box the server may answer after the 1 s timer.
+        let count = |ty: u8| sent.iter().filter(|t| **t == ty).count();
+        assert!((3..=4).contains(&count(1)), "{sent:?}");
+        assert!((2..=3).contains(&count(11)), "{sent:?}");
         // Two expiries of OpenSSL's 1 s initial timer (the second may be doubled).
         assert!(
             took >= Duration::from_millis(1900) && took < Duration::from_secs(8),
@@ -723,8 +725,9 @@ mod tests {
         let conn = udp(srv.addr, Vec::new()).await;
         let t = std::time::Instant::now();
         let e = connect(conn, &c, &cred(&dev)).await.unwrap_err();
+        // Well under the 10 s handshake timeout: refused, not timed out.
         assert!(
-            t.elapsed() < Duration::from_secs(2),
+            t.elapsed() < Duration::from_secs(5),
             "fails at once, no timeout"
         );
         match e {

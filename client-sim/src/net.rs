@@ -316,7 +316,8 @@ mod tests {
         let rtt = t.elapsed();
         assert_eq!(n, 100);
         assert!(rtt >= Duration::from_millis(100), "rtt {rtt:?}");
-        assert!(rtt < Duration::from_millis(400), "rtt {rtt:?}");
+        // Nothing added beyond the two latencies (a loose bound: a loaded CI box delays timers).
+        assert!(rtt < Duration::from_secs(2), "rtt {rtt:?}");
         let (up, down) = link.counters();
         assert_eq!(up.datagrams, 1);
         assert_eq!(up.frames, 2);

@@ -237,7 +237,18 @@ pub mod server {
         let est = Arc::new(Mutex::new(est));
         let est2 = est.clone();
         tokio::spawn(async move {
-            while let Ok((conn, _)) = listener.accept().await {
+            loop {
+                // webrtc-dtls's listener runs each handshake inside accept(): a failed one (a
+                // client that gave up, a test's refused credential) is an error for that client
+                // only, and the server goes on; only a closed listener ends the loop.
+                let conn = match listener.accept().await {
+                    Ok((conn, _)) => conn,
+                    Err(
+                        webrtc_util::Error::ErrClosedListener
+                        | webrtc_util::Error::ErrClosedListenerAcceptCh,
+                    ) => break,
+                    Err(_) => continue,
+                };
                 let est = est2.clone();
                 tokio::spawn(async move {
                     let mut session = ServerSession::new(Arc::new(CoapConfig::default()));

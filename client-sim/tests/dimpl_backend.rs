@@ -175,17 +175,12 @@ async fn dimpl_wire_profile_and_lost_flights_resent_on_dimpl_timer() {
     let sent = conn.sent.lock().unwrap().clone();
     let received = conn.received.lock().unwrap().clone();
     let types: Vec<Option<u8>> = sent.iter().map(|d| handshake_type(d)).collect();
-    // ClientHello (lost), again on the timer, with the cookie; Certificate twice.
-    assert_eq!(
-        types.iter().filter(|t| **t == Some(1)).count(),
-        3,
-        "{types:?}"
-    );
-    assert_eq!(
-        types.iter().filter(|t| **t == Some(11)).count(),
-        2,
-        "{types:?}"
-    );
+    // ClientHello (lost), again on the timer, with the cookie; Certificate twice. At least: the
+    // timer's first expiry can come at 375 ms, and a server slowed by a loaded box may answer a
+    // resent flight after that, so one more resend is correct behaviour, not a failure.
+    let count = |ty: u8| types.iter().filter(|t| **t == Some(ty)).count();
+    assert!((3..=4).contains(&count(1)), "{types:?}");
+    assert!((2..=3).contains(&count(11)), "{types:?}");
     // Two expiries of the 500 ms initial timer (±25 % jitter; the second may be doubled).
     assert!(
         took >= Duration::from_millis(700) && took < Duration::from_secs(8),

@@ -39,7 +39,18 @@ async fn dtls(
     key: &[u8],
     trust: &[Vec<u8>],
 ) -> Arc<dyn Conn + Send + Sync> {
-    let sock = tokio::net::UdpSocket::bind(local).await.unwrap();
+    // A fixed port can still be held for a moment by a closed connection's tasks: retry.
+    let mut tries = 0;
+    let sock = loop {
+        match tokio::net::UdpSocket::bind(local).await {
+            Ok(sock) => break sock,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("binding {local}: {e}"),
+        }
+    };
     sock.connect(server).await.unwrap();
     let cfg = DtlsClientConfig {
         certificate_chain_der: chain.to_vec(),
@@ -233,11 +244,12 @@ async fn retransmitted_enrollment_is_deduplicated_over_dtls() {
 async fn a_meter_reenrolls_from_the_same_address_and_port() {
     let srv = TestServer::start(|_| {}).await.unwrap();
     let m = meter(&srv, "SNPORT");
-    // Fix the meter's source port, as a meter with a configured port (or a NAT) does.
-    let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let local = probe.local_addr().unwrap();
-    drop(probe);
-    let conn = dtls(srv.addr, local, &m.chain, &m.key, &m.trust).await;
+    // The meter keeps its source port, as a meter with a configured port (or a NAT) does: the
+    // second connection binds the port the first one got.
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let conn = dtls(srv.addr, any, &m.chain, &m.key, &m.trust).await;
+    let local = conn.local_addr().unwrap();
+    assert_ne!(local.port(), 0);
     let mut c = client(6);
     let (csr, _, pkcs8) = new_csr("SNPORT");
     let req = Request::new(Method::Post, "/.well-known/est/sen")

@@ -7,9 +7,11 @@
 
 pub mod backend;
 
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 fn workspace_root() -> PathBuf {
@@ -28,7 +30,14 @@ fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
+/// The est-server binary, built once per test process (the tests of one binary run in parallel
+/// and each starts servers; one `cargo build` is enough).
 pub fn est_server_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(build_est_server).clone()
+}
+
+fn build_est_server() -> PathBuf {
     if let Ok(p) = std::env::var("EST_SERVER_BIN") {
         return PathBuf::from(p);
     }
@@ -67,12 +76,27 @@ impl Drop for Server {
     }
 }
 
-pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Reads `est-server run`'s stdout up to its "listening on coaps://ADDR" line (printed once the
+/// socket is bound) and returns ADDR; the rest of its output is drained by a thread.
+fn announced_address(child: &mut Child) -> SocketAddr {
+    let stdout = child.stdout.take().expect("est-server stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("est-server run announced its address within 60 s");
+        if let Some(rest) = line.split("listening on coaps://").nth(1) {
+            let addr = rest.split_whitespace().next().unwrap_or_default();
+            return addr
+                .parse()
+                .unwrap_or_else(|e| panic!("address in {line:?}: {e}"));
+        }
+    }
 }
 
 /// A fresh data directory with `meters` minted IDevIDs, and the server running on loopback.
@@ -99,27 +123,22 @@ impl Running {
                 .arg("--out")
                 .arg(&fleet_dir),
         );
-        let port = free_udp_port();
-        let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let server = Server(
+        // The server binds a port of the kernel's choosing and announces it: no port picked here
+        // and released (another test's socket could take it before the server binds it), and no
+        // probe that binds the server's port itself.
+        let mut server = Server(
             Command::new(&bin)
                 .arg("run")
                 .arg("--data-dir")
                 .arg(&data)
                 .arg("--listen")
-                .arg(listen.to_string())
-                .stdout(Stdio::null())
+                .arg("127.0.0.1:0")
+                .stdout(Stdio::piped())
                 .stderr(Stdio::null())
                 .spawn()
                 .expect("starting est-server run"),
         );
-        // Ready when the port is taken.
-        for _ in 0..100 {
-            if UdpSocket::bind(listen).is_err() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let listen = announced_address(&mut server.0);
         Running {
             tmp,
             data,
