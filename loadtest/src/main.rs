@@ -31,9 +31,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use client_sim::dtls::DtlsBackend;
 
-use report::{Machine, PeerComparison, Report, TargetCheck};
+use report::{Machine, PeerComparison, PerfProfile, Report, TargetCheck};
 use server::ChildServer;
-use steps::{Mode, StepConfig, Target, Transport};
+use steps::{Mode, StepConfig, StepResult, Target, Transport};
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     client_sim::cli::parse_duration(s, Duration::from_secs(3600))
@@ -321,7 +321,24 @@ async fn compare_peer(
         progress,
         label: label.into(),
     };
-    cmp.ours = Some(steps::run_step(&setup.target, &step("ours: handshake+GET")).await);
+    // With --perf-step at this concurrency, our handshake+GET step is profiled too: set against
+    // the enrollment step's profile it shows where the EST work's CPU goes.
+    let ours_step = step("ours: handshake+GET");
+    let perf = match (cli.perf_step == Some(concurrency), setup.target.pid) {
+        (true, Some(pid)) => start_perf(
+            pid,
+            out,
+            "perf-handshake",
+            ours_step.warmup,
+            duration - ours_step.warmup,
+        ),
+        _ => None,
+    };
+    let ours = steps::run_step(&setup.target, &ours_step).await;
+    if let Some(p) = perf {
+        cmp.perf = Some(finish_perf(p, out, "perf-handshake", &ours).map_err(|e| format!("{e:#}")));
+    }
+    cmp.ours = Some(ours);
     let Some(data) = &setup.data_dir else {
         cmp.note = Some("libcoap comparison needs a local server (skipped with --server)".into());
         return cmp;
@@ -401,11 +418,12 @@ async fn compare_peer(
 fn start_perf(
     pid: u32,
     out: &Path,
+    stem: &str,
     delay: Duration,
     window: Duration,
 ) -> Option<std::thread::JoinHandle<Result<()>>> {
     server::on_path("perf")?;
-    let data = out.join("perf.data");
+    let data = out.join(format!("{stem}.data"));
     Some(std::thread::spawn(move || {
         std::thread::sleep(delay);
         let st = std::process::Command::new("perf")
@@ -424,7 +442,13 @@ fn start_perf(
     }))
 }
 
-fn finish_perf(h: std::thread::JoinHandle<Result<()>>, out: &Path) -> Result<String> {
+/// Waits for `perf record`, writes OUT/STEM-report.txt and returns the step's profile.
+fn finish_perf(
+    h: std::thread::JoinHandle<Result<()>>,
+    out: &Path,
+    stem: &str,
+    step: &StepResult,
+) -> Result<PerfProfile> {
     h.join()
         .map_err(|_| anyhow::anyhow!("perf thread panicked"))??;
     let rep = std::process::Command::new("perf")
@@ -440,22 +464,29 @@ fn finish_perf(h: std::thread::JoinHandle<Result<()>>, out: &Path) -> Result<Str
             "none",
             "-i",
         ])
-        .arg(out.join("perf.data"))
+        .arg(out.join(format!("{stem}.data")))
         .output()
         .context("running perf report")?;
-    let path = out.join("perf-report.txt");
+    let path = out.join(format!("{stem}-report.txt"));
     std::fs::write(&path, &rep.stdout)?;
     let text = String::from_utf8_lossy(&rep.stdout);
-    let cats = perf_categories(&text);
-    let mut summary = String::new();
-    for (name, pct) in &cats {
-        summary.push_str(&format!("{name} {pct:.1}%, "));
-    }
-    Ok(format!(
-        "{} ({})",
-        path.display(),
-        summary.trim_end_matches(", ")
-    ))
+    Ok(PerfProfile {
+        mode: step.mode.clone(),
+        concurrency: step.concurrency,
+        report_path: path.display().to_string(),
+        server_cpu_ms_per_op: step.server_cpu_ms_per_op,
+        components: perf_categories(&text),
+    })
+}
+
+/// "PATH (component 12.3%, ...)" for the report's notes.
+fn perf_summary(p: &PerfProfile) -> String {
+    let parts: Vec<String> = p
+        .components
+        .iter()
+        .map(|(name, pct)| format!("{name} {pct:.1}%"))
+        .collect();
+    format!("{} ({})", p.report_path, parts.join(", "))
 }
 
 /// Groups a flat `perf report --sort dso,symbol` by where the time goes.
@@ -524,6 +555,42 @@ pub(crate) fn perf_categories(report: &str) -> Vec<(String, f64)> {
     v
 }
 
+/// The enrollment step at the peer comparison's concurrency and our handshake+GET step: the
+/// server CPU per operation of each (the EST work's share is their difference).
+fn est_and_handshake_cpu(r: &Report) -> Option<(usize, f64, f64)> {
+    let peer = r.peer.as_ref()?;
+    let hs = peer.ours.as_ref()?.server_cpu_ms_per_op?;
+    let enroll = r
+        .steps
+        .iter()
+        .find(|s| {
+            s.mode == "enroll" && s.arrival_rate.is_none() && s.concurrency == peer.concurrency
+        })?
+        .server_cpu_ms_per_op?;
+    (hs > 0.0).then_some((peer.concurrency, enroll, hs))
+}
+
+/// With both profiles: per component, what a full enrollment costs the server beyond a bare
+/// handshake+GET, in ms per operation.
+fn est_over_handshake_note(r: &Report) -> Option<String> {
+    let enroll = r.perf.iter().find(|p| p.mode == "enroll")?;
+    let hs = r.perf.iter().find(|p| p.mode == "discover")?;
+    if enroll.concurrency != hs.concurrency {
+        return None;
+    }
+    let total = enroll.server_cpu_ms_per_op? - hs.server_cpu_ms_per_op?;
+    let parts: Vec<String> = report::est_over_handshake(enroll, hs)
+        .iter()
+        .filter(|(_, d)| d.abs() >= 0.0005)
+        .map(|(name, d)| format!("{name} {d:+.3}"))
+        .collect();
+    Some(format!(
+        "server CPU of a full enrollment beyond a bare handshake+GET ({} meters): {total:+.3} ms per operation, by component (ms): {}",
+        enroll.concurrency,
+        parts.join(", ")
+    ))
+}
+
 fn warmup_of(d: Duration) -> Duration {
     (d / 5).min(Duration::from_secs(2))
 }
@@ -564,6 +631,30 @@ fn targets(r: &Report) -> Vec<TargetCheck> {
             format!(
                 "curve operations (2S+3V+1E) {:.3} ms of it",
                 c.model_us_per_enrollment / 1000.0
+            )
+        }),
+    });
+    // The budget: "the CA work adds under 15% to the handshake". Measured as the whole
+    // EST part of an enrollment (GET /crts + POST /sen: CSR verify, issuance, durable commit,
+    // the extra exchange) against our bare handshake+GET, at the same number of meters.
+    let est = est_and_handshake_cpu(r);
+    v.push(TargetCheck {
+        name: "EST work added to the handshake (server CPU, same meters)".into(),
+        target: "<= +15%".into(),
+        measured: est.map_or_else(
+            || "not measured".into(),
+            |(c, e, h)| {
+                format!(
+                    "{:+.0}% ({e:.3} vs {h:.3} ms at {c} meters)",
+                    (e / h - 1.0) * 100.0
+                )
+            },
+        ),
+        met: est.map(|(_, e, h)| e / h - 1.0 <= 0.15),
+        note: r.crypto.as_ref().map_or_else(String::new, |c| {
+            format!(
+                "CSR verify + certificate sign {:.3} ms of it",
+                (c.sign.us_per_op + c.verify.us_per_op) / 1000.0
             )
         }),
     });
@@ -719,15 +810,19 @@ async fn run(cli: Cli) -> Result<bool> {
             label: format!("enroll, {c} meters"),
         };
         let perf = match (cli.perf_step == Some(c), setup.target.pid) {
-            (true, Some(pid)) => start_perf(pid, &out, cfg.warmup, duration - cfg.warmup),
+            (true, Some(pid)) => start_perf(pid, &out, "perf", cfg.warmup, duration - cfg.warmup),
             _ => None,
         };
         let r = steps::run_step(&setup.target, &cfg).await;
         if let Some(p) = perf {
-            match finish_perf(p, &out) {
-                Ok(path) => report.notes.push(format!(
-                    "perf profile of the server during the {c}-meter step: {path}"
-                )),
+            match finish_perf(p, &out, "perf", &r) {
+                Ok(profile) => {
+                    report.notes.push(format!(
+                        "perf profile of the server during the {c}-meter step: {}",
+                        perf_summary(&profile)
+                    ));
+                    report.perf.push(profile);
+                }
                 Err(e) => report.notes.push(format!("perf: {e:#}")),
             }
         }
@@ -809,6 +904,20 @@ async fn run(cli: Cli) -> Result<bool> {
         }
         if let Some(n) = &cmp.note {
             report.notes.push(format!("peer: {n}"));
+        }
+        match cmp.perf.take() {
+            Some(Ok(profile)) => {
+                report.notes.push(format!(
+                    "perf profile of the server during our handshake+GET step ({peer_c} meters): {}",
+                    perf_summary(&profile)
+                ));
+                report.perf.push(profile);
+            }
+            Some(Err(e)) => report.notes.push(format!("perf (handshake+GET): {e}")),
+            None => {}
+        }
+        if let Some(note) = est_over_handshake_note(&report) {
+            report.notes.push(note);
         }
         report.peer = Some(cmp);
     }
@@ -976,5 +1085,90 @@ mod tests {
         );
         assert_eq!(cats.len(), 4);
         assert!(Cli::try_parse_from(["loadtest", "--server", "127.0.0.1:5684"]).is_err());
+    }
+
+    fn step(mode: &str, concurrency: usize, cpu: f64) -> StepResult {
+        StepResult {
+            mode: mode.into(),
+            concurrency,
+            rate_per_s: 1000.0,
+            server_cpu_ms_per_op: Some(cpu),
+            ..StepResult::default()
+        }
+    }
+
+    fn profile(mode: &str, cpu: f64, components: &[(&str, f64)]) -> PerfProfile {
+        PerfProfile {
+            mode: mode.into(),
+            concurrency: 64,
+            report_path: format!("{mode}.txt"),
+            server_cpu_ms_per_op: Some(cpu),
+            components: components.iter().map(|(n, p)| ((*n).into(), *p)).collect(),
+        }
+    }
+
+    #[test]
+    fn est_work_over_the_handshake_is_a_target_row_and_split_by_component() {
+        let mut r = Report {
+            steps: vec![step("enroll", 8, 0.9), step("enroll", 64, 0.75)],
+            peer: Some(PeerComparison {
+                concurrency: 64,
+                ours: Some(step("discover", 64, 0.5)),
+                ..PeerComparison::default()
+            }),
+            ..Report::default()
+        };
+        // Compared at the peer's concurrency (64), not at another step: 0.75 / 0.5 = +50%.
+        let row = targets(&r)
+            .into_iter()
+            .find(|t| t.name.starts_with("EST work"))
+            .unwrap();
+        assert_eq!(row.met, Some(false), "{row:?}");
+        assert!(
+            row.measured
+                .starts_with("+50% (0.750 vs 0.500 ms at 64 meters)"),
+            "{row:?}"
+        );
+        // Within budget: +10%.
+        r.steps[1].server_cpu_ms_per_op = Some(0.55);
+        let row = targets(&r)
+            .into_iter()
+            .find(|t| t.name.starts_with("EST work"))
+            .unwrap();
+        assert_eq!(row.met, Some(true), "{row:?}");
+        // Not measured without the handshake step.
+        r.peer.as_mut().unwrap().ours = None;
+        let row = targets(&r)
+            .into_iter()
+            .find(|t| t.name.starts_with("EST work"))
+            .unwrap();
+        assert_eq!((row.met, row.measured.as_str()), (None, "not measured"));
+
+        // Per component: 50% of 0.8 ms = 0.4 ms kernel against 40% of 0.5 = 0.2 ms; ring 0.24 vs
+        // 0.25; SQLite only in the enrollment.
+        r.perf = vec![
+            profile(
+                "enroll",
+                0.8,
+                &[("kernel", 50.0), ("ring", 30.0), ("SQLite", 20.0)],
+            ),
+            profile(
+                "discover",
+                0.5,
+                &[("kernel", 40.0), ("ring", 50.0), ("tokio", 10.0)],
+            ),
+        ];
+        let d = report::est_over_handshake(&r.perf[0], &r.perf[1]);
+        let get = |n: &str| d.iter().find(|c| c.0 == n).unwrap().1;
+        assert!((get("kernel") - 0.2).abs() < 1e-9, "{d:?}");
+        assert!((get("SQLite") - 0.16).abs() < 1e-9, "{d:?}");
+        assert!((get("ring") + 0.01).abs() < 1e-9, "{d:?}");
+        assert!((get("tokio") + 0.05).abs() < 1e-9, "{d:?}");
+        assert_eq!(d.first().unwrap().0, "kernel");
+        let note = est_over_handshake_note(&r).unwrap();
+        assert!(
+            note.contains("+0.300 ms per operation") && note.contains("kernel +0.200"),
+            "{note}"
+        );
     }
 }

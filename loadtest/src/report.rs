@@ -68,6 +68,56 @@ pub struct PeerComparison {
     pub libcoap_command: String,
     /// Why the comparison was skipped or is incomplete.
     pub note: Option<String>,
+    /// The profile of our handshake+GET step, on its way to [`Report::perf`].
+    #[serde(skip)]
+    pub perf: Option<Result<PerfProfile, String>>,
+}
+
+/// A perf profile of the server during one step, grouped by component.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct PerfProfile {
+    /// Which step: "enroll" (closed loop) or "discover" (our handshake+GET).
+    pub mode: String,
+    pub concurrency: usize,
+    /// The flat `perf report` beside the report.
+    pub report_path: String,
+    /// Server CPU per operation in that step (ms).
+    pub server_cpu_ms_per_op: Option<f64>,
+    /// (component, share of the samples in %), largest first.
+    pub components: Vec<(String, f64)>,
+}
+
+impl PerfProfile {
+    /// Each component's share of the step's server CPU per operation, in ms.
+    pub fn ms_per_op(&self) -> Vec<(String, f64)> {
+        let per_op = self.server_cpu_ms_per_op.unwrap_or(0.0);
+        self.components
+            .iter()
+            .map(|(name, pct)| (name.clone(), per_op * pct / 100.0))
+            .collect()
+    }
+}
+
+/// Where a full enrollment's server CPU beyond a bare handshake+GET goes: per component, the
+/// enrollment step's ms per op minus the handshake+GET step's (largest difference first).
+pub fn est_over_handshake(enroll: &PerfProfile, hs: &PerfProfile) -> Vec<(String, f64)> {
+    let base: std::collections::BTreeMap<String, f64> = hs.ms_per_op().into_iter().collect();
+    let mut names: Vec<String> = enroll.components.iter().map(|c| c.0.clone()).collect();
+    for (n, _) in &hs.components {
+        if !names.contains(n) {
+            names.push(n.clone());
+        }
+    }
+    let full: std::collections::BTreeMap<String, f64> = enroll.ms_per_op().into_iter().collect();
+    let mut v: Vec<(String, f64)> = names
+        .into_iter()
+        .map(|n| {
+            let d = full.get(&n).copied().unwrap_or(0.0) - base.get(&n).copied().unwrap_or(0.0);
+            (n, d)
+        })
+        .collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
 }
 
 /// A target of the issue and whether this run met it.
@@ -116,6 +166,10 @@ pub struct Report {
     pub core_native_us: Option<f64>,
     pub targets: Vec<TargetCheck>,
     pub notes: Vec<String>,
+    /// perf profiles of the server (`--perf-step N`): the N-meter enrollment step and, when N is
+    /// the peer comparison's concurrency, our handshake+GET step.
+    #[serde(default)]
+    pub perf: Vec<PerfProfile>,
 }
 
 fn fmt_opt(v: Option<f64>, prec: usize) -> String {
