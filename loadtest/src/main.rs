@@ -119,6 +119,9 @@ struct Cli {
     seed: u64,
     /// Profile the server with `perf record -g` during the closed-loop step with this many
     /// meters (OUT/perf.data, flat profile in OUT/perf-report.txt, grouped in the report notes).
+    /// When N is also the peer comparison's --peer-concurrency (64 by default), our
+    /// handshake+GET step is profiled too (OUT/perf-handshake-report.txt) and a note splits the
+    /// enrollment's extra server CPU by component.
     #[arg(long)]
     perf_step: Option<usize>,
     /// Drive the meters over plain connected UDP sockets instead of client-sim's (zero-delay)
