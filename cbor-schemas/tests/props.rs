@@ -279,13 +279,11 @@ fn sign_der(k: &SigningKey, msg: &[u8]) -> Vec<u8> {
 const SEED: u64 = 0xc509_5eed;
 
 fn seed() -> proptest::test_runner::RngSeed {
-    match std::env::var("PROPTEST_RNG_SEED")
+    let seed = std::env::var("PROPTEST_RNG_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-    {
-        Some(s) => proptest::test_runner::RngSeed::Fixed(s),
-        None => proptest::test_runner::RngSeed::Fixed(SEED),
-    }
+        .unwrap_or(SEED);
+    proptest::test_runner::RngSeed::Fixed(seed)
 }
 
 proptest! {

@@ -101,21 +101,14 @@ impl PerfProfile {
 /// Where a full enrollment's server CPU beyond a bare handshake+GET goes: per component, the
 /// enrollment step's ms per op minus the handshake+GET step's (largest difference first).
 pub fn est_over_handshake(enroll: &PerfProfile, hs: &PerfProfile) -> Vec<(String, f64)> {
-    let base: std::collections::BTreeMap<String, f64> = hs.ms_per_op().into_iter().collect();
-    let mut names: Vec<String> = enroll.components.iter().map(|c| c.0.clone()).collect();
-    for (n, _) in &hs.components {
-        if !names.contains(n) {
-            names.push(n.clone());
-        }
+    let mut diff: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
+    for (name, ms) in enroll.ms_per_op() {
+        *diff.entry(name).or_default() += ms;
     }
-    let full: std::collections::BTreeMap<String, f64> = enroll.ms_per_op().into_iter().collect();
-    let mut v: Vec<(String, f64)> = names
-        .into_iter()
-        .map(|n| {
-            let d = full.get(&n).copied().unwrap_or(0.0) - base.get(&n).copied().unwrap_or(0.0);
-            (n, d)
-        })
-        .collect();
+    for (name, ms) in hs.ms_per_op() {
+        *diff.entry(name).or_default() -= ms;
+    }
+    let mut v: Vec<(String, f64)> = diff.into_iter().collect();
     v.sort_by(|a, b| b.1.total_cmp(&a.1));
     v
 }

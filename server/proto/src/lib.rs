@@ -16,3 +16,17 @@ pub mod coap;
 pub mod est;
 pub mod policy;
 pub mod store;
+
+/// Shared by the crate's unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// A fixed proptest seed, `default` unless PROPTEST_RNG_SEED gives another: the same cases
+    /// on every run, and a way to explore more.
+    pub(crate) fn proptest_seed(default: u64) -> proptest::test_runner::RngSeed {
+        let seed = std::env::var("PROPTEST_RNG_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(default);
+        proptest::test_runner::RngSeed::Fixed(seed)
+    }
+}

@@ -952,13 +952,7 @@ mod props {
     use proptest::prelude::*;
 
     fn seed() -> proptest::test_runner::RngSeed {
-        match std::env::var("PROPTEST_RNG_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-        {
-            Some(s) => proptest::test_runner::RngSeed::Fixed(s),
-            None => proptest::test_runner::RngSeed::Fixed(0x0ca5_eed5),
-        }
+        crate::test_support::proptest_seed(0x0ca5_eed5)
     }
 
     fn csr_and_signer() -> &'static (RingP256Signer, Vec<u8>) {

@@ -2287,16 +2287,8 @@ mod prop {
     use proptest::prelude::*;
 
     /// Fixed seed: the same cases on every run (override with PROPTEST_RNG_SEED to explore).
-    const SEED: u64 = 0xc0a9_5eed;
-
     fn seed() -> proptest::test_runner::RngSeed {
-        match std::env::var("PROPTEST_RNG_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-        {
-            Some(s) => proptest::test_runner::RngSeed::Fixed(s),
-            None => proptest::test_runner::RngSeed::Fixed(SEED),
-        }
+        crate::test_support::proptest_seed(0xc0a9_5eed)
     }
 
     proptest! {
