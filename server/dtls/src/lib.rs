@@ -9,4 +9,6 @@
 //! datagrams, events and the next timer out, in the shape of quinn-proto.
 #![forbid(unsafe_code)]
 
+pub mod cookie;
 pub mod crypto;
+pub mod replay;
