@@ -12,3 +12,20 @@
 pub mod cookie;
 pub mod crypto;
 pub mod replay;
+pub mod wire;
+
+mod client;
+mod config;
+mod conn;
+mod endpoint;
+mod error;
+mod metrics;
+mod reassembly;
+
+pub use client::Client;
+pub use config::{ChainVerifier, ClientConfig, Limits, RetransmitConfig, ServerConfig, Verified};
+pub use conn::{CloseReason, ConnEvent, Connection, Role};
+pub use crypto::{CipherSuite, NamedGroup, SignatureScheme, SigningKey};
+pub use endpoint::{ConnectionHandle, Endpoint, Event, Gauges, Transmit};
+pub use error::{CertError, Error, RefusalReason};
+pub use metrics::Metrics;

@@ -1,0 +1,282 @@
+//! Configuration of both roles. Every duration and size carries its unit in the name; every
+//! limit a peer can push against is here, with its counter in [`crate::Metrics`].
+
+use std::any::Any;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::crypto::{CipherSuite, NamedGroup, SigningKey};
+use crate::error::CertError;
+
+/// What a verifier established about a peer's certificate chain.
+#[derive(Clone)]
+pub struct Verified {
+    /// The peer's identity for the per-identity session limit (e.g. the device serial). Empty:
+    /// the SHA-256 of the leaf certificate is used.
+    pub identity: Vec<u8>,
+    /// Whatever the verifier wants the application to have with the session.
+    pub context: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl fmt::Debug for Verified {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Verified")
+            .field("identity", &String::from_utf8_lossy(&self.identity))
+            .field("context", &self.context.is_some())
+            .finish()
+    }
+}
+
+/// Validates a peer's certificate chain (DER, leaf first, as sent). Runs once per handshake,
+/// before the CertificateVerify (proof of possession) is checked.
+pub type ChainVerifier = Arc<dyn Fn(&[Vec<u8>]) -> Result<Verified, CertError> + Send + Sync>;
+
+/// Handshake retransmission timer (RFC 6347 §4.2.4.1): doubles from `initial` up to `max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetransmitConfig {
+    pub initial: Duration,
+    pub max: Duration,
+}
+
+impl Default for RetransmitConfig {
+    fn default() -> Self {
+        RetransmitConfig {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Limits on what peers can make the server hold (issue #10 §3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Handshakes past the cookie exchange, in total.
+    pub max_half_open: usize,
+    /// Handshakes past the cookie exchange from one source IP address.
+    pub max_half_open_per_ip: usize,
+    /// Established sessions plus handshakes in progress; over it a returning cookie gets a
+    /// fatal handshake_failure alert.
+    pub max_sessions: usize,
+    /// Established sessions of one identity; a new one replaces the oldest.
+    pub max_sessions_per_identity: usize,
+    /// Established sessions from one source IP address (relays in `exempt_ips` are exempt).
+    pub max_sessions_per_ip: usize,
+    /// Source addresses exempt from the per-IP limits (DCU relays).
+    pub exempt_ips: Vec<IpAddr>,
+    /// A handshake message longer than this is refused (certificate chains are the longest).
+    pub max_handshake_message_bytes: u32,
+    /// Certificates in a peer's chain.
+    pub max_chain_len: usize,
+    /// Log lines about remote peers, per second, in total (the rest are counted, not logged).
+    pub max_log_lines_per_sec: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_half_open: 1024,
+            max_half_open_per_ip: 16,
+            max_sessions: 20_000,
+            max_sessions_per_identity: 4,
+            max_sessions_per_ip: 64,
+            exempt_ips: Vec::new(),
+            max_handshake_message_bytes: 16 * 1024,
+            max_chain_len: 8,
+            max_log_lines_per_sec: 20,
+        }
+    }
+}
+
+/// Server configuration.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// Our certificate chain, DER, our certificate first.
+    pub certificate_chain: Vec<Vec<u8>>,
+    /// Our key (ECDSA P-256 or P-384).
+    pub private_key: Arc<SigningKey>,
+    /// Validates client chains; a client certificate is always required.
+    pub client_verifier: ChainVerifier,
+    /// Suites in the server's preference order.
+    pub cipher_suites: Vec<CipherSuite>,
+    /// ECDHE groups in the server's preference order.
+    pub groups: Vec<NamedGroup>,
+    /// Refuse clients that do not offer extended_master_secret (RFC 7627).
+    pub require_extended_master_secret: bool,
+    /// Largest datagram we send (records are packed and handshake messages fragmented to fit).
+    pub mtu_bytes: usize,
+    pub retransmit: RetransmitConfig,
+    /// A handshake not complete after this long is abandoned.
+    pub handshake_timeout: Duration,
+    /// A handshake past the cookie that receives nothing for this long is abandoned.
+    pub handshake_stall_timeout: Duration,
+    /// A session with no traffic in either direction for this long is closed.
+    pub idle_timeout: Duration,
+    /// How long our final flight is kept to answer a repeated client flight (RFC 6347 §4.2.4:
+    /// twice the TCP MSL), unless application data shows the client has it.
+    pub final_flight_retention: Duration,
+    /// Cookie HMAC key rotation; cookies of the previous key stay valid one more interval.
+    pub cookie_rotation_interval: Duration,
+    /// Length of the connection IDs we issue (RFC 9146); 0 turns Connection ID off.
+    pub cid_length: usize,
+    /// Leading bytes of every CID we issue (a node id for CID-routing load balancers); must be
+    /// shorter than `cid_length`.
+    pub cid_prefix: Vec<u8>,
+    /// DER distinguished names sent in the CertificateRequest (empty: any).
+    pub certificate_authorities: Vec<Vec<u8>>,
+    pub limits: Limits,
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("certificate_chain_len", &self.certificate_chain.len())
+            .field("cipher_suites", &self.cipher_suites)
+            .field("groups", &self.groups)
+            .field(
+                "require_extended_master_secret",
+                &self.require_extended_master_secret,
+            )
+            .field("mtu_bytes", &self.mtu_bytes)
+            .field("retransmit", &self.retransmit)
+            .field("handshake_timeout", &self.handshake_timeout)
+            .field("handshake_stall_timeout", &self.handshake_stall_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("cid_length", &self.cid_length)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerConfig {
+    /// A configuration with the documented defaults around the given credentials.
+    pub fn new(
+        certificate_chain: Vec<Vec<u8>>,
+        private_key: Arc<SigningKey>,
+        client_verifier: ChainVerifier,
+    ) -> Self {
+        ServerConfig {
+            certificate_chain,
+            private_key,
+            client_verifier,
+            cipher_suites: vec![
+                CipherSuite::Aes128Ccm8,
+                CipherSuite::Aes128Gcm,
+                CipherSuite::Aes256Gcm,
+            ],
+            groups: vec![
+                NamedGroup::Secp256r1,
+                NamedGroup::X25519,
+                NamedGroup::Secp384r1,
+            ],
+            require_extended_master_secret: true,
+            mtu_bytes: 1152,
+            retransmit: RetransmitConfig::default(),
+            handshake_timeout: Duration::from_secs(30),
+            handshake_stall_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
+            final_flight_retention: Duration::from_secs(240),
+            cookie_rotation_interval: Duration::from_secs(60),
+            cid_length: 4,
+            cid_prefix: Vec::new(),
+            certificate_authorities: Vec::new(),
+            limits: Limits::default(),
+        }
+    }
+
+    /// Cross-field checks.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.certificate_chain.is_empty() {
+            return Err("certificate chain is empty".into());
+        }
+        if self.cipher_suites.is_empty() {
+            return Err("cipher_suites is empty".into());
+        }
+        if self.groups.is_empty() {
+            return Err("groups is empty".into());
+        }
+        if self.mtu_bytes < 200 || self.mtu_bytes > 16_384 {
+            return Err(format!("mtu_bytes {} outside 200..=16384", self.mtu_bytes));
+        }
+        if self.cid_length > 32 {
+            return Err("cid_length must be at most 32".into());
+        }
+        if self.cid_length > 0 && self.cid_prefix.len() >= self.cid_length {
+            return Err("cid_prefix must be shorter than cid_length".into());
+        }
+        if self.retransmit.initial.is_zero() || self.retransmit.max < self.retransmit.initial {
+            return Err("retransmit: initial must be > 0 and <= max".into());
+        }
+        let l = &self.limits;
+        if l.max_half_open == 0 || l.max_sessions == 0 || l.max_half_open_per_ip == 0 {
+            return Err("limits must be at least 1".into());
+        }
+        if l.max_half_open > l.max_sessions {
+            return Err("limits.max_half_open must not exceed limits.max_sessions".into());
+        }
+        if l.max_sessions_per_identity == 0 || l.max_sessions_per_ip == 0 {
+            return Err("per-identity and per-IP session limits must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Client configuration.
+#[derive(Clone)]
+pub struct ClientConfig {
+    /// Our certificate chain (DER, ours first) and key.
+    pub certificate_chain: Vec<Vec<u8>>,
+    pub private_key: Arc<SigningKey>,
+    /// Validates the server's chain.
+    pub server_verifier: ChainVerifier,
+    /// Suites offered, in preference order.
+    pub cipher_suites: Vec<CipherSuite>,
+    /// Groups offered, in preference order.
+    pub groups: Vec<NamedGroup>,
+    pub require_extended_master_secret: bool,
+    pub mtu_bytes: usize,
+    pub retransmit: RetransmitConfig,
+    pub handshake_timeout: Duration,
+    /// Offer the connection_id extension with this CID (what we want to receive; empty: we will
+    /// send with the server's CID but want none back). `None`: do not offer CID.
+    pub connection_id: Option<Vec<u8>>,
+    pub max_chain_len: usize,
+    pub max_handshake_message_bytes: u32,
+}
+
+impl fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("certificate_chain_len", &self.certificate_chain.len())
+            .field("cipher_suites", &self.cipher_suites)
+            .field("groups", &self.groups)
+            .field("mtu_bytes", &self.mtu_bytes)
+            .field("retransmit", &self.retransmit)
+            .field("connection_id", &self.connection_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientConfig {
+    pub fn new(
+        certificate_chain: Vec<Vec<u8>>,
+        private_key: Arc<SigningKey>,
+        server_verifier: ChainVerifier,
+    ) -> Self {
+        ClientConfig {
+            certificate_chain,
+            private_key,
+            server_verifier,
+            cipher_suites: vec![CipherSuite::Aes128Ccm8, CipherSuite::Aes128Gcm],
+            groups: vec![NamedGroup::Secp256r1],
+            require_extended_master_secret: true,
+            mtu_bytes: 1152,
+            retransmit: RetransmitConfig::default(),
+            handshake_timeout: Duration::from_secs(60),
+            connection_id: None,
+            max_chain_len: 8,
+            max_handshake_message_bytes: 16 * 1024,
+        }
+    }
+}

@@ -1,0 +1,704 @@
+//! The server endpoint: many associations behind one socket.
+//!
+//! ```text
+//!   handle(now, from, datagram)
+//!     ├─ tls12_cid record ──────────────► connection by CID (any source address, RFC 9146)
+//!     ├─ known address ─────────────────► its connection (a new ClientHello goes stateless)
+//!     └─ ClientHello, unknown address ──► stateless cookie check (RFC 6347 §4.2.1)
+//!            no/bad cookie: HelloVerifyRequest, nothing kept
+//!            valid cookie:  admission limits, then a Connection (flight 4)
+//!   poll_transmit() / poll_event() / poll_timeout() / handle_timeout(now)
+//! ```
+//!
+//! Until a ClientHello returns a valid cookie the endpoint keeps nothing for its sender: one
+//! HMAC and one HelloVerifyRequest no larger than the ClientHello. Everything after that is
+//! bounded by [`crate::Limits`], and every refusal is counted and logged at a bounded rate.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::config::{ServerConfig, Verified};
+use crate::conn::{CloseReason, ConnEvent, Connection};
+use crate::cookie::CookieKeys;
+use crate::crypto::{self, HashAlg};
+use crate::error::{Error, RefusalReason};
+use crate::metrics::Metrics;
+use crate::wire::{
+    self, alert, content_type as ct, handshake_type as hs, ClientHello, HelloVerifyRequest,
+    DTLS_1_0,
+};
+
+/// Identifies a connection of an [`Endpoint`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnectionHandle(pub u64);
+
+/// A datagram to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub destination: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// What the endpoint tells its driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A handshake completed: the session is ready ([`Endpoint::connection`] has its details).
+    Connected(ConnectionHandle),
+    /// Application data of a session.
+    Data(ConnectionHandle, Vec<u8>),
+    /// A session moved to a new address (Connection ID).
+    AddressChanged {
+        conn: ConnectionHandle,
+        from: SocketAddr,
+        to: SocketAddr,
+    },
+    /// A session (or a handshake) ended; the handle is no longer valid.
+    Closed(ConnectionHandle, CloseReason),
+}
+
+/// Gauges of the endpoint's state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Gauges {
+    pub half_open: usize,
+    pub established: usize,
+    pub timers: usize,
+}
+
+struct Slot {
+    conn: Connection,
+    timer: Option<Instant>,
+    /// The source IP the limits counted this connection under.
+    ip: IpAddr,
+    half_open: bool,
+    established: bool,
+    identity: Option<Vec<u8>>,
+    /// The address key under which `by_addr` maps to this connection.
+    addr_key: Option<SocketAddr>,
+}
+
+/// Rate limit on log lines about remote peers.
+struct LogLimiter {
+    window_start: Option<Instant>,
+    lines: u32,
+    max_per_sec: u32,
+}
+
+impl LogLimiter {
+    fn allow(&mut self, now: Instant, metrics: &mut Metrics) -> bool {
+        match self.window_start {
+            Some(s) if now < s + Duration::from_secs(1) => {}
+            _ => {
+                self.window_start = Some(now);
+                self.lines = 0;
+            }
+        }
+        if self.lines < self.max_per_sec {
+            self.lines += 1;
+            true
+        } else {
+            metrics.log_lines_suppressed += 1;
+            false
+        }
+    }
+}
+
+/// The server side of the engine.
+pub struct Endpoint {
+    config: Arc<ServerConfig>,
+    rng: SystemRandom,
+    cookies: CookieKeys,
+    slots: HashMap<u64, Slot>,
+    by_addr: HashMap<SocketAddr, u64>,
+    by_cid: HashMap<Vec<u8>, u64>,
+    by_identity: HashMap<Vec<u8>, VecDeque<u64>>,
+    half_open_per_ip: HashMap<IpAddr, usize>,
+    established_per_ip: HashMap<IpAddr, usize>,
+    half_open: usize,
+    /// Half-open handshakes in admission order (stale entries are skipped lazily).
+    half_open_order: VecDeque<u64>,
+    established: usize,
+    timers: BTreeSet<(Instant, u64)>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    metrics: Metrics,
+    next_id: u64,
+    log: LogLimiter,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("connections", &self.slots.len())
+            .field("half_open", &self.half_open)
+            .field("established", &self.established)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Endpoint {
+    pub fn new(config: Arc<ServerConfig>, now: Instant) -> Result<Endpoint, Error> {
+        config.validate().map_err(Error::Internal)?;
+        let rng = SystemRandom::new();
+        let cookies = CookieKeys::new(&rng, now);
+        let max_log = config.limits.max_log_lines_per_sec;
+        Ok(Endpoint {
+            config,
+            rng,
+            cookies,
+            slots: HashMap::new(),
+            by_addr: HashMap::new(),
+            by_cid: HashMap::new(),
+            by_identity: HashMap::new(),
+            half_open_per_ip: HashMap::new(),
+            established_per_ip: HashMap::new(),
+            half_open: 0,
+            half_open_order: VecDeque::new(),
+            established: 0,
+            timers: BTreeSet::new(),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            metrics: Metrics::default(),
+            next_id: 1,
+            log: LogLimiter {
+                window_start: None,
+                lines: 0,
+                max_per_sec: max_log,
+            },
+        })
+    }
+
+    pub fn config(&self) -> &Arc<ServerConfig> {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn gauges(&self) -> Gauges {
+        Gauges {
+            half_open: self.half_open,
+            established: self.established,
+            timers: self.timers.len(),
+        }
+    }
+
+    /// A live connection.
+    pub fn connection(&self, h: ConnectionHandle) -> Option<&Connection> {
+        self.slots.get(&h.0).map(|s| &s.conn)
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// The next instant [`Endpoint::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|(t, _)| *t)
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(t, id)) = self.timers.first() {
+            if t > now {
+                break;
+            }
+            self.timers.remove(&(t, id));
+            let Some(slot) = self.slots.get_mut(&id) else {
+                continue;
+            };
+            slot.timer = None;
+            let mut events = Vec::new();
+            slot.conn
+                .handle_timeout(now, &mut self.metrics, &mut events);
+            self.after(now, id, events);
+        }
+    }
+
+    /// Sends application data on a session.
+    pub fn send(&mut self, now: Instant, h: ConnectionHandle, data: &[u8]) -> Result<(), Error> {
+        let slot = self
+            .slots
+            .get_mut(&h.0)
+            .ok_or(Error::UnexpectedMessage("no such connection"))?;
+        slot.conn.send(now, data)?;
+        self.after(now, h.0, Vec::new());
+        Ok(())
+    }
+
+    /// Closes a session with close_notify.
+    pub fn close(&mut self, now: Instant, h: ConnectionHandle) {
+        if let Some(slot) = self.slots.get_mut(&h.0) {
+            let mut events = Vec::new();
+            slot.conn.close(&mut self.metrics, &mut events);
+            self.after(now, h.0, events);
+        }
+    }
+
+    /// Closes every session (close_notify) and abandons every handshake.
+    pub fn shutdown(&mut self, now: Instant) {
+        let ids: Vec<u64> = self.slots.keys().copied().collect();
+        for id in ids {
+            if let Some(slot) = self.slots.get_mut(&id) {
+                let mut events = Vec::new();
+                slot.conn
+                    .close_with(CloseReason::Shutdown, true, &mut self.metrics, &mut events);
+                self.after(now, id, events);
+            }
+        }
+    }
+
+    /// Handles one datagram from `from`.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.metrics.datagrams_received += 1;
+        let cid_len = self.config.cid_length;
+        let Some((content, epoch, cid)) = wire::peek_first_record(datagram, cid_len) else {
+            self.metrics.records_malformed += 1;
+            return;
+        };
+        if content == ct::TLS12_CID {
+            // RFC 9146: routed by CID, whatever the source address.
+            match self.by_cid.get(cid).copied() {
+                Some(id) => self.deliver(now, id, from, datagram),
+                None => self.metrics.dropped_unknown_peer += 1,
+            }
+            return;
+        }
+        let hello = if content == ct::HANDSHAKE && epoch == 0 {
+            first_client_hello_random(datagram)
+        } else {
+            None
+        };
+        if let Some(&id) = self.by_addr.get(&from) {
+            let repeat_of_handshake = match (&hello, self.slots.get(&id)) {
+                (Some(random), Some(slot)) => slot.conn.handshake_client_random() == Some(*random),
+                _ => true,
+            };
+            if hello.is_none() || repeat_of_handshake {
+                self.deliver(now, id, from, datagram);
+                return;
+            }
+            // A ClientHello with a new random from an address with a session (the meter
+            // restarted): RFC 6347 §4.2.8, a new handshake, statelessly until the cookie
+            // proves the address; only then is the old association replaced.
+        }
+        if hello.is_some() {
+            self.stateless_client_hello(now, from, datagram);
+        } else {
+            self.metrics.dropped_unknown_peer += 1;
+        }
+    }
+
+    fn deliver(&mut self, now: Instant, id: u64, from: SocketAddr, datagram: &[u8]) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        let mut events = Vec::new();
+        slot.conn
+            .handle_datagram(now, from, datagram, &mut self.metrics, &mut events);
+        self.after(now, id, events);
+    }
+
+    /// RFC 6347 §4.2.1: answer a ClientHello without a valid cookie with a HelloVerifyRequest
+    /// and keep nothing; admit one with a valid cookie.
+    fn stateless_client_hello(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        self.cookies
+            .rotate_if_due(&self.rng, now, self.config.cookie_rotation_interval);
+        let Ok((rec, _)) = wire::parse_record(datagram, 0) else {
+            self.metrics.client_hello_malformed += 1;
+            return;
+        };
+        let frag = match wire::parse_handshake_fragments(rec.fragment) {
+            Ok(f) => f.into_iter().next(),
+            Err(_) => None,
+        };
+        // A stateless server cannot reassemble: the ClientHello must come whole.
+        let Some(frag) = frag.filter(|f| f.msg_type == hs::CLIENT_HELLO && f.is_complete()) else {
+            self.metrics.client_hello_malformed += 1;
+            return;
+        };
+        let Ok(ch) = ClientHello::parse(frag.body) else {
+            self.metrics.client_hello_malformed += 1;
+            return;
+        };
+        let params = ch.cookie_params();
+        if ch.cookie.is_empty() || !self.cookies.verify(&from, &params, &ch.cookie) {
+            if !ch.cookie.is_empty() {
+                self.metrics.refuse(RefusalReason::BadCookie);
+            }
+            let hvr = HelloVerifyRequest {
+                server_version: DTLS_1_0,
+                cookie: self.cookies.generate(&from, &params).to_vec(),
+            };
+            let msg =
+                wire::handshake_message(hs::HELLO_VERIFY_REQUEST, frag.message_seq, &hvr.encode());
+            let mut out = Vec::with_capacity(wire::RECORD_HEADER_LEN + msg.len());
+            // RFC 6347 §4.2.1: the HelloVerifyRequest reuses the ClientHello's record sequence.
+            wire::push_record(&mut out, ct::HANDSHAKE, DTLS_1_0, 0, rec.seq, &[], &msg);
+            self.metrics.hello_verify_sent += 1;
+            self.transmits.push_back(Transmit {
+                destination: from,
+                payload: out,
+            });
+            return;
+        }
+        self.metrics.cookies_verified += 1;
+        let ip = from.ip();
+        let exempt = self.config.limits.exempt_ips.contains(&ip);
+        let limits = &self.config.limits;
+        let replacing = self.by_addr.get(&from).copied();
+        let live = self.slots.len() - usize::from(replacing.is_some());
+        // Admission control (issue #10 §3). Half-open caps drop silently (the meter retries
+        // its ClientHello with back-off); a full server refuses cleanly with an alert.
+        if live >= limits.max_sessions {
+            self.refuse_stateless(now, from, rec.seq, Error::Limit("max_sessions"));
+            return;
+        }
+        if !exempt {
+            if self.half_open_per_ip.get(&ip).copied().unwrap_or(0) >= limits.max_half_open_per_ip {
+                self.metrics.refuse(RefusalReason::Limit);
+                self.log_refusal(now, from, &Error::Limit("max_half_open_per_ip"));
+                return;
+            }
+            let established_here = self.established_per_ip.get(&ip).copied().unwrap_or(0)
+                - usize::from(
+                    replacing
+                        .and_then(|id| self.slots.get(&id))
+                        .is_some_and(|s| s.established),
+                );
+            if established_here >= limits.max_sessions_per_ip {
+                self.refuse_stateless(now, from, rec.seq, Error::Limit("max_sessions_per_ip"));
+                return;
+            }
+        }
+        if self.half_open >= self.config.limits.max_half_open && !self.evict_oldest_half_open(now) {
+            self.metrics.refuse(RefusalReason::Limit);
+            self.log_refusal(now, from, &Error::Limit("max_half_open"));
+            return;
+        }
+        let own_cid = if self.config.cid_length > 0
+            && ch.extension(wire::extension_type::CONNECTION_ID).is_some()
+        {
+            match self.allocate_cid() {
+                Some(c) => c,
+                None => {
+                    self.refuse_stateless(now, from, rec.seq, Error::Internal("no CID".into()));
+                    return;
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let ch_message = wire::handshake_message(hs::CLIENT_HELLO, frag.message_seq, frag.body);
+        let accepted = Connection::accept(
+            now,
+            from,
+            self.config.clone(),
+            &ch,
+            &ch_message,
+            frag.message_seq,
+            rec.seq,
+            own_cid,
+            &self.rng,
+            &mut self.metrics,
+        );
+        let conn = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                self.refuse_stateless(now, from, rec.seq.saturating_add(1), e);
+                return;
+            }
+        };
+        if let Some(old) = replacing {
+            // The new handshake proved the address: the old association goes (RFC 6347 §4.2.8).
+            if let Some(slot) = self.slots.get_mut(&old) {
+                let mut events = Vec::new();
+                slot.conn
+                    .close_with(CloseReason::Replaced, false, &mut self.metrics, &mut events);
+                self.metrics.sessions_replaced += 1;
+                self.after(now, old, events);
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        if !conn.own_cid().is_empty() {
+            self.by_cid.insert(conn.own_cid().to_vec(), id);
+        }
+        self.by_addr.insert(from, id);
+        self.half_open += 1;
+        self.half_open_order.push_back(id);
+        if self.half_open_order.len() > 2 * self.config.limits.max_half_open {
+            let slots = &self.slots;
+            self.half_open_order
+                .retain(|x| slots.get(x).is_some_and(|s| s.half_open) || *x == id);
+        }
+        *self.half_open_per_ip.entry(ip).or_insert(0) += 1;
+        self.slots.insert(
+            id,
+            Slot {
+                conn,
+                timer: None,
+                ip,
+                half_open: true,
+                established: false,
+                identity: None,
+                addr_key: Some(from),
+            },
+        );
+        self.after(now, id, Vec::new());
+    }
+
+    /// With every half-open slot taken, the oldest handshake past its cookie gives way to the
+    /// newcomer (as a SYN cache does): peers that echo a cookie and go silent cannot keep
+    /// legitimate meters out, they only shorten each other's wait. Returns whether one went.
+    fn evict_oldest_half_open(&mut self, now: Instant) -> bool {
+        while let Some(id) = self.half_open_order.pop_front() {
+            let Some(slot) = self.slots.get_mut(&id) else {
+                continue;
+            };
+            if !slot.half_open {
+                continue;
+            }
+            let mut events = Vec::new();
+            slot.conn.close_with(
+                CloseReason::HandshakeFailed(Error::Limit("evicted: oldest half-open handshake")),
+                false,
+                &mut self.metrics,
+                &mut events,
+            );
+            self.metrics.half_open_evicted += 1;
+            self.after(now, id, events);
+            return true;
+        }
+        false
+    }
+
+    /// A fatal alert to a peer we keep no state for.
+    fn refuse_stateless(&mut self, now: Instant, to: SocketAddr, seq: u64, err: Error) {
+        self.metrics.refuse(err.refusal_reason());
+        self.log_refusal(now, to, &err);
+        if let Some(desc) = err.alert() {
+            let mut out = Vec::with_capacity(15);
+            wire::push_record(
+                &mut out,
+                ct::ALERT,
+                wire::DTLS_1_2,
+                0,
+                seq,
+                &[],
+                &[alert::FATAL, desc],
+            );
+            self.transmits.push_back(Transmit {
+                destination: to,
+                payload: out,
+            });
+        }
+    }
+
+    fn log_refusal(&mut self, now: Instant, peer: SocketAddr, err: &Error) {
+        if self.log.allow(now, &mut self.metrics) {
+            tracing::info!(%peer, reason = err.refusal_reason().name(), error = %err, "DTLS handshake refused");
+        }
+    }
+
+    fn allocate_cid(&mut self) -> Option<Vec<u8>> {
+        let len = self.config.cid_length;
+        let prefix = &self.config.cid_prefix;
+        for _ in 0..8 {
+            let mut cid = prefix.clone();
+            let mut rand = vec![0u8; len - prefix.len()];
+            self.rng.fill(&mut rand).ok()?;
+            cid.extend_from_slice(&rand);
+            if !self.by_cid.contains_key(&cid) {
+                return Some(cid);
+            }
+        }
+        None
+    }
+
+    /// After any call into a connection: queue its datagrams, turn its events into endpoint
+    /// events and bookkeeping, and reschedule its timer.
+    fn after(&mut self, now: Instant, id: u64, events: Vec<ConnEvent>) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        let dest = slot.conn.peer();
+        for payload in slot.conn.drain_outbox() {
+            self.transmits.push_back(Transmit {
+                destination: dest,
+                payload,
+            });
+        }
+        let handle = ConnectionHandle(id);
+        for ev in events {
+            match ev {
+                ConnEvent::Connected => self.on_connected(now, id),
+                ConnEvent::Data(d) => self.events.push_back(Event::Data(handle, d)),
+                ConnEvent::AddressChanged(old) => self.on_address_changed(id, old),
+                ConnEvent::Closed(reason) => {
+                    self.on_closed(now, id, &reason);
+                    self.events.push_back(Event::Closed(handle, reason));
+                    return;
+                }
+            }
+        }
+        self.reschedule(id);
+    }
+
+    fn reschedule(&mut self, id: u64) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        let next = slot.conn.poll_timeout();
+        if next != slot.timer {
+            if let Some(t) = slot.timer {
+                self.timers.remove(&(t, id));
+            }
+            if let Some(t) = next {
+                self.timers.insert((t, id));
+            }
+            slot.timer = next;
+        }
+    }
+
+    fn on_connected(&mut self, now: Instant, id: u64) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        if slot.half_open {
+            slot.half_open = false;
+            self.half_open -= 1;
+            dec(&mut self.half_open_per_ip, slot.ip);
+        }
+        slot.established = true;
+        self.established += 1;
+        *self.established_per_ip.entry(slot.ip).or_insert(0) += 1;
+        let identity = match slot.conn.verified() {
+            Some(Verified { identity, .. }) if !identity.is_empty() => identity.clone(),
+            _ => slot
+                .conn
+                .peer_certificates()
+                .first()
+                .map(|leaf| crypto::digest(HashAlg::Sha256, leaf))
+                .unwrap_or_default(),
+        };
+        slot.identity = Some(identity.clone());
+        self.events
+            .push_back(Event::Connected(ConnectionHandle(id)));
+        let queue = self.by_identity.entry(identity).or_default();
+        queue.push_back(id);
+        let max = self.config.limits.max_sessions_per_identity;
+        let mut superseded = Vec::new();
+        while queue.len() > max {
+            if let Some(old) = queue.pop_front() {
+                superseded.push(old);
+            }
+        }
+        for old in superseded {
+            if let Some(s) = self.slots.get_mut(&old) {
+                let mut events = Vec::new();
+                s.conn.close_with(
+                    CloseReason::Superseded,
+                    true,
+                    &mut self.metrics,
+                    &mut events,
+                );
+                self.metrics.sessions_superseded += 1;
+                self.after(now, old, events);
+            }
+        }
+    }
+
+    fn on_address_changed(&mut self, id: u64, old: SocketAddr) {
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return;
+        };
+        let new = slot.conn.peer();
+        if slot.addr_key == Some(old) && self.by_addr.get(&old) == Some(&id) {
+            self.by_addr.remove(&old);
+        }
+        slot.addr_key = None;
+        if let std::collections::hash_map::Entry::Vacant(v) = self.by_addr.entry(new) {
+            v.insert(id);
+            slot.addr_key = Some(new);
+        }
+        self.events.push_back(Event::AddressChanged {
+            conn: ConnectionHandle(id),
+            from: old,
+            to: new,
+        });
+    }
+
+    fn on_closed(&mut self, _now: Instant, id: u64, reason: &CloseReason) {
+        let Some(slot) = self.slots.remove(&id) else {
+            return;
+        };
+        if let Some(t) = slot.timer {
+            self.timers.remove(&(t, id));
+        }
+        if let Some(a) = slot.addr_key {
+            if self.by_addr.get(&a) == Some(&id) {
+                self.by_addr.remove(&a);
+            }
+        }
+        if !slot.conn.own_cid().is_empty() && self.by_cid.get(slot.conn.own_cid()) == Some(&id) {
+            self.by_cid.remove(slot.conn.own_cid());
+        }
+        if slot.half_open {
+            self.half_open -= 1;
+            dec(&mut self.half_open_per_ip, slot.ip);
+        }
+        if slot.established {
+            self.established -= 1;
+            dec(&mut self.established_per_ip, slot.ip);
+        }
+        if let Some(identity) = &slot.identity {
+            if let Some(q) = self.by_identity.get_mut(identity) {
+                q.retain(|x| *x != id);
+                if q.is_empty() {
+                    self.by_identity.remove(identity);
+                }
+            }
+        }
+        match reason {
+            CloseReason::IdleTimeout => self.metrics.sessions_closed_idle += 1,
+            CloseReason::HandshakeFailed(e) => {
+                let e = e.clone();
+                let peer = slot.conn.peer();
+                self.log_refusal(_now, peer, &e);
+            }
+            _ => {}
+        }
+    }
+}
+
+fn dec(map: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
+    if let Some(n) = map.get_mut(&ip) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(&ip);
+        }
+    }
+}
+
+/// The client random of a datagram's first record if it is an epoch-0 ClientHello fragment
+/// (offset 0). Cheap: no full parse.
+fn first_client_hello_random(datagram: &[u8]) -> Option<[u8; 32]> {
+    // record header 13 + handshake header 12 + client_version 2 = 27
+    let (rec, _) = wire::parse_record(datagram, 0).ok()?;
+    let body = rec.fragment;
+    if *body.first()? != hs::CLIENT_HELLO {
+        return None;
+    }
+    let random = body.get(14..46)?;
+    let mut out = [0u8; 32];
+    out.copy_from_slice(random);
+    Some(out)
+}
