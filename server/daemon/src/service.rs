@@ -21,7 +21,8 @@ use tokio::task::JoinHandle;
 use crate::datadir::Loaded;
 use crate::store::SqliteStore;
 use crate::transport::{
-    CipherSuiteName, ClientChainVerifier, DtlsListener, DtlsServerConfig, DtlsSession,
+    CertError, CipherSuiteName, ClientChainVerifier, DtlsListener, DtlsServerConfig, DtlsSession,
+    VerifiedClient,
     PeerVerification,
 };
 
@@ -69,6 +70,18 @@ fn suites(names: &[String]) -> Vec<CipherSuiteName> {
         .collect()
 }
 
+/// The handshake alert a policy refusal maps to.
+fn cert_error(e: est_proto::policy::PolicyError) -> CertError {
+    use est_proto::policy::PolicyError as P;
+    let text = e.to_string();
+    match e {
+        P::UntrustedIssuer(_) => CertError::UnknownCa(text),
+        P::Expired | P::NotYetValid => CertError::Expired(text),
+        P::NotAllowlisted => CertError::AccessDenied(text),
+        _ => CertError::BadCertificate(text),
+    }
+}
+
 /// Build the core and the transport from a loaded data directory, bind, and serve.
 pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<RunningServer> {
     let cfg = &loaded.config;
@@ -93,11 +106,18 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     // the manufacturer CAs and our CA), which records the anchor class for /sen vs /sren.
     let verifier_est = est.clone();
     let client_chain_verifier: ClientChainVerifier = Arc::new(move |chain: &[Vec<u8>]| {
-        verifier_est
-            .policy()
+        let policy = verifier_est.policy();
+        let verified = policy
             .verify_peer_chain(chain, SystemTime::now())
-            .map(|v| Arc::new(v) as PeerVerification)
-            .map_err(|e| e.to_string())
+            .map_err(cert_error)?;
+        // The per-identity session limit counts sessions per device serial.
+        let identity = est_proto::policy::device_id_of(chain)
+            .map(String::into_bytes)
+            .unwrap_or_default();
+        Ok(VerifiedClient {
+            identity,
+            verification: Arc::new(verified) as PeerVerification,
+        })
     });
     let dtls = DtlsServerConfig {
         certificate_chain_der: loaded.server_chain.clone(),

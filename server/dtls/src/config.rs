@@ -125,6 +125,10 @@ pub struct ServerConfig {
     pub cid_prefix: Vec<u8>,
     /// DER distinguished names sent in the CertificateRequest (empty: any).
     pub certificate_authorities: Vec<Vec<u8>>,
+    /// Answer a ClientHello's use_srtp offer (RFC 5764 §4.1.1) by echoing one profile, for
+    /// DTLS stacks written for WebRTC that insist on it (dimpl; webrtc-dtls configured with
+    /// SRTP profiles). No SRTP keys are ever exported: the session carries CoAP only.
+    pub answer_use_srtp: bool,
     pub limits: Limits,
 }
 
@@ -181,6 +185,7 @@ impl ServerConfig {
             cid_length: 4,
             cid_prefix: Vec::new(),
             certificate_authorities: Vec::new(),
+            answer_use_srtp: false,
             limits: Limits::default(),
         }
     }

@@ -335,6 +335,21 @@ impl Connection {
             Some(_) => return Err(Error::IllegalParameter("max_fragment_length")),
             None => None,
         };
+        // RFC 5764 §4.1.1: echo one offered profile (SRTP_AEAD_AES_128_GCM 0x0007, _256_GCM
+        // 0x0008, AES128_CM_HMAC_SHA1_80 0x0001, _32 0x0002), with an empty MKI.
+        let srtp_profile = match ch.extension(ext::USE_SRTP) {
+            Some(d) if config.answer_use_srtp => {
+                let mut r = wire::Reader::new(d);
+                let list = r.vec16()?;
+                let _mki = r.vec8()?;
+                r.finish()?;
+                let offered = wire::parse_u16_list(list)?;
+                [0x0007u16, 0x0008, 0x0001, 0x0002]
+                    .into_iter()
+                    .find(|p| offered.contains(p))
+            }
+            _ => None,
+        };
         let client_cid = match ch.extension(ext::CONNECTION_ID) {
             Some(d) if config.cid_length > 0 => Some(wire::parse_opaque8(d)?),
             _ => None,
@@ -364,6 +379,15 @@ impl Connection {
             sh_exts.push(Extension {
                 typ: ext::MAX_FRAGMENT_LENGTH,
                 data: vec![code],
+            });
+        }
+        if let Some(p) = srtp_profile {
+            let mut data = vec![0, 2];
+            data.extend_from_slice(&p.to_be_bytes());
+            data.push(0);
+            sh_exts.push(Extension {
+                typ: ext::USE_SRTP,
+                data,
             });
         }
         let (own_cid, peer_cid) = match client_cid {

@@ -201,6 +201,11 @@ fn push_vec24(out: &mut Vec<u8>, data: &[u8]) {
     out.extend_from_slice(data);
 }
 
+/// A bare list of u16 values (the inside of a length-prefixed vector).
+pub fn parse_u16_list(data: &[u8]) -> Result<Vec<u16>, DecodeError> {
+    u16_list(data, "u16 list")
+}
+
 fn u16_list(data: &[u8], what: &'static str) -> Result<Vec<u16>, DecodeError> {
     if !data.len().is_multiple_of(2) {
         return Err(DecodeError::Invalid(what));

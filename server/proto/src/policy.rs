@@ -467,6 +467,13 @@ fn map_webpki_error(e: webpki::Error) -> PolicyError {
     }
 }
 
+/// The device identity (subject serialNumber) of a chain's leaf, without any validation: the
+/// key the transport counts sessions per device under.
+pub fn device_id_of(chain: &[Vec<u8>]) -> Option<String> {
+    let leaf = Certificate::from_der(chain.first()?).ok()?;
+    ca::serial_number_attr(&leaf.tbs_certificate.subject)
+}
+
 fn device_from_leaf(leaf: Certificate) -> Result<Device, PolicyError> {
     let device_id = ca::serial_number_attr(&leaf.tbs_certificate.subject)
         .ok_or(PolicyError::MissingSerialNumber)?;

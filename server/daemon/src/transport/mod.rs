@@ -1,87 +1,25 @@
-//! DTLS 1.2 transport: one UDP socket, many meters, webrtc-dtls for the record layer and handshake.
+//! DTLS 1.2 transport: one UDP socket, many meters, our own sans-IO engine (`est-dtls`).
 //!
 //! ```text
 //!   UDP socket (tokio, or turmoil in tests)  ── DatagramSocket trait (socket.rs)
-//!        │ recv_from
-//!   demultiplexer task (server.rs)  ── peeks at record headers only (record.rs), never decrypts
-//!        │ per peer: mpsc queue ─► PeerConn (webrtc_util::conn::Conn) ─► webrtc_dtls::conn::DTLSConn
-//!        │                                                                    │ completed handshake
-//!   DtlsListener::accept() ◄── DtlsSession (plaintext datagrams, verified peer chain) ◄─┘
+//!        │ recv_from / send_to
+//!   driver task (server.rs) ── owns est_dtls::Endpoint: stateless cookies, admission limits,
+//!        │                      retransmission with back-off, Connection ID, records
+//!   DtlsListener::accept() ◄── DtlsSession (plaintext datagrams, verified peer chain)
 //! ```
 //!
-//! The DTLS engine is webrtc-dtls 0.12 (RFC 6347 DTLS 1.2, RFC 7925's mandatory suite
-//! TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8). It has defects that matter for smart meters on lossy links
-//! (measured in `docs/dependencies.md` §2 and its Addendum). The project neither forks nor vendors
-//! it; each defect is worked around here, from outside the crate:
+//! Until 2026-12 the server ran webrtc-dtls behind a demultiplexer of our own, with workarounds
+//! for its defects (no stateless cookies, no back-off, no final-flight resend, no Connection
+//! ID). Those could not all be fixed from outside the crate (docs/design.md, "the DTLS
+//! engine"), so the server now runs `server/dtls`; webrtc-dtls remains the meter-side stack of
+//! client-sim and of [`client`] (tests).
 //!
-//! 1. **Serial accept and no handshake timeout** (`DTLSListener::accept` awaits a whole handshake;
-//!    webrtc-rs/webrtc#614). We do not use the crate's listener: every handshake runs in its own task
-//!    under `tokio::time::timeout(handshake_timeout)`. Half-open handshakes are bounded by
-//!    `max_half_open_handshakes`, sessions by `max_sessions`; ClientHellos over a limit are dropped
-//!    and counted.
-//! 2. **The webrtc-util UDP demultiplexer never forgets a peer** (a meter returning from the same
-//!    IP:port is black-holed forever, and memory leaks). Our own demultiplexer keeps a map of peer
-//!    address to virtual connection. Only a datagram whose first record is a ClientHello creates a
-//!    peer; peers are removed on close, handshake failure/timeout and idle timeout. A short
-//!    tombstone afterwards swallows late duplicates (a stray duplicate ClientHello would otherwise
-//!    start a server handshake nobody finishes), but lets a ClientHello with a *new* client random
-//!    through, so a meter can re-handshake from the same port at once.
-//! 3. **The server never retransmits its final flight** (RFC 6347 §4.2.4; pion/dtls#479,
-//!    webrtc-rs/rtc#243): after sending ChangeCipherSpec + Finished the library considers the
-//!    handshake done and discards the client's retransmitted flight 5, so if our final flight is
-//!    lost the client waits forever (about 20% of handshakes at 20% loss). The virtual connection
-//!    records every datagram the server writes from its ChangeCipherSpec onward. After completion,
-//!    a datagram from that peer whose first record is a ChangeCipherSpec, an epoch-0 handshake
-//!    record that is not a ClientHello, or a handshake record at epoch >= 1 (the client's flight 5
-//!    again) makes us re-send the saved datagrams — at most once per 500 ms per peer — and the
-//!    duplicate is swallowed. The saved flight is kept until the first application data from the
-//!    peer (proof that it has our Finished) or `final_flight_retention` (2 x MSL = 240 s), and also
-//!    across a server-side close (in the tombstone).
-//! 4. **A ClientHello with a new client random from an address that already has a session** (the
-//!    meter rebooted, or its close_notify was lost) must replace that session, or the meter waits
-//!    for the idle timeout. Anyone able to spoof the address could then reset sessions, so we check
-//!    return routability first, without inventing our own cookie format: the new ClientHello starts
-//!    a *candidate* handshake beside the existing session; webrtc-dtls answers it with a
-//!    HelloVerifyRequest carrying a fresh random cookie (RFC 6347 §4.2.1) that only the real
-//!    address receives. Only when the candidate sends its ServerHello — which the library does only
-//!    after the cookie came back — is the old session closed (`CloseReason::Replaced`) and the
-//!    candidate promoted. A spoofed ClientHello costs one half-open slot until `handshake_timeout`
-//!    and never touches the existing session. (The cookie state itself is per-candidate, i.e.
-//!    stateful; it is bounded by the half-open limit and one candidate per address.)
-//!    A stateless HMAC cookie exchange of our own in front of the library is not possible: the
-//!    library's server always sends its own HelloVerifyRequest and only accepts a first
-//!    ClientHello with message_seq 0, while a ClientHello that echoes our cookie has message_seq 1;
-//!    rewriting it would change the handshake transcript (RFC 6347 §4.2.6 hashes the DTLS
-//!    handshake headers) and break the Finished check. So spoofed ClientHellos from many
-//!    addresses can fill the half-open slots for `handshake_timeout`; they are refused and counted
-//!    (`dropped_over_limit`), never grow memory beyond the limits.
-//! 5. **The library's reader task spins at 100% CPU when `Conn::recv` returns an error.** The
-//!    virtual connection's `recv` therefore never fails: on a removed peer it pends; the library's
-//!    tasks end when the `DTLSConn` is closed or dropped, and the application learns of the removal
-//!    through [`DtlsSession::recv`] returning [`TransportError::Closed`].
-//! 6. **CCM_8 is not in the library's default suites**; [`CipherSuiteName`] names the suites we
-//!    allow and the default is `[Ccm8, Gcm]`. The library picks the first suite *in the client's
-//!    order*, so configure only `Ccm8` to force it.
-//! 7. **Client side** (tests, device simulator): the webrtc-dtls client retransmits every
-//!    `flight_interval` forever. [`client::connect`] runs each attempt under a timeout and retries
-//!    the whole handshake from a fresh session until an overall deadline.
-//!
-//! Evidence (tests in `server/daemon/tests/`): `transport_sim.rs` runs seeded turmoil
-//! simulations at 20% loss — `thousand_handshakes_at_20_percent_loss_all_complete` (25 sims x 40
-//! meters x 2 handshakes from the same IP:port, each with a round trip: 2000/2000 complete, none
-//! needed a client restart), `final_flight_resend_fixes_hung_handshakes` (the same seeds with the
-//! resend switched off leave about one handshake in six hung), and
-//! `final_flight_is_resent_after_server_side_close`. `transport_real.rs` covers certificate
-//! refusal, the policy hook, garbage, limits, same-port re-handshakes, replacement, the
-//! resend rate limit, idle timeout, shutdown and task/memory cleanup on 127.0.0.1.
-//!
-//! Not available from outside the crate, hence not offered: DTLS Connection ID (RFC 9146),
-//! session resumption, exponential retransmission back-off (RFC 6347 §4.2.4.1; the interval is fixed),
-//! tls-unique channel binding (the Finished verify_data is private), stateless cookies inside the
-//! library's own HelloVerifyRequest.
+//! Evidence: the engine's own tests on virtual time (`server/dtls/tests`), `transport_sim.rs`
+//! (turmoil, 20% loss), `transport_real.rs` (real sockets: refusals, limits, replacement,
+//! idle timeout, shutdown), and the interop tests against libcoap (GnuTLS, OpenSSL),
+//! `openssl s_client` and webrtc-dtls in `tests/`.
 
 pub mod client;
-mod record;
 mod server;
 mod socket;
 
@@ -94,6 +32,8 @@ use webrtc_dtls::cipher_suite::CipherSuiteId;
 pub use server::{DtlsListener, DtlsSession, TransportMetrics};
 pub use socket::{DatagramSocket, SocketConn};
 
+pub use est_dtls::CertError;
+
 /// Policy hook run during the handshake, after the chain has been verified against the trust
 /// anchors: receives the client's certificates (DER, leaf first, as sent). Returning `Err`
 /// aborts the handshake with a `bad_certificate` alert (e.g. revoked or not allow-listed device).
@@ -103,18 +43,22 @@ pub type PeerCertificateHook = Arc<dyn Fn(&[Vec<u8>]) -> Result<(), String> + Se
 /// ([`DtlsSession::peer_verification`]); the caller downcasts it to its own type.
 pub type PeerVerification = Arc<dyn std::any::Any + Send + Sync>;
 
-/// Validates the client's certificate chain (DER, leaf first, as sent) during the handshake,
-/// in place of webrtc-dtls's own verifier. Returning `Err` aborts the handshake with a
-/// `bad_certificate` alert.
-///
-/// Why: webrtc-dtls 0.12's verifier (`RequireAndVerifyClientCert`) validates the chain on every
-/// pass of its flight-4 parser (twice per handshake) and builds a throw-away rcgen root per
-/// connection for its fallback (`unwrap_or`, dependencies.md §2), and the EST policy needs to
-/// know *which* anchor the path ends in, which that verifier does not tell. With a verifier the
-/// library runs in `RequireAnyClientCert` mode: it still requires the Certificate and checks the
-/// CertificateVerify signature (proof of possession) before calling us.
+/// A client chain that a [`ClientChainVerifier`] accepted.
+#[derive(Clone)]
+pub struct VerifiedClient {
+    /// The device's identity, for the per-identity session limit (e.g. its serial number);
+    /// empty: the SHA-256 of the leaf certificate.
+    pub identity: Vec<u8>,
+    /// What the verifier established, kept with the session.
+    pub verification: PeerVerification,
+}
+
+/// Validates the client's certificate chain (DER, leaf first, as sent) once per handshake,
+/// before the CertificateVerify (proof of possession) is checked. The error's kind picks the
+/// alert (bad_certificate, unknown_ca, certificate_expired, access_denied) and the refusal
+/// counter. The EST policy uses it to record *which* anchor the path ends in.
 pub type ClientChainVerifier =
-    Arc<dyn Fn(&[Vec<u8>]) -> Result<PeerVerification, String> + Send + Sync>;
+    Arc<dyn Fn(&[Vec<u8>]) -> Result<VerifiedClient, CertError> + Send + Sync>;
 
 /// Cipher suites we allow (all ECDHE_ECDSA, AES-128).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -147,6 +91,26 @@ impl CipherSuiteName {
         }
     }
 
+    /// The engine's suite ([`CipherSuiteName::Ccm`] has none: the server engine does not
+    /// implement the 16-byte-tag CCM suite).
+    pub(crate) fn to_engine(self) -> Option<est_dtls::CipherSuite> {
+        match self {
+            CipherSuiteName::Ccm8 => Some(est_dtls::CipherSuite::Aes128Ccm8),
+            CipherSuiteName::Gcm => Some(est_dtls::CipherSuite::Aes128Gcm),
+            CipherSuiteName::Ccm => None,
+        }
+    }
+
+    pub(crate) fn from_engine(s: est_dtls::CipherSuite) -> CipherSuiteName {
+        match s {
+            est_dtls::CipherSuite::Aes128Ccm8 => CipherSuiteName::Ccm8,
+            // AES-256-GCM is not offered by configuration; reported as GCM.
+            est_dtls::CipherSuite::Aes128Gcm | est_dtls::CipherSuite::Aes256Gcm => {
+                CipherSuiteName::Gcm
+            }
+        }
+    }
+
     pub(crate) fn to_dtls(self) -> CipherSuiteId {
         match self {
             CipherSuiteName::Ccm8 => CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Ccm_8,
@@ -171,47 +135,59 @@ impl fmt::Display for CipherSuiteName {
 pub struct DtlsServerConfig {
     /// Our certificate chain, DER, server certificate first.
     pub certificate_chain_der: Vec<Vec<u8>>,
-    /// Our private key, PKCS#8 DER, ECDSA P-256 (webrtc-dtls accepts only P-256 or Ed25519).
+    /// Our private key, PKCS#8 DER, ECDSA P-256 or P-384.
     pub private_key_pkcs8_der: Vec<u8>,
-    /// Trust anchors for client certificates (manufacturer CAs, our issuing CA). A client
-    /// certificate is required and verified (webpki rules: the path is built only from what the
-    /// client sends plus these anchors, so intermediates a client does not send must be anchors).
+    /// Trust anchors for client certificates, used when no `client_chain_verifier` is set: the
+    /// chain is validated with rustls-webpki (path built from what the client sends plus these).
     pub client_trust_anchors_der: Vec<Vec<u8>>,
-    /// Optional policy hook run during the handshake.
+    /// Optional policy hook run during the handshake, after the chain verified.
     pub verify_peer_certificate: Option<PeerCertificateHook>,
-    /// Validates client chains instead of webrtc-dtls (then `client_trust_anchors_der` is not
-    /// used: the verifier holds its own anchors). Runs once per handshake, before the hook.
+    /// Validates client chains instead of `client_trust_anchors_der`. Runs once per handshake,
+    /// before the hook.
     pub client_chain_verifier: Option<ClientChainVerifier>,
-    /// Allowed suites. The client's order decides among them.
+    /// Allowed suites, in the server's order of preference.
     pub cipher_suites: Vec<CipherSuiteName>,
-    /// Handshake fragmentation size handed to webrtc-dtls, and the largest application datagram
-    /// [`DtlsSession::send`] accepts (RFC 7252 §4.6: 1152 bytes when the path MTU is unknown).
+    /// Largest datagram sent, handshake flights included (records packed, messages
+    /// fragmented to fit), and the largest application datagram [`DtlsSession::send`] takes
+    /// (RFC 7252 §4.6: 1152 bytes when the path MTU is unknown).
     pub mtu_bytes: usize,
-    /// webrtc-dtls's fixed handshake retransmission interval.
+    /// Initial handshake retransmission timeout; it doubles up to `retransmit_max`
+    /// (RFC 6347 §4.2.4.1).
     pub flight_interval: Duration,
+    pub retransmit_max: Duration,
     /// A handshake not completed within this time is abandoned.
     pub handshake_timeout: Duration,
+    /// A handshake past the cookie that receives nothing for this long is abandoned.
+    pub handshake_stall_timeout: Duration,
     /// A session that neither received a datagram nor sent one for this long is closed.
     pub idle_timeout: Duration,
-    /// Handshakes in progress at once; further new ClientHellos are dropped and counted.
+    /// Handshakes past the cookie exchange at once; at the cap the oldest gives way.
     pub max_half_open_handshakes: usize,
-    /// Established sessions plus handshakes in progress.
+    /// Handshakes past the cookie exchange from one IP address.
+    pub max_half_open_per_ip: usize,
+    /// Established sessions plus handshakes in progress; over it a fatal alert.
     pub max_sessions: usize,
+    /// Established sessions of one device identity; a new one replaces the oldest.
+    pub max_sessions_per_identity: usize,
+    /// Established sessions from one IP address (`session_limit_exempt_ips` are exempt).
+    pub max_sessions_per_ip: usize,
+    /// Addresses exempt from the per-IP limits (DCU relays).
+    pub session_limit_exempt_ips: Vec<std::net::IpAddr>,
     /// Require the extended_master_secret extension (RFC 7627), as RFC 9148 §3 advises.
     pub extended_master_secret_required: bool,
-    /// Answer a ClientHello's `use_srtp` extension (RFC 5764 §4.1.1) instead of refusing it.
-    /// DTLS stacks written for WebRTC (dimpl, for one) offer it on every handshake; webrtc-dtls
-    /// refuses such a client with a fatal insufficient_security alert unless the server lists a
-    /// matching SRTP profile. With this set the server lists all four profiles webrtc-dtls knows,
-    /// echoes the extension, and never exports SRTP keys: the session carries CoAP only.
+    /// Answer a ClientHello's use_srtp offer (RFC 5764) instead of ignoring it: WebRTC-derived
+    /// DTLS stacks (dimpl) refuse a server that does not. No SRTP keys are exported.
     pub answer_use_srtp: bool,
-    /// Re-send our saved final flight when the client's flight 5 comes back (RFC 6347 §4.2.4).
-    /// Only tests turn this off, to show the library defect.
-    pub final_flight_resend: bool,
-    /// How long a saved final flight is kept when no application data arrives (2 x MSL).
+    /// How long our final flight is kept to answer a repeated client flight 5 (2 x MSL).
     pub final_flight_retention: Duration,
-    /// How long a closed peer's address keeps swallowing late duplicates.
-    pub tombstone_duration: Duration,
+    /// Cookie HMAC key rotation interval.
+    pub cookie_rotation_interval: Duration,
+    /// Length of the Connection IDs we issue (RFC 9146); 0 turns CID off.
+    pub cid_length: usize,
+    /// Leading bytes of every CID (a node id for CID-routing load balancers).
+    pub cid_prefix: Vec<u8>,
+    /// Log lines about remote peers per second, in total.
+    pub max_log_lines_per_sec: u32,
     /// SO_RCVBUF requested by [`DtlsListener::bind_udp`] (0: leave the OS default, often 208 KiB,
     /// which a burst of handshake flights can overflow). Linux caps it at `net.core.rmem_max`.
     pub socket_receive_buffer_bytes: usize,
@@ -228,15 +204,25 @@ impl Default for DtlsServerConfig {
             cipher_suites: vec![CipherSuiteName::Ccm8, CipherSuiteName::Gcm],
             mtu_bytes: 1152,
             flight_interval: Duration::from_secs(1),
+            retransmit_max: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(30),
+            handshake_stall_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(120),
             max_half_open_handshakes: 1024,
+            // Per-IP limits default to the global ones: meters behind one NAT, a DCU relay or a
+            // load generator share an address. Lower them where meters have their own.
+            max_half_open_per_ip: 1024,
             max_sessions: 20_000,
+            max_sessions_per_identity: 4,
+            max_sessions_per_ip: 20_000,
+            session_limit_exempt_ips: Vec::new(),
             extended_master_secret_required: true,
-            answer_use_srtp: true,
-            final_flight_resend: true,
+            answer_use_srtp: false,
             final_flight_retention: Duration::from_secs(240),
-            tombstone_duration: Duration::from_secs(30),
+            cookie_rotation_interval: Duration::from_secs(60),
+            cid_length: 4,
+            cid_prefix: Vec::new(),
+            max_log_lines_per_sec: 20,
             socket_receive_buffer_bytes: 4 * 1024 * 1024,
         }
     }
@@ -247,18 +233,9 @@ impl fmt::Debug for DtlsServerConfig {
         // Never print the private key.
         f.debug_struct("DtlsServerConfig")
             .field("certificate_chain_len", &self.certificate_chain_der.len())
-            .field(
-                "client_trust_anchors_len",
-                &self.client_trust_anchors_der.len(),
-            )
-            .field(
-                "verify_peer_certificate",
-                &self.verify_peer_certificate.is_some(),
-            )
-            .field(
-                "client_chain_verifier",
-                &self.client_chain_verifier.is_some(),
-            )
+            .field("client_trust_anchors_len", &self.client_trust_anchors_der.len())
+            .field("verify_peer_certificate", &self.verify_peer_certificate.is_some())
+            .field("client_chain_verifier", &self.client_chain_verifier.is_some())
             .field("cipher_suites", &self.cipher_suites)
             .field("mtu_bytes", &self.mtu_bytes)
             .field("flight_interval", &self.flight_interval)
@@ -266,19 +243,135 @@ impl fmt::Debug for DtlsServerConfig {
             .field("idle_timeout", &self.idle_timeout)
             .field("max_half_open_handshakes", &self.max_half_open_handshakes)
             .field("max_sessions", &self.max_sessions)
-            .field(
-                "extended_master_secret_required",
-                &self.extended_master_secret_required,
-            )
-            .field("final_flight_resend", &self.final_flight_resend)
-            .field("final_flight_retention", &self.final_flight_retention)
-            .field("tombstone_duration", &self.tombstone_duration)
-            .field(
-                "socket_receive_buffer_bytes",
-                &self.socket_receive_buffer_bytes,
-            )
-            .finish()
+            .field("cid_length", &self.cid_length)
+            .finish_non_exhaustive()
     }
+}
+
+/// The engine's configuration from ours: credentials loaded, verifier and hook wrapped (a
+/// panicking verifier or hook refuses the handshake instead of taking the driver down).
+pub(crate) fn build_engine_config(
+    cfg: &DtlsServerConfig,
+) -> Result<est_dtls::ServerConfig, TransportError> {
+    if cfg.certificate_chain_der.is_empty() {
+        return Err(TransportError::Config("certificate chain is empty".into()));
+    }
+    let key = est_dtls::SigningKey::from_pkcs8(&cfg.private_key_pkcs8_der).map_err(|e| {
+        TransportError::Config(format!("private key must be ECDSA P-256 or P-384 PKCS#8: {e}"))
+    })?;
+    if cfg.cipher_suites.is_empty() {
+        return Err(TransportError::Config("cipher_suites is empty".into()));
+    }
+    let mut suites = Vec::new();
+    for s in &cfg.cipher_suites {
+        suites.push(s.to_engine().ok_or_else(|| {
+            TransportError::Config(format!("{s} is not supported by the server's DTLS engine"))
+        })?);
+    }
+    let verifier: ClientChainVerifier = match &cfg.client_chain_verifier {
+        Some(v) => v.clone(),
+        None => anchors_verifier(&cfg.client_trust_anchors_der)?,
+    };
+    let hook = cfg.verify_peer_certificate.clone();
+    let chain_verifier: est_dtls::ChainVerifier = Arc::new(move |chain: &[Vec<u8>]| {
+        let run = std::panic::AssertUnwindSafe(|| -> Result<VerifiedClient, CertError> {
+            let v = verifier(chain)?;
+            if let Some(hook) = &hook {
+                hook(chain).map_err(CertError::BadCertificate)?;
+            }
+            Ok(v)
+        });
+        match std::panic::catch_unwind(run) {
+            Ok(Ok(v)) => Ok(est_dtls::Verified {
+                identity: v.identity,
+                context: Some(v.verification),
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(CertError::BadCertificate(
+                "certificate verifier or policy hook panicked".into(),
+            )),
+        }
+    });
+    let mut e = est_dtls::ServerConfig::new(cfg.certificate_chain_der.clone(), Arc::new(key), chain_verifier);
+    e.cipher_suites = suites;
+    e.require_extended_master_secret = cfg.extended_master_secret_required;
+    e.answer_use_srtp = cfg.answer_use_srtp;
+    e.mtu_bytes = cfg.mtu_bytes;
+    e.retransmit = est_dtls::RetransmitConfig {
+        initial: cfg.flight_interval,
+        max: cfg.retransmit_max.max(cfg.flight_interval),
+    };
+    e.handshake_timeout = cfg.handshake_timeout;
+    e.handshake_stall_timeout = cfg.handshake_stall_timeout;
+    e.idle_timeout = cfg.idle_timeout;
+    e.final_flight_retention = cfg.final_flight_retention;
+    e.cookie_rotation_interval = cfg.cookie_rotation_interval;
+    e.cid_length = cfg.cid_length;
+    e.cid_prefix = cfg.cid_prefix.clone();
+    e.limits = est_dtls::Limits {
+        max_half_open: cfg.max_half_open_handshakes.min(cfg.max_sessions),
+        max_half_open_per_ip: cfg.max_half_open_per_ip,
+        max_sessions: cfg.max_sessions,
+        max_sessions_per_identity: cfg.max_sessions_per_identity,
+        max_sessions_per_ip: cfg.max_sessions_per_ip,
+        exempt_ips: cfg.session_limit_exempt_ips.clone(),
+        max_log_lines_per_sec: cfg.max_log_lines_per_sec,
+        ..est_dtls::Limits::default()
+    };
+    e.validate().map_err(TransportError::Config)?;
+    Ok(e)
+}
+
+/// A verifier that validates client chains against DER trust anchors with rustls-webpki
+/// (clientAuth usage, P-256/P-384 ECDSA).
+fn anchors_verifier(anchors_der: &[Vec<u8>]) -> Result<ClientChainVerifier, TransportError> {
+    if anchors_der.is_empty() {
+        return Err(TransportError::Config(
+            "client_trust_anchors_der is empty and no client_chain_verifier is set".into(),
+        ));
+    }
+    let anchors: Vec<rustls_pki_types::TrustAnchor<'static>> = anchors_der
+        .iter()
+        .enumerate()
+        .map(|(i, der)| {
+            webpki::anchor_from_trusted_cert(&rustls_pki_types::CertificateDer::from(der.as_slice()))
+                .map(|a| a.to_owned())
+                .map_err(|e| TransportError::Config(format!("client_trust_anchors_der[{i}]: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Arc::new(move |chain: &[Vec<u8>]| {
+        let leaf_der = chain
+            .first()
+            .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
+            .ok_or_else(|| CertError::BadCertificate("no certificate".into()))?;
+        let leaf = webpki::EndEntityCert::try_from(&leaf_der)
+            .map_err(|e| CertError::BadCertificate(e.to_string()))?;
+        let intermediates: Vec<rustls_pki_types::CertificateDer<'_>> = chain
+            .iter()
+            .skip(1)
+            .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
+            .collect();
+        leaf.verify_for_usage(
+            &[webpki::ring::ECDSA_P256_SHA256, webpki::ring::ECDSA_P384_SHA384],
+            &anchors,
+            &intermediates,
+            rustls_pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| match e {
+            webpki::Error::UnknownIssuer => CertError::UnknownCa(e.to_string()),
+            webpki::Error::CertExpired { .. } | webpki::Error::CertNotValidYet { .. } => {
+                CertError::Expired(e.to_string())
+            }
+            other => CertError::BadCertificate(other.to_string()),
+        })?;
+        Ok(VerifiedClient {
+            identity: Vec::new(),
+            verification: Arc::new(()) as PeerVerification,
+        })
+    }))
 }
 
 /// Why a session ended.
@@ -292,6 +385,8 @@ pub enum CloseReason {
     IdleTimeout,
     /// The same address completed a return-routability check for a new handshake.
     Replaced,
+    /// A newer session of the same device identity took its place (per-identity limit).
+    Superseded,
     /// The listener shut down.
     Shutdown,
 }
@@ -303,8 +398,23 @@ impl fmt::Display for CloseReason {
             CloseReason::LocalClose => "closed locally",
             CloseReason::IdleTimeout => "idle timeout",
             CloseReason::Replaced => "replaced by a new handshake from the same address",
+            CloseReason::Superseded => "superseded by a newer session of the same device",
             CloseReason::Shutdown => "listener shut down",
         })
+    }
+}
+
+impl CloseReason {
+    pub(crate) fn from_engine(r: &est_dtls::CloseReason) -> CloseReason {
+        match r {
+            est_dtls::CloseReason::PeerClosed => CloseReason::PeerClosed,
+            est_dtls::CloseReason::LocalClose => CloseReason::LocalClose,
+            est_dtls::CloseReason::IdleTimeout => CloseReason::IdleTimeout,
+            est_dtls::CloseReason::Replaced => CloseReason::Replaced,
+            est_dtls::CloseReason::Superseded => CloseReason::Superseded,
+            est_dtls::CloseReason::Shutdown => CloseReason::Shutdown,
+            est_dtls::CloseReason::HandshakeFailed(_) => CloseReason::PeerClosed,
+        }
     }
 }
 

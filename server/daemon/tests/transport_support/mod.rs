@@ -127,6 +127,8 @@ impl TestPki {
             private_key_pkcs8_der: self.server.key_pkcs8_der.clone(),
             client_trust_anchors_der: vec![self.root_der.clone()],
             cipher_suites: vec![CipherSuiteName::Ccm8],
+            // Every test meter presents the same device certificate.
+            max_sessions_per_identity: 10_000,
             ..DtlsServerConfig::default()
         }
     }
