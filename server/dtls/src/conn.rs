@@ -1418,7 +1418,7 @@ impl Connection {
                 for e in &sh.extensions {
                     let cid_offered = config.connection_id.is_some();
                     if !offered.contains(&e.typ) || (e.typ == ext::CONNECTION_ID && !cid_offered) {
-                        return Err(Error::IllegalParameter("unsolicited ServerHello extension"));
+                        return Err(Error::UnsupportedExtension(e.typ));
                     }
                 }
                 if let Some(d) = sh.extension(ext::RENEGOTIATION_INFO) {
