@@ -102,6 +102,15 @@ impl Client {
         Ok(())
     }
 
+    /// Sends one record of any content type under the current write epoch, as a broken or
+    /// hostile client would (negative tests only).
+    #[cfg(feature = "danger-test-faults")]
+    pub fn danger_send_record(&mut self, content_type: u8, payload: &[u8]) -> Result<(), Error> {
+        self.conn.danger_send_record(content_type, payload)?;
+        self.pump();
+        Ok(())
+    }
+
     /// Sends close_notify.
     pub fn close(&mut self) {
         let mut events = Vec::new();

@@ -248,6 +248,9 @@ pub struct ClientConfig {
     pub connection_id: Option<Vec<u8>>,
     pub max_chain_len: usize,
     pub max_handshake_message_bytes: u32,
+    /// Deliberate protocol violations, for the engine's negative tests only.
+    #[cfg(feature = "danger-test-faults")]
+    pub danger_faults: crate::faults::TestFaults,
 }
 
 impl fmt::Debug for ClientConfig {
@@ -282,6 +285,8 @@ impl ClientConfig {
             connection_id: None,
             max_chain_len: 8,
             max_handshake_message_bytes: 16 * 1024,
+            #[cfg(feature = "danger-test-faults")]
+            danger_faults: Default::default(),
         }
     }
 }

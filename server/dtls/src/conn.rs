@@ -33,6 +33,9 @@ const PEER_TRIGGERED_RESEND_INTERVAL: Duration = Duration::from_millis(250);
 /// Encrypted records of the next epoch kept while the ChangeCipherSpec is still missing.
 const MAX_FUTURE_RECORDS: usize = 4;
 
+#[cfg(feature = "danger-test-faults")]
+mod danger;
+
 /// Why a session ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CloseReason {
@@ -540,6 +543,7 @@ impl Connection {
             compression_methods: vec![0],
             extensions: exts,
         };
+        let ch = crate::faults::client_hello(&config, ch);
         let message = wire::handshake_message(hs::CLIENT_HELLO, 0, &ch.encode());
         let mut transcript = Transcript::new();
         transcript.add(&message);
@@ -1438,7 +1442,7 @@ impl Connection {
                 for e in &sh.extensions {
                     let cid_offered = config.connection_id.is_some();
                     if !offered.contains(&e.typ) || (e.typ == ext::CONNECTION_ID && !cid_offered) {
-                        return Err(Error::IllegalParameter("unsolicited ServerHello extension"));
+                        return Err(Error::UnsupportedExtension(e.typ));
                     }
                 }
                 if let Some(d) = sh.extension(ext::RENEGOTIATION_INFO) {
@@ -1566,7 +1570,7 @@ impl Connection {
             .take()
             .ok_or_else(|| Error::Internal("no server key".into()))?;
         let eph = EphemeralKey::generate(group, &rng)?;
-        let our_public = eph.public_key().to_vec();
+        let our_public = crate::faults::client_point(config, eph.public_key().to_vec());
         let premaster = eph.agree(&server_public)?;
         let mut flight = Vec::with_capacity(5);
         let mut seq = h.next_send_msg_seq;
@@ -1601,7 +1605,8 @@ impl Connection {
         });
         derive_keys(h, &premaster, Role::Client)?;
         if h.certificate_requested {
-            let sig = config.private_key.sign(&rng, h.transcript.as_bytes())?;
+            let signed = crate::faults::certificate_verify_input(config, h.transcript.as_bytes());
+            let sig = config.private_key.sign(&rng, &signed)?;
             metrics.ecdsa_signs += 1;
             let body = wire::digitally_signed_body(config.private_key.scheme().code(), &sig);
             let m = next(hs::CERTIFICATE_VERIFY, &body, &mut h.transcript);
@@ -1616,6 +1621,7 @@ impl Connection {
             .ok_or_else(|| Error::Internal("no master".into()))?;
         let hash = h.transcript.hash(h.suite.prf_hash());
         let vd = crypto::finished_verify_data(h.suite, &master, b"client finished", &hash);
+        let vd = crate::faults::finished(config, vd);
         let m = next(hs::FINISHED, &vd, &mut h.transcript);
         flight.push(FlightItem::Handshake {
             epoch: 1,

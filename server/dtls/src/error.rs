@@ -39,6 +39,9 @@ pub enum Error {
     BadPublicKey,
     #[error("illegal parameter: {0}")]
     IllegalParameter(&'static str),
+    /// The ServerHello carries an extension the ClientHello did not offer (RFC 5246 §7.4.1.4).
+    #[error("extension {0} in the ServerHello was not offered")]
+    UnsupportedExtension(u16),
     #[error("protocol version other than DTLS 1.2")]
     ProtocolVersion,
     #[error("renegotiation refused")]
@@ -140,6 +143,7 @@ impl Error {
             Error::AccessDenied(_) => alert::ACCESS_DENIED,
             Error::BadSignature | Error::BadFinished => alert::DECRYPT_ERROR,
             Error::BadPublicKey | Error::IllegalParameter(_) => alert::ILLEGAL_PARAMETER,
+            Error::UnsupportedExtension(_) => alert::UNSUPPORTED_EXTENSION,
             Error::ProtocolVersion => alert::PROTOCOL_VERSION,
             Error::Unsupported(_) => alert::HANDSHAKE_FAILURE,
             Error::Internal(_) => alert::INTERNAL_ERROR,
@@ -150,9 +154,10 @@ impl Error {
     /// The refusal counter this error belongs to.
     pub fn refusal_reason(&self) -> RefusalReason {
         match self {
-            Error::Decode(_) | Error::UnexpectedMessage(_) | Error::IllegalParameter(_) => {
-                RefusalReason::Decode
-            }
+            Error::Decode(_)
+            | Error::UnexpectedMessage(_)
+            | Error::IllegalParameter(_)
+            | Error::UnsupportedExtension(_) => RefusalReason::Decode,
             Error::NoCommonSuite | Error::NoCommonGroup | Error::NoCommonSignatureScheme => {
                 RefusalReason::NoCommonSuite
             }

@@ -19,6 +19,7 @@ mod config;
 mod conn;
 mod endpoint;
 mod error;
+mod faults;
 mod metrics;
 mod reassembly;
 
@@ -28,4 +29,6 @@ pub use conn::{CloseReason, ConnEvent, Connection, Role};
 pub use crypto::{CipherSuite, NamedGroup, SignatureScheme, SigningKey};
 pub use endpoint::{ConnectionHandle, Endpoint, Event, Gauges, Transmit};
 pub use error::{CertError, Error, RefusalReason};
+#[cfg(feature = "danger-test-faults")]
+pub use faults::TestFaults;
 pub use metrics::Metrics;

@@ -140,6 +140,10 @@ pub fn client_addr(i: usize) -> SocketAddr {
     SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8 + 1], 40000))
 }
 
+/// Rewrites a datagram in flight: (to the server?, client index, datagram) → the datagrams
+/// delivered instead (none: dropped).
+pub type Filter = Box<dyn FnMut(bool, usize, Vec<u8>) -> Vec<Vec<u8>>>;
+
 /// One endpoint and many clients joined by a lossy in-memory network on virtual time.
 pub struct Net {
     pub now: Instant,
@@ -156,6 +160,11 @@ pub struct Net {
     /// Datagrams in flight: (deliver at, to server?, client index, from, bytes).
     queue: VecDeque<(Instant, bool, usize, SocketAddr, Vec<u8>)>,
     pub latency: Duration,
+    /// Every datagram sent over the network, as sent (before loss and `filter`): (to the
+    /// server?, client index, bytes).
+    pub log: Vec<(bool, usize, Vec<u8>)>,
+    /// An on-path attacker or a broken middlebox.
+    pub filter: Option<Filter>,
 }
 
 impl Net {
@@ -174,6 +183,8 @@ impl Net {
             dropped: 0,
             queue: VecDeque::new(),
             latency: Duration::from_millis(5),
+            log: Vec::new(),
+            filter: None,
         }
     }
 
@@ -190,6 +201,15 @@ impl Net {
         self.loss > 0.0 && self.rng.next_f64() < self.loss
     }
 
+    /// Logs a datagram, then passes it through the filter.
+    fn pass(&mut self, to_server: bool, i: usize, d: Vec<u8>) -> Vec<Vec<u8>> {
+        self.log.push((to_server, i, d.clone()));
+        match &mut self.filter {
+            Some(f) => f(to_server, i, d),
+            None => vec![d],
+        }
+    }
+
     /// Moves every pending datagram into the queue.
     fn collect(&mut self) {
         for i in 0..self.clients.len() {
@@ -199,8 +219,10 @@ impl Net {
                     continue;
                 }
                 let from = self.client_addrs[i];
-                self.queue
-                    .push_back((self.now + self.latency, true, i, from, d));
+                for d in self.pass(true, i, d) {
+                    self.queue
+                        .push_back((self.now + self.latency, true, i, from, d));
+                }
             }
         }
         while let Some(t) = self.server.poll_transmit() {
@@ -209,8 +231,10 @@ impl Net {
                 continue;
             }
             if let Some(i) = self.client_addrs.iter().position(|a| *a == t.destination) {
-                self.queue
-                    .push_back((self.now + self.latency, false, i, addr(SERVER), t.payload));
+                for d in self.pass(false, i, t.payload) {
+                    self.queue
+                        .push_back((self.now + self.latency, false, i, addr(SERVER), d));
+                }
             } else {
                 self.dropped += 1;
             }
