@@ -251,6 +251,14 @@ pub fn enroll_once(bench: &mut CoreBench, i: usize) -> Result<()> {
     Ok(())
 }
 
+/// Runs the core path of `iterations` enrollments natively; microseconds per enrollment.
+pub fn run_native(iterations: usize) -> Result<f64> {
+    let mut b = CoreBench::new(iterations, 0xbe9c)?;
+    let t = Instant::now();
+    b.run_all()?;
+    Ok(t.elapsed().as_secs_f64() * 1e6 / iterations.max(1) as f64)
+}
+
 /// Instruction counts of the core path.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CallgrindResult {
