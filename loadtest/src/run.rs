@@ -149,6 +149,38 @@ pub fn warmup_of(d: Duration) -> Duration {
     (d / 5).min(Duration::from_secs(2))
 }
 
+/// The run's effective settings: the options, with `--smoke`'s small values in place.
+struct Plan {
+    smoke: bool,
+    progress: bool,
+    steps: Vec<usize>,
+    duration: Duration,
+    devices: usize,
+    crypto_budget: Duration,
+}
+
+impl Plan {
+    fn of(cli: &Cli) -> Self {
+        let smoke = cli.smoke;
+        Plan {
+            smoke,
+            progress: !cli.no_progress,
+            steps: if smoke { vec![1, 4] } else { cli.steps.clone() },
+            duration: if smoke {
+                Duration::from_secs(3)
+            } else {
+                cli.step_duration
+            },
+            devices: if smoke { 16 } else { cli.devices.max(1) },
+            crypto_budget: if smoke {
+                Duration::from_millis(100)
+            } else {
+                cli.crypto_duration
+            },
+        }
+    }
+}
+
 pub async fn run(cli: Cli) -> Result<bool> {
     let (date, run_id) = now_strings();
     let out = cli
@@ -156,20 +188,8 @@ pub async fn run(cli: Cli) -> Result<bool> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("target/loadtest").join(&run_id));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let smoke = cli.smoke;
-    let progress = !cli.no_progress;
-    let steps_list: Vec<usize> = if smoke { vec![1, 4] } else { cli.steps.clone() };
-    let duration = if smoke {
-        Duration::from_secs(3)
-    } else {
-        cli.step_duration
-    };
-    let devices = if smoke { 16 } else { cli.devices.max(1) };
-    let crypto_budget = if smoke {
-        Duration::from_millis(100)
-    } else {
-        cli.crypto_duration
-    };
+    let plan = Plan::of(&cli);
+    let (duration, devices, crypto_budget) = (plan.duration, plan.devices, plan.crypto_budget);
     let machine = Machine::detect();
     let server_cores = cli
         .server_cpus
@@ -220,9 +240,70 @@ pub async fn run(cli: Cli) -> Result<bool> {
     eprintln!("loadtest: server at coaps://{}", setup.target.addr);
 
     // 3. Enrollment steps (closed loop).
+    let mut ok = enrollment_steps(&cli, &plan, &mut setup, &out, &mut report).await;
+    record_peak(&mut report);
+
+    // 4. Open loop at half the peak rate: the latency target.
+    if !cli.no_half_rate && report.peak_rate > 0.0 && server_alive(&mut setup) {
+        ok &= half_rate_step(&cli, &plan, &setup, &mut report).await;
+    }
+
+    // 5. Side by side with libcoap.
+    let peer_c = if plan.smoke { 4 } else { cli.peer_concurrency };
+    if peer_c > 0 && server_alive(&mut setup) {
+        ok &= peer_comparison(&cli, &plan, &setup, &out, peer_c, &mut report).await;
+    }
+
+    // 6. Many sessions held at once: server memory.
+    let hold_n = if plan.smoke { 50 } else { cli.hold_sessions };
+    if hold_n > 0 && server_alive(&mut setup) {
+        let h = steps::hold_sessions(
+            cli.transport(),
+            cli.client_dtls,
+            &setup.target,
+            hold_n,
+            128,
+            plan.progress,
+        )
+        .await;
+        if h.held == 0 {
+            ok = false;
+        }
+        report.hold = Some(h);
+    }
+    if !server_alive(&mut setup) {
+        eprintln!("loadtest: the server is no longer running");
+        ok = false;
+    }
+    drop(setup.server.take());
+
+    // 7. The core path: native time, and instructions under callgrind.
+    ok &= core_path(&cli, &plan, &out, &mut report).await?;
+
+    report.machine.loadavg_at_end = report::loadavg();
+    report.targets = targets::targets(&report);
+    if plan.smoke {
+        report
+            .notes
+            .push("smoke run: tiny fleet and short steps; the figures are not benchmarks".into());
+    }
+    write_report(&report, &out)?;
+    Ok(ok)
+}
+
+/// The closed-loop enrollment steps, one per `--steps` entry (profiled with `--perf-step`);
+/// false when a step failed or the server exited.
+async fn enrollment_steps(
+    cli: &Cli,
+    plan: &Plan,
+    setup: &mut Setup,
+    out: &Path,
+    report: &mut Report,
+) -> bool {
+    let (duration, progress) = (plan.duration, plan.progress);
     let mut ok = true;
     let mut last_rate: f64 = 0.0;
-    for (i, &c) in steps_list.iter().enumerate() {
+    for (i, &c) in plan.steps.iter().enumerate() {
         // Keys and CSRs for the whole step are built before it (client-side p256 work that would
         // otherwise compete with the server for the CPUs); built inline only if this runs dry.
         let expected = last_rate.max(500.0) * 2.0 * duration.as_secs_f64();
@@ -241,12 +322,12 @@ pub async fn run(cli: Cli) -> Result<bool> {
             label: format!("enroll, {c} meters"),
         };
         let perf = match (cli.perf_step == Some(c), setup.target.pid) {
-            (true, Some(pid)) => start_perf(pid, &out, "perf", cfg.warmup, duration - cfg.warmup),
+            (true, Some(pid)) => start_perf(pid, out, "perf", cfg.warmup, duration - cfg.warmup),
             _ => None,
         };
         let r = steps::run_step(&setup.target, &cfg).await;
         if let Some(p) = perf {
-            match finish_perf(p, &out, "perf", &r) {
+            match finish_perf(p, out, "perf", &r) {
                 Ok(profile) => {
                     report.notes.push(format!(
                         "perf profile of the server during the {c}-meter step: {}",
@@ -266,12 +347,18 @@ pub async fn run(cli: Cli) -> Result<bool> {
             ok = false;
         }
         report.steps.push(r);
-        if !server_alive(&mut setup) {
+        if !server_alive(setup) {
             eprintln!("loadtest: the server exited during the {c}-meter step");
             ok = false;
             break;
         }
     }
+    ok
+}
+
+/// The peak step's rate, its ratio to the crypto ceiling and the curve operations' share of its
+/// server CPU.
+fn record_peak(report: &mut Report) {
     if let Some(peak) = report
         .steps
         .iter()
@@ -287,97 +374,88 @@ pub async fn run(cli: Cli) -> Result<bool> {
                 .map(|x| c.model_us_per_enrollment / 1000.0 / x);
         }
     }
+}
 
-    // 4. Open loop at half the peak rate: the latency target.
-    if !cli.no_half_rate && report.peak_rate > 0.0 && server_alive(&mut setup) {
-        let rate = report.peak_rate / 2.0;
-        let cfg = StepConfig {
-            mode: Mode::Enroll,
-            transport: cli.transport(),
-            dtls_backend: cli.client_dtls,
-            concurrency: 4096,
-            duration,
-            warmup: warmup_of(duration),
-            drain_timeout: Duration::from_secs(30),
-            seed: cli.seed ^ 0x4a1f,
-            prebuild: (rate * 1.2 * duration.as_secs_f64()) as usize + 16,
-            arrival_rate: Some(rate),
-            progress,
-            label: format!("enroll at {rate:.0}/s (open loop)"),
-        };
-        let r = steps::run_step(&setup.target, &cfg).await;
-        if r.completed == 0 {
+/// The open-loop step at half the peak rate; false when nothing enrolled.
+async fn half_rate_step(cli: &Cli, plan: &Plan, setup: &Setup, report: &mut Report) -> bool {
+    let duration = plan.duration;
+    let rate = report.peak_rate / 2.0;
+    let cfg = StepConfig {
+        mode: Mode::Enroll,
+        transport: cli.transport(),
+        dtls_backend: cli.client_dtls,
+        concurrency: 4096,
+        duration,
+        warmup: warmup_of(duration),
+        drain_timeout: Duration::from_secs(30),
+        seed: cli.seed ^ 0x4a1f,
+        prebuild: (rate * 1.2 * duration.as_secs_f64()) as usize + 16,
+        arrival_rate: Some(rate),
+        progress: plan.progress,
+        label: format!("enroll at {rate:.0}/s (open loop)"),
+    };
+    let r = steps::run_step(&setup.target, &cfg).await;
+    let ok = r.completed > 0;
+    report.steps.push(r);
+    ok
+}
+
+/// Handshake + GET side by side with libcoap, with its notes; false when no handshake + GET
+/// succeeded against our server.
+async fn peer_comparison(
+    cli: &Cli,
+    plan: &Plan,
+    setup: &Setup,
+    out: &Path,
+    peer_c: usize,
+    report: &mut Report,
+) -> bool {
+    let mut ok = true;
+    let d = if plan.smoke {
+        Duration::from_secs(2)
+    } else {
+        cli.peer_duration.unwrap_or(plan.duration)
+    };
+    let mut cmp = peer::compare_peer(cli, setup, out, peer_c, d, plan.progress).await;
+    if let Some(o) = &cmp.ours {
+        if o.completed == 0 {
+            eprintln!(
+                "loadtest: no handshake + GET succeeded against our server: {:?}",
+                o.errors_by_reason
+            );
             ok = false;
         }
-        report.steps.push(r);
     }
+    if let Some(l) = cmp.libcoap.as_ref().filter(|l| l.rate_per_s > 0.0) {
+        cmp.enroll_peak_over_libcoap = Some(report.peak_rate / l.rate_per_s);
+    }
+    if let Some(n) = &cmp.note {
+        report.notes.push(format!("peer: {n}"));
+    }
+    match cmp.perf.take() {
+        Some(Ok(profile)) => {
+            report.notes.push(format!(
+                "perf profile of the server during our handshake+GET step ({peer_c} meters): {}",
+                perf_summary(&profile)
+            ));
+            report.perf.push(profile);
+        }
+        Some(Err(e)) => report.notes.push(format!("perf (handshake+GET): {e}")),
+        None => {}
+    }
+    if let Some(note) = est_over_handshake_note(report) {
+        report.notes.push(note);
+    }
+    report.peer = Some(cmp);
+    ok
+}
 
-    // 5. Side by side with libcoap.
-    let peer_c = if smoke { 4 } else { cli.peer_concurrency };
-    if peer_c > 0 && server_alive(&mut setup) {
-        let d = if smoke {
-            Duration::from_secs(2)
-        } else {
-            cli.peer_duration.unwrap_or(duration)
-        };
-        let mut cmp = peer::compare_peer(&cli, &setup, &out, peer_c, d, progress).await;
-        if let Some(o) = &cmp.ours {
-            if o.completed == 0 {
-                eprintln!(
-                    "loadtest: no handshake + GET succeeded against our server: {:?}",
-                    o.errors_by_reason
-                );
-                ok = false;
-            }
-        }
-        if let Some(l) = cmp.libcoap.as_ref().filter(|l| l.rate_per_s > 0.0) {
-            cmp.enroll_peak_over_libcoap = Some(report.peak_rate / l.rate_per_s);
-        }
-        if let Some(n) = &cmp.note {
-            report.notes.push(format!("peer: {n}"));
-        }
-        match cmp.perf.take() {
-            Some(Ok(profile)) => {
-                report.notes.push(format!(
-                    "perf profile of the server during our handshake+GET step ({peer_c} meters): {}",
-                    perf_summary(&profile)
-                ));
-                report.perf.push(profile);
-            }
-            Some(Err(e)) => report.notes.push(format!("perf (handshake+GET): {e}")),
-            None => {}
-        }
-        if let Some(note) = est_over_handshake_note(&report) {
-            report.notes.push(note);
-        }
-        report.peer = Some(cmp);
-    }
-
-    // 6. Many sessions held at once: server memory.
-    let hold_n = if smoke { 50 } else { cli.hold_sessions };
-    if hold_n > 0 && server_alive(&mut setup) {
-        let h = steps::hold_sessions(
-            cli.transport(),
-            cli.client_dtls,
-            &setup.target,
-            hold_n,
-            128,
-            progress,
-        )
-        .await;
-        if h.held == 0 {
-            ok = false;
-        }
-        report.hold = Some(h);
-    }
-    if !server_alive(&mut setup) {
-        eprintln!("loadtest: the server is no longer running");
-        ok = false;
-    }
-    drop(setup.server.take());
-
-    // 7. The core path: native time, and instructions under callgrind.
-    let iters = if smoke { 3 } else { 50 };
+/// The in-memory core path: its native time, and its instructions under callgrind when asked
+/// (or by default when valgrind is installed and this is not a smoke run); false when the
+/// native run failed.
+async fn core_path(cli: &Cli, plan: &Plan, out: &Path, report: &mut Report) -> Result<bool> {
+    let mut ok = true;
+    let iters = if plan.smoke { 3 } else { 50 };
     match tokio::task::spawn_blocking(move || core_bench::run_native(iters)).await {
         Ok(Ok(us)) => report.core_native_us = Some(us),
         Ok(Err(e)) => {
@@ -388,14 +466,14 @@ pub async fn run(cli: Cli) -> Result<bool> {
     }
     let want_callgrind = cli
         .callgrind
-        .unwrap_or(!smoke && server::on_path("valgrind").is_some());
+        .unwrap_or(!plan.smoke && server::on_path("valgrind").is_some());
     if want_callgrind {
         eprintln!(
             "loadtest: counting the core path under callgrind ({} iterations)",
             cli.callgrind_iterations
         );
         let exe = std::env::current_exe()?;
-        let (iters, out2) = (cli.callgrind_iterations, out.clone());
+        let (iters, out2) = (cli.callgrind_iterations, out.to_path_buf());
         match tokio::task::spawn_blocking(move || core_bench::run_callgrind(&exe, iters, &out2))
             .await
         {
@@ -404,24 +482,21 @@ pub async fn run(cli: Cli) -> Result<bool> {
             Err(e) => report.notes.push(format!("callgrind task: {e}")),
         }
     }
+    Ok(ok)
+}
 
-    report.machine.loadavg_at_end = report::loadavg();
-    report.targets = targets::targets(&report);
-    if smoke {
-        report
-            .notes
-            .push("smoke run: tiny fleet and short steps; the figures are not benchmarks".into());
-    }
-    let json = serde_json::to_string_pretty(&report)?;
+/// OUT/report.json, OUT/report.html and the table on stdout.
+fn write_report(report: &Report, out: &Path) -> Result<()> {
+    let json = serde_json::to_string_pretty(report)?;
     std::fs::write(out.join("report.json"), json)?;
-    std::fs::write(out.join("report.html"), report::render_html(&report))?;
-    print!("{}", report::render_table(&report));
+    std::fs::write(out.join("report.html"), report::render_html(report))?;
+    print!("{}", report::render_table(report));
     println!(
         "report: {} and {}",
         out.join("report.json").display(),
         out.join("report.html").display()
     );
-    Ok(ok)
+    Ok(())
 }
 
 #[cfg(test)]
