@@ -19,7 +19,7 @@ pub mod link;
 pub mod meter;
 pub mod net;
 pub mod pki;
-pub mod record;
+pub mod recording;
 pub mod schedule;
 
 #[cfg(test)]

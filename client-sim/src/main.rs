@@ -15,7 +15,7 @@ use client_sim::fleet::{render_summary, run_fleet, FleetConfig};
 use client_sim::link::LinkParams;
 use client_sim::meter::{CertFormat, MeterConfig};
 use client_sim::pki::{self, DeviceIdentity, Fleet};
-use client_sim::record::{Recording, RECORD_VERSION};
+use client_sim::recording::{Recording, RECORD_VERSION};
 use client_sim::schedule::{build_schedule, Arrival, FleetPlan};
 use est_proto::coap::{ClientConfig, CoapConfig};
 

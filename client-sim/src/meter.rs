@@ -188,22 +188,22 @@ pub enum Action {
     Disconnect,
 }
 
-/// The EST step a request belongs to.
+/// The EST exchange a request belongs to: one resource the meter asks (RFC 9148 §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Step {
+pub enum EstExchange {
     Discover,
     CaCerts,
     Enroll,
     ReEnroll,
 }
 
-impl Step {
+impl EstExchange {
     pub fn resource(self) -> &'static str {
         match self {
-            Step::Discover => "/.well-known/core",
-            Step::CaCerts => "/crts",
-            Step::Enroll => "/sen",
-            Step::ReEnroll => "/sren",
+            EstExchange::Discover => "/.well-known/core",
+            EstExchange::CaCerts => "/crts",
+            EstExchange::Enroll => "/sen",
+            EstExchange::ReEnroll => "/sren",
         }
     }
 }
@@ -236,8 +236,9 @@ pub enum MeterState {
 pub enum Resume {
     /// Open a new session for this purpose.
     Reconnect(Purpose),
-    /// Resend the request of this step on the current session (RFC 9148 §4.7: the identical CSR).
-    Resend(Step),
+    /// Resend the request of this exchange on the current session (RFC 9148 §4.7: the identical
+    /// CSR).
+    Resend(EstExchange),
 }
 
 /// Timings and counters of one meter, for the fleet report.
@@ -532,12 +533,12 @@ impl Meter {
             self.stats.handshake_us = Some(micros(now.saturating_duration_since(s)));
         }
         let step = match purpose {
-            Purpose::Renew => Step::ReEnroll,
+            Purpose::Renew => EstExchange::ReEnroll,
             // RFC 9148 §4.1: discovery first (optional); /crts before /sen so that the meter can
             // check what it receives against the Explicit TA database.
-            Purpose::Enroll if self.config.discovery && !self.discovered => Step::Discover,
-            Purpose::Enroll if self.ca_certs.is_empty() => Step::CaCerts,
-            Purpose::Enroll => Step::Enroll,
+            Purpose::Enroll if self.config.discovery && !self.discovered => EstExchange::Discover,
+            Purpose::Enroll if self.ca_certs.is_empty() => EstExchange::CaCerts,
+            Purpose::Enroll => EstExchange::Enroll,
         };
         self.send(step);
     }
@@ -550,10 +551,10 @@ impl Meter {
         self.session_failed(now, reason);
     }
 
-    fn request_for(&self, step: Step) -> Request {
+    fn request_for(&self, step: EstExchange) -> Request {
         let accept = Some(self.config.accept.content_format());
         match step {
-            Step::Discover => Request {
+            EstExchange::Discover => Request {
                 method: Method::Get,
                 path: vec![".well-known".into(), "core".into()],
                 query: vec!["rt=ace.est*".into()],
@@ -561,7 +562,7 @@ impl Meter {
                 accept: None,
                 payload: Vec::new(),
             },
-            Step::CaCerts => Request {
+            EstExchange::CaCerts => Request {
                 method: Method::Get,
                 path: self.paths.crts.clone(),
                 query: Vec::new(),
@@ -569,9 +570,9 @@ impl Meter {
                 accept,
                 payload: Vec::new(),
             },
-            Step::Enroll | Step::ReEnroll => Request {
+            EstExchange::Enroll | EstExchange::ReEnroll => Request {
                 method: Method::Post,
-                path: if step == Step::Enroll {
+                path: if step == EstExchange::Enroll {
                     self.paths.sen.clone()
                 } else {
                     self.paths.sren.clone()
@@ -584,30 +585,30 @@ impl Meter {
                 }),
                 accept,
                 payload: self.encode_request(match (step, &self.renewal_csr_der) {
-                    (Step::ReEnroll, Some(r)) => r,
+                    (EstExchange::ReEnroll, Some(r)) => r,
                     _ => &self.csr_der,
                 }),
             },
         }
     }
 
-    fn send(&mut self, step: Step) {
+    fn send(&mut self, step: EstExchange) {
         self.state = match step {
-            Step::Discover => MeterState::Discovering,
-            Step::CaCerts => MeterState::FetchingCaCerts,
-            Step::Enroll => MeterState::Enrolling,
-            Step::ReEnroll => MeterState::Renewing,
+            EstExchange::Discover => MeterState::Discovering,
+            EstExchange::CaCerts => MeterState::FetchingCaCerts,
+            EstExchange::Enroll => MeterState::Enrolling,
+            EstExchange::ReEnroll => MeterState::Renewing,
         };
         let req = self.request_for(step);
         self.actions.push_back(Action::Send(req));
     }
 
-    fn current_step(&self) -> Option<Step> {
+    fn current_step(&self) -> Option<EstExchange> {
         match self.state {
-            MeterState::Discovering => Some(Step::Discover),
-            MeterState::FetchingCaCerts => Some(Step::CaCerts),
-            MeterState::Enrolling => Some(Step::Enroll),
-            MeterState::Renewing => Some(Step::ReEnroll),
+            MeterState::Discovering => Some(EstExchange::Discover),
+            MeterState::FetchingCaCerts => Some(EstExchange::CaCerts),
+            MeterState::Enrolling => Some(EstExchange::Enroll),
+            MeterState::Renewing => Some(EstExchange::ReEnroll),
             _ => None,
         }
     }
@@ -672,23 +673,23 @@ impl Meter {
             }
         }
         match step {
-            Step::Discover => match parse_discovery(&response.payload, &self.paths) {
+            EstExchange::Discover => match parse_discovery(&response.payload, &self.paths) {
                 Ok(p) => {
                     self.paths = p;
                     self.discovered = true;
-                    self.send(Step::CaCerts);
+                    self.send(EstExchange::CaCerts);
                 }
                 Err(e) => {
                     self.actions.push_back(Action::Disconnect);
                     self.fail(FailureReason::Discovery(e));
                 }
             },
-            Step::CaCerts => match self.certs_of(&response) {
+            EstExchange::CaCerts => match self.certs_of(&response) {
                 Ok(der) => match pki::parse_ca_certs(&der) {
                     Ok(certs) => {
                         self.ca_certs = certs;
                         self.ca_certs_der = der;
-                        self.send(Step::Enroll);
+                        self.send(EstExchange::Enroll);
                     }
                     Err(e) => {
                         self.actions.push_back(Action::Disconnect);
@@ -700,7 +701,7 @@ impl Meter {
                     self.fail(FailureReason::BadResponse { resource, error: e });
                 }
             },
-            Step::Enroll | Step::ReEnroll => {
+            EstExchange::Enroll | EstExchange::ReEnroll => {
                 let verified = self
                     .certs_of(&response)
                     .map_err(|e| FailureReason::BadResponse {
@@ -716,7 +717,7 @@ impl Meter {
                     Ok(leaf) => {
                         self.ldevid = Some(leaf.clone());
                         self.busy = 0;
-                        if step == Step::Enroll {
+                        if step == EstExchange::Enroll {
                             if let Some(s) = self.started {
                                 self.stats.enroll_us =
                                     Some(micros(now.saturating_duration_since(s)));

@@ -134,7 +134,7 @@ fn service_unavailable_waits_max_age_and_resends_identical_csr() {
         m.state(),
         &MeterState::Waiting {
             until: now + Duration::from_secs(7),
-            then: Resume::Resend(Step::Enroll)
+            then: Resume::Resend(EstExchange::Enroll)
         }
     );
     assert_eq!(m.poll_timeout(), Some(now + Duration::from_secs(7)));

@@ -147,8 +147,8 @@ impl Reply {
     }
 }
 
-/// The result of looking at a new request.
-enum Step {
+/// What to do with a new (non-duplicate) request, once its options and blocks are checked.
+enum RequestDisposition {
     Reply(Reply),
     /// Reject without answering (a NON with a bad critical option, RFC 7252 §5.4.1 / §4.3).
     Reject,
@@ -322,7 +322,7 @@ impl ServerSession {
             token: packet.get_token().to_vec(),
         };
         match self.process(now, packet, method, to.clone()) {
-            Step::Reply(reply) => {
+            RequestDisposition::Reply(reply) => {
                 if reply.code.is_error() {
                     self.stats.layer_errors += 1;
                     tracing::debug!(
@@ -336,11 +336,11 @@ impl ServerSession {
                 self.remember(mid, expires, DedupState::Answered(bytes.clone()));
                 Incoming::Send(bytes)
             }
-            Step::Reject => {
+            RequestDisposition::Reject => {
                 self.remember(mid, expires, DedupState::Silent);
                 Incoming::Ignore
             }
-            Step::Deliver(request, pending) => {
+            RequestDisposition::Deliver(request, pending) => {
                 if self.pending.len() >= self.config.max_pending_requests.max(1) {
                     // Principle: shed load with a typed outcome, never grow without bound.
                     self.stats.shed += 1;
@@ -379,10 +379,10 @@ impl ServerSession {
         packet: &Packet,
         method: Option<Method>,
         to: ReplyTo,
-    ) -> Step {
+    ) -> RequestDisposition {
         let confirmable = to.confirmable;
         let Some(method) = method else {
-            return Step::Reply(Reply::diag(
+            return RequestDisposition::Reply(Reply::diag(
                 ResponseType::MethodNotAllowed,
                 "unknown method code",
             ));
@@ -391,21 +391,21 @@ impl ServerSession {
             Ok(o) => o,
             Err(OptionError::Bad(n)) if confirmable => {
                 // RFC 7252 §5.4.1: unrecognised critical option in a CON -> 4.02.
-                return Step::Reply(Reply::diag(
+                return RequestDisposition::Reply(Reply::diag(
                     ResponseType::BadOption,
                     &format!("bad or unsupported option {n}"),
                 ));
             }
-            Err(OptionError::Bad(_)) => return Step::Reject,
+            Err(OptionError::Bad(_)) => return RequestDisposition::Reject,
             Err(OptionError::Proxy) => {
                 // RFC 7252 §5.7.2: not a forward-proxy.
-                return Step::Reply(Reply::diag(
+                return RequestDisposition::Reply(Reply::diag(
                     ResponseType::ProxyingNotSupported,
                     "not a proxy",
                 ));
             }
             Err(OptionError::NotUtf8) => {
-                return Step::Reply(Reply::diag(
+                return RequestDisposition::Reply(Reply::diag(
                     ResponseType::BadRequest,
                     "Uri-Path/Uri-Query is not UTF-8",
                 ));
@@ -413,7 +413,10 @@ impl ServerSession {
         };
         // RFC 7959 §2.2: SZX 7 is reserved and MUST lead to 4.00 in a request.
         if opts.block1.is_some_and(|b| b.szx == 7) || opts.block2.is_some_and(|b| b.szx == 7) {
-            return Step::Reply(Reply::diag(ResponseType::BadRequest, "SZX 7 is reserved"));
+            return RequestDisposition::Reply(Reply::diag(
+                ResponseType::BadRequest,
+                "SZX 7 is reserved",
+            ));
         }
         let target = Target {
             method,
@@ -451,12 +454,12 @@ impl ServerSession {
         // A request without Block1 whose body exceeds the cap: 4.13 with Size1 (RFC 7959
         // §2.9.3: also a hint to use Block1; RFC 7252 §5.9.2.9).
         if packet.payload.len() > max {
-            return Step::Reply(too_large(max));
+            return RequestDisposition::Reply(too_large(max));
         }
 
         if let Some(b2) = opts.block2.filter(|b| b.num > 0) {
             if !packet.payload.is_empty() {
-                return Step::Reply(Reply::diag(
+                return RequestDisposition::Reply(Reply::diag(
                     ResponseType::BadRequest,
                     "a Block2 continuation carries no payload",
                 ));
@@ -464,24 +467,24 @@ impl ServerSession {
             // RFC 7959 §2.4 / §3.2 Figure 10: later blocks come from the cached body.
             let cached = self.block2.as_ref().is_some_and(|c| c.target == target);
             if cached {
-                return Step::Reply(self.serve_cached(now, b2, opts.size2.is_some()));
+                return RequestDisposition::Reply(self.serve_cached(now, b2, opts.size2.is_some()));
             }
             if method.is_safe() {
                 // Regenerate the representation; respond() slices at the asked block.
-                return Step::Deliver(
+                return RequestDisposition::Deliver(
                     opts.into_request(method, packet.payload.clone()),
                     pending(None, Some(b2), lifetime),
                 );
             }
             // Unsafe method (POST): never re-run it to obtain a later block (an EST
             // enrollment would issue twice). 4.08 tells the client to start over.
-            return Step::Reply(Reply::diag(
+            return RequestDisposition::Reply(Reply::diag(
                 ResponseType::RequestEntityIncomplete,
                 "Block2 body expired or unknown; repeat the request",
             ));
         }
         let b2 = opts.block2;
-        Step::Deliver(
+        RequestDisposition::Deliver(
             opts.into_request(method, packet.payload.clone()),
             pending(None, b2, lifetime),
         )

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use super::super::wire::BlockOpt;
 use super::super::{block_size, Method, Response};
 use super::options::{RequestOptions, Target};
-use super::{deadline, Pending, Reply, ServerSession, Step};
+use super::{deadline, Pending, Reply, RequestDisposition, ServerSession};
 
 #[derive(Debug)]
 pub(super) struct Reassembly {
@@ -44,11 +44,11 @@ impl ServerSession {
         b1: BlockOpt,
         packet: &Packet,
         pending: impl FnOnce(BlockOpt, Option<BlockOpt>) -> Pending,
-    ) -> Step {
+    ) -> RequestDisposition {
         self.stats.block1_received += 1;
         let max = self.config.max_request_body_bytes;
         if opts.block2.is_some_and(|b| b.num > 0) {
-            return Step::Reply(Reply::diag(
+            return RequestDisposition::Reply(Reply::diag(
                 ResponseType::BadRequest,
                 "Block2 NUM > 0 with Block1",
             ));
@@ -56,7 +56,7 @@ impl ServerSession {
         // RFC 7959 §4: Size1 in a request announces the total size; 4.13 early if too big.
         if opts.size1.is_some_and(|s| u64::from(s) > max as u64) {
             self.reassembly = None;
-            return Step::Reply(too_large(max));
+            return RequestDisposition::Reply(too_large(max));
         }
         // RFC 7959 §2.3: with M=1 the payload is exactly the block size; the last block
         // carries at most one block.
@@ -64,7 +64,7 @@ impl ServerSession {
         let size = b1.size();
         if (b1.more && payload.len() != size) || payload.len() > size {
             self.reassembly = None;
-            return Step::Reply(Reply::diag(
+            return RequestDisposition::Reply(Reply::diag(
                 ResponseType::BadRequest,
                 "Block1 payload size does not match SZX",
             ));
@@ -80,14 +80,14 @@ impl ServerSession {
             });
         }
         let Some(r) = self.reassembly.as_mut() else {
-            return Step::Reply(Reply::diag(
+            return RequestDisposition::Reply(Reply::diag(
                 ResponseType::RequestEntityIncomplete,
                 "no Block1 transfer in progress",
             ));
         };
         if r.target != target {
             self.reassembly = None;
-            return Step::Reply(Reply::diag(
+            return RequestDisposition::Reply(Reply::diag(
                 ResponseType::RequestEntityIncomplete,
                 "Block1 for another resource",
             ));
@@ -95,7 +95,7 @@ impl ServerSession {
         // RFC 7959 §2.3: mismatching Content-Format must not be assembled (4.08).
         if r.content_format != opts.content_format {
             self.reassembly = None;
-            return Step::Reply(Reply::diag(
+            return RequestDisposition::Reply(Reply::diag(
                 ResponseType::RequestEntityIncomplete,
                 "Content-Format changed",
             ));
@@ -103,14 +103,14 @@ impl ServerSession {
         // RFC 7959 §2.3: missing or out-of-order block -> 4.08.
         if b1.offset() != r.body.len() as u64 {
             self.reassembly = None;
-            return Step::Reply(Reply::diag(
+            return RequestDisposition::Reply(Reply::diag(
                 ResponseType::RequestEntityIncomplete,
                 "missing or out-of-order block",
             ));
         }
         if r.body.len().saturating_add(payload.len()) > max {
             self.reassembly = None;
-            return Step::Reply(too_large(max));
+            return RequestDisposition::Reply(too_large(max));
         }
         r.body.extend_from_slice(payload);
         r.expires = deadline(now, self.config.exchange_lifetime);
@@ -127,10 +127,10 @@ impl ServerSession {
             let mut reply = Reply::new(ResponseType::Continue);
             reply.block1 = Some(BlockOpt::new(num, true, szx));
             self.stats.continues_sent += 1;
-            return Step::Reply(reply);
+            return RequestDisposition::Reply(reply);
         }
         let Some(done) = self.reassembly.take() else {
-            return Step::Reply(Reply::diag(
+            return RequestDisposition::Reply(Reply::diag(
                 ResponseType::InternalServerError,
                 "reassembly lost",
             ));
@@ -138,7 +138,7 @@ impl ServerSession {
         let mut request = opts.clone().into_request(method, Vec::new());
         request.payload = done.body;
         let echo = BlockOpt::new(b1.num, false, b1.szx);
-        Step::Deliver(request, pending(echo, done.block2_early))
+        RequestDisposition::Deliver(request, pending(echo, done.block2_early))
     }
 
     pub(super) fn serve_cached(
