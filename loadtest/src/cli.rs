@@ -109,6 +109,8 @@ pub struct Cli {
     /// TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 (it has no CCM_8), so with it the server protects
     /// records with AES-GCM instead of RFC 9148's AES-CCM_8; webrtc and openssl use CCM_8. The
     /// handshake (P-256 ECDHE, ECDSA mutual authentication, extended master secret) is the same.
+    /// openssl is in the build only with the cargo feature openssl-backend (dimpl-backend is
+    /// a default feature).
     #[arg(long, value_enum, default_value_t = DtlsBackend::Dimpl)]
     pub client_dtls: DtlsBackend,
     #[arg(long)]

@@ -46,6 +46,10 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Err(e) = cli.client_dtls.ensure_compiled_in() {
+        eprintln!("loadtest: {e}");
+        return ExitCode::from(2);
+    }
     if let Some(cpus) = &cli.client_cpus {
         if std::env::var_os("LOADTEST_PINNED").is_none() {
             return match run::reexec_pinned(cpus) {
