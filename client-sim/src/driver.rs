@@ -317,6 +317,7 @@ mod tests {
         enrolls_and_renews_with_64_byte_blocks(crate::dtls::DtlsBackend::Webrtc).await;
     }
 
+    #[cfg(feature = "openssl-backend")]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn meter_enrolls_and_renews_over_openssl_dtls_with_64_byte_blocks() {
         enrolls_and_renews_with_64_byte_blocks(crate::dtls::DtlsBackend::Openssl).await;

@@ -3,23 +3,27 @@
 //! TA, extended master secret required (RFC 7627).
 //!
 //! Three backends ([`DtlsBackend`]), which the driver sees through [`DtlsSession`]:
-//! - webrtc-dtls (below, the default);
-//! - OpenSSL ([`crate::dtls_openssl`]), the same profile through the system's OpenSSL 3. It
-//!   measured *more* client CPU than webrtc-dtls on Debian 12's OpenSSL 3.0 (1.18 vs 0.86 ms per
-//!   enrollment on the 2-core development box), so it is not the load generator's default;
-//! - dimpl ([`crate::dtls_dimpl`]), a sans-IO DTLS 1.2 engine with ring doing the cryptography.
-//!   dimpl has no CCM_8 suite, so it negotiates TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, which
-//!   est-server also accepts.
+//! - webrtc-dtls (below, the default, always built);
+//! - OpenSSL (`crate::dtls_openssl`, cargo feature `openssl-backend`), the same profile through
+//!   the system's OpenSSL 3. It measured *more* client CPU than webrtc-dtls on Debian 12's
+//!   OpenSSL 3.0 (figures in docs/benchmarks.md), so it is not the load generator's default;
+//! - dimpl (`crate::dtls_dimpl`, cargo feature `dimpl-backend`), a sans-IO DTLS 1.2 engine with
+//!   ring doing the cryptography. dimpl has no CCM_8 suite, so it negotiates
+//!   TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, which est-server also accepts.
 //!
 //! webrtc-dtls retransmits flights at a fixed interval forever and has no handshake timeout
 //! (see docs on the dependency study), so every attempt runs under a timeout; retrying from a fresh
 //! session is the meter's job ([`crate::meter`]).
 
+#[cfg(any(feature = "openssl-backend", feature = "dimpl-backend"))]
 use std::collections::VecDeque;
+#[cfg(any(feature = "openssl-backend", feature = "dimpl-backend"))]
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(any(feature = "openssl-backend", feature = "dimpl-backend"))]
+use std::time::Instant;
 
 use webrtc_dtls::cipher_suite::CipherSuiteId;
 use webrtc_dtls::config::{Config, ExtendedMasterSecretType};
@@ -58,6 +62,36 @@ impl DtlsBackend {
             DtlsBackend::Webrtc => "webrtc",
             DtlsBackend::Openssl => "openssl",
             DtlsBackend::Dimpl => "dimpl",
+        }
+    }
+
+    /// The cargo feature (of client-sim, forwarded by loadtest) that builds this backend;
+    /// `None` for webrtc-dtls, which every build has.
+    pub fn cargo_feature(self) -> Option<&'static str> {
+        match self {
+            DtlsBackend::Webrtc => None,
+            DtlsBackend::Openssl => Some("openssl-backend"),
+            DtlsBackend::Dimpl => Some("dimpl-backend"),
+        }
+    }
+
+    /// Whether this build has the backend.
+    pub fn compiled_in(self) -> bool {
+        match self {
+            DtlsBackend::Webrtc => true,
+            DtlsBackend::Openssl => cfg!(feature = "openssl-backend"),
+            DtlsBackend::Dimpl => cfg!(feature = "dimpl-backend"),
+        }
+    }
+
+    /// `Ok` when this build has the backend, else a message naming the feature that builds it.
+    pub fn ensure_compiled_in(self) -> Result<(), String> {
+        match self.cargo_feature() {
+            Some(feature) if !self.compiled_in() => Err(format!(
+                "the {} DTLS backend is not compiled into this build; rebuild with `--features {feature}`",
+                self.name()
+            )),
+            _ => Ok(()),
         }
     }
 }
@@ -201,7 +235,9 @@ pub enum SessionError {
 /// An established DTLS session of any backend: application datagrams in and out.
 pub enum DtlsSession {
     Webrtc(Arc<DTLSConn>),
+    #[cfg(feature = "openssl-backend")]
     Openssl(Box<crate::dtls_openssl::OpensslSession>),
+    #[cfg(feature = "dimpl-backend")]
     Dimpl(Box<crate::dtls_dimpl::DimplSession>),
 }
 
@@ -209,7 +245,9 @@ impl std::fmt::Debug for DtlsSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DtlsSession::Webrtc(_) => f.write_str("DtlsSession::Webrtc"),
+            #[cfg(feature = "openssl-backend")]
             DtlsSession::Openssl(s) => f.debug_tuple("DtlsSession::Openssl").field(s).finish(),
+            #[cfg(feature = "dimpl-backend")]
             DtlsSession::Dimpl(s) => f.debug_tuple("DtlsSession::Dimpl").field(s).finish(),
         }
     }
@@ -224,7 +262,9 @@ impl DtlsSession {
                 .await
                 .map(|_| ())
                 .map_err(|e| SessionError::Webrtc(e.to_string())),
+            #[cfg(feature = "openssl-backend")]
             DtlsSession::Openssl(s) => s.send(data).await,
+            #[cfg(feature = "dimpl-backend")]
             DtlsSession::Dimpl(s) => s.send(data).await,
         }
     }
@@ -236,7 +276,9 @@ impl DtlsSession {
                 .read(buf, None)
                 .await
                 .map_err(|e| SessionError::Webrtc(e.to_string())),
+            #[cfg(feature = "openssl-backend")]
             DtlsSession::Openssl(s) => s.recv(buf).await,
+            #[cfg(feature = "dimpl-backend")]
             DtlsSession::Dimpl(s) => s.recv(buf).await,
         }
     }
@@ -247,7 +289,9 @@ impl DtlsSession {
             DtlsSession::Webrtc(c) => {
                 let _ = c.close().await;
             }
+            #[cfg(feature = "openssl-backend")]
             DtlsSession::Openssl(s) => s.close().await,
+            #[cfg(feature = "dimpl-backend")]
             DtlsSession::Dimpl(s) => s.close().await,
         }
     }
@@ -262,12 +306,21 @@ pub async fn connect_session(
 ) -> Result<DtlsSession, FailureReason> {
     match cfg.backend {
         DtlsBackend::Webrtc => connect(conn, cfg, cred).await.map(DtlsSession::Webrtc),
+        #[cfg(feature = "openssl-backend")]
         DtlsBackend::Openssl => crate::dtls_openssl::connect(conn, cfg, cred)
             .await
             .map(|s| DtlsSession::Openssl(Box::new(s))),
+        #[cfg(feature = "dimpl-backend")]
         DtlsBackend::Dimpl => crate::dtls_dimpl::connect(conn, cfg, cred)
             .await
             .map(|s| DtlsSession::Dimpl(Box::new(s))),
+        #[cfg(not(all(feature = "openssl-backend", feature = "dimpl-backend")))]
+        missing => Err(FailureReason::HandshakeError(
+            missing
+                .ensure_compiled_in()
+                .err()
+                .unwrap_or_else(|| missing.name().to_string()),
+        )),
     }
 }
 
@@ -275,6 +328,7 @@ pub async fn connect_session(
 
 /// Sends the queued outgoing datagrams in order; a datagram leaves the queue only once sent, so
 /// a cancelled call loses nothing.
+#[cfg(any(feature = "openssl-backend", feature = "dimpl-backend"))]
 pub(crate) async fn send_queued(
     conn: &(dyn Conn + Send + Sync),
     queue: &mut VecDeque<Vec<u8>>,
@@ -290,6 +344,7 @@ pub(crate) async fn send_queued(
 
 /// Waits for one datagram (`Some(length)`) or until `wake` (`None`), whichever comes first.
 /// Cancel-safe as `Conn::recv` is.
+#[cfg(any(feature = "openssl-backend", feature = "dimpl-backend"))]
 pub(crate) async fn recv_until(
     conn: &(dyn Conn + Send + Sync),
     buf: &mut [u8],
@@ -331,6 +386,25 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::link::{LinkParams, LinkProfile};
+
+    #[test]
+    fn a_backend_missing_from_the_build_names_its_feature() {
+        assert_eq!(DtlsBackend::Webrtc.ensure_compiled_in(), Ok(()));
+        for (b, built) in [
+            (DtlsBackend::Openssl, cfg!(feature = "openssl-backend")),
+            (DtlsBackend::Dimpl, cfg!(feature = "dimpl-backend")),
+        ] {
+            assert_eq!(b.compiled_in(), built);
+            match b.ensure_compiled_in() {
+                Ok(()) => assert!(built),
+                Err(e) => {
+                    assert!(!built);
+                    let feature = b.cargo_feature().unwrap();
+                    assert!(e.contains(b.name()) && e.contains(feature), "{e}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn auto_flight_interval_follows_the_path() {

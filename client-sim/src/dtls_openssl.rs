@@ -1,6 +1,10 @@
-//! The meter's DTLS 1.2 client on OpenSSL (the `openssl` crate over the system's OpenSSL 3): the
-//! same profile as the webrtc-dtls client in [`crate::dtls`] for a fraction of its CPU (OpenSSL's
-//! P-256 is assembly; no throw-away certificates per connection; no per-connection tasks).
+//! The meter's DTLS 1.2 client on OpenSSL (the `openssl` crate over the system's OpenSSL 3;
+//! cargo feature `openssl-backend`): the same profile as the webrtc-dtls client in
+//! [`crate::dtls`]. It was expected to be the cheaper load generator (OpenSSL's P-256 is
+//! assembly; no throw-away certificates per connection; no per-connection tasks), but it measured
+//! *more* client CPU per enrollment than webrtc-dtls with Debian 12's OpenSSL 3.0, whose
+//! certificate and key decoding outweighs the faster curve arithmetic (figures in
+//! docs/benchmarks.md, "The load generator"); it is not the load generator's default.
 //!
 //! Profile (RFC 9148 §3, RFC 7925 §4): DTLS 1.2 only; TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 only;
 //! the P-256 group only (so the server does the same ECDHE work as with a real meter); signature

@@ -15,7 +15,7 @@ use client_sim::fleet::{render_summary, run_fleet, FleetConfig};
 use client_sim::link::LinkParams;
 use client_sim::meter::{CertFormat, MeterConfig};
 use client_sim::pki::{self, DeviceIdentity, Fleet};
-use client_sim::record::{Recording, RECORD_VERSION};
+use client_sim::recording::{Recording, RECORD_VERSION};
 use client_sim::schedule::{build_schedule, Arrival, FleetPlan};
 use est_proto::coap::{ClientConfig, CoapConfig};
 
@@ -194,7 +194,8 @@ struct Cli {
     /// The meters' DTLS client library: webrtc (webrtc-dtls), openssl (system OpenSSL 3;
     /// retransmits on OpenSSL's own 1 s doubling timer, so --dtls-flight-interval does not apply
     /// to it) or dimpl (sans-IO, ring crypto; negotiates TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
-    /// instead of CCM_8 and sends the leaf certificate only).
+    /// instead of CCM_8 and sends the leaf certificate only). openssl and dimpl are in the build
+    /// only with the cargo features openssl-backend and dimpl-backend.
     #[arg(long, value_enum, default_value_t = DtlsBackend::Webrtc)]
     dtls_backend: DtlsBackend,
     /// EST root path (without discovery).
@@ -421,6 +422,10 @@ async fn run(cli: Cli) -> Result<bool> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = cli.dtls_backend.ensure_compiled_in() {
+        eprintln!("client-sim: {e}");
+        return ExitCode::from(2);
+    }
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(

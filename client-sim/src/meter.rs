@@ -18,25 +18,18 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use cbor_schemas::c509::{
+    CONTENT_FORMAT_C509_CERT_DEFAULT as CF_C509_CERT,
+    CONTENT_FORMAT_C509_PKCS10_DEFAULT as CF_C509_PKCS10,
+};
 use est_proto::coap::{ClientError, Method, Request, Response, ResponseType};
+use est_proto::est::{code_text, CF_PKCS10, CF_PKCS7_CERTS_ONLY, CF_PKIX_CERT};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use x509_cert::Certificate;
 
 use crate::pki::{self, DeviceIdentity, EnrollmentKey, PkiError, VerifyError};
-
-/// CoAP Content-Format numbers (RFC 9148 §4.1 / IANA).
-pub mod content_format {
-    pub const LINK_FORMAT: u16 = 40;
-    pub const PKCS7_CERTS_ONLY: u16 = 281;
-    pub const PKCS10: u16 = 286;
-    pub const PKIX_CERT: u16 = 287;
-    /// application/cose-c509-cert (draft-ietf-cose-cbor-encoded-cert; experimental number).
-    pub const C509_CERT: u16 = cbor_schemas::c509::CONTENT_FORMAT_C509_CERT_DEFAULT;
-    /// application/cose-c509-pkcs10 (experimental number).
-    pub const C509_PKCS10: u16 = cbor_schemas::c509::CONTENT_FORMAT_C509_PKCS10_DEFAULT;
-}
 
 /// The response format the meter asks for with Accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,9 +46,9 @@ pub enum CertFormat {
 impl CertFormat {
     pub fn content_format(self) -> u16 {
         match self {
-            CertFormat::Pkcs7 => content_format::PKCS7_CERTS_ONLY,
-            CertFormat::PkixCert => content_format::PKIX_CERT,
-            CertFormat::C509 => content_format::C509_CERT,
+            CertFormat::Pkcs7 => CF_PKCS7_CERTS_ONLY,
+            CertFormat::PkixCert => CF_PKIX_CERT,
+            CertFormat::C509 => CF_C509_CERT,
         }
     }
 }
@@ -195,22 +188,22 @@ pub enum Action {
     Disconnect,
 }
 
-/// The EST step a request belongs to.
+/// The EST exchange a request belongs to: one resource the meter asks (RFC 9148 §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Step {
+pub enum EstExchange {
     Discover,
     CaCerts,
     Enroll,
     ReEnroll,
 }
 
-impl Step {
+impl EstExchange {
     pub fn resource(self) -> &'static str {
         match self {
-            Step::Discover => "/.well-known/core",
-            Step::CaCerts => "/crts",
-            Step::Enroll => "/sen",
-            Step::ReEnroll => "/sren",
+            EstExchange::Discover => "/.well-known/core",
+            EstExchange::CaCerts => "/crts",
+            EstExchange::Enroll => "/sen",
+            EstExchange::ReEnroll => "/sren",
         }
     }
 }
@@ -243,8 +236,9 @@ pub enum MeterState {
 pub enum Resume {
     /// Open a new session for this purpose.
     Reconnect(Purpose),
-    /// Resend the request of this step on the current session (RFC 9148 §4.7: the identical CSR).
-    Resend(Step),
+    /// Resend the request of this exchange on the current session (RFC 9148 §4.7: the identical
+    /// CSR).
+    Resend(EstExchange),
 }
 
 /// Timings and counters of one meter, for the fleet report.
@@ -345,18 +339,6 @@ pub fn parse_discovery(body: &[u8], fallback: &EstPaths) -> Result<EstPaths, Str
         return Err("no ace.est.* resource in the discovery answer".into());
     }
     Ok(paths)
-}
-
-/// Renders a CoAP response code as "4.03".
-pub fn code_string(code: ResponseType) -> String {
-    let (c, d) = code_class_detail(code);
-    format!("{c}.{d:02}")
-}
-
-fn code_class_detail(code: ResponseType) -> (u8, u8) {
-    let raw = coap_lite::MessageClass::Response(code);
-    let byte: u8 = raw.into();
-    (byte >> 5, byte & 0x1f)
 }
 
 /// One virtual meter.
@@ -551,12 +533,12 @@ impl Meter {
             self.stats.handshake_us = Some(micros(now.saturating_duration_since(s)));
         }
         let step = match purpose {
-            Purpose::Renew => Step::ReEnroll,
+            Purpose::Renew => EstExchange::ReEnroll,
             // RFC 9148 §4.1: discovery first (optional); /crts before /sen so that the meter can
             // check what it receives against the Explicit TA database.
-            Purpose::Enroll if self.config.discovery && !self.discovered => Step::Discover,
-            Purpose::Enroll if self.ca_certs.is_empty() => Step::CaCerts,
-            Purpose::Enroll => Step::Enroll,
+            Purpose::Enroll if self.config.discovery && !self.discovered => EstExchange::Discover,
+            Purpose::Enroll if self.ca_certs.is_empty() => EstExchange::CaCerts,
+            Purpose::Enroll => EstExchange::Enroll,
         };
         self.send(step);
     }
@@ -569,10 +551,10 @@ impl Meter {
         self.session_failed(now, reason);
     }
 
-    fn request_for(&self, step: Step) -> Request {
+    fn request_for(&self, step: EstExchange) -> Request {
         let accept = Some(self.config.accept.content_format());
         match step {
-            Step::Discover => Request {
+            EstExchange::Discover => Request {
                 method: Method::Get,
                 path: vec![".well-known".into(), "core".into()],
                 query: vec!["rt=ace.est*".into()],
@@ -580,7 +562,7 @@ impl Meter {
                 accept: None,
                 payload: Vec::new(),
             },
-            Step::CaCerts => Request {
+            EstExchange::CaCerts => Request {
                 method: Method::Get,
                 path: self.paths.crts.clone(),
                 query: Vec::new(),
@@ -588,45 +570,45 @@ impl Meter {
                 accept,
                 payload: Vec::new(),
             },
-            Step::Enroll | Step::ReEnroll => Request {
+            EstExchange::Enroll | EstExchange::ReEnroll => Request {
                 method: Method::Post,
-                path: if step == Step::Enroll {
+                path: if step == EstExchange::Enroll {
                     self.paths.sen.clone()
                 } else {
                     self.paths.sren.clone()
                 },
                 query: Vec::new(),
                 content_format: Some(if self.config.c509_requests {
-                    content_format::C509_PKCS10
+                    CF_C509_PKCS10
                 } else {
-                    content_format::PKCS10
+                    CF_PKCS10
                 }),
                 accept,
                 payload: self.encode_request(match (step, &self.renewal_csr_der) {
-                    (Step::ReEnroll, Some(r)) => r,
+                    (EstExchange::ReEnroll, Some(r)) => r,
                     _ => &self.csr_der,
                 }),
             },
         }
     }
 
-    fn send(&mut self, step: Step) {
+    fn send(&mut self, step: EstExchange) {
         self.state = match step {
-            Step::Discover => MeterState::Discovering,
-            Step::CaCerts => MeterState::FetchingCaCerts,
-            Step::Enroll => MeterState::Enrolling,
-            Step::ReEnroll => MeterState::Renewing,
+            EstExchange::Discover => MeterState::Discovering,
+            EstExchange::CaCerts => MeterState::FetchingCaCerts,
+            EstExchange::Enroll => MeterState::Enrolling,
+            EstExchange::ReEnroll => MeterState::Renewing,
         };
         let req = self.request_for(step);
         self.actions.push_back(Action::Send(req));
     }
 
-    fn current_step(&self) -> Option<Step> {
+    fn current_step(&self) -> Option<EstExchange> {
         match self.state {
-            MeterState::Discovering => Some(Step::Discover),
-            MeterState::FetchingCaCerts => Some(Step::CaCerts),
-            MeterState::Enrolling => Some(Step::Enroll),
-            MeterState::Renewing => Some(Step::ReEnroll),
+            MeterState::Discovering => Some(EstExchange::Discover),
+            MeterState::FetchingCaCerts => Some(EstExchange::CaCerts),
+            MeterState::Enrolling => Some(EstExchange::Enroll),
+            MeterState::Renewing => Some(EstExchange::ReEnroll),
             _ => None,
         }
     }
@@ -684,30 +666,30 @@ impl Meter {
             other => {
                 let reason = FailureReason::Rejected {
                     resource,
-                    code: code_string(other),
+                    code: code_text(other),
                 };
                 self.actions.push_back(Action::Disconnect);
                 return self.session_failed(now, reason);
             }
         }
         match step {
-            Step::Discover => match parse_discovery(&response.payload, &self.paths) {
+            EstExchange::Discover => match parse_discovery(&response.payload, &self.paths) {
                 Ok(p) => {
                     self.paths = p;
                     self.discovered = true;
-                    self.send(Step::CaCerts);
+                    self.send(EstExchange::CaCerts);
                 }
                 Err(e) => {
                     self.actions.push_back(Action::Disconnect);
                     self.fail(FailureReason::Discovery(e));
                 }
             },
-            Step::CaCerts => match self.certs_of(&response) {
+            EstExchange::CaCerts => match self.certs_of(&response) {
                 Ok(der) => match pki::parse_ca_certs(&der) {
                     Ok(certs) => {
                         self.ca_certs = certs;
                         self.ca_certs_der = der;
-                        self.send(Step::Enroll);
+                        self.send(EstExchange::Enroll);
                     }
                     Err(e) => {
                         self.actions.push_back(Action::Disconnect);
@@ -719,7 +701,7 @@ impl Meter {
                     self.fail(FailureReason::BadResponse { resource, error: e });
                 }
             },
-            Step::Enroll | Step::ReEnroll => {
+            EstExchange::Enroll | EstExchange::ReEnroll => {
                 let verified = self
                     .certs_of(&response)
                     .map_err(|e| FailureReason::BadResponse {
@@ -735,7 +717,7 @@ impl Meter {
                     Ok(leaf) => {
                         self.ldevid = Some(leaf.clone());
                         self.busy = 0;
-                        if step == Step::Enroll {
+                        if step == EstExchange::Enroll {
                             if let Some(s) = self.started {
                                 self.stats.enroll_us =
                                     Some(micros(now.saturating_duration_since(s)));
@@ -784,8 +766,8 @@ impl Meter {
     /// The certificates in a /crts, /sen or /sren answer, by Content-Format.
     fn certs_of(&self, response: &Response) -> Result<Vec<Vec<u8>>, String> {
         match response.content_format {
-            Some(content_format::PKIX_CERT) => Ok(vec![response.payload.clone()]),
-            Some(content_format::C509_CERT) => {
+            Some(CF_PKIX_CERT) => Ok(vec![response.payload.clone()]),
+            Some(CF_C509_CERT) => {
                 let c509 = cbor_schemas::cose::decode_cose_c509(&response.payload)
                     .map_err(|e| e.to_string())?;
                 c509.iter()
@@ -795,7 +777,7 @@ impl Meter {
                     .collect()
             }
             // RFC 9148 §4.3: 281 is the default when the server sends no Content-Format.
-            Some(content_format::PKCS7_CERTS_ONLY) | None => {
+            Some(CF_PKCS7_CERTS_ONLY) | None => {
                 est_proto::ca::certs_from_certs_only(&response.payload).map_err(|e| e.to_string())
             }
             Some(other) => Err(format!("unexpected Content-Format {other}")),
@@ -828,590 +810,6 @@ fn micros(d: Duration) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::*;
-    use crate::testutil::FakeEst;
-
-    fn t0() -> Instant {
-        Instant::now()
-    }
-
-    fn expect_connect(m: &mut Meter) -> (Purpose, Credential) {
-        match m.poll_action() {
-            Some(Action::Connect {
-                purpose,
-                credential,
-            }) => (purpose, credential),
-            other => panic!("expected Connect, got {other:?}"),
-        }
-    }
-
-    fn expect_send(m: &mut Meter) -> Request {
-        match m.poll_action() {
-            Some(Action::Send(r)) => r,
-            other => panic!("expected Send, got {other:?}"),
-        }
-    }
-
-    fn expect_disconnect(m: &mut Meter) {
-        assert!(matches!(m.poll_action(), Some(Action::Disconnect)));
-    }
-
-    /// Answers every Send with the fake server until the meter stops sending.
-    fn serve(m: &mut Meter, est: &mut FakeEst, now: Instant) {
-        while let Some(a) = m.poll_action() {
-            if let Action::Send(r) = a {
-                let resp = est.handle(&r);
-                m.handle_response(now, resp);
-            }
-        }
-    }
-
-    #[test]
-    fn enrolls_with_crts_then_sen_and_verifies() {
-        let mut est = FakeEst::new(1);
-        let dev = est.device("SN000001");
-        let mut m = Meter::new(MeterConfig::default(), &dev, 42).unwrap();
-        assert_eq!(m.state(), &MeterState::Unprovisioned);
-        let now = t0();
-        m.start(now);
-        let (purpose, cred) = expect_connect(&mut m);
-        assert_eq!(purpose, Purpose::Enroll);
-        assert_eq!(cred.chain_der, dev.cert_chain_der);
-        assert_eq!(
-            m.state(),
-            &MeterState::Handshaking {
-                purpose: Purpose::Enroll
-            }
-        );
-        m.handle_connected(now + Duration::from_millis(800));
-        assert_eq!(m.stats().handshake_us, Some(800_000));
-        let crts = expect_send(&mut m);
-        assert_eq!(crts.method, Method::Get);
-        assert_eq!(crts.path, vec![".well-known", "est", "crts"]);
-        assert_eq!(crts.accept, Some(281));
-        assert_eq!(m.state(), &MeterState::FetchingCaCerts);
-        m.handle_response(now, est.handle(&crts));
-        let sen = expect_send(&mut m);
-        assert_eq!(m.state(), &MeterState::Enrolling);
-        assert_eq!(sen.method, Method::Post);
-        assert_eq!(sen.path, vec![".well-known", "est", "sen"]);
-        assert_eq!(sen.content_format, Some(286));
-        assert_eq!(sen.payload, m.csr_der());
-        m.handle_response(now + Duration::from_secs(2), est.handle(&sen));
-        expect_disconnect(&mut m);
-        assert_eq!(m.state(), &MeterState::Enrolled);
-        assert_eq!(m.ldevid(), Some(est.issued[0].as_slice()));
-        assert_eq!(m.stats().enroll_us, Some(2_000_000));
-        assert_eq!(m.ca_certs_der(), &[est.ca_der.clone()]);
-        // The CSR carried the IDevID's serialNumber and hardwareModuleName.
-        let csr = est_proto::ca::parse_and_verify_csr(m.csr_der(), 4096).unwrap();
-        assert_eq!(
-            est_proto::ca::serial_number_attr(&csr.subject).as_deref(),
-            Some("SN000001")
-        );
-        assert!(csr.hardware_module.is_some());
-        assert!(m.poll_action().is_none());
-    }
-
-    #[test]
-    fn discovery_paths_are_used() {
-        let mut est = FakeEst::new(2);
-        let dev = est.device("SN000002");
-        let cfg = MeterConfig {
-            discovery: true,
-            accept: CertFormat::PkixCert,
-            ..MeterConfig::default()
-        };
-        let mut m = Meter::new(cfg, &dev, 1).unwrap();
-        let now = t0();
-        m.start(now);
-        expect_connect(&mut m);
-        m.handle_connected(now);
-        let disc = expect_send(&mut m);
-        assert_eq!(disc.path, vec![".well-known", "core"]);
-        assert_eq!(disc.query, vec!["rt=ace.est*"]);
-        assert_eq!(m.state(), &MeterState::Discovering);
-        m.handle_response(now, est.handle(&disc));
-        let crts = expect_send(&mut m);
-        assert_eq!(crts.path, vec!["est", "crts"]);
-        assert_eq!(crts.accept, Some(287));
-        m.handle_response(now, est.handle(&crts));
-        let sen = expect_send(&mut m);
-        assert_eq!(sen.path, vec!["est", "sen"]);
-        m.handle_response(now, est.handle(&sen));
-        assert_eq!(m.state(), &MeterState::Enrolled);
-    }
-
-    #[test]
-    fn service_unavailable_waits_max_age_and_resends_identical_csr() {
-        let mut est = FakeEst::new(3);
-        est.busy_first = 2;
-        est.busy_max_age = 7;
-        let dev = est.device("SN000003");
-        let mut m = Meter::new(MeterConfig::default(), &dev, 3).unwrap();
-        let now = t0();
-        m.start(now);
-        expect_connect(&mut m);
-        m.handle_connected(now);
-        let crts = expect_send(&mut m);
-        m.handle_response(now, est.handle(&crts));
-        let sen = expect_send(&mut m);
-        m.handle_response(now, est.handle(&sen));
-        // RFC 9148 §4.7: wait Max-Age, on the same session.
-        assert_eq!(
-            m.state(),
-            &MeterState::Waiting {
-                until: now + Duration::from_secs(7),
-                then: Resume::Resend(Step::Enroll)
-            }
-        );
-        assert_eq!(m.poll_timeout(), Some(now + Duration::from_secs(7)));
-        assert!(m.poll_action().is_none());
-        m.handle_timeout(now + Duration::from_secs(6));
-        assert!(m.poll_action().is_none(), "too early");
-        let t1 = now + Duration::from_secs(7);
-        m.handle_timeout(t1);
-        let again = expect_send(&mut m);
-        assert_eq!(again.payload, sen.payload, "identical CSR");
-        m.handle_response(t1, est.handle(&again));
-        let t2 = t1 + Duration::from_secs(7);
-        m.handle_timeout(t2);
-        let third = expect_send(&mut m);
-        m.handle_response(t2, est.handle(&third));
-        expect_disconnect(&mut m);
-        assert_eq!(m.state(), &MeterState::Enrolled);
-        assert_eq!(m.stats().busy_retries, 2);
-        assert_eq!(est.csrs.len(), 3);
-        assert!(est.csrs.iter().all(|c| c == &est.csrs[0]));
-    }
-
-    #[test]
-    fn busy_retries_are_bounded() {
-        let mut est = FakeEst::new(4);
-        est.busy_first = 100;
-        let dev = est.device("SN000004");
-        let cfg = MeterConfig {
-            max_busy_retries: 2,
-            ..MeterConfig::default()
-        };
-        let mut m = Meter::new(cfg, &dev, 4).unwrap();
-        let mut now = t0();
-        m.start(now);
-        expect_connect(&mut m);
-        m.handle_connected(now);
-        for _ in 0..10 {
-            serve(&mut m, &mut est, now);
-            if let Some(t) = m.poll_timeout() {
-                now = t;
-                m.handle_timeout(now);
-            }
-        }
-        assert_eq!(
-            m.state(),
-            &MeterState::Failed(FailureReason::Busy("/sen".into()))
-        );
-        assert_eq!(est.csrs.len(), 3);
-    }
-
-    #[test]
-    fn coap_timeout_reconnects_after_backoff_and_skips_crts() {
-        let mut est = FakeEst::new(5);
-        let dev = est.device("SN000005");
-        let cfg = MeterConfig {
-            retry_backoff: Duration::from_secs(2),
-            ..MeterConfig::default()
-        };
-        let mut m = Meter::new(cfg, &dev, 5).unwrap();
-        let now = t0();
-        m.start(now);
-        expect_connect(&mut m);
-        m.handle_connected(now);
-        let crts = expect_send(&mut m);
-        m.handle_response(now, est.handle(&crts));
-        let _sen = expect_send(&mut m);
-        m.handle_request_failed(now, ClientError::Timeout);
-        expect_disconnect(&mut m);
-        let MeterState::Waiting { until, then } = m.state().clone() else {
-            panic!("expected Waiting, got {:?}", m.state())
-        };
-        assert_eq!(then, Resume::Reconnect(Purpose::Enroll));
-        // 2 s * 2^0 plus up to 50% jitter.
-        let wait = until - now;
-        assert!(
-            wait >= Duration::from_secs(2) && wait < Duration::from_secs(3),
-            "{wait:?}"
-        );
-        m.handle_timeout(until);
-        expect_connect(&mut m);
-        m.handle_connected(until);
-        let sen = expect_send(&mut m);
-        assert_eq!(
-            sen.path.last().map(String::as_str),
-            Some("sen"),
-            "CA certs kept"
-        );
-        m.handle_response(until, est.handle(&sen));
-        assert_eq!(m.state(), &MeterState::Enrolled);
-        assert_eq!(m.stats().session_retries, 1);
-        assert_eq!(m.stats().handshakes, 2);
-    }
-
-    #[test]
-    fn handshake_failures_exhaust_attempts() {
-        let mut est = FakeEst::new(6);
-        let dev = est.device("SN000006");
-        let cfg = MeterConfig {
-            max_attempts: 3,
-            ..MeterConfig::default()
-        };
-        let mut m = Meter::new(cfg, &dev, 6).unwrap();
-        let mut now = t0();
-        m.start(now);
-        let mut connects = 0;
-        loop {
-            while let Some(a) = m.poll_action() {
-                if matches!(a, Action::Connect { .. }) {
-                    connects += 1;
-                    m.handle_connect_failed(now, FailureReason::HandshakeTimeout);
-                }
-            }
-            match m.poll_timeout() {
-                Some(t) => {
-                    now = t;
-                    m.handle_timeout(now);
-                }
-                None => break,
-            }
-        }
-        assert_eq!(connects, 3);
-        assert_eq!(
-            m.state(),
-            &MeterState::Failed(FailureReason::HandshakeTimeout)
-        );
-        assert_eq!(m.stats().handshakes_failed, 3);
-    }
-
-    #[test]
-    fn client_error_codes_are_final() {
-        let mut est = FakeEst::new(7);
-        est.reject_sen = Some(ResponseType::Forbidden);
-        let dev = est.device("SN000007");
-        let mut m = Meter::new(MeterConfig::default(), &dev, 7).unwrap();
-        let now = t0();
-        m.start(now);
-        expect_connect(&mut m);
-        m.handle_connected(now);
-        serve(&mut m, &mut est, now);
-        assert_eq!(
-            m.state(),
-            &MeterState::Failed(FailureReason::Rejected {
-                resource: "/sen".into(),
-                code: "4.03".into()
-            })
-        );
-        assert!(m.poll_timeout().is_none());
-        if let MeterState::Failed(r) = m.state() {
-            assert_eq!(r.label(), "4.03 /sen");
-        }
-    }
-
-    #[test]
-    fn certificate_for_another_key_fails_verification() {
-        let mut est = FakeEst::new(8);
-        est.wrong_key = true;
-        let dev = est.device("SN000008");
-        let mut m = Meter::new(MeterConfig::default(), &dev, 8).unwrap();
-        let now = t0();
-        m.start(now);
-        expect_connect(&mut m);
-        m.handle_connected(now);
-        serve(&mut m, &mut est, now);
-        assert!(matches!(
-            m.state(),
-            MeterState::Failed(FailureReason::Verification(_))
-        ));
-        assert!(m.ldevid().is_none());
-    }
-
-    #[test]
-    fn renews_with_the_ldevid() {
-        let mut est = FakeEst::new(9);
-        let dev = est.device("SN000009");
-        let cfg = MeterConfig {
-            renew: true,
-            ..MeterConfig::default()
-        };
-        let mut m = Meter::new(cfg, &dev, 9).unwrap();
-        let now = t0();
-        m.start(now);
-        expect_connect(&mut m);
-        m.handle_connected(now);
-        let crts = expect_send(&mut m);
-        m.handle_response(now, est.handle(&crts));
-        let sen = expect_send(&mut m);
-        m.handle_response(now, est.handle(&sen));
-        expect_disconnect(&mut m);
-        let (purpose, cred) = expect_connect(&mut m);
-        assert_eq!(purpose, Purpose::Renew);
-        assert_eq!(cred.chain_der, vec![est.issued[0].clone()]);
-        let t1 = now + Duration::from_secs(1);
-        m.handle_connected(t1);
-        let sren = expect_send(&mut m);
-        assert_eq!(sren.path, vec![".well-known", "est", "sren"]);
-        // RFC 7030 §4.2.2: subject and SAN identical to the certificate being renewed.
-        let csr = est_proto::ca::parse_and_verify_csr(&sren.payload, 4096).unwrap();
-        let current = {
-            use der::Decode;
-            x509_cert::Certificate::from_der(&est.issued[0]).unwrap()
-        };
-        assert_eq!(csr.subject, current.tbs_certificate.subject);
-        assert_eq!(
-            csr.hardware_module,
-            est_proto::ca::hardware_module_from_cert(&current)
-        );
-        m.handle_response(t1 + Duration::from_secs(1), est.handle(&sren));
-        expect_disconnect(&mut m);
-        assert_eq!(m.state(), &MeterState::Enrolled);
-        assert!(m.renewed());
-        assert_eq!(m.ldevid(), Some(est.issued[1].as_slice()));
-        assert_eq!(
-            m.stats().renew_us,
-            Some(2_000_000),
-            "from the end of /sen to the renewed LDevID"
-        );
-    }
-
-    #[test]
-    fn discovery_parser() {
-        let fb = EstPaths::under("/.well-known/est");
-        let p = parse_discovery(
-            b"<coaps://[2001:db8::1]:61617/est/crts>;rt=\"ace.est.crts\";ct=\"281 287\",<coaps://[2001:db8::1]:61617/est/sen>;rt=\"ace.est.sen\"",
-            &fb,
-        )
-        .unwrap();
-        assert_eq!(p.crts, vec!["est", "crts"]);
-        assert_eq!(p.sen, vec!["est", "sen"]);
-        assert_eq!(p.sren, fb.sren);
-        assert!(parse_discovery(b"</x>;rt=\"other\"", &fb).is_err());
-        assert!(parse_discovery(&[0xff, 0xfe], &fb).is_err());
-    }
-}
-
-/// The meter, the real sans-IO CoAP client and server session, and the link emulator, all on
-/// virtual time: a whole enrollment over a lossy narrowband link, deterministic per seed. DTLS is
-/// not modelled here (a session "connects" after a fixed delay).
+mod tests;
 #[cfg(test)]
-mod virtual_time {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::*;
-    use crate::link::{LinkDirection, LinkParams, Verdict};
-    use crate::testutil::FakeEst;
-    use est_proto::coap::{Client, ClientConfig, ClientEvent, CoapConfig, Incoming, ServerSession};
-    use std::cmp::Reverse;
-    use std::collections::BinaryHeap;
-    use std::sync::Arc;
-
-    #[derive(PartialEq, Eq, PartialOrd, Ord)]
-    struct InFlight {
-        at: Reverse<Instant>,
-        seq: u64,
-        to_server: bool,
-        session: u64,
-        data: Vec<u8>,
-    }
-
-    struct Run {
-        enrolled: bool,
-        end: Duration,
-        retransmissions: u64,
-        frames: u64,
-        lost: u64,
-    }
-
-    fn run(seed: u64, link: &str, szx: u8) -> Run {
-        let mut est = FakeEst::new(seed);
-        let dev = est.device("SN200001");
-        let cfg = MeterConfig {
-            max_attempts: 8,
-            retry_backoff: Duration::from_secs(5),
-            ..MeterConfig::default()
-        };
-        let mut m = Meter::new(cfg, &dev, seed).unwrap();
-        let params: LinkParams = link.parse().unwrap();
-        let mut up = LinkDirection::new(params.clone(), seed ^ 1);
-        let mut down = LinkDirection::new(params, seed ^ 2);
-        let coap_cfg = ClientConfig {
-            block1_szx: szx,
-            block2_szx: Some(szx),
-            ..ClientConfig::default()
-        };
-        let t0 = Instant::now();
-        let mut now = t0;
-        let mut heap: BinaryHeap<InFlight> = BinaryHeap::new();
-        let mut seq = 0u64;
-        let mut session = 0u64;
-        let mut client: Option<Client> = None;
-        let mut server: Option<ServerSession> = None;
-        let mut connect_at: Option<Instant> = None;
-        let mut retransmissions = 0;
-        m.start(now);
-        for _ in 0..200_000 {
-            while let Some(a) = m.poll_action() {
-                match a {
-                    Action::Connect { .. } => {
-                        session += 1;
-                        // A full DTLS handshake on this link takes a few round trips.
-                        connect_at = Some(now + Duration::from_secs(3));
-                    }
-                    Action::Send(r) => client.as_mut().unwrap().start(now, r).unwrap(),
-                    Action::Disconnect => {
-                        if let Some(c) = client.take() {
-                            retransmissions += c.stats().retransmissions;
-                        }
-                        server = None;
-                    }
-                }
-            }
-            if m.is_done() {
-                break;
-            }
-            if let Some(c) = client.as_mut() {
-                while let Some(d) = c.poll_transmit() {
-                    if let Verdict::Deliver { at } = up.submit(now, d.len()) {
-                        seq += 1;
-                        heap.push(InFlight {
-                            at: Reverse(at),
-                            seq,
-                            to_server: true,
-                            session,
-                            data: d,
-                        });
-                    }
-                }
-                let mut any = false;
-                while let Some(ev) = c.poll_event() {
-                    any = true;
-                    match ev {
-                        ClientEvent::Response(r) => m.handle_response(now, r),
-                        ClientEvent::Failed(e) => m.handle_request_failed(now, e),
-                    }
-                }
-                if any {
-                    continue;
-                }
-            }
-            // Advance virtual time to the next event.
-            let next = [
-                heap.peek().map(|f| f.at.0),
-                client.as_ref().and_then(Client::poll_timeout),
-                m.poll_timeout(),
-                connect_at,
-            ]
-            .into_iter()
-            .flatten()
-            .min()
-            .expect("something to wait for");
-            now = now.max(next);
-            if connect_at.is_some_and(|t| t <= now) {
-                connect_at = None;
-                client = Some(Client::new(coap_cfg.clone(), seed ^ session));
-                server = Some(ServerSession::new(Arc::new(CoapConfig::default())));
-                m.handle_connected(now);
-                continue;
-            }
-            while heap.peek().is_some_and(|f| f.at.0 <= now) {
-                let f = heap.pop().unwrap();
-                if f.session != session {
-                    continue;
-                }
-                if f.to_server {
-                    let Some(s) = server.as_mut() else { continue };
-                    let out = match s.handle_datagram(now, &f.data) {
-                        Incoming::Send(d) => vec![d],
-                        Incoming::Request(id, req) => {
-                            let resp = est.handle(&req);
-                            s.respond(now, id, resp)
-                        }
-                        Incoming::Ignore => Vec::new(),
-                    };
-                    for d in out {
-                        if let Verdict::Deliver { at } = down.submit(now, d.len()) {
-                            seq += 1;
-                            heap.push(InFlight {
-                                at: Reverse(at),
-                                seq,
-                                to_server: false,
-                                session,
-                                data: d,
-                            });
-                        }
-                    }
-                } else if let Some(c) = client.as_mut() {
-                    c.handle_datagram(now, &f.data);
-                }
-            }
-            if let Some(c) = client.as_mut() {
-                c.handle_timeout(now);
-            }
-            m.handle_timeout(now);
-        }
-        let ldevid_issued = m
-            .ldevid()
-            .is_some_and(|l| est.issued.iter().any(|i| i == l));
-        Run {
-            enrolled: matches!(m.state(), MeterState::Enrolled) && ldevid_issued,
-            end: now - t0,
-            retransmissions,
-            frames: up.counters().frames + down.counters().frames,
-            lost: up.counters().lost + down.counters().lost,
-        }
-    }
-
-    #[test]
-    fn enrolls_over_20_percent_loss_with_64_byte_blocks_deterministically() {
-        let mut total_retx = 0;
-        let mut total_lost = 0;
-        for seed in 0..12 {
-            let r = run(seed, "loss=0.2,latency=300ms,jitter=100ms,rate=50kbps", 2);
-            assert!(r.enrolled, "seed {seed} did not enroll");
-            total_retx += r.retransmissions;
-            total_lost += r.lost;
-            // Enrollment takes seconds to minutes of virtual time, not hours.
-            assert!(r.end < Duration::from_secs(900), "seed {seed}: {:?}", r.end);
-            assert!(r.frames > 40, "seed {seed}: {} frames", r.frames);
-        }
-        assert!(
-            total_lost > 0 && total_retx > 0,
-            "loss must have caused retransmissions"
-        );
-    }
-
-    #[test]
-    fn same_seed_same_run() {
-        let a = run(
-            5,
-            "ge=0.05/0.3/0.8,latency=200ms,jitter=50ms,rate=20kbps",
-            4,
-        );
-        let b = run(
-            5,
-            "ge=0.05/0.3/0.8,latency=200ms,jitter=50ms,rate=20kbps",
-            4,
-        );
-        assert!(a.enrolled && b.enrolled);
-        assert_eq!(a.frames, b.frames);
-        assert_eq!(a.lost, b.lost);
-        assert_eq!(a.retransmissions, b.retransmissions);
-    }
-
-    #[test]
-    fn smaller_blocks_take_more_round_trips() {
-        // 64-byte blocks keep every datagram within 2 frames; 1024-byte blocks fragment into ~12.
-        let small = run(3, "latency=100ms", 2);
-        let big = run(3, "latency=100ms", 6);
-        assert!(small.enrolled && big.enrolled);
-        assert!(small.end > big.end, "more round trips with small blocks");
-    }
-}
+mod virtual_time;

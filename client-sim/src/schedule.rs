@@ -3,7 +3,7 @@
 //! A [`Schedule`] lists, for every meter, its start offset from the beginning of the run, the seed of
 //! its own random streams (key generation, CoAP Message IDs and tokens, link loss and jitter) and the
 //! link it sits behind. It is a pure function of `(FleetPlan, seed)`, so a run can be reproduced,
-//! recorded ([`crate::record`]) and replayed against another server.
+//! recorded ([`crate::recording`]) and replayed against another server.
 
 use std::str::FromStr;
 use std::time::Duration;

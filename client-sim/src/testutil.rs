@@ -5,10 +5,10 @@ use std::time::{Duration, SystemTime};
 
 use est_proto::ca::{self, IssueParams, IssuingCa, RingP256Signer};
 use est_proto::coap::{Method, Request, Response, ResponseType};
+use est_proto::est::{CF_LINK_FORMAT, CF_PKCS10, CF_PKCS7_CERTS_ONLY, CF_PKIX_CERT};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::meter::content_format as cf;
 use crate::pki::DeviceIdentity;
 
 pub struct FakeEst {
@@ -108,15 +108,15 @@ impl FakeEst {
         self.log.push((req.method, path.clone()));
         match (req.method, path.as_str()) {
             (Method::Get, ".well-known/core") => Response::new(ResponseType::Content).with_payload(
-                cf::LINK_FORMAT,
+                CF_LINK_FORMAT,
                 b"</est/crts>;rt=\"ace.est.crts\";ct=\"281 287\",</est/sen>;rt=\"ace.est.sen\";ct=\"281 287\",</est/sren>;rt=\"ace.est.sren\";ct=\"281 287\"".to_vec(),
             ),
             (Method::Get, ".well-known/est/crts" | "est/crts") => {
-                if req.accept == Some(cf::PKIX_CERT) {
-                    Response::new(ResponseType::Content).with_payload(cf::PKIX_CERT, self.ca_der.clone())
+                if req.accept == Some(CF_PKIX_CERT) {
+                    Response::new(ResponseType::Content).with_payload(CF_PKIX_CERT, self.ca_der.clone())
                 } else {
                     Response::new(ResponseType::Content).with_payload(
-                        cf::PKCS7_CERTS_ONLY,
+                        CF_PKCS7_CERTS_ONLY,
                         ca::certs_only(&[&self.ca_der]).unwrap(),
                     )
                 }
@@ -132,7 +132,7 @@ impl FakeEst {
                 if let Some(code) = self.reject_sen {
                     return Response::new(code);
                 }
-                if req.content_format != Some(cf::PKCS10) {
+                if req.content_format != Some(CF_PKCS10) {
                     return Response::new(ResponseType::UnsupportedContentFormat);
                 }
                 let Ok(csr) = ca::parse_and_verify_csr(&req.payload, 4096) else {
@@ -165,11 +165,11 @@ impl FakeEst {
                 params.hardware_module = csr.hardware_module.clone();
                 let cert = self.ca.issue(&params).unwrap();
                 self.issued.push(cert.clone());
-                if req.accept == Some(cf::PKIX_CERT) {
-                    Response::new(ResponseType::Changed).with_payload(cf::PKIX_CERT, cert)
+                if req.accept == Some(CF_PKIX_CERT) {
+                    Response::new(ResponseType::Changed).with_payload(CF_PKIX_CERT, cert)
                 } else {
                     Response::new(ResponseType::Changed)
-                        .with_payload(cf::PKCS7_CERTS_ONLY, ca::certs_only(&[&cert]).unwrap())
+                        .with_payload(CF_PKCS7_CERTS_ONLY, ca::certs_only(&[&cert]).unwrap())
                 }
             }
             _ => Response::new(ResponseType::NotFound),

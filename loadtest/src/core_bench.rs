@@ -30,7 +30,7 @@ use est_proto::coap::{
     Client, ClientConfig, ClientEvent, CoapConfig, Incoming, Method, Request, ResponseType,
     ServerSession,
 };
-use est_proto::est::{EstConfig, EstService, RequestContext};
+use est_proto::est::{EstConfig, EstService, RequestContext, CF_PKCS10, CF_PKCS7_CERTS_ONLY};
 use est_proto::policy::{Policy, PolicyConfig, VerifiedChain};
 use est_proto::store::MemoryStore;
 use rand::SeedableRng;
@@ -40,10 +40,6 @@ use ring::signature::{
     ECDSA_P256_SHA256_ASN1_SIGNING,
 };
 use serde::{Deserialize, Serialize};
-
-/// Content-Formats of RFC 9148 §8.3.
-const CF_PKCS10: u16 = 286;
-const CF_PKCS7_CERTS_ONLY: u16 = 281;
 
 /// One prepared meter: IDevID chain and its CSR (built outside the measured path).
 struct Prepared {
@@ -249,6 +245,14 @@ pub fn enroll_once(bench: &mut CoreBench, i: usize) -> Result<()> {
         bail!("/sen answered {code:?}");
     }
     Ok(())
+}
+
+/// Runs the core path of `iterations` enrollments natively; microseconds per enrollment.
+pub fn run_native(iterations: usize) -> Result<f64> {
+    let mut b = CoreBench::new(iterations, 0xbe9c)?;
+    let t = Instant::now();
+    b.run_all()?;
+    Ok(t.elapsed().as_secs_f64() * 1e6 / iterations.max(1) as f64)
 }
 
 /// Instruction counts of the core path.

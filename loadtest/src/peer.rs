@@ -9,10 +9,16 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::server::{command_pinned, ChildServer};
+use crate::cli::Cli;
+use crate::perf::{finish_perf, start_perf};
+use crate::report::PeerComparison;
+use crate::run::{warmup_of, Setup};
+use crate::server::{self, command_pinned, ChildServer};
+use crate::steps::{self, Mode, StepConfig, Target};
 
 /// The program we compare against.
 pub const LIBCOAP_SERVER: &str = "coap-server-openssl";
@@ -63,4 +69,124 @@ pub fn describe(port: u16) -> String {
     format!(
         "{LIBCOAP_SERVER} -A 127.0.0.1 -p {port} -c DATA/dtls/server.pem -j DATA/dtls/server.key -R DATA/manufacturers/demo-manufacturer-ca.pem -v 3"
     )
+}
+
+/// The side-by-side comparison: ours, then libcoap, doing handshake + GET /.well-known/core.
+pub async fn compare_peer(
+    cli: &Cli,
+    setup: &Setup,
+    out: &Path,
+    concurrency: usize,
+    duration: Duration,
+    progress: bool,
+) -> PeerComparison {
+    let mut cmp = PeerComparison {
+        concurrency,
+        ..PeerComparison::default()
+    };
+    let step = |label: &str| StepConfig {
+        mode: Mode::Discover,
+        transport: cli.transport(),
+        dtls_backend: cli.client_dtls,
+        concurrency,
+        duration,
+        warmup: warmup_of(duration),
+        drain_timeout: Duration::from_secs(20),
+        seed: cli.seed ^ 0x9ee2,
+        prebuild: 0,
+        arrival_rate: None,
+        progress,
+        label: label.into(),
+    };
+    // With --perf-step at this concurrency, our handshake+GET step is profiled too: set against
+    // the enrollment step's profile it shows where the EST work's CPU goes.
+    let ours_step = step("ours: handshake+GET");
+    let perf = match (cli.perf_step == Some(concurrency), setup.target.pid) {
+        (true, Some(pid)) => start_perf(
+            pid,
+            out,
+            "perf-handshake",
+            ours_step.warmup,
+            duration - ours_step.warmup,
+        ),
+        _ => None,
+    };
+    let ours = steps::run_step(&setup.target, &ours_step).await;
+    if let Some(p) = perf {
+        cmp.perf = Some(finish_perf(p, out, "perf-handshake", &ours).map_err(|e| format!("{e:#}")));
+    }
+    cmp.ours = Some(ours);
+    let Some(data) = &setup.data_dir else {
+        cmp.note = Some("libcoap comparison needs a local server (skipped with --server)".into());
+        return cmp;
+    };
+    let Some(bin) = server::on_path(LIBCOAP_SERVER) else {
+        cmp.note = Some(format!(
+            "{} not installed (apt-get install libcoap3-bin): libcoap comparison skipped",
+            LIBCOAP_SERVER
+        ));
+        return cmp;
+    };
+    let port = match server::free_udp_port() {
+        Ok(p) if p < u16::MAX => p,
+        _ => {
+            cmp.note = Some("no free UDP port for libcoap".into());
+            return cmp;
+        }
+    };
+    cmp.libcoap_command = describe(port);
+    let child = start_libcoap(
+        &bin,
+        port,
+        &data.join("dtls/server.pem"),
+        &data.join("dtls/server.key"),
+        &data.join("manufacturers/demo-manufacturer-ca.pem"),
+        &out.join("libcoap.log"),
+        cli.server_cpus.as_deref(),
+    );
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            cmp.note = Some(format!("libcoap did not start: {e:#}"));
+            return cmp;
+        }
+    };
+    let target = Target {
+        name: child.name.clone(),
+        addr: child.addr,
+        devices: setup.target.devices.clone(),
+        trust_anchors_der: setup.target.trust_anchors_der.clone(),
+        pid: Some(child.pid()),
+    };
+    // Ready when one exchange succeeds (bounded).
+    let mut ready = false;
+    for _ in 0..20 {
+        let probe = StepConfig {
+            concurrency: 1,
+            duration: Duration::from_millis(300),
+            warmup: Duration::ZERO,
+            progress: false,
+            ..step("probe")
+        };
+        if steps::run_step(&target, &probe).await.completed > 0 {
+            ready = true;
+            break;
+        }
+        if !child.alive() {
+            break;
+        }
+    }
+    if !ready {
+        let log = std::fs::read_to_string(out.join("libcoap.log")).unwrap_or_default();
+        let tail: String = log.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
+        cmp.note = Some(format!("libcoap never answered a handshake + GET: {tail}"));
+        return cmp;
+    }
+    let r = steps::run_step(&target, &step("libcoap: handshake+GET")).await;
+    drop(child);
+    if let (Some(a), true) = (&cmp.ours, r.rate_per_s > 0.0) {
+        cmp.ratio = Some(a.rate_per_s / r.rate_per_s);
+    }
+    cmp.libcoap = Some(r);
+    cmp
 }

@@ -1,5 +1,11 @@
-//! Server side of one peer (one DTLS session): deduplication, Block1 reassembly, Block2
-//! slicing, error answers. See the module docs for the rules and their RFC sources.
+//! Server side of one peer (one DTLS session): the message layer (piggybacked, NON and
+//! separate responses, RST, ping), and the error answers; deduplication is in [`dedup`],
+//! Block1 reassembly and Block2 slicing in [`block`], option validation in [`options`]. See
+//! the module docs for the rules and their RFC sources.
+
+mod block;
+mod dedup;
+mod options;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -7,10 +13,12 @@ use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, ResponseType};
 use rand::{rngs::StdRng, Rng, RngCore, SeedableRng};
-use sha2::{Digest, Sha256};
 
-use super::wire::{self, BadOption, BlockOpt, Malformed};
-use super::{block_size, CoapConfig, Method, Request, RequestId, Response};
+use super::wire::{self, BlockOpt, Malformed};
+use super::{CoapConfig, Method, Request, RequestId, Response};
+use block::{too_large, Block2Cache, Reassembly};
+use dedup::{DedupCache, DedupState};
+use options::{OptionError, RequestOptions, Target};
 
 /// Max-Age (seconds) sent with 5.03 when a session has too many unanswered requests.
 const SHED_MAX_AGE_SECS: u32 = 2;
@@ -70,36 +78,6 @@ pub struct SessionStats {
     pub pending_requests: usize,
 }
 
-#[derive(Debug)]
-enum DedupState {
-    /// Handed to the application; a duplicate is ignored because the answer is coming.
-    Pending,
-    /// The exact bytes sent in answer (replayed for a duplicate CON).
-    Answered(Vec<u8>),
-    /// Nothing was sent (rejected NON); duplicates are ignored.
-    Silent,
-}
-
-#[derive(Debug)]
-struct DedupEntry {
-    mid: u16,
-    expires: Instant,
-    state: DedupState,
-}
-
-/// What identifies "the same request" across the blocks of a transfer: the target
-/// resource and the options that select its representation (RFC 7959 §2.5). Block1,
-/// Block2, Size1, Size2 and Content-Format are not part of it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Target {
-    method: Method,
-    host: Option<Vec<u8>>,
-    port: Option<u32>,
-    path: Vec<String>,
-    query: Vec<String>,
-    accept: Option<u16>,
-}
-
 /// Where to send the answer to a request.
 #[derive(Clone, Debug)]
 struct ReplyTo {
@@ -130,27 +108,6 @@ struct Outgoing {
     retransmissions: u32,
     timeout: Duration,
     deadline: Instant,
-}
-
-#[derive(Debug)]
-struct Reassembly {
-    target: Target,
-    content_format: Option<u16>,
-    body: Vec<u8>,
-    /// Block2 from the first request of the transfer (early negotiation, RFC 9148 App. B.2).
-    block2_early: Option<BlockOpt>,
-    expires: Instant,
-}
-
-#[derive(Debug)]
-struct Block2Cache {
-    target: Target,
-    code: ResponseType,
-    content_format: Option<u16>,
-    max_age: Option<u32>,
-    etag: Vec<u8>,
-    body: Vec<u8>,
-    expires: Instant,
 }
 
 /// A response as this layer puts it on the wire.
@@ -190,8 +147,8 @@ impl Reply {
     }
 }
 
-/// The result of looking at a new request.
-enum Step {
+/// What to do with a new (non-duplicate) request, once its options and blocks are checked.
+enum RequestDisposition {
     Reply(Reply),
     /// Reject without answering (a NON with a bad critical option, RFC 7252 §5.4.1 / §4.3).
     Reject,
@@ -204,7 +161,7 @@ pub struct ServerSession {
     config: Arc<CoapConfig>,
     next_request_id: u64,
     next_mid: u16,
-    dedup: VecDeque<DedupEntry>,
+    dedup: DedupCache,
     pending: BTreeMap<RequestId, Pending>,
     reassembly: Option<Reassembly>,
     block2: Option<Block2Cache>,
@@ -236,7 +193,7 @@ impl ServerSession {
             config,
             next_request_id: 0,
             next_mid: mid,
-            dedup: VecDeque::new(),
+            dedup: DedupCache::default(),
             pending: BTreeMap::new(),
             reassembly: None,
             block2: None,
@@ -340,8 +297,8 @@ impl ServerSession {
         // RFC 7252 §4.5: a duplicate CON gets the same answer, and is processed once; a
         // duplicate NON is silently ignored; a duplicate whose answer is not ready yet is
         // ignored (the answer will be sent when the application responds).
-        if let Some(entry) = self.dedup.iter().find(|e| e.mid == mid) {
-            return match &entry.state {
+        if let Some(state) = self.dedup.get(mid) {
+            return match state {
                 DedupState::Answered(bytes) if confirmable => {
                     self.stats.duplicates_answered += 1;
                     Incoming::Send(bytes.clone())
@@ -365,7 +322,7 @@ impl ServerSession {
             token: packet.get_token().to_vec(),
         };
         match self.process(now, packet, method, to.clone()) {
-            Step::Reply(reply) => {
+            RequestDisposition::Reply(reply) => {
                 if reply.code.is_error() {
                     self.stats.layer_errors += 1;
                     tracing::debug!(
@@ -379,11 +336,11 @@ impl ServerSession {
                 self.remember(mid, expires, DedupState::Answered(bytes.clone()));
                 Incoming::Send(bytes)
             }
-            Step::Reject => {
+            RequestDisposition::Reject => {
                 self.remember(mid, expires, DedupState::Silent);
                 Incoming::Ignore
             }
-            Step::Deliver(request, pending) => {
+            RequestDisposition::Deliver(request, pending) => {
                 if self.pending.len() >= self.config.max_pending_requests.max(1) {
                     // Principle: shed load with a typed outcome, never grow without bound.
                     self.stats.shed += 1;
@@ -422,10 +379,10 @@ impl ServerSession {
         packet: &Packet,
         method: Option<Method>,
         to: ReplyTo,
-    ) -> Step {
+    ) -> RequestDisposition {
         let confirmable = to.confirmable;
         let Some(method) = method else {
-            return Step::Reply(Reply::diag(
+            return RequestDisposition::Reply(Reply::diag(
                 ResponseType::MethodNotAllowed,
                 "unknown method code",
             ));
@@ -434,21 +391,21 @@ impl ServerSession {
             Ok(o) => o,
             Err(OptionError::Bad(n)) if confirmable => {
                 // RFC 7252 §5.4.1: unrecognised critical option in a CON -> 4.02.
-                return Step::Reply(Reply::diag(
+                return RequestDisposition::Reply(Reply::diag(
                     ResponseType::BadOption,
                     &format!("bad or unsupported option {n}"),
                 ));
             }
-            Err(OptionError::Bad(_)) => return Step::Reject,
+            Err(OptionError::Bad(_)) => return RequestDisposition::Reject,
             Err(OptionError::Proxy) => {
                 // RFC 7252 §5.7.2: not a forward-proxy.
-                return Step::Reply(Reply::diag(
+                return RequestDisposition::Reply(Reply::diag(
                     ResponseType::ProxyingNotSupported,
                     "not a proxy",
                 ));
             }
             Err(OptionError::NotUtf8) => {
-                return Step::Reply(Reply::diag(
+                return RequestDisposition::Reply(Reply::diag(
                     ResponseType::BadRequest,
                     "Uri-Path/Uri-Query is not UTF-8",
                 ));
@@ -456,7 +413,10 @@ impl ServerSession {
         };
         // RFC 7959 §2.2: SZX 7 is reserved and MUST lead to 4.00 in a request.
         if opts.block1.is_some_and(|b| b.szx == 7) || opts.block2.is_some_and(|b| b.szx == 7) {
-            return Step::Reply(Reply::diag(ResponseType::BadRequest, "SZX 7 is reserved"));
+            return RequestDisposition::Reply(Reply::diag(
+                ResponseType::BadRequest,
+                "SZX 7 is reserved",
+            ));
         }
         let target = Target {
             method,
@@ -494,12 +454,12 @@ impl ServerSession {
         // A request without Block1 whose body exceeds the cap: 4.13 with Size1 (RFC 7959
         // §2.9.3: also a hint to use Block1; RFC 7252 §5.9.2.9).
         if packet.payload.len() > max {
-            return Step::Reply(too_large(max));
+            return RequestDisposition::Reply(too_large(max));
         }
 
         if let Some(b2) = opts.block2.filter(|b| b.num > 0) {
             if !packet.payload.is_empty() {
-                return Step::Reply(Reply::diag(
+                return RequestDisposition::Reply(Reply::diag(
                     ResponseType::BadRequest,
                     "a Block2 continuation carries no payload",
                 ));
@@ -507,168 +467,27 @@ impl ServerSession {
             // RFC 7959 §2.4 / §3.2 Figure 10: later blocks come from the cached body.
             let cached = self.block2.as_ref().is_some_and(|c| c.target == target);
             if cached {
-                return Step::Reply(self.serve_cached(now, b2, opts.size2.is_some()));
+                return RequestDisposition::Reply(self.serve_cached(now, b2, opts.size2.is_some()));
             }
             if method.is_safe() {
                 // Regenerate the representation; respond() slices at the asked block.
-                return Step::Deliver(
+                return RequestDisposition::Deliver(
                     opts.into_request(method, packet.payload.clone()),
                     pending(None, Some(b2), lifetime),
                 );
             }
             // Unsafe method (POST): never re-run it to obtain a later block (an EST
             // enrollment would issue twice). 4.08 tells the client to start over.
-            return Step::Reply(Reply::diag(
+            return RequestDisposition::Reply(Reply::diag(
                 ResponseType::RequestEntityIncomplete,
                 "Block2 body expired or unknown; repeat the request",
             ));
         }
         let b2 = opts.block2;
-        Step::Deliver(
+        RequestDisposition::Deliver(
             opts.into_request(method, packet.payload.clone()),
             pending(None, b2, lifetime),
         )
-    }
-
-    /// Atomic Block1 reassembly (RFC 7959 §2.3, §2.5).
-    #[allow(clippy::too_many_arguments)]
-    fn block1(
-        &mut self,
-        now: Instant,
-        method: Method,
-        opts: &RequestOptions,
-        target: Target,
-        b1: BlockOpt,
-        packet: &Packet,
-        pending: impl FnOnce(BlockOpt, Option<BlockOpt>) -> Pending,
-    ) -> Step {
-        self.stats.block1_received += 1;
-        let max = self.config.max_request_body_bytes;
-        if opts.block2.is_some_and(|b| b.num > 0) {
-            return Step::Reply(Reply::diag(
-                ResponseType::BadRequest,
-                "Block2 NUM > 0 with Block1",
-            ));
-        }
-        // RFC 7959 §4: Size1 in a request announces the total size; 4.13 early if too big.
-        if opts.size1.is_some_and(|s| u64::from(s) > max as u64) {
-            self.reassembly = None;
-            return Step::Reply(too_large(max));
-        }
-        // RFC 7959 §2.3: with M=1 the payload is exactly the block size; the last block
-        // carries at most one block.
-        let payload = &packet.payload;
-        let size = b1.size();
-        if (b1.more && payload.len() != size) || payload.len() > size {
-            self.reassembly = None;
-            return Step::Reply(Reply::diag(
-                ResponseType::BadRequest,
-                "Block1 payload size does not match SZX",
-            ));
-        }
-        if b1.num == 0 {
-            // A new transfer replaces any earlier one (one reassembly per session).
-            self.reassembly = Some(Reassembly {
-                target: target.clone(),
-                content_format: opts.content_format,
-                body: Vec::new(),
-                block2_early: opts.block2,
-                expires: now,
-            });
-        }
-        let Some(r) = self.reassembly.as_mut() else {
-            return Step::Reply(Reply::diag(
-                ResponseType::RequestEntityIncomplete,
-                "no Block1 transfer in progress",
-            ));
-        };
-        if r.target != target {
-            self.reassembly = None;
-            return Step::Reply(Reply::diag(
-                ResponseType::RequestEntityIncomplete,
-                "Block1 for another resource",
-            ));
-        }
-        // RFC 7959 §2.3: mismatching Content-Format must not be assembled (4.08).
-        if r.content_format != opts.content_format {
-            self.reassembly = None;
-            return Step::Reply(Reply::diag(
-                ResponseType::RequestEntityIncomplete,
-                "Content-Format changed",
-            ));
-        }
-        // RFC 7959 §2.3: missing or out-of-order block -> 4.08.
-        if b1.offset() != r.body.len() as u64 {
-            self.reassembly = None;
-            return Step::Reply(Reply::diag(
-                ResponseType::RequestEntityIncomplete,
-                "missing or out-of-order block",
-            ));
-        }
-        if r.body.len().saturating_add(payload.len()) > max {
-            self.reassembly = None;
-            return Step::Reply(too_large(max));
-        }
-        r.body.extend_from_slice(payload);
-        r.expires = deadline(now, self.config.exchange_lifetime);
-        if opts.block2.is_some() {
-            r.block2_early = opts.block2;
-        }
-        if b1.more {
-            // 2.31 Continue echoing the block (RFC 7959 §2.3); with a smaller SZX when we
-            // want smaller blocks (control usage, Figure 4): NUM is re-expressed in our
-            // block size so that offset = NUM x size still holds.
-            let szx = b1.szx.min(self.config.max_block1_szx.min(6));
-            let num =
-                u32::try_from(b1.offset() >> (u32::from(szx) + 4)).unwrap_or(BlockOpt::MAX_NUM);
-            let mut reply = Reply::new(ResponseType::Continue);
-            reply.block1 = Some(BlockOpt::new(num, true, szx));
-            self.stats.continues_sent += 1;
-            return Step::Reply(reply);
-        }
-        let Some(done) = self.reassembly.take() else {
-            return Step::Reply(Reply::diag(
-                ResponseType::InternalServerError,
-                "reassembly lost",
-            ));
-        };
-        let mut request = opts.clone().into_request(method, Vec::new());
-        request.payload = done.body;
-        let echo = BlockOpt::new(b1.num, false, b1.szx);
-        Step::Deliver(request, pending(echo, done.block2_early))
-    }
-
-    fn serve_cached(&mut self, now: Instant, asked: BlockOpt, size2_requested: bool) -> Reply {
-        let szx = asked.szx.min(self.config.max_block2_szx.min(6));
-        let lifetime = self.config.exchange_lifetime;
-        let Some(cache) = self.block2.as_mut() else {
-            return Reply::diag(ResponseType::RequestEntityIncomplete, "Block2 body expired");
-        };
-        let asked = BlockOpt::new(asked.num, false, szx);
-        let Some((slice, more)) = slice(&cache.body, asked) else {
-            return Reply::diag(
-                ResponseType::BadOption,
-                "Block2 NUM beyond the end of the body",
-            );
-        };
-        let mut reply = Reply::new(cache.code);
-        reply.content_format = cache.content_format;
-        reply.max_age = cache.max_age;
-        reply.etag = Some(cache.etag.clone());
-        reply.block2 = Some(BlockOpt::new(asked.num, more, szx));
-        if size2_requested {
-            reply.size2 = u32::try_from(cache.body.len()).ok();
-        }
-        reply.payload = slice.to_vec();
-        // Keep the body EXCHANGE_LIFETIME after the last block served, not after creation.
-        cache.expires = deadline(now, lifetime);
-        self.stats.block2_served_from_cache += 1;
-        if !more {
-            // Last block served: free the body. A retransmission of this request has the
-            // same Message ID and is answered from the dedup cache.
-            self.block2 = None;
-        }
-        reply
     }
 
     /// Answers request `id`. Returns the datagram(s) to send: one piggybacked ACK (CON) or
@@ -679,52 +498,7 @@ impl ServerSession {
         let Some(p) = self.pending.remove(&id) else {
             return Vec::new();
         };
-        let max_szx = self.config.max_block2_szx.min(6);
-        // RFC 7959 §2.4: use the size the client asked for, or smaller.
-        let szx = p.block2.map_or(max_szx, |b| b.szx.min(max_szx));
-        let num = p.block2.map_or(0, |b| b.num);
-        let body_len = response.payload.len();
-        let mut reply = Reply::new(response.code);
-        reply.content_format = response.content_format;
-        reply.max_age = response.max_age;
-        reply.block1 = p.block1_echo;
-        if body_len > block_size(szx) || num > 0 {
-            let asked = BlockOpt::new(num, false, szx);
-            match slice(&response.payload, asked) {
-                None => {
-                    reply = Reply::diag(
-                        ResponseType::BadOption,
-                        "Block2 NUM beyond the end of the body",
-                    );
-                }
-                Some((part, more)) => {
-                    let etag = etag(&response.payload);
-                    reply.payload = part.to_vec();
-                    reply.block2 = Some(BlockOpt::new(num, more, szx));
-                    reply.etag = Some(etag.clone());
-                    // RFC 7959 §4: Size2 tells the total size with the first block.
-                    if num == 0 || p.size2_requested {
-                        reply.size2 = u32::try_from(body_len).ok();
-                    }
-                    if more {
-                        self.block2 = Some(Block2Cache {
-                            target: p.target.clone(),
-                            code: response.code,
-                            content_format: response.content_format,
-                            max_age: response.max_age,
-                            etag,
-                            body: response.payload,
-                            expires: deadline(now, self.config.exchange_lifetime),
-                        });
-                    }
-                }
-            }
-        } else {
-            if p.block2.is_some() {
-                reply.block2 = Some(BlockOpt::new(0, false, szx));
-            }
-            reply.payload = response.payload;
-        }
+        let reply = self.body_reply(now, &p, response);
         if p.separate {
             // RFC 7252 §5.2.2: the separate response is a CON with a fresh MID and the
             // request's token; the dedup entry keeps answering duplicates with the empty ACK.
@@ -734,13 +508,14 @@ impl ServerSession {
             return vec![bytes];
         }
         let bytes = self.emit(&p.to, &reply);
-        if let Some(entry) = self.dedup.iter_mut().find(|e| e.mid == p.to.mid) {
-            entry.state = if p.to.confirmable {
+        self.dedup.set(
+            p.to.mid,
+            if p.to.confirmable {
                 DedupState::Answered(bytes.clone())
             } else {
                 DedupState::Silent
-            };
-        }
+            },
+        );
         vec![bytes]
     }
 
@@ -759,9 +534,7 @@ impl ServerSession {
         p.separate = true;
         let ack = wire::empty(MessageType::Acknowledgement, p.to.mid);
         let mid = p.to.mid;
-        if let Some(entry) = self.dedup.iter_mut().find(|e| e.mid == mid) {
-            entry.state = DedupState::Answered(ack.clone());
-        }
+        self.dedup.set(mid, DedupState::Answered(ack.clone()));
         self.stats.empty_acks_sent += 1;
         Some(ack)
     }
@@ -803,7 +576,7 @@ impl ServerSession {
 
     /// Earliest instant at which some held state expires.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let dedup = self.dedup.iter().map(|e| e.expires);
+        let dedup = self.dedup.next_expiry().into_iter();
         let pending = self.pending.values().map(|p| p.expires);
         let reassembly = self.reassembly.as_ref().map(|r| r.expires);
         let block2 = self.block2.as_ref().map(|c| c.expires);
@@ -845,20 +618,13 @@ impl ServerSession {
         s.reassembly_bytes = self.reassembly.as_ref().map_or(0, |r| r.body.len());
         s.block2_cache_bytes = self.block2.as_ref().map_or(0, |c| c.body.len());
         s.dedup_entries = self.dedup.len();
-        s.dedup_bytes = self
-            .dedup
-            .iter()
-            .map(|e| match &e.state {
-                DedupState::Answered(b) => b.len(),
-                _ => 0,
-            })
-            .sum();
+        s.dedup_bytes = self.dedup.bytes();
         s.pending_requests = self.pending.len();
         s
     }
 
     fn expire(&mut self, now: Instant) {
-        self.dedup.retain(|e| e.expires > now);
+        self.dedup.expire(now);
         self.pending.retain(|_, p| p.expires > now);
         if self.reassembly.as_ref().is_some_and(|r| r.expires <= now) {
             // RFC 7959 §2.5: the partial body may be discarded EXCHANGE_LIFETIME after the
@@ -872,21 +638,7 @@ impl ServerSession {
 
     fn remember(&mut self, mid: u16, expires: Instant, state: DedupState) {
         let bound = self.config.max_dedup_entries.max(1);
-        while self.dedup.len() >= bound {
-            // Evict the oldest entry that is not waiting for the application.
-            let idx = self
-                .dedup
-                .iter()
-                .position(|e| !matches!(e.state, DedupState::Pending))
-                .unwrap_or(0);
-            self.dedup.remove(idx);
-            self.stats.dedup_evictions += 1;
-        }
-        self.dedup.push_back(DedupEntry {
-            mid,
-            expires,
-            state,
-        });
+        self.stats.dedup_evictions += self.dedup.remember(mid, expires, state, bound);
     }
 
     fn emit(&mut self, to: &ReplyTo, reply: &Reply) -> Vec<u8> {
@@ -935,133 +687,4 @@ impl ServerSession {
 fn deadline(now: Instant, after: Duration) -> Instant {
     // On overflow expire immediately: bounded memory is the safe side.
     now.checked_add(after).unwrap_or(now)
-}
-
-fn too_large(max: usize) -> Reply {
-    // RFC 7252 §5.9.2.9 / RFC 7959 §2.9.3: 4.13 SHOULD carry Size1 = the largest size.
-    let mut r = Reply::diag(
-        ResponseType::RequestEntityTooLarge,
-        "request body too large",
-    );
-    r.size1 = Some(u32::try_from(max).unwrap_or(u32::MAX));
-    r
-}
-
-/// The bytes of block `asked` and whether more follow; `None` if the block starts beyond
-/// the end (a block starting exactly at the end is only valid as NUM 0 of an empty body).
-fn slice(body: &[u8], asked: BlockOpt) -> Option<(&[u8], bool)> {
-    let start = usize::try_from(asked.offset()).ok()?;
-    if start > body.len() || (start == body.len() && asked.num > 0) {
-        return None;
-    }
-    let end = start.saturating_add(asked.size()).min(body.len());
-    Some((body.get(start..end)?, end < body.len()))
-}
-
-/// ETag for a sliced body: first 8 bytes of its SHA-256 (stable across re-runs of a safe
-/// request that produce the same body).
-fn etag(body: &[u8]) -> Vec<u8> {
-    let digest = Sha256::digest(body);
-    digest.get(..8).map(<[u8]>::to_vec).unwrap_or_default()
-}
-
-enum OptionError {
-    Bad(u16),
-    Proxy,
-    NotUtf8,
-}
-
-impl From<BadOption> for OptionError {
-    fn from(b: BadOption) -> Self {
-        OptionError::Bad(b.0)
-    }
-}
-
-/// The options of a request, validated (RFC 7252 §5.4, §5.10; RFC 7959 §2.1, §4).
-#[derive(Clone, Debug)]
-struct RequestOptions {
-    host: Option<Vec<u8>>,
-    port: Option<u32>,
-    path: Vec<String>,
-    query: Vec<String>,
-    content_format: Option<u16>,
-    accept: Option<u16>,
-    block1: Option<BlockOpt>,
-    block2: Option<BlockOpt>,
-    size1: Option<u32>,
-    size2: Option<u32>,
-}
-
-impl RequestOptions {
-    fn parse(packet: &Packet) -> Result<Self, OptionError> {
-        for (&number, _) in packet.options() {
-            match number {
-                // Processed here.
-                3 | 7 | 11 | 12 | 15 | 17 | 23 | 27 | 28 | 60 => {}
-                // Proxy-Uri, Proxy-Scheme: we are not a proxy (§5.7.2 -> 5.05).
-                35 | 39 => return Err(OptionError::Proxy),
-                // Critical and not processed (If-Match 1, If-None-Match 5, OSCORE 9, and
-                // any unknown odd number): §5.4.1.
-                n if n % 2 == 1 => return Err(OptionError::Bad(n)),
-                // Elective options are ignored (§5.4.1).
-                _ => {}
-            }
-        }
-        let host = wire::single_option(packet, CoapOption::UriHost, 1, 255)?.map(<[u8]>::to_vec);
-        let port = wire::uint_option(packet, CoapOption::UriPort, 2)?;
-        let accept =
-            wire::uint_option(packet, CoapOption::Accept, 2)?.and_then(|v| u16::try_from(v).ok());
-        let block_of = |option: CoapOption| -> Result<Option<BlockOpt>, OptionError> {
-            match wire::single_option(packet, option, 0, 3)? {
-                None => Ok(None),
-                Some(v) => BlockOpt::decode(v)
-                    .map(Some)
-                    .ok_or(OptionError::Bad(u16::from(option))),
-            }
-        };
-        let block1 = block_of(CoapOption::Block1)?;
-        let block2 = block_of(CoapOption::Block2)?;
-        // Elective options with a bad length or repeated are ignored (§5.4.3, §5.4.5);
-        // for a repeated elective option the first occurrence counts.
-        let first_uint = |option: CoapOption, max_len: usize| -> Option<u32> {
-            let v = packet.get_first_option(option)?;
-            if v.len() > max_len {
-                return None;
-            }
-            coap_lite::option_value::OptionValueU32::try_from(v.clone())
-                .ok()
-                .map(|x| x.0)
-        };
-        let content_format =
-            first_uint(CoapOption::ContentFormat, 2).and_then(|v| u16::try_from(v).ok());
-        let size1 = first_uint(CoapOption::Size1, 4);
-        let size2 = first_uint(CoapOption::Size2, 4);
-        let path =
-            wire::string_options(packet, CoapOption::UriPath).map_err(|()| OptionError::NotUtf8)?;
-        let query = wire::string_options(packet, CoapOption::UriQuery)
-            .map_err(|()| OptionError::NotUtf8)?;
-        Ok(Self {
-            host,
-            port,
-            path,
-            query,
-            content_format,
-            accept,
-            block1,
-            block2,
-            size1,
-            size2,
-        })
-    }
-
-    fn into_request(self, method: Method, payload: Vec<u8>) -> Request {
-        Request {
-            method,
-            path: self.path,
-            query: self.query,
-            content_format: self.content_format,
-            accept: self.accept,
-            payload,
-        }
-    }
 }

@@ -1,0 +1,172 @@
+//! The command line: options of a run and the `core-bench` subcommand.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use client_sim::dtls::DtlsBackend;
+
+use crate::steps::Transport;
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    client_sim::cli::parse_duration(s, Duration::from_secs(3600))
+}
+
+pub fn parse_step(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(c) if (1..=100_000).contains(&c) => Ok(c),
+        _ => Err(format!("`{s}`: a step is 1..=100000 meters")),
+    }
+}
+
+/// Enrollments per second of est-server at stepped concurrency, against the crypto ceiling and
+/// libcoap's coap-server-openssl, with a JSON and HTML report.
+///
+/// Without --server it starts a fresh est-server (release build; found beside this executable or
+/// built with cargo), with a new data directory and a minted fleet, on 127.0.0.1.
+///
+/// Exit status: 0 when every enrollment step enrolled meters with under 5% errors and the server
+/// stayed up; 1 otherwise; 2 on bad arguments.
+#[derive(Debug, Parser)]
+#[command(name = "loadtest", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Option<Cmd>,
+    /// Concurrent meters per step (closed loop).
+    #[arg(long, value_delimiter = ',', value_parser = parse_step, default_value = "1,8,64,256")]
+    pub steps: Vec<usize>,
+    /// Duration of each step.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub step_duration: Duration,
+    /// Output directory (default target/loadtest/<run>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// A tiny, fast run (seconds): steps 1,4 for 3 s, 16 devices, short peer and memory checks.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Drive an already running server at this address (no child process, no server CPU/RSS);
+    /// needs --fleet.
+    #[arg(long, requires = "fleet")]
+    pub server: Option<std::net::SocketAddr>,
+    /// Fleet directory (`est-server factory mint` output with implicit-ta.pem) for --server.
+    #[arg(long)]
+    pub fleet: Option<PathBuf>,
+    /// The est-server binary (default: beside this executable, else built with cargo).
+    #[arg(long)]
+    pub est_server: Option<PathBuf>,
+    /// Pin the server (and the libcoap peer) to these CPUs (taskset -c LIST).
+    #[arg(long)]
+    pub server_cpus: Option<String>,
+    /// Pin the load generator to these CPUs (re-executes itself under taskset -c LIST).
+    #[arg(long)]
+    pub client_cpus: Option<String>,
+    /// Devices minted for the fleet (meters reuse them round-robin; every enrollment has its own key and CSR).
+    #[arg(long, default_value_t = 2048)]
+    pub devices: usize,
+    /// Extra server configuration, SECTION.KEY=VALUE (TOML value), repeatable.
+    #[arg(long = "server-config")]
+    pub server_config: Vec<String>,
+    /// Meters of the side-by-side peer comparison (0 = skip it).
+    #[arg(long, default_value_t = 64)]
+    pub peer_concurrency: usize,
+    /// Duration of each side of the peer comparison (default: --step-duration).
+    #[arg(long, value_parser = parse_duration)]
+    pub peer_duration: Option<Duration>,
+    /// Sessions to open and hold at once for the server memory figure (0 = skip).
+    #[arg(long, default_value_t = 10_000)]
+    pub hold_sessions: usize,
+    /// Skip the open-loop step at half the peak rate.
+    #[arg(long)]
+    pub no_half_rate: bool,
+    /// Time per crypto operation for the ceiling.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub crypto_duration: Duration,
+    /// Run the core path under valgrind callgrind (default: when valgrind is installed and not --smoke).
+    #[arg(long)]
+    pub callgrind: Option<bool>,
+    /// Iterations of the core path under callgrind.
+    #[arg(long, default_value_t = 20)]
+    pub callgrind_iterations: u64,
+    /// Seed of the meters' keys and CoAP message IDs.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Profile the server with `perf record -g` during the closed-loop step with this many
+    /// meters (OUT/perf.data, flat profile in OUT/perf-report.txt, grouped in the report notes).
+    /// When N is also the peer comparison's --peer-concurrency (64 by default), our
+    /// handshake+GET step is profiled too (OUT/perf-handshake-report.txt) and a note splits the
+    /// enrollment's extra server CPU by component.
+    #[arg(long)]
+    pub perf_step: Option<usize>,
+    /// Drive the meters over plain connected UDP sockets instead of client-sim's (zero-delay)
+    /// link emulator. A cross-check of the harness.
+    #[arg(long)]
+    pub direct_udp: bool,
+    /// The load generator's DTLS client (client-sim's meter backend), used for every step, both
+    /// sides of the libcoap comparison and the held sessions: dimpl (dimpl 0.9 with ring crypto,
+    /// the default: the cheapest, about 0.5 ms of CPU per enrollment, so the server gets most of
+    /// a shared box), webrtc (webrtc-dtls 0.12, about 0.8 ms) or openssl (the system's OpenSSL 3;
+    /// on Debian 12's OpenSSL 3.0 about 1.1 ms). dimpl negotiates
+    /// TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 (it has no CCM_8), so with it the server protects
+    /// records with AES-GCM instead of RFC 9148's AES-CCM_8; webrtc and openssl use CCM_8. The
+    /// handshake (P-256 ECDHE, ECDSA mutual authentication, extended master secret) is the same.
+    /// openssl is in the build only with the cargo feature openssl-backend (dimpl-backend is
+    /// a default feature).
+    #[arg(long, value_enum, default_value_t = DtlsBackend::Dimpl)]
+    pub client_dtls: DtlsBackend,
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+impl Cli {
+    pub fn transport(&self) -> Transport {
+        if self.direct_udp {
+            Transport::Direct
+        } else {
+            Transport::Emulated
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the in-memory core path of N enrollments (what callgrind counts) and print its time.
+    CoreBench {
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn arguments_parse() {
+        assert_eq!(parse_step(" 8").unwrap(), 8);
+        assert!(parse_step("0").is_err() && parse_step("x").is_err());
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("10").is_err());
+        let cli = Cli::try_parse_from([
+            "loadtest",
+            "--steps",
+            "1,8,64,256",
+            "--step-duration",
+            "10s",
+            "--out",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(cli.steps, vec![1, 8, 64, 256]);
+        assert_eq!(cli.client_dtls, DtlsBackend::Dimpl);
+        let cli = Cli::try_parse_from(["loadtest", "--client-dtls", "webrtc"]).unwrap();
+        assert_eq!(cli.client_dtls, DtlsBackend::Webrtc);
+        let cli = Cli::try_parse_from(["loadtest", "--client-dtls", "openssl"]).unwrap();
+        assert_eq!(cli.client_dtls, DtlsBackend::Openssl);
+        let cli = Cli::try_parse_from(["loadtest", "--client-dtls", "dimpl"]).unwrap();
+        assert_eq!(cli.client_dtls, DtlsBackend::Dimpl);
+        assert!(Cli::try_parse_from(["loadtest", "--client-dtls", "rustls"]).is_err());
+        assert!(Cli::try_parse_from(["loadtest", "--server", "127.0.0.1:5684"]).is_err());
+    }
+}

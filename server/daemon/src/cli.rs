@@ -1,0 +1,156 @@
+//! The command line: clap types of every subcommand (what each command does is in
+//! [`crate::commands`] and [`crate::run`]).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use est_server::datadir;
+
+/// EST-coaps (RFC 9148) enrollment server for smart meters and other field devices.
+///
+/// Meters authenticate over DTLS 1.2 with their manufacturer certificate (IDevID) and
+/// receive an operational certificate (LDevID) at coaps://HOST:5684/.well-known/est/sen;
+/// they re-enroll at /sren with it. Run without arguments to start a working server on
+/// built-in defaults: it creates ./est-data (CA, demo manufacturer CA, DTLS certificate,
+/// documented est-server.toml, SQLite store) on first start.
+#[derive(Parser, Debug)]
+#[command(name = "est-server", version, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) common: Common,
+    #[command(subcommand)]
+    pub(crate) command: Option<Command>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct Common {
+    /// Data directory holding keys, certificates, est-server.toml and the store.
+    #[arg(long, global = true, env = "EST_DATA_DIR", default_value = datadir::DEFAULT_DATA_DIR)]
+    pub(crate) data_dir: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Create the data directory: issuing CA, demo manufacturer CA, DTLS certificate,
+    /// est-server.toml and the store. Keeps an existing one untouched.
+    Init {
+        /// Extra DNS names or IP addresses for the server's DTLS certificate
+        /// (localhost, 127.0.0.1 and ::1 are always included). Repeatable.
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+    },
+    /// Run the server (initialising the data directory first if it does not exist).
+    Run(RunArgs),
+    /// Meter factory tools: mint IDevIDs signed by the demo manufacturer CA.
+    #[command(subcommand)]
+    Factory(FactoryCommand),
+    /// Inspect issued certificates in the store.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Manage the device allowlist (used when policy.require_device_allowlist = true).
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+    /// C509 tools for meter vendors: convert certificates and CSRs between DER and C509
+    /// (draft-ietf-cose-cbor-encoded-cert, type 3: lossless re-encoding).
+    #[command(subcommand)]
+    C509(C509Command),
+    /// Show the most recent audit events (every enrollment attempt, allowed or refused).
+    Audit {
+        /// How many events to show.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+}
+
+#[derive(Args, Debug, Default)]
+pub(crate) struct RunArgs {
+    /// Configuration file (default: <data-dir>/est-server.toml).
+    #[arg(long)]
+    pub(crate) config: Option<PathBuf>,
+    /// UDP address to listen on, overriding server.listen (e.g. 127.0.0.1:5684).
+    #[arg(long)]
+    pub(crate) listen: Option<SocketAddr>,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum FactoryCommand {
+    /// Mint IDevID certificates and keys as a meter factory would.
+    ///
+    /// Writes OUT/<serial>/idevid.pem, idevid.key (0600), idevid-chain.pem, plus
+    /// OUT/fleet.json, OUT/manufacturer-ca.pem and OUT/implicit-ta.pem (the trust anchor
+    /// for the server's DTLS certificate). The output of `--count N` is what
+    /// `client-sim --fleet OUT` reads.
+    Mint {
+        /// Serial number of a single device (goes into subject serialNumber and the
+        /// hardwareModuleName SAN).
+        #[arg(long, conflicts_with = "count")]
+        serial: Option<String>,
+        /// Mint a fleet of N devices with serials <prefix><000001..>.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Serial prefix for --count.
+        #[arg(long, default_value = "SN")]
+        prefix: String,
+        /// First index for --count.
+        #[arg(long, default_value_t = 1)]
+        start: u64,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// IDevID validity in years; default: no expiry (99991231235959Z, IEEE 802.1AR).
+        #[arg(long)]
+        validity_years: Option<u32>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum CertsCommand {
+    /// List issued certificates, newest first.
+    List {
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one certificate (by serial or unique serial prefix) as PEM with its record.
+    Show { serial: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum C509Command {
+    /// DER (or PEM) certificate or PKCS#10 request -> C509 type 3. A certificate becomes
+    /// the CBOR sequence ~C509Certificate (or COSE_C509 with --cose), a request the
+    /// C509CertificationRequest array. Raw bytes go to stdout unless --out is given.
+    Encode {
+        file: PathBuf,
+        /// Write the C509 bytes here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Wrap a certificate as COSE_C509 (what application/cose-c509-cert carries).
+        #[arg(long)]
+        cose: bool,
+        /// Print a readable dump with sizes (DER vs C509) instead of raw bytes on stdout.
+        #[arg(long)]
+        info: bool,
+    },
+    /// C509 certificate (~C509Certificate, C509Certificate or COSE_C509) or C509 request
+    /// -> the exact DER it was re-encoded from (type 3 only: a natively signed type 2
+    /// has no DER form).
+    Decode {
+        file: PathBuf,
+        /// Write the DER bytes here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Print a readable dump with sizes instead of raw bytes on stdout.
+        #[arg(long)]
+        info: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum DevicesCommand {
+    /// Import device serials (one per line; blank lines and # comments ignored).
+    Import { file: PathBuf },
+}

@@ -1,0 +1,78 @@
+//! `est-server certs list|show`: issued certificates from the store.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use est_server::datadir;
+
+use super::{init_logging, open_store, utc};
+use crate::cli::CertsCommand;
+
+pub(crate) fn run(data_dir: &Path, cmd: CertsCommand) -> Result<()> {
+    init_logging(false);
+    let store = open_store(data_dir)?;
+    match cmd {
+        CertsCommand::List { limit, json } => {
+            let certs = store
+                .list_certificates(limit)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if json {
+                for c in certs {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "serial": c.serial_hex, "device": c.device_id, "subject": c.subject,
+                            "status": c.status.as_str(), "kind": c.kind.as_str(),
+                            "issued_at": c.issued_at_unix, "not_after": c.not_after_unix,
+                            "replaces": c.replaces_serial_hex,
+                        })
+                    );
+                }
+            } else {
+                println!(
+                    "{:<34} {:<14} {:<11} {:<12} {:<20} subject",
+                    "serial", "device", "status", "kind", "issued (UTC)"
+                );
+                for c in certs {
+                    println!(
+                        "{:<34} {:<14} {:<11} {:<12} {:<20} {}",
+                        c.serial_hex,
+                        c.device_id,
+                        c.status.as_str(),
+                        c.kind.as_str(),
+                        utc(c.issued_at_unix),
+                        c.subject
+                    );
+                }
+            }
+        }
+        CertsCommand::Show { serial } => {
+            let found = store
+                .find_by_serial_prefix(&serial)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            match found.as_slice() {
+                [] => bail!("no certificate with serial {serial}"),
+                [c] => {
+                    println!("serial:     {}", c.serial_hex);
+                    println!("device:     {}", c.device_id);
+                    println!("subject:    {}", c.subject);
+                    println!("status:     {}", c.status.as_str());
+                    println!("kind:       {}", c.kind.as_str());
+                    println!("issued at:  {}", utc(c.issued_at_unix));
+                    println!("not before: {}", utc(c.not_before_unix));
+                    println!("not after:  {}", utc(c.not_after_unix));
+                    if let Some(r) = &c.replaces_serial_hex {
+                        println!("replaces:   {r}");
+                    }
+                    print!("{}", datadir::cert_pem(&c.der)?);
+                }
+                many => bail!(
+                    "{} certificates match {serial}; give more digits",
+                    many.len()
+                ),
+            }
+        }
+    }
+    store.close();
+    Ok(())
+}
