@@ -226,6 +226,13 @@ pub struct Connection {
     final_flight_until: Option<Instant>,
     last_activity: Instant,
     outbox: Vec<Vec<u8>>,
+    /// The ClientHello random of this association's handshake (a repeated ClientHello with it
+    /// is a duplicate, not a new handshake).
+    client_random: [u8; 32],
+    /// Closed by the application while the peer may still lack our final flight: the
+    /// association only answers a repeated flight 5 until `final_flight_until` (RFC 6347
+    /// §4.2.4: the node that sent the last flight keeps answering for 2 x MSL).
+    draining: bool,
 }
 
 impl std::fmt::Debug for Connection {
@@ -482,6 +489,7 @@ impl Connection {
         };
         let mut conn = Connection::new(Role::Server, RoleConfig::Server(config), peer, now);
         conn.hs = Some(Box::new(hs));
+        conn.client_random = ch.random;
         conn.own_cid = own_cid;
         conn.peer_cid = peer_cid;
         conn.suite = Some(suite);
@@ -607,6 +615,8 @@ impl Connection {
             final_flight_until: None,
             last_activity: now,
             outbox: Vec::new(),
+            client_random: [0; 32],
+            draining: false,
         }
     }
 
@@ -639,9 +649,18 @@ impl Connection {
         self.suite
     }
 
-    /// The client random of a handshake in progress (tells a repeated ClientHello from a new one).
+    /// The client random of this association's handshake (tells a repeated ClientHello from a
+    /// new one).
     pub fn handshake_client_random(&self) -> Option<[u8; 32]> {
-        self.hs.as_ref().map(|h| h.client_random)
+        match &self.hs {
+            Some(h) => Some(h.client_random),
+            None => Some(self.client_random),
+        }
+    }
+
+    /// Closed, but still answering a repeated flight 5 with our final flight.
+    pub fn is_draining(&self) -> bool {
+        self.draining
     }
 
     /// The peer's certificate chain as sent (DER, leaf first).
@@ -690,6 +709,9 @@ impl Connection {
 
     /// The next instant [`Connection::handle_timeout`] has work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.draining {
+            return self.final_flight_until;
+        }
         if self.closed {
             return None;
         }
@@ -716,6 +738,14 @@ impl Connection {
     }
 
     pub fn handle_timeout(&mut self, now: Instant, metrics: &mut Metrics, events: &mut Events) {
+        if self.draining {
+            if self.final_flight_until.is_none_or(|t| now >= t) {
+                self.draining = false;
+                self.final_flight_until = None;
+                self.flight.clear();
+            }
+            return;
+        }
         if self.closed {
             return;
         }
@@ -800,6 +830,10 @@ impl Connection {
         if self.closed {
             return;
         }
+        let drain = reason == CloseReason::LocalClose
+            && self.established
+            && self.final_flight_until.is_some()
+            && !self.flight.is_empty();
         if notify && self.write_epoch > 0 {
             if let Ok(rec) = self.encode_record(
                 ct::ALERT,
@@ -812,7 +846,11 @@ impl Connection {
         self.closed = true;
         self.hs = None;
         self.retransmit = None;
-        self.flight.clear();
+        if drain {
+            self.draining = true;
+        } else {
+            self.flight.clear();
+        }
         events.push(ConnEvent::Closed(reason));
     }
 
@@ -963,7 +1001,7 @@ impl Connection {
     ) {
         let cid_len = self.own_cid.len();
         for rec in Records::new(datagram, cid_len) {
-            if self.closed {
+            if self.closed && !self.draining {
                 return;
             }
             match rec {
@@ -1001,7 +1039,7 @@ impl Connection {
             ct::ALERT => {
                 // An unauthenticated alert can be forged by anyone who knows the address: it
                 // only ends a handshake in progress, never an established session.
-                if self.established {
+                if self.established || self.closed {
                     return;
                 }
                 if let Ok((level, desc)) = wire::parse_alert(rec.fragment) {
@@ -1193,6 +1231,9 @@ impl Connection {
             self.peer = from;
             metrics.peer_address_changes += 1;
             events.push(ConnEvent::AddressChanged(old));
+        }
+        if self.draining && content != ct::HANDSHAKE {
+            return;
         }
         match content {
             ct::APPLICATION_DATA => {

@@ -278,7 +278,9 @@ impl Endpoint {
         };
         if let Some(&id) = self.by_addr.get(&from) {
             let repeat_of_handshake = match (&hello, self.slots.get(&id)) {
-                (Some(random), Some(slot)) => slot.conn.handshake_client_random() == Some(*random),
+                (Some(random), Some(slot)) => {
+                    slot.conn.handshake_client_random() == Some(*random) && !slot.conn.is_closed()
+                }
                 _ => true,
             };
             if hello.is_none() || repeat_of_handshake {
@@ -418,7 +420,9 @@ impl Endpoint {
         };
         if let Some(old) = replacing {
             // The new handshake proved the address: the old association goes (RFC 6347 §4.2.8).
-            if let Some(slot) = self.slots.get_mut(&old) {
+            if self.slots.get(&old).is_some_and(|s| s.conn.is_closed()) {
+                self.remove_slot(old);
+            } else if let Some(slot) = self.slots.get_mut(&old) {
                 let mut events = Vec::new();
                 slot.conn
                     .close_with(CloseReason::Replaced, false, &mut self.metrics, &mut events);
@@ -545,11 +549,41 @@ impl Endpoint {
                 ConnEvent::Closed(reason) => {
                     self.on_closed(now, id, &reason);
                     self.events.push_back(Event::Closed(handle, reason));
+                    if self.slots.contains_key(&id) {
+                        // Draining: kept (no longer counted) until its final flight expires.
+                        self.reschedule(id);
+                    }
                     return;
                 }
             }
         }
+        if self
+            .slots
+            .get(&id)
+            .is_some_and(|s| s.conn.is_closed() && !s.conn.is_draining())
+        {
+            self.remove_slot(id);
+            return;
+        }
         self.reschedule(id);
+    }
+
+    /// Forgets a closed connection entirely (its counts were released by `on_closed`).
+    fn remove_slot(&mut self, id: u64) {
+        let Some(slot) = self.slots.remove(&id) else {
+            return;
+        };
+        if let Some(t) = slot.timer {
+            self.timers.remove(&(t, id));
+        }
+        if let Some(a) = slot.addr_key {
+            if self.by_addr.get(&a) == Some(&id) {
+                self.by_addr.remove(&a);
+            }
+        }
+        if !slot.conn.own_cid().is_empty() && self.by_cid.get(slot.conn.own_cid()) == Some(&id) {
+            self.by_cid.remove(slot.conn.own_cid());
+        }
     }
 
     fn reschedule(&mut self, id: u64) {
@@ -636,30 +670,30 @@ impl Endpoint {
         });
     }
 
-    fn on_closed(&mut self, _now: Instant, id: u64, reason: &CloseReason) {
-        let Some(slot) = self.slots.remove(&id) else {
+    /// Releases what a closed connection counted against the limits. The slot itself goes
+    /// in `after`, unless it is draining (then when its final flight expires).
+    fn on_closed(&mut self, now: Instant, id: u64, reason: &CloseReason) {
+        let Some(slot) = self.slots.get_mut(&id) else {
             return;
         };
-        if let Some(t) = slot.timer {
-            self.timers.remove(&(t, id));
-        }
-        if let Some(a) = slot.addr_key {
-            if self.by_addr.get(&a) == Some(&id) {
-                self.by_addr.remove(&a);
-            }
-        }
-        if !slot.conn.own_cid().is_empty() && self.by_cid.get(slot.conn.own_cid()) == Some(&id) {
-            self.by_cid.remove(slot.conn.own_cid());
-        }
-        if slot.half_open {
+        let (half_open, established, identity, ip, peer) = (
+            slot.half_open,
+            slot.established,
+            slot.identity.take(),
+            slot.ip,
+            slot.conn.peer(),
+        );
+        slot.half_open = false;
+        slot.established = false;
+        if half_open {
             self.half_open -= 1;
-            dec(&mut self.half_open_per_ip, slot.ip);
+            dec(&mut self.half_open_per_ip, ip);
         }
-        if slot.established {
+        if established {
             self.established -= 1;
-            dec(&mut self.established_per_ip, slot.ip);
+            dec(&mut self.established_per_ip, ip);
         }
-        if let Some(identity) = &slot.identity {
+        if let Some(identity) = &identity {
             if let Some(q) = self.by_identity.get_mut(identity) {
                 q.retain(|x| *x != id);
                 if q.is_empty() {
@@ -671,10 +705,12 @@ impl Endpoint {
             CloseReason::IdleTimeout => self.metrics.sessions_closed_idle += 1,
             CloseReason::HandshakeFailed(e) => {
                 let e = e.clone();
-                let peer = slot.conn.peer();
-                self.log_refusal(_now, peer, &e);
+                self.log_refusal(now, peer, &e);
             }
             _ => {}
+        }
+        if !self.slots.get(&id).is_some_and(|s| s.conn.is_draining()) {
+            self.remove_slot(id);
         }
     }
 }
