@@ -22,8 +22,7 @@ use crate::datadir::Loaded;
 use crate::store::SqliteStore;
 use crate::transport::{
     CertError, CipherSuiteName, ClientChainVerifier, DtlsListener, DtlsServerConfig, DtlsSession,
-    VerifiedClient,
-    PeerVerification,
+    PeerVerification, VerifiedClient,
 };
 
 /// Largest datagram we read from a session (the DTLS layer never hands us more than

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use est_server::transport::client::{self, DtlsClientConfig};
+use est_server::transport::CertError;
 use est_server::transport::{
     CipherSuiteName, ClientChainVerifier, CloseReason, DtlsListener, DtlsServerConfig, DtlsSession,
     PeerCertificateHook, PeerVerification, SocketConn, TransportError, VerifiedClient,
 };
-use est_server::transport::CertError;
 use tokio::net::UdpSocket;
 use transport_support::TestPki;
 use webrtc_dtls::conn::DTLSConn;
@@ -424,7 +424,7 @@ fn client_hello(random: [u8; 32]) -> Vec<u8> {
     body.push(0); // cookie
     body.extend_from_slice(&[0, 2, 0xC0, 0xAE]); // cipher suites
     body.extend_from_slice(&[1, 0]); // compression methods
-    // extensions: extended_master_secret, signature_algorithms [ecdsa_secp256r1_sha256]
+                                     // extensions: extended_master_secret, signature_algorithms [ecdsa_secp256r1_sha256]
     body.extend_from_slice(&[0, 12, 0x00, 0x17, 0, 0, 0x00, 0x0D, 0, 4, 0, 2, 4, 3]);
     let len = u32::try_from(body.len()).unwrap().to_be_bytes();
     let mut handshake = vec![

@@ -283,7 +283,10 @@ fn no_handshake_hangs_without_client_restarts() {
     let (_, hung) = summary("20% loss, one attempt", &outcomes, wall.elapsed());
     assert_eq!(hung, 0, "seeds {base_seed}..+3: no handshake may hang");
     let resends: u64 = outcomes.iter().map(|o| o.server.final_flight_resends).sum();
-    assert!(resends > 0, "seeds {base_seed}..+3: the final flight was never resent");
+    assert!(
+        resends > 0,
+        "seeds {base_seed}..+3: the final flight was never resent"
+    );
 }
 
 /// The saved final flight outlives a server-side close: the server drops every session at once

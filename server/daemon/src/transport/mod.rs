@@ -233,9 +233,18 @@ impl fmt::Debug for DtlsServerConfig {
         // Never print the private key.
         f.debug_struct("DtlsServerConfig")
             .field("certificate_chain_len", &self.certificate_chain_der.len())
-            .field("client_trust_anchors_len", &self.client_trust_anchors_der.len())
-            .field("verify_peer_certificate", &self.verify_peer_certificate.is_some())
-            .field("client_chain_verifier", &self.client_chain_verifier.is_some())
+            .field(
+                "client_trust_anchors_len",
+                &self.client_trust_anchors_der.len(),
+            )
+            .field(
+                "verify_peer_certificate",
+                &self.verify_peer_certificate.is_some(),
+            )
+            .field(
+                "client_chain_verifier",
+                &self.client_chain_verifier.is_some(),
+            )
             .field("cipher_suites", &self.cipher_suites)
             .field("mtu_bytes", &self.mtu_bytes)
             .field("flight_interval", &self.flight_interval)
@@ -257,7 +266,9 @@ pub(crate) fn build_engine_config(
         return Err(TransportError::Config("certificate chain is empty".into()));
     }
     let key = est_dtls::SigningKey::from_pkcs8(&cfg.private_key_pkcs8_der).map_err(|e| {
-        TransportError::Config(format!("private key must be ECDSA P-256 or P-384 PKCS#8: {e}"))
+        TransportError::Config(format!(
+            "private key must be ECDSA P-256 or P-384 PKCS#8: {e}"
+        ))
     })?;
     if cfg.cipher_suites.is_empty() {
         return Err(TransportError::Config("cipher_suites is empty".into()));
@@ -292,7 +303,11 @@ pub(crate) fn build_engine_config(
             )),
         }
     });
-    let mut e = est_dtls::ServerConfig::new(cfg.certificate_chain_der.clone(), Arc::new(key), chain_verifier);
+    let mut e = est_dtls::ServerConfig::new(
+        cfg.certificate_chain_der.clone(),
+        Arc::new(key),
+        chain_verifier,
+    );
     e.cipher_suites = suites;
     e.require_extended_master_secret = cfg.extended_master_secret_required;
     e.answer_use_srtp = cfg.answer_use_srtp;
@@ -334,9 +349,11 @@ fn anchors_verifier(anchors_der: &[Vec<u8>]) -> Result<ClientChainVerifier, Tran
         .iter()
         .enumerate()
         .map(|(i, der)| {
-            webpki::anchor_from_trusted_cert(&rustls_pki_types::CertificateDer::from(der.as_slice()))
-                .map(|a| a.to_owned())
-                .map_err(|e| TransportError::Config(format!("client_trust_anchors_der[{i}]: {e}")))
+            webpki::anchor_from_trusted_cert(&rustls_pki_types::CertificateDer::from(
+                der.as_slice(),
+            ))
+            .map(|a| a.to_owned())
+            .map_err(|e| TransportError::Config(format!("client_trust_anchors_der[{i}]: {e}")))
         })
         .collect::<Result<_, _>>()?;
     Ok(Arc::new(move |chain: &[Vec<u8>]| {
@@ -352,7 +369,10 @@ fn anchors_verifier(anchors_der: &[Vec<u8>]) -> Result<ClientChainVerifier, Tran
             .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
             .collect();
         leaf.verify_for_usage(
-            &[webpki::ring::ECDSA_P256_SHA256, webpki::ring::ECDSA_P384_SHA384],
+            &[
+                webpki::ring::ECDSA_P256_SHA256,
+                webpki::ring::ECDSA_P384_SHA384,
+            ],
             &anchors,
             &intermediates,
             rustls_pki_types::UnixTime::now(),

@@ -163,8 +163,11 @@ impl DtlsListener {
         config: DtlsServerConfig,
     ) -> Result<Self, TransportError> {
         let engine_config = build_engine_config(&config)?;
-        let endpoint = Endpoint::new(Arc::new(engine_config), tokio::time::Instant::now().into_std())
-            .map_err(|e| TransportError::Config(e.to_string()))?;
+        let endpoint = Endpoint::new(
+            Arc::new(engine_config),
+            tokio::time::Instant::now().into_std(),
+        )
+        .map_err(|e| TransportError::Config(e.to_string()))?;
         let (accept_tx, accept_rx) = mpsc::channel(ACCEPT_QUEUE);
         let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
         let (shutdown, _) = watch::channel(false);
@@ -269,7 +272,10 @@ impl<S: DatagramSocket> Driver<S> {
         let mut buf = vec![0u8; RECV_BUFFER_BYTES];
         let mut shutdown = self.shared.shutdown.subscribe();
         loop {
-            let deadline = self.endpoint.poll_timeout().map(tokio::time::Instant::from_std);
+            let deadline = self
+                .endpoint
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std);
             let timer = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -320,7 +326,10 @@ impl<S: DatagramSocket> Driver<S> {
     async fn flush(&mut self) {
         while let Some(t) = self.endpoint.poll_transmit() {
             if let Err(e) = self.socket.send_to(&t.payload, t.destination).await {
-                self.shared.counters.socket_errors.fetch_add(1, Ordering::Relaxed);
+                self.shared
+                    .counters
+                    .socket_errors
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(error = %e, peer = %t.destination, "DTLS socket send error");
             }
         }
@@ -357,7 +366,10 @@ impl<S: DatagramSocket> Driver<S> {
                     max_datagram: conn.max_datagram().min(self.shared.max_datagram),
                 };
                 if self.accept_tx.try_send(session).is_err() {
-                    self.shared.counters.queue_full.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .counters
+                        .queue_full
+                        .fetch_add(1, Ordering::Relaxed);
                     self.endpoint.close(now(), h);
                     return;
                 }
@@ -373,7 +385,10 @@ impl<S: DatagramSocket> Driver<S> {
             Event::Data(h, d) => {
                 if let Some(link) = self.sessions.get(&h) {
                     if link.data_tx.try_send(d).is_err() {
-                        self.shared.counters.queue_full.fetch_add(1, Ordering::Relaxed);
+                        self.shared
+                            .counters
+                            .queue_full
+                            .fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -384,7 +399,8 @@ impl<S: DatagramSocket> Driver<S> {
             }
             Event::Closed(h, reason) => {
                 if let Some(link) = self.sessions.remove(&h) {
-                    link.closed_tx.send_replace(Some(CloseReason::from_engine(&reason)));
+                    link.closed_tx
+                        .send_replace(Some(CloseReason::from_engine(&reason)));
                 }
             }
         }
