@@ -451,7 +451,7 @@ impl DtlsSession {
     }
 
     fn close_reason(&self) -> Option<CloseReason> {
-        self.closed_rx.borrow().clone()
+        *self.closed_rx.borrow()
     }
 
     /// Receive one plaintext datagram. `Err(Closed)` once the session ended.
