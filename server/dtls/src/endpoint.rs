@@ -367,11 +367,13 @@ impl Endpoint {
                 self.log_refusal(now, from, &Error::Limit("max_half_open_per_ip"));
                 return;
             }
+            // The session this handshake would replace frees a place only under the IP it is
+            // counted under (it may have moved here from another with a Connection ID).
             let established_here = self.established_per_ip.get(&ip).copied().unwrap_or(0)
                 - usize::from(
                     replacing
                         .and_then(|id| self.slots.get(&id))
-                        .is_some_and(|s| s.established),
+                        .is_some_and(|s| s.established && s.ip == ip),
                 );
             if established_here >= limits.max_sessions_per_ip {
                 self.refuse_stateless(now, from, rec.seq, Error::Limit("max_sessions_per_ip"));

@@ -1077,3 +1077,42 @@ fn a_repeated_flight_5_gets_the_final_flight_again_and_the_client_completes() {
     assert_eq!(net.server.metrics().refused_total(), 0);
     assert_session_works(&mut net, 0, b"after a lost flight 6");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Admission bookkeeping across a Connection ID address change
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_meter_that_restarts_after_its_session_moved_to_another_ip_is_admitted() {
+    // The session is counted under the IP it was admitted from; after a NAT rebinding to
+    // another IP (RFC 9146) the meter reboots there. The per-IP check for the new handshake must
+    // not subtract the old session from the new IP's count (it underflowed: a panic in debug
+    // builds, a refusal in release builds).
+    let pki = Pki::new(1);
+    let mut net = Net::new(pki.server_config(), 40, 0.0);
+    let mut cc = pki.client_config(0);
+    cc.connection_id = Some(Vec::new());
+    net.add_client(cc.clone());
+    net.run_for(Duration::from_secs(5));
+    assert!(net.client_connected(0));
+    let first = net.handle_of_client(0).unwrap();
+    let moved = addr("10.99.0.1:5000");
+    net.client_addrs[0] = moved;
+    let now = net.now;
+    net.clients[0].send(now, b"from the new IP").unwrap();
+    net.run_for(Duration::from_millis(50));
+    assert_eq!(net.server.connection(first).unwrap().peer(), moved);
+    // The meter reboots behind the new address.
+    let now = net.now;
+    net.clients[0] = est_dtls::Client::connect(now, addr(SERVER), std::sync::Arc::new(cc)).unwrap();
+    net.run_for(Duration::from_secs(5));
+    assert!(net.client_connected(0), "the restarted meter was refused");
+    assert!(
+        net.server.connection(first).is_none(),
+        "old session replaced"
+    );
+    assert_eq!(net.server.metrics().sessions_replaced, 1);
+    assert_eq!(net.server.gauges().established, 1);
+    assert_eq!(net.server.gauges().half_open, 0);
+    assert_session_works(&mut net, 0, b"after the restart");
+}
