@@ -50,7 +50,8 @@ pub enum Event {
     Connected(ConnectionHandle),
     /// Application data of a session.
     Data(ConnectionHandle, Vec<u8>),
-    /// A session moved to a new address (Connection ID).
+    /// A session moved to a new address (Connection ID). Only for sessions announced by
+    /// [`Event::Connected`]: a handshake that moves is announced there with its new address.
     AddressChanged {
         conn: ConnectionHandle,
         from: SocketAddr,
@@ -631,11 +632,15 @@ impl Endpoint {
             v.insert(id);
             slot.addr_key = Some(new);
         }
-        self.events.push_back(Event::AddressChanged {
-            conn: ConnectionHandle(id),
-            from: old,
-            to: new,
-        });
+        // A handshake that moves (its Finished came from a new address) is announced by
+        // Connected, with the new address; the driver has no handle to move before that.
+        if slot.established {
+            self.events.push_back(Event::AddressChanged {
+                conn: ConnectionHandle(id),
+                from: old,
+                to: new,
+            });
+        }
     }
 
     fn on_closed(&mut self, _now: Instant, id: u64, reason: &CloseReason) {

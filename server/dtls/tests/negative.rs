@@ -1116,3 +1116,69 @@ fn a_meter_that_restarts_after_its_session_moved_to_another_ip_is_admitted() {
     assert_eq!(net.server.gauges().half_open, 0);
     assert_session_works(&mut net, 0, b"after the restart");
 }
+
+#[test]
+fn a_finished_from_a_new_address_moves_the_handshake_without_an_address_event() {
+    // NAT rebinding between the client's flight 5 records: the handshake messages come from
+    // the old address, the Finished (a tls12_cid record) from a new one. The authenticated
+    // Finished moves the connection (flight 6 goes to the new address), but the driver hears
+    // of the connection first through Connected, with its address then: no AddressChanged for
+    // a handle it has never seen (the fuzz target dtls_endpoint found one).
+    let pki = Pki::new(1);
+    let mut net = Net::new(pki.server_config(), 41, 0.0);
+    let mut cc = pki.client_config(0);
+    cc.connection_id = Some(Vec::new());
+    net.add_client(cc);
+    let flight4 = admit(&mut net, 0);
+    deliver_to_client(&mut net, 0, &flight4);
+    let flight5 = net.clients[0].poll_transmit().unwrap();
+    assert!(
+        net.clients[0].poll_transmit().is_none(),
+        "flight 5 in one datagram"
+    );
+    let (mut plain, mut protected) = (Vec::new(), Vec::new());
+    for rec in wire::Records::new(&flight5, 4) {
+        let rec = rec.unwrap();
+        let out = if rec.content_type == ct::TLS12_CID {
+            &mut protected
+        } else {
+            &mut plain
+        };
+        wire::push_record(
+            out,
+            rec.content_type,
+            rec.version,
+            rec.epoch,
+            rec.seq,
+            rec.cid,
+            rec.fragment,
+        );
+    }
+    assert!(!protected.is_empty(), "the Finished travels as tls12_cid");
+    net.inject(client_addr(0), &plain);
+    assert!(net.take_server_transmits().is_empty());
+    let moved = addr("10.77.0.1:6000");
+    net.inject(moved, &protected);
+    let flight6 = net.take_server_transmits();
+    assert!(!flight6.is_empty());
+    assert!(flight6.iter().all(|t| t.destination == moved));
+    let connected: Vec<_> = net
+        .server_events
+        .iter()
+        .filter(|e| !matches!(e, Event::Data(..)))
+        .collect();
+    assert!(
+        matches!(connected.as_slice(), [Event::Connected(_)]),
+        "{connected:?}"
+    );
+    let Event::Connected(h) = connected[0] else {
+        unreachable!()
+    };
+    assert_eq!(net.server.connection(*h).unwrap().peer(), moved);
+    net.client_addrs[0] = moved;
+    deliver_to_client(&mut net, 0, &flight6);
+    assert!(net.client_connected(0));
+    assert_session_works(&mut net, 0, b"after moving mid-handshake");
+    assert_eq!(net.server.gauges().half_open, 0);
+    assert_eq!(net.server.gauges().established, 1);
+}
