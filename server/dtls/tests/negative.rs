@@ -1075,6 +1075,27 @@ fn a_repeated_flight_5_gets_the_final_flight_again_and_the_client_completes() {
     assert_eq!(net.server.metrics().handshakes_completed, 1);
     assert_eq!(net.clients[0].metrics().flights_retransmitted, 1);
     assert_eq!(net.server.metrics().refused_total(), 0);
+    // Both copies of flight 6 are ChangeCipherSpec (epoch 0) + Finished (epoch 1, sealed),
+    // the second with fresh record sequence numbers.
+    let copies: Vec<Vec<(u8, u16, u64)>> = net
+        .log
+        .iter()
+        .filter(|(to_server, _, _)| !to_server)
+        .map(|(_, _, d)| {
+            wire::Records::new(d, 0)
+                .map(|r| r.unwrap())
+                .map(|r| (r.content_type, r.epoch, r.seq))
+                .collect::<Vec<_>>()
+        })
+        .filter(|recs| recs.iter().any(|r| r.0 == ct::CHANGE_CIPHER_SPEC))
+        .collect();
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    for c in &copies {
+        assert_eq!(c.len(), 2);
+        assert_eq!((c[0].0, c[0].1), (ct::CHANGE_CIPHER_SPEC, 0));
+        assert_eq!((c[1].0, c[1].1), (ct::HANDSHAKE, 1));
+    }
+    assert!(copies[1][0].2 > copies[0][0].2 && copies[1][1].2 > copies[0][1].2);
     assert_session_works(&mut net, 0, b"after a lost flight 6");
 }
 
