@@ -50,7 +50,8 @@ pub enum Event {
     Connected(ConnectionHandle),
     /// Application data of a session.
     Data(ConnectionHandle, Vec<u8>),
-    /// A session moved to a new address (Connection ID).
+    /// A session moved to a new address (Connection ID). Only for sessions announced by
+    /// [`Event::Connected`]: a handshake that moves is announced there with its new address.
     AddressChanged {
         conn: ConnectionHandle,
         from: SocketAddr,
@@ -369,11 +370,13 @@ impl Endpoint {
                 self.log_refusal(now, from, &Error::Limit("max_half_open_per_ip"));
                 return;
             }
+            // The session this handshake would replace frees a place only under the IP it is
+            // counted under (it may have moved here from another with a Connection ID).
             let established_here = self.established_per_ip.get(&ip).copied().unwrap_or(0)
                 - usize::from(
                     replacing
                         .and_then(|id| self.slots.get(&id))
-                        .is_some_and(|s| s.established),
+                        .is_some_and(|s| s.established && s.ip == ip),
                 );
             if established_here >= limits.max_sessions_per_ip {
                 self.refuse_stateless(now, from, rec.seq, Error::Limit("max_sessions_per_ip"));
@@ -663,11 +666,15 @@ impl Endpoint {
             v.insert(id);
             slot.addr_key = Some(new);
         }
-        self.events.push_back(Event::AddressChanged {
-            conn: ConnectionHandle(id),
-            from: old,
-            to: new,
-        });
+        // A handshake that moves (its Finished came from a new address) is announced by
+        // Connected, with the new address; the driver has no handle to move before that.
+        if slot.established {
+            self.events.push_back(Event::AddressChanged {
+                conn: ConnectionHandle(id),
+                from: old,
+                to: new,
+            });
+        }
     }
 
     /// Releases what a closed connection counted against the limits. The slot itself goes

@@ -1075,5 +1075,131 @@ fn a_repeated_flight_5_gets_the_final_flight_again_and_the_client_completes() {
     assert_eq!(net.server.metrics().handshakes_completed, 1);
     assert_eq!(net.clients[0].metrics().flights_retransmitted, 1);
     assert_eq!(net.server.metrics().refused_total(), 0);
+    // Both copies of flight 6 are ChangeCipherSpec (epoch 0) + Finished (epoch 1, sealed),
+    // the second with fresh record sequence numbers.
+    let copies: Vec<Vec<(u8, u16, u64)>> = net
+        .log
+        .iter()
+        .filter(|(to_server, _, _)| !to_server)
+        .map(|(_, _, d)| {
+            wire::Records::new(d, 0)
+                .map(|r| r.unwrap())
+                .map(|r| (r.content_type, r.epoch, r.seq))
+                .collect::<Vec<_>>()
+        })
+        .filter(|recs| recs.iter().any(|r| r.0 == ct::CHANGE_CIPHER_SPEC))
+        .collect();
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    for c in &copies {
+        assert_eq!(c.len(), 2);
+        assert_eq!((c[0].0, c[0].1), (ct::CHANGE_CIPHER_SPEC, 0));
+        assert_eq!((c[1].0, c[1].1), (ct::HANDSHAKE, 1));
+    }
+    assert!(copies[1][0].2 > copies[0][0].2 && copies[1][1].2 > copies[0][1].2);
     assert_session_works(&mut net, 0, b"after a lost flight 6");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admission bookkeeping across a Connection ID address change
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_meter_that_restarts_after_its_session_moved_to_another_ip_is_admitted() {
+    // The session is counted under the IP it was admitted from; after a NAT rebinding to
+    // another IP (RFC 9146) the meter reboots there. The per-IP check for the new handshake must
+    // not subtract the old session from the new IP's count (it underflowed: a panic in debug
+    // builds, a refusal in release builds).
+    let pki = Pki::new(1);
+    let mut net = Net::new(pki.server_config(), 40, 0.0);
+    let mut cc = pki.client_config(0);
+    cc.connection_id = Some(Vec::new());
+    net.add_client(cc.clone());
+    net.run_for(Duration::from_secs(5));
+    assert!(net.client_connected(0));
+    let first = net.handle_of_client(0).unwrap();
+    let moved = addr("10.99.0.1:5000");
+    net.client_addrs[0] = moved;
+    let now = net.now;
+    net.clients[0].send(now, b"from the new IP").unwrap();
+    net.run_for(Duration::from_millis(50));
+    assert_eq!(net.server.connection(first).unwrap().peer(), moved);
+    // The meter reboots behind the new address.
+    let now = net.now;
+    net.clients[0] = est_dtls::Client::connect(now, addr(SERVER), std::sync::Arc::new(cc)).unwrap();
+    net.run_for(Duration::from_secs(5));
+    assert!(net.client_connected(0), "the restarted meter was refused");
+    assert!(
+        net.server.connection(first).is_none(),
+        "old session replaced"
+    );
+    assert_eq!(net.server.metrics().sessions_replaced, 1);
+    assert_eq!(net.server.gauges().established, 1);
+    assert_eq!(net.server.gauges().half_open, 0);
+    assert_session_works(&mut net, 0, b"after the restart");
+}
+
+#[test]
+fn a_finished_from_a_new_address_moves_the_handshake_without_an_address_event() {
+    // NAT rebinding between the client's flight 5 records: the handshake messages come from
+    // the old address, the Finished (a tls12_cid record) from a new one. The authenticated
+    // Finished moves the connection (flight 6 goes to the new address), but the driver hears
+    // of the connection first through Connected, with its address then: no AddressChanged for
+    // a handle it has never seen (the fuzz target dtls_endpoint found one).
+    let pki = Pki::new(1);
+    let mut net = Net::new(pki.server_config(), 41, 0.0);
+    let mut cc = pki.client_config(0);
+    cc.connection_id = Some(Vec::new());
+    net.add_client(cc);
+    let flight4 = admit(&mut net, 0);
+    deliver_to_client(&mut net, 0, &flight4);
+    let flight5 = net.clients[0].poll_transmit().unwrap();
+    assert!(
+        net.clients[0].poll_transmit().is_none(),
+        "flight 5 in one datagram"
+    );
+    let (mut plain, mut protected) = (Vec::new(), Vec::new());
+    for rec in wire::Records::new(&flight5, 4) {
+        let rec = rec.unwrap();
+        let out = if rec.content_type == ct::TLS12_CID {
+            &mut protected
+        } else {
+            &mut plain
+        };
+        wire::push_record(
+            out,
+            rec.content_type,
+            rec.version,
+            rec.epoch,
+            rec.seq,
+            rec.cid,
+            rec.fragment,
+        );
+    }
+    assert!(!protected.is_empty(), "the Finished travels as tls12_cid");
+    net.inject(client_addr(0), &plain);
+    assert!(net.take_server_transmits().is_empty());
+    let moved = addr("10.77.0.1:6000");
+    net.inject(moved, &protected);
+    let flight6 = net.take_server_transmits();
+    assert!(!flight6.is_empty());
+    assert!(flight6.iter().all(|t| t.destination == moved));
+    let connected: Vec<_> = net
+        .server_events
+        .iter()
+        .filter(|e| !matches!(e, Event::Data(..)))
+        .collect();
+    assert!(
+        matches!(connected.as_slice(), [Event::Connected(_)]),
+        "{connected:?}"
+    );
+    let Event::Connected(h) = connected[0] else {
+        unreachable!()
+    };
+    assert_eq!(net.server.connection(*h).unwrap().peer(), moved);
+    net.client_addrs[0] = moved;
+    deliver_to_client(&mut net, 0, &flight6);
+    assert!(net.client_connected(0));
+    assert_session_works(&mut net, 0, b"after moving mid-handshake");
+    assert_eq!(net.server.gauges().half_open, 0);
+    assert_eq!(net.server.gauges().established, 1);
 }
