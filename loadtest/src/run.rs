@@ -105,8 +105,7 @@ fn setup_local(cli: &Cli, out: &Path, devices: usize) -> Result<Setup> {
             &f,
         ],
     )?;
-    let fleet =
-        client_sim::pki::load_fleet(&fleet_dir, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let fleet = client_sim::pki::load_fleet(&fleet_dir, None)?;
     let child = server::start_est_server(&bin, &data, cli.server_cpus.as_deref())?;
     Ok(Setup {
         target: Target {
@@ -123,7 +122,7 @@ fn setup_local(cli: &Cli, out: &Path, devices: usize) -> Result<Setup> {
 }
 
 fn setup_remote(addr: std::net::SocketAddr, fleet_dir: &Path) -> Result<Setup> {
-    let fleet = client_sim::pki::load_fleet(fleet_dir, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let fleet = client_sim::pki::load_fleet(fleet_dir, None)?;
     if fleet.implicit_ta_der.is_empty() {
         bail!("{}: no implicit-ta.pem", fleet_dir.display());
     }

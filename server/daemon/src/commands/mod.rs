@@ -42,7 +42,7 @@ pub(crate) fn open_store(data_dir: &Path) -> Result<est_server::store::SqliteSto
     if !db.exists() {
         bail!("no store at {} (run `est-server init` first)", db.display());
     }
-    est_server::store::SqliteStore::open(&db, 1).map_err(|e| anyhow::anyhow!("{e}"))
+    Ok(est_server::store::SqliteStore::open(&db, 1)?)
 }
 
 pub(crate) fn unix_now() -> i64 {
