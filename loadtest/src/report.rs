@@ -33,7 +33,7 @@ impl Machine {
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let mem_kb = crate::server::parse_status_kb(&meminfo, "MemTotal:").unwrap_or(0);
+        let mem_kb = client_sim::fleet::parse_status_kb(&meminfo, "MemTotal:").unwrap_or(0);
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
