@@ -12,7 +12,7 @@
 //!   TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, which est-server also accepts.
 //!
 //! webrtc-dtls retransmits flights at a fixed interval forever and has no handshake timeout
-//! (see docs on the dependency study), so every attempt runs under a timeout; retrying from a fresh
+//! (docs/design.md §1.8), so every attempt runs under a timeout; retrying from a fresh
 //! session is the meter's job ([`crate::meter`]).
 
 #[cfg(any(feature = "openssl-backend", feature = "dimpl-backend"))]

@@ -31,8 +31,13 @@ pub struct FleetConfig {
 
 /// Reads a field of /proc/self/status in kB (Linux); `None` elsewhere.
 pub fn proc_status_kb(field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
+    parse_status_kb(&std::fs::read_to_string("/proc/self/status").ok()?, field)
+}
+
+/// The value of a `Field:   1234 kB` line of a /proc/<pid>/status or /proc/meminfo text.
+pub fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
         .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?

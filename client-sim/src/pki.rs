@@ -29,7 +29,8 @@ use x509_cert::Certificate;
 /// Errors loading a fleet or building credentials.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    #[error("{path}: {source}")]
+    /// The I/O error is the source (printed after the path by `{:#}` and error reports).
+    #[error("{path}")]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -103,9 +103,9 @@ pub struct Cli {
     pub direct_udp: bool,
     /// The load generator's DTLS client (client-sim's meter backend), used for every step, both
     /// sides of the libcoap comparison and the held sessions: dimpl (dimpl 0.9 with ring crypto,
-    /// the default: the cheapest, about 0.5 ms of CPU per enrollment, so the server gets most of
-    /// a shared box), webrtc (webrtc-dtls 0.12, about 0.8 ms) or openssl (the system's OpenSSL 3;
-    /// on Debian 12's OpenSSL 3.0 about 1.1 ms). dimpl negotiates
+    /// the default: the cheapest in CPU per enrollment, so the server gets most of a shared box),
+    /// webrtc (webrtc-dtls 0.12) or openssl (the system's OpenSSL 3; on Debian 12's OpenSSL 3.0
+    /// the costliest); figures in docs/benchmarks.md, "The load generator". dimpl negotiates
     /// TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 (it has no CCM_8), so with it the server protects
     /// records with AES-GCM instead of RFC 9148's AES-CCM_8; webrtc and openssl use CCM_8. The
     /// handshake (P-256 ECDHE, ECDSA mutual authentication, extended master secret) is the same.

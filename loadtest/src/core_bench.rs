@@ -72,51 +72,42 @@ impl CoreBench {
         let now = SystemTime::now();
         let nb = now.checked_sub(Duration::from_secs(3600)).unwrap_or(now);
         let year = Duration::from_secs(365 * 86_400);
-        let ca_err = |e: ca::CaError| anyhow::anyhow!("{e}");
         let (ca_cert, ca_key) =
-            ca::generate_root_ca("Bench Issuing CA", "loadtest", nb, 10 * year, &mut rng)
-                .map_err(ca_err)?;
+            ca::generate_root_ca("Bench Issuing CA", "loadtest", nb, 10 * year, &mut rng)?;
         let (mfr_cert, mfr_key) = ca::generate_root_ca(
             "Bench Manufacturer CA",
             "Bench Meters",
             nb,
             10 * year,
             &mut rng,
-        )
-        .map_err(ca_err)?;
+        )?;
         let maker = IssuingCa::new(
             mfr_cert.clone(),
-            Box::new(RingP256Signer::from_pkcs8_der(&mfr_key).map_err(ca_err)?),
-        )
-        .map_err(ca_err)?;
+            Box::new(RingP256Signer::from_pkcs8_der(&mfr_key)?),
+        )?;
         let issuing = IssuingCa::new(
             ca_cert.clone(),
-            Box::new(RingP256Signer::from_pkcs8_der(&ca_key).map_err(ca_err)?),
-        )
-        .map_err(ca_err)?;
+            Box::new(RingP256Signer::from_pkcs8_der(&ca_key)?),
+        )?;
         let hw = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.6175.10.1");
         let mut meters = Vec::with_capacity(n);
         for i in 0..n {
             let serial = format!("BENCH{i:06}");
-            let (cert, _key) = ca::mint_idevid(&maker, &serial, hw, nb, nb + 10 * year, &mut rng)
-                .map_err(ca_err)?;
+            let (cert, _key) = ca::mint_idevid(&maker, &serial, hw, nb, nb + 10 * year, &mut rng)?;
             let key = client_sim::pki::EnrollmentKey::generate(&mut rng);
-            let csr = client_sim::pki::build_csr(&key, &serial, Some(&cert))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let csr = client_sim::pki::build_csr(&key, &serial, Some(&cert))?;
             meters.push(Prepared {
                 chain: vec![cert],
                 csr,
             });
         }
-        let policy = Policy::new(PolicyConfig::default(), &[mfr_cert], &ca_cert)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let policy = Policy::new(PolicyConfig::default(), &[mfr_cert], &ca_cert)?;
         let est = EstService::new(
             EstConfig::default(),
             issuing,
             policy,
             Arc::new(MemoryStore::new()),
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        )?;
 
         let sys = ring::rand::SystemRandom::new();
         let gen = |sys: &ring::rand::SystemRandom| -> Result<EcdsaKeyPair> {

@@ -1,7 +1,7 @@
 //! The crypto ceiling: what the elliptic-curve operations of one enrollment cost on this machine,
 //! measured with the exact backends the server uses, and the enrollments/s that bounds.
 //!
-//! Backends (see the dependency study, section 6):
+//! Backends (why these: docs/design.md §3):
 //! * ECDSA P-256 sign and verify: `ring` 0.17. Our CA signs with `RingP256Signer`, CSR and chain
 //!   checks verify with `ring::signature`, and webrtc-dtls signs ServerKeyExchange and verifies the
 //!   client's certificate and CertificateVerify with ring.

@@ -4,10 +4,10 @@
 //!
 //! Why it exists: client-sim's `driver::run_meter` routes datagrams through its link emulator
 //! (`net::EmulatedConn`), which used to spawn a task and arm a timer per datagram even at zero
-//! latency. On this 2-core box that cost ~5 ms per exchange and ~30% of the handshake rate
-//! (handshake+GET 245/s emulated vs 375-620/s direct, 4 meters). client-sim f2dc69d now passes
-//! zero-delay datagrams inline, and both paths measure the same within noise, so the default is
-//! the emulated link; this one stays as a cross-check of the harness. The meter loop is the same
+//! latency, and that cost a large share of the handshake rate (docs/benchmarks.md, "Figures
+//! behind code comments"). client-sim f2dc69d now passes zero-delay datagrams inline, and both
+//! paths measure the same within noise, so the default is the emulated link; this one stays as
+//! a cross-check of the harness. The meter loop is the same
 //! (client-sim's); only the socket differs.
 
 use std::net::SocketAddr;

@@ -33,7 +33,7 @@ impl Machine {
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
         let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let mem_kb = crate::server::parse_status_kb(&meminfo, "MemTotal:").unwrap_or(0);
+        let mem_kb = client_sim::fleet::parse_status_kb(&meminfo, "MemTotal:").unwrap_or(0);
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
@@ -652,40 +652,12 @@ pre{{background:#f6f6f6;padding:6px;overflow-x:auto}}</style></head><body>\
     h
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` and a run id `YYYYMMDD-HHMMSS` from seconds since the Unix epoch
-/// (civil-from-days, proleptic Gregorian calendar).
-pub fn utc_strings(unix: u64) -> (String, String) {
-    let days = i64::try_from(unix / 86_400).unwrap_or(0);
-    let secs = unix % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let (hh, mm, ss) = (secs / 3600, secs / 60 % 60, secs % 60);
-    (
-        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z"),
-        format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}"),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use crate::steps::Latency;
     use std::time::Duration;
-
-    #[test]
-    fn utc_dates_match_known_instants() {
-        assert_eq!(utc_strings(0).0, "1970-01-01T00:00:00Z");
-        assert_eq!(utc_strings(951_782_400).0, "2000-02-29T00:00:00Z");
-        assert_eq!(utc_strings(1_795_615_200).1, "20261125-140000");
-    }
 
     fn step(c: usize, rate: f64) -> StepResult {
         StepResult {

@@ -5,9 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
+use est_proto::store::{unix_seconds, UtcDateTime};
 
 use crate::cli::Cli;
 use crate::perf::{est_over_handshake_note, finish_perf, perf_summary, start_perf};
@@ -16,11 +17,10 @@ use crate::server::{self, ChildServer};
 use crate::steps::{self, Mode, StepConfig, Target};
 use crate::{core_bench, crypto, peer, targets};
 
+/// The run's date (RFC 3339) and id (`YYYYMMDD-HHMMSS`), in UTC.
 fn now_strings() -> (String, String) {
-    let unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    report::utc_strings(unix)
+    let t = UtcDateTime::from_unix_seconds(unix_seconds(SystemTime::now()));
+    (t.rfc3339(), t.compact())
 }
 
 /// Re-executes this program under `taskset -c CPUS` (once).
@@ -105,8 +105,7 @@ fn setup_local(cli: &Cli, out: &Path, devices: usize) -> Result<Setup> {
             &f,
         ],
     )?;
-    let fleet =
-        client_sim::pki::load_fleet(&fleet_dir, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let fleet = client_sim::pki::load_fleet(&fleet_dir, None)?;
     let child = server::start_est_server(&bin, &data, cli.server_cpus.as_deref())?;
     Ok(Setup {
         target: Target {
@@ -123,7 +122,7 @@ fn setup_local(cli: &Cli, out: &Path, devices: usize) -> Result<Setup> {
 }
 
 fn setup_remote(addr: std::net::SocketAddr, fleet_dir: &Path) -> Result<Setup> {
-    let fleet = client_sim::pki::load_fleet(fleet_dir, None).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let fleet = client_sim::pki::load_fleet(fleet_dir, None)?;
     if fleet.implicit_ta_der.is_empty() {
         bail!("{}: no implicit-ta.pem", fleet_dir.display());
     }

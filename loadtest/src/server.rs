@@ -1,14 +1,13 @@
 //! The server under test as a child process: locating (or building) `est-server`, a fresh data
 //! directory, a minted fleet, optional CPU pinning, readiness, and CPU/RSS figures from /proc.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use client_sim::fleet::parse_status_kb;
 
 /// CPU time and memory of a process, from /proc (Linux).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -41,17 +40,6 @@ pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
     let utime: u64 = f.nth(11)?.parse().ok()?;
     let stime: u64 = f.next()?.parse().ok()?;
     Some(utime + stime)
-}
-
-/// A `Field:   1234 kB` line of /proc/<pid>/status.
-pub fn parse_status_kb(status: &str, field: &str) -> Option<u64> {
-    status
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// Busy CPU seconds of the whole machine so far (all CPUs; everything but idle and iowait),
@@ -239,30 +227,18 @@ pub fn start_est_server(bin: &Path, data_dir: &Path, cpus: Option<&str>) -> Resu
         ));
     let mut child = cmd.spawn().context("starting est-server run")?;
     let stdout = child.stdout.take().context("est-server stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.split("coaps://").nth(1) {
-                let addr = rest.split_whitespace().next().unwrap_or("").to_string();
-                let _ = tx.send(addr);
-            }
-        }
-    });
+    let announced = est_test_tools::announced_address(stdout, Duration::from_secs(30));
     let mut server = ChildServer {
         child,
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         name: "est-server".into(),
     };
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(a) => {
-            server.addr = a
-                .parse()
-                .with_context(|| format!("est-server printed an unparsable address `{a}`"))?;
-        }
-        Err(_) => {
+    match announced {
+        Ok(a) => server.addr = a,
+        Err(e) => {
             let alive = server.alive();
             let log = std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
-            bail!("est-server did not report listening within 30 s (running: {alive}); its log:\n{log}");
+            bail!("{e} (running: {alive}); its log:\n{log}");
         }
     }
     Ok(server)
@@ -275,12 +251,7 @@ pub fn free_udp_port() -> Result<u16> {
 }
 
 /// Whether a program is on PATH.
-pub fn on_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(program))
-        .find(|p| p.is_file())
-}
+pub use est_test_tools::find as on_path;
 
 #[cfg(test)]
 mod tests {

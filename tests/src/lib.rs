@@ -133,29 +133,21 @@ impl CoapRun {
     }
 }
 
+/// The external programs the interop tests drive.
+pub const INTEROP_TOOLS: [&str; 3] = ["coap-client-gnutls", "coap-client-openssl", "openssl"];
+
 /// True when every external tool the interop tests need is on PATH.
 pub fn have_tools() -> bool {
-    ["coap-client-gnutls", "coap-client-openssl", "openssl"]
+    INTEROP_TOOLS
         .iter()
-        .all(|t| which(t))
+        .all(|t| est_test_tools::find(t).is_some())
 }
 
-fn which(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-        .unwrap_or(false)
-}
-
-/// Fail loudly in CI (where `.ci/run` installs the tools), skip with a message elsewhere.
+/// The interop tests' tools, through the workspace's one CI guard
+/// ([`est_test_tools::require_tools`]): fail loudly in CI (where `.ci/run` installs them), skip
+/// with a message elsewhere.
 pub fn require_tools() -> bool {
-    if have_tools() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("coap-client-gnutls, coap-client-openssl and openssl are required in CI");
-    }
-    eprintln!("skipping: libcoap3-bin / openssl not installed");
-    false
+    est_test_tools::require_tools(&INTEROP_TOOLS)
 }
 
 /// Client credentials for a libcoap run.

@@ -7,7 +7,6 @@
 
 pub mod backend;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -80,23 +79,8 @@ impl Drop for Server {
 /// socket is bound) and returns ADDR; the rest of its output is drained by a thread.
 fn announced_address(child: &mut Child) -> SocketAddr {
     let stdout = child.stdout.take().expect("est-server stdout is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("est-server run announced its address within 60 s");
-        if let Some(rest) = line.split("listening on coaps://").nth(1) {
-            let addr = rest.split_whitespace().next().unwrap_or_default();
-            return addr
-                .parse()
-                .unwrap_or_else(|e| panic!("address in {line:?}: {e}"));
-        }
-    }
+    est_test_tools::announced_address(stdout, Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A fresh data directory with `meters` minted IDevIDs, and the server running on loopback.

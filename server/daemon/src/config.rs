@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::transport::CipherSuiteName;
+
 /// Configuration errors, with the offending field named.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -85,6 +87,25 @@ pub struct DtlsSection {
     pub max_sessions: usize,
     /// Answer a ClientHello's use_srtp extension (RFC 5764) rather than refuse the handshake.
     pub answer_use_srtp: bool,
+}
+
+impl DtlsSection {
+    /// The offered suites, in the configured order; an unknown name is refused with the field
+    /// named. The one place that reads `dtls.cipher_suites`.
+    pub fn cipher_suite_names(&self) -> Result<Vec<CipherSuiteName>, ConfigError> {
+        self.cipher_suites
+            .iter()
+            .map(|s| match s.as_str() {
+                "ccm8" => Ok(CipherSuiteName::Ccm8),
+                "gcm" => Ok(CipherSuiteName::Gcm),
+                "ccm" => Ok(CipherSuiteName::Ccm),
+                _ => Err(invalid(
+                    "dtls.cipher_suites",
+                    format!("unknown suite {s:?} (use \"ccm8\", \"gcm\" or \"ccm\")"),
+                )),
+            })
+            .collect()
+    }
 }
 
 impl Default for DtlsSection {
@@ -362,14 +383,7 @@ impl Config {
                 "at least one suite is needed",
             ));
         }
-        for s in &self.dtls.cipher_suites {
-            if !matches!(s.as_str(), "ccm8" | "gcm" | "ccm") {
-                return Err(invalid(
-                    "dtls.cipher_suites",
-                    format!("unknown suite {s:?} (use \"ccm8\", \"gcm\" or \"ccm\")"),
-                ));
-            }
-        }
+        self.dtls.cipher_suite_names()?;
         if !(256..=16384).contains(&self.dtls.mtu_bytes) {
             return Err(invalid("dtls.mtu_bytes", "must be within 256..=16384"));
         }
@@ -503,5 +517,16 @@ mod tests {
         assert!(err.to_string().contains("szx"), "{err}");
         let err = Config::parse("[dtls]\ncipher_suites = [\"rc4\"]\n", Path::new("x")).unwrap_err();
         assert!(err.to_string().contains("rc4"), "{err}");
+        let mut dtls = DtlsSection::default();
+        assert_eq!(
+            dtls.cipher_suite_names().unwrap(),
+            [CipherSuiteName::Ccm8, CipherSuiteName::Gcm]
+        );
+        dtls.cipher_suites = vec!["ccm".into(), "ccm8".into(), "chacha".into()];
+        let err = dtls.cipher_suite_names().unwrap_err();
+        assert!(
+            err.to_string().contains("dtls.cipher_suites") && err.to_string().contains("chacha"),
+            "{err}"
+        );
     }
 }

@@ -174,9 +174,8 @@ pub fn init(data_dir: &Path, server_names: &[String]) -> Result<InitReport> {
     fs::write(&ca_cert_path, cert_pem(&ca_cert)?)?;
     let issuing = IssuingCa::new(
         ca_cert.clone(),
-        Box::new(RingP256Signer::from_pkcs8_der(&ca_key).map_err(|e| anyhow::anyhow!("{e}"))?),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+        Box::new(RingP256Signer::from_pkcs8_der(&ca_key)?),
+    )?;
 
     // The server's DTLS certificate, issued by the same CA, so a meter's Implicit TA
     // (RFC 9148 §3) and the Explicit TA from /crts are the same certificate.

@@ -13,8 +13,9 @@ use clap::Parser;
 use cli::{Cli, Command, RunArgs};
 
 /// mimalloc instead of glibc malloc: the DTLS path allocates, copies and frees many small
-/// buffers across threads; measured -5% server CPU per enrollment on top of LTO (loadtest,
-/// 64 meters). `no_thp`: no huge-page advice, so the resident set stays small.
+/// buffers across threads, and mimalloc measured less server CPU per enrollment on top of LTO
+/// (docs/benchmarks.md, "What changed on 2026-11-25"). `no_thp`: no huge-page advice, so the
+/// resident set stays small.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -2,7 +2,6 @@
 //! run (prints where it listens), certs list, help texts.
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -79,8 +78,8 @@ fn init_writes_private_keys_0600_and_a_documented_config() {
     let fleet: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("fleet.json")).unwrap()).unwrap();
     assert_eq!(fleet["devices"].as_array().unwrap().len(), 3);
-    // The IDevID carries the serial (checked by openssl when present).
-    if Command::new("openssl").arg("version").output().is_ok() {
+    // The IDevID carries the serial (checked by openssl; under CI it must be installed).
+    if est_test_tools::require_tools(&["openssl"]) {
         let text = Command::new("openssl")
             .args(["x509", "-noout", "-subject", "-in"])
             .arg(out.join("MTR000001/idevid.pem"))
@@ -115,24 +114,9 @@ fn run_until_signal(signal: &str) {
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut listening = None;
-    while Instant::now() < deadline {
-        if let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
-            if line.contains("listening on coaps://127.0.0.1:") {
-                listening = Some(line);
-                break;
-            }
-        }
-    }
-    let line = listening.expect("server announced its address");
-    assert!(!line.contains(":0 "), "the real port is printed: {line}");
+    let addr = est_test_tools::announced_address(stdout, Duration::from_secs(30)).unwrap();
+    assert!(addr.ip().is_loopback(), "{addr}");
+    assert_ne!(addr.port(), 0, "the real port is printed");
     // First start created the data directory on its own.
     assert!(d.join("est-server.toml").exists());
     #[cfg(unix)]

@@ -165,6 +165,85 @@ pub fn unix_seconds(t: SystemTime) -> i64 {
     }
 }
 
+/// A Unix time (as stored: seconds, [`unix_seconds`]) as a UTC calendar date and time of day,
+/// proleptic Gregorian, for display by the operator CLI and the load-test reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UtcDateTime {
+    pub year: i64,
+    pub month: u8,
+    pub day: u8,
+    pub hour: u8,
+    pub minute: u8,
+    pub second: u8,
+}
+
+impl UtcDateTime {
+    /// Any `i64` (before 1970 too): days from the civil calendar (H. Hinnant's
+    /// civil_from_days), seconds of the day from the remainder.
+    pub fn from_unix_seconds(unix: i64) -> Self {
+        let days = unix.div_euclid(86_400);
+        let secs = unix.rem_euclid(86_400);
+        let z = days + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        let y = yoe + era * 400 + i64::from(m <= 2);
+        // Each value is in range by construction (month 1..=12, day 1..=31, secs < 86,400).
+        let narrow = |v: i64| u8::try_from(v).unwrap_or(u8::MAX);
+        UtcDateTime {
+            year: y,
+            month: narrow(m),
+            day: narrow(d),
+            hour: narrow(secs / 3600),
+            minute: narrow(secs / 60 % 60),
+            second: narrow(secs % 60),
+        }
+    }
+
+    /// `2026-11-25 14:00:00`.
+    pub fn date_time(&self) -> String {
+        let Self {
+            year: y,
+            month: m,
+            day: d,
+            hour: hh,
+            minute: mm,
+            second: ss,
+        } = self;
+        format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02}:{ss:02}")
+    }
+
+    /// RFC 3339: `2026-11-25T14:00:00Z`.
+    pub fn rfc3339(&self) -> String {
+        let Self {
+            year: y,
+            month: m,
+            day: d,
+            hour: hh,
+            minute: mm,
+            second: ss,
+        } = self;
+        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
+    }
+
+    /// For file names: `20261125-140000`.
+    pub fn compact(&self) -> String {
+        let Self {
+            year: y,
+            month: m,
+            day: d,
+            hour: hh,
+            minute: mm,
+            second: ss,
+        } = self;
+        format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}")
+    }
+}
+
 #[derive(Default)]
 struct MemoryInner {
     certs: Vec<IssuedCert>,
@@ -261,5 +340,42 @@ impl Store for MemoryStore {
 
     fn device_allowed(&self, device_id: &str) -> Result<bool, StoreError> {
         Ok(self.lock()?.allowlist.iter().any(|d| d == device_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_dates_match_known_instants_and_der() {
+        let at = UtcDateTime::from_unix_seconds;
+        assert_eq!(at(0).rfc3339(), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400).rfc3339(), "2000-02-29T00:00:00Z");
+        assert_eq!(at(1_795_615_200).compact(), "20261125-140000");
+        assert_eq!(at(1_795_615_200).date_time(), "2026-11-25 14:00:00");
+        assert_eq!(at(-1).date_time(), "1969-12-31 23:59:59");
+        // 99991231235959Z, the IEEE 802.1AR "no expiry" notAfter.
+        assert_eq!(at(253_402_300_799).date_time(), "9999-12-31 23:59:59");
+        for unix in [
+            0u64,
+            68_169_599,
+            951_868_799,
+            4_107_542_400,
+            253_402_300_799,
+        ] {
+            let dt = der::DateTime::from_unix_duration(std::time::Duration::from_secs(unix))
+                .unwrap_or_else(|e| panic!("{unix}: {e}"));
+            let ours = at(i64::try_from(unix).unwrap_or(i64::MAX));
+            assert_eq!(
+                (ours.year, ours.month, ours.day),
+                (i64::from(dt.year()), dt.month(), dt.day()),
+                "{unix}"
+            );
+            assert_eq!(
+                (ours.hour, ours.minute, ours.second),
+                (dt.hour(), dt.minutes(), dt.seconds())
+            );
+        }
     }
 }

@@ -9,9 +9,7 @@ use super::{init_logging, open_store, utc};
 pub(crate) fn run(data_dir: &Path, limit: usize) -> Result<()> {
     init_logging(false);
     let store = open_store(data_dir)?;
-    let events = store
-        .recent_audit(limit)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let events = store.recent_audit(limit)?;
     for e in events.iter().rev() {
         println!(
             "{} {:<22} {:<12} {:<5} {:<9} {} {}",

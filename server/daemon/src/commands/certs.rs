@@ -13,9 +13,7 @@ pub(crate) fn run(data_dir: &Path, cmd: CertsCommand) -> Result<()> {
     let store = open_store(data_dir)?;
     match cmd {
         CertsCommand::List { limit, json } => {
-            let certs = store
-                .list_certificates(limit)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let certs = store.list_certificates(limit)?;
             if json {
                 for c in certs {
                     println!(
@@ -47,9 +45,7 @@ pub(crate) fn run(data_dir: &Path, cmd: CertsCommand) -> Result<()> {
             }
         }
         CertsCommand::Show { serial } => {
-            let found = store
-                .find_by_serial_prefix(&serial)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let found = store.find_by_serial_prefix(&serial)?;
             match found.as_slice() {
                 [] => bail!("no certificate with serial {serial}"),
                 [c] => {

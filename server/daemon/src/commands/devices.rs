@@ -19,9 +19,7 @@ pub(crate) fn run(data_dir: &Path, cmd: DevicesCommand) -> Result<()> {
         .map(str::to_owned)
         .collect();
     let store = open_store(data_dir)?;
-    let added = store
-        .import_devices(&ids, unix_now())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let added = store.import_devices(&ids, unix_now())?;
     store.close();
     println!("{} serial(s) read, {added} new on the allowlist", ids.len());
     Ok(())

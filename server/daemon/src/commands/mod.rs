@@ -9,9 +9,10 @@ pub(crate) mod factory;
 pub(crate) mod init;
 
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use anyhow::{bail, Result};
+use est_proto::store::{unix_seconds, UtcDateTime};
 use est_server::datadir;
 use tracing_subscriber::EnvFilter;
 
@@ -41,30 +42,14 @@ pub(crate) fn open_store(data_dir: &Path) -> Result<est_server::store::SqliteSto
     if !db.exists() {
         bail!("no store at {} (run `est-server init` first)", db.display());
     }
-    est_server::store::SqliteStore::open(&db, 1).map_err(|e| anyhow::anyhow!("{e}"))
+    Ok(est_server::store::SqliteStore::open(&db, 1)?)
 }
 
 pub(crate) fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    unix_seconds(SystemTime::now())
 }
 
+/// `2026-11-25 14:00:00` (UTC) for a stored Unix time.
 pub(crate) fn utc(unix: i64) -> String {
-    match u64::try_from(unix) {
-        Ok(s) => match der::DateTime::from_unix_duration(std::time::Duration::from_secs(s)) {
-            Ok(dt) => format!(
-                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-                dt.year(),
-                dt.month(),
-                dt.day(),
-                dt.hour(),
-                dt.minutes(),
-                dt.seconds()
-            ),
-            Err(_) => unix.to_string(),
-        },
-        Err(_) => unix.to_string(),
-    }
+    UtcDateTime::from_unix_seconds(unix).date_time()
 }

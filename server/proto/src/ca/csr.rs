@@ -76,8 +76,9 @@ pub fn parse_and_verify_csr(der: &[u8], max_len: usize) -> Result<ParsedCsr, Csr
         });
     }
     // der 0.7 sorts every SET OF it decodes with an insertion sort, quadratic on unsorted input
-    // (a 2.8 KB CSR with one 300-element unsorted RDN costs 5.6 ms instead of 3 µs): refuse large
-    // unsorted sets and deep nesting before decoding.
+    // (a few-KB CSR with one large unsorted RDN costs milliseconds instead of microseconds;
+    // docs/benchmarks.md, "Figures behind code comments"): refuse large unsorted sets and deep
+    // nesting before decoding.
     check_set_sizes(der, MAX_DEPTH)?;
     // Full typed parse; from_der rejects trailing bytes.
     let req = CertReq::from_der(der)?;

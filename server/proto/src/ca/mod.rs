@@ -32,9 +32,9 @@
 //! The one exception is the ECDSA signing nonce: ring's `SecureRandom` trait is sealed, so
 //! [`RingP256Signer`] uses ring's `SystemRandom` (the OS generator) for it.
 //!
-//! All ECDSA signing and verification goes through ring (about 17 µs per signature and 53 µs per
-//! verification on the reference machine, five times faster than the pure-Rust p256 crate); p256 is
-//! used only to write PKCS#8 for newly generated keys.
+//! All ECDSA signing and verification goes through ring, several times faster than the pure-Rust
+//! p256 crate (docs/benchmarks.md, "Figures behind code comments"); p256 is used only to write
+//! PKCS#8 for newly generated keys.
 
 mod csr;
 mod error;

@@ -13,8 +13,8 @@ use super::oid;
 
 /// RFC 5652 §3 ContentInfo holding a SignedData whose certificates are carried as raw DER: the
 /// same schema as `cms::content_info::ContentInfo` + `cms::signed_data::SignedData`, but
-/// certificates are emitted byte for byte instead of parsed and re-encoded (three times cheaper,
-/// and exact even for a CA certificate that is not in canonical DER).
+/// certificates are emitted byte for byte instead of parsed and re-encoded (cheaper, and exact
+/// even for a CA certificate that is not in canonical DER).
 #[derive(der::Sequence)]
 struct CertsOnlyContentInfo<'a> {
     content_type: der::asn1::ObjectIdentifier,

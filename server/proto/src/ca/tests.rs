@@ -635,8 +635,8 @@ fn csr_point_not_on_curve_is_bad_signature() {
     );
 }
 
-/// C509 test vectors draft (C509TV, "ECDSA With SHA256" certification request; copied in
-/// docs/protocol-brief.md §4.9.8): 253-byte CSR, CN=ecdsa-p256, extensionRequest SAN dNSName example.com.
+/// C509 test vectors draft (C509TV, "ECDSA With SHA256" certification request; source in
+/// docs/design.md §4): 253-byte CSR, CN=ecdsa-p256, extensionRequest SAN dNSName example.com.
 const C509TV_CSR_PEM: &str = "-----BEGIN CERTIFICATE REQUEST-----
 MIH6MIGgAgEAMBUxEzARBgNVBAMMCmVjZHNhLXAyNTYwWTATBgcqhkjOPQIBBggq
 hkjOPQMBBwNCAAT0E1lqhxJZlbTg2Le++8TW7bEfYa8IqzJAjU/5+QeN26s2Na/U
@@ -662,8 +662,8 @@ fn c509tv_csr_vector_parses_and_verifies() {
     );
 }
 
-/// RFC 9148 App. A.2 / C509 draft App. A.2 IEEE 802.1AR certificate (577 bytes; hex in
-/// docs/protocol-brief.md §4.9.7).
+/// RFC 9148 App. A.2 / C509 draft App. A.2 IEEE 802.1AR certificate (577 bytes; source in
+/// docs/design.md §4).
 const DEVID_802_1AR_HEX: &str = "
 30 82 02 3D 30 82 01 E2 A0 03 02 01 02 02 08 7E 76 61 D7 B5 4E 46 32
 30 0A 06 08 2A 86 48 CE 3D 04 03 02 30 5D 31 0B 30 09 06 03 55 04 06

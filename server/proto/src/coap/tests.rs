@@ -1877,8 +1877,7 @@ fn ascii_body(len: usize) -> Vec<u8> {
 #[test]
 fn interop_libcoap_client_block1_and_block2() {
     let bin = "/usr/bin/coap-client-notls";
-    if !std::path::Path::new(bin).exists() {
-        eprintln!("skipped: {bin} not installed (apt-get install libcoap3-bin)");
+    if !est_test_tools::require_tools(&[bin]) {
         return;
     }
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -1988,8 +1987,7 @@ fn exchange_udp(
 #[test]
 fn interop_client_against_libcoap_server() {
     let bin = "/usr/bin/coap-server-notls";
-    if !std::path::Path::new(bin).exists() {
-        eprintln!("skipped: {bin} not installed (apt-get install libcoap3-bin)");
+    if !est_test_tools::require_tools(&[bin]) {
         return;
     }
     let port = std::net::UdpSocket::bind("127.0.0.1:0")

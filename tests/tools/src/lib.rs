@@ -1,0 +1,157 @@
+//! Shared by the workspace's tests and test harnesses (loadtest), with no dependencies.
+//!
+//! The one guard for tests that need a third-party program (libcoap's `coap-client-*` and
+//! `coap-server-*`, the `openssl` command): every crate's tests call [`require_tools`] before
+//! using one; [`find`] locates a program.
+//!
+//! On a developer's machine a missing program skips the test with a message on stderr. Under
+//! CI (`CI` set to anything but empty, `0` or `false`, as `.ci/run` does) it fails the test
+//! instead: CI installs the programs, so a missing one is a broken CI image, not a reason to
+//! pass silently.
+//!
+//! Whatever starts `est-server run` as a child (client-sim's tests, est-server's CLI test,
+//! loadtest) learns where it listens with [`announced_address`].
+#![forbid(unsafe_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The first `program` on `PATH` (or `program` itself when it is a path to a file).
+pub fn find(program: &str) -> Option<PathBuf> {
+    let direct = PathBuf::from(program);
+    if direct.components().count() > 1 {
+        return direct.is_file().then_some(direct);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Whether this run is CI's: `CI` set and not empty, `0` or `false`.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// True when every program in `tools` is found. Otherwise: under CI, panics naming the missing
+/// ones; elsewhere prints that the calling test is skipped and why, and returns false.
+///
+/// ```no_run
+/// # fn f() {
+/// if !est_test_tools::require_tools(&["coap-client-notls"]) {
+///     return;
+/// }
+/// # }
+/// ```
+pub fn require_tools(tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools
+        .iter()
+        .copied()
+        .filter(|t| find(t).is_none())
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let what = missing.join(", ");
+    if in_ci() {
+        panic!("{what} not installed; CI must have it (apt-get install libcoap3-bin openssl)");
+    }
+    eprintln!("skipping: {what} not installed (apt-get install libcoap3-bin openssl)");
+    false
+}
+
+/// What `est-server run` prints, once its socket is bound, before the address it listens on:
+/// `est-server listening on coaps://127.0.0.1:40123 (UDP, DTLS 1.2), data in ...`.
+pub const LISTENING: &str = "listening on coaps://";
+
+/// The address in `line` if it is est-server's announcement ([`LISTENING`]); `Err` when it is
+/// one but the address does not parse.
+pub fn parse_announcement(line: &str) -> Option<Result<SocketAddr, String>> {
+    let rest = line.split(LISTENING).nth(1)?;
+    let addr = rest.split_whitespace().next().unwrap_or_default();
+    Some(
+        addr.parse()
+            .map_err(|e| format!("unparsable address in {line:?}: {e}")),
+    )
+}
+
+/// Reads a child `est-server run`'s stdout until its announcement and returns the address, or
+/// an error after `within`. A thread keeps draining the rest of the output, so the child never
+/// blocks on a full pipe.
+pub fn announced_address(
+    stdout: impl Read + Send + 'static,
+    within: Duration,
+) -> Result<SocketAddr, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .map_err(|_| format!("est-server did not announce its address within {within:?}"))?;
+        if let Some(addr) = parse_announcement(&line) {
+            return addr;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_program_on_path_and_not_a_made_up_one() {
+        assert!(find("sh").is_some());
+        assert!(find("/bin/sh").is_some() || find("/usr/bin/sh").is_some());
+        assert!(find("no-such-program-est-coaps").is_none());
+        assert!(find("/nonexistent/dir/sh").is_none());
+    }
+
+    #[test]
+    fn the_announced_address_is_read_from_the_output() {
+        let out = "est-server: first start\nest-server listening on coaps://127.0.0.1:40123 (UDP, DTLS 1.2), data in d\nmore\n";
+        assert_eq!(
+            announced_address(std::io::Cursor::new(out), Duration::from_secs(5)),
+            Ok("127.0.0.1:40123".parse().unwrap_or_else(|_| unreachable!()))
+        );
+        assert!(
+            announced_address(std::io::Cursor::new("nothing\n"), Duration::from_millis(50))
+                .is_err()
+        );
+        assert!(parse_announcement("listening on coaps://x:1").is_some_and(|r| r.is_err()));
+        assert!(parse_announcement("EST resources: coaps://x").is_none());
+    }
+
+    #[test]
+    fn present_tools_are_required_without_fuss() {
+        assert!(require_tools(&["sh"]));
+        assert!(require_tools(&[]));
+    }
+
+    #[test]
+    fn a_missing_tool_skips_outside_ci_and_fails_under_ci() {
+        // The only test here that reads CI, so setting it cannot race another.
+        let before = std::env::var_os("CI");
+        std::env::set_var("CI", "false");
+        assert!(!in_ci());
+        assert!(!require_tools(&["sh", "no-such-program-est-coaps"]));
+        std::env::set_var("CI", "true");
+        assert!(in_ci());
+        let failed = std::panic::catch_unwind(|| require_tools(&["no-such-program-est-coaps"]));
+        match before {
+            Some(v) => std::env::set_var("CI", v),
+            None => std::env::remove_var("CI"),
+        }
+        assert!(
+            failed.is_err(),
+            "a missing tool must fail the test under CI"
+        );
+    }
+}
