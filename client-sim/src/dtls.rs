@@ -15,15 +15,14 @@
 //! (docs/design.md §1.8), so every attempt runs under a timeout; retrying from a fresh
 //! session is the meter's job ([`crate::meter`]).
 
-#[cfg(any(feature = "openssl-backend", feature = "dimpl-backend"))]
 use std::collections::VecDeque;
-#[cfg(any(feature = "openssl-backend", feature = "dimpl-backend"))]
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-#[cfg(any(feature = "openssl-backend", feature = "dimpl-backend"))]
 use std::time::Instant;
+
+use rustls::client::danger::ServerCertVerifier;
 
 use webrtc_dtls::cipher_suite::CipherSuiteId;
 use webrtc_dtls::config::{Config, ExtendedMasterSecretType};
@@ -54,6 +53,8 @@ pub enum DtlsBackend {
     Openssl,
     /// dimpl 0.9 (sans-IO, pure Rust) with a ring crypto provider; AES-128-GCM instead of CCM_8.
     Dimpl,
+    /// Our own engine's client mode (est-dtls): CCM_8, exponential back-off, Connection ID.
+    Native,
 }
 
 impl DtlsBackend {
@@ -62,6 +63,7 @@ impl DtlsBackend {
             DtlsBackend::Webrtc => "webrtc",
             DtlsBackend::Openssl => "openssl",
             DtlsBackend::Dimpl => "dimpl",
+            DtlsBackend::Native => "native",
         }
     }
 
@@ -69,7 +71,7 @@ impl DtlsBackend {
     /// `None` for webrtc-dtls, which every build has.
     pub fn cargo_feature(self) -> Option<&'static str> {
         match self {
-            DtlsBackend::Webrtc => None,
+            DtlsBackend::Webrtc | DtlsBackend::Native => None,
             DtlsBackend::Openssl => Some("openssl-backend"),
             DtlsBackend::Dimpl => Some("dimpl-backend"),
         }
@@ -78,7 +80,7 @@ impl DtlsBackend {
     /// Whether this build has the backend.
     pub fn compiled_in(self) -> bool {
         match self {
-            DtlsBackend::Webrtc => true,
+            DtlsBackend::Webrtc | DtlsBackend::Native => true,
             DtlsBackend::Openssl => cfg!(feature = "openssl-backend"),
             DtlsBackend::Dimpl => cfg!(feature = "dimpl-backend"),
         }
@@ -109,7 +111,8 @@ impl std::str::FromStr for DtlsBackend {
             "webrtc" | "webrtc-dtls" => Ok(DtlsBackend::Webrtc),
             "openssl" => Ok(DtlsBackend::Openssl),
             "dimpl" => Ok(DtlsBackend::Dimpl),
-            _ => Err(format!("`{s}`: expected webrtc, openssl or dimpl")),
+            "native" | "est-dtls" => Ok(DtlsBackend::Native),
+            _ => Err(format!("`{s}`: expected webrtc, openssl, dimpl or native")),
         }
     }
 }
@@ -136,6 +139,9 @@ pub struct DtlsClientConfig {
     pub danger_skip_server_verification: bool,
     /// The DTLS client library.
     pub backend: DtlsBackend,
+    /// Offer a Connection ID (RFC 9146; the native backend only): the session survives a
+    /// change of the meter's source address.
+    pub connection_id: bool,
 }
 
 impl std::fmt::Debug for DtlsClientConfig {
@@ -162,6 +168,7 @@ impl Default for DtlsClientConfig {
             handshake_timeout: Duration::from_secs(30),
             danger_skip_server_verification: false,
             backend: DtlsBackend::Webrtc,
+            connection_id: false,
         }
     }
 }
@@ -239,6 +246,7 @@ pub enum DtlsSession {
     Openssl(Box<crate::dtls_openssl::OpensslSession>),
     #[cfg(feature = "dimpl-backend")]
     Dimpl(Box<crate::dtls_dimpl::DimplSession>),
+    Native(Box<crate::dtls_native::NativeSession>),
 }
 
 impl std::fmt::Debug for DtlsSession {
@@ -249,6 +257,7 @@ impl std::fmt::Debug for DtlsSession {
             DtlsSession::Openssl(s) => f.debug_tuple("DtlsSession::Openssl").field(s).finish(),
             #[cfg(feature = "dimpl-backend")]
             DtlsSession::Dimpl(s) => f.debug_tuple("DtlsSession::Dimpl").field(s).finish(),
+            DtlsSession::Native(s) => f.debug_tuple("DtlsSession::Native").field(s).finish(),
         }
     }
 }
@@ -266,6 +275,7 @@ impl DtlsSession {
             DtlsSession::Openssl(s) => s.send(data).await,
             #[cfg(feature = "dimpl-backend")]
             DtlsSession::Dimpl(s) => s.send(data).await,
+            DtlsSession::Native(s) => s.send(data).await,
         }
     }
 
@@ -280,6 +290,7 @@ impl DtlsSession {
             DtlsSession::Openssl(s) => s.recv(buf).await,
             #[cfg(feature = "dimpl-backend")]
             DtlsSession::Dimpl(s) => s.recv(buf).await,
+            DtlsSession::Native(s) => s.recv(buf).await,
         }
     }
 
@@ -293,6 +304,7 @@ impl DtlsSession {
             DtlsSession::Openssl(s) => s.close().await,
             #[cfg(feature = "dimpl-backend")]
             DtlsSession::Dimpl(s) => s.close().await,
+            DtlsSession::Native(s) => s.close().await,
         }
     }
 }
@@ -306,6 +318,9 @@ pub async fn connect_session(
 ) -> Result<DtlsSession, FailureReason> {
     match cfg.backend {
         DtlsBackend::Webrtc => connect(conn, cfg, cred).await.map(DtlsSession::Webrtc),
+        DtlsBackend::Native => crate::dtls_native::connect(conn, cfg, cred)
+            .await
+            .map(|s| DtlsSession::Native(Box::new(s))),
         #[cfg(feature = "openssl-backend")]
         DtlsBackend::Openssl => crate::dtls_openssl::connect(conn, cfg, cred)
             .await
@@ -328,7 +343,6 @@ pub async fn connect_session(
 
 /// Sends the queued outgoing datagrams in order; a datagram leaves the queue only once sent, so
 /// a cancelled call loses nothing.
-#[cfg(any(feature = "openssl-backend", feature = "dimpl-backend"))]
 pub(crate) async fn send_queued(
     conn: &(dyn Conn + Send + Sync),
     queue: &mut VecDeque<Vec<u8>>,
@@ -344,7 +358,6 @@ pub(crate) async fn send_queued(
 
 /// Waits for one datagram (`Some(length)`) or until `wake` (`None`), whichever comes first.
 /// Cancel-safe as `Conn::recv` is.
-#[cfg(any(feature = "openssl-backend", feature = "dimpl-backend"))]
 pub(crate) async fn recv_until(
     conn: &(dyn Conn + Send + Sync),
     buf: &mut [u8],
@@ -374,6 +387,40 @@ pub fn auto_flight_interval(
     let rtt = (one_way(link) + dcu.map(one_way).unwrap_or_default()) * 2;
     rtt.mul_f64(1.5)
         .clamp(Duration::from_secs(2), Duration::from_secs(20))
+}
+
+/// Verifiers kept, one per distinct trust-anchor set.
+const MAX_CACHED_VERIFIERS: usize = 16;
+type VerifierCache = Vec<(Vec<Vec<u8>>, Arc<dyn ServerCertVerifier>)>;
+static VERIFIERS: Mutex<VerifierCache> = Mutex::new(Vec::new());
+
+/// rustls's webpki server verifier over a trust-anchor set (the meter's Implicit TA
+/// database), built once per distinct set; used by the dimpl and native backends.
+pub(crate) fn server_verifier(
+    anchors: &[Vec<u8>],
+) -> Result<Arc<dyn ServerCertVerifier>, FailureReason> {
+    let mut cache = VERIFIERS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, v)) = cache.iter().find(|(k, _)| k.as_slice() == anchors) {
+        return Ok(v.clone());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for ta in anchors {
+        roots
+            .add(rustls::pki_types::CertificateDer::from(ta.clone()))
+            .map_err(|e| FailureReason::Credentials(format!("trust anchor: {e}")))?;
+    }
+    let v: Arc<dyn ServerCertVerifier> =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| FailureReason::Credentials(format!("trust anchors: {e}")))?;
+    if cache.len() >= MAX_CACHED_VERIFIERS {
+        cache.remove(0);
+    }
+    cache.push((anchors.to_vec(), v.clone()));
+    Ok(v)
 }
 
 /// The server's address, for messages.

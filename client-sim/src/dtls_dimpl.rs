@@ -53,7 +53,7 @@ use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use webrtc_util::conn::Conn;
 
-use crate::dtls::{recv_until, send_queued, DtlsClientConfig, SessionError};
+use crate::dtls::{recv_until, send_queued, server_verifier, DtlsClientConfig, SessionError};
 use crate::meter::{Credential, FailureReason};
 
 pub use ring_provider::provider as ring_crypto_provider;
@@ -144,35 +144,6 @@ struct ServerCheck {
     name: ServerName<'static>,
 }
 
-type VerifierCache = Vec<(Vec<Vec<u8>>, Arc<dyn ServerCertVerifier>)>;
-static VERIFIERS: Mutex<VerifierCache> = Mutex::new(Vec::new());
-
-/// The verifier for a trust-anchor set, built once per distinct set.
-fn verifier(anchors: &[Vec<u8>]) -> Result<Arc<dyn ServerCertVerifier>, FailureReason> {
-    let mut cache = VERIFIERS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, v)) = cache.iter().find(|(k, _)| k.as_slice() == anchors) {
-        return Ok(v.clone());
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for ta in anchors {
-        roots
-            .add(CertificateDer::from(ta.clone()))
-            .map_err(|e| FailureReason::Credentials(format!("trust anchor: {e}")))?;
-    }
-    let v: Arc<dyn ServerCertVerifier> =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(
-            Arc::new(roots),
-            Arc::new(rustls::crypto::ring::default_provider()),
-        )
-        .build()
-        .map_err(|e| FailureReason::Credentials(format!("trust anchors: {e}")))?;
-    if cache.len() >= MAX_CACHED {
-        cache.remove(0);
-    }
-    cache.push((anchors.to_vec(), v.clone()));
-    Ok(v)
-}
-
 impl ServerCheck {
     fn new(cfg: &DtlsClientConfig) -> Result<Option<ServerCheck>, FailureReason> {
         if cfg.danger_skip_server_verification {
@@ -181,7 +152,7 @@ impl ServerCheck {
         let name = ServerName::try_from(cfg.server_name.clone())
             .map_err(|e| FailureReason::Credentials(format!("server name: {e}")))?;
         Ok(Some(ServerCheck {
-            verifier: verifier(&cfg.trust_anchors_der)?,
+            verifier: server_verifier(&cfg.trust_anchors_der)?,
             name,
         }))
     }

@@ -19,6 +19,7 @@ pub mod driver;
 pub mod dtls;
 #[cfg(feature = "dimpl-backend")]
 pub mod dtls_dimpl;
+pub mod dtls_native;
 #[cfg(feature = "openssl-backend")]
 pub mod dtls_openssl;
 pub mod fleet;

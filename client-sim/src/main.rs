@@ -195,9 +195,15 @@ struct Cli {
     /// retransmits on OpenSSL's own 1 s doubling timer, so --dtls-flight-interval does not apply
     /// to it) or dimpl (sans-IO, ring crypto; negotiates TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
     /// instead of CCM_8 and sends the leaf certificate only). openssl and dimpl are in the build
-    /// only with the cargo features openssl-backend and dimpl-backend.
+    /// only with the cargo features openssl-backend and dimpl-backend. native is our own
+    /// engine's client mode (est-dtls): CCM_8, exponential back-off from
+    /// --dtls-flight-interval, and Connection ID with --dtls-connection-id.
     #[arg(long, value_enum, default_value_t = DtlsBackend::Webrtc)]
     dtls_backend: DtlsBackend,
+    /// Offer a DTLS Connection ID (RFC 9146; --dtls-backend native): sessions survive a
+    /// change of the meter's source address.
+    #[arg(long)]
+    dtls_connection_id: bool,
     /// EST root path (without discovery).
     #[arg(long, default_value = "/.well-known/est")]
     est_root: String,
@@ -348,6 +354,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 handshake_timeout: cli.handshake_timeout,
                 danger_skip_server_verification: false,
                 backend: cli.dtls_backend,
+                connection_id: cli.dtls_connection_id,
             },
             coap,
         },
