@@ -60,7 +60,7 @@ pub struct Cli {
     /// Pin the load generator to these CPUs (re-executes itself under taskset -c LIST).
     #[arg(long)]
     pub client_cpus: Option<String>,
-    /// Devices minted for the fleet (meters reuse them round-robin; every enrollment has its own key and CSR).
+    /// Devices minted for the fleet (meters reuse them round-robin; every enrollment has its own key and CSR); at least --hold-sessions, so that each held session is its own device.
     #[arg(long, default_value_t = 2048)]
     pub devices: usize,
     /// Extra server configuration, SECTION.KEY=VALUE (TOML value), repeatable.
@@ -102,16 +102,15 @@ pub struct Cli {
     #[arg(long)]
     pub direct_udp: bool,
     /// The load generator's DTLS client (client-sim's meter backend), used for every step, both
-    /// sides of the libcoap comparison and the held sessions: dimpl (dimpl 0.9 with ring crypto,
-    /// the default: the cheapest in CPU per enrollment, so the server gets most of a shared box),
-    /// webrtc (webrtc-dtls 0.12) or openssl (the system's OpenSSL 3; on Debian 12's OpenSSL 3.0
-    /// the costliest); figures in docs/benchmarks.md, "The load generator". dimpl negotiates
-    /// TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 (it has no CCM_8), so with it the server protects
-    /// records with AES-GCM instead of RFC 9148's AES-CCM_8; webrtc and openssl use CCM_8. The
-    /// handshake (P-256 ECDHE, ECDSA mutual authentication, extended master secret) is the same.
-    /// openssl is in the build only with the cargo feature openssl-backend (dimpl-backend is
-    /// a default feature).
-    #[arg(long, value_enum, default_value_t = DtlsBackend::Dimpl)]
+    /// sides of the libcoap comparison and the held sessions: native (our own engine's client
+    /// mode, est-dtls; the default: it speaks RFC 9148's TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 and
+    /// runs its crypto on ring), dimpl (dimpl 0.9 with ring crypto; it has no CCM_8 and
+    /// negotiates TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256), webrtc (webrtc-dtls 0.12, CCM_8) or
+    /// openssl (the system's OpenSSL 3, CCM_8); figures in docs/benchmarks.md, "The load
+    /// generator". The handshake (P-256 ECDHE, ECDSA mutual authentication, extended master
+    /// secret) is the same. openssl is in the build only with the cargo feature openssl-backend
+    /// (dimpl-backend is a default feature).
+    #[arg(long, value_enum, default_value_t = DtlsBackend::Native)]
     pub client_dtls: DtlsBackend,
     #[arg(long)]
     pub no_progress: bool,
@@ -159,7 +158,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.steps, vec![1, 8, 64, 256]);
-        assert_eq!(cli.client_dtls, DtlsBackend::Dimpl);
+        assert_eq!(cli.client_dtls, DtlsBackend::Native);
         let cli = Cli::try_parse_from(["loadtest", "--client-dtls", "webrtc"]).unwrap();
         assert_eq!(cli.client_dtls, DtlsBackend::Webrtc);
         let cli = Cli::try_parse_from(["loadtest", "--client-dtls", "openssl"]).unwrap();

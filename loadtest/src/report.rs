@@ -179,7 +179,7 @@ pub fn load_generator(r: &Report) -> String {
     };
     let suite = match backend {
         "dimpl" => "AES_128_GCM",
-        "webrtc" | "openssl" => "AES_128_CCM_8",
+        "webrtc" | "openssl" | "native" => "AES_128_CCM_8",
         _ => "?",
     };
     format!("load generator: client-sim, {backend} DTLS client (TLS_ECDHE_ECDSA_WITH_{suite})")

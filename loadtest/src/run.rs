@@ -170,7 +170,13 @@ impl Plan {
             } else {
                 cli.step_duration
             },
-            devices: if smoke { 16 } else { cli.devices.max(1) },
+            // Every held session is its own meter: the server keeps at most
+            // `dtls.max_sessions_per_identity` sessions per device, as a real fleet would see.
+            devices: if smoke {
+                16
+            } else {
+                cli.devices.max(cli.hold_sessions).max(1)
+            },
             crypto_budget: if smoke {
                 Duration::from_millis(100)
             } else {
