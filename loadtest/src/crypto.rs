@@ -3,10 +3,10 @@
 //!
 //! Backends (why these: docs/design.md §3):
 //! * ECDSA P-256 sign and verify: `ring` 0.17. Our CA signs with `RingP256Signer`, CSR and chain
-//!   checks verify with `ring::signature`, and webrtc-dtls signs ServerKeyExchange and verifies the
-//!   client's certificate and CertificateVerify with ring.
-//! * ECDHE P-256: `p256` 0.13 (`elliptic_curve::ecdh`), as webrtc-dtls 0.12 does (ephemeral key
-//!   generation, public key encoding, shared secret).
+//!   checks verify with `ring::signature`, and the DTLS engine (est-dtls) signs the
+//!   ServerKeyExchange and verifies the client's chain and CertificateVerify with ring.
+//! * ECDHE P-256: the DTLS engine's own `est_dtls::crypto::EphemeralKey` (ring's `agreement`):
+//!   ephemeral key generation, public key encoding, shared secret.
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -111,22 +111,26 @@ pub fn measure(budget: Duration, server_cores: f64) -> Result<Ceiling> {
         black_box(public.verify(black_box(&msg), sig.as_ref()).is_ok());
     });
 
-    // ECDHE as webrtc-dtls 0.12 does it: fresh ephemeral secret, encoded public key, agreement
-    // with the peer's point.
-    let mut os = rand::rngs::OsRng;
-    let peer = p256::ecdh::EphemeralSecret::random(&mut os);
-    let peer_pub = p256::EncodedPoint::from(peer.public_key());
-    let peer_key =
-        p256::PublicKey::from_sec1_bytes(peer_pub.as_bytes()).context("p256: peer point")?;
+    // ECDHE as the server's DTLS engine does it: fresh ephemeral key, encoded public key,
+    // agreement with the peer's point.
+    use est_dtls::crypto::{EphemeralKey, NamedGroup};
+    let peer = EphemeralKey::generate(NamedGroup::Secp256r1, &rng)
+        .map_err(|e| anyhow::anyhow!("ECDH: {e}"))?;
+    let peer_pub = peer.public_key().to_vec();
+    EphemeralKey::generate(NamedGroup::Secp256r1, &rng)
+        .and_then(|k| k.agree(&peer_pub))
+        .map_err(|e| anyhow::anyhow!("ECDH: {e}"))
+        .context("est-dtls ECDH self-test")?;
     let ecdh = time_op(
         "ECDH P-256 (ephemeral keygen + agree)",
-        "p256 0.13",
+        "est-dtls (ring 0.17)",
         budget,
         || {
-            let secret = p256::ecdh::EphemeralSecret::random(&mut os);
-            let ours = p256::EncodedPoint::from(secret.public_key());
-            let shared = secret.diffie_hellman(black_box(&peer_key));
-            black_box((ours.len(), shared.raw_secret_bytes().len()));
+            if let Ok(secret) = EphemeralKey::generate(NamedGroup::Secp256r1, &rng) {
+                let ours = secret.public_key().len();
+                let shared = secret.agree(black_box(&peer_pub));
+                black_box((ours, shared.map(|s| s.len()).ok()));
+            }
         },
     );
 
