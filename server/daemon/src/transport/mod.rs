@@ -10,8 +10,7 @@
 //!
 //! Until 2026-12 the server ran webrtc-dtls behind a demultiplexer of our own, with workarounds
 //! for its defects (no stateless cookies, no back-off, no final-flight resend, no Connection
-//! ID). Those could not all be fixed from outside the crate (docs/design.md, "the DTLS
-//! engine"), so the server now runs `server/dtls`; webrtc-dtls remains the meter-side stack of
+//! ID). Those could not all be fixed from outside the crate (docs/design.md §1 and §5), so the server now runs `server/dtls`; webrtc-dtls remains the meter-side stack of
 //! client-sim and of [`client`] (tests).
 //!
 //! Evidence: the engine's own tests on virtual time (`server/dtls/tests`), `transport_sim.rs`
