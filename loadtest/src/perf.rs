@@ -96,10 +96,23 @@ pub fn perf_categories(report: &str) -> Vec<(String, f64)> {
             continue;
         };
         let has = |keys: &[&str]| keys.iter().any(|k| rest.contains(k));
-        let cat = if has(&["nistz256", "ring_core", "ring::"]) {
-            "ring (ECDSA sign/verify, rcgen keys, P-256 base mul)"
+        let cat = if has(&[
+            "aes_hw", "aesni", "gcm_", "ghash", "ccm", "Ccm", "aes::", "vpaes",
+        ]) {
+            "AEAD (AES-CCM_8, AES-GCM)"
+        } else if has(&[
+            "sha256_block",
+            "sha512_block",
+            "sha2::",
+            "hmac",
+            "prf",
+            "digest::",
+        ]) {
+            "SHA-2 / HMAC / PRF"
+        } else if has(&["nistz256", "ring_core", "ring::"]) {
+            "ring P-256 (ECDHE, ECDSA sign/verify)"
         } else if has(&["p256::", "primeorder", "elliptic_curve"]) {
-            "p256 0.13 (ECDHE)"
+            "p256 0.13 (RustCrypto curve arithmetic)"
         } else if has(&[
             "sqlite3",
             "yy_reduce",
@@ -128,8 +141,8 @@ pub fn perf_categories(report: &str) -> Vec<(String, f64)> {
             "memcmp",
         ]) {
             "allocation and copies"
-        } else if has(&["aes", "ccm", "Ccm", "sha2", "sha256", "hmac", "prf"]) {
-            "AES-CCM / SHA-256 / PRF"
+        } else if has(&["est_dtls"]) {
+            "est-dtls records, parsing and handshake state"
         } else if has(&["yasna", "rcgen"]) {
             "rcgen certificate encoding (webrtc-dtls throw-away certs)"
         } else if has(&["webrtc_dtls", "webrtc_util"]) {
@@ -186,5 +199,14 @@ mod tests {
             "{cats:?}"
         );
         assert_eq!(cats.len(), 4);
+        // The engine's cost split: AEAD, hashing, curve work and its own code apart.
+        let cats = perf_categories(
+            "     5.00%  est-server  [.] ring_core_0_17_14_aes_hw_ctr32_encrypt_blocks\n     4.00%  est-server  [.] ring_core_0_17_14_sha256_block_data_order_avx2\n     3.00%  est-server  [.] est_dtls::wire::parse_record\n     2.00%  est-server  [.] <aes::ni::Aes128Enc as cipher::BlockEncrypt>::encrypt_with_backend\n",
+        );
+        let names: Vec<&str> = cats.iter().map(|c| c.0.as_str()).collect();
+        assert!(names.iter().any(|n| n.starts_with("AEAD")), "{names:?}");
+        assert!(names.iter().any(|n| n.starts_with("SHA-2")), "{names:?}");
+        assert!(names.iter().any(|n| n.starts_with("est-dtls")), "{names:?}");
+        assert_eq!(cats.len(), 3);
     }
 }
