@@ -668,6 +668,12 @@ impl Connection {
         &self.peer_chain
     }
 
+    /// Hands the peer's chain over (e.g. to the application's session) so that it is not kept
+    /// twice; [`Connection::peer_certificates`] is empty afterwards.
+    pub fn take_peer_certificates(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.peer_chain)
+    }
+
     pub fn verified(&self) -> Option<&Verified> {
         self.verified.as_ref()
     }

@@ -193,6 +193,15 @@ impl Endpoint {
         self.slots.get(&h.0).map(|s| &s.conn)
     }
 
+    /// Takes an established session's peer chain out of the engine (it needs it no more once
+    /// the handshake is done), so that the application holds the only copy.
+    pub fn take_peer_certificates(&mut self, h: ConnectionHandle) -> Vec<Vec<u8>> {
+        self.slots
+            .get_mut(&h.0)
+            .map(|s| s.conn.take_peer_certificates())
+            .unwrap_or_default()
+    }
+
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
     }

@@ -346,6 +346,7 @@ impl<S: DatagramSocket> Driver<S> {
     fn event(&mut self, ev: Event) {
         match ev {
             Event::Connected(h) => {
+                let peer_certificates = Arc::new(self.endpoint.take_peer_certificates(h));
                 let Some(conn) = self.endpoint.connection(h) else {
                     return;
                 };
@@ -357,7 +358,7 @@ impl<S: DatagramSocket> Driver<S> {
                 let session = DtlsSession {
                     handle: h,
                     peer: Arc::clone(&peer),
-                    peer_certificates: conn.peer_certificates().to_vec(),
+                    peer_certificates,
                     peer_verification: verification,
                     cipher_suite: conn.cipher_suite().map(CipherSuiteName::from_engine),
                     data_rx: tokio::sync::Mutex::new(data_rx),
@@ -411,7 +412,7 @@ impl<S: DatagramSocket> Driver<S> {
 pub struct DtlsSession {
     handle: ConnectionHandle,
     peer: Arc<Mutex<SocketAddr>>,
-    peer_certificates: Vec<Vec<u8>>,
+    peer_certificates: Arc<Vec<Vec<u8>>>,
     peer_verification: Option<PeerVerification>,
     cipher_suite: Option<CipherSuiteName>,
     data_rx: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
@@ -441,6 +442,11 @@ impl DtlsSession {
         &self.peer_certificates
     }
 
+    /// The same chain, shared (the session holds the only copy).
+    pub fn peer_certificates_shared(&self) -> Arc<Vec<Vec<u8>>> {
+        Arc::clone(&self.peer_certificates)
+    }
+
     /// What the configured [`super::ClientChainVerifier`] established for the chain.
     pub fn peer_verification(&self) -> Option<&PeerVerification> {
         self.peer_verification.as_ref()
@@ -454,32 +460,30 @@ impl DtlsSession {
         *self.closed_rx.borrow()
     }
 
-    /// Receive one plaintext datagram. `Err(Closed)` once the session ended.
-    pub async fn recv(&self, buf: &mut [u8]) -> Result<usize, TransportError> {
+    /// Receive one plaintext datagram as its own buffer (no receive buffer is held between
+    /// datagrams). `Err(Closed)` once the session ended.
+    pub async fn recv_datagram(&self) -> Result<Vec<u8>, TransportError> {
         let mut rx = self.data_rx.lock().await;
         let mut closed = self.closed_rx.clone();
         tokio::select! {
             biased;
-            d = rx.recv() => match d {
-                Some(d) => {
-                    let dst = buf.get_mut(..d.len()).ok_or(TransportError::BufferTooSmall)?;
-                    dst.copy_from_slice(&d);
-                    Ok(d.len())
-                }
-                None => Err(TransportError::Closed(self.close_reason().unwrap_or(CloseReason::Shutdown))),
-            },
-            _ = closed.wait_for(Option::is_some) => {
-                // Data that arrived before the close still goes out first.
-                match rx.try_recv() {
-                    Ok(d) => {
-                        let dst = buf.get_mut(..d.len()).ok_or(TransportError::BufferTooSmall)?;
-                        dst.copy_from_slice(&d);
-                        Ok(d.len())
-                    }
-                    Err(_) => Err(TransportError::Closed(self.close_reason().unwrap_or(CloseReason::LocalClose))),
-                }
-            }
+            d = rx.recv() => d.ok_or_else(|| {
+                TransportError::Closed(self.close_reason().unwrap_or(CloseReason::Shutdown))
+            }),
+            _ = closed.wait_for(Option::is_some) => rx.try_recv().map_err(|_| {
+                TransportError::Closed(self.close_reason().unwrap_or(CloseReason::LocalClose))
+            }),
         }
+    }
+
+    /// Receive one plaintext datagram into `buf`. `Err(Closed)` once the session ended.
+    pub async fn recv(&self, buf: &mut [u8]) -> Result<usize, TransportError> {
+        let d = self.recv_datagram().await?;
+        let dst = buf
+            .get_mut(..d.len())
+            .ok_or(TransportError::BufferTooSmall)?;
+        dst.copy_from_slice(&d);
+        Ok(d.len())
     }
 
     /// Send one plaintext datagram (application data is never fragmented).
