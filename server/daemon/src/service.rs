@@ -25,9 +25,6 @@ use crate::transport::{
     PeerVerification, VerifiedClient,
 };
 
-/// Largest datagram we read from a session (the DTLS layer never hands us more than
-/// its 8 KiB record buffer).
-
 /// Counters of the EST driver.
 #[derive(Default, Debug)]
 pub struct ServiceCounters {
