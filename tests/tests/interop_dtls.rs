@@ -14,14 +14,18 @@
 //!   arrives. Through a UDP relay acting as a NAT that moves to a new source port after the first
 //!   exchange, the session survives by its CID (the second echo arrives, the endpoint's
 //!   `peer_address_changes` moved); without a CID the same move loses the session.
+//! - (c) Go's pion/dtls 2.2.6 (Debian `golang-github-pion-dtls.v2-dev`, built offline in GOPATH
+//!   mode with `golang-go`; no Connection ID) with a client certificate: CCM_8, AES-128-GCM and
+//!   AES-256-GCM (X25519, pion's first group) echo a message.
 //!
 //! `ssl_client2` is built at test time from the C source that the (yanked) registry crate
 //! `mbedtls-sys-auto 3.5.0-alpha.3+0b3de6f` vendors, as `shared/docs/cid-peers.md` "Recipe B"
 //! describes: a throwaway cargo project under the target directory, `cargo update --precise`,
 //! `cargo fetch`, a copy of `vendor/`, `config.py set MBEDTLS_SSL_DTLS_CONNECTION_ID`, `make lib`
 //! and the program. The binary is cached in `<target>/interop-peers/` (about 40 s the first
-//! time); none of its source is in this repository. Needs `openssl`, `python3`, `make`, `gcc`
-//! and crates.io: a missing tool skips here and fails under CI ([`est_test_tools::require_tools`]).
+//! time); none of its source is in this repository. Needs `openssl`, `python3`, `make`, `gcc`,
+//! crates.io, `go` and the pion package: a missing tool skips here and fails under CI
+//! ([`est_test_tools::require_tools`]).
 //!
 //! Run: `cargo test -p est-tests --test interop_dtls -- --nocapture`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -868,4 +872,188 @@ async fn without_a_connection_id_the_same_port_change_loses_the_session() {
     assert_eq!(seen.data.len(), 1, "{seen:?}");
     assert_eq!(seen.metrics.peer_address_changes, 0);
     assert!(seen.metrics.dropped_unknown_peer >= 1, "{:?}", seen.metrics);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (c) Go's pion/dtls v2.2.6 (Debian golang-github-pion-dtls.v2-dev), built offline in GOPATH mode.
+// It has no Connection ID.
+
+const PION_PACKAGE: &str = "/usr/share/gocode/src/github.com/pion/dtls/v2/conn.go";
+
+/// A DTLS client on pion/dtls: handshake with a client certificate, offering one suite, then
+/// one message and the echo printed.
+const PION_CLIENT_GO: &str = r#"package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"net"
+	"os"
+	"time"
+
+	"github.com/pion/dtls/v2"
+)
+
+func check(err error) {
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "error:", err)
+		os.Exit(1)
+	}
+}
+
+func main() {
+	if len(os.Args) != 7 {
+		fmt.Fprintln(os.Stderr, "usage: pion-dtls-client HOST:PORT CERT KEY CA ccm8|gcm|gcm256 MESSAGE")
+		os.Exit(2)
+	}
+	addr, err := net.ResolveUDPAddr("udp", os.Args[1])
+	check(err)
+	cert, err := tls.LoadX509KeyPair(os.Args[2], os.Args[3])
+	check(err)
+	caPEM, err := os.ReadFile(os.Args[4])
+	check(err)
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(caPEM) {
+		check(fmt.Errorf("no certificate in %s", os.Args[4]))
+	}
+	suites := map[string]dtls.CipherSuiteID{
+		"ccm8":   dtls.TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8,
+		"gcm":    dtls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+		"gcm256": dtls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+	}
+	suite, ok := suites[os.Args[5]]
+	if !ok {
+		check(fmt.Errorf("unknown suite %s", os.Args[5]))
+	}
+	config := &dtls.Config{
+		Certificates:         []tls.Certificate{cert},
+		RootCAs:              roots,
+		ServerName:           "localhost",
+		CipherSuites:         []dtls.CipherSuiteID{suite},
+		ExtendedMasterSecret: dtls.RequireExtendedMasterSecret,
+		ConnectContextMaker: func() (context.Context, func()) {
+			return context.WithTimeout(context.Background(), 15*time.Second)
+		},
+	}
+	conn, err := dtls.Dial("udp", addr, config)
+	check(err)
+	defer conn.Close()
+	fmt.Println("handshake done")
+	_, err = conn.Write([]byte(os.Args[6]))
+	check(err)
+	check(conn.SetReadDeadline(time.Now().Add(10 * time.Second)))
+	buf := make([]byte, 2048)
+	n, err := conn.Read(buf)
+	check(err)
+	fmt.Printf("echo: %s\n", buf[:n])
+}
+"#;
+
+/// The pion client, built once into `<target>/interop-peers/` (rebuilt when its source changes).
+fn pion_client() -> PathBuf {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(build_pion_client)
+        .clone()
+        .unwrap_or_else(|e| panic!("building the pion/dtls client: {e}"))
+}
+
+fn build_pion_client() -> Result<PathBuf, String> {
+    let peers = target_dir().join("interop-peers");
+    let bin = peers.join("pion-dtls-client");
+    let cached_src = peers.join("pion-dtls-client.go");
+    if bin.is_file() && std::fs::read_to_string(&cached_src).ok().as_deref() == Some(PION_CLIENT_GO)
+    {
+        return Ok(bin);
+    }
+    let t = Instant::now();
+    let gopath = peers.join(format!("build-pion-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&gopath);
+    let pkg = gopath.join("src/piondtlsclient");
+    std::fs::create_dir_all(&pkg).map_err(|e| e.to_string())?;
+    std::fs::write(pkg.join("main.go"), PION_CLIENT_GO).map_err(|e| e.to_string())?;
+    let staged = gopath.join("pion-dtls-client");
+    // Offline, GOPATH mode: the Debian packages under /usr/share/gocode are the only source.
+    run(
+        Command::new("go")
+            .args(["build", "-o"])
+            .arg(&staged)
+            .arg("piondtlsclient")
+            .env("GO111MODULE", "off")
+            .env("GOPROXY", "off")
+            .env("GOFLAGS", "")
+            .env("GOPATH", format!("{}:/usr/share/gocode", gopath.display()))
+            .current_dir(&gopath),
+        "go build (pion/dtls client)",
+        &gopath.join("build.log"),
+    )?;
+    std::fs::rename(&staged, &bin).map_err(|e| e.to_string())?;
+    std::fs::write(&cached_src, PION_CLIENT_GO).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&gopath);
+    eprintln!("built the pion/dtls client in {:?}", t.elapsed());
+    Ok(bin)
+}
+
+async fn pion_echo(suite: &str, expect: CipherSuite) {
+    if !est_test_tools::require_tools(&["go", PION_PACKAGE]) {
+        return;
+    }
+    let pki = Pki::generate();
+    let srv = EchoServer::start(
+        &pki,
+        &[
+            CipherSuite::Aes128Ccm8,
+            CipherSuite::Aes128Gcm,
+            CipherSuite::Aes256Gcm,
+        ],
+    )
+    .await;
+    let bin = tokio::task::spawn_blocking(pion_client).await.unwrap();
+    let t = Instant::now();
+    let message = format!("hello over {suite} from pion/dtls");
+    let out = tokio::time::timeout(
+        Duration::from_secs(40),
+        tokio::process::Command::new(bin)
+            .arg(srv.addr.to_string())
+            .args([
+                pki.arg("client.pem"),
+                pki.arg("client.key"),
+                pki.arg("ca.pem"),
+            ])
+            .args([suite, &message])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the pion client finished within 40 s")
+    .expect("the pion client ran");
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{output}");
+    assert!(output.contains(&format!("echo: {message}\n")), "{output}");
+    let seen = srv.seen();
+    assert_eq!(seen.connected.len(), 1, "{seen:?}");
+    assert_eq!(seen.connected[0].suite, Some(expect));
+    assert_eq!(seen.data.len(), 1, "{seen:?}");
+    println!("pion/dtls {suite}: echo in {:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pion_dtls_ccm8_with_client_certificate_echoes() {
+    pion_echo("ccm8", CipherSuite::Aes128Ccm8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pion_dtls_gcm_with_client_certificate_echoes() {
+    pion_echo("gcm", CipherSuite::Aes128Gcm).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pion_dtls_aes256_gcm_sha384_echoes() {
+    pion_echo("gcm256", CipherSuite::Aes256Gcm).await;
 }

@@ -17,8 +17,8 @@
 //! Evidence: the engine's own tests on virtual time (`server/dtls/tests`), `transport_sim.rs`
 //! (turmoil, 20% loss), `transport_real.rs` (real sockets: refusals, limits, replacement,
 //! idle timeout, shutdown), and the interop tests in `tests/`: libcoap (GnuTLS, OpenSSL) and
-//! webrtc-dtls against the server; `openssl s_client` and Mbed TLS's `ssl_client2` (Connection
-//! ID, a NAT port change) against the engine (`interop_dtls.rs`).
+//! webrtc-dtls against the server; `openssl s_client`, Mbed TLS's `ssl_client2` (Connection
+//! ID, a NAT port change) and Go's pion/dtls against the engine (`interop_dtls.rs`).
 
 pub mod client;
 mod server;
