@@ -17,9 +17,10 @@
 //! - dimpl's ClientHello always offers use_srtp (RFC 5764; it is a WebRTC library) and cannot be
 //!   told not to. webrtc-dtls refuses an SRTP offer it cannot match with a fatal
 //!   insufficient_security alert, where RFC 5764 §4.1.1 says a server without a shared profile
-//!   SHOULD leave the extension out and go on; est-server therefore answers the offer
-//!   (`dtls.answer_use_srtp`, default on; it echoes a profile and exports no SRTP keys). With a
-//!   server that has it off, this backend cannot connect. OpenSSL servers (libcoap) ignore it.
+//!   SHOULD leave the extension out and go on; est-server can answer the offer
+//!   (`dtls.answer_use_srtp = true`, default off; it echoes a profile and exports no SRTP keys).
+//!   With a server that has it off, this backend cannot connect: loadtest and the dimpl tests
+//!   turn it on for the servers they start. OpenSSL servers (libcoap) ignore it.
 //! - No server_name (SNI) extension in the ClientHello (dimpl sends none); the name is still
 //!   checked against the server certificate.
 //! - Server authentication: dimpl does no PKI validation; it hands the server's leaf certificate

@@ -7,8 +7,9 @@
 //!
 //! Run: `cargo test -p client-sim --test dimpl_backend -- --nocapture`
 //!
-//! dimpl always offers use_srtp (RFC 5764) in its ClientHello; est-server answers it
-//! (`dtls.answer_use_srtp`, default on) instead of webrtc-dtls's insufficient_security refusal.
+//! dimpl always offers use_srtp (RFC 5764) in its ClientHello and gives up when the server does
+//! not answer it; est-server answers it only with `dtls.answer_use_srtp = true` (default off),
+//! which every server here is started with ([`support::DIMPL_SERVER_SETTINGS`]).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -156,7 +157,7 @@ fn credential(d: &pki::DeviceIdentity) -> Credential {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dimpl_wire_profile_and_lost_flights_resent_on_dimpl_timer() {
-    let srv = support::Running::start(1);
+    let srv = support::Running::start_with(1, support::DIMPL_SERVER_SETTINGS);
     let fleet = pki::load_fleet(&srv.fleet_dir, Some(1)).unwrap();
     let dev = &fleet.devices[0];
     // A two-certificate chain (IDevID + manufacturer CA): only the leaf goes on the wire.
@@ -231,7 +232,7 @@ async fn dimpl_wire_profile_and_lost_flights_resent_on_dimpl_timer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dimpl_refuses_a_wrong_server_name_before_its_second_flight() {
-    let srv = support::Running::start(1);
+    let srv = support::Running::start_with(1, support::DIMPL_SERVER_SETTINGS);
     let fleet = pki::load_fleet(&srv.fleet_dir, Some(1)).unwrap();
     let conn = wire(srv.listen, Vec::new()).await;
     let mut cfg = dimpl_dtls(fleet.implicit_ta_der.clone());
@@ -263,7 +264,7 @@ async fn dimpl_refuses_a_wrong_server_name_before_its_second_flight() {
 #[test]
 fn command_line_selects_the_dimpl_backend() {
     const METERS: usize = 3;
-    let mut srv = support::Running::start(METERS);
+    let mut srv = support::Running::start_with(METERS, support::DIMPL_SERVER_SETTINGS);
     let json = srv.tmp.path().join("out.json");
     let out = Command::new(env!("CARGO_BIN_EXE_client-sim"))
         .args(["--dtls-backend", "dimpl", "--no-progress", "--link", "lan"])
@@ -288,7 +289,7 @@ fn command_line_selects_the_dimpl_backend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dimpl_handshake_datagrams_fit_the_mtu() {
-    let srv = support::Running::start(1);
+    let srv = support::Running::start_with(1, support::DIMPL_SERVER_SETTINGS);
     let fleet = pki::load_fleet(&srv.fleet_dir, Some(1)).unwrap();
     let conn = wire(srv.listen, Vec::new()).await;
     let mut cfg = dimpl_dtls(fleet.implicit_ta_der.clone());

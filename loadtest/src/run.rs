@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
+use client_sim::dtls::DtlsBackend;
 use est_proto::store::{unix_seconds, UtcDateTime};
 
 use crate::cli::Cli;
@@ -78,6 +79,15 @@ fn setup_local(cli: &Cli, out: &Path, devices: usize) -> Result<Setup> {
             .split_once('.')
             .with_context(|| format!("--server-config {kv}: expected SECTION.KEY=VALUE"))?;
         edits.push((sec.trim().into(), key.trim().into(), v.trim().into()));
+    }
+    // dimpl (the default generator) is a WebRTC-derived DTLS stack: it offers use_srtp and gives
+    // up unless the server answers it, which est-server does only when told to.
+    if cli.client_dtls == DtlsBackend::Dimpl
+        && !edits
+            .iter()
+            .any(|(s, k, _)| s == "dtls" && k == "answer_use_srtp")
+    {
+        edits.push(("dtls".into(), "answer_use_srtp".into(), "true".into()));
     }
     let edits_ref: Vec<(&str, &str, String)> = edits
         .iter()

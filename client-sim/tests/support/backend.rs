@@ -14,7 +14,7 @@ use client_sim::schedule::{build_schedule, Arrival, FleetPlan};
 use est_proto::coap::{ClientConfig, CoapConfig};
 use openssl::x509::X509;
 
-use super::{sha256_hex, Running};
+use super::{server_settings_for, sha256_hex, Running};
 
 fn fleet_config(
     srv: &Running,
@@ -111,7 +111,7 @@ pub fn check_store(srv: &mut Running, result: &FleetResult, meters: usize) {
 /// 16 meters enroll, one handshake each, and their LDevIDs are stored once and verify.
 pub async fn meters_enroll_and_ldevids_verify(dtls: DtlsClientConfig) {
     const METERS: usize = 16;
-    let mut srv = Running::start(METERS);
+    let mut srv = Running::start_with(METERS, server_settings_for(dtls.backend));
     let result = run(&srv, dtls, "lan", METERS, 3).await;
     let s = &result.summary;
     assert_eq!(s.enrolled, METERS as u64, "{}", render_summary(s));
@@ -128,7 +128,7 @@ pub async fn meters_enroll_and_ldevids_verify(dtls: DtlsClientConfig) {
 /// 6 meters enroll over a link that loses 15% of datagrams.
 pub async fn meters_enroll_over_a_15_percent_lossy_link(dtls: DtlsClientConfig) {
     const METERS: usize = 6;
-    let mut srv = Running::start(METERS);
+    let mut srv = Running::start_with(METERS, server_settings_for(dtls.backend));
     let result = run(&srv, dtls, "loss=0.15,latency=5ms,jitter=2ms", METERS, 8).await;
     let s = &result.summary;
     assert_eq!(s.enrolled, METERS as u64, "{}", render_summary(s));
@@ -147,7 +147,7 @@ pub async fn wrong_trust_anchor_fails_the_handshake(
     mut dtls: DtlsClientConfig,
     expect_in_message: &[&str],
 ) {
-    let mut srv = Running::start(1);
+    let mut srv = Running::start_with(1, server_settings_for(dtls.backend));
     let wrong_root =
         X509::from_pem(&std::fs::read(srv.fleet_dir.join("manufacturer-ca.pem")).unwrap())
             .unwrap()

@@ -92,13 +92,64 @@ pub struct Running {
     pub server: Option<Server>,
 }
 
+/// A server setting: (section, key, TOML value).
+pub type Setting = (&'static str, &'static str, &'static str);
+
+/// dimpl is a DTLS stack written for WebRTC: it offers use_srtp (RFC 5764) and gives up unless
+/// the server answers it, which est-server does only with `dtls.answer_use_srtp = true`.
+pub const DIMPL_SERVER_SETTINGS: &[Setting] = &[("dtls", "answer_use_srtp", "true")];
+
+/// What a server for meters of `backend` needs beyond the defaults.
+pub fn server_settings_for(backend: client_sim::dtls::DtlsBackend) -> &'static [Setting] {
+    match backend {
+        client_sim::dtls::DtlsBackend::Dimpl => DIMPL_SERVER_SETTINGS,
+        _ => &[],
+    }
+}
+
+/// Replaces `key = value` in `[section]` of the data directory's est-server.toml (the key must
+/// be there: `est-server init` writes every setting).
+fn apply_settings(data: &Path, settings: &[Setting]) {
+    if settings.is_empty() {
+        return;
+    }
+    let path = data.join("est-server.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut section = String::new();
+    let mut done = vec![false; settings.len()];
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| {
+            let t = l.trim();
+            if t.starts_with('[') {
+                section = t.trim_matches(|c| c == '[' || c == ']').to_string();
+            }
+            for (i, (s, k, v)) in settings.iter().enumerate() {
+                if *s == section && t.split('=').next().map(str::trim) == Some(*k) {
+                    done[i] = true;
+                    return format!("{k} = {v}");
+                }
+            }
+            l.to_string()
+        })
+        .collect();
+    assert!(done.iter().all(|d| *d), "{settings:?} not all in {path:?}");
+    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+}
+
 impl Running {
     pub fn start(meters: usize) -> Running {
+        Self::start_with(meters, &[])
+    }
+
+    /// As [`Running::start`], with `settings` changed in the server's configuration.
+    pub fn start_with(meters: usize, settings: &[Setting]) -> Running {
         let bin = est_server_bin();
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("est-data");
         let fleet_dir = tmp.path().join("fleet");
         run_ok(Command::new(&bin).arg("init").arg("--data-dir").arg(&data));
+        apply_settings(&data, settings);
         run_ok(
             Command::new(&bin)
                 .args(["factory", "mint", "--count", &meters.to_string()])

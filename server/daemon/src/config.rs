@@ -4,7 +4,7 @@
 //! [`DEFAULT_CONFIG_TOML`] is the documented file `est-server init` writes; a test checks
 //! that it parses to exactly [`Config::default`], so the documentation cannot drift.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -73,38 +73,100 @@ impl Default for ServerSection {
     }
 }
 
+/// `[dtls]`: the DTLS 1.2 engine (`est-dtls`). Every setting is documented, with its default,
+/// in [`DEFAULT_CONFIG_TOML`]; [`Config::validate`] checks them together.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DtlsSection {
-    /// Offered cipher suites: "ccm8" (TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8, RFC 7925
-    /// mandatory), "gcm" (TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256), "ccm".
+    /// Cipher suites, in the server's order of preference: "ccm8"
+    /// (TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8, RFC 7925 mandatory), "gcm" (..._AES_128_GCM_SHA256),
+    /// "gcm256" (..._AES_256_GCM_SHA384).
     pub cipher_suites: Vec<String>,
     pub mtu_bytes: usize,
+    /// Initial handshake retransmission timeout; doubles up to `retransmit_max_ms`.
     pub flight_interval_ms: u64,
+    pub retransmit_max_ms: u64,
     pub handshake_timeout_secs: u64,
+    /// A handshake past the cookie that receives nothing for this long is abandoned.
+    pub handshake_stall_timeout_secs: u64,
     pub idle_timeout_secs: u64,
     pub max_half_open_handshakes: usize,
+    pub max_half_open_per_ip: usize,
     pub max_sessions: usize,
+    pub max_sessions_per_identity: usize,
+    pub max_sessions_per_ip: usize,
+    /// Source addresses exempt from the per-IP limits (DCU relays).
+    pub session_limit_exempt_ips: Vec<IpAddr>,
+    pub cookie_rotation_secs: u64,
+    /// Length of the Connection IDs we issue (RFC 9146); 0 turns Connection ID off.
+    pub cid_length: usize,
+    /// Hex bytes every CID we issue starts with (a node id); shorter than `cid_length`.
+    pub cid_prefix_hex: String,
+    pub max_log_lines_per_sec: u32,
+    pub final_flight_retention_secs: u64,
+    pub extended_master_secret_required: bool,
     /// Answer a ClientHello's use_srtp extension (RFC 5764) rather than refuse the handshake.
     pub answer_use_srtp: bool,
 }
+
+/// Largest Connection ID the engine issues.
+pub const MAX_CID_LENGTH: usize = 32;
 
 impl DtlsSection {
     /// The offered suites, in the configured order; an unknown name is refused with the field
     /// named. The one place that reads `dtls.cipher_suites`.
     pub fn cipher_suite_names(&self) -> Result<Vec<CipherSuiteName>, ConfigError> {
-        self.cipher_suites
+        let known = CipherSuiteName::ALL
             .iter()
-            .map(|s| match s.as_str() {
-                "ccm8" => Ok(CipherSuiteName::Ccm8),
-                "gcm" => Ok(CipherSuiteName::Gcm),
-                "ccm" => Ok(CipherSuiteName::Ccm),
-                _ => Err(invalid(
+            .map(|s| format!("\"{}\"", s.config_name()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut out: Vec<CipherSuiteName> = Vec::new();
+        for s in &self.cipher_suites {
+            let suite = match CipherSuiteName::from_config_name(s) {
+                Some(suite) => suite,
+                None if s == "ccm" => {
+                    return Err(invalid(
+                        "dtls.cipher_suites",
+                        format!(
+                            "\"ccm\" (TLS_ECDHE_ECDSA_WITH_AES_128_CCM, 16-byte tag) is not \
+                             implemented by the DTLS engine; use \"ccm8\" (the RFC 7925 suite) \
+                             or one of {known}"
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(invalid(
+                        "dtls.cipher_suites",
+                        format!("unknown suite {s:?} (use one of {known})"),
+                    ))
+                }
+            };
+            if out.contains(&suite) {
+                return Err(invalid(
                     "dtls.cipher_suites",
-                    format!("unknown suite {s:?} (use \"ccm8\", \"gcm\" or \"ccm\")"),
-                )),
-            })
-            .collect()
+                    format!("{s:?} is listed twice"),
+                ));
+            }
+            out.push(suite);
+        }
+        Ok(out)
+    }
+
+    /// `cid_prefix_hex` as bytes.
+    pub fn cid_prefix(&self) -> Result<Vec<u8>, ConfigError> {
+        let t = self.cid_prefix_hex.trim();
+        if !t.len().is_multiple_of(2) || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(invalid(
+                "dtls.cid_prefix_hex",
+                format!("{t:?} is not an even number of hex digits"),
+            ));
+        }
+        Ok((0..t.len())
+            .step_by(2)
+            .filter_map(|i| t.get(i..i + 2))
+            .filter_map(|b| u8::from_str_radix(b, 16).ok())
+            .collect())
     }
 }
 
@@ -114,11 +176,23 @@ impl Default for DtlsSection {
             cipher_suites: vec!["ccm8".into(), "gcm".into()],
             mtu_bytes: 1152,
             flight_interval_ms: 1000,
+            retransmit_max_ms: 60_000,
             handshake_timeout_secs: 30,
+            handshake_stall_timeout_secs: 10,
             idle_timeout_secs: 120,
             max_half_open_handshakes: 1024,
+            max_half_open_per_ip: 1024,
             max_sessions: 20_000,
-            answer_use_srtp: true,
+            max_sessions_per_identity: 4,
+            max_sessions_per_ip: 20_000,
+            session_limit_exempt_ips: Vec::new(),
+            cookie_rotation_secs: 60,
+            cid_length: 4,
+            cid_prefix_hex: String::new(),
+            max_log_lines_per_sec: 20,
+            final_flight_retention_secs: 240,
+            extended_master_secret_required: true,
+            answer_use_srtp: false,
         }
     }
 }
@@ -261,27 +335,62 @@ metrics_log_interval_secs = 60
 worker_threads = 0
 
 [dtls]
-# Cipher suites offered, in order: "ccm8" = TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 (mandatory in
-# RFC 7925 and RFC 9148), "gcm" = TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, "ccm" = ..._CCM.
-# The client's order decides among these; list only "ccm8" to force it.
+# Cipher suites, in the server's order of preference (the first the client also offers wins):
+# "ccm8" = TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 (mandatory in RFC 7925 and RFC 9148),
+# "gcm" = TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, "gcm256" = TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384.
+# List only "ccm8" to force it. (The 16-byte-tag AES_128_CCM suite is not implemented.)
 cipher_suites = ["ccm8", "gcm"]
-# Largest DTLS datagram we send during the handshake (handshake messages are fragmented to fit).
+# Largest DTLS datagram we send (handshake messages are fragmented to fit, 256..16384).
 mtu_bytes = 1152
-# Handshake flight retransmission interval.
+# Handshake flight retransmission: the first resend after flight_interval_ms, then the
+# interval doubles up to retransmit_max_ms (RFC 6347 §4.2.4.1).
 flight_interval_ms = 1000
+retransmit_max_ms = 60000
 # A handshake not finished after this long is abandoned and its state freed.
 handshake_timeout_secs = 30
+# A handshake past the cookie exchange that receives nothing for this long is abandoned
+# (at most handshake_timeout_secs).
+handshake_stall_timeout_secs = 10
 # A session with no traffic for this long is closed.
 idle_timeout_secs = 120
-# Handshakes in progress at once; further ClientHellos are dropped (and counted) until one ends.
+# Handshakes past the cookie exchange at once (at most max_sessions); at the cap the oldest
+# gives way to the newest. Before the cookie exchange the server keeps no state at all.
 max_half_open_handshakes = 1024
-# Established sessions at once; further handshakes are refused.
+# ... of them from one source IP address (at most max_half_open_handshakes).
+max_half_open_per_ip = 1024
+# Established sessions plus handshakes in progress; over it a handshake is refused with a
+# fatal alert.
 max_sessions = 20000
+# Established sessions of one device (its serial number); a new one replaces the oldest.
+max_sessions_per_identity = 4
+# Established sessions from one source IP address (at most max_sessions). Meters behind one
+# NAT share an address; lower it where meters have their own.
+max_sessions_per_ip = 20000
+# Source addresses exempt from both per-IP limits, e.g. DCU relays: ["192.0.2.10", "2001:db8::1"].
+session_limit_exempt_ips = []
+# The stateless cookie key (RFC 6347 §4.2.1) is replaced this often; a cookie stays valid
+# for one to two intervals.
+cookie_rotation_secs = 60
+# Length of the Connection IDs we issue (RFC 9146, 1..32 bytes); 0 = Connection ID off.
+# With a CID a meter whose NAT changes its address or port keeps its session.
+cid_length = 4
+# Bytes every CID we issue starts with, in hex (a node id for CID-routing load balancers);
+# must be shorter than cid_length. "" = none.
+cid_prefix_hex = ""
+# Log lines about remote peers (refusals, alerts) per second, in total; the rest are only
+# counted (log_lines_suppressed in the metrics line).
+max_log_lines_per_sec = 20
+# How long our final handshake flight is kept to answer a client that repeats its last
+# flight (RFC 6347 §4.2.4: 2 x MSL), unless its application data shows it has ours.
+final_flight_retention_secs = 240
+# Refuse clients that do not offer extended_master_secret (RFC 7627, advised by RFC 9148 §3).
+extended_master_secret_required = true
 # DTLS stacks written for WebRTC (dimpl, for one) offer the use_srtp extension (RFC 5764) on
-# every handshake. true: echo it (listing the SRTP profiles) and go on; no SRTP keys are ever
-# exported, the session carries CoAP only. false: refuse such clients with a fatal
-# insufficient_security alert (webrtc-dtls's behaviour when no profile matches).
-answer_use_srtp = true
+# every handshake and give up when the server does not answer it. true: echo one SRTP profile
+# and go on (no SRTP keys are ever exported; the session carries CoAP only). Needed only for
+# such WebRTC-derived clients; meters' stacks (Mbed TLS, wolfSSL, tinydtls, OpenSSL) never
+# offer it. false: the offer is ignored, and such clients give up.
+answer_use_srtp = false
 
 [coap]
 # RFC 7252 §4.8 transmission parameters (used for the derived lifetimes below).
@@ -377,22 +486,7 @@ impl Config {
                 "must be at most 1024 (0 = one per CPU core)",
             ));
         }
-        if self.dtls.cipher_suites.is_empty() {
-            return Err(invalid(
-                "dtls.cipher_suites",
-                "at least one suite is needed",
-            ));
-        }
-        self.dtls.cipher_suite_names()?;
-        if !(256..=16384).contains(&self.dtls.mtu_bytes) {
-            return Err(invalid("dtls.mtu_bytes", "must be within 256..=16384"));
-        }
-        if self.dtls.handshake_timeout_secs == 0 || self.dtls.idle_timeout_secs == 0 {
-            return Err(invalid("dtls.*_timeout_secs", "must be positive"));
-        }
-        if self.dtls.max_half_open_handshakes == 0 || self.dtls.max_sessions == 0 {
-            return Err(invalid("dtls.max_*", "limits must be positive"));
-        }
+        self.validate_dtls()?;
         if self.coap.ack_timeout_ms < 1000 {
             return Err(invalid(
                 "coap.ack_timeout_ms",
@@ -431,6 +525,155 @@ impl Config {
         }
         if self.storage.max_batch == 0 {
             return Err(invalid("storage.max_batch", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// `[dtls]`: each value in range and the settings consistent with each other.
+    fn validate_dtls(&self) -> Result<(), ConfigError> {
+        let d = &self.dtls;
+        if d.cipher_suites.is_empty() {
+            return Err(invalid(
+                "dtls.cipher_suites",
+                "at least one suite is needed",
+            ));
+        }
+        d.cipher_suite_names()?;
+        if !(256..=16384).contains(&d.mtu_bytes) {
+            return Err(invalid("dtls.mtu_bytes", "must be within 256..=16384"));
+        }
+        if d.flight_interval_ms == 0 {
+            return Err(invalid("dtls.flight_interval_ms", "must be positive"));
+        }
+        if d.retransmit_max_ms < d.flight_interval_ms {
+            return Err(invalid(
+                "dtls.retransmit_max_ms",
+                format!(
+                    "{} is below dtls.flight_interval_ms ({}): the retransmission interval \
+                     starts at flight_interval_ms and doubles up to retransmit_max_ms",
+                    d.retransmit_max_ms, d.flight_interval_ms
+                ),
+            ));
+        }
+        for (field, v) in [
+            ("dtls.handshake_timeout_secs", d.handshake_timeout_secs),
+            (
+                "dtls.handshake_stall_timeout_secs",
+                d.handshake_stall_timeout_secs,
+            ),
+            ("dtls.idle_timeout_secs", d.idle_timeout_secs),
+            ("dtls.cookie_rotation_secs", d.cookie_rotation_secs),
+            (
+                "dtls.final_flight_retention_secs",
+                d.final_flight_retention_secs,
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be positive"));
+            }
+        }
+        if d.handshake_stall_timeout_secs > d.handshake_timeout_secs {
+            return Err(invalid(
+                "dtls.handshake_stall_timeout_secs",
+                format!(
+                    "{} exceeds dtls.handshake_timeout_secs ({}), which ends every handshake first",
+                    d.handshake_stall_timeout_secs, d.handshake_timeout_secs
+                ),
+            ));
+        }
+        if d.handshake_stall_timeout_secs.saturating_mul(1000) <= d.flight_interval_ms {
+            return Err(invalid(
+                "dtls.handshake_stall_timeout_secs",
+                format!(
+                    "must be longer than dtls.flight_interval_ms ({} ms), or a handshake is \
+                     abandoned before a lost flight can be resent",
+                    d.flight_interval_ms
+                ),
+            ));
+        }
+        for (field, v) in [
+            ("dtls.max_half_open_handshakes", d.max_half_open_handshakes),
+            ("dtls.max_half_open_per_ip", d.max_half_open_per_ip),
+            ("dtls.max_sessions", d.max_sessions),
+            (
+                "dtls.max_sessions_per_identity",
+                d.max_sessions_per_identity,
+            ),
+            ("dtls.max_sessions_per_ip", d.max_sessions_per_ip),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "limits must be at least 1"));
+            }
+        }
+        if d.max_half_open_handshakes > d.max_sessions {
+            return Err(invalid(
+                "dtls.max_half_open_handshakes",
+                format!(
+                    "{} exceeds dtls.max_sessions ({}), which counts handshakes in progress too",
+                    d.max_half_open_handshakes, d.max_sessions
+                ),
+            ));
+        }
+        if d.max_half_open_per_ip > d.max_half_open_handshakes {
+            return Err(invalid(
+                "dtls.max_half_open_per_ip",
+                format!(
+                    "{} exceeds dtls.max_half_open_handshakes ({})",
+                    d.max_half_open_per_ip, d.max_half_open_handshakes
+                ),
+            ));
+        }
+        if d.max_sessions_per_ip > d.max_sessions {
+            return Err(invalid(
+                "dtls.max_sessions_per_ip",
+                format!(
+                    "{} exceeds dtls.max_sessions ({})",
+                    d.max_sessions_per_ip, d.max_sessions
+                ),
+            ));
+        }
+        if d.max_sessions_per_identity > d.max_sessions {
+            return Err(invalid(
+                "dtls.max_sessions_per_identity",
+                format!(
+                    "{} exceeds dtls.max_sessions ({})",
+                    d.max_sessions_per_identity, d.max_sessions
+                ),
+            ));
+        }
+        if let Some(ip) = d
+            .session_limit_exempt_ips
+            .iter()
+            .find(|ip| ip.is_unspecified())
+        {
+            return Err(invalid(
+                "dtls.session_limit_exempt_ips",
+                format!("{ip} is no source address; list the relays' own addresses"),
+            ));
+        }
+        if d.cid_length > MAX_CID_LENGTH {
+            return Err(invalid(
+                "dtls.cid_length",
+                format!("must be at most {MAX_CID_LENGTH} (0 = Connection ID off)"),
+            ));
+        }
+        let prefix = d.cid_prefix()?;
+        if d.cid_length == 0 && !prefix.is_empty() {
+            return Err(invalid(
+                "dtls.cid_prefix_hex",
+                "must be empty when dtls.cid_length = 0 (Connection ID off)",
+            ));
+        }
+        if d.cid_length > 0 && prefix.len() >= d.cid_length {
+            return Err(invalid(
+                "dtls.cid_prefix_hex",
+                format!(
+                    "{} bytes, must be shorter than dtls.cid_length ({}) to leave room for \
+                     the per-session part",
+                    prefix.len(),
+                    d.cid_length
+                ),
+            ));
         }
         Ok(())
     }
@@ -522,11 +765,153 @@ mod tests {
             dtls.cipher_suite_names().unwrap(),
             [CipherSuiteName::Ccm8, CipherSuiteName::Gcm]
         );
-        dtls.cipher_suites = vec!["ccm".into(), "ccm8".into(), "chacha".into()];
+        dtls.cipher_suites = vec!["ccm8".into(), "chacha".into()];
         let err = dtls.cipher_suite_names().unwrap_err();
         assert!(
             err.to_string().contains("dtls.cipher_suites") && err.to_string().contains("chacha"),
             "{err}"
         );
+    }
+
+    fn dtls_err(toml: &str) -> String {
+        Config::parse(&format!("[dtls]\n{toml}\n"), Path::new("x"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn cipher_suites_are_named_in_preference_order_and_ccm_is_refused_with_alternatives() {
+        let cfg = Config::parse(
+            "[dtls]\ncipher_suites = [\"gcm256\", \"ccm8\", \"gcm\"]\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.dtls.cipher_suite_names().unwrap(),
+            [
+                CipherSuiteName::Gcm256,
+                CipherSuiteName::Ccm8,
+                CipherSuiteName::Gcm
+            ]
+        );
+        let err = dtls_err("cipher_suites = [\"ccm8\", \"ccm\"]");
+        assert!(
+            err.contains("dtls.cipher_suites")
+                && err.contains("not implemented")
+                && err.contains("\"ccm8\"")
+                && err.contains("\"gcm\"")
+                && err.contains("\"gcm256\""),
+            "{err}"
+        );
+        assert!(dtls_err("cipher_suites = []").contains("at least one"));
+        assert!(dtls_err("cipher_suites = [\"gcm\", \"gcm\"]").contains("twice"));
+    }
+
+    #[test]
+    fn dtls_cross_field_rules_name_both_fields() {
+        let err = dtls_err("flight_interval_ms = 2000\nretransmit_max_ms = 1000");
+        assert!(
+            err.contains("dtls.retransmit_max_ms") && err.contains("flight_interval_ms"),
+            "{err}"
+        );
+        let err = dtls_err("handshake_timeout_secs = 5\nhandshake_stall_timeout_secs = 6");
+        assert!(
+            err.contains("dtls.handshake_stall_timeout_secs")
+                && err.contains("handshake_timeout_secs"),
+            "{err}"
+        );
+        let err = dtls_err("flight_interval_ms = 5000\nhandshake_stall_timeout_secs = 5");
+        assert!(err.contains("dtls.handshake_stall_timeout_secs"), "{err}");
+        let err = dtls_err("max_sessions = 100");
+        assert!(
+            err.contains("dtls.max_half_open_handshakes") && err.contains("max_sessions"),
+            "{err}"
+        );
+        let err = dtls_err(
+            "max_sessions = 100\nmax_half_open_handshakes = 10\nmax_half_open_per_ip = 10",
+        );
+        assert!(err.contains("dtls.max_sessions_per_ip"), "{err}");
+        let err = dtls_err("max_half_open_per_ip = 2000");
+        assert!(err.contains("dtls.max_half_open_per_ip"), "{err}");
+        let err = dtls_err("max_sessions_per_identity = 0");
+        assert!(err.contains("dtls.max_sessions_per_identity"), "{err}");
+        let err = dtls_err("cookie_rotation_secs = 0");
+        assert!(err.contains("dtls.cookie_rotation_secs"), "{err}");
+        let err = dtls_err("final_flight_retention_secs = 0");
+        assert!(err.contains("dtls.final_flight_retention_secs"), "{err}");
+        // A consistent set of lower limits is fine.
+        Config::parse(
+            "[dtls]\nmax_sessions = 100\nmax_half_open_handshakes = 10\n\
+             max_half_open_per_ip = 10\nmax_sessions_per_ip = 100\n",
+            Path::new("x"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn connection_id_settings() {
+        let cfg = Config::parse(
+            "[dtls]\ncid_length = 6\ncid_prefix_hex = \"0A0b\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(cfg.dtls.cid_prefix().unwrap(), [0x0a, 0x0b]);
+        assert_eq!(
+            DtlsSection::default().cid_prefix().unwrap(),
+            Vec::<u8>::new()
+        );
+        let err = dtls_err("cid_length = 2\ncid_prefix_hex = \"0a0b\"");
+        assert!(
+            err.contains("dtls.cid_prefix_hex") && err.contains("cid_length"),
+            "{err}"
+        );
+        let err = dtls_err("cid_length = 0\ncid_prefix_hex = \"0a\"");
+        assert!(err.contains("dtls.cid_prefix_hex"), "{err}");
+        assert!(dtls_err("cid_prefix_hex = \"abc\"").contains("hex"));
+        assert!(dtls_err("cid_prefix_hex = \"zz\"").contains("hex"));
+        assert!(dtls_err("cid_length = 33").contains("dtls.cid_length"));
+        // 0 turns Connection ID off.
+        Config::parse("[dtls]\ncid_length = 0\n", Path::new("x")).unwrap();
+    }
+
+    #[test]
+    fn exempt_ips_are_addresses() {
+        let cfg = Config::parse(
+            "[dtls]\nsession_limit_exempt_ips = [\"192.0.2.10\", \"2001:db8::1\"]\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(cfg.dtls.session_limit_exempt_ips.len(), 2);
+        let err = dtls_err("session_limit_exempt_ips = [\"relay-1\"]");
+        assert!(err.contains("session_limit_exempt_ips"), "{err}");
+        let err = dtls_err("session_limit_exempt_ips = [\"0.0.0.0\"]");
+        assert!(err.contains("dtls.session_limit_exempt_ips"), "{err}");
+    }
+
+    #[test]
+    fn documented_dtls_defaults() {
+        let d = DtlsSection::default();
+        assert_eq!(d.retransmit_max_ms, 60_000);
+        assert_eq!(d.handshake_stall_timeout_secs, 10);
+        assert_eq!(d.max_half_open_per_ip, 1024);
+        assert_eq!(d.max_sessions_per_identity, 4);
+        assert_eq!(d.max_sessions_per_ip, 20_000);
+        assert!(d.session_limit_exempt_ips.is_empty());
+        assert_eq!(d.cookie_rotation_secs, 60);
+        assert_eq!(d.cid_length, 4);
+        assert_eq!(d.cid_prefix_hex, "");
+        assert_eq!(d.max_log_lines_per_sec, 20);
+        assert_eq!(d.final_flight_retention_secs, 240);
+        assert!(d.extended_master_secret_required);
+        assert!(!d.answer_use_srtp);
+        // Every field of the section is written out in the documented file.
+        let table = toml::to_string(&d).unwrap();
+        for line in table.lines() {
+            let key = line.split('=').next().unwrap().trim();
+            assert!(
+                DEFAULT_CONFIG_TOML.contains(&format!("\n{key} = ")),
+                "{key} is not documented in DEFAULT_CONFIG_TOML"
+            );
+        }
     }
 }

@@ -18,11 +18,12 @@ use est_proto::policy::{Policy, VerifiedChain};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::config::{ConfigError, DtlsSection};
 use crate::datadir::Loaded;
 use crate::store::SqliteStore;
 use crate::transport::{
-    CertError, CipherSuiteName, ClientChainVerifier, DtlsListener, DtlsServerConfig, DtlsSession,
-    PeerVerification, VerifiedClient,
+    CertError, ClientChainVerifier, DtlsListener, DtlsServerConfig, DtlsSession, PeerVerification,
+    VerifiedClient,
 };
 
 /// Counters of the EST driver.
@@ -53,16 +54,32 @@ impl RunningServer {
     }
 }
 
-fn suites(names: &[String]) -> Vec<CipherSuiteName> {
-    names
-        .iter()
-        .filter_map(|s| match s.as_str() {
-            "ccm8" => Some(CipherSuiteName::Ccm8),
-            "gcm" => Some(CipherSuiteName::Gcm),
-            "ccm" => Some(CipherSuiteName::Ccm),
-            _ => None,
-        })
-        .collect()
+/// The transport's settings from `[dtls]`, without credentials and verifier (the caller adds
+/// them). Every `[dtls]` field is mapped here, and only here.
+pub fn dtls_server_config(d: &DtlsSection) -> Result<DtlsServerConfig, ConfigError> {
+    Ok(DtlsServerConfig {
+        cipher_suites: d.cipher_suite_names()?,
+        mtu_bytes: d.mtu_bytes,
+        flight_interval: Duration::from_millis(d.flight_interval_ms),
+        retransmit_max: Duration::from_millis(d.retransmit_max_ms),
+        handshake_timeout: Duration::from_secs(d.handshake_timeout_secs),
+        handshake_stall_timeout: Duration::from_secs(d.handshake_stall_timeout_secs),
+        idle_timeout: Duration::from_secs(d.idle_timeout_secs),
+        max_half_open_handshakes: d.max_half_open_handshakes,
+        max_half_open_per_ip: d.max_half_open_per_ip,
+        max_sessions: d.max_sessions,
+        max_sessions_per_identity: d.max_sessions_per_identity,
+        max_sessions_per_ip: d.max_sessions_per_ip,
+        session_limit_exempt_ips: d.session_limit_exempt_ips.clone(),
+        extended_master_secret_required: d.extended_master_secret_required,
+        answer_use_srtp: d.answer_use_srtp,
+        final_flight_retention: Duration::from_secs(d.final_flight_retention_secs),
+        cookie_rotation_interval: Duration::from_secs(d.cookie_rotation_secs),
+        cid_length: d.cid_length,
+        cid_prefix: d.cid_prefix()?,
+        max_log_lines_per_sec: d.max_log_lines_per_sec,
+        ..DtlsServerConfig::default()
+    })
 }
 
 /// The handshake alert a policy refusal maps to.
@@ -119,15 +136,7 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
         private_key_pkcs8_der: loaded.server_key_pkcs8.clone(),
         // The policy's verifier holds the anchors (manufacturer CAs and our issuing CA).
         client_chain_verifier: Some(client_chain_verifier),
-        cipher_suites: suites(&cfg.dtls.cipher_suites),
-        mtu_bytes: cfg.dtls.mtu_bytes,
-        flight_interval: Duration::from_millis(cfg.dtls.flight_interval_ms),
-        handshake_timeout: Duration::from_secs(cfg.dtls.handshake_timeout_secs),
-        idle_timeout: Duration::from_secs(cfg.dtls.idle_timeout_secs),
-        max_half_open_handshakes: cfg.dtls.max_half_open_handshakes,
-        max_sessions: cfg.dtls.max_sessions,
-        answer_use_srtp: cfg.dtls.answer_use_srtp,
-        ..DtlsServerConfig::default()
+        ..dtls_server_config(&cfg.dtls)?
     };
     let addr = listen.unwrap_or(cfg.server.listen);
     let listener = Arc::new(
@@ -186,14 +195,35 @@ async fn metrics_loop(
         let w = store.writer_stats();
         tracing::info!(
             target: "metrics",
+            handshakes_started = t.handshakes_started,
             handshakes_completed = t.handshakes_completed,
             handshakes_failed = t.handshakes_failed,
             handshakes_timed_out = t.handshakes_timed_out,
+            handshakes_abandoned = t.handshakes_abandoned,
             half_open_now = t.half_open_now,
             sessions_now = t.sessions_now,
-            dropped_over_limit = t.dropped_over_limit,
+            hello_verify_sent = t.hello_verify_sent,
+            bad_cookies = t.bad_cookies,
+            refused_bad_certificate = t.refused_bad_certificate,
+            refused_unknown_ca = t.refused_unknown_ca,
+            refused_no_common_suite = t.refused_no_common_suite,
+            refused_no_ems = t.refused_no_ems,
+            refused_decode_error = t.refused_decode_error,
+            refused_bad_signature_or_finished = t.refused_bad_signature_or_finished,
+            refused_peer_alert = t.refused_peer_alert,
+            refused_other = t.refused_other,
+            refused_over_limit = t.dropped_over_limit,
+            sessions_replaced = t.sessions_replaced,
+            sessions_superseded = t.sessions_superseded,
+            sessions_idle_closed = t.sessions_idle_closed,
+            peer_address_changes = t.peer_address_changes,
+            records_bad_mac = t.records_bad_mac,
+            dropped_duplicates = t.dropped_duplicates,
             dropped_garbage = t.dropped_garbage,
+            dropped_unknown_peer = t.dropped_unknown_peer,
+            dropped_queue_full = t.dropped_queue_full,
             final_flight_resends = t.final_flight_resends,
+            log_lines_suppressed = t.log_lines_suppressed,
             requests = counters.requests.load(Ordering::Relaxed),
             issued = e.issued,
             replayed = e.replayed,
@@ -332,5 +362,122 @@ async fn sleep_until_std(deadline: Option<std::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::transport::{build_engine_config, CipherSuiteName};
+
+    fn credentials() -> (Vec<Vec<u8>>, Vec<u8>) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (vec![cert.der().to_vec()], key.serialize_der())
+    }
+
+    /// The documented defaults are the transport's defaults, field by field.
+    #[test]
+    fn default_dtls_section_maps_to_the_transport_defaults() {
+        let got = dtls_server_config(&DtlsSection::default()).unwrap();
+        let want = DtlsServerConfig::default();
+        assert_eq!(got.cipher_suites, want.cipher_suites);
+        assert_eq!(got.mtu_bytes, want.mtu_bytes);
+        assert_eq!(got.flight_interval, want.flight_interval);
+        assert_eq!(got.retransmit_max, want.retransmit_max);
+        assert_eq!(got.handshake_timeout, want.handshake_timeout);
+        assert_eq!(got.handshake_stall_timeout, want.handshake_stall_timeout);
+        assert_eq!(got.idle_timeout, want.idle_timeout);
+        assert_eq!(got.max_half_open_handshakes, want.max_half_open_handshakes);
+        assert_eq!(got.max_half_open_per_ip, want.max_half_open_per_ip);
+        assert_eq!(got.max_sessions, want.max_sessions);
+        assert_eq!(
+            got.max_sessions_per_identity,
+            want.max_sessions_per_identity
+        );
+        assert_eq!(got.max_sessions_per_ip, want.max_sessions_per_ip);
+        assert_eq!(got.session_limit_exempt_ips, want.session_limit_exempt_ips);
+        assert_eq!(
+            got.extended_master_secret_required,
+            want.extended_master_secret_required
+        );
+        assert_eq!(got.answer_use_srtp, want.answer_use_srtp);
+        assert_eq!(got.final_flight_retention, want.final_flight_retention);
+        assert_eq!(got.cookie_rotation_interval, want.cookie_rotation_interval);
+        assert_eq!(got.cid_length, want.cid_length);
+        assert_eq!(got.cid_prefix, want.cid_prefix);
+        assert_eq!(got.max_log_lines_per_sec, want.max_log_lines_per_sec);
+    }
+
+    /// Every `[dtls]` setting reaches the engine's configuration.
+    #[test]
+    fn every_dtls_setting_reaches_the_engine() {
+        let cfg = Config::parse(
+            r#"[dtls]
+cipher_suites = ["gcm256", "ccm8"]
+mtu_bytes = 900
+flight_interval_ms = 700
+retransmit_max_ms = 9000
+handshake_timeout_secs = 25
+handshake_stall_timeout_secs = 7
+idle_timeout_secs = 300
+max_half_open_handshakes = 50
+max_half_open_per_ip = 5
+max_sessions = 600
+max_sessions_per_identity = 2
+max_sessions_per_ip = 300
+session_limit_exempt_ips = ["192.0.2.7"]
+cookie_rotation_secs = 30
+cid_length = 6
+cid_prefix_hex = "beef"
+max_log_lines_per_sec = 3
+final_flight_retention_secs = 100
+extended_master_secret_required = false
+answer_use_srtp = true
+"#,
+            std::path::Path::new("x"),
+        )
+        .unwrap();
+        let (chain, key) = credentials();
+        let dtls = DtlsServerConfig {
+            certificate_chain_der: chain.clone(),
+            private_key_pkcs8_der: key,
+            client_trust_anchors_der: chain,
+            ..dtls_server_config(&cfg.dtls).unwrap()
+        };
+        let e = build_engine_config(&dtls).unwrap();
+        assert_eq!(
+            e.cipher_suites,
+            [
+                CipherSuiteName::Gcm256.to_engine(),
+                CipherSuiteName::Ccm8.to_engine()
+            ]
+        );
+        assert_eq!(e.mtu_bytes, 900);
+        assert_eq!(e.retransmit.initial, Duration::from_millis(700));
+        assert_eq!(e.retransmit.max, Duration::from_millis(9000));
+        assert_eq!(e.handshake_timeout, Duration::from_secs(25));
+        assert_eq!(e.handshake_stall_timeout, Duration::from_secs(7));
+        assert_eq!(e.idle_timeout, Duration::from_secs(300));
+        assert_eq!(e.limits.max_half_open, 50);
+        assert_eq!(e.limits.max_half_open_per_ip, 5);
+        assert_eq!(e.limits.max_sessions, 600);
+        assert_eq!(e.limits.max_sessions_per_identity, 2);
+        assert_eq!(e.limits.max_sessions_per_ip, 300);
+        assert_eq!(
+            e.limits.exempt_ips,
+            ["192.0.2.7".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(e.cookie_rotation_interval, Duration::from_secs(30));
+        assert_eq!(e.cid_length, 6);
+        assert_eq!(e.cid_prefix, [0xbe, 0xef]);
+        assert_eq!(e.limits.max_log_lines_per_sec, 3);
+        assert_eq!(e.final_flight_retention, Duration::from_secs(100));
+        assert!(!e.require_extended_master_secret);
+        assert!(e.answer_use_srtp);
     }
 }

@@ -56,9 +56,9 @@ pub fn require_tools(tools: &[&str]) -> bool {
     }
     let what = missing.join(", ");
     if in_ci() {
-        panic!("{what} not installed; CI must have it (apt-get install libcoap3-bin openssl)");
+        panic!("{what} not installed; CI must have it (.ci/run installs the test peers and build tools)");
     }
-    eprintln!("skipping: {what} not installed (apt-get install libcoap3-bin openssl)");
+    eprintln!("skipping: {what} not installed (the packages are in .ci/run's apt-get line)");
     false
 }
 

@@ -15,8 +15,9 @@
 //!
 //! Evidence: the engine's own tests on virtual time (`server/dtls/tests`), `transport_sim.rs`
 //! (turmoil, 20% loss), `transport_real.rs` (real sockets: refusals, limits, replacement,
-//! idle timeout, shutdown), and the interop tests against libcoap (GnuTLS, OpenSSL),
-//! `openssl s_client` and webrtc-dtls in `tests/`.
+//! idle timeout, shutdown), and the interop tests in `tests/`: libcoap (GnuTLS, OpenSSL) and
+//! webrtc-dtls against the server; `openssl s_client`, Mbed TLS's `ssl_client2` (Connection
+//! ID, a NAT port change) and Go's pion/dtls against the engine (`interop_dtls.rs`).
 
 pub mod client;
 mod server;
@@ -59,73 +60,81 @@ pub struct VerifiedClient {
 pub type ClientChainVerifier =
     Arc<dyn Fn(&[Vec<u8>]) -> Result<VerifiedClient, CertError> + Send + Sync>;
 
-/// Cipher suites we allow (all ECDHE_ECDSA, AES-128).
+/// Cipher suites we allow (all ECDHE_ECDSA with an AEAD). The 16-byte-tag
+/// TLS_ECDHE_ECDSA_WITH_AES_128_CCM (0xC0AC) is not among them: the engine does not implement it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CipherSuiteName {
     /// TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 (0xC0AE, RFC 7251): mandatory in RFC 7925 §4.4 and RFC 9148 §3.
     Ccm8,
     /// TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 (0xC02B, RFC 5289).
     Gcm,
-    /// TLS_ECDHE_ECDSA_WITH_AES_128_CCM (0xC0AC, RFC 7251).
-    Ccm,
+    /// TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 (0xC02C, RFC 5289).
+    Gcm256,
 }
 
 impl CipherSuiteName {
+    /// Every suite, in the engine's default order of preference.
+    pub const ALL: [CipherSuiteName; 3] = [
+        CipherSuiteName::Ccm8,
+        CipherSuiteName::Gcm,
+        CipherSuiteName::Gcm256,
+    ];
+
     /// The IANA code point.
     pub fn iana_code(self) -> u16 {
-        match self {
-            CipherSuiteName::Ccm8 => 0xC0AE,
-            CipherSuiteName::Gcm => 0xC02B,
-            CipherSuiteName::Ccm => 0xC0AC,
-        }
+        self.to_engine().code()
     }
 
     /// The suite for an IANA code point, if it is one we allow.
     pub fn from_iana_code(code: u16) -> Option<Self> {
-        match code {
-            0xC0AE => Some(CipherSuiteName::Ccm8),
-            0xC02B => Some(CipherSuiteName::Gcm),
-            0xC0AC => Some(CipherSuiteName::Ccm),
-            _ => None,
+        est_dtls::CipherSuite::from_u16(code).map(Self::from_engine)
+    }
+
+    /// The name used in the configuration file (`dtls.cipher_suites`).
+    pub fn config_name(self) -> &'static str {
+        match self {
+            CipherSuiteName::Ccm8 => "ccm8",
+            CipherSuiteName::Gcm => "gcm",
+            CipherSuiteName::Gcm256 => "gcm256",
         }
     }
 
-    /// The engine's suite ([`CipherSuiteName::Ccm`] has none: the server engine does not
-    /// implement the 16-byte-tag CCM suite).
-    pub(crate) fn to_engine(self) -> Option<est_dtls::CipherSuite> {
+    /// The suite a configuration name stands for.
+    pub fn from_config_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.config_name() == name)
+    }
+
+    /// The engine's suite.
+    pub(crate) fn to_engine(self) -> est_dtls::CipherSuite {
         match self {
-            CipherSuiteName::Ccm8 => Some(est_dtls::CipherSuite::Aes128Ccm8),
-            CipherSuiteName::Gcm => Some(est_dtls::CipherSuite::Aes128Gcm),
-            CipherSuiteName::Ccm => None,
+            CipherSuiteName::Ccm8 => est_dtls::CipherSuite::Aes128Ccm8,
+            CipherSuiteName::Gcm => est_dtls::CipherSuite::Aes128Gcm,
+            CipherSuiteName::Gcm256 => est_dtls::CipherSuite::Aes256Gcm,
         }
     }
 
     pub(crate) fn from_engine(s: est_dtls::CipherSuite) -> CipherSuiteName {
         match s {
             est_dtls::CipherSuite::Aes128Ccm8 => CipherSuiteName::Ccm8,
-            // AES-256-GCM is not offered by configuration; reported as GCM.
-            est_dtls::CipherSuite::Aes128Gcm | est_dtls::CipherSuite::Aes256Gcm => {
-                CipherSuiteName::Gcm
-            }
+            est_dtls::CipherSuite::Aes128Gcm => CipherSuiteName::Gcm,
+            est_dtls::CipherSuite::Aes256Gcm => CipherSuiteName::Gcm256,
         }
     }
 
-    pub(crate) fn to_dtls(self) -> CipherSuiteId {
+    /// The suite in webrtc-dtls (the test client, [`client`]); `None` for AES-256-GCM, which
+    /// webrtc-dtls 0.12 does not implement.
+    pub(crate) fn to_dtls(self) -> Option<CipherSuiteId> {
         match self {
-            CipherSuiteName::Ccm8 => CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Ccm_8,
-            CipherSuiteName::Gcm => CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Gcm_Sha256,
-            CipherSuiteName::Ccm => CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Ccm,
+            CipherSuiteName::Ccm8 => Some(CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Ccm_8),
+            CipherSuiteName::Gcm => Some(CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Gcm_Sha256),
+            CipherSuiteName::Gcm256 => None,
         }
     }
 }
 
 impl fmt::Display for CipherSuiteName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            CipherSuiteName::Ccm8 => "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8",
-            CipherSuiteName::Gcm => "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
-            CipherSuiteName::Ccm => "TLS_ECDHE_ECDSA_WITH_AES_128_CCM",
-        })
+        f.write_str(self.to_engine().iana_name())
     }
 }
 
@@ -144,7 +153,8 @@ pub struct DtlsServerConfig {
     /// Validates client chains instead of `client_trust_anchors_der`. Runs once per handshake,
     /// before the hook.
     pub client_chain_verifier: Option<ClientChainVerifier>,
-    /// Allowed suites, in the server's order of preference.
+    /// Allowed suites, in the server's order of preference (the first one the client also
+    /// offers is chosen).
     pub cipher_suites: Vec<CipherSuiteName>,
     /// Largest datagram sent, handshake flights included (records packed, messages
     /// fragmented to fit), and the largest application datagram [`DtlsSession::send`] takes
@@ -272,12 +282,8 @@ pub(crate) fn build_engine_config(
     if cfg.cipher_suites.is_empty() {
         return Err(TransportError::Config("cipher_suites is empty".into()));
     }
-    let mut suites = Vec::new();
-    for s in &cfg.cipher_suites {
-        suites.push(s.to_engine().ok_or_else(|| {
-            TransportError::Config(format!("{s} is not supported by the server's DTLS engine"))
-        })?);
-    }
+    let suites: Vec<est_dtls::CipherSuite> =
+        cfg.cipher_suites.iter().map(|s| s.to_engine()).collect();
     let verifier: ClientChainVerifier = match &cfg.client_chain_verifier {
         Some(v) => v.clone(),
         None => anchors_verifier(&cfg.client_trust_anchors_der)?,
@@ -517,5 +523,14 @@ pub(crate) fn dtls_cipher_suites(
     if suites.is_empty() {
         return Err(TransportError::Config("cipher_suites is empty".into()));
     }
-    Ok(suites.iter().map(|s| s.to_dtls()).collect())
+    suites
+        .iter()
+        .map(|s| {
+            s.to_dtls().ok_or_else(|| {
+                TransportError::Config(format!(
+                    "{s} is not implemented by the webrtc-dtls test client (use ccm8 or gcm)"
+                ))
+            })
+        })
+        .collect()
 }

@@ -80,6 +80,14 @@ pub struct TransportMetrics {
     pub refused_unknown_ca: u64,
     pub refused_no_common_suite: u64,
     pub refused_no_ems: u64,
+    /// Malformed handshake messages past the cookie.
+    pub refused_decode_error: u64,
+    /// A CertificateVerify or Finished that did not verify.
+    pub refused_bad_signature_or_finished: u64,
+    /// The client ended the handshake with a fatal alert.
+    pub refused_peer_alert: u64,
+    /// Any other refusal (no common group or signature scheme, renegotiation, ...).
+    pub refused_other: u64,
     pub records_bad_mac: u64,
     pub peer_address_changes: u64,
     pub log_lines_suppressed: u64,
@@ -116,6 +124,10 @@ fn snapshot(ep: &Endpoint, driver: &DriverCounters) -> TransportMetrics {
         refused_unknown_ca: m.refused(RefusalReason::UnknownCa),
         refused_no_common_suite: m.refused(RefusalReason::NoCommonSuite),
         refused_no_ems: m.refused(RefusalReason::NoExtendedMasterSecret),
+        refused_decode_error: m.refused(RefusalReason::Decode),
+        refused_bad_signature_or_finished: m.refused(RefusalReason::BadSignatureOrFinished),
+        refused_peer_alert: m.refused(RefusalReason::PeerAlert),
+        refused_other: m.refused(RefusalReason::Other),
         records_bad_mac: m.records_bad_mac,
         peer_address_changes: m.peer_address_changes,
         log_lines_suppressed: m.log_lines_suppressed,
