@@ -24,6 +24,11 @@ pub struct DriverConfig {
     pub bind: SocketAddr,
     pub dtls: DtlsClientConfig,
     pub coap: ClientConfig,
+    /// NAT rebinding: once per meter, right after the first request of its first session goes
+    /// out, the meter's datagrams start leaving from a new source port (its emulated link's
+    /// socket is replaced). With a DTLS Connection ID the session carries on; without one the
+    /// server no longer knows the meter and it needs a new handshake.
+    pub nat_rebind: bool,
 }
 
 /// CoAP counters summed over a meter's sessions.
@@ -70,6 +75,9 @@ pub struct MeterOutcome {
     pub ldevid_sha256: Option<String>,
     /// Hex of the LDevID serial number.
     pub ldevid_serial: Option<String>,
+    /// NAT rebindings applied to this meter (`DriverConfig::nat_rebind`).
+    #[serde(default)]
+    pub nat_rebinds: u32,
 }
 
 struct Session {
@@ -124,6 +132,8 @@ where
     Fut: std::future::Future<Output = ConnResult>,
 {
     let mut session: Option<Session> = None;
+    let mut conn_now: Option<Arc<dyn Conn + Send + Sync>> = None;
+    let mut nat_rebinds: u32 = 0;
     let mut coap = CoapCounters::default();
     let mut sessions: u64 = 0;
     let mut buf = vec![0u8; 8192];
@@ -145,6 +155,7 @@ where
                             continue;
                         }
                     };
+                    conn_now = Some(conn.clone());
                     match dtls::connect_session(conn, &cfg.dtls, &credential).await {
                         Ok(d) => {
                             session = Some(Session {
@@ -160,6 +171,23 @@ where
                     Some(s) => {
                         if let Err(e) = s.client.start(Instant::now(), req) {
                             meter.handle_request_failed(Instant::now(), e);
+                        }
+                        // The request's first datagram goes out from the old port, its
+                        // retransmissions and the rest of the enrollment from the new one.
+                        while let Some(d) = s.client.poll_transmit() {
+                            if s.dtls.send(&d).await.is_err() {
+                                break;
+                            }
+                        }
+                        if cfg.nat_rebind && nat_rebinds == 0 {
+                            let emulated = conn_now
+                                .as_ref()
+                                .and_then(|c| c.as_any().downcast_ref::<EmulatedConn>());
+                            if let Some(e) = emulated {
+                                if e.rebind().await.is_ok() {
+                                    nat_rebinds += 1;
+                                }
+                            }
                         }
                     }
                     None => meter.handle_session_lost(Instant::now(), "no session".into()),
@@ -274,6 +302,7 @@ where
                 .ok()
                 .map(|c| hex::encode(c.tbs_certificate.serial_number.as_bytes()))
         }),
+        nat_rebinds,
     }
 }
 
@@ -309,6 +338,7 @@ mod tests {
                 block2_szx: Some(block_szx),
                 ..ClientConfig::default()
             },
+            nat_rebind: false,
         }
     }
 

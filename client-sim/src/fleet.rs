@@ -83,6 +83,9 @@ pub struct Summary {
     pub renewal: Percentiles,
     pub handshakes: u64,
     pub handshakes_failed: u64,
+    /// NAT rebindings applied (`--nat-rebind`); with a Connection ID they cost no handshake.
+    #[serde(default)]
+    pub nat_rebinds: u64,
     pub session_retries: u64,
     pub busy_retries: u64,
     pub coap_requests: u64,
@@ -157,6 +160,7 @@ pub fn summarize(outcomes: &[MeterOutcome]) -> Summary {
         }
         s.handshakes += u64::from(o.stats.handshakes);
         s.handshakes_failed += u64::from(o.stats.handshakes_failed);
+        s.nat_rebinds += u64::from(o.nat_rebinds);
         s.session_retries += u64::from(o.stats.session_retries);
         s.busy_retries += u64::from(o.stats.busy_retries);
         s.coap_requests += o.coap.requests;
@@ -277,6 +281,7 @@ pub async fn run_fleet(
                     link_down: Default::default(),
                     ldevid_sha256: None,
                     ldevid_serial: None,
+                    nat_rebinds: 0,
                 },
             };
             in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -374,6 +379,13 @@ pub fn render_summary(s: &Summary) -> String {
         "handshakes        {:>10}   (failed {}, session retries {}, 5.03 retries {})",
         s.handshakes, s.handshakes_failed, s.session_retries, s.busy_retries
     );
+    if s.nat_rebinds > 0 {
+        let _ = writeln!(
+            o,
+            "nat rebinds       {:>10}   (a new source port mid-enrollment)",
+            s.nat_rebinds
+        );
+    }
     let _ = writeln!(
         o,
         "coap requests     {:>10}   (retransmissions {})",
@@ -449,6 +461,7 @@ mod tests {
                     block2_szx: Some(4),
                     ..ClientConfig::default()
                 },
+                nat_rebind: false,
             },
             meter: MeterConfig::default(),
             dcu_link: "latency=2ms,rate=512kbps".parse().unwrap(),
@@ -510,6 +523,7 @@ mod tests {
             link_down: Default::default(),
             ldevid_sha256: None,
             ldevid_serial: None,
+            nat_rebinds: 0,
         };
         let outcomes: Vec<MeterOutcome> = (0..10)
             .map(|i| match i {

@@ -48,7 +48,7 @@ impl Dcu {
     }
 }
 
-fn lock(m: &Mutex<LinkDirection>) -> std::sync::MutexGuard<'_, LinkDirection> {
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A poisoned lock only means another task panicked mid-update; the link state is still usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -79,11 +79,14 @@ impl MeterLink {
 
 /// A UDP "connection" to the server through the emulated link. One per DTLS session.
 pub struct EmulatedConn {
-    socket: Arc<UdpSocket>,
+    /// Swapped by [`EmulatedConn::rebind`] (a NAT giving the meter a new source port).
+    socket: Mutex<Arc<UdpSocket>>,
+    bind: SocketAddr,
     server: SocketAddr,
     link: Arc<MeterLink>,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
     rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
-    reader: JoinHandle<()>,
+    reader: Mutex<JoinHandle<()>>,
     closed: AtomicBool,
 }
 
@@ -96,21 +99,44 @@ impl EmulatedConn {
     ) -> std::io::Result<Arc<EmulatedConn>> {
         let socket = Arc::new(UdpSocket::bind(bind).await?);
         let (tx, rx) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(read_loop(socket.clone(), server, link.clone(), tx));
+        let reader = tokio::spawn(read_loop(socket.clone(), server, link.clone(), tx.clone()));
         Ok(Arc::new(EmulatedConn {
-            socket,
+            socket: Mutex::new(socket),
+            bind,
             server,
             link,
+            tx,
             rx: tokio::sync::Mutex::new(rx),
-            reader,
+            reader: Mutex::new(reader),
             closed: AtomicBool::new(false),
         }))
+    }
+
+    fn socket(&self) -> Arc<UdpSocket> {
+        lock(&self.socket).clone()
+    }
+
+    /// A NAT rebinding: from now on the meter's datagrams leave from a new socket (a new source
+    /// port) and the old one is closed. Returns the new local address. The DTLS session above
+    /// does not notice; the server does (RFC 9146 Connection ID lets it follow).
+    pub async fn rebind(&self) -> std::io::Result<SocketAddr> {
+        let socket = Arc::new(UdpSocket::bind(self.bind).await?);
+        let reader = tokio::spawn(read_loop(
+            socket.clone(),
+            self.server,
+            self.link.clone(),
+            self.tx.clone(),
+        ));
+        let old = std::mem::replace(&mut *lock(&self.reader), reader);
+        old.abort();
+        *lock(&self.socket) = socket.clone();
+        socket.local_addr()
     }
 }
 
 impl Drop for EmulatedConn {
     fn drop(&mut self) {
-        self.reader.abort();
+        lock(&self.reader).abort();
     }
 }
 
@@ -222,11 +248,11 @@ impl Conn for EmulatedConn {
         if let Verdict::Deliver { at } = verdict {
             // A zero-delay path (latency 0, unlimited rate, no DCU) sends inline: no task, no timer.
             if self.link.dcu.is_none() && at <= Instant::now() {
-                let _ = self.socket.send_to(buf, self.server).await;
+                let _ = self.socket().send_to(buf, self.server).await;
                 return Ok(buf.len());
             }
             let data = buf.to_vec();
-            let socket = self.socket.clone();
+            let socket = self.socket();
             let link = self.link.clone();
             let server = self.server;
             tokio::spawn(async move {
@@ -253,7 +279,7 @@ impl Conn for EmulatedConn {
     }
 
     fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
-        self.socket.local_addr().map_err(to_util_err)
+        self.socket().local_addr().map_err(to_util_err)
     }
 
     fn remote_addr(&self) -> Option<SocketAddr> {
@@ -262,7 +288,7 @@ impl Conn for EmulatedConn {
 
     async fn close(&self) -> webrtc_util::Result<()> {
         self.closed.store(true, Ordering::Relaxed);
-        self.reader.abort();
+        lock(&self.reader).abort();
         Ok(())
     }
 

@@ -115,6 +115,7 @@ mod tests {
             link_down: Default::default(),
             ldevid_sha256: None,
             ldevid_serial: None,
+            nat_rebinds: 0,
         };
         outcome.stats.handshake_us = Some(1234);
         let rec = Recording {

@@ -235,3 +235,74 @@ fn command_line_selects_the_native_backend() {
     assert_eq!(doc["summary"]["enrolled"], METERS as u64);
     assert_eq!(srv.stop_and_read_store().len(), METERS);
 }
+
+/// `client-sim --nat-rebind`: each meter's source port changes right after its first EST
+/// request. Returns the summary of the JSON report.
+fn fleet_with_nat_rebind(connection_id: bool) -> serde_json::Value {
+    const METERS: usize = 4;
+    let srv = support::Running::start(METERS);
+    let json = srv.tmp.path().join("out.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_client-sim"));
+    cmd.args([
+        "--dtls-backend",
+        "native",
+        "--nat-rebind",
+        "--no-progress",
+        "--link",
+        "lan",
+    ])
+    // Short CoAP timers: a meter whose server lost it notices within seconds.
+    .args([
+        "--ack-timeout",
+        "500ms",
+        "--max-retransmit",
+        "2",
+        "--attempts",
+        "3",
+    ])
+    .args(["--retry-backoff", "100ms"])
+    .arg("--server")
+    .arg(srv.listen.to_string())
+    .arg("--fleet")
+    .arg(&srv.fleet_dir)
+    .arg("--json")
+    .arg(&json);
+    if connection_id {
+        cmd.arg("--dtls-connection-id");
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(
+        doc["summary"]["enrolled"], METERS as u64,
+        "{}",
+        doc["summary"]
+    );
+    assert_eq!(
+        doc["summary"]["nat_rebinds"], METERS as u64,
+        "{}",
+        doc["summary"]
+    );
+    doc["summary"].clone()
+}
+
+#[test]
+fn nat_rebinding_mid_enrollment_costs_no_handshake_with_a_connection_id() {
+    let s = fleet_with_nat_rebind(true);
+    assert_eq!(s["handshakes"], 4, "one handshake per meter: {s}");
+    assert_eq!(s["session_retries"], 0, "{s}");
+}
+
+#[test]
+fn nat_rebinding_mid_enrollment_needs_a_new_handshake_without_one() {
+    let s = fleet_with_nat_rebind(false);
+    assert!(
+        s["handshakes"].as_u64().unwrap() >= 8,
+        "every meter needed a second handshake: {s}"
+    );
+}

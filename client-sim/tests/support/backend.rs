@@ -36,6 +36,7 @@ fn fleet_config(
                 },
                 ..ClientConfig::default()
             },
+            nat_rebind: false,
         },
         meter: MeterConfig {
             max_attempts,
