@@ -215,6 +215,67 @@ async fn soak_spoofed_client_hello_flood() {
     .await;
 }
 
+/// The driver's timers (handshake retransmission, stall and idle timeouts) keep running while
+/// the socket never runs dry: a handshake admitted in the middle of a flood that saturates the
+/// server still gets its flight 4 retransmitted (after the initial 1 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_fire_while_a_flood_saturates_the_socket() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let srv = ServerProcess::start(1, &[]).unwrap();
+    let server = srv.addr;
+    let cfg = FloodConfig {
+        server,
+        duration: Duration::from_secs(env_u64("FRONT_DOOR_FLOOD_SECS", 3) + 5),
+        rate_per_sec: env_u64("FRONT_DOOR_FLOOD_RATE", 0),
+        sources: 4096,
+        rebind_per_pass: 0,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let _stop_on_drop = StopOnDrop(stop.clone());
+    let drops_before = srv.socket_drops().unwrap_or(0);
+    let generator = {
+        let stop = stop.clone();
+        std::thread::spawn(move || flood(&cfg, &stop))
+    };
+    let (admitted, retransmitted) = tokio::task::spawn_blocking(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        let mut peer = SilentPeer::new(60_000, server).unwrap();
+        // The flood may crowd our datagrams out of the server's socket buffer: try again.
+        let admitted = (0..40).any(|_| {
+            matches!(
+                peer.echo_cookie(Duration::from_millis(250)),
+                Ok(Echo::Admitted)
+            )
+        });
+        let at = Instant::now();
+        let again = admitted
+            && peer
+                .wait_for(
+                    est_dtls::wire::handshake_type::SERVER_HELLO,
+                    Duration::from_secs(4),
+                )
+                .unwrap()
+                .is_some();
+        (admitted, again.then(|| at.elapsed()))
+    })
+    .await
+    .unwrap();
+    let drops = srv.socket_drops().unwrap_or(0).saturating_sub(drops_before);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let report = generator.join().unwrap().unwrap();
+    println!(
+        "flood {:.0}/s, {drops} dropped at the server socket (saturated: {}); handshake admitted: \
+         {admitted}; flight 4 retransmitted after {retransmitted:?}",
+        report.rate(),
+        drops > 0
+    );
+    assert!(admitted, "no cookie exchange got through the flood");
+    assert!(
+        retransmitted.is_some(),
+        "the server did not retransmit flight 4 while the flood kept its socket busy"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. Cookie-echoing silent peers beyond the half-open cap
 // ---------------------------------------------------------------------------------------------
