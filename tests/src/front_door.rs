@@ -607,16 +607,17 @@ impl Enrollments {
         self.ok + self.failed.len()
     }
 
-    /// "n/m enrolled, p50 X ms, max Y ms".
+    /// "n/m enrolled, latency p50, p90 and max".
     pub fn summary(&self) -> String {
         let mut l = self.latencies.clone();
         l.sort();
         let ms = |d: Option<&Duration>| d.map_or(0.0, |d| d.as_secs_f64() * 1e3);
         format!(
-            "{}/{} enrolled, latency p50 {:.1} ms, max {:.1} ms",
+            "{}/{} enrolled, latency p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms",
             self.ok,
             self.total(),
             ms(l.get(l.len() / 2)),
+            ms(l.get(l.len() * 9 / 10)),
             ms(l.last())
         )
     }
