@@ -143,7 +143,7 @@ pub struct FloodConfig {
     pub duration: Duration,
     /// ClientHellos per second; 0: as fast as one thread can send.
     pub rate_per_sec: u64,
-    /// Distinct source addresses (127.1.x.y), one socket each.
+    /// Distinct source addresses (127.1.x.y), one socket each (at most [`socket_budget`]).
     pub sources: usize,
     /// Sockets re-bound (a new ephemeral port) after each pass over all of them.
     pub rebind_per_pass: usize,
@@ -169,6 +169,21 @@ impl FloodReport {
     }
 }
 
+/// Sockets this process may open for sources: its open-files limit (`/proc/self/limits`) less
+/// 1,024 for the runtime, the meters and the test harness.
+pub fn socket_budget() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<usize>().ok())
+        })
+        .unwrap_or(1024);
+    soft.saturating_sub(1024).max(64)
+}
+
 fn bind_source(ip: Ipv4Addr) -> io::Result<UdpSocket> {
     let s = UdpSocket::bind(SocketAddrV4::new(ip, 0))?;
     // The generator never reads: the HelloVerifyRequests pile up and the kernel drops them.
@@ -180,7 +195,7 @@ fn bind_source(ip: Ipv4Addr) -> io::Result<UdpSocket> {
 /// `cfg.sources` addresses in 127.1.0.0/16, round-robin, from the calling thread, until
 /// `cfg.duration` has passed or `stop` is set. Never reads an answer (a spoofer gets none).
 pub fn flood(cfg: &FloodConfig, stop: &AtomicBool) -> io::Result<FloodReport> {
-    let sources = cfg.sources.clamp(1, 65_000);
+    let sources = cfg.sources.clamp(1, 65_000).min(socket_budget());
     let mut sockets = (0..sources)
         .map(|i| bind_source(source_ip(1, i)))
         .collect::<io::Result<Vec<_>>>()?;
@@ -881,6 +896,11 @@ mod tests {
         let a: std::collections::HashSet<_> = (0..5000).map(|i| source_ip(1, i)).collect();
         assert_eq!(a.len(), 5000);
         assert!(a.iter().all(|ip| ip.is_loopback()));
+    }
+
+    #[test]
+    fn the_socket_budget_is_read_from_the_limits() {
+        assert!(socket_budget() >= 64);
     }
 
     #[test]
