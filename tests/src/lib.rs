@@ -15,6 +15,8 @@ use est_server::config::Config;
 use est_server::service::RunningServer;
 use est_server::{datadir, factory};
 
+pub mod front_door;
+
 pub use tempfile::TempDir;
 
 /// A running server on a temporary data directory.

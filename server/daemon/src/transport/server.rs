@@ -294,9 +294,13 @@ impl<S: DatagramSocket> Driver<S> {
                     None => std::future::pending().await,
                 }
             };
+            // Biased: the timer goes before the socket. A flood that keeps the socket readable
+            // would otherwise starve it (no retransmission, no stall or idle timeout while the
+            // flood lasts). A due timer now fires first; a pending one costs what it did.
             tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => break,
+                _ = timer => self.endpoint.handle_timeout(now()),
                 r = self.socket.recv_from(&mut buf) => match r {
                     Ok((n, from)) => {
                         if let Some(d) = buf.get(..n) {
@@ -309,7 +313,6 @@ impl<S: DatagramSocket> Driver<S> {
                     }
                 },
                 Some(cmd) = commands.recv() => self.command(cmd),
-                _ = timer => self.endpoint.handle_timeout(now()),
             }
             // Whatever else is queued, without waiting.
             while let Ok(cmd) = commands.try_recv() {
