@@ -576,6 +576,7 @@ pub async fn enroll(
             ..DtlsClientConfig::default()
         },
         coap: CoapClientConfig::default(),
+        nat_rebind: false,
     };
     let meter_cfg = MeterConfig {
         // One session: a refused or timed-out handshake is a failed enrollment.
