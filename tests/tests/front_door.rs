@@ -294,7 +294,15 @@ struct SilentKnobs {
 async fn silent_peers(k: SilentKnobs) {
     let _one = ONE_AT_A_TIME.lock().await;
     assert!(k.peers > k.cap, "more silent peers than the cap");
-    let srv = ServerProcess::start(8, &[("max_half_open_handshakes", k.cap.to_string())]).unwrap();
+    // The per-IP half-open cap may not exceed the global one (config validation).
+    let srv = ServerProcess::start(
+        8,
+        &[
+            ("max_half_open_handshakes", k.cap.to_string()),
+            ("max_half_open_per_ip", k.cap.to_string()),
+        ],
+    )
+    .unwrap();
     let fleet = srv.fleet(None).unwrap();
     let ta = fleet.implicit_ta_der.clone();
     let server = srv.addr;
