@@ -3,12 +3,12 @@
 //! independent of machine noise.
 //!
 //! What one iteration runs (`enroll_once`, the only function callgrind collects):
-//! * the EST-coaps exchanges of a full enrollment through the sans-IO core exactly as the daemon
-//!   drives it: a fresh `ServerSession` (one per DTLS session), `GET /crts`, then `POST /sen`
-//!   with a PKCS#10 request — CoAP decode, dedup and encode, policy (anchor class of the chain
-//!   verified at the handshake), CSR parse + verify, certificate build + ring signature,
-//!   PKCS#7 certs-only, store commit (in-memory `MemoryStore`; the daemon's SQLite writer
-//!   thread is not in this path);
+//! * the EST-coaps exchanges of a full enrollment through the sans-IO core, driven as the daemon
+//!   drives it: a fresh `EstSession` (one per DTLS session), `GET /crts`, then `POST /sen` with
+//!   a PKCS#10 request — CoAP decode, dedup and encode, admission, policy (anchor class of the
+//!   chain verified at the handshake), CSR parse + verify, certificate build + ring signature,
+//!   PKCS#7 certs-only, the `Event::Commit` completed at once from an in-memory `MemoryStore`
+//!   (the daemon's SQLite writer thread is not in this path);
 //! * the handshake's public-key operations on the server side, with the server's backends:
 //!   ServerKeyExchange sign (ring), CertificateVerify verify (ring), the client chain's
 //!   validation by the policy's handshake verifier (rustls-webpki + ring, once), ECDHE (p256 0.13
@@ -27,11 +27,11 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context, Result};
 use est_proto::ca::{self, IssuingCa, ObjectIdentifier, RingP256Signer};
 use est_proto::coap::{
-    Client, ClientConfig, ClientEvent, CoapConfig, Incoming, Method, Request, ResponseType,
-    ServerSession,
+    Client, ClientConfig, ClientEvent, CoapConfig, Method, Request, ResponseType,
 };
-use est_proto::est::{EstConfig, EstService, RequestContext, CF_PKCS10, CF_PKCS7_CERTS_ONLY};
-use est_proto::policy::{Policy, PolicyConfig, VerifiedChain};
+use est_proto::est::{EstConfig, EstService, CF_PKCS10, CF_PKCS7_CERTS_ONLY};
+use est_proto::policy::{Policy, PolicyConfig};
+use est_proto::session::{EstSession, Event, Peer};
 use est_proto::store::MemoryStore;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -58,7 +58,8 @@ struct HandshakeKeys {
 
 /// The server core, set up once.
 pub struct CoreBench {
-    est: EstService,
+    est: Arc<EstService>,
+    store: Arc<MemoryStore>,
     coap: Arc<CoapConfig>,
     meters: Vec<Prepared>,
     hs: HandshakeKeys,
@@ -102,12 +103,13 @@ impl CoreBench {
             });
         }
         let policy = Policy::new(PolicyConfig::default(), &[mfr_cert], &ca_cert)?;
-        let est = EstService::new(
+        let store = Arc::new(MemoryStore::new());
+        let est = Arc::new(EstService::new(
             EstConfig::default(),
             issuing,
             policy,
-            Arc::new(MemoryStore::new()),
-        )?;
+            store.clone(),
+        )?);
 
         let sys = ring::rand::SystemRandom::new();
         let gen = |sys: &ring::rand::SystemRandom| -> Result<EcdsaKeyPair> {
@@ -133,6 +135,7 @@ impl CoreBench {
         };
         Ok(Self {
             est,
+            store,
             coap: Arc::new(CoapConfig::default()),
             meters,
             hs,
@@ -149,13 +152,12 @@ impl CoreBench {
     }
 }
 
-/// One exchange: client datagram(s) -> server session -> EST -> response datagram(s) -> client.
+/// One exchange: client datagram(s) -> EstSession -> (commit, completed at once in memory) ->
+/// response datagram(s) -> client.
 fn exchange(
-    bench: &mut CoreBench,
-    session: &mut ServerSession,
+    store: &MemoryStore,
+    session: &mut EstSession,
     client: &mut Client,
-    chain: &[Vec<u8>],
-    verified: &VerifiedChain,
     req: Request,
 ) -> Result<ResponseType> {
     let now = Instant::now();
@@ -165,22 +167,13 @@ fn exchange(
     // Bounded: a CSR or certificate of a few hundred bytes needs a handful of blocks at most.
     for _ in 0..64 {
         while let Some(d) = client.poll_transmit() {
-            match session.handle_datagram(now, &d) {
-                Incoming::Request(id, req) => {
-                    let ctx = RequestContext {
-                        peer: "127.0.0.1:40000",
-                        client_chain: chain,
-                        verified: Some(verified),
-                        now: SystemTime::now(),
-                    };
-                    let resp = bench.est.handle(&ctx, &req, &mut bench.rng);
-                    for out in session.respond(now, id, resp) {
-                        client.handle_datagram(now, &out);
-                    }
-                }
-                Incoming::Send(out) => client.handle_datagram(now, &out),
-                Incoming::Ignore => {}
-            }
+            session.handle_datagram(now, SystemTime::now(), &d);
+        }
+        while let Some(Event::Commit { id, commit }) = session.poll_event() {
+            session.complete_commit(now, id, store.commit(&commit));
+        }
+        while let Some(out) = session.poll_transmit() {
+            client.handle_datagram(now, &out);
         }
         if let Some(ev) = client.poll_event() {
             return match ev {
@@ -218,17 +211,22 @@ pub fn enroll_once(bench: &mut CoreBench, i: usize) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("client chain: {e}"))?;
 
     // EST over CoAP through the sans-IO core.
-    let mut session = ServerSession::with_initial_message_id(bench.coap.clone(), 1);
+    let peer = Peer {
+        address: "127.0.0.1:40000".into(),
+        chain,
+        verified: Some(Arc::new(verified)),
+    };
+    let mut session = EstSession::new(bench.est.clone(), bench.coap.clone(), peer, &mut bench.rng);
     let mut client = Client::new(ClientConfig::default(), i as u64);
     let crts = Request::new(Method::Get, "/.well-known/est/crts").with_accept(CF_PKCS7_CERTS_ONLY);
-    let code = exchange(bench, &mut session, &mut client, &chain, &verified, crts)?;
+    let code = exchange(&bench.store, &mut session, &mut client, crts)?;
     if code != ResponseType::Content {
         bail!("/crts answered {code:?}");
     }
     let sen = Request::new(Method::Post, "/.well-known/est/sen")
         .with_payload(CF_PKCS10, csr)
         .with_accept(CF_PKCS7_CERTS_ONLY);
-    let code = exchange(bench, &mut session, &mut client, &chain, &verified, sen)?;
+    let code = exchange(&bench.store, &mut session, &mut client, sen)?;
     if code != ResponseType::Changed
         && code != ResponseType::Created
         && code != ResponseType::Content

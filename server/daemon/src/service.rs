@@ -1,10 +1,13 @@
-//! The driver: DTLS sessions in, CoAP through the sans-IO core, EST responses out.
+//! The driver: DTLS sessions in, the sans-IO core per session, datagrams and commits out.
 //!
-//! One tokio task per DTLS session owns that session's [`ServerSession`] (CoAP
-//! deduplication and block-wise state) and runs its requests one after another (an
-//! EST-coaps client has at most one outstanding request, RFC 9148 §6). Enrollments,
-//! which sign and wait for a durable commit, run on the blocking pool so that the I/O
-//! threads keep serving handshakes and other sessions.
+//! One tokio task per DTLS session owns that session's [`EstSession`] (CoAP dedup and
+//! block-wise state, the EST resources) and does what it asks: sends the datagrams of
+//! [`EstSession::poll_transmit`], runs its timer, and hands each [`Event::Commit`] to the
+//! store, whose writer thread groups commits into one fsync and sends each result back to
+//! the task on a channel, where [`EstSession::complete_commit`] resumes the request. No thread
+//! waits for the writer: the task serves its session's other datagrams (a retransmission, the
+//! timer of a slow commit's empty ACK) meanwhile. The walk of one /sen through these functions
+//! is in docs/architecture.md.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,10 +15,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
-use est_proto::coap::{CoapConfig, Incoming, ServerSession};
-use est_proto::est::{EstService, RequestContext};
+use est_proto::coap::CoapConfig;
+use est_proto::est::EstService;
 use est_proto::policy::{Policy, VerifiedChain};
-use tokio::sync::watch;
+use est_proto::session::{CommitId, EstSession, Event, Peer};
+use est_proto::store::{CommitResult, Store};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{ConfigError, DtlsSection};
@@ -30,8 +35,12 @@ use crate::transport::{
 #[derive(Default, Debug)]
 pub struct ServiceCounters {
     pub sessions_accepted: AtomicU64,
+    /// Complete requests the sessions served.
     pub requests: AtomicU64,
-    pub enrollments: AtomicU64,
+    /// Commits the sessions asked for (issuances and audit rows).
+    pub commits: AtomicU64,
+    /// Requests acknowledged with an empty ACK because their commit was slow.
+    pub slow_commit_acks: AtomicU64,
 }
 
 /// A server that is running; dropping it does not stop it, call [`RunningServer::shutdown`].
@@ -225,10 +234,13 @@ async fn metrics_loop(
             final_flight_resends = t.final_flight_resends,
             log_lines_suppressed = t.log_lines_suppressed,
             requests = counters.requests.load(Ordering::Relaxed),
+            commits = counters.commits.load(Ordering::Relaxed),
+            slow_commit_acks = counters.slow_commit_acks.load(Ordering::Relaxed),
             issued = e.issued,
             replayed = e.replayed,
             refused = e.refused,
             overloaded_503 = e.overloaded,
+            store_unavailable_503 = e.store_unavailable,
             enrollments_in_flight = est.in_flight(),
             // operations / transactions = the group-commit factor (fsyncs saved).
             store_transactions = w.transactions,
@@ -268,91 +280,85 @@ async fn accept_loop(
     }
 }
 
+/// The monotonic clock of the CoAP/EST timers: tokio's, as the transport driver's, so that
+/// both follow a paused or simulated clock together.
+fn now() -> std::time::Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// One session's task: feeds the session's datagrams, timer and commit results to its
+/// [`EstSession`], and performs what it asks.
 async fn serve_session(
     session: DtlsSession,
     est: Arc<EstService>,
     coap_cfg: Arc<CoapConfig>,
     counters: Arc<ServiceCounters>,
 ) {
-    let peer = session.peer_addr().to_string();
-    let chain: Arc<Vec<Vec<u8>>> = session.peer_certificates_shared();
+    // Commits go to the store the service reads from (SQLite: its writer thread).
+    let store: Arc<dyn Store> = Arc::clone(est.store());
     let verified: Option<Arc<VerifiedChain>> = session
         .peer_verification()
         .and_then(|v| Arc::clone(v).downcast::<VerifiedChain>().ok());
-    tracing::debug!(%peer, suite = ?session.cipher_suite(), "session established");
-    // rand's ThreadRng: a ChaCha CSPRNG seeded from the OS, without a getrandom syscall per use
-    // (message IDs, tokens, certificate serial numbers).
-    let mut coap = ServerSession::with_rng(coap_cfg, &mut rand::thread_rng());
-    loop {
-        let deadline = coap.poll_timeout();
-        // The datagram comes as its own buffer: an idle session holds none (10,000 held
-        // sessions with an 8 KiB buffer each were 80 MB).
-        let buf = tokio::select! {
+    let peer = Peer {
+        address: session.peer_addr().to_string(),
+        chain: session.peer_certificates().to_vec(),
+        verified,
+    };
+    tracing::debug!(peer = %peer.address, suite = ?session.cipher_suite(), "session established");
+    // rand's ThreadRng: a ChaCha CSPRNG seeded from the OS seeds the session's own CSPRNG
+    // (message IDs, certificate serial numbers, server-generated keys).
+    let mut core = EstSession::new(est, coap_cfg, peer, &mut rand::thread_rng());
+    // Commit results from the store's writer thread. Unbounded, but it holds at most one
+    // result per commit this session asked for, each an admitted enrollment's: bounded by
+    // `[est] max_concurrent_enrollments`.
+    let (results_tx, mut results) = mpsc::unbounded_channel::<(CommitId, CommitResult)>();
+    let mut seen = core.stats();
+    'serve: loop {
+        while let Some(d) = core.poll_transmit() {
+            if session.send(&d).await.is_err() {
+                break 'serve;
+            }
+        }
+        while let Some(event) = core.poll_event() {
+            match event {
+                Event::Commit { id, commit } => {
+                    let tx = results_tx.clone();
+                    store.submit_commit(
+                        commit,
+                        Box::new(move |result| {
+                            // The session may have ended meanwhile; the commit stands.
+                            let _ = tx.send((id, result));
+                        }),
+                    );
+                }
+            }
+        }
+        let stats = core.stats();
+        counters
+            .requests
+            .fetch_add(stats.requests - seen.requests, Ordering::Relaxed);
+        counters.commits.fetch_add(
+            stats.commits_requested - seen.commits_requested,
+            Ordering::Relaxed,
+        );
+        counters.slow_commit_acks.fetch_add(
+            stats.slow_commit_acks - seen.slow_commit_acks,
+            Ordering::Relaxed,
+        );
+        seen = stats;
+        let deadline = core.poll_timeout();
+        tokio::select! {
+            // The datagram comes as its own buffer: an idle session holds none (10,000 held
+            // sessions with an 8 KiB buffer each were 80 MB).
             r = session.recv_datagram() => match r {
-                Ok(d) => d,
+                Ok(datagram) => core.handle_datagram(now(), SystemTime::now(), &datagram),
                 Err(e) => {
-                    tracing::debug!(%peer, reason = %e, "session ended");
+                    tracing::debug!(peer = %core.peer().address, reason = %e, "session ended");
                     break;
                 }
             },
-            _ = sleep_until_std(deadline) => {
-                coap.handle_timeout(std::time::Instant::now());
-                // Retransmissions of separate (CON) responses, if any.
-                while let Some(d) = coap.poll_transmit() {
-                    if session.send(&d).await.is_err() {
-                        break;
-                    }
-                }
-                continue;
-            }
-        };
-        match coap.handle_datagram(std::time::Instant::now(), &buf) {
-            Incoming::Send(bytes) => {
-                if session.send(&bytes).await.is_err() {
-                    break;
-                }
-            }
-            Incoming::Ignore => {}
-            Incoming::Request(id, req) => {
-                counters.requests.fetch_add(1, Ordering::Relaxed);
-                let response = if EstService::is_enrollment(&req) {
-                    counters.enrollments.fetch_add(1, Ordering::Relaxed);
-                    let est = est.clone();
-                    let chain = chain.clone();
-                    let verified = verified.clone();
-                    let peer_for_task = peer.clone();
-                    let joined = tokio::task::spawn_blocking(move || {
-                        let ctx = RequestContext {
-                            peer: &peer_for_task,
-                            client_chain: &chain,
-                            verified: verified.as_deref(),
-                            now: SystemTime::now(),
-                        };
-                        est.handle(&ctx, &req, &mut rand::thread_rng())
-                    })
-                    .await;
-                    match joined {
-                        Ok(r) => r,
-                        Err(e) => {
-                            tracing::error!(%peer, error = %e, "enrollment task failed");
-                            est_proto::est::EstError::Internal("task failed".into()).to_response()
-                        }
-                    }
-                } else {
-                    let ctx = RequestContext {
-                        peer: &peer,
-                        client_chain: &chain,
-                        verified: verified.as_deref(),
-                        now: SystemTime::now(),
-                    };
-                    est.handle(&ctx, &req, &mut rand::thread_rng())
-                };
-                for d in coap.respond(std::time::Instant::now(), id, response) {
-                    if session.send(&d).await.is_err() {
-                        break;
-                    }
-                }
-            }
+            Some((id, result)) = results.recv() => core.complete_commit(now(), id, result),
+            _ = sleep_until_std(deadline) => core.handle_timeout(now()),
         }
     }
     session.close().await;

@@ -3,19 +3,25 @@
 //! Durability: WAL journal with `synchronous=FULL`, so a COMMIT returns only after the
 //! WAL is fsynced. Throughput: one writer thread owns the write connection and groups
 //! whatever commits are queued (up to `max_batch`) into one transaction, so a storm of
-//! enrollments costs one fsync per batch rather than per certificate; every caller
-//! still gets its answer only after its own data is durable. Each operation in a
-//! batch runs under its own SAVEPOINT, so one failing operation does not fail the others.
+//! enrollments costs one fsync per batch rather than per certificate; every commit's
+//! completion is called only after its own data is durable. Each operation in a batch runs
+//! under its own SAVEPOINT, so one failing operation does not fail the others.
 //! Reads use a separate connection (WAL readers do not block the writer).
+//!
+//! Nobody waits for the writer on a thread of their own: [`Store::submit_commit`] queues the
+//! commit with its completion, which the writer thread calls after the COMMIT (the daemon's
+//! completion sends the result to the session task). The queue holds at most one commit per
+//! admitted enrollment, so `[est] max_concurrent_enrollments` bounds it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use est_proto::store::{
-    AuditEvent, CertStatus, CommitOutcome, IssuanceKind, IssuedCert, Store, StoreError,
+    AuditEvent, CertStatus, Commit, CommitDone, CommitOutcome, CommitResult, IssuanceKind,
+    IssuedCert, Store, StoreError,
 };
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -78,16 +84,10 @@ const SUPERSEDE_ACTIVE: &str =
     "UPDATE certificates SET status = 'superseded' WHERE device_id = ?1 AND status = 'active'";
 const INSERT_AUDIT: &str = "INSERT INTO audit(at, peer, device_id, operation, outcome, code, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
-enum WriteOp {
-    Issue {
-        cert: Box<IssuedCert>,
-        audit: AuditEvent,
-        reply: SyncSender<Result<CommitOutcome, StoreError>>,
-    },
-    Audit {
-        audit: AuditEvent,
-        reply: SyncSender<Result<(), StoreError>>,
-    },
+/// A commit queued for the writer thread, with whom to tell.
+struct WriteOp {
+    commit: Commit,
+    done: CommitDone,
 }
 
 /// The SQLite store. Cheap to share behind an `Arc`.
@@ -168,14 +168,17 @@ impl SqliteStore {
         &self.path
     }
 
-    fn send(&self, op: WriteOp) -> Result<(), StoreError> {
-        let guard = self
-            .writer
-            .lock()
-            .map_err(|_| backend("writer mutex poisoned"))?;
-        let tx = guard.as_ref().ok_or_else(|| backend("store is closed"))?;
+    /// Queues `op` for the writer thread; if there is none, its completion comes back with
+    /// the reason.
+    fn send(&self, op: WriteOp) -> Result<(), (CommitDone, StoreError)> {
+        let Ok(guard) = self.writer.lock() else {
+            return Err((op.done, backend("writer mutex poisoned")));
+        };
+        let Some(tx) = guard.as_ref() else {
+            return Err((op.done, backend("store is closed")));
+        };
         tx.send(op)
-            .map_err(|_| backend("store writer thread has stopped"))
+            .map_err(|mpsc::SendError(op)| (op.done, backend("store writer thread has stopped")))
     }
 
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
@@ -436,12 +439,13 @@ fn in_savepoint<T>(
     }
 }
 
-enum Pending {
-    Issue(
-        SyncSender<Result<CommitOutcome, StoreError>>,
-        Result<CommitOutcome, StoreError>,
-    ),
-    Audit(SyncSender<Result<(), StoreError>>, Result<(), StoreError>),
+fn apply(conn: &Connection, commit: &Commit) -> CommitResult {
+    match commit {
+        Commit::Issuance { cert, audit } => apply_issue(conn, cert, audit),
+        Commit::Audit(audit) => insert_audit(conn, audit)
+            .map(|()| CommitOutcome::Committed)
+            .map_err(backend),
+    }
 }
 
 fn writer_loop(
@@ -461,24 +465,13 @@ fn writer_loop(
         let began = exec_cached(&conn, "BEGIN IMMEDIATE", [])
             .map(|_| ())
             .map_err(backend);
-        let mut pending = Vec::with_capacity(batch.len());
-        for op in batch {
-            match op {
-                WriteOp::Issue { cert, audit, reply } => {
-                    let r = match &began {
-                        Ok(()) => in_savepoint(&conn, |c| apply_issue(c, &cert, &audit)),
-                        Err(e) => Err(backend(e)),
-                    };
-                    pending.push(Pending::Issue(reply, r));
-                }
-                WriteOp::Audit { audit, reply } => {
-                    let r = match &began {
-                        Ok(()) => in_savepoint(&conn, |c| insert_audit(c, &audit).map_err(backend)),
-                        Err(e) => Err(backend(e)),
-                    };
-                    pending.push(Pending::Audit(reply, r));
-                }
-            }
+        let mut applied = Vec::with_capacity(batch.len());
+        for WriteOp { commit, done } in batch {
+            let r = match &began {
+                Ok(()) => in_savepoint(&conn, |c| apply(c, &commit)),
+                Err(e) => Err(backend(e)),
+            };
+            applied.push((done, r));
         }
         // Nobody hears "committed" before COMMIT (with synchronous=FULL, the fsync) returns.
         let committed = if began.is_ok() {
@@ -492,7 +485,7 @@ fn writer_loop(
             Ok(()) => {
                 counters.transactions.fetch_add(1, Ordering::Relaxed);
                 counters.operations.fetch_add(
-                    u64::try_from(pending.len()).unwrap_or(u64::MAX),
+                    u64::try_from(applied.len()).unwrap_or(u64::MAX),
                     Ordering::Relaxed,
                 );
             }
@@ -501,23 +494,11 @@ fn writer_loop(
                 let _ = conn.execute_batch("ROLLBACK");
             }
         }
-        for p in pending {
-            match p {
-                Pending::Issue(reply, r) => {
-                    let r = match (&committed, r) {
-                        (Ok(()), r) => r,
-                        (Err(e), _) => Err(backend(e)),
-                    };
-                    let _ = reply.send(r);
-                }
-                Pending::Audit(reply, r) => {
-                    let r = match (&committed, r) {
-                        (Ok(()), r) => r,
-                        (Err(e), _) => Err(backend(e)),
-                    };
-                    let _ = reply.send(r);
-                }
-            }
+        for (done, r) in applied {
+            done(match (&committed, r) {
+                (Ok(()), r) => r,
+                (Err(e), _) => Err(backend(e)),
+            });
         }
     }
 }
@@ -543,33 +524,6 @@ impl Store for SqliteStore {
         raw.map(cert_from_raw).transpose()
     }
 
-    fn commit_issuance(
-        &self,
-        cert: &IssuedCert,
-        audit: &AuditEvent,
-    ) -> Result<CommitOutcome, StoreError> {
-        let (reply, answer) = mpsc::sync_channel(1);
-        self.send(WriteOp::Issue {
-            cert: Box::new(cert.clone()),
-            audit: audit.clone(),
-            reply,
-        })?;
-        answer
-            .recv()
-            .map_err(|_| backend("store writer thread has stopped"))?
-    }
-
-    fn record_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
-        let (reply, answer) = mpsc::sync_channel(1);
-        self.send(WriteOp::Audit {
-            audit: audit.clone(),
-            reply,
-        })?;
-        answer
-            .recv()
-            .map_err(|_| backend("store writer thread has stopped"))?
-    }
-
     fn device_allowed(&self, device_id: &str) -> Result<bool, StoreError> {
         self.read(|c| {
             c.prepare_cached("SELECT 1 FROM devices WHERE device_id = ?1")?
@@ -577,6 +531,12 @@ impl Store for SqliteStore {
                 .optional()
                 .map(|r| r.is_some())
         })
+    }
+
+    fn submit_commit(&self, commit: Commit, done: CommitDone) {
+        if let Err((done, e)) = self.send(WriteOp { commit, done }) {
+            done(Err(e));
+        }
     }
 }
 
@@ -601,6 +561,16 @@ mod tests {
         }
     }
 
+    fn issue(s: &SqliteStore, cert: IssuedCert, audit: AuditEvent) -> CommitResult {
+        est_proto::store::commit_and_wait(
+            s,
+            Commit::Issuance {
+                cert: Box::new(cert),
+                audit,
+            },
+        )
+    }
+
     fn audit(device: &str) -> AuditEvent {
         AuditEvent {
             at_unix: 3,
@@ -620,21 +590,16 @@ mod tests {
         {
             let s = SqliteStore::open(&path, 16).unwrap();
             assert_eq!(
-                s.commit_issuance(&cert("01", "SN1", 1), &audit("SN1"))
-                    .unwrap(),
+                issue(&s, cert("01", "SN1", 1), audit("SN1")).unwrap(),
                 CommitOutcome::Committed
             );
             // Same device, same request: the first certificate comes back.
-            match s
-                .commit_issuance(&cert("02", "SN1", 1), &audit("SN1"))
-                .unwrap()
-            {
+            match issue(&s, cert("02", "SN1", 1), audit("SN1")).unwrap() {
                 CommitOutcome::AlreadyIssued(c) => assert_eq!(c.serial_hex, "01"),
                 other => panic!("{other:?}"),
             }
             // A new request supersedes the first.
-            s.commit_issuance(&cert("03", "SN1", 3), &audit("SN1"))
-                .unwrap();
+            issue(&s, cert("03", "SN1", 3), audit("SN1")).unwrap();
             assert_eq!(
                 s.find_by_serial("01").unwrap().unwrap().status,
                 CertStatus::Superseded
@@ -644,7 +609,12 @@ mod tests {
                 CertStatus::Active
             );
             assert!(s.find_by_serial("02").unwrap().is_none());
-            assert_eq!(s.recent_audit(10).unwrap().len(), 2);
+            // An audit row on its own (a refusal, a replay).
+            assert_eq!(
+                est_proto::store::commit_and_wait(&s, Commit::Audit(audit("SN9"))).unwrap(),
+                CommitOutcome::Committed
+            );
+            assert_eq!(s.recent_audit(10).unwrap().len(), 3);
         }
         // Durable across close and reopen.
         let s = SqliteStore::open(&path, 16).unwrap();
@@ -670,10 +640,7 @@ mod tests {
                     for i in 0..50 {
                         let dev = format!("SN{t}-{i}");
                         let c = cert(&format!("{t:02x}{i:04x}"), &dev, 7);
-                        assert_eq!(
-                            s.commit_issuance(&c, &audit(&dev)).unwrap(),
-                            CommitOutcome::Committed
-                        );
+                        assert_eq!(issue(&s, c, audit(&dev)).unwrap(), CommitOutcome::Committed);
                     }
                 })
             })
@@ -686,6 +653,41 @@ mod tests {
         let st = s.writer_stats();
         assert_eq!(st.operations, 400);
         assert!(st.transactions < st.operations, "{st:?}");
+    }
+
+    #[test]
+    fn completions_come_from_the_writer_thread_and_a_closed_store_refuses_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db"), 8).unwrap();
+        let (tx, rx) = mpsc::channel();
+        for i in 0..4u8 {
+            let tx = tx.clone();
+            let dev = format!("SN{i}");
+            s.submit_commit(
+                Commit::Issuance {
+                    cert: Box::new(cert(&format!("{i:02x}"), &dev, i)),
+                    audit: audit(&dev),
+                },
+                Box::new(move |r| {
+                    let on = std::thread::current().name().map(str::to_owned);
+                    tx.send((r, on)).unwrap();
+                }),
+            );
+        }
+        for _ in 0..4 {
+            let (r, on) = rx.recv().unwrap();
+            assert_eq!(r.unwrap(), CommitOutcome::Committed);
+            assert_eq!(on.as_deref(), Some("est-store-writer"));
+        }
+        s.close();
+        let tx2 = tx.clone();
+        s.submit_commit(
+            Commit::Audit(audit("SN1")),
+            Box::new(move |r| tx2.send((r, None)).unwrap()),
+        );
+        let (r, _) = rx.recv().unwrap();
+        assert!(matches!(r, Err(StoreError::Backend(_))), "{r:?}");
+        assert_eq!(s.count_certificates().unwrap(), 4);
     }
 
     #[test]

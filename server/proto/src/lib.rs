@@ -2,19 +2,25 @@
 //!
 //! ```text
 //!   server/daemon (tokio: UDP, DTLS, timers, storage, config, CLI)
-//!          |  plaintext CoAP datagrams + authenticated peer identity + now
-//!   est-proto  <- this crate: CoAP messaging (dedup, block-wise), EST resources
-//!          |     (RFC 9148), enrollment policy, issuance through a Signer trait
+//!          |  plaintext CoAP datagrams + authenticated peer identity + now + wall clock
+//!          |  ^ datagrams to send, next timer, "commit this" (completed by the driver)
+//!   est-proto  <- this crate: one session object (session::EstSession) over CoAP
+//!          |     messaging (dedup, block-wise), EST resources (RFC 9148), enrollment
+//!          |     admission and policy, issuance through a Signer trait
 //!   cbor-schemas (C509, COSE, multipart-core codecs)
 //! ```
 //!
-//! Nothing here opens a socket, reads a clock or spawns a thread: time (`Instant` for
-//! protocol timers, `SystemTime` for certificate validity) and randomness are inputs,
-//! so every behaviour is testable deterministically in memory.
+//! Nothing here opens a socket, reads a clock, spawns a thread or waits for storage: time
+//! (`Instant` for protocol timers, `SystemTime` for certificate validity) and randomness are
+//! inputs, and a durable write is an event the driver completes, so every behaviour is
+//! testable deterministically in memory. A driver feeds [`session::EstSession`]
+//! (`handle_datagram`, `handle_timeout`, `complete_commit`) and polls it (`poll_transmit`,
+//! `poll_timeout`, `poll_event`).
 pub mod ca;
 pub mod coap;
 pub mod est;
 pub mod policy;
+pub mod session;
 pub mod store;
 
 /// Shared by the crate's unit tests.

@@ -1,11 +1,17 @@
 //! The durable record of what the CA issued, and the audit trail.
 //!
-//! The core talks to storage through the synchronous [`Store`] trait: the daemon
-//! implements it with SQLite (WAL, `synchronous=FULL`, group commit), tests use
-//! [`MemoryStore`]. The one rule every implementation keeps: [`Store::commit_issuance`]
-//! returns only once the certificate is durable, because the meter receives it right
-//! after (the "nothing lost" rule), and it is atomic with the supersession of the
-//! device's previous certificate and the audit row.
+//! The core never waits for storage to become durable. It reads through the [`Store`] trait
+//! (lookups by request digest and serial, the device allowlist) and asks for every durable write
+//! with a [`Commit`], which its driver hands to [`Store::submit_commit`] and completes later
+//! (`crate::session::EstSession::complete_commit`): the quinn-proto shape, where the core asks
+//! and the driver does the I/O. The daemon implements the trait with SQLite (WAL,
+//! `synchronous=FULL`, a writer thread that groups queued commits into one transaction); tests
+//! and simulations use [`MemoryStore`]. The rules every implementation keeps: the outcome of a
+//! commit is reported only once the data is durable, because the meter receives the
+//! certificate right after (the "nothing lost" rule); an issuance is atomic with the
+//! supersession of the device's previous certificate and its audit row; and a second issuance
+//! for the same device and request digest is not stored but answered
+//! [`CommitOutcome::AlreadyIssued`] with the first.
 
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -118,18 +124,42 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// Result of [`Store::commit_issuance`].
+/// A durable write the core asks for (`crate::session::Event::Commit`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Commit {
+    /// A newly issued certificate and its `issued` audit row, in one transaction that also
+    /// marks every other active certificate of the device superseded. If the device already
+    /// has a certificate for the same request digest (two retries raced), nothing is written
+    /// and the outcome is [`CommitOutcome::AlreadyIssued`] with that certificate.
+    Issuance {
+        cert: Box<IssuedCert>,
+        audit: AuditEvent,
+    },
+    /// An audit row on its own (a refusal, a replayed answer).
+    Audit(AuditEvent),
+}
+
+/// Result of a [`Commit`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CommitOutcome {
-    /// The new certificate is durable.
+    /// The write is durable.
     Committed,
     /// Another request from the same device with the same request digest committed first
     /// (two retries raced); answer with this one instead.
     AlreadyIssued(IssuedCert),
 }
 
-/// Synchronous storage used by the EST core. Implementations must be safe to call from
-/// several threads at once.
+/// What a commit came to: its outcome once durable, or why the store could not make it so
+/// (the core answers that 5.03 + Max-Age: the store is unavailable, try again later).
+pub type CommitResult = Result<CommitOutcome, StoreError>;
+
+/// Called exactly once with the result of a submitted [`Commit`], from whatever thread the
+/// store completes it on (possibly before [`Store::submit_commit`] returns).
+pub type CommitDone = Box<dyn FnOnce(CommitResult) + Send + 'static>;
+
+/// Storage used by the EST core. Implementations must be safe to call from several threads at
+/// once. The reads are synchronous (local, no fsync); the write is submitted and completed
+/// later, so that no caller waits for durability on a thread of its own.
 pub trait Store: Send + Sync {
     /// The certificate already issued to `device_id` for an identical request, if any.
     fn find_by_request(
@@ -141,20 +171,30 @@ pub trait Store: Send + Sync {
     /// Look a certificate up by serial (lower-case hex).
     fn find_by_serial(&self, serial_hex: &str) -> Result<Option<IssuedCert>, StoreError>;
 
-    /// Durably commit a newly issued certificate, mark every other active certificate of
-    /// the same device superseded, and append `audit`, all in one transaction. Returns only
-    /// after the data is on stable storage.
-    fn commit_issuance(
-        &self,
-        cert: &IssuedCert,
-        audit: &AuditEvent,
-    ) -> Result<CommitOutcome, StoreError>;
-
-    /// Append an audit event on its own (refusals, replays).
-    fn record_audit(&self, audit: &AuditEvent) -> Result<(), StoreError>;
-
     /// Whether `device_id` is on the device allowlist.
     fn device_allowed(&self, device_id: &str) -> Result<bool, StoreError>;
+
+    /// Queue `commit` and return at once; `done` is called exactly once with the result, only
+    /// after the write is on stable storage (or has failed). A store that cannot accept the
+    /// commit (closed, its writer gone) calls `done` with the error.
+    fn submit_commit(&self, commit: Commit, done: CommitDone);
+}
+
+/// Submits `commit` and blocks the calling thread until its result (operator commands and
+/// tests; never on a thread the store needs to complete it).
+pub fn commit_and_wait(store: &dyn Store, commit: Commit) -> CommitResult {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    store.submit_commit(
+        commit,
+        Box::new(move |result| {
+            let _ = tx.send(result);
+        }),
+    );
+    rx.recv().unwrap_or_else(|_| {
+        Err(StoreError::Backend(
+            "the store dropped a commit without a result".into(),
+        ))
+    })
 }
 
 /// Seconds since the Unix epoch (negative before 1970).
@@ -292,6 +332,33 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// Applies `commit` at once (what [`Store::submit_commit`] does before calling back): a
+    /// simulation that models commit latency or outages calls this when its virtual store
+    /// "finishes".
+    pub fn commit(&self, commit: &Commit) -> CommitResult {
+        let mut g = self.lock()?;
+        match commit {
+            Commit::Issuance { cert, audit } => {
+                if let Some(existing) = g.certs.iter().find(|c| {
+                    c.device_id == cert.device_id && c.request_digest == cert.request_digest
+                }) {
+                    return Ok(CommitOutcome::AlreadyIssued(existing.clone()));
+                }
+                for c in g.certs.iter_mut() {
+                    if c.device_id == cert.device_id && c.status == CertStatus::Active {
+                        c.status = CertStatus::Superseded;
+                    }
+                }
+                g.certs.push(IssuedCert::clone(cert));
+                g.audit.push(audit.clone());
+            }
+            Commit::Audit(audit) => g.audit.push(audit.clone()),
+        }
+        Ok(CommitOutcome::Committed)
+    }
+}
+
 impl Store for MemoryStore {
     fn find_by_request(
         &self,
@@ -310,36 +377,12 @@ impl Store for MemoryStore {
         Ok(g.certs.iter().find(|c| c.serial_hex == serial_hex).cloned())
     }
 
-    fn commit_issuance(
-        &self,
-        cert: &IssuedCert,
-        audit: &AuditEvent,
-    ) -> Result<CommitOutcome, StoreError> {
-        let mut g = self.lock()?;
-        if let Some(existing) = g
-            .certs
-            .iter()
-            .find(|c| c.device_id == cert.device_id && c.request_digest == cert.request_digest)
-        {
-            return Ok(CommitOutcome::AlreadyIssued(existing.clone()));
-        }
-        for c in g.certs.iter_mut() {
-            if c.device_id == cert.device_id && c.status == CertStatus::Active {
-                c.status = CertStatus::Superseded;
-            }
-        }
-        g.certs.push(cert.clone());
-        g.audit.push(audit.clone());
-        Ok(CommitOutcome::Committed)
-    }
-
-    fn record_audit(&self, audit: &AuditEvent) -> Result<(), StoreError> {
-        self.lock()?.audit.push(audit.clone());
-        Ok(())
-    }
-
     fn device_allowed(&self, device_id: &str) -> Result<bool, StoreError> {
         Ok(self.lock()?.allowlist.iter().any(|d| d == device_id))
+    }
+
+    fn submit_commit(&self, commit: Commit, done: CommitDone) {
+        done(self.commit(&commit));
     }
 }
 

@@ -4,7 +4,6 @@ use coap_lite::ResponseType;
 
 use crate::coap::Response;
 use crate::policy::PolicyError;
-use crate::store::StoreError;
 
 /// Everything that can go wrong while serving an EST-coaps request. The mapping to the
 /// wire is [`EstError::to_response`] and nowhere else (RFC 9148 §4.5, RFC 7252 §5.9).
@@ -34,15 +33,16 @@ pub enum EstError {
     /// 5.03 + Max-Age: issuance is overloaded, retry later (RFC 9148 §4.7).
     #[error("overloaded, retry in {retry_after_seconds} s")]
     Overloaded { retry_after_seconds: u32 },
+    /// 5.03 + Max-Age: the store could not be read or could not commit; nothing was issued
+    /// to the meter, which retries later. The detail is logged, not sent.
+    #[error("storage unavailable, retry in {retry_after_seconds} s")]
+    StoreUnavailable {
+        retry_after_seconds: u32,
+        detail: String,
+    },
     /// 5.00: our own failure (storage, signing). Details are logged, not sent.
     #[error("internal error: {0}")]
     Internal(String),
-}
-
-impl From<StoreError> for EstError {
-    fn from(e: StoreError) -> Self {
-        EstError::Internal(e.to_string())
-    }
 }
 
 impl EstError {
@@ -56,7 +56,9 @@ impl EstError {
             EstError::NotAcceptable(_) => ResponseType::NotAcceptable,
             EstError::TooLarge { .. } => ResponseType::RequestEntityTooLarge,
             EstError::UnsupportedContentFormat(_) => ResponseType::UnsupportedContentFormat,
-            EstError::Overloaded { .. } => ResponseType::ServiceUnavailable,
+            EstError::Overloaded { .. } | EstError::StoreUnavailable { .. } => {
+                ResponseType::ServiceUnavailable
+            }
             EstError::Internal(_) => ResponseType::InternalServerError,
         }
     }
@@ -72,6 +74,10 @@ impl EstError {
         let mut r = Response::diagnostic(self.code(), &diagnostic);
         if let EstError::Overloaded {
             retry_after_seconds,
+        }
+        | EstError::StoreUnavailable {
+            retry_after_seconds,
+            ..
         } = self
         {
             r.max_age = Some(*retry_after_seconds);

@@ -10,11 +10,14 @@
 //!   POST /.well-known/est/skc              server keygen        286 -> 62 {284 key, 287 cert}
 //! ```
 //!
-//! [`EstService::handle`] takes one reassembled request plus the authenticated peer,
-//! applies the [`Policy`], issues through the CA's `Signer`, commits the certificate to
-//! the [`Store`] (durably, before answering), and returns the complete response; the
-//! CoAP layer slices it into blocks. Errors are typed ([`EstError`]) and become CoAP
-//! codes in exactly one place ([`EstError::to_response`]).
+//! [`EstService`] holds what every session shares: configuration, the [`Policy`], the
+//! issuing CA, the [`Store`] and the [`EnrollmentGate`]. It serves one reassembled request
+//! in two phases, driven by [`crate::session::EstSession`]: `begin` answers at once, or,
+//! for an enrollment, admits it through the gate, applies the policy, issues through the
+//! CA's `Signer` and asks for a durable [`Commit`]; `resume` takes the commit's result and
+//! answers (or asks for the next write: the audit row of a replayed answer). Nothing here
+//! waits for storage. Errors are typed ([`EstError`]) and become CoAP codes in exactly one
+//! place ([`EstError::to_response`]).
 
 mod csrattrs;
 mod discovery;
@@ -31,9 +34,10 @@ use cbor_schemas::c509::C509Csr;
 
 use crate::ca::{self, IssueParams, IssuingCa};
 use crate::coap::{Method, Request, Response};
-use crate::policy::{AnchorClass, Device, Policy};
+use crate::policy::{AnchorClass, Policy};
 use crate::store::{
-    unix_seconds, AuditEvent, CertStatus, CommitOutcome, IssuanceKind, IssuedCert, Store,
+    unix_seconds, AuditEvent, CertStatus, Commit, CommitOutcome, CommitResult, IssuanceKind,
+    IssuedCert, Store, StoreError,
 };
 
 pub use error::{code_text, EstError};
@@ -151,10 +155,12 @@ pub struct EstCounters {
     pub issued: u64,
     /// Retried requests answered with the certificate already issued.
     pub replayed: u64,
-    /// Enrollments refused (4.xx, 5.00), overload excluded.
+    /// Enrollments refused (4.xx, 5.00), overload and an unavailable store excluded.
     pub refused: u64,
     /// 5.03 + Max-Age answers because `max_concurrent_enrollments` was reached.
     pub overloaded: u64,
+    /// 5.03 + Max-Age answers because the store could not read or commit.
+    pub store_unavailable: u64,
 }
 
 #[derive(Default)]
@@ -163,24 +169,80 @@ struct AtomicCounters {
     replayed: AtomicU64,
     refused: AtomicU64,
     overloaded: AtomicU64,
+    store_unavailable: AtomicU64,
 }
 
-/// The EST-coaps service: resources, policy, CA and store.
+/// The EST-coaps service: resources, policy, CA, store and the enrollment gate, shared by
+/// every session ([`crate::session::EstSession`] drives it).
 pub struct EstService {
     counters: AtomicCounters,
     config: EstConfig,
     ca: IssuingCa,
     policy: Policy,
     store: Arc<dyn Store>,
-    in_flight: AtomicUsize,
+    gate: EnrollmentGate,
     crts_pkcs7: Vec<u8>,
     csrattrs: Vec<u8>,
 }
 
-/// What the EST layer decided for an enrollment, for callers that want to log it.
-struct Issued {
-    response: Response,
-    audit: AuditEvent,
+/// What serving a request comes to, now or after a commit.
+pub(crate) enum Step {
+    /// Answer the request with this.
+    Respond(Response),
+    /// Make `commit` durable, then [`EstService::resume`] `then` with its result.
+    Commit(Commit, Box<AwaitingCommit>),
+}
+
+/// An enrollment waiting for its commit: the admission permit (held until the answer),
+/// who asked, and what to answer once the write's result is known.
+pub(crate) struct AwaitingCommit {
+    permit: EnrollmentPermit,
+    exchange: Exchange,
+    then: AfterCommit,
+}
+
+/// Who asked for which operation, for the audit rows written after the commit.
+struct Exchange {
+    op: Operation,
+    peer: String,
+    device_id: String,
+    /// The wall clock when the request arrived.
+    at: SystemTime,
+}
+
+enum AfterCommit {
+    /// A fresh issuance. Committed: answer `response` (built before the commit, so nothing
+    /// can fail between a durable certificate and its answer). Already issued: answer with
+    /// that certificate in `accept`, after auditing the replay.
+    Issued {
+        response: Response,
+        serial_hex: String,
+        accept: CertFormat,
+    },
+    /// The audit row of a replayed answer: answer `response` once it is recorded.
+    Replayed {
+        response: Response,
+        serial_hex: String,
+    },
+    /// The audit row of a refusal: answer `response` whatever became of the row (as
+    /// before: a refusal is not held back by a failing audit trail; the failure is logged).
+    Refused { response: Response },
+}
+
+/// What the policy and the CA decided for an enrollment.
+enum Decision {
+    /// A new certificate, with its answer already built.
+    Issue {
+        record: IssuedCert,
+        audit: AuditEvent,
+        response: Response,
+        accept: CertFormat,
+    },
+    /// A retried request (same device, same request): the certificate already issued.
+    Replay {
+        existing: IssuedCert,
+        accept: CertFormat,
+    },
 }
 
 impl EstService {
@@ -193,13 +255,14 @@ impl EstService {
         let crts_pkcs7 = ca::certs_only(&[ca.certificate_der()])
             .map_err(|e| EstError::Internal(format!("building /crts: {e}")))?;
         let csrattrs = csrattrs::encode().map_err(|e| EstError::Internal(e.to_string()))?;
+        let gate = EnrollmentGate::new(config.max_concurrent_enrollments);
         Ok(Self {
             counters: AtomicCounters::default(),
             config,
             ca,
             policy,
             store,
-            in_flight: AtomicUsize::new(0),
+            gate,
             crts_pkcs7,
             csrattrs,
         })
@@ -217,6 +280,12 @@ impl EstService {
         &self.store
     }
 
+    /// The admission gate of enrollments (`max_concurrent_enrollments`), shared by every
+    /// session of this service.
+    pub fn gate(&self) -> &EnrollmentGate {
+        &self.gate
+    }
+
     /// Outcome counters since start.
     pub fn counters(&self) -> EstCounters {
         let c = &self.counters;
@@ -225,38 +294,98 @@ impl EstService {
             replayed: c.replayed.load(Ordering::Relaxed),
             refused: c.refused.load(Ordering::Relaxed),
             overloaded: c.overloaded.load(Ordering::Relaxed),
+            store_unavailable: c.store_unavailable.load(Ordering::Relaxed),
         }
     }
 
-    /// Enrollments being processed right now.
+    /// Enrollments admitted and not yet answered (their commit may be in flight).
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.gate.in_use()
     }
 
-    /// Whether `req` is an enrollment (which may take a store round trip and should be
-    /// run off the I/O thread by the driver).
-    pub fn is_enrollment(req: &Request) -> bool {
-        req.method == Method::Post
-            && req.path.len() == 3
-            && req.path[..2] == EST_ROOT
-            && matches!(req.path[2].as_str(), "sen" | "sren" | "skg" | "skc")
-    }
-
-    /// Serve one complete request.
-    pub fn handle<R: RngCore + CryptoRng>(
+    /// Serves one complete request as far as it can without storage I/O: an answer, or a
+    /// commit to make durable first.
+    pub(crate) fn begin<R: RngCore + CryptoRng>(
         &self,
         ctx: &RequestContext<'_>,
         req: &Request,
         rng: &mut R,
-    ) -> Response {
+    ) -> Step {
         match self.route(ctx, req, rng) {
-            Ok(r) => r,
-            Err(e) => {
-                if let EstError::Internal(detail) = &e {
-                    tracing::error!(peer = ctx.peer, path = %req.path_string(), %detail, "internal error");
-                }
-                e.to_response()
+            Ok(step) => step,
+            Err(e) => Step::Respond(self.error_response(ctx.peer, req, &e)),
+        }
+    }
+
+    /// Continues an enrollment with the result of its commit.
+    pub(crate) fn resume(&self, waiting: AwaitingCommit, result: CommitResult) -> Step {
+        let AwaitingCommit {
+            permit,
+            exchange,
+            then,
+        } = waiting;
+        match (then, result) {
+            (
+                AfterCommit::Issued {
+                    response,
+                    serial_hex,
+                    ..
+                },
+                Ok(CommitOutcome::Committed),
+            ) => {
+                self.counters.issued.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = %exchange.peer, device = %exchange.device_id, op = exchange.op.name(), serial = %serial_hex, "certificate issued");
+                Step::Respond(response)
             }
+            (AfterCommit::Issued { accept, .. }, Ok(CommitOutcome::AlreadyIssued(existing))) => {
+                // Two retries raced: the first one's certificate is the answer.
+                self.replay(permit, exchange, existing, accept)
+            }
+            (
+                AfterCommit::Replayed {
+                    response,
+                    serial_hex,
+                },
+                Ok(_),
+            ) => {
+                self.counters.replayed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(peer = %exchange.peer, device = %exchange.device_id, serial = %serial_hex, "retried request answered with the certificate already issued");
+                Step::Respond(response)
+            }
+            (AfterCommit::Refused { response }, result) => {
+                if let Err(store_err) = result {
+                    tracing::error!(%store_err, "could not record audit event");
+                }
+                Step::Respond(response)
+            }
+            (AfterCommit::Issued { .. } | AfterCommit::Replayed { .. }, Err(e)) => {
+                // Nothing reaches the meter that is not durable: it is told to come back.
+                let e = self.store_error(e);
+                self.counters
+                    .store_unavailable
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %exchange.peer, device = %exchange.device_id, op = exchange.op.name(), error = ?e, "commit failed; answered 5.03");
+                Step::Respond(e.to_response())
+            }
+        }
+    }
+
+    fn error_response(&self, peer: &str, req: &Request, e: &EstError) -> Response {
+        if let EstError::Internal(detail) = e {
+            tracing::error!(peer, path = %req.path_string(), %detail, "internal error");
+        }
+        e.to_response()
+    }
+
+    /// 5.03 + Max-Age when the store is unreachable (a meter retries later; nothing was
+    /// issued to it), 5.00 when what it holds is corrupt.
+    fn store_error(&self, e: StoreError) -> EstError {
+        match e {
+            StoreError::Backend(detail) => EstError::StoreUnavailable {
+                retry_after_seconds: self.config.overload_retry_after_seconds,
+                detail,
+            },
+            corrupt @ StoreError::Corrupt(_) => EstError::Internal(corrupt.to_string()),
         }
     }
 
@@ -265,7 +394,7 @@ impl EstService {
         ctx: &RequestContext<'_>,
         req: &Request,
         rng: &mut R,
-    ) -> Result<Response, EstError> {
+    ) -> Result<Step, EstError> {
         let path: Vec<&str> = req.path.iter().map(String::as_str).collect();
         match path.as_slice() {
             [".well-known", "core"] => {
@@ -274,7 +403,9 @@ impl EstService {
                 }
                 check_accept(req, &[CF_LINK_FORMAT])?;
                 let body = discovery::links(&self.config, self.config.server_keygen, &req.query);
-                Ok(Response::new(ResponseType::Content).with_payload(CF_LINK_FORMAT, body))
+                Ok(Step::Respond(
+                    Response::new(ResponseType::Content).with_payload(CF_LINK_FORMAT, body),
+                ))
             }
             [".well-known", "est", op] => {
                 let op = Operation::from_segment(op).ok_or(EstError::NotFound)?;
@@ -285,13 +416,15 @@ impl EstService {
                     return Err(EstError::MethodNotAllowed);
                 }
                 match op {
-                    Operation::Crts => self.crts(req),
+                    Operation::Crts => self.crts(req).map(Step::Respond),
                     Operation::Att => {
                         check_accept(req, &[CF_CSRATTRS])?;
-                        Ok(Response::new(ResponseType::Content)
-                            .with_payload(CF_CSRATTRS, self.csrattrs.clone()))
+                        Ok(Step::Respond(
+                            Response::new(ResponseType::Content)
+                                .with_payload(CF_CSRATTRS, self.csrattrs.clone()),
+                        ))
                     }
-                    _ => self.enrollment(ctx, op, req, rng),
+                    _ => Ok(self.enrollment(ctx, op, req, rng)),
                 }
             }
             _ => Err(EstError::NotFound),
@@ -317,64 +450,100 @@ impl EstService {
         }
     }
 
-    /// sen / sren / skg / skc: overload gate, then audit whatever happens.
+    /// sen / sren / skg / skc: admission first, before any other work (5.03 + Max-Age at
+    /// the limit); then the policy and the CA; then every outcome but an overload or an
+    /// unavailable store is written to the audit trail before it is answered.
     fn enrollment<R: RngCore + CryptoRng>(
         &self,
         ctx: &RequestContext<'_>,
         op: Operation,
         req: &Request,
         rng: &mut R,
-    ) -> Result<Response, EstError> {
-        let _slot = match InFlight::acquire(&self.in_flight, self.config.max_concurrent_enrollments)
-        {
-            Some(slot) => slot,
-            None => {
-                self.counters.overloaded.fetch_add(1, Ordering::Relaxed);
-                return Err(EstError::Overloaded {
+    ) -> Step {
+        let Some(permit) = self.gate.try_acquire() else {
+            self.counters.overloaded.fetch_add(1, Ordering::Relaxed);
+            return Step::Respond(
+                EstError::Overloaded {
                     retry_after_seconds: self.config.overload_retry_after_seconds,
-                });
-            }
-        };
-        let mut device_id = String::new();
-        match self.enroll_inner(ctx, op, req, rng, &mut device_id) {
-            Ok(Issued { response, audit }) => {
-                // A fresh issuance was audited inside its commit; replays are audited here.
-                if audit.outcome == "issued" {
-                    self.counters.issued.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    self.counters.replayed.fetch_add(1, Ordering::Relaxed);
-                    self.store.record_audit(&audit)?;
                 }
-                Ok(response)
+                .to_response(),
+            );
+        };
+        let mut exchange = Exchange {
+            op,
+            peer: ctx.peer.to_string(),
+            device_id: String::new(),
+            at: ctx.now,
+        };
+        match self.decide(ctx, op, req, rng, &mut exchange.device_id) {
+            Ok(Decision::Issue {
+                record,
+                audit,
+                response,
+                accept,
+            }) => {
+                let then = AfterCommit::Issued {
+                    response,
+                    serial_hex: record.serial_hex.clone(),
+                    accept,
+                };
+                Step::Commit(
+                    Commit::Issuance {
+                        cert: Box::new(record),
+                        audit,
+                    },
+                    Box::new(AwaitingCommit {
+                        permit,
+                        exchange,
+                        then,
+                    }),
+                )
+            }
+            Ok(Decision::Replay { existing, accept }) => {
+                self.replay(permit, exchange, existing, accept)
+            }
+            Err(e @ EstError::StoreUnavailable { .. }) => {
+                // Nowhere to write an audit row to; the log has it.
+                self.counters
+                    .store_unavailable
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = ctx.peer, device = %exchange.device_id, op = op.name(), error = ?e, "store unavailable; answered 5.03");
+                Step::Respond(e.to_response())
             }
             Err(e) => {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                let response = self.error_response(ctx.peer, req, &e);
                 let audit = AuditEvent {
                     at_unix: unix_seconds(ctx.now),
                     peer: ctx.peer.to_string(),
-                    device_id,
+                    device_id: exchange.device_id.clone(),
                     operation: op.name().to_string(),
                     outcome: "refused".into(),
                     code: e.code_text(),
                     detail: e.to_string(),
                 };
-                if let Err(store_err) = self.store.record_audit(&audit) {
-                    tracing::error!(%store_err, "could not record audit event");
-                }
                 tracing::info!(peer = ctx.peer, device = %audit.device_id, op = op.name(), code = %audit.code, reason = %audit.detail, "enrollment refused");
-                Err(e)
+                Step::Commit(
+                    Commit::Audit(audit),
+                    Box::new(AwaitingCommit {
+                        permit,
+                        exchange,
+                        then: AfterCommit::Refused { response },
+                    }),
+                )
             }
         }
     }
 
-    fn enroll_inner<R: RngCore + CryptoRng>(
+    fn decide<R: RngCore + CryptoRng>(
         &self,
         ctx: &RequestContext<'_>,
         op: Operation,
         req: &Request,
         rng: &mut R,
         device_id_out: &mut String,
-    ) -> Result<Issued, EstError> {
+    ) -> Result<Decision, EstError> {
+        let read = |e: StoreError| self.store_error(e);
         // 1. Who is this? /sen and server keygen take a manufacturer IDevID, /sren an
         //    LDevID of ours that is still the device's current certificate.
         let required = match op {
@@ -386,14 +555,15 @@ impl EstService {
             .authenticate(required, ctx.client_chain, ctx.verified, ctx.now)?;
         device_id_out.clone_from(&device.device_id);
         if self.policy.config().require_device_allowlist
-            && !self.store.device_allowed(&device.device_id)?
+            && !self.store.device_allowed(&device.device_id).map_err(read)?
         {
             return Err(crate::policy::PolicyError::NotAllowlisted.into());
         }
         let replaces = if op == Operation::Sren {
             let current = self
                 .store
-                .find_by_serial(&device.certificate_serial_hex)?
+                .find_by_serial(&device.certificate_serial_hex)
+                .map_err(read)?
                 .ok_or(crate::policy::PolicyError::UnknownCertificate)?;
             Some(current)
         } else {
@@ -429,9 +599,13 @@ impl EstService {
         //    replayed (the CoAP layer's deduplication covers retransmissions).
         let keygen = matches!(op, Operation::Skg | Operation::Skc);
         if !keygen {
-            if let Some(existing) = self.store.find_by_request(&device.device_id, &csr.digest)? {
+            if let Some(existing) = self
+                .store
+                .find_by_request(&device.device_id, &csr.digest)
+                .map_err(read)?
+            {
                 if existing.status == CertStatus::Active {
-                    return Ok(self.replay(ctx, op, &device, existing, accept));
+                    return Ok(Decision::Replay { existing, accept });
                 }
             }
         }
@@ -487,6 +661,9 @@ impl EstService {
             .ca
             .issue(&params)
             .map_err(|e| EstError::Internal(format!("issuing: {e}")))?;
+        // 6. The answer, built now: once the certificate is durable nothing may fail
+        //    between the commit and the meter.
+        let response = self.certificate_response(op, &der, accept, private_key)?;
         let record = IssuedCert {
             serial_hex: hex::encode(params.serial.as_bytes()),
             device_id: device.device_id.clone(),
@@ -519,43 +696,47 @@ impl EstService {
             code: code_text(ResponseType::Changed),
             detail: format!("serial {}", record.serial_hex),
         };
-
-        // 6. Durable before the meter sees it.
-        match self.store.commit_issuance(&record, &audit)? {
-            CommitOutcome::Committed => {
-                tracing::info!(peer = ctx.peer, device = %device.device_id, op = op.name(), serial = %record.serial_hex, "certificate issued");
-                let response = self.certificate_response(op, &record.der, accept, private_key)?;
-                Ok(Issued { response, audit })
-            }
-            CommitOutcome::AlreadyIssued(existing) => {
-                Ok(self.replay(ctx, op, &device, existing, accept))
-            }
-        }
+        // 7. Durable before the meter sees it: the caller asks for the commit.
+        Ok(Decision::Issue {
+            record,
+            audit,
+            response,
+            accept,
+        })
     }
 
+    /// The answer to a retried request, after its `replayed` audit row is committed.
     fn replay(
         &self,
-        ctx: &RequestContext<'_>,
-        op: Operation,
-        device: &Device,
+        permit: EnrollmentPermit,
+        exchange: Exchange,
         existing: IssuedCert,
         accept: CertFormat,
-    ) -> Issued {
+    ) -> Step {
         let audit = AuditEvent {
-            at_unix: unix_seconds(ctx.now),
-            peer: ctx.peer.to_string(),
-            device_id: device.device_id.clone(),
-            operation: op.name().to_string(),
+            at_unix: unix_seconds(exchange.at),
+            peer: exchange.peer.clone(),
+            device_id: exchange.device_id.clone(),
+            operation: exchange.op.name().to_string(),
             outcome: "replayed".into(),
             code: code_text(ResponseType::Changed),
             detail: format!("serial {}", existing.serial_hex),
         };
-        tracing::info!(peer = ctx.peer, device = %device.device_id, serial = %existing.serial_hex, "retried request answered with the certificate already issued");
-        let response = match self.certificate_response(op, &existing.der, accept, None) {
+        let response = match self.certificate_response(exchange.op, &existing.der, accept, None) {
             Ok(r) => r,
             Err(e) => e.to_response(),
         };
-        Issued { response, audit }
+        Step::Commit(
+            Commit::Audit(audit),
+            Box::new(AwaitingCommit {
+                permit,
+                exchange,
+                then: AfterCommit::Replayed {
+                    response,
+                    serial_hex: existing.serial_hex,
+                },
+            }),
+        )
     }
 
     /// Parse and check a certification request, PKCS#10 (CF 286) or C509
@@ -743,24 +924,67 @@ fn check_accept(req: &Request, offered: &[u16]) -> Result<(), EstError> {
     }
 }
 
-/// A slot in the bounded set of enrollments in progress.
-struct InFlight<'a>(&'a AtomicUsize);
+/// The bound on enrollments in progress (`max_concurrent_enrollments`), shared by every
+/// session of a service. A session takes a permit when an enrollment request arrives,
+/// before any work or hand-off, and holds it until the answer is ready (so across the
+/// commit): the store's write queue is bounded by it too. Beyond it, 5.03 + Max-Age
+/// (RFC 9148 §5.7).
+#[derive(Clone, Debug)]
+pub struct EnrollmentGate {
+    inner: Arc<GateInner>,
+}
 
-impl<'a> InFlight<'a> {
-    fn acquire(counter: &'a AtomicUsize, limit: usize) -> Option<Self> {
-        let prev = counter.fetch_add(1, Ordering::AcqRel);
-        if prev >= limit {
-            counter.fetch_sub(1, Ordering::AcqRel);
-            None
-        } else {
-            Some(Self(counter))
+#[derive(Debug)]
+struct GateInner {
+    in_use: AtomicUsize,
+    limit: usize,
+}
+
+impl EnrollmentGate {
+    /// A gate admitting at most `limit` enrollments at once (0 admits none).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            inner: Arc::new(GateInner {
+                in_use: AtomicUsize::new(0),
+                limit,
+            }),
         }
+    }
+
+    /// A permit, or `None` at the limit. The permit is returned when dropped.
+    pub fn try_acquire(&self) -> Option<EnrollmentPermit> {
+        let inner = &self.inner;
+        inner
+            .in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < inner.limit).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| EnrollmentPermit {
+                inner: Arc::clone(inner),
+            })
+    }
+
+    /// Permits held right now.
+    pub fn in_use(&self) -> usize {
+        self.inner.in_use.load(Ordering::Acquire)
+    }
+
+    /// The configured limit.
+    pub fn limit(&self) -> usize {
+        self.inner.limit
     }
 }
 
-impl Drop for InFlight<'_> {
+/// One admitted enrollment; dropping it frees the slot.
+#[derive(Debug)]
+pub struct EnrollmentPermit {
+    inner: Arc<GateInner>,
+}
+
+impl Drop for EnrollmentPermit {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.inner.in_use.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

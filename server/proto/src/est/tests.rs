@@ -106,6 +106,26 @@ fn post(op: &str, payload: Vec<u8>) -> Request {
     Request::new(Method::Post, &format!("/.well-known/est/{op}")).with_payload(CF_PKCS10, payload)
 }
 
+/// Serves `req` through both phases, committing each write to the service's store at once
+/// (the session object's behaviour on the wire is tested in `crate::session`).
+fn serve(
+    svc: &EstService,
+    ctx: &RequestContext<'_>,
+    req: &Request,
+    rng: &mut ChaCha20Rng,
+) -> Response {
+    let mut step = svc.begin(ctx, req, rng);
+    loop {
+        match step {
+            Step::Respond(r) => return r,
+            Step::Commit(commit, then) => {
+                let result = crate::store::commit_and_wait(svc.store().as_ref(), commit);
+                step = svc.resume(*then, result);
+            }
+        }
+    }
+}
+
 /// As the daemon calls: the chain was validated at the handshake
 /// ([`Policy::verify_peer_chain`]). A chain that fails there never reaches EST over DTLS;
 /// here it still does, without a `VerifiedChain`, so the policy's own full check answers.
@@ -117,7 +137,7 @@ fn call(svc: &EstService, chain: &[Vec<u8>], req: &Request, rng: &mut ChaCha20Rn
         verified: verified.as_ref(),
         now: now(),
     };
-    svc.handle(&ctx, req, rng)
+    serve(svc, &ctx, req, rng)
 }
 
 /// Without the handshake's verification: the policy verifies the chain itself.
@@ -133,7 +153,7 @@ fn call_unverified(
         verified: None,
         now: now(),
     };
-    svc.handle(&ctx, req, rng)
+    serve(svc, &ctx, req, rng)
 }
 
 #[test]
