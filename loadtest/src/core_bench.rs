@@ -169,7 +169,7 @@ fn exchange(
         while let Some(d) = client.poll_transmit() {
             session.handle_datagram(now, SystemTime::now(), &d);
         }
-        while let Some(Event::Commit { id, commit }) = session.poll_event() {
+        while let Some(Event::Commit { id, commit, .. }) = session.poll_event() {
             session.complete_commit(now, id, store.commit(&commit));
         }
         while let Some(out) = session.poll_transmit() {

@@ -22,7 +22,7 @@ use est_proto::ca::{self, IssuingCa, ObjectIdentifier, RingP256Signer};
 use est_proto::coap::{Client, ClientConfig, ClientEvent, CoapConfig};
 use est_proto::est::{EstConfig, EstService};
 use est_proto::policy::{Policy, PolicyConfig};
-use est_proto::session::{CommitId, EstSession, Event, Peer};
+use est_proto::session::{CommitId, CommitTicket, EstSession, Event, Peer};
 use est_proto::store::{CertStatus, Commit, MemoryStore, StoreError};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -56,11 +56,12 @@ enum What {
         generation: u64,
         data: Vec<u8>,
     },
-    /// The store finishes the commit session `generation` asked for.
+    /// The store finishes the commit session `generation` asked for (and drops its ticket).
     CommitDone {
         generation: u64,
         id: CommitId,
         commit: Commit,
+        ticket: CommitTicket,
     },
     /// A timer of the meter, its CoAP client or its server session may be due.
     Wake,
@@ -176,6 +177,7 @@ impl World {
                     generation,
                     id,
                     commit,
+                    ticket,
                 } => {
                     // The store finishes whether or not the session still exists (the
                     // meter may have given up on it): a durable certificate the meter
@@ -187,6 +189,7 @@ impl World {
                     } else {
                         self.store.commit(&commit)
                     };
+                    drop(ticket);
                     let slot = &mut self.slots[i];
                     if slot.generation == generation {
                         if let Some(s) = slot.server.as_mut() {
@@ -241,7 +244,7 @@ impl World {
         loop {
             let mut moved = false;
             let mut out: Vec<(Instant, What)> = Vec::new();
-            let mut commits: Vec<(CommitId, Commit)> = Vec::new();
+            let mut commits: Vec<(CommitId, Commit, CommitTicket)> = Vec::new();
             let mut retired = 0;
             let slot = &mut self.slots[i];
             while let Some(action) = slot.meter.poll_action() {
@@ -293,8 +296,8 @@ impl World {
                         out.push((at, What::ToMeter { generation, data }));
                     }
                 }
-                while let Some(Event::Commit { id, commit }) = s.poll_event() {
-                    commits.push((id, commit));
+                while let Some(Event::Commit { id, commit, ticket }) = s.poll_event() {
+                    commits.push((id, commit, ticket));
                 }
             }
             self.slow_commit_acks += retired;
@@ -308,7 +311,7 @@ impl World {
                 };
                 self.schedule(at, i, what);
             }
-            for (id, commit) in commits {
+            for (id, commit, ticket) in commits {
                 let at = now + self.commit_latency();
                 self.schedule(
                     at,
@@ -317,6 +320,7 @@ impl World {
                         generation,
                         id,
                         commit,
+                        ticket,
                     },
                 );
             }

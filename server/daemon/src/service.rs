@@ -309,8 +309,8 @@ async fn serve_session(
     // (message IDs, certificate serial numbers, server-generated keys).
     let mut core = EstSession::new(est, coap_cfg, peer, &mut rand::thread_rng());
     // Commit results from the store's writer thread. Unbounded, but it holds at most one
-    // result per commit this session asked for, each an admitted enrollment's: bounded by
-    // `[est] max_concurrent_enrollments`.
+    // result per commit this session asked for, each holding an admission (its ticket until
+    // the result is sent): bounded by `[est] max_concurrent_enrollments`.
     let (results_tx, mut results) = mpsc::unbounded_channel::<(CommitId, CommitResult)>();
     let mut seen = core.stats();
     'serve: loop {
@@ -321,11 +321,13 @@ async fn serve_session(
         }
         while let Some(event) = core.poll_event() {
             match event {
-                Event::Commit { id, commit } => {
+                Event::Commit { id, commit, ticket } => {
                     let tx = results_tx.clone();
                     store.submit_commit(
                         commit,
                         Box::new(move |result| {
+                            // Durable (or failed): the admission may go.
+                            drop(ticket);
                             // The session may have ended meanwhile; the commit stands.
                             let _ = tx.send((id, result));
                         }),

@@ -10,8 +10,9 @@
 //!
 //! Nobody waits for the writer on a thread of their own: [`Store::submit_commit`] queues the
 //! commit with its completion, which the writer thread calls after the COMMIT (the daemon's
-//! completion sends the result to the session task). The queue holds at most one commit per
-//! admitted enrollment, so `[est] max_concurrent_enrollments` bounds it.
+//! completion sends the result to the session task). Every commit in the queue holds its
+//! enrollment's admission (the session's ticket, dropped by the completion), so
+//! `[est] max_concurrent_enrollments` bounds the queue, even for sessions that have ended.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};

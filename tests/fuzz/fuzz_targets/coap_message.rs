@@ -11,7 +11,8 @@
 //! Invariants: no panic; every datagram the session emits (answers, empty ACKs, separate
 //! responses and their retransmissions) is a valid CoAP message; Block1 reassembly, the dedup
 //! cache and the pending set stay within their limits; the session never holds more commits
-//! than the enrollment gate admits, and when it is dropped every admission permit is back.
+//! than the enrollment gate admits; when it is dropped, the admissions still held are exactly
+//! the tickets of commits not yet reported, and none once those are dropped.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -21,7 +22,7 @@ use est_proto::ca::{self, IssuingCa, ObjectIdentifier, RingP256Signer};
 use est_proto::coap::CoapConfig;
 use est_proto::est::{EstConfig, EstService};
 use est_proto::policy::{Policy, PolicyConfig};
-use est_proto::session::{CommitId, EstSession, Event, Peer};
+use est_proto::session::{CommitId, CommitTicket, EstSession, Event, Peer};
 use est_proto::store::{Commit, CommitOutcome, MemoryStore, StoreError};
 use libfuzzer_sys::fuzz_target;
 use rand::SeedableRng;
@@ -106,7 +107,7 @@ fuzz_target!(|data: &[u8]| {
     let mut session = EstSession::new(w.service.clone(), w.coap.clone(), peer, &mut rng);
     let t0 = Instant::now();
     let mut now = t0;
-    let mut outstanding: Vec<(CommitId, Commit)> = Vec::new();
+    let mut outstanding: Vec<(CommitId, Commit, CommitTicket)> = Vec::new();
     let mut rest = data;
     while let [len, control, tail @ ..] = rest {
         let len = usize::from(*len).min(tail.len());
@@ -118,15 +119,15 @@ fuzz_target!(|data: &[u8]| {
             session.handle_timeout(now);
         }
         session.handle_datagram(now, wall(), datagram);
-        while let Some(Event::Commit { id, commit }) = session.poll_event() {
-            outstanding.push((id, commit));
+        while let Some(Event::Commit { id, commit, ticket }) = session.poll_event() {
+            outstanding.push((id, commit, ticket));
         }
         assert!(
             outstanding.len() <= MAX_ENROLLMENTS,
             "more commits than admissions"
         );
         if control & 1 == 1 {
-            for (id, commit) in outstanding.drain(..) {
+            for (id, commit, _ticket) in outstanding.drain(..) {
                 let result = if control & 2 == 2 {
                     Err(StoreError::Backend("fuzz: store down".into()))
                 } else {
@@ -140,8 +141,8 @@ fuzz_target!(|data: &[u8]| {
                 session.complete_commit(now, id, result);
             }
             // A raced issuance asks for its replay's audit row next.
-            while let Some(Event::Commit { id, commit }) = session.poll_event() {
-                outstanding.push((id, commit));
+            while let Some(Event::Commit { id, commit, ticket }) = session.poll_event() {
+                outstanding.push((id, commit, ticket));
             }
         }
         while let Some(bytes) = session.poll_transmit() {
@@ -153,10 +154,13 @@ fuzz_target!(|data: &[u8]| {
         assert!(stats.pending_requests <= max_pending);
         assert_eq!(session.stats().commits_waiting, outstanding.len());
     }
+    // Commits the store has not reported yet keep their admissions after the session ends.
     drop(session);
+    assert_eq!(w.service.in_flight(), outstanding.len());
+    drop(outstanding);
     assert_eq!(
         w.service.in_flight(),
         0,
-        "an admission permit outlived its session"
+        "an admission permit outlived its commit"
     );
 });

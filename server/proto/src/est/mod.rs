@@ -196,9 +196,28 @@ pub(crate) enum Step {
 /// An enrollment waiting for its commit: the admission permit (held until the answer),
 /// who asked, and what to answer once the write's result is known.
 pub(crate) struct AwaitingCommit {
-    permit: EnrollmentPermit,
+    permit: Arc<EnrollmentPermit>,
     exchange: Exchange,
     then: AfterCommit,
+}
+
+impl AwaitingCommit {
+    /// The share of the admission permit that goes with the commit to the driver.
+    pub(crate) fn ticket(&self) -> CommitTicket {
+        CommitTicket {
+            _permit: Arc::clone(&self.permit),
+        }
+    }
+}
+
+/// Travels with a commit the core asks for (`crate::session::Event::Commit`): it holds the
+/// enrollment's admission permit until the driver drops it, which it does once the store has
+/// reported the commit's result. The permit is released when both this and the session's
+/// wait are over, so `max_concurrent_enrollments` also bounds the commits still in the
+/// store's queue after their session has ended.
+#[derive(Debug)]
+pub struct CommitTicket {
+    _permit: Arc<EnrollmentPermit>,
 }
 
 /// Who asked for which operation, for the audit rows written after the commit.
@@ -460,7 +479,7 @@ impl EstService {
         req: &Request,
         rng: &mut R,
     ) -> Step {
-        let Some(permit) = self.gate.try_acquire() else {
+        let Some(permit) = self.gate.try_acquire().map(Arc::new) else {
             self.counters.overloaded.fetch_add(1, Ordering::Relaxed);
             return Step::Respond(
                 EstError::Overloaded {
@@ -708,7 +727,7 @@ impl EstService {
     /// The answer to a retried request, after its `replayed` audit row is committed.
     fn replay(
         &self,
-        permit: EnrollmentPermit,
+        permit: Arc<EnrollmentPermit>,
         exchange: Exchange,
         existing: IssuedCert,
         accept: CertFormat,
@@ -926,9 +945,9 @@ fn check_accept(req: &Request, offered: &[u16]) -> Result<(), EstError> {
 
 /// The bound on enrollments in progress (`max_concurrent_enrollments`), shared by every
 /// session of a service. A session takes a permit when an enrollment request arrives,
-/// before any work or hand-off, and holds it until the answer is ready (so across the
-/// commit): the store's write queue is bounded by it too. Beyond it, 5.03 + Max-Age
-/// (RFC 9148 §5.7).
+/// before any work or hand-off, and holds it until the answer is ready; the driver holds a
+/// share of it ([`CommitTicket`]) until the store has reported the commit. So the store's
+/// write queue is bounded by it too. Beyond it, 5.03 + Max-Age (RFC 9148 §5.7).
 #[derive(Clone, Debug)]
 pub struct EnrollmentGate {
     inner: Arc<GateInner>,

@@ -37,6 +37,7 @@ use rand::rngs::StdRng;
 use rand::{CryptoRng, RngCore, SeedableRng};
 
 use crate::coap::{CoapConfig, Incoming, RequestId, ServerSession, SessionStats};
+pub use crate::est::CommitTicket;
 use crate::est::{AwaitingCommit, EstService, RequestContext, Step};
 use crate::policy::VerifiedChain;
 use crate::store::{Commit, CommitResult};
@@ -65,12 +66,17 @@ impl CommitId {
 }
 
 /// What a session asks its driver to do besides sending datagrams.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Event {
     /// Make `commit` durable (an issuance with its audit row, or an audit row alone), then
     /// call [`EstSession::complete_commit`] with `id` and the result. The answer to the
-    /// meter waits for it.
-    Commit { id: CommitId, commit: Commit },
+    /// meter waits for it. Keep `ticket` until the store has reported the result (even if
+    /// the session is gone by then), then drop it: it holds the enrollment's admission.
+    Commit {
+        id: CommitId,
+        commit: Commit,
+        ticket: CommitTicket,
+    },
 }
 
 /// Counters of one session's EST layer (the CoAP layer's are in [`EstSession::coap_stats`]).
@@ -256,6 +262,7 @@ impl EstSession {
                 let id = CommitId(self.next_commit);
                 self.next_commit = self.next_commit.wrapping_add(1);
                 self.stats.commits_requested += 1;
+                let ticket = then.ticket();
                 self.waiting.insert(
                     id,
                     Waiting {
@@ -264,7 +271,7 @@ impl EstSession {
                         empty_ack_at,
                     },
                 );
-                self.events.push_back(Event::Commit { id, commit });
+                self.events.push_back(Event::Commit { id, commit, ticket });
             }
         }
     }
