@@ -1379,19 +1379,11 @@ impl Connection {
             (ServerState::ExpectFinished, hs::FINISHED) => {
                 let got = wire::parse_finished(body)?;
                 let h = self.hs_mut()?;
-                let master = h
-                    .master
-                    .ok_or_else(|| Error::Internal("no master".into()))?;
-                let hash = h.transcript.hash(h.suite.prf_hash());
-                let want =
-                    crypto::finished_verify_data(h.suite, &master, b"client finished", &hash);
-                if !same_bytes(&got, &want) {
+                if !same_bytes(&got, &h.verify_data(b"client finished")?) {
                     return Err(Error::BadFinished);
                 }
                 h.transcript.add(&message);
-                let hash = h.transcript.hash(h.suite.prf_hash());
-                let ours =
-                    crypto::finished_verify_data(h.suite, &master, b"server finished", &hash);
+                let ours = h.verify_data(b"server finished")?;
                 let fin = wire::handshake_message(hs::FINISHED, h.next_send_msg_seq, &ours);
                 h.next_send_msg_seq = h.next_send_msg_seq.wrapping_add(1);
                 // Flight 6: ChangeCipherSpec, Finished (RFC 6347 Figure 1).
@@ -1579,13 +1571,7 @@ impl Connection {
             (ClientState::ExpectFinished, hs::FINISHED) => {
                 let got = wire::parse_finished(body)?;
                 let h = self.hs_mut()?;
-                let master = h
-                    .master
-                    .ok_or_else(|| Error::Internal("no master".into()))?;
-                let hash = h.transcript.hash(h.suite.prf_hash());
-                let want =
-                    crypto::finished_verify_data(h.suite, &master, b"server finished", &hash);
-                if !same_bytes(&got, &want) {
+                if !same_bytes(&got, &h.verify_data(b"server finished")?) {
                     return Err(Error::BadFinished);
                 }
                 self.established = true;
@@ -1663,11 +1649,7 @@ impl Connection {
             });
         }
         flight.push(FlightItem::ChangeCipherSpec { epoch: 0 });
-        let master = h
-            .master
-            .ok_or_else(|| Error::Internal("no master".into()))?;
-        let hash = h.transcript.hash(h.suite.prf_hash());
-        let vd = crypto::finished_verify_data(h.suite, &master, b"client finished", &hash);
+        let vd = h.verify_data(b"client finished")?;
         let vd = crate::faults::finished(config, vd);
         let m = next(hs::FINISHED, &vd, &mut h.transcript);
         flight.push(FlightItem::Handshake {
@@ -1680,6 +1662,20 @@ impl Connection {
         self.send_flight(now, metrics);
         self.arm_retransmit(now);
         Ok(())
+    }
+}
+
+impl Handshake {
+    /// Finished verify_data (RFC 5246 §7.4.9) over the transcript so far, with `label`
+    /// ("client finished" / "server finished").
+    fn verify_data(&self, label: &[u8]) -> Result<[u8; 12], Error> {
+        let master = self
+            .master
+            .ok_or_else(|| Error::Internal("no master".into()))?;
+        let hash = self.transcript.hash(self.suite.prf_hash());
+        Ok(crypto::finished_verify_data(
+            self.suite, &master, label, &hash,
+        ))
     }
 }
 
