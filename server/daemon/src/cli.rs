@@ -71,6 +71,10 @@ pub(crate) struct RunArgs {
     /// UDP address to listen on, overriding server.listen (e.g. 127.0.0.1:5684).
     #[arg(long)]
     pub(crate) listen: Option<SocketAddr>,
+    /// Start even if the CA or DTLS private key can be read by group or others (logged as
+    /// a warning). Without it, such a key stops the server with the chmod that fixes it.
+    #[arg(long)]
+    pub(crate) allow_insecure_key_permissions: bool,
 }
 
 #[derive(Subcommand, Debug)]

@@ -9,11 +9,13 @@
 //!   manufacturers/demo-manufacturer-ca.key   its key, used only by `factory mint`
 //!   est.sqlite3                              issued certificates, audit log, allowlist
 //! ```
-//! Private keys are created with mode 0600 (and their directories 0700) before any byte
-//! is written, and are never logged.
+//! Every file and directory is created with an explicit mode whatever the umask (see
+//! [`crate::safefs`]): the data directory and key directories 0700, private keys and the
+//! store 0600, certificates and the configuration 0644. Keys get their mode before any
+//! byte is written and are never logged; `run` refuses a CA or DTLS key that group or
+//! others can read.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -24,6 +26,7 @@ use est_proto::ca::{self, IssuingCa, RingP256Signer};
 use x509_cert::der::{Decode, Encode};
 
 use crate::config::{Config, DEFAULT_CONFIG_TOML};
+use crate::safefs;
 
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "est-data";
@@ -34,36 +37,17 @@ const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Write `contents` to a new file readable by the owner only (0600 from creation on).
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
-    let mut opts = OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    // The mode only applies on creation: tighten an existing file too.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(fs::Permissions::from_mode(0o600))?;
-    }
-    f.write_all(contents)?;
-    f.sync_all()?;
-    Ok(())
+    safefs::write_file(path, contents, safefs::PRIVATE_FILE)
 }
 
-/// Create a directory (and parents) with mode 0700.
+/// Write a certificate, the configuration or another public file (0644, whatever the umask).
+pub fn write_public(path: &Path, contents: &[u8]) -> Result<()> {
+    safefs::write_file(path, contents, safefs::PUBLIC_FILE)
+}
+
+/// Create a directory (and missing parents) with mode 0700.
 pub fn create_private_dir(path: &Path) -> Result<()> {
-    fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
-    }
-    Ok(())
+    safefs::create_dir(path, safefs::PRIVATE_DIR)
 }
 
 /// PEM text of a certificate.
@@ -95,17 +79,9 @@ pub fn read_certs(path: &Path) -> Result<Vec<Vec<u8>>> {
         .collect()
 }
 
-/// A PKCS#8 private key from a PEM or DER file. Warns when others may read it.
+/// A PKCS#8 private key from a PEM or DER file. Its permissions are checked by
+/// [`load_with`] for the keys the server runs with, not here.
 pub fn read_key(path: &Path) -> Result<Vec<u8>> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = fs::metadata(path) {
-            if meta.permissions().mode() & 0o077 != 0 {
-                tracing::warn!(file = %path.display(), "private key file is readable by group or others; chmod 600 it");
-            }
-        }
-    }
     let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     if bytes.first() == Some(&0x30) {
         return Ok(bytes);
@@ -151,7 +127,7 @@ pub fn init(data_dir: &Path, server_names: &[String]) -> Result<InitReport> {
             created: false,
         });
     }
-    fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    create_private_dir(data_dir)?;
     let cfg = Config::default();
     let mut rng = rand::rngs::OsRng;
     let now = SystemTime::now();
@@ -171,7 +147,7 @@ pub fn init(data_dir: &Path, server_names: &[String]) -> Result<InitReport> {
     let ca_key_path = data_dir.join(&cfg.pki.issuing_ca_key);
     create_private_dir(parent(&ca_key_path)?)?;
     write_private(&ca_key_path, key_pem(&ca_key)?.as_bytes())?;
-    fs::write(&ca_cert_path, cert_pem(&ca_cert)?)?;
+    write_public(&ca_cert_path, cert_pem(&ca_cert)?.as_bytes())?;
     let issuing = IssuingCa::new(
         ca_cert.clone(),
         Box::new(RingP256Signer::from_pkcs8_der(&ca_key)?),
@@ -197,7 +173,7 @@ pub fn init(data_dir: &Path, server_names: &[String]) -> Result<InitReport> {
     let srv_key_path = data_dir.join(&cfg.pki.server_key);
     create_private_dir(parent(&srv_key_path)?)?;
     write_private(&srv_key_path, key_pem(&srv_key)?.as_bytes())?;
-    fs::write(&srv_cert_path, cert_pem(&srv_cert)?)?;
+    write_public(&srv_cert_path, cert_pem(&srv_cert)?.as_bytes())?;
 
     // The demo manufacturer CA (stands for a meter maker's IDevID CA).
     let (mfr_cert, mfr_key) = ca::generate_root_ca(
@@ -212,15 +188,17 @@ pub fn init(data_dir: &Path, server_names: &[String]) -> Result<InitReport> {
     let mfr_key_path = mfr_cert_path.with_extension("key");
     create_private_dir(parent(&mfr_key_path)?)?;
     write_private(&mfr_key_path, key_pem(&mfr_key)?.as_bytes())?;
-    fs::write(&mfr_cert_path, cert_pem(&mfr_cert)?)?;
+    write_public(&mfr_cert_path, cert_pem(&mfr_cert)?.as_bytes())?;
 
     // The store.
-    let store = crate::store::SqliteStore::open(&data_dir.join(&cfg.storage.database), 1)
+    let db_path = data_dir.join(&cfg.storage.database);
+    let store = crate::store::SqliteStore::open(&db_path, 1)
         .map_err(|e| anyhow::anyhow!("creating the store: {e}"))?;
     store.close();
+    safefs::set_mode(&db_path, safefs::PRIVATE_FILE)?;
 
     // The configuration last: its presence marks a complete data directory.
-    fs::write(&config_path, DEFAULT_CONFIG_TOML)?;
+    write_public(&config_path, DEFAULT_CONFIG_TOML.as_bytes())?;
     Ok(InitReport {
         data_dir: data_dir.to_path_buf(),
         created: true,
@@ -259,14 +237,32 @@ pub fn load_config(data_dir: &Path, explicit: Option<&Path>) -> Result<Config> {
     Ok(Config::load(&path)?)
 }
 
-/// Load keys and certificates named by `config`.
+/// How [`load_with`] treats private keys that group or others can read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeyPermissions {
+    /// Refuse to load them (the default).
+    #[default]
+    Strict,
+    /// Load them with a warning (`run --allow-insecure-key-permissions`).
+    AllowInsecure,
+}
+
+/// Load keys and certificates named by `config`, refusing private keys that group or
+/// others can read.
 pub fn load(data_dir: &Path, config: Config) -> Result<Loaded> {
-    let issuing_ca = load_ca(
-        &resolve(data_dir, &config.pki.issuing_ca_cert),
-        &resolve(data_dir, &config.pki.issuing_ca_key),
-    )?;
+    load_with(data_dir, config, KeyPermissions::Strict)
+}
+
+/// [`load`], with the permission check of the CA and DTLS keys as given.
+pub fn load_with(data_dir: &Path, config: Config, keys: KeyPermissions) -> Result<Loaded> {
+    let ca_key = resolve(data_dir, &config.pki.issuing_ca_key);
+    let server_key = resolve(data_dir, &config.pki.server_key);
+    for key in [&ca_key, &server_key] {
+        safefs::check_key_permissions(key, keys == KeyPermissions::AllowInsecure)?;
+    }
+    let issuing_ca = load_ca(&resolve(data_dir, &config.pki.issuing_ca_cert), &ca_key)?;
     let server_chain = read_certs(&resolve(data_dir, &config.pki.server_cert))?;
-    let server_key_pkcs8 = read_key(&resolve(data_dir, &config.pki.server_key))?;
+    let server_key_pkcs8 = read_key(&server_key)?;
     let mut manufacturer_cas = Vec::new();
     for p in &config.pki.manufacturer_cas {
         manufacturer_cas.extend(read_certs(&resolve(data_dir, p))?);

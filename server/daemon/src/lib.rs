@@ -6,6 +6,7 @@
 pub mod config;
 pub mod datadir;
 pub mod factory;
+pub mod safefs;
 pub mod service;
 pub mod store;
 pub mod transport;

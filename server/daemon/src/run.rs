@@ -18,7 +18,12 @@ pub(crate) fn run(data_dir: &Path, args: RunArgs) -> Result<()> {
     let config: Config = datadir::load_config(data_dir, args.config.as_deref())?;
     init_logging(config.server.log_format == "json");
     let worker_threads = config.server.worker_threads;
-    let loaded = datadir::load(data_dir, config)?;
+    let keys = if args.allow_insecure_key_permissions {
+        datadir::KeyPermissions::AllowInsecure
+    } else {
+        datadir::KeyPermissions::Strict
+    };
+    let loaded = datadir::load_with(data_dir, config, keys)?;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if worker_threads > 0 {
         builder.worker_threads(worker_threads);
