@@ -39,6 +39,8 @@ pub(crate) enum Command {
         /// (localhost, 127.0.0.1 and ::1 are always included). Repeatable.
         #[arg(long = "server-name")]
         server_names: Vec<String>,
+        #[command(flatten)]
+        hsm: HsmInitArgs,
     },
     /// Run the server (initialising the data directory first if it does not exist).
     Run(RunArgs),
@@ -61,6 +63,32 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+}
+
+/// `init --hsm-*`: the issuing CA's key on a PKCS#11 token.
+#[derive(Args, Debug, Default)]
+pub(crate) struct HsmInitArgs {
+    /// Keep the issuing CA's key on a PKCS#11 token (HSM): the module to load, e.g.
+    /// /usr/lib/softhsm/libsofthsm2.so. The key labelled --hsm-key-label is used, or
+    /// generated on the token (P-256, sensitive, never extractable) if there is none.
+    #[arg(long, requires = "hsm_token")]
+    pub(crate) hsm_module: Option<PathBuf>,
+    /// Label of the token holding the key.
+    #[arg(long, requires = "hsm_module")]
+    pub(crate) hsm_token: Option<String>,
+    /// Label (CKA_LABEL) of the CA key pair on the token.
+    #[arg(long, default_value = "est-issuing-ca")]
+    pub(crate) hsm_key_label: String,
+    /// File holding the token's user PIN (mode 0600); recorded in the configuration as
+    /// hsm.pin_file. Without it the PIN is read from the variable named by --hsm-pin-env.
+    #[arg(long)]
+    pub(crate) hsm_pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN (when no --hsm-pin-file).
+    #[arg(long, default_value = "EST_HSM_PIN")]
+    pub(crate) hsm_pin_env: String,
+    /// PKCS#11 sessions kept open for signing.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) hsm_sessions: usize,
 }
 
 #[derive(Args, Debug, Default)]

@@ -47,6 +47,7 @@ pub struct Config {
     pub policy: PolicySection,
     pub pki: PkiSection,
     pub storage: StorageSection,
+    pub hsm: crate::hsm::HsmSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -453,6 +454,25 @@ manufacturer_cas = ["manufacturers/demo-manufacturer-ca.pem"]
 database = "est.sqlite3"
 # Most commits grouped into one fsync by the writer thread.
 max_batch = 256
+
+[hsm]
+# The issuing CA's private key on a PKCS#11 token (an HSM) instead of pki.issuing_ca_key:
+# certificates and CRLs are signed on the token and the key never leaves it.
+# `est-server init --hsm-module M --hsm-token T [--hsm-key-label L]` creates the key there
+# (or uses the one already there) and fills this section in.
+enabled = false
+# The PKCS#11 module, e.g. SoftHSM2's /usr/lib/softhsm/libsofthsm2.so.
+module = ""
+# Label of the token holding the key.
+token_label = ""
+# Label (CKA_LABEL) of the CA's EC P-256 key pair.
+key_label = "est-issuing-ca"
+# The user PIN is never written here: it is read from pin_file (mode 0600; relative to the
+# data directory) when that is set, else from the environment variable named by pin_env.
+pin_file = ""
+pin_env = "EST_HSM_PIN"
+# PKCS#11 sessions kept open for signing (how many signatures can run at once), 1..=64.
+sessions = 4
 "#;
 
 impl Config {
@@ -526,6 +546,7 @@ impl Config {
         if self.storage.max_batch == 0 {
             return Err(invalid("storage.max_batch", "must be positive"));
         }
+        self.hsm.validate()?;
         Ok(())
     }
 

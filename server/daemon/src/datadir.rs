@@ -26,6 +26,7 @@ use est_proto::ca::{self, IssuingCa, RingP256Signer};
 use x509_cert::der::{Decode, Encode};
 
 use crate::config::{Config, DEFAULT_CONFIG_TOML};
+use crate::hsm::{self, HsmSection};
 use crate::safefs;
 
 /// Default data directory, relative to the working directory.
@@ -110,6 +111,23 @@ pub fn load_ca(cert: &Path, key: &Path) -> Result<IssuingCa> {
         .map_err(|e| anyhow::anyhow!("{} / {}: {e}", cert.display(), key.display()))
 }
 
+/// The issuing CA whose key is on the token `h` names.
+pub fn load_hsm_ca(data_dir: &Path, cert: &Path, h: &HsmSection) -> Result<IssuingCa> {
+    let cert_der = read_certs(cert)?
+        .into_iter()
+        .next()
+        .context("CA certificate file is empty")?;
+    let pin = h.read_pin(data_dir)?;
+    let signer = hsm::Pkcs11Signer::open(&hsm_key_ref(h, &pin)).with_context(|| {
+        format!(
+            "opening the CA key {:?} on token {:?}",
+            h.key_label, h.token_label
+        )
+    })?;
+    IssuingCa::new(cert_der, Box::new(signer))
+        .map_err(|e| anyhow::anyhow!("{} / HSM key {:?}: {e}", cert.display(), h.key_label))
+}
+
 /// What `init` created.
 #[derive(Debug)]
 pub struct InitReport {
@@ -120,6 +138,17 @@ pub struct InitReport {
 /// Create a data directory with a fresh PKI and configuration. Does nothing if one
 /// already exists there (its configuration file is the marker).
 pub fn init(data_dir: &Path, server_names: &[String]) -> Result<InitReport> {
+    init_with(data_dir, server_names, None)
+}
+
+/// [`init`], with the issuing CA's key on a PKCS#11 token when `hsm` is given (enabled): the
+/// key labelled `hsm.key_label` is used, or generated on the token if there is none, and the
+/// configuration written names the token instead of a key file.
+pub fn init_with(
+    data_dir: &Path,
+    server_names: &[String],
+    hsm: Option<&HsmSection>,
+) -> Result<InitReport> {
     let config_path = data_dir.join(CONFIG_FILE);
     if config_path.exists() {
         return Ok(InitReport {
@@ -135,22 +164,42 @@ pub fn init(data_dir: &Path, server_names: &[String]) -> Result<InitReport> {
     let not_before = now.checked_sub(Duration::from_secs(3600)).unwrap_or(now);
 
     // Issuing CA.
-    let (ca_cert, ca_key) = ca::generate_root_ca(
-        "EST Issuing CA",
-        "est-server",
-        not_before,
-        20 * YEAR,
-        &mut rng,
-    )
-    .map_err(|e| anyhow::anyhow!("generating the issuing CA: {e}"))?;
     let ca_cert_path = data_dir.join(&cfg.pki.issuing_ca_cert);
-    let ca_key_path = data_dir.join(&cfg.pki.issuing_ca_key);
-    create_private_dir(parent(&ca_key_path)?)?;
-    write_private(&ca_key_path, key_pem(&ca_key)?.as_bytes())?;
-    write_public(&ca_cert_path, cert_pem(&ca_cert)?.as_bytes())?;
-    let issuing = IssuingCa::new(
-        ca_cert.clone(),
-        Box::new(RingP256Signer::from_pkcs8_der(&ca_key)?),
+    let issuing = match hsm {
+        None => {
+            let (ca_cert, ca_key) = ca::generate_root_ca(
+                "EST Issuing CA",
+                "est-server",
+                not_before,
+                20 * YEAR,
+                &mut rng,
+            )
+            .map_err(|e| anyhow::anyhow!("generating the issuing CA: {e}"))?;
+            let ca_key_path = data_dir.join(&cfg.pki.issuing_ca_key);
+            create_private_dir(parent(&ca_key_path)?)?;
+            write_private(&ca_key_path, key_pem(&ca_key)?.as_bytes())?;
+            IssuingCa::new(ca_cert, Box::new(RingP256Signer::from_pkcs8_der(&ca_key)?))?
+        }
+        Some(h) => {
+            let (signer, origin) =
+                hsm::Pkcs11Signer::open_or_generate(&hsm_key_ref(h, &h.read_pin(data_dir)?))?;
+            tracing::info!(token = %h.token_label, key = %h.key_label, ?origin, "issuing CA key on the HSM");
+            let ca_cert = ca::self_signed_ca(
+                &signer,
+                "EST Issuing CA",
+                "est-server",
+                not_before,
+                20 * YEAR,
+                &mut rng,
+            )
+            .map_err(|e| anyhow::anyhow!("signing the issuing CA certificate on the HSM: {e}"))?;
+            create_private_dir(parent(&ca_cert_path)?)?;
+            IssuingCa::new(ca_cert, Box::new(signer))?
+        }
+    };
+    write_public(
+        &ca_cert_path,
+        cert_pem(issuing.certificate_der())?.as_bytes(),
     )?;
 
     // The server's DTLS certificate, issued by the same CA, so a meter's Implicit TA
@@ -198,11 +247,59 @@ pub fn init(data_dir: &Path, server_names: &[String]) -> Result<InitReport> {
     safefs::set_mode(&db_path, safefs::PRIVATE_FILE)?;
 
     // The configuration last: its presence marks a complete data directory.
-    write_public(&config_path, DEFAULT_CONFIG_TOML.as_bytes())?;
+    let config_text = match hsm {
+        None => DEFAULT_CONFIG_TOML.to_owned(),
+        Some(h) => config_with_hsm(h)?,
+    };
+    write_public(&config_path, config_text.as_bytes())?;
     Ok(InitReport {
         data_dir: data_dir.to_path_buf(),
         created: true,
     })
+}
+
+/// The default configuration text with its `[hsm]` section filled in from `h`.
+fn config_with_hsm(h: &HsmSection) -> Result<String> {
+    let at = DEFAULT_CONFIG_TOML
+        .find("\n[hsm]\n")
+        .context("the default configuration has no [hsm] section")?;
+    let (head, section) = DEFAULT_CONFIG_TOML.split_at(at);
+    let quote = |v: &str| toml::Value::String(v.to_owned()).to_string();
+    let mut out = String::from(head);
+    for line in section.split_inclusive('\n') {
+        let key = line.split_once(" = ").map(|(k, _)| k);
+        let value = match key {
+            Some("enabled") => "true".to_owned(),
+            Some("module") => quote(&h.module.to_string_lossy()),
+            Some("token_label") => quote(&h.token_label),
+            Some("key_label") => quote(&h.key_label),
+            Some("pin_file") => quote(&h.pin_file.to_string_lossy()),
+            Some("pin_env") => quote(&h.pin_env),
+            Some("sessions") => h.sessions.to_string(),
+            _ => {
+                out.push_str(line);
+                continue;
+            }
+        };
+        out.push_str(&format!("{} = {value}\n", key.unwrap_or_default()));
+    }
+    // What we wrote must read back as exactly what was asked.
+    let parsed: Config = toml::from_str(&out).context("rendering the [hsm] configuration")?;
+    if &parsed.hsm != h {
+        bail!("rendering the [hsm] configuration lost a setting");
+    }
+    Ok(out)
+}
+
+/// The token and key `h` names, with `pin`.
+pub fn hsm_key_ref<'a>(h: &'a HsmSection, pin: &'a cryptoki::types::AuthPin) -> hsm::HsmKeyRef<'a> {
+    hsm::HsmKeyRef {
+        module: &h.module,
+        token_label: &h.token_label,
+        key_label: &h.key_label,
+        pin,
+        sessions: h.sessions,
+    }
 }
 
 fn parent(p: &Path) -> Result<&Path> {
@@ -255,12 +352,17 @@ pub fn load(data_dir: &Path, config: Config) -> Result<Loaded> {
 
 /// [`load`], with the permission check of the CA and DTLS keys as given.
 pub fn load_with(data_dir: &Path, config: Config, keys: KeyPermissions) -> Result<Loaded> {
-    let ca_key = resolve(data_dir, &config.pki.issuing_ca_key);
+    let allow_insecure = keys == KeyPermissions::AllowInsecure;
+    let ca_cert = resolve(data_dir, &config.pki.issuing_ca_cert);
     let server_key = resolve(data_dir, &config.pki.server_key);
-    for key in [&ca_key, &server_key] {
-        safefs::check_key_permissions(key, keys == KeyPermissions::AllowInsecure)?;
-    }
-    let issuing_ca = load_ca(&resolve(data_dir, &config.pki.issuing_ca_cert), &ca_key)?;
+    safefs::check_key_permissions(&server_key, allow_insecure)?;
+    let issuing_ca = if config.hsm.enabled {
+        load_hsm_ca(data_dir, &ca_cert, &config.hsm)?
+    } else {
+        let ca_key = resolve(data_dir, &config.pki.issuing_ca_key);
+        safefs::check_key_permissions(&ca_key, allow_insecure)?;
+        load_ca(&ca_cert, &ca_key)?
+    };
     let server_chain = read_certs(&resolve(data_dir, &config.pki.server_cert))?;
     let server_key_pkcs8 = read_key(&server_key)?;
     let mut manufacturer_cas = Vec::new();

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod datadir;
 pub mod factory;
+pub mod hsm;
 pub mod safefs;
 pub mod service;
 pub mod store;

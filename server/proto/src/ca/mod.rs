@@ -55,7 +55,7 @@ pub use names::{
 pub use pkcs7::{certs_from_certs_only, certs_only};
 pub use pki::{
     generate_root_ca, generate_server_cert, generate_sub_ca, idevid_no_expiry, mint_idevid,
-    IDEVID_NO_EXPIRY_UNIX_SECS,
+    self_signed_ca, IDEVID_NO_EXPIRY_UNIX_SECS,
 };
 pub use signer::{generate_p256_pkcs8, p256_spki_from_pkcs8, RingP256Signer, Signer};
 
