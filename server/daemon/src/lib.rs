@@ -6,6 +6,8 @@
 pub mod config;
 pub mod datadir;
 pub mod factory;
+pub mod lifetime;
+pub mod revocation;
 pub mod service;
 pub mod store;
 pub mod transport;
