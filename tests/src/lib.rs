@@ -46,6 +46,36 @@ impl TestServer {
         })
     }
 
+    /// Stop, then start again on the same data directory (and port 0), with the
+    /// configuration adjusted by `tweak` (on top of the data directory's file).
+    pub async fn restart(mut self, tweak: impl FnOnce(&mut Config)) -> Result<Self> {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+        let mut config = datadir::load_config(&self.data_dir, None)?;
+        config.server.listen = "127.0.0.1:0".parse()?;
+        tweak(&mut config);
+        config.validate()?;
+        let loaded = datadir::load(&self.data_dir, config)?;
+        let server = est_server::service::start(loaded, None).await?;
+        self.addr = server.local_addr;
+        self.server = Some(server);
+        Ok(self)
+    }
+
+    /// The running server.
+    pub fn running(&self) -> &RunningServer {
+        match &self.server {
+            Some(s) => s,
+            None => panic!("server already stopped"),
+        }
+    }
+
+    /// `coaps://127.0.0.1:PORT/<path>` for a resource outside /.well-known/est.
+    pub fn url_at(&self, path: &str) -> String {
+        format!("coaps://{}/{}", self.addr, path.trim_start_matches('/'))
+    }
+
     /// `coaps://127.0.0.1:PORT/.well-known/est/<op>`.
     pub fn url(&self, op: &str) -> String {
         format!("coaps://{}/.well-known/est/{op}", self.addr)

@@ -5,7 +5,19 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use est_proto::store::RevocationReason;
 use est_server::datadir;
+
+/// A CRLReason (RFC 5280 §5.3.1) by name or code.
+fn parse_reason(s: &str) -> Result<RevocationReason, String> {
+    RevocationReason::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = RevocationReason::ALL.iter().map(|r| r.name()).collect();
+        format!(
+            "unknown reason {s:?}; one of {} (or its code)",
+            names.join(", ")
+        )
+    })
+}
 
 /// EST-coaps (RFC 9148) enrollment server for smart meters and other field devices.
 ///
@@ -47,12 +59,18 @@ pub(crate) enum Command {
     /// Meter factory tools: mint IDevIDs signed by the demo manufacturer CA.
     #[command(subcommand)]
     Factory(FactoryCommand),
-    /// Inspect issued certificates in the store.
+    /// Inspect and revoke issued certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
-    /// Manage the device allowlist (used when policy.require_device_allowlist = true).
+    /// Manage devices: the allowlist (policy.require_device_allowlist), decommissioning.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// The CRL of the issuing CA (written to the data directory, served over CoAP).
+    #[command(subcommand)]
+    Crl(CrlCommand),
+    /// The server's DTLS certificate.
+    #[command(subcommand)]
+    Dtls(DtlsCommand),
     /// C509 tools for meter vendors: convert certificates and CSRs between DER and C509
     /// (draft-ietf-cose-cbor-encoded-cert, type 3: lossless re-encoding).
     #[command(subcommand)]
@@ -148,6 +166,41 @@ pub(crate) enum CertsCommand {
     },
     /// Show one certificate (by serial or unique serial prefix) as PEM with its record.
     Show { serial: String },
+    /// Revoke a certificate (by serial or unique serial prefix): a revoked LDevID cannot
+    /// re-enroll and is refused at the DTLS handshake; a new CRL listing it is published
+    /// (a running server picks the revocation up within [revocation] poll_interval_secs).
+    Revoke {
+        serial: String,
+        /// RFC 5280 reason: unspecified, keyCompromise, cACompromise, affiliationChanged,
+        /// superseded, cessationOfOperation, certificateHold, privilegeWithdrawn,
+        /// aACompromise (or the code, e.g. 1).
+        #[arg(long, default_value = "unspecified", value_parser = parse_reason)]
+        reason: RevocationReason,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum CrlCommand {
+    /// Sign and write a new CRL now (the server also re-issues it on every revocation and
+    /// when half its validity has passed).
+    Publish,
+    /// Show the latest CRL: number, dates, entries, and where it is written.
+    Show,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum DtlsCommand {
+    /// Issue a new DTLS server certificate and key from the issuing CA, with the current
+    /// certificate's names (plus --server-name ones). A running server uses it for new
+    /// handshakes after SIGHUP (kill -HUP PID), or after a restart.
+    Renew {
+        /// Extra DNS names or IP addresses. Repeatable.
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+        /// Validity of the new certificate, in days.
+        #[arg(long, default_value_t = 730)]
+        validity_days: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -185,4 +238,17 @@ pub(crate) enum C509Command {
 pub(crate) enum DevicesCommand {
     /// Import device serials (one per line; blank lines and # comments ignored).
     Import { file: PathBuf },
+    /// Decommission a device (e.g. stolen or removed): its /sen and /sren are refused from
+    /// now on, and its handshakes too; its active certificates are revoked (and a new CRL
+    /// published) unless --keep-certs.
+    Block {
+        /// The device's serial number (its IDevID's subject serialNumber).
+        serial: String,
+        /// Do not revoke its certificates; only refuse future enrollments.
+        #[arg(long)]
+        keep_certs: bool,
+        /// RFC 5280 reason its certificates are revoked with.
+        #[arg(long, default_value = "cessationOfOperation", value_parser = parse_reason)]
+        reason: RevocationReason,
+    },
 }

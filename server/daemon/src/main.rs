@@ -31,6 +31,8 @@ fn main() -> Result<()> {
         Some(Command::Factory(cmd)) => commands::factory::run(&data_dir, cmd),
         Some(Command::Certs(cmd)) => commands::certs::run(&data_dir, cmd),
         Some(Command::Devices(cmd)) => commands::devices::run(&data_dir, cmd),
+        Some(Command::Crl(cmd)) => commands::crl::run(&data_dir, cmd),
+        Some(Command::Dtls(cmd)) => commands::dtls::run(&data_dir, cmd),
         Some(Command::C509(cmd)) => commands::c509::run(cmd),
         Some(Command::Audit { limit }) => commands::audit::run(&data_dir, limit),
     }

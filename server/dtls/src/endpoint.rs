@@ -176,6 +176,19 @@ impl Endpoint {
         &self.config
     }
 
+    /// Use `certificate_chain` and `private_key` for every handshake that starts from now on
+    /// (a renewed server certificate); sessions and handshakes in progress keep theirs.
+    pub fn set_credentials(
+        &mut self,
+        certificate_chain: Vec<Vec<u8>>,
+        private_key: Arc<crate::SigningKey>,
+    ) {
+        let mut config = ServerConfig::clone(&self.config);
+        config.certificate_chain = certificate_chain;
+        config.private_key = private_key;
+        self.config = Arc::new(config);
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

@@ -4,7 +4,9 @@
 pub(crate) mod audit;
 pub(crate) mod c509;
 pub(crate) mod certs;
+pub(crate) mod crl;
 pub(crate) mod devices;
+pub(crate) mod dtls;
 pub(crate) mod factory;
 pub(crate) mod init;
 

@@ -36,6 +36,7 @@
 //! p256 crate (docs/benchmarks.md, "Figures behind code comments"); p256 is used only to write
 //! PKCS#8 for newly generated keys.
 
+mod crl;
 mod csr;
 mod error;
 mod issue;
@@ -45,6 +46,7 @@ mod pkcs7;
 mod pki;
 mod signer;
 
+pub use crl::{verify_crl, CrlEntry, CrlParams, VerifiedCrl};
 pub use csr::{build_csr, csr_digest, parse_and_verify_csr, ParsedCsr};
 pub use error::{CaError, CsrError};
 pub use issue::{random_serial, IssueParams, IssuingCa};
