@@ -114,6 +114,8 @@ pub struct DtlsSection {
     pub extended_master_secret_required: bool,
     /// Answer a ClientHello's use_srtp extension (RFC 5764) rather than refuse the handshake.
     pub answer_use_srtp: bool,
+    /// SO_RCVBUF asked for the UDP socket; 0 leaves the OS default.
+    pub socket_receive_buffer_bytes: usize,
 }
 
 /// Largest Connection ID the engine issues.
@@ -200,6 +202,7 @@ impl Default for DtlsSection {
             final_flight_retention_secs: 240,
             extended_master_secret_required: true,
             answer_use_srtp: false,
+            socket_receive_buffer_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -214,6 +217,7 @@ pub struct CoapSection {
     pub non_lifetime_secs: u64,
     pub max_request_body_bytes: usize,
     pub max_dedup_entries: usize,
+    pub max_pending_requests: usize,
     pub max_block2_szx: u8,
     pub max_block1_szx: u8,
 }
@@ -228,6 +232,7 @@ impl Default for CoapSection {
             non_lifetime_secs: 145,
             max_request_body_bytes: 16 * 1024,
             max_dedup_entries: 64,
+            max_pending_requests: 4,
             max_block2_szx: 6,
             max_block1_szx: 6,
         }
@@ -479,6 +484,10 @@ extended_master_secret_required = true
 # such WebRTC-derived clients; meters' stacks (Mbed TLS, wolfSSL, tinydtls, OpenSSL) never
 # offer it. false: the offer is ignored, and such clients give up.
 answer_use_srtp = false
+# SO_RCVBUF asked for the UDP socket: room for bursts of handshake flights while the driver is
+# busy (0 = the OS default, often 208 KiB). Linux caps it at net.core.rmem_max; a smaller
+# buffer than asked is logged at start.
+socket_receive_buffer_bytes = 4194304
 
 [coap]
 # RFC 7252 §4.8 transmission parameters (used for the derived lifetimes below).
@@ -492,6 +501,9 @@ non_lifetime_secs = 145
 max_request_body_bytes = 16384
 # Remembered responses per session for duplicate detection (oldest evicted first).
 max_dedup_entries = 64
+# Requests of one session being worked on at once (a meter has one: NSTART = 1, RFC 7252
+# §4.7); more get 5.03 + Max-Age. At least 1 and below max_dedup_entries.
+max_pending_requests = 4
 # Largest block size exponent we use: block size = 2^(szx+4), 6 = 1024 bytes (RFC 7959).
 max_block2_szx = 6
 max_block1_szx = 6
@@ -640,6 +652,21 @@ impl Config {
                 "SZX is 0..=6 (16..1024 bytes)",
             ));
         }
+        if self.coap.max_pending_requests == 0
+            || self.coap.max_pending_requests >= self.coap.max_dedup_entries
+        {
+            return Err(invalid(
+                "coap.max_pending_requests",
+                format!(
+                    "must be at least 1 and below coap.max_dedup_entries ({}): every pending \
+                     request holds a duplicate-detection entry until it is answered",
+                    self.coap.max_dedup_entries
+                ),
+            ));
+        }
+        self.coap_config()
+            .validate()
+            .map_err(|e| invalid("coap", e.to_string()))?;
         if self.coap.max_request_body_bytes < self.est.max_csr_bytes {
             return Err(invalid(
                 "coap.max_request_body_bytes",
@@ -847,9 +874,9 @@ impl Config {
             non_lifetime: Duration::from_secs(self.coap.non_lifetime_secs),
             max_request_body_bytes: self.coap.max_request_body_bytes,
             max_dedup_entries: self.coap.max_dedup_entries,
+            max_pending_requests: self.coap.max_pending_requests,
             max_block2_szx: self.coap.max_block2_szx,
             max_block1_szx: self.coap.max_block1_szx,
-            ..est_proto::coap::CoapConfig::default()
         }
     }
 
@@ -934,6 +961,31 @@ mod tests {
         assert!(
             err.to_string().contains("dtls.cipher_suites") && err.to_string().contains("chacha"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn pending_requests_stay_below_the_dedup_entries() {
+        let err = |t: &str| {
+            Config::parse(&format!("[coap]\n{t}\n"), Path::new("x"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("max_pending_requests = 0").contains("coap.max_pending_requests"));
+        assert!(err("max_dedup_entries = 4").contains("coap.max_pending_requests"));
+        assert!(err("max_dedup_entries = 0").contains("coap.max_pending_requests"));
+        let ok = Config::parse(
+            "[coap]\nmax_dedup_entries = 8\nmax_pending_requests = 7\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(ok.coap_config().max_pending_requests, 7);
+        let d = Config::parse("[dtls]\nsocket_receive_buffer_bytes = 0\n", Path::new("x")).unwrap();
+        assert_eq!(
+            crate::service::dtls_server_config(&d.dtls)
+                .unwrap()
+                .socket_receive_buffer_bytes,
+            0
         );
     }
 

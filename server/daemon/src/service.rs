@@ -234,6 +234,7 @@ pub fn dtls_server_config(d: &DtlsSection) -> Result<DtlsServerConfig, ConfigErr
         cid_length: d.cid_length,
         cid_prefix: d.cid_prefix()?,
         max_log_lines_per_sec: d.max_log_lines_per_sec,
+        socket_receive_buffer_bytes: d.socket_receive_buffer_bytes,
         ..DtlsServerConfig::default()
     })
 }
