@@ -931,3 +931,50 @@ async fn panicking_policy_hook_refuses_and_leaves_no_state() {
     assert_eq!(m.tracked_addresses_now, 0, "{m:?}");
     assert_eq!(m.refused_bad_certificate, 1, "{m:?}");
 }
+
+/// A session task that does not read cannot make the driver hold more than the per-session
+/// byte budget (32 KiB), however large the records: the rest is dropped and counted, as a full
+/// socket buffer would. Then reading resumes normally.
+#[tokio::test]
+async fn a_session_that_does_not_read_holds_at_most_its_byte_budget() {
+    let pki = TestPki::generate();
+    let (listener, addr) = start_server(pki.server_config()).await;
+    let socket = client_socket().await;
+    let cfg = pki.device_config("127.0.0.1");
+    let accept = {
+        let listener = Arc::clone(&listener);
+        tokio::spawn(async move { listener.accept().await })
+    };
+    let conn = connect(&socket, addr, &cfg).await.unwrap();
+    let session = accept.await.unwrap().unwrap();
+    // 30 records of 4,000 bytes (120,000 bytes), nobody reading on the server.
+    for i in 0..30u8 {
+        conn.write(&vec![i; 4000], None).await.unwrap();
+    }
+    // 8 records fit the 32 KiB budget (32,000 bytes); the other 22 are dropped.
+    wait_for(|| listener.metrics().dropped_queue_full >= 22).await;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut queued = 0;
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(200), session.recv(&mut buf)).await
+    {
+        assert_eq!(n, 4000);
+        queued += n;
+    }
+    assert_eq!(queued, 32_000, "bytes queued for the session");
+    assert_eq!(
+        u64::try_from(queued / 4000).unwrap() + listener.metrics().dropped_queue_full,
+        30
+    );
+    // The budget is free again: the next record goes through.
+    assert_eq!(round_trip_after_drain(&conn, &session).await, 1200);
+}
+
+async fn round_trip_after_drain(conn: &DTLSConn, session: &DtlsSession) -> usize {
+    conn.write(&[7u8; 1200], None).await.unwrap();
+    let mut buf = vec![0u8; 2048];
+    tokio::time::timeout(Duration::from_secs(5), session.recv(&mut buf))
+        .await
+        .unwrap()
+        .unwrap()
+}

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use est_dtls::{ConnectionHandle, Endpoint, Event, RefusalReason};
@@ -31,6 +31,10 @@ use super::{
 const ACCEPT_QUEUE: usize = 1024;
 /// Plaintext datagrams queued per session before further ones are dropped (CoAP retransmits).
 const SESSION_QUEUE: usize = 32;
+/// Bytes queued for one session task, whatever the datagram count: DTLS allows 16 KiB records,
+/// and without this budget 32 of them (512 KiB) could wait per session (docs/limits.md).
+/// 32 KiB holds 28 full 1,152-byte datagrams, or two records of the largest kind.
+const SESSION_QUEUE_BYTES: usize = 32 * 1024;
 /// Commands from sessions to the driver.
 const COMMAND_QUEUE: usize = 4096;
 /// Largest datagram read from the socket.
@@ -150,6 +154,8 @@ enum Command {
 /// What the driver keeps per established session.
 struct SessionLink {
     data_tx: mpsc::Sender<Vec<u8>>,
+    /// Bytes in `data_tx` not yet taken by the session task.
+    queued_bytes: Arc<AtomicUsize>,
     closed_tx: watch::Sender<Option<CloseReason>>,
     peer: Arc<Mutex<SocketAddr>>,
 }
@@ -409,6 +415,7 @@ impl<S: DatagramSocket> Driver<S> {
                     return;
                 };
                 let (data_tx, data_rx) = mpsc::channel(SESSION_QUEUE);
+                let queued_bytes = Arc::new(AtomicUsize::new(0));
                 let (closed_tx, closed_rx) = watch::channel(None);
                 let peer = Arc::new(Mutex::new(conn.peer()));
                 let verification: Option<PeerVerification> =
@@ -420,6 +427,7 @@ impl<S: DatagramSocket> Driver<S> {
                     peer_verification: verification,
                     cipher_suite: conn.cipher_suite().map(CipherSuiteName::from_engine),
                     data_rx: tokio::sync::Mutex::new(data_rx),
+                    queued_bytes: Arc::clone(&queued_bytes),
                     closed_rx,
                     commands: self.shared.commands.clone(),
                     max_datagram: conn.max_datagram().min(self.shared.max_datagram),
@@ -436,6 +444,7 @@ impl<S: DatagramSocket> Driver<S> {
                     h,
                     SessionLink {
                         data_tx,
+                        queued_bytes,
                         closed_tx,
                         peer,
                     },
@@ -443,7 +452,17 @@ impl<S: DatagramSocket> Driver<S> {
             }
             Event::Data(h, d) => {
                 if let Some(link) = self.sessions.get(&h) {
-                    if link.data_tx.try_send(d).is_err() {
+                    let len = d.len();
+                    let within_budget =
+                        link.queued_bytes.load(Ordering::Acquire) + len <= SESSION_QUEUE_BYTES;
+                    if within_budget {
+                        link.queued_bytes.fetch_add(len, Ordering::AcqRel);
+                    }
+                    if !within_budget || link.data_tx.try_send(d).is_err() {
+                        if within_budget {
+                            link.queued_bytes.fetch_sub(len, Ordering::AcqRel);
+                        }
+                        // Like a full socket buffer: dropped, the peer retransmits.
                         self.shared
                             .counters
                             .queue_full
@@ -474,6 +493,7 @@ pub struct DtlsSession {
     peer_verification: Option<PeerVerification>,
     cipher_suite: Option<CipherSuiteName>,
     data_rx: tokio::sync::Mutex<mpsc::Receiver<Vec<u8>>>,
+    queued_bytes: Arc<AtomicUsize>,
     closed_rx: watch::Receiver<Option<CloseReason>>,
     commands: mpsc::Sender<Command>,
     max_datagram: usize,
@@ -523,7 +543,7 @@ impl DtlsSession {
     pub async fn recv_datagram(&self) -> Result<Vec<u8>, TransportError> {
         let mut rx = self.data_rx.lock().await;
         let mut closed = self.closed_rx.clone();
-        tokio::select! {
+        let got = tokio::select! {
             biased;
             d = rx.recv() => d.ok_or_else(|| {
                 TransportError::Closed(self.close_reason().unwrap_or(CloseReason::Shutdown))
@@ -531,7 +551,11 @@ impl DtlsSession {
             _ = closed.wait_for(Option::is_some) => rx.try_recv().map_err(|_| {
                 TransportError::Closed(self.close_reason().unwrap_or(CloseReason::LocalClose))
             }),
+        };
+        if let Ok(d) = &got {
+            self.queued_bytes.fetch_sub(d.len(), Ordering::AcqRel);
         }
+        got
     }
 
     /// Receive one plaintext datagram into `buf`. `Err(Closed)` once the session ended.
