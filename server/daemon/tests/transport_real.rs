@@ -83,6 +83,28 @@ async fn round_trip(conn: &DTLSConn, payload: &[u8]) -> Vec<u8> {
     panic!("no echo of {:?}", String::from_utf8_lossy(payload));
 }
 
+/// A server on the test PKI and one device connected to it: (listener, the device's socket, its
+/// DTLS connection, the server's session).
+async fn one_session(
+    pki: &TestPki,
+) -> (
+    Arc<DtlsListener>,
+    Arc<UdpSocket>,
+    Arc<DTLSConn>,
+    DtlsSession,
+) {
+    let (listener, addr) = start_server(pki.server_config()).await;
+    let socket = client_socket().await;
+    let cfg = pki.device_config("127.0.0.1");
+    let accept = {
+        let listener = Arc::clone(&listener);
+        tokio::spawn(async move { listener.accept().await })
+    };
+    let conn = connect(&socket, addr, &cfg).await.unwrap();
+    let session = accept.await.unwrap().unwrap();
+    (listener, socket, conn, session)
+}
+
 /// The listener refused one handshake and holds no session or half-open state for it.
 async fn one_refusal_and_nothing_left(listener: &DtlsListener) {
     wait_for(|| listener.metrics().handshakes_failed == 1).await;
@@ -95,16 +117,7 @@ async fn one_refusal_and_nothing_left(listener: &DtlsListener) {
 #[tokio::test]
 async fn good_client_completes_and_exchanges_data() {
     let pki = TestPki::generate();
-    let (listener, addr) = start_server(pki.server_config()).await;
-    let socket = client_socket().await;
-    let cfg = pki.device_config("127.0.0.1");
-
-    let accept = {
-        let listener = Arc::clone(&listener);
-        tokio::spawn(async move { listener.accept().await })
-    };
-    let conn = connect(&socket, addr, &cfg).await.unwrap();
-    let session = accept.await.unwrap().unwrap();
+    let (listener, socket, conn, session) = one_session(&pki).await;
 
     assert_eq!(session.peer_addr(), socket.local_addr().unwrap());
     assert_eq!(
@@ -938,15 +951,7 @@ async fn panicking_policy_hook_refuses_and_leaves_no_state() {
 #[tokio::test]
 async fn a_session_that_does_not_read_holds_at_most_its_byte_budget() {
     let pki = TestPki::generate();
-    let (listener, addr) = start_server(pki.server_config()).await;
-    let socket = client_socket().await;
-    let cfg = pki.device_config("127.0.0.1");
-    let accept = {
-        let listener = Arc::clone(&listener);
-        tokio::spawn(async move { listener.accept().await })
-    };
-    let conn = connect(&socket, addr, &cfg).await.unwrap();
-    let session = accept.await.unwrap().unwrap();
+    let (listener, _socket, conn, session) = one_session(&pki).await;
     // 30 records of 4,000 bytes (120,000 bytes), nobody reading on the server.
     for i in 0..30u8 {
         conn.write(&vec![i; 4000], None).await.unwrap();
