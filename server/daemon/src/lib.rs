@@ -7,6 +7,7 @@ pub mod config;
 pub mod datadir;
 pub mod factory;
 pub mod lifetime;
+pub mod metrics;
 pub mod revocation;
 pub mod service;
 pub mod store;
