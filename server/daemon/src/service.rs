@@ -346,7 +346,10 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     let view = Arc::new(RevocationView::default());
     view.set_manufacturer_crls(&manufacturer_crls);
     view.reload(store.as_ref())?;
-    revocation_tick(&est, store.as_ref(), &view, &cfg.revocation, &data_dir, now)?;
+    if let Err(e) = revocation_tick(&est, store.as_ref(), &view, &cfg.revocation, &data_dir, now) {
+        // Enrollment goes on; the poll tries again every poll_interval_secs.
+        tracing::error!(error = %format!("{e:#}"), "could not publish the CRL at start");
+    }
     // The client chain is validated once, at the handshake, by the policy (rustls-webpki against
     // the manufacturer CAs and our CA), which records the anchor class for /sen vs /sren.
     // Then the revocation checks: a revoked LDevID, a blocked device, an IDevID on its
