@@ -157,6 +157,21 @@ fn assert_handshake_refused(run: &CoapRun, before: u64, srv: &TestServer) {
     );
 }
 
+/// Wait (up to 5 s) for an audit row of a refused handshake of `device`: the verifier hands it
+/// to the store writer and the handshake's refusal does not wait for the commit.
+async fn wait_for_handshake_audit(srv: &TestServer, device: &str) {
+    for _ in 0..50 {
+        let rows = srv.store().recent_audit(100).unwrap();
+        if rows
+            .iter()
+            .any(|a| a.operation == "handshake" && a.device_id == device)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Wait until the server's handshake checks reflect every revocation in the store (the
 /// revocation poll, [revocation] poll_interval_secs).
 async fn wait_for_revocation_poll(srv: &TestServer) {
@@ -266,6 +281,7 @@ async fn a_revoked_ldevid_cannot_reenroll_and_the_crl_lists_it() {
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 1
     );
+    wait_for_handshake_audit(&srv, "SNREVOKED1").await;
     let audit = srv.store().recent_audit(50).unwrap();
     assert!(
         audit.iter().any(|a| a.operation == "revoke"
@@ -445,6 +461,7 @@ async fn a_blocked_device_is_refused_and_its_certificate_revoked() {
     assert_eq!(certs.len(), 2);
     assert_eq!(status("SNSTOLEN1"), Some("revoked"));
     assert_eq!(status("SNKEEP1"), Some("active"));
+    wait_for_handshake_audit(&srv, "SNSTOLEN1").await;
     let audit = srv.store().recent_audit(50).unwrap();
     assert!(
         audit
@@ -570,6 +587,7 @@ async fn an_idevid_on_its_manufacturers_crl_is_refused() {
     )
     .await;
     assert!(run.payload.is_some(), "{run:?}");
+    wait_for_handshake_audit(&srv, "SNMFRBAD").await;
     let audit = srv.store().recent_audit(20).unwrap();
     assert!(
         audit.iter().any(|a| a.operation == "handshake"

@@ -50,6 +50,31 @@ pub struct Config {
     pub hsm: crate::hsm::HsmSection,
     pub enrollment: EnrollmentSection,
     pub revocation: RevocationSection,
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// TCP address of the `/metrics` HTTP endpoint, e.g. "127.0.0.1:9184"; "" = off.
+    pub listen: String,
+}
+
+impl MetricsSection {
+    /// The address to listen on, if the endpoint is on.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        let t = self.listen.trim();
+        if t.is_empty() {
+            return Ok(None);
+        }
+        t.parse().map(Some).map_err(|_| {
+            invalid(
+                "metrics.listen",
+                format!("{t:?} is not an address:port (e.g. \"127.0.0.1:9184\")"),
+            )
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -603,6 +628,14 @@ poll_interval_secs = 2
 # Audit rows for handshakes refused because of a revocation or a block, per second at most;
 # the rest are counted in the metrics line.
 max_handshake_audit_per_sec = 10
+
+[metrics]
+# Prometheus endpoint: http://<listen>/metrics (OpenMetrics text) with every transport counter
+# and gauge, the CoAP sessions' counters summed, EST outcomes by reason, the store writer,
+# enrollments in flight, handshake refusals by reason and the certificates' days left.
+# "" = off; e.g. "127.0.0.1:9184". The metrics log line ([server] metrics_log_interval_secs)
+# is kept either way.
+listen = ""
 "#;
 
 impl Config {
@@ -692,6 +725,7 @@ impl Config {
             return Err(invalid("storage.max_batch", "must be positive"));
         }
         self.hsm.validate()?;
+        self.metrics.listen_addr()?;
         if self.enrollment.period_secs == 0 {
             return Err(invalid("enrollment.period_secs", "must be positive"));
         }

@@ -8,6 +8,7 @@ pub mod datadir;
 pub mod factory;
 pub mod hsm;
 pub mod lifetime;
+pub mod metrics;
 pub mod revocation;
 pub mod safefs;
 pub mod service;

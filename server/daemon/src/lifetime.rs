@@ -93,13 +93,7 @@ pub fn renew_dtls_certificate(
     std::fs::rename(&key_tmp, &key_path)
         .with_context(|| format!("replacing {}", key_path.display()))?;
     let cert_tmp = cert_path.with_extension("pem.new");
-    std::fs::write(&cert_tmp, datadir::cert_pem(&cert)?)
-        .with_context(|| format!("writing {}", cert_tmp.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&cert_tmp, std::fs::Permissions::from_mode(0o644))?;
-    }
+    datadir::write_public(&cert_tmp, datadir::cert_pem(&cert)?.as_bytes())?;
     std::fs::rename(&cert_tmp, &cert_path)
         .with_context(|| format!("replacing {}", cert_path.display()))?;
     let parsed = x509_cert::Certificate::from_der(&cert)?;

@@ -462,6 +462,10 @@ impl RevocationView {
         let Ok(g) = self.inner.read() else {
             return Ok(());
         };
+        // Nothing revoked or blocked anywhere (the usual case): no parsing at all.
+        if g.revoked.is_empty() && g.blocked.is_empty() && g.manufacturer.is_empty() {
+            return Ok(());
+        }
         let Some(leaf) = chain.first().and_then(|d| Certificate::from_der(d).ok()) else {
             return Ok(());
         };

@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, ConfigError, DtlsSection};
 use crate::datadir::{self, Loaded};
+use crate::metrics::MetricsSources;
 use crate::revocation::{self, RevocationView};
 use crate::store::SqliteStore;
 use crate::transport::{
@@ -43,6 +44,8 @@ pub struct ServiceCounters {
     pub commits: AtomicU64,
     /// Requests acknowledged with an empty ACK because their commit was slow.
     pub slow_commit_acks: AtomicU64,
+    /// The CoAP layer's counters and gauges, summed over every session.
+    pub coap: crate::metrics::CoapAggregate,
 }
 
 /// The wall clock of certificate validity, CRL times and audit rows: the system clock plus
@@ -138,6 +141,8 @@ pub struct RunningServer {
     /// The wall clock every validity decision uses (tests move it).
     pub clock: Arc<WallClock>,
     pub lifetimes: Arc<Lifetimes>,
+    /// Where `/metrics` listens (`[metrics] listen`), if it does.
+    pub metrics_addr: Option<SocketAddr>,
     config: Config,
     data_dir: PathBuf,
     manufacturer_cas: Vec<Vec<u8>>,
@@ -342,7 +347,10 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     let view = Arc::new(RevocationView::default());
     view.set_manufacturer_crls(&manufacturer_crls);
     view.reload(store.as_ref())?;
-    revocation_tick(&est, store.as_ref(), &view, &cfg.revocation, &data_dir, now)?;
+    if let Err(e) = revocation_tick(&est, store.as_ref(), &view, &cfg.revocation, &data_dir, now) {
+        // Enrollment goes on; the poll tries again every poll_interval_secs.
+        tracing::error!(error = %format!("{e:#}"), "could not publish the CRL at start");
+    }
     // The client chain is validated once, at the handshake, by the policy (rustls-webpki against
     // the manufacturer CAs and our CA), which records the anchor class for /sen vs /sren.
     // Then the revocation checks: a revoked LDevID, a blocked device, an IDevID on its
@@ -410,17 +418,30 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     let local_addr = listener.local_addr()?;
     let counters = Arc::new(ServiceCounters::default());
     let (stop, stop_rx) = watch::channel(false);
+    let sources = MetricsSources {
+        listener: listener.clone(),
+        est: est.clone(),
+        store: store.clone(),
+        counters: counters.clone(),
+        revocation: view.clone(),
+        lifetimes: lifetimes.clone(),
+        clock: clock.clone(),
+    };
+    let metrics_addr = match cfg.metrics.listen_addr()? {
+        Some(addr) => {
+            let l = crate::metrics::bind(addr)
+                .await
+                .with_context(|| format!("binding [metrics] listen {addr} (TCP)"))?;
+            let bound = l.local_addr()?;
+            tracing::info!(addr = %bound, "Prometheus metrics at http://{bound}/metrics");
+            tokio::spawn(crate::metrics::serve(l, sources.clone(), stop_rx.clone()));
+            Some(bound)
+        }
+        None => None,
+    };
     if cfg.server.metrics_log_interval_secs > 0 {
         tokio::spawn(metrics_loop(
-            MetricsSources {
-                listener: listener.clone(),
-                est: est.clone(),
-                store: store.clone(),
-                counters: counters.clone(),
-                revocation: view.clone(),
-                lifetimes: lifetimes.clone(),
-                clock: clock.clone(),
-            },
+            sources,
             Duration::from_secs(cfg.server.metrics_log_interval_secs),
             stop_rx.clone(),
         ));
@@ -451,6 +472,7 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
         revocation: view,
         clock,
         lifetimes,
+        metrics_addr,
         config,
         data_dir,
         manufacturer_cas,
@@ -496,17 +518,6 @@ async fn revocation_loop(
             Err(e) => tracing::error!(error = %e, "revocation poll panicked"),
         }
     }
-}
-
-/// What the metrics line reads.
-struct MetricsSources {
-    listener: Arc<DtlsListener>,
-    est: Arc<EstService>,
-    store: Arc<SqliteStore>,
-    counters: Arc<ServiceCounters>,
-    revocation: Arc<RevocationView>,
-    lifetimes: Arc<Lifetimes>,
-    clock: Arc<WallClock>,
 }
 
 /// One structured log line of every counter, periodically: what an operator graphs.
@@ -659,6 +670,7 @@ async fn serve_session(
     // the result is sent): bounded by `[est] max_concurrent_enrollments`.
     let (results_tx, mut results) = mpsc::unbounded_channel::<(CommitId, CommitResult)>();
     let mut seen = core.stats();
+    let mut coap_seen = est_proto::coap::SessionStats::default();
     'serve: loop {
         while let Some(d) = core.poll_transmit() {
             if session.send(&d).await.is_err() {
@@ -694,6 +706,9 @@ async fn serve_session(
             Ordering::Relaxed,
         );
         seen = stats;
+        let coap = core.coap_stats();
+        counters.coap.update(&coap_seen, &coap);
+        coap_seen = coap;
         let deadline = core.poll_timeout();
         tokio::select! {
             // The datagram comes as its own buffer: an idle session holds none (10,000 held
@@ -709,6 +724,7 @@ async fn serve_session(
             _ = sleep_until_std(deadline) => core.handle_timeout(now()),
         }
     }
+    counters.coap.end(&coap_seen);
     session.close().await;
 }
 

@@ -983,4 +983,151 @@ mod tests {
         assert!(s.device_allowed("SN1").unwrap());
         assert!(!s.device_allowed("SN3").unwrap());
     }
+
+    fn rev(serial: &str, reason: RevocationReason) -> Revocation {
+        Revocation {
+            serial_hex: serial.into(),
+            reason,
+            revoked_at_unix: 50,
+            audit: audit("SN1"),
+        }
+    }
+
+    #[test]
+    fn revoke_block_generation_and_crl_numbers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = SqliteStore::open(&path, 4).unwrap();
+            assert_eq!(s.revocation_generation().unwrap(), 0);
+            issue(&s, cert("01", "SN1", 1), audit("SN1")).unwrap();
+            issue(&s, cert("02", "SN2", 2), audit("SN2")).unwrap();
+            issue(&s, cert("03", "SN3", 3), audit("SN3")).unwrap();
+            assert_eq!(
+                s.revoke(&rev("ff", RevocationReason::KeyCompromise))
+                    .unwrap(),
+                RevokeOutcome::NotFound
+            );
+            assert!(matches!(
+                s.revoke(&rev("01", RevocationReason::KeyCompromise)).unwrap(),
+                RevokeOutcome::Revoked(c) if c.status == CertStatus::Active
+            ));
+            assert!(matches!(
+                s.revoke(&rev("01", RevocationReason::Superseded)).unwrap(),
+                RevokeOutcome::AlreadyRevoked(_)
+            ));
+            assert_eq!(s.revocation_generation().unwrap(), 1);
+            let block = |dev: &str, keep: bool| DeviceBlock {
+                device_id: dev.into(),
+                reason: RevocationReason::CessationOfOperation,
+                at_unix: 60,
+                keep_certs: keep,
+                audit: audit(dev),
+            };
+            let b = s.block_device(&block("SN2", false)).unwrap();
+            assert!(b.newly_blocked);
+            assert_eq!(b.revoked_serials, ["02"]);
+            let b = s.block_device(&block("SN3", true)).unwrap();
+            assert!(b.revoked_serials.is_empty());
+            assert!(!s.block_device(&block("SN3", true)).unwrap().newly_blocked);
+            assert_eq!(s.revocation_generation().unwrap(), 4);
+            assert!(s.device_blocked("SN2").unwrap() && !s.device_blocked("SN1").unwrap());
+            assert_eq!(s.blocked_devices().unwrap(), ["SN2", "SN3"]);
+            assert_eq!(
+                s.revoked_certificates().unwrap(),
+                [
+                    RevokedEntry {
+                        serial_hex: "01".into(),
+                        revoked_at_unix: 50,
+                        reason: RevocationReason::KeyCompromise
+                    },
+                    RevokedEntry {
+                        serial_hex: "02".into(),
+                        revoked_at_unix: 60,
+                        reason: RevocationReason::CessationOfOperation
+                    },
+                ]
+            );
+            assert_eq!(
+                s.find_by_serial("03").unwrap().unwrap().status,
+                CertStatus::Active
+            );
+            // A blocked device is refused at commit, whatever was decided before.
+            assert_eq!(
+                issue(&s, cert("04", "SN3", 4), audit("SN3")).unwrap(),
+                CommitOutcome::Refused("device is blocked (decommissioned)".into())
+            );
+            // So is a re-enrollment whose certificate was revoked meanwhile.
+            let mut renewal = cert("05", "SN1", 5);
+            renewal.replaces_serial_hex = Some("01".into());
+            assert!(matches!(
+                issue(&s, renewal, audit("SN1")).unwrap(),
+                CommitOutcome::Refused(r) if r.contains("revoked")
+            ));
+            assert!(s.find_by_serial("04").unwrap().is_none());
+            // Issuances per device since a time.
+            assert_eq!(
+                s.issued_since("SN1", 0).unwrap(),
+                IssuanceWindow {
+                    count: 1,
+                    oldest_unix: Some(3)
+                }
+            );
+            assert_eq!(s.issued_since("SN1", 4).unwrap().count, 0);
+            // cRLNumbers only grow; an older CRL never replaces a newer one.
+            assert_eq!(s.latest_crl().unwrap(), None);
+            assert_eq!(s.next_crl_number().unwrap(), 1);
+            assert_eq!(s.next_crl_number().unwrap(), 2);
+            let crl = |n: u64| CrlRecord {
+                number: n,
+                this_update_unix: 1,
+                next_update_unix: 2,
+                generation: 4,
+                der: vec![n as u8],
+            };
+            assert!(s.save_crl(&crl(2)).unwrap());
+            assert!(!s.save_crl(&crl(1)).unwrap());
+            assert_eq!(s.latest_crl().unwrap().unwrap().number, 2);
+        }
+        // All of it durable.
+        let s = SqliteStore::open(&path, 4).unwrap();
+        assert_eq!(s.revocation_generation().unwrap(), 4);
+        assert_eq!(s.next_crl_number().unwrap(), 3);
+        assert_eq!(s.revoked_certificates().unwrap().len(), 2);
+        assert_eq!(
+            s.recent_audit(50)
+                .unwrap()
+                .iter()
+                .filter(|a| a.device_id == "SN2")
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_database_from_before_revocation_is_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite3");
+        {
+            // The schema as first released: no revocation columns or tables.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE certificates (serial TEXT PRIMARY KEY, device_id TEXT NOT NULL, \
+                 subject TEXT NOT NULL, der BLOB NOT NULL, request_digest BLOB NOT NULL, \
+                 not_before INTEGER NOT NULL, not_after INTEGER NOT NULL, issued_at INTEGER NOT NULL, \
+                 status TEXT NOT NULL, kind TEXT NOT NULL, replaces TEXT);
+                 INSERT INTO certificates VALUES ('0a', 'SN1', 'CN=SN1', x'3000', zeroblob(32), 1, 2, 3, 'active', 'enroll', NULL);",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path, 4).unwrap();
+        assert!(matches!(
+            s.revoke(&rev("0a", RevocationReason::Superseded)).unwrap(),
+            RevokeOutcome::Revoked(_)
+        ));
+        assert_eq!(
+            s.revoked_certificates().unwrap()[0].reason,
+            RevocationReason::Superseded
+        );
+    }
 }

@@ -63,6 +63,17 @@ pub(crate) fn run(data_dir: &Path, cmd: CertsCommand) -> Result<()> {
                     if let Some(r) = &c.replaces_serial_hex {
                         println!("replaces:   {r}");
                     }
+                    if c.status == est_proto::store::CertStatus::Revoked {
+                        use est_proto::store::Store;
+                        if let Some(r) = store
+                            .revoked_certificates()?
+                            .into_iter()
+                            .find(|r| r.serial_hex == c.serial_hex)
+                        {
+                            println!("revoked at: {}", utc(r.revoked_at_unix));
+                            println!("reason:     {} ({})", r.reason.name(), r.reason.code());
+                        }
+                    }
                     print!("{}", datadir::cert_pem(&c.der)?);
                 }
                 many => bail!(

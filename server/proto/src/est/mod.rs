@@ -194,7 +194,15 @@ pub struct EstCounters {
     /// Enrollments refused by policy because the device is blocked or its certificate
     /// revoked (included in `refused`).
     pub refused_revoked: u64,
+    /// Audited refusals by the code answered, in the order of [`REFUSAL_CODES`].
+    pub refusals_by_code: [u64; REFUSAL_CODES.len()],
 }
+
+/// The codes an audited enrollment refusal is answered with ([`EstCounters::refusals_by_code`];
+/// "other" counts any code not listed).
+pub const REFUSAL_CODES: [&str; 8] = [
+    "4.00", "4.03", "4.06", "4.13", "4.15", "5.00", "5.03", "other",
+];
 
 #[derive(Default)]
 struct AtomicCounters {
@@ -206,6 +214,7 @@ struct AtomicCounters {
     rate_limited: AtomicU64,
     ca_unavailable: AtomicU64,
     refused_revoked: AtomicU64,
+    refusals_by_code: [AtomicU64; REFUSAL_CODES.len()],
 }
 
 /// The EST-coaps service: resources, policy, CA, store and the enrollment gate, shared by
@@ -356,6 +365,11 @@ impl EstService {
             rate_limited: c.rate_limited.load(Ordering::Relaxed),
             ca_unavailable: c.ca_unavailable.load(Ordering::Relaxed),
             refused_revoked: c.refused_revoked.load(Ordering::Relaxed),
+            refusals_by_code: std::array::from_fn(|i| {
+                c.refusals_by_code
+                    .get(i)
+                    .map_or(0, |a| a.load(Ordering::Relaxed))
+            }),
         }
     }
 
@@ -585,6 +599,14 @@ impl EstService {
     fn count_refusal(&self, e: &EstError) {
         use crate::policy::PolicyError as P;
         let c = &self.counters;
+        let code = e.code_text();
+        let i = REFUSAL_CODES
+            .iter()
+            .position(|k| *k == code)
+            .unwrap_or(REFUSAL_CODES.len() - 1);
+        if let Some(a) = c.refusals_by_code.get(i) {
+            a.fetch_add(1, Ordering::Relaxed);
+        }
         match e {
             EstError::RateLimited { .. } => c.rate_limited.fetch_add(1, Ordering::Relaxed),
             EstError::CaUnavailable { .. } => c.ca_unavailable.fetch_add(1, Ordering::Relaxed),

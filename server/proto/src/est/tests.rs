@@ -1007,3 +1007,269 @@ fn crts_as_cose_c509() {
         pki.issuing_der
     );
 }
+
+#[test]
+fn per_device_rate_limit_answers_503_with_the_wait_as_max_age_and_is_audited() {
+    let mut pki = Pki::new();
+    let est = EstConfig {
+        max_enrollments_per_device: 2,
+        enrollment_period: Duration::from_secs(3600),
+        ..EstConfig::default()
+    };
+    let (svc, store) = pki.service(PolicyConfig::default(), est);
+    let dev = device(&mut pki, "SN1");
+    let first = post("sen", csr(&dev.signer, &name(&[])));
+    only_cert(&call(&svc, &dev.chain, &first, &mut pki.rng));
+    // A retry of the first is not a new enrollment.
+    only_cert(&call(&svc, &dev.chain, &first, &mut pki.rng));
+    let (_, k2) = pki.key();
+    only_cert(&call(
+        &svc,
+        &dev.chain,
+        &post("sen", csr(&k2, &name(&[]))),
+        &mut pki.rng,
+    ));
+    let (_, k3) = pki.key();
+    let r = call(
+        &svc,
+        &dev.chain,
+        &post("sen", csr(&k3, &name(&[]))),
+        &mut pki.rng,
+    );
+    // Both issued at now(): the first leaves the period in a full hour.
+    assert_eq!(
+        (r.code, r.max_age),
+        (ResponseType::ServiceUnavailable, Some(3600))
+    );
+    assert!(String::from_utf8_lossy(&r.payload).contains("rate limit"));
+    assert_eq!(store.certificates().len(), 2);
+    assert_eq!(svc.counters().rate_limited, 1);
+    let last = store.audit_events().pop().expect("audit");
+    assert_eq!(
+        (last.outcome.as_str(), last.code.as_str()),
+        ("refused", "5.03")
+    );
+    // Another device is not affected.
+    let other = device(&mut pki, "SN2");
+    only_cert(&call(
+        &svc,
+        &other.chain,
+        &post("sen", csr(&other.signer, &name(&[]))),
+        &mut pki.rng,
+    ));
+}
+
+#[test]
+fn a_ca_outside_its_validity_answers_503_with_a_diagnostic_not_500() {
+    let mut pki = Pki::new();
+    // An issuing CA of 100 days (from now() - 10 days); the maker's lasts ten years.
+    let (cert, key) =
+        ca::generate_root_ca("Short CA", "est", now() - 10 * DAY, 100 * DAY, &mut pki.rng)
+            .expect("CA");
+    let short = IssuingCa::new(
+        cert.clone(),
+        Box::new(RingP256Signer::from_pkcs8_der(&key).expect("key")),
+    )
+    .expect("CA");
+    let policy = Policy::new(
+        PolicyConfig::default(),
+        &[pki.maker.certificate_der().to_vec()],
+        &cert,
+    )
+    .expect("policy");
+    let store = Arc::new(MemoryStore::new());
+    let dyn_store: Arc<dyn Store> = store.clone();
+    let svc = EstService::new(EstConfig::default(), short, policy, dyn_store).expect("service");
+    let dev = device(&mut pki, "SN1");
+    let late = now() + 200 * DAY;
+    let ctx = RequestContext {
+        peer: "192.0.2.1:5684",
+        client_chain: &dev.chain,
+        verified: None,
+        now: late,
+    };
+    let r = serve(
+        &svc,
+        &ctx,
+        &post("sen", csr(&dev.signer, &name(&[]))),
+        &mut pki.rng,
+    );
+    assert_eq!(
+        (r.code, r.max_age),
+        (ResponseType::ServiceUnavailable, Some(3600))
+    );
+    let text = String::from_utf8_lossy(&r.payload).to_string();
+    assert!(text.contains("issuing CA certificate expired at"), "{text}");
+    assert!(store.certificates().is_empty());
+    assert_eq!(svc.counters().ca_unavailable, 1);
+}
+
+#[test]
+fn a_blocked_device_and_a_revoked_ldevid_are_refused_and_a_block_wins_at_commit() {
+    use crate::store::{DeviceBlock, Revocation, RevocationReason, RevokeOutcome};
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let audit = |d: &str| AuditEvent {
+        at_unix: 0,
+        peer: "cli".into(),
+        device_id: d.into(),
+        operation: "revoke".into(),
+        outcome: "revoked".into(),
+        code: "-".into(),
+        detail: String::new(),
+    };
+    // SN1 enrolls, its LDevID is revoked: /sren with it is refused.
+    let dev = device(&mut pki, "SN1");
+    let ldevid = only_cert(&call(
+        &svc,
+        &dev.chain,
+        &post("sen", csr(&dev.signer, &name(&[]))),
+        &mut pki.rng,
+    ));
+    let serial = hex::encode(ldevid.tbs_certificate.serial_number.as_bytes());
+    let r = store
+        .revoke(&Revocation {
+            serial_hex: serial.clone(),
+            reason: RevocationReason::KeyCompromise,
+            revoked_at_unix: 1,
+            audit: audit("SN1"),
+        })
+        .expect("revoke");
+    assert!(matches!(r, RevokeOutcome::Revoked(_)));
+    assert_eq!(store.revocation_generation().expect("gen"), 1);
+    let subject = ldevid.tbs_certificate.subject.clone();
+    let (_, k2) = pki.key();
+    let chain = vec![ldevid.to_der().expect("der")];
+    let r = call(
+        &svc,
+        &chain,
+        &post("sren", csr(&k2, &subject)),
+        &mut pki.rng,
+    );
+    assert_refused(&r, ResponseType::Forbidden, "revoked");
+    assert_eq!(svc.counters().refused_revoked, 1);
+
+    // SN2 is blocked: /sen refused.
+    let dev2 = device(&mut pki, "SN2");
+    store
+        .block_device(&DeviceBlock {
+            device_id: "SN2".into(),
+            reason: RevocationReason::CessationOfOperation,
+            at_unix: 2,
+            keep_certs: false,
+            audit: audit("SN2"),
+        })
+        .expect("block");
+    let r = call(
+        &svc,
+        &dev2.chain,
+        &post("sen", csr(&dev2.signer, &name(&[]))),
+        &mut pki.rng,
+    );
+    assert_refused(&r, ResponseType::Forbidden, "blocked");
+
+    // SN3 is decided, then blocked before its commit: the commit refuses it.
+    let dev3 = device(&mut pki, "SN3");
+    let verified = svc.policy().verify_peer_chain(&dev3.chain, now()).ok();
+    let ctx = RequestContext {
+        peer: "192.0.2.1:5684",
+        client_chain: &dev3.chain,
+        verified: verified.as_ref(),
+        now: now(),
+    };
+    let step = svc.begin(
+        &ctx,
+        &post("sen", csr(&dev3.signer, &name(&[]))),
+        &mut pki.rng,
+    );
+    let Step::Commit(commit, then) = step else {
+        panic!("an issuance commit was expected");
+    };
+    store
+        .block_device(&DeviceBlock {
+            device_id: "SN3".into(),
+            reason: RevocationReason::CessationOfOperation,
+            at_unix: 3,
+            keep_certs: true,
+            audit: audit("SN3"),
+        })
+        .expect("block");
+    let result = crate::store::commit_and_wait(svc.store().as_ref(), commit);
+    assert!(
+        matches!(result, Ok(CommitOutcome::Refused(_))),
+        "{result:?}"
+    );
+    let r = match svc.resume(*then, result) {
+        Step::Commit(audit_row, then) => {
+            let r = crate::store::commit_and_wait(svc.store().as_ref(), audit_row);
+            match svc.resume(*then, r) {
+                Step::Respond(r) => r,
+                Step::Commit(..) => panic!("one audit row"),
+            }
+        }
+        Step::Respond(r) => r,
+    };
+    assert_refused(&r, ResponseType::Forbidden, "blocked");
+    assert!(store.certificates().iter().all(|c| c.device_id != "SN3"));
+    assert_eq!(
+        store.revoked_certificates().expect("entries").len(),
+        1,
+        "SN2 had no certificate, SN3 kept its (none)"
+    );
+}
+
+#[test]
+fn the_crl_resource_serves_what_the_driver_set() {
+    let mut pki = Pki::new();
+    let est = EstConfig {
+        crl_path: vec!["crl".into()],
+        ..EstConfig::default()
+    };
+    let (svc, _) = pki.service(PolicyConfig::default(), est);
+    let dev = device(&mut pki, "SN1");
+    let get = |accept: Option<u16>| {
+        let mut r = Request::new(Method::Get, "/crl");
+        if let Some(a) = accept {
+            r = r.with_accept(a);
+        }
+        r
+    };
+    // Nothing published yet: come back later.
+    let r = call(&svc, &dev.chain, &get(None), &mut pki.rng);
+    assert_eq!(r.code, ResponseType::ServiceUnavailable);
+    let ca = pki.issuing();
+    let crl = ca
+        .sign_crl(&ca::CrlParams {
+            number: 7,
+            this_update: now(),
+            next_update: now() + DAY,
+            entries: &[ca::CrlEntry {
+                serial: vec![0x42, 0x01],
+                revoked_at: now(),
+                reason_code: Some(1),
+            }],
+        })
+        .expect("crl");
+    svc.set_crl(crl.clone());
+    let r = call(&svc, &dev.chain, &get(None), &mut pki.rng);
+    assert_eq!(
+        (r.code, r.content_format),
+        (ResponseType::Content, Some(CF_PKIX_CRL_DEFAULT))
+    );
+    assert_eq!(r.payload, crl);
+    let r = call(&svc, &dev.chain, &get(Some(CF_OCTET_STREAM)), &mut pki.rng);
+    assert_eq!(r.content_format, Some(CF_OCTET_STREAM));
+    let r = call(&svc, &dev.chain, &get(Some(CF_PKIX_CERT)), &mut pki.rng);
+    assert_eq!(r.code, ResponseType::NotAcceptable);
+    // It verifies against the issuing CA, with its number, entry and reason.
+    let v = ca::verify_crl(&crl, &pki.issuing_der).expect("verifies");
+    assert_eq!(v.number, Some(vec![7]));
+    assert_eq!(v.revoked, vec![(vec![0x42, 0x01], Some(1))]);
+    assert_eq!(v.next_update, Some(now() + DAY));
+    // Not the maker's CRL, and a flipped bit breaks the signature.
+    assert!(ca::verify_crl(&crl, pki.maker.certificate_der()).is_err());
+    let mut bad = crl.clone();
+    let n = bad.len() - 3;
+    bad[n] ^= 1;
+    assert!(ca::verify_crl(&bad, &pki.issuing_der).is_err());
+}
