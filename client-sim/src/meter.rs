@@ -189,7 +189,7 @@ pub enum Action {
 }
 
 /// The EST exchange a request belongs to: one resource the meter asks (RFC 9148 §4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum EstExchange {
     Discover,
     CaCerts,
@@ -601,6 +601,11 @@ impl Meter {
         };
         let req = self.request_for(step);
         self.actions.push_back(Action::Send(req));
+    }
+
+    /// The EST exchange the meter waits for, if any.
+    pub fn exchange(&self) -> Option<EstExchange> {
+        self.current_step()
     }
 
     fn current_step(&self) -> Option<EstExchange> {
