@@ -248,6 +248,8 @@ where
 {
     let mut notes = Notes::new(ledger);
     let mut session: Option<Session> = None;
+    // The server's certificate chain as this meter last received it.
+    let mut server_chain: Option<Vec<Vec<u8>>> = None;
     let mut conn_now: Option<Arc<dyn Conn + Send + Sync>> = None;
     let mut nat_rebinds: u32 = 0;
     let mut coap = CoapCounters::default();
@@ -276,10 +278,22 @@ where
                         }
                     };
                     conn_now = Some(conn.clone());
-                    let connected = dtls::connect_session(conn, &cfg.dtls, &credential).await;
+                    // RFC 7924: offer the server chain this meter received last time (or the
+                    // one it was provisioned with).
+                    let connected = match (&server_chain, cfg.dtls.cached_info) {
+                        (Some(chain), true) => {
+                            let mut dcfg = cfg.dtls.clone();
+                            dcfg.server_chain_der = chain.clone();
+                            dtls::connect_session(conn, &dcfg, &credential).await
+                        }
+                        _ => dtls::connect_session(conn, &cfg.dtls, &credential).await,
+                    };
                     notes.end_handshake();
                     match connected {
                         Ok(d) => {
+                            if let Some(chain) = d.server_chain() {
+                                server_chain = Some(chain);
+                            }
                             session = Some(Session {
                                 dtls: d,
                                 client: Client::new(cfg.coap.clone(), mix64(seed ^ sessions)),

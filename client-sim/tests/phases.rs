@@ -82,3 +82,82 @@ async fn at_20_percent_loss_the_rows_still_add_up_and_retransmissions_show() {
     let hs = s.phases.total(|_, p, _| p.is_handshake());
     assert!(hs.retransmitted_datagrams > 0, "{:#?}", s.phases.rows());
 }
+
+/// Bytes per meter of `phase` in `stage`, both directions.
+fn bytes_of(r: &client_sim::fleet::FleetResult, stage: Stage, phase: Phase) -> u64 {
+    let t = &r.summary.phases;
+    (t.get(stage, phase, Dir::Up).bytes + t.get(stage, phase, Dir::Down).bytes)
+        / r.summary.meters.max(1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_info_and_a_held_explicit_ta_leave_out_the_certificates_the_meter_has() {
+    use client_sim::meter::CrtsMode;
+    const METERS: usize = 3;
+    let mut srv = support::Running::start(METERS);
+    let base = backend::run(&srv, native(), "lan", METERS, 1).await;
+    assert_eq!(base.summary.enrolled, METERS as u64);
+    // Meters provisioned with the server's certificate and their Explicit TA.
+    let server_cert = client_sim::pki::load_cert_chain(&srv.data.join("dtls/server.pem")).unwrap();
+    let ta = client_sim::pki::load_cert_chain(&srv.fleet_dir.join("implicit-ta.pem")).unwrap();
+    let mut dtls = native();
+    dtls.cached_info = true;
+    dtls.server_chain_der = server_cert.clone();
+    let lean = backend::run_with(
+        &srv,
+        dtls,
+        |m| {
+            m.crts = CrtsMode::Never;
+            m.explicit_ta_der = ta;
+        },
+        "lan",
+        METERS,
+        1,
+    )
+    .await;
+    assert_eq!(lean.summary.enrolled, METERS as u64);
+    backend::assert_phases_add_up(&lean);
+    let s = Stage::Enroll;
+    assert_eq!(bytes_of(&lean, s, Phase::Est(EstExchange::CaCerts)), 0);
+    assert!(bytes_of(&base, s, Phase::Est(EstExchange::CaCerts)) > 400);
+    // The server flight lost the certificate, less the 33-byte fingerprint and the extension.
+    let saved = bytes_of(&base, s, Phase::ServerFlight) - bytes_of(&lean, s, Phase::ServerFlight);
+    assert!(
+        saved.abs_diff(server_cert[0].len() as u64 + 6 - 33 - 7) <= 2,
+        "{saved}"
+    );
+    backend::check_store(&mut srv, &lean, METERS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meter_learns_the_server_certificate_and_renews_with_its_fingerprint() {
+    use client_sim::meter::CrtsMode;
+    const METERS: usize = 2;
+    let srv = support::Running::start(METERS);
+    for (crts, crts_at_renewal) in [(CrtsMode::Once, false), (CrtsMode::Always, true)] {
+        let mut dtls = native();
+        dtls.cached_info = true;
+        let r = backend::run_with(
+            &srv,
+            dtls,
+            |m| {
+                m.renew = true;
+                m.crts = crts;
+            },
+            "lan",
+            METERS,
+            1,
+        )
+        .await;
+        assert_eq!(r.summary.renewed, METERS as u64, "{crts:?}");
+        backend::assert_phases_add_up(&r);
+        // The renewal's server flight carries the fingerprint of what the first one carried.
+        let first = bytes_of(&r, Stage::Enroll, Phase::ServerFlight);
+        let renewal = bytes_of(&r, Stage::Renew, Phase::ServerFlight);
+        assert!(first > renewal + 300, "{first} vs {renewal}");
+        let crts = bytes_of(&r, Stage::Renew, Phase::Est(EstExchange::CaCerts));
+        assert_eq!(crts > 0, crts_at_renewal, "{crts}");
+        assert!(bytes_of(&r, Stage::Enroll, Phase::Est(EstExchange::CaCerts)) > 0);
+        assert!(bytes_of(&r, Stage::Renew, Phase::Est(EstExchange::ReEnroll)) > 0);
+    }
+}

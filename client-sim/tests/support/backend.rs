@@ -52,7 +52,19 @@ fn fleet_config(
 /// Implicit TA.
 pub async fn run(
     srv: &Running,
+    dtls: DtlsClientConfig,
+    link: &str,
+    meters: usize,
+    max_attempts: u32,
+) -> FleetResult {
+    run_with(srv, dtls, |_| {}, link, meters, max_attempts).await
+}
+
+/// As [`run`], with the meters' configuration changed by `tweak`.
+pub async fn run_with(
+    srv: &Running,
     mut dtls: DtlsClientConfig,
+    tweak: impl FnOnce(&mut MeterConfig),
     link: &str,
     meters: usize,
     max_attempts: u32,
@@ -70,7 +82,8 @@ pub async fn run(
     if dtls.trust_anchors_der.is_empty() {
         dtls.trust_anchors_der = fleet.implicit_ta_der.clone();
     }
-    let cfg = fleet_config(srv, dtls, meters, max_attempts);
+    let mut cfg = fleet_config(srv, dtls, meters, max_attempts);
+    tweak(&mut cfg.meter);
     let result = tokio::time::timeout(
         Duration::from_secs(60),
         run_fleet(plans, fleet.devices.clone(), cfg, 11),
