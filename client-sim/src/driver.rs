@@ -2,8 +2,9 @@
 //! (either backend, [`DtlsSession`]) over the emulated link, or any caller-made datagram
 //! connection ([`run_meter_over`]), and the sans-IO `est_proto::coap::Client`.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use est_proto::coap::{Client, ClientConfig, ClientEvent, ClientStats};
@@ -12,8 +13,9 @@ use webrtc_util::conn::Conn;
 
 use crate::dtls::{self, DtlsClientConfig, DtlsSession};
 use crate::link::LinkCounters;
-use crate::meter::{Action, FailureReason, Meter, MeterState, MeterStats};
+use crate::meter::{Action, EstExchange, FailureReason, Meter, MeterState, MeterStats, Purpose};
 use crate::net::{EmulatedConn, MeterLink};
+use crate::phases::{CoapNote, Ledger, PhaseTable, Stage, UpNote};
 use crate::schedule::mix64;
 
 /// Settings shared by every meter of a run.
@@ -78,6 +80,10 @@ pub struct MeterOutcome {
     /// NAT rebindings applied to this meter (`DriverConfig::nat_rebind`).
     #[serde(default)]
     pub nat_rebinds: u32,
+    /// The meter link's bytes and frames by phase ([`crate::phases`]); empty without an
+    /// emulated link.
+    #[serde(default)]
+    pub phases: PhaseTable,
 }
 
 struct Session {
@@ -85,9 +91,103 @@ struct Session {
     client: Client,
 }
 
-async fn close(session: &mut Option<Session>, coap: &mut CoapCounters) {
+/// What the driver tells the meter's [`Ledger`] about the plaintext it sends and receives.
+struct Notes {
+    ledger: Option<Arc<Mutex<Ledger>>>,
+    /// Hashes of the CoAP datagrams sent in this session (a repeat is a retransmission).
+    sent: HashSet<u64>,
+    /// (Message ID, length) of the CoAP datagrams received in this session.
+    received: HashSet<(u16, usize)>,
+    /// The exchange each token of this session belongs to.
+    tokens: HashMap<Vec<u8>, EstExchange>,
+    last: EstExchange,
+}
+
+fn hash_of(d: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    d.hash(&mut h);
+    h.finish()
+}
+
+/// The token of a CoAP datagram (RFC 7252 §3).
+fn token_of(d: &[u8]) -> &[u8] {
+    let tkl = usize::from(d.first().map_or(0, |b| b & 0x0F));
+    d.get(4..4 + tkl).unwrap_or_default()
+}
+
+impl Notes {
+    fn new(ledger: Option<Arc<Mutex<Ledger>>>) -> Notes {
+        Notes {
+            ledger,
+            sent: HashSet::new(),
+            received: HashSet::new(),
+            tokens: HashMap::new(),
+            last: EstExchange::CaCerts,
+        }
+    }
+
+    fn with(&self, f: impl FnOnce(&mut Ledger)) {
+        if let Some(l) = &self.ledger {
+            f(&mut l.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+    }
+
+    fn begin_session(&mut self, purpose: Purpose) {
+        self.sent.clear();
+        self.received.clear();
+        self.tokens.clear();
+        let stage = match purpose {
+            Purpose::Enroll => Stage::Enroll,
+            Purpose::Renew => Stage::Renew,
+        };
+        self.with(|l| l.begin_session(stage));
+    }
+
+    fn end_handshake(&self) {
+        self.with(Ledger::end_handshake);
+    }
+
+    fn up(&mut self, exchange: Option<EstExchange>, d: &[u8]) {
+        if self.ledger.is_none() {
+            return;
+        }
+        let exchange = exchange.unwrap_or(self.last);
+        self.last = exchange;
+        let token = token_of(d);
+        if !token.is_empty() {
+            self.tokens.insert(token.to_vec(), exchange);
+        }
+        let repeat = !self.sent.insert(hash_of(d));
+        let note = CoapNote::of(exchange, d, repeat);
+        self.with(|l| l.note_up(UpNote::Coap(note)));
+    }
+
+    fn down(&mut self, exchange: Option<EstExchange>, d: &[u8]) {
+        if self.ledger.is_none() {
+            return;
+        }
+        let exchange = self
+            .tokens
+            .get(token_of(d))
+            .copied()
+            .or(exchange)
+            .unwrap_or(self.last);
+        let mid = d.get(2..4).map_or(0, |m| u16::from_be_bytes([m[0], m[1]]));
+        let repeat = !self.received.insert((mid, d.len()));
+        let note = CoapNote::of(exchange, d, repeat);
+        self.with(|l| l.note_down(note));
+    }
+
+    fn close(&self) {
+        self.with(|l| l.note_up(UpNote::Close));
+    }
+}
+
+async fn close(session: &mut Option<Session>, coap: &mut CoapCounters, notes: &Notes) {
     if let Some(s) = session.take() {
         coap.add(&s.client.stats());
+        notes.close();
         // close_notify goes out through the emulated link; do not wait on a stuck writer.
         let _ = tokio::time::timeout(Duration::from_secs(1), s.dtls.close()).await;
     }
@@ -106,15 +206,15 @@ pub async fn run_meter(
 ) -> MeterOutcome {
     let (bind, server) = (cfg.bind, cfg.server);
     let l = link.clone();
-    let mut out = run_meter_over(index, meter, cfg, seed, move || {
+    let open = move || {
         let l = l.clone();
         async move {
             let c: Arc<dyn Conn + Send + Sync> = EmulatedConn::connect(bind, server, l).await?;
             Ok(c)
         }
-    })
-    .await;
-    (out.link_up, out.link_down) = link.counters();
+    };
+    let mut out = run_meter_with(index, meter, cfg, seed, open, Some(link.ledger())).await;
+    (out.link_up, out.link_down, out.phases) = link.snapshot();
     out
 }
 
@@ -122,16 +222,34 @@ pub async fn run_meter(
 /// plain UDP socket, an emulated link, ...). The outcome's link counters are left at zero.
 pub async fn run_meter_over<F, Fut>(
     index: u64,
-    mut meter: Meter,
+    meter: Meter,
     cfg: &DriverConfig,
     seed: u64,
-    mut open: F,
+    open: F,
 ) -> MeterOutcome
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = ConnResult>,
 {
+    run_meter_with(index, meter, cfg, seed, open, None).await
+}
+
+async fn run_meter_with<F, Fut>(
+    index: u64,
+    mut meter: Meter,
+    cfg: &DriverConfig,
+    seed: u64,
+    mut open: F,
+    ledger: Option<Arc<Mutex<Ledger>>>,
+) -> MeterOutcome
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ConnResult>,
+{
+    let mut notes = Notes::new(ledger);
     let mut session: Option<Session> = None;
+    // The server's certificate chain as this meter last received it.
+    let mut server_chain: Option<Vec<Vec<u8>>> = None;
     let mut conn_now: Option<Arc<dyn Conn + Send + Sync>> = None;
     let mut nat_rebinds: u32 = 0;
     let mut coap = CoapCounters::default();
@@ -142,9 +260,13 @@ where
         // 1. Carry out the meter's actions.
         while let Some(action) = meter.poll_action() {
             match action {
-                Action::Connect { credential, .. } => {
-                    close(&mut session, &mut coap).await;
+                Action::Connect {
+                    credential,
+                    purpose,
+                } => {
+                    close(&mut session, &mut coap, &notes).await;
                     sessions += 1;
+                    notes.begin_session(purpose);
                     let conn = match open().await {
                         Ok(c) => c,
                         Err(e) => {
@@ -156,8 +278,22 @@ where
                         }
                     };
                     conn_now = Some(conn.clone());
-                    match dtls::connect_session(conn, &cfg.dtls, &credential).await {
+                    // RFC 7924: offer the server chain this meter received last time (or the
+                    // one it was provisioned with).
+                    let connected = match (&server_chain, cfg.dtls.cached_info) {
+                        (Some(chain), true) => {
+                            let mut dcfg = cfg.dtls.clone();
+                            dcfg.server_chain_der = chain.clone();
+                            dtls::connect_session(conn, &dcfg, &credential).await
+                        }
+                        _ => dtls::connect_session(conn, &cfg.dtls, &credential).await,
+                    };
+                    notes.end_handshake();
+                    match connected {
                         Ok(d) => {
+                            if let Some(chain) = d.server_chain() {
+                                server_chain = Some(chain);
+                            }
                             session = Some(Session {
                                 dtls: d,
                                 client: Client::new(cfg.coap.clone(), mix64(seed ^ sessions)),
@@ -175,6 +311,7 @@ where
                         // The request's first datagram goes out from the old port, its
                         // retransmissions and the rest of the enrollment from the new one.
                         while let Some(d) = s.client.poll_transmit() {
+                            notes.up(meter.exchange(), &d);
                             if s.dtls.send(&d).await.is_err() {
                                 break;
                             }
@@ -192,7 +329,7 @@ where
                     }
                     None => meter.handle_session_lost(Instant::now(), "no session".into()),
                 },
-                Action::Disconnect => close(&mut session, &mut coap).await,
+                Action::Disconnect => close(&mut session, &mut coap, &notes).await,
             }
         }
         if meter.is_done() {
@@ -202,13 +339,14 @@ where
         if let Some(s) = session.as_mut() {
             let mut lost = None;
             while let Some(d) = s.client.poll_transmit() {
+                notes.up(meter.exchange(), &d);
                 if let Err(e) = s.dtls.send(&d).await {
                     lost = Some(e.to_string());
                     break;
                 }
             }
             if let Some(e) = lost {
-                close(&mut session, &mut coap).await;
+                close(&mut session, &mut coap, &notes).await;
                 meter.handle_session_lost(Instant::now(), e);
                 continue;
             }
@@ -252,6 +390,7 @@ where
                     r = s.dtls.recv(&mut buf) => match r {
                         Ok(n) => {
                             if let Some(d) = buf.get(..n) {
+                                notes.down(meter.exchange(), d);
                                 s.client.handle_datagram(Instant::now(), d);
                             }
                         }
@@ -272,11 +411,11 @@ where
             }
         }
         if let Some(e) = lost {
-            close(&mut session, &mut coap).await;
+            close(&mut session, &mut coap, &notes).await;
             meter.handle_session_lost(Instant::now(), e);
         }
     }
-    close(&mut session, &mut coap).await;
+    close(&mut session, &mut coap, &notes).await;
     let ldevid = meter.ldevid().map(<[u8]>::to_vec);
     let failure = match meter.state() {
         MeterState::Failed(r) => Some(r.clone()),
@@ -303,6 +442,7 @@ where
                 .map(|c| hex::encode(c.tbs_certificate.serial_number.as_bytes()))
         }),
         nat_rebinds,
+        phases: PhaseTable::default(),
     }
 }
 

@@ -142,6 +142,14 @@ pub struct DtlsClientConfig {
     /// Offer a Connection ID (RFC 9146; the native backend only): the session survives a
     /// change of the meter's source address.
     pub connection_id: bool,
+    /// RFC 7924 cached_info (the native backend only): a meter that holds the server's
+    /// certificate chain ([`DtlsClientConfig::server_chain_der`], or the chain it received in
+    /// its previous handshake) names it by its fingerprint, and a server that still has it
+    /// answers with the fingerprint instead of the chain.
+    pub cached_info: bool,
+    /// The server's certificate chain (DER, as the server sends it) the meters hold from
+    /// provisioning; empty: each meter learns it in its first handshake.
+    pub server_chain_der: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for DtlsClientConfig {
@@ -169,6 +177,8 @@ impl Default for DtlsClientConfig {
             danger_skip_server_verification: false,
             backend: DtlsBackend::Webrtc,
             connection_id: false,
+            cached_info: false,
+            server_chain_der: Vec::new(),
         }
     }
 }
@@ -291,6 +301,15 @@ impl DtlsSession {
             #[cfg(feature = "dimpl-backend")]
             DtlsSession::Dimpl(s) => s.recv(buf).await,
             DtlsSession::Native(s) => s.recv(buf).await,
+        }
+    }
+
+    /// The server's certificate chain as received in the handshake (the native backend only):
+    /// what a meter keeps for RFC 7924 cached_info.
+    pub fn server_chain(&self) -> Option<Vec<Vec<u8>>> {
+        match self {
+            DtlsSession::Native(s) => Some(s.server_chain().to_vec()),
+            _ => None,
         }
     }
 

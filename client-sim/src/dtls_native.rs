@@ -24,30 +24,39 @@ const MAX_CACHED: usize = 256;
 /// The largest retransmission interval the back-off reaches.
 const RETRANSMIT_MAX: Duration = Duration::from_secs(60);
 
-type ConfigKey = (
-    Vec<u8>,
-    Vec<Vec<u8>>,
-    String,
-    usize,
-    Duration,
-    Duration,
-    bool,
-    Vec<Vec<u8>>,
-);
+/// What an engine configuration is built from.
+#[derive(PartialEq)]
+struct ConfigKey {
+    key_pkcs8_der: Vec<u8>,
+    chain_der: Vec<Vec<u8>>,
+    server_name: String,
+    mtu: usize,
+    flight_interval: Duration,
+    handshake_timeout: Duration,
+    connection_id: bool,
+    trust_anchors_der: Vec<Vec<u8>>,
+    /// The server chain offered with cached_info (empty: none).
+    cached_server_chain: Vec<Vec<u8>>,
+}
 static CONFIGS: Mutex<VecDeque<(ConfigKey, Arc<ClientConfig>)>> = Mutex::new(VecDeque::new());
 
 /// The engine's configuration for a meter, built once per credential and settings.
 fn config(cfg: &DtlsClientConfig, cred: &Credential) -> Result<Arc<ClientConfig>, FailureReason> {
-    let key: ConfigKey = (
-        cred.key_pkcs8_der.clone(),
-        cred.chain_der.clone(),
-        cfg.server_name.clone(),
-        cfg.mtu,
-        cfg.flight_interval,
-        cfg.handshake_timeout,
-        cfg.connection_id,
-        cfg.trust_anchors_der.clone(),
-    );
+    let key = ConfigKey {
+        key_pkcs8_der: cred.key_pkcs8_der.clone(),
+        chain_der: cred.chain_der.clone(),
+        server_name: cfg.server_name.clone(),
+        mtu: cfg.mtu,
+        flight_interval: cfg.flight_interval,
+        handshake_timeout: cfg.handshake_timeout,
+        connection_id: cfg.connection_id,
+        trust_anchors_der: cfg.trust_anchors_der.clone(),
+        cached_server_chain: if cfg.cached_info {
+            cfg.server_chain_der.clone()
+        } else {
+            Vec::new()
+        },
+    };
     let mut cache = CONFIGS.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, c)) = cache.iter().find(|(k, _)| *k == key) {
         return Ok(c.clone());
@@ -71,6 +80,9 @@ fn config(cfg: &DtlsClientConfig, cred: &Credential) -> Result<Arc<ClientConfig>
     // We send with the server's CID; we want none back (our own address does not move for
     // the server's sake).
     c.connection_id = cfg.connection_id.then(Vec::new);
+    if !key.cached_server_chain.is_empty() {
+        c.cached_server_chains = vec![key.cached_server_chain.clone()];
+    }
     let c = Arc::new(c);
     if cache.len() >= MAX_CACHED {
         cache.pop_front();
@@ -291,6 +303,12 @@ impl NativeSession {
     /// The negotiated suite, for reports.
     pub fn cipher_suite(&self) -> Option<est_dtls::CipherSuite> {
         self.client.connection().cipher_suite()
+    }
+
+    /// The server's certificate chain, as the handshake delivered it (from the Certificate
+    /// message, or the held copy it named by fingerprint).
+    pub fn server_chain(&self) -> &[Vec<u8>] {
+        self.client.connection().peer_certificates()
     }
 
     /// The server's CID this meter sends with (empty: none).

@@ -15,6 +15,7 @@ use crate::driver::{run_meter, DriverConfig, MeterOutcome};
 use crate::link::{LinkCounters, LinkParams};
 use crate::meter::{FailureReason, Meter, MeterConfig};
 use crate::net::{Dcu, MeterLink};
+use crate::phases::PhaseTable;
 use crate::pki::DeviceIdentity;
 use crate::schedule::{mix64, MeterPlan};
 
@@ -98,6 +99,10 @@ pub struct Summary {
     pub bytes_down_per_enrollment: f64,
     pub datagrams_per_enrollment: f64,
     pub frames_per_enrollment: f64,
+    /// The meter links' traffic by session, phase and direction (all meters; its rows add up
+    /// to `up` and `down`). See [`crate::phases`].
+    #[serde(default)]
+    pub phases: PhaseTable,
     pub dcus: u64,
     pub dcu_up: LinkCounters,
     pub dcu_down: LinkCounters,
@@ -167,6 +172,7 @@ pub fn summarize(outcomes: &[MeterOutcome]) -> Summary {
         s.coap_retransmissions += o.coap.retransmissions;
         s.up += o.link_up;
         s.down += o.link_down;
+        s.phases.merge(&o.phases);
     }
     s.handshake = Percentiles::of(&hh);
     s.enrollment = Percentiles::of(&he);
@@ -282,6 +288,7 @@ pub async fn run_fleet(
                     ldevid_sha256: None,
                     ldevid_serial: None,
                     nat_rebinds: 0,
+                    phases: Default::default(),
                 },
             };
             in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -405,6 +412,9 @@ pub fn render_summary(s: &Summary) -> String {
         s.datagrams_per_enrollment,
         s.frames_per_enrollment
     );
+    if s.enrolled > 0 && s.phases != PhaseTable::default() {
+        o.push_str(&crate::phases::render(&s.phases, s.enrolled));
+    }
     if s.dcus > 0 {
         let _ = writeln!(
             o,
@@ -524,6 +534,7 @@ mod tests {
             ldevid_sha256: None,
             ldevid_serial: None,
             nat_rebinds: 0,
+            phases: Default::default(),
         };
         let outcomes: Vec<MeterOutcome> = (0..10)
             .map(|i| match i {

@@ -26,6 +26,7 @@ pub mod fleet;
 pub mod link;
 pub mod meter;
 pub mod net;
+pub mod phases;
 pub mod pki;
 pub mod recording;
 pub mod schedule;

@@ -13,7 +13,7 @@ use client_sim::driver::DriverConfig;
 use client_sim::dtls::{DtlsBackend, DtlsClientConfig};
 use client_sim::fleet::{render_summary, run_fleet, FleetConfig};
 use client_sim::link::LinkParams;
-use client_sim::meter::{CertFormat, MeterConfig};
+use client_sim::meter::{CertFormat, CrtsMode, MeterConfig};
 use client_sim::pki::{self, DeviceIdentity, Fleet};
 use client_sim::recording::{Recording, RECORD_VERSION};
 use client_sim::schedule::{build_schedule, Arrival, FleetPlan};
@@ -204,6 +204,28 @@ struct Cli {
     /// change of the meter's source address.
     #[arg(long)]
     dtls_connection_id: bool,
+    /// RFC 7924 cached_info (--dtls-backend native): a meter that holds the server's
+    /// certificate (from --server-cert, or the one it received in its previous handshake)
+    /// names it by its SHA-256 fingerprint, and the server sends the fingerprint instead.
+    #[arg(long)]
+    cached_info: bool,
+    /// The server's certificate chain (PEM, as the server sends it) every meter holds from
+    /// provisioning, for --cached-info.
+    #[arg(long)]
+    server_cert: Option<PathBuf>,
+    /// Certificates (PEM) appended to every meter's IDevID in its DTLS Certificate message,
+    /// as meters that send their chain do (e.g. the fleet's manufacturer-ca.pem); by default
+    /// a meter sends its IDevID alone.
+    #[arg(long)]
+    idevid_chain: Option<PathBuf>,
+    /// When meters ask /crts for their Explicit TA database: always (every session, before
+    /// /sen and /sren), once (the first enrollment; kept, so retries and renewals skip it) or
+    /// never (held already: --explicit-ta, default the Implicit TA database).
+    #[arg(long, value_enum, default_value = "once")]
+    crts: CrtsMode,
+    /// The Explicit TA database (PEM) meters hold with --crts never.
+    #[arg(long)]
+    explicit_ta: Option<PathBuf>,
     /// NAT rebinding: once per meter, right after its first EST request goes out, its
     /// datagrams start leaving from a new source port. With --dtls-connection-id (native
     /// backend) the session carries on; without, the server no longer knows the meter and it
@@ -273,6 +295,12 @@ async fn run(cli: Cli) -> Result<bool> {
         (None, Some(n)) => mint_fleet(&cli, cli.meters.unwrap_or(n).min(n), cli.seed)?,
         (None, None) => bail!("--fleet DIR (or --mint N with a manufacturer CA) is required"),
     };
+    if let Some(p) = &cli.idevid_chain {
+        let extra = pki::load_cert_chain(p)?;
+        for d in &mut devices {
+            d.cert_chain_der.extend(extra.iter().cloned());
+        }
+    }
     // Trust anchors.
     let ta = match (&cli.trust_anchor, &fleet, &cli.fleet) {
         (Some(p), _, _) => pki::load_cert_chain(p)?,
@@ -352,7 +380,7 @@ async fn run(cli: Cli) -> Result<bool> {
             server: cli.server,
             bind: cli.bind,
             dtls: DtlsClientConfig {
-                trust_anchors_der: ta,
+                trust_anchors_der: ta.clone(),
                 server_name: cli.server_name.clone(),
                 mtu: cli.dtls_mtu,
                 flight_interval: cli.dtls_flight_interval.0.unwrap_or(Duration::from_secs(2)),
@@ -361,6 +389,11 @@ async fn run(cli: Cli) -> Result<bool> {
                 danger_skip_server_verification: false,
                 backend: cli.dtls_backend,
                 connection_id: cli.dtls_connection_id,
+                cached_info: cli.cached_info,
+                server_chain_der: match &cli.server_cert {
+                    Some(p) => pki::load_cert_chain(p)?,
+                    None => Vec::new(),
+                },
             },
             coap,
             nat_rebind: cli.nat_rebind,
@@ -379,6 +412,12 @@ async fn run(cli: Cli) -> Result<bool> {
             max_busy_retries: cli.max_busy_retries,
             max_retry_after: cli.max_retry_after,
             est_root: cli.est_root.clone(),
+            crts: cli.crts,
+            explicit_ta_der: match (&cli.explicit_ta, cli.crts) {
+                (Some(p), _) => pki::load_cert_chain(p)?,
+                (None, CrtsMode::Never) => ta.clone(),
+                (None, _) => Vec::new(),
+            },
         },
         dcu_link: rec_base.dcu_link.clone(),
         progress: !cli.no_progress,

@@ -53,6 +53,20 @@ impl CertFormat {
     }
 }
 
+/// When a meter asks `/crts` for its Explicit TA database (RFC 9148 §4.1, RFC 7030 §4.1.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CrtsMode {
+    /// In every session, before /sen or /sren.
+    Always,
+    /// In the first session that enrolls; the answer is kept, so retries and renewals skip it.
+    #[default]
+    Once,
+    /// Never: the meter holds its Explicit TA database already
+    /// ([`MeterConfig::explicit_ta_der`], provisioned or kept from an earlier enrollment).
+    Never,
+}
+
 /// Meter behaviour.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeterConfig {
@@ -73,6 +87,11 @@ pub struct MeterConfig {
     pub max_retry_after: Duration,
     /// EST root path used without discovery (RFC 9148 §4.1 default `/.well-known/est`).
     pub est_root: String,
+    /// When to fetch /crts.
+    pub crts: CrtsMode,
+    /// The Explicit TA database a [`CrtsMode::Never`] meter holds (DER), against which it
+    /// verifies the certificates it is issued.
+    pub explicit_ta_der: Vec<Vec<u8>>,
 }
 
 impl Default for MeterConfig {
@@ -87,6 +106,8 @@ impl Default for MeterConfig {
             max_busy_retries: 8,
             max_retry_after: Duration::from_secs(120),
             est_root: "/.well-known/est".into(),
+            crts: CrtsMode::Once,
+            explicit_ta_der: Vec::new(),
         }
     }
 }
@@ -189,7 +210,7 @@ pub enum Action {
 }
 
 /// The EST exchange a request belongs to: one resource the meter asks (RFC 9148 §4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum EstExchange {
     Discover,
     CaCerts,
@@ -394,6 +415,15 @@ impl Meter {
             identity.cert_chain_der.first().map(Vec::as_slice),
         )?;
         let paths = EstPaths::under(&config.est_root);
+        // A meter that never asks /crts holds its Explicit TA database from the start.
+        let (ca_certs, ca_certs_der) = match config.crts {
+            CrtsMode::Never => (
+                pki::parse_ca_certs(&config.explicit_ta_der)
+                    .map_err(|e| PkiError::TrustAnchors(e.to_string()))?,
+                config.explicit_ta_der.clone(),
+            ),
+            _ => (Vec::new(), Vec::new()),
+        };
         Ok(Meter {
             config,
             serial: identity.serial.clone(),
@@ -408,8 +438,8 @@ impl Meter {
             state: MeterState::Unprovisioned,
             actions: VecDeque::new(),
             rng,
-            ca_certs: Vec::new(),
-            ca_certs_der: Vec::new(),
+            ca_certs,
+            ca_certs_der,
             ldevid: None,
             renewed: false,
             discovered: false,
@@ -532,13 +562,17 @@ impl Meter {
         if let Some(s) = self.session_started {
             self.stats.handshake_us = Some(micros(now.saturating_duration_since(s)));
         }
-        let step = match purpose {
-            Purpose::Renew => EstExchange::ReEnroll,
-            // RFC 9148 §4.1: discovery first (optional); /crts before /sen so that the meter can
-            // check what it receives against the Explicit TA database.
-            Purpose::Enroll if self.config.discovery && !self.discovered => EstExchange::Discover,
-            Purpose::Enroll if self.ca_certs.is_empty() => EstExchange::CaCerts,
-            Purpose::Enroll => EstExchange::Enroll,
+        // RFC 9148 §4.1: discovery first (optional); /crts before /sen so that the meter can
+        // check what it receives against the Explicit TA database, which it keeps (RFC 9148
+        // lets a client keep its explicit TA database) unless told to ask every time.
+        let step = match (purpose, self.config.crts) {
+            (Purpose::Enroll, _) if self.config.discovery && !self.discovered => {
+                EstExchange::Discover
+            }
+            (_, CrtsMode::Always) => EstExchange::CaCerts,
+            (Purpose::Enroll, CrtsMode::Once) if self.ca_certs.is_empty() => EstExchange::CaCerts,
+            (Purpose::Enroll, _) => EstExchange::Enroll,
+            (Purpose::Renew, _) => EstExchange::ReEnroll,
         };
         self.send(step);
     }
@@ -601,6 +635,11 @@ impl Meter {
         };
         let req = self.request_for(step);
         self.actions.push_back(Action::Send(req));
+    }
+
+    /// The EST exchange the meter waits for, if any.
+    pub fn exchange(&self) -> Option<EstExchange> {
+        self.current_step()
     }
 
     fn current_step(&self) -> Option<EstExchange> {
@@ -677,7 +716,12 @@ impl Meter {
                 Ok(p) => {
                     self.paths = p;
                     self.discovered = true;
-                    self.send(EstExchange::CaCerts);
+                    let next = match self.config.crts {
+                        CrtsMode::Once if !self.ca_certs.is_empty() => EstExchange::Enroll,
+                        CrtsMode::Never => EstExchange::Enroll,
+                        _ => EstExchange::CaCerts,
+                    };
+                    self.send(next);
                 }
                 Err(e) => {
                     self.actions.push_back(Action::Disconnect);
@@ -689,7 +733,10 @@ impl Meter {
                     Ok(certs) => {
                         self.ca_certs = certs;
                         self.ca_certs_der = der;
-                        self.send(EstExchange::Enroll);
+                        self.send(match self.purpose {
+                            Purpose::Enroll => EstExchange::Enroll,
+                            Purpose::Renew => EstExchange::ReEnroll,
+                        });
                     }
                     Err(e) => {
                         self.actions.push_back(Action::Disconnect);

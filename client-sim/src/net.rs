@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use webrtc_util::conn::Conn;
 
 use crate::link::{LinkCounters, LinkDirection, LinkParams, Verdict};
+use crate::phases::{Dir, Ledger};
 
 /// A data concentrator unit: its backhaul is one rate-limited link shared by all its meters.
 #[derive(Debug)]
@@ -59,6 +60,8 @@ pub struct MeterLink {
     up: Mutex<LinkDirection>,
     down: Mutex<LinkDirection>,
     dcu: Option<Arc<Dcu>>,
+    /// Where the datagrams this link counts go, by phase (the driver annotates it too).
+    ledger: Arc<Mutex<Ledger>>,
 }
 
 impl MeterLink {
@@ -68,12 +71,54 @@ impl MeterLink {
             up: Mutex::new(link.up),
             down: Mutex::new(link.down),
             dcu,
+            ledger: Arc::new(Mutex::new(Ledger::new())),
         })
     }
 
     /// (up, down) counters of the meter's own link (all sessions of the meter).
     pub fn counters(&self) -> (LinkCounters, LinkCounters) {
         (lock(&self.up).counters(), lock(&self.down).counters())
+    }
+
+    /// The meter's phase accounting.
+    pub fn ledger(&self) -> Arc<Mutex<Ledger>> {
+        self.ledger.clone()
+    }
+
+    /// Hands `data` to the meter's own link in direction `dir` at `at` and records it in the
+    /// ledger. A delivered down datagram of application data comes with a ticket to pass to
+    /// [`MeterLink::delivered`] when it reaches the meter, so that the ledger knows the order
+    /// the meter reads datagrams in.
+    fn submit(&self, dir: Dir, at: Instant, data: &[u8]) -> (Verdict, Option<u64>) {
+        // The ledger's lock is held across the link's decision so that [`MeterLink::snapshot`]
+        // sees the counters and the ledger agree.
+        let mut ledger = lock(&self.ledger);
+        let (verdict, frames) = {
+            let mut d = match dir {
+                Dir::Up => lock(&self.up),
+                Dir::Down => lock(&self.down),
+            };
+            let frames = d.params().frames.frames(data.len());
+            (d.submit(at, data.len()), frames)
+        };
+        let lost = !matches!(verdict, Verdict::Deliver { .. });
+        let ticket = ledger.record(dir, data, frames, lost);
+        (verdict, ticket)
+    }
+
+    /// The (up, down) counters and the phase table, taken together: the table's rows add up
+    /// to the counters.
+    pub fn snapshot(&self) -> (LinkCounters, LinkCounters, crate::phases::PhaseTable) {
+        let mut ledger = lock(&self.ledger);
+        let (up, down) = self.counters();
+        (up, down, ledger.finish())
+    }
+
+    /// A down datagram reached the meter (see [`MeterLink::submit`]).
+    fn delivered(&self, ticket: Option<u64>) {
+        if let Some(t) = ticket {
+            lock(&self.ledger).delivered(t);
+        }
     }
 }
 
@@ -176,15 +221,17 @@ async fn read_loop(
         let Some(at_dcu) = at_dcu else { continue };
         if link.dcu.is_none() {
             // Zero-delay path: deliver inline, keeping datagram order.
-            let v = lock(&link.down).submit(at_dcu, data.len());
+            let (v, ticket) = link.submit(Dir::Down, at_dcu, &data);
             match v {
                 Verdict::Deliver { at } if at <= Instant::now() => {
+                    link.delivered(ticket);
                     let _ = tx.send(data);
                     continue;
                 }
                 Verdict::Deliver { at } => {
                     tokio::spawn(async move {
                         sleep_until(at).await;
+                        link.delivered(ticket);
                         let _ = tx.send(data);
                     });
                     continue;
@@ -196,9 +243,10 @@ async fn read_loop(
             if at_dcu > Instant::now() {
                 sleep_until(at_dcu).await;
             }
-            let v = lock(&link.down).submit(at_dcu, data.len());
+            let (v, ticket) = link.submit(Dir::Down, at_dcu, &data);
             if let Verdict::Deliver { at } = v {
                 sleep_until(at).await;
+                link.delivered(ticket);
                 let _ = tx.send(data);
             }
         });
@@ -244,7 +292,7 @@ impl Conn for EmulatedConn {
             )));
         }
         let now = Instant::now();
-        let verdict = lock(&self.link.up).submit(now, buf.len());
+        let (verdict, _) = self.link.submit(Dir::Up, now, buf);
         if let Verdict::Deliver { at } = verdict {
             // A zero-delay path (latency 0, unlimited rate, no DCU) sends inline: no task, no timer.
             if self.link.dcu.is_none() && at <= Instant::now() {

@@ -43,6 +43,8 @@ pub enum PkiError {
     Csr(String),
     #[error("key error: {0}")]
     Key(String),
+    #[error("explicit trust anchors: {0}")]
+    TrustAnchors(String),
 }
 
 /// Why the meter rejected what the server returned.

@@ -116,6 +116,7 @@ mod tests {
             ldevid_sha256: None,
             ldevid_serial: None,
             nat_rebinds: 0,
+            phases: Default::default(),
         };
         outcome.stats.handshake_us = Some(1234);
         let rec = Recording {

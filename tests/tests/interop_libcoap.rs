@@ -37,6 +37,20 @@ async fn enroll_and_reenroll(which: Libcoap, serial: &str) {
     .await
     .expect("crts");
     assert!(run.payload.is_some(), "no /crts payload: {run:?}");
+    // What the client's Certificate message carried: the IDevID and the manufacturer CA
+    // (GnuTLS, from the chain file), or the IDevID alone (OpenSSL), which the server accepts
+    // because the IDevID's issuer is a configured manufacturer CA (the path is built from
+    // the anchors).
+    let t = srv.transport();
+    let sent = match which {
+        Libcoap::Gnutls => 2,
+        Libcoap::Openssl => 1,
+    };
+    assert_eq!(
+        (t.handshakes_completed, t.peer_certificates_received),
+        (1, sent),
+        "{t:?}"
+    );
     let listed = openssl(&[
         "pkcs7",
         "-inform",

@@ -85,6 +85,77 @@ fn enrolls_with_crts_then_sen_and_verifies() {
     assert!(m.poll_action().is_none());
 }
 
+/// The path of each request a meter sends over its lifetime (enrollment and renewal), the
+/// fake server answering every one.
+fn lifetime_paths(cfg: MeterConfig, est: &mut FakeEst, dev: &DeviceIdentity) -> Vec<String> {
+    let mut m = Meter::new(cfg, dev, 7).unwrap();
+    let now = t0();
+    m.start(now);
+    let mut paths = Vec::new();
+    while !m.is_done() {
+        match m.poll_action() {
+            Some(Action::Connect { .. }) => m.handle_connected(now),
+            Some(Action::Send(r)) => {
+                paths.push(r.path.join("/"));
+                let resp = est.handle(&r);
+                m.handle_response(now, resp);
+            }
+            Some(Action::Disconnect) => {}
+            None => panic!("stuck in {:?}", m.state()),
+        }
+    }
+    assert!(m.renewed(), "{:?}", m.state());
+    paths
+}
+
+#[test]
+fn crts_is_asked_always_once_or_never() {
+    let mut est = FakeEst::new(9);
+    let dev = est.device("SN000009");
+    let cfg = |crts, explicit_ta_der| MeterConfig {
+        renew: true,
+        crts,
+        explicit_ta_der,
+        ..MeterConfig::default()
+    };
+    let (crts, sen, sren) = (
+        ".well-known/est/crts",
+        ".well-known/est/sen",
+        ".well-known/est/sren",
+    );
+    assert_eq!(
+        lifetime_paths(cfg(CrtsMode::Always, vec![]), &mut est, &dev),
+        [crts, sen, crts, sren]
+    );
+    assert_eq!(
+        lifetime_paths(cfg(CrtsMode::Once, vec![]), &mut est, &dev),
+        [crts, sen, sren]
+    );
+    // Never: the Explicit TA database is held, and verifies what the meter is issued.
+    let ta = vec![est.ca_der.clone()];
+    assert_eq!(
+        lifetime_paths(cfg(CrtsMode::Never, ta), &mut est, &dev),
+        [sen, sren]
+    );
+    // Without one, a meter that never asks cannot be built.
+    assert!(matches!(
+        Meter::new(cfg(CrtsMode::Never, vec![]), &dev, 1),
+        Err(PkiError::TrustAnchors(_))
+    ));
+    // With the wrong one, it refuses what it is issued.
+    let mut m = Meter::new(cfg(CrtsMode::Never, vec![FakeEst::new(10).ca_der]), &dev, 1).unwrap();
+    let now = t0();
+    m.start(now);
+    expect_connect(&mut m);
+    m.handle_connected(now);
+    let sen_req = expect_send(&mut m);
+    m.handle_response(now, est.handle(&sen_req));
+    assert!(matches!(
+        m.state(),
+        MeterState::Failed(FailureReason::Verification(_))
+    ));
+}
+
 #[test]
 fn discovery_paths_are_used() {
     let mut est = FakeEst::new(2);

@@ -52,7 +52,19 @@ fn fleet_config(
 /// Implicit TA.
 pub async fn run(
     srv: &Running,
+    dtls: DtlsClientConfig,
+    link: &str,
+    meters: usize,
+    max_attempts: u32,
+) -> FleetResult {
+    run_with(srv, dtls, |_| {}, link, meters, max_attempts).await
+}
+
+/// As [`run`], with the meters' configuration changed by `tweak`.
+pub async fn run_with(
+    srv: &Running,
     mut dtls: DtlsClientConfig,
+    tweak: impl FnOnce(&mut MeterConfig),
     link: &str,
     meters: usize,
     max_attempts: u32,
@@ -70,7 +82,8 @@ pub async fn run(
     if dtls.trust_anchors_der.is_empty() {
         dtls.trust_anchors_der = fleet.implicit_ta_der.clone();
     }
-    let cfg = fleet_config(srv, dtls, meters, max_attempts);
+    let mut cfg = fleet_config(srv, dtls, meters, max_attempts);
+    tweak(&mut cfg.meter);
     let result = tokio::time::timeout(
         Duration::from_secs(60),
         run_fleet(plans, fleet.devices.clone(), cfg, 11),
@@ -109,6 +122,43 @@ pub fn check_store(srv: &mut Running, result: &FleetResult, meters: usize) {
     }
 }
 
+/// Each meter's bytes, datagrams and frames by phase add up exactly to its link's counters,
+/// and every row's byte split (payload + CoAP overhead + DTLS overhead) to its bytes.
+pub fn assert_phases_add_up(result: &FleetResult) {
+    use client_sim::phases::Dir;
+    for o in &result.outcomes {
+        let t = &o.phases;
+        for (dir, link) in [(Dir::Up, o.link_up), (Dir::Down, o.link_down)] {
+            let sum = t.total(|_, _, d| d == dir);
+            assert_eq!(
+                (sum.datagrams, sum.bytes, sum.frames, sum.lost),
+                (
+                    link.datagrams,
+                    link.bytes,
+                    link.frames,
+                    link.lost + link.queue_drops
+                ),
+                "{} {dir:?}: {:#?}",
+                o.serial,
+                t.rows()
+            );
+        }
+        for r in t.rows() {
+            let c = r.counters;
+            assert_eq!(
+                c.payload + c.coap_overhead + c.dtls_overhead,
+                c.bytes,
+                "{r:?}"
+            );
+            assert!(c.retransmitted_bytes <= c.bytes, "{r:?}");
+        }
+    }
+    let s = &result.summary;
+    let all = s.phases.total(|_, _, _| true);
+    assert_eq!(all.bytes, s.up.bytes + s.down.bytes);
+    assert_eq!(all.frames, s.up.frames + s.down.frames);
+}
+
 /// 16 meters enroll, one handshake each, and their LDevIDs are stored once and verify.
 pub async fn meters_enroll_and_ldevids_verify(dtls: DtlsClientConfig) {
     const METERS: usize = 16;
@@ -123,6 +173,7 @@ pub async fn meters_enroll_and_ldevids_verify(dtls: DtlsClientConfig) {
         // The DTLS handshake and the CoAP exchanges went over the emulated link.
         assert!(o.link_up.datagrams >= 6 && o.coap.requests >= 2, "{o:?}");
     }
+    assert_phases_add_up(&result);
     check_store(&mut srv, &result, METERS);
 }
 
@@ -138,6 +189,7 @@ pub async fn meters_enroll_over_a_15_percent_lossy_link(dtls: DtlsClientConfig) 
         "lossy: {} handshakes ({} failed) for {METERS} meters, {} up / {} down datagrams lost",
         s.handshakes, s.handshakes_failed, s.up.lost, s.down.lost
     );
+    assert_phases_add_up(&result);
     check_store(&mut srv, &result, METERS);
 }
 

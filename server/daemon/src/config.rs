@@ -141,6 +141,12 @@ pub struct DtlsSection {
     pub answer_use_srtp: bool,
     /// SO_RCVBUF asked for the UDP socket; 0 leaves the OS default.
     pub socket_receive_buffer_bytes: usize,
+    /// Send the whole chain of `pki.server_cert` in the handshake (true) or only the server's
+    /// own certificate (false: meters must hold its issuer as their Implicit TA).
+    pub send_chain: bool,
+    /// RFC 7924 cached_info: a meter naming our certificate by its current fingerprint gets
+    /// the fingerprint instead of the chain.
+    pub cached_info: bool,
 }
 
 /// Largest Connection ID the engine issues.
@@ -228,6 +234,8 @@ impl Default for DtlsSection {
             extended_master_secret_required: true,
             answer_use_srtp: false,
             socket_receive_buffer_bytes: 4 * 1024 * 1024,
+            send_chain: true,
+            cached_info: true,
         }
     }
 }
@@ -513,6 +521,17 @@ answer_use_srtp = false
 # busy (0 = the OS default, often 208 KiB). Linux caps it at net.core.rmem_max; a smaller
 # buffer than asked is logged at start.
 socket_receive_buffer_bytes = 4194304
+# Send the whole chain of pki.server_cert in the handshake (true), or only the server's own
+# certificate (false). false saves the bytes of every intermediate on every handshake (a few
+# hundred each, several 802.15.4 frames on a mesh), but then every meter must hold the server
+# certificate's issuer as a trust anchor (its Implicit TA, RFC 9148 §3): a meter that holds
+# only the root fails the handshake (unknown_ca). With a file holding one certificate (what
+# `est-server init` writes) both are the same.
+send_chain = true
+# RFC 7924 cached_info, which RFC 7925 §4.4 makes REQUIRED: a meter that already holds our
+# certificate names it by its SHA-256 fingerprint and gets the 33-byte fingerprint instead of
+# the chain; a stale fingerprint gets the full chain. false: the extension is ignored.
+cached_info = true
 
 [coap]
 # RFC 7252 §4.8 transmission parameters (used for the derived lifetimes below).

@@ -983,3 +983,113 @@ async fn round_trip_after_drain(conn: &DTLSConn, session: &DtlsSession) -> usize
         .unwrap()
         .unwrap()
 }
+
+/// One handshake of our engine's client (`est_dtls::Client`) over UDP: the chain the server
+/// sent (as the client's verifier saw it) and whether the handshake completed.
+async fn engine_handshake(
+    pki: &TestPki,
+    server: SocketAddr,
+    cached_server_chains: Vec<Vec<Vec<u8>>>,
+) -> (Vec<Vec<u8>>, bool) {
+    use std::sync::Mutex;
+    let seen: Arc<Mutex<Vec<Vec<u8>>>> = Arc::new(Mutex::new(Vec::new()));
+    let record = Arc::clone(&seen);
+    let verifier: est_dtls::ChainVerifier = Arc::new(move |chain: &[Vec<u8>]| {
+        *record.lock().unwrap() = chain.to_vec();
+        Ok(est_dtls::Verified {
+            identity: Vec::new(),
+            context: None,
+        })
+    });
+    let key = est_dtls::SigningKey::from_pkcs8(&pki.device.key_pkcs8_der).unwrap();
+    let mut cc = est_dtls::ClientConfig::new(
+        vec![pki.device.cert_der.clone(), pki.device_sub_ca_der.clone()],
+        Arc::new(key),
+        verifier,
+    );
+    cc.cipher_suites = vec![est_dtls::CipherSuite::Aes128Ccm8];
+    cc.cached_server_chains = cached_server_chains;
+    let socket = UdpSocket::bind(LOCALHOST).await.unwrap();
+    let mut client =
+        est_dtls::Client::connect(std::time::Instant::now(), server, Arc::new(cc)).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !client.is_established() && !client.is_closed() {
+        while let Some(d) = client.poll_transmit() {
+            socket.send_to(&d, server).await.unwrap();
+        }
+        let wake = client
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or(deadline)
+            .min(deadline);
+        tokio::select! {
+            r = socket.recv_from(&mut buf) => {
+                let (n, from) = r.unwrap();
+                client.handle_datagram(std::time::Instant::now(), from, &buf[..n]);
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                client.handle_timeout(std::time::Instant::now());
+            }
+        }
+    }
+    let chain = seen.lock().unwrap().clone();
+    (chain, client.is_established())
+}
+
+#[tokio::test]
+async fn send_chain_off_sends_the_server_certificate_alone() {
+    let pki = TestPki::generate();
+    let chain = vec![pki.server.cert_der.clone(), pki.root_der.clone()];
+    for (send_chain, expect) in [(true, chain.clone()), (false, chain[..1].to_vec())] {
+        let mut cfg = pki.server_config();
+        cfg.certificate_chain_der = chain.clone();
+        cfg.send_chain = send_chain;
+        let (listener, addr) = start_server(cfg).await;
+        let accept = spawn_echo(Arc::clone(&listener));
+        let (seen, ok) = engine_handshake(&pki, addr, Vec::new()).await;
+        assert!(ok, "send_chain = {send_chain}");
+        assert_eq!(seen, expect, "send_chain = {send_chain}");
+        // The device sent [leaf, sub-CA]: two certificates received.
+        assert_eq!(listener.metrics().peer_certificates_received, 2);
+        accept.abort();
+        listener.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_holding_the_server_chain_gets_its_fingerprint() {
+    let pki = TestPki::generate();
+    let chain = vec![pki.server.cert_der.clone(), pki.root_der.clone()];
+    let mut cfg = pki.server_config();
+    cfg.certificate_chain_der = chain.clone();
+    let (listener, addr) = start_server(cfg).await;
+    let accept = spawn_echo(Arc::clone(&listener));
+    // Held: the server answers with the fingerprint; the client validates the chain it holds.
+    let (seen, ok) = engine_handshake(&pki, addr, vec![chain.clone()]).await;
+    assert!(ok);
+    assert_eq!(seen, chain);
+    assert_eq!(listener.metrics().cached_info_hits, 1);
+    // Stale (the leaf alone is another Certificate message): the full chain.
+    let (seen, ok) = engine_handshake(&pki, addr, vec![chain[..1].to_vec()]).await;
+    assert!(ok);
+    assert_eq!(seen, chain);
+    assert_eq!(listener.metrics().cached_info_hits, 1);
+    accept.abort();
+    listener.shutdown().await;
+    // [dtls] cached_info = false: the extension is ignored.
+    let mut cfg = pki.server_config();
+    cfg.certificate_chain_der = chain.clone();
+    cfg.cached_info = false;
+    let (listener, addr) = start_server(cfg).await;
+    let accept = spawn_echo(Arc::clone(&listener));
+    let (seen, ok) = engine_handshake(&pki, addr, vec![chain.clone()]).await;
+    assert!(ok);
+    assert_eq!(seen, chain);
+    assert_eq!(listener.metrics().cached_info_hits, 0);
+    accept.abort();
+    listener.shutdown().await;
+}

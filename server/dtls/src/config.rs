@@ -125,6 +125,10 @@ pub struct ServerConfig {
     pub cid_prefix: Vec<u8>,
     /// DER distinguished names sent in the CertificateRequest (empty: any).
     pub certificate_authorities: Vec<Vec<u8>>,
+    /// RFC 7924 cached_info: when a client names our Certificate message by its current
+    /// fingerprint, send the fingerprint instead of the certificates (RFC 7925 §4.4 makes the
+    /// extension REQUIRED for certificate-based profiles). Off: the extension is ignored.
+    pub cached_info: bool,
     /// Answer a ClientHello's use_srtp offer (RFC 5764 §4.1.1) by echoing one profile, for
     /// DTLS stacks written for WebRTC that insist on it (dimpl; webrtc-dtls configured with
     /// SRTP profiles). No SRTP keys are ever exported: the session carries CoAP only.
@@ -185,6 +189,7 @@ impl ServerConfig {
             cid_length: 4,
             cid_prefix: Vec::new(),
             certificate_authorities: Vec::new(),
+            cached_info: true,
             answer_use_srtp: false,
             limits: Limits::default(),
         }
@@ -246,6 +251,12 @@ pub struct ClientConfig {
     /// Offer the connection_id extension with this CID (what we want to receive; empty: we will
     /// send with the server's CID but want none back). `None`: do not offer CID.
     pub connection_id: Option<Vec<u8>>,
+    /// Server certificate chains (DER, leaf first, exactly as a server sent them) that we hold,
+    /// from an earlier handshake or provisioning: each is offered by its fingerprint with RFC 7924
+    /// cached_info (at most [`crate::wire::MAX_CACHED_OBJECTS`]), and a server that still
+    /// sends it answers with the fingerprint alone. The chain is still validated by
+    /// `server_verifier`. Empty: cached_info is not offered.
+    pub cached_server_chains: Vec<Vec<Vec<u8>>>,
     pub max_chain_len: usize,
     pub max_handshake_message_bytes: u32,
     /// Deliberate protocol violations, for the engine's negative tests only.
@@ -262,6 +273,7 @@ impl fmt::Debug for ClientConfig {
             .field("mtu_bytes", &self.mtu_bytes)
             .field("retransmit", &self.retransmit)
             .field("connection_id", &self.connection_id)
+            .field("cached_server_chains", &self.cached_server_chains.len())
             .finish_non_exhaustive()
     }
 }
@@ -283,6 +295,7 @@ impl ClientConfig {
             retransmit: RetransmitConfig::default(),
             handshake_timeout: Duration::from_secs(60),
             connection_id: None,
+            cached_server_chains: Vec::new(),
             max_chain_len: 8,
             max_handshake_message_bytes: 16 * 1024,
             #[cfg(feature = "danger-test-faults")]

@@ -160,6 +160,10 @@ struct Handshake {
     certificate_requested: bool,
     /// Client: the server's ECDHE public key and group.
     server_public: Option<(NamedGroup, Vec<u8>)>,
+    /// Client: fingerprints of `cached_server_chains` offered with cached_info (RFC 7924).
+    cached_fingerprints: Vec<[u8; 32]>,
+    /// Client: the server took up cached_info for its certificate.
+    certificate_cached: bool,
     started: Instant,
     last_progress: Instant,
     future_records: Vec<FutureRecord>,
@@ -364,6 +368,23 @@ impl Connection {
             Some(d) if config.cid_length > 0 => Some(wire::parse_opaque8(d)?),
             _ => None,
         };
+        // RFC 7924 §4.1: a client that holds our current Certificate message gets its
+        // fingerprint instead (a stale or unknown fingerprint gets the full message).
+        let certificate_body = CertificateMsg {
+            certificates: config.certificate_chain.clone(),
+        }
+        .encode();
+        let cached_certificate = match ch.extension(ext::CACHED_INFO) {
+            Some(d) if config.cached_info => {
+                let objects = wire::parse_cached_info_client(d)?;
+                let ours = crypto::certificate_fingerprint(&certificate_body);
+                objects
+                    .iter()
+                    .any(|o| o.typ == wire::cached_info_type::CERT && o.hash == ours)
+                    .then_some(ours)
+            }
+            _ => None,
+        };
 
         let server_random = random32(rng)?;
         let mut sh_exts = Vec::new();
@@ -410,6 +431,12 @@ impl Connection {
             }
             None => (Vec::new(), Vec::new()),
         };
+        if cached_certificate.is_some() {
+            sh_exts.push(Extension {
+                typ: ext::CACHED_INFO,
+                data: wire::cached_info_server_body(&[wire::cached_info_type::CERT]),
+            });
+        }
         let sh = ServerHello {
             server_version: DTLS_1_2,
             random: server_random,
@@ -445,10 +472,13 @@ impl Connection {
             (hs::SERVER_HELLO, sh.encode()),
             (
                 hs::CERTIFICATE,
-                CertificateMsg {
-                    certificates: config.certificate_chain.clone(),
-                }
-                .encode(),
+                match cached_certificate {
+                    Some(fingerprint) => {
+                        metrics.cached_info_hits += 1;
+                        wire::opaque8_body(&fingerprint)
+                    }
+                    None => certificate_body,
+                },
             ),
             (hs::SERVER_KEY_EXCHANGE, ske.encode()),
             (hs::CERTIFICATE_REQUEST, cr.encode()),
@@ -483,6 +513,8 @@ impl Connection {
             client_hello: None,
             certificate_requested: true,
             server_public: None,
+            cached_fingerprints: Vec::new(),
+            certificate_cached: false,
             started: now,
             last_progress: now,
             future_records: Vec::new(),
@@ -542,6 +574,33 @@ impl Connection {
                 data: wire::opaque8_body(cid),
             });
         }
+        // RFC 7924: name the server certificates we hold by their fingerprints.
+        let cached_fingerprints: Vec<[u8; 32]> = config
+            .cached_server_chains
+            .iter()
+            .take(wire::MAX_CACHED_OBJECTS)
+            .map(|chain| {
+                crypto::certificate_fingerprint(
+                    &CertificateMsg {
+                        certificates: chain.clone(),
+                    }
+                    .encode(),
+                )
+            })
+            .collect();
+        if !cached_fingerprints.is_empty() {
+            let objects: Vec<wire::CachedObject> = cached_fingerprints
+                .iter()
+                .map(|f| wire::CachedObject {
+                    typ: wire::cached_info_type::CERT,
+                    hash: f.to_vec(),
+                })
+                .collect();
+            exts.push(Extension {
+                typ: ext::CACHED_INFO,
+                data: wire::cached_info_client_body(&objects),
+            });
+        }
         let ch = ClientHello {
             client_version: DTLS_1_2,
             random: client_random,
@@ -575,6 +634,8 @@ impl Connection {
             client_hello: Some(ch),
             certificate_requested: false,
             server_public: None,
+            cached_fingerprints,
+            certificate_cached: false,
             started: now,
             last_progress: now,
             future_records: Vec::new(),
@@ -1340,6 +1401,7 @@ impl Connection {
                     return Err(Error::NoCertificate);
                 }
                 metrics.chain_verifications += 1;
+                metrics.peer_certificates_received += chain.len() as u64;
                 let verified = (config.client_verifier)(&chain)?;
                 self.peer_chain = chain;
                 self.verified = Some(verified);
@@ -1477,13 +1539,29 @@ impl Connection {
                     ext::EXTENDED_MASTER_SECRET,
                     ext::RENEGOTIATION_INFO,
                     ext::CONNECTION_ID,
+                    ext::CACHED_INFO,
                 ];
+                let cid_offered = config.connection_id.is_some();
+                let cached_offered = !self.hs_mut()?.cached_fingerprints.is_empty();
                 for e in &sh.extensions {
-                    let cid_offered = config.connection_id.is_some();
-                    if !offered.contains(&e.typ) || (e.typ == ext::CONNECTION_ID && !cid_offered) {
+                    if !offered.contains(&e.typ)
+                        || (e.typ == ext::CONNECTION_ID && !cid_offered)
+                        || (e.typ == ext::CACHED_INFO && !cached_offered)
+                    {
                         return Err(Error::UnsupportedExtension(e.typ));
                     }
                 }
+                // RFC 7924 §4: the server names only types we offered (we offer 'cert').
+                let certificate_cached = match sh.extension(ext::CACHED_INFO) {
+                    Some(d) => {
+                        let types = wire::parse_cached_info_server(d)?;
+                        if types.iter().any(|t| *t != wire::cached_info_type::CERT) {
+                            return Err(Error::IllegalParameter("cached_info type not offered"));
+                        }
+                        true
+                    }
+                    None => false,
+                };
                 if let Some(d) = sh.extension(ext::RENEGOTIATION_INFO) {
                     if !wire::parse_opaque8(d)?.is_empty() {
                         return Err(Error::Renegotiation);
@@ -1506,12 +1584,32 @@ impl Connection {
                 let h = self.hs_mut()?;
                 h.suite = suite;
                 h.ems = ems;
+                h.certificate_cached = certificate_cached;
                 h.server_random = sh.random;
                 h.transcript.add(&message);
                 h.state = HsState::Client(ClientState::ExpectCertificate);
             }
             (ClientState::ExpectCertificate, hs::CERTIFICATE) => {
-                let chain = CertificateMsg::parse(body, config.max_chain_len)?.certificates;
+                let h = self.hs_mut()?;
+                // RFC 7924 §4.1: after the server took up cached_info, a short message is the
+                // fingerprint of a chain we hold; a full one replaces our copy.
+                let cached = match wire::parse_cached_certificate(body) {
+                    Some(hash) if h.certificate_cached => Some(
+                        h.cached_fingerprints
+                            .iter()
+                            .zip(&config.cached_server_chains)
+                            .find(|(f, _)| f[..] == *hash)
+                            .map(|(_, chain)| chain.clone())
+                            .ok_or(Error::IllegalParameter(
+                                "cached_info fingerprint of a certificate we do not hold",
+                            ))?,
+                    ),
+                    _ => None,
+                };
+                let chain = match cached {
+                    Some(chain) => chain,
+                    None => CertificateMsg::parse(body, config.max_chain_len)?.certificates,
+                };
                 if chain.is_empty() {
                     return Err(Error::BadCertificate("empty server certificate".into()));
                 }

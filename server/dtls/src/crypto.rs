@@ -265,6 +265,22 @@ pub fn prf(hash: HashAlg, secret: &[u8], label: &[u8], seed: &[u8], out: &mut [u
 }
 
 /// One-shot SHA-256 / SHA-384.
+/// The RFC 7924 §5 fingerprint of a Certificate message: SHA-256 over the message as TLS
+/// defines it, `msg_type(11) ‖ length(3) ‖ body` (RFC 7924 Appendix A hashes the message
+/// "which starts with 0b 00 02"). DTLS's message_seq and fragment fields are left out: they
+/// are transport, and message_seq differs between handshakes with and without a cookie
+/// exchange, so a fingerprint over them would not name the same certificate twice.
+pub fn certificate_fingerprint(certificate_body: &[u8]) -> [u8; 32] {
+    let len = u32::try_from(certificate_body.len()).unwrap_or(u32::MAX);
+    let mut ctx = rdigest::Context::new(&rdigest::SHA256);
+    ctx.update(&[crate::wire::handshake_type::CERTIFICATE]);
+    ctx.update(&len.to_be_bytes()[1..]);
+    ctx.update(certificate_body);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
 pub fn digest(hash: HashAlg, data: &[u8]) -> Vec<u8> {
     rdigest::digest(hash.digest_alg(), data).as_ref().to_vec()
 }
@@ -939,6 +955,59 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    /// RFC 7924 Appendix A: the P-256 certificate of Figure 6 in a Certificate message (header
+    /// `0b 00 02 36 00 02 33 00 02 30`) hashes to the value the RFC prints.
+    #[test]
+    fn certificate_fingerprint_matches_rfc7924_appendix_a() {
+        let cert = hex("
+        30 82 02 2C 30 82 01 B2 A0 03 02 01 02 02 01 0D
+        30 0A 06 08 2A 86 48 CE 3D 04 03 02 30 3E 31 0B
+        30 09 06 03 55 04 06 13 02 4E 4C 31 11 30 0F 06
+        03 55 04 0A 13 08 50 6F 6C 61 72 53 53 4C 31 1C
+        30 1A 06 03 55 04 03 13 13 50 6F 6C 61 72 73 73
+        6C 20 54 65 73 74 20 45 43 20 43 41 30 1E 17 0D
+        31 33 30 39 32 34 31 35 35 32 30 34 5A 17 0D 32
+        33 30 39 32 32 31 35 35 32 30 34 5A 30 41 31 0B
+        30 09 06 03 55 04 06 13 02 4E 4C 31 11 30 0F 06
+        03 55 04 0A 13 08 50 6F 6C 61 72 53 53 4C 31 1F
+        30 1D 06 03 55 04 03 13 16 50 6F 6C 61 72 53 53
+        4C 20 54 65 73 74 20 43 6C 69 65 6E 74 20 32 30
+        59 30 13 06 07 2A 86 48 CE 3D 02 01 06 08 2A 86
+        48 CE 3D 03 01 07 03 42 00 04 57 E5 AE B1 73 DF
+        D3 AC BB 93 B8 81 FF 12 AE EE E6 53 AC CE 55 53
+        F6 34 0E CC 2E E3 63 25 0B DF 98 E2 F3 5C 60 36
+        96 C0 D5 18 14 70 E5 7F 9F D5 4B 45 18 E5 B0 6C
+        D5 5C F8 96 8F 87 70 A3 E4 C7 A3 81 9D 30 81 9A
+        30 09 06 03 55 1D 13 04 02 30 00 30 1D 06 03 55
+        1D 0E 04 16 04 14 7A 00 5F 86 64 FC E0 5D E5 11
+        10 3B B2 E6 3B C4 26 3F CF E2 30 6E 06 03 55 1D
+        23 04 67 30 65 80 14 9D 6D 20 24 49 01 3F 2B CB
+        78 B5 19 BC 7E 24 C9 DB FB 36 7C A1 42 A4 40 30
+        3E 31 0B 30 09 06 03 55 04 06 13 02 4E 4C 31 11
+        30 0F 06 03 55 04 0A 13 08 50 6F 6C 61 72 53 53
+        4C 31 1C 30 1A 06 03 55 04 03 13 13 50 6F 6C 61
+        72 73 73 6C 20 54 65 73 74 20 45 43 20 43 41 82
+        09 00 C1 43 E2 7E 62 43 CC E8 30 0A 06 08 2A 86
+        48 CE 3D 04 03 02 03 68 00 30 65 02 30 4A 65 0D
+        7B 20 83 A2 99 B9 A8 0F FC 8D EE 8F 3D BB 70 4C
+        96 03 AC 8E 78 70 DD F2 0E A0 B2 16 CB 65 8E 1A
+        C9 3F 2C 61 7E F8 3C EF AD 1C EE 36 20 02 31 00
+        9D F2 27 A6 D5 74 B8 24 AE E1 6A 3F 31 A1 CA 54
+        2F 08 D0 8D EE 4F 0C 61 DF 77 78 7D B4 FD FC 42
+        49 EE E5 B2 6A C2 CD 26 77 62 8E 28 7C 9E 57 45
+            ");
+        assert_eq!(cert.len(), 560);
+        let body = crate::wire::CertificateMsg {
+            certificates: vec![cert],
+        }
+        .encode();
+        assert_eq!(&body[..6], &[0x00, 0x02, 0x33, 0x00, 0x02, 0x30]);
+        assert_eq!(
+            certificate_fingerprint(&body).to_vec(),
+            hex("086eefb4859adfe977defac494fff6b73033b4ce1f86b8f2a9fc0c6bf98605af")
+        );
     }
 
     const ALL_SUITES: [CipherSuite; 3] = [

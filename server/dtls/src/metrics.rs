@@ -28,6 +28,11 @@ pub struct Metrics {
     pub ecdsa_signs: u64,
     pub ecdsa_verifies: u64,
     pub chain_verifications: u64,
+    /// Certificates in the peer chains received (a client sending its issuer too counts 2).
+    pub peer_certificates_received: u64,
+    /// Server flights that named our Certificate message by its RFC 7924 fingerprint instead
+    /// of carrying it.
+    pub cached_info_hits: u64,
     pub peer_address_changes: u64,
     pub renegotiations_refused: u64,
     /// Sessions closed because a new handshake from the same address proved reachability.

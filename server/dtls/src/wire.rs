@@ -58,6 +58,8 @@ pub mod extension_type {
     pub const SERVER_CERTIFICATE_TYPE: u16 = 20;
     pub const ENCRYPT_THEN_MAC: u16 = 22;
     pub const EXTENDED_MASTER_SECRET: u16 = 23;
+    /// RFC 7924.
+    pub const CACHED_INFO: u16 = 25;
     pub const SESSION_TICKET: u16 = 35;
     /// RFC 9146 (53 and 254 are pre-RFC code points with another AAD: not accepted as CID).
     pub const CONNECTION_ID: u16 = 54;
@@ -798,6 +800,94 @@ impl ServerHello {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Cached information (RFC 7924)
+// ---------------------------------------------------------------------------------------------
+
+/// CachedInformationType (RFC 7924 §3, §8.2).
+pub mod cached_info_type {
+    /// The server's Certificate message.
+    pub const CERT: u8 = 1;
+    /// The CertificateRequest message.
+    pub const CERT_REQ: u8 = 2;
+}
+
+/// Most cached objects a ClientHello may name (bounds the server's comparisons).
+pub const MAX_CACHED_OBJECTS: usize = 16;
+
+/// A client's CachedObject: a type and the fingerprint of what it holds (RFC 7924 §3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CachedObject {
+    pub typ: u8,
+    pub hash: Vec<u8>,
+}
+
+/// The client's cached_info body: `CachedObject cached_info<1..2^16-1>`, each `type(1) ‖
+/// opaque hash_value<1..255>`.
+pub fn parse_cached_info_client(data: &[u8]) -> Result<Vec<CachedObject>, DecodeError> {
+    let mut r = Reader::new(data);
+    let list = r.vec16()?;
+    r.finish()?;
+    if list.is_empty() {
+        return Err(DecodeError::Invalid("cached_info"));
+    }
+    let mut lr = Reader::new(list);
+    let mut out = Vec::new();
+    while !lr.is_empty() {
+        let typ = lr.u8()?;
+        let hash = lr.vec8()?;
+        if hash.is_empty() {
+            return Err(DecodeError::Invalid("cached_info hash_value"));
+        }
+        if out.len() >= MAX_CACHED_OBJECTS {
+            return Err(DecodeError::TooLarge("cached_info"));
+        }
+        out.push(CachedObject {
+            typ,
+            hash: hash.to_vec(),
+        });
+    }
+    Ok(out)
+}
+
+pub fn cached_info_client_body(objects: &[CachedObject]) -> Vec<u8> {
+    let mut list = Vec::new();
+    for o in objects {
+        list.push(o.typ);
+        push_vec8(&mut list, &o.hash);
+    }
+    let mut out = Vec::with_capacity(list.len() + 2);
+    push_vec16(&mut out, &list);
+    out
+}
+
+/// The server's cached_info body: the types it will abbreviate, `CachedObject
+/// cached_info<1..2^16-1>` with a server CachedObject being its type alone.
+pub fn parse_cached_info_server(data: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    let mut r = Reader::new(data);
+    let list = r.vec16()?;
+    r.finish()?;
+    if list.is_empty() {
+        return Err(DecodeError::Invalid("cached_info"));
+    }
+    Ok(list.to_vec())
+}
+
+pub fn cached_info_server_body(types: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(types.len() + 2);
+    push_vec16(&mut out, types);
+    out
+}
+
+/// The Certificate message of a handshake where the client's cached copy is current
+/// (RFC 7924 §4.1, Figure 1): `opaque hash_value<1..255>`. `None` when `body` is not of that
+/// form (a full Certificate message starts with a 3-byte list length and cannot be: its first
+/// byte would be the hash length and 0).
+pub fn parse_cached_certificate(body: &[u8]) -> Option<&[u8]> {
+    let (&len, hash) = body.split_first()?;
+    (len > 0 && hash.len() == usize::from(len)).then_some(hash)
+}
+
 /// Certificate (RFC 5246 §7.4.2): DER certificates, sender's first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertificateMsg {
@@ -1012,6 +1102,60 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn cached_info_bodies_round_trip_and_malformed_ones_are_refused() {
+        let objs = vec![
+            CachedObject {
+                typ: cached_info_type::CERT,
+                hash: vec![0xAB; 32],
+            },
+            CachedObject {
+                typ: 224,
+                hash: vec![1],
+            },
+        ];
+        let body = cached_info_client_body(&objs);
+        assert_eq!(&body[..5], &[0, 37, 1, 32, 0xAB]);
+        assert_eq!(parse_cached_info_client(&body).unwrap(), objs);
+        // Empty list, empty hash, truncated hash, trailing bytes, too many objects.
+        for bad in [
+            vec![0, 0],
+            vec![0, 2, 1, 0],
+            vec![0, 3, 1, 5, 0],
+            vec![0, 2, 1, 1],
+            [cached_info_client_body(&objs), vec![0]].concat(),
+        ] {
+            assert!(parse_cached_info_client(&bad).is_err(), "{bad:?}");
+        }
+        let many: Vec<CachedObject> = (0..=MAX_CACHED_OBJECTS)
+            .map(|i| CachedObject {
+                typ: 1,
+                hash: vec![i as u8],
+            })
+            .collect();
+        assert_eq!(
+            parse_cached_info_client(&cached_info_client_body(&many)),
+            Err(DecodeError::TooLarge("cached_info"))
+        );
+        let sb = cached_info_server_body(&[cached_info_type::CERT]);
+        assert_eq!(sb, [0, 1, 1]);
+        assert_eq!(parse_cached_info_server(&sb).unwrap(), [1]);
+        assert!(parse_cached_info_server(&[0, 0]).is_err());
+        assert!(parse_cached_info_server(&[0, 2, 1]).is_err());
+        // The abbreviated Certificate message, told apart from a full one.
+        let mut abbreviated = vec![32];
+        abbreviated.extend([7u8; 32]);
+        assert_eq!(parse_cached_certificate(&abbreviated), Some(&[7u8; 32][..]));
+        let full = CertificateMsg {
+            certificates: vec![vec![0x30; 40]],
+        }
+        .encode();
+        assert_eq!(parse_cached_certificate(&full), None);
+        assert_eq!(parse_cached_certificate(&[]), None);
+        assert_eq!(parse_cached_certificate(&[0]), None);
+        assert_eq!(parse_cached_certificate(&[3, 1, 2]), None);
     }
 
     #[test]

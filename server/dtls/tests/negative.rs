@@ -1203,3 +1203,233 @@ fn a_finished_from_a_new_address_moves_the_handshake_without_an_address_event() 
     assert_eq!(net.server.gauges().half_open, 0);
     assert_eq!(net.server.gauges().established, 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cached information (RFC 7924)
+// ---------------------------------------------------------------------------------------------
+
+/// Bytes the server sent to client `i`.
+fn bytes_to_client(net: &Net, i: usize) -> usize {
+    net.log
+        .iter()
+        .filter(|(to_server, c, _)| !to_server && *c == i)
+        .map(|(_, _, d)| d.len())
+        .sum()
+}
+
+/// The Certificate message body the server sent to client `i`.
+fn certificate_to(net: &Net, i: usize) -> Vec<u8> {
+    net.log
+        .iter()
+        .filter(|(to_server, c, _)| !to_server && *c == i)
+        .flat_map(|(_, _, d)| plain_handshakes(d))
+        .find(|(t, _, _)| *t == hs::CERTIFICATE)
+        .map(|(_, _, b)| b)
+        .expect("no Certificate sent")
+}
+
+fn fingerprint_of(chain: &[Vec<u8>]) -> [u8; 32] {
+    est_dtls::crypto::certificate_fingerprint(
+        &wire::CertificateMsg {
+            certificates: chain.to_vec(),
+        }
+        .encode(),
+    )
+}
+
+#[test]
+fn a_client_holding_the_server_certificate_gets_its_fingerprint_instead() {
+    let pki = Pki::new(2);
+    let mut net = Net::new(pki.server_config(), 51, 0.0);
+    // Client 0 holds the server's chain (and an older one); client 1 holds nothing.
+    let mut cc = pki.client_config(0);
+    let old = pki.extra_client("old-server").chain;
+    cc.cached_server_chains = vec![old, pki.server.chain.clone()];
+    net.add_client(cc);
+    net.add_client(pki.client_config(1));
+    net.run_for(Duration::from_secs(5));
+    assert!(net.client_connected(0) && net.client_connected(1));
+    assert_eq!(net.server.metrics().cached_info_hits, 1);
+    // RFC 7924 §4.1: the ServerHello says 'cert', the Certificate message is the fingerprint.
+    let sh = server_hello_to(&net, 0);
+    assert_eq!(sh.extension(ext::CACHED_INFO), Some(&[0u8, 1, 1][..]));
+    let fp = fingerprint_of(&pki.server.chain);
+    assert_eq!(certificate_to(&net, 0), wire::opaque8_body(&fp));
+    assert_eq!(server_hello_to(&net, 1).extension(ext::CACHED_INFO), None);
+    // The client validated and holds the chain it had cached.
+    assert_eq!(
+        net.clients[0].connection().peer_certificates(),
+        pki.server.chain.as_slice()
+    );
+    // The server's flights shrank by the chain, less the 33-byte fingerprint and the 7-byte
+    // extension (give or take the 1-2 bytes by which two DER ECDSA signatures can differ).
+    let chain_len: usize = pki.server.chain.iter().map(|c| c.len() + 3).sum::<usize>() + 3;
+    let saved = bytes_to_client(&net, 1) - bytes_to_client(&net, 0);
+    assert!(
+        saved.abs_diff(chain_len - 33 - 7) <= 2,
+        "saved {saved} of {chain_len}"
+    );
+    assert_session_works(&mut net, 0, b"cached");
+}
+
+#[test]
+fn a_stale_fingerprint_or_a_server_without_cached_info_sends_the_full_certificate() {
+    let pki = Pki::new(2);
+    let mut net = Net::new(pki.server_config(), 52, 0.0);
+    let mut cc = pki.client_config(0);
+    cc.cached_server_chains = vec![pki.extra_client("retired-server").chain];
+    net.add_client(cc);
+    net.run_for(Duration::from_secs(5));
+    assert!(net.client_connected(0));
+    assert_eq!(net.server.metrics().cached_info_hits, 0);
+    assert_eq!(server_hello_to(&net, 0).extension(ext::CACHED_INFO), None);
+    let full = wire::CertificateMsg {
+        certificates: pki.server.chain.clone(),
+    }
+    .encode();
+    assert_eq!(certificate_to(&net, 0), full);
+    assert_eq!(
+        net.clients[0].connection().peer_certificates(),
+        pki.server.chain.as_slice()
+    );
+
+    // A server with cached_info off ignores a current fingerprint.
+    let mut sc = pki.server_config();
+    sc.cached_info = false;
+    let mut net = Net::new(sc, 53, 0.0);
+    let mut cc = pki.client_config(1);
+    cc.cached_server_chains = vec![pki.server.chain.clone()];
+    net.add_client(cc);
+    net.run_for(Duration::from_secs(5));
+    assert!(net.client_connected(0));
+    assert_eq!(net.server.metrics().cached_info_hits, 0);
+    assert_eq!(certificate_to(&net, 0), full);
+}
+
+#[test]
+fn a_malformed_cached_info_extension_gets_decode_error() {
+    let bad: [&[u8]; 4] = [
+        &[0, 0],             // an empty list
+        &[0, 2, 1, 0],       // an empty hash_value
+        &[0, 4, 1, 32, 1],   // a hash_value cut short
+        &[0, 3, 1, 1, 7, 9], // trailing bytes
+    ];
+    let pki = Pki::new(bad.len() + 1);
+    let mut net = Net::new(pki.server_config(), 54, 0.0);
+    for (i, body) in bad.iter().enumerate() {
+        let mut cc = pki.client_config(i);
+        cc.cached_server_chains = vec![pki.server.chain.clone()];
+        net.add_client(cc);
+        let body = body.to_vec();
+        // The ClientHello with the cookie carries the broken extension (extensions are not
+        // bound to the cookie).
+        net.filter = Some(Box::new(move |to_server, c, d| {
+            if !to_server || c != i {
+                return vec![d];
+            }
+            vec![rewrite_plain_handshakes(&d, |t, b| {
+                if t == hs::CLIENT_HELLO {
+                    let mut ch = ClientHello::parse(b).unwrap();
+                    if ch.cookie.is_empty() {
+                        return;
+                    }
+                    for e in &mut ch.extensions {
+                        if e.typ == ext::CACHED_INFO {
+                            e.data = body.clone();
+                        }
+                    }
+                    *b = ch.encode();
+                }
+            })]
+        }));
+        let before = refused(&net, RefusalReason::Decode);
+        net.run_for(Duration::from_secs(5));
+        assert!(!net.client_connected(i), "{i}");
+        let alerts: Vec<_> = server_alerts(&net)
+            .into_iter()
+            .filter(|(c, _)| *c == i)
+            .map(|(_, a)| a)
+            .collect();
+        assert_eq!(alerts, vec![(alert::FATAL, alert::DECODE_ERROR)], "{i}");
+        assert_eq!(refused(&net, RefusalReason::Decode), before + 1);
+        assert_eq!(
+            client_failure(&net, i),
+            Some(Error::PeerAlert(alert::DECODE_ERROR))
+        );
+    }
+    net.filter = None;
+    assert_eq!(net.server.gauges().half_open, 0);
+    assert_still_serves(&mut net, &pki, bad.len());
+}
+
+#[test]
+fn a_fingerprint_the_client_does_not_hold_or_a_type_it_did_not_offer_is_refused() {
+    let pki = Pki::new(4);
+    let mut net = Net::new(pki.server_config(), 55, 0.0);
+    for i in 0..3 {
+        let mut cc = pki.client_config(i);
+        cc.cached_server_chains = vec![pki.server.chain.clone()];
+        net.add_client(cc);
+    }
+    // (0) the Certificate names another fingerprint; (1) the ServerHello says cert_req, which
+    // the client did not offer; (2) a client that offered nothing gets cached_info: below.
+    net.filter = Some(Box::new(|to_server, i, d| {
+        if to_server || i > 1 {
+            return vec![d];
+        }
+        vec![rewrite_plain_handshakes(&d, |t, body| match (i, t) {
+            (0, hs::CERTIFICATE) => body[5] ^= 0x01,
+            (1, hs::SERVER_HELLO) => {
+                let mut sh = ServerHello::parse(body).unwrap();
+                for e in &mut sh.extensions {
+                    if e.typ == ext::CACHED_INFO {
+                        e.data = wire::cached_info_server_body(&[
+                            wire::cached_info_type::CERT,
+                            wire::cached_info_type::CERT_REQ,
+                        ]);
+                    }
+                }
+                *body = sh.encode();
+            }
+            _ => {}
+        })]
+    }));
+    net.run_for(Duration::from_secs(5));
+    for i in 0..2 {
+        assert!(!net.client_connected(i));
+        assert!(
+            matches!(client_failure(&net, i), Some(Error::IllegalParameter(_))),
+            "{i}: {:?}",
+            client_failure(&net, i)
+        );
+        assert_eq!(
+            client_alerts(&net, i),
+            vec![(alert::FATAL, alert::ILLEGAL_PARAMETER)]
+        );
+    }
+    assert!(net.client_connected(2));
+    // A ServerHello with cached_info to a client that offered none.
+    net.add_client(pki.client_config(3));
+    net.filter = Some(Box::new(|to_server, i, d| {
+        if to_server || i != 3 {
+            return vec![d];
+        }
+        vec![rewrite_plain_handshakes(&d, |t, body| {
+            if t == hs::SERVER_HELLO {
+                let mut sh = ServerHello::parse(body).unwrap();
+                sh.extensions.push(Extension {
+                    typ: ext::CACHED_INFO,
+                    data: wire::cached_info_server_body(&[wire::cached_info_type::CERT]),
+                });
+                *body = sh.encode();
+            }
+        })]
+    }));
+    net.run_for(Duration::from_secs(5));
+    assert!(!net.client_connected(3));
+    assert_eq!(
+        client_failure(&net, 3),
+        Some(Error::UnsupportedExtension(ext::CACHED_INFO))
+    );
+    assert_eq!(net.server.gauges().half_open, 0);
+}

@@ -13,7 +13,8 @@
 //! * 2 `a k (edits)`: deliver the oldest datagram the endpoint sent to address `a` to the
 //!   client now at that address, with edits;
 //! * 3 `a n bytes[n]`: an arbitrary datagram from address `a`;
-//! * 4 `a`: client `a` (re)starts a handshake (a rebooted meter);
+//! * 4 `a`: client `a` (re)starts a handshake (a rebooted meter); clients at odd addresses
+//!   hold the server's certificate and offer it with RFC 7924 cached_info;
 //! * 5 `a`: application data both ways on `a`'s session, if any;
 //! * 6 `a`: client `a` closes (close_notify);
 //! * 7 `a b`: client `a`'s NAT binding moves to address `b` (with a Connection ID the session
@@ -43,6 +44,8 @@ const MAX_OPS: usize = 96;
 struct Fixture {
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    /// A client that holds the server's chain (RFC 7924 cached_info).
+    client_cached: Arc<ClientConfig>,
     addrs: [SocketAddr; ADDRS],
     server_addr: SocketAddr,
 }
@@ -69,6 +72,7 @@ fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
         let (chain, key) = cred("server.fuzz");
+        let server_chain = chain.clone();
         let mut sc = ServerConfig::new(chain, key, verifier());
         // Small limits, so that the fuzzer can reach them.
         sc.limits.max_half_open = 2;
@@ -82,9 +86,12 @@ fn fixture() -> &'static Fixture {
         let (chain, key) = cred("meter.fuzz");
         let mut cc = ClientConfig::new(chain, key, verifier());
         cc.connection_id = Some(Vec::new());
+        let mut cached = cc.clone();
+        cached.cached_server_chains = vec![server_chain];
         Fixture {
             server: Arc::new(sc),
             client: Arc::new(cc),
+            client_cached: Arc::new(cached),
             addrs: [
                 "10.0.0.1:1000".parse().expect("addr"),
                 "10.0.0.1:2000".parse().expect("addr"),
@@ -244,7 +251,12 @@ fuzz_target!(|data: &[u8]| {
                 w.ep.handle(w.now, f.addrs[a], &d);
             }
             4 => {
-                w.clients[a] = Client::connect(w.now, f.server_addr, f.client.clone()).ok();
+                let config = if a % 2 == 1 {
+                    &f.client_cached
+                } else {
+                    &f.client
+                };
+                w.clients[a] = Client::connect(w.now, f.server_addr, config.clone()).ok();
                 w.to_client[w.addr_of[a]].clear();
             }
             5 => {

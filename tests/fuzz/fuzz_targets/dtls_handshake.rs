@@ -3,7 +3,8 @@
 //! Invariants:
 //! * `parse_handshake_fragments` never panics; what it accepts keeps
 //!   `fragment_offset + fragment_length <= length` and re-encodes to the input bytes;
-//! * every message and extension parser never panics; where one succeeds, `encode()` and a
+//! * every message and extension parser never panics (cached_info and the abbreviated
+//!   Certificate message of RFC 7924 included); where one succeeds, `encode()` and a
 //!   second parse give an equal value, and for the strict (canonical) encodings the encoded
 //!   bytes are the input.
 //!
@@ -75,6 +76,11 @@ fn messages(body: &[u8]) {
     if let Ok(v) = wire::parse_finished(body) {
         assert_eq!(v.as_slice(), body);
     }
+    // RFC 7924: the abbreviated Certificate message, never mistaken for a full one.
+    if let Some(hash) = wire::parse_cached_certificate(body) {
+        assert_eq!(wire::opaque8_body(hash), body);
+        assert!(CertificateMsg::parse(body, 8).is_err());
+    }
     extensions(body);
 }
 
@@ -93,6 +99,15 @@ fn extensions(data: &[u8]) {
     }
     if let Ok(v) = wire::parse_opaque8(data) {
         assert_eq!(wire::opaque8_body(&v), data);
+    }
+    if let Ok(objects) = wire::parse_cached_info_client(data) {
+        assert!(!objects.is_empty() && objects.len() <= wire::MAX_CACHED_OBJECTS);
+        assert!(objects.iter().all(|o| !o.hash.is_empty()));
+        assert_eq!(wire::cached_info_client_body(&objects), data);
+    }
+    if let Ok(types) = wire::parse_cached_info_server(data) {
+        assert!(!types.is_empty());
+        assert_eq!(wire::cached_info_server_body(&types), data);
     }
 }
 

@@ -143,6 +143,12 @@ impl fmt::Display for CipherSuiteName {
 pub struct DtlsServerConfig {
     /// Our certificate chain, DER, server certificate first.
     pub certificate_chain_der: Vec<Vec<u8>>,
+    /// Send all of `certificate_chain_der` in the handshake (true), or only its first
+    /// certificate (false: every client must hold the server certificate's issuer as an anchor).
+    pub send_chain: bool,
+    /// RFC 7924 cached_info: a client naming our Certificate message by its current fingerprint
+    /// gets the fingerprint instead of the chain.
+    pub cached_info: bool,
     /// Our private key, PKCS#8 DER, ECDSA P-256 or P-384.
     pub private_key_pkcs8_der: Vec<u8>,
     /// Trust anchors for client certificates, used when no `client_chain_verifier` is set: the
@@ -206,6 +212,8 @@ impl Default for DtlsServerConfig {
     fn default() -> Self {
         DtlsServerConfig {
             certificate_chain_der: Vec::new(),
+            send_chain: true,
+            cached_info: true,
             private_key_pkcs8_der: Vec::new(),
             client_trust_anchors_der: Vec::new(),
             verify_peer_certificate: None,
@@ -242,6 +250,8 @@ impl fmt::Debug for DtlsServerConfig {
         // Never print the private key.
         f.debug_struct("DtlsServerConfig")
             .field("certificate_chain_len", &self.certificate_chain_der.len())
+            .field("send_chain", &self.send_chain)
+            .field("cached_info", &self.cached_info)
             .field(
                 "client_trust_anchors_len",
                 &self.client_trust_anchors_der.len(),
@@ -308,11 +318,13 @@ pub(crate) fn build_engine_config(
             )),
         }
     });
-    let mut e = est_dtls::ServerConfig::new(
-        cfg.certificate_chain_der.clone(),
-        Arc::new(key),
-        chain_verifier,
-    );
+    let sent: &[Vec<u8>] = if cfg.send_chain {
+        &cfg.certificate_chain_der
+    } else {
+        &cfg.certificate_chain_der[..1]
+    };
+    let mut e = est_dtls::ServerConfig::new(sent.to_vec(), Arc::new(key), chain_verifier);
+    e.cached_info = cfg.cached_info;
     e.cipher_suites = suites;
     e.require_extended_master_secret = cfg.extended_master_secret_required;
     e.answer_use_srtp = cfg.answer_use_srtp;

@@ -95,6 +95,10 @@ pub struct TransportMetrics {
     pub records_bad_mac: u64,
     pub peer_address_changes: u64,
     pub log_lines_suppressed: u64,
+    /// Certificates in the client chains received (a client that sends its issuer counts 2).
+    pub peer_certificates_received: u64,
+    /// Handshakes where we sent our certificate's RFC 7924 fingerprint instead of the chain.
+    pub cached_info_hits: u64,
 }
 
 fn snapshot(ep: &Endpoint, driver: &DriverCounters) -> TransportMetrics {
@@ -135,6 +139,8 @@ fn snapshot(ep: &Endpoint, driver: &DriverCounters) -> TransportMetrics {
         records_bad_mac: m.records_bad_mac,
         peer_address_changes: m.peer_address_changes,
         log_lines_suppressed: m.log_lines_suppressed,
+        peer_certificates_received: m.peer_certificates_received,
+        cached_info_hits: m.cached_info_hits,
     }
 }
 
