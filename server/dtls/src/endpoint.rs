@@ -15,7 +15,7 @@
 //! bounded by [`crate::Limits`], and every refusal is counted and logged at a bounded rate.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use crate::cookie::CookieKeys;
 use crate::crypto::{self, HashAlg};
 use crate::error::{Error, RefusalReason};
 use crate::metrics::Metrics;
+use crate::peer::PeerAddr;
 use crate::wire::{
     self, alert, content_type as ct, handshake_type as hs, ClientHello, HelloVerifyRequest,
     DTLS_1_0,
@@ -36,10 +37,10 @@ use crate::wire::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnectionHandle(pub u64);
 
-/// A datagram to send.
+/// A datagram to send: to a UDP address, or (a relayed peer) as a JPY message to its proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
-    pub destination: SocketAddr,
+    pub destination: PeerAddr,
     pub payload: Vec<u8>,
 }
 
@@ -54,8 +55,8 @@ pub enum Event {
     /// [`Event::Connected`]: a handshake that moves is announced there with its new address.
     AddressChanged {
         conn: ConnectionHandle,
-        from: SocketAddr,
-        to: SocketAddr,
+        from: PeerAddr,
+        to: PeerAddr,
     },
     /// A session (or a handshake) ended; the handle is no longer valid.
     Closed(ConnectionHandle, CloseReason),
@@ -69,16 +70,37 @@ pub struct Gauges {
     pub timers: usize,
 }
 
+/// What the per-source limits count a connection under: its source IP address, or the IP
+/// address of the join proxy it came through (a proxy's meters are counted apart from any
+/// direct traffic of the proxy, under their own caps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Source {
+    Ip(IpAddr),
+    Relay(IpAddr),
+}
+
+impl Source {
+    fn of(peer: &PeerAddr, limits: &crate::config::Limits) -> Source {
+        match peer {
+            PeerAddr::Direct(a) if limits.relay_prefixes.iter().any(|p| p.contains(a.ip())) => {
+                Source::Relay(a.ip())
+            }
+            PeerAddr::Direct(a) => Source::Ip(a.ip()),
+            PeerAddr::Relayed { proxy, .. } => Source::Relay(proxy.ip()),
+        }
+    }
+}
+
 struct Slot {
     conn: Connection,
     timer: Option<Instant>,
-    /// The source IP the limits counted this connection under.
-    ip: IpAddr,
+    /// The source the limits counted this connection under.
+    ip: Source,
     half_open: bool,
     established: bool,
     identity: Option<Vec<u8>>,
     /// The address key under which `by_addr` maps to this connection.
-    addr_key: Option<SocketAddr>,
+    addr_key: Option<PeerAddr>,
 }
 
 /// Rate limit on log lines about remote peers.
@@ -113,11 +135,11 @@ pub struct Endpoint {
     rng: SystemRandom,
     cookies: CookieKeys,
     slots: HashMap<u64, Slot>,
-    by_addr: HashMap<SocketAddr, u64>,
+    by_addr: HashMap<PeerAddr, u64>,
     by_cid: HashMap<Vec<u8>, u64>,
     by_identity: HashMap<Vec<u8>, VecDeque<u64>>,
-    half_open_per_ip: HashMap<IpAddr, usize>,
-    established_per_ip: HashMap<IpAddr, usize>,
+    half_open_per_ip: HashMap<Source, usize>,
+    established_per_ip: HashMap<Source, usize>,
     half_open: usize,
     /// Half-open handshakes in admission order (stale entries are skipped lazily).
     half_open_order: VecDeque<u64>,
@@ -265,9 +287,14 @@ impl Endpoint {
         }
     }
 
-    /// Handles one datagram from `from`.
-    pub fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+    /// Handles one datagram from `from`: a UDP address, or a meter behind a join proxy
+    /// ([`PeerAddr::Relayed`], the content of a JPY message).
+    pub fn handle(&mut self, now: Instant, from: impl Into<PeerAddr>, datagram: &[u8]) {
+        let from = from.into();
         self.metrics.datagrams_received += 1;
+        if from.is_relayed() {
+            self.metrics.datagrams_relayed += 1;
+        }
         let cid_len = self.config.cid_length;
         let Some((content, epoch, cid)) = wire::peek_first_record(datagram, cid_len) else {
             self.metrics.records_malformed += 1;
@@ -276,7 +303,7 @@ impl Endpoint {
         if content == ct::TLS12_CID {
             // RFC 9146: routed by CID, whatever the source address.
             match self.by_cid.get(cid).copied() {
-                Some(id) => self.deliver(now, id, from, datagram),
+                Some(id) => self.deliver(now, id, &from, datagram),
                 None => self.metrics.dropped_unknown_peer += 1,
             }
             return;
@@ -294,7 +321,7 @@ impl Endpoint {
                 _ => true,
             };
             if hello.is_none() || repeat_of_handshake {
-                self.deliver(now, id, from, datagram);
+                self.deliver(now, id, &from, datagram);
                 return;
             }
             // A ClientHello with a new random from an address with a session (the meter
@@ -302,13 +329,13 @@ impl Endpoint {
             // proves the address; only then is the old association replaced.
         }
         if hello.is_some() {
-            self.stateless_client_hello(now, from, datagram);
+            self.stateless_client_hello(now, &from, datagram);
         } else {
             self.metrics.dropped_unknown_peer += 1;
         }
     }
 
-    fn deliver(&mut self, now: Instant, id: u64, from: SocketAddr, datagram: &[u8]) {
+    fn deliver(&mut self, now: Instant, id: u64, from: &PeerAddr, datagram: &[u8]) {
         let Some(slot) = self.slots.get_mut(&id) else {
             return;
         };
@@ -320,7 +347,7 @@ impl Endpoint {
 
     /// RFC 6347 §4.2.1: answer a ClientHello without a valid cookie with a HelloVerifyRequest
     /// and keep nothing; admit one with a valid cookie.
-    fn stateless_client_hello(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+    fn stateless_client_hello(&mut self, now: Instant, from: &PeerAddr, datagram: &[u8]) {
         self.cookies
             .rotate_if_due(&self.rng, now, self.config.cookie_rotation_interval);
         let Ok((rec, _)) = wire::parse_record(datagram, 0) else {
@@ -341,13 +368,13 @@ impl Endpoint {
             return;
         };
         let params = ch.cookie_params();
-        if ch.cookie.is_empty() || !self.cookies.verify(&from, &params, &ch.cookie) {
+        if ch.cookie.is_empty() || !self.cookies.verify(from, &params, &ch.cookie) {
             if !ch.cookie.is_empty() {
                 self.metrics.refuse(RefusalReason::BadCookie);
             }
             let hvr = HelloVerifyRequest {
                 server_version: DTLS_1_0,
-                cookie: self.cookies.generate(&from, &params).to_vec(),
+                cookie: self.cookies.generate(from, &params).to_vec(),
             };
             let msg =
                 wire::handshake_message(hs::HELLO_VERIFY_REQUEST, frag.message_seq, &hvr.encode());
@@ -356,16 +383,25 @@ impl Endpoint {
             wire::push_record(&mut out, ct::HANDSHAKE, DTLS_1_0, 0, rec.seq, &[], &msg);
             self.metrics.hello_verify_sent += 1;
             self.transmits.push_back(Transmit {
-                destination: from,
+                destination: from.clone(),
                 payload: out,
             });
             return;
         }
         self.metrics.cookies_verified += 1;
-        let ip = from.ip();
-        let exempt = self.config.limits.exempt_ips.contains(&ip);
         let limits = &self.config.limits;
-        let replacing = self.by_addr.get(&from).copied();
+        let ip = Source::of(from, limits);
+        // Per-source caps: a proxy's meters under the relay caps; a direct source under the
+        // per-IP caps unless exempt.
+        let (max_half_open_here, max_sessions_here) = match ip {
+            Source::Relay(_) => (
+                limits.max_half_open_per_relay,
+                limits.max_sessions_per_relay,
+            ),
+            Source::Ip(a) if limits.exempt_ips.contains(&a) => (usize::MAX, usize::MAX),
+            Source::Ip(_) => (limits.max_half_open_per_ip, limits.max_sessions_per_ip),
+        };
+        let replacing = self.by_addr.get(from).copied();
         let live = self.slots.len() - usize::from(replacing.is_some());
         // Admission control (issue #10 §3). Half-open caps drop silently (the meter retries
         // its ClientHello with back-off); a full server refuses cleanly with an alert.
@@ -373,10 +409,15 @@ impl Endpoint {
             self.refuse_stateless(now, from, rec.seq, Error::Limit("max_sessions"));
             return;
         }
-        if !exempt {
-            if self.half_open_per_ip.get(&ip).copied().unwrap_or(0) >= limits.max_half_open_per_ip {
+        {
+            if self.half_open_per_ip.get(&ip).copied().unwrap_or(0) >= max_half_open_here {
                 self.metrics.refuse(RefusalReason::Limit);
-                self.log_refusal(now, from, &Error::Limit("max_half_open_per_ip"));
+                let which = if matches!(ip, Source::Relay(_)) {
+                    "max_half_open_per_relay"
+                } else {
+                    "max_half_open_per_ip"
+                };
+                self.log_refusal(now, from, &Error::Limit(which));
                 return;
             }
             // The session this handshake would replace frees a place only under the IP it is
@@ -387,8 +428,13 @@ impl Endpoint {
                         .and_then(|id| self.slots.get(&id))
                         .is_some_and(|s| s.established && s.ip == ip),
                 );
-            if established_here >= limits.max_sessions_per_ip {
-                self.refuse_stateless(now, from, rec.seq, Error::Limit("max_sessions_per_ip"));
+            if established_here >= max_sessions_here {
+                let which = if matches!(ip, Source::Relay(_)) {
+                    "max_sessions_per_relay"
+                } else {
+                    "max_sessions_per_ip"
+                };
+                self.refuse_stateless(now, from, rec.seq, Error::Limit(which));
                 return;
             }
         }
@@ -413,7 +459,7 @@ impl Endpoint {
         let ch_message = wire::handshake_message(hs::CLIENT_HELLO, frag.message_seq, frag.body);
         let accepted = Connection::accept(
             now,
-            from,
+            from.clone(),
             self.config.clone(),
             &ch,
             &ch_message,
@@ -447,7 +493,7 @@ impl Endpoint {
         if !conn.own_cid().is_empty() {
             self.by_cid.insert(conn.own_cid().to_vec(), id);
         }
-        self.by_addr.insert(from, id);
+        self.by_addr.insert(from.clone(), id);
         self.half_open += 1;
         self.half_open_order.push_back(id);
         if self.half_open_order.len() > 2 * self.config.limits.max_half_open {
@@ -465,7 +511,7 @@ impl Endpoint {
                 half_open: true,
                 established: false,
                 identity: None,
-                addr_key: Some(from),
+                addr_key: Some(from.clone()),
             },
         );
         self.after(now, id, Vec::new());
@@ -497,7 +543,7 @@ impl Endpoint {
     }
 
     /// A fatal alert to a peer we keep no state for.
-    fn refuse_stateless(&mut self, now: Instant, to: SocketAddr, seq: u64, err: Error) {
+    fn refuse_stateless(&mut self, now: Instant, to: &PeerAddr, seq: u64, err: Error) {
         self.metrics.refuse(err.refusal_reason());
         self.log_refusal(now, to, &err);
         if let Some(desc) = err.alert() {
@@ -512,13 +558,13 @@ impl Endpoint {
                 &[alert::FATAL, desc],
             );
             self.transmits.push_back(Transmit {
-                destination: to,
+                destination: to.clone(),
                 payload: out,
             });
         }
     }
 
-    fn log_refusal(&mut self, now: Instant, peer: SocketAddr, err: &Error) {
+    fn log_refusal(&mut self, now: Instant, peer: &PeerAddr, err: &Error) {
         if self.log.allow(now, &mut self.metrics) {
             tracing::info!(%peer, reason = err.refusal_reason().name(), error = %err, "DTLS handshake refused");
         }
@@ -548,7 +594,7 @@ impl Endpoint {
         let dest = slot.conn.peer();
         for payload in slot.conn.drain_outbox() {
             self.transmits.push_back(Transmit {
-                destination: dest,
+                destination: dest.clone(),
                 payload,
             });
         }
@@ -662,18 +708,18 @@ impl Endpoint {
         }
     }
 
-    fn on_address_changed(&mut self, id: u64, old: SocketAddr) {
+    fn on_address_changed(&mut self, id: u64, old: PeerAddr) {
         let Some(slot) = self.slots.get_mut(&id) else {
             return;
         };
         let new = slot.conn.peer();
-        if slot.addr_key == Some(old) && self.by_addr.get(&old) == Some(&id) {
+        if slot.addr_key.as_ref() == Some(&old) && self.by_addr.get(&old) == Some(&id) {
             self.by_addr.remove(&old);
         }
         slot.addr_key = None;
-        if let std::collections::hash_map::Entry::Vacant(v) = self.by_addr.entry(new) {
+        if let std::collections::hash_map::Entry::Vacant(v) = self.by_addr.entry(new.clone()) {
             v.insert(id);
-            slot.addr_key = Some(new);
+            slot.addr_key = Some(new.clone());
         }
         // A handshake that moves (its Finished came from a new address) is announced by
         // Connected, with the new address; the driver has no handle to move before that.
@@ -721,7 +767,7 @@ impl Endpoint {
             CloseReason::IdleTimeout => self.metrics.sessions_closed_idle += 1,
             CloseReason::HandshakeFailed(e) => {
                 let e = e.clone();
-                self.log_refusal(now, peer, &e);
+                self.log_refusal(now, &peer, &e);
             }
             _ => {}
         }
@@ -731,7 +777,7 @@ impl Endpoint {
     }
 }
 
-fn dec(map: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
+fn dec(map: &mut HashMap<Source, usize>, ip: Source) {
     if let Some(n) = map.get_mut(&ip) {
         *n = n.saturating_sub(1);
         if *n == 0 {

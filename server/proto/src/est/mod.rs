@@ -76,6 +76,10 @@ pub struct EstConfig {
     pub c509_cert_content_format: u16,
     /// Content-Format for C509 certification requests.
     pub c509_pkcs10_content_format: u16,
+    /// The registrar's JPY endpoint for stateless join proxies, e.g.
+    /// `jpy://[2001:db8::52]:7634`: discovery (`rt=brski.rjp`) announces it. `None`: not a
+    /// JPY registrar.
+    pub jpy_uri: Option<String>,
 }
 
 impl Default for EstConfig {
@@ -87,6 +91,7 @@ impl Default for EstConfig {
             server_keygen: true,
             c509_cert_content_format: cbor_schemas::c509::CONTENT_FORMAT_C509_CERT_DEFAULT,
             c509_pkcs10_content_format: cbor_schemas::c509::CONTENT_FORMAT_C509_PKCS10_DEFAULT,
+            jpy_uri: None,
         }
     }
 }
@@ -95,6 +100,8 @@ impl Default for EstConfig {
 pub struct RequestContext<'a> {
     /// Peer address for the audit log, e.g. `127.0.0.1:40001`.
     pub peer: &'a str,
+    /// The join proxy the request came through (its address), for the audit log.
+    pub relay: Option<&'a str>,
     /// The client certificate chain (DER, leaf first) that the DTLS handshake verified.
     pub client_chain: &'a [Vec<u8>],
     /// What [`Policy::verify_peer_chain`] established for `client_chain` at the handshake.
@@ -224,6 +231,7 @@ pub struct CommitTicket {
 struct Exchange {
     op: Operation,
     peer: String,
+    relay: Option<String>,
     device_id: String,
     /// The wall clock when the request arrived.
     at: SystemTime,
@@ -491,6 +499,7 @@ impl EstService {
         let mut exchange = Exchange {
             op,
             peer: ctx.peer.to_string(),
+            relay: ctx.relay.map(str::to_string),
             device_id: String::new(),
             at: ctx.now,
         };
@@ -535,6 +544,7 @@ impl EstService {
                 let audit = AuditEvent {
                     at_unix: unix_seconds(ctx.now),
                     peer: ctx.peer.to_string(),
+                    relay: ctx.relay.map(str::to_string),
                     device_id: exchange.device_id.clone(),
                     operation: op.name().to_string(),
                     outcome: "refused".into(),
@@ -709,6 +719,7 @@ impl EstService {
         let audit = AuditEvent {
             at_unix: unix_seconds(ctx.now),
             peer: ctx.peer.to_string(),
+            relay: ctx.relay.map(str::to_string),
             device_id: device.device_id.clone(),
             operation: op.name().to_string(),
             outcome: "issued".into(),
@@ -735,6 +746,7 @@ impl EstService {
         let audit = AuditEvent {
             at_unix: unix_seconds(exchange.at),
             peer: exchange.peer.clone(),
+            relay: exchange.relay.clone(),
             device_id: exchange.device_id.clone(),
             operation: exchange.op.name().to_string(),
             outcome: "replayed".into(),
