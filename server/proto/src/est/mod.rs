@@ -256,7 +256,9 @@ enum AfterCommit {
     Refused { response: Response },
 }
 
-/// What the policy and the CA decided for an enrollment.
+/// What the policy and the CA decided for an enrollment (a return value that lives for one
+/// call: its size does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Decision {
     /// A new certificate, with its answer already built.
     Issue {

@@ -369,8 +369,14 @@ fn the_audit_records_the_relay() {
         now: now(),
     };
     let req = post("sen", csr(&dev.signer, &name(&[])));
-    assert_eq!(serve(&svc, &ctx, &req, &mut pki.rng).code, ResponseType::Changed);
-    assert_eq!(serve(&svc, &ctx, &req, &mut pki.rng).code, ResponseType::Changed);
+    assert_eq!(
+        serve(&svc, &ctx, &req, &mut pki.rng).code,
+        ResponseType::Changed
+    );
+    assert_eq!(
+        serve(&svc, &ctx, &req, &mut pki.rng).code,
+        ResponseType::Changed
+    );
     let bad = post("sen", b"not a CSR".to_vec());
     assert!(serve(&svc, &ctx, &bad, &mut pki.rng).code != ResponseType::Changed);
     let audit = store.audit_events();
@@ -382,7 +388,12 @@ fn the_audit_records_the_relay() {
     }
     // A direct enrollment has none.
     let dev2 = device(&mut pki, "SN2");
-    call(&svc, &dev2.chain, &post("sen", csr(&dev2.signer, &name(&[]))), &mut pki.rng);
+    call(
+        &svc,
+        &dev2.chain,
+        &post("sen", csr(&dev2.signer, &name(&[]))),
+        &mut pki.rng,
+    );
     assert_eq!(store.audit_events().last().unwrap().relay, None);
 }
 
@@ -785,7 +796,11 @@ fn discovery_honours_the_rt_filter() {
         "</.well-known/est/att>;rt=\"ace.est.att\";ct=285"
     );
     assert_eq!(get(&["rt=core.rd"], &mut pki.rng), "");
-    assert_eq!(get(&["rt=brski.rjp"], &mut pki.rng), "", "not a JPY registrar");
+    assert_eq!(
+        get(&["rt=brski.rjp"], &mut pki.rng),
+        "",
+        "not a JPY registrar"
+    );
 }
 
 /// A registrar of stateless join proxies announces its JPY port (draft-ietf-anima-constrained-
