@@ -17,16 +17,23 @@ pub const C509_CDDL: &str = include_str!("../cddl/c509.cddl");
 pub const COSE_CDDL: &str = include_str!("../cddl/cose-chain.cddl");
 /// RFC 8710 application/multipart-core.
 pub const MULTIPART_CDDL: &str = include_str!("../cddl/multipart-core.cddl");
+/// draft-ietf-anima-constrained-join-proxy JPY messages (est-relay and est-server's JPY port).
+pub const JPY_CDDL: &str = include_str!("../cddl/jpy.cddl");
 
 fn doc(rule: &str) -> String {
-    let all =
-        format!("{C509_CDDL}\n{COSE_CDDL}\n{MULTIPART_CDDL}").replace("~oid", "unwrapped_oid");
+    let all = format!("{C509_CDDL}\n{COSE_CDDL}\n{MULTIPART_CDDL}\n{JPY_CDDL}")
+        .replace("~oid", "unwrapped_oid");
     format!("root = {rule}\n{all}\nunwrapped_oid = bstr\n")
 }
 
 /// Validate one CBOR item against `rule` of the project's CDDL.
 pub fn check(rule: &str, item: &[u8]) -> Result<(), String> {
     cddl::validate_cbor_from_slice(&doc(rule), item, None).map_err(|e| format!("{e:?}"))
+}
+
+/// Validate a JPY message (`jpy_message`).
+pub fn check_jpy(item: &[u8]) -> Result<(), String> {
+    check("jpy_message", item)
 }
 
 /// Validate `~C509Certificate` (a CBOR sequence): with its array header it must be a

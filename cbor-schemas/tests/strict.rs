@@ -360,3 +360,28 @@ fn fuzz_regressions_do_not_panic() {
     let csr = vector("regress-spki-params-csr.der");
     let _ = c509::csr_der_to_c509(&csr);
 }
+
+/// The JPY schema (jpy.cddl, the draft's CDDL verbatim) against the draft's appendix
+/// example and against what it must refuse. est-relay and est-server check their own
+/// messages against it in their tests.
+#[test]
+fn jpy_messages_validate_against_the_drafts_cddl() {
+    use cbor_schemas::schema::check_jpy;
+    // [h'd01914bcc376a88ffecc50ca6017b0c1', h'16fefd0000000000000000002f' ...] (60 bytes).
+    let mut hvr = hex::decode("16fefd0000000000000000002f").unwrap();
+    hvr.resize(60, 0);
+    let mut m = hex::decode("8250d01914bcc376a88ffecc50ca6017b0c1583c").unwrap();
+    m.extend_from_slice(&hvr);
+    check_jpy(&m).unwrap();
+    // Empty header and content are still bstr.
+    check_jpy(&[0x82, 0x40, 0x40]).unwrap();
+    for bad in [
+        "814101",         // one element
+        "83410141024103", // three elements: the CDDL says two (a registrar tolerates more)
+        "82614101",       // text header
+        "824101f6",       // null content
+        "a0",             // not an array
+    ] {
+        assert!(check_jpy(&hex::decode(bad).unwrap()).is_err(), "{bad}");
+    }
+}

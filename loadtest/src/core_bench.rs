@@ -213,6 +213,7 @@ pub fn enroll_once(bench: &mut CoreBench, i: usize) -> Result<()> {
     // EST over CoAP through the sans-IO core.
     let peer = Peer {
         address: "127.0.0.1:40000".into(),
+        relay: None,
         chain,
         verified: Some(Arc::new(verified)),
     };

@@ -19,7 +19,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -653,14 +653,27 @@ fn workspace_root() -> PathBuf {
 /// The est-server binary: `EST_SERVER_BIN`, else built with cargo into this executable's target
 /// directory and profile (a no-op when up to date), once per process.
 pub fn est_server_bin() -> Result<PathBuf> {
-    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| build_est_server().map_err(|e| format!("{e:#}")))
-        .clone()
-        .map_err(|e| anyhow::anyhow!(e))
+    workspace_bin("est-server", "est-server", "EST_SERVER_BIN")
 }
 
-fn build_est_server() -> Result<PathBuf> {
-    if let Ok(p) = std::env::var("EST_SERVER_BIN") {
+/// A binary of the workspace: `$env_var` if set, else built with cargo (`-p package --bin
+/// bin`) into this executable's target directory and profile, once per process.
+pub fn workspace_bin(package: &str, bin: &str, env_var: &str) -> Result<PathBuf> {
+    static BINS: std::sync::Mutex<Vec<(String, Result<PathBuf, String>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let mut bins = BINS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, r)) = bins.iter().find(|(b, _)| b == bin) {
+        return r.clone().map_err(|e| anyhow::anyhow!(e));
+    }
+    let r = build_bin(package, bin, env_var).map_err(|e| format!("{e:#}"));
+    bins.push((bin.to_string(), r.clone()));
+    r.map_err(|e| anyhow::anyhow!(e))
+}
+
+fn build_bin(package: &str, bin: &str, env_var: &str) -> Result<PathBuf> {
+    if let Ok(p) = std::env::var(env_var) {
         return Ok(PathBuf::from(p));
     }
     // target/<profile>/deps/<test> or target/<profile>/<bin>.
@@ -673,7 +686,7 @@ fn build_est_server() -> Result<PathBuf> {
     let release = profile_dir.ends_with("release");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "est-server", "--bin", "est-server"]);
+    cmd.args(["build", "-p", package, "--bin", bin]);
     if release {
         cmd.arg("--release");
     }
@@ -681,14 +694,14 @@ fn build_est_server() -> Result<PathBuf> {
         .current_dir(workspace_root())
         .env("CARGO_TARGET_DIR", target_dir)
         .status()
-        .context("running cargo build -p est-server")?;
+        .with_context(|| format!("running cargo build -p {package}"))?;
     if !status.success() {
-        bail!("cargo build -p est-server failed");
+        bail!("cargo build -p {package} failed");
     }
-    Ok(profile_dir.join("est-server"))
+    Ok(profile_dir.join(bin))
 }
 
-fn run_ok(cmd: &mut Command) -> Result<String> {
+pub fn run_ok(cmd: &mut Command) -> Result<String> {
     let out = cmd.output().with_context(|| format!("spawning {cmd:?}"))?;
     if !out.status.success() {
         bail!(

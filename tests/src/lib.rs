@@ -15,6 +15,7 @@ use est_server::service::RunningServer;
 use est_server::{datadir, factory};
 
 pub mod front_door;
+pub mod relay;
 
 pub use tempfile::TempDir;
 

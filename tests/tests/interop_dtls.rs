@@ -248,19 +248,25 @@ impl EchoServer {
                             });
                         }
                         Event::Data(h, d) => {
-                            let from = endpoint.connection(h).map(|c| c.peer()).unwrap();
+                            let from = endpoint
+                                .connection(h)
+                                .map(|c| c.peer().socket_addr())
+                                .unwrap();
                             count2.fetch_add(1, Ordering::SeqCst);
                             endpoint.send(Instant::now(), h, &d).unwrap();
                             seen.data.push((h, from, d));
                         }
                         Event::AddressChanged { conn, from, to } => {
-                            seen.moves.push((conn, from, to));
+                            seen.moves
+                                .push((conn, from.socket_addr(), to.socket_addr()));
                         }
                         Event::Closed(..) => {}
                     }
                 }
                 while let Some(t) = endpoint.poll_transmit() {
-                    let _ = socket.send_to(&t.payload, t.destination).await;
+                    let _ = socket
+                        .send_to(&t.payload, t.destination.socket_addr())
+                        .await;
                 }
                 seen2.lock().unwrap().metrics = endpoint.metrics().clone();
             }

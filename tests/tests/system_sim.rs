@@ -228,6 +228,7 @@ impl World {
             .map(Arc::new);
         let peer = Peer {
             address: format!("10.{}.{}.1:5684", i / 256, i % 256),
+            relay: None,
             chain,
             verified,
         };

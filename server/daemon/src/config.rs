@@ -51,6 +51,7 @@ pub struct Config {
     pub enrollment: EnrollmentSection,
     pub revocation: RevocationSection,
     pub metrics: MetricsSection,
+    pub relay: RelaySection,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -439,6 +440,61 @@ impl RevocationSection {
     }
 }
 
+/// `[relay]`: est-server as the registrar of stateless join proxies (DCU relays,
+/// draft-ietf-anima-constrained-join-proxy). Off unless `jpy_listen` is set.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelaySection {
+    /// UDP address of the JPY port; `None`: no JPY listener.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jpy_listen: Option<SocketAddr>,
+    /// Join proxies allowed to send JPY (addresses or prefixes, "192.0.2.0/24").
+    pub allowed_proxies: Vec<String>,
+    /// The `jpy://` URI announced by `GET /.well-known/core?rt=brski.rjp`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jpy_uri: Option<String>,
+    /// Longest JPY header accepted.
+    pub max_header_bytes: usize,
+    pub max_half_open_per_relay: usize,
+    pub max_sessions_per_relay: usize,
+}
+
+impl Default for RelaySection {
+    fn default() -> Self {
+        Self {
+            jpy_listen: None,
+            allowed_proxies: Vec::new(),
+            jpy_uri: None,
+            max_header_bytes: 64,
+            max_half_open_per_relay: 512,
+            max_sessions_per_relay: 20_000,
+        }
+    }
+}
+
+impl RelaySection {
+    /// `allowed_proxies` parsed.
+    pub fn allowed_prefixes(&self) -> Result<Vec<est_dtls::IpPrefix>, ConfigError> {
+        self.allowed_proxies
+            .iter()
+            .map(|p| {
+                p.parse()
+                    .map_err(|e: String| invalid("relay.allowed_proxies", e))
+            })
+            .collect()
+    }
+
+    /// The URI to announce, given the JPY socket's bound address: `jpy_uri` if set, else
+    /// `jpy://ADDR:PORT` of the socket when it is bound to a specific address.
+    pub fn announced_uri(&self, bound: SocketAddr) -> Option<String> {
+        match &self.jpy_uri {
+            Some(u) => Some(u.clone()),
+            None if bound.ip().is_unspecified() => None,
+            None => Some(format!("jpy://{bound}")),
+        }
+    }
+}
+
 /// The documented configuration file written by `est-server init`. Every value here is
 /// the built-in default.
 pub const DEFAULT_CONFIG_TOML: &str = r#"# est-server configuration. Every setting is shown with its built-in default;
@@ -655,6 +711,30 @@ max_handshake_audit_per_sec = 10
 # "" = off; e.g. "127.0.0.1:9184". The metrics log line ([server] metrics_log_interval_secs)
 # is kept either way.
 listen = ""
+[relay]
+# est-server as the registrar of DCU relays in stateless mode (est-relay --mode stateless,
+# draft-ietf-anima-constrained-join-proxy): each meter's DTLS datagrams arrive wrapped in JPY
+# messages [header, datagram] on this UDP port, and every answer goes back wrapped with the
+# meter's header echoed. The draft defines no default port. Unset (the default): no JPY port.
+# Relays in stateful mode need nothing here: they use the coaps port (list them in
+# allowed_proxies anyway so that their meters count under the per-relay caps below).
+# jpy_listen = "0.0.0.0:7634"
+# Join proxies allowed to send JPY, as addresses or prefixes: ["192.0.2.10", "10.20.0.0/16",
+# "2001:db8:1::/48"]. JPY from any other source is dropped and counted (jpy_dropped_not_allowed
+# in the metrics line). Required with jpy_listen.
+allowed_proxies = []
+# The URI announced to join proxies discovering the registrar
+# (GET /.well-known/core?rt=brski.rjp answers <jpy_uri>;rt=brski.rjp). Unset: "jpy://" and
+# jpy_listen's address when it names one (nothing is announced for an unspecified address).
+# jpy_uri = "jpy://[2001:db8::52]:7634"
+# Longest JPY header accepted (bytes; the draft: SHOULD be at most 32, est-relay's are 24..36).
+# Every datagram to a relayed meter is kept this much plus 6 bytes below dtls.mtu_bytes.
+max_header_bytes = 64
+# A relay's meters count as many peers, under these caps instead of the per-IP ones: handshakes
+# past the cookie exchange, and established sessions, of one relay's meters (the global
+# dtls.max_half_open_handshakes and dtls.max_sessions still apply).
+max_half_open_per_relay = 512
+max_sessions_per_relay = 20000
 "#;
 
 impl Config {
@@ -763,6 +843,45 @@ impl Config {
                     "revocation.distribution_points",
                     format!("{u:?} is not an ASCII URI"),
                 ));
+            }
+        }
+        self.validate_relay()?;
+        Ok(())
+    }
+
+    /// `[relay]`.
+    fn validate_relay(&self) -> Result<(), ConfigError> {
+        let r = &self.relay;
+        let prefixes = r.allowed_prefixes()?;
+        if r.jpy_listen.is_some() && prefixes.is_empty() {
+            return Err(invalid(
+                "relay.allowed_proxies",
+                "is empty: every JPY message would be dropped; list the relays' addresses or \
+                 prefixes",
+            ));
+        }
+        if !(1..=255).contains(&r.max_header_bytes) {
+            return Err(invalid("relay.max_header_bytes", "must be within 1..=255"));
+        }
+        if self.dtls.mtu_bytes < r.max_header_bytes + 7 + 256 {
+            return Err(invalid(
+                "relay.max_header_bytes",
+                format!(
+                    "with dtls.mtu_bytes = {} it leaves under 256 bytes for a relayed meter's \
+                     datagrams",
+                    self.dtls.mtu_bytes
+                ),
+            ));
+        }
+        if r.max_half_open_per_relay == 0 || r.max_sessions_per_relay == 0 {
+            return Err(invalid(
+                "relay.max_*_per_relay",
+                "limits must be at least 1",
+            ));
+        }
+        if let Some(u) = &r.jpy_uri {
+            if !u.starts_with("jpy://") {
+                return Err(invalid("relay.jpy_uri", "must start with jpy://"));
             }
         }
         Ok(())
@@ -946,6 +1065,8 @@ impl Config {
             enrollment_period: Duration::from_secs(self.enrollment.period_secs),
             crl_path: self.revocation.coap_segments(),
             crl_content_format: self.revocation.content_format,
+            // jpy_uri is set by the service once the JPY socket is bound
+            // (RelaySection::announced_uri).
             ..est_proto::est::EstConfig::default()
         }
     }
@@ -980,6 +1101,57 @@ mod tests {
     fn empty_file_is_the_defaults() {
         let parsed = Config::parse("", Path::new("empty")).expect("parses");
         assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn relay_section() {
+        let cfg = Config::parse(
+            "[relay]\njpy_listen = \"127.0.0.1:7634\"\nallowed_proxies = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]\nmax_header_bytes = 40\nmax_half_open_per_relay = 100\nmax_sessions_per_relay = 5000\n",
+            Path::new("x"),
+        )
+        .expect("parses");
+        assert_eq!(
+            cfg.relay.jpy_listen,
+            Some("127.0.0.1:7634".parse().unwrap())
+        );
+        let p = cfg.relay.allowed_prefixes().unwrap();
+        assert!(p[0].contains("10.9.8.7".parse().unwrap()));
+        assert!(p[1].contains("192.0.2.7".parse().unwrap()));
+        assert_eq!(
+            cfg.relay
+                .announced_uri("127.0.0.1:7634".parse().unwrap())
+                .as_deref(),
+            Some("jpy://127.0.0.1:7634")
+        );
+        assert_eq!(
+            cfg.relay.announced_uri("0.0.0.0:7634".parse().unwrap()),
+            None
+        );
+        assert_eq!(
+            cfg.relay
+                .announced_uri("[2001:db8::52]:7634".parse().unwrap())
+                .as_deref(),
+            Some("jpy://[2001:db8::52]:7634")
+        );
+        for (bad, field) in [
+            (
+                "[relay]\njpy_listen = \"127.0.0.1:7634\"\n",
+                "relay.allowed_proxies",
+            ),
+            (
+                "[relay]\nallowed_proxies = [\"10.0.0.0/40\"]\n",
+                "relay.allowed_proxies",
+            ),
+            ("[relay]\nmax_header_bytes = 0\n", "relay.max_header_bytes"),
+            (
+                "[dtls]\nmtu_bytes = 300\n[relay]\nmax_header_bytes = 64\n",
+                "relay.max_header_bytes",
+            ),
+            ("[relay]\njpy_uri = \"coaps://x\"\n", "relay.jpy_uri"),
+        ] {
+            let err = Config::parse(bad, Path::new("x")).unwrap_err();
+            assert!(err.to_string().contains(field), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -268,6 +268,7 @@ pub fn revoke_certificate(
         audit: AuditEvent {
             at_unix: at,
             peer: OPERATOR.into(),
+            relay: None,
             device_id: cert.device_id.clone(),
             operation: "revoke".into(),
             outcome: "revoked".into(),
@@ -315,6 +316,7 @@ pub fn block_device(
         audit: AuditEvent {
             at_unix: at,
             peer: OPERATOR.into(),
+            relay: None,
             device_id: device_id.to_string(),
             operation: "block".into(),
             outcome: "blocked".into(),

@@ -43,6 +43,10 @@ pub(crate) fn run(data_dir: &Path, args: RunArgs) -> Result<()> {
         tracing::info!(%addr, data_dir = %data_dir.display(), "est-server listening (coaps, DTLS 1.2)");
         println!("est-server listening on coaps://{addr} (UDP, DTLS 1.2), data in {}", data_dir.display());
         println!("EST resources: coaps://{addr}/.well-known/est/{{crts,sen,sren,att,skg,skc}}, discovery at /.well-known/core");
+        if let Some(jpy) = server.jpy_addr {
+            tracing::info!(%jpy, "JPY port for stateless join proxies");
+            println!("JPY port for stateless join proxies (est-relay --mode stateless --registrar ...): jpy://{jpy}");
+        }
         println!("enroll a demo meter:");
         println!("  est-server factory mint --data-dir {} --serial SN0001 --out meter", data_dir.display());
         println!("  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout meter/ldevid.key -subj /serialNumber=SN0001 -outform DER -out meter/csr.der");

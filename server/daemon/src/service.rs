@@ -24,7 +24,7 @@ use est_proto::store::{unix_seconds, AuditEvent, Commit, CommitResult, Store, Ut
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::{Config, ConfigError, DtlsSection};
+use crate::config::{Config, ConfigError, DtlsSection, RelaySection};
 use crate::datadir::{self, Loaded};
 use crate::metrics::MetricsSources;
 use crate::revocation::{self, RevocationView};
@@ -131,6 +131,8 @@ impl Lifetimes {
 /// A server that is running; dropping it does not stop it, call [`RunningServer::shutdown`].
 pub struct RunningServer {
     pub local_addr: SocketAddr,
+    /// The JPY port for stateless join proxies (`[relay] jpy_listen`), if any.
+    pub jpy_addr: Option<SocketAddr>,
     pub listener: Arc<DtlsListener>,
     pub store: Arc<SqliteStore>,
     pub counters: Arc<ServiceCounters>,
@@ -246,6 +248,35 @@ pub fn dtls_server_config(d: &DtlsSection) -> Result<DtlsServerConfig, ConfigErr
     })
 }
 
+/// The transport's settings from `[relay]`, added to `dtls`. Every `[relay]` field the
+/// transport uses is mapped here, and only here.
+pub fn with_relay(
+    dtls: DtlsServerConfig,
+    r: &RelaySection,
+) -> Result<DtlsServerConfig, ConfigError> {
+    Ok(DtlsServerConfig {
+        jpy_allowed_proxies: r.allowed_prefixes()?,
+        jpy_max_header_bytes: r.max_header_bytes,
+        max_half_open_per_relay: r.max_half_open_per_relay,
+        max_sessions_per_relay: r.max_sessions_per_relay,
+        ..dtls
+    })
+}
+
+/// The largest block size exponent (RFC 7959) whose blocks fit a session's datagrams, with
+/// room for the CoAP header, token and options: a meter behind a join proxy has less room
+/// (its datagrams carry the JPY header too).
+fn fit_block_szx(max_szx: u8, max_datagram: usize) -> u8 {
+    /// Header (4), token (up to 8), the options of a block response (Content-Format 3,
+    /// Block1 or Block2 4 each, Size2 3, ...) and the payload marker, with room to spare.
+    const COAP_HEADROOM: usize = 40;
+    let mut szx = max_szx.min(6);
+    while szx > 0 && est_proto::coap::block_size(szx) + COAP_HEADROOM > max_datagram {
+        szx -= 1;
+    }
+    szx
+}
+
 /// The handshake alert a policy refusal maps to.
 /// One revocation poll: reload the handshake checks if the store's revocation generation
 /// moved, publish a CRL if one is due, and serve the latest CRL at the CoAP resource.
@@ -339,7 +370,26 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     )
     .map_err(|e| anyhow::anyhow!("trust anchors: {e}"))?;
     let coap_cfg = Arc::new(cfg.coap_config());
-    let est_cfg = cfg.est_config();
+    let mut est_cfg = cfg.est_config();
+    let addr = listen.unwrap_or(cfg.server.listen);
+    // The sockets first: the JPY port's address is announced by discovery.
+    let dtls_socket = tokio::net::UdpSocket::bind(addr)
+        .await
+        .with_context(|| format!("binding UDP {addr}"))?;
+    let jpy_socket = match cfg.relay.jpy_listen {
+        Some(a) => {
+            let s = tokio::net::UdpSocket::bind(a)
+                .await
+                .with_context(|| format!("binding the JPY port, UDP {a}"))?;
+            let bound = s.local_addr()?;
+            est_cfg.jpy_uri = cfg.relay.announced_uri(bound);
+            if est_cfg.jpy_uri.is_none() {
+                tracing::warn!(jpy = %bound, "the JPY port is bound to an unspecified address: set [relay] jpy_uri to announce it");
+            }
+            Some(s)
+        }
+        None => None,
+    };
     let store_dyn: Arc<dyn est_proto::store::Store> = store.clone();
     let est = Arc::new(
         EstService::new(est_cfg, loaded.issuing_ca, policy, store_dyn)
@@ -378,6 +428,7 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
                 let audit = AuditEvent {
                     at_unix: unix_seconds(now),
                     peer: String::new(),
+                    relay: None,
                     device_id: refusal.device().to_string(),
                     operation: "handshake".into(),
                     outcome: "refused".into(),
@@ -409,15 +460,25 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
         private_key_pkcs8_der: loaded.server_key_pkcs8.clone(),
         // The policy's verifier holds the anchors (manufacturer CAs and our issuing CA).
         client_chain_verifier: Some(client_chain_verifier),
-        ..dtls_server_config(&cfg.dtls)?
+        ..with_relay(dtls_server_config(&cfg.dtls)?, &cfg.relay)?
     };
-    let addr = listen.unwrap_or(cfg.server.listen);
+    for s in std::iter::once(&dtls_socket).chain(jpy_socket.as_ref()) {
+        if dtls.socket_receive_buffer_bytes > 0 {
+            // Best effort: the kernel may cap it (net.core.rmem_max) without an error.
+            let _ =
+                socket2::SockRef::from(s).set_recv_buffer_size(dtls.socket_receive_buffer_bytes);
+        }
+    }
     let listener = Arc::new(
-        DtlsListener::bind_udp(addr, dtls)
+        DtlsListener::bind_with_jpy(dtls_socket, jpy_socket, dtls)
             .await
-            .with_context(|| format!("binding UDP {addr}"))?,
+            .with_context(|| format!("serving UDP {addr}"))?,
     );
     let local_addr = listener.local_addr()?;
+    let jpy_addr = listener.jpy_addr().transpose()?;
+    if let Some(j) = jpy_addr {
+        tracing::info!(jpy = %j, proxies = ?cfg.relay.allowed_proxies, "JPY port for stateless join proxies");
+    }
     let counters = Arc::new(ServiceCounters::default());
     let (stop, stop_rx) = watch::channel(false);
     let sources = MetricsSources {
@@ -457,16 +518,19 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
         clock.clone(),
         stop_rx.clone(),
     ));
+    let relays: Arc<[est_dtls::IpPrefix]> = cfg.relay.allowed_prefixes()?.into();
     let accept_task = tokio::spawn(accept_loop(
         listener.clone(),
         est.clone(),
         coap_cfg,
+        relays,
         counters.clone(),
         clock.clone(),
         stop_rx,
     ));
     Ok(RunningServer {
         local_addr,
+        jpy_addr,
         listener,
         store,
         counters,
@@ -582,6 +646,10 @@ async fn metrics_loop(src: MetricsSources, every: Duration, mut stop: watch::Rec
             log_lines_suppressed = t.log_lines_suppressed,
             peer_certificates_received = t.peer_certificates_received,
             cached_info_hits = t.cached_info_hits,
+            jpy_received = t.jpy_received,
+            jpy_dropped_not_allowed = t.jpy_dropped_not_allowed,
+            jpy_dropped_malformed = t.jpy_dropped_malformed,
+            relayed_datagrams = t.relayed_datagrams,
             requests = counters.requests.load(Ordering::Relaxed),
             commits = counters.commits.load(Ordering::Relaxed),
             slow_commit_acks = counters.slow_commit_acks.load(Ordering::Relaxed),
@@ -612,6 +680,7 @@ async fn accept_loop(
     listener: Arc<DtlsListener>,
     est: Arc<EstService>,
     coap_cfg: Arc<CoapConfig>,
+    relays: Arc<[est_dtls::IpPrefix]>,
     counters: Arc<ServiceCounters>,
     clock: Arc<WallClock>,
     mut stop: watch::Receiver<bool>,
@@ -624,10 +693,12 @@ async fn accept_loop(
         match session {
             Ok(session) => {
                 counters.sessions_accepted.fetch_add(1, Ordering::Relaxed);
+                let relay = relay_of(&session.peer(), &relays);
                 tokio::spawn(serve_session(
                     session,
                     est.clone(),
                     coap_cfg.clone(),
+                    relay,
                     counters.clone(),
                     clock.clone(),
                 ));
@@ -637,6 +708,19 @@ async fn accept_loop(
                 return;
             }
         }
+    }
+}
+
+/// The relay a session came through, for the audit trail: the proxy of a stateless relay's
+/// meter (JPY), or the address of a stateful relay (a source in `[relay] allowed_proxies`
+/// speaking coaps directly: each of its meters has a port of its own).
+fn relay_of(peer: &est_dtls::PeerAddr, relays: &[est_dtls::IpPrefix]) -> Option<String> {
+    match peer.proxy() {
+        Some(proxy) => Some(proxy.to_string()),
+        None if relays.iter().any(|p| p.contains(peer.ip())) => {
+            Some(format!("{} (stateful)", peer.ip()))
+        }
+        None => None,
     }
 }
 
@@ -652,6 +736,7 @@ async fn serve_session(
     session: DtlsSession,
     est: Arc<EstService>,
     coap_cfg: Arc<CoapConfig>,
+    relay: Option<String>,
     counters: Arc<ServiceCounters>,
     clock: Arc<WallClock>,
 ) {
@@ -660,10 +745,29 @@ async fn serve_session(
     let verified: Option<Arc<VerifiedChain>> = session
         .peer_verification()
         .and_then(|v| Arc::clone(v).downcast::<VerifiedChain>().ok());
+    let peer_addr = session.peer();
     let peer = Peer {
-        address: session.peer_addr().to_string(),
+        address: peer_addr.to_string(),
+        relay,
         chain: session.peer_certificates().to_vec(),
         verified,
+    };
+    // Blocks that fit this session's datagrams (smaller behind a join proxy).
+    let coap_cfg = {
+        let max = session.max_datagram();
+        let (b2, b1) = (
+            fit_block_szx(coap_cfg.max_block2_szx, max),
+            fit_block_szx(coap_cfg.max_block1_szx, max),
+        );
+        if (b2, b1) == (coap_cfg.max_block2_szx, coap_cfg.max_block1_szx) {
+            coap_cfg
+        } else {
+            Arc::new(est_proto::coap::CoapConfig {
+                max_block2_szx: b2,
+                max_block1_szx: b1,
+                ..(*coap_cfg).clone()
+            })
+        }
     };
     tracing::debug!(peer = %peer.address, suite = ?session.cipher_suite(), "session established");
     // rand's ThreadRng: a ChaCha CSPRNG seeded from the OS seeds the session's own CSPRNG
@@ -752,6 +856,47 @@ mod tests {
             .self_signed(&key)
             .unwrap();
         (vec![cert.der().to_vec()], key.serialize_der())
+    }
+
+    #[test]
+    fn blocks_fit_the_sessions_datagrams() {
+        // 1152-byte MTU, CCM_8, a 4-byte CID: 1,118 bytes of plaintext direct, 1,080 behind a
+        // relay with a 32-byte header: 1024-byte blocks either way.
+        assert_eq!(fit_block_szx(6, 1118), 6);
+        assert_eq!(fit_block_szx(6, 1080), 6);
+        // A small MTU behind a relay: the next size down.
+        assert_eq!(fit_block_szx(6, 1000), 5);
+        assert_eq!(fit_block_szx(6, 300), 4);
+        assert_eq!(fit_block_szx(6, 295), 3);
+        assert_eq!(fit_block_szx(2, 2000), 2);
+        assert_eq!(fit_block_szx(6, 10), 0);
+    }
+
+    /// `[relay]` reaches the transport.
+    #[test]
+    fn relay_settings_reach_the_engine() {
+        let cfg = Config::parse(
+            "[relay]\njpy_listen = \"127.0.0.1:0\"\nallowed_proxies = [\"10.0.0.0/8\"]\nmax_header_bytes = 40\nmax_half_open_per_relay = 77\nmax_sessions_per_relay = 888\n",
+            std::path::Path::new("x"),
+        )
+        .unwrap();
+        let (chain, key) = credentials();
+        let dtls = with_relay(
+            DtlsServerConfig {
+                certificate_chain_der: chain.clone(),
+                private_key_pkcs8_der: key,
+                client_trust_anchors_der: chain,
+                ..dtls_server_config(&cfg.dtls).unwrap()
+            },
+            &cfg.relay,
+        )
+        .unwrap();
+        assert_eq!(dtls.jpy_max_header_bytes, 40);
+        let e = build_engine_config(&dtls).unwrap();
+        assert_eq!(e.limits.max_half_open_per_relay, 77);
+        assert_eq!(e.limits.max_sessions_per_relay, 888);
+        assert_eq!(e.limits.relay_prefixes.len(), 1);
+        assert!(e.limits.relay_prefixes[0].contains("10.1.2.3".parse().unwrap()));
     }
 
     /// The documented defaults are the transport's defaults, field by field.

@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS audit (
     operation  TEXT NOT NULL,
     outcome    TEXT NOT NULL,
     code       TEXT NOT NULL,
-    detail     TEXT NOT NULL
+    detail     TEXT NOT NULL,
+    relay      TEXT
 );
 CREATE TABLE IF NOT EXISTS devices (
     device_id    TEXT PRIMARY KEY,
@@ -81,19 +82,6 @@ CREATE TABLE IF NOT EXISTS crls (
     der          BLOB NOT NULL
 );
 "#;
-
-/// Columns added to `certificates` after its first release (added to an older database when
-/// it is opened): when and why a certificate was revoked (NULL unless status = 'revoked').
-const CERTIFICATE_MIGRATIONS: [(&str, &str); 2] = [
-    (
-        "revoked_at",
-        "ALTER TABLE certificates ADD COLUMN revoked_at INTEGER",
-    ),
-    (
-        "revocation_reason",
-        "ALTER TABLE certificates ADD COLUMN revocation_reason INTEGER",
-    ),
-];
 
 // The revocation operations, as plain SQL (a port to another database keeps them).
 const SELECT_BLOCKED: &str = "SELECT 1 FROM blocked_devices WHERE device_id = ?1";
@@ -139,7 +127,39 @@ const INSERT_CERT: &str = concat!(
 );
 const SUPERSEDE_ACTIVE: &str =
     "UPDATE certificates SET status = 'superseded' WHERE device_id = ?1 AND status = 'active'";
-const INSERT_AUDIT: &str = "INSERT INTO audit(at, peer, device_id, operation, outcome, code, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
+const INSERT_AUDIT: &str = "INSERT INTO audit(at, peer, device_id, operation, outcome, code, detail, relay) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+
+/// Columns added after the first release, added to an older database when it is opened.
+const MIGRATIONS: &[(&str, &str, &str)] = &[
+    // The join proxy an enrollment came through (issue #12).
+    ("audit", "relay", "ALTER TABLE audit ADD COLUMN relay TEXT"),
+    // Revocation (issue #13).
+    (
+        "certificates",
+        "revoked_at",
+        "ALTER TABLE certificates ADD COLUMN revoked_at INTEGER",
+    ),
+    (
+        "certificates",
+        "revocation_reason",
+        "ALTER TABLE certificates ADD COLUMN revocation_reason INTEGER",
+    ),
+];
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, sql) in MIGRATIONS {
+        let mut st = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let has = st
+            .query_map([], |r| r.get::<_, String>(1))?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+            .iter()
+            .any(|c| c == column);
+        if !has {
+            conn.execute_batch(sql)?;
+        }
+    }
+    Ok(())
+}
 
 /// A commit queued for the writer thread, with whom to tell.
 struct WriteOp {
@@ -193,7 +213,7 @@ impl SqliteStore {
     pub fn open(path: &Path, max_batch: usize) -> Result<Self, StoreError> {
         let write_conn = open_connection(path)?;
         write_conn.execute_batch(SCHEMA).map_err(backend)?;
-        migrate(&write_conn)?;
+        migrate(&write_conn).map_err(backend)?;
         let reader = open_connection(path)?;
         let (tx, rx) = mpsc::channel();
         let counters = Arc::new(WriterCounters::default());
@@ -290,7 +310,7 @@ impl SqliteStore {
     pub fn recent_audit(&self, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
         self.read(|c| {
             let mut st = c.prepare(
-                "SELECT at, peer, device_id, operation, outcome, code, detail FROM audit ORDER BY id DESC LIMIT ?1",
+                "SELECT at, peer, device_id, operation, outcome, code, detail, relay FROM audit ORDER BY id DESC LIMIT ?1",
             )?;
             let rows = st
                 .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
@@ -302,6 +322,7 @@ impl SqliteStore {
                         outcome: r.get(4)?,
                         code: r.get(5)?,
                         detail: r.get(6)?,
+                        relay: r.get(7)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -451,27 +472,10 @@ fn insert_audit(conn: &Connection, a: &AuditEvent) -> rusqlite::Result<()> {
             a.operation,
             a.outcome,
             a.code,
-            a.detail
+            a.detail,
+            a.relay
         ],
     )?;
-    Ok(())
-}
-
-/// Adds the columns of [`CERTIFICATE_MIGRATIONS`] that an older database lacks.
-fn migrate(conn: &Connection) -> Result<(), StoreError> {
-    let mut st = conn
-        .prepare("SELECT name FROM pragma_table_info('certificates')")
-        .map_err(backend)?;
-    let have: Vec<String> = st
-        .query_map([], |r| r.get(0))
-        .map_err(backend)?
-        .collect::<rusqlite::Result<_>>()
-        .map_err(backend)?;
-    for (column, sql) in CERTIFICATE_MIGRATIONS {
-        if !have.iter().any(|h| h == column) {
-            conn.execute_batch(sql).map_err(backend)?;
-        }
-    }
     Ok(())
 }
 
@@ -855,6 +859,7 @@ mod tests {
         AuditEvent {
             at_unix: 3,
             peer: "127.0.0.1:1".into(),
+            relay: None,
             device_id: device.into(),
             operation: "sen".into(),
             outcome: "issued".into(),
@@ -907,6 +912,36 @@ mod tests {
             "03"
         );
         assert_eq!(s.find_by_serial_prefix("0").unwrap().len(), 2);
+    }
+
+    /// A database made before the `relay` column gets it when opened; the column round-trips.
+    #[test]
+    fn the_relay_column_is_added_to_an_older_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite3");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, \
+                 peer TEXT NOT NULL, device_id TEXT NOT NULL, operation TEXT NOT NULL, \
+                 outcome TEXT NOT NULL, code TEXT NOT NULL, detail TEXT NOT NULL); \
+                 INSERT INTO audit(at, peer, device_id, operation, outcome, code, detail) \
+                 VALUES (1, '127.0.0.1:1', 'SN0', 'sen', 'issued', '2.04', '');",
+            )
+            .unwrap();
+        }
+        let s = SqliteStore::open(&path, 4).unwrap();
+        let mut relayed = audit("SN1");
+        relayed.relay = Some("198.51.100.4:7634".into());
+        relayed.peer = "198.51.100.4:7634/jpy:0a0b0c0d0e0f".into();
+        est_proto::store::commit_and_wait(&s, Commit::Audit(relayed.clone())).unwrap();
+        let rows = s.recent_audit(10).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0], relayed);
+        assert_eq!(rows[1].relay, None);
+        // Opening again does not try to add it twice.
+        drop(s);
+        SqliteStore::open(&path, 4).unwrap();
     }
 
     #[test]

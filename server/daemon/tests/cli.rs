@@ -234,6 +234,7 @@ fn issue_into_store(d: &Path, device: &str) -> String {
             audit: AuditEvent {
                 at_unix: at,
                 peer: "test".into(),
+                relay: None,
                 device_id: device.into(),
                 operation: "sen".into(),
                 outcome: "issued".into(),

@@ -48,7 +48,7 @@ impl Client {
 
     /// Where datagrams go.
     pub fn server(&self) -> SocketAddr {
-        self.conn.peer()
+        self.conn.peer_ref().socket_addr()
     }
 
     pub fn connection(&self) -> &Connection {
@@ -69,8 +69,13 @@ impl Client {
 
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
         let mut events = Vec::new();
-        self.conn
-            .handle_datagram(now, from, datagram, &mut self.metrics, &mut events);
+        self.conn.handle_datagram(
+            now,
+            &crate::peer::PeerAddr::Direct(from),
+            datagram,
+            &mut self.metrics,
+            &mut events,
+        );
         self.events.extend(events);
         self.pump();
     }

@@ -65,6 +65,14 @@ pub struct Limits {
     pub max_sessions_per_ip: usize,
     /// Source addresses exempt from the per-IP limits (DCU relays).
     pub exempt_ips: Vec<IpAddr>,
+    /// Handshakes past the cookie exchange of meters behind one stateless join proxy (counted
+    /// by the proxy's IP address, apart from its own direct traffic).
+    pub max_half_open_per_relay: usize,
+    /// Established sessions of meters behind one stateless join proxy.
+    pub max_sessions_per_relay: usize,
+    /// Sources that are join proxies: their direct traffic (a stateful proxy's circuits) is
+    /// counted under the per-relay caps too, not the per-IP ones.
+    pub relay_prefixes: Vec<crate::peer::IpPrefix>,
     /// A handshake message longer than this is refused (certificate chains are the longest).
     pub max_handshake_message_bytes: u32,
     /// Certificates in a peer's chain.
@@ -82,6 +90,9 @@ impl Default for Limits {
             max_sessions_per_identity: 4,
             max_sessions_per_ip: 64,
             exempt_ips: Vec::new(),
+            max_half_open_per_relay: 512,
+            max_sessions_per_relay: 20_000,
+            relay_prefixes: Vec::new(),
             max_handshake_message_bytes: 16 * 1024,
             max_chain_len: 8,
             max_log_lines_per_sec: 20,
@@ -227,6 +238,9 @@ impl ServerConfig {
         }
         if l.max_sessions_per_identity == 0 || l.max_sessions_per_ip == 0 {
             return Err("per-identity and per-IP session limits must be at least 1".into());
+        }
+        if l.max_half_open_per_relay == 0 || l.max_sessions_per_relay == 0 {
+            return Err("per-relay limits must be at least 1".into());
         }
         Ok(())
     }

@@ -6,6 +6,8 @@
 //! (always to [`Connection::peer`]); events go to the caller's list.
 
 use std::net::SocketAddr;
+
+use crate::peer::PeerAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -82,7 +84,7 @@ pub enum ConnEvent {
     Data(Vec<u8>),
     /// An authenticated, newer record came from a new address (RFC 9146 §6); the connection
     /// now sends there. Carries the old address.
-    AddressChanged(SocketAddr),
+    AddressChanged(PeerAddr),
     /// The connection is over.
     Closed(CloseReason),
 }
@@ -206,7 +208,10 @@ pub(crate) type Events = Vec<ConnEvent>;
 pub struct Connection {
     role: Role,
     config: RoleConfig,
-    peer: SocketAddr,
+    peer: PeerAddr,
+    /// Bytes the path to `peer` adds to each datagram (a join proxy's JPY wrapping): our
+    /// datagrams are that much below the MTU.
+    path_overhead: usize,
     hs: Option<Box<Handshake>>,
     established: bool,
     closed: bool,
@@ -274,7 +279,7 @@ impl Connection {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn accept(
         now: Instant,
-        peer: SocketAddr,
+        peer: PeerAddr,
         config: Arc<ServerConfig>,
         ch: &ClientHello,
         ch_message: &[u8],
@@ -641,7 +646,12 @@ impl Connection {
             future_records: Vec::new(),
         };
         let own_cid = config.connection_id.clone().unwrap_or_default();
-        let mut conn = Connection::new(Role::Client, RoleConfig::Client(config), peer, now);
+        let mut conn = Connection::new(
+            Role::Client,
+            RoleConfig::Client(config),
+            PeerAddr::Direct(peer),
+            now,
+        );
         conn.hs = Some(Box::new(hs));
         conn.own_cid = own_cid;
         conn.flight = vec![FlightItem::Handshake { epoch: 0, message }];
@@ -651,10 +661,11 @@ impl Connection {
         Ok(conn)
     }
 
-    fn new(role: Role, config: RoleConfig, peer: SocketAddr, now: Instant) -> Connection {
+    fn new(role: Role, config: RoleConfig, peer: PeerAddr, now: Instant) -> Connection {
         Connection {
             role,
             config,
+            path_overhead: peer.path_overhead(),
             peer,
             hs: None,
             established: false,
@@ -690,8 +701,18 @@ impl Connection {
     }
 
     /// Where this connection sends.
-    pub fn peer(&self) -> SocketAddr {
-        self.peer
+    pub fn peer(&self) -> PeerAddr {
+        self.peer.clone()
+    }
+
+    /// Where this connection sends, without a copy.
+    pub fn peer_ref(&self) -> &PeerAddr {
+        &self.peer
+    }
+
+    /// The largest datagram we send to the peer: the MTU less what the path adds.
+    fn path_mtu(&self) -> usize {
+        self.config.mtu().saturating_sub(self.path_overhead)
     }
 
     pub fn is_established(&self) -> bool {
@@ -755,8 +776,7 @@ impl Connection {
             + self.peer_cid.len()
             + if self.peer_cid.is_empty() { 0 } else { 1 }
             + self.suite.map_or(24, |s| s.record_overhead());
-        self.config
-            .mtu()
+        self.path_mtu()
             .saturating_sub(overhead)
             .min(self.max_plaintext)
     }
@@ -981,7 +1001,7 @@ impl Connection {
     /// Encodes the current flight into datagrams no larger than the MTU (records packed,
     /// handshake messages fragmented) and queues them.
     fn send_flight(&mut self, _now: Instant, metrics: &mut Metrics) {
-        let mtu = self.config.mtu();
+        let mtu = self.path_mtu();
         let items = std::mem::take(&mut self.flight);
         let mut datagrams: Vec<Vec<u8>> = Vec::new();
         let mut current: Vec<u8> = Vec::new();
@@ -1061,7 +1081,7 @@ impl Connection {
     pub fn handle_datagram(
         &mut self,
         now: Instant,
-        from: SocketAddr,
+        from: &PeerAddr,
         datagram: &[u8],
         metrics: &mut Metrics,
         events: &mut Events,
@@ -1084,7 +1104,7 @@ impl Connection {
     fn handle_record(
         &mut self,
         now: Instant,
-        from: SocketAddr,
+        from: &PeerAddr,
         rec: &Record<'_>,
         metrics: &mut Metrics,
         events: &mut Events,
@@ -1220,7 +1240,7 @@ impl Connection {
         };
         h.last_progress = now;
         let buffered = std::mem::take(&mut h.future_records);
-        let peer = self.peer;
+        let peer = self.peer.clone();
         for (content, epoch, seq, cid, payload) in buffered {
             let rec = Record {
                 content_type: content,
@@ -1230,14 +1250,14 @@ impl Connection {
                 cid: &cid,
                 fragment: &payload,
             };
-            self.handle_protected(now, peer, &rec, metrics, events);
+            self.handle_protected(now, &peer, &rec, metrics, events);
         }
     }
 
     fn handle_protected(
         &mut self,
         now: Instant,
-        from: SocketAddr,
+        from: &PeerAddr,
         rec: &Record<'_>,
         metrics: &mut Metrics,
         events: &mut Events,
@@ -1293,9 +1313,9 @@ impl Connection {
         self.last_activity = now;
         // RFC 9146 §6: move the peer address only on an authenticated record that is newer than
         // any before it.
-        if from != self.peer && newest.is_none_or(|n| rec.seq > n) {
-            let old = self.peer;
-            self.peer = from;
+        if *from != self.peer && newest.is_none_or(|n| rec.seq > n) {
+            let old = std::mem::replace(&mut self.peer, from.clone());
+            self.path_overhead = self.peer.path_overhead();
             metrics.peer_address_changes += 1;
             events.push(ConnEvent::AddressChanged(old));
         }

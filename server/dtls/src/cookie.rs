@@ -6,6 +6,8 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+
+use crate::peer::PeerAddr;
 use std::time::{Duration, Instant};
 
 use ring::hmac;
@@ -36,10 +38,8 @@ fn fresh_key(rng: &dyn ring::rand::SecureRandom) -> Option<hmac::Key> {
     }
 }
 
-/// The MAC input: tag (4 / 6) || IP octets || port (BE) || client_params.
-fn mac_input(client: &SocketAddr, client_params: &[u8]) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(1 + 16 + 2 + client_params.len());
-    match client.ip() {
+fn push_addr(msg: &mut Vec<u8>, a: &SocketAddr) {
+    match a.ip() {
         IpAddr::V4(ip) => {
             msg.push(4);
             msg.extend_from_slice(&ip.octets());
@@ -49,7 +49,23 @@ fn mac_input(client: &SocketAddr, client_params: &[u8]) -> Vec<u8> {
             msg.extend_from_slice(&ip.octets());
         }
     }
-    msg.extend_from_slice(&client.port().to_be_bytes());
+    msg.extend_from_slice(&a.port().to_be_bytes());
+}
+
+/// The MAC input: tag (4 / 6) || IP octets || port (BE) || client_params; for a meter behind a
+/// join proxy: 'J' || the proxy's address as above || header length (BE u16) || header ||
+/// client_params (the cookie proves the whole (proxy, header) pair, the meter's address).
+fn mac_input(client: &PeerAddr, client_params: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(1 + 16 + 2 + client_params.len() + 40);
+    match client {
+        PeerAddr::Direct(a) => push_addr(&mut msg, a),
+        PeerAddr::Relayed { proxy, header } => {
+            msg.push(b'J');
+            push_addr(&mut msg, proxy);
+            msg.extend_from_slice(&(header.len() as u16).to_be_bytes());
+            msg.extend_from_slice(header);
+        }
+    }
     msg.extend_from_slice(client_params);
     msg
 }
@@ -84,7 +100,7 @@ impl CookieKeys {
     /// || client_params). `client_params` is what the caller extracts from the ClientHello:
     /// version, random, session_id, cipher_suites, compression_methods (not extensions).
     /// All zeros (which never verifies) if the current key is unset.
-    pub fn generate(&self, client: &SocketAddr, client_params: &[u8]) -> [u8; COOKIE_LEN] {
+    pub fn generate(&self, client: &PeerAddr, client_params: &[u8]) -> [u8; COOKIE_LEN] {
         let mut out = [0u8; COOKIE_LEN];
         if let Some(key) = &self.current {
             let tag = hmac::sign(key, &mac_input(client, client_params));
@@ -96,7 +112,7 @@ impl CookieKeys {
     }
 
     /// Constant-time check (ring `hmac::verify`) against the current or the previous key.
-    pub fn verify(&self, client: &SocketAddr, client_params: &[u8], cookie: &[u8]) -> bool {
+    pub fn verify(&self, client: &PeerAddr, client_params: &[u8], cookie: &[u8]) -> bool {
         if cookie.len() != COOKIE_LEN {
             return false;
         }
@@ -123,8 +139,8 @@ mod tests {
     use super::*;
     use ring::rand::SystemRandom;
 
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().unwrap()
+    fn addr(s: &str) -> PeerAddr {
+        PeerAddr::Direct(s.parse().unwrap())
     }
 
     const PARAMS: &[u8] = b"\xfe\xfd client random, session id, suites, compression";
@@ -172,6 +188,21 @@ mod tests {
         assert!(keys.verify(&v6, PARAMS, &c6));
         assert!(!keys.verify(&addr("[2001:db8::2]:40000"), PARAMS, &c6));
         assert_ne!(c6, c);
+    }
+
+    #[test]
+    fn relayed_meters_get_cookies_of_their_own() {
+        let rng = SystemRandom::new();
+        let keys = CookieKeys::new(&rng, Instant::now());
+        let proxy: SocketAddr = "192.0.2.9:7000".parse().unwrap();
+        let a = PeerAddr::relayed(proxy, &[1; 24]);
+        let c = keys.generate(&a, PARAMS);
+        assert!(keys.verify(&a, PARAMS, &c));
+        // Another meter of the same proxy, the proxy itself, another proxy: refused.
+        assert!(!keys.verify(&PeerAddr::relayed(proxy, &[2; 24]), PARAMS, &c));
+        assert!(!keys.verify(&PeerAddr::Direct(proxy), PARAMS, &c));
+        let other: SocketAddr = "192.0.2.9:7001".parse().unwrap();
+        assert!(!keys.verify(&PeerAddr::relayed(other, &[1; 24]), PARAMS, &c));
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! bounded by [`crate::Limits`], and every refusal is counted and logged at a bounded rate.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use crate::cookie::CookieKeys;
 use crate::crypto::{self, HashAlg};
 use crate::error::{Error, RefusalReason};
 use crate::metrics::Metrics;
+use crate::peer::PeerAddr;
 use crate::wire::{
     self, alert, content_type as ct, handshake_type as hs, ClientHello, HelloVerifyRequest,
     DTLS_1_0,
@@ -36,10 +37,10 @@ use crate::wire::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnectionHandle(pub u64);
 
-/// A datagram to send.
+/// A datagram to send: to a UDP address, or (a relayed peer) as a JPY message to its proxy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
-    pub destination: SocketAddr,
+    pub destination: PeerAddr,
     pub payload: Vec<u8>,
 }
 
@@ -54,8 +55,8 @@ pub enum Event {
     /// [`Event::Connected`]: a handshake that moves is announced there with its new address.
     AddressChanged {
         conn: ConnectionHandle,
-        from: SocketAddr,
-        to: SocketAddr,
+        from: PeerAddr,
+        to: PeerAddr,
     },
     /// A session (or a handshake) ended; the handle is no longer valid.
     Closed(ConnectionHandle, CloseReason),
@@ -69,16 +70,37 @@ pub struct Gauges {
     pub timers: usize,
 }
 
+/// What the per-source limits count a connection under: its source IP address, or the IP
+/// address of the join proxy it came through (a proxy's meters are counted apart from any
+/// direct traffic of the proxy, under their own caps).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Source {
+    Ip(IpAddr),
+    Relay(IpAddr),
+}
+
+impl Source {
+    fn of(peer: &PeerAddr, limits: &crate::config::Limits) -> Source {
+        match peer {
+            PeerAddr::Direct(a) if limits.relay_prefixes.iter().any(|p| p.contains(a.ip())) => {
+                Source::Relay(a.ip())
+            }
+            PeerAddr::Direct(a) => Source::Ip(a.ip()),
+            PeerAddr::Relayed { proxy, .. } => Source::Relay(proxy.ip()),
+        }
+    }
+}
+
 struct Slot {
     conn: Connection,
     timer: Option<Instant>,
-    /// The source IP the limits counted this connection under.
-    ip: IpAddr,
+    /// The source the limits counted this connection under.
+    ip: Source,
     half_open: bool,
     established: bool,
     identity: Option<Vec<u8>>,
     /// The address key under which `by_addr` maps to this connection.
-    addr_key: Option<SocketAddr>,
+    addr_key: Option<PeerAddr>,
 }
 
 /// Rate limit on log lines about remote peers.
@@ -113,11 +135,11 @@ pub struct Endpoint {
     rng: SystemRandom,
     cookies: CookieKeys,
     slots: HashMap<u64, Slot>,
-    by_addr: HashMap<SocketAddr, u64>,
+    by_addr: HashMap<PeerAddr, u64>,
     by_cid: HashMap<Vec<u8>, u64>,
     by_identity: HashMap<Vec<u8>, VecDeque<u64>>,
-    half_open_per_ip: HashMap<IpAddr, usize>,
-    established_per_ip: HashMap<IpAddr, usize>,
+    half_open_per_ip: HashMap<Source, usize>,
+    established_per_ip: HashMap<Source, usize>,
     half_open: usize,
     /// Half-open handshakes in admission order (stale entries are skipped lazily).
     half_open_order: VecDeque<u64>,
@@ -278,9 +300,14 @@ impl Endpoint {
         }
     }
 
-    /// Handles one datagram from `from`.
-    pub fn handle(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+    /// Handles one datagram from `from`: a UDP address, or a meter behind a join proxy
+    /// ([`PeerAddr::Relayed`], the content of a JPY message).
+    pub fn handle(&mut self, now: Instant, from: impl Into<PeerAddr>, datagram: &[u8]) {
+        let from = from.into();
         self.metrics.datagrams_received += 1;
+        if from.is_relayed() {
+            self.metrics.datagrams_relayed += 1;
+        }
         let cid_len = self.config.cid_length;
         let Some((content, epoch, cid)) = wire::peek_first_record(datagram, cid_len) else {
             self.metrics.records_malformed += 1;
@@ -289,7 +316,7 @@ impl Endpoint {
         if content == ct::TLS12_CID {
             // RFC 9146: routed by CID, whatever the source address.
             match self.by_cid.get(cid).copied() {
-                Some(id) => self.deliver(now, id, from, datagram),
+                Some(id) => self.deliver(now, id, &from, datagram),
                 None => self.metrics.dropped_unknown_peer += 1,
             }
             return;
@@ -307,7 +334,7 @@ impl Endpoint {
                 _ => true,
             };
             if hello.is_none() || repeat_of_handshake {
-                self.deliver(now, id, from, datagram);
+                self.deliver(now, id, &from, datagram);
                 return;
             }
             // A ClientHello with a new random from an address with a session (the meter
@@ -315,13 +342,13 @@ impl Endpoint {
             // proves the address; only then is the old association replaced.
         }
         if hello.is_some() {
-            self.stateless_client_hello(now, from, datagram);
+            self.stateless_client_hello(now, &from, datagram);
         } else {
             self.metrics.dropped_unknown_peer += 1;
         }
     }
 
-    fn deliver(&mut self, now: Instant, id: u64, from: SocketAddr, datagram: &[u8]) {
+    fn deliver(&mut self, now: Instant, id: u64, from: &PeerAddr, datagram: &[u8]) {
         let Some(slot) = self.slots.get_mut(&id) else {
             return;
         };
@@ -333,7 +360,7 @@ impl Endpoint {
 
     /// RFC 6347 §4.2.1: answer a ClientHello without a valid cookie with a HelloVerifyRequest
     /// and keep nothing; admit one with a valid cookie.
-    fn stateless_client_hello(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+    fn stateless_client_hello(&mut self, now: Instant, from: &PeerAddr, datagram: &[u8]) {
         self.cookies
             .rotate_if_due(&self.rng, now, self.config.cookie_rotation_interval);
         let Ok((rec, _)) = wire::parse_record(datagram, 0) else {
@@ -354,13 +381,13 @@ impl Endpoint {
             return;
         };
         let params = ch.cookie_params();
-        if ch.cookie.is_empty() || !self.cookies.verify(&from, &params, &ch.cookie) {
+        if ch.cookie.is_empty() || !self.cookies.verify(from, &params, &ch.cookie) {
             if !ch.cookie.is_empty() {
                 self.metrics.refuse(RefusalReason::BadCookie);
             }
             let hvr = HelloVerifyRequest {
                 server_version: DTLS_1_0,
-                cookie: self.cookies.generate(&from, &params).to_vec(),
+                cookie: self.cookies.generate(from, &params).to_vec(),
             };
             let msg =
                 wire::handshake_message(hs::HELLO_VERIFY_REQUEST, frag.message_seq, &hvr.encode());
@@ -369,16 +396,25 @@ impl Endpoint {
             wire::push_record(&mut out, ct::HANDSHAKE, DTLS_1_0, 0, rec.seq, &[], &msg);
             self.metrics.hello_verify_sent += 1;
             self.transmits.push_back(Transmit {
-                destination: from,
+                destination: from.clone(),
                 payload: out,
             });
             return;
         }
         self.metrics.cookies_verified += 1;
-        let ip = from.ip();
-        let exempt = self.config.limits.exempt_ips.contains(&ip);
         let limits = &self.config.limits;
-        let replacing = self.by_addr.get(&from).copied();
+        let ip = Source::of(from, limits);
+        // Per-source caps: a proxy's meters under the relay caps; a direct source under the
+        // per-IP caps unless exempt.
+        let (max_half_open_here, max_sessions_here) = match ip {
+            Source::Relay(_) => (
+                limits.max_half_open_per_relay,
+                limits.max_sessions_per_relay,
+            ),
+            Source::Ip(a) if limits.exempt_ips.contains(&a) => (usize::MAX, usize::MAX),
+            Source::Ip(_) => (limits.max_half_open_per_ip, limits.max_sessions_per_ip),
+        };
+        let replacing = self.by_addr.get(from).copied();
         let live = self.slots.len() - usize::from(replacing.is_some());
         // Admission control (issue #10 §3). Half-open caps drop silently (the meter retries
         // its ClientHello with back-off); a full server refuses cleanly with an alert.
@@ -386,10 +422,15 @@ impl Endpoint {
             self.refuse_stateless(now, from, rec.seq, Error::Limit("max_sessions"));
             return;
         }
-        if !exempt {
-            if self.half_open_per_ip.get(&ip).copied().unwrap_or(0) >= limits.max_half_open_per_ip {
+        {
+            if self.half_open_per_ip.get(&ip).copied().unwrap_or(0) >= max_half_open_here {
                 self.metrics.refuse(RefusalReason::Limit);
-                self.log_refusal(now, from, &Error::Limit("max_half_open_per_ip"));
+                let which = if matches!(ip, Source::Relay(_)) {
+                    "max_half_open_per_relay"
+                } else {
+                    "max_half_open_per_ip"
+                };
+                self.log_refusal(now, from, &Error::Limit(which));
                 return;
             }
             // The session this handshake would replace frees a place only under the IP it is
@@ -400,8 +441,13 @@ impl Endpoint {
                         .and_then(|id| self.slots.get(&id))
                         .is_some_and(|s| s.established && s.ip == ip),
                 );
-            if established_here >= limits.max_sessions_per_ip {
-                self.refuse_stateless(now, from, rec.seq, Error::Limit("max_sessions_per_ip"));
+            if established_here >= max_sessions_here {
+                let which = if matches!(ip, Source::Relay(_)) {
+                    "max_sessions_per_relay"
+                } else {
+                    "max_sessions_per_ip"
+                };
+                self.refuse_stateless(now, from, rec.seq, Error::Limit(which));
                 return;
             }
         }
@@ -426,7 +472,7 @@ impl Endpoint {
         let ch_message = wire::handshake_message(hs::CLIENT_HELLO, frag.message_seq, frag.body);
         let accepted = Connection::accept(
             now,
-            from,
+            from.clone(),
             self.config.clone(),
             &ch,
             &ch_message,
@@ -460,7 +506,7 @@ impl Endpoint {
         if !conn.own_cid().is_empty() {
             self.by_cid.insert(conn.own_cid().to_vec(), id);
         }
-        self.by_addr.insert(from, id);
+        self.by_addr.insert(from.clone(), id);
         self.half_open += 1;
         self.half_open_order.push_back(id);
         if self.half_open_order.len() > 2 * self.config.limits.max_half_open {
@@ -478,7 +524,7 @@ impl Endpoint {
                 half_open: true,
                 established: false,
                 identity: None,
-                addr_key: Some(from),
+                addr_key: Some(from.clone()),
             },
         );
         self.after(now, id, Vec::new());
@@ -487,8 +533,8 @@ impl Endpoint {
     /// With every half-open slot taken, a handshake past its cookie gives way to the newcomer
     /// (as a SYN cache does), so peers that echo a cookie and go silent cannot keep legitimate
     /// meters out. Which one goes: the oldest handshake of the source holding the most
-    /// half-open slots (a source is an IPv4 address or an IPv6 /64; relays in `exempt_ips` are
-    /// never picked as the heaviest), so one host flooding from many ports or addresses evicts
+    /// half-open slots (a source is an IPv4 address or an IPv6 /64; join proxies and relays in
+    /// `exempt_ips` are never picked as the heaviest), so one host flooding from many ports or addresses evicts
     /// its own handshakes, not a slow meter's elsewhere. When every source holds one slot the
     /// oldest handshake goes. The evicted peer gets a fatal handshake_failure alert, so a meter
     /// starts over at once instead of retransmitting into the void until its own timeout.
@@ -496,9 +542,9 @@ impl Endpoint {
     fn evict_half_open(&mut self, now: Instant) -> bool {
         let exempt = &self.config.limits.exempt_ips;
         let mut per_source: HashMap<IpAddr, usize> = HashMap::new();
-        for (ip, n) in &self.half_open_per_ip {
-            if !exempt.contains(ip) {
-                *per_source.entry(fairness_source(*ip)).or_insert(0) += n;
+        for (src, n) in &self.half_open_per_ip {
+            if let Some(f) = fairness_source(*src, exempt) {
+                *per_source.entry(f).or_insert(0) += n;
             }
         }
         // Ties go to the lowest source, so the choice does not depend on hash order.
@@ -510,9 +556,7 @@ impl Endpoint {
         let slots = &self.slots;
         let pos = self.half_open_order.iter().position(|id| {
             slots.get(id).is_some_and(|s| {
-                s.half_open
-                    && heaviest
-                        .is_none_or(|src| fairness_source(s.ip) == src && !exempt.contains(&s.ip))
+                s.half_open && heaviest.is_none_or(|src| fairness_source(s.ip, exempt) == Some(src))
             })
         });
         let Some(id) = pos.and_then(|p| self.half_open_order.remove(p)) else {
@@ -535,7 +579,7 @@ impl Endpoint {
     }
 
     /// A fatal alert to a peer we keep no state for.
-    fn refuse_stateless(&mut self, now: Instant, to: SocketAddr, seq: u64, err: Error) {
+    fn refuse_stateless(&mut self, now: Instant, to: &PeerAddr, seq: u64, err: Error) {
         self.metrics.refuse(err.refusal_reason());
         self.log_refusal(now, to, &err);
         if let Some(desc) = err.alert() {
@@ -550,13 +594,13 @@ impl Endpoint {
                 &[alert::FATAL, desc],
             );
             self.transmits.push_back(Transmit {
-                destination: to,
+                destination: to.clone(),
                 payload: out,
             });
         }
     }
 
-    fn log_refusal(&mut self, now: Instant, peer: SocketAddr, err: &Error) {
+    fn log_refusal(&mut self, now: Instant, peer: &PeerAddr, err: &Error) {
         if self.log.allow(now, &mut self.metrics) {
             tracing::info!(%peer, reason = err.refusal_reason().name(), error = %err, "DTLS handshake refused");
         }
@@ -586,7 +630,7 @@ impl Endpoint {
         let dest = slot.conn.peer();
         for payload in slot.conn.drain_outbox() {
             self.transmits.push_back(Transmit {
-                destination: dest,
+                destination: dest.clone(),
                 payload,
             });
         }
@@ -700,18 +744,18 @@ impl Endpoint {
         }
     }
 
-    fn on_address_changed(&mut self, id: u64, old: SocketAddr) {
+    fn on_address_changed(&mut self, id: u64, old: PeerAddr) {
         let Some(slot) = self.slots.get_mut(&id) else {
             return;
         };
         let new = slot.conn.peer();
-        if slot.addr_key == Some(old) && self.by_addr.get(&old) == Some(&id) {
+        if slot.addr_key.as_ref() == Some(&old) && self.by_addr.get(&old) == Some(&id) {
             self.by_addr.remove(&old);
         }
         slot.addr_key = None;
-        if let std::collections::hash_map::Entry::Vacant(v) = self.by_addr.entry(new) {
+        if let std::collections::hash_map::Entry::Vacant(v) = self.by_addr.entry(new.clone()) {
             v.insert(id);
-            slot.addr_key = Some(new);
+            slot.addr_key = Some(new.clone());
         }
         // A handshake that moves (its Finished came from a new address) is announced by
         // Connected, with the new address; the driver has no handle to move before that.
@@ -759,7 +803,7 @@ impl Endpoint {
             CloseReason::IdleTimeout => self.metrics.sessions_closed_idle += 1,
             CloseReason::HandshakeFailed(e) => {
                 let e = e.clone();
-                self.log_refusal(now, peer, &e);
+                self.log_refusal(now, &peer, &e);
             }
             _ => {}
         }
@@ -769,7 +813,7 @@ impl Endpoint {
     }
 }
 
-fn dec(map: &mut HashMap<IpAddr, usize>, ip: IpAddr) {
+fn dec(map: &mut HashMap<Source, usize>, ip: Source) {
     if let Some(n) = map.get_mut(&ip) {
         *n = n.saturating_sub(1);
         if *n == 0 {
@@ -794,12 +838,15 @@ fn first_client_hello_random(datagram: &[u8]) -> Option<[u8; 32]> {
 }
 
 /// The unit of fairness at the half-open cap: an IPv4 address, or the /64 of an IPv6 address
-/// (one host or site commonly holds a whole /64).
-fn fairness_source(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(a) => IpAddr::V6(std::net::Ipv6Addr::from(
+/// (one host or site commonly holds a whole /64). Meters behind a join proxy and sources in
+/// `exempt_ips` have none: they are never picked as the busiest source.
+fn fairness_source(src: Source, exempt: &[IpAddr]) -> Option<IpAddr> {
+    match src {
+        Source::Ip(ip) if exempt.contains(&ip) => None,
+        Source::Ip(IpAddr::V4(a)) => Some(IpAddr::V4(a)),
+        Source::Ip(IpAddr::V6(a)) => Some(IpAddr::V6(std::net::Ipv6Addr::from(
             u128::from(a) & !((1u128 << 64) - 1),
-        )),
+        ))),
+        Source::Relay(_) => None,
     }
 }

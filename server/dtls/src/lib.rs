@@ -21,6 +21,7 @@ mod endpoint;
 mod error;
 mod faults;
 mod metrics;
+mod peer;
 mod reassembly;
 
 pub use client::Client;
@@ -32,3 +33,4 @@ pub use error::{CertError, Error, RefusalReason};
 #[cfg(feature = "danger-test-faults")]
 pub use faults::TestFaults;
 pub use metrics::Metrics;
+pub use peer::{IpPrefix, PeerAddr};

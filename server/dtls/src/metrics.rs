@@ -7,6 +7,8 @@ use crate::error::RefusalReason;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Metrics {
     pub datagrams_received: u64,
+    /// Of them, relayed by a stateless join proxy (JPY).
+    pub datagrams_relayed: u64,
     /// HelloVerifyRequests sent (stateless: one per ClientHello without a valid cookie).
     pub hello_verify_sent: u64,
     /// ClientHellos whose cookie verified.

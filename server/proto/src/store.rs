@@ -100,8 +100,12 @@ pub struct IssuedCert {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AuditEvent {
     pub at_unix: i64,
-    /// Peer transport address, e.g. `127.0.0.1:40001`.
+    /// Peer transport address, e.g. `127.0.0.1:40001` (for a meter behind a stateless join
+    /// proxy: the proxy's address and the start of the meter's JPY header,
+    /// `198.51.100.4:7634/jpy:0a1b2c3d4e5f`).
     pub peer: String,
+    /// The join proxy (DCU relay) the attempt came through, its address; `None`: direct.
+    pub relay: Option<String>,
     /// Device identity if it could be established (serialNumber), else empty.
     pub device_id: String,
     /// EST operation, e.g. `sen`, `sren`, `skg`.

@@ -11,15 +11,21 @@ pub(crate) fn run(data_dir: &Path, limit: usize) -> Result<()> {
     let store = open_store(data_dir)?;
     let events = store.recent_audit(limit)?;
     for e in events.iter().rev() {
+        let via = e
+            .relay
+            .as_deref()
+            .map(|r| format!(" (via relay {r})"))
+            .unwrap_or_default();
         println!(
-            "{} {:<22} {:<12} {:<5} {:<9} {} {}",
+            "{} {:<22} {:<12} {:<5} {:<9} {} {}{}",
             utc(e.at_unix),
             e.peer,
             e.device_id,
             e.operation,
             e.outcome,
             e.code,
-            e.detail
+            e.detail,
+            via
         );
     }
     store.close();

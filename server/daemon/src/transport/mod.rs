@@ -32,7 +32,7 @@ use webrtc_dtls::cipher_suite::CipherSuiteId;
 pub use server::{DtlsListener, DtlsSession, TransportMetrics};
 pub use socket::{DatagramSocket, SocketConn};
 
-pub use est_dtls::CertError;
+pub use est_dtls::{CertError, IpPrefix, PeerAddr};
 
 /// Policy hook run during the handshake, after the chain has been verified against the trust
 /// anchors: receives the client's certificates (DER, leaf first, as sent). Returning `Err`
@@ -188,6 +188,16 @@ pub struct DtlsServerConfig {
     pub max_sessions_per_ip: usize,
     /// Addresses exempt from the per-IP limits (DCU relays).
     pub session_limit_exempt_ips: Vec<std::net::IpAddr>,
+    /// Join proxies (DCU relays) allowed to send JPY messages to the JPY socket
+    /// ([`DtlsListener::bind_with_jpy`]); JPY from any other source is dropped and counted. A
+    /// stateful proxy's circuits from these prefixes count under the per-relay caps.
+    pub jpy_allowed_proxies: Vec<IpPrefix>,
+    /// Longest JPY header accepted (the draft: SHOULD be at most 32 bytes).
+    pub jpy_max_header_bytes: usize,
+    /// Handshakes past the cookie exchange of one join proxy's meters.
+    pub max_half_open_per_relay: usize,
+    /// Established sessions of one join proxy's meters.
+    pub max_sessions_per_relay: usize,
     /// Require the extended_master_secret extension (RFC 7627), as RFC 9148 §3 advises.
     pub extended_master_secret_required: bool,
     /// Answer a ClientHello's use_srtp offer (RFC 5764) instead of ignoring it: WebRTC-derived
@@ -233,6 +243,10 @@ impl Default for DtlsServerConfig {
             max_sessions_per_identity: 4,
             max_sessions_per_ip: 20_000,
             session_limit_exempt_ips: Vec::new(),
+            jpy_allowed_proxies: Vec::new(),
+            jpy_max_header_bytes: 64,
+            max_half_open_per_relay: 512,
+            max_sessions_per_relay: 20_000,
             extended_master_secret_required: true,
             answer_use_srtp: false,
             final_flight_retention: Duration::from_secs(240),
@@ -347,6 +361,9 @@ pub(crate) fn build_engine_config(
         max_sessions_per_identity: cfg.max_sessions_per_identity,
         max_sessions_per_ip: cfg.max_sessions_per_ip,
         exempt_ips: cfg.session_limit_exempt_ips.clone(),
+        max_half_open_per_relay: cfg.max_half_open_per_relay,
+        max_sessions_per_relay: cfg.max_sessions_per_relay,
+        relay_prefixes: cfg.jpy_allowed_proxies.clone(),
         max_log_lines_per_sec: cfg.max_log_lines_per_sec,
         ..est_dtls::Limits::default()
     };

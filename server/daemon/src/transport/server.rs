@@ -3,9 +3,11 @@
 //!
 //! ```text
 //!   socket.recv_from ─► Endpoint::handle(now, from, datagram)
+//!   JPY socket       ─► allowlisted proxy? JPY [header, datagram]? ─► Endpoint::handle(now, (proxy, header), datagram)
 //!   timer            ─► Endpoint::handle_timeout(now)
 //!   DtlsSession::send/close ─► command queue ─► Endpoint::send / close
-//!   after each: poll_transmit ─► socket.send_to;  poll_event ─► accept queue / session queues
+//!   after each: poll_transmit ─► socket.send_to (a relayed peer: JPY [header, datagram] to its
+//!               proxy, from the JPY socket);  poll_event ─► accept queue / session queues
 //! ```
 //!
 //! The driver holds no protocol logic: cookies, limits, retransmission, CID routing and
@@ -18,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use est_dtls::{ConnectionHandle, Endpoint, Event, RefusalReason};
+use est_dtls::{ConnectionHandle, Endpoint, Event, IpPrefix, PeerAddr, RefusalReason};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -99,6 +101,14 @@ pub struct TransportMetrics {
     pub peer_certificates_received: u64,
     /// Handshakes where we sent our certificate's RFC 7924 fingerprint instead of the chain.
     pub cached_info_hits: u64,
+    /// Datagrams received on the JPY socket (from join proxies).
+    pub jpy_received: u64,
+    /// ... dropped: not from an allowlisted proxy.
+    pub jpy_dropped_not_allowed: u64,
+    /// ... dropped: not a JPY message (or a header over the limit).
+    pub jpy_dropped_malformed: u64,
+    /// DTLS datagrams of relayed meters the endpoint took (JPY content).
+    pub relayed_datagrams: u64,
 }
 
 fn snapshot(ep: &Endpoint, driver: &DriverCounters) -> TransportMetrics {
@@ -141,6 +151,10 @@ fn snapshot(ep: &Endpoint, driver: &DriverCounters) -> TransportMetrics {
         log_lines_suppressed: m.log_lines_suppressed,
         peer_certificates_received: m.peer_certificates_received,
         cached_info_hits: m.cached_info_hits,
+        jpy_received: driver.jpy_received.load(Ordering::Relaxed),
+        jpy_dropped_not_allowed: driver.jpy_not_allowed.load(Ordering::Relaxed),
+        jpy_dropped_malformed: driver.jpy_malformed.load(Ordering::Relaxed),
+        relayed_datagrams: m.datagrams_relayed,
     }
 }
 
@@ -148,6 +162,9 @@ fn snapshot(ep: &Endpoint, driver: &DriverCounters) -> TransportMetrics {
 struct DriverCounters {
     queue_full: AtomicU64,
     socket_errors: AtomicU64,
+    jpy_received: AtomicU64,
+    jpy_not_allowed: AtomicU64,
+    jpy_malformed: AtomicU64,
 }
 
 enum Command {
@@ -163,11 +180,12 @@ struct SessionLink {
     /// Bytes in `data_tx` not yet taken by the session task.
     queued_bytes: Arc<AtomicUsize>,
     closed_tx: watch::Sender<Option<CloseReason>>,
-    peer: Arc<Mutex<SocketAddr>>,
+    peer: Arc<Mutex<PeerAddr>>,
 }
 
 struct Shared {
     local_addr: io::Result<SocketAddr>,
+    jpy_addr: Option<io::Result<SocketAddr>>,
     metrics: Mutex<TransportMetrics>,
     counters: DriverCounters,
     shutdown: watch::Sender<bool>,
@@ -188,6 +206,18 @@ impl DtlsListener {
         socket: S,
         config: DtlsServerConfig,
     ) -> Result<Self, TransportError> {
+        Self::bind_with_jpy(socket, None, config).await
+    }
+
+    /// Start serving DTLS on `socket` and, on `jpy`, to meters behind stateless join proxies
+    /// (draft-ietf-anima-constrained-join-proxy): JPY messages `[header, DTLS datagram]` from
+    /// the proxies in `config.jpy_allowed_proxies`, each meter a peer of its own keyed by
+    /// (proxy address, header), answered as JPY with its header echoed.
+    pub async fn bind_with_jpy<S: DatagramSocket>(
+        socket: S,
+        jpy: Option<S>,
+        config: DtlsServerConfig,
+    ) -> Result<Self, TransportError> {
         let engine_config = build_engine_config(&config)?;
         let endpoint = Endpoint::new(
             Arc::new(engine_config),
@@ -199,6 +229,7 @@ impl DtlsListener {
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             local_addr: socket.local_addr(),
+            jpy_addr: jpy.as_ref().map(|j| j.local_addr()),
             metrics: Mutex::new(TransportMetrics::default()),
             counters: DriverCounters::default(),
             shutdown,
@@ -207,6 +238,11 @@ impl DtlsListener {
         });
         let driver = Driver {
             socket,
+            jpy: jpy.map(|socket| JpySocket {
+                socket,
+                allowed: config.jpy_allowed_proxies.clone(),
+                max_header: config.jpy_max_header_bytes,
+            }),
             endpoint,
             shared: Arc::clone(&shared),
             accept_tx,
@@ -225,15 +261,19 @@ impl DtlsListener {
         addr: SocketAddr,
         config: DtlsServerConfig,
     ) -> Result<Self, TransportError> {
-        let socket = tokio::net::UdpSocket::bind(addr).await?;
-        if config.socket_receive_buffer_bytes > 0 {
-            // Best effort: the kernel may cap it (net.core.rmem_max) without an error.
-            let sock = socket2::SockRef::from(&socket);
-            if let Err(e) = sock.set_recv_buffer_size(config.socket_receive_buffer_bytes) {
-                tracing::warn!(error = %e, "could not set SO_RCVBUF on the DTLS socket");
-            }
-        }
+        let socket = udp_socket(addr, config.socket_receive_buffer_bytes).await?;
         Self::bind(socket, config).await
+    }
+
+    /// [`DtlsListener::bind_udp`] plus a JPY socket on `jpy_addr`.
+    pub async fn bind_udp_with_jpy(
+        addr: SocketAddr,
+        jpy_addr: SocketAddr,
+        config: DtlsServerConfig,
+    ) -> Result<Self, TransportError> {
+        let socket = udp_socket(addr, config.socket_receive_buffer_bytes).await?;
+        let jpy = udp_socket(jpy_addr, config.socket_receive_buffer_bytes).await?;
+        Self::bind_with_jpy(socket, Some(jpy), config).await
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -241,6 +281,14 @@ impl DtlsListener {
             Ok(a) => Ok(*a),
             Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
         }
+    }
+
+    /// The JPY socket's address, if there is one.
+    pub fn jpy_addr(&self) -> Option<io::Result<SocketAddr>> {
+        self.shared.jpy_addr.as_ref().map(|r| match r {
+            Ok(a) => Ok(*a),
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        })
     }
 
     /// The next session whose handshake completed and whose client certificate was verified.
@@ -318,8 +366,38 @@ impl Drop for DtlsListener {
     }
 }
 
+/// A tokio UDP socket on `addr` with SO_RCVBUF `rcvbuf` (0: the OS default).
+async fn udp_socket(addr: SocketAddr, rcvbuf: usize) -> io::Result<tokio::net::UdpSocket> {
+    let socket = tokio::net::UdpSocket::bind(addr).await?;
+    if rcvbuf > 0 {
+        // Best effort: the kernel may cap it (net.core.rmem_max) without an error.
+        let sock = socket2::SockRef::from(&socket);
+        if let Err(e) = sock.set_recv_buffer_size(rcvbuf) {
+            tracing::warn!(error = %e, "could not set SO_RCVBUF on a UDP socket");
+        }
+    }
+    Ok(socket)
+}
+
+struct JpySocket<S> {
+    socket: S,
+    allowed: Vec<IpPrefix>,
+    max_header: usize,
+}
+
+async fn recv_jpy<S: DatagramSocket>(
+    jpy: &Option<JpySocket<S>>,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr)> {
+    match jpy {
+        Some(j) => j.socket.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
 struct Driver<S: DatagramSocket> {
     socket: S,
+    jpy: Option<JpySocket<S>>,
     endpoint: Endpoint,
     shared: Arc<Shared>,
     accept_tx: mpsc::Sender<DtlsSession>,
@@ -333,6 +411,14 @@ fn now() -> std::time::Instant {
 impl<S: DatagramSocket> Driver<S> {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         let mut buf = vec![0u8; RECV_BUFFER_BYTES];
+        let mut jpy_buf = vec![
+            0u8;
+            if self.jpy.is_some() {
+                RECV_BUFFER_BYTES
+            } else {
+                0
+            }
+        ];
         let mut shutdown = self.shared.shutdown.subscribe();
         loop {
             let deadline = self
@@ -363,6 +449,17 @@ impl<S: DatagramSocket> Driver<S> {
                         tracing::debug!(error = %e, "DTLS socket receive error");
                     }
                 },
+                r = recv_jpy(&self.jpy, &mut jpy_buf) => match r {
+                    Ok((n, from)) => {
+                        if let Some(d) = jpy_buf.get(..n) {
+                            self.jpy_datagram(from, d);
+                        }
+                    }
+                    Err(e) => {
+                        self.shared.counters.socket_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(error = %e, "JPY socket receive error");
+                    }
+                },
                 Some(cmd) = commands.recv() => self.command(cmd),
             }
             // Whatever else is queued, without waiting.
@@ -375,6 +472,41 @@ impl<S: DatagramSocket> Driver<S> {
         self.flush().await;
         for (_, link) in self.sessions.drain() {
             link.closed_tx.send_replace(Some(CloseReason::Shutdown));
+        }
+    }
+
+    /// A datagram on the JPY socket: from an allowlisted proxy, a JPY message whose content
+    /// goes to the endpoint as the datagram of the peer (proxy, header).
+    fn jpy_datagram(&mut self, from: SocketAddr, d: &[u8]) {
+        let Some(jpy) = &self.jpy else {
+            return;
+        };
+        let c = &self.shared.counters;
+        c.jpy_received.fetch_add(1, Ordering::Relaxed);
+        if !jpy.allowed.iter().any(|p| p.contains(from.ip())) {
+            c.jpy_not_allowed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // The draft: an array of 2 or more elements, the first two used.
+        let Ok(msg) = est_relay::jpy::decode(d, jpy.max_header) else {
+            c.jpy_malformed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let peer = PeerAddr::relayed(from, &msg.header);
+        self.endpoint.handle(now(), peer, &msg.content);
+    }
+
+    async fn send(&self, t: &est_dtls::Transmit) -> io::Result<usize> {
+        match &t.destination {
+            PeerAddr::Direct(a) => self.socket.send_to(&t.payload, *a).await,
+            PeerAddr::Relayed { proxy, header } => match &self.jpy {
+                // Every reply to a relayed meter goes back as JPY with its header echoed.
+                Some(j) => {
+                    let msg = est_relay::jpy::encode(header, &t.payload);
+                    j.socket.send_to(&msg, *proxy).await
+                }
+                None => Err(io::Error::other("no JPY socket")),
+            },
         }
     }
 
@@ -395,7 +527,7 @@ impl<S: DatagramSocket> Driver<S> {
 
     async fn flush(&mut self) {
         while let Some(t) = self.endpoint.poll_transmit() {
-            if let Err(e) = self.socket.send_to(&t.payload, t.destination).await {
+            if let Err(e) = self.send(&t).await {
                 self.shared
                     .counters
                     .socket_errors
@@ -408,7 +540,7 @@ impl<S: DatagramSocket> Driver<S> {
         }
         // Closing a session from an event may queue a close_notify.
         while let Some(t) = self.endpoint.poll_transmit() {
-            let _ = self.socket.send_to(&t.payload, t.destination).await;
+            let _ = self.send(&t).await;
         }
         *lock(&self.shared.metrics) = snapshot(&self.endpoint, &self.shared.counters);
     }
@@ -494,7 +626,7 @@ impl<S: DatagramSocket> Driver<S> {
 /// An established, mutually authenticated DTLS session with one peer.
 pub struct DtlsSession {
     handle: ConnectionHandle,
-    peer: Arc<Mutex<SocketAddr>>,
+    peer: Arc<Mutex<PeerAddr>>,
     peer_certificates: Arc<Vec<Vec<u8>>>,
     peer_verification: Option<PeerVerification>,
     cipher_suite: Option<CipherSuiteName>,
@@ -516,9 +648,15 @@ impl std::fmt::Debug for DtlsSession {
 }
 
 impl DtlsSession {
-    /// The peer's current address (it follows a Connection ID session across NAT rebinding).
+    /// The peer's current UDP address, its join proxy's for a relayed meter (it follows a
+    /// Connection ID session across NAT rebinding).
     pub fn peer_addr(&self) -> SocketAddr {
-        *lock(&self.peer)
+        lock(&self.peer).socket_addr()
+    }
+
+    /// The peer: a UDP address, or (proxy, JPY header) for a meter behind a join proxy.
+    pub fn peer(&self) -> PeerAddr {
+        lock(&self.peer).clone()
     }
 
     /// The client's certificates, DER, leaf first, as sent and verified in the handshake.
@@ -572,6 +710,11 @@ impl DtlsSession {
             .ok_or(TransportError::BufferTooSmall)?;
         dst.copy_from_slice(&d);
         Ok(d.len())
+    }
+
+    /// The largest plaintext datagram [`DtlsSession::send`] takes (less behind a join proxy).
+    pub fn max_datagram(&self) -> usize {
+        self.max_datagram
     }
 
     /// Send one plaintext datagram (application data is never fragmented).

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use est_dtls::{
-    CertError, ChainVerifier, Client, ClientConfig, ConnEvent, Endpoint, Event, ServerConfig,
-    SigningKey, Verified,
+    CertError, ChainVerifier, Client, ClientConfig, ConnEvent, Endpoint, Event, PeerAddr,
+    ServerConfig, SigningKey, Verified,
 };
 
 pub struct Cred {
@@ -151,6 +151,9 @@ pub struct Net {
     pub clients: Vec<Client>,
     /// Address each client currently sends from.
     pub client_addrs: Vec<SocketAddr>,
+    /// For a client behind a stateless join proxy: the JPY header the proxy gives it (its
+    /// datagrams then reach the server from `client_addrs[i]`, the proxy, with that header).
+    pub client_relay: Vec<Option<Vec<u8>>>,
     pub loss: f64,
     pub rng: Lcg,
     pub server_events: Vec<Event>,
@@ -158,13 +161,15 @@ pub struct Net {
     pub delivered: usize,
     pub dropped: usize,
     /// Datagrams in flight: (deliver at, to server?, client index, from, bytes).
-    queue: VecDeque<(Instant, bool, usize, SocketAddr, Vec<u8>)>,
+    queue: VecDeque<(Instant, bool, usize, PeerAddr, Vec<u8>)>,
     pub latency: Duration,
     /// Every datagram sent over the network, as sent (before loss and `filter`): (to the
     /// server?, client index, bytes).
     pub log: Vec<(bool, usize, Vec<u8>)>,
     /// An on-path attacker or a broken middlebox.
     pub filter: Option<Filter>,
+    /// Every datagram the server sent to a client, with its destination.
+    pub server_log: Vec<est_dtls::Transmit>,
 }
 
 impl Net {
@@ -175,6 +180,7 @@ impl Net {
             server: Endpoint::new(Arc::new(server), now).unwrap(),
             clients: Vec::new(),
             client_addrs: Vec::new(),
+            client_relay: Vec::new(),
             loss,
             rng: Lcg(seed),
             server_events: Vec::new(),
@@ -185,6 +191,7 @@ impl Net {
             latency: Duration::from_millis(5),
             log: Vec::new(),
             filter: None,
+            server_log: Vec::new(),
         }
     }
 
@@ -193,8 +200,30 @@ impl Net {
         let c = Client::connect(self.now, addr(SERVER), Arc::new(config)).unwrap();
         self.clients.push(c);
         self.client_addrs.push(client_addr(i));
+        self.client_relay.push(None);
         self.client_events.push(Vec::new());
         i
+    }
+
+    /// A client behind a join proxy at `proxy` that gives it `header`.
+    pub fn add_relayed_client(
+        &mut self,
+        config: ClientConfig,
+        proxy: SocketAddr,
+        header: Vec<u8>,
+    ) -> usize {
+        let i = self.add_client(config);
+        self.client_addrs[i] = proxy;
+        self.client_relay[i] = Some(header);
+        i
+    }
+
+    /// Who the server sees client `i` as.
+    pub fn peer_of(&self, i: usize) -> PeerAddr {
+        match &self.client_relay[i] {
+            Some(h) => PeerAddr::relayed(self.client_addrs[i], h),
+            None => PeerAddr::Direct(self.client_addrs[i]),
+        }
     }
 
     fn lose(&mut self) -> bool {
@@ -218,10 +247,10 @@ impl Net {
                     self.dropped += 1;
                     continue;
                 }
-                let from = self.client_addrs[i];
+                let from = self.peer_of(i);
                 for d in self.pass(true, i, d) {
                     self.queue
-                        .push_back((self.now + self.latency, true, i, from, d));
+                        .push_back((self.now + self.latency, true, i, from.clone(), d));
                 }
             }
         }
@@ -230,10 +259,16 @@ impl Net {
                 self.dropped += 1;
                 continue;
             }
-            if let Some(i) = self.client_addrs.iter().position(|a| *a == t.destination) {
+            if let Some(i) = (0..self.clients.len()).find(|&i| self.peer_of(i) == t.destination) {
+                self.server_log.push(t.clone());
                 for d in self.pass(false, i, t.payload) {
-                    self.queue
-                        .push_back((self.now + self.latency, false, i, addr(SERVER), d));
+                    self.queue.push_back((
+                        self.now + self.latency,
+                        false,
+                        i,
+                        PeerAddr::Direct(addr(SERVER)),
+                        d,
+                    ));
                 }
             } else {
                 self.dropped += 1;
@@ -307,7 +342,7 @@ impl Net {
                 if to_server {
                     self.server.handle(self.now, from, &bytes);
                 } else {
-                    self.clients[i].handle_datagram(self.now, from, &bytes);
+                    self.clients[i].handle_datagram(self.now, from.socket_addr(), &bytes);
                 }
             }
             self.server.handle_timeout(self.now);
@@ -340,7 +375,7 @@ impl Net {
     }
 
     pub fn handle_of_client(&self, i: usize) -> Option<est_dtls::ConnectionHandle> {
-        let a = self.client_addrs[i];
+        let a = self.peer_of(i);
         self.server_events.iter().rev().find_map(|e| match e {
             Event::Connected(h) if self.server.connection(*h).is_some_and(|c| c.peer() == a) => {
                 Some(*h)

@@ -1,9 +1,11 @@
-//! `GET /.well-known/core`: CoRE Link Format discovery (RFC 6690, RFC 9148 §4.1).
+//! `GET /.well-known/core`: CoRE Link Format discovery (RFC 6690, RFC 9148 §4.1), and, for a
+//! registrar of stateless join proxies, its JPY endpoint (draft-ietf-anima-constrained-join-
+//! proxy, "Stateless Case": `<jpy://[address]:port>;rt=brski.rjp`).
 
 use super::{EstConfig, CF_CSRATTRS, CF_MULTIPART_CORE, CF_PKCS7_CERTS_ONLY, CF_PKIX_CERT};
 
 struct Link {
-    href: &'static str,
+    href: String,
     rt: &'static str,
     ct: Vec<u16>,
 }
@@ -19,36 +21,43 @@ pub(crate) fn links(cfg: &EstConfig, server_keygen: bool, query: &[String]) -> V
     ];
     let mut all = vec![
         Link {
-            href: "/.well-known/est/crts",
+            href: "/.well-known/est/crts".into(),
             rt: "ace.est.crts",
             ct: certs.clone(),
         },
         Link {
-            href: "/.well-known/est/sen",
+            href: "/.well-known/est/sen".into(),
             rt: "ace.est.sen",
             ct: certs.clone(),
         },
         Link {
-            href: "/.well-known/est/sren",
+            href: "/.well-known/est/sren".into(),
             rt: "ace.est.sren",
             ct: certs,
         },
         Link {
-            href: "/.well-known/est/att",
+            href: "/.well-known/est/att".into(),
             rt: "ace.est.att",
             ct: vec![CF_CSRATTRS],
         },
     ];
     if server_keygen {
         all.push(Link {
-            href: "/.well-known/est/skg",
+            href: "/.well-known/est/skg".into(),
             rt: "ace.est.skg",
             ct: vec![CF_MULTIPART_CORE],
         });
         all.push(Link {
-            href: "/.well-known/est/skc",
+            href: "/.well-known/est/skc".into(),
             rt: "ace.est.skc",
             ct: vec![CF_MULTIPART_CORE],
+        });
+    }
+    if let Some(uri) = &cfg.jpy_uri {
+        all.push(Link {
+            href: uri.clone(),
+            rt: "brski.rjp",
+            ct: Vec::new(),
         });
     }
     let selected: Vec<String> = all
@@ -61,7 +70,10 @@ pub(crate) fn links(cfg: &EstConfig, server_keygen: bool, query: &[String]) -> V
 
 fn render(l: &Link) -> String {
     let ct: Vec<String> = l.ct.iter().map(u16::to_string).collect();
-    if ct.len() == 1 {
+    if ct.is_empty() {
+        // As the draft writes it: `<jpy://[2001:db8:0:abcd::52]:7634>;rt=brski.rjp`.
+        format!("<{}>;rt={}", l.href, l.rt)
+    } else if ct.len() == 1 {
         format!("<{}>;rt=\"{}\";ct={}", l.href, l.rt, ct[0])
     } else {
         format!("<{}>;rt=\"{}\";ct=\"{}\"", l.href, l.rt, ct.join(" "))
@@ -74,7 +86,7 @@ fn matches(l: &Link, query: &str) -> bool {
         None => (query, ""),
     };
     let values: Vec<String> = match attr {
-        "href" => vec![l.href.to_string()],
+        "href" => vec![l.href.clone()],
         "rt" => vec![l.rt.to_string()],
         "ct" => l.ct.iter().map(u16::to_string).collect(),
         _ => return false,

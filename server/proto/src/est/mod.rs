@@ -91,6 +91,10 @@ pub struct EstConfig {
     pub crl_content_format: u16,
     /// Max-Age of the 5.03 sent while the issuing CA is outside its validity.
     pub ca_unavailable_retry_after_seconds: u32,
+    /// The registrar's JPY endpoint for stateless join proxies, e.g.
+    /// `jpy://[2001:db8::52]:7634`: discovery (`rt=brski.rjp`) announces it. `None`: not a
+    /// JPY registrar.
+    pub jpy_uri: Option<String>,
 }
 
 /// The default Content-Format of the CRL resource: application/pkix-crl has no CoAP number,
@@ -113,6 +117,7 @@ impl Default for EstConfig {
             crl_path: Vec::new(),
             crl_content_format: CF_PKIX_CRL_DEFAULT,
             ca_unavailable_retry_after_seconds: 3600,
+            jpy_uri: None,
         }
     }
 }
@@ -121,6 +126,8 @@ impl Default for EstConfig {
 pub struct RequestContext<'a> {
     /// Peer address for the audit log, e.g. `127.0.0.1:40001`.
     pub peer: &'a str,
+    /// The join proxy the request came through (its address), for the audit log.
+    pub relay: Option<&'a str>,
     /// The client certificate chain (DER, leaf first) that the DTLS handshake verified.
     pub client_chain: &'a [Vec<u8>],
     /// What [`Policy::verify_peer_chain`] established for `client_chain` at the handshake.
@@ -271,6 +278,7 @@ pub struct CommitTicket {
 struct Exchange {
     op: Operation,
     peer: String,
+    relay: Option<String>,
     device_id: String,
     /// The wall clock when the request arrived.
     at: SystemTime,
@@ -295,7 +303,9 @@ enum AfterCommit {
     Refused { response: Response },
 }
 
-/// What the policy and the CA decided for an enrollment.
+/// What the policy and the CA decided for an enrollment (a return value that lives for one
+/// call: its size does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Decision {
     /// A new certificate, with its answer already built.
     Issue {
@@ -579,6 +589,7 @@ impl EstService {
         let audit = AuditEvent {
             at_unix: unix_seconds(exchange.at),
             peer: exchange.peer.clone(),
+            relay: exchange.relay.clone(),
             device_id: exchange.device_id.clone(),
             operation: exchange.op.name().to_string(),
             outcome: "refused".into(),
@@ -642,6 +653,7 @@ impl EstService {
         let mut exchange = Exchange {
             op,
             peer: ctx.peer.to_string(),
+            relay: ctx.relay.map(str::to_string),
             device_id: String::new(),
             at: ctx.now,
         };
@@ -857,6 +869,7 @@ impl EstService {
         let audit = AuditEvent {
             at_unix: unix_seconds(ctx.now),
             peer: ctx.peer.to_string(),
+            relay: ctx.relay.map(str::to_string),
             device_id: device.device_id.clone(),
             operation: op.name().to_string(),
             outcome: "issued".into(),
@@ -912,6 +925,7 @@ impl EstService {
         let audit = AuditEvent {
             at_unix: unix_seconds(exchange.at),
             peer: exchange.peer.clone(),
+            relay: exchange.relay.clone(),
             device_id: exchange.device_id.clone(),
             operation: exchange.op.name().to_string(),
             outcome: "replayed".into(),

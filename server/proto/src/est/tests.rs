@@ -133,6 +133,7 @@ fn call(svc: &EstService, chain: &[Vec<u8>], req: &Request, rng: &mut ChaCha20Rn
     let verified = svc.policy().verify_peer_chain(chain, now()).ok();
     let ctx = RequestContext {
         peer: "192.0.2.1:5684",
+        relay: None,
         client_chain: chain,
         verified: verified.as_ref(),
         now: now(),
@@ -149,6 +150,7 @@ fn call_unverified(
 ) -> Response {
     let ctx = RequestContext {
         peer: "192.0.2.1:5684",
+        relay: None,
         client_chain: chain,
         verified: None,
         now: now(),
@@ -349,6 +351,50 @@ fn sen_issues_an_ldevid_whose_subject_comes_from_the_idevid() {
         (audit[0].outcome.as_str(), audit[0].device_id.as_str()),
         ("issued", "SN1")
     );
+}
+
+/// An enrollment that came through a join proxy records it in every audit row: issued,
+/// replayed and refused.
+#[test]
+fn the_audit_records_the_relay() {
+    let mut pki = Pki::new();
+    let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let dev = device(&mut pki, "SN1");
+    let verified = svc.policy().verify_peer_chain(&dev.chain, now()).ok();
+    let ctx = RequestContext {
+        peer: "198.51.100.4:7634/jpy:0a1b2c3d4e5f",
+        relay: Some("198.51.100.4:7634"),
+        client_chain: &dev.chain,
+        verified: verified.as_ref(),
+        now: now(),
+    };
+    let req = post("sen", csr(&dev.signer, &name(&[])));
+    assert_eq!(
+        serve(&svc, &ctx, &req, &mut pki.rng).code,
+        ResponseType::Changed
+    );
+    assert_eq!(
+        serve(&svc, &ctx, &req, &mut pki.rng).code,
+        ResponseType::Changed
+    );
+    let bad = post("sen", b"not a CSR".to_vec());
+    assert!(serve(&svc, &ctx, &bad, &mut pki.rng).code != ResponseType::Changed);
+    let audit = store.audit_events();
+    let outcomes: Vec<&str> = audit.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["issued", "replayed", "refused"]);
+    for a in &audit {
+        assert_eq!(a.relay.as_deref(), Some("198.51.100.4:7634"));
+        assert_eq!(a.peer, "198.51.100.4:7634/jpy:0a1b2c3d4e5f");
+    }
+    // A direct enrollment has none.
+    let dev2 = device(&mut pki, "SN2");
+    call(
+        &svc,
+        &dev2.chain,
+        &post("sen", csr(&dev2.signer, &name(&[]))),
+        &mut pki.rng,
+    );
+    assert_eq!(store.audit_events().last().unwrap().relay, None);
 }
 
 #[test]
@@ -750,6 +796,35 @@ fn discovery_honours_the_rt_filter() {
         "</.well-known/est/att>;rt=\"ace.est.att\";ct=285"
     );
     assert_eq!(get(&["rt=core.rd"], &mut pki.rng), "");
+    assert_eq!(
+        get(&["rt=brski.rjp"], &mut pki.rng),
+        "",
+        "not a JPY registrar"
+    );
+}
+
+/// A registrar of stateless join proxies announces its JPY port (draft-ietf-anima-constrained-
+/// join-proxy, "Stateless Case"), exactly as the draft's example writes it.
+#[test]
+fn discovery_of_the_jpy_endpoint() {
+    let mut pki = Pki::new();
+    let est = EstConfig {
+        jpy_uri: Some("jpy://[2001:db8:0:abcd::52]:7634".into()),
+        ..EstConfig::default()
+    };
+    let (svc, _) = pki.service(PolicyConfig::default(), est);
+    let dev = device(&mut pki, "SN1");
+    let req = Request::new(Method::Get, "/.well-known/core").with_query("rt=brski.rjp");
+    let r = call(&svc, &dev.chain, &req, &mut pki.rng);
+    assert_eq!(r.content_format, Some(CF_LINK_FORMAT));
+    assert_eq!(
+        String::from_utf8(r.payload).unwrap(),
+        "<jpy://[2001:db8:0:abcd::52]:7634>;rt=brski.rjp"
+    );
+    // The EST links are not in that answer, and the JPY link is not in theirs.
+    let req = Request::new(Method::Get, "/.well-known/core").with_query("rt=ace.est*");
+    let r = call(&svc, &dev.chain, &req, &mut pki.rng);
+    assert!(!String::from_utf8(r.payload).unwrap().contains("jpy"));
 }
 
 #[test]
@@ -1084,6 +1159,7 @@ fn a_ca_outside_its_validity_answers_503_with_a_diagnostic_not_500() {
     let late = now() + 200 * DAY;
     let ctx = RequestContext {
         peer: "192.0.2.1:5684",
+        relay: None,
         client_chain: &dev.chain,
         verified: None,
         now: late,
@@ -1112,6 +1188,7 @@ fn a_blocked_device_and_a_revoked_ldevid_are_refused_and_a_block_wins_at_commit(
     let audit = |d: &str| AuditEvent {
         at_unix: 0,
         peer: "cli".into(),
+        relay: None,
         device_id: d.into(),
         operation: "revoke".into(),
         outcome: "revoked".into(),
@@ -1173,6 +1250,7 @@ fn a_blocked_device_and_a_revoked_ldevid_are_refused_and_a_block_wins_at_commit(
     let verified = svc.policy().verify_peer_chain(&dev3.chain, now()).ok();
     let ctx = RequestContext {
         peer: "192.0.2.1:5684",
+        relay: None,
         client_chain: &dev3.chain,
         verified: verified.as_ref(),
         now: now(),

@@ -47,6 +47,9 @@ use crate::store::{Commit, CommitResult};
 pub struct Peer {
     /// Transport address for the logs and the audit trail, e.g. `192.0.2.7:40001`.
     pub address: String,
+    /// The join proxy (DCU relay) the peer's datagrams come through, its address; `None`:
+    /// direct. Recorded in the audit trail.
+    pub relay: Option<String>,
     /// The client certificate chain (DER, leaf first) the handshake verified.
     pub chain: Vec<Vec<u8>>,
     /// What [`crate::policy::Policy::verify_peer_chain`] established for `chain` at the
@@ -166,6 +169,7 @@ impl EstSession {
                 self.stats.requests += 1;
                 let ctx = RequestContext {
                     peer: &self.peer.address,
+                    relay: self.peer.relay.as_deref(),
                     client_chain: &self.peer.chain,
                     verified: self.peer.verified.as_deref(),
                     now: wall_clock,

@@ -94,6 +94,7 @@ impl Fixture {
             .map(Arc::new);
         let peer = Peer {
             address: format!("192.0.2.1:{}", 40000 + self.store.certificates().len()),
+            relay: None,
             chain,
             verified,
         };
