@@ -67,9 +67,9 @@ impl TestServer {
     }
 
     /// The store, for assertions.
-    pub fn store(&self) -> &est_server::store::SqliteStore {
+    pub fn store(&self) -> &dyn est_server::store::ServerStore {
         match &self.server {
-            Some(s) => &s.store,
+            Some(s) => s.store.as_ref(),
             None => panic!("server already stopped"),
         }
     }

@@ -3,8 +3,8 @@
 //! One tokio task per DTLS session owns that session's [`EstSession`] (CoAP dedup and
 //! block-wise state, the EST resources) and does what it asks: sends the datagrams of
 //! [`EstSession::poll_transmit`], runs its timer, and hands each [`Event::Commit`] to the
-//! store, whose writer thread groups commits into one fsync and sends each result back to
-//! the task on a channel, where [`EstSession::complete_commit`] resumes the request. No thread
+//! store (SQLite: its writer thread; PostgreSQL: its writer tasks), which groups commits into
+//! one transaction and sends each result back to the task on a channel, where [`EstSession::complete_commit`] resumes the request. No thread
 //! waits for the writer: the task serves its session's other datagrams (a retransmission, the
 //! timer of a slow commit's empty ACK) meanwhile. The walk of one /sen through these functions
 //! is in docs/architecture.md.
@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{ConfigError, DtlsSection};
 use crate::datadir::Loaded;
-use crate::store::SqliteStore;
+use crate::store::ServerStore;
 use crate::transport::{
     CertError, ClientChainVerifier, DtlsListener, DtlsServerConfig, DtlsSession, PeerVerification,
     VerifiedClient,
@@ -47,7 +47,7 @@ pub struct ServiceCounters {
 pub struct RunningServer {
     pub local_addr: SocketAddr,
     pub listener: Arc<DtlsListener>,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn ServerStore>,
     pub counters: Arc<ServiceCounters>,
     stop: watch::Sender<bool>,
     accept_task: JoinHandle<()>,
@@ -106,10 +106,13 @@ fn cert_error(e: est_proto::policy::PolicyError) -> CertError {
 /// Build the core and the transport from a loaded data directory, bind, and serve.
 pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<RunningServer> {
     let cfg = &loaded.config;
-    let store = Arc::new(
-        SqliteStore::open(&loaded.database, cfg.storage.max_batch)
-            .map_err(|e| anyhow::anyhow!("opening {}: {e}", loaded.database.display()))?,
-    );
+    let store = crate::store::open_configured(&cfg.storage, &loaded.database).map_err(|e| {
+        if cfg.storage.is_postgres() {
+            anyhow::anyhow!("opening the PostgreSQL store: {e}")
+        } else {
+            anyhow::anyhow!("opening {}: {e}", loaded.database.display())
+        }
+    })?;
     let policy = Policy::new(
         cfg.policy_config(),
         &loaded.manufacturer_cas,
@@ -187,7 +190,7 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
 async fn metrics_loop(
     listener: Arc<DtlsListener>,
     est: Arc<EstService>,
-    store: Arc<SqliteStore>,
+    store: Arc<dyn ServerStore>,
     counters: Arc<ServiceCounters>,
     every: Duration,
     mut stop: watch::Receiver<bool>,

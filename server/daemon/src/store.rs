@@ -26,6 +26,49 @@ use est_proto::store::{
 };
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use crate::config::StorageSection;
+
+pub mod postgres;
+pub use postgres::PgStore;
+
+/// What the daemon needs of a store besides the core's [`Store`]: the operator commands'
+/// queries (`certs list`, `certs show`, `audit`), the allowlist import, the writer's
+/// counters and an orderly close. [`SqliteStore`] and [`PgStore`] keep the same contract
+/// (server/daemon/tests/store_contract.rs runs one suite against both).
+pub trait ServerStore: Store {
+    /// `"sqlite"` or `"postgres"`, for logs.
+    fn backend_name(&self) -> &'static str;
+    /// All certificates, newest first (for `certs list`).
+    fn list_certificates(&self, limit: usize) -> Result<Vec<IssuedCert>, StoreError>;
+    /// Certificates whose serial starts with `prefix`, at most 10 (for `certs show`).
+    fn find_by_serial_prefix(&self, prefix: &str) -> Result<Vec<IssuedCert>, StoreError>;
+    /// Number of certificates in the store.
+    fn count_certificates(&self) -> Result<u64, StoreError>;
+    /// The most recent audit events, newest first.
+    fn recent_audit(&self, limit: usize) -> Result<Vec<AuditEvent>, StoreError>;
+    /// Add device serials to the allowlist; returns how many were new.
+    fn import_devices(&self, ids: &[String], now_unix: i64) -> Result<usize, StoreError>;
+    /// Transactions and operations committed so far.
+    fn writer_stats(&self) -> WriterStats;
+    /// Stop the writer(s) after they have drained their queue; later commits are refused.
+    fn close(&self);
+}
+
+/// Opens the store `[storage]` names: SQLite at `database` (resolved against the data
+/// directory by the caller), or PostgreSQL at `url` (schema migrated before it returns).
+pub fn open_configured(
+    storage: &StorageSection,
+    sqlite_path: &Path,
+) -> Result<Arc<dyn ServerStore>, StoreError> {
+    if storage.is_postgres() {
+        Ok(Arc::new(PgStore::open(
+            &postgres::PgSettings::from_config(storage),
+        )?))
+    } else {
+        Ok(Arc::new(SqliteStore::open(sqlite_path, storage.max_batch)?))
+    }
+}
+
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS certificates (
     serial          TEXT PRIMARY KEY,
@@ -86,9 +129,9 @@ const SUPERSEDE_ACTIVE: &str =
 const INSERT_AUDIT: &str = "INSERT INTO audit(at, peer, device_id, operation, outcome, code, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)";
 
 /// A commit queued for the writer thread, with whom to tell.
-struct WriteOp {
-    commit: Commit,
-    done: CommitDone,
+pub(crate) struct WriteOp {
+    pub(crate) commit: Commit,
+    pub(crate) done: CommitDone,
 }
 
 /// The SQLite store. Cheap to share behind an `Arc`.
@@ -110,9 +153,18 @@ pub struct WriterStats {
 }
 
 #[derive(Default)]
-struct WriterCounters {
-    transactions: AtomicU64,
-    operations: AtomicU64,
+pub(crate) struct WriterCounters {
+    pub(crate) transactions: AtomicU64,
+    pub(crate) operations: AtomicU64,
+}
+
+impl WriterCounters {
+    pub(crate) fn snapshot(&self) -> WriterStats {
+        WriterStats {
+            transactions: self.transactions.load(Ordering::Relaxed),
+            operations: self.operations.load(Ordering::Relaxed),
+        }
+    }
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -399,6 +451,14 @@ fn apply_issue(
     {
         return Ok(CommitOutcome::AlreadyIssued(cert_from_raw(raw)?));
     }
+    if let Some(replaced) = &cert.replaces_serial_hex {
+        if let Some(raw) = query_cert(conn, SELECT_BY_SERIAL, params![replaced]).map_err(backend)? {
+            let r = cert_from_raw(raw)?;
+            if r.status != CertStatus::Active {
+                return Ok(CommitOutcome::ReplacedNotActive(r.status));
+            }
+        }
+    }
     exec_cached(conn, SUPERSEDE_ACTIVE, params![cert.device_id]).map_err(backend)?;
     exec_cached(
         conn,
@@ -501,6 +561,33 @@ fn writer_loop(
                 (Err(e), _) => Err(backend(e)),
             });
         }
+    }
+}
+
+impl ServerStore for SqliteStore {
+    fn backend_name(&self) -> &'static str {
+        "sqlite"
+    }
+    fn list_certificates(&self, limit: usize) -> Result<Vec<IssuedCert>, StoreError> {
+        SqliteStore::list_certificates(self, limit)
+    }
+    fn find_by_serial_prefix(&self, prefix: &str) -> Result<Vec<IssuedCert>, StoreError> {
+        SqliteStore::find_by_serial_prefix(self, prefix)
+    }
+    fn count_certificates(&self) -> Result<u64, StoreError> {
+        SqliteStore::count_certificates(self)
+    }
+    fn recent_audit(&self, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
+        SqliteStore::recent_audit(self, limit)
+    }
+    fn import_devices(&self, ids: &[String], now_unix: i64) -> Result<usize, StoreError> {
+        SqliteStore::import_devices(self, ids, now_unix)
+    }
+    fn writer_stats(&self) -> WriterStats {
+        SqliteStore::writer_stats(self)
+    }
+    fn close(&self) {
+        SqliteStore::close(self);
     }
 }
 

@@ -130,7 +130,11 @@ pub enum Commit {
     /// A newly issued certificate and its `issued` audit row, in one transaction that also
     /// marks every other active certificate of the device superseded. If the device already
     /// has a certificate for the same request digest (two retries raced), nothing is written
-    /// and the outcome is [`CommitOutcome::AlreadyIssued`] with that certificate.
+    /// and the outcome is [`CommitOutcome::AlreadyIssued`] with that certificate. If the
+    /// certificate a re-enrollment replaces (`replaces_serial_hex`) is no longer active when
+    /// the commit runs (another re-enrollment of the device, on this node or another,
+    /// committed first), nothing is written and the outcome is
+    /// [`CommitOutcome::ReplacedNotActive`].
     Issuance {
         cert: Box<IssuedCert>,
         audit: AuditEvent,
@@ -147,6 +151,11 @@ pub enum CommitOutcome {
     /// Another request from the same device with the same request digest committed first
     /// (two retries raced); answer with this one instead.
     AlreadyIssued(IssuedCert),
+    /// A re-enrollment lost a race: the certificate it replaces had this status (no longer
+    /// active) when the commit ran, and the device's certificate for this request was not
+    /// the one that superseded it. Nothing was written; the request is refused as it would
+    /// have been had the winner committed before it was read.
+    ReplacedNotActive(CertStatus),
 }
 
 /// What a commit came to: its outcome once durable, or why the store could not make it so
@@ -344,6 +353,13 @@ impl MemoryStore {
                     c.device_id == cert.device_id && c.request_digest == cert.request_digest
                 }) {
                     return Ok(CommitOutcome::AlreadyIssued(existing.clone()));
+                }
+                if let Some(replaced) = &cert.replaces_serial_hex {
+                    if let Some(r) = g.certs.iter().find(|c| &c.serial_hex == replaced) {
+                        if r.status != CertStatus::Active {
+                            return Ok(CommitOutcome::ReplacedNotActive(r.status));
+                        }
+                    }
                 }
                 for c in g.certs.iter_mut() {
                     if c.device_id == cert.device_id && c.status == CertStatus::Active {

@@ -36,13 +36,21 @@ pub(crate) fn ensure_init(data_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn open_store(data_dir: &Path) -> Result<est_server::store::SqliteStore> {
+/// The store `[storage]` of the data directory's configuration names (SQLite or PostgreSQL).
+pub(crate) fn open_store(
+    data_dir: &Path,
+) -> Result<std::sync::Arc<dyn est_server::store::ServerStore>> {
     let cfg = datadir::load_config(data_dir, None)?;
     let db = datadir::resolve(data_dir, &cfg.storage.database);
-    if !db.exists() {
+    if !cfg.storage.is_postgres() && !db.exists() {
         bail!("no store at {} (run `est-server init` first)", db.display());
     }
-    Ok(est_server::store::SqliteStore::open(&db, 1)?)
+    let storage = est_server::config::StorageSection {
+        max_batch: 1,
+        pool_size: cfg.storage.pool_size.min(2),
+        ..cfg.storage.clone()
+    };
+    Ok(est_server::store::open_configured(&storage, &db)?)
 }
 
 pub(crate) fn unix_now() -> i64 {

@@ -360,6 +360,33 @@ impl EstService {
                 // Two retries raced: the first one's certificate is the answer.
                 self.replay(permit, exchange, existing, accept)
             }
+            (AfterCommit::Issued { .. }, Ok(CommitOutcome::ReplacedNotActive(status))) => {
+                // Another re-enrollment of the device (on this node or another) superseded
+                // the certificate this one authenticated with, after it was read: refused,
+                // as it would have been had that one come first.
+                let e: EstError =
+                    crate::policy::PolicyError::CertificateNotActive(status.as_str()).into();
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                let response = e.to_response();
+                let audit = AuditEvent {
+                    at_unix: unix_seconds(exchange.at),
+                    peer: exchange.peer.clone(),
+                    device_id: exchange.device_id.clone(),
+                    operation: exchange.op.name().to_string(),
+                    outcome: "refused".into(),
+                    code: e.code_text(),
+                    detail: e.to_string(),
+                };
+                tracing::info!(peer = %exchange.peer, device = %exchange.device_id, op = exchange.op.name(), code = %audit.code, reason = %audit.detail, "re-enrollment lost a race; refused");
+                Step::Commit(
+                    Commit::Audit(audit),
+                    Box::new(AwaitingCommit {
+                        permit,
+                        exchange,
+                        then: AfterCommit::Refused { response },
+                    }),
+                )
+            }
             (
                 AfterCommit::Replayed {
                     response,
