@@ -1,0 +1,340 @@
+//! Two est-server nodes on one PostgreSQL database, over real UDP + DTLS on loopback: any node
+//! serves any meter.
+//!
+//! - a retried /sen with the same CSR on the other node returns the first node's certificate;
+//! - /sren on node B supersedes the certificate node A issued;
+//! - two nodes racing the same device's /sren leave one active certificate, and the loser's
+//!   meter gets the same certificate (same CSR) or a 4.03 refusal (another CSR);
+//! - with PostgreSQL down, enrollments are answered 5.03 with Max-Age, and served again
+//!   once it is back, by the same process.
+//!
+//! The database is a throwaway cluster (est-test-tools' pg module); under CI a cluster that
+//! cannot start fails these tests, elsewhere they are skipped.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coap_lite::ResponseType;
+use der::{Decode, Encode};
+use est_proto::ca::{self, RingP256Signer};
+use est_proto::coap::{Client, ClientConfig, ClientEvent, Method, Request, Response};
+use est_proto::est::{CF_PKCS10, CF_PKIX_CERT};
+use est_proto::store::CertStatus;
+use est_server::datadir;
+use est_server::transport::client::{connect, DtlsClientConfig};
+use est_test_tools::pg::TestPostgres;
+use est_tests::TestServer;
+use webrtc_util::conn::Conn;
+
+type DtlsConn = Arc<dyn Conn + Send + Sync>;
+
+async fn pg_server(pg: &TestPostgres, db: &str) -> TestServer {
+    let url = pg.create_database(db).unwrap();
+    TestServer::start(move |c| {
+        c.storage.backend = "postgres".into();
+        c.storage.url = url;
+        c.storage.pool_size = 6;
+        c.storage.timeout_ms = 2000;
+        c.est.overload_retry_after_secs = 3;
+    })
+    .await
+    .unwrap()
+}
+
+struct Meter {
+    serial: String,
+    idevid_chain: Vec<Vec<u8>>,
+    idevid_key: Vec<u8>,
+    trust: Vec<Vec<u8>>,
+}
+
+fn meter(srv: &TestServer, serial: &str) -> Meter {
+    let fleet = srv.mint(&[serial]).unwrap();
+    let dev = fleet.join(serial);
+    Meter {
+        serial: serial.into(),
+        idevid_chain: datadir::read_certs(&dev.join("idevid-chain.pem")).unwrap(),
+        idevid_key: datadir::read_key(&dev.join("idevid.key")).unwrap(),
+        trust: datadir::read_certs(&fleet.join("implicit-ta.pem")).unwrap(),
+    }
+}
+
+async fn dtls(server: SocketAddr, chain: &[Vec<u8>], key: &[u8], trust: &[Vec<u8>]) -> DtlsConn {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.connect(server).await.unwrap();
+    let cfg = DtlsClientConfig {
+        certificate_chain_der: chain.to_vec(),
+        private_key_pkcs8_der: key.to_vec(),
+        server_trust_anchors_der: trust.to_vec(),
+        server_name: "localhost".into(),
+        attempt_timeout: Duration::from_secs(10),
+        overall_timeout: Duration::from_secs(30),
+        ..DtlsClientConfig::default()
+    };
+    connect(Arc::new(sock), &cfg).await.unwrap()
+}
+
+/// One request through the sans-IO client over a DTLS connection.
+async fn exchange(conn: &DtlsConn, req: Request) -> Response {
+    let mut client = Client::new(ClientConfig::default(), rand::random());
+    client.start(Instant::now(), req).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        while let Some(d) = client.poll_transmit() {
+            conn.send(&d).await.unwrap();
+        }
+        if let Some(ev) = client.poll_event() {
+            match ev {
+                ClientEvent::Response(r) => return r,
+                ClientEvent::Failed(e) => panic!("exchange failed: {e:?}"),
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "exchange took too long"
+        );
+        let wake = client
+            .poll_timeout()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or(deadline)
+            .min(deadline);
+        tokio::select! {
+            r = conn.recv(&mut buf) => {
+                let n = r.unwrap();
+                client.handle_datagram(Instant::now(), &buf[..n]);
+            }
+            _ = tokio::time::sleep_until(wake) => client.handle_timeout(Instant::now()),
+        }
+    }
+}
+
+/// A fresh key (PKCS#8) and a CSR for it with `subject`.
+fn csr_for(subject: &x509_cert::name::Name) -> (Vec<u8>, Vec<u8>) {
+    let pkcs8 = ca::generate_p256_pkcs8(&mut rand::rngs::OsRng).unwrap();
+    let signer = RingP256Signer::from_pkcs8_der(&pkcs8).unwrap();
+    (ca::build_csr(&signer, subject, None, None).unwrap(), pkcs8)
+}
+
+fn serial_subject(serial: &str) -> x509_cert::name::Name {
+    ca::name_from_attrs(&[(est_proto::policy::OID_SERIAL_NUMBER, serial)]).unwrap()
+}
+
+fn post(op: &str, csr: Vec<u8>) -> Request {
+    Request::new(Method::Post, &format!("/.well-known/est/{op}"))
+        .with_payload(CF_PKCS10, csr)
+        .with_accept(CF_PKIX_CERT)
+}
+
+fn changed(r: &Response) -> Vec<u8> {
+    assert_eq!(
+        r.code,
+        ResponseType::Changed,
+        "{:?}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    r.payload.clone()
+}
+
+fn serial_hex(cert: &[u8]) -> String {
+    let c = x509_cert::Certificate::from_der(cert).unwrap();
+    c.tbs_certificate
+        .serial_number
+        .as_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn subject_of(cert: &[u8]) -> x509_cert::name::Name {
+    x509_cert::Certificate::from_der(cert)
+        .unwrap()
+        .tbs_certificate
+        .subject
+}
+
+fn active_count(srv: &TestServer, device: &str) -> usize {
+    srv.store()
+        .list_certificates(100_000)
+        .unwrap()
+        .iter()
+        .filter(|c| c.device_id == device && c.status == CertStatus::Active)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_on_another_node_gets_the_same_certificate_and_sren_there_supersedes_it() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(pg) = TestPostgres::start_or_skip("cross-node retry and re-enrollment") else {
+        return;
+    };
+    let a = pg_server(&pg, "cross").await;
+    let b = a.start_another_node().await.unwrap();
+    let m = meter(&a, "SNX1");
+
+    // /sen on A; the meter never got the answer and retries the same CSR on B.
+    let (csr, pkcs8) = csr_for(&serial_subject(&m.serial));
+    let on_a = dtls(a.addr, &m.idevid_chain, &m.idevid_key, &m.trust).await;
+    let first = changed(&exchange(&on_a, post("sen", csr.clone())).await);
+    let on_b = dtls(b.local_addr, &m.idevid_chain, &m.idevid_key, &m.trust).await;
+    let again = changed(&exchange(&on_b, post("sen", csr)).await);
+    assert_eq!(first, again, "node B answers node A's certificate");
+    assert_eq!(a.store().count_certificates().unwrap(), 1);
+
+    // /sren on B, authenticated by the certificate A issued.
+    let with_ldevid = dtls(b.local_addr, std::slice::from_ref(&first), &pkcs8, &m.trust).await;
+    let (csr2, _) = csr_for(&subject_of(&first));
+    let renewed = changed(&exchange(&with_ldevid, post("sren", csr2)).await);
+    assert_eq!(
+        subject_of(&renewed).to_der().unwrap(),
+        subject_of(&first).to_der().unwrap()
+    );
+    let old = a
+        .store()
+        .find_by_serial(&serial_hex(&first))
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        old.status,
+        CertStatus::Superseded,
+        "A's certificate superseded by B"
+    );
+    let new = a
+        .store()
+        .find_by_serial(&serial_hex(&renewed))
+        .unwrap()
+        .unwrap();
+    assert_eq!(new.status, CertStatus::Active);
+    assert_eq!(
+        new.replaces_serial_hex.as_deref(),
+        Some(old.serial_hex.as_str())
+    );
+    assert_eq!(active_count(&a, "SNX1"), 1);
+    b.shutdown().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_racing_one_devices_sren_leave_one_active_certificate() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(pg) = TestPostgres::start_or_skip("cross-node /sren race") else {
+        return;
+    };
+    let a = pg_server(&pg, "race").await;
+    let b = a.start_another_node().await.unwrap();
+    let nodes = [a.addr, b.local_addr];
+    let (mut won, mut refused, mut same) = (0, 0, 0);
+    for round in 0..8 {
+        let serial = format!("SNR{round}");
+        let m = meter(&a, &serial);
+        let (csr, pkcs8) = csr_for(&serial_subject(&serial));
+        let conn = dtls(a.addr, &m.idevid_chain, &m.idevid_key, &m.trust).await;
+        let ldevid = changed(&exchange(&conn, post("sen", csr)).await);
+        // The meter holds two sessions with its LDevID, one per node, and re-enrolls on both
+        // at once: with different CSRs in even rounds, the same CSR in odd ones.
+        let mut conns = Vec::new();
+        for n in nodes {
+            conns.push(dtls(n, std::slice::from_ref(&ldevid), &pkcs8, &m.trust).await);
+        }
+        let (c1, _) = csr_for(&subject_of(&ldevid));
+        let c2 = if round % 2 == 1 {
+            c1.clone()
+        } else {
+            csr_for(&subject_of(&ldevid)).0
+        };
+        let (r1, r2) = tokio::join!(
+            exchange(&conns[0], post("sren", c1)),
+            exchange(&conns[1], post("sren", c2))
+        );
+        let answers = [r1, r2];
+        let ok: Vec<&Response> = answers
+            .iter()
+            .filter(|r| r.code == ResponseType::Changed)
+            .collect();
+        if round % 2 == 1 {
+            assert_eq!(ok.len(), 2, "same CSR: both get a certificate");
+            assert_eq!(ok[0].payload, ok[1].payload, "and it is the same one");
+            same += 1;
+        } else {
+            assert_eq!(
+                ok.len(),
+                1,
+                "{:?}",
+                answers.iter().map(|r| r.code).collect::<Vec<_>>()
+            );
+            let loser = answers
+                .iter()
+                .find(|r| r.code != ResponseType::Changed)
+                .unwrap();
+            assert_eq!(
+                loser.code,
+                ResponseType::Forbidden,
+                "{:?}",
+                String::from_utf8_lossy(&loser.payload)
+            );
+            won += 1;
+            refused += 1;
+        }
+        assert_eq!(active_count(&a, &serial), 1, "{serial}");
+        let active = a
+            .store()
+            .find_by_serial(&serial_hex(&ok[0].payload))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            active.status,
+            CertStatus::Active,
+            "the winner's certificate is the active one"
+        );
+    }
+    assert_eq!((won, refused, same), (4, 4, 4));
+    b.shutdown().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_postgres_down_enrollments_get_503_with_max_age_then_succeed_when_it_is_back() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(mut pg) = TestPostgres::start_or_skip("PostgreSQL outage over DTLS") else {
+        return;
+    };
+    let a = pg_server(&pg, "outage").await;
+    let m = meter(&a, "SNO1");
+    let conn = dtls(a.addr, &m.idevid_chain, &m.idevid_key, &m.trust).await;
+    pg.stop(true);
+    let (csr, _) = csr_for(&serial_subject("SNO1"));
+    let r = exchange(&conn, post("sen", csr.clone())).await;
+    assert_eq!(
+        r.code,
+        ResponseType::ServiceUnavailable,
+        "{:?}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    assert_eq!(
+        r.max_age,
+        Some(3),
+        "Max-Age tells the meter when to come back"
+    );
+    pg.restart().unwrap();
+    // The same session, the same CSR, once the database is back: issued, and stored.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let cert = loop {
+        let r = exchange(&conn, post("sen", csr.clone())).await;
+        if r.code == ResponseType::Changed {
+            break r.payload;
+        }
+        assert_eq!(r.code, ResponseType::ServiceUnavailable);
+        assert!(Instant::now() < deadline, "no recovery");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let stored = a
+        .store()
+        .find_by_serial(&serial_hex(&cert))
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.der, cert);
+    assert_eq!(a.store().count_certificates().unwrap(), 1);
+    a.stop().await;
+}
