@@ -112,6 +112,11 @@ pub struct Cli {
     /// (dimpl-backend is a default feature).
     #[arg(long, value_enum, default_value_t = DtlsBackend::Native)]
     pub client_dtls: DtlsBackend,
+    /// Where the started server's issuing CA key lives: a PKCS#8 file signed with ring (file), or
+    /// a SoftHSM2 token made for the run (softhsm: `est-server init --hsm-*`, every certificate
+    /// signed over PKCS#11; needs the Debian package softhsm2). Not with --server.
+    #[arg(long, value_enum, default_value_t = CaKey::File, conflicts_with = "server")]
+    pub ca_key: CaKey,
     #[arg(long)]
     pub no_progress: bool,
 }
@@ -122,6 +127,26 @@ impl Cli {
             Transport::Direct
         } else {
             Transport::Emulated
+        }
+    }
+}
+
+/// `--ca-key`: where the issuing CA's private key is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum CaKey {
+    /// A key file, signatures by ring.
+    #[default]
+    File,
+    /// A SoftHSM2 token, signatures over PKCS#11.
+    Softhsm,
+}
+
+impl CaKey {
+    /// How reports name it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            CaKey::File => "file (ring)",
+            CaKey::Softhsm => "SoftHSM2 token (PKCS#11)",
         }
     }
 }

@@ -140,6 +140,10 @@ pub struct Report {
     /// "openssl" (empty in reports written before the field existed: webrtc).
     #[serde(default)]
     pub client_dtls: String,
+    /// Where the server's issuing CA key was: "file (ring)" or "SoftHSM2 token (PKCS#11)"
+    /// (empty in reports written before the field existed, and for --server runs).
+    #[serde(default)]
+    pub ca_key: String,
     pub devices: usize,
     pub step_duration_s: f64,
     pub warmup_s: f64,
@@ -188,6 +192,9 @@ pub fn load_generator(r: &Report) -> String {
 pub fn render_table(r: &Report) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "{}", load_generator(r));
+    if !r.ca_key.is_empty() {
+        let _ = writeln!(o, "issuing CA key: {}", r.ca_key);
+    }
     let _ = writeln!(
         o,
         "columns: cpu ms/op = server CPU per operation; gen ms/op = the load generator's CPU per operation; srv / box = cores busy in the server / on the whole machine"
@@ -731,6 +738,7 @@ mod tests {
                 note: "x".into(),
             }],
             client_dtls: "openssl".into(),
+            ca_key: String::new(),
             ..Report::default()
         };
         let h = render_html(&r);

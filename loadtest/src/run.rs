@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use client_sim::dtls::DtlsBackend;
 use est_proto::store::{unix_seconds, UtcDateTime};
 
-use crate::cli::Cli;
+use crate::cli::{CaKey, Cli};
 use crate::perf::{est_over_handshake_note, finish_perf, perf_summary, start_perf};
 use crate::report::{self, Machine, Report};
 use crate::server::{self, ChildServer};
@@ -69,7 +69,12 @@ fn setup_local(cli: &Cli, out: &Path, devices: usize) -> Result<Setup> {
         std::fs::remove_dir_all(&data).with_context(|| format!("removing {}", data.display()))?;
     }
     let d = data.display().to_string();
-    server::est_server_cmd(&bin, &["init", "--data-dir", &d])?;
+    match cli.ca_key {
+        CaKey::File => {
+            server::est_server_cmd(&bin, &["init", "--data-dir", &d])?;
+        }
+        CaKey::Softhsm => server::init_with_softhsm(&bin, out, &data)?,
+    }
     let mut edits: Vec<(String, String, String)> = Vec::new();
     for kv in &cli.server_config {
         let (k, v) = kv
@@ -219,6 +224,11 @@ pub async fn run(cli: Cli) -> Result<bool> {
         server_cpus: cli.server_cpus.clone(),
         client_cpus: cli.client_cpus.clone(),
         client_dtls: cli.client_dtls.name().into(),
+        ca_key: if cli.server.is_some() {
+            String::new()
+        } else {
+            cli.ca_key.describe().into()
+        },
         devices,
         step_duration_s: duration.as_secs_f64(),
         warmup_s: warmup_of(duration).as_secs_f64(),

@@ -129,6 +129,7 @@ pub fn locate_est_server(explicit: Option<&Path>) -> Result<PathBuf> {
 /// Runs `est-server ARGS...` to completion, failing with its stderr.
 pub fn est_server_cmd(bin: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new(bin)
+        .envs(server_env())
         .args(args)
         .output()
         .with_context(|| format!("running {} {}", bin.display(), args.join(" ")))?;
@@ -203,14 +204,96 @@ impl Drop for ChildServer {
 
 /// `taskset -c CPUS` in front of a command, when pinning was asked for.
 pub fn command_pinned(bin: &Path, cpus: Option<&str>) -> Command {
-    match cpus {
+    let mut cmd = match cpus {
         Some(c) => {
             let mut cmd = Command::new("taskset");
             cmd.arg("-c").arg(c).arg(bin);
             cmd
         }
         None => Command::new(bin),
+    };
+    cmd.envs(server_env());
+    cmd
+}
+
+/// Environment every est-server command of this run gets (SOFTHSM2_CONF for --ca-key softhsm).
+static SERVER_ENV: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+fn server_env() -> Vec<(String, String)> {
+    SERVER_ENV
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+}
+
+/// The SoftHSM2 module of Debian's softhsm2 package.
+pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+
+/// `est-server init` with the issuing CA key generated on a fresh SoftHSM2 token in
+/// `out/softhsm` (its own softhsm2.conf, token "loadtest-ca", PIN in a 0600 file); every later
+/// est-server command of the run gets SOFTHSM2_CONF.
+pub fn init_with_softhsm(bin: &Path, out: &Path, data_dir: &Path) -> Result<()> {
+    if !Path::new(SOFTHSM_MODULE).exists() {
+        bail!("--ca-key softhsm needs {SOFTHSM_MODULE}: apt-get install softhsm2");
     }
+    let dir = out.join("softhsm");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    let tokens = dir.join("tokens");
+    std::fs::create_dir_all(&tokens).with_context(|| format!("creating {}", tokens.display()))?;
+    let conf = dir.join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )?;
+    let pin = "20261205";
+    let status = Command::new("softhsm2-util")
+        .env("SOFTHSM2_CONF", &conf)
+        .args(["--init-token", "--free", "--label", "loadtest-ca"])
+        .args(["--pin", pin, "--so-pin", "87654321"])
+        .stdout(Stdio::null())
+        .status()
+        .context("running softhsm2-util (apt-get install softhsm2)")?;
+    if !status.success() {
+        bail!("softhsm2-util --init-token failed: {status}");
+    }
+    let pin_file = dir.join("pin");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&pin_file)
+            .with_context(|| format!("creating {}", pin_file.display()))?;
+        f.write_all(pin.as_bytes())?;
+    }
+    SERVER_ENV
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(("SOFTHSM2_CONF".into(), conf.display().to_string()));
+    let d = data_dir.display().to_string();
+    let p = pin_file.display().to_string();
+    est_server_cmd(
+        bin,
+        &[
+            "init",
+            "--data-dir",
+            &d,
+            "--hsm-module",
+            SOFTHSM_MODULE,
+            "--hsm-token",
+            "loadtest-ca",
+            "--hsm-pin-file",
+            &p,
+        ],
+    )?;
+    Ok(())
 }
 
 /// Starts `est-server run` on 127.0.0.1 port 0 and waits for its "listening on coaps://ADDR" line.

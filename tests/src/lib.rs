@@ -8,9 +8,8 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use est_server::config::Config;
 use est_server::service::RunningServer;
 use est_server::{datadir, factory};
@@ -56,6 +55,37 @@ impl TestServer {
     pub async fn start_another_node(&self) -> Result<RunningServer> {
         let loaded = datadir::load(&self.data_dir, self.config.clone())?;
         est_server::service::start(loaded, None).await
+    }
+
+    /// Stop, then start again on the same data directory (and port 0), with the
+    /// configuration adjusted by `tweak` (on top of the data directory's file).
+    pub async fn restart(mut self, tweak: impl FnOnce(&mut Config)) -> Result<Self> {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+        let mut config = datadir::load_config(&self.data_dir, None)?;
+        config.server.listen = "127.0.0.1:0".parse()?;
+        tweak(&mut config);
+        config.validate()?;
+        let loaded = datadir::load(&self.data_dir, config.clone())?;
+        let server = est_server::service::start(loaded, None).await?;
+        self.addr = server.local_addr;
+        self.server = Some(server);
+        self.config = config;
+        Ok(self)
+    }
+
+    /// The running server.
+    pub fn running(&self) -> &RunningServer {
+        match &self.server {
+            Some(s) => s,
+            None => panic!("server already stopped"),
+        }
+    }
+
+    /// `coaps://127.0.0.1:PORT/<path>` for a resource outside /.well-known/est.
+    pub fn url_at(&self, path: &str) -> String {
+        format!("coaps://{}/{}", self.addr, path.trim_start_matches('/'))
     }
 
     /// `coaps://127.0.0.1:PORT/.well-known/est/<op>`.
@@ -210,43 +240,13 @@ pub async fn coap_client(
 
 /// Run `openssl` with arguments; error with its stderr if it fails.
 pub fn openssl(args: &[&str]) -> Result<String> {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .context("running openssl")?;
-    if !out.status.success() {
-        bail!(
-            "openssl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    est_test_tools::openssl::run(args).map_err(anyhow::Error::msg)
 }
 
 /// A fresh P-256 key and a DER CSR for `subject` (e.g. "/serialNumber=SN1"), made by
 /// `openssl req`. Returns (key path, CSR path).
 pub fn openssl_csr(dir: &Path, name: &str, subject: &str) -> Result<(PathBuf, PathBuf)> {
-    let key = dir.join(format!("{name}.key"));
-    let csr = dir.join(format!("{name}.csr.der"));
-    openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        path_str(&key)?,
-        "-subj",
-        subject,
-        "-outform",
-        "DER",
-        "-out",
-        path_str(&csr)?,
-    ])?;
-    Ok((key, csr))
+    est_test_tools::openssl::csr(dir, name, subject).map_err(anyhow::Error::msg)
 }
 
 /// A CSR for an existing key.
@@ -269,26 +269,12 @@ pub fn openssl_csr_for_key(dir: &Path, name: &str, key: &Path, subject: &str) ->
 
 /// DER certificate -> PEM file next to it; returns the PEM path.
 pub fn der_to_pem(der_path: &Path) -> Result<PathBuf> {
-    let pem = der_path.with_extension("pem");
-    openssl(&[
-        "x509",
-        "-inform",
-        "DER",
-        "-in",
-        path_str(der_path)?,
-        "-out",
-        path_str(&pem)?,
-    ])?;
-    Ok(pem)
+    est_test_tools::openssl::der_to_pem(der_path).map_err(anyhow::Error::msg)
 }
 
 /// `openssl verify -CAfile ca cert` succeeded (prints "<file>: OK").
 pub fn openssl_verify(ca: &Path, cert_pem: &Path) -> Result<()> {
-    let out = openssl(&["verify", "-CAfile", path_str(ca)?, path_str(cert_pem)?])?;
-    if !out.trim_end().ends_with(": OK") {
-        bail!("openssl verify: {out}");
-    }
-    Ok(())
+    est_test_tools::openssl::verify(ca, cert_pem).map_err(anyhow::Error::msg)
 }
 
 pub fn path_str(p: &Path) -> Result<&str> {

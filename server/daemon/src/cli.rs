@@ -5,7 +5,19 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use est_proto::store::RevocationReason;
 use est_server::datadir;
+
+/// A CRLReason (RFC 5280 §5.3.1) by name or code.
+fn parse_reason(s: &str) -> Result<RevocationReason, String> {
+    RevocationReason::parse(s).ok_or_else(|| {
+        let names: Vec<&str> = RevocationReason::ALL.iter().map(|r| r.name()).collect();
+        format!(
+            "unknown reason {s:?}; one of {} (or its code)",
+            names.join(", ")
+        )
+    })
+}
 
 /// EST-coaps (RFC 9148) enrollment server for smart meters and other field devices.
 ///
@@ -39,18 +51,26 @@ pub(crate) enum Command {
         /// (localhost, 127.0.0.1 and ::1 are always included). Repeatable.
         #[arg(long = "server-name")]
         server_names: Vec<String>,
+        #[command(flatten)]
+        hsm: HsmInitArgs,
     },
     /// Run the server (initialising the data directory first if it does not exist).
     Run(RunArgs),
     /// Meter factory tools: mint IDevIDs signed by the demo manufacturer CA.
     #[command(subcommand)]
     Factory(FactoryCommand),
-    /// Inspect issued certificates in the store.
+    /// Inspect and revoke issued certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
-    /// Manage the device allowlist (used when policy.require_device_allowlist = true).
+    /// Manage devices: the allowlist (policy.require_device_allowlist), decommissioning.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// The CRL of the issuing CA (written to the data directory, served over CoAP).
+    #[command(subcommand)]
+    Crl(CrlCommand),
+    /// The server's DTLS certificate.
+    #[command(subcommand)]
+    Dtls(DtlsCommand),
     /// C509 tools for meter vendors: convert certificates and CSRs between DER and C509
     /// (draft-ietf-cose-cbor-encoded-cert, type 3: lossless re-encoding).
     #[command(subcommand)]
@@ -63,6 +83,32 @@ pub(crate) enum Command {
     },
 }
 
+/// `init --hsm-*`: the issuing CA's key on a PKCS#11 token.
+#[derive(Args, Debug, Default)]
+pub(crate) struct HsmInitArgs {
+    /// Keep the issuing CA's key on a PKCS#11 token (HSM): the module to load, e.g.
+    /// /usr/lib/softhsm/libsofthsm2.so. The key labelled --hsm-key-label is used, or
+    /// generated on the token (P-256, sensitive, never extractable) if there is none.
+    #[arg(long, requires = "hsm_token")]
+    pub(crate) hsm_module: Option<PathBuf>,
+    /// Label of the token holding the key.
+    #[arg(long, requires = "hsm_module")]
+    pub(crate) hsm_token: Option<String>,
+    /// Label (CKA_LABEL) of the CA key pair on the token.
+    #[arg(long, default_value = "est-issuing-ca")]
+    pub(crate) hsm_key_label: String,
+    /// File holding the token's user PIN (mode 0600); recorded in the configuration as
+    /// hsm.pin_file. Without it the PIN is read from the variable named by --hsm-pin-env.
+    #[arg(long)]
+    pub(crate) hsm_pin_file: Option<PathBuf>,
+    /// Environment variable holding the user PIN (when no --hsm-pin-file).
+    #[arg(long, default_value = "EST_HSM_PIN")]
+    pub(crate) hsm_pin_env: String,
+    /// PKCS#11 sessions kept open for signing.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) hsm_sessions: usize,
+}
+
 #[derive(Args, Debug, Default)]
 pub(crate) struct RunArgs {
     /// Configuration file (default: <data-dir>/est-server.toml).
@@ -71,6 +117,10 @@ pub(crate) struct RunArgs {
     /// UDP address to listen on, overriding server.listen (e.g. 127.0.0.1:5684).
     #[arg(long)]
     pub(crate) listen: Option<SocketAddr>,
+    /// Start even if the CA or DTLS private key can be read by group or others (logged as
+    /// a warning). Without it, such a key stops the server with the chmod that fixes it.
+    #[arg(long)]
+    pub(crate) allow_insecure_key_permissions: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,6 +166,41 @@ pub(crate) enum CertsCommand {
     },
     /// Show one certificate (by serial or unique serial prefix) as PEM with its record.
     Show { serial: String },
+    /// Revoke a certificate (by serial or unique serial prefix): a revoked LDevID cannot
+    /// re-enroll and is refused at the DTLS handshake; a new CRL listing it is published
+    /// (a running server picks the revocation up within [revocation] poll_interval_secs).
+    Revoke {
+        serial: String,
+        /// RFC 5280 reason: unspecified, keyCompromise, cACompromise, affiliationChanged,
+        /// superseded, cessationOfOperation, certificateHold, privilegeWithdrawn,
+        /// aACompromise (or the code, e.g. 1).
+        #[arg(long, default_value = "unspecified", value_parser = parse_reason)]
+        reason: RevocationReason,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum CrlCommand {
+    /// Sign and write a new CRL now (the server also re-issues it on every revocation and
+    /// when half its validity has passed).
+    Publish,
+    /// Show the latest CRL: number, dates, entries, and where it is written.
+    Show,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum DtlsCommand {
+    /// Issue a new DTLS server certificate and key from the issuing CA, with the current
+    /// certificate's names (plus --server-name ones). A running server uses it for new
+    /// handshakes after SIGHUP (kill -HUP PID), or after a restart.
+    Renew {
+        /// Extra DNS names or IP addresses. Repeatable.
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+        /// Validity of the new certificate, in days.
+        #[arg(long, default_value_t = 730)]
+        validity_days: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -153,4 +238,17 @@ pub(crate) enum C509Command {
 pub(crate) enum DevicesCommand {
     /// Import device serials (one per line; blank lines and # comments ignored).
     Import { file: PathBuf },
+    /// Decommission a device (e.g. stolen or removed): its /sen and /sren are refused from
+    /// now on, and its handshakes too; its active certificates are revoked (and a new CRL
+    /// published) unless --keep-certs.
+    Block {
+        /// The device's serial number (its IDevID's subject serialNumber).
+        serial: String,
+        /// Do not revoke its certificates; only refuse future enrollments.
+        #[arg(long)]
+        keep_certs: bool,
+        /// RFC 5280 reason its certificates are revoked with.
+        #[arg(long, default_value = "cessationOfOperation", value_parser = parse_reason)]
+        reason: RevocationReason,
+    },
 }

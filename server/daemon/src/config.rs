@@ -47,6 +47,9 @@ pub struct Config {
     pub policy: PolicySection,
     pub pki: PkiSection,
     pub storage: StorageSection,
+    pub hsm: crate::hsm::HsmSection,
+    pub enrollment: EnrollmentSection,
+    pub revocation: RevocationSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -60,6 +63,9 @@ pub struct ServerSection {
     pub metrics_log_interval_secs: u64,
     /// tokio worker threads (the DTLS and CoAP I/O); 0 = one per CPU core.
     pub worker_threads: usize,
+    /// Warn (at start and in every metrics line) when the issuing CA or the DTLS server
+    /// certificate has fewer days left than this.
+    pub certificate_warn_days: u32,
 }
 
 impl Default for ServerSection {
@@ -69,6 +75,7 @@ impl Default for ServerSection {
             log_format: "text".into(),
             metrics_log_interval_secs: 60,
             worker_threads: 0,
+            certificate_warn_days: 30,
         }
     }
 }
@@ -286,6 +293,9 @@ pub struct PkiSection {
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
     pub manufacturer_cas: Vec<PathBuf>,
+    /// CRLs of the manufacturer CAs (DER or PEM); IDevIDs they list are refused at the
+    /// handshake. Each must verify against one of `manufacturer_cas`.
+    pub manufacturer_crls: Vec<PathBuf>,
 }
 
 impl Default for PkiSection {
@@ -296,6 +306,7 @@ impl Default for PkiSection {
             server_cert: "dtls/server.pem".into(),
             server_key: "dtls/server.key".into(),
             manufacturer_cas: vec!["manufacturers/demo-manufacturer-ca.pem".into()],
+            manufacturer_crls: Vec::new(),
         }
     }
 }
@@ -342,6 +353,80 @@ impl StorageSection {
     }
 }
 
+/// `[enrollment]`: how often one device may be issued a certificate.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnrollmentSection {
+    /// Certificates (sen, sren, skg, skc) one device may be issued per `period_secs`,
+    /// counted from the store; 0 = no limit.
+    pub max_per_device_per_period: u32,
+    pub period_secs: u64,
+}
+
+impl Default for EnrollmentSection {
+    fn default() -> Self {
+        Self {
+            max_per_device_per_period: 0,
+            period_secs: 86_400,
+        }
+    }
+}
+
+/// `[revocation]`: our CRL and how revocations reach the running server.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RevocationSection {
+    /// Where the CRL is written (DER; the same CRL in PEM beside it, with `.pem` appended).
+    pub crl_file: PathBuf,
+    /// nextUpdate = thisUpdate + this. The server re-issues the CRL on every revocation and
+    /// when half of this has passed.
+    pub crl_validity_hours: u32,
+    /// CoAP resource that serves the CRL (GET), e.g. "/crl"; "" = not served.
+    pub coap_path: String,
+    /// Content-Format of the CRL resource (no CoAP number is registered for
+    /// application/pkix-crl; 65005 is in the experimental range).
+    pub content_format: u16,
+    /// URIs put in a cRLDistributionPoints extension of every issued certificate; [] = none.
+    pub distribution_points: Vec<String>,
+    /// How often the running server looks for revocations made by the CLI.
+    pub poll_interval_secs: u64,
+    /// Audit rows for handshakes refused by revocation, per second at most (the rest are
+    /// counted and logged): a revoked certificate is public, so anyone can present one.
+    pub max_handshake_audit_per_sec: u32,
+}
+
+impl Default for RevocationSection {
+    fn default() -> Self {
+        Self {
+            crl_file: "crl/issuing-ca.crl".into(),
+            crl_validity_hours: 24,
+            coap_path: "/crl".into(),
+            content_format: est_proto::est::CF_PKIX_CRL_DEFAULT,
+            distribution_points: Vec::new(),
+            poll_interval_secs: 2,
+            max_handshake_audit_per_sec: 10,
+        }
+    }
+}
+
+impl RevocationSection {
+    /// `coap_path` as path segments (empty: not served).
+    pub fn coap_segments(&self) -> Vec<String> {
+        self.coap_path
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The PEM copy of the CRL file.
+    pub fn crl_pem_file(&self) -> PathBuf {
+        let mut p = self.crl_file.clone().into_os_string();
+        p.push(".pem");
+        PathBuf::from(p)
+    }
+}
+
 /// The documented configuration file written by `est-server init`. Every value here is
 /// the built-in default.
 pub const DEFAULT_CONFIG_TOML: &str = r#"# est-server configuration. Every setting is shown with its built-in default;
@@ -359,6 +444,9 @@ metrics_log_interval_secs = 60
 # Threads running the DTLS and CoAP I/O (tokio workers); 0 = one per CPU core. Enrollments
 # (signing, the durable commit) run on a separate pool either way.
 worker_threads = 0
+# Days left on the issuing CA and on the DTLS server certificate are logged at start and in
+# every metrics line; under this many, as a warning. (An expired CA refuses to start.)
+certificate_warn_days = 30
 
 [dtls]
 # Cipher suites, in the server's order of preference (the first the client also offers wins):
@@ -473,6 +561,9 @@ server_cert = "dtls/server.pem"
 server_key = "dtls/server.key"
 # Manufacturer CAs whose IDevIDs may enroll (PEM, one or more certificates per file).
 manufacturer_cas = ["manufacturers/demo-manufacturer-ca.pem"]
+# The manufacturers' CRLs (DER or PEM), each signed by one of manufacturer_cas: IDevIDs they
+# list are refused at the handshake. Re-read on SIGHUP.
+manufacturer_crls = []
 
 [storage]
 # Where issued certificates, the audit log and the device allowlist are kept:
@@ -493,6 +584,53 @@ pool_size = 16
 # A PostgreSQL read or commit (connecting included) that takes longer is answered 5.03 with
 # Max-Age: the meter retries later; no certificate leaves without being committed.
 timeout_ms = 5000
+
+[hsm]
+# The issuing CA's private key on a PKCS#11 token (an HSM) instead of pki.issuing_ca_key:
+# certificates and CRLs are signed on the token and the key never leaves it.
+# `est-server init --hsm-module M --hsm-token T [--hsm-key-label L]` creates the key there
+# (or uses the one already there) and fills this section in.
+enabled = false
+# The PKCS#11 module, e.g. SoftHSM2's /usr/lib/softhsm/libsofthsm2.so.
+module = ""
+# Label of the token holding the key.
+token_label = ""
+# Label (CKA_LABEL) of the CA's EC P-256 key pair.
+key_label = "est-issuing-ca"
+# The user PIN is never written here: it is read from pin_file (mode 0600; relative to the
+# data directory) when that is set, else from the environment variable named by pin_env.
+pin_file = ""
+pin_env = "EST_HSM_PIN"
+# PKCS#11 sessions kept open for signing (how many signatures can run at once), 1..=64.
+sessions = 4
+[enrollment]
+# Certificates (sen, sren, skg, skc) one device may be issued per period_secs, counted from
+# the store; beyond it 5.03 with Max-Age = when its oldest one leaves the period (audited).
+# A retried request with the same CSR still gets its certificate back. 0 = no limit.
+max_per_device_per_period = 0
+period_secs = 86400
+
+[revocation]
+# `est-server certs revoke` and `est-server devices block` revoke; the X.509 v2 CRL (signed by
+# the issuing CA, with reason codes and a cRLNumber) is written here as DER, and as PEM with
+# ".pem" appended. Re-issued on every revocation and when half its validity has passed.
+crl_file = "crl/issuing-ca.crl"
+# nextUpdate = thisUpdate + crl_validity_hours.
+crl_validity_hours = 24
+# CoAP resource serving the CRL over the same coaps port (GET); "" = not served.
+coap_path = "/crl"
+# Its Content-Format: application/pkix-crl has no registered CoAP number, so by default one
+# from the experimental range; Accept 42 (application/octet-stream) gets the same bytes.
+content_format = 65005
+# cRLDistributionPoints URIs put in every certificate issued, e.g.
+# ["coaps://est.example.net/crl", "http://pki.example.net/est.crl"]; [] = no extension.
+distribution_points = []
+# How often the running server checks the store for revocations made by the CLI (it then
+# re-reads them for the handshake checks and re-issues the CRL if the CLI has not).
+poll_interval_secs = 2
+# Audit rows for handshakes refused because of a revocation or a block, per second at most;
+# the rest are counted in the metrics line.
+max_handshake_audit_per_sec = 10
 "#;
 
 impl Config {
@@ -565,6 +703,27 @@ impl Config {
         }
         if self.storage.max_batch == 0 {
             return Err(invalid("storage.max_batch", "must be positive"));
+        }
+        self.hsm.validate()?;
+        if self.enrollment.period_secs == 0 {
+            return Err(invalid("enrollment.period_secs", "must be positive"));
+        }
+        if self.revocation.crl_validity_hours == 0 {
+            return Err(invalid("revocation.crl_validity_hours", "must be positive"));
+        }
+        if self.revocation.poll_interval_secs == 0 {
+            return Err(invalid("revocation.poll_interval_secs", "must be positive"));
+        }
+        if self.revocation.crl_file.as_os_str().is_empty() {
+            return Err(invalid("revocation.crl_file", "must name a file"));
+        }
+        for u in &self.revocation.distribution_points {
+            if !u.contains("://") || !u.is_ascii() {
+                return Err(invalid(
+                    "revocation.distribution_points",
+                    format!("{u:?} is not an ASCII URI"),
+                ));
+            }
         }
         self.validate_storage()?;
         Ok(())
@@ -783,6 +942,11 @@ impl Config {
             server_keygen: self.est.server_keygen,
             c509_cert_content_format: self.est.c509_cert_content_format,
             c509_pkcs10_content_format: self.est.c509_pkcs10_content_format,
+            max_enrollments_per_device: self.enrollment.max_per_device_per_period,
+            enrollment_period: Duration::from_secs(self.enrollment.period_secs),
+            crl_path: self.revocation.coap_segments(),
+            crl_content_format: self.revocation.content_format,
+            ..est_proto::est::EstConfig::default()
         }
     }
 

@@ -9,11 +9,13 @@
 //!   manufacturers/demo-manufacturer-ca.key   its key, used only by `factory mint`
 //!   est.sqlite3                              issued certificates, audit log, allowlist
 //! ```
-//! Private keys are created with mode 0600 (and their directories 0700) before any byte
-//! is written, and are never logged.
+//! Every file and directory is created with an explicit mode whatever the umask (see
+//! [`crate::safefs`]): the data directory and key directories 0700, private keys and the
+//! store 0600, certificates and the configuration 0644. Keys get their mode before any
+//! byte is written and are never logged; `run` refuses a CA or DTLS key that group or
+//! others can read.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
+use std::fs;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -24,6 +26,8 @@ use est_proto::ca::{self, IssuingCa, RingP256Signer};
 use x509_cert::der::{Decode, Encode};
 
 use crate::config::{Config, DEFAULT_CONFIG_TOML};
+use crate::hsm::{self, HsmSection};
+use crate::safefs;
 
 /// Default data directory, relative to the working directory.
 pub const DEFAULT_DATA_DIR: &str = "est-data";
@@ -34,36 +38,17 @@ const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Write `contents` to a new file readable by the owner only (0600 from creation on).
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
-    let mut opts = OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    // The mode only applies on creation: tighten an existing file too.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(fs::Permissions::from_mode(0o600))?;
-    }
-    f.write_all(contents)?;
-    f.sync_all()?;
-    Ok(())
+    safefs::write_file(path, contents, safefs::PRIVATE_FILE)
 }
 
-/// Create a directory (and parents) with mode 0700.
+/// Write a certificate, the configuration or another public file (0644, whatever the umask).
+pub fn write_public(path: &Path, contents: &[u8]) -> Result<()> {
+    safefs::write_file(path, contents, safefs::PUBLIC_FILE)
+}
+
+/// Create a directory (and missing parents) with mode 0700.
 pub fn create_private_dir(path: &Path) -> Result<()> {
-    fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o700))?;
-    }
-    Ok(())
+    safefs::create_dir(path, safefs::PRIVATE_DIR)
 }
 
 /// PEM text of a certificate.
@@ -95,17 +80,9 @@ pub fn read_certs(path: &Path) -> Result<Vec<Vec<u8>>> {
         .collect()
 }
 
-/// A PKCS#8 private key from a PEM or DER file. Warns when others may read it.
+/// A PKCS#8 private key from a PEM or DER file. Its permissions are checked by
+/// [`load_with`] for the keys the server runs with, not here.
 pub fn read_key(path: &Path) -> Result<Vec<u8>> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = fs::metadata(path) {
-            if meta.permissions().mode() & 0o077 != 0 {
-                tracing::warn!(file = %path.display(), "private key file is readable by group or others; chmod 600 it");
-            }
-        }
-    }
     let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     if bytes.first() == Some(&0x30) {
         return Ok(bytes);
@@ -134,6 +111,23 @@ pub fn load_ca(cert: &Path, key: &Path) -> Result<IssuingCa> {
         .map_err(|e| anyhow::anyhow!("{} / {}: {e}", cert.display(), key.display()))
 }
 
+/// The issuing CA whose key is on the token `h` names.
+pub fn load_hsm_ca(data_dir: &Path, cert: &Path, h: &HsmSection) -> Result<IssuingCa> {
+    let cert_der = read_certs(cert)?
+        .into_iter()
+        .next()
+        .context("CA certificate file is empty")?;
+    let pin = h.read_pin(data_dir)?;
+    let signer = hsm::Pkcs11Signer::open(&hsm_key_ref(h, &pin)).with_context(|| {
+        format!(
+            "opening the CA key {:?} on token {:?}",
+            h.key_label, h.token_label
+        )
+    })?;
+    IssuingCa::new(cert_der, Box::new(signer))
+        .map_err(|e| anyhow::anyhow!("{} / HSM key {:?}: {e}", cert.display(), h.key_label))
+}
+
 /// What `init` created.
 #[derive(Debug)]
 pub struct InitReport {
@@ -144,6 +138,17 @@ pub struct InitReport {
 /// Create a data directory with a fresh PKI and configuration. Does nothing if one
 /// already exists there (its configuration file is the marker).
 pub fn init(data_dir: &Path, server_names: &[String]) -> Result<InitReport> {
+    init_with(data_dir, server_names, None)
+}
+
+/// [`init`], with the issuing CA's key on a PKCS#11 token when `hsm` is given (enabled): the
+/// key labelled `hsm.key_label` is used, or generated on the token if there is none, and the
+/// configuration written names the token instead of a key file.
+pub fn init_with(
+    data_dir: &Path,
+    server_names: &[String],
+    hsm: Option<&HsmSection>,
+) -> Result<InitReport> {
     let config_path = data_dir.join(CONFIG_FILE);
     if config_path.exists() {
         return Ok(InitReport {
@@ -151,7 +156,7 @@ pub fn init(data_dir: &Path, server_names: &[String]) -> Result<InitReport> {
             created: false,
         });
     }
-    fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    create_private_dir(data_dir)?;
     let cfg = Config::default();
     let mut rng = rand::rngs::OsRng;
     let now = SystemTime::now();
@@ -159,22 +164,42 @@ pub fn init(data_dir: &Path, server_names: &[String]) -> Result<InitReport> {
     let not_before = now.checked_sub(Duration::from_secs(3600)).unwrap_or(now);
 
     // Issuing CA.
-    let (ca_cert, ca_key) = ca::generate_root_ca(
-        "EST Issuing CA",
-        "est-server",
-        not_before,
-        20 * YEAR,
-        &mut rng,
-    )
-    .map_err(|e| anyhow::anyhow!("generating the issuing CA: {e}"))?;
     let ca_cert_path = data_dir.join(&cfg.pki.issuing_ca_cert);
-    let ca_key_path = data_dir.join(&cfg.pki.issuing_ca_key);
-    create_private_dir(parent(&ca_key_path)?)?;
-    write_private(&ca_key_path, key_pem(&ca_key)?.as_bytes())?;
-    fs::write(&ca_cert_path, cert_pem(&ca_cert)?)?;
-    let issuing = IssuingCa::new(
-        ca_cert.clone(),
-        Box::new(RingP256Signer::from_pkcs8_der(&ca_key)?),
+    let issuing = match hsm {
+        None => {
+            let (ca_cert, ca_key) = ca::generate_root_ca(
+                "EST Issuing CA",
+                "est-server",
+                not_before,
+                20 * YEAR,
+                &mut rng,
+            )
+            .map_err(|e| anyhow::anyhow!("generating the issuing CA: {e}"))?;
+            let ca_key_path = data_dir.join(&cfg.pki.issuing_ca_key);
+            create_private_dir(parent(&ca_key_path)?)?;
+            write_private(&ca_key_path, key_pem(&ca_key)?.as_bytes())?;
+            IssuingCa::new(ca_cert, Box::new(RingP256Signer::from_pkcs8_der(&ca_key)?))?
+        }
+        Some(h) => {
+            let (signer, origin) =
+                hsm::Pkcs11Signer::open_or_generate(&hsm_key_ref(h, &h.read_pin(data_dir)?))?;
+            tracing::info!(token = %h.token_label, key = %h.key_label, ?origin, "issuing CA key on the HSM");
+            let ca_cert = ca::self_signed_ca(
+                &signer,
+                "EST Issuing CA",
+                "est-server",
+                not_before,
+                20 * YEAR,
+                &mut rng,
+            )
+            .map_err(|e| anyhow::anyhow!("signing the issuing CA certificate on the HSM: {e}"))?;
+            create_private_dir(parent(&ca_cert_path)?)?;
+            IssuingCa::new(ca_cert, Box::new(signer))?
+        }
+    };
+    write_public(
+        &ca_cert_path,
+        cert_pem(issuing.certificate_der())?.as_bytes(),
     )?;
 
     // The server's DTLS certificate, issued by the same CA, so a meter's Implicit TA
@@ -197,7 +222,7 @@ pub fn init(data_dir: &Path, server_names: &[String]) -> Result<InitReport> {
     let srv_key_path = data_dir.join(&cfg.pki.server_key);
     create_private_dir(parent(&srv_key_path)?)?;
     write_private(&srv_key_path, key_pem(&srv_key)?.as_bytes())?;
-    fs::write(&srv_cert_path, cert_pem(&srv_cert)?)?;
+    write_public(&srv_cert_path, cert_pem(&srv_cert)?.as_bytes())?;
 
     // The demo manufacturer CA (stands for a meter maker's IDevID CA).
     let (mfr_cert, mfr_key) = ca::generate_root_ca(
@@ -212,19 +237,69 @@ pub fn init(data_dir: &Path, server_names: &[String]) -> Result<InitReport> {
     let mfr_key_path = mfr_cert_path.with_extension("key");
     create_private_dir(parent(&mfr_key_path)?)?;
     write_private(&mfr_key_path, key_pem(&mfr_key)?.as_bytes())?;
-    fs::write(&mfr_cert_path, cert_pem(&mfr_cert)?)?;
+    write_public(&mfr_cert_path, cert_pem(&mfr_cert)?.as_bytes())?;
 
     // The store.
-    let store = crate::store::SqliteStore::open(&data_dir.join(&cfg.storage.database), 1)
+    let db_path = data_dir.join(&cfg.storage.database);
+    let store = crate::store::SqliteStore::open(&db_path, 1)
         .map_err(|e| anyhow::anyhow!("creating the store: {e}"))?;
     store.close();
+    safefs::set_mode(&db_path, safefs::PRIVATE_FILE)?;
 
     // The configuration last: its presence marks a complete data directory.
-    fs::write(&config_path, DEFAULT_CONFIG_TOML)?;
+    let config_text = match hsm {
+        None => DEFAULT_CONFIG_TOML.to_owned(),
+        Some(h) => config_with_hsm(h)?,
+    };
+    write_public(&config_path, config_text.as_bytes())?;
     Ok(InitReport {
         data_dir: data_dir.to_path_buf(),
         created: true,
     })
+}
+
+/// The default configuration text with its `[hsm]` section filled in from `h`.
+fn config_with_hsm(h: &HsmSection) -> Result<String> {
+    let at = DEFAULT_CONFIG_TOML
+        .find("\n[hsm]\n")
+        .context("the default configuration has no [hsm] section")?;
+    let (head, section) = DEFAULT_CONFIG_TOML.split_at(at);
+    let quote = |v: &str| toml::Value::String(v.to_owned()).to_string();
+    let mut out = String::from(head);
+    for line in section.split_inclusive('\n') {
+        let key = line.split_once(" = ").map(|(k, _)| k);
+        let value = match key {
+            Some("enabled") => "true".to_owned(),
+            Some("module") => quote(&h.module.to_string_lossy()),
+            Some("token_label") => quote(&h.token_label),
+            Some("key_label") => quote(&h.key_label),
+            Some("pin_file") => quote(&h.pin_file.to_string_lossy()),
+            Some("pin_env") => quote(&h.pin_env),
+            Some("sessions") => h.sessions.to_string(),
+            _ => {
+                out.push_str(line);
+                continue;
+            }
+        };
+        out.push_str(&format!("{} = {value}\n", key.unwrap_or_default()));
+    }
+    // What we wrote must read back as exactly what was asked.
+    let parsed: Config = toml::from_str(&out).context("rendering the [hsm] configuration")?;
+    if &parsed.hsm != h {
+        bail!("rendering the [hsm] configuration lost a setting");
+    }
+    Ok(out)
+}
+
+/// The token and key `h` names, with `pin`.
+pub fn hsm_key_ref<'a>(h: &'a HsmSection, pin: &'a cryptoki::types::AuthPin) -> hsm::HsmKeyRef<'a> {
+    hsm::HsmKeyRef {
+        module: &h.module,
+        token_label: &h.token_label,
+        key_label: &h.key_label,
+        pin,
+        sessions: h.sessions,
+    }
 }
 
 fn parent(p: &Path) -> Result<&Path> {
@@ -259,14 +334,37 @@ pub fn load_config(data_dir: &Path, explicit: Option<&Path>) -> Result<Config> {
     Ok(Config::load(&path)?)
 }
 
-/// Load keys and certificates named by `config`.
+/// How [`load_with`] treats private keys that group or others can read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeyPermissions {
+    /// Refuse to load them (the default).
+    #[default]
+    Strict,
+    /// Load them with a warning (`run --allow-insecure-key-permissions`).
+    AllowInsecure,
+}
+
+/// Load keys and certificates named by `config`, refusing private keys that group or
+/// others can read.
 pub fn load(data_dir: &Path, config: Config) -> Result<Loaded> {
-    let issuing_ca = load_ca(
-        &resolve(data_dir, &config.pki.issuing_ca_cert),
-        &resolve(data_dir, &config.pki.issuing_ca_key),
-    )?;
+    load_with(data_dir, config, KeyPermissions::Strict)
+}
+
+/// [`load`], with the permission check of the CA and DTLS keys as given.
+pub fn load_with(data_dir: &Path, config: Config, keys: KeyPermissions) -> Result<Loaded> {
+    let allow_insecure = keys == KeyPermissions::AllowInsecure;
+    let ca_cert = resolve(data_dir, &config.pki.issuing_ca_cert);
+    let server_key = resolve(data_dir, &config.pki.server_key);
+    safefs::check_key_permissions(&server_key, allow_insecure)?;
+    let issuing_ca = if config.hsm.enabled {
+        load_hsm_ca(data_dir, &ca_cert, &config.hsm)?
+    } else {
+        let ca_key = resolve(data_dir, &config.pki.issuing_ca_key);
+        safefs::check_key_permissions(&ca_key, allow_insecure)?;
+        load_ca(&ca_cert, &ca_key)?
+    };
     let server_chain = read_certs(&resolve(data_dir, &config.pki.server_cert))?;
-    let server_key_pkcs8 = read_key(&resolve(data_dir, &config.pki.server_key))?;
+    let server_key_pkcs8 = read_key(&server_key)?;
     let mut manufacturer_cas = Vec::new();
     for p in &config.pki.manufacturer_cas {
         manufacturer_cas.extend(read_certs(&resolve(data_dir, p))?);

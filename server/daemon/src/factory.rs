@@ -11,8 +11,11 @@
 //! OUT/manufacturer-ca.pem          the manufacturer CA
 //! OUT/implicit-ta.pem              the CA that verifies the server's DTLS certificate
 //! ```
+//!
+//! Serials are checked before anything is written ([`safefs::validate_serial`]: printable
+//! ASCII, at most 64 bytes, no path separator, not `.` or `..`), so nothing lands outside
+//! OUT. OUT (when created) is 0755, each device directory 0700, keys 0600, the rest 0644.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -20,7 +23,8 @@ use anyhow::{Context, Result};
 use est_proto::ca::{self, ObjectIdentifier};
 use serde::Serialize;
 
-use crate::datadir::{self, cert_pem, key_pem, resolve, write_private};
+use crate::datadir::{self, cert_pem, key_pem, resolve, write_private, write_public};
+use crate::safefs;
 
 /// hwType of the demo devices: the private-enterprise arc used by the RFC 9148 App. A.2
 /// example (1.3.6.1.4.1.6175.10.1).
@@ -65,8 +69,12 @@ pub fn mint(
             mfr_key_path.display()
         )
     })?;
+    // Every serial names a directory under `out`: check them all before writing anything.
+    for serial in serials {
+        safefs::validate_serial(serial)?;
+    }
     let issuing_ca = datadir::read_certs(&resolve(data_dir, &config.pki.issuing_ca_cert))?;
-    fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    safefs::create_dir(out, safefs::PUBLIC_DIR)?;
     let now = SystemTime::now();
     let not_before = now.checked_sub(Duration::from_secs(3600)).unwrap_or(now);
     // 802.1AR: an IDevID that should not expire carries 99991231235959Z.
@@ -92,9 +100,12 @@ pub fn mint(
         let dir = out.join(serial);
         datadir::create_private_dir(&dir)?;
         let pem = cert_pem(&cert)?;
-        fs::write(dir.join("idevid.pem"), &pem)?;
+        write_public(&dir.join("idevid.pem"), pem.as_bytes())?;
         write_private(&dir.join("idevid.key"), key_pem(&key)?.as_bytes())?;
-        fs::write(dir.join("idevid-chain.pem"), format!("{pem}{maker_pem}"))?;
+        write_public(
+            &dir.join("idevid-chain.pem"),
+            format!("{pem}{maker_pem}").as_bytes(),
+        )?;
         devices.push(FleetDevice {
             serial: serial.clone(),
             cert: format!("{serial}/idevid.pem"),
@@ -103,19 +114,19 @@ pub fn mint(
         });
         progress(i + 1);
     }
-    fs::write(out.join("manufacturer-ca.pem"), &maker_pem)?;
+    write_public(&out.join("manufacturer-ca.pem"), maker_pem.as_bytes())?;
     let ta: String = issuing_ca
         .iter()
         .map(|c| cert_pem(c))
         .collect::<Result<Vec<_>>>()?
         .concat();
-    fs::write(out.join("implicit-ta.pem"), ta)?;
+    write_public(&out.join("implicit-ta.pem"), ta.as_bytes())?;
     let fleet = Fleet {
         manufacturer: ca::organization(maker.subject()).unwrap_or_default(),
         hw_type: DEMO_HW_TYPE.to_string(),
         devices,
     };
-    fs::write(out.join("fleet.json"), serde_json::to_vec_pretty(&fleet)?)?;
+    write_public(&out.join("fleet.json"), &serde_json::to_vec_pretty(&fleet)?)?;
     Ok(out.to_path_buf())
 }
 

@@ -6,6 +6,10 @@
 pub mod config;
 pub mod datadir;
 pub mod factory;
+pub mod hsm;
+pub mod lifetime;
+pub mod revocation;
+pub mod safefs;
 pub mod service;
 pub mod store;
 pub mod transport;

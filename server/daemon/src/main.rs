@@ -25,10 +25,14 @@ fn main() -> Result<()> {
     match cli.command {
         None => run::run(&data_dir, RunArgs::default()),
         Some(Command::Run(args)) => run::run(&data_dir, args),
-        Some(Command::Init { server_names }) => commands::init::run(&data_dir, &server_names),
+        Some(Command::Init { server_names, hsm }) => {
+            commands::init::run(&data_dir, &server_names, hsm)
+        }
         Some(Command::Factory(cmd)) => commands::factory::run(&data_dir, cmd),
         Some(Command::Certs(cmd)) => commands::certs::run(&data_dir, cmd),
         Some(Command::Devices(cmd)) => commands::devices::run(&data_dir, cmd),
+        Some(Command::Crl(cmd)) => commands::crl::run(&data_dir, cmd),
+        Some(Command::Dtls(cmd)) => commands::dtls::run(&data_dir, cmd),
         Some(Command::C509(cmd)) => commands::c509::run(cmd),
         Some(Command::Audit { limit }) => commands::audit::run(&data_dir, limit),
     }

@@ -18,7 +18,12 @@ pub(crate) fn run(data_dir: &Path, args: RunArgs) -> Result<()> {
     let config: Config = datadir::load_config(data_dir, args.config.as_deref())?;
     init_logging(config.server.log_format == "json");
     let worker_threads = config.server.worker_threads;
-    let loaded = datadir::load(data_dir, config)?;
+    let keys = if args.allow_insecure_key_permissions {
+        datadir::KeyPermissions::AllowInsecure
+    } else {
+        datadir::KeyPermissions::Strict
+    };
+    let loaded = datadir::load_with(data_dir, config, keys)?;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if worker_threads > 0 {
         builder.worker_threads(worker_threads);
@@ -29,6 +34,10 @@ pub(crate) fn run(data_dir: &Path, args: RunArgs) -> Result<()> {
         // SIGTERM as soon as it reads "listening" must get a clean shutdown, not the default
         // action's kill.
         let shutdown = ShutdownSignal::install();
+        // SIGHUP: re-read the DTLS certificate (after `est-server dtls renew`), the
+        // manufacturer CRLs and the revocations, without a restart.
+        #[cfg(unix)]
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let server = service::start(loaded, args.listen).await?;
         let addr = server.local_addr;
         tracing::info!(%addr, data_dir = %data_dir.display(), "est-server listening (coaps, DTLS 1.2)");
@@ -41,7 +50,30 @@ pub(crate) fn run(data_dir: &Path, args: RunArgs) -> Result<()> {
             "  coap-client-gnutls -m post -b 64 -t 286 -A 287 -f meter/csr.der -c meter/SN0001/idevid-chain.pem -j meter/SN0001/idevid.key -C meter/implicit-ta.pem -o meter/ldevid.der coaps://{}/.well-known/est/sen",
             display_host(addr)
         );
-        shutdown.recv().await;
+        let stop = shutdown.recv();
+        tokio::pin!(stop);
+        loop {
+            #[cfg(unix)]
+            let hup = async {
+                match hangup.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hup = std::future::pending::<()>();
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = hup => {
+                    tracing::info!("SIGHUP: reloading");
+                    if let Err(e) = server.reload().await {
+                        tracing::error!(error = %format!("{e:#}"), "reload failed; the previous certificate and CRLs stay in use");
+                    }
+                }
+            }
+        }
         tracing::info!("shutting down");
         server.shutdown().await;
         Ok::<(), anyhow::Error>(())

@@ -10,8 +10,9 @@
 //! is in docs/architecture.md.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -19,12 +20,13 @@ use est_proto::coap::CoapConfig;
 use est_proto::est::EstService;
 use est_proto::policy::{Policy, VerifiedChain};
 use est_proto::session::{CommitId, EstSession, Event, Peer};
-use est_proto::store::{CommitResult, Store};
+use est_proto::store::{unix_seconds, AuditEvent, Commit, CommitResult, Store, UtcDateTime};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::{ConfigError, DtlsSection};
-use crate::datadir::Loaded;
+use crate::config::{Config, ConfigError, DtlsSection};
+use crate::datadir::{self, Loaded};
+use crate::revocation::{self, RevocationView};
 use crate::store::ServerStore;
 use crate::transport::{
     CertError, ClientChainVerifier, DtlsListener, DtlsServerConfig, DtlsSession, PeerVerification,
@@ -43,17 +45,162 @@ pub struct ServiceCounters {
     pub slow_commit_acks: AtomicU64,
 }
 
+/// The wall clock of certificate validity, CRL times and audit rows: the system clock plus
+/// an offset that is zero unless a test moves it (to see the CA expire without waiting
+/// years). The CoAP and DTLS timers use tokio's monotonic clock, not this.
+#[derive(Debug, Default)]
+pub struct WallClock {
+    offset_secs: AtomicI64,
+}
+
+impl WallClock {
+    pub fn now(&self) -> SystemTime {
+        let o = self.offset_secs.load(Ordering::Relaxed);
+        let n = SystemTime::now();
+        let d = Duration::from_secs(o.unsigned_abs());
+        if o >= 0 {
+            n.checked_add(d).unwrap_or(n)
+        } else {
+            n.checked_sub(d).unwrap_or(n)
+        }
+    }
+
+    /// Run `secs` seconds ahead of the system clock (behind when negative).
+    pub fn set_offset_secs(&self, secs: i64) {
+        self.offset_secs.store(secs, Ordering::Relaxed);
+    }
+}
+
+/// Whole days from `now` to `until` (negative once past).
+pub fn days_left(until: SystemTime, now: SystemTime) -> i64 {
+    (unix_seconds(until) - unix_seconds(now)).div_euclid(86_400)
+}
+
+/// The notAfter of a DER certificate.
+fn not_after_of(der: &[u8]) -> Result<SystemTime> {
+    let c = <x509_cert::Certificate as der::Decode>::from_der(der)?;
+    Ok(c.tbs_certificate.validity.not_after.to_system_time())
+}
+
+/// Ends of validity the server watches: the issuing CA's and the DTLS certificate's (which
+/// SIGHUP may replace).
+#[derive(Debug)]
+pub struct Lifetimes {
+    pub ca_not_after: SystemTime,
+    pub dtls_not_after: Mutex<SystemTime>,
+    pub warn_days: u32,
+}
+
+impl Lifetimes {
+    /// (days left on the CA, days left on the DTLS certificate) at `now`.
+    pub fn days_left(&self, now: SystemTime) -> (i64, i64) {
+        let dtls = *self
+            .dtls_not_after
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        (days_left(self.ca_not_after, now), days_left(dtls, now))
+    }
+
+    /// Log the days left on both, as a warning inside the warning window.
+    pub fn log(&self, now: SystemTime) {
+        let (ca, dtls) = self.days_left(now);
+        let warn = i64::from(self.warn_days);
+        let rfc = |t: SystemTime| UtcDateTime::from_unix_seconds(unix_seconds(t)).rfc3339();
+        let dtls_at = *self
+            .dtls_not_after
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ca < warn {
+            tracing::warn!(days_left = ca, not_after = %rfc(self.ca_not_after), "the issuing CA certificate expires soon: renew it (enrollments are answered 5.03 once it has expired)");
+        } else {
+            tracing::info!(days_left = ca, not_after = %rfc(self.ca_not_after), "issuing CA certificate");
+        }
+        if dtls < 0 {
+            tracing::error!(days_left = dtls, not_after = %rfc(dtls_at), "the DTLS server certificate has expired: meters will refuse the handshake; run `est-server dtls renew` and send SIGHUP");
+        } else if dtls < warn {
+            tracing::warn!(days_left = dtls, not_after = %rfc(dtls_at), "the DTLS server certificate expires soon: run `est-server dtls renew` and send SIGHUP");
+        } else {
+            tracing::info!(days_left = dtls, not_after = %rfc(dtls_at), "DTLS server certificate");
+        }
+    }
+}
+
 /// A server that is running; dropping it does not stop it, call [`RunningServer::shutdown`].
 pub struct RunningServer {
     pub local_addr: SocketAddr,
     pub listener: Arc<DtlsListener>,
     pub store: Arc<dyn ServerStore>,
     pub counters: Arc<ServiceCounters>,
+    /// The EST core (CA, policy, counters, the CRL being served).
+    pub est: Arc<EstService>,
+    /// What the handshake checks revocations against.
+    pub revocation: Arc<RevocationView>,
+    /// The wall clock every validity decision uses (tests move it).
+    pub clock: Arc<WallClock>,
+    pub lifetimes: Arc<Lifetimes>,
+    config: Config,
+    data_dir: PathBuf,
+    manufacturer_cas: Vec<Vec<u8>>,
     stop: watch::Sender<bool>,
     accept_task: JoinHandle<()>,
 }
 
 impl RunningServer {
+    /// What SIGHUP does: re-read the DTLS server certificate and key (after `est-server dtls
+    /// renew`; new handshakes use them), the manufacturer CRLs and the revocations in the
+    /// store, and re-issue the CRL if it is due.
+    pub async fn reload(&self) -> Result<()> {
+        let pki = &self.config.pki;
+        let chain = datadir::read_certs(&datadir::resolve(&self.data_dir, &pki.server_cert))?;
+        let key = datadir::read_key(&datadir::resolve(&self.data_dir, &pki.server_key))?;
+        let dtls_not_after = not_after_of(chain.first().context("empty server certificate file")?)?;
+        self.listener.set_credentials(chain, &key).await?;
+        *self
+            .lifetimes
+            .dtls_not_after
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = dtls_not_after;
+        let crls = revocation::load_manufacturer_crls(
+            &self.data_dir,
+            &self.config,
+            &self.manufacturer_cas,
+            self.clock.now(),
+        )?;
+        self.revocation.set_manufacturer_crls(&crls);
+        let (est, store, view, cfg, dir, now) = (
+            self.est.clone(),
+            self.store.clone(),
+            self.revocation.clone(),
+            self.config.revocation.clone(),
+            self.data_dir.clone(),
+            self.clock.now(),
+        );
+        tokio::task::spawn_blocking(move || {
+            view.reload(store.as_ref())?;
+            revocation_tick(&est, store.as_ref(), &view, &cfg, &dir, now)
+        })
+        .await??;
+        self.lifetimes.log(self.clock.now());
+        tracing::info!("reloaded: DTLS certificate, manufacturer CRLs, revocations");
+        Ok(())
+    }
+
+    /// Re-read the revocations now (what the poll does every `poll_interval_secs`).
+    pub async fn poll_revocations(&self) -> Result<()> {
+        let (est, store, view, cfg, dir, now) = (
+            self.est.clone(),
+            self.store.clone(),
+            self.revocation.clone(),
+            self.config.revocation.clone(),
+            self.data_dir.clone(),
+            self.clock.now(),
+        );
+        tokio::task::spawn_blocking(move || {
+            revocation_tick(&est, store.as_ref(), &view, &cfg, &dir, now)
+        })
+        .await?
+    }
+
     /// Stop accepting, close the listener and the store.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
@@ -92,6 +239,37 @@ pub fn dtls_server_config(d: &DtlsSection) -> Result<DtlsServerConfig, ConfigErr
 }
 
 /// The handshake alert a policy refusal maps to.
+/// One revocation poll: reload the handshake checks if the store's revocation generation
+/// moved, publish a CRL if one is due, and serve the latest CRL at the CoAP resource.
+pub fn revocation_tick(
+    est: &EstService,
+    store: &dyn Store,
+    view: &RevocationView,
+    cfg: &crate::config::RevocationSection,
+    data_dir: &std::path::Path,
+    now: SystemTime,
+) -> Result<()> {
+    let generation = store.revocation_generation()?;
+    if generation != view.generation() {
+        let g = view.reload(store)?;
+        tracing::info!(
+            generation = g,
+            "revocations reloaded for the handshake checks"
+        );
+    }
+    let mut latest = store.latest_crl()?;
+    if revocation::crl_due(latest.as_ref(), generation, now) {
+        revocation::publish_crl(est.ca(), store, cfg, data_dir, now)?;
+        latest = store.latest_crl()?;
+    }
+    if let Some(c) = latest {
+        if est.crl().is_none_or(|served| *served != c.der) {
+            est.set_crl(c.der);
+        }
+    }
+    Ok(())
+}
+
 fn cert_error(e: est_proto::policy::PolicyError) -> CertError {
     use est_proto::policy::PolicyError as P;
     let text = e.to_string();
@@ -105,6 +283,42 @@ fn cert_error(e: est_proto::policy::PolicyError) -> CertError {
 
 /// Build the core and the transport from a loaded data directory, bind, and serve.
 pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<RunningServer> {
+    let clock = Arc::new(WallClock::default());
+    let now = clock.now();
+    let mut loaded = loaded;
+    // An issuing CA outside its validity cannot issue anything: say so now, not as 5.00
+    // answers later.
+    if let Err(why) = loaded.issuing_ca.check_validity(now) {
+        anyhow::bail!(
+            "refusing to start: {why}. The issuing CA ({}, {}) must be renewed, or the system clock corrected.",
+            loaded.config.pki.issuing_ca_cert.display(),
+            loaded.issuing_ca.subject()
+        );
+    }
+    let lifetimes = Arc::new(Lifetimes {
+        ca_not_after: loaded.issuing_ca.not_after(),
+        dtls_not_after: Mutex::new(not_after_of(
+            loaded
+                .server_chain
+                .first()
+                .context("empty server certificate file")?,
+        )?),
+        warn_days: loaded.config.server.certificate_warn_days,
+    });
+    lifetimes.log(now);
+    loaded
+        .issuing_ca
+        .set_crl_distribution_points(&loaded.config.revocation.distribution_points)
+        .map_err(|e| anyhow::anyhow!("revocation.distribution_points: {e}"))?;
+    let manufacturer_crls = revocation::load_manufacturer_crls(
+        &loaded.data_dir,
+        &loaded.config,
+        &loaded.manufacturer_cas,
+        now,
+    )?;
+    let config = loaded.config.clone();
+    let data_dir = loaded.data_dir.clone();
+    let manufacturer_cas = loaded.manufacturer_cas.clone();
     let cfg = &loaded.config;
     let store = crate::store::open_configured(&cfg.storage, &loaded.database).map_err(|e| {
         if cfg.storage.is_postgres() {
@@ -126,14 +340,53 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
         EstService::new(est_cfg, loaded.issuing_ca, policy, store_dyn)
             .map_err(|e| anyhow::anyhow!("{e}"))?,
     );
+    // Revocations: the handshake checks, and a current CRL before the first meter arrives.
+    let view = Arc::new(RevocationView::default());
+    view.set_manufacturer_crls(&manufacturer_crls);
+    view.reload(store.as_ref())?;
+    revocation_tick(&est, store.as_ref(), &view, &cfg.revocation, &data_dir, now)?;
     // The client chain is validated once, at the handshake, by the policy (rustls-webpki against
     // the manufacturer CAs and our CA), which records the anchor class for /sen vs /sren.
+    // Then the revocation checks: a revoked LDevID, a blocked device, an IDevID on its
+    // manufacturer's CRL never completes the handshake.
     let verifier_est = est.clone();
+    let verifier_view = view.clone();
+    let verifier_store = store.clone();
+    let verifier_clock = clock.clone();
+    let audit_per_sec = cfg.revocation.max_handshake_audit_per_sec;
     let client_chain_verifier: ClientChainVerifier = Arc::new(move |chain: &[Vec<u8>]| {
         let policy = verifier_est.policy();
-        let verified = policy
-            .verify_peer_chain(chain, SystemTime::now())
-            .map_err(cert_error)?;
+        let now = verifier_clock.now();
+        let verified = policy.verify_peer_chain(chain, now).map_err(cert_error)?;
+        if let Err(refusal) = verifier_view.check(chain, verified.class()) {
+            let (alert, error) = match &refusal {
+                revocation::HandshakeRefusal::Blocked { .. } => {
+                    ("alert 49", CertError::AccessDenied(refusal.to_string()))
+                }
+                _ => ("alert 44", CertError::Revoked(refusal.to_string())),
+            };
+            if verifier_view.audit_allowed(audit_per_sec) {
+                tracing::warn!(device = %refusal.device(), reason = refusal.reason(), "handshake refused: {refusal}");
+                let audit = AuditEvent {
+                    at_unix: unix_seconds(now),
+                    peer: String::new(),
+                    device_id: refusal.device().to_string(),
+                    operation: "handshake".into(),
+                    outcome: "refused".into(),
+                    code: alert.into(),
+                    detail: refusal.to_string(),
+                };
+                verifier_store.submit_commit(
+                    Commit::Audit(audit),
+                    Box::new(|r| {
+                        if let Err(e) = r {
+                            tracing::error!(error = %e, "could not record a handshake refusal");
+                        }
+                    }),
+                );
+            }
+            return Err(error);
+        }
         // The per-identity session limit counts sessions per device serial.
         let identity = est_proto::policy::device_id_of(chain)
             .map(String::into_bytes)
@@ -161,19 +414,34 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     let (stop, stop_rx) = watch::channel(false);
     if cfg.server.metrics_log_interval_secs > 0 {
         tokio::spawn(metrics_loop(
-            listener.clone(),
-            est.clone(),
-            store.clone(),
-            counters.clone(),
+            MetricsSources {
+                listener: listener.clone(),
+                est: est.clone(),
+                store: store.clone(),
+                counters: counters.clone(),
+                revocation: view.clone(),
+                lifetimes: lifetimes.clone(),
+                clock: clock.clone(),
+            },
             Duration::from_secs(cfg.server.metrics_log_interval_secs),
             stop_rx.clone(),
         ));
     }
+    tokio::spawn(revocation_loop(
+        est.clone(),
+        store.clone(),
+        view.clone(),
+        cfg.revocation.clone(),
+        data_dir.clone(),
+        clock.clone(),
+        stop_rx.clone(),
+    ));
     let accept_task = tokio::spawn(accept_loop(
         listener.clone(),
-        est,
+        est.clone(),
         coap_cfg,
         counters.clone(),
+        clock.clone(),
         stop_rx,
     ));
     Ok(RunningServer {
@@ -181,20 +449,79 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
         listener,
         store,
         counters,
+        est,
+        revocation: view,
+        clock,
+        lifetimes,
+        config,
+        data_dir,
+        manufacturer_cas,
         stop,
         accept_task,
     })
 }
 
-/// One structured log line of every counter, periodically: what an operator graphs.
-async fn metrics_loop(
+/// Every [revocation] poll_interval_secs: [`revocation_tick`] (off the async threads: it
+/// reads the store and may sign).
+async fn revocation_loop(
+    est: Arc<EstService>,
+    store: Arc<dyn ServerStore>,
+    view: Arc<RevocationView>,
+    cfg: crate::config::RevocationSection,
+    data_dir: PathBuf,
+    clock: Arc<WallClock>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(cfg.poll_interval_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let (est, store, view, cfg, dir, now) = (
+            est.clone(),
+            store.clone(),
+            view.clone(),
+            cfg.clone(),
+            data_dir.clone(),
+            clock.now(),
+        );
+        let r = tokio::task::spawn_blocking(move || {
+            revocation_tick(&est, store.as_ref(), &view, &cfg, &dir, now)
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "revocation poll failed"),
+            Err(e) => tracing::error!(error = %e, "revocation poll panicked"),
+        }
+    }
+}
+
+/// What the metrics line reads.
+struct MetricsSources {
     listener: Arc<DtlsListener>,
     est: Arc<EstService>,
     store: Arc<dyn ServerStore>,
     counters: Arc<ServiceCounters>,
-    every: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
+    revocation: Arc<RevocationView>,
+    lifetimes: Arc<Lifetimes>,
+    clock: Arc<WallClock>,
+}
+
+/// One structured log line of every counter, periodically: what an operator graphs.
+async fn metrics_loop(src: MetricsSources, every: Duration, mut stop: watch::Receiver<bool>) {
+    let MetricsSources {
+        listener,
+        est,
+        store,
+        counters,
+        revocation,
+        lifetimes,
+        clock,
+    } = src;
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
@@ -205,6 +532,12 @@ async fn metrics_loop(
         let t = listener.metrics();
         let e = est.counters();
         let w = store.writer_stats();
+        let (ca_days_left, dtls_days_left) = lifetimes.days_left(clock.now());
+        if ca_days_left < i64::from(lifetimes.warn_days)
+            || dtls_days_left < i64::from(lifetimes.warn_days)
+        {
+            lifetimes.log(clock.now());
+        }
         tracing::info!(
             target: "metrics",
             handshakes_started = t.handshakes_started,
@@ -244,6 +577,15 @@ async fn metrics_loop(
             refused = e.refused,
             overloaded_503 = e.overloaded,
             store_unavailable_503 = e.store_unavailable,
+            rate_limited_503 = e.rate_limited,
+            ca_unavailable_503 = e.ca_unavailable,
+            refused_revoked_or_blocked = e.refused_revoked,
+            handshakes_refused_revoked = revocation.refused_revoked.load(Ordering::Relaxed),
+            handshakes_refused_blocked = revocation.refused_blocked.load(Ordering::Relaxed),
+            handshakes_refused_manufacturer_crl = revocation.refused_manufacturer_revoked.load(Ordering::Relaxed),
+            revocation_generation = revocation.generation(),
+            ca_days_left,
+            dtls_days_left,
             enrollments_in_flight = est.in_flight(),
             // operations / transactions = the group-commit factor (fsyncs saved).
             store_transactions = w.transactions,
@@ -258,6 +600,7 @@ async fn accept_loop(
     est: Arc<EstService>,
     coap_cfg: Arc<CoapConfig>,
     counters: Arc<ServiceCounters>,
+    clock: Arc<WallClock>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -273,6 +616,7 @@ async fn accept_loop(
                     est.clone(),
                     coap_cfg.clone(),
                     counters.clone(),
+                    clock.clone(),
                 ));
             }
             Err(e) => {
@@ -296,6 +640,7 @@ async fn serve_session(
     est: Arc<EstService>,
     coap_cfg: Arc<CoapConfig>,
     counters: Arc<ServiceCounters>,
+    clock: Arc<WallClock>,
 ) {
     // Commits go to the store the service reads from (SQLite: its writer thread).
     let store: Arc<dyn Store> = Arc::clone(est.store());
@@ -356,7 +701,7 @@ async fn serve_session(
             // The datagram comes as its own buffer: an idle session holds none (10,000 held
             // sessions with an 8 KiB buffer each were 80 MB).
             r = session.recv_datagram() => match r {
-                Ok(datagram) => core.handle_datagram(now(), SystemTime::now(), &datagram),
+                Ok(datagram) => core.handle_datagram(now(), clock.now(), &datagram),
                 Err(e) => {
                     tracing::debug!(peer = %core.peer().address, reason = %e, "session ended");
                     break;

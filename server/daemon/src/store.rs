@@ -21,8 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use est_proto::store::{
-    AuditEvent, CertStatus, Commit, CommitDone, CommitOutcome, CommitResult, IssuanceKind,
-    IssuedCert, Store, StoreError,
+    issuance_refusal, AuditEvent, BlockOutcome, CertStatus, Commit, CommitDone, CommitOutcome,
+    CommitResult, CrlRecord, DeviceBlock, IssuanceKind, IssuanceWindow, IssuedCert, Revocation,
+    RevocationReason, RevokeOutcome, RevokedEntry, Store, StoreError,
 };
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -69,6 +70,25 @@ pub fn open_configured(
     }
 }
 
+/// The store of a data directory for an operator command (`certs`, `devices`, `audit`,
+/// `crl`): the one `storage` names, with one writer and at most two PostgreSQL connections.
+/// SQLite must exist already (`est-server init` creates it).
+pub fn open_for_command(
+    data_dir: &Path,
+    storage: &StorageSection,
+) -> anyhow::Result<Arc<dyn ServerStore>> {
+    let db = crate::datadir::resolve(data_dir, &storage.database);
+    if !storage.is_postgres() && !db.exists() {
+        anyhow::bail!("no store at {} (run `est-server init` first)", db.display());
+    }
+    let storage = StorageSection {
+        max_batch: 1,
+        pool_size: storage.pool_size.min(2),
+        ..storage.clone()
+    };
+    Ok(open_configured(&storage, &db)?)
+}
+
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS certificates (
     serial          TEXT PRIMARY KEY,
@@ -99,7 +119,62 @@ CREATE TABLE IF NOT EXISTS devices (
     device_id    TEXT PRIMARY KEY,
     imported_at  INTEGER NOT NULL
 );
+CREATE INDEX IF NOT EXISTS certificates_by_device_time ON certificates(device_id, issued_at);
+-- Decommissioned devices (`est-server devices block`): /sen and /sren refused.
+CREATE TABLE IF NOT EXISTS blocked_devices (
+    device_id   TEXT PRIMARY KEY,
+    blocked_at  INTEGER NOT NULL,
+    reason      INTEGER NOT NULL
+);
+-- One row: the revocation generation (bumped by every revoke and block, in the same
+-- transaction) and the last cRLNumber handed out.
+CREATE TABLE IF NOT EXISTS revocation_state (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    generation  INTEGER NOT NULL,
+    crl_number  INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO revocation_state(id, generation, crl_number) VALUES (1, 0, 0);
+-- Every CRL published, by number; the latest is served.
+CREATE TABLE IF NOT EXISTS crls (
+    number       INTEGER PRIMARY KEY,
+    this_update  INTEGER NOT NULL,
+    next_update  INTEGER NOT NULL,
+    generation   INTEGER NOT NULL,
+    der          BLOB NOT NULL
+);
 "#;
+
+/// Columns added to `certificates` after its first release (added to an older database when
+/// it is opened): when and why a certificate was revoked (NULL unless status = 'revoked').
+const CERTIFICATE_MIGRATIONS: [(&str, &str); 2] = [
+    (
+        "revoked_at",
+        "ALTER TABLE certificates ADD COLUMN revoked_at INTEGER",
+    ),
+    (
+        "revocation_reason",
+        "ALTER TABLE certificates ADD COLUMN revocation_reason INTEGER",
+    ),
+];
+
+// The revocation operations, as plain SQL (a port to another database keeps them).
+const SELECT_BLOCKED: &str = "SELECT 1 FROM blocked_devices WHERE device_id = ?1";
+const SELECT_STATUS: &str = "SELECT status FROM certificates WHERE serial = ?1";
+const ISSUED_SINCE: &str =
+    "SELECT COUNT(*), MIN(issued_at) FROM certificates WHERE device_id = ?1 AND issued_at >= ?2";
+const REVOKE_CERT: &str = "UPDATE certificates SET status = 'revoked', revoked_at = ?2, revocation_reason = ?3 WHERE serial = ?1 AND status <> 'revoked'";
+const SELECT_ACTIVE_OF_DEVICE: &str =
+    "SELECT serial FROM certificates WHERE device_id = ?1 AND status = 'active'";
+const BLOCK_DEVICE: &str =
+    "INSERT OR IGNORE INTO blocked_devices(device_id, blocked_at, reason) VALUES (?1, ?2, ?3)";
+const BUMP_GENERATION: &str =
+    "UPDATE revocation_state SET generation = generation + 1 WHERE id = 1";
+const SELECT_REVOKED: &str = "SELECT serial, revoked_at, revocation_reason FROM certificates WHERE status = 'revoked' ORDER BY revoked_at, serial";
+const SELECT_GENERATION: &str = "SELECT generation FROM revocation_state WHERE id = 1";
+const NEXT_CRL_NUMBER: &str =
+    "UPDATE revocation_state SET crl_number = crl_number + 1 WHERE id = 1 RETURNING crl_number";
+const INSERT_CRL: &str = "INSERT INTO crls(number, this_update, next_update, generation, der) SELECT ?1, ?2, ?3, ?4, ?5 WHERE NOT EXISTS (SELECT 1 FROM crls WHERE number >= ?1)";
+const SELECT_LATEST_CRL: &str = "SELECT number, this_update, next_update, generation, der FROM crls ORDER BY number DESC LIMIT 1";
 
 /// The certificate columns, as a literal so the statements below are `&'static str`
 /// (each is prepared once per connection and then reused from rusqlite's statement cache).
@@ -189,6 +264,7 @@ impl SqliteStore {
     pub fn open(path: &Path, max_batch: usize) -> Result<Self, StoreError> {
         let write_conn = open_connection(path)?;
         write_conn.execute_batch(SCHEMA).map_err(backend)?;
+        migrate(&write_conn)?;
         let reader = open_connection(path)?;
         let (tx, rx) = mpsc::channel();
         let counters = Arc::new(WriterCounters::default());
@@ -322,6 +398,21 @@ impl SqliteStore {
         Ok(added)
     }
 
+    /// An administrative transaction on a connection of its own (off the writer queue):
+    /// `BEGIN IMMEDIATE`, `f`, `COMMIT` (durable on return, `synchronous=FULL`).
+    fn admin<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = open_connection(&self.path)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(backend)?;
+        let out = f(&tx)?;
+        tx.commit().map_err(backend)?;
+        Ok(out)
+    }
+
     /// Stop the writer thread after it has drained its queue.
     pub fn close(&self) {
         if let Ok(mut w) = self.writer.lock() {
@@ -437,6 +528,61 @@ fn insert_audit(conn: &Connection, a: &AuditEvent) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// Adds the columns of [`CERTIFICATE_MIGRATIONS`] that an older database lacks.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let mut st = conn
+        .prepare("SELECT name FROM pragma_table_info('certificates')")
+        .map_err(backend)?;
+    let have: Vec<String> = st
+        .query_map([], |r| r.get(0))
+        .map_err(backend)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(backend)?;
+    for (column, sql) in CERTIFICATE_MIGRATIONS {
+        if !have.iter().any(|h| h == column) {
+            conn.execute_batch(sql).map_err(backend)?;
+        }
+    }
+    Ok(())
+}
+
+/// A CRL entry from a revoked certificate's stored columns (both stores); a missing reason
+/// is unspecified.
+pub(crate) fn revoked_entry(
+    serial: String,
+    revoked_at: Option<i64>,
+    reason: Option<i64>,
+) -> Result<RevokedEntry, StoreError> {
+    let reason = reason
+        .and_then(|r| u8::try_from(r).ok())
+        .map_or(
+            Some(RevocationReason::Unspecified),
+            RevocationReason::from_code,
+        )
+        .ok_or_else(|| StoreError::Corrupt(format!("revocation reason of {serial}")))?;
+    Ok(RevokedEntry {
+        serial_hex: serial,
+        revoked_at_unix: revoked_at.unwrap_or(0),
+        reason,
+    })
+}
+
+fn is_blocked(conn: &Connection, device_id: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached(SELECT_BLOCKED)?
+        .query_row(params![device_id], |_| Ok(()))
+        .optional()
+        .map(|r| r.is_some())
+}
+
+fn revoke_in(
+    conn: &Connection,
+    serial: &str,
+    reason: RevocationReason,
+    at: i64,
+) -> rusqlite::Result<usize> {
+    exec_cached(conn, REVOKE_CERT, params![serial, at, reason.code()])
+}
+
 fn apply_issue(
     conn: &Connection,
     cert: &IssuedCert,
@@ -451,13 +597,25 @@ fn apply_issue(
     {
         return Ok(CommitOutcome::AlreadyIssued(cert_from_raw(raw)?));
     }
-    if let Some(replaced) = &cert.replaces_serial_hex {
-        if let Some(raw) = query_cert(conn, SELECT_BY_SERIAL, params![replaced]).map_err(backend)? {
-            let r = cert_from_raw(raw)?;
-            if r.status != CertStatus::Active {
-                return Ok(CommitOutcome::ReplacedNotActive(r.status));
-            }
-        }
+    // A block or revocation committed after the request was decided wins.
+    let blocked = is_blocked(conn, &cert.device_id).map_err(backend)?;
+    let replaced = match &cert.replaces_serial_hex {
+        Some(r) => conn
+            .prepare_cached(SELECT_STATUS)
+            .and_then(|mut st| {
+                st.query_row(params![r], |row| row.get::<_, String>(0))
+                    .optional()
+            })
+            .map_err(backend)?
+            .and_then(|s| CertStatus::parse(&s)),
+        None => None,
+    };
+    if let Some(reason) = issuance_refusal(blocked, replaced) {
+        return Ok(CommitOutcome::Refused(reason));
+    }
+    // Another re-enrollment of the device (on this node or another) committed first.
+    if let Some(status) = replaced.filter(|s| *s != CertStatus::Active) {
+        return Ok(CommitOutcome::ReplacedNotActive(status));
     }
     exec_cached(conn, SUPERSEDE_ACTIVE, params![cert.device_id]).map_err(backend)?;
     exec_cached(
@@ -625,6 +783,150 @@ impl Store for SqliteStore {
         if let Err((done, e)) = self.send(WriteOp { commit, done }) {
             done(Err(e));
         }
+    }
+
+    fn device_blocked(&self, device_id: &str) -> Result<bool, StoreError> {
+        self.read(|c| is_blocked(c, device_id))
+    }
+
+    fn issued_since(&self, device_id: &str, since_unix: i64) -> Result<IssuanceWindow, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(ISSUED_SINCE)?
+                .query_row(params![device_id, since_unix], |r| {
+                    Ok(IssuanceWindow {
+                        count: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                        oldest_unix: r.get(1)?,
+                    })
+                })
+        })
+    }
+
+    fn revoke(&self, r: &Revocation) -> Result<RevokeOutcome, StoreError> {
+        self.admin(|tx| {
+            let Some(raw) =
+                query_cert(tx, SELECT_BY_SERIAL, params![r.serial_hex]).map_err(backend)?
+            else {
+                return Ok(RevokeOutcome::NotFound);
+            };
+            let before = cert_from_raw(raw)?;
+            if before.status == CertStatus::Revoked {
+                return Ok(RevokeOutcome::AlreadyRevoked(before));
+            }
+            revoke_in(tx, &r.serial_hex, r.reason, r.revoked_at_unix).map_err(backend)?;
+            exec_cached(tx, BUMP_GENERATION, []).map_err(backend)?;
+            insert_audit(tx, &r.audit).map_err(backend)?;
+            Ok(RevokeOutcome::Revoked(before))
+        })
+    }
+
+    fn block_device(&self, b: &DeviceBlock) -> Result<BlockOutcome, StoreError> {
+        self.admin(|tx| {
+            let newly_blocked = exec_cached(
+                tx,
+                BLOCK_DEVICE,
+                params![b.device_id, b.at_unix, b.reason.code()],
+            )
+            .map_err(backend)?
+                > 0;
+            let mut revoked_serials = Vec::new();
+            if !b.keep_certs {
+                let active: Vec<String> = tx
+                    .prepare_cached(SELECT_ACTIVE_OF_DEVICE)
+                    .and_then(|mut st| {
+                        st.query_map(params![b.device_id], |r| r.get(0))?
+                            .collect::<rusqlite::Result<Vec<String>>>()
+                    })
+                    .map_err(backend)?;
+                for serial in active {
+                    revoke_in(tx, &serial, b.reason, b.at_unix).map_err(backend)?;
+                    revoked_serials.push(serial);
+                }
+            }
+            exec_cached(tx, BUMP_GENERATION, []).map_err(backend)?;
+            insert_audit(tx, &b.audit).map_err(backend)?;
+            Ok(BlockOutcome {
+                newly_blocked,
+                revoked_serials,
+            })
+        })
+    }
+
+    fn revoked_certificates(&self) -> Result<Vec<RevokedEntry>, StoreError> {
+        let rows = self.read(|c| {
+            c.prepare_cached(SELECT_REVOKED)?
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, Option<i64>>(1)?,
+                        r.get::<_, Option<i64>>(2)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        rows.into_iter()
+            .map(|(serial, at, reason)| revoked_entry(serial, at, reason))
+            .collect()
+    }
+
+    fn blocked_devices(&self) -> Result<Vec<String>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT device_id FROM blocked_devices ORDER BY device_id")?
+                .query_map([], |r| r.get(0))?
+                .collect()
+        })
+    }
+
+    fn revocation_generation(&self) -> Result<u64, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(SELECT_GENERATION)?
+                .query_row([], |r| r.get::<_, i64>(0))
+        })
+        .map(|g| u64::try_from(g).unwrap_or(0))
+    }
+
+    fn next_crl_number(&self) -> Result<u64, StoreError> {
+        self.admin(|tx| {
+            tx.prepare_cached(NEXT_CRL_NUMBER)
+                .and_then(|mut st| st.query_row([], |r| r.get::<_, i64>(0)))
+                .map(|n| u64::try_from(n).unwrap_or(0))
+                .map_err(backend)
+        })
+    }
+
+    fn save_crl(&self, crl: &CrlRecord) -> Result<bool, StoreError> {
+        let number = i64::try_from(crl.number).map_err(backend)?;
+        let generation = i64::try_from(crl.generation).map_err(backend)?;
+        self.admin(|tx| {
+            exec_cached(
+                tx,
+                INSERT_CRL,
+                params![
+                    number,
+                    crl.this_update_unix,
+                    crl.next_update_unix,
+                    generation,
+                    crl.der
+                ],
+            )
+            .map(|n| n > 0)
+            .map_err(backend)
+        })
+    }
+
+    fn latest_crl(&self) -> Result<Option<CrlRecord>, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(SELECT_LATEST_CRL)?
+                .query_row([], |r| {
+                    Ok(CrlRecord {
+                        number: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                        this_update_unix: r.get(1)?,
+                        next_update_unix: r.get(2)?,
+                        generation: u64::try_from(r.get::<_, i64>(3)?).unwrap_or(0),
+                        der: r.get(4)?,
+                    })
+                })
+                .optional()
+        })
     }
 }
 

@@ -139,3 +139,312 @@ fn run_until_signal(signal: &str) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Replace the data directory's issuing CA with one valid from `not_before` for `validity`.
+fn install_issuing_ca(d: &Path, not_before: std::time::SystemTime, validity: Duration) {
+    let (cert, key) = est_proto::ca::generate_root_ca(
+        "EST Issuing CA",
+        "est-server",
+        not_before,
+        validity,
+        &mut rand::rngs::OsRng,
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("ca/issuing-ca.pem"),
+        est_server::datadir::cert_pem(&cert).unwrap(),
+    )
+    .unwrap();
+    est_server::datadir::write_private(
+        &d.join("ca/issuing-ca.key"),
+        est_server::datadir::key_pem(&key).unwrap().as_bytes(),
+    )
+    .unwrap();
+}
+
+/// Issue 13: an issuing CA outside its validity refuses to start, saying so.
+#[test]
+fn an_expired_or_not_yet_valid_ca_refuses_to_start_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    let ds = d.to_str().unwrap();
+    run_ok(&["init", "--data-dir", ds]);
+    let year = Duration::from_secs(365 * 86_400);
+    let now = std::time::SystemTime::now();
+    for (not_before, want) in [
+        (now - 3 * year, "issuing CA certificate expired at"),
+        (now + year, "issuing CA certificate is not valid before"),
+    ] {
+        install_issuing_ca(&d, not_before, year);
+        let out = bin()
+            .args(["run", "--data-dir", ds, "--listen", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "must not start");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("refusing to start") && err.contains(want) && err.contains("renewed"),
+            "{err}"
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+    }
+}
+
+/// An LDevID issued by the data directory's CA, put in its store as the server would.
+fn issue_into_store(d: &Path, device: &str) -> String {
+    use est_proto::ca;
+    use est_proto::store::{
+        commit_and_wait, AuditEvent, CertStatus, Commit, IssuanceKind, IssuedCert,
+    };
+    let cfg = est_server::datadir::load_config(d, None).unwrap();
+    let issuing = est_server::revocation::load_issuing_ca(d, &cfg).unwrap();
+    let mut rng = rand::rngs::OsRng;
+    let key = ca::generate_p256_pkcs8(&mut rng).unwrap();
+    let spki = ca::p256_spki_from_pkcs8(&key).unwrap();
+    let now = std::time::SystemTime::now();
+    let subject = ca::name_from_attrs(&[(ca::oid::AT_SERIAL_NUMBER, device)]).unwrap();
+    let serial = ca::random_serial(&mut rng);
+    let params = ca::IssueParams::new(
+        subject,
+        spki,
+        serial.clone(),
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(86_400),
+    );
+    let der = issuing.issue(&params).unwrap();
+    let serial_hex = hex::encode(serial.as_bytes());
+    let store = est_server::store::SqliteStore::open(&d.join("est.sqlite3"), 1).unwrap();
+    let at = est_proto::store::unix_seconds(now);
+    commit_and_wait(
+        &store,
+        Commit::Issuance {
+            cert: Box::new(IssuedCert {
+                serial_hex: serial_hex.clone(),
+                device_id: device.into(),
+                subject: format!("serialNumber={device}"),
+                der: der.clone(),
+                request_digest: ca::csr_digest(&der),
+                not_before_unix: at - 60,
+                not_after_unix: at + 86_400,
+                issued_at_unix: at,
+                status: CertStatus::Active,
+                kind: IssuanceKind::Enroll,
+                replaces_serial_hex: None,
+            }),
+            audit: AuditEvent {
+                at_unix: at,
+                peer: "test".into(),
+                device_id: device.into(),
+                operation: "sen".into(),
+                outcome: "issued".into(),
+                code: "2.04".into(),
+                detail: String::new(),
+            },
+        },
+    )
+    .unwrap();
+    store.close();
+    std::fs::write(
+        d.join(format!("{device}.pem")),
+        est_server::datadir::cert_pem(&der).unwrap(),
+    )
+    .unwrap();
+    serial_hex
+}
+
+/// `certs revoke`, `devices block`, `crl publish|show` as an operator types them; the CRL
+/// they write verifies with openssl and lists what they revoked with its reason.
+#[test]
+fn revoke_block_and_crl_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    let ds = d.to_str().unwrap();
+    run_ok(&["init", "--data-dir", ds]);
+    let s1 = issue_into_store(&d, "SNCLI1");
+    let s2 = issue_into_store(&d, "SNCLI2");
+    let s3 = issue_into_store(&d, "SNCLI3");
+
+    let out = run_ok(&[
+        "certs",
+        "revoke",
+        "--data-dir",
+        ds,
+        &s1[..12],
+        "--reason",
+        "keyCompromise",
+    ]);
+    assert!(
+        out.contains(&format!("revoked {s1}")) && out.contains("keyCompromise (1)"),
+        "{out}"
+    );
+    assert!(out.contains("CRL number 1 published"), "{out}");
+    let out = run_ok(&["certs", "revoke", "--data-dir", ds, &s1]);
+    assert!(out.contains("already revoked"), "{out}");
+    let bad = bin()
+        .args([
+            "certs",
+            "revoke",
+            "--data-dir",
+            ds,
+            &s2,
+            "--reason",
+            "stolen",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("keyCompromise"));
+    let missing = bin()
+        .args(["certs", "revoke", "--data-dir", ds, "ffff"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+
+    let out = run_ok(&["devices", "block", "--data-dir", ds, "SNCLI2"]);
+    assert!(
+        out.contains("device SNCLI2 blocked") && out.contains(&format!("revoked {s2}")),
+        "{out}"
+    );
+    let out = run_ok(&[
+        "devices",
+        "block",
+        "--data-dir",
+        ds,
+        "SNCLI3",
+        "--keep-certs",
+    ]);
+    assert!(out.contains("kept"), "{out}");
+    let list = run_ok(&["certs", "list", "--data-dir", ds]);
+    let line = |s: &str| list.lines().find(|l| l.starts_with(s)).unwrap().to_string();
+    assert!(line(&s1).contains("revoked"), "{list}");
+    assert!(line(&s2).contains("revoked"), "{list}");
+    assert!(line(&s3).contains("active"), "{list}");
+    let show = run_ok(&["crl", "show", "--data-dir", ds]);
+    assert!(
+        show.contains("CRL number:  2")
+            && show.contains("keyCompromise")
+            && show.contains("cessationOfOperation")
+            && show.contains("SNCLI3"),
+        "{show}"
+    );
+    let audit = run_ok(&["audit", "--data-dir", ds]);
+    assert!(
+        audit.contains("revoke") && audit.contains("block"),
+        "{audit}"
+    );
+    let out = run_ok(&["crl", "publish", "--data-dir", ds]);
+    assert!(out.contains("CRL number 3"), "{out}");
+
+    if est_test_tools::require_tools(&["openssl"]) {
+        let crl = d.join("crl/issuing-ca.crl.pem");
+        let ca = d.join("ca/issuing-ca.pem");
+        let out = Command::new("openssl")
+            .args(["crl", "-verify", "-noout", "-text", "-in"])
+            .arg(&crl)
+            .arg("-CAfile")
+            .arg(&ca)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success() && text.contains("verify OK"), "{text}");
+        assert!(text.contains(&s1.to_ascii_uppercase()) && text.contains("Key Compromise"));
+        assert!(text.contains(&s2.to_ascii_uppercase()) && text.contains("Cessation Of Operation"));
+        assert!(!text.contains(&s3.to_ascii_uppercase()));
+        for (serial, device, revoked) in [(&s1, "SNCLI1", true), (&s3, "SNCLI3", false)] {
+            let out = Command::new("openssl")
+                .args(["verify", "-crl_check", "-CAfile"])
+                .arg(&ca)
+                .arg("-CRLfile")
+                .arg(&crl)
+                .arg(d.join(format!("{device}.pem")))
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.success(), !revoked, "{serial}: {text}");
+            if revoked {
+                assert!(text.contains("certificate revoked"), "{text}");
+            }
+        }
+    }
+}
+
+/// `dtls renew` writes a new certificate and key (key 0600); SIGHUP makes the running server
+/// reload it without stopping; SIGTERM still stops it cleanly.
+#[cfg(unix)]
+#[test]
+fn dtls_renew_then_sighup_reloads_without_a_restart() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    let ds = d.to_str().unwrap();
+    run_ok(&["init", "--data-dir", ds]);
+    let mut child = bin()
+        .args(["run", "--data-dir", ds, "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let stdout = child.stdout.take().unwrap();
+    est_test_tools::announced_address(stdout, Duration::from_secs(30)).unwrap();
+    let before = std::fs::read(d.join("dtls/server.pem")).unwrap();
+    let out = run_ok(&[
+        "dtls",
+        "renew",
+        "--data-dir",
+        ds,
+        "--server-name",
+        "meters.example.net",
+        "--validity-days",
+        "20",
+    ]);
+    assert!(
+        out.contains("meters.example.net") && out.contains("kill -HUP"),
+        "{out}"
+    );
+    assert_ne!(std::fs::read(d.join("dtls/server.pem")).unwrap(), before);
+    assert_eq!(mode(&d.join("dtls/server.key")), 0o600);
+    let _ = Command::new("kill")
+        .arg("-HUP")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            panic!("no reload logged: {seen:#?}");
+        };
+        if line.contains("reloaded") {
+            break;
+        }
+        seen.push(line);
+    }
+    // 20 days is inside the 30-day warning window: the reload says so.
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("DTLS server certificate expires soon")),
+        "{seen:#?}"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still running after SIGHUP"
+    );
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}

@@ -861,7 +861,7 @@ impl Connection {
     }
 
     /// Fails the handshake or session: fatal alert (where the error has one), then closed.
-    fn fail(&mut self, err: Error, metrics: &mut Metrics, events: &mut Events) {
+    pub(crate) fn fail(&mut self, err: Error, metrics: &mut Metrics, events: &mut Events) {
         if self.closed {
             return;
         }

@@ -176,6 +176,19 @@ impl Endpoint {
         &self.config
     }
 
+    /// Use `certificate_chain` and `private_key` for every handshake that starts from now on
+    /// (a renewed server certificate); sessions and handshakes in progress keep theirs.
+    pub fn set_credentials(
+        &mut self,
+        certificate_chain: Vec<Vec<u8>>,
+        private_key: Arc<crate::SigningKey>,
+    ) {
+        let mut config = ServerConfig::clone(&self.config);
+        config.certificate_chain = certificate_chain;
+        config.private_key = private_key;
+        self.config = Arc::new(config);
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
@@ -392,7 +405,7 @@ impl Endpoint {
                 return;
             }
         }
-        if self.half_open >= self.config.limits.max_half_open && !self.evict_oldest_half_open(now) {
+        if self.half_open >= self.config.limits.max_half_open && !self.evict_half_open(now) {
             self.metrics.refuse(RefusalReason::Limit);
             self.log_refusal(now, from, &Error::Limit("max_half_open"));
             return;
@@ -471,29 +484,54 @@ impl Endpoint {
         self.after(now, id, Vec::new());
     }
 
-    /// With every half-open slot taken, the oldest handshake past its cookie gives way to the
-    /// newcomer (as a SYN cache does): peers that echo a cookie and go silent cannot keep
-    /// legitimate meters out, they only shorten each other's wait. Returns whether one went.
-    fn evict_oldest_half_open(&mut self, now: Instant) -> bool {
-        while let Some(id) = self.half_open_order.pop_front() {
-            let Some(slot) = self.slots.get_mut(&id) else {
-                continue;
-            };
-            if !slot.half_open {
-                continue;
+    /// With every half-open slot taken, a handshake past its cookie gives way to the newcomer
+    /// (as a SYN cache does), so peers that echo a cookie and go silent cannot keep legitimate
+    /// meters out. Which one goes: the oldest handshake of the source holding the most
+    /// half-open slots (a source is an IPv4 address or an IPv6 /64; relays in `exempt_ips` are
+    /// never picked as the heaviest), so one host flooding from many ports or addresses evicts
+    /// its own handshakes, not a slow meter's elsewhere. When every source holds one slot the
+    /// oldest handshake goes. The evicted peer gets a fatal handshake_failure alert, so a meter
+    /// starts over at once instead of retransmitting into the void until its own timeout.
+    /// Returns whether one went.
+    fn evict_half_open(&mut self, now: Instant) -> bool {
+        let exempt = &self.config.limits.exempt_ips;
+        let mut per_source: HashMap<IpAddr, usize> = HashMap::new();
+        for (ip, n) in &self.half_open_per_ip {
+            if !exempt.contains(ip) {
+                *per_source.entry(fairness_source(*ip)).or_insert(0) += n;
             }
-            let mut events = Vec::new();
-            slot.conn.close_with(
-                CloseReason::HandshakeFailed(Error::Limit("evicted: oldest half-open handshake")),
-                false,
-                &mut self.metrics,
-                &mut events,
-            );
-            self.metrics.half_open_evicted += 1;
-            self.after(now, id, events);
-            return true;
         }
-        false
+        // Ties go to the lowest source, so the choice does not depend on hash order.
+        let heaviest = per_source
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+            .map(|(source, _)| source);
+        let slots = &self.slots;
+        let pos = self.half_open_order.iter().position(|id| {
+            slots.get(id).is_some_and(|s| {
+                s.half_open
+                    && heaviest
+                        .is_none_or(|src| fairness_source(s.ip) == src && !exempt.contains(&s.ip))
+            })
+        });
+        let Some(id) = pos.and_then(|p| self.half_open_order.remove(p)) else {
+            return false;
+        };
+        let Some(slot) = self.slots.get_mut(&id) else {
+            return false;
+        };
+        let mut events = Vec::new();
+        let reason = if heaviest.is_some() {
+            "evicted: half-open handshake of the busiest source"
+        } else {
+            "evicted: oldest half-open handshake"
+        };
+        slot.conn
+            .fail(Error::Limit(reason), &mut self.metrics, &mut events);
+        self.metrics.half_open_evicted += 1;
+        self.after(now, id, events);
+        true
     }
 
     /// A fatal alert to a peer we keep no state for.
@@ -753,4 +791,15 @@ fn first_client_hello_random(datagram: &[u8]) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
     out.copy_from_slice(random);
     Some(out)
+}
+
+/// The unit of fairness at the half-open cap: an IPv4 address, or the /64 of an IPv6 address
+/// (one host or site commonly holds a whole /64).
+fn fairness_source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(a) => IpAddr::V6(std::net::Ipv6Addr::from(
+            u128::from(a) & !((1u128 << 64) - 1),
+        )),
+    }
 }

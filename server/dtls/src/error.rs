@@ -31,6 +31,8 @@ pub enum Error {
     CertificateExpired(String),
     #[error("certificate not authorized: {0}")]
     AccessDenied(String),
+    #[error("certificate revoked: {0}")]
+    CertificateRevoked(String),
     #[error("handshake signature does not verify")]
     BadSignature,
     #[error("Finished verify_data does not match")]
@@ -141,6 +143,7 @@ impl Error {
             Error::UnknownCa(_) => alert::UNKNOWN_CA,
             Error::CertificateExpired(_) => alert::CERTIFICATE_EXPIRED,
             Error::AccessDenied(_) => alert::ACCESS_DENIED,
+            Error::CertificateRevoked(_) => alert::CERTIFICATE_REVOKED,
             Error::BadSignature | Error::BadFinished => alert::DECRYPT_ERROR,
             Error::BadPublicKey | Error::IllegalParameter(_) => alert::ILLEGAL_PARAMETER,
             Error::UnsupportedExtension(_) => alert::UNSUPPORTED_EXTENSION,
@@ -165,7 +168,8 @@ impl Error {
             Error::NoCertificate
             | Error::BadCertificate(_)
             | Error::CertificateExpired(_)
-            | Error::AccessDenied(_) => RefusalReason::BadCertificate,
+            | Error::AccessDenied(_)
+            | Error::CertificateRevoked(_) => RefusalReason::BadCertificate,
             Error::UnknownCa(_) => RefusalReason::UnknownCa,
             Error::BadSignature | Error::BadFinished | Error::BadPublicKey => {
                 RefusalReason::BadSignatureOrFinished
@@ -192,6 +196,9 @@ pub enum CertError {
     Expired(String),
     #[error("{0}")]
     AccessDenied(String),
+    /// The certificate (or its device) was revoked: alert certificate_revoked (44).
+    #[error("{0}")]
+    Revoked(String),
 }
 
 impl From<CertError> for Error {
@@ -201,6 +208,7 @@ impl From<CertError> for Error {
             CertError::UnknownCa(s) => Error::UnknownCa(s),
             CertError::Expired(s) => Error::CertificateExpired(s),
             CertError::AccessDenied(s) => Error::AccessDenied(s),
+            CertError::Revoked(s) => Error::CertificateRevoked(s),
         }
     }
 }

@@ -496,6 +496,7 @@ pub mod alert {
     pub const HANDSHAKE_FAILURE: u8 = 40;
     pub const BAD_CERTIFICATE: u8 = 42;
     pub const UNSUPPORTED_CERTIFICATE: u8 = 43;
+    pub const CERTIFICATE_REVOKED: u8 = 44;
     pub const CERTIFICATE_EXPIRED: u8 = 45;
     pub const CERTIFICATE_UNKNOWN: u8 = 46;
     pub const ILLEGAL_PARAMETER: u8 = 47;

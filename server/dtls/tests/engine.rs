@@ -286,6 +286,122 @@ fn silent_cookie_echoers_cannot_keep_a_meter_out() {
     );
 }
 
+/// A silent peer from `from` that completes the cookie exchange and stops: one half-open slot.
+/// Returns the server's answers to its second ClientHello (its flight, or nothing).
+fn silent_half_open(net: &mut Net, pki: &Pki, name: &str, from: std::net::SocketAddr) {
+    let extra = pki.extra_client(name);
+    let key = std::sync::Arc::new(est_dtls::SigningKey::from_pkcs8(&extra.key_der).unwrap());
+    let cfg = std::sync::Arc::new(est_dtls::ClientConfig::new(
+        extra.chain,
+        key,
+        pki.verifier(),
+    ));
+    let mut c = est_dtls::Client::connect(net.now, addr(SERVER), cfg).unwrap();
+    let ch1 = c.poll_transmit().unwrap();
+    net.inject(from, &ch1);
+    let hvr = net
+        .take_server_transmits()
+        .into_iter()
+        .find(|t| t.destination == from)
+        .expect("HelloVerifyRequest");
+    c.handle_datagram(net.now, addr(SERVER), &hvr.payload);
+    let ch2 = c.poll_transmit().unwrap();
+    net.inject(from, &ch2);
+}
+
+/// A meter on a slow mesh (2 s each way) is half-open for seconds. One host then floods with
+/// cookie-echoing silent peers from many ports: at the cap its own handshakes give way, not
+/// the meter's, and the evicted peers are told with a fatal alert.
+#[test]
+fn one_host_with_many_ports_cannot_evict_a_slow_meter() {
+    let pki = Pki::new(1);
+    let mut sc = pki.server_config();
+    sc.limits.max_half_open = 8;
+    sc.limits.max_half_open_per_ip = 8;
+    let mut net = Net::new(sc, 12, 0.0);
+    net.latency = Duration::from_secs(2);
+    net.add_client(pki.client_config(0));
+    // CH1, HVR, CH2: past the cookie after 6 s; the server's flight is on its way.
+    net.run_for(Duration::from_millis(6500));
+    assert_eq!(net.server.gauges().half_open, 1, "the meter is half-open");
+    let mut alerts = 0;
+    for k in 0..30u16 {
+        let from = std::net::SocketAddr::from(([10, 7, 0, 1], 2000 + k));
+        silent_half_open(&mut net, &pki, &format!("flood-{k}"), from);
+        for t in net.take_server_transmits() {
+            // An alert record (content type 21) to an evicted attacker.
+            if t.payload.first() == Some(&21) && t.destination.ip() == from.ip() {
+                alerts += 1;
+            }
+            assert_ne!(
+                t.destination, net.client_addrs[0],
+                "nothing sent to the meter"
+            );
+        }
+    }
+    assert_eq!(net.server.gauges().half_open, 8);
+    assert_eq!(net.server.metrics().half_open_evicted, 23);
+    assert_eq!(alerts, 23, "each evicted peer hears a fatal alert");
+    net.run_for(Duration::from_secs(20));
+    assert!(
+        net.client_connected(0),
+        "the slow meter kept its slot and finished its handshake"
+    );
+}
+
+/// The same from one IPv6 /64 with a new address per peer: the /64 is one source.
+#[test]
+fn one_ipv6_prefix_with_many_addresses_cannot_evict_a_slow_meter() {
+    let pki = Pki::new(1);
+    let mut sc = pki.server_config();
+    sc.limits.max_half_open = 8;
+    sc.limits.max_half_open_per_ip = 8;
+    let mut net = Net::new(sc, 13, 0.0);
+    net.latency = Duration::from_secs(2);
+    net.add_client(pki.client_config(0));
+    net.run_for(Duration::from_millis(6500));
+    for k in 0..30u16 {
+        let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 7, 0, 0, 0, k + 1);
+        silent_half_open(&mut net, &pki, &format!("v6-{k}"), (ip, 4000).into());
+        net.take_server_transmits();
+    }
+    assert_eq!(net.server.metrics().half_open_evicted, 23);
+    net.run_for(Duration::from_secs(20));
+    assert!(net.client_connected(0));
+}
+
+/// With every source holding one slot, eviction stays oldest-first: eight distinct silent
+/// sources admitted after the slow meter push it out, and it hears so at once (a fatal alert)
+/// rather than retransmitting until its own timeout.
+#[test]
+fn with_one_slot_per_source_the_oldest_goes_and_is_told() {
+    let pki = Pki::new(1);
+    let mut sc = pki.server_config();
+    sc.limits.max_half_open = 8;
+    let mut net = Net::new(sc, 14, 0.0);
+    net.latency = Duration::from_secs(2);
+    net.add_client(pki.client_config(0));
+    net.run_for(Duration::from_millis(6500));
+    for k in 0..8u8 {
+        silent_half_open(
+            &mut net,
+            &pki,
+            &format!("d-{k}"),
+            ([10, 8, 0, k + 1], 999).into(),
+        );
+    }
+    assert_eq!(net.server.metrics().half_open_evicted, 1);
+    let to_meter: Vec<_> = net
+        .take_server_transmits()
+        .into_iter()
+        .filter(|t| t.destination == net.client_addrs[0])
+        .collect();
+    assert!(
+        to_meter.iter().any(|t| t.payload.first() == Some(&21)),
+        "the evicted meter is sent an alert"
+    );
+}
+
 #[test]
 fn the_session_cap_refuses_cleanly() {
     let pki = Pki::new(3);

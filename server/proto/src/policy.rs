@@ -98,6 +98,11 @@ pub enum PolicyError {
     UnknownCertificate,
     #[error("certificate being renewed is {0}")]
     CertificateNotActive(&'static str),
+    #[error("device is blocked (decommissioned by the operator)")]
+    DeviceBlocked,
+    /// Refused when the commit was made: a revocation or block came in meanwhile.
+    #[error("{0}")]
+    RevokedMeanwhile(String),
 }
 
 /// A parsed trust anchor.

@@ -115,6 +115,173 @@ pub struct AuditEvent {
     pub detail: String,
 }
 
+/// Why a certificate was revoked: the CRLReason codes of RFC 5280 §5.3.1 (7 is unused;
+/// removeFromCRL, 8, only appears in delta CRLs and is not offered).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RevocationReason {
+    Unspecified,
+    KeyCompromise,
+    CaCompromise,
+    AffiliationChanged,
+    Superseded,
+    CessationOfOperation,
+    CertificateHold,
+    PrivilegeWithdrawn,
+    AaCompromise,
+}
+
+impl RevocationReason {
+    /// Every reason, in code order.
+    pub const ALL: [RevocationReason; 9] = [
+        RevocationReason::Unspecified,
+        RevocationReason::KeyCompromise,
+        RevocationReason::CaCompromise,
+        RevocationReason::AffiliationChanged,
+        RevocationReason::Superseded,
+        RevocationReason::CessationOfOperation,
+        RevocationReason::CertificateHold,
+        RevocationReason::PrivilegeWithdrawn,
+        RevocationReason::AaCompromise,
+    ];
+
+    /// The CRLReason code (RFC 5280 §5.3.1), as stored and as put in the CRL.
+    pub fn code(self) -> u8 {
+        match self {
+            RevocationReason::Unspecified => 0,
+            RevocationReason::KeyCompromise => 1,
+            RevocationReason::CaCompromise => 2,
+            RevocationReason::AffiliationChanged => 3,
+            RevocationReason::Superseded => 4,
+            RevocationReason::CessationOfOperation => 5,
+            RevocationReason::CertificateHold => 6,
+            RevocationReason::PrivilegeWithdrawn => 9,
+            RevocationReason::AaCompromise => 10,
+        }
+    }
+
+    /// The reason of a CRLReason code.
+    pub fn from_code(code: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.code() == code)
+    }
+
+    /// The RFC 5280 name, e.g. `keyCompromise` (what `openssl crl -text` prints, in words).
+    pub fn name(self) -> &'static str {
+        match self {
+            RevocationReason::Unspecified => "unspecified",
+            RevocationReason::KeyCompromise => "keyCompromise",
+            RevocationReason::CaCompromise => "cACompromise",
+            RevocationReason::AffiliationChanged => "affiliationChanged",
+            RevocationReason::Superseded => "superseded",
+            RevocationReason::CessationOfOperation => "cessationOfOperation",
+            RevocationReason::CertificateHold => "certificateHold",
+            RevocationReason::PrivilegeWithdrawn => "privilegeWithdrawn",
+            RevocationReason::AaCompromise => "aACompromise",
+        }
+    }
+
+    /// A reason from its RFC 5280 name in any case, with or without dashes or underscores
+    /// (`keyCompromise`, `key-compromise`, `KEY_COMPROMISE`), or its code (`1`).
+    pub fn parse(text: &str) -> Option<Self> {
+        let t = text.trim();
+        if let Ok(code) = t.parse::<u8>() {
+            return Self::from_code(code);
+        }
+        let norm: String = t
+            .chars()
+            .filter(|c| !matches!(c, '-' | '_' | ' '))
+            .map(|c| c.to_ascii_lowercase())
+            .collect();
+        Self::ALL
+            .into_iter()
+            .find(|r| r.name().to_ascii_lowercase() == norm)
+    }
+}
+
+impl std::fmt::Display for RevocationReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An operator's revocation of one certificate ([`Store::revoke`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revocation {
+    /// Serial, lower-case hex as stored.
+    pub serial_hex: String,
+    pub reason: RevocationReason,
+    /// The revocationDate the CRL will carry, seconds since the Unix epoch.
+    pub revoked_at_unix: i64,
+    /// Written in the same transaction (operation `revoke`).
+    pub audit: AuditEvent,
+}
+
+/// What [`Store::revoke`] came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RevokeOutcome {
+    /// Revoked now (the certificate as it was before).
+    Revoked(IssuedCert),
+    /// It was revoked already; nothing changed (no audit row either).
+    AlreadyRevoked(IssuedCert),
+    /// No certificate with that serial.
+    NotFound,
+}
+
+/// An operator's decommissioning of a device ([`Store::block_device`]): its future `/sen`
+/// and `/sren` are refused, and unless `keep_certs` its active certificates are revoked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceBlock {
+    pub device_id: String,
+    /// The reason the device's certificates are revoked with (normally
+    /// cessationOfOperation).
+    pub reason: RevocationReason,
+    pub at_unix: i64,
+    /// Leave its certificates as they are (only future enrollments are refused).
+    pub keep_certs: bool,
+    /// Written in the same transaction (operation `block`).
+    pub audit: AuditEvent,
+}
+
+/// What [`Store::block_device`] came to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockOutcome {
+    /// False when the device was on the blocklist already.
+    pub newly_blocked: bool,
+    /// Serials revoked by this block.
+    pub revoked_serials: Vec<String>,
+}
+
+/// One entry of the CRL: a revoked certificate of ours.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevokedEntry {
+    pub serial_hex: String,
+    pub revoked_at_unix: i64,
+    pub reason: RevocationReason,
+}
+
+/// How many certificates a device was issued since a given time ([`Store::issued_since`]),
+/// for the per-device enrollment rate limit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IssuanceWindow {
+    pub count: u64,
+    /// issued_at of the oldest of them (seconds since the Unix epoch).
+    pub oldest_unix: Option<i64>,
+}
+
+/// The latest CRL published, as the store keeps it: every server and operator command
+/// that signs a CRL goes through [`Store::next_crl_number`] and [`Store::save_crl`], so
+/// the CRL number only grows, whoever signs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CrlRecord {
+    /// cRLNumber (RFC 5280 §5.2.3).
+    pub number: u64,
+    pub this_update_unix: i64,
+    pub next_update_unix: i64,
+    /// The [`Store::revocation_generation`] it covers: every revocation up to it is listed.
+    pub generation: u64,
+    /// The CRL, DER.
+    pub der: Vec<u8>,
+}
+
 /// Errors of a storage backend.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -152,10 +319,14 @@ pub enum CommitOutcome {
     /// (two retries raced); answer with this one instead.
     AlreadyIssued(IssuedCert),
     /// A re-enrollment lost a race: the certificate it replaces had this status (no longer
-    /// active) when the commit ran, and the device's certificate for this request was not
-    /// the one that superseded it. Nothing was written; the request is refused as it would
-    /// have been had the winner committed before it was read.
+    /// active, superseded) when the commit ran, and the device's certificate for this request
+    /// was not the one that superseded it. Nothing was written; the request is refused as it
+    /// would have been had the winner committed before it was read.
     ReplacedNotActive(CertStatus),
+    /// Not written: between the decision and the commit, the device was blocked or the
+    /// certificate the re-enrollment authenticated with was revoked (the reason, for the
+    /// answer and the audit row).
+    Refused(String),
 }
 
 /// What a commit came to: its outcome once durable, or why the store could not make it so
@@ -182,6 +353,44 @@ pub trait Store: Send + Sync {
 
     /// Whether `device_id` is on the device allowlist.
     fn device_allowed(&self, device_id: &str) -> Result<bool, StoreError>;
+
+    /// Whether `device_id` was decommissioned (`est-server devices block`): its `/sen` and
+    /// `/sren` are refused.
+    fn device_blocked(&self, device_id: &str) -> Result<bool, StoreError>;
+
+    /// Certificates issued to `device_id` at or after `since_unix` (every kind), for the
+    /// per-device enrollment rate limit.
+    fn issued_since(&self, device_id: &str, since_unix: i64) -> Result<IssuanceWindow, StoreError>;
+
+    /// Revoke one certificate and write its audit row, in one transaction, durable on
+    /// return (an operator command: synchronous). Bumps the revocation generation.
+    fn revoke(&self, revocation: &Revocation) -> Result<RevokeOutcome, StoreError>;
+
+    /// Put a device on the blocklist and, unless `keep_certs`, revoke its active
+    /// certificates, with the audit row, in one transaction, durable on return. Bumps the
+    /// revocation generation.
+    fn block_device(&self, block: &DeviceBlock) -> Result<BlockOutcome, StoreError>;
+
+    /// Every revoked certificate, oldest revocation first: the CRL's entries.
+    fn revoked_certificates(&self) -> Result<Vec<RevokedEntry>, StoreError>;
+
+    /// Every blocked device.
+    fn blocked_devices(&self) -> Result<Vec<String>, StoreError>;
+
+    /// A number that grows with every revocation and block (0: none ever). A server
+    /// compares it with the generation its CRL and its handshake checks cover, to learn of
+    /// revocations made by another process (the operator CLI) without reading every row.
+    fn revocation_generation(&self) -> Result<u64, StoreError>;
+
+    /// Allocate the next cRLNumber (1, 2, ...), durable on return: never handed out twice.
+    fn next_crl_number(&self) -> Result<u64, StoreError>;
+
+    /// Keep `crl` as the latest CRL unless one with a higher number is stored already;
+    /// returns whether it was kept.
+    fn save_crl(&self, crl: &CrlRecord) -> Result<bool, StoreError>;
+
+    /// The latest CRL saved, if any.
+    fn latest_crl(&self) -> Result<Option<CrlRecord>, StoreError>;
 
     /// Queue `commit` and return at once; `done` is called exactly once with the result, only
     /// after the write is on stable storage (or has failed). A store that cannot accept the
@@ -298,6 +507,11 @@ struct MemoryInner {
     certs: Vec<IssuedCert>,
     audit: Vec<AuditEvent>,
     allowlist: Vec<String>,
+    blocked: Vec<String>,
+    revoked: Vec<RevokedEntry>,
+    generation: u64,
+    crl_number: u64,
+    crl: Option<CrlRecord>,
 }
 
 /// An in-memory [`Store`] for tests and simulations. Not durable.
@@ -354,12 +568,17 @@ impl MemoryStore {
                 }) {
                     return Ok(CommitOutcome::AlreadyIssued(existing.clone()));
                 }
-                if let Some(replaced) = &cert.replaces_serial_hex {
-                    if let Some(r) = g.certs.iter().find(|c| &c.serial_hex == replaced) {
-                        if r.status != CertStatus::Active {
-                            return Ok(CommitOutcome::ReplacedNotActive(r.status));
-                        }
-                    }
+                let replaced = cert
+                    .replaces_serial_hex
+                    .as_deref()
+                    .and_then(|r| g.certs.iter().find(|c| c.serial_hex == r).map(|c| c.status));
+                if let Some(refusal) =
+                    issuance_refusal(g.blocked.contains(&cert.device_id), replaced)
+                {
+                    return Ok(CommitOutcome::Refused(refusal));
+                }
+                if let Some(status) = replaced.filter(|s| *s != CertStatus::Active) {
+                    return Ok(CommitOutcome::ReplacedNotActive(status));
                 }
                 for c in g.certs.iter_mut() {
                     if c.device_id == cert.device_id && c.status == CertStatus::Active {
@@ -375,7 +594,133 @@ impl MemoryStore {
     }
 }
 
+/// Why an issuance is refused at commit time (see [`CommitOutcome::Refused`]): the device
+/// is blocked, or the certificate being renewed has been revoked. Shared by the stores.
+pub fn issuance_refusal(device_blocked: bool, replaced: Option<CertStatus>) -> Option<String> {
+    if device_blocked {
+        return Some("device is blocked (decommissioned)".into());
+    }
+    if replaced == Some(CertStatus::Revoked) {
+        return Some("certificate being renewed is revoked".into());
+    }
+    None
+}
+
+impl MemoryStore {
+    fn revoke_locked(
+        g: &mut MemoryInner,
+        serial_hex: &str,
+        reason: RevocationReason,
+        at: i64,
+    ) -> Option<(IssuedCert, bool)> {
+        let cert = g.certs.iter_mut().find(|c| c.serial_hex == serial_hex)?;
+        let before = cert.clone();
+        if cert.status == CertStatus::Revoked {
+            return Some((before, false));
+        }
+        cert.status = CertStatus::Revoked;
+        g.revoked.push(RevokedEntry {
+            serial_hex: serial_hex.to_string(),
+            revoked_at_unix: at,
+            reason,
+        });
+        Some((before, true))
+    }
+}
+
 impl Store for MemoryStore {
+    fn device_blocked(&self, device_id: &str) -> Result<bool, StoreError> {
+        Ok(self.lock()?.blocked.iter().any(|d| d == device_id))
+    }
+
+    fn issued_since(&self, device_id: &str, since_unix: i64) -> Result<IssuanceWindow, StoreError> {
+        let g = self.lock()?;
+        let mut w = IssuanceWindow::default();
+        for c in g
+            .certs
+            .iter()
+            .filter(|c| c.device_id == device_id && c.issued_at_unix >= since_unix)
+        {
+            w.count += 1;
+            w.oldest_unix = Some(
+                w.oldest_unix
+                    .map_or(c.issued_at_unix, |o| o.min(c.issued_at_unix)),
+            );
+        }
+        Ok(w)
+    }
+
+    fn revoke(&self, r: &Revocation) -> Result<RevokeOutcome, StoreError> {
+        let mut g = self.lock()?;
+        match Self::revoke_locked(&mut g, &r.serial_hex, r.reason, r.revoked_at_unix) {
+            None => Ok(RevokeOutcome::NotFound),
+            Some((before, false)) => Ok(RevokeOutcome::AlreadyRevoked(before)),
+            Some((before, true)) => {
+                g.generation += 1;
+                g.audit.push(r.audit.clone());
+                Ok(RevokeOutcome::Revoked(before))
+            }
+        }
+    }
+
+    fn block_device(&self, b: &DeviceBlock) -> Result<BlockOutcome, StoreError> {
+        let mut g = self.lock()?;
+        let newly_blocked = !g.blocked.contains(&b.device_id);
+        if newly_blocked {
+            g.blocked.push(b.device_id.clone());
+        }
+        let mut out = BlockOutcome {
+            newly_blocked,
+            revoked_serials: Vec::new(),
+        };
+        if !b.keep_certs {
+            let active: Vec<String> = g
+                .certs
+                .iter()
+                .filter(|c| c.device_id == b.device_id && c.status == CertStatus::Active)
+                .map(|c| c.serial_hex.clone())
+                .collect();
+            for s in active {
+                Self::revoke_locked(&mut g, &s, b.reason, b.at_unix);
+                out.revoked_serials.push(s);
+            }
+        }
+        g.generation += 1;
+        g.audit.push(b.audit.clone());
+        Ok(out)
+    }
+
+    fn revoked_certificates(&self) -> Result<Vec<RevokedEntry>, StoreError> {
+        Ok(self.lock()?.revoked.clone())
+    }
+
+    fn blocked_devices(&self) -> Result<Vec<String>, StoreError> {
+        Ok(self.lock()?.blocked.clone())
+    }
+
+    fn revocation_generation(&self) -> Result<u64, StoreError> {
+        Ok(self.lock()?.generation)
+    }
+
+    fn next_crl_number(&self) -> Result<u64, StoreError> {
+        let mut g = self.lock()?;
+        g.crl_number += 1;
+        Ok(g.crl_number)
+    }
+
+    fn save_crl(&self, crl: &CrlRecord) -> Result<bool, StoreError> {
+        let mut g = self.lock()?;
+        if g.crl.as_ref().is_some_and(|c| c.number >= crl.number) {
+            return Ok(false);
+        }
+        g.crl = Some(crl.clone());
+        Ok(true)
+    }
+
+    fn latest_crl(&self) -> Result<Option<CrlRecord>, StoreError> {
+        Ok(self.lock()?.crl.clone())
+    }
+
     fn find_by_request(
         &self,
         device_id: &str,

@@ -179,3 +179,80 @@ mod tests {
         );
     }
 }
+
+/// The `openssl` command line, as the tests drive it to make keys and CSRs and to check what
+/// the server issued. Errors carry openssl's stderr.
+pub mod openssl {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    /// Run `openssl` with arguments; its stdout, or its stderr as the error.
+    pub fn run(args: &[&str]) -> Result<String, String> {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .map_err(|e| format!("running openssl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "openssl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn s(p: &Path) -> Result<&str, String> {
+        p.to_str()
+            .ok_or_else(|| format!("non-UTF-8 path {}", p.display()))
+    }
+
+    /// A fresh P-256 key and a DER CSR for `subject` (e.g. "/serialNumber=SN1"), made by
+    /// `openssl req`, as `dir/<name>.key` and `dir/<name>.csr.der`.
+    pub fn csr(dir: &Path, name: &str, subject: &str) -> Result<(PathBuf, PathBuf), String> {
+        let key = dir.join(format!("{name}.key"));
+        let csr = dir.join(format!("{name}.csr.der"));
+        run(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            s(&key)?,
+            "-subj",
+            subject,
+            "-outform",
+            "DER",
+            "-out",
+            s(&csr)?,
+        ])?;
+        Ok((key, csr))
+    }
+
+    /// DER certificate -> PEM file next to it; returns the PEM path.
+    pub fn der_to_pem(der_path: &Path) -> Result<PathBuf, String> {
+        let pem = der_path.with_extension("pem");
+        run(&[
+            "x509",
+            "-inform",
+            "DER",
+            "-in",
+            s(der_path)?,
+            "-out",
+            s(&pem)?,
+        ])?;
+        Ok(pem)
+    }
+
+    /// `openssl verify -CAfile ca cert` succeeded (prints "<file>: OK").
+    pub fn verify(ca: &Path, cert_pem: &Path) -> Result<(), String> {
+        let out = run(&["verify", "-CAfile", s(ca)?, s(cert_pem)?])?;
+        if !out.trim_end().ends_with(": OK") {
+            return Err(format!("openssl verify: {out}"));
+        }
+        Ok(())
+    }
+}

@@ -11,7 +11,8 @@ pub(crate) fn run(cmd: C509Command) -> Result<()> {
     use std::io::Write;
     let emit = |bytes: &[u8], out: Option<PathBuf>, info: Option<String>| -> Result<()> {
         if let Some(o) = &out {
-            std::fs::write(o, bytes).with_context(|| format!("writing {}", o.display()))?;
+            // Certificates and requests are public: 0644 whatever the umask.
+            est_server::datadir::write_public(o, bytes)?;
         }
         match info {
             Some(text) => println!("{text}"),

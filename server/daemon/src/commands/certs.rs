@@ -1,4 +1,4 @@
-//! `est-server certs list|show`: issued certificates from the store.
+//! `est-server certs list|show|revoke`: issued certificates from the store.
 
 use std::path::Path;
 
@@ -10,6 +10,9 @@ use crate::cli::CertsCommand;
 
 pub(crate) fn run(data_dir: &Path, cmd: CertsCommand) -> Result<()> {
     init_logging(false);
+    if let CertsCommand::Revoke { serial, reason } = cmd {
+        return revoke(data_dir, &serial, reason);
+    }
     let store = open_store(data_dir)?;
     match cmd {
         CertsCommand::List { limit, json } => {
@@ -68,7 +71,46 @@ pub(crate) fn run(data_dir: &Path, cmd: CertsCommand) -> Result<()> {
                 ),
             }
         }
+        CertsCommand::Revoke { .. } => {}
     }
     store.close();
+    Ok(())
+}
+
+fn revoke(data_dir: &Path, serial: &str, reason: est_proto::store::RevocationReason) -> Result<()> {
+    use est_proto::store::RevokeOutcome;
+    let config = datadir::load_config(data_dir, None)?;
+    let report = est_server::revocation::revoke_certificate(
+        data_dir,
+        &config,
+        serial,
+        reason,
+        std::time::SystemTime::now(),
+    )?;
+    match report.outcome {
+        RevokeOutcome::NotFound => bail!("no certificate with serial {serial}"),
+        RevokeOutcome::AlreadyRevoked(c) => {
+            println!(
+                "{} (device {}) was already revoked",
+                c.serial_hex, c.device_id
+            );
+        }
+        RevokeOutcome::Revoked(c) => {
+            println!(
+                "revoked {} (device {}), reason {} ({})",
+                c.serial_hex,
+                c.device_id,
+                reason.name(),
+                reason.code()
+            );
+        }
+    }
+    if let Some(crl) = report.crl {
+        println!(
+            "CRL number {} published: {}",
+            crl.number,
+            datadir::resolve(data_dir, &config.revocation.crl_file).display()
+        );
+    }
     Ok(())
 }

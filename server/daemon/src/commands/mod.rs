@@ -4,14 +4,16 @@
 pub(crate) mod audit;
 pub(crate) mod c509;
 pub(crate) mod certs;
+pub(crate) mod crl;
 pub(crate) mod devices;
+pub(crate) mod dtls;
 pub(crate) mod factory;
 pub(crate) mod init;
 
 use std::path::Path;
 use std::time::SystemTime;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use est_proto::store::{unix_seconds, UtcDateTime};
 use est_server::datadir;
 use tracing_subscriber::EnvFilter;
@@ -41,16 +43,7 @@ pub(crate) fn open_store(
     data_dir: &Path,
 ) -> Result<std::sync::Arc<dyn est_server::store::ServerStore>> {
     let cfg = datadir::load_config(data_dir, None)?;
-    let db = datadir::resolve(data_dir, &cfg.storage.database);
-    if !cfg.storage.is_postgres() && !db.exists() {
-        bail!("no store at {} (run `est-server init` first)", db.display());
-    }
-    let storage = est_server::config::StorageSection {
-        max_batch: 1,
-        pool_size: cfg.storage.pool_size.min(2),
-        ..cfg.storage.clone()
-    };
-    Ok(est_server::store::open_configured(&storage, &db)?)
+    est_server::store::open_for_command(data_dir, &cfg.storage)
 }
 
 pub(crate) fn unix_now() -> i64 {

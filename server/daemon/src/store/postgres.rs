@@ -57,14 +57,15 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use est_proto::store::{
-    AuditEvent, CertStatus, Commit, CommitDone, CommitOutcome, CommitResult, IssuanceKind,
-    IssuedCert, Store, StoreError,
+    issuance_refusal, AuditEvent, BlockOutcome, CertStatus, Commit, CommitDone, CommitOutcome,
+    CommitResult, CrlRecord, DeviceBlock, IssuanceKind, IssuanceWindow, IssuedCert, Revocation,
+    RevokeOutcome, RevokedEntry, Store, StoreError,
 };
 use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::{ServerStore, WriteOp, WriterCounters, WriterStats};
+use super::{revoked_entry, ServerStore, WriteOp, WriterCounters, WriterStats};
 use crate::config::StorageSection;
 
 /// One schema change, applied once per database, in order.
@@ -75,11 +76,18 @@ pub struct Migration {
 }
 
 /// Every migration, oldest first. Append; never edit one that has shipped.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "certificates, audit, devices; est_issue()",
-    sql: MIGRATION_1,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "certificates, audit, devices; est_issue()",
+        sql: MIGRATION_1,
+    },
+    Migration {
+        version: 2,
+        name: "revocation: revoked_at/reason, blocked_devices, revocation_state, crls; est_issue() refuses blocked devices",
+        sql: MIGRATION_2,
+    },
+];
 
 const MIGRATION_1: &str = r#"
 CREATE TABLE certificates (
@@ -175,6 +183,102 @@ END
 $fn$;
 "#;
 
+/// Revocation and CRLs (the SQLite store's schema of the same release, plus what N nodes
+/// need): a revoked certificate's date and CRLReason; the blocklist; one row holding the
+/// revocation generation and the last cRLNumber, each bumped by an `UPDATE` that holds the
+/// row's lock until COMMIT, so that every node and the CLI see one sequence (no number twice,
+/// no generation lost); every CRL saved; and `est_issue` taking a per-device advisory lock
+/// (shared with `block_device`) and refusing a blocked device.
+const MIGRATION_2: &str = r#"
+ALTER TABLE certificates
+    ADD COLUMN revoked_at bigint,
+    ADD COLUMN revocation_reason smallint;
+-- The per-device enrollment rate limit (issued_since).
+CREATE INDEX certificates_by_device_time ON certificates (device_id, issued_at);
+-- The CRL's entries.
+CREATE INDEX certificates_revoked ON certificates (revoked_at, serial) WHERE status = 'revoked';
+
+CREATE TABLE blocked_devices (
+    device_id   text COLLATE "C" PRIMARY KEY,
+    blocked_at  bigint NOT NULL,
+    reason      smallint NOT NULL
+);
+
+CREATE TABLE revocation_state (
+    id          integer PRIMARY KEY CHECK (id = 1),
+    generation  bigint NOT NULL,
+    crl_number  bigint NOT NULL
+);
+INSERT INTO revocation_state (id, generation, crl_number) VALUES (1, 0, 0);
+
+CREATE TABLE crls (
+    number       bigint PRIMARY KEY,
+    this_update  bigint NOT NULL,
+    next_update  bigint NOT NULL,
+    generation   bigint NOT NULL,
+    der          bytea NOT NULL
+);
+
+-- As in migration 1, plus: the device's advisory lock first (a block of the device waits
+-- for this issuance or this issuance for the block, so a block never misses a certificate
+-- committed beside it), and 'blocked' for a decommissioned device. A re-enrollment whose
+-- certificate was revoked meanwhile answers 'not-active:revoked'.
+CREATE OR REPLACE FUNCTION est_issue(
+    p_serial text, p_device text, p_subject text, p_der bytea, p_digest bytea,
+    p_not_before bigint, p_not_after bigint, p_issued_at bigint, p_status text, p_kind text,
+    p_replaces text,
+    a_at bigint, a_peer text, a_device text, a_operation text, a_outcome text, a_code text,
+    a_detail text
+) RETURNS text LANGUAGE plpgsql AS $fn$
+DECLARE
+    existing text;
+    replaced_status text;
+    attempt integer := 0;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_device, 0));
+    LOOP
+        BEGIN
+            SELECT serial INTO existing FROM certificates
+                WHERE device_id = p_device AND request_digest = p_digest;
+            IF FOUND THEN
+                RETURN 'already:' || existing;
+            END IF;
+            PERFORM 1 FROM blocked_devices WHERE device_id = p_device;
+            IF FOUND THEN
+                RETURN 'blocked';
+            END IF;
+            IF p_replaces IS NOT NULL THEN
+                SELECT status INTO replaced_status FROM certificates
+                    WHERE serial = p_replaces FOR UPDATE;
+                IF FOUND AND replaced_status <> 'active' THEN
+                    SELECT serial INTO existing FROM certificates
+                        WHERE device_id = p_device AND request_digest = p_digest;
+                    IF FOUND THEN
+                        RETURN 'already:' || existing;
+                    END IF;
+                    RETURN 'not-active:' || replaced_status;
+                END IF;
+            END IF;
+            UPDATE certificates SET status = 'superseded'
+                WHERE device_id = p_device AND status = 'active';
+            INSERT INTO certificates (serial, device_id, subject, der, request_digest,
+                    not_before, not_after, issued_at, status, kind, replaces)
+                VALUES (p_serial, p_device, p_subject, p_der, p_digest,
+                    p_not_before, p_not_after, p_issued_at, p_status, p_kind, p_replaces);
+            INSERT INTO audit (at, peer, device_id, operation, outcome, code, detail)
+                VALUES (a_at, a_peer, a_device, a_operation, a_outcome, a_code, a_detail);
+            RETURN 'committed';
+        EXCEPTION WHEN unique_violation OR deadlock_detected OR serialization_failure THEN
+            attempt := attempt + 1;
+            IF attempt >= 8 THEN
+                RAISE;
+            END IF;
+        END;
+    END LOOP;
+END
+$fn$;
+"#;
+
 /// Serialises migrations of nodes that start together (an arbitrary constant).
 const MIGRATION_LOCK_KEY: i64 = 0x4553_545f_5047; // "EST_PG"
 
@@ -195,6 +299,25 @@ const SELECT_DEVICE: &str = "SELECT 1 FROM devices WHERE device_id = $1";
 const ISSUE: &str =
     "SELECT est_issue($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
 const INSERT_AUDIT: &str = "INSERT INTO audit (at, peer, device_id, operation, outcome, code, detail) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+
+// Revocation (migration 2).
+const SELECT_BLOCKED: &str = "SELECT 1 FROM blocked_devices WHERE device_id = $1";
+const ISSUED_SINCE: &str =
+    "SELECT count(*), min(issued_at) FROM certificates WHERE device_id = $1 AND issued_at >= $2";
+/// The device's advisory lock, the one `est_issue` takes.
+const LOCK_DEVICE: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))";
+const SELECT_FOR_REVOKE: &str = cert_select!("WHERE serial = $1 FOR UPDATE");
+const REVOKE_CERT: &str = "UPDATE certificates SET status = 'revoked', revoked_at = $2, revocation_reason = $3 WHERE serial = $1 AND status <> 'revoked'";
+const REVOKE_ACTIVE_OF_DEVICE: &str = "UPDATE certificates SET status = 'revoked', revoked_at = $2, revocation_reason = $3 WHERE device_id = $1 AND status = 'active' RETURNING serial";
+const BLOCK_DEVICE: &str = "INSERT INTO blocked_devices (device_id, blocked_at, reason) VALUES ($1, $2, $3) ON CONFLICT (device_id) DO NOTHING";
+const BUMP_GENERATION: &str =
+    "UPDATE revocation_state SET generation = generation + 1 WHERE id = 1";
+const SELECT_REVOKED: &str = "SELECT serial, revoked_at, revocation_reason FROM certificates WHERE status = 'revoked' ORDER BY revoked_at, serial";
+const SELECT_GENERATION: &str = "SELECT generation FROM revocation_state WHERE id = 1";
+const NEXT_CRL_NUMBER: &str =
+    "UPDATE revocation_state SET crl_number = crl_number + 1 WHERE id = 1 RETURNING crl_number";
+const INSERT_CRL: &str = "INSERT INTO crls (number, this_update, next_update, generation, der) SELECT $1, $2, $3, $4, $5 WHERE NOT EXISTS (SELECT 1 FROM crls WHERE number >= $1)";
+const SELECT_LATEST_CRL: &str = "SELECT number, this_update, next_update, generation, der FROM crls ORDER BY number DESC LIMIT 1";
 
 /// What [`PgStore::open`] needs (from `[storage]`).
 #[derive(Clone, Debug)]
@@ -253,6 +376,32 @@ fn pg_text(e: &tokio_postgres::Error) -> String {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
         None => e.to_string(),
     }
+}
+
+/// [`pg_text`] as a [`StoreError::Backend`].
+fn db(e: tokio_postgres::Error) -> StoreError {
+    backend(pg_text(&e))
+}
+
+async fn insert_audit(
+    tx: &deadpool_postgres::Transaction<'_>,
+    a: &AuditEvent,
+) -> Result<(), StoreError> {
+    tx.execute(
+        INSERT_AUDIT,
+        &[
+            &a.at_unix,
+            &a.peer,
+            &a.device_id,
+            &a.operation,
+            &a.outcome,
+            &a.code,
+            &a.detail,
+        ],
+    )
+    .await
+    .map_err(db)?;
+    Ok(())
 }
 
 fn describe(cfg: &tokio_postgres::Config) -> String {
@@ -447,7 +596,8 @@ impl PgStore {
             let client = pool.get().await.map_err(backend)?;
             client
                 .batch_execute(
-                    "DROP TABLE IF EXISTS certificates, audit, devices, schema_migrations CASCADE;
+                    "DROP TABLE IF EXISTS certificates, audit, devices, blocked_devices,
+                         revocation_state, crls, schema_migrations CASCADE;
                      DROP FUNCTION IF EXISTS est_issue CASCADE;",
                 )
                 .await
@@ -591,6 +741,7 @@ enum Raw {
     Committed,
     Already(String),
     NotActive(String),
+    Blocked,
 }
 
 async fn apply_one(
@@ -628,6 +779,8 @@ async fn apply_one(
                 Raw::Already(serial.to_owned())
             } else if let Some(status) = text.strip_prefix("not-active:") {
                 Raw::NotActive(status.to_owned())
+            } else if text == "blocked" {
+                Raw::Blocked
             } else {
                 Raw::Committed
             })
@@ -680,9 +833,15 @@ async fn apply_batch(pool: &Pool, commits: &[&Commit]) -> Result<Vec<CommitResul
     for (raw, &i) in raws.into_iter().zip(&order) {
         out[i] = Some(match raw {
             Raw::Committed => Ok(CommitOutcome::Committed),
-            Raw::NotActive(status) => CertStatus::parse(&status)
-                .map(CommitOutcome::ReplacedNotActive)
-                .ok_or_else(|| StoreError::Corrupt(format!("status {status:?}"))),
+            Raw::Blocked => issuance_refusal(true, None)
+                .map(CommitOutcome::Refused)
+                .ok_or_else(|| backend("a blocked device was not refused")),
+            Raw::NotActive(status) => match CertStatus::parse(&status) {
+                // Revoked meanwhile: refused as the SQLite store refuses it.
+                Some(s) => Ok(issuance_refusal(false, Some(s))
+                    .map_or(CommitOutcome::ReplacedNotActive(s), CommitOutcome::Refused)),
+                None => Err(StoreError::Corrupt(format!("status {status:?}"))),
+            },
             Raw::Already(serial) => {
                 // Committed by another transaction before ours read it: readable now.
                 match client.query_opt(SELECT_BY_SERIAL, &[&serial]).await {
@@ -803,6 +962,191 @@ impl Store for PgStore {
                 .await
                 .map_err(|e| backend(pg_text(&e)))?;
             Ok(row.is_some())
+        })
+    }
+
+    fn device_blocked(&self, device_id: &str) -> Result<bool, StoreError> {
+        let device = device_id.to_owned();
+        self.run("reading the blocklist", move |pool| async move {
+            let client = pool.get().await.map_err(backend)?;
+            let st = client.prepare_cached(SELECT_BLOCKED).await.map_err(db)?;
+            Ok(client
+                .query_opt(&st, &[&device])
+                .await
+                .map_err(db)?
+                .is_some())
+        })
+    }
+
+    fn issued_since(&self, device_id: &str, since_unix: i64) -> Result<IssuanceWindow, StoreError> {
+        let device = device_id.to_owned();
+        self.run("counting a device's certificates", move |pool| async move {
+            let client = pool.get().await.map_err(backend)?;
+            let st = client.prepare_cached(ISSUED_SINCE).await.map_err(db)?;
+            let row = client
+                .query_one(&st, &[&device, &since_unix])
+                .await
+                .map_err(db)?;
+            Ok(IssuanceWindow {
+                count: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+                oldest_unix: row.get(1),
+            })
+        })
+    }
+
+    fn revoke(&self, r: &Revocation) -> Result<RevokeOutcome, StoreError> {
+        let r = r.clone();
+        self.run("revoking a certificate", move |pool| async move {
+            let mut client = pool.get().await.map_err(backend)?;
+            let tx = client.transaction().await.map_err(db)?;
+            // The row lock: a revocation of the same serial on another node waits, then
+            // finds it revoked; an issuance renewing it waits too (or is waited for).
+            let Some(row) = tx
+                .query_opt(SELECT_FOR_REVOKE, &[&r.serial_hex])
+                .await
+                .map_err(db)?
+            else {
+                return Ok(RevokeOutcome::NotFound);
+            };
+            let before = cert_from_row(&row)?;
+            if before.status == CertStatus::Revoked {
+                return Ok(RevokeOutcome::AlreadyRevoked(before));
+            }
+            let reason = i16::from(r.reason.code());
+            tx.execute(REVOKE_CERT, &[&r.serial_hex, &r.revoked_at_unix, &reason])
+                .await
+                .map_err(db)?;
+            tx.execute(BUMP_GENERATION, &[]).await.map_err(db)?;
+            insert_audit(&tx, &r.audit).await?;
+            tx.commit().await.map_err(db)?;
+            Ok(RevokeOutcome::Revoked(before))
+        })
+    }
+
+    fn block_device(&self, b: &DeviceBlock) -> Result<BlockOutcome, StoreError> {
+        let b = b.clone();
+        self.run("blocking a device", move |pool| async move {
+            let mut client = pool.get().await.map_err(backend)?;
+            let tx = client.transaction().await.map_err(db)?;
+            // Taken by est_issue too: an issuance for the device on any node commits
+            // before (and is revoked below) or after (and sees the block).
+            tx.execute(LOCK_DEVICE, &[&b.device_id]).await.map_err(db)?;
+            let reason = i16::from(b.reason.code());
+            let newly_blocked = tx
+                .execute(BLOCK_DEVICE, &[&b.device_id, &b.at_unix, &reason])
+                .await
+                .map_err(db)?
+                > 0;
+            let revoked_serials = if b.keep_certs {
+                Vec::new()
+            } else {
+                tx.query(
+                    REVOKE_ACTIVE_OF_DEVICE,
+                    &[&b.device_id, &b.at_unix, &reason],
+                )
+                .await
+                .map_err(db)?
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect()
+            };
+            tx.execute(BUMP_GENERATION, &[]).await.map_err(db)?;
+            insert_audit(&tx, &b.audit).await?;
+            tx.commit().await.map_err(db)?;
+            Ok(BlockOutcome {
+                newly_blocked,
+                revoked_serials,
+            })
+        })
+    }
+
+    fn revoked_certificates(&self) -> Result<Vec<RevokedEntry>, StoreError> {
+        self.run("reading the revoked certificates", |pool| async move {
+            let client = pool.get().await.map_err(backend)?;
+            let rows = client.query(SELECT_REVOKED, &[]).await.map_err(db)?;
+            rows.iter()
+                .map(|r| {
+                    let reason: Option<i16> = r.get(2);
+                    revoked_entry(r.get(0), r.get(1), reason.map(i64::from))
+                })
+                .collect()
+        })
+    }
+
+    fn blocked_devices(&self) -> Result<Vec<String>, StoreError> {
+        self.run("reading the blocklist", |pool| async move {
+            let client = pool.get().await.map_err(backend)?;
+            let rows = client
+                .query(
+                    "SELECT device_id FROM blocked_devices ORDER BY device_id",
+                    &[],
+                )
+                .await
+                .map_err(db)?;
+            Ok(rows.iter().map(|r| r.get(0)).collect())
+        })
+    }
+
+    fn revocation_generation(&self) -> Result<u64, StoreError> {
+        self.run("reading the revocation generation", |pool| async move {
+            let client = pool.get().await.map_err(backend)?;
+            let st = client.prepare_cached(SELECT_GENERATION).await.map_err(db)?;
+            let row = client.query_one(&st, &[]).await.map_err(db)?;
+            Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+        })
+    }
+
+    fn next_crl_number(&self) -> Result<u64, StoreError> {
+        // One UPDATE in its own transaction: the row lock orders the nodes, and the number
+        // is durable (COMMIT) before it is handed out.
+        self.run("allocating a cRLNumber", |pool| async move {
+            let client = pool.get().await.map_err(backend)?;
+            let row = client.query_one(NEXT_CRL_NUMBER, &[]).await.map_err(db)?;
+            u64::try_from(row.get::<_, i64>(0)).map_err(|_| StoreError::Corrupt("cRLNumber".into()))
+        })
+    }
+
+    fn save_crl(&self, crl: &CrlRecord) -> Result<bool, StoreError> {
+        let number = i64::try_from(crl.number).map_err(backend)?;
+        let generation = i64::try_from(crl.generation).map_err(backend)?;
+        let crl = crl.clone();
+        self.run("saving a CRL", move |pool| async move {
+            let mut client = pool.get().await.map_err(backend)?;
+            let tx = client.transaction().await.map_err(db)?;
+            // Two nodes saving at once: the second waits and compares with the first's.
+            tx.batch_execute("LOCK TABLE crls IN EXCLUSIVE MODE")
+                .await
+                .map_err(db)?;
+            let kept = tx
+                .execute(
+                    INSERT_CRL,
+                    &[
+                        &number,
+                        &crl.this_update_unix,
+                        &crl.next_update_unix,
+                        &generation,
+                        &crl.der,
+                    ],
+                )
+                .await
+                .map_err(db)?
+                > 0;
+            tx.commit().await.map_err(db)?;
+            Ok(kept)
+        })
+    }
+
+    fn latest_crl(&self) -> Result<Option<CrlRecord>, StoreError> {
+        self.run("reading the latest CRL", |pool| async move {
+            let client = pool.get().await.map_err(backend)?;
+            let row = client.query_opt(SELECT_LATEST_CRL, &[]).await.map_err(db)?;
+            Ok(row.map(|r| CrlRecord {
+                number: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
+                this_update_unix: r.get(1),
+                next_update_unix: r.get(2),
+                generation: u64::try_from(r.get::<_, i64>(3)).unwrap_or(0),
+                der: r.get(4),
+            }))
         })
     }
 

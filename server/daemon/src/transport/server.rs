@@ -143,6 +143,8 @@ struct DriverCounters {
 enum Command {
     Send(ConnectionHandle, Vec<u8>),
     Close(ConnectionHandle),
+    /// A new server certificate chain and key for the handshakes that start from now on.
+    Credentials(Vec<Vec<u8>>, Arc<est_dtls::SigningKey>),
 }
 
 /// What the driver keeps per established session.
@@ -246,6 +248,43 @@ impl DtlsListener {
         *lock(&self.shared.metrics)
     }
 
+    /// Serve handshakes that start from now on with this certificate chain (DER, ours first)
+    /// and PKCS#8 key (a renewed server certificate, `est-server dtls renew` + SIGHUP).
+    /// Established sessions keep going.
+    pub async fn set_credentials(
+        &self,
+        chain_der: Vec<Vec<u8>>,
+        key_pkcs8_der: &[u8],
+    ) -> Result<(), TransportError> {
+        if chain_der.is_empty() {
+            return Err(TransportError::Config("certificate chain is empty".into()));
+        }
+        let key = est_dtls::SigningKey::from_pkcs8(key_pkcs8_der).map_err(|e| {
+            TransportError::Config(format!(
+                "private key must be ECDSA P-256 or P-384 PKCS#8: {e}"
+            ))
+        })?;
+        // The certificate must carry this key, or every new handshake would fail.
+        let cert = <x509_cert::Certificate as der::Decode>::from_der(&chain_der[0])
+            .map_err(|e| TransportError::Config(format!("server certificate: {e}")))?;
+        if cert
+            .tbs_certificate
+            .subject_public_key_info
+            .subject_public_key
+            .raw_bytes()
+            != key.public_key()
+        {
+            return Err(TransportError::Config(
+                "the private key does not match the server certificate".into(),
+            ));
+        }
+        self.shared
+            .commands
+            .send(Command::Credentials(chain_der, Arc::new(key)))
+            .await
+            .map_err(|_| TransportError::ListenerClosed)
+    }
+
     /// Stop receiving, abort handshakes, send close_notify to established sessions and forget
     /// all peers.
     pub async fn shutdown(&self) {
@@ -335,6 +374,10 @@ impl<S: DatagramSocket> Driver<S> {
                 }
             }
             Command::Close(h) => self.endpoint.close(now(), h),
+            Command::Credentials(chain, key) => {
+                self.endpoint.set_credentials(chain, key);
+                tracing::info!("DTLS server certificate replaced for new handshakes");
+            }
         }
     }
 

@@ -62,4 +62,8 @@ pub enum CaError {
     /// A CMS message is not what was expected.
     #[error("unexpected CMS content: {0}")]
     UnexpectedCms(&'static str),
+    /// A CRL that does not parse, is not from the expected CA, or whose signature does not
+    /// verify.
+    #[error("CRL refused: {0}")]
+    BadCrl(String),
 }

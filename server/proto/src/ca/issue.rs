@@ -102,7 +102,10 @@ pub struct IssuingCa {
     cert: Certificate,
     signer: Box<dyn Signer>,
     key_id: Vec<u8>,
+    not_before: SystemTime,
     not_after: SystemTime,
+    /// cRLDistributionPoints put in issued end-entity certificates.
+    pub(crate) crl_distribution_points: Option<Extension>,
 }
 
 impl std::fmt::Debug for IssuingCa {
@@ -144,13 +147,16 @@ impl IssuingCa {
             Some((_, ski)) => ski.0.as_bytes().to_vec(),
             None => key_identifier(&tbs.subject_public_key_info),
         };
+        let not_before = tbs.validity.not_before.to_system_time();
         let not_after = tbs.validity.not_after.to_system_time();
         Ok(Self {
             cert_der,
             cert,
             signer,
             key_id,
+            not_before,
             not_after,
+            crl_distribution_points: None,
         })
     }
 
@@ -167,6 +173,34 @@ impl IssuingCa {
     /// The CA's subject, which is the issuer of everything it signs.
     pub fn subject(&self) -> &Name {
         &self.cert.tbs_certificate.subject
+    }
+
+    /// Start of the CA certificate's validity.
+    pub fn not_before(&self) -> SystemTime {
+        self.not_before
+    }
+
+    /// Whether `now` is within the CA certificate's validity; if not, why (for the
+    /// operator and the meter's diagnostic).
+    pub fn check_validity(&self, now: SystemTime) -> Result<(), String> {
+        let at = |t: SystemTime| {
+            crate::store::UtcDateTime::from_unix_seconds(crate::store::unix_seconds(t)).rfc3339()
+        };
+        if now < self.not_before {
+            return Err(format!(
+                "issuing CA certificate is not valid before {} (clock now {})",
+                at(self.not_before),
+                at(now)
+            ));
+        }
+        if now > self.not_after {
+            return Err(format!(
+                "issuing CA certificate expired at {} (clock now {})",
+                at(self.not_after),
+                at(now)
+            ));
+        }
+        Ok(())
     }
 
     /// End of the CA certificate's validity; issued certificates never outlive it.
@@ -199,6 +233,7 @@ impl IssuingCa {
     /// basicConstraints cA=false (critical); keyUsage digitalSignature (+keyAgreement) (critical);
     /// extKeyUsage id-kp-clientAuth (if asked); subjectKeyIdentifier = SHA-1 of the subjectPublicKey
     /// bits (RFC 5280 §4.2.1.2 method 1); authorityKeyIdentifier keyIdentifier = the CA's SKI;
+    /// cRLDistributionPoints (if set, [`IssuingCa::set_crl_distribution_points`]);
     /// subjectAltName otherName hardwareModuleName (if given; critical when the subject is empty,
     /// RFC 5280 §4.2.1.6).
     pub fn issue(&self, params: &IssueParams) -> Result<Vec<u8>, CaError> {
@@ -218,6 +253,9 @@ impl IssuingCa {
             Some(hmn) => vec![hmn.to_general_name()?],
             None => Vec::new(),
         };
+        if let Some(cdp) = &self.crl_distribution_points {
+            extensions.push(cdp.clone());
+        }
         if !san.is_empty() {
             extensions.push(subject_alt_name(&params.subject, san)?);
         } else if params.subject.0.is_empty() {

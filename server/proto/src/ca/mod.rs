@@ -36,6 +36,7 @@
 //! p256 crate (docs/benchmarks.md, "Figures behind code comments"); p256 is used only to write
 //! PKCS#8 for newly generated keys.
 
+mod crl;
 mod csr;
 mod error;
 mod issue;
@@ -45,6 +46,7 @@ mod pkcs7;
 mod pki;
 mod signer;
 
+pub use crl::{verify_crl, CrlEntry, CrlParams, VerifiedCrl};
 pub use csr::{build_csr, csr_digest, parse_and_verify_csr, ParsedCsr};
 pub use error::{CaError, CsrError};
 pub use issue::{random_serial, IssueParams, IssuingCa};
@@ -55,7 +57,7 @@ pub use names::{
 pub use pkcs7::{certs_from_certs_only, certs_only};
 pub use pki::{
     generate_root_ca, generate_server_cert, generate_sub_ca, idevid_no_expiry, mint_idevid,
-    IDEVID_NO_EXPIRY_UNIX_SECS,
+    self_signed_ca, IDEVID_NO_EXPIRY_UNIX_SECS,
 };
 pub use signer::{generate_p256_pkcs8, p256_spki_from_pkcs8, RingP256Signer, Signer};
 

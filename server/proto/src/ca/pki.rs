@@ -71,15 +71,37 @@ pub fn generate_root_ca<R: RngCore + CryptoRng + ?Sized>(
     validity: Duration,
     rng: &mut R,
 ) -> Result<(Vec<u8>, Vec<u8>), CaError> {
-    let (pkcs8, signer, spki) = new_key(rng)?;
+    let (pkcs8, signer, _) = new_key(rng)?;
+    let cert = self_signed_ca(
+        &signer,
+        common_name,
+        organization,
+        not_before,
+        validity,
+        rng,
+    )?;
+    Ok((cert, pkcs8))
+}
+
+/// The root CA certificate of [`generate_root_ca`] for a key held elsewhere (an HSM): signed by
+/// `signer` itself. Returns the certificate DER.
+pub fn self_signed_ca<R: RngCore + CryptoRng + ?Sized>(
+    signer: &dyn Signer,
+    common_name: &str,
+    organization: &str,
+    not_before: SystemTime,
+    validity: Duration,
+    rng: &mut R,
+) -> Result<Vec<u8>, CaError> {
+    let spki = SubjectPublicKeyInfoOwned::from_der(signer.public_key_spki_der())?;
     let subject = org_cn(common_name, organization)?;
     let extensions = vec![
         basic_constraints(true, None)?,
         ca_key_usage()?,
         subject_key_identifier(&spki)?,
     ];
-    let cert = sign_certificate(
-        &signer,
+    sign_certificate(
+        signer,
         &subject.clone(),
         CertTemplate {
             subject,
@@ -89,8 +111,7 @@ pub fn generate_root_ca<R: RngCore + CryptoRng + ?Sized>(
             not_after: end_of(not_before, validity)?,
             extensions,
         },
-    )?;
-    Ok((cert, pkcs8))
+    )
 }
 
 /// Subordinate (issuing) CA signed by `parent`: basicConstraints cA with pathLenConstraint 0

@@ -40,6 +40,22 @@ pub enum EstError {
         retry_after_seconds: u32,
         detail: String,
     },
+    /// 5.03 + Max-Age: the issuing CA cannot sign now (its certificate expired or is not
+    /// yet valid by our clock). The diagnostic says which, so that a meter's log tells the
+    /// operator; nothing is issued until the CA is renewed (or the clock fixed).
+    #[error("{detail}; retry in {retry_after_seconds} s")]
+    CaUnavailable {
+        retry_after_seconds: u32,
+        detail: String,
+    },
+    /// 5.03 + Max-Age: the device reached `[enrollment] max_per_device_per_period`; Max-Age
+    /// is when its oldest enrollment in the period leaves it.
+    #[error("enrollment rate limit: {limit} per {period_secs} s for this device, retry in {retry_after_seconds} s")]
+    RateLimited {
+        retry_after_seconds: u32,
+        limit: u32,
+        period_secs: u64,
+    },
     /// 5.00: our own failure (storage, signing). Details are logged, not sent.
     #[error("internal error: {0}")]
     Internal(String),
@@ -56,9 +72,10 @@ impl EstError {
             EstError::NotAcceptable(_) => ResponseType::NotAcceptable,
             EstError::TooLarge { .. } => ResponseType::RequestEntityTooLarge,
             EstError::UnsupportedContentFormat(_) => ResponseType::UnsupportedContentFormat,
-            EstError::Overloaded { .. } | EstError::StoreUnavailable { .. } => {
-                ResponseType::ServiceUnavailable
-            }
+            EstError::Overloaded { .. }
+            | EstError::StoreUnavailable { .. }
+            | EstError::CaUnavailable { .. }
+            | EstError::RateLimited { .. } => ResponseType::ServiceUnavailable,
             EstError::Internal(_) => ResponseType::InternalServerError,
         }
     }
@@ -76,6 +93,14 @@ impl EstError {
             retry_after_seconds,
         }
         | EstError::StoreUnavailable {
+            retry_after_seconds,
+            ..
+        }
+        | EstError::CaUnavailable {
+            retry_after_seconds,
+            ..
+        }
+        | EstError::RateLimited {
             retry_after_seconds,
             ..
         } = self

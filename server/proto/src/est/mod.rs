@@ -25,7 +25,8 @@ mod error;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime};
 
 use coap_lite::ResponseType;
 use rand::{CryptoRng, RngCore};
@@ -76,7 +77,27 @@ pub struct EstConfig {
     pub c509_cert_content_format: u16,
     /// Content-Format for C509 certification requests.
     pub c509_pkcs10_content_format: u16,
+    /// Certificates one device may be issued per `enrollment_period` (every kind); beyond
+    /// it 5.03 + Max-Age until the oldest leaves the period. 0: no limit.
+    pub max_enrollments_per_device: u32,
+    /// The sliding period of `max_enrollments_per_device`.
+    pub enrollment_period: Duration,
+    /// Path of the CoAP resource serving our CRL (e.g. `["crl"]` for `/crl`); empty: not
+    /// served.
+    pub crl_path: Vec<String>,
+    /// Content-Format the CRL is served with (no CoAP number is registered for
+    /// application/pkix-crl; the default is in the experimental range). Accept 42
+    /// (application/octet-stream) gets the same bytes as 42.
+    pub crl_content_format: u16,
+    /// Max-Age of the 5.03 sent while the issuing CA is outside its validity.
+    pub ca_unavailable_retry_after_seconds: u32,
 }
+
+/// The default Content-Format of the CRL resource: application/pkix-crl has no CoAP number,
+/// so one from the experimental range 65000-65535 (after the C509 ones).
+pub const CF_PKIX_CRL_DEFAULT: u16 = 65005;
+/// application/octet-stream, accepted for the CRL resource too.
+pub const CF_OCTET_STREAM: u16 = 42;
 
 impl Default for EstConfig {
     fn default() -> Self {
@@ -87,6 +108,11 @@ impl Default for EstConfig {
             server_keygen: true,
             c509_cert_content_format: cbor_schemas::c509::CONTENT_FORMAT_C509_CERT_DEFAULT,
             c509_pkcs10_content_format: cbor_schemas::c509::CONTENT_FORMAT_C509_PKCS10_DEFAULT,
+            max_enrollments_per_device: 0,
+            enrollment_period: Duration::from_secs(86_400),
+            crl_path: Vec::new(),
+            crl_content_format: CF_PKIX_CRL_DEFAULT,
+            ca_unavailable_retry_after_seconds: 3600,
         }
     }
 }
@@ -161,6 +187,13 @@ pub struct EstCounters {
     pub overloaded: u64,
     /// 5.03 + Max-Age answers because the store could not read or commit.
     pub store_unavailable: u64,
+    /// 5.03 + Max-Age answers because the device reached its enrollment rate limit.
+    pub rate_limited: u64,
+    /// 5.03 + Max-Age answers because the issuing CA was outside its validity.
+    pub ca_unavailable: u64,
+    /// Enrollments refused by policy because the device is blocked or its certificate
+    /// revoked (included in `refused`).
+    pub refused_revoked: u64,
 }
 
 #[derive(Default)]
@@ -170,6 +203,9 @@ struct AtomicCounters {
     refused: AtomicU64,
     overloaded: AtomicU64,
     store_unavailable: AtomicU64,
+    rate_limited: AtomicU64,
+    ca_unavailable: AtomicU64,
+    refused_revoked: AtomicU64,
 }
 
 /// The EST-coaps service: resources, policy, CA, store and the enrollment gate, shared by
@@ -183,6 +219,8 @@ pub struct EstService {
     gate: EnrollmentGate,
     crts_pkcs7: Vec<u8>,
     csrattrs: Vec<u8>,
+    /// The CRL the CRL resource serves (the driver sets it, [`EstService::set_crl`]).
+    crl: RwLock<Option<Arc<Vec<u8>>>>,
 }
 
 /// What serving a request comes to, now or after a commit.
@@ -284,6 +322,7 @@ impl EstService {
             gate,
             crts_pkcs7,
             csrattrs,
+            crl: RwLock::new(None),
         })
     }
 
@@ -314,7 +353,28 @@ impl EstService {
             refused: c.refused.load(Ordering::Relaxed),
             overloaded: c.overloaded.load(Ordering::Relaxed),
             store_unavailable: c.store_unavailable.load(Ordering::Relaxed),
+            rate_limited: c.rate_limited.load(Ordering::Relaxed),
+            ca_unavailable: c.ca_unavailable.load(Ordering::Relaxed),
+            refused_revoked: c.refused_revoked.load(Ordering::Relaxed),
         }
+    }
+
+    /// The issuing CA.
+    pub fn ca(&self) -> &IssuingCa {
+        &self.ca
+    }
+
+    /// Serve `der` at the CRL resource from now on (the driver calls it whenever a new CRL
+    /// is published, by this process or another).
+    pub fn set_crl(&self, der: Vec<u8>) {
+        if let Ok(mut g) = self.crl.write() {
+            *g = Some(Arc::new(der));
+        }
+    }
+
+    /// The CRL being served.
+    pub fn crl(&self) -> Option<Arc<Vec<u8>>> {
+        self.crl.read().ok().and_then(|g| g.clone())
     }
 
     /// Enrollments admitted and not yet answered (their commit may be in flight).
@@ -356,6 +416,11 @@ impl EstService {
                 tracing::info!(peer = %exchange.peer, device = %exchange.device_id, op = exchange.op.name(), serial = %serial_hex, "certificate issued");
                 Step::Respond(response)
             }
+            (AfterCommit::Issued { .. }, Ok(CommitOutcome::Refused(reason))) => {
+                // A block or revocation landed between the decision and the commit.
+                let e = EstError::Forbidden(crate::policy::PolicyError::RevokedMeanwhile(reason));
+                self.refusal(permit, exchange, e)
+            }
             (AfterCommit::Issued { accept, .. }, Ok(CommitOutcome::AlreadyIssued(existing))) => {
                 // Two retries raced: the first one's certificate is the answer.
                 self.replay(permit, exchange, existing, accept)
@@ -366,26 +431,7 @@ impl EstService {
                 // as it would have been had that one come first.
                 let e: EstError =
                     crate::policy::PolicyError::CertificateNotActive(status.as_str()).into();
-                self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                let response = e.to_response();
-                let audit = AuditEvent {
-                    at_unix: unix_seconds(exchange.at),
-                    peer: exchange.peer.clone(),
-                    device_id: exchange.device_id.clone(),
-                    operation: exchange.op.name().to_string(),
-                    outcome: "refused".into(),
-                    code: e.code_text(),
-                    detail: e.to_string(),
-                };
-                tracing::info!(peer = %exchange.peer, device = %exchange.device_id, op = exchange.op.name(), code = %audit.code, reason = %audit.detail, "re-enrollment lost a race; refused");
-                Step::Commit(
-                    Commit::Audit(audit),
-                    Box::new(AwaitingCommit {
-                        permit,
-                        exchange,
-                        then: AfterCommit::Refused { response },
-                    }),
-                )
+                self.refusal(permit, exchange, e)
             }
             (
                 AfterCommit::Replayed {
@@ -453,6 +499,12 @@ impl EstService {
                     Response::new(ResponseType::Content).with_payload(CF_LINK_FORMAT, body),
                 ))
             }
+            p if !self.config.crl_path.is_empty()
+                && p.len() == self.config.crl_path.len()
+                && p.iter().zip(&self.config.crl_path).all(|(a, b)| a == b) =>
+            {
+                self.crl_resource(req).map(Step::Respond)
+            }
             [".well-known", "est", op] => {
                 let op = Operation::from_segment(op).ok_or(EstError::NotFound)?;
                 if matches!(op, Operation::Skg | Operation::Skc) && !self.config.server_keygen {
@@ -494,6 +546,64 @@ impl EstService {
             }
             Some(other) => Err(EstError::NotAcceptable(other)),
         }
+    }
+
+    /// GET of our CRL (DER), as Content-Format `crl_content_format` (or 42 when asked).
+    fn crl_resource(&self, req: &Request) -> Result<Response, EstError> {
+        if req.method != Method::Get {
+            return Err(EstError::MethodNotAllowed);
+        }
+        let cf = match req.accept {
+            None => self.config.crl_content_format,
+            Some(a) if a == self.config.crl_content_format || a == CF_OCTET_STREAM => a,
+            Some(other) => return Err(EstError::NotAcceptable(other)),
+        };
+        match self.crl() {
+            Some(der) => Ok(Response::new(ResponseType::Content).with_payload(cf, der.to_vec())),
+            None => Err(EstError::Overloaded {
+                retry_after_seconds: self.config.overload_retry_after_seconds,
+            }),
+        }
+    }
+
+    /// The answer to a refused enrollment, after its `refused` audit row is committed.
+    fn refusal(&self, permit: Arc<EnrollmentPermit>, exchange: Exchange, e: EstError) -> Step {
+        self.count_refusal(&e);
+        let response = e.to_response();
+        let audit = AuditEvent {
+            at_unix: unix_seconds(exchange.at),
+            peer: exchange.peer.clone(),
+            device_id: exchange.device_id.clone(),
+            operation: exchange.op.name().to_string(),
+            outcome: "refused".into(),
+            code: e.code_text(),
+            detail: e.to_string(),
+        };
+        tracing::info!(peer = %exchange.peer, device = %audit.device_id, op = exchange.op.name(), code = %audit.code, reason = %audit.detail, "enrollment refused");
+        Step::Commit(
+            Commit::Audit(audit),
+            Box::new(AwaitingCommit {
+                permit,
+                exchange,
+                then: AfterCommit::Refused { response },
+            }),
+        )
+    }
+
+    fn count_refusal(&self, e: &EstError) {
+        use crate::policy::PolicyError as P;
+        let c = &self.counters;
+        match e {
+            EstError::RateLimited { .. } => c.rate_limited.fetch_add(1, Ordering::Relaxed),
+            EstError::CaUnavailable { .. } => c.ca_unavailable.fetch_add(1, Ordering::Relaxed),
+            EstError::Forbidden(
+                P::DeviceBlocked | P::RevokedMeanwhile(_) | P::CertificateNotActive("revoked"),
+            ) => {
+                c.refused_revoked.fetch_add(1, Ordering::Relaxed);
+                c.refused.fetch_add(1, Ordering::Relaxed)
+            }
+            _ => c.refused.fetch_add(1, Ordering::Relaxed),
+        };
     }
 
     /// sen / sren / skg / skc: admission first, before any other work (5.03 + Max-Age at
@@ -557,26 +667,10 @@ impl EstService {
                 Step::Respond(e.to_response())
             }
             Err(e) => {
-                self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                let response = self.error_response(ctx.peer, req, &e);
-                let audit = AuditEvent {
-                    at_unix: unix_seconds(ctx.now),
-                    peer: ctx.peer.to_string(),
-                    device_id: exchange.device_id.clone(),
-                    operation: op.name().to_string(),
-                    outcome: "refused".into(),
-                    code: e.code_text(),
-                    detail: e.to_string(),
-                };
-                tracing::info!(peer = ctx.peer, device = %audit.device_id, op = op.name(), code = %audit.code, reason = %audit.detail, "enrollment refused");
-                Step::Commit(
-                    Commit::Audit(audit),
-                    Box::new(AwaitingCommit {
-                        permit,
-                        exchange,
-                        then: AfterCommit::Refused { response },
-                    }),
-                )
+                if let EstError::Internal(detail) = &e {
+                    tracing::error!(peer = ctx.peer, path = %req.path_string(), %detail, "internal error");
+                }
+                self.refusal(permit, exchange, e)
             }
         }
     }
@@ -600,6 +694,9 @@ impl EstService {
             .policy
             .authenticate(required, ctx.client_chain, ctx.verified, ctx.now)?;
         device_id_out.clone_from(&device.device_id);
+        if self.store.device_blocked(&device.device_id).map_err(read)? {
+            return Err(crate::policy::PolicyError::DeviceBlocked.into());
+        }
         if self.policy.config().require_device_allowlist
             && !self.store.device_allowed(&device.device_id).map_err(read)?
         {
@@ -666,7 +763,17 @@ impl EstService {
             }
         }
 
-        // 5. Issue.
+        // 5. The CA must be able to sign now, and the device within its rate limit.
+        if let Err(detail) = self.ca.check_validity(ctx.now) {
+            tracing::error!(%detail, "issuing CA outside its validity: enrollments answered 5.03");
+            return Err(EstError::CaUnavailable {
+                retry_after_seconds: self.config.ca_unavailable_retry_after_seconds,
+                detail,
+            });
+        }
+        self.check_rate(&device.device_id, ctx.now)?;
+
+        // 6. Issue.
         let (public_key, private_key) = if keygen {
             let pkcs8 =
                 ca::generate_p256_pkcs8(rng).map_err(|e| EstError::Internal(e.to_string()))?;
@@ -707,7 +814,7 @@ impl EstService {
             .ca
             .issue(&params)
             .map_err(|e| EstError::Internal(format!("issuing: {e}")))?;
-        // 6. The answer, built now: once the certificate is durable nothing may fail
+        // 7. The answer, built now: once the certificate is durable nothing may fail
         //    between the commit and the meter.
         let response = self.certificate_response(op, &der, accept, private_key)?;
         let record = IssuedCert {
@@ -742,12 +849,41 @@ impl EstService {
             code: code_text(ResponseType::Changed),
             detail: format!("serial {}", record.serial_hex),
         };
-        // 7. Durable before the meter sees it: the caller asks for the commit.
+        // 8. Durable before the meter sees it: the caller asks for the commit.
         Ok(Decision::Issue {
             record,
             audit,
             response,
             accept,
+        })
+    }
+
+    /// `[enrollment] max_per_device_per_period`: the certificates issued to the device in
+    /// the sliding period, from the store (so it holds across restarts and servers).
+    fn check_rate(&self, device_id: &str, now: SystemTime) -> Result<(), EstError> {
+        let limit = self.config.max_enrollments_per_device;
+        if limit == 0 {
+            return Ok(());
+        }
+        let period = self.config.enrollment_period.as_secs();
+        let now_unix = unix_seconds(now);
+        let since = now_unix.saturating_sub(i64::try_from(period).unwrap_or(i64::MAX));
+        let w = self
+            .store
+            .issued_since(device_id, since)
+            .map_err(|e| self.store_error(e))?;
+        if w.count < u64::from(limit) {
+            return Ok(());
+        }
+        let oldest = w.oldest_unix.unwrap_or(now_unix);
+        let wait = oldest
+            .saturating_add(i64::try_from(period).unwrap_or(i64::MAX))
+            .saturating_sub(now_unix)
+            .max(1);
+        Err(EstError::RateLimited {
+            retry_after_seconds: u32::try_from(wait).unwrap_or(u32::MAX),
+            limit,
+            period_secs: period,
         })
     }
 

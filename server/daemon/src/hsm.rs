@@ -1,0 +1,394 @@
+//! The issuing CA's private key in an HSM, through PKCS#11 ([`cryptoki`]).
+//!
+//! The key never leaves the token: it is generated there (`CKA_SENSITIVE`, not
+//! `CKA_EXTRACTABLE`) by `est-server init --hsm-*`, or an existing key pair is used, found
+//! by its label. Every certificate the CA issues (LDevIDs, the server's DTLS certificate)
+//! and every CRL is signed with `CKM_ECDSA` over a SHA-256 digest computed here; the token's
+//! raw `r || s` is re-encoded as the DER `ECDSA-Sig-Value` X.509 needs.
+//!
+//! The user PIN comes from a file (mode 0600) or from an environment variable, never from the
+//! configuration itself. Signing uses a small pool of sessions (`[hsm] sessions`), so
+//! concurrent enrollments do not queue on one session; PKCS#11 logins are per application,
+//! so one login serves them all.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use est_proto::ca::{CaError, Signer};
+use p256::pkcs8::EncodePublicKey;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::ConfigError;
+
+/// DER of the secp256r1 (P-256) OID: `CKA_EC_PARAMS` of the CA key.
+const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+/// `[hsm]` of est-server.toml.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HsmSection {
+    pub enabled: bool,
+    pub module: PathBuf,
+    pub token_label: String,
+    pub key_label: String,
+    pub pin_file: PathBuf,
+    pub pin_env: String,
+    pub sessions: usize,
+}
+
+impl Default for HsmSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            module: PathBuf::new(),
+            token_label: String::new(),
+            key_label: "est-issuing-ca".into(),
+            pin_file: PathBuf::new(),
+            pin_env: "EST_HSM_PIN".into(),
+            sessions: 4,
+        }
+    }
+}
+
+impl HsmSection {
+    /// Checks made when the configuration is loaded.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field: &'static str, message: &str| ConfigError::Invalid {
+            field,
+            message: message.into(),
+        };
+        if !self.enabled {
+            return Ok(());
+        }
+        if self.module.as_os_str().is_empty() {
+            return Err(invalid("hsm.module", "the PKCS#11 module path is needed"));
+        }
+        if self.token_label.is_empty() || self.token_label.len() > 32 {
+            return Err(invalid(
+                "hsm.token_label",
+                "a token label of 1 to 32 bytes (PKCS#11 CK_TOKEN_INFO) is needed",
+            ));
+        }
+        if self.key_label.is_empty() {
+            return Err(invalid("hsm.key_label", "a key label is needed"));
+        }
+        if self.pin_file.as_os_str().is_empty() && self.pin_env.is_empty() {
+            return Err(invalid(
+                "hsm.pin_file",
+                "give pin_file or pin_env: the PIN is never written in the configuration",
+            ));
+        }
+        if !(1..=64).contains(&self.sessions) {
+            return Err(invalid("hsm.sessions", "must be within 1..=64"));
+        }
+        Ok(())
+    }
+
+    /// The user PIN: from `pin_file` (relative to `data_dir`; it must be readable by the owner
+    /// only) if set, else from the environment variable `pin_env`.
+    pub fn read_pin(&self, data_dir: &Path) -> anyhow::Result<AuthPin> {
+        if !self.pin_file.as_os_str().is_empty() {
+            let path = crate::datadir::resolve(data_dir, &self.pin_file);
+            crate::safefs::check_key_permissions(&path, false)?;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("reading the HSM PIN file {}: {e}", path.display()))?;
+            let pin = text.trim_end_matches(['\r', '\n']);
+            if pin.is_empty() {
+                anyhow::bail!("the HSM PIN file {} is empty", path.display());
+            }
+            return Ok(AuthPin::from(pin.to_owned()));
+        }
+        match std::env::var(&self.pin_env) {
+            Ok(pin) if !pin.is_empty() => Ok(AuthPin::from(pin)),
+            _ => anyhow::bail!(
+                "the HSM PIN is not set: put it in the environment variable {} or in a file named by hsm.pin_file",
+                self.pin_env
+            ),
+        }
+    }
+}
+
+/// What went wrong talking to the token. Never carries the PIN.
+#[derive(Debug, thiserror::Error)]
+pub enum HsmError {
+    #[error("loading the PKCS#11 module {module}: {source}")]
+    Module { module: PathBuf, source: CkError },
+    #[error(
+        "no token labelled {0:?} (is it initialised? `softhsm2-util --show-slots` lists them)"
+    )]
+    NoToken(String),
+    #[error("logging in to token {token:?}: {source}")]
+    Login { token: String, source: CkError },
+    #[error("no EC private key labelled {label:?} on token {token:?}")]
+    NoKey { token: String, label: String },
+    #[error("{count} private keys labelled {label:?} on token {token:?}; labels must be unique")]
+    AmbiguousKey {
+        token: String,
+        label: String,
+        count: usize,
+    },
+    #[error("the key {label:?} is not a P-256 key (CKA_EC_PARAMS)")]
+    NotP256 { label: String },
+    #[error("the public key {label:?}: {message}")]
+    PublicKey { label: String, message: String },
+    #[error("PKCS#11 {operation}: {source}")]
+    Call {
+        operation: &'static str,
+        source: CkError,
+    },
+}
+
+fn call(operation: &'static str) -> impl FnOnce(CkError) -> HsmError {
+    move |source| HsmError::Call { operation, source }
+}
+
+/// Where the key is and how to log in.
+pub struct HsmKeyRef<'a> {
+    pub module: &'a Path,
+    pub token_label: &'a str,
+    pub key_label: &'a str,
+    pub pin: &'a AuthPin,
+    pub sessions: usize,
+}
+
+/// An ECDSA P-256 signer whose private key stays on a PKCS#11 token.
+pub struct Pkcs11Signer {
+    sessions: Vec<Mutex<Session>>,
+    next: AtomicUsize,
+    key: ObjectHandle,
+    spki_der: Vec<u8>,
+    label: String,
+    // Kept last: the sessions close before the library is finalised.
+    _context: Pkcs11,
+}
+
+impl std::fmt::Debug for Pkcs11Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Signer")
+            .field("label", &self.label)
+            .field("sessions", &self.sessions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether [`Pkcs11Signer::open_or_generate`] found the key or made it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyOrigin {
+    Existing,
+    Generated,
+}
+
+impl Pkcs11Signer {
+    /// Use the key pair labelled `key_label` on the token.
+    pub fn open(key: &HsmKeyRef<'_>) -> Result<Self, HsmError> {
+        Self::open_inner(key, false).map(|(s, _)| s)
+    }
+
+    /// Use the key pair labelled `key_label`, generating it on the token first if there is none.
+    pub fn open_or_generate(key: &HsmKeyRef<'_>) -> Result<(Self, KeyOrigin), HsmError> {
+        Self::open_inner(key, true)
+    }
+
+    fn open_inner(key: &HsmKeyRef<'_>, generate: bool) -> Result<(Self, KeyOrigin), HsmError> {
+        let context = Pkcs11::new(key.module).map_err(|source| HsmError::Module {
+            module: key.module.to_path_buf(),
+            source,
+        })?;
+        match context.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(source) => {
+                return Err(HsmError::Module {
+                    module: key.module.to_path_buf(),
+                    source,
+                })
+            }
+        }
+        let slot = find_token(&context, key.token_label)?;
+        let first = context
+            .open_rw_session(slot)
+            .map_err(call("C_OpenSession"))?;
+        match first.login(UserType::User, Some(key.pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(source) => {
+                return Err(HsmError::Login {
+                    token: key.token_label.into(),
+                    source,
+                })
+            }
+        }
+        let (private, origin) = match find_one(&first, ObjectClass::PRIVATE_KEY, key)? {
+            Some(h) => (h, KeyOrigin::Existing),
+            None if generate => (generate_p256(&first, key.key_label)?, KeyOrigin::Generated),
+            None => {
+                return Err(HsmError::NoKey {
+                    token: key.token_label.into(),
+                    label: key.key_label.into(),
+                })
+            }
+        };
+        let spki_der = public_key_spki(&first, key)?;
+        let mut sessions = vec![Mutex::new(first)];
+        for _ in 1..key.sessions.max(1) {
+            let s = context
+                .open_rw_session(slot)
+                .map_err(call("C_OpenSession"))?;
+            sessions.push(Mutex::new(s));
+        }
+        Ok((
+            Self {
+                sessions,
+                next: AtomicUsize::new(0),
+                key: private,
+                spki_der,
+                label: key.key_label.into(),
+                _context: context,
+            },
+            origin,
+        ))
+    }
+
+    fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>, CkError> {
+        let n = self.sessions.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        // A free session if there is one; else wait for ours in the rotation.
+        for i in 0..n {
+            if let Ok(s) = self.sessions[(start + i) % n].try_lock() {
+                return s.sign(&Mechanism::Ecdsa, self.key, digest);
+            }
+        }
+        let s = self.sessions[start]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.sign(&Mechanism::Ecdsa, self.key, digest)
+    }
+}
+
+impl Signer for Pkcs11Signer {
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>, CaError> {
+        let digest = Sha256::digest(message);
+        let raw = self.sign_digest(&digest).map_err(|e| {
+            tracing::error!(key = %self.label, error = %e, "HSM signature failed");
+            CaError::SigningFailed
+        })?;
+        // CKM_ECDSA returns r || s, each the size of the order (RFC 5480 wants DER).
+        let sig = p256::ecdsa::Signature::from_slice(&raw).map_err(|_| {
+            tracing::error!(key = %self.label, len = raw.len(), "HSM returned a malformed ECDSA signature");
+            CaError::SigningFailed
+        })?;
+        Ok(sig.to_der().as_bytes().to_vec())
+    }
+
+    fn public_key_spki_der(&self) -> &[u8] {
+        &self.spki_der
+    }
+}
+
+fn find_token(context: &Pkcs11, label: &str) -> Result<Slot, HsmError> {
+    for slot in context
+        .get_slots_with_token()
+        .map_err(call("C_GetSlotList"))?
+    {
+        let info = context
+            .get_token_info(slot)
+            .map_err(call("C_GetTokenInfo"))?;
+        if info.label().trim_end() == label {
+            return Ok(slot);
+        }
+    }
+    Err(HsmError::NoToken(label.into()))
+}
+
+fn find_one(
+    session: &Session,
+    class: ObjectClass,
+    key: &HsmKeyRef<'_>,
+) -> Result<Option<ObjectHandle>, HsmError> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(class),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Label(key.key_label.as_bytes().to_vec()),
+        ])
+        .map_err(call("C_FindObjects"))?;
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        more => Err(HsmError::AmbiguousKey {
+            token: key.token_label.into(),
+            label: key.key_label.into(),
+            count: more.len(),
+        }),
+    }
+}
+
+/// A P-256 key pair on the token: the private half sensitive, never extractable, sign only.
+fn generate_p256(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
+    let id = Sha256::digest(label.as_bytes())[..8].to_vec();
+    let public = [
+        Attribute::Token(true),
+        Attribute::Private(false),
+        Attribute::Verify(true),
+        Attribute::EcParams(P256_EC_PARAMS.to_vec()),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Id(id.clone()),
+    ];
+    let private = [
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Sign(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Id(id),
+    ];
+    let (_, private) = session
+        .generate_key_pair(&Mechanism::EccKeyPairGen, &public, &private)
+        .map_err(call("C_GenerateKeyPair"))?;
+    Ok(private)
+}
+
+/// The SubjectPublicKeyInfo of the pair's public key object (`CKA_EC_POINT`).
+fn public_key_spki(session: &Session, key: &HsmKeyRef<'_>) -> Result<Vec<u8>, HsmError> {
+    let bad = |message: &str| HsmError::PublicKey {
+        label: key.key_label.into(),
+        message: message.into(),
+    };
+    let handle = find_one(session, ObjectClass::PUBLIC_KEY, key)?
+        .ok_or_else(|| bad("no public key object with this label on the token"))?;
+    let attrs = session
+        .get_attributes(handle, &[AttributeType::EcParams, AttributeType::EcPoint])
+        .map_err(call("C_GetAttributeValue"))?;
+    let mut point = None;
+    for a in attrs {
+        match a {
+            Attribute::EcParams(p) if p != P256_EC_PARAMS => {
+                return Err(HsmError::NotP256 {
+                    label: key.key_label.into(),
+                })
+            }
+            Attribute::EcPoint(p) => point = Some(p),
+            _ => {}
+        }
+    }
+    let point = point.ok_or_else(|| bad("no CKA_EC_POINT"))?;
+    // PKCS#11 says CKA_EC_POINT is the DER OCTET STRING of the point; some tokens give the
+    // bare point.
+    let sec1 = match point.as_slice() {
+        [0x04, 0x41, rest @ ..] if rest.len() == 0x41 => rest,
+        bare => bare,
+    };
+    let public = p256::PublicKey::from_sec1_bytes(sec1).map_err(|_| bad("not a P-256 point"))?;
+    public
+        .to_public_key_der()
+        .map(|d| d.as_bytes().to_vec())
+        .map_err(|e| bad(&e.to_string()))
+}

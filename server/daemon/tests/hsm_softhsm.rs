@@ -1,0 +1,262 @@
+//! The issuing CA's key on a PKCS#11 token (SoftHSM2, Debian `softhsm2`), end to end with the
+//! `est-server` binary: `init --hsm-*` generates the key on the token and writes no key file;
+//! `run` signs with it; libcoap's `coap-client-gnutls` enrolls over DTLS; `openssl verify`
+//! accepts the LDevID; after a restart the same token key still signs; a wrong PIN and a
+//! missing key are refused at start with a clear message.
+#![cfg(unix)]
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+const TOOLS: [&str; 3] = ["softhsm2-util", "coap-client-gnutls", "openssl"];
+
+/// A private SoftHSM2 token directory and configuration; every command gets `SOFTHSM2_CONF`.
+struct Token {
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+}
+
+impl Token {
+    fn new(label: &str, pin: &str) -> Token {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir(&tokens).unwrap();
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .unwrap();
+        let t = Token { dir, conf };
+        let out = t
+            .cmd("softhsm2-util")
+            .args(["--init-token", "--free", "--label", label, "--pin", pin])
+            .args(["--so-pin", "87654321"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        t
+    }
+
+    fn cmd(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new(program);
+        c.env("SOFTHSM2_CONF", &self.conf).env_remove("EST_HSM_PIN");
+        c
+    }
+
+    fn est_server(&self) -> Command {
+        self.cmd(env!("CARGO_BIN_EXE_est-server"))
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write_pin(&self, name: &str, pin: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.path(name);
+        std::fs::write(&p, format!("{pin}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+
+    /// `est-server run`, returning the child and the address it announced.
+    fn run(&self, data: &Path) -> (Child, std::net::SocketAddr) {
+        let mut child = self
+            .est_server()
+            .args(["run", "--data-dir"])
+            .arg(data)
+            .args(["--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr = est_test_tools::announced_address(
+            child.stdout.take().unwrap(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        (child, addr)
+    }
+}
+
+fn ok(mut c: Command) -> String {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn openssl(args: &[&str]) -> String {
+    est_test_tools::openssl::run(args).unwrap()
+}
+
+/// Enroll `serial` over DTLS with libcoap (GnuTLS), and check the LDevID with openssl.
+fn enroll_and_verify(t: &Token, addr: std::net::SocketAddr, fleet: &Path, serial: &str, ca: &Path) {
+    let dev = fleet.join(serial);
+    let work = t.path(&format!("work-{serial}"));
+    std::fs::create_dir_all(&work).unwrap();
+    let (_, csr) =
+        est_test_tools::openssl::csr(&work, "ldevid", &format!("/serialNumber={serial}")).unwrap();
+    let der = work.join("ldevid.der");
+    let mut c = Command::new("timeout");
+    c.args([
+        "60",
+        "coap-client-gnutls",
+        "-B",
+        "30",
+        "-m",
+        "post",
+        "-b",
+        "64",
+    ])
+    .args(["-t", "286", "-A", "287", "-f"])
+    .arg(&csr)
+    .arg("-c")
+    .arg(dev.join("idevid-chain.pem"))
+    .arg("-j")
+    .arg(dev.join("idevid.key"))
+    .arg("-C")
+    .arg(fleet.join("implicit-ta.pem"))
+    .arg("-o")
+    .arg(&der)
+    .arg(format!("coaps://{addr}/.well-known/est/sen"));
+    ok(c);
+    let pem = est_test_tools::openssl::der_to_pem(&der).unwrap();
+    est_test_tools::openssl::verify(ca, &pem).unwrap();
+    let text = openssl(&["x509", "-in", pem.to_str().unwrap(), "-noout", "-subject"]);
+    assert!(text.contains(serial), "{text}");
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+#[test]
+fn softhsm_ca_key_init_enroll_verify_restart() {
+    if !est_test_tools::require_tools(&TOOLS) {
+        return;
+    }
+    assert!(
+        Path::new(SOFTHSM_MODULE).exists(),
+        "{SOFTHSM_MODULE} missing: apt-get install softhsm2"
+    );
+    let t = Token::new("est-ca", "123456");
+    let pin = t.write_pin("pin", "123456");
+    let data = t.path("data");
+    let mut init = t.est_server();
+    init.args(["init", "--data-dir"])
+        .arg(&data)
+        .args(["--hsm-module", SOFTHSM_MODULE, "--hsm-token", "est-ca"])
+        .args(["--hsm-key-label", "utility-ca-2026", "--hsm-pin-file"])
+        .arg(&pin);
+    let said = ok(init);
+    assert!(said.contains("on token \"est-ca\""), "{said}");
+    // The key is on the token, not on disk; the configuration names it, not the PIN.
+    assert!(!data.join("ca/issuing-ca.key").exists());
+    let toml = std::fs::read_to_string(data.join("est-server.toml")).unwrap();
+    assert!(toml.contains("enabled = true") && toml.contains("utility-ca-2026"));
+    assert!(
+        !toml.contains("123456"),
+        "the PIN leaked into the configuration"
+    );
+    // The self-signed CA and the DTLS certificate were both signed on the token.
+    let ca = data.join("ca/issuing-ca.pem");
+    let ca_s = ca.to_str().unwrap();
+    assert!(openssl(&["verify", "-CAfile", ca_s, ca_s]).contains("OK"));
+    let srv = data.join("dtls/server.pem");
+    assert!(openssl(&["verify", "-CAfile", ca_s, srv.to_str().unwrap()]).contains("OK"));
+
+    let fleet = t.path("fleet");
+    let mut mint = t.est_server();
+    mint.args(["factory", "mint", "--data-dir"])
+        .arg(&data)
+        .args(["--count", "2", "--prefix", "HSM", "--out"])
+        .arg(&fleet);
+    ok(mint);
+
+    let (child, addr) = t.run(&data);
+    enroll_and_verify(&t, addr, &fleet, "HSM000001", &ca);
+    stop(child);
+
+    // After a restart the key is found again by its label.
+    let (child, addr) = t.run(&data);
+    enroll_and_verify(&t, addr, &fleet, "HSM000002", &ca);
+    stop(child);
+
+    // The PIN may come from the environment instead.
+    let cfg = toml.replace(
+        &format!("pin_file = {:?}", pin.to_str().unwrap()),
+        "pin_file = \"\"",
+    );
+    assert_ne!(cfg, toml);
+    let cfg_path = t.path("env-pin.toml");
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    let mut child = t
+        .est_server()
+        .env("EST_HSM_PIN", "123456")
+        .args(["run", "--data-dir"])
+        .arg(&data)
+        .arg("--config")
+        .arg(&cfg_path)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr =
+        est_test_tools::announced_address(child.stdout.take().unwrap(), Duration::from_secs(60));
+    stop(child);
+    assert!(addr.is_ok(), "{addr:?}");
+
+    // Refusals at start, each with a message that says what is wrong.
+    let refused = |config_text: &str, env_pin: Option<&str>, expect: &str| {
+        let p = t.path("refused.toml");
+        std::fs::write(&p, config_text).unwrap();
+        let mut c = t.est_server();
+        c.args(["run", "--data-dir"])
+            .arg(&data)
+            .arg("--config")
+            .arg(&p)
+            .args(["--listen", "127.0.0.1:0"]);
+        if let Some(v) = env_pin {
+            c.env("EST_HSM_PIN", v);
+        }
+        let out = c.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started: {expect}");
+        assert!(err.contains(expect), "expected {expect:?} in: {err}");
+        assert!(!err.contains("123456"), "PIN in an error message");
+    };
+    refused(&cfg, Some("000000"), "logging in to token");
+    refused(&cfg, None, "EST_HSM_PIN");
+    refused(
+        &cfg.replace("utility-ca-2026", "no-such-key"),
+        Some("123456"),
+        "no EC private key labelled \"no-such-key\"",
+    );
+    refused(
+        &cfg.replace("token_label = \"est-ca\"", "token_label = \"other\""),
+        Some("123456"),
+        "no token labelled \"other\"",
+    );
+    // A PIN file others can read is refused like a key file.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    refused(&toml, None, "chmod 600");
+}
