@@ -18,8 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use est_proto::store::{
-    commit_and_wait, AuditEvent, CertStatus, Commit, CommitOutcome, CommitResult, IssuanceKind,
-    IssuedCert, Store, StoreError,
+    commit_and_wait, AuditEvent, BlockOutcome, CertStatus, Commit, CommitOutcome, CommitResult,
+    CrlRecord, DeviceBlock, IssuanceKind, IssuanceWindow, IssuedCert, Revocation, RevocationReason,
+    RevokeOutcome, RevokedEntry, Store, StoreError,
 };
 use est_server::store::postgres::{PgSettings, PgStore, MIGRATIONS};
 use est_server::store::{ServerStore, SqliteStore};
@@ -61,6 +62,26 @@ const CASES: &[Case] = &[
     (
         "concurrent commits for one device leave one active certificate",
         one_device_races,
+    ),
+    (
+        "revoke: once, audited, generation bumped, listed for the CRL",
+        revocation,
+    ),
+    (
+        "block a device: its certificates revoked unless kept, blocklist",
+        device_blocks,
+    ),
+    (
+        "an issuance after a block or a revocation is refused at commit",
+        commit_refused_after_block_or_revocation,
+    ),
+    (
+        "issued_since counts a device's issuances",
+        issued_since_window,
+    ),
+    (
+        "cRLNumbers grow; the latest CRL is kept; all survive reopen",
+        crl_numbers_and_records,
     ),
 ];
 
@@ -460,6 +481,291 @@ fn one_device_races(f: &mut Fixture) {
         15
     );
     assert_eq!(active_of(s.as_ref(), "SNY").len(), 1);
+}
+
+fn revocation_of(serial: &str, reason: RevocationReason, at: i64) -> Revocation {
+    Revocation {
+        serial_hex: serial.into(),
+        reason,
+        revoked_at_unix: at,
+        audit: AuditEvent {
+            detail: format!("revoked {serial}"),
+            ..audit("", "revoke", "revoked", at)
+        },
+    }
+}
+
+fn block_of(device: &str, keep_certs: bool, at: i64) -> DeviceBlock {
+    DeviceBlock {
+        device_id: device.into(),
+        reason: RevocationReason::CessationOfOperation,
+        at_unix: at,
+        keep_certs,
+        audit: audit(device, "block", "blocked", at),
+    }
+}
+
+fn crl(number: u64, generation: u64, at: i64) -> CrlRecord {
+    CrlRecord {
+        number,
+        this_update_unix: at,
+        next_update_unix: at + 86_400,
+        generation,
+        der: vec![0x30, 0x01, number as u8],
+    }
+}
+
+fn revocation(f: &mut Fixture) {
+    let s = f.store.as_ref();
+    assert_eq!(s.revocation_generation().unwrap(), 0);
+    assert!(s.revoked_certificates().unwrap().is_empty());
+    committed(issue(s, cert("01", "SN1", 1, 100)));
+    committed(issue(s, cert("02", "SN2", 2, 100)));
+    committed(issue(s, cert("03", "SN1", 3, 101)));
+    assert_eq!(
+        s.revoke(&revocation_of("ff", RevocationReason::KeyCompromise, 200))
+            .unwrap(),
+        RevokeOutcome::NotFound
+    );
+    assert_eq!(s.revocation_generation().unwrap(), 0, "nothing revoked");
+    // The certificate as it was before comes back.
+    assert_eq!(
+        s.revoke(&revocation_of("02", RevocationReason::KeyCompromise, 200))
+            .unwrap(),
+        RevokeOutcome::Revoked(cert("02", "SN2", 2, 100))
+    );
+    assert_eq!(status(s, "02"), CertStatus::Revoked);
+    assert_eq!(s.revocation_generation().unwrap(), 1);
+    // A superseded certificate can be revoked too.
+    match s
+        .revoke(&revocation_of("01", RevocationReason::Unspecified, 199))
+        .unwrap()
+    {
+        RevokeOutcome::Revoked(c) => assert_eq!(c.status, CertStatus::Superseded),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.revocation_generation().unwrap(), 2);
+    // Twice: nothing changes, no audit row, no generation.
+    let audits = s.recent_audit(100).unwrap().len();
+    match s
+        .revoke(&revocation_of("02", RevocationReason::Superseded, 300))
+        .unwrap()
+    {
+        RevokeOutcome::AlreadyRevoked(c) => assert_eq!(c.status, CertStatus::Revoked),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.recent_audit(100).unwrap().len(), audits);
+    assert_eq!(s.revocation_generation().unwrap(), 2);
+    // The CRL's entries: oldest revocation first, with the first revocation's date and reason.
+    assert_eq!(
+        s.revoked_certificates().unwrap(),
+        vec![
+            RevokedEntry {
+                serial_hex: "01".into(),
+                revoked_at_unix: 199,
+                reason: RevocationReason::Unspecified,
+            },
+            RevokedEntry {
+                serial_hex: "02".into(),
+                revoked_at_unix: 200,
+                reason: RevocationReason::KeyCompromise,
+            },
+        ]
+    );
+    let a = s.recent_audit(1).unwrap();
+    assert_eq!(
+        (a[0].operation.as_str(), a[0].detail.as_str()),
+        ("revoke", "revoked 01")
+    );
+    // Every reason round-trips.
+    for (i, reason) in RevocationReason::ALL.into_iter().enumerate() {
+        let serial = format!("1{i:02}");
+        committed(issue(s, cert(&serial, &format!("R{i}"), 9, 400)));
+        let at = 400 + i64::try_from(i).unwrap();
+        assert!(matches!(
+            s.revoke(&revocation_of(&serial, reason, at)).unwrap(),
+            RevokeOutcome::Revoked(_)
+        ));
+    }
+    let entries = s.revoked_certificates().unwrap();
+    assert_eq!(entries.len(), 2 + RevocationReason::ALL.len());
+    let reasons: Vec<RevocationReason> = entries[2..].iter().map(|e| e.reason).collect();
+    assert_eq!(reasons, RevocationReason::ALL);
+    assert_eq!(
+        s.revocation_generation().unwrap(),
+        2 + RevocationReason::ALL.len() as u64
+    );
+    assert_eq!(status(s, "03"), CertStatus::Active, "others untouched");
+}
+
+fn device_blocks(f: &mut Fixture) {
+    let s = f.store.as_ref();
+    committed(issue(s, cert("01", "SN1", 1, 100)));
+    committed(issue(s, cert("02", "SN1", 2, 101)));
+    committed(issue(s, cert("03", "SN2", 3, 100)));
+    committed(issue(s, cert("04", "SN3", 4, 100)));
+    assert!(!s.device_blocked("SN1").unwrap());
+    // The active certificate is revoked (the superseded one stays as it is).
+    assert_eq!(
+        s.block_device(&block_of("SN1", false, 200)).unwrap(),
+        BlockOutcome {
+            newly_blocked: true,
+            revoked_serials: vec!["02".into()],
+        }
+    );
+    assert!(s.device_blocked("SN1").unwrap());
+    assert!(!s.device_blocked("SN2").unwrap());
+    assert_eq!(status(s, "01"), CertStatus::Superseded);
+    assert_eq!(status(s, "02"), CertStatus::Revoked);
+    assert_eq!(
+        s.revoked_certificates().unwrap(),
+        vec![RevokedEntry {
+            serial_hex: "02".into(),
+            revoked_at_unix: 200,
+            reason: RevocationReason::CessationOfOperation,
+        }]
+    );
+    assert_eq!(s.revocation_generation().unwrap(), 1);
+    assert_eq!(s.recent_audit(1).unwrap()[0].operation, "block");
+    // keep_certs: blocked, certificates untouched.
+    assert_eq!(
+        s.block_device(&block_of("SN3", true, 201)).unwrap(),
+        BlockOutcome {
+            newly_blocked: true,
+            revoked_serials: vec![],
+        }
+    );
+    assert_eq!(status(s, "04"), CertStatus::Active);
+    // Blocking again: not new, audited, the generation still moves.
+    assert_eq!(
+        s.block_device(&block_of("SN1", false, 202)).unwrap(),
+        BlockOutcome {
+            newly_blocked: false,
+            revoked_serials: vec![],
+        }
+    );
+    assert_eq!(s.revocation_generation().unwrap(), 3);
+    // A device the store never issued to can be blocked ahead of its first enrollment.
+    assert!(
+        s.block_device(&block_of("SN0", false, 203))
+            .unwrap()
+            .newly_blocked
+    );
+    assert_eq!(s.blocked_devices().unwrap(), ["SN0", "SN1", "SN3"]);
+    assert_eq!(status(s, "03"), CertStatus::Active);
+}
+
+fn commit_refused_after_block_or_revocation(f: &mut Fixture) {
+    let s = f.store.as_ref();
+    committed(issue(s, cert("01", "SN1", 1, 100)));
+    committed(issue(s, cert("02", "SN2", 2, 100)));
+    // The certificate a /sren authenticated with was revoked between decision and commit.
+    s.revoke(&revocation_of("01", RevocationReason::KeyCompromise, 150))
+        .unwrap();
+    match issue(s, renewal("03", "01", "SN1", 3, 151)).unwrap() {
+        CommitOutcome::Refused(why) => assert!(why.contains("revoked"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.find_by_serial("03").unwrap(), None);
+    // A /sen with the IDevID (no replaced certificate) is not refused by that revocation.
+    committed(issue(s, cert("04", "SN1", 4, 152)));
+    // A blocked device: refused whatever it sends, nothing written.
+    s.block_device(&block_of("SN2", true, 160)).unwrap();
+    let audits = s.recent_audit(100).unwrap().len();
+    for c in [
+        cert("05", "SN2", 5, 161),
+        renewal("06", "02", "SN2", 6, 162),
+    ] {
+        match issue(s, c).unwrap() {
+            CommitOutcome::Refused(why) => assert!(why.contains("blocked"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(s.recent_audit(100).unwrap().len(), audits);
+    assert_eq!(active_of(s, "SN2"), ["02"], "keep_certs kept it");
+    // A retry of a request committed before the block still gets its certificate.
+    match issue(s, cert("07", "SN2", 2, 163)).unwrap() {
+        CommitOutcome::AlreadyIssued(c) => assert_eq!(c.serial_hex, "02"),
+        other => panic!("{other:?}"),
+    }
+    // Refusal audit rows still go in.
+    committed(commit_and_wait(
+        s,
+        Commit::Audit(audit("SN2", "sen", "refused", 164)),
+    ));
+    assert_eq!(s.recent_audit(1).unwrap()[0].outcome, "refused");
+}
+
+fn issued_since_window(f: &mut Fixture) {
+    let s = f.store.as_ref();
+    assert_eq!(
+        s.issued_since("SN1", 0).unwrap(),
+        IssuanceWindow {
+            count: 0,
+            oldest_unix: None
+        }
+    );
+    committed(issue(s, cert("01", "SN1", 1, 100)));
+    committed(issue(s, cert("02", "SN1", 2, 150)));
+    committed(issue(s, renewal("03", "02", "SN1", 3, 200)));
+    committed(issue(s, cert("04", "SN2", 4, 175)));
+    // Every kind counts, superseded ones included; the bound is inclusive.
+    assert_eq!(
+        s.issued_since("SN1", 100).unwrap(),
+        IssuanceWindow {
+            count: 3,
+            oldest_unix: Some(100)
+        }
+    );
+    assert_eq!(
+        s.issued_since("SN1", 101).unwrap(),
+        IssuanceWindow {
+            count: 2,
+            oldest_unix: Some(150)
+        }
+    );
+    assert_eq!(s.issued_since("SN1", 201).unwrap().count, 0);
+    assert_eq!(
+        s.issued_since("SN2", 0).unwrap(),
+        IssuanceWindow {
+            count: 1,
+            oldest_unix: Some(175)
+        }
+    );
+    // Revoked certificates still count (the limit is on issuance, not on what is valid).
+    s.revoke(&revocation_of("03", RevocationReason::KeyCompromise, 250))
+        .unwrap();
+    assert_eq!(s.issued_since("SN1", 0).unwrap().count, 3);
+}
+
+fn crl_numbers_and_records(f: &mut Fixture) {
+    let s = f.store.as_ref();
+    assert_eq!(s.latest_crl().unwrap(), None);
+    assert_eq!(s.next_crl_number().unwrap(), 1);
+    assert_eq!(s.next_crl_number().unwrap(), 2);
+    assert!(s.save_crl(&crl(2, 0, 100)).unwrap());
+    assert_eq!(s.latest_crl().unwrap(), Some(crl(2, 0, 100)));
+    // An older or equal number (a slower signer) is not kept.
+    assert!(!s.save_crl(&crl(1, 0, 101)).unwrap());
+    assert!(!s.save_crl(&crl(2, 5, 102)).unwrap());
+    assert_eq!(s.latest_crl().unwrap(), Some(crl(2, 0, 100)));
+    let n = s.next_crl_number().unwrap();
+    assert_eq!(n, 3);
+    assert!(s.save_crl(&crl(n, 1, 103)).unwrap());
+    committed(issue(s, cert("01", "SN1", 1, 100)));
+    s.revoke(&revocation_of("01", RevocationReason::KeyCompromise, 104))
+        .unwrap();
+    s.block_device(&block_of("SN9", false, 105)).unwrap();
+    // A node restart: numbers, generation, CRL, revocations and blocks are all still there.
+    f.store.close();
+    f.store = (f.reopen)();
+    let s = f.store.as_ref();
+    assert_eq!(s.latest_crl().unwrap(), Some(crl(3, 1, 103)));
+    assert_eq!(s.next_crl_number().unwrap(), 4);
+    assert_eq!(s.revocation_generation().unwrap(), 2);
+    assert_eq!(status(s, "01"), CertStatus::Revoked);
+    assert_eq!(s.revoked_certificates().unwrap().len(), 1);
+    assert_eq!(s.blocked_devices().unwrap(), ["SN9"]);
 }
 
 // ---- the backends ----
