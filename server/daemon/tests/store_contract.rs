@@ -6,11 +6,15 @@
 //! supersession (one active certificate per device) and the re-enrollment that lost a race;
 //! audit rows; the device allowlist; the queries of `certs list`, `certs show` and `audit`;
 //! durability across close and reopen; concurrent commits (grouped, all durable) and
-//! concurrent commits for one device.
+//! concurrent commits for one device; revocation (once, audited, the generation, the CRL's
+//! entries), device blocks, the commit-time refusal after a block or revocation, the
+//! per-device issuance window, cRLNumbers and the latest CRL.
 //!
 //! PostgreSQL only (what SQLite cannot have): two stores on one database standing for two
-//! nodes (cross-node idempotency, the /sren race), the schema migrations, and an outage of the
-//! database (errors, never a false "committed", then recovery).
+//! nodes (cross-node idempotency, the /sren race; a revocation or block on one node seen by
+//! the other, cRLNumbers never handed out twice, blocks racing issuances), the schema
+//! migrations (a version 1 database brought up to date), and an outage of the database
+//! (errors, never a false "committed", then recovery).
 
 #![allow(clippy::unwrap_used)]
 
@@ -971,4 +975,193 @@ fn postgres_outage_fails_commits_then_recovers() {
     let again = pg_open(&url);
     assert_eq!(again.schema_versions().unwrap().len(), MIGRATIONS.len());
     assert_eq!(again.count_certificates().unwrap(), 2);
+}
+
+/// Revocation across nodes: a revocation or block made through node A (or the CLI, a third
+/// store) is what node B reads, and B's commit of a re-enrollment authenticated by the
+/// revoked certificate is refused; cRLNumbers allocated on both nodes at once are never
+/// the same; blocks racing issuances of the same devices on the other node never leave a
+/// blocked device with an active certificate.
+#[test]
+fn postgres_revocation_across_nodes() {
+    let Some(pg) = TestPostgres::start_or_skip("postgres_revocation_across_nodes") else {
+        return;
+    };
+    let url = pg
+        .create_database("revocation")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (a, b) = (pg_open(&url), pg_open(&url));
+
+    committed(issue(a.as_ref(), cert("a001", "SN1", 1, 100)));
+    assert_eq!(b.revocation_generation().unwrap(), 0);
+    assert!(matches!(
+        a.revoke(&revocation_of("a001", RevocationReason::KeyCompromise, 110))
+            .unwrap(),
+        RevokeOutcome::Revoked(_)
+    ));
+    // B sees it at once: the generation it polls, the CRL entries, the status.
+    assert_eq!(b.revocation_generation().unwrap(), 1);
+    assert_eq!(
+        b.revoked_certificates().unwrap(),
+        a.revoked_certificates().unwrap()
+    );
+    assert_eq!(status(b.as_ref(), "a001"), CertStatus::Revoked);
+    match issue(b.as_ref(), renewal("b001", "a001", "SN1", 2, 111)).unwrap() {
+        CommitOutcome::Refused(why) => assert!(why.contains("revoked"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // The same revocation through B: already done.
+    assert!(matches!(
+        b.revoke(&revocation_of("a001", RevocationReason::Superseded, 112))
+            .unwrap(),
+        RevokeOutcome::AlreadyRevoked(_)
+    ));
+    assert_eq!(a.revocation_generation().unwrap(), 1);
+    // A block through B; A refuses the device's next enrollment at commit.
+    b.block_device(&block_of("SN2", false, 120)).unwrap();
+    assert!(a.device_blocked("SN2").unwrap());
+    assert_eq!(a.revocation_generation().unwrap(), 2);
+    match issue(a.as_ref(), cert("a002", "SN2", 3, 121)).unwrap() {
+        CommitOutcome::Refused(why) => assert!(why.contains("blocked"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+
+    // cRLNumbers from two nodes and a CLI at once: every one distinct, no gap.
+    let cli = pg_open(&url);
+    let per_node = 40;
+    let mut numbers: Vec<u64> = std::thread::scope(|sc| {
+        let hs: Vec<_> = [a.clone(), b.clone(), cli.clone()]
+            .into_iter()
+            .map(|node| {
+                sc.spawn(move || {
+                    (0..per_node)
+                        .map(|_| node.next_crl_number().expect("cRLNumber"))
+                        .collect::<Vec<u64>>()
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .flat_map(|h| h.join().expect("node"))
+            .collect()
+    });
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=3 * per_node).collect::<Vec<u64>>());
+    // Saving at once: the highest number is the one kept.
+    let kept: Vec<bool> = std::thread::scope(|sc| {
+        let hs: Vec<_> = [(a.clone(), 119u64), (b.clone(), 120), (cli.clone(), 118)]
+            .into_iter()
+            .map(|(node, n)| sc.spawn(move || node.save_crl(&crl(n, 2, 130)).expect("save")))
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("node")).collect()
+    });
+    assert!(kept[1], "the highest number is always kept");
+    assert_eq!(a.latest_crl().unwrap().map(|c| c.number), Some(120));
+    assert!(!cli.save_crl(&crl(119, 2, 131)).unwrap());
+    cli.close();
+
+    // Blocks on A racing issuances on B, device by device.
+    let devices = 40;
+    for d in 0..devices {
+        committed(issue(
+            b.as_ref(),
+            cert(&format!("k{d:04}"), &format!("K{d}"), 1, 200),
+        ));
+    }
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let (mut issued_first, mut refused) = (0, 0);
+    for d in 0..devices {
+        let dev = format!("K{d}");
+        let (block, outcome) = std::thread::scope(|sc| {
+            let (a, b2, dev2, barrier2) = (a.clone(), b.clone(), dev.clone(), barrier.clone());
+            let hb = sc.spawn(move || {
+                barrier2.wait();
+                issue(
+                    b2.as_ref(),
+                    renewal(&format!("k{d:04}-r"), &format!("k{d:04}"), &dev2, 2, 300),
+                )
+                .expect("commit")
+            });
+            let barrier = barrier.clone();
+            let ha = sc.spawn(move || {
+                barrier.wait();
+                a.block_device(&block_of(&dev, false, 300)).expect("block")
+            });
+            (ha.join().expect("a"), hb.join().expect("b"))
+        });
+        assert!(
+            active_of(a.as_ref(), &format!("K{d}")).is_empty(),
+            "K{d}: blocked with an active certificate ({block:?}, {outcome:?})"
+        );
+        match outcome {
+            // The issuance committed first: the block revoked the new certificate.
+            CommitOutcome::Committed => {
+                assert_eq!(block.revoked_serials, [format!("k{d:04}-r")]);
+                issued_first += 1;
+            }
+            // The block first: it revoked the old one, the issuance was refused.
+            CommitOutcome::Refused(why) => {
+                assert!(why.contains("blocked"), "{why}");
+                assert_eq!(block.revoked_serials, [format!("k{d:04}")]);
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    eprintln!("block races: issuance first {issued_first}, block first {refused}");
+    assert_eq!(issued_first + refused, devices);
+    a.close();
+    b.close();
+}
+
+/// A database a node of the previous release created (schema version 1, with a
+/// certificate) is brought to the current schema at open, its data intact and revocable.
+#[test]
+fn postgres_migrates_a_version_1_database() {
+    let Some(pg) = TestPostgres::start_or_skip("postgres_migrates_a_version_1_database") else {
+        return;
+    };
+    let url = pg.create_database("v1").unwrap_or_else(|e| panic!("{e}"));
+    let v1 = &MIGRATIONS[0];
+    assert_eq!(v1.version, 1);
+    pg.psql(
+        "v1",
+        &format!(
+            "BEGIN;
+             CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+                 applied_at timestamptz NOT NULL DEFAULT now());
+             {}
+             INSERT INTO schema_migrations (version, name) VALUES (1, 'v1');
+             SELECT est_issue('0101', 'OLD', 'CN=OLD', '\\x3000', decode(repeat('07', 32), 'hex'),
+                 1, 2, 100, 'active', 'enroll', NULL,
+                 100, 'peer', 'OLD', 'sen', 'issued', '2.04', '');
+             COMMIT;",
+            v1.sql
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let s = pg_open(&url);
+    assert_eq!(
+        s.schema_versions().unwrap(),
+        MIGRATIONS.iter().map(|m| m.version).collect::<Vec<_>>()
+    );
+    let old = s.find_by_serial("0101").unwrap().expect("kept");
+    assert_eq!(
+        (old.device_id.as_str(), old.status),
+        ("OLD", CertStatus::Active)
+    );
+    assert_eq!(s.revocation_generation().unwrap(), 0);
+    assert_eq!(s.next_crl_number().unwrap(), 1);
+    assert!(matches!(
+        s.revoke(&revocation_of("0101", RevocationReason::KeyCompromise, 200))
+            .unwrap(),
+        RevokeOutcome::Revoked(_)
+    ));
+    assert_eq!(s.revoked_certificates().unwrap().len(), 1);
+    // The replaced est_issue refuses a blocked device.
+    s.block_device(&block_of("NEW", true, 201)).unwrap();
+    assert!(matches!(
+        issue(s.as_ref(), cert("0102", "NEW", 8, 202)).unwrap(),
+        CommitOutcome::Refused(_)
+    ));
+    s.close();
 }

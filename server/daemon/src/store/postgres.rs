@@ -44,11 +44,26 @@
 //! certificate (same CSR) or a 4.03 refusal (another CSR). Each batch takes its row locks in
 //! device order, so two nodes' batches do not deadlock on each other.
 //!
+//! Revocation (migration 2) keeps the same rules on N nodes and the operator CLI:
+//!
+//! - `est_issue` first takes the device's transaction-scoped advisory lock, which
+//!   [`Store::block_device`] takes too: a block and an issuance of the same device, on any
+//!   nodes, are ordered. The block either comes first (the issuance sees it and answers
+//!   `blocked`: [`CommitOutcome::Refused`]) or second (it revokes the new certificate). A
+//!   re-enrollment whose certificate was revoked meanwhile is refused the same way (the
+//!   `FOR UPDATE` of step 2 waits for a revocation in progress).
+//! - [`Store::revoke`] locks the certificate's row, so a second revocation of it (another
+//!   node, the CLI) waits and answers [`RevokeOutcome::AlreadyRevoked`].
+//! - The revocation generation and the last cRLNumber live in the one row of
+//!   `revocation_state`, each bumped by an `UPDATE` whose row lock lasts until COMMIT: every
+//!   node polls the same generation, and no cRLNumber is handed out twice (nor skipped).
+//!   [`Store::save_crl`] compares numbers under `LOCK TABLE crls IN EXCLUSIVE MODE`.
+//!
 //! # Schema
 //!
 //! Versioned migrations ([`MIGRATIONS`]) are applied at open, under an advisory lock so
 //! that nodes starting together apply each once; `schema_migrations` records them. A new
-//! column or table (revocation state, say) is a new entry at the end of the list.
+//! column or table is a new entry at the end of the list (migration 2: revocation).
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
