@@ -5,6 +5,11 @@
 //! - /sren on node B supersedes the certificate node A issued;
 //! - two nodes racing the same device's /sren leave one active certificate, and the loser's
 //!   meter gets the same certificate (same CSR) or a 4.03 refusal (another CSR);
+//! - a certificate revoked with `est-server certs revoke` (the CLI, against the same
+//!   database) is refused for /sren at node B: at the EST layer on a session opened before,
+//!   at the handshake once B's revocation poll has seen it; both nodes serve a CRL, signed
+//!   by the issuing CA, that lists it; a block made through node B's store (no CLI) is
+//!   published by the nodes' own polls in a CRL both serve;
 //! - with PostgreSQL down, enrollments are answered 5.03 with Max-Age, and served again
 //!   once it is back, by the same process.
 //!
@@ -21,7 +26,7 @@ use der::{Decode, Encode};
 use est_proto::ca::{self, RingP256Signer};
 use est_proto::coap::{Client, ClientConfig, ClientEvent, Method, Request, Response};
 use est_proto::est::{CF_PKCS10, CF_PKIX_CERT};
-use est_proto::store::CertStatus;
+use est_proto::store::{AuditEvent, CertStatus, DeviceBlock, RevocationReason, RevokeOutcome};
 use est_server::datadir;
 use est_server::transport::client::{connect, DtlsClientConfig};
 use est_test_tools::pg::TestPostgres;
@@ -62,6 +67,16 @@ fn meter(srv: &TestServer, serial: &str) -> Meter {
 }
 
 async fn dtls(server: SocketAddr, chain: &[Vec<u8>], key: &[u8], trust: &[Vec<u8>]) -> DtlsConn {
+    try_dtls(server, chain, key, trust).await.unwrap()
+}
+
+/// A DTLS session, or why the handshake failed.
+async fn try_dtls(
+    server: SocketAddr,
+    chain: &[Vec<u8>],
+    key: &[u8],
+    trust: &[Vec<u8>],
+) -> anyhow::Result<DtlsConn> {
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     sock.connect(server).await.unwrap();
     let cfg = DtlsClientConfig {
@@ -73,7 +88,7 @@ async fn dtls(server: SocketAddr, chain: &[Vec<u8>], key: &[u8], trust: &[Vec<u8
         overall_timeout: Duration::from_secs(30),
         ..DtlsClientConfig::default()
     };
-    connect(Arc::new(sock), &cfg).await.unwrap()
+    Ok(connect(Arc::new(sock), &cfg).await?)
 }
 
 /// One request through the sans-IO client over a DTLS connection.
@@ -336,5 +351,211 @@ async fn with_postgres_down_enrollments_get_503_with_max_age_then_succeed_when_i
         .unwrap();
     assert_eq!(stored.der, cert);
     assert_eq!(a.store().count_certificates().unwrap(), 1);
+    a.stop().await;
+}
+
+/// `crl` verified against the issuing CA: its revoked serials (hex) with their reason codes.
+fn crl_entries(srv: &TestServer, crl: &[u8]) -> Vec<(String, Option<u8>)> {
+    let ca = datadir::read_certs(&srv.ca_pem()).unwrap().remove(0);
+    let v = ca::verify_crl(crl, &ca).unwrap_or_else(|e| panic!("CRL does not verify: {e}"));
+    v.revoked
+        .iter()
+        .map(|(serial, reason)| {
+            let hex: String = serial.iter().map(|b| format!("{b:02x}")).collect();
+            (hex, *reason)
+        })
+        .collect()
+}
+
+/// GET /crl over a DTLS session.
+async fn fetch_crl(conn: &DtlsConn) -> Vec<u8> {
+    let r = exchange(
+        conn,
+        Request::new(Method::Get, "/crl").with_accept(est_proto::est::CF_PKIX_CRL_DEFAULT),
+    )
+    .await;
+    assert_eq!(r.code, ResponseType::Content, "{r:?}");
+    r.payload
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_revoked_through_the_cli_is_refused_at_the_other_node_and_listed_by_both() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(pg) = TestPostgres::start_or_skip("cross-node revocation") else {
+        return;
+    };
+    let a = pg_server(&pg, "revocation").await;
+    let b = a.start_another_node().await.unwrap();
+    let m = meter(&a, "SNREV1");
+    let (csr, pkcs8) = csr_for(&serial_subject(&m.serial));
+    let on_a = dtls(a.addr, &m.idevid_chain, &m.idevid_key, &m.trust).await;
+    let ldevid = changed(&exchange(&on_a, post("sen", csr)).await);
+    let serial = serial_hex(&ldevid);
+    // A session with the LDevID at B, opened while the certificate is still good.
+    let early = dtls(
+        b.local_addr,
+        std::slice::from_ref(&ldevid),
+        &pkcs8,
+        &m.trust,
+    )
+    .await;
+
+    // `est-server certs revoke` against the shared database (the nodes' configuration).
+    let report = est_server::revocation::revoke_certificate(
+        &a.data_dir,
+        &a.config,
+        &serial,
+        RevocationReason::KeyCompromise,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    assert!(
+        matches!(&report.outcome, RevokeOutcome::Revoked(c) if c.device_id == "SNREV1"),
+        "{:?}",
+        report.outcome
+    );
+    let published = report.crl.expect("the CLI publishes a CRL");
+    let generation = a.store().revocation_generation().unwrap();
+    assert_eq!(published.generation, generation);
+
+    // B's EST layer reads the store on every enrollment: refused at once.
+    let (csr2, _) = csr_for(&subject_of(&ldevid));
+    let r = exchange(&early, post("sren", csr2.clone())).await;
+    assert_eq!(
+        r.code,
+        ResponseType::Forbidden,
+        "{:?}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    assert!(
+        String::from_utf8_lossy(&r.payload).contains("revoked"),
+        "{:?}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    assert_eq!(a.store().count_certificates().unwrap(), 1, "nothing issued");
+
+    // B's own revocation poll ([revocation] poll_interval_secs) picks the revocation up; from
+    // then on B refuses the handshake itself.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while b.revocation.generation() < generation || a.running().revocation.generation() < generation
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the nodes' polls did not see the revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = b.listener.metrics().handshakes_completed;
+    let refused = try_dtls(
+        b.local_addr,
+        std::slice::from_ref(&ldevid),
+        &pkcs8,
+        &m.trust,
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "the handshake with a revoked LDevID must fail"
+    );
+    assert_eq!(b.listener.metrics().handshakes_completed, before);
+    assert!(
+        b.revocation
+            .refused_revoked
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    // B's refusal lands in the shared audit trail (written behind the refusal).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let audit = a.store().recent_audit(20).unwrap();
+        if audit.iter().any(|e| {
+            e.operation == "handshake"
+                && e.outcome == "refused"
+                && e.device_id == "SNREV1"
+                && e.detail.contains(&serial)
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no handshake audit row: {audit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Both nodes serve a CRL (fetched over CoAP with the meter's IDevID) that the issuing CA
+    // signed and that lists the certificate as keyCompromise (1).
+    let on_b = dtls(b.local_addr, &m.idevid_chain, &m.idevid_key, &m.trust).await;
+    for (node, conn) in [("A", &on_a), ("B", &on_b)] {
+        let crl = fetch_crl(conn).await;
+        let entries = crl_entries(&a, &crl);
+        assert!(
+            entries.contains(&(serial.clone(), Some(1))),
+            "node {node}'s CRL lacks {serial}: {entries:?}"
+        );
+    }
+    let first_crl = a.store().latest_crl().unwrap().unwrap();
+
+    // A block made through node B's store, with no CLI to publish after it: both nodes'
+    // polls see the generation move, re-issue the CRL (cRLNumbers from the database, never
+    // the same twice) and serve one listing the blocked device's certificate.
+    let m2 = meter(&a, "SNREV2");
+    let (csr, _) = csr_for(&serial_subject(&m2.serial));
+    let on_b2 = dtls(b.local_addr, &m2.idevid_chain, &m2.idevid_key, &m2.trust).await;
+    let second = serial_hex(&changed(&exchange(&on_b2, post("sen", csr)).await));
+    let at = est_proto::store::unix_seconds(std::time::SystemTime::now());
+    let blocked = b
+        .store
+        .block_device(&DeviceBlock {
+            device_id: "SNREV2".into(),
+            reason: RevocationReason::CessationOfOperation,
+            at_unix: at,
+            keep_certs: false,
+            audit: AuditEvent {
+                at_unix: at,
+                peer: "test".into(),
+                device_id: "SNREV2".into(),
+                operation: "block".into(),
+                outcome: "blocked".into(),
+                code: "-".into(),
+                detail: "decommissioned".into(),
+            },
+        })
+        .unwrap();
+    assert_eq!(blocked.revoked_serials, std::slice::from_ref(&second));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (node, conn) in [("A", &on_a), ("B", &on_b)] {
+        loop {
+            let entries = crl_entries(&a, &fetch_crl(conn).await);
+            if entries.contains(&(second.clone(), Some(5))) {
+                assert!(entries.contains(&(serial.clone(), Some(1))), "{entries:?}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {node} serves no CRL listing {second}: {entries:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let latest = a.store().latest_crl().unwrap().unwrap();
+    assert!(latest.number > first_crl.number, "{latest:?}");
+    assert_eq!(
+        latest.generation,
+        a.store().revocation_generation().unwrap()
+    );
+    // The blocked device's IDevID is refused at the handshake too (once B's view has it).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while b.revocation.generation() < latest.generation {
+        assert!(Instant::now() < deadline, "B's poll did not see the block");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        try_dtls(b.local_addr, &m2.idevid_chain, &m2.idevid_key, &m2.trust)
+            .await
+            .is_err(),
+        "a blocked device's handshake must fail"
+    );
+    b.shutdown().await;
     a.stop().await;
 }
