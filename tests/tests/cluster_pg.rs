@@ -10,6 +10,8 @@
 //!   at the handshake once B's revocation poll has seen it; both nodes serve a CRL, signed
 //!   by the issuing CA, that lists it; a block made through node B's store (no CLI) is
 //!   published by the nodes' own polls in a CRL both serve;
+//! - the per-device enrollment rate limit counts what every node issued: a device enrolled
+//!   on A gets 5.03 for another CSR on B (its retry of the first still gets the certificate);
 //! - with PostgreSQL down, enrollments are answered 5.03 with Max-Age, and served again
 //!   once it is back, by the same process.
 //!
@@ -36,6 +38,15 @@ use webrtc_util::conn::Conn;
 type DtlsConn = Arc<dyn Conn + Send + Sync>;
 
 async fn pg_server(pg: &TestPostgres, db: &str) -> TestServer {
+    pg_server_with(pg, db, |_| {}).await
+}
+
+/// [`pg_server`] with the configuration further adjusted by `tweak`.
+async fn pg_server_with(
+    pg: &TestPostgres,
+    db: &str,
+    tweak: impl FnOnce(&mut est_server::config::Config),
+) -> TestServer {
     let url = pg.create_database(db).unwrap();
     TestServer::start(move |c| {
         c.storage.backend = "postgres".into();
@@ -43,6 +54,7 @@ async fn pg_server(pg: &TestPostgres, db: &str) -> TestServer {
         c.storage.pool_size = 6;
         c.storage.timeout_ms = 2000;
         c.est.overload_retry_after_secs = 3;
+        tweak(c);
     })
     .await
     .unwrap()
@@ -556,6 +568,51 @@ async fn a_certificate_revoked_through_the_cli_is_refused_at_the_other_node_and_
             .is_err(),
         "a blocked device's handshake must fail"
     );
+    b.shutdown().await;
+    a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_device_rate_limit_counts_the_other_nodes_issuances() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(pg) = TestPostgres::start_or_skip("cross-node rate limit") else {
+        return;
+    };
+    let a = pg_server_with(&pg, "rate", |c| {
+        c.enrollment.max_per_device_per_period = 1;
+        c.enrollment.period_secs = 3600;
+    })
+    .await;
+    let b = a.start_another_node().await.unwrap();
+    let m = meter(&a, "SNRATE1");
+    let (csr, _) = csr_for(&serial_subject(&m.serial));
+    let on_a = dtls(a.addr, &m.idevid_chain, &m.idevid_key, &m.trust).await;
+    let first = changed(&exchange(&on_a, post("sen", csr.clone())).await);
+    let on_b = dtls(b.local_addr, &m.idevid_chain, &m.idevid_key, &m.trust).await;
+    // A retry of the same CSR on B is not a new issuance: the same certificate.
+    assert_eq!(changed(&exchange(&on_b, post("sen", csr)).await), first);
+    // Another CSR on B: over the limit A's issuance used up.
+    let (other, _) = csr_for(&serial_subject(&m.serial));
+    let r = exchange(&on_b, post("sen", other)).await;
+    assert_eq!(
+        r.code,
+        ResponseType::ServiceUnavailable,
+        "{:?}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    assert!(
+        r.max_age.is_some_and(|s| s > 0 && s <= 3600),
+        "Max-Age: when A's certificate leaves the period ({:?})",
+        r.max_age
+    );
+    assert_eq!(b.est.counters().rate_limited, 1);
+    assert_eq!(a.running().est.counters().rate_limited, 0);
+    assert_eq!(a.store().count_certificates().unwrap(), 1);
+    // Another device is not limited by it.
+    let m2 = meter(&a, "SNRATE2");
+    let (csr2, _) = csr_for(&serial_subject(&m2.serial));
+    let on_b2 = dtls(b.local_addr, &m2.idevid_chain, &m2.idevid_key, &m2.trust).await;
+    changed(&exchange(&on_b2, post("sen", csr2)).await);
     b.shutdown().await;
     a.stop().await;
 }
