@@ -22,6 +22,11 @@ use crate::schedule::mix64;
 #[derive(Debug, Clone)]
 pub struct DriverConfig {
     pub server: SocketAddr,
+    /// More servers (nodes of the same service, [`run_meter`]): meter `i` starts on server
+    /// `i mod N` of `server` followed by these, and each new session goes to the next one,
+    /// so a meter whose session failed (a node down: handshake or CoAP timeout) retries on
+    /// another node. Empty: every session goes to `server`.
+    pub failover: Vec<SocketAddr>,
     /// Local address each session's socket binds to (port 0 = ephemeral).
     pub bind: SocketAddr,
     pub dtls: DtlsClientConfig,
@@ -204,10 +209,18 @@ pub async fn run_meter(
     cfg: &DriverConfig,
     seed: u64,
 ) -> MeterOutcome {
-    let (bind, server) = (cfg.bind, cfg.server);
+    let bind = cfg.bind;
+    let servers: Vec<SocketAddr> = std::iter::once(cfg.server)
+        .chain(cfg.failover.iter().copied())
+        .collect();
+    // Spread: meter i starts on server i mod N; each later session (a retry after a failure,
+    // or the renewal) on the next one.
+    let mut next = usize::try_from(index % servers.len() as u64).unwrap_or(0);
     let l = link.clone();
     let open = move || {
         let l = l.clone();
+        let server = servers[next % servers.len()];
+        next = next.wrapping_add(1);
         async move {
             let c: Arc<dyn Conn + Send + Sync> = EmulatedConn::connect(bind, server, l).await?;
             Ok(c)
@@ -465,6 +478,7 @@ mod tests {
     ) -> DriverConfig {
         DriverConfig {
             server: srv.addr,
+            failover: Vec::new(),
             bind: "127.0.0.1:0".parse().unwrap(),
             dtls: DtlsClientConfig {
                 trust_anchors_der: vec![srv.trust_anchor_der.clone()],

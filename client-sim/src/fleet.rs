@@ -460,6 +460,7 @@ mod tests {
             concurrency: 6,
             driver: DriverConfig {
                 server: srv.addr,
+                failover: Vec::new(),
                 bind: "127.0.0.1:0".parse().unwrap(),
                 dtls: DtlsClientConfig {
                     trust_anchors_der: vec![srv.trust_anchor_der.clone()],

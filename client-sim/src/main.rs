@@ -85,9 +85,12 @@ enum AcceptFormat {
 #[derive(Debug, Parser)]
 #[command(name = "client-sim", version, verbatim_doc_comment)]
 struct Cli {
-    /// EST-coaps server address (DTLS over UDP).
-    #[arg(long, default_value = "127.0.0.1:5684")]
-    server: SocketAddr,
+    /// EST-coaps server address (DTLS over UDP), or several separated by commas (nodes of one
+    /// service): meter i starts on server i mod N, and each new session after a failed one
+    /// (a handshake or CoAP timeout, a 5.xx) goes to the next server, so meters fail over
+    /// from a node that is down.
+    #[arg(long, default_value = "127.0.0.1:5684", value_delimiter = ',', num_args = 1..)]
+    server: Vec<SocketAddr>,
     /// Name checked against the server certificate's subjectAltName.
     #[arg(long, default_value = "localhost")]
     server_name: String,
@@ -243,6 +246,15 @@ struct Cli {
     no_progress: bool,
 }
 
+/// `A,B,...` as given to --server.
+fn servers_text(servers: &[SocketAddr]) -> String {
+    servers
+        .iter()
+        .map(SocketAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn mint_fleet(cli: &Cli, n: usize, seed: u64) -> Result<Vec<DeviceIdentity>> {
     use est_proto::ca::{IssuingCa, RingP256Signer};
     use rand::SeedableRng;
@@ -353,7 +365,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 max_hops: plan.max_hops,
                 meters_per_dcu: cli.meters_per_dcu,
                 dcu_link: cli.dcu_link.clone(),
-                server: cli.server.to_string(),
+                server: servers_text(&cli.server),
                 meters: Vec::new(),
                 outcomes: Vec::new(),
                 summary: None,
@@ -377,7 +389,8 @@ async fn run(cli: Cli) -> Result<bool> {
     let cfg = FleetConfig {
         concurrency: cli.concurrency.max(1),
         driver: DriverConfig {
-            server: cli.server,
+            server: cli.server[0],
+            failover: cli.server[1..].to_vec(),
             bind: cli.bind,
             dtls: DtlsClientConfig {
                 trust_anchors_der: ta.clone(),
@@ -425,7 +438,7 @@ async fn run(cli: Cli) -> Result<bool> {
     eprintln!(
         "client-sim: {} meters -> coaps://{} (seed {}, arrival {:?}, link {}, concurrency {}{})",
         plans.len(),
-        cli.server,
+        servers_text(&cli.server),
         rec_base.seed,
         rec_base.arrival,
         rec_base.link,
@@ -444,7 +457,7 @@ async fn run(cli: Cli) -> Result<bool> {
     if let Some(path) = &cli.json {
         let doc = serde_json::json!({
             "seed": rec_base.seed,
-            "server": cli.server.to_string(),
+            "server": servers_text(&cli.server),
             "summary": result.summary,
             "meters": result.outcomes,
         });
@@ -456,7 +469,7 @@ async fn run(cli: Cli) -> Result<bool> {
             meters: plans,
             outcomes: result.outcomes.clone(),
             summary: Some(result.summary.clone()),
-            server: cli.server.to_string(),
+            server: servers_text(&cli.server),
             ..rec_base
         };
         rec.write(path)?;

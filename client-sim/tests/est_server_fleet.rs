@@ -43,6 +43,7 @@ async fn fleet_of_200_enrolls_at_20_percent_loss_and_store_holds_each_cert_once(
         concurrency: 100,
         driver: DriverConfig {
             server: listen,
+            failover: Vec::new(),
             bind: "127.0.0.1:0".parse().unwrap(),
             dtls: DtlsClientConfig {
                 trust_anchors_der: fleet.implicit_ta_der.clone(),

@@ -510,6 +510,7 @@ pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
     let dcfg = dtls_config(t, cfg.dtls_backend);
     let driver = DriverConfig {
         server: t.addr,
+        failover: Vec::new(),
         bind: "127.0.0.1:0".parse().expect("literal"),
         dtls: dcfg.clone(),
         coap: ClientConfig::default(),

@@ -567,6 +567,7 @@ pub async fn enroll(
 ) -> (MeterOutcome, Duration) {
     let cfg = DriverConfig {
         server,
+        failover: Vec::new(),
         bind: "127.0.0.1:0".parse().unwrap_or_else(|_| unreachable!()),
         dtls: DtlsClientConfig {
             trust_anchors_der: implicit_ta_der.to_vec(),

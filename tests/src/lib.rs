@@ -25,6 +25,8 @@ pub struct TestServer {
     pub data_dir: PathBuf,
     pub addr: SocketAddr,
     pub server: Option<RunningServer>,
+    /// The configuration it runs with (the data directory's file, adjusted by `tweak`).
+    pub config: Config,
 }
 
 impl TestServer {
@@ -37,14 +39,23 @@ impl TestServer {
         config.server.listen = "127.0.0.1:0".parse()?;
         tweak(&mut config);
         config.validate()?;
-        let loaded = datadir::load(&data_dir, config)?;
+        let loaded = datadir::load(&data_dir, config.clone())?;
         let server = est_server::service::start(loaded, None).await?;
         Ok(Self {
             addr: server.local_addr,
             dir,
             data_dir,
             server: Some(server),
+            config,
         })
+    }
+
+    /// Another node of the same service: the same data directory (issuing CA, DTLS
+    /// credentials) and configuration (so the same PostgreSQL database, with `[storage]
+    /// backend = "postgres"`), on a port of its own. The caller shuts it down.
+    pub async fn start_another_node(&self) -> Result<RunningServer> {
+        let loaded = datadir::load(&self.data_dir, self.config.clone())?;
+        est_server::service::start(loaded, None).await
     }
 
     /// Stop, then start again on the same data directory (and port 0), with the
@@ -57,10 +68,11 @@ impl TestServer {
         config.server.listen = "127.0.0.1:0".parse()?;
         tweak(&mut config);
         config.validate()?;
-        let loaded = datadir::load(&self.data_dir, config)?;
+        let loaded = datadir::load(&self.data_dir, config.clone())?;
         let server = est_server::service::start(loaded, None).await?;
         self.addr = server.local_addr;
         self.server = Some(server);
+        self.config = config;
         Ok(self)
     }
 
@@ -97,9 +109,9 @@ impl TestServer {
     }
 
     /// The store, for assertions.
-    pub fn store(&self) -> &est_server::store::SqliteStore {
+    pub fn store(&self) -> &dyn est_server::store::ServerStore {
         match &self.server {
-            Some(s) => &s.store,
+            Some(s) => s.store.as_ref(),
             None => panic!("server already stopped"),
         }
     }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use est_proto::store::{RevocationReason, RevokeOutcome, Store};
+use est_proto::store::{RevocationReason, RevokeOutcome};
 use est_tests::*;
 
 /// A meter that enrolled: its IDevID credentials and its LDevID (PEM) with key.
@@ -157,21 +157,6 @@ fn assert_handshake_refused(run: &CoapRun, before: u64, srv: &TestServer) {
     );
 }
 
-/// Wait (up to 5 s) for an audit row of a refused handshake of `device`: the verifier hands it
-/// to the store writer and the handshake's refusal does not wait for the commit.
-async fn wait_for_handshake_audit(srv: &TestServer, device: &str) {
-    for _ in 0..50 {
-        let rows = srv.store().recent_audit(100).unwrap();
-        if rows
-            .iter()
-            .any(|a| a.operation == "handshake" && a.device_id == device)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Wait until the server's handshake checks reflect every revocation in the store (the
 /// revocation poll, [revocation] poll_interval_secs).
 async fn wait_for_revocation_poll(srv: &TestServer) {
@@ -185,6 +170,25 @@ async fn wait_for_revocation_poll(srv: &TestServer) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("the revocation poll did not reach generation {want}");
+}
+
+/// The latest audit rows once one matches `pred`: a handshake refusal's row is written
+/// behind the refusal (submitted to the store's writer), so it may land a moment later.
+async fn audit_with(
+    srv: &TestServer,
+    pred: impl Fn(&est_proto::store::AuditEvent) -> bool,
+) -> Vec<est_proto::store::AuditEvent> {
+    for _ in 0..100 {
+        let audit = srv.store().recent_audit(50).unwrap();
+        if audit.iter().any(&pred) {
+            return audit;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!(
+        "no such audit row: {:?}",
+        srv.store().recent_audit(50).unwrap()
+    );
 }
 
 /// `openssl <args>`: (success, stdout + stderr).
@@ -281,20 +285,18 @@ async fn a_revoked_ldevid_cannot_reenroll_and_the_crl_lists_it() {
             .load(std::sync::atomic::Ordering::Relaxed)
             >= 1
     );
-    wait_for_handshake_audit(&srv, "SNREVOKED1").await;
-    let audit = srv.store().recent_audit(50).unwrap();
+    let audit = audit_with(&srv, |a| {
+        a.operation == "handshake"
+            && a.outcome == "refused"
+            && a.device_id == "SNREVOKED1"
+            && a.code == "alert 44"
+            && a.detail.contains(&serial)
+    })
+    .await;
     assert!(
         audit.iter().any(|a| a.operation == "revoke"
             && a.device_id == "SNREVOKED1"
             && a.detail.contains("keyCompromise")),
-        "{audit:?}"
-    );
-    assert!(
-        audit.iter().any(|a| a.operation == "handshake"
-            && a.outcome == "refused"
-            && a.device_id == "SNREVOKED1"
-            && a.code == "alert 44"
-            && a.detail.contains(&serial)),
         "{audit:?}"
     );
     assert_eq!(
@@ -461,18 +463,14 @@ async fn a_blocked_device_is_refused_and_its_certificate_revoked() {
     assert_eq!(certs.len(), 2);
     assert_eq!(status("SNSTOLEN1"), Some("revoked"));
     assert_eq!(status("SNKEEP1"), Some("active"));
-    wait_for_handshake_audit(&srv, "SNSTOLEN1").await;
-    let audit = srv.store().recent_audit(50).unwrap();
+    let audit = audit_with(&srv, |a| {
+        a.operation == "handshake" && a.device_id == "SNSTOLEN1" && a.code == "alert 49"
+    })
+    .await;
     assert!(
         audit
             .iter()
             .any(|a| a.operation == "block" && a.device_id == "SNSTOLEN1"),
-        "{audit:?}"
-    );
-    assert!(
-        audit.iter().any(|a| a.operation == "handshake"
-            && a.device_id == "SNSTOLEN1"
-            && a.code == "alert 49"),
         "{audit:?}"
     );
     // The CRL lists the blocked device's certificate as cessationOfOperation.
@@ -587,14 +585,10 @@ async fn an_idevid_on_its_manufacturers_crl_is_refused() {
     )
     .await;
     assert!(run.payload.is_some(), "{run:?}");
-    wait_for_handshake_audit(&srv, "SNMFRBAD").await;
-    let audit = srv.store().recent_audit(20).unwrap();
-    assert!(
-        audit.iter().any(|a| a.operation == "handshake"
-            && a.device_id == "SNMFRBAD"
-            && a.detail.contains("manufacturer")),
-        "{audit:?}"
-    );
+    audit_with(&srv, |a| {
+        a.operation == "handshake" && a.device_id == "SNMFRBAD" && a.detail.contains("manufacturer")
+    })
+    .await;
 
     // A CRL that is not the manufacturer's (our own CA's) is refused at start, naming it.
     let srv = srv

@@ -36,6 +36,7 @@ async fn run(srv: &TestServer, prefix: &str, c509: bool) -> Summary {
         concurrency: METERS,
         driver: DriverConfig {
             server: srv.addr,
+            failover: Vec::new(),
             bind: "127.0.0.1:0".parse().unwrap(),
             dtls: DtlsClientConfig {
                 trust_anchors_der: fleet.implicit_ta_der.clone(),

@@ -26,6 +26,7 @@ fn fleet_config(
         concurrency: meters,
         driver: DriverConfig {
             server: srv.listen,
+            failover: Vec::new(),
             bind: "127.0.0.1:0".parse().unwrap(),
             dtls,
             // ACK_TIMEOUT 1 s instead of 2 s keeps the lossy test short.

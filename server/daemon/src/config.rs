@@ -353,16 +353,42 @@ impl Default for PkiSection {
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageSection {
+    /// `"sqlite"` (the embedded default: one node, one file) or `"postgres"` (N nodes on one
+    /// database).
+    pub backend: String,
+    /// The SQLite file (backend `"sqlite"`).
     pub database: PathBuf,
+    /// Most commits grouped into one transaction (both backends).
     pub max_batch: usize,
+    /// PostgreSQL connection string (backend `"postgres"`): a URL
+    /// (`postgres://user:password@host:5432/est`) or libpq key=value pairs
+    /// (`host=/run/postgresql dbname=est user=est`).
+    pub url: String,
+    /// PostgreSQL connections per node (backend `"postgres"`): half write the commits, the
+    /// others serve the reads of enrollments and operator commands.
+    pub pool_size: usize,
+    /// How long a PostgreSQL read or commit may take, connecting included, before the
+    /// enrollment is answered 5.03 + Max-Age (the meter retries later).
+    pub timeout_ms: u64,
 }
 
 impl Default for StorageSection {
     fn default() -> Self {
         Self {
+            backend: "sqlite".into(),
             database: "est.sqlite3".into(),
             max_batch: 256,
+            url: String::new(),
+            pool_size: 16,
+            timeout_ms: 5000,
         }
+    }
+}
+
+impl StorageSection {
+    /// Whether the PostgreSQL backend is configured.
+    pub fn is_postgres(&self) -> bool {
+        self.backend == "postgres"
     }
 }
 
@@ -652,10 +678,24 @@ manufacturer_cas = ["manufacturers/demo-manufacturer-ca.pem"]
 manufacturer_crls = []
 
 [storage]
-# SQLite database (WAL, synchronous=FULL): issued certificates, audit log, device allowlist.
+# Where issued certificates, the audit log and the device allowlist are kept:
+#   "sqlite"   - one file in the data directory (WAL, synchronous=FULL); one node.
+#   "postgres" - a PostgreSQL database shared by any number of est-server nodes (set url).
+backend = "sqlite"
+# SQLite database file (backend "sqlite").
 database = "est.sqlite3"
-# Most commits grouped into one fsync by the writer thread.
+# Most commits grouped into one transaction (one fsync) by the store's writer(s).
 max_batch = 256
+# PostgreSQL connection string (backend "postgres"), a URL or libpq key=value pairs, e.g.
+#   url = "postgres://est:secret@db.example:5432/est"
+#   url = "host=/run/postgresql dbname=est user=est"
+# The schema is created and migrated at start (table schema_migrations).
+url = ""
+# PostgreSQL connections per node: half write the commits, the rest serve the reads.
+pool_size = 16
+# A PostgreSQL read or commit (connecting included) that takes longer is answered 5.03 with
+# Max-Age: the meter retries later; no certificate leaves without being committed.
+timeout_ms = 5000
 
 [hsm]
 # The issuing CA's private key on a PKCS#11 token (an HSM) instead of pki.issuing_ca_key:
@@ -846,6 +886,7 @@ impl Config {
             }
         }
         self.validate_relay()?;
+        self.validate_storage()?;
         Ok(())
     }
 
@@ -883,6 +924,45 @@ impl Config {
             if !u.starts_with("jpy://") {
                 return Err(invalid("relay.jpy_uri", "must start with jpy://"));
             }
+        }
+        Ok(())
+    }
+
+    /// `[storage]`: a known backend, and for PostgreSQL a connection string that parses.
+    fn validate_storage(&self) -> Result<(), ConfigError> {
+        let st = &self.storage;
+        match st.backend.as_str() {
+            "sqlite" => {}
+            "postgres" => {
+                if st.url.trim().is_empty() {
+                    return Err(invalid(
+                        "storage.url",
+                        "backend \"postgres\" needs a connection string, e.g. \
+                         \"postgres://est@db.example/est\"",
+                    ));
+                }
+                if let Err(e) = st.url.parse::<tokio_postgres::Config>() {
+                    return Err(invalid(
+                        "storage.url",
+                        format!("not a PostgreSQL connection string: {e}"),
+                    ));
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    "storage.backend",
+                    "must be \"sqlite\" or \"postgres\"",
+                ))
+            }
+        }
+        if !(1..=1024).contains(&st.pool_size) {
+            return Err(invalid("storage.pool_size", "must be within 1..=1024"));
+        }
+        if !(100..=600_000).contains(&st.timeout_ms) {
+            return Err(invalid(
+                "storage.timeout_ms",
+                "must be within 100..=600000 (0.1 s to 10 min)",
+            ));
         }
         Ok(())
     }
@@ -1160,6 +1240,39 @@ mod tests {
         assert_eq!(cfg.server.worker_threads, 1);
         let err = Config::parse("[server]\nworker_threads = 5000\n", Path::new("x")).unwrap_err();
         assert!(err.to_string().contains("server.worker_threads"), "{err}");
+    }
+
+    #[test]
+    fn storage_backend_is_checked() {
+        let err = |t: &str| {
+            Config::parse(&format!("[storage]\n{t}\n"), Path::new("x"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err("backend = \"mysql\"").contains("storage.backend"));
+        assert!(err("backend = \"postgres\"").contains("storage.url"));
+        assert!(
+            err("backend = \"postgres\"\nurl = \"postgres://a@b/c?bogus=1\"")
+                .contains("storage.url")
+        );
+        assert!(err("pool_size = 0").contains("storage.pool_size"));
+        assert!(err("timeout_ms = 10").contains("storage.timeout_ms"));
+        for url in [
+            "postgres://est:secret@db.example:5432/est",
+            "host=/run/postgresql dbname=est user=est",
+        ] {
+            let cfg = Config::parse(
+                &format!("[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\npool_size = 4\n"),
+                Path::new("x"),
+            )
+            .expect("parses");
+            assert!(cfg.storage.is_postgres());
+            assert_eq!(cfg.storage.pool_size, 4);
+        }
+        assert!(
+            !Config::default().storage.is_postgres(),
+            "SQLite stays the default"
+        );
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 
 use crate::revocation::RevocationView;
 use crate::service::{Lifetimes, ServiceCounters, WallClock};
-use crate::store::SqliteStore;
+use crate::store::ServerStore;
 use crate::transport::DtlsListener;
 
 /// The CoAP layer's counters (and gauges) summed over every session of the server: each
@@ -159,7 +159,7 @@ impl CoapAggregate {
 pub struct MetricsSources {
     pub listener: Arc<DtlsListener>,
     pub est: Arc<est_proto::est::EstService>,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn ServerStore>,
     pub counters: Arc<ServiceCounters>,
     pub revocation: Arc<RevocationView>,
     pub lifetimes: Arc<Lifetimes>,

@@ -27,7 +27,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
@@ -39,6 +39,7 @@ use x509_cert::Certificate;
 
 use crate::config::{Config, RevocationSection};
 use crate::datadir;
+use crate::store::ServerStore;
 
 fn at_unix(unix: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(u64::try_from(unix).unwrap_or(0))
@@ -201,12 +202,8 @@ pub fn load_manufacturer_crls(
 /// Who did an operator action, for the audit trail's `peer` column.
 pub const OPERATOR: &str = "operator (CLI)";
 
-fn open_store(data_dir: &Path, config: &Config) -> Result<crate::store::SqliteStore> {
-    let db = datadir::resolve(data_dir, &config.storage.database);
-    if !db.exists() {
-        anyhow::bail!("no store at {} (run `est-server init` first)", db.display());
-    }
-    Ok(crate::store::SqliteStore::open(&db, 1)?)
+fn open_store(data_dir: &Path, config: &Config) -> Result<Arc<dyn ServerStore>> {
+    crate::store::open_for_command(data_dir, &config.storage)
 }
 
 /// Load the issuing CA (certificate and key) named by the configuration.
@@ -221,7 +218,7 @@ pub fn load_issuing_ca(data_dir: &Path, config: &Config) -> Result<IssuingCa> {
 pub fn publish_now(data_dir: &Path, config: &Config, now: SystemTime) -> Result<CrlRecord> {
     let store = open_store(data_dir, config)?;
     let ca = load_issuing_ca(data_dir, config)?;
-    let r = publish_crl(&ca, &store, &config.revocation, data_dir, now);
+    let r = publish_crl(&ca, store.as_ref(), &config.revocation, data_dir, now);
     store.close();
     r
 }
@@ -279,7 +276,13 @@ pub fn revoke_certificate(
     let crl = match outcome {
         RevokeOutcome::Revoked(_) => {
             let ca = load_issuing_ca(data_dir, config)?;
-            Some(publish_crl(&ca, &store, &config.revocation, data_dir, now)?)
+            Some(publish_crl(
+                &ca,
+                store.as_ref(),
+                &config.revocation,
+                data_dir,
+                now,
+            )?)
         }
         _ => None,
     };
@@ -335,7 +338,13 @@ pub fn block_device(
         None
     } else {
         let ca = load_issuing_ca(data_dir, config)?;
-        Some(publish_crl(&ca, &store, &config.revocation, data_dir, now)?)
+        Some(publish_crl(
+            &ca,
+            store.as_ref(),
+            &config.revocation,
+            data_dir,
+            now,
+        )?)
     };
     store.close();
     Ok(BlockReport { outcome, crl })

@@ -3,8 +3,8 @@
 //! One tokio task per DTLS session owns that session's [`EstSession`] (CoAP dedup and
 //! block-wise state, the EST resources) and does what it asks: sends the datagrams of
 //! [`EstSession::poll_transmit`], runs its timer, and hands each [`Event::Commit`] to the
-//! store, whose writer thread groups commits into one fsync and sends each result back to
-//! the task on a channel, where [`EstSession::complete_commit`] resumes the request. No thread
+//! store (SQLite: its writer thread; PostgreSQL: its writer tasks), which groups commits into
+//! one transaction and sends each result back to the task on a channel, where [`EstSession::complete_commit`] resumes the request. No thread
 //! waits for the writer: the task serves its session's other datagrams (a retransmission, the
 //! timer of a slow commit's empty ACK) meanwhile. The walk of one /sen through these functions
 //! is in docs/architecture.md.
@@ -28,7 +28,7 @@ use crate::config::{Config, ConfigError, DtlsSection, RelaySection};
 use crate::datadir::{self, Loaded};
 use crate::metrics::MetricsSources;
 use crate::revocation::{self, RevocationView};
-use crate::store::SqliteStore;
+use crate::store::ServerStore;
 use crate::transport::{
     CertError, ClientChainVerifier, DtlsListener, DtlsServerConfig, DtlsSession, PeerVerification,
     VerifiedClient,
@@ -134,7 +134,7 @@ pub struct RunningServer {
     /// The JPY port for stateless join proxies (`[relay] jpy_listen`), if any.
     pub jpy_addr: Option<SocketAddr>,
     pub listener: Arc<DtlsListener>,
-    pub store: Arc<SqliteStore>,
+    pub store: Arc<dyn ServerStore>,
     pub counters: Arc<ServiceCounters>,
     /// The EST core (CA, policy, counters, the CRL being served).
     pub est: Arc<EstService>,
@@ -359,10 +359,13 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     let data_dir = loaded.data_dir.clone();
     let manufacturer_cas = loaded.manufacturer_cas.clone();
     let cfg = &loaded.config;
-    let store = Arc::new(
-        SqliteStore::open(&loaded.database, cfg.storage.max_batch)
-            .map_err(|e| anyhow::anyhow!("opening {}: {e}", loaded.database.display()))?,
-    );
+    let store = crate::store::open_configured(&cfg.storage, &loaded.database).map_err(|e| {
+        if cfg.storage.is_postgres() {
+            anyhow::anyhow!("opening the PostgreSQL store: {e}")
+        } else {
+            anyhow::anyhow!("opening {}: {e}", loaded.database.display())
+        }
+    })?;
     let policy = Policy::new(
         cfg.policy_config(),
         &loaded.manufacturer_cas,
@@ -551,7 +554,7 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
 /// reads the store and may sign).
 async fn revocation_loop(
     est: Arc<EstService>,
-    store: Arc<SqliteStore>,
+    store: Arc<dyn ServerStore>,
     view: Arc<RevocationView>,
     cfg: crate::config::RevocationSection,
     data_dir: PathBuf,

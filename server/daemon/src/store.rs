@@ -27,6 +27,68 @@ use est_proto::store::{
 };
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use crate::config::StorageSection;
+
+pub mod postgres;
+pub use postgres::PgStore;
+
+/// What the daemon needs of a store besides the core's [`Store`]: the operator commands'
+/// queries (`certs list`, `certs show`, `audit`), the allowlist import, the writer's
+/// counters and an orderly close. [`SqliteStore`] and [`PgStore`] keep the same contract
+/// (server/daemon/tests/store_contract.rs runs one suite against both).
+pub trait ServerStore: Store {
+    /// `"sqlite"` or `"postgres"`, for logs.
+    fn backend_name(&self) -> &'static str;
+    /// All certificates, newest first (for `certs list`).
+    fn list_certificates(&self, limit: usize) -> Result<Vec<IssuedCert>, StoreError>;
+    /// Certificates whose serial starts with `prefix`, at most 10 (for `certs show`).
+    fn find_by_serial_prefix(&self, prefix: &str) -> Result<Vec<IssuedCert>, StoreError>;
+    /// Number of certificates in the store.
+    fn count_certificates(&self) -> Result<u64, StoreError>;
+    /// The most recent audit events, newest first.
+    fn recent_audit(&self, limit: usize) -> Result<Vec<AuditEvent>, StoreError>;
+    /// Add device serials to the allowlist; returns how many were new.
+    fn import_devices(&self, ids: &[String], now_unix: i64) -> Result<usize, StoreError>;
+    /// Transactions and operations committed so far.
+    fn writer_stats(&self) -> WriterStats;
+    /// Stop the writer(s) after they have drained their queue; later commits are refused.
+    fn close(&self);
+}
+
+/// Opens the store `[storage]` names: SQLite at `database` (resolved against the data
+/// directory by the caller), or PostgreSQL at `url` (schema migrated before it returns).
+pub fn open_configured(
+    storage: &StorageSection,
+    sqlite_path: &Path,
+) -> Result<Arc<dyn ServerStore>, StoreError> {
+    if storage.is_postgres() {
+        Ok(Arc::new(PgStore::open(
+            &postgres::PgSettings::from_config(storage),
+        )?))
+    } else {
+        Ok(Arc::new(SqliteStore::open(sqlite_path, storage.max_batch)?))
+    }
+}
+
+/// The store of a data directory for an operator command (`certs`, `devices`, `audit`,
+/// `crl`): the one `storage` names, with one writer and at most two PostgreSQL connections.
+/// SQLite must exist already (`est-server init` creates it).
+pub fn open_for_command(
+    data_dir: &Path,
+    storage: &StorageSection,
+) -> anyhow::Result<Arc<dyn ServerStore>> {
+    let db = crate::datadir::resolve(data_dir, &storage.database);
+    if !storage.is_postgres() && !db.exists() {
+        anyhow::bail!("no store at {} (run `est-server init` first)", db.display());
+    }
+    let storage = StorageSection {
+        max_batch: 1,
+        pool_size: storage.pool_size.min(2),
+        ..storage.clone()
+    };
+    Ok(open_configured(&storage, &db)?)
+}
+
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS certificates (
     serial          TEXT PRIMARY KEY,
@@ -162,9 +224,9 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// A commit queued for the writer thread, with whom to tell.
-struct WriteOp {
-    commit: Commit,
-    done: CommitDone,
+pub(crate) struct WriteOp {
+    pub(crate) commit: Commit,
+    pub(crate) done: CommitDone,
 }
 
 /// The SQLite store. Cheap to share behind an `Arc`.
@@ -186,9 +248,18 @@ pub struct WriterStats {
 }
 
 #[derive(Default)]
-struct WriterCounters {
-    transactions: AtomicU64,
-    operations: AtomicU64,
+pub(crate) struct WriterCounters {
+    pub(crate) transactions: AtomicU64,
+    pub(crate) operations: AtomicU64,
+}
+
+impl WriterCounters {
+    pub(crate) fn snapshot(&self) -> WriterStats {
+        WriterStats {
+            transactions: self.transactions.load(Ordering::Relaxed),
+            operations: self.operations.load(Ordering::Relaxed),
+        }
+    }
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -479,6 +550,27 @@ fn insert_audit(conn: &Connection, a: &AuditEvent) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// A CRL entry from a revoked certificate's stored columns (both stores); a missing reason
+/// is unspecified.
+pub(crate) fn revoked_entry(
+    serial: String,
+    revoked_at: Option<i64>,
+    reason: Option<i64>,
+) -> Result<RevokedEntry, StoreError> {
+    let reason = reason
+        .and_then(|r| u8::try_from(r).ok())
+        .map_or(
+            Some(RevocationReason::Unspecified),
+            RevocationReason::from_code,
+        )
+        .ok_or_else(|| StoreError::Corrupt(format!("revocation reason of {serial}")))?;
+    Ok(RevokedEntry {
+        serial_hex: serial,
+        revoked_at_unix: revoked_at.unwrap_or(0),
+        reason,
+    })
+}
+
 fn is_blocked(conn: &Connection, device_id: &str) -> rusqlite::Result<bool> {
     conn.prepare_cached(SELECT_BLOCKED)?
         .query_row(params![device_id], |_| Ok(()))
@@ -524,6 +616,10 @@ fn apply_issue(
     };
     if let Some(reason) = issuance_refusal(blocked, replaced) {
         return Ok(CommitOutcome::Refused(reason));
+    }
+    // Another re-enrollment of the device (on this node or another) committed first.
+    if let Some(status) = replaced.filter(|s| *s != CertStatus::Active) {
+        return Ok(CommitOutcome::ReplacedNotActive(status));
     }
     exec_cached(conn, SUPERSEDE_ACTIVE, params![cert.device_id]).map_err(backend)?;
     exec_cached(
@@ -627,6 +723,33 @@ fn writer_loop(
                 (Err(e), _) => Err(backend(e)),
             });
         }
+    }
+}
+
+impl ServerStore for SqliteStore {
+    fn backend_name(&self) -> &'static str {
+        "sqlite"
+    }
+    fn list_certificates(&self, limit: usize) -> Result<Vec<IssuedCert>, StoreError> {
+        SqliteStore::list_certificates(self, limit)
+    }
+    fn find_by_serial_prefix(&self, prefix: &str) -> Result<Vec<IssuedCert>, StoreError> {
+        SqliteStore::find_by_serial_prefix(self, prefix)
+    }
+    fn count_certificates(&self) -> Result<u64, StoreError> {
+        SqliteStore::count_certificates(self)
+    }
+    fn recent_audit(&self, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
+        SqliteStore::recent_audit(self, limit)
+    }
+    fn import_devices(&self, ids: &[String], now_unix: i64) -> Result<usize, StoreError> {
+        SqliteStore::import_devices(self, ids, now_unix)
+    }
+    fn writer_stats(&self) -> WriterStats {
+        SqliteStore::writer_stats(self)
+    }
+    fn close(&self) {
+        SqliteStore::close(self);
     }
 }
 
@@ -745,20 +868,7 @@ impl Store for SqliteStore {
                 .collect::<rusqlite::Result<Vec<_>>>()
         })?;
         rows.into_iter()
-            .map(|(serial, at, reason)| {
-                let reason = reason
-                    .and_then(|r| u8::try_from(r).ok())
-                    .map_or(
-                        Some(RevocationReason::Unspecified),
-                        RevocationReason::from_code,
-                    )
-                    .ok_or_else(|| StoreError::Corrupt(format!("revocation reason of {serial}")))?;
-                Ok(RevokedEntry {
-                    serial_hex: serial,
-                    revoked_at_unix: at.unwrap_or(0),
-                    reason,
-                })
-            })
+            .map(|(serial, at, reason)| revoked_entry(serial, at, reason))
             .collect()
     }
 

@@ -301,7 +301,11 @@ pub enum Commit {
     /// A newly issued certificate and its `issued` audit row, in one transaction that also
     /// marks every other active certificate of the device superseded. If the device already
     /// has a certificate for the same request digest (two retries raced), nothing is written
-    /// and the outcome is [`CommitOutcome::AlreadyIssued`] with that certificate.
+    /// and the outcome is [`CommitOutcome::AlreadyIssued`] with that certificate. If the
+    /// certificate a re-enrollment replaces (`replaces_serial_hex`) is no longer active when
+    /// the commit runs (another re-enrollment of the device, on this node or another,
+    /// committed first), nothing is written and the outcome is
+    /// [`CommitOutcome::ReplacedNotActive`].
     Issuance {
         cert: Box<IssuedCert>,
         audit: AuditEvent,
@@ -318,6 +322,11 @@ pub enum CommitOutcome {
     /// Another request from the same device with the same request digest committed first
     /// (two retries raced); answer with this one instead.
     AlreadyIssued(IssuedCert),
+    /// A re-enrollment lost a race: the certificate it replaces had this status (no longer
+    /// active, superseded) when the commit ran, and the device's certificate for this request
+    /// was not the one that superseded it. Nothing was written; the request is refused as it
+    /// would have been had the winner committed before it was read.
+    ReplacedNotActive(CertStatus),
     /// Not written: between the decision and the commit, the device was blocked or the
     /// certificate the re-enrollment authenticated with was revoked (the reason, for the
     /// answer and the audit row).
@@ -563,13 +572,17 @@ impl MemoryStore {
                 }) {
                     return Ok(CommitOutcome::AlreadyIssued(existing.clone()));
                 }
-                if let Some(refusal) = issuance_refusal(
-                    g.blocked.contains(&cert.device_id),
-                    cert.replaces_serial_hex
-                        .as_deref()
-                        .and_then(|r| g.certs.iter().find(|c| c.serial_hex == r).map(|c| c.status)),
-                ) {
+                let replaced = cert
+                    .replaces_serial_hex
+                    .as_deref()
+                    .and_then(|r| g.certs.iter().find(|c| c.serial_hex == r).map(|c| c.status));
+                if let Some(refusal) =
+                    issuance_refusal(g.blocked.contains(&cert.device_id), replaced)
+                {
                     return Ok(CommitOutcome::Refused(refusal));
+                }
+                if let Some(status) = replaced.filter(|s| *s != CertStatus::Active) {
+                    return Ok(CommitOutcome::ReplacedNotActive(status));
                 }
                 for c in g.certs.iter_mut() {
                     if c.device_id == cert.device_id && c.status == CertStatus::Active {

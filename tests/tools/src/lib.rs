@@ -9,9 +9,14 @@
 //! instead: CI installs the programs, so a missing one is a broken CI image, not a reason to
 //! pass silently.
 //!
+//! [`pg::TestPostgres`] is a throwaway PostgreSQL cluster (initdb in a temporary directory, a
+//! private unix socket, stopped and removed on drop) for the tests of the PostgreSQL store.
+//!
 //! Whatever starts `est-server run` as a child (client-sim's tests, est-server's CLI test,
 //! loadtest) learns where it listens with [`announced_address`].
 #![forbid(unsafe_code)]
+
+pub mod pg;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
@@ -127,6 +132,25 @@ mod tests {
         );
         assert!(parse_announcement("listening on coaps://x:1").is_some_and(|r| r.is_err()));
         assert!(parse_announcement("EST resources: coaps://x").is_none());
+    }
+
+    #[test]
+    fn a_throwaway_postgres_starts_restarts_and_is_removed_on_drop() {
+        let Some(mut pg) = pg::TestPostgres::start_or_skip("throwaway postgres") else {
+            return;
+        };
+        let url = pg.create_database("t1").unwrap_or_else(|e| panic!("{e}"));
+        assert!(url.contains("dbname=t1"), "{url}");
+        pg.psql("t1", "CREATE TABLE x (v int); INSERT INTO x VALUES (7)")
+            .unwrap_or_else(|e| panic!("{e}"));
+        pg.stop(false);
+        assert!(!pg.is_running());
+        assert!(pg.psql("t1", "SELECT 1").is_err());
+        pg.restart().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(pg.psql("t1", "SELECT v FROM x").as_deref(), Ok("7"));
+        let dir = pg.socket_dir().to_path_buf();
+        drop(pg);
+        assert!(!dir.exists(), "{} left behind", dir.display());
     }
 
     #[test]

@@ -64,7 +64,6 @@ pub(crate) fn run(data_dir: &Path, cmd: CertsCommand) -> Result<()> {
                         println!("replaces:   {r}");
                     }
                     if c.status == est_proto::store::CertStatus::Revoked {
-                        use est_proto::store::Store;
                         if let Some(r) = store
                             .revoked_certificates()?
                             .into_iter()

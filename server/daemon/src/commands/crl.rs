@@ -4,7 +4,6 @@ use std::path::Path;
 use std::time::SystemTime;
 
 use anyhow::Result;
-use est_proto::store::Store;
 use est_server::datadir;
 
 use super::{init_logging, open_store, utc};

@@ -13,7 +13,7 @@ pub(crate) mod init;
 use std::path::Path;
 use std::time::SystemTime;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use est_proto::store::{unix_seconds, UtcDateTime};
 use est_server::datadir;
 use tracing_subscriber::EnvFilter;
@@ -38,13 +38,12 @@ pub(crate) fn ensure_init(data_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn open_store(data_dir: &Path) -> Result<est_server::store::SqliteStore> {
+/// The store `[storage]` of the data directory's configuration names (SQLite or PostgreSQL).
+pub(crate) fn open_store(
+    data_dir: &Path,
+) -> Result<std::sync::Arc<dyn est_server::store::ServerStore>> {
     let cfg = datadir::load_config(data_dir, None)?;
-    let db = datadir::resolve(data_dir, &cfg.storage.database);
-    if !db.exists() {
-        bail!("no store at {} (run `est-server init` first)", db.display());
-    }
-    Ok(est_server::store::SqliteStore::open(&db, 1)?)
+    est_server::store::open_for_command(data_dir, &cfg.storage)
 }
 
 pub(crate) fn unix_now() -> i64 {

@@ -449,6 +449,14 @@ impl EstService {
                 // Two retries raced: the first one's certificate is the answer.
                 self.replay(permit, exchange, existing, accept)
             }
+            (AfterCommit::Issued { .. }, Ok(CommitOutcome::ReplacedNotActive(status))) => {
+                // Another re-enrollment of the device (on this node or another) superseded
+                // the certificate this one authenticated with, after it was read: refused,
+                // as it would have been had that one come first.
+                let e: EstError =
+                    crate::policy::PolicyError::CertificateNotActive(status.as_str()).into();
+                self.refusal(permit, exchange, e)
+            }
             (
                 AfterCommit::Replayed {
                     response,

@@ -360,6 +360,46 @@ fn a_raced_retry_is_answered_with_the_first_certificate_after_its_audit_row() {
 }
 
 #[test]
+fn an_issuance_that_lost_a_reenrollment_race_is_refused_after_its_audit_row() {
+    let mut f = fixture(EstConfig::default());
+    let mut m = f.meter("SN1");
+    let t0 = Instant::now();
+    let csr = m.csr.clone();
+    m.send(t0, sen(&csr));
+    let (id, _commit) = m.commit();
+    // The store found the certificate being replaced already superseded (another node
+    // re-enrolled the device first): nothing was written.
+    m.session.complete_commit(
+        t0,
+        id,
+        Ok(CommitOutcome::ReplacedNotActive(
+            crate::store::CertStatus::Superseded,
+        )),
+    );
+    assert!(
+        m.session.poll_transmit().is_none(),
+        "the refusal waits for its audit row"
+    );
+    let (id, commit) = m.commit();
+    let Commit::Audit(audit) = &commit else {
+        panic!("{commit:?}")
+    };
+    assert_eq!(
+        (audit.outcome.as_str(), audit.code.as_str()),
+        ("refused", "4.03")
+    );
+    assert!(audit.detail.contains("superseded"), "{}", audit.detail);
+    m.session.complete_commit(t0, id, f.store.commit(&commit));
+    let out = m.drain();
+    let r = m.deliver(t0, &out).unwrap();
+    assert_eq!(r.code, ResponseType::Forbidden);
+    assert!(f.store.certificates().is_empty());
+    assert_eq!(f.service.in_flight(), 0);
+    let c = f.service.counters();
+    assert_eq!((c.issued, c.refused), (0, 1));
+}
+
+#[test]
 fn admission_happens_in_the_session_before_any_hand_off() {
     let mut f = fixture(EstConfig {
         max_concurrent_enrollments: 1,
