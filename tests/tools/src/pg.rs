@@ -423,6 +423,16 @@ impl TestPostgres {
         Ok(self.url(name))
     }
 
+    /// The postmaster's process id while it runs (its backends are its children).
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `SHOW server_version`.
+    pub fn version(&self) -> Result<String, String> {
+        self.psql("postgres", "SHOW server_version")
+    }
+
     /// Whether the server process is running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
