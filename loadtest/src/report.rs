@@ -193,7 +193,16 @@ pub fn render_store_table(r: &Report) -> String {
     let _ = writeln!(
         o,
         "{:<9} {:>5} {:>9} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
-        "store", "nodes", "max_batch", "conc", "ops/s", "cpu ms", "db ms", "p50 ms", "p99 ms", "errors"
+        "store",
+        "nodes",
+        "max_batch",
+        "conc",
+        "ops/s",
+        "cpu ms",
+        "db ms",
+        "p50 ms",
+        "p99 ms",
+        "errors"
     );
     for row in &r.store_comparison {
         let s = &row.step;

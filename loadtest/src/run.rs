@@ -349,7 +349,11 @@ async fn store_comparison(
     };
     // est-server's default [storage] max_batch (what `est-server init` writes).
     let max_batch_default = 256;
-    let r = steps::run_step(&setup.target, &step(format!("sqlite, {c} meters"), cli.seed ^ 0x5e11)).await;
+    let r = steps::run_step(
+        &setup.target,
+        &step(format!("sqlite, {c} meters"), cli.seed ^ 0x5e11),
+    )
+    .await;
     report.store_comparison.push(report::StoreRow {
         store: "sqlite".into(),
         nodes: 1,
@@ -410,9 +414,9 @@ async fn store_comparison(
         let children = match started {
             Ok(c) => c,
             Err(e) => {
-                report
-                    .notes
-                    .push(format!("storage comparison: est-server on PostgreSQL: {e:#}"));
+                report.notes.push(format!(
+                    "storage comparison: est-server on PostgreSQL: {e:#}"
+                ));
                 return false;
             }
         };
