@@ -119,6 +119,28 @@ pub struct Cli {
     pub ca_key: CaKey,
     #[arg(long)]
     pub no_progress: bool,
+    /// The store to compare with SQLite: `postgres` adds a storage comparison at the end of the
+    /// run: the closed-loop enrollment step at --store-concurrency on the SQLite server, then on
+    /// a throwaway PostgreSQL (est-test-tools: initdb in a temporary directory, fsync on, unix
+    /// socket) with group commit ([storage] max_batch default) and without (max_batch = 1), and
+    /// on --nodes est-server nodes sharing it. Server CPU per enrollment counts every node and
+    /// every PostgreSQL process. Needs Debian's postgresql package (its binaries only).
+    #[arg(long, value_enum, default_value_t = StoreKind::Sqlite)]
+    pub store: StoreKind,
+    /// est-server nodes on the PostgreSQL database in the storage comparison (--store postgres);
+    /// the meters are spread over them (client-sim's --server A,B).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    pub nodes: u16,
+    /// Meters of the storage comparison's steps.
+    #[arg(long, default_value_t = 64, value_parser = parse_step)]
+    pub store_concurrency: usize,
+}
+
+/// `--store`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreKind {
+    Sqlite,
+    Postgres,
 }
 
 impl Cli {

@@ -157,6 +157,8 @@ pub async fn compare_peer(
         devices: setup.target.devices.clone(),
         trust_anchors_der: setup.target.trust_anchors_der.clone(),
         pid: Some(child.pid()),
+        more_nodes: Vec::new(),
+        db_postmaster: None,
     };
     // Ready when one exchange succeeds (bounded).
     let mut ready = false;

@@ -167,6 +167,65 @@ pub struct Report {
     /// the peer comparison's concurrency, our handshake+GET step.
     #[serde(default)]
     pub perf: Vec<PerfProfile>,
+    /// `--store postgres`: the same closed-loop step on SQLite and on PostgreSQL (group commit
+    /// on and off, one node and `--nodes`), in this run.
+    #[serde(default)]
+    pub store_comparison: Vec<StoreRow>,
+}
+
+/// One row of the storage comparison.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct StoreRow {
+    /// `sqlite` or `postgres`.
+    pub store: String,
+    pub nodes: usize,
+    /// `[storage] max_batch` (1 = no group commit).
+    pub max_batch: usize,
+    pub step: crate::steps::StepResult,
+}
+
+/// The storage comparison as a text table (empty without one).
+pub fn render_store_table(r: &Report) -> String {
+    let mut o = String::new();
+    if r.store_comparison.is_empty() {
+        return o;
+    }
+    let _ = writeln!(
+        o,
+        "\nstorage (closed loop, same run): cpu ms/op = est-server nodes + PostgreSQL processes per enrollment; db = PostgreSQL's part"
+    );
+    let _ = writeln!(
+        o,
+        "{:<9} {:>5} {:>9} {:>5} {:>8} {:>8} {:>8} {:>8} {:>8} {:>6}",
+        "store",
+        "nodes",
+        "max_batch",
+        "conc",
+        "ops/s",
+        "cpu ms",
+        "db ms",
+        "p50 ms",
+        "p99 ms",
+        "errors"
+    );
+    for row in &r.store_comparison {
+        let s = &row.step;
+        let _ = writeln!(
+            o,
+            "{:<9} {:>5} {:>9} {:>5} {:>8.0} {:>8} {:>8} {:>8.1} {:>8.1} {:>6}",
+            row.store,
+            row.nodes,
+            row.max_batch,
+            s.concurrency,
+            s.rate_per_s,
+            fmt_opt(s.server_cpu_ms_per_op, 3),
+            fmt_opt(s.db_cpu_ms_per_op, 3),
+            s.latency.p50_ms,
+            s.latency.p99_ms,
+            s.errors
+        );
+    }
+    o
 }
 
 fn fmt_opt(v: Option<f64>, prec: usize) -> String {
@@ -318,6 +377,7 @@ pub fn render_table(r: &Report) -> String {
             t.name, mark, t.measured, t.note
         );
     }
+    o.push_str(&render_store_table(r));
     o
 }
 

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use client_sim::dtls::DtlsBackend;
 use est_proto::store::{unix_seconds, UtcDateTime};
 
-use crate::cli::{CaKey, Cli};
+use crate::cli::{CaKey, Cli, StoreKind};
 use crate::perf::{est_over_handshake_note, finish_perf, perf_summary, start_perf};
 use crate::report::{self, Machine, Report};
 use crate::server::{self, ChildServer};
@@ -129,6 +129,8 @@ fn setup_local(cli: &Cli, out: &Path, devices: usize) -> Result<Setup> {
             devices: Arc::new(fleet.devices),
             trust_anchors_der: fleet.implicit_ta_der,
             pid: Some(child.pid()),
+            more_nodes: Vec::new(),
+            db_postmaster: None,
         },
         server: Some(child),
         data_dir: Some(data),
@@ -148,6 +150,8 @@ fn setup_remote(addr: std::net::SocketAddr, fleet_dir: &Path) -> Result<Setup> {
             devices: Arc::new(fleet.devices),
             trust_anchors_der: fleet.implicit_ta_der,
             pid: None,
+            more_nodes: Vec::new(),
+            db_postmaster: None,
         },
         server: None,
         data_dir: None,
@@ -296,6 +300,10 @@ pub async fn run(cli: Cli) -> Result<bool> {
         }
         report.hold = Some(h);
     }
+    // 6b. The storage comparison: SQLite beside PostgreSQL (one node and --nodes).
+    if cli.store == StoreKind::Postgres && server_alive(&mut setup) {
+        ok &= store_comparison(&cli, &plan, &setup, &out, &mut report).await;
+    }
     if !server_alive(&mut setup) {
         eprintln!("loadtest: the server is no longer running");
         ok = false;
@@ -314,6 +322,141 @@ pub async fn run(cli: Cli) -> Result<bool> {
     }
     write_report(&report, &out)?;
     Ok(ok)
+}
+
+/// `--store postgres`: the closed-loop step at `--store-concurrency` on the SQLite server, then
+/// on a throwaway PostgreSQL with group commit and without, and on `--nodes` nodes; false when
+/// a PostgreSQL step enrolled nothing or PostgreSQL could not start.
+async fn store_comparison(
+    cli: &Cli,
+    plan: &Plan,
+    setup: &Setup,
+    out: &Path,
+    report: &mut Report,
+) -> bool {
+    use est_test_tools::pg::{PgOptions, TestPostgres};
+    let (Some(bin), Some(data)) = (&setup.server_bin, &setup.data_dir) else {
+        report
+            .notes
+            .push("storage comparison: needs a local server (not --server)".into());
+        return false;
+    };
+    let c = if plan.smoke { 4 } else { cli.store_concurrency };
+    let nodes = usize::from(cli.nodes);
+    let step = |label: String, seed: u64| StepConfig {
+        mode: Mode::Enroll,
+        transport: cli.transport(),
+        dtls_backend: cli.client_dtls,
+        concurrency: c,
+        duration: plan.duration,
+        warmup: warmup_of(plan.duration),
+        drain_timeout: Duration::from_secs(30),
+        seed,
+        prebuild: (2_000.0 * plan.duration.as_secs_f64()) as usize + c,
+        arrival_rate: None,
+        progress: plan.progress,
+        label,
+    };
+    // est-server's default [storage] max_batch (what `est-server init` writes).
+    let max_batch_default = 256;
+    let r = steps::run_step(
+        &setup.target,
+        &step(format!("sqlite, {c} meters"), cli.seed ^ 0x5e11),
+    )
+    .await;
+    report.store_comparison.push(report::StoreRow {
+        store: "sqlite".into(),
+        nodes: 1,
+        max_batch: max_batch_default,
+        step: r,
+    });
+    eprintln!("loadtest: starting a throwaway PostgreSQL (fsync on)");
+    let pg = match TestPostgres::start(PgOptions {
+        fsync: true,
+        max_connections: 100 + 20 * nodes as u32,
+        ..PgOptions::default()
+    }) {
+        Ok(pg) => pg,
+        Err(e) => {
+            report
+                .notes
+                .push(format!("storage comparison: PostgreSQL did not start: {e}"));
+            return false;
+        }
+    };
+    let postmaster = pg.postmaster_pid();
+    let mut ok = true;
+    let mut variants = vec![(1usize, max_batch_default), (1, 1)];
+    if nodes > 1 {
+        variants.push((nodes, max_batch_default));
+    }
+    for (i, (n, max_batch)) in variants.into_iter().enumerate() {
+        let db = format!("loadtest{i}");
+        let url = match pg.create_database(&db) {
+            Ok(u) => u,
+            Err(e) => {
+                report.notes.push(format!("storage comparison: {e}"));
+                return false;
+            }
+        };
+        let pg_data = out.join(format!("est-data-pg{i}"));
+        let _ = std::fs::remove_dir_all(&pg_data);
+        let started = server::copy_dir(data, &pg_data).and_then(|()| {
+            server::set_config(
+                &pg_data,
+                &[
+                    ("storage", "backend", "\"postgres\"".into()),
+                    ("storage", "url", format!("\"{url}\"")),
+                    ("storage", "max_batch", max_batch.to_string()),
+                ],
+            )?;
+            (0..n)
+                .map(|k| {
+                    server::start_est_server_named(
+                        bin,
+                        &pg_data,
+                        cli.server_cpus.as_deref(),
+                        &format!("server-{k}.log"),
+                    )
+                })
+                .collect::<Result<Vec<ChildServer>>>()
+        });
+        let children = match started {
+            Ok(c) => c,
+            Err(e) => {
+                report.notes.push(format!(
+                    "storage comparison: est-server on PostgreSQL: {e:#}"
+                ));
+                return false;
+            }
+        };
+        let target = steps::Target {
+            name: format!("est-server x{n} on postgres"),
+            addr: children[0].addr,
+            devices: setup.target.devices.clone(),
+            trust_anchors_der: setup.target.trust_anchors_der.clone(),
+            pid: Some(children[0].pid()),
+            more_nodes: children[1..].iter().map(|c| (c.addr, c.pid())).collect(),
+            db_postmaster: postmaster,
+        };
+        let label = format!("postgres x{n}, batch {max_batch}, {c} meters");
+        let r = steps::run_step(&target, &step(label, cli.seed ^ 0x9e00 ^ i as u64)).await;
+        if r.completed == 0 {
+            ok = false;
+        }
+        report.store_comparison.push(report::StoreRow {
+            store: "postgres".into(),
+            nodes: n,
+            max_batch,
+            step: r,
+        });
+        drop(children);
+    }
+    report.notes.push(format!(
+        "storage comparison: PostgreSQL {} (throwaway cluster, fsync on, unix socket, same machine)",
+        pg.version().unwrap_or_else(|_| "?".into())
+    ));
+    ok
 }
 
 /// The closed-loop enrollment steps, one per `--steps` entry (profiled with `--perf-step`);

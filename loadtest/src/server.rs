@@ -72,6 +72,46 @@ pub fn sample(pid: u32, ticks_per_s: f64) -> Option<ProcSample> {
     })
 }
 
+/// Copies the directory `from` (files and subdirectories) to `to`.
+pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let dest = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &dest)?;
+        } else {
+            std::fs::copy(e.path(), &dest)
+                .with_context(|| format!("copying {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The processes whose parent is `pid` (PostgreSQL's backends under its postmaster), from
+/// /proc.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|stat| parse_stat_ppid(&stat))
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// The parent pid (field 4) from the text of /proc/<pid>/stat.
+pub fn parse_stat_ppid(stat: &str) -> Option<u32> {
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Finds `est-server`: an explicit path, next to our own executable (same cargo profile), or
 /// built with `cargo build --release -p est-server`.
 pub fn locate_est_server(explicit: Option<&Path>) -> Result<PathBuf> {
@@ -298,6 +338,17 @@ pub fn init_with_softhsm(bin: &Path, out: &Path, data_dir: &Path) -> Result<()> 
 
 /// Starts `est-server run` on 127.0.0.1 port 0 and waits for its "listening on coaps://ADDR" line.
 pub fn start_est_server(bin: &Path, data_dir: &Path, cpus: Option<&str>) -> Result<ChildServer> {
+    start_est_server_named(bin, data_dir, cpus, "server.log")
+}
+
+/// [`start_est_server`] logging to `data_dir/log_name` (several nodes on one data directory).
+pub fn start_est_server_named(
+    bin: &Path,
+    data_dir: &Path,
+    cpus: Option<&str>,
+    log_name: &str,
+) -> Result<ChildServer> {
+    let log_path = data_dir.join(log_name);
     let mut cmd = command_pinned(bin, cpus);
     cmd.args(["run", "--data-dir"])
         .arg(data_dir)
@@ -306,7 +357,7 @@ pub fn start_est_server(bin: &Path, data_dir: &Path, cpus: Option<&str>) -> Resu
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(
-            std::fs::File::create(data_dir.join("server.log")).context("server.log")?,
+            std::fs::File::create(&log_path).context("server log")?,
         ));
     let mut child = cmd.spawn().context("starting est-server run")?;
     let stdout = child.stdout.take().context("est-server stdout")?;
@@ -320,7 +371,7 @@ pub fn start_est_server(bin: &Path, data_dir: &Path, cpus: Option<&str>) -> Resu
         Ok(a) => server.addr = a,
         Err(e) => {
             let alive = server.alive();
-            let log = std::fs::read_to_string(data_dir.join("server.log")).unwrap_or_default();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             bail!("{e} (running: {alive}); its log:\n{log}");
         }
     }

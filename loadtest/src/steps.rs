@@ -57,6 +57,35 @@ pub struct Target {
     pub trust_anchors_der: Vec<Vec<u8>>,
     /// The server process, for CPU and RSS (None for a remote server).
     pub pid: Option<u32>,
+    /// More nodes of the same service (`--nodes`): enrollments are spread over `addr` and
+    /// these (client-sim's failover list), and their CPU counts as server CPU.
+    pub more_nodes: Vec<(SocketAddr, u32)>,
+    /// The PostgreSQL postmaster the nodes use (`--store postgres`): its CPU and its
+    /// children's count as server CPU too, and separately as database CPU.
+    pub db_postmaster: Option<u32>,
+}
+
+/// CPU and RSS of `pids` summed (the nodes of a service), and of `postmaster` with its child
+/// processes (PostgreSQL's backends).
+fn group_sample(pids: &[u32], postmaster: Option<u32>, ticks: f64) -> (ProcSample, ProcSample) {
+    let mut srv = ProcSample::default();
+    for p in pids {
+        if let Some(s) = sample(*p, ticks) {
+            srv.cpu_s += s.cpu_s;
+            srv.rss_kb += s.rss_kb;
+            srv.hwm_kb += s.hwm_kb;
+        }
+    }
+    let mut db = ProcSample::default();
+    if let Some(pm) = postmaster {
+        for p in std::iter::once(pm).chain(crate::server::children_of(pm)) {
+            if let Some(s) = sample(p, ticks) {
+                db.cpu_s += s.cpu_s;
+                db.rss_kb += s.rss_kb;
+            }
+        }
+    }
+    (srv, db)
 }
 
 /// One finished exchange.
@@ -137,7 +166,8 @@ pub struct StepResult {
     pub retries: u64,
     pub latency: Latency,
     pub handshake: Latency,
-    /// Server CPU seconds over the window, and per successful exchange.
+    /// Server CPU seconds over the window, and per successful exchange (every node, and the
+    /// PostgreSQL processes with `--store postgres`).
     pub server_cpu_s: Option<f64>,
     pub server_cpu_ms_per_op: Option<f64>,
     /// Server CPU / window: cores kept busy.
@@ -156,6 +186,9 @@ pub struct StepResult {
     pub datagrams_per_op: f64,
     /// Meters whose key and CSR were built during the step (the pool ran dry).
     pub meters_built_inline: u64,
+    /// Of the server CPU per exchange, what the PostgreSQL processes used (`--store postgres`).
+    #[serde(default)]
+    pub db_cpu_ms_per_op: Option<f64>,
 }
 
 impl StepResult {
@@ -510,7 +543,7 @@ pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
     let dcfg = dtls_config(t, cfg.dtls_backend);
     let driver = DriverConfig {
         server: t.addr,
-        failover: Vec::new(),
+        failover: t.more_nodes.iter().map(|(a, _)| *a).collect(),
         bind: "127.0.0.1:0".parse().expect("literal"),
         dtls: dcfg.clone(),
         coap: ClientConfig::default(),
@@ -537,23 +570,33 @@ pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
 
     // Server and own-process sampler: CPU at the window edges, peak RSS throughout.
     let sampler = {
-        let pid = t.pid;
+        let pids: Vec<u32> = t
+            .pid
+            .into_iter()
+            .chain(t.more_nodes.iter().map(|(_, p)| *p))
+            .collect();
+        let postmaster = t.db_postmaster;
         tokio::spawn(async move {
             let mut peak_rss = 0u64;
             let mut at_warm: Option<(ProcSample, ProcSample)> = None;
             let last: (ProcSample, ProcSample, Option<f64>);
             let mut box_warm: Option<f64> = None;
+            let mut db_warm = 0.0f64;
+            let db_last: f64;
             loop {
                 let now = Instant::now();
-                let srv = pid.and_then(|p| sample(p, ticks)).unwrap_or_default();
+                let (mut srv, db) = group_sample(&pids, postmaster, ticks);
+                srv.cpu_s += db.cpu_s;
                 let own = sample(self_pid, ticks).unwrap_or_default();
                 peak_rss = peak_rss.max(srv.rss_kb);
                 if at_warm.is_none() && now >= warm_at {
                     at_warm = Some((srv, own));
                     box_warm = crate::server::machine_busy_s(ticks);
+                    db_warm = db.cpu_s;
                 }
                 if now >= stop_at {
                     last = (srv, own, crate::server::machine_busy_s(ticks));
+                    db_last = db.cpu_s;
                     break;
                 }
                 let next_edge = if now < warm_at { warm_at } else { stop_at };
@@ -566,7 +609,8 @@ pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
                 (Some(a), Some(b)) => Some(b - a),
                 _ => None,
             };
-            (peak_rss, at_warm, Some((last.0, last.1)), box_busy)
+            let db_cpu = postmaster.map(|_| db_last - db_warm);
+            (peak_rss, at_warm, Some((last.0, last.1)), box_busy, db_cpu)
         })
     };
 
@@ -676,7 +720,8 @@ pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
         }
     }
 
-    let (peak_rss, at_warm, last, box_busy) = sampler.await.unwrap_or((0, None, None, None));
+    let (peak_rss, at_warm, last, box_busy, db_cpu) =
+        sampler.await.unwrap_or((0, None, None, None, None));
     // Drain: in-flight exchanges finish (bounded), then stragglers are aborted.
     let drain_until = tokio::time::Instant::now() + cfg.drain_timeout;
     for w in workers {
@@ -745,6 +790,9 @@ pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
             r.server_cpu_s = Some(cpu);
             r.server_cores_busy = (window > 0.0).then(|| cpu / window);
             r.server_cpu_ms_per_op = (r.completed > 0).then(|| cpu * 1000.0 / r.completed as f64);
+            r.db_cpu_ms_per_op = db_cpu
+                .filter(|_| r.completed > 0)
+                .map(|c| c * 1000.0 / r.completed as f64);
             r.server_rss_peak_kb = Some(peak_rss.max(s1.rss_kb));
             r.server_hwm_kb = t.pid.and_then(|p| sample(p, ticks)).map(|s| s.hwm_kb);
         }

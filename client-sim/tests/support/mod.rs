@@ -109,7 +109,7 @@ pub fn server_settings_for(backend: client_sim::dtls::DtlsBackend) -> &'static [
 
 /// Replaces `key = value` in `[section]` of the data directory's est-server.toml (the key must
 /// be there: `est-server init` writes every setting).
-fn apply_settings(data: &Path, settings: &[Setting]) {
+fn apply_settings(data: &Path, settings: &[(&str, &str, &str)]) {
     if settings.is_empty() {
         return;
     }
@@ -198,6 +198,80 @@ impl Running {
             .map(Result::unwrap)
             .collect();
         ders
+    }
+}
+
+/// N `est-server run` processes on one data directory (the same issuing CA and DTLS
+/// credentials) and one PostgreSQL database: the nodes of one service.
+pub struct Cluster {
+    pub tmp: tempfile::TempDir,
+    pub data: PathBuf,
+    pub fleet_dir: PathBuf,
+    pub addrs: Vec<SocketAddr>,
+    pub nodes: Vec<Option<Server>>,
+}
+
+impl Cluster {
+    /// `meters` minted IDevIDs and `nodes` servers on the PostgreSQL database at `url`, with
+    /// `settings` changed besides `[storage]`.
+    pub fn start(
+        meters: usize,
+        nodes: usize,
+        url: &str,
+        settings: &[(&str, &str, &str)],
+    ) -> Cluster {
+        let bin = est_server_bin();
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("est-data");
+        let fleet_dir = tmp.path().join("fleet");
+        run_ok(Command::new(&bin).arg("init").arg("--data-dir").arg(&data));
+        let url_value = format!("\"{url}\"");
+        let mut all: Vec<(&str, &str, &str)> = vec![
+            ("storage", "backend", "\"postgres\""),
+            ("storage", "url", &url_value),
+            ("storage", "pool_size", "8"),
+        ];
+        all.extend_from_slice(settings);
+        apply_settings(&data, &all);
+        run_ok(
+            Command::new(&bin)
+                .args(["factory", "mint", "--count", &meters.to_string()])
+                .arg("--data-dir")
+                .arg(&data)
+                .arg("--out")
+                .arg(&fleet_dir),
+        );
+        let mut c = Cluster {
+            tmp,
+            data,
+            fleet_dir,
+            addrs: Vec::new(),
+            nodes: Vec::new(),
+        };
+        for _ in 0..nodes {
+            let (server, addr) = c.start_node();
+            c.nodes.push(Some(server));
+            c.addrs.push(addr);
+        }
+        c
+    }
+
+    /// One more `est-server run` on the cluster's data directory.
+    pub fn start_node(&self) -> (Server, SocketAddr) {
+        let mut server = Server(
+            Command::new(est_server_bin())
+                .arg("run")
+                .arg("--data-dir")
+                .arg(&self.data)
+                .arg("--listen")
+                .arg("127.0.0.1:0")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting est-server run"),
+        );
+        let addr = announced_address(&mut server.0);
+        (server, addr)
     }
 }
 

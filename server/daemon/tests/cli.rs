@@ -1,5 +1,5 @@
 //! The `est-server` binary as an operator uses it: init, key file modes, factory mint,
-//! run (prints where it listens), certs list, help texts.
+//! run (prints where it listens), certs list, help texts, and the operator commands on PostgreSQL.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -448,4 +448,96 @@ fn dtls_renew_then_sighup_reloads_without_a_restart() {
         .status();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// `certs list`, `certs show`, `audit` and `devices import` on a data directory whose
+/// `[storage]` names PostgreSQL: the operator commands read the database the nodes share.
+#[test]
+fn operator_commands_work_on_postgres() {
+    use est_proto::store::{
+        commit_and_wait, AuditEvent, CertStatus, Commit, IssuanceKind, IssuedCert,
+    };
+    use est_server::store::ServerStore;
+    let Some(pg) =
+        est_test_tools::pg::TestPostgres::start_or_skip("operator commands on PostgreSQL")
+    else {
+        return;
+    };
+    let url = pg.create_database("ops").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    let ds = d.to_str().unwrap();
+    run_ok(&["init", "--data-dir", ds]);
+    let cfg_path = d.join("est-server.toml");
+    let toml = std::fs::read_to_string(&cfg_path)
+        .unwrap()
+        .replace("backend = \"sqlite\"", "backend = \"postgres\"")
+        .replace("url = \"\"", &format!("url = \"{url}\""));
+    std::fs::write(&cfg_path, toml).unwrap();
+    // What a node committed.
+    let store = est_server::store::postgres::PgStore::open(
+        &est_server::store::postgres::PgSettings::new(&url),
+    )
+    .unwrap();
+    let cert = IssuedCert {
+        serial_hex: "7fa1c0de".into(),
+        device_id: "SNPG1".into(),
+        subject: "CN=SNPG1,serialNumber=SNPG1".into(),
+        der: b"not really DER".to_vec(),
+        request_digest: [3; 32],
+        not_before_unix: 1_700_000_000,
+        not_after_unix: 1_800_000_000,
+        issued_at_unix: 1_750_000_000,
+        status: CertStatus::Active,
+        kind: IssuanceKind::Enroll,
+        replaces_serial_hex: None,
+    };
+    let audit = AuditEvent {
+        at_unix: 1_750_000_000,
+        peer: "192.0.2.7:40001".into(),
+        relay: None,
+        device_id: "SNPG1".into(),
+        operation: "sen".into(),
+        outcome: "issued".into(),
+        code: "2.04".into(),
+        detail: "serial 7fa1c0de".into(),
+    };
+    commit_and_wait(
+        &store,
+        Commit::Issuance {
+            cert: Box::new(cert),
+            audit,
+        },
+    )
+    .unwrap();
+    let list = run_ok(&["certs", "list", "--json", "--data-dir", ds]);
+    assert!(
+        list.contains("\"serial\":\"7fa1c0de\"") && list.contains("SNPG1"),
+        "{list}"
+    );
+    let audit = run_ok(&["audit", "--data-dir", ds]);
+    assert!(
+        audit.contains("SNPG1") && audit.contains("serial 7fa1c0de"),
+        "{audit}"
+    );
+    // `certs show` prints the record, then fails on the made-up DER's PEM only after it.
+    let show = bin()
+        .args(["certs", "show", "7FA1", "--data-dir", ds])
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(shown.contains("device:     SNPG1"), "{shown}");
+    let list_file = dir.path().join("devices.txt");
+    std::fs::write(&list_file, "SNPG1\nSNPG2\n# comment\n").unwrap();
+    let imported = run_ok(&[
+        "devices",
+        "import",
+        list_file.to_str().unwrap(),
+        "--data-dir",
+        ds,
+    ]);
+    assert!(imported.contains("2 new"), "{imported}");
+    use est_proto::store::Store;
+    assert!(store.device_allowed("SNPG2").unwrap());
+    store.close();
 }

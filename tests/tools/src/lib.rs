@@ -146,7 +146,13 @@ mod tests {
         pg.stop(false);
         assert!(!pg.is_running());
         assert!(pg.psql("t1", "SELECT 1").is_err());
-        pg.restart().unwrap_or_else(|e| panic!("{e}"));
+        // Restarted from a thread that ends at once: the server outlives it (--pdeathsig is
+        // per thread; the guard's own thread spawns the server).
+        std::thread::scope(|s| {
+            s.spawn(|| pg.restart().unwrap_or_else(|e| panic!("{e}")));
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(pg.is_running());
         assert_eq!(pg.psql("t1", "SELECT v FROM x").as_deref(), Ok("7"));
         let dir = pg.socket_dir().to_path_buf();
         drop(pg);

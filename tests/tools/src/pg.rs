@@ -9,7 +9,8 @@
 //! `initdb` and `postgres` refuse to run as root, and CI runs as root: then both run as
 //! `nobody` (via util-linux's `setpriv`) in a directory that user owns. The server also gets
 //! `--pdeathsig KILL`, so a test process that dies without dropping the guard does not leave a
-//! server behind; directories such processes left are swept at the next start.
+//! server behind (it is spawned from a thread the guard owns: the signal follows the thread
+//! that forked); directories such processes left are swept at the next start.
 //!
 //! [`TestPostgres::start_or_skip`] is the guard tests use: under CI (see [`crate::in_ci`]) a
 //! cluster that cannot start fails the test loudly; elsewhere the test is skipped with a
@@ -57,6 +58,55 @@ pub struct TestPostgres {
     run_as: Option<(u32, u32)>,
     options: PgOptions,
     child: Option<Child>,
+    keeper: Keeper,
+}
+
+/// The thread that spawns `postgres`. `--pdeathsig` fires when the *thread* that forked the
+/// child ends, not the process: the server is spawned from this thread, which lives as long
+/// as the guard, so a restart from a short-lived thread does not kill it.
+struct Keeper {
+    jobs: Option<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Keeper {
+    fn new() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let thread = std::thread::Builder::new()
+            .name("test-postgres".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })
+            .ok();
+        Self {
+            jobs: Some(tx),
+            thread,
+        }
+    }
+
+    fn spawn(&self, mut cmd: Command) -> std::io::Result<Child> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let _ = tx.send(cmd.spawn());
+        });
+        match &self.jobs {
+            Some(jobs) if jobs.send(job).is_ok() => rx
+                .recv()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the spawning thread is gone"))),
+            _ => Err(std::io::Error::other("the spawning thread is gone")),
+        }
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.jobs.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -185,6 +235,7 @@ impl TestPostgres {
             run_as,
             options,
             child: None,
+            keeper: Keeper::new(),
         };
         if pg.options.tcp {
             pg.tcp_port = Some(free_tcp_port().map_err(|e| format!("no free TCP port: {e}"))?);
@@ -283,10 +334,10 @@ impl TestPostgres {
         for (k, v) in &self.options.settings {
             cmd.arg("-c").arg(format!("{k}={v}"));
         }
-        let child = cmd
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2))
-            .spawn()
+        cmd.stdout(Stdio::from(log)).stderr(Stdio::from(log2));
+        let child = self
+            .keeper
+            .spawn(cmd)
             .map_err(|e| format!("starting postgres: {e}"))?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -370,6 +421,16 @@ impl TestPostgres {
     pub fn create_database(&self, name: &str) -> Result<String, String> {
         self.psql("postgres", &format!("CREATE DATABASE \"{name}\""))?;
         Ok(self.url(name))
+    }
+
+    /// The postmaster's process id while it runs (its backends are its children).
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// `SHOW server_version`.
+    pub fn version(&self) -> Result<String, String> {
+        self.psql("postgres", "SHOW server_version")
     }
 
     /// Whether the server process is running.
