@@ -51,6 +51,7 @@ pub struct Config {
     pub enrollment: EnrollmentSection,
     pub revocation: RevocationSection,
     pub metrics: MetricsSection,
+    pub ca_p384: crate::p384::CaP384Section,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -636,6 +637,15 @@ max_handshake_audit_per_sec = 10
 # "" = off; e.g. "127.0.0.1:9184". The metrics log line ([server] metrics_log_interval_secs)
 # is kept either way.
 listen = ""
+
+[ca_p384]
+# A P-384 issuing CA beside the P-256 one (DLMS/COSEM security suite 2): CSRs whose key is on
+# P-384 are issued by it, signed ecdsa-with-SHA384; its LDevIDs may /sren, and /crts lists it
+# after the P-256 CA. `est-server ca create-p384` creates it and sets enabled = true.
+enabled = false
+cert = "ca/issuing-ca-p384.pem"
+# PKCS#8 P-384 key, mode 0600.
+key = "ca/issuing-ca-p384.key"
 "#;
 
 impl Config {
@@ -725,6 +735,7 @@ impl Config {
             return Err(invalid("storage.max_batch", "must be positive"));
         }
         self.hsm.validate()?;
+        self.ca_p384.validate()?;
         self.metrics.listen_addr()?;
         if self.enrollment.period_secs == 0 {
             return Err(invalid("enrollment.period_secs", "must be positive"));

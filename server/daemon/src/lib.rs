@@ -9,6 +9,7 @@ pub mod factory;
 pub mod hsm;
 pub mod lifetime;
 pub mod metrics;
+pub mod p384;
 pub mod revocation;
 pub mod safefs;
 pub mod service;

@@ -242,7 +242,8 @@ impl Policy {
 
     /// Validate a client's chain (DER, leaf first, as sent in the DTLS Certificate message)
     /// against every trust anchor, as the DTLS handshake does before it completes: RFC 5280
-    /// path validation by rustls-webpki with ECDSA P-256/SHA-256 (the RFC 7925 profile), EKU
+    /// path validation by rustls-webpki with ECDSA P-256 or P-384 and SHA-256 or SHA-384 (the
+    /// RFC 7925 profile, and DLMS/COSEM suite 2), EKU
     /// clientAuth when an EKU is present, the path built only from the presented
     /// certificates. Records whether the path ends in a manufacturer CA or our issuing CA.
     ///
@@ -273,7 +274,7 @@ impl Policy {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default();
             let path = leaf.verify_for_usage(
-                &[webpki::ring::ECDSA_P256_SHA256],
+                SIGNATURE_ALGORITHMS,
                 &self.webpki_anchors,
                 &intermediates,
                 rustls_pki_types::UnixTime::since_unix_epoch(secs),
@@ -374,6 +375,19 @@ impl Policy {
         &self.operational_anchor
     }
 
+    /// Another issuing CA of ours (e.g. the P-384 one beside the P-256 one): LDevIDs it
+    /// issued may `/sren` too.
+    pub fn add_operational_anchor(&mut self, der: &[u8]) -> Result<(), PolicyError> {
+        let anchor = TrustAnchor::from_der(der)?;
+        let cert = rustls_pki_types::CertificateDer::from(anchor.der.as_slice());
+        let ta = webpki::anchor_from_trusted_cert(&cert)
+            .map(|ta| ta.to_owned())
+            .map_err(|_| PolicyError::MalformedCertificate)?;
+        // After the manufacturer anchors: verify_peer_chain classes by position.
+        self.webpki_anchors.push(ta);
+        Ok(())
+    }
+
     /// Authenticate a device for `/sen` (and server-side key generation): the chain must
     /// lead to a configured manufacturer CA, each certificate within validity (the leaf
     /// may be expired when `accept_expired_idevid` is set). Verifies the chain in full.
@@ -455,6 +469,15 @@ impl Policy {
         Ok(())
     }
 }
+
+/// Signature algorithms accepted in client chains: ECDSA on P-256 and P-384 with SHA-256 or
+/// SHA-384 (RFC 7925's P-256/SHA-256, and P-384 for DLMS/COSEM security suite 2).
+const SIGNATURE_ALGORITHMS: &[&dyn rustls_pki_types::SignatureVerificationAlgorithm] = &[
+    webpki::ring::ECDSA_P256_SHA256,
+    webpki::ring::ECDSA_P256_SHA384,
+    webpki::ring::ECDSA_P384_SHA256,
+    webpki::ring::ECDSA_P384_SHA384,
+];
 
 fn map_webpki_error(e: webpki::Error) -> PolicyError {
     match e {

@@ -20,7 +20,7 @@ use x509_cert::Certificate;
 use super::error::CaError;
 use super::names::HardwareModuleName;
 use super::oid;
-use super::signer::{ecdsa_with_sha256, Signer};
+use super::signer::{ecdsa_with, Signer};
 
 /// What to put in an end-entity (LDevID) certificate; see [`IssuingCa::issue`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,6 +168,11 @@ impl IssuingCa {
     /// The CA certificate, parsed.
     pub fn certificate(&self) -> &Certificate {
         &self.cert
+    }
+
+    /// The curve of the CA's key (P-256 or P-384), if it is one of those.
+    pub fn curve(&self) -> Option<super::Curve> {
+        super::Curve::of_spki(&self.cert.tbs_certificate.subject_public_key_info)
     }
 
     /// The CA's subject, which is the issuer of everything it signs.
@@ -325,7 +330,7 @@ pub(crate) fn sign_certificate(
     let tbs = TbsCertificate {
         version: Version::V3,
         serial_number: template.serial,
-        signature: ecdsa_with_sha256(),
+        signature: ecdsa_with(signer.signature_algorithm()),
         issuer: issuer.clone(),
         validity: Validity {
             not_before: to_time(template.not_before)?,
@@ -345,7 +350,7 @@ pub(crate) fn sign_certificate(
     let signature = signer.sign(&tbs_der)?;
     let cert = SignedCertificate {
         tbs_certificate: AnyRef::from_der(&tbs_der)?,
-        signature_algorithm: ecdsa_with_sha256(),
+        signature_algorithm: ecdsa_with(signer.signature_algorithm()),
         signature: BitString::from_bytes(&signature)?,
     };
     Ok(cert.to_der()?)
