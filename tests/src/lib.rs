@@ -309,3 +309,33 @@ pub fn same_public_key(cert: &Path, key: &Path) -> Result<bool> {
     let key_pub = openssl(&["pkey", "-in", path_str(key)?, "-pubout"])?;
     Ok(cert_pub == key_pub)
 }
+
+/// POST a DER PKCS#10 request (286) in 64-byte Block1 blocks, asking for a bare DER
+/// certificate (287) written to `out`.
+pub async fn post_csr(
+    which: Libcoap,
+    creds: &Creds<'_>,
+    url: &str,
+    csr: &Path,
+    out: &Path,
+) -> Result<CoapRun> {
+    coap_client(
+        which,
+        Some(creds),
+        &[
+            "-m",
+            "post",
+            "-b",
+            "64",
+            "-t",
+            "286",
+            "-A",
+            "287",
+            "-f",
+            path_str(csr)?,
+        ],
+        url,
+        Some(out),
+    )
+    .await
+}

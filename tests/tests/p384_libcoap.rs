@@ -126,26 +126,9 @@ fn text_of(pem: &Path) -> String {
 }
 
 async fn post(creds: &Creds<'_>, url: &str, csr: &Path, out: &Path) -> CoapRun {
-    coap_client(
-        Libcoap::Gnutls,
-        Some(creds),
-        &[
-            "-m",
-            "post",
-            "-b",
-            "64",
-            "-t",
-            "286",
-            "-A",
-            "287",
-            "-f",
-            path_str(csr).unwrap(),
-        ],
-        url,
-        Some(out),
-    )
-    .await
-    .unwrap()
+    post_csr(Libcoap::Gnutls, creds, url, csr, out)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

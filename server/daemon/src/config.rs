@@ -52,6 +52,7 @@ pub struct Config {
     pub revocation: RevocationSection,
     pub metrics: MetricsSection,
     pub ca_p384: crate::p384::CaP384Section,
+    pub dlms: crate::dlms_config::DlmsSection,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -646,6 +647,22 @@ enabled = false
 cert = "ca/issuing-ca-p384.pem"
 # PKCS#8 P-384 key, mode 0600.
 key = "ca/issuing-ca-p384.key"
+
+[dlms]
+# Device-class rules selecting the `dlms` certificate profile (DLMS/COSEM, after Gurux's
+# checks): subject CN = the 8-byte system title as 16 uppercase hex digits (then the
+# serialNumber); keyUsage digitalSignature (signing CSR) or keyAgreement (key-agreement CSR),
+# without extKeyUsage, or both plus EKU clientAuth+serverAuth (TLS CSR), as the CSR's
+# requested keyUsage says (a CSR without one is refused with 4.00); signed ecdsa-with-SHA256
+# (P-256 key) or ecdsa-with-SHA384 (P-384 key, needs [ca_p384]). Signing, key-agreement and TLS
+# certificates of a meter are active side by side. The system title is the FLAG ID (3 ASCII
+# letters) followed by the serialNumber minus serial_prefix, which must be 1-13 decimal digits
+# below 2^40, as 5 big-endian octets; other serials are refused with 4.03. First match wins;
+# other devices get the LDevID of [policy]. Example:
+#   [[dlms.rules]]
+#   serial_prefix = "ABC"
+#   flag_id = "ABC"
+rules = []
 "#;
 
 impl Config {
@@ -736,6 +753,7 @@ impl Config {
         }
         self.hsm.validate()?;
         self.ca_p384.validate()?;
+        self.dlms.validate()?;
         self.metrics.listen_addr()?;
         if self.enrollment.period_secs == 0 {
             return Err(invalid("enrollment.period_secs", "must be positive"));
@@ -954,6 +972,7 @@ impl Config {
             ldevid_organization: self.policy.ldevid_organization.clone(),
             key_agreement: self.policy.key_agreement,
             max_chain_len: self.policy.max_chain_len,
+            dlms_rules: self.dlms.rules(),
         }
     }
 }

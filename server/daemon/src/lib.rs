@@ -5,6 +5,7 @@
 //! the sans-IO crate `est-proto`; this crate only moves datagrams and bytes.
 pub mod config;
 pub mod datadir;
+pub mod dlms_config;
 pub mod factory;
 pub mod hsm;
 pub mod lifetime;

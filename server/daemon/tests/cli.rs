@@ -230,6 +230,7 @@ fn issue_into_store(d: &Path, device: &str) -> String {
                 status: CertStatus::Active,
                 kind: IssuanceKind::Enroll,
                 replaces_serial_hex: None,
+                slot: String::new(),
             }),
             audit: AuditEvent {
                 at_unix: at,

@@ -49,6 +49,8 @@ pub struct PolicyConfig {
     pub key_agreement: bool,
     /// Longest client chain accepted (leaf plus intermediates), default 4.
     pub max_chain_len: usize,
+    /// Device-class rules selecting the `dlms` profile (first match wins); none by default.
+    pub dlms_rules: Vec<crate::dlms::DlmsRule>,
 }
 
 impl Default for PolicyConfig {
@@ -61,6 +63,7 @@ impl Default for PolicyConfig {
             ldevid_organization: String::new(),
             key_agreement: false,
             max_chain_len: 4,
+            dlms_rules: Vec::new(),
         }
     }
 }
@@ -100,6 +103,9 @@ pub enum PolicyError {
     CertificateNotActive(&'static str),
     #[error("device is blocked (decommissioned by the operator)")]
     DeviceBlocked,
+    /// The `dlms` profile cannot be applied (e.g. a serial that makes no system title).
+    #[error("dlms profile: {0}")]
+    Dlms(#[from] crate::dlms::DlmsError),
     /// Refused when the commit was made: a revocation or block came in meanwhile.
     #[error("{0}")]
     RevokedMeanwhile(String),
@@ -408,6 +414,20 @@ impl Policy {
         now: SystemTime,
     ) -> Result<Device, PolicyError> {
         self.authenticate(AnchorClass::Operational, chain, None, now)
+    }
+
+    /// The `dlms` rule selecting `device_id`, if any (first match).
+    pub fn dlms_rule(&self, device_id: &str) -> Option<&crate::dlms::DlmsRule> {
+        self.config.dlms_rules.iter().find(|r| r.matches(device_id))
+    }
+
+    /// The subject of a `dlms` certificate: CN = the system title (16 uppercase hex digits),
+    /// serialNumber = the device identity.
+    pub fn dlms_subject(&self, device: &Device, title: &[u8; 8]) -> Result<Name, PolicyError> {
+        Ok(RdnSequence(vec![
+            utf8_rdn(OID_COMMON_NAME, &crate::dlms::system_title_cn(title))?,
+            printable_rdn(OID_SERIAL_NUMBER, &device.device_id)?,
+        ]))
     }
 
     /// The subject of the LDevID issued to `device`: set by policy from the

@@ -796,6 +796,20 @@ impl EstService {
                 .check_enroll_csr_subject(&device, &csr.subject)?,
         }
 
+        // The `dlms` profile (a device-class rule selects it): which certificate type the
+        // CSR's keyUsage asks for, and the system title from the serial.
+        let dlms = match self.policy.dlms_rule(&device.device_id) {
+            Some(rule) => {
+                let kind = crate::dlms::DlmsCertType::from_requested(&csr.requested_extensions)
+                    .map_err(|e| EstError::BadRequest(format!("CSR: {e}")))?;
+                let title = rule
+                    .system_title(&device.device_id)
+                    .map_err(crate::policy::PolicyError::from)?;
+                Some((kind, title))
+            }
+            None => None,
+        };
+
         // 4. A retried request (same device, same CSR) gets the certificate already issued.
         //    Server keygen is excluded: its private key is never stored, so it cannot be
         //    replayed (the CoAP layer's deduplication covers retransmissions).
@@ -855,7 +869,10 @@ impl EstService {
         let subject = match (&op, &replaces) {
             // RFC 7030 §4.2.2: the renewed certificate keeps its subject.
             (Operation::Sren, Some(_)) => device.certificate.tbs_certificate.subject.clone(),
-            _ => self.policy.ldevid_subject(&device)?,
+            _ => match &dlms {
+                Some((_, title)) => self.policy.dlms_subject(&device, title)?,
+                None => self.policy.ldevid_subject(&device)?,
+            },
         };
         let cfg = self.policy.config();
         let not_before = ctx
@@ -876,8 +893,24 @@ impl EstService {
             serial,
             not_before,
             not_after,
+            digital_signature: true,
             key_agreement: cfg.key_agreement,
             extended_key_usage_client_auth: true,
+            extended_key_usage_server_auth: false,
+        };
+        let params = match dlms.map(|(kind, _)| kind) {
+            None => params,
+            // Gurux's checks: keyUsage exactly as the type says, EKU only on TLS ones.
+            Some(kind) => {
+                use crate::dlms::DlmsCertType as T;
+                IssueParams {
+                    digital_signature: matches!(kind, T::Signing | T::Tls),
+                    key_agreement: matches!(kind, T::KeyAgreement | T::Tls),
+                    extended_key_usage_client_auth: kind == T::Tls,
+                    extended_key_usage_server_auth: kind == T::Tls,
+                    ..params
+                }
+            }
         };
         let der = issuer
             .issue(&params)
@@ -907,6 +940,9 @@ impl EstService {
                 _ => IssuanceKind::Enroll,
             },
             replaces_serial_hex: replaces.as_ref().map(|c| c.serial_hex.clone()),
+            slot: dlms
+                .map(|(kind, _)| kind.slot().to_owned())
+                .unwrap_or_default(),
         };
         let audit = AuditEvent {
             at_unix: unix_seconds(ctx.now),
@@ -1001,6 +1037,7 @@ impl EstService {
                     subject: p.subject,
                     public_key: p.public_key,
                     hardware_module: p.hardware_module,
+                    requested_extensions: p.requested_extensions,
                     format: RequestFormat::Pkcs10,
                 })
             }
@@ -1020,6 +1057,7 @@ impl EstService {
                     subject: c.subject().map_err(|e| bad(&e))?,
                     public_key: c.subject_public_key_info().map_err(|e| bad(&e))?,
                     hardware_module,
+                    requested_extensions: Vec::new(),
                     format: RequestFormat::C509 {
                         native: i64::from(c.csr_type()) == cbor_schemas::c509::TYPE_NATIVE,
                     },
@@ -1164,6 +1202,8 @@ struct Csr {
     subject: ca::Name,
     public_key: spki::SubjectPublicKeyInfoOwned,
     hardware_module: Option<ca::HardwareModuleName>,
+    /// The extensionRequest's extensions (PKCS#10 only): the `dlms` profile reads keyUsage.
+    requested_extensions: Vec<x509_cert::ext::Extension>,
     format: RequestFormat,
 }
 
