@@ -12,10 +12,19 @@ use est_server::dlms_config::DlmsRuleSection;
 use est_tests::*;
 
 fn with_rule(c: &mut est_server::config::Config) {
-    c.dlms.rules = vec![DlmsRuleSection {
-        serial_prefix: "ABC".into(),
-        flag_id: "ABC".into(),
-    }];
+    c.dlms.rules = vec![
+        DlmsRuleSection {
+            serial_prefix: "ABC".into(),
+            flag_id: "ABC".into(),
+            curve: String::new(),
+        },
+        // Suite 2 only.
+        DlmsRuleSection {
+            serial_prefix: "XYZ".into(),
+            flag_id: "XYZ".into(),
+            curve: "P-384".into(),
+        },
+    ];
 }
 
 /// A DER CSR for a fresh key on `curve` with subject `/serialNumber=<serial>`, requesting
@@ -228,6 +237,22 @@ async fn dlms_signing_and_key_agreement_certificates_field_by_field() {
         .unwrap()
         .iter()
         .all(|c| c.device_id != "ABC12X"));
+
+    // A suite-2 device class: a P-256 CSR is refused (4.00), a P-384 one accepted.
+    let s2 = Device::new(&srv, "XYZ7");
+    let p256_csr = csr(&s2.work, "p256", "XYZ7", "P-256", "digitalSignature");
+    let (run, cert) = s2.sen(&srv, &p256_csr, "p256").await;
+    assert!(cert.is_none());
+    assert_eq!(run.error_code(), Some("4.00"), "{run:?}");
+    let p384_csr = csr(&s2.work, "p384", "XYZ7", "P-384", "digitalSignature");
+    let (run, text) = s2.sen(&srv, &p384_csr, "p384").await;
+    let text = text.unwrap_or_else(|| panic!("{run:?}"));
+    // "XYZ" = 58 59 5A, 7 in 5 octets.
+    assert!(
+        text.contains("Subject: CN = 58595A0000000007, serialNumber = XYZ7"),
+        "{text}"
+    );
+    assert!(text.contains("ecdsa-with-SHA384"), "{text}");
 
     // A device no rule selects still gets today's LDevID.
     let plain = Device::new(&srv, "SNPLAIN1");

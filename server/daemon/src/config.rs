@@ -662,6 +662,7 @@ key = "ca/issuing-ca-p384.key"
 #   [[dlms.rules]]
 #   serial_prefix = "ABC"
 #   flag_id = "ABC"
+#   curve = "P-384"   # "P-256" (suite 1), "P-384" (suite 2; needs [ca_p384]) or "" for both
 rules = []
 "#;
 

@@ -21,6 +21,9 @@ pub struct DlmsRuleSection {
     pub serial_prefix: String,
     /// The manufacturer's three-letter FLAG ID (A-Z): the system title's first 3 octets.
     pub flag_id: String,
+    /// "P-256" (security suite 1) or "P-384" (suite 2): CSRs on the other curve are refused
+    /// with 4.00; "" accepts both.
+    pub curve: String,
 }
 
 impl DlmsSection {
@@ -36,6 +39,9 @@ impl DlmsSection {
                 return Err(bad("serial_prefix must be non-empty printable ASCII".into()));
             }
             est_proto::dlms::parse_flag_id(&r.flag_id).map_err(|e| bad(e.to_string()))?;
+            if !r.curve.is_empty() {
+                r.curve.parse::<est_proto::ca::Curve>().map_err(bad)?;
+            }
         }
         Ok(())
     }
@@ -49,6 +55,11 @@ impl DlmsSection {
                 Some(est_proto::dlms::DlmsRule {
                     serial_prefix: r.serial_prefix.clone(),
                     flag_id: est_proto::dlms::parse_flag_id(&r.flag_id).ok()?,
+                    curve: if r.curve.is_empty() {
+                        None
+                    } else {
+                        Some(r.curve.parse().ok()?)
+                    },
                 })
             })
             .collect()
@@ -71,6 +82,7 @@ mod tests {
             "[[dlms.rules]]\nserial_prefix = \"A B\"\nflag_id = \"ABC\"\n",
             "[[dlms.rules]]\nserial_prefix = \"ABC\"\nflag_id = \"AB\"\n",
             "[[dlms.rules]]\nserial_prefix = \"ABC\"\nflag_id = \"abc\"\n",
+            "[[dlms.rules]]\nserial_prefix = \"ABC\"\nflag_id = \"ABC\"\ncurve = \"P-521\"\n",
             "[[dlms.rules]]\nserial_prefix = \"ABC\"\nflag_id = \"ABC\"\nother = 1\n",
         ] {
             assert!(Config::parse(bad, Path::new("t")).is_err(), "{bad}");

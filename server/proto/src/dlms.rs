@@ -31,6 +31,9 @@ pub struct DlmsRule {
     pub serial_prefix: String,
     /// The three-letter FLAG ID (uppercase A-Z), the system title's first 3 octets.
     pub flag_id: [u8; 3],
+    /// The curve the rule's CSRs must use (P-256 = security suite 1, P-384 = suite 2); `None`
+    /// accepts both, each certificate then signed by the CA on its key's curve.
+    pub curve: Option<crate::ca::Curve>,
 }
 
 /// Why a DLMS certificate cannot be made.
@@ -46,6 +49,10 @@ pub enum DlmsError {
         "the dlms profile allows only digitalSignature and keyAgreement in the requested keyUsage"
     )]
     BadKeyUsage,
+    #[error(
+        "this device class uses {wanted} keys (DLMS security suite {suite}), the CSR's key is not"
+    )]
+    WrongCurve { wanted: crate::ca::Curve, suite: u8 },
 }
 
 /// Which DLMS certificate a CSR asks for (certificate_type of the Security Setup class).
@@ -100,6 +107,20 @@ pub fn parse_flag_id(s: &str) -> Result<[u8; 3], DlmsError> {
 }
 
 impl DlmsRule {
+    /// Refuses a request key on another curve than the rule's.
+    pub fn check_curve(&self, key: Option<crate::ca::Curve>) -> Result<(), DlmsError> {
+        match self.curve {
+            Some(wanted) if key != Some(wanted) => Err(DlmsError::WrongCurve {
+                wanted,
+                suite: match wanted {
+                    crate::ca::Curve::P256 => 1,
+                    crate::ca::Curve::P384 => 2,
+                },
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// Whether the rule selects `device_id`.
     pub fn matches(&self, device_id: &str) -> bool {
         device_id.starts_with(&self.serial_prefix)
@@ -140,6 +161,7 @@ mod tests {
         DlmsRule {
             serial_prefix: "ABC".into(),
             flag_id: parse_flag_id("ABC").unwrap(),
+            curve: None,
         }
     }
 
@@ -164,6 +186,25 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn curve_pin() {
+        use crate::ca::Curve;
+        let any = rule();
+        assert!(any.check_curve(Some(Curve::P384)).is_ok());
+        let suite2 = DlmsRule {
+            curve: Some(Curve::P384),
+            ..rule()
+        };
+        assert!(suite2.check_curve(Some(Curve::P384)).is_ok());
+        assert_eq!(
+            suite2.check_curve(Some(Curve::P256)),
+            Err(DlmsError::WrongCurve {
+                wanted: Curve::P384,
+                suite: 2
+            })
+        );
     }
 
     #[test]

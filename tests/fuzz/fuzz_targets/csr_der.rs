@@ -28,7 +28,9 @@ fuzz_target!(|data: &[u8]| {
                 let rule = DlmsRule {
                     serial_prefix: "ABC".into(),
                     flag_id: *b"ABC",
+                    curve: None,
                 };
+                let _ = rule.check_curve(csr.curve());
                 if let Ok(title) = rule.system_title(&serial) {
                     assert_eq!(&title[..3], b"ABC");
                     assert_eq!(system_title_cn(&title).len(), 16);

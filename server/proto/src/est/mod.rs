@@ -800,8 +800,11 @@ impl EstService {
         // CSR's keyUsage asks for, and the system title from the serial.
         let dlms = match self.policy.dlms_rule(&device.device_id) {
             Some(rule) => {
+                let bad = |e: crate::dlms::DlmsError| EstError::BadRequest(format!("CSR: {e}"));
+                rule.check_curve(ca::Curve::of_spki(&csr.public_key))
+                    .map_err(bad)?;
                 let kind = crate::dlms::DlmsCertType::from_requested(&csr.requested_extensions)
-                    .map_err(|e| EstError::BadRequest(format!("CSR: {e}")))?;
+                    .map_err(bad)?;
                 let title = rule
                     .system_title(&device.device_id)
                     .map_err(crate::policy::PolicyError::from)?;
