@@ -32,9 +32,28 @@ pub struct TestServer {
 impl TestServer {
     /// Start with the default configuration, adjusted by `tweak`.
     pub async fn start(tweak: impl FnOnce(&mut Config)) -> Result<Self> {
+        Self::start_with(|_| Ok(()), tweak).await
+    }
+
+    /// Start with the P-384 issuing CA created (`est-server ca create-p384`) beside the
+    /// P-256 one.
+    pub async fn start_p384(tweak: impl FnOnce(&mut Config)) -> Result<Self> {
+        Self::start_with(
+            |d| est_server::p384::create(d, std::time::SystemTime::now()).map(|_| ()),
+            tweak,
+        )
+        .await
+    }
+
+    /// Start after `setup` has run on the freshly initialised data directory.
+    pub async fn start_with(
+        setup: impl FnOnce(&Path) -> Result<()>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let data_dir = dir.path().join("est-data");
         datadir::init(&data_dir, &[])?;
+        setup(&data_dir)?;
         let mut config = datadir::load_config(&data_dir, None)?;
         config.server.listen = "127.0.0.1:0".parse()?;
         tweak(&mut config);
@@ -280,4 +299,56 @@ pub fn openssl_verify(ca: &Path, cert_pem: &Path) -> Result<()> {
 
 pub fn path_str(p: &Path) -> Result<&str> {
     p.to_str().context("non-UTF-8 path")
+}
+
+/// The subject of a PEM certificate in openssl's `compat` form (`/serialNumber=...`), as
+/// `openssl req -subj` takes it back.
+pub fn cert_subject(pem: &Path) -> Result<String> {
+    let out = openssl(&[
+        "x509",
+        "-in",
+        path_str(pem)?,
+        "-noout",
+        "-subject",
+        "-nameopt",
+        "compat",
+    ])?;
+    Ok(out.trim().trim_start_matches("subject=").to_string())
+}
+
+/// The public key of the PEM certificate `cert` is the one of the private key file `key`.
+pub fn same_public_key(cert: &Path, key: &Path) -> Result<bool> {
+    let cert_pub = openssl(&["x509", "-in", path_str(cert)?, "-noout", "-pubkey"])?;
+    let key_pub = openssl(&["pkey", "-in", path_str(key)?, "-pubout"])?;
+    Ok(cert_pub == key_pub)
+}
+
+/// POST a DER PKCS#10 request (286) in 64-byte Block1 blocks, asking for a bare DER
+/// certificate (287) written to `out`.
+pub async fn post_csr(
+    which: Libcoap,
+    creds: &Creds<'_>,
+    url: &str,
+    csr: &Path,
+    out: &Path,
+) -> Result<CoapRun> {
+    coap_client(
+        which,
+        Some(creds),
+        &[
+            "-m",
+            "post",
+            "-b",
+            "64",
+            "-t",
+            "286",
+            "-A",
+            "287",
+            "-f",
+            path_str(csr)?,
+        ],
+        url,
+        Some(out),
+    )
+    .await
 }

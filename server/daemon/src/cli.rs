@@ -75,6 +75,9 @@ pub(crate) enum Command {
     /// (draft-ietf-cose-cbor-encoded-cert, type 3: lossless re-encoding).
     #[command(subcommand)]
     C509(C509Command),
+    /// Issuing CAs beside the main one.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Show the most recent audit events (every enrollment attempt, allowed or refused).
     Audit {
         /// How many events to show.
@@ -251,4 +254,13 @@ pub(crate) enum DevicesCommand {
         #[arg(long, default_value = "cessationOfOperation", value_parser = parse_reason)]
         reason: RevocationReason,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CaCommand {
+    /// Create the P-384 issuing CA ([ca_p384] cert and key, a self-signed root signed
+    /// ecdsa-with-SHA384) and set [ca_p384] enabled = true in the data directory's
+    /// configuration. P-384 CSRs (DLMS/COSEM security suite 2) are then issued by it, after
+    /// a restart. Refuses to overwrite an existing key or certificate.
+    CreateP384,
 }

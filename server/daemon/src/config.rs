@@ -52,6 +52,8 @@ pub struct Config {
     pub revocation: RevocationSection,
     pub metrics: MetricsSection,
     pub relay: RelaySection,
+    pub ca_p384: crate::p384::CaP384Section,
+    pub dlms: crate::dlms_config::DlmsSection,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -775,6 +777,32 @@ max_header_bytes = 64
 # dtls.max_half_open_handshakes and dtls.max_sessions still apply).
 max_half_open_per_relay = 512
 max_sessions_per_relay = 20000
+
+[ca_p384]
+# A P-384 issuing CA beside the P-256 one (DLMS/COSEM security suite 2): CSRs whose key is on
+# P-384 are issued by it, signed ecdsa-with-SHA384; its LDevIDs may /sren, and /crts lists it
+# after the P-256 CA. `est-server ca create-p384` creates it and sets enabled = true.
+enabled = false
+cert = "ca/issuing-ca-p384.pem"
+# PKCS#8 P-384 key, mode 0600.
+key = "ca/issuing-ca-p384.key"
+
+[dlms]
+# Device-class rules selecting the `dlms` certificate profile (DLMS/COSEM, after Gurux's
+# checks): subject CN = the 8-byte system title as 16 uppercase hex digits (then the
+# serialNumber); keyUsage digitalSignature (signing CSR) or keyAgreement (key-agreement CSR),
+# without extKeyUsage, or both plus EKU clientAuth+serverAuth (TLS CSR), as the CSR's
+# requested keyUsage says (a CSR without one is refused with 4.00); signed ecdsa-with-SHA256
+# (P-256 key) or ecdsa-with-SHA384 (P-384 key, needs [ca_p384]). Signing, key-agreement and TLS
+# certificates of a meter are active side by side. The system title is the FLAG ID (3 ASCII
+# letters) followed by the serialNumber minus serial_prefix, which must be 1-13 decimal digits
+# below 2^40, as 5 big-endian octets; other serials are refused with 4.03. First match wins;
+# other devices get the LDevID of [policy]. Example:
+#   [[dlms.rules]]
+#   serial_prefix = "ABC"
+#   flag_id = "ABC"
+#   curve = "P-384"   # "P-256" (suite 1), "P-384" (suite 2; needs [ca_p384]) or "" for both
+rules = []
 "#;
 
 impl Config {
@@ -864,6 +892,8 @@ impl Config {
             return Err(invalid("storage.max_batch", "must be positive"));
         }
         self.hsm.validate()?;
+        self.ca_p384.validate()?;
+        self.dlms.validate()?;
         self.metrics.listen_addr()?;
         if self.enrollment.period_secs == 0 {
             return Err(invalid("enrollment.period_secs", "must be positive"));
@@ -931,6 +961,14 @@ impl Config {
     /// `[storage]`: a known backend, and for PostgreSQL a connection string that parses.
     fn validate_storage(&self) -> Result<(), ConfigError> {
         let st = &self.storage;
+        if st.is_postgres() && !self.dlms.rules.is_empty() {
+            return Err(invalid(
+                "dlms.rules",
+                "DLMS certificate slots (a meter's signing and key-agreement certificates side \
+                 by side) are not stored by the PostgreSQL backend yet: use backend = \"sqlite\" \
+                 for DLMS meters",
+            ));
+        }
         match st.backend.as_str() {
             "sqlite" => {}
             "postgres" => {
@@ -1163,6 +1201,7 @@ impl Config {
             ldevid_organization: self.policy.ldevid_organization.clone(),
             key_agreement: self.policy.key_agreement,
             max_chain_len: self.policy.max_chain_len,
+            dlms_rules: self.dlms.rules(),
         }
     }
 }
@@ -1300,6 +1339,18 @@ mod tests {
             err.to_string().contains("dtls.cipher_suites") && err.to_string().contains("chacha"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn dlms_rules_are_refused_on_the_postgres_backend() {
+        let text = "[storage]\nbackend = \"postgres\"\nurl = \"host=/tmp dbname=est\"\n\n[[dlms.rules]]\nserial_prefix = \"ABC\"\nflag_id = \"ABC\"\n";
+        let err = Config::parse(text, Path::new("x")).unwrap_err().to_string();
+        assert!(
+            err.contains("dlms.rules") && err.contains("sqlite"),
+            "{err}"
+        );
+        let sqlite = text.replace("backend = \"postgres\"", "backend = \"sqlite\"");
+        Config::parse(&sqlite, Path::new("x")).unwrap();
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! est-data/
 //!   est-server.toml                          documented configuration (all defaults)
 //!   ca/issuing-ca.pem, ca/issuing-ca.key     P-256 issuing CA (signs LDevIDs and our DTLS cert)
+//!   ca/issuing-ca-p384.{pem,key}             P-384 issuing CA, if `ca create-p384` made it
 //!   dtls/server.pem, dtls/server.key         the server's DTLS certificate
 //!   manufacturers/demo-manufacturer-ca.pem   stands for a meter maker's IDevID CA
 //!   manufacturers/demo-manufacturer-ca.key   its key, used only by `factory mint`
@@ -266,8 +267,13 @@ fn config_with_hsm(h: &HsmSection) -> Result<String> {
     let (head, section) = DEFAULT_CONFIG_TOML.split_at(at);
     let quote = |v: &str| toml::Value::String(v.to_owned()).to_string();
     let mut out = String::from(head);
+    let mut in_hsm = false;
     for line in section.split_inclusive('\n') {
-        let key = line.split_once(" = ").map(|(k, _)| k);
+        // Only the [hsm] section's lines: later sections have keys of the same names.
+        if line.starts_with('[') {
+            in_hsm = line.trim_end() == "[hsm]";
+        }
+        let key = line.split_once(" = ").map(|(k, _)| k).filter(|_| in_hsm);
         let value = match key {
             Some("enabled") => "true".to_owned(),
             Some("module") => quote(&h.module.to_string_lossy()),
@@ -311,6 +317,8 @@ pub struct Loaded {
     pub config: Config,
     pub data_dir: PathBuf,
     pub issuing_ca: IssuingCa,
+    /// The P-384 issuing CA (`[ca_p384]`), when enabled.
+    pub issuing_ca_p384: Option<IssuingCa>,
     pub server_chain: Vec<Vec<u8>>,
     pub server_key_pkcs8: Vec<u8>,
     pub manufacturer_cas: Vec<Vec<u8>>,
@@ -363,6 +371,7 @@ pub fn load_with(data_dir: &Path, config: Config, keys: KeyPermissions) -> Resul
         safefs::check_key_permissions(&ca_key, allow_insecure)?;
         load_ca(&ca_cert, &ca_key)?
     };
+    let issuing_ca_p384 = crate::p384::load(data_dir, &config, allow_insecure)?;
     let server_chain = read_certs(&resolve(data_dir, &config.pki.server_cert))?;
     let server_key_pkcs8 = read_key(&server_key)?;
     let mut manufacturer_cas = Vec::new();
@@ -382,6 +391,7 @@ pub fn load_with(data_dir: &Path, config: Config, keys: KeyPermissions) -> Resul
         config,
         data_dir: data_dir.to_path_buf(),
         issuing_ca,
+        issuing_ca_p384,
         server_chain,
         server_key_pkcs8,
         manufacturer_cas,

@@ -5,10 +5,12 @@
 //! the sans-IO crate `est-proto`; this crate only moves datagrams and bytes.
 pub mod config;
 pub mod datadir;
+pub mod dlms_config;
 pub mod factory;
 pub mod hsm;
 pub mod lifetime;
 pub mod metrics;
+pub mod p384;
 pub mod revocation;
 pub mod safefs;
 pub mod service;

@@ -34,6 +34,7 @@ fn main() -> Result<()> {
         Some(Command::Crl(cmd)) => commands::crl::run(&data_dir, cmd),
         Some(Command::Dtls(cmd)) => commands::dtls::run(&data_dir, cmd),
         Some(Command::C509(cmd)) => commands::c509::run(cmd),
+        Some(Command::Ca(cmd)) => commands::ca::run(&data_dir, cmd),
         Some(Command::Audit { limit }) => commands::audit::run(&data_dir, limit),
     }
 }

@@ -394,10 +394,17 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
         None => None,
     };
     let store_dyn: Arc<dyn est_proto::store::Store> = store.clone();
-    let est = Arc::new(
-        EstService::new(est_cfg, loaded.issuing_ca, policy, store_dyn)
-            .map_err(|e| anyhow::anyhow!("{e}"))?,
-    );
+    let mut est_service = EstService::new(est_cfg, loaded.issuing_ca, policy, store_dyn)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(p384) = loaded.issuing_ca_p384 {
+        if let Err(why) = p384.check_validity(now) {
+            anyhow::bail!("refusing to start: the P-384 issuing CA: {why}");
+        }
+        est_service
+            .add_issuing_ca(p384)
+            .map_err(|e| anyhow::anyhow!("the P-384 issuing CA: {e}"))?;
+    }
+    let est = Arc::new(est_service);
     // Revocations: the handshake checks, and a current CRL before the first meter arrives.
     let view = Arc::new(RevocationView::default());
     view.set_manufacturer_crls(&manufacturer_crls);

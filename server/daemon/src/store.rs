@@ -168,7 +168,7 @@ const SELECT_LATEST_CRL: &str = "SELECT number, this_update, next_update, genera
 /// (each is prepared once per connection and then reused from rusqlite's statement cache).
 macro_rules! cert_columns {
     () => {
-        "serial, device_id, subject, der, request_digest, not_before, not_after, issued_at, status, kind, replaces"
+        "serial, device_id, subject, der, request_digest, not_before, not_after, issued_at, status, kind, replaces, slot"
     };
 }
 const CERT_COLUMNS: &str = cert_columns!();
@@ -185,10 +185,11 @@ const SELECT_BY_SERIAL: &str = concat!(
 const INSERT_CERT: &str = concat!(
     "INSERT INTO certificates(",
     cert_columns!(),
-    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
 );
-const SUPERSEDE_ACTIVE: &str =
-    "UPDATE certificates SET status = 'superseded' WHERE device_id = ?1 AND status = 'active'";
+/// A new certificate supersedes the active ones of the same device and slot (a DLMS meter's
+/// signing and key-agreement certificates live side by side).
+const SUPERSEDE_ACTIVE: &str = "UPDATE certificates SET status = 'superseded' WHERE device_id = ?1 AND slot = ?2 AND status = 'active'";
 const INSERT_AUDIT: &str = "INSERT INTO audit(at, peer, device_id, operation, outcome, code, detail, relay) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
 /// Columns added after the first release, added to an older database when it is opened.
@@ -205,6 +206,12 @@ const MIGRATIONS: &[(&str, &str, &str)] = &[
         "certificates",
         "revocation_reason",
         "ALTER TABLE certificates ADD COLUMN revocation_reason INTEGER",
+    ),
+    // The certificate slot (IssuedCert::slot): "" = the LDevID, rows from before slots.
+    (
+        "certificates",
+        "slot",
+        "ALTER TABLE certificates ADD COLUMN slot TEXT NOT NULL DEFAULT ''",
     ),
 ];
 
@@ -465,6 +472,7 @@ type RawCert = (
     String,
     String,
     Option<String>,
+    String,
 );
 
 fn raw_cert(r: &Row<'_>) -> rusqlite::Result<RawCert> {
@@ -480,11 +488,12 @@ fn raw_cert(r: &Row<'_>) -> rusqlite::Result<RawCert> {
         r.get(8)?,
         r.get(9)?,
         r.get(10)?,
+        r.get(11)?,
     ))
 }
 
 fn cert_from_raw(raw: RawCert) -> Result<IssuedCert, StoreError> {
-    let (serial, device, subject, der, digest, nb, na, at, status, kind, replaces) = raw;
+    let (serial, device, subject, der, digest, nb, na, at, status, kind, replaces, slot) = raw;
     let request_digest: [u8; 32] = digest
         .as_slice()
         .try_into()
@@ -509,6 +518,7 @@ fn cert_from_raw(raw: RawCert) -> Result<IssuedCert, StoreError> {
         status,
         kind,
         replaces_serial_hex: replaces,
+        slot,
     })
 }
 
@@ -621,7 +631,7 @@ fn apply_issue(
     if let Some(status) = replaced.filter(|s| *s != CertStatus::Active) {
         return Ok(CommitOutcome::ReplacedNotActive(status));
     }
-    exec_cached(conn, SUPERSEDE_ACTIVE, params![cert.device_id]).map_err(backend)?;
+    exec_cached(conn, SUPERSEDE_ACTIVE, params![cert.device_id, cert.slot]).map_err(backend)?;
     exec_cached(
         conn,
         INSERT_CERT,
@@ -637,6 +647,7 @@ fn apply_issue(
             cert.status.as_str(),
             cert.kind.as_str(),
             cert.replaces_serial_hex,
+            cert.slot,
         ],
     )
     .map_err(backend)?;
@@ -952,6 +963,7 @@ mod tests {
             status: CertStatus::Active,
             kind: IssuanceKind::Enroll,
             replaces_serial_hex: None,
+            slot: String::new(),
         }
     }
 
@@ -976,6 +988,35 @@ mod tests {
             code: "2.04".into(),
             detail: String::new(),
         }
+    }
+
+    /// Supersession is per (device, slot): a DLMS meter's signing and key-agreement
+    /// certificates stay active together; a new one in a slot supersedes only that slot's.
+    #[test]
+    fn supersession_is_per_device_and_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("est.sqlite3"), 4).unwrap();
+        let in_slot = |serial: &str, digest: u8, slot: &str| IssuedCert {
+            slot: slot.into(),
+            ..cert(serial, "SN9", digest)
+        };
+        issue(&s, in_slot("a1", 1, "dlms-signing"), audit("SN9")).unwrap();
+        issue(&s, in_slot("b1", 2, "dlms-key-agreement"), audit("SN9")).unwrap();
+        issue(&s, in_slot("c1", 3, ""), audit("SN9")).unwrap();
+        let status = |serial: &str| s.find_by_serial(serial).unwrap().unwrap().status;
+        assert_eq!(
+            [status("a1"), status("b1"), status("c1")],
+            [CertStatus::Active; 3]
+        );
+        issue(&s, in_slot("a2", 4, "dlms-signing"), audit("SN9")).unwrap();
+        assert_eq!(status("a1"), CertStatus::Superseded);
+        assert_eq!(status("a2"), CertStatus::Active);
+        assert_eq!(status("b1"), CertStatus::Active);
+        assert_eq!(status("c1"), CertStatus::Active);
+        assert_eq!(
+            s.find_by_serial("a2").unwrap().unwrap().slot,
+            "dlms-signing"
+        );
     }
 
     #[test]

@@ -230,6 +230,7 @@ fn issue_into_store(d: &Path, device: &str) -> String {
                 status: CertStatus::Active,
                 kind: IssuanceKind::Enroll,
                 replaces_serial_hex: None,
+                slot: String::new(),
             }),
             audit: AuditEvent {
                 at_unix: at,
@@ -491,6 +492,7 @@ fn operator_commands_work_on_postgres() {
         status: CertStatus::Active,
         kind: IssuanceKind::Enroll,
         replaces_serial_hex: None,
+        slot: String::new(),
     };
     let audit = AuditEvent {
         at_unix: 1_750_000_000,

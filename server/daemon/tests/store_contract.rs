@@ -102,6 +102,7 @@ fn cert(serial: &str, device: &str, digest: u8, issued_at: i64) -> IssuedCert {
         status: CertStatus::Active,
         kind: IssuanceKind::Enroll,
         replaces_serial_hex: None,
+        slot: String::new(),
     }
 }
 

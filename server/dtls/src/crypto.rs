@@ -229,13 +229,6 @@ impl SignatureScheme {
             SignatureScheme::EcdsaSecp384r1Sha384 => HashAlg::Sha384,
         }
     }
-
-    fn curve_oid(self) -> ObjectIdentifier {
-        match self {
-            SignatureScheme::EcdsaSecp256r1Sha256 => OID_SECP256R1,
-            SignatureScheme::EcdsaSecp384r1Sha384 => OID_SECP384R1,
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -907,9 +900,14 @@ fn cert_ec_key(cert_der: &[u8]) -> Result<(ObjectIdentifier, Vec<u8>), CryptoErr
 
 /// Verify a DER ECDSA signature by the public key of an X.509 certificate (DER).
 ///
+/// In (D)TLS 1.2 a SignatureAndHashAlgorithm names a hash and "ecdsa", not a curve (RFC 5246
+/// §7.4.1.4.1; the curve binding of 0x0403/0x0503 is TLS 1.3's): a P-384 key signing with
+/// SHA-256 (0x0403), as GnuTLS does when the CertificateRequest lists 0x0403 first, is
+/// verified with ECDSA P-384/SHA-256, and a P-256 key with SHA-384 (0x0503) likewise.
+///
 /// `BadCertificate` if the certificate does not parse or its key is not id-ecPublicKey with a
-/// named curve; `BadSignature` if the curve does not match `scheme` (P-256 for 0x0403, P-384 for
-/// 0x0503) or the signature does not verify.
+/// named curve; `BadSignature` if the curve is neither P-256 nor P-384 or the signature does
+/// not verify.
 pub fn verify_signature_by_cert(
     scheme: SignatureScheme,
     cert_der: &[u8],
@@ -917,12 +915,12 @@ pub fn verify_signature_by_cert(
     sig: &[u8],
 ) -> Result<(), CryptoError> {
     let (curve, point) = cert_ec_key(cert_der)?;
-    if curve != scheme.curve_oid() {
-        return Err(CryptoError::BadSignature);
-    }
-    let alg: &'static dyn signature::VerificationAlgorithm = match scheme {
-        SignatureScheme::EcdsaSecp256r1Sha256 => &signature::ECDSA_P256_SHA256_ASN1,
-        SignatureScheme::EcdsaSecp384r1Sha384 => &signature::ECDSA_P384_SHA384_ASN1,
+    let alg: &'static dyn signature::VerificationAlgorithm = match (scheme.hash(), curve) {
+        (HashAlg::Sha256, c) if c == OID_SECP256R1 => &signature::ECDSA_P256_SHA256_ASN1,
+        (HashAlg::Sha384, c) if c == OID_SECP256R1 => &signature::ECDSA_P256_SHA384_ASN1,
+        (HashAlg::Sha256, c) if c == OID_SECP384R1 => &signature::ECDSA_P384_SHA256_ASN1,
+        (HashAlg::Sha384, c) if c == OID_SECP384R1 => &signature::ECDSA_P384_SHA384_ASN1,
+        _ => return Err(CryptoError::BadSignature),
     };
     signature::UnparsedPublicKey::new(alg, &point)
         .verify(msg, sig)
@@ -1635,6 +1633,41 @@ mod tests {
             .self_signed(&kp)
             .unwrap();
         (cert.der().to_vec(), kp.serialize_der())
+    }
+
+    /// DTLS 1.2: the scheme names the hash; the key's curve is the certificate's. A P-256
+    /// key signing SHA-384 (0x0503) verifies (ring has no such signer: the p256 crate signs
+    /// the prehash). The P-384 key signing SHA-256 that GnuTLS sends for 0x0403 is proven
+    /// against GnuTLS in tests/tests/p384_libcoap.rs.
+    #[test]
+    fn tls12_hash_and_curve_are_independent() {
+        use p256::ecdsa::signature::hazmat::PrehashSigner;
+        use p256::pkcs8::DecodePrivateKey;
+        let msg = b"transcript";
+        let (cert, pkcs8) = rcgen_cert(&rcgen::PKCS_ECDSA_P256_SHA256);
+        let key = p256::ecdsa::SigningKey::from_pkcs8_der(&pkcs8).unwrap();
+        let digest = ring::digest::digest(&ring::digest::SHA384, msg);
+        let sig: p256::ecdsa::Signature = key.sign_prehash(digest.as_ref()).unwrap();
+        let der = sig.to_der();
+        assert_eq!(
+            verify_signature_by_cert(
+                SignatureScheme::EcdsaSecp384r1Sha384,
+                &cert,
+                msg,
+                der.as_bytes()
+            ),
+            Ok(())
+        );
+        // The hash the scheme names is the one checked.
+        assert_eq!(
+            verify_signature_by_cert(
+                SignatureScheme::EcdsaSecp256r1Sha256,
+                &cert,
+                msg,
+                der.as_bytes()
+            ),
+            Err(CryptoError::BadSignature)
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! `poll_timeout`, `poll_event`).
 pub mod ca;
 pub mod coap;
+pub mod dlms;
 pub mod est;
 pub mod policy;
 pub mod session;

@@ -49,6 +49,8 @@ pub struct PolicyConfig {
     pub key_agreement: bool,
     /// Longest client chain accepted (leaf plus intermediates), default 4.
     pub max_chain_len: usize,
+    /// Device-class rules selecting the `dlms` profile (first match wins); none by default.
+    pub dlms_rules: Vec<crate::dlms::DlmsRule>,
 }
 
 impl Default for PolicyConfig {
@@ -61,6 +63,7 @@ impl Default for PolicyConfig {
             ldevid_organization: String::new(),
             key_agreement: false,
             max_chain_len: 4,
+            dlms_rules: Vec::new(),
         }
     }
 }
@@ -100,6 +103,9 @@ pub enum PolicyError {
     CertificateNotActive(&'static str),
     #[error("device is blocked (decommissioned by the operator)")]
     DeviceBlocked,
+    /// The `dlms` profile cannot be applied (e.g. a serial that makes no system title).
+    #[error("dlms profile: {0}")]
+    Dlms(#[from] crate::dlms::DlmsError),
     /// Refused when the commit was made: a revocation or block came in meanwhile.
     #[error("{0}")]
     RevokedMeanwhile(String),
@@ -242,7 +248,8 @@ impl Policy {
 
     /// Validate a client's chain (DER, leaf first, as sent in the DTLS Certificate message)
     /// against every trust anchor, as the DTLS handshake does before it completes: RFC 5280
-    /// path validation by rustls-webpki with ECDSA P-256/SHA-256 (the RFC 7925 profile), EKU
+    /// path validation by rustls-webpki with ECDSA P-256 or P-384 and SHA-256 or SHA-384 (the
+    /// RFC 7925 profile, and DLMS/COSEM suite 2), EKU
     /// clientAuth when an EKU is present, the path built only from the presented
     /// certificates. Records whether the path ends in a manufacturer CA or our issuing CA.
     ///
@@ -273,7 +280,7 @@ impl Policy {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default();
             let path = leaf.verify_for_usage(
-                &[webpki::ring::ECDSA_P256_SHA256],
+                SIGNATURE_ALGORITHMS,
                 &self.webpki_anchors,
                 &intermediates,
                 rustls_pki_types::UnixTime::since_unix_epoch(secs),
@@ -374,6 +381,19 @@ impl Policy {
         &self.operational_anchor
     }
 
+    /// Another issuing CA of ours (e.g. the P-384 one beside the P-256 one): LDevIDs it
+    /// issued may `/sren` too.
+    pub fn add_operational_anchor(&mut self, der: &[u8]) -> Result<(), PolicyError> {
+        let anchor = TrustAnchor::from_der(der)?;
+        let cert = rustls_pki_types::CertificateDer::from(anchor.der.as_slice());
+        let ta = webpki::anchor_from_trusted_cert(&cert)
+            .map(|ta| ta.to_owned())
+            .map_err(|_| PolicyError::MalformedCertificate)?;
+        // After the manufacturer anchors: verify_peer_chain classes by position.
+        self.webpki_anchors.push(ta);
+        Ok(())
+    }
+
     /// Authenticate a device for `/sen` (and server-side key generation): the chain must
     /// lead to a configured manufacturer CA, each certificate within validity (the leaf
     /// may be expired when `accept_expired_idevid` is set). Verifies the chain in full.
@@ -394,6 +414,20 @@ impl Policy {
         now: SystemTime,
     ) -> Result<Device, PolicyError> {
         self.authenticate(AnchorClass::Operational, chain, None, now)
+    }
+
+    /// The `dlms` rule selecting `device_id`, if any (first match).
+    pub fn dlms_rule(&self, device_id: &str) -> Option<&crate::dlms::DlmsRule> {
+        self.config.dlms_rules.iter().find(|r| r.matches(device_id))
+    }
+
+    /// The subject of a `dlms` certificate: CN = the system title (16 uppercase hex digits),
+    /// serialNumber = the device identity.
+    pub fn dlms_subject(&self, device: &Device, title: &[u8; 8]) -> Result<Name, PolicyError> {
+        Ok(RdnSequence(vec![
+            utf8_rdn(OID_COMMON_NAME, &crate::dlms::system_title_cn(title))?,
+            printable_rdn(OID_SERIAL_NUMBER, &device.device_id)?,
+        ]))
     }
 
     /// The subject of the LDevID issued to `device`: set by policy from the
@@ -455,6 +489,15 @@ impl Policy {
         Ok(())
     }
 }
+
+/// Signature algorithms accepted in client chains: ECDSA on P-256 and P-384 with SHA-256 or
+/// SHA-384 (RFC 7925's P-256/SHA-256, and P-384 for DLMS/COSEM security suite 2).
+const SIGNATURE_ALGORITHMS: &[&dyn rustls_pki_types::SignatureVerificationAlgorithm] = &[
+    webpki::ring::ECDSA_P256_SHA256,
+    webpki::ring::ECDSA_P256_SHA384,
+    webpki::ring::ECDSA_P384_SHA256,
+    webpki::ring::ECDSA_P384_SHA384,
+];
 
 fn map_webpki_error(e: webpki::Error) -> PolicyError {
     match e {

@@ -94,6 +94,11 @@ pub struct IssuedCert {
     pub kind: IssuanceKind,
     /// For a re-enrollment: the serial of the certificate it replaces.
     pub replaces_serial_hex: Option<String>,
+    /// The certificate slot of the device this certificate fills: a new certificate
+    /// supersedes only the active ones of the same device *and slot*. "" is the LDevID (every
+    /// profile but `dlms`); the `dlms` profile fills "dlms-signing", "dlms-key-agreement" or
+    /// "dlms-tls", so a meter's signing and key-agreement certificates are active together.
+    pub slot: String,
 }
 
 /// One audit record: every enrollment attempt, success or refusal.
@@ -299,7 +304,8 @@ pub enum StoreError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Commit {
     /// A newly issued certificate and its `issued` audit row, in one transaction that also
-    /// marks every other active certificate of the device superseded. If the device already
+    /// marks every other active certificate of the device in the same slot
+    /// ([`IssuedCert::slot`]) superseded. If the device already
     /// has a certificate for the same request digest (two retries raced), nothing is written
     /// and the outcome is [`CommitOutcome::AlreadyIssued`] with that certificate. If the
     /// certificate a re-enrollment replaces (`replaces_serial_hex`) is no longer active when
@@ -585,7 +591,10 @@ impl MemoryStore {
                     return Ok(CommitOutcome::ReplacedNotActive(status));
                 }
                 for c in g.certs.iter_mut() {
-                    if c.device_id == cert.device_id && c.status == CertStatus::Active {
+                    if c.device_id == cert.device_id
+                        && c.slot == cert.slot
+                        && c.status == CertStatus::Active
+                    {
                         c.status = CertStatus::Superseded;
                     }
                 }

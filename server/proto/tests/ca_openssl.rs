@@ -166,7 +166,7 @@ fn openssl_csr_parses_and_verifies() {
 }
 
 #[test]
-fn openssl_rsa_and_p384_csrs_are_unsupported_keys() {
+fn openssl_rsa_and_p521_csrs_are_unsupported_p384_accepted() {
     let dir = Dir::new();
     dir.openssl(&[
         "genpkey",
@@ -198,8 +198,66 @@ fn openssl_rsa_and_p384_csrs_are_unsupported_keys() {
         "req", "-new", "-key", "p384.key", "-subj", "/CN=p384", "-outform", "DER", "-out",
         "p384.csr",
     ]);
+    // P-384 (DLMS/COSEM suite 2) is accepted, openssl's default SHA-256 and SHA-384 alike.
+    let parsed = ca::parse_and_verify_csr(&dir.read("p384.csr"), 4096).unwrap();
+    assert_eq!(parsed.curve(), Some(ca::Curve::P384));
+    dir.openssl(&[
+        "req",
+        "-new",
+        "-sha384",
+        "-key",
+        "p384.key",
+        "-subj",
+        "/CN=p384",
+        "-outform",
+        "DER",
+        "-out",
+        "p384-sha384.csr",
+    ]);
+    assert!(ca::parse_and_verify_csr(&dir.read("p384-sha384.csr"), 4096).is_ok());
+    // A P-256 key signing SHA-384 is not the RFC 7925 profile.
+    dir.openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        "p256.key",
+    ]);
+    dir.openssl(&[
+        "req",
+        "-new",
+        "-sha384",
+        "-key",
+        "p256.key",
+        "-subj",
+        "/CN=p256",
+        "-outform",
+        "DER",
+        "-out",
+        "p256-sha384.csr",
+    ]);
     assert!(matches!(
-        ca::parse_and_verify_csr(&dir.read("p384.csr"), 4096),
+        ca::parse_and_verify_csr(&dir.read("p256-sha384.csr"), 4096),
+        Err(CsrError::UnsupportedSignatureAlgorithm(_))
+    ));
+    // P-521 is not supported.
+    dir.openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-521",
+        "-out",
+        "p521.key",
+    ]);
+    dir.openssl(&[
+        "req", "-new", "-key", "p521.key", "-subj", "/CN=p521", "-outform", "DER", "-out",
+        "p521.csr",
+    ]);
+    assert!(matches!(
+        ca::parse_and_verify_csr(&dir.read("p521.csr"), 4096),
         Err(CsrError::UnsupportedKey(_))
     ));
 }

@@ -3,6 +3,7 @@
 
 pub(crate) mod audit;
 pub(crate) mod c509;
+pub(crate) mod ca;
 pub(crate) mod certs;
 pub(crate) mod crl;
 pub(crate) mod devices;

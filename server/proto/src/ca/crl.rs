@@ -24,7 +24,7 @@ use x509_cert::Certificate;
 use super::error::CaError;
 use super::issue::{encode_extension, to_time, IssuingCa};
 use super::oid;
-use super::signer::ecdsa_with_sha256;
+use super::signer::ecdsa_with;
 
 /// One revoked certificate, as the CRL lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,7 +108,7 @@ impl IssuingCa {
         ];
         let tbs = TbsCertList {
             version: x509_cert::Version::V2,
-            signature: ecdsa_with_sha256(),
+            signature: ecdsa_with(self.signer().signature_algorithm()),
             issuer: self.subject().clone(),
             this_update: to_time(p.this_update)?,
             next_update: Some(to_time(p.next_update)?),
@@ -123,7 +123,7 @@ impl IssuingCa {
         let signature = self.signer().sign(&tbs_der)?;
         Ok(SignedCrl {
             tbs_cert_list: AnyRef::from_der(&tbs_der)?,
-            signature_algorithm: ecdsa_with_sha256(),
+            signature_algorithm: ecdsa_with(self.signer().signature_algorithm()),
             signature: BitString::from_bytes(&signature)?,
         }
         .to_der()?)

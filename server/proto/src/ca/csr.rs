@@ -2,7 +2,10 @@
 
 use der::asn1::{AnyRef, BitString};
 use der::{Decode, Reader, SliceReader, Tag, Tagged};
-use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1};
+use ring::signature::{
+    UnparsedPublicKey, VerificationAlgorithm, ECDSA_P256_SHA256_ASN1, ECDSA_P384_SHA256_ASN1,
+    ECDSA_P384_SHA384_ASN1,
+};
 use spki::SubjectPublicKeyInfoOwned;
 use x509_cert::ext::pkix::SubjectAltName;
 use x509_cert::ext::Extension;
@@ -12,8 +15,9 @@ use x509_cert::request::CertReq;
 use super::error::CsrError;
 use super::names::{hardware_module_in_san, HardwareModuleName};
 use super::oid;
+use super::signer::Curve;
 
-/// A PKCS#10 request that passed [`parse_and_verify_csr`]: DER, size-limited, P-256 key, self-signature
+/// A PKCS#10 request that passed [`parse_and_verify_csr`]: DER, size-limited, P-256 or P-384 key, self-signature
 /// verified. Fields are extracted once here so that later layers never re-parse.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParsedCsr {
@@ -23,7 +27,7 @@ pub struct ParsedCsr {
     pub digest: [u8; 32],
     /// Requested subject (may be empty when the identity is in subjectAltName).
     pub subject: Name,
-    /// The subject public key: id-ecPublicKey on secp256r1, uncompressed point.
+    /// The subject public key: id-ecPublicKey on secp256r1 or secp384r1, uncompressed point.
     pub public_key: SubjectPublicKeyInfoOwned,
     /// hardwareModuleName (RFC 4108) found in the requested subjectAltName, if any.
     pub hardware_module: Option<HardwareModuleName>,
@@ -39,7 +43,12 @@ pub struct ParsedCsr {
 }
 
 impl ParsedCsr {
-    /// The uncompressed SEC1 public point (65 bytes).
+    /// The curve of the subject public key (checked by [`parse_and_verify_csr`]).
+    pub fn curve(&self) -> Option<Curve> {
+        Curve::of_spki(&self.public_key)
+    }
+
+    /// The uncompressed SEC1 public point (65 bytes for P-256, 97 for P-384).
     pub fn public_key_sec1(&self) -> &[u8] {
         self.public_key.subject_public_key.raw_bytes()
     }
@@ -59,10 +68,10 @@ pub fn csr_digest(der: &[u8]) -> [u8; 32] {
 /// * not DER, trailing bytes, duplicated attributes or extensions, a challengePassword or
 ///   extensionRequest that is not single-valued, an undecodable subjectAltName or
 ///   hardwareModuleName: [`CsrError::Malformed`];
-/// * key not id-ecPublicKey/secp256r1 with an uncompressed point (RFC 7925 §4.4.2 profile):
-///   [`CsrError::UnsupportedKey`];
-/// * signature algorithm not ecdsa-with-SHA256 with absent parameters (RFC 5758 §3.2):
-///   [`CsrError::UnsupportedSignatureAlgorithm`];
+/// * key not id-ecPublicKey on secp256r1 or secp384r1 with an uncompressed point (RFC 7925
+///   §4.4.2 profile; P-384 for DLMS/COSEM suite 2): [`CsrError::UnsupportedKey`];
+/// * signature algorithm not ecdsa-with-SHA256 (P-256 key) or ecdsa-with-SHA384/SHA256 (P-384
+///   key), parameters absent (RFC 5758 §3.2): [`CsrError::UnsupportedSignatureAlgorithm`];
 /// * signature (or public point) invalid: [`CsrError::BadSignature`].
 ///
 /// The signature is checked over the certificationRequestInfo bytes exactly as received (RFC 2986
@@ -83,12 +92,12 @@ pub fn parse_and_verify_csr(der: &[u8], max_len: usize) -> Result<ParsedCsr, Csr
     // Full typed parse; from_der rejects trailing bytes.
     let req = CertReq::from_der(der)?;
 
-    // Key profile first: an RSA or P-384 request is "unsupported key" whatever it is signed with.
+    // Key profile first: an RSA or P-521 request is "unsupported key" whatever it is signed with.
     let spki = &req.info.public_key;
     if spki.algorithm.oid != oid::ID_EC_PUBLIC_KEY {
         return Err(CsrError::UnsupportedKey("not an id-ecPublicKey key"));
     }
-    let curve = spki
+    let named = spki
         .algorithm
         .parameters
         .as_ref()
@@ -97,21 +106,29 @@ pub fn parse_and_verify_csr(der: &[u8], max_len: usize) -> Result<ParsedCsr, Csr
         ))?
         .decode_as::<const_oid::ObjectIdentifier>()
         .map_err(|_| CsrError::UnsupportedKey("EC parameters are not a namedCurve"))?;
-    if curve != oid::SECP256R1 {
-        return Err(CsrError::UnsupportedKey("curve is not secp256r1 (P-256)"));
-    }
-    let point = uncompressed_point(&spki.subject_public_key)?;
+    let curve = Curve::from_oid(&named).ok_or(CsrError::UnsupportedKey(
+        "curve is neither secp256r1 (P-256) nor secp384r1 (P-384)",
+    ))?;
+    let point = uncompressed_point(&spki.subject_public_key, curve)?;
 
-    if req.algorithm.oid != oid::ECDSA_WITH_SHA256 || req.algorithm.parameters.is_some() {
+    // P-256 keys sign ecdsa-with-SHA256 (RFC 7925); P-384 keys ecdsa-with-SHA384 (DLMS suite 2)
+    // or ecdsa-with-SHA256. Parameters absent (RFC 5758 §3.2).
+    if req.algorithm.parameters.is_some() {
         return Err(CsrError::UnsupportedSignatureAlgorithm(req.algorithm.oid));
     }
+    let verifier: &dyn VerificationAlgorithm = match (curve, req.algorithm.oid) {
+        (Curve::P256, oid::ECDSA_WITH_SHA256) => &ECDSA_P256_SHA256_ASN1,
+        (Curve::P384, oid::ECDSA_WITH_SHA384) => &ECDSA_P384_SHA384_ASN1,
+        (Curve::P384, oid::ECDSA_WITH_SHA256) => &ECDSA_P384_SHA256_ASN1,
+        (_, other) => return Err(CsrError::UnsupportedSignatureAlgorithm(other)),
+    };
     let signature = req
         .signature
         .as_bytes()
         .ok_or(CsrError::Malformed(Tag::BitString.value_error()))?;
 
     let info_bytes = raw_info(der)?;
-    UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, point)
+    UnparsedPublicKey::new(verifier, point)
         .verify(info_bytes, signature)
         .map_err(|_| CsrError::BadSignature)?;
 
@@ -214,16 +231,17 @@ fn check_set_sizes(der: &[u8], depth: u8) -> Result<(), der::Error> {
     Ok(())
 }
 
-/// The 65-byte uncompressed point of a P-256 key (RFC 5480 §2.2; RFC 7925 requires uncompressed).
-fn uncompressed_point(bits: &BitString) -> Result<&[u8], CsrError> {
+/// The uncompressed point of a key on `curve` (65 bytes for P-256, 97 for P-384; RFC 5480 §2.2;
+/// RFC 7925 requires uncompressed).
+fn uncompressed_point(bits: &BitString, curve: Curve) -> Result<&[u8], CsrError> {
     let point = bits.as_bytes().ok_or(CsrError::UnsupportedKey(
         "public key bit string has unused bits",
     ))?;
     match point.first() {
-        Some(0x04) if point.len() == 65 => Ok(point),
+        Some(0x04) if point.len() == curve.uncompressed_point_len() => Ok(point),
         Some(0x02 | 0x03) => Err(CsrError::UnsupportedKey("compressed EC point")),
         _ => Err(CsrError::UnsupportedKey(
-            "not a P-256 uncompressed EC point",
+            "not an uncompressed EC point of the named curve",
         )),
     }
 }
@@ -287,7 +305,7 @@ pub fn build_csr(
     let signature = signer.sign(&info_der)?;
     let req = CertReq {
         info,
-        algorithm: super::signer::ecdsa_with_sha256(),
+        algorithm: super::signer::ecdsa_with(signer.signature_algorithm()),
         signature: BitString::from_bytes(&signature)?,
     };
     Ok(req.to_der()?)

@@ -20,7 +20,7 @@ use x509_cert::Certificate;
 use super::error::CaError;
 use super::names::HardwareModuleName;
 use super::oid;
-use super::signer::{ecdsa_with_sha256, Signer};
+use super::signer::{ecdsa_with, Signer};
 
 /// What to put in an end-entity (LDevID) certificate; see [`IssuingCa::issue`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,11 +37,16 @@ pub struct IssueParams {
     pub not_before: SystemTime,
     /// End of validity; clamped to the CA certificate's notAfter.
     pub not_after: SystemTime,
+    /// Put digitalSignature in keyUsage (default true; a DLMS key-agreement certificate has
+    /// keyAgreement only).
+    pub digital_signature: bool,
     /// Add keyAgreement to keyUsage (RFC 7925 §4.4.2 allows digitalSignature or keyAgreement).
     pub key_agreement: bool,
     /// Add extKeyUsage id-kp-clientAuth (default true; rustls-webpki requires it for TLS clients
     /// whenever extKeyUsage is present, and we always want meters to be TLS clients).
     pub extended_key_usage_client_auth: bool,
+    /// Add id-kp-serverAuth to extKeyUsage (a DLMS TLS certificate).
+    pub extended_key_usage_server_auth: bool,
 }
 
 impl IssueParams {
@@ -60,8 +65,10 @@ impl IssueParams {
             serial,
             not_before,
             not_after,
+            digital_signature: true,
             key_agreement: false,
             extended_key_usage_client_auth: true,
+            extended_key_usage_server_auth: false,
         }
     }
 
@@ -170,6 +177,11 @@ impl IssuingCa {
         &self.cert
     }
 
+    /// The curve of the CA's key (P-256 or P-384), if it is one of those.
+    pub fn curve(&self) -> Option<super::Curve> {
+        super::Curve::of_spki(&self.cert.tbs_certificate.subject_public_key_info)
+    }
+
     /// The CA's subject, which is the issuer of everything it signs.
     pub fn subject(&self) -> &Name {
         &self.cert.tbs_certificate.subject
@@ -237,15 +249,28 @@ impl IssuingCa {
     /// subjectAltName otherName hardwareModuleName (if given; critical when the subject is empty,
     /// RFC 5280 §4.2.1.6).
     pub fn issue(&self, params: &IssueParams) -> Result<Vec<u8>, CaError> {
-        let mut usages = KeyUsages::DigitalSignature.into();
-        if params.key_agreement {
-            usages |= KeyUsages::KeyAgreement;
-        }
+        let usages = match (params.digital_signature, params.key_agreement) {
+            (true, false) => KeyUsages::DigitalSignature.into(),
+            (false, true) => KeyUsages::KeyAgreement.into(),
+            (true, true) => KeyUsages::DigitalSignature | KeyUsages::KeyAgreement,
+            (false, false) => {
+                return Err(CaError::InvalidName(
+                    "keyUsage would be empty (neither digitalSignature nor keyAgreement)".into(),
+                ))
+            }
+        };
         let mut extensions = Vec::with_capacity(6);
         extensions.push(basic_constraints(false, None)?);
         extensions.push(key_usage(KeyUsage(usages))?);
+        let mut purposes = Vec::new();
         if params.extended_key_usage_client_auth {
-            extensions.push(extended_key_usage(vec![oid::KP_CLIENT_AUTH])?);
+            purposes.push(oid::KP_CLIENT_AUTH);
+        }
+        if params.extended_key_usage_server_auth {
+            purposes.push(oid::KP_SERVER_AUTH);
+        }
+        if !purposes.is_empty() {
+            extensions.push(extended_key_usage(purposes)?);
         }
         extensions.push(subject_key_identifier(&params.public_key)?);
         extensions.push(self.authority_key_identifier()?);
@@ -325,7 +350,7 @@ pub(crate) fn sign_certificate(
     let tbs = TbsCertificate {
         version: Version::V3,
         serial_number: template.serial,
-        signature: ecdsa_with_sha256(),
+        signature: ecdsa_with(signer.signature_algorithm()),
         issuer: issuer.clone(),
         validity: Validity {
             not_before: to_time(template.not_before)?,
@@ -345,7 +370,7 @@ pub(crate) fn sign_certificate(
     let signature = signer.sign(&tbs_der)?;
     let cert = SignedCertificate {
         tbs_certificate: AnyRef::from_der(&tbs_der)?,
-        signature_algorithm: ecdsa_with_sha256(),
+        signature_algorithm: ecdsa_with(signer.signature_algorithm()),
         signature: BitString::from_bytes(&signature)?,
     };
     Ok(cert.to_der()?)

@@ -59,7 +59,10 @@ pub use pki::{
     generate_root_ca, generate_server_cert, generate_sub_ca, idevid_no_expiry, mint_idevid,
     self_signed_ca, IDEVID_NO_EXPIRY_UNIX_SECS,
 };
-pub use signer::{generate_p256_pkcs8, p256_spki_from_pkcs8, RingP256Signer, Signer};
+pub use signer::{
+    generate_p256_pkcs8, generate_p384_pkcs8, p256_spki_from_pkcs8, signer_from_pkcs8_der, Curve,
+    RingP256Signer, RingP384Signer, Signer,
+};
 
 // Re-exported so that callers can name the types of this API without adding the crates themselves.
 pub use const_oid::ObjectIdentifier;

@@ -1015,3 +1015,96 @@ mod props {
         }
     }
 }
+
+/// A P-384 issuing CA (self-signed with ecdsa-with-SHA384).
+fn p384_ca() -> IssuingCa {
+    let signer = RingP384Signer::from_pkcs8_der(&generate_p384_pkcs8().unwrap()).unwrap();
+    let cert = self_signed_ca(
+        &signer,
+        "P-384 CA",
+        "Example",
+        t0(),
+        10 * YEAR,
+        &mut rng(300),
+    )
+    .unwrap();
+    IssuingCa::new(cert, Box::new(signer)).unwrap()
+}
+
+#[test]
+fn p384_csr_is_accepted_and_p384_ca_signs_with_sha384() {
+    let ca = p384_ca();
+    let root = Certificate::from_der(ca.certificate_der()).unwrap();
+    assert_eq!(root.signature_algorithm.oid, oid::ECDSA_WITH_SHA384);
+    assert_eq!(
+        Curve::of_spki(&root.tbs_certificate.subject_public_key_info),
+        Some(Curve::P384)
+    );
+    // A P-384 device key; its CSR is signed ecdsa-with-SHA384.
+    let device = RingP384Signer::from_pkcs8_der(&generate_p384_pkcs8().unwrap()).unwrap();
+    let subject = name_from_attrs(&[(oid::AT_SERIAL_NUMBER, "P384-1")]).unwrap();
+    let csr = build_csr(&device, &subject, None, None).unwrap();
+    let req = x509_cert::request::CertReq::from_der(&csr).unwrap();
+    assert_eq!(req.algorithm.oid, oid::ECDSA_WITH_SHA384);
+    let parsed = parse_and_verify_csr(&csr, 4096).unwrap();
+    assert_eq!(parsed.curve(), Some(Curve::P384));
+    assert_eq!(parsed.public_key_sec1().len(), 97);
+    let params = IssueParams::from_csr(&parsed, random_serial(&mut rng(301)), t0(), t0() + YEAR);
+    let cert = Certificate::from_der(&ca.issue(&params).unwrap()).unwrap();
+    assert_eq!(cert.signature_algorithm.oid, oid::ECDSA_WITH_SHA384);
+    assert_eq!(cert.tbs_certificate.signature.oid, oid::ECDSA_WITH_SHA384);
+    let tbs = cert.tbs_certificate.to_der().unwrap();
+    let ca_key = root
+        .tbs_certificate
+        .subject_public_key_info
+        .subject_public_key
+        .raw_bytes();
+    UnparsedPublicKey::new(&ring::signature::ECDSA_P384_SHA384_ASN1, ca_key)
+        .verify(&tbs, cert.signature.raw_bytes())
+        .unwrap();
+    // Tampered: bad signature.
+    let pos = csr.windows(6).position(|w| w == b"P384-1").unwrap();
+    let mut tampered = csr.clone();
+    tampered[pos + 5] = b'2';
+    assert_eq!(
+        parse_and_verify_csr(&tampered, 4096),
+        Err(CsrError::BadSignature)
+    );
+    // A P-384 key with a P-256-length point, and an unsupported curve (secp521r1).
+    let mut req = x509_cert::request::CertReq::from_der(&csr).unwrap();
+    req.info.public_key.subject_public_key =
+        der::asn1::BitString::from_bytes(&parsed.public_key_sec1()[..65]).unwrap();
+    assert!(matches!(
+        parse_and_verify_csr(&req.to_der().unwrap(), 4096),
+        Err(CsrError::UnsupportedKey(_))
+    ));
+    let mut req = x509_cert::request::CertReq::from_der(&csr).unwrap();
+    req.info.public_key.algorithm.parameters =
+        Some(der::Any::encode_from(&ObjectIdentifier::new_unwrap("1.3.132.0.35")).unwrap());
+    assert!(matches!(
+        parse_and_verify_csr(&req.to_der().unwrap(), 4096),
+        Err(CsrError::UnsupportedKey(_))
+    ));
+    // ecdsa-with-SHA512 is not accepted on P-384.
+    let mut req = x509_cert::request::CertReq::from_der(&csr).unwrap();
+    req.algorithm.oid = ObjectIdentifier::new_unwrap("1.2.840.10045.4.3.4");
+    assert_eq!(
+        parse_and_verify_csr(&req.to_der().unwrap(), 4096),
+        Err(CsrError::UnsupportedSignatureAlgorithm(req.algorithm.oid))
+    );
+}
+
+#[test]
+fn signer_from_pkcs8_tells_the_curves_apart() {
+    let (c, s) = signer_from_pkcs8_der(&generate_p384_pkcs8().unwrap()).unwrap();
+    assert_eq!(
+        (c, s.signature_algorithm()),
+        (Curve::P384, oid::ECDSA_WITH_SHA384)
+    );
+    let (c, s) = signer_from_pkcs8_der(&generate_p256_pkcs8(&mut rng(302)).unwrap()).unwrap();
+    assert_eq!(
+        (c, s.signature_algorithm()),
+        (Curve::P256, oid::ECDSA_WITH_SHA256)
+    );
+    assert!(signer_from_pkcs8_der(b"not a key").is_err());
+}

@@ -230,6 +230,8 @@ pub struct EstService {
     counters: AtomicCounters,
     config: EstConfig,
     ca: IssuingCa,
+    /// Further issuing CAs beside `ca` (the P-384 one), chosen by the request key's curve.
+    other_cas: Vec<IssuingCa>,
     policy: Policy,
     store: Arc<dyn Store>,
     gate: EnrollmentGate,
@@ -336,6 +338,7 @@ impl EstService {
             counters: AtomicCounters::default(),
             config,
             ca,
+            other_cas: Vec::new(),
             policy,
             store,
             gate,
@@ -343,6 +346,48 @@ impl EstService {
             csrattrs,
             crl: RwLock::new(None),
         })
+    }
+
+    /// Add an issuing CA beside the main one (a P-384 CA beside the P-256 one): requests
+    /// whose key is on its curve are issued by it, its LDevIDs may `/sren`, and `/crts`
+    /// (PKCS#7) lists it after the main CA.
+    pub fn add_issuing_ca(&mut self, ca: IssuingCa) -> Result<(), EstError> {
+        let curve = ca
+            .curve()
+            .ok_or_else(|| EstError::Internal("issuing CA key is not P-256 or P-384".into()))?;
+        if self.issuing_cas().any(|c| c.curve() == Some(curve)) {
+            return Err(EstError::Internal(format!(
+                "two issuing CAs on {curve}: only one per curve"
+            )));
+        }
+        self.policy
+            .add_operational_anchor(ca.certificate_der())
+            .map_err(|e| EstError::Internal(format!("issuing CA anchor: {e}")))?;
+        self.other_cas.push(ca);
+        let ders: Vec<&[u8]> = self.issuing_cas().map(|c| c.certificate_der()).collect();
+        self.crts_pkcs7 = ca::certs_only(&ders)
+            .map_err(|e| EstError::Internal(format!("building /crts: {e}")))?;
+        Ok(())
+    }
+
+    /// Every issuing CA: the main one first.
+    pub fn issuing_cas(&self) -> impl Iterator<Item = &IssuingCa> {
+        std::iter::once(&self.ca).chain(self.other_cas.iter())
+    }
+
+    /// The issuing CA for a request key on `curve`: the one whose key is on that curve; a
+    /// P-256 key goes to the main CA when no CA is on P-256 (an HSM key of another kind).
+    pub fn ca_for_curve(&self, curve: ca::Curve) -> Option<&IssuingCa> {
+        self.issuing_cas()
+            .find(|c| c.curve() == Some(curve))
+            .or_else(|| (curve == ca::Curve::P256).then_some(&self.ca))
+    }
+
+    /// The issuing CA whose subject is `issuer`.
+    fn ca_by_subject(&self, issuer: &ca::Name) -> &IssuingCa {
+        self.issuing_cas()
+            .find(|c| c.subject() == issuer)
+            .unwrap_or(&self.ca)
     }
 
     pub fn config(&self) -> &EstConfig {
@@ -771,6 +816,23 @@ impl EstService {
                 .check_enroll_csr_subject(&device, &csr.subject)?,
         }
 
+        // The `dlms` profile (a device-class rule selects it): which certificate type the
+        // CSR's keyUsage asks for, and the system title from the serial.
+        let dlms = match self.policy.dlms_rule(&device.device_id) {
+            Some(rule) => {
+                let bad = |e: crate::dlms::DlmsError| EstError::BadRequest(format!("CSR: {e}"));
+                rule.check_curve(ca::Curve::of_spki(&csr.public_key))
+                    .map_err(bad)?;
+                let kind = crate::dlms::DlmsCertType::from_requested(&csr.requested_extensions)
+                    .map_err(bad)?;
+                let title = rule
+                    .system_title(&device.device_id)
+                    .map_err(crate::policy::PolicyError::from)?;
+                Some((kind, title))
+            }
+            None => None,
+        };
+
         // 4. A retried request (same device, same CSR) gets the certificate already issued.
         //    Server keygen is excluded: its private key is never stored, so it cannot be
         //    replayed (the CoAP layer's deduplication covers retransmissions).
@@ -797,8 +859,18 @@ impl EstService {
             }
         }
 
-        // 5. The CA must be able to sign now, and the device within its rate limit.
-        if let Err(detail) = self.ca.check_validity(ctx.now) {
+        // 5. The CA for the key's curve must be able to sign now, and the device within
+        //    its rate limit.
+        let curve = if keygen {
+            ca::Curve::P256
+        } else {
+            ca::Curve::of_spki(&csr.public_key)
+                .ok_or_else(|| EstError::BadRequest("CSR: key is neither P-256 nor P-384".into()))?
+        };
+        let issuer = self.ca_for_curve(curve).ok_or_else(|| {
+            EstError::BadRequest(format!("CSR: no issuing CA for {curve} keys is configured"))
+        })?;
+        if let Err(detail) = issuer.check_validity(ctx.now) {
             tracing::error!(%detail, "issuing CA outside its validity: enrollments answered 5.03");
             return Err(EstError::CaUnavailable {
                 retry_after_seconds: self.config.ca_unavailable_retry_after_seconds,
@@ -820,7 +892,10 @@ impl EstService {
         let subject = match (&op, &replaces) {
             // RFC 7030 §4.2.2: the renewed certificate keeps its subject.
             (Operation::Sren, Some(_)) => device.certificate.tbs_certificate.subject.clone(),
-            _ => self.policy.ldevid_subject(&device)?,
+            _ => match &dlms {
+                Some((_, title)) => self.policy.dlms_subject(&device, title)?,
+                None => self.policy.ldevid_subject(&device)?,
+            },
         };
         let cfg = self.policy.config();
         let not_before = ctx
@@ -832,7 +907,7 @@ impl EstService {
             .checked_add(cfg.ldevid_validity)
             .ok_or_else(|| EstError::Internal("validity overflows".into()))?;
         // Never beyond the CA's own notAfter (the CA clamps; record what it signs).
-        let not_after = self.ca.effective_not_after(not_after);
+        let not_after = issuer.effective_not_after(not_after);
         let serial = ca::random_serial(rng);
         let params = IssueParams {
             subject,
@@ -841,11 +916,26 @@ impl EstService {
             serial,
             not_before,
             not_after,
+            digital_signature: true,
             key_agreement: cfg.key_agreement,
             extended_key_usage_client_auth: true,
+            extended_key_usage_server_auth: false,
         };
-        let der = self
-            .ca
+        let params = match dlms.map(|(kind, _)| kind) {
+            None => params,
+            // Gurux's checks: keyUsage exactly as the type says, EKU only on TLS ones.
+            Some(kind) => {
+                use crate::dlms::DlmsCertType as T;
+                IssueParams {
+                    digital_signature: matches!(kind, T::Signing | T::Tls),
+                    key_agreement: matches!(kind, T::KeyAgreement | T::Tls),
+                    extended_key_usage_client_auth: kind == T::Tls,
+                    extended_key_usage_server_auth: kind == T::Tls,
+                    ..params
+                }
+            }
+        };
+        let der = issuer
             .issue(&params)
             .map_err(|e| EstError::Internal(format!("issuing: {e}")))?;
         // 7. The answer, built now: once the certificate is durable nothing may fail
@@ -873,6 +963,9 @@ impl EstService {
                 _ => IssuanceKind::Enroll,
             },
             replaces_serial_hex: replaces.as_ref().map(|c| c.serial_hex.clone()),
+            slot: dlms
+                .map(|(kind, _)| kind.slot().to_owned())
+                .unwrap_or_default(),
         };
         let audit = AuditEvent {
             at_unix: unix_seconds(ctx.now),
@@ -969,6 +1062,7 @@ impl EstService {
                     subject: p.subject,
                     public_key: p.public_key,
                     hardware_module: p.hardware_module,
+                    requested_extensions: p.requested_extensions,
                     format: RequestFormat::Pkcs10,
                 })
             }
@@ -988,6 +1082,7 @@ impl EstService {
                     subject: c.subject().map_err(|e| bad(&e))?,
                     public_key: c.subject_public_key_info().map_err(|e| bad(&e))?,
                     hardware_module,
+                    requested_extensions: Vec::new(),
                     format: RequestFormat::C509 {
                         native: i64::from(c.csr_type()) == cbor_schemas::c509::TYPE_NATIVE,
                     },
@@ -1092,8 +1187,9 @@ impl EstService {
         )
         .map_err(|e| internal(&e))?;
         let failure = std::cell::RefCell::new(None);
+        let signer = self.ca_by_subject(&cert.tbs_certificate.issuer).signer();
         let native = cbor_schemas::c509::sign_native_certificate(&tbs, |msg| {
-            self.ca.signer().sign(msg).unwrap_or_else(|e| {
+            signer.sign(msg).unwrap_or_else(|e| {
                 *failure.borrow_mut() = Some(e.to_string());
                 Vec::new()
             })
@@ -1131,6 +1227,8 @@ struct Csr {
     subject: ca::Name,
     public_key: spki::SubjectPublicKeyInfoOwned,
     hardware_module: Option<ca::HardwareModuleName>,
+    /// The extensionRequest's extensions (PKCS#10 only): the `dlms` profile reads keyUsage.
+    requested_extensions: Vec<x509_cert::ext::Extension>,
     format: RequestFormat,
 }
 
