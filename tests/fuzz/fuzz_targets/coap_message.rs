@@ -100,6 +100,7 @@ fuzz_target!(|data: &[u8]| {
     let max_pending = w.coap.max_pending_requests;
     let peer = Peer {
         address: "192.0.2.1:40000".into(),
+        relay: None,
         chain: w.chain.clone(),
         verified: None,
     };
