@@ -74,9 +74,12 @@ fn config(cfg: &DtlsClientConfig, cred: &Credential) -> Result<Arc<ClientConfig>
         max: RETRANSMIT_MAX.max(cfg.flight_interval),
     };
     c.handshake_timeout = cfg.handshake_timeout;
-    // RFC 9148 §3: the mandatory suite; P-256 (RFC 7925 §4.4).
+    // RFC 9148 §3: the mandatory suite; P-256 and ecdsa_secp256r1_sha256 (RFC 7925 §4.4, §5).
     c.cipher_suites = vec![est_dtls::CipherSuite::Aes128Ccm8];
     c.groups = vec![est_dtls::NamedGroup::Secp256r1];
+    c.signature_schemes = vec![est_dtls::SignatureScheme::EcdsaSecp256r1Sha256];
+    // A meter on a mesh: the first ClientHello fits one 802.15.4 frame.
+    c.lean_hello = true;
     // We send with the server's CID; we want none back (our own address does not move for
     // the server's sake).
     c.connection_id = cfg.connection_id.then(Vec::new);

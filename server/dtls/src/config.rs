@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::crypto::{CipherSuite, NamedGroup, SigningKey};
+use crate::crypto::{CipherSuite, NamedGroup, SignatureScheme, SigningKey};
 use crate::error::CertError;
 
 /// What a verifier established about a peer's certificate chain.
@@ -244,6 +244,16 @@ pub struct ClientConfig {
     pub cipher_suites: Vec<CipherSuite>,
     /// Groups offered, in preference order.
     pub groups: Vec<NamedGroup>,
+    /// Signature schemes offered for the server's signatures (signature_algorithms).
+    pub signature_schemes: Vec<SignatureScheme>,
+    /// Keep the ClientHellos small for constrained links: no ec_point_formats (RFC 8422
+    /// §5.1.2: uncompressed points are implied), the renegotiation SCSV instead of an empty
+    /// renegotiation_info (RFC 5746 §3.3: 2 bytes instead of 5), and cached_info only in the
+    /// ClientHello that answers a HelloVerifyRequest: the first one only fetches the cookie,
+    /// which RFC 6347 §4.2.1 binds to version, random, session_id, suites and compression, not
+    /// to extensions. A server that binds its cookie to the extensions too (tinydtls, older
+    /// Californium) would answer with new cookies forever: leave this off for those.
+    pub lean_hello: bool,
     pub require_extended_master_secret: bool,
     pub mtu_bytes: usize,
     pub retransmit: RetransmitConfig,
@@ -290,6 +300,11 @@ impl ClientConfig {
             server_verifier,
             cipher_suites: vec![CipherSuite::Aes128Ccm8, CipherSuite::Aes128Gcm],
             groups: vec![NamedGroup::Secp256r1],
+            signature_schemes: vec![
+                SignatureScheme::EcdsaSecp256r1Sha256,
+                SignatureScheme::EcdsaSecp384r1Sha384,
+            ],
+            lean_hello: false,
             require_extended_master_secret: true,
             mtu_bytes: 1152,
             retransmit: RetransmitConfig::default(),

@@ -164,6 +164,9 @@ struct Handshake {
     cached_fingerprints: Vec<[u8; 32]>,
     /// Client: the server took up cached_info for its certificate.
     certificate_cached: bool,
+    /// Client: extensions left out of the first ClientHello and added to the one that
+    /// answers a HelloVerifyRequest ([`ClientConfig::lean_hello`]).
+    deferred_extensions: Vec<Extension>,
     started: Instant,
     last_progress: Instant,
     future_records: Vec<FutureRecord>,
@@ -515,6 +518,7 @@ impl Connection {
             server_public: None,
             cached_fingerprints: Vec::new(),
             certificate_cached: false,
+            deferred_extensions: Vec::new(),
             started: now,
             last_progress: now,
             future_records: Vec::new(),
@@ -544,30 +548,34 @@ impl Connection {
         rng: &dyn SecureRandom,
     ) -> Result<Connection, Error> {
         let client_random = random32(rng)?;
-        let mut exts = vec![
-            Extension {
-                typ: ext::SUPPORTED_GROUPS,
-                data: wire::supported_groups_body(
-                    &config.groups.iter().map(|g| g.code()).collect::<Vec<_>>(),
-                ),
-            },
-            Extension {
+        let lean = config.lean_hello;
+        let schemes: Vec<u16> = config.signature_schemes.iter().map(|s| s.code()).collect();
+        let mut exts = vec![Extension {
+            typ: ext::SUPPORTED_GROUPS,
+            data: wire::supported_groups_body(
+                &config.groups.iter().map(|g| g.code()).collect::<Vec<_>>(),
+            ),
+        }];
+        if !lean {
+            exts.push(Extension {
                 typ: ext::EC_POINT_FORMATS,
                 data: vec![1, 0],
-            },
-            Extension {
-                typ: ext::SIGNATURE_ALGORITHMS,
-                data: wire::signature_algorithms_body(&ACCEPTED_SCHEMES),
-            },
-            Extension {
-                typ: ext::EXTENDED_MASTER_SECRET,
-                data: Vec::new(),
-            },
-            Extension {
+            });
+        }
+        exts.push(Extension {
+            typ: ext::SIGNATURE_ALGORITHMS,
+            data: wire::signature_algorithms_body(&schemes),
+        });
+        exts.push(Extension {
+            typ: ext::EXTENDED_MASTER_SECRET,
+            data: Vec::new(),
+        });
+        if !lean {
+            exts.push(Extension {
                 typ: ext::RENEGOTIATION_INFO,
                 data: wire::opaque8_body(&[]),
-            },
-        ];
+            });
+        }
         if let Some(cid) = &config.connection_id {
             exts.push(Extension {
                 typ: ext::CONNECTION_ID,
@@ -588,6 +596,7 @@ impl Connection {
                 )
             })
             .collect();
+        let mut deferred_extensions = Vec::new();
         if !cached_fingerprints.is_empty() {
             let objects: Vec<wire::CachedObject> = cached_fingerprints
                 .iter()
@@ -596,17 +605,26 @@ impl Connection {
                     hash: f.to_vec(),
                 })
                 .collect();
-            exts.push(Extension {
+            let e = Extension {
                 typ: ext::CACHED_INFO,
                 data: wire::cached_info_client_body(&objects),
-            });
+            };
+            if lean {
+                deferred_extensions.push(e);
+            } else {
+                exts.push(e);
+            }
+        }
+        let mut cipher_suites: Vec<u16> = config.cipher_suites.iter().map(|s| s.code()).collect();
+        if lean {
+            cipher_suites.push(wire::EMPTY_RENEGOTIATION_INFO_SCSV);
         }
         let ch = ClientHello {
             client_version: DTLS_1_2,
             random: client_random,
             session_id: Vec::new(),
             cookie: Vec::new(),
-            cipher_suites: config.cipher_suites.iter().map(|s| s.code()).collect(),
+            cipher_suites,
             compression_methods: vec![0],
             extensions: exts,
         };
@@ -636,6 +654,7 @@ impl Connection {
             server_public: None,
             cached_fingerprints,
             certificate_cached: false,
+            deferred_extensions,
             started: now,
             last_progress: now,
             future_records: Vec::new(),
@@ -978,16 +997,33 @@ impl Connection {
         Ok(out)
     }
 
-    /// Encodes the current flight into datagrams no larger than the MTU (records packed,
-    /// handshake messages fragmented) and queues them.
+    /// Encodes the current flight into datagrams no larger than the MTU and queues them:
+    /// handshake messages fragmented to fit, consecutive plaintext handshake messages (or
+    /// fragments) sharing one record where the datagram has room (RFC 6347 §4.2.3: "multiple
+    /// DTLS handshake messages MAY be placed in the same DTLS record"; 13 bytes saved per
+    /// message), records packed into datagrams.
     fn send_flight(&mut self, _now: Instant, metrics: &mut Metrics) {
         let mtu = self.config.mtu();
         let items = std::mem::take(&mut self.flight);
         let mut datagrams: Vec<Vec<u8>> = Vec::new();
         let mut current: Vec<u8> = Vec::new();
+        // Plaintext handshake fragments waiting to share a record.
+        let mut pending: Vec<u8> = Vec::new();
+        let place = |datagrams: &mut Vec<Vec<u8>>, current: &mut Vec<u8>, r: Vec<u8>| {
+            if !current.is_empty() && current.len() + r.len() > mtu {
+                datagrams.push(std::mem::take(current));
+            }
+            current.extend_from_slice(&r);
+        };
         for item in &items {
             let records: Vec<Vec<u8>> = match item {
                 FlightItem::ChangeCipherSpec { epoch } => {
+                    if !pending.is_empty() {
+                        if let Ok(r) = self.encode_record(ct::HANDSHAKE, 0, &pending) {
+                            place(&mut datagrams, &mut current, r);
+                        }
+                        pending.clear();
+                    }
                     let r = self.encode_record(ct::CHANGE_CIPHER_SPEC, *epoch, &[1]);
                     // The cipher for the next epoch is installed once its CCS is encoded.
                     if *epoch == 0 {
@@ -1012,17 +1048,48 @@ impl Connection {
                         .saturating_sub(overhead)
                         .min(self.max_plaintext.saturating_sub(HANDSHAKE_HEADER_LEN))
                         .max(16);
-                    wire::fragment_handshake(message, max_body)
-                        .iter()
-                        .filter_map(|f| self.encode_record(ct::HANDSHAKE, *epoch, f).ok())
-                        .collect()
+                    let fragments = wire::fragment_handshake(message, max_body);
+                    if *epoch > 0 {
+                        if !pending.is_empty() {
+                            if let Ok(r) = self.encode_record(ct::HANDSHAKE, 0, &pending) {
+                                place(&mut datagrams, &mut current, r);
+                            }
+                            pending.clear();
+                        }
+                        fragments
+                            .iter()
+                            .filter_map(|f| self.encode_record(ct::HANDSHAKE, *epoch, f).ok())
+                            .collect()
+                    } else {
+                        for f in fragments {
+                            let room = mtu.saturating_sub(current.len());
+                            let joined = RECORD_HEADER_LEN + pending.len() + f.len();
+                            let fits = joined <= room && joined <= self.max_plaintext;
+                            if !pending.is_empty() && !fits {
+                                if let Ok(r) = self.encode_record(ct::HANDSHAKE, 0, &pending) {
+                                    place(&mut datagrams, &mut current, r);
+                                }
+                                pending.clear();
+                            }
+                            if pending.is_empty()
+                                && !current.is_empty()
+                                && current.len() + RECORD_HEADER_LEN + f.len() > mtu
+                            {
+                                datagrams.push(std::mem::take(&mut current));
+                            }
+                            pending.extend_from_slice(&f);
+                        }
+                        Vec::new()
+                    }
                 }
             };
             for r in records {
-                if !current.is_empty() && current.len() + r.len() > mtu {
-                    datagrams.push(std::mem::take(&mut current));
-                }
-                current.extend_from_slice(&r);
+                place(&mut datagrams, &mut current, r);
+            }
+        }
+        if !pending.is_empty() {
+            if let Ok(r) = self.encode_record(ct::HANDSHAKE, 0, &pending) {
+                place(&mut datagrams, &mut current, r);
             }
         }
         if !current.is_empty() {
@@ -1503,11 +1570,13 @@ impl Connection {
                     return Err(Error::ProtocolVersion);
                 }
                 let h = self.hs_mut()?;
+                let deferred = std::mem::take(&mut h.deferred_extensions);
                 let ch = h
                     .client_hello
                     .as_mut()
                     .ok_or_else(|| Error::Internal("no ClientHello".into()))?;
                 ch.cookie = hvr.cookie;
+                ch.extensions.extend(deferred);
                 let msg_seq = h.next_send_msg_seq;
                 h.next_send_msg_seq = h.next_send_msg_seq.wrapping_add(1);
                 let m = wire::handshake_message(hs::CLIENT_HELLO, msg_seq, &ch.encode());
@@ -1627,6 +1696,7 @@ impl Connection {
                     .filter(|g| config.groups.contains(g))
                     .ok_or(Error::IllegalParameter("group not offered"))?;
                 let scheme = SignatureScheme::from_u16(ske.signature_scheme)
+                    .filter(|s| config.signature_schemes.contains(s))
                     .ok_or(Error::IllegalParameter("signature scheme not offered"))?;
                 let leaf = self
                     .peer_chain
