@@ -26,6 +26,9 @@ pub struct DriverConfig {
     pub bind: SocketAddr,
     pub dtls: DtlsClientConfig,
     pub coap: ClientConfig,
+    /// Derive each meter's CoAP ACK_TIMEOUT from its path ([`crate::dtls::auto_ack_timeout`])
+    /// instead of using `coap.coap.ack_timeout`.
+    pub ack_timeout_auto: bool,
     /// NAT rebinding: once per meter, right after the first request of its first session goes
     /// out, the meter's datagrams start leaving from a new source port (its emulated link's
     /// socket is replaced). With a DTLS Connection ID the session carries on; without one the
@@ -478,6 +481,7 @@ mod tests {
                 block2_szx: Some(block_szx),
                 ..ClientConfig::default()
             },
+            ack_timeout_auto: false,
             nat_rebind: false,
         }
     }

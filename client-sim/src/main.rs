@@ -25,13 +25,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// `auto` (None) or a fixed duration.
 #[derive(Debug, Clone, Copy)]
-struct FlightInterval(Option<Duration>);
+struct AutoDuration(Option<Duration>);
 
-fn parse_flight_interval(s: &str) -> Result<FlightInterval, String> {
+fn parse_auto_duration(s: &str) -> Result<AutoDuration, String> {
     if s == "auto" {
-        Ok(FlightInterval(None))
+        Ok(AutoDuration(None))
     } else {
-        parse_duration(s).map(|d| FlightInterval(Some(d)))
+        parse_duration(s).map(|d| AutoDuration(Some(d)))
     }
 }
 
@@ -155,9 +155,11 @@ struct Cli {
     /// After enrolling, re-enroll (/sren) authenticated with the new LDevID.
     #[arg(long)]
     renew: bool,
-    /// CoAP ACK_TIMEOUT (RFC 7252 §4.8).
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    ack_timeout: Duration,
+    /// CoAP ACK_TIMEOUT (RFC 7252 §4.8): `auto` derives it per meter from its path (1.5 x the
+    /// worst-case round trip of a block-sized request and response, 2..20 s; the RFC's 2 s on
+    /// fast links), or a duration such as 2s. Retransmissions double it (RFC 7252 §4.2).
+    #[arg(long, default_value = "auto", value_parser = parse_auto_duration)]
+    ack_timeout: AutoDuration,
     /// CoAP ACK_RANDOM_FACTOR.
     #[arg(long, default_value_t = 1.5)]
     ack_random_factor: f64,
@@ -186,8 +188,8 @@ struct Cli {
     /// library), dimpl's initial timer (doubled on each expiry); `auto` derives it per meter from
     /// its path (1.5 x worst-case RTT of a full flight, 2..20 s, and a handshake timeout of at
     /// least 8 intervals), or a duration such as 2s.
-    #[arg(long, default_value = "auto", value_parser = parse_flight_interval)]
-    dtls_flight_interval: FlightInterval,
+    #[arg(long, default_value = "auto", value_parser = parse_auto_duration)]
+    dtls_flight_interval: AutoDuration,
     /// DTLS MTU: handshake messages are fragmented to this size.
     #[arg(long, default_value_t = 1152)]
     dtls_mtu: usize,
@@ -364,7 +366,7 @@ async fn run(cli: Cli) -> Result<bool> {
 
     let coap = ClientConfig {
         coap: CoapConfig {
-            ack_timeout: cli.ack_timeout,
+            ack_timeout: cli.ack_timeout.0.unwrap_or(Duration::from_secs(2)),
             ack_random_factor: cli.ack_random_factor,
             max_retransmit: cli.max_retransmit,
             ..CoapConfig::default()
@@ -396,6 +398,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 },
             },
             coap,
+            ack_timeout_auto: cli.ack_timeout.0.is_none(),
             nat_rebind: cli.nat_rebind,
         },
         meter: MeterConfig {

@@ -42,6 +42,7 @@ async fn run(srv: &TestServer, prefix: &str, c509: bool) -> Summary {
                 ..DtlsClientConfig::default()
             },
             coap: ClientConfig::default(),
+            ack_timeout_auto: false,
             nat_rebind: false,
         },
         meter: MeterConfig {
