@@ -187,9 +187,18 @@ impl Notes {
     }
 }
 
-async fn close(session: &mut Option<Session>, coap: &mut CoapCounters, notes: &Notes) {
+async fn close(
+    session: &mut Option<Session>,
+    coap: &mut CoapCounters,
+    notes: &Notes,
+    notify: bool,
+) {
     if let Some(s) = session.take() {
         coap.add(&s.client.stats());
+        if !notify {
+            s.dtls.abandon().await;
+            return;
+        }
         notes.close();
         // close_notify goes out through the emulated link; do not wait on a stuck writer.
         let _ = tokio::time::timeout(Duration::from_secs(1), s.dtls.close()).await;
@@ -267,7 +276,7 @@ where
                     credential,
                     purpose,
                 } => {
-                    close(&mut session, &mut coap, &notes).await;
+                    close(&mut session, &mut coap, &notes, cfg.dtls.close_notify).await;
                     sessions += 1;
                     notes.begin_session(purpose);
                     let conn = match open().await {
@@ -332,7 +341,9 @@ where
                     }
                     None => meter.handle_session_lost(Instant::now(), "no session".into()),
                 },
-                Action::Disconnect => close(&mut session, &mut coap, &notes).await,
+                Action::Disconnect => {
+                    close(&mut session, &mut coap, &notes, cfg.dtls.close_notify).await
+                }
             }
         }
         if meter.is_done() {
@@ -349,7 +360,7 @@ where
                 }
             }
             if let Some(e) = lost {
-                close(&mut session, &mut coap, &notes).await;
+                close(&mut session, &mut coap, &notes, cfg.dtls.close_notify).await;
                 meter.handle_session_lost(Instant::now(), e);
                 continue;
             }
@@ -414,11 +425,11 @@ where
             }
         }
         if let Some(e) = lost {
-            close(&mut session, &mut coap, &notes).await;
+            close(&mut session, &mut coap, &notes, cfg.dtls.close_notify).await;
             meter.handle_session_lost(Instant::now(), e);
         }
     }
-    close(&mut session, &mut coap, &notes).await;
+    close(&mut session, &mut coap, &notes, cfg.dtls.close_notify).await;
     let ldevid = meter.ldevid().map(<[u8]>::to_vec);
     let failure = match meter.state() {
         MeterState::Failed(r) => Some(r.clone()),

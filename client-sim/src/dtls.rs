@@ -150,6 +150,14 @@ pub struct DtlsClientConfig {
     /// The server's certificate chain (DER, as the server sends it) the meters hold from
     /// provisioning; empty: each meter learns it in its first handshake.
     pub server_chain_der: Vec<Vec<u8>>,
+    /// C509 certificates inside the handshake (the native backend only): offer this TLS
+    /// certificate type number (RFC 7250) for the meter's certificate and the server's, X.509
+    /// second. `None`: X.509 only.
+    pub c509_certificate_type: Option<u8>,
+    /// End a session with close_notify (RFC 5246 §7.2.1). false (the native backend only):
+    /// just stop, and leave the server to close the session at its idle timeout; saves one
+    /// datagram (31 B, one frame) per session.
+    pub close_notify: bool,
 }
 
 impl std::fmt::Debug for DtlsClientConfig {
@@ -179,6 +187,8 @@ impl Default for DtlsClientConfig {
             connection_id: false,
             cached_info: false,
             server_chain_der: Vec::new(),
+            c509_certificate_type: None,
+            close_notify: true,
         }
     }
 }
@@ -310,6 +320,14 @@ impl DtlsSession {
         match self {
             DtlsSession::Native(s) => Some(s.server_chain().to_vec()),
             _ => None,
+        }
+    }
+
+    /// Closes without close_notify (the native backend; the others close as usual).
+    pub async fn abandon(self) {
+        match self {
+            DtlsSession::Native(s) => s.abandon().await,
+            other => other.close().await,
         }
     }
 

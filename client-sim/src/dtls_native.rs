@@ -4,7 +4,9 @@
 //! and can offer a Connection ID (RFC 9146) so that a meter whose NAT rebinds keeps its session.
 //!
 //! The server certificate is checked by rustls's webpki verifier over the meter's Implicit TA
-//! database (RFC 9148 §3), as the other backends do.
+//! database (RFC 9148 §3), as the other backends do. Meters keep their ClientHellos small
+//! (`lean_hello`), can name the server certificate they hold with RFC 7924 cached_info, and can
+//! send (and receive) certificates as C509 (RFC 7250 negotiation, X.509 as the fallback).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -37,6 +39,7 @@ struct ConfigKey {
     trust_anchors_der: Vec<Vec<u8>>,
     /// The server chain offered with cached_info (empty: none).
     cached_server_chain: Vec<Vec<u8>>,
+    c509_certificate_type: Option<u8>,
 }
 static CONFIGS: Mutex<VecDeque<(ConfigKey, Arc<ClientConfig>)>> = Mutex::new(VecDeque::new());
 
@@ -56,6 +59,7 @@ fn config(cfg: &DtlsClientConfig, cred: &Credential) -> Result<Arc<ClientConfig>
         } else {
             Vec::new()
         },
+        c509_certificate_type: cfg.c509_certificate_type,
     };
     let mut cache = CONFIGS.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, c)) = cache.iter().find(|(k, _)| *k == key) {
@@ -86,6 +90,7 @@ fn config(cfg: &DtlsClientConfig, cred: &Credential) -> Result<Arc<ClientConfig>
     if !key.cached_server_chain.is_empty() {
         c.cached_server_chains = vec![key.cached_server_chain.clone()];
     }
+    c.c509 = key.c509_certificate_type.map(est_dtls::C509Codec::type3);
     let c = Arc::new(c);
     if cache.len() >= MAX_CACHED {
         cache.pop_front();
@@ -300,6 +305,11 @@ impl NativeSession {
             &mut self.closed,
         );
         let _ = send_queued(&*self.conn, &mut self.outgoing).await;
+        let _ = self.conn.close().await;
+    }
+
+    /// Closes the connection without a close_notify.
+    pub async fn abandon(self) {
         let _ = self.conn.close().await;
     }
 

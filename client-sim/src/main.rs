@@ -143,9 +143,24 @@ struct Cli {
     /// Re-run the schedule of a recording (its seed, arrivals, links, DCUs) against --server.
     #[arg(long, conflicts_with_all = ["arrival", "link", "seed", "max_hops", "meters_per_dcu", "dcu_link"])]
     replay: Option<PathBuf>,
-    /// Certificate encoding.
+    /// Certificate encoding: of the EST requests and responses, and with --dtls-backend
+    /// native of the DTLS handshake's certificates too (c509: offered with RFC 7250's
+    /// certificate types, X.509 as the fallback).
     #[arg(long, value_enum, default_value = "der")]
     format: CertEncoding,
+    /// CoAP token length of the meters' requests, 0..=8 bytes (RFC 7252 §5.3.1 allows short
+    /// ones for requests made one at a time; over DTLS they need not resist guessing).
+    #[arg(long, default_value_t = 4)]
+    coap_token_bytes: usize,
+    /// End sessions without close_notify (--dtls-backend native): the server closes them at
+    /// its idle timeout. One datagram less per session.
+    #[arg(long)]
+    no_close_notify: bool,
+    /// The TLS certificate type number for C509 in the handshake (the draft's TBD5 is
+    /// unassigned; est-server's `dtls.c509_certificate_type`, a Private Use value); 0 keeps
+    /// the handshake's certificates X.509 with --format c509.
+    #[arg(long, default_value_t = 224)]
+    c509_cert_type: u8,
     /// Response format requested with Accept.
     #[arg(long, value_enum, default_value = "pkcs7")]
     accept: AcceptFormat,
@@ -374,6 +389,7 @@ async fn run(cli: Cli) -> Result<bool> {
         block1_szx: cli.block_size,
         block2_szx: Some(cli.block_size),
         max_response_body_bytes: 64 * 1024,
+        token_len: cli.coap_token_bytes,
     };
     coap.validate().context("CoAP parameters")?;
     let cfg = FleetConfig {
@@ -392,6 +408,10 @@ async fn run(cli: Cli) -> Result<bool> {
                 backend: cli.dtls_backend,
                 connection_id: cli.dtls_connection_id,
                 cached_info: cli.cached_info,
+                c509_certificate_type: (cli.format == CertEncoding::C509
+                    && cli.c509_cert_type != 0)
+                    .then_some(cli.c509_cert_type),
+                close_notify: !cli.no_close_notify,
                 server_chain_der: match &cli.server_cert {
                     Some(p) => pki::load_cert_chain(p)?,
                     None => Vec::new(),

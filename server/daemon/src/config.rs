@@ -113,6 +113,9 @@ pub struct DtlsSection {
     /// RFC 7924 cached_info: a meter naming our certificate by its current fingerprint gets
     /// the fingerprint instead of the chain.
     pub cached_info: bool,
+    /// The TLS certificate type number for C509 certificates (RFC 7250 negotiation; the draft's
+    /// TBD5, a Private Use value 224..=255); 0 turns C509 in the handshake off.
+    pub c509_certificate_type: u8,
 }
 
 /// Largest Connection ID the engine issues.
@@ -201,6 +204,7 @@ impl Default for DtlsSection {
             answer_use_srtp: false,
             send_chain: true,
             cached_info: true,
+            c509_certificate_type: 224,
         }
     }
 }
@@ -410,6 +414,14 @@ send_chain = true
 # certificate names it by its SHA-256 fingerprint and gets the 33-byte fingerprint instead of
 # the chain; a stale fingerprint gets the full chain. false: the extension is ignored.
 cached_info = true
+# C509 certificates inside the handshake (draft-ietf-cose-cbor-encoded-cert, negotiated with
+# RFC 7250's client_certificate_type and server_certificate_type): a meter that offers C509
+# sends its IDevID as C509 (284 B instead of 547 for `factory mint` ones) and gets ours as C509;
+# the chain is verified as its exact DER equivalent (the type-3 re-encoding is lossless). The
+# draft leaves the type number unassigned (TBD5): this is a Private Use value of the TLS
+# Certificate Types registry (224-255), which both ends must agree on. 0 = off (X.509 only);
+# clients that do not offer it get X.509 either way.
+c509_certificate_type = 224
 
 [coap]
 # RFC 7252 §4.8 transmission parameters (used for the derived lifetimes below).
@@ -551,6 +563,16 @@ impl Config {
     /// `[dtls]`: each value in range and the settings consistent with each other.
     fn validate_dtls(&self) -> Result<(), ConfigError> {
         let d = &self.dtls;
+        if d.c509_certificate_type != 0 && d.c509_certificate_type < 224 {
+            return Err(invalid(
+                "dtls.c509_certificate_type",
+                format!(
+                    "{} is not in the Private Use range 224..=255 of the TLS Certificate Types \
+                     registry (0 turns C509 off)",
+                    d.c509_certificate_type
+                ),
+            ));
+        }
         if d.cipher_suites.is_empty() {
             return Err(invalid(
                 "dtls.cipher_suites",

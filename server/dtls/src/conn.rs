@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ring::rand::SecureRandom;
 
-use crate::config::{ClientConfig, RetransmitConfig, ServerConfig, Verified};
+use crate::config::{C509Codec, ClientConfig, RetransmitConfig, ServerConfig, Verified};
 use crate::crypto::{
     self, CipherSuite, EphemeralKey, NamedGroup, RecordCipher, SignatureScheme, Transcript,
 };
@@ -20,9 +20,10 @@ use crate::metrics::Metrics;
 use crate::reassembly::{Inserted, Reassembler};
 use crate::replay::ReplayWindow;
 use crate::wire::{
-    self, alert, content_type as ct, extension_type as ext, handshake_type as hs, CertificateMsg,
-    CertificateRequest, ClientHello, Extension, HelloVerifyRequest, Record, Records, ServerHello,
-    ServerKeyExchange, DTLS_1_0, DTLS_1_2, HANDSHAKE_HEADER_LEN, RECORD_HEADER_LEN,
+    self, alert, certificate_type as cert_type, content_type as ct, extension_type as ext,
+    handshake_type as hs, CertificateMsg, CertificateRequest, ClientHello, Extension,
+    HelloVerifyRequest, Record, Records, ServerHello, ServerKeyExchange, DTLS_1_0, DTLS_1_2,
+    HANDSHAKE_HEADER_LEN, RECORD_HEADER_LEN,
 };
 
 /// Signature schemes we accept from a peer (RFC 7925 profile + P-384 for DLMS suite 2).
@@ -167,6 +168,9 @@ struct Handshake {
     /// Client: extensions left out of the first ClientHello and added to the one that
     /// answers a HelloVerifyRequest ([`ClientConfig::lean_hello`]).
     deferred_extensions: Vec<Extension>,
+    /// The certificate type (RFC 7250) of the peer's Certificate message, and of ours.
+    peer_certificate_type: u8,
+    own_certificate_type: u8,
     started: Instant,
     last_progress: Instant,
     future_records: Vec<FutureRecord>,
@@ -371,10 +375,41 @@ impl Connection {
             Some(d) if config.cid_length > 0 => Some(wire::parse_opaque8(d)?),
             _ => None,
         };
+        // RFC 7250 §4.2: the certificate types. C509 when configured and offered (ours only
+        // if our chain converts), else X.509 when offered; neither: unsupported_certificate.
+        let c509 = config.c509.as_ref();
+        let offered_types = |typ: u16| -> Result<Option<Vec<u8>>, Error> {
+            Ok(match ch.extension(typ) {
+                Some(d) => Some(wire::parse_certificate_types(d)?),
+                None => None,
+            })
+        };
+        let pick = |offered: &[u8], c509_ok: bool| -> Result<u8, Error> {
+            match c509.map(|c| c.type_code) {
+                Some(t) if c509_ok && offered.contains(&t) => Ok(t),
+                _ if offered.contains(&cert_type::X509) => Ok(cert_type::X509),
+                _ => Err(Error::UnsupportedCertificate),
+            }
+        };
+        let client_cert_type = match offered_types(ext::CLIENT_CERTIFICATE_TYPE)? {
+            Some(types) => Some(pick(&types, true)?),
+            None => None,
+        };
+        let (server_cert_type, own_chain) =
+            match (offered_types(ext::SERVER_CERTIFICATE_TYPE)?, c509) {
+                (Some(types), Some(codec)) if types.contains(&codec.type_code) => {
+                    match c509_chain(codec, &config.certificate_chain) {
+                        Some(chain) => (Some(codec.type_code), chain),
+                        None => (Some(pick(&types, false)?), config.certificate_chain.clone()),
+                    }
+                }
+                (Some(types), _) => (Some(pick(&types, false)?), config.certificate_chain.clone()),
+                (None, _) => (None, config.certificate_chain.clone()),
+            };
         // RFC 7924 §4.1: a client that holds our current Certificate message gets its
         // fingerprint instead (a stale or unknown fingerprint gets the full message).
         let certificate_body = CertificateMsg {
-            certificates: config.certificate_chain.clone(),
+            certificates: own_chain,
         }
         .encode();
         let cached_certificate = match ch.extension(ext::CACHED_INFO) {
@@ -439,6 +474,14 @@ impl Connection {
                 typ: ext::CACHED_INFO,
                 data: wire::cached_info_server_body(&[wire::cached_info_type::CERT]),
             });
+        }
+        for (typ, chosen) in [
+            (ext::CLIENT_CERTIFICATE_TYPE, client_cert_type),
+            (ext::SERVER_CERTIFICATE_TYPE, server_cert_type),
+        ] {
+            if let Some(t) = chosen {
+                sh_exts.push(Extension { typ, data: vec![t] });
+            }
         }
         let sh = ServerHello {
             server_version: DTLS_1_2,
@@ -519,6 +562,8 @@ impl Connection {
             cached_fingerprints: Vec::new(),
             certificate_cached: false,
             deferred_extensions: Vec::new(),
+            peer_certificate_type: client_cert_type.unwrap_or(cert_type::X509),
+            own_certificate_type: server_cert_type.unwrap_or(cert_type::X509),
             started: now,
             last_progress: now,
             future_records: Vec::new(),
@@ -582,21 +627,36 @@ impl Connection {
                 data: wire::opaque8_body(cid),
             });
         }
-        // RFC 7924: name the server certificates we hold by their fingerprints.
+        // RFC 7924: name the server certificates we hold by their fingerprints, in the form we
+        // ask the server to send (C509 when we offer it and the chain converts).
         let cached_fingerprints: Vec<[u8; 32]> = config
             .cached_server_chains
             .iter()
             .take(wire::MAX_CACHED_OBJECTS)
             .map(|chain| {
-                crypto::certificate_fingerprint(
-                    &CertificateMsg {
-                        certificates: chain.clone(),
-                    }
-                    .encode(),
-                )
+                let certificates = config
+                    .c509
+                    .as_ref()
+                    .and_then(|codec| c509_chain(codec, chain))
+                    .unwrap_or_else(|| chain.clone());
+                crypto::certificate_fingerprint(&CertificateMsg { certificates }.encode())
             })
             .collect();
         let mut deferred_extensions = Vec::new();
+        // RFC 7250: C509 first, X.509 as the fallback, for our certificate and the server's.
+        if let Some(codec) = &config.c509 {
+            for typ in [ext::CLIENT_CERTIFICATE_TYPE, ext::SERVER_CERTIFICATE_TYPE] {
+                let e = Extension {
+                    typ,
+                    data: wire::certificate_types_body(&[codec.type_code, cert_type::X509]),
+                };
+                if lean {
+                    deferred_extensions.push(e);
+                } else {
+                    exts.push(e);
+                }
+            }
+        }
         if !cached_fingerprints.is_empty() {
             let objects: Vec<wire::CachedObject> = cached_fingerprints
                 .iter()
@@ -655,6 +715,8 @@ impl Connection {
             cached_fingerprints,
             certificate_cached: false,
             deferred_extensions,
+            peer_certificate_type: cert_type::X509,
+            own_certificate_type: cert_type::X509,
             started: now,
             last_progress: now,
             future_records: Vec::new(),
@@ -1467,6 +1529,12 @@ impl Connection {
                 if chain.is_empty() {
                     return Err(Error::NoCertificate);
                 }
+                // A C509 chain is verified, and proves possession, as its DER equivalent.
+                let peer_type = self.hs_mut()?.peer_certificate_type;
+                if peer_type != cert_type::X509 {
+                    metrics.c509_client_certificates += 1;
+                }
+                let chain = der_chain(config.c509.as_ref(), peer_type, chain)?;
                 metrics.chain_verifications += 1;
                 metrics.peer_certificates_received += chain.len() as u64;
                 let verified = (config.client_verifier)(&chain)?;
@@ -1609,17 +1677,40 @@ impl Connection {
                     ext::RENEGOTIATION_INFO,
                     ext::CONNECTION_ID,
                     ext::CACHED_INFO,
+                    ext::CLIENT_CERTIFICATE_TYPE,
+                    ext::SERVER_CERTIFICATE_TYPE,
                 ];
                 let cid_offered = config.connection_id.is_some();
                 let cached_offered = !self.hs_mut()?.cached_fingerprints.is_empty();
+                let types_offered = config.c509.is_some();
                 for e in &sh.extensions {
+                    let cert_type_ext = e.typ == ext::CLIENT_CERTIFICATE_TYPE
+                        || e.typ == ext::SERVER_CERTIFICATE_TYPE;
                     if !offered.contains(&e.typ)
                         || (e.typ == ext::CONNECTION_ID && !cid_offered)
                         || (e.typ == ext::CACHED_INFO && !cached_offered)
+                        || (cert_type_ext && !types_offered)
                     {
                         return Err(Error::UnsupportedExtension(e.typ));
                     }
                 }
+                // RFC 7250 §4.2: the types the server chose, each one we offered.
+                let chosen = |typ: u16| -> Result<u8, Error> {
+                    match sh.extension(typ) {
+                        None => Ok(cert_type::X509),
+                        Some(d) => {
+                            let t = wire::parse_certificate_type(d)?;
+                            let ours = config.c509.as_ref().map(|c| c.type_code);
+                            if t == cert_type::X509 || Some(t) == ours {
+                                Ok(t)
+                            } else {
+                                Err(Error::IllegalParameter("certificate type not offered"))
+                            }
+                        }
+                    }
+                };
+                let own_certificate_type = chosen(ext::CLIENT_CERTIFICATE_TYPE)?;
+                let peer_certificate_type = chosen(ext::SERVER_CERTIFICATE_TYPE)?;
                 // RFC 7924 §4: the server names only types we offered (we offer 'cert').
                 let certificate_cached = match sh.extension(ext::CACHED_INFO) {
                     Some(d) => {
@@ -1654,6 +1745,8 @@ impl Connection {
                 h.suite = suite;
                 h.ems = ems;
                 h.certificate_cached = certificate_cached;
+                h.own_certificate_type = own_certificate_type;
+                h.peer_certificate_type = peer_certificate_type;
                 h.server_random = sh.random;
                 h.transcript.add(&message);
                 h.state = HsState::Client(ClientState::ExpectCertificate);
@@ -1675,9 +1768,14 @@ impl Connection {
                     ),
                     _ => None,
                 };
+                let peer_type = h.peer_certificate_type;
                 let chain = match cached {
                     Some(chain) => chain,
-                    None => CertificateMsg::parse(body, config.max_chain_len)?.certificates,
+                    None => der_chain(
+                        config.c509.as_ref(),
+                        peer_type,
+                        CertificateMsg::parse(body, config.max_chain_len)?.certificates,
+                    )?,
                 };
                 if chain.is_empty() {
                     return Err(Error::BadCertificate("empty server certificate".into()));
@@ -1782,12 +1880,17 @@ impl Connection {
             m
         };
         if h.certificate_requested {
+            let certificates = match &config.c509 {
+                Some(codec) if h.own_certificate_type == codec.type_code => {
+                    c509_chain(codec, &config.certificate_chain).ok_or_else(|| {
+                        Error::Internal("our certificate has no C509 encoding".into())
+                    })?
+                }
+                _ => config.certificate_chain.clone(),
+            };
             let m = next(
                 hs::CERTIFICATE,
-                &CertificateMsg {
-                    certificates: config.certificate_chain.clone(),
-                }
-                .encode(),
+                &CertificateMsg { certificates }.encode(),
                 &mut h.transcript,
             );
             flight.push(FlightItem::Handshake {
@@ -1875,6 +1978,26 @@ fn derive_keys(h: &mut Handshake, premaster: &[u8], role: Role) -> Result<(), Er
     h.pending_write = Some(write);
     h.master = Some(master);
     Ok(())
+}
+
+/// A DER chain in its C509 encoding, or `None` if a certificate does not convert.
+fn c509_chain(codec: &C509Codec, chain: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
+    chain.iter().map(|c| (codec.from_der)(c).ok()).collect()
+}
+
+/// A received chain of certificate type `typ` as DER (C509 through the codec).
+fn der_chain(
+    codec: Option<&C509Codec>,
+    typ: u8,
+    chain: Vec<Vec<u8>>,
+) -> Result<Vec<Vec<u8>>, Error> {
+    match codec {
+        Some(codec) if typ == codec.type_code && typ != cert_type::X509 => chain
+            .iter()
+            .map(|c| (codec.to_der)(c).map_err(|e| Error::BadCertificate(format!("C509: {e}"))))
+            .collect(),
+        _ => Ok(chain),
+    }
 }
 
 fn message_name(t: u8) -> &'static str {

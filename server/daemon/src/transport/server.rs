@@ -95,6 +95,8 @@ pub struct TransportMetrics {
     pub peer_certificates_received: u64,
     /// Handshakes where we sent our certificate's RFC 7924 fingerprint instead of the chain.
     pub cached_info_hits: u64,
+    /// Handshakes whose client certificate came as C509 (RFC 7250 negotiation).
+    pub c509_client_certificates: u64,
 }
 
 fn snapshot(ep: &Endpoint, driver: &DriverCounters) -> TransportMetrics {
@@ -137,6 +139,7 @@ fn snapshot(ep: &Endpoint, driver: &DriverCounters) -> TransportMetrics {
         log_lines_suppressed: m.log_lines_suppressed,
         peer_certificates_received: m.peer_certificates_received,
         cached_info_hits: m.cached_info_hits,
+        c509_client_certificates: m.c509_client_certificates,
     }
 }
 
