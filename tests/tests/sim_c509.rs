@@ -132,23 +132,38 @@ async fn c509_in_the_handshake_meets_the_issue_15_targets_and_falls_back_to_x509
     let c509 = run_with(&srv, "SNNB", true, narrowband(&srv, true)).await;
     let der = run_with(&srv, "SNNBDER", false, narrowband(&srv, false)).await;
     let t = srv.transport();
-    let per = |s: &Summary| (s.bytes_up_per_enrollment + s.bytes_down_per_enrollment, s.frames_per_enrollment);
+    let per = |s: &Summary| {
+        (
+            s.bytes_up_per_enrollment + s.bytes_down_per_enrollment,
+            s.frames_per_enrollment,
+        )
+    };
     println!("C509 {:?}, DER {:?}, {t:?}", per(&c509), per(&der));
     // Every C509 meter sent its IDevID as C509; every meter got our certificate's fingerprint.
     assert_eq!(t.c509_client_certificates, METERS as u64);
     assert_eq!(t.cached_info_hits, 2 * METERS as u64);
     // Issue #15's targets (wisun, no loss, per enrollment, handshake included).
-    assert!(per(&c509).0 <= 1800.0 && per(&c509).1 <= 24.0, "C509 {:?}", per(&c509));
+    assert!(
+        per(&c509).0 <= 1800.0 && per(&c509).1 <= 24.0,
+        "C509 {:?}",
+        per(&c509)
+    );
     assert!(per(&der).0 <= 2600.0, "DER {:?}", per(&der));
     srv.stop().await;
 
     // A server with C509 off: the same meters fall back to X.509 and still enroll.
-    let srv = TestServer::start(|c| c.dtls.c509_certificate_type = 0).await.unwrap();
+    let srv = TestServer::start(|c| c.dtls.c509_certificate_type = 0)
+        .await
+        .unwrap();
     let fallback = run_with(&srv, "SNNBX", true, narrowband(&srv, true)).await;
     let t = srv.transport();
     assert_eq!(t.c509_client_certificates, 0);
     assert_eq!(t.handshakes_completed, METERS as u64);
-    assert!(per(&fallback).0 > per(&c509).0 + 200.0, "{:?}", per(&fallback));
+    assert!(
+        per(&fallback).0 > per(&c509).0 + 200.0,
+        "{:?}",
+        per(&fallback)
+    );
     let certs = srv.store().list_certificates(1000).unwrap();
     assert_eq!(certs.len(), METERS);
     srv.stop().await;

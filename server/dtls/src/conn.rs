@@ -288,6 +288,7 @@ impl Connection {
         ch_message_seq: u16,
         ch_record_seq: u64,
         own_cid: Vec<u8>,
+        round_trip: Duration,
         rng: &dyn SecureRandom,
         metrics: &mut Metrics,
     ) -> Result<Connection, Error> {
@@ -581,7 +582,11 @@ impl Connection {
         conn.write_seq[0] = ch_record_seq;
         conn.flight = flight;
         conn.send_flight(now, metrics);
-        conn.arm_retransmit(now);
+        // RFC 6298 §2.2 from the cookie's round trip R: RTO = R + 4 x R/2 = 3R, at least the
+        // configured initial timer, at most its maximum: a slow path does not get flight 4
+        // resent before flight 5 can be back.
+        let rtx = conn.config.retransmit();
+        conn.arm_retransmit_with(now, (round_trip * 3).clamp(rtx.initial, rtx.max));
         Ok(conn)
     }
 
@@ -936,7 +941,10 @@ impl Connection {
     }
 
     fn arm_retransmit(&mut self, now: Instant) {
-        let initial = self.config.retransmit().initial;
+        self.arm_retransmit_with(now, self.config.retransmit().initial);
+    }
+
+    fn arm_retransmit_with(&mut self, now: Instant, initial: Duration) {
         self.retransmit = Some(Retransmit {
             next_at: now + initial,
             rto: initial,
@@ -1168,8 +1176,17 @@ impl Connection {
         if self.flight.is_empty() {
             return;
         }
+        // While our own timer runs, at most once per its interval: a peer whose timer is
+        // shorter than the path's round trip repeats its flight while ours is on the way, and
+        // answering every repeat would double the traffic of a slow path.
+        let gap = self
+            .retransmit
+            .as_ref()
+            .map_or(PEER_TRIGGERED_RESEND_INTERVAL, |r| {
+                r.rto.max(PEER_TRIGGERED_RESEND_INTERVAL)
+            });
         if let Some(t) = self.last_peer_resend {
-            if now < t + PEER_TRIGGERED_RESEND_INTERVAL {
+            if now < t + gap {
                 return;
             }
         }

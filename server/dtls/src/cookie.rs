@@ -1,11 +1,16 @@
 //! Stateless HelloVerifyRequest cookies (RFC 6347 §4.2.1; brief §5).
 //!
-//! `cookie = HMAC-SHA256(secret, client address || client_params)` truncated to 16 bytes, with
-//! the secret rotated periodically and the previous secret still accepted, so a cookie stays
-//! valid for between one and two rotation intervals. 16 bytes (a 128-bit MAC, far beyond what a
-//! blind spoofer can guess within a rotation interval) instead of the whole 32: the cookie
-//! crosses a constrained link twice per handshake (HelloVerifyRequest and ClientHello), and 32 B
-//! is also the most old clients accept.
+//! `cookie = t || HMAC-SHA256(secret, t || client address || client_params)[..12]`, 16 bytes,
+//! with `t` the time the cookie was made (milliseconds, 32 bits, wrapping) and the secret rotated
+//! periodically, the previous secret still accepted, so a cookie stays valid for between one
+//! and two rotation intervals.
+//!
+//! * 16 bytes instead of a whole 32-byte HMAC: the cookie crosses a constrained link twice per
+//!   handshake (HelloVerifyRequest and ClientHello). A 96-bit MAC is far beyond what a blind
+//!   spoofer can guess within a rotation interval.
+//! * `t` (authenticated) tells the server, when the cookie comes back, how long the
+//!   HelloVerifyRequest / ClientHello round trip took: the first RTT sample of the path, for
+//!   free and without state (the server's first retransmission timer is set from it).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -13,8 +18,9 @@ use std::time::{Duration, Instant};
 
 use ring::hmac;
 
-/// Cookie length in bytes (HMAC-SHA256 output truncated).
+/// Cookie length in bytes: a 4-byte time and a 12-byte truncated HMAC-SHA256.
 pub const COOKIE_LEN: usize = 16;
+const TIME_LEN: usize = 4;
 
 /// Current and previous HMAC-SHA256 cookie keys, with the time the current one was made.
 ///
@@ -25,6 +31,8 @@ pub struct CookieKeys {
     current: Option<hmac::Key>,
     previous: Option<hmac::Key>,
     created: Instant,
+    /// The zero of the cookies' time field.
+    origin: Instant,
 }
 
 fn fresh_key(rng: &dyn ring::rand::SecureRandom) -> Option<hmac::Key> {
@@ -39,9 +47,10 @@ fn fresh_key(rng: &dyn ring::rand::SecureRandom) -> Option<hmac::Key> {
     }
 }
 
-/// The MAC input: tag (4 / 6) || IP octets || port (BE) || client_params.
-fn mac_input(client: &SocketAddr, client_params: &[u8]) -> Vec<u8> {
-    let mut msg = Vec::with_capacity(1 + 16 + 2 + client_params.len());
+/// The MAC input: time || tag (4 / 6) || IP octets || port (BE) || client_params.
+fn mac_input(time: &[u8], client: &SocketAddr, client_params: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(TIME_LEN + 1 + 16 + 2 + client_params.len());
+    msg.extend_from_slice(time);
     match client.ip() {
         IpAddr::V4(ip) => {
             msg.push(4);
@@ -63,7 +72,13 @@ impl CookieKeys {
             current: fresh_key(rng),
             previous: None,
             created: now,
+            origin: now,
         }
+    }
+
+    /// Milliseconds since `origin`, wrapping at 2^32 (49.7 days; only differences are used).
+    fn millis(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.origin).as_millis() as u32
     }
 
     /// Rotate when `now - created >= interval` (or the current key is unset): previous =
@@ -83,29 +98,45 @@ impl CookieKeys {
         true
     }
 
-    /// Cookie = HMAC-SHA256(current key, client address (tag byte 4/6, IP bytes, port)
-    /// || client_params). `client_params` is what the caller extracts from the ClientHello:
-    /// version, random, session_id, cipher_suites, compression_methods (not extensions).
-    /// The first [`COOKIE_LEN`] bytes. All zeros (which never verifies) if the current key is
-    /// unset.
-    pub fn generate(&self, client: &SocketAddr, client_params: &[u8]) -> [u8; COOKIE_LEN] {
+    /// Cookie made at `now`: time (4 bytes) || HMAC-SHA256(current key, time || client
+    /// address (tag byte 4/6, IP bytes, port) || client_params)[..12]. `client_params` is what
+    /// the caller extracts from the ClientHello: version, random, session_id, cipher_suites,
+    /// compression_methods (not extensions). A zero MAC (which never verifies) if the current
+    /// key is unset.
+    pub fn generate(
+        &self,
+        now: Instant,
+        client: &SocketAddr,
+        client_params: &[u8],
+    ) -> [u8; COOKIE_LEN] {
         let mut out = [0u8; COOKIE_LEN];
+        let time = self.millis(now).to_be_bytes();
+        let (t, mac) = out.split_at_mut(TIME_LEN);
+        t.copy_from_slice(&time);
         if let Some(key) = &self.current {
-            let tag = hmac::sign(key, &mac_input(client, client_params));
-            for (d, s) in out.iter_mut().zip(tag.as_ref()) {
+            let tag = hmac::sign(key, &mac_input(&time, client, client_params));
+            for (d, s) in mac.iter_mut().zip(tag.as_ref()) {
                 *d = *s;
             }
         }
         out
     }
 
-    /// Constant-time check against the current or the previous key.
-    pub fn verify(&self, client: &SocketAddr, client_params: &[u8], cookie: &[u8]) -> bool {
+    /// Checks a cookie (constant-time) against the current or the previous key; `Some(age)`,
+    /// the time since it was made (the round trip it travelled), if it verifies.
+    pub fn verify(
+        &self,
+        now: Instant,
+        client: &SocketAddr,
+        client_params: &[u8],
+        cookie: &[u8],
+    ) -> Option<Duration> {
         if cookie.len() != COOKIE_LEN {
-            return false;
+            return None;
         }
-        let msg = mac_input(client, client_params);
-        [&self.current, &self.previous]
+        let (time, mac) = cookie.split_at(TIME_LEN);
+        let msg = mac_input(time, client, client_params);
+        let valid = [&self.current, &self.previous]
             .into_iter()
             .flatten()
             .any(|key| {
@@ -113,10 +144,12 @@ impl CookieKeys {
                 let diff = tag
                     .as_ref()
                     .iter()
-                    .zip(cookie)
+                    .zip(mac)
                     .fold(0u8, |acc, (a, b)| acc | (a ^ b));
                 diff == 0
-            })
+            });
+        let made = u32::from_be_bytes([time[0], time[1], time[2], time[3]]);
+        valid.then(|| Duration::from_millis(u64::from(self.millis(now).wrapping_sub(made))))
     }
 }
 
@@ -147,43 +180,71 @@ mod tests {
         let t0 = Instant::now();
         let keys = CookieKeys::new(&rng, t0);
         let a = addr("192.0.2.1:5684");
-        let c = keys.generate(&a, PARAMS);
+        let c = keys.generate(t0, &a, PARAMS);
         assert_eq!(c.len(), COOKIE_LEN);
         assert_ne!(c, [0u8; COOKIE_LEN]);
-        assert!(keys.verify(&a, PARAMS, &c));
+        assert!(keys.verify(t0, &a, PARAMS, &c).is_some());
         // deterministic for the same key and input
-        assert_eq!(keys.generate(&a, PARAMS), c);
+        assert_eq!(keys.generate(t0, &a, PARAMS), c);
         // a second CookieKeys (other secret) refuses it
         let other = CookieKeys::new(&rng, t0);
-        assert!(!other.verify(&a, PARAMS, &c));
+        assert!(other.verify(t0, &a, PARAMS, &c).is_none());
     }
 
     #[test]
     fn different_address_port_params_or_cookie_refused() {
         let rng = SystemRandom::new();
-        let keys = CookieKeys::new(&rng, Instant::now());
+        let t0 = Instant::now();
+        let keys = CookieKeys::new(&rng, t0);
         let a = addr("192.0.2.1:5684");
-        let c = keys.generate(&a, PARAMS);
-        assert!(!keys.verify(&addr("192.0.2.2:5684"), PARAMS, &c));
-        assert!(!keys.verify(&addr("192.0.2.1:5685"), PARAMS, &c));
-        assert!(!keys.verify(&addr("[::ffff:192.0.2.1]:5684"), PARAMS, &c));
-        assert!(!keys.verify(&a, b"other params", &c));
-        assert!(!keys.verify(&a, b"", &c));
+        let c = keys.generate(t0, &a, PARAMS);
+        assert!(keys
+            .verify(t0, &addr("192.0.2.2:5684"), PARAMS, &c)
+            .is_none());
+        assert!(keys
+            .verify(t0, &addr("192.0.2.1:5685"), PARAMS, &c)
+            .is_none());
+        assert!(keys
+            .verify(t0, &addr("[::ffff:192.0.2.1]:5684"), PARAMS, &c)
+            .is_none());
+        assert!(keys.verify(t0, &a, b"other params", &c).is_none());
+        assert!(keys.verify(t0, &a, b"", &c).is_none());
         let mut bad = c;
         bad[COOKIE_LEN - 1] ^= 1;
-        assert!(!keys.verify(&a, PARAMS, &bad));
-        assert!(!keys.verify(&a, PARAMS, &c[..COOKIE_LEN - 1]));
+        assert!(keys.verify(t0, &a, PARAMS, &bad).is_none());
+        assert!(keys.verify(t0, &a, PARAMS, &c[..COOKIE_LEN - 1]).is_none());
         let mut long = c.to_vec();
         long.push(0);
-        assert!(!keys.verify(&a, PARAMS, &long));
-        assert!(!keys.verify(&a, PARAMS, &[]));
-        assert!(!keys.verify(&a, PARAMS, &[0u8; COOKIE_LEN]));
+        assert!(keys.verify(t0, &a, PARAMS, &long).is_none());
+        assert!(keys.verify(t0, &a, PARAMS, &[]).is_none());
+        assert!(keys.verify(t0, &a, PARAMS, &[0u8; COOKIE_LEN]).is_none());
         // IPv6
         let v6 = addr("[2001:db8::1]:40000");
-        let c6 = keys.generate(&v6, PARAMS);
-        assert!(keys.verify(&v6, PARAMS, &c6));
-        assert!(!keys.verify(&addr("[2001:db8::2]:40000"), PARAMS, &c6));
+        let c6 = keys.generate(t0, &v6, PARAMS);
+        assert!(keys.verify(t0, &v6, PARAMS, &c6).is_some());
+        assert!(keys
+            .verify(t0, &addr("[2001:db8::2]:40000"), PARAMS, &c6)
+            .is_none());
         assert_ne!(c6, c);
+    }
+
+    #[test]
+    fn a_cookie_tells_its_age_and_its_time_cannot_be_changed() {
+        let rng = SystemRandom::new();
+        let t0 = Instant::now();
+        let keys = CookieKeys::new(&rng, t0);
+        let a = addr("192.0.2.9:5684");
+        let made = t0 + Duration::from_millis(1_500);
+        let c = keys.generate(made, &a, PARAMS);
+        let back = made + Duration::from_millis(730);
+        assert_eq!(
+            keys.verify(back, &a, PARAMS, &c),
+            Some(Duration::from_millis(730))
+        );
+        // A client claiming an older cookie (to inflate the server's timer) breaks the MAC.
+        let mut older = c;
+        older[TIME_LEN - 1] ^= 0x40;
+        assert!(keys.verify(back, &a, PARAMS, &older).is_none());
     }
 
     #[test]
@@ -193,28 +254,28 @@ mod tests {
         let interval = Duration::from_secs(60);
         let mut keys = CookieKeys::new(&rng, t0);
         let a = addr("198.51.100.7:1234");
-        let c = keys.generate(&a, PARAMS);
+        let c = keys.generate(t0, &a, PARAMS);
 
         // not due yet
         assert!(!keys.rotate_if_due(&rng, t0 + Duration::from_secs(59), interval));
-        assert!(keys.verify(&a, PARAMS, &c));
+        assert!(keys.verify(t0, &a, PARAMS, &c).is_some());
         // a `now` before `created` does not rotate (no panic either)
         assert!(!keys.rotate_if_due(&rng, t0, interval));
 
         // first rotation: the old cookie is accepted through the previous key
         assert!(keys.rotate_if_due(&rng, t0 + interval, interval));
-        assert!(keys.verify(&a, PARAMS, &c));
-        let c2 = keys.generate(&a, PARAMS);
+        assert!(keys.verify(t0, &a, PARAMS, &c).is_some());
+        let c2 = keys.generate(t0, &a, PARAMS);
         assert_ne!(c2, c, "new current key makes new cookies");
-        assert!(keys.verify(&a, PARAMS, &c2));
+        assert!(keys.verify(t0, &a, PARAMS, &c2).is_some());
 
         // rotation is measured from the last one
         assert!(!keys.rotate_if_due(&rng, t0 + interval + Duration::from_secs(30), interval));
 
         // second rotation: the first key is gone
         assert!(keys.rotate_if_due(&rng, t0 + 2 * interval, interval));
-        assert!(!keys.verify(&a, PARAMS, &c));
-        assert!(keys.verify(&a, PARAMS, &c2));
+        assert!(keys.verify(t0, &a, PARAMS, &c).is_none());
+        assert!(keys.verify(t0, &a, PARAMS, &c2).is_some());
     }
 
     #[test]

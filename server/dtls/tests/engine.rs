@@ -507,3 +507,82 @@ fn a_lean_client_hello_fits_a_frame_and_names_cached_certificates_after_the_cook
     assert_eq!(ch1.cipher_suites, ch2.cipher_suites);
     assert_eq!(ch1.random, ch2.random);
 }
+
+#[test]
+fn the_servers_first_timer_is_three_cookie_round_trips_and_at_least_the_configured_one() {
+    let pki = Pki::new(2);
+    let mut net = Net::new(pki.server_config(), 63, 0.0);
+    for (i, round_trip, expect) in [
+        (0, Duration::from_millis(800), Duration::from_millis(2400)),
+        (1, Duration::from_millis(20), Duration::from_secs(1)),
+    ] {
+        net.add_client(pki.client_config(i));
+        let from = client_addr(i);
+        let ch1 = net.clients[i].poll_transmit().unwrap();
+        net.inject(from, &ch1);
+        let hvr = net.take_server_transmits().remove(0);
+        net.now += round_trip;
+        let now = net.now;
+        net.clients[i].handle_datagram(now, addr(SERVER), &hvr.payload);
+        let ch2 = net.clients[i].poll_transmit().unwrap();
+        net.inject(from, &ch2);
+        assert!(!net.take_server_transmits().is_empty(), "flight 4");
+        // RFC 6298 §2.2's first RTO, 3 x R (the configured 1 s is the floor).
+        assert_eq!(
+            net.server.poll_timeout(),
+            Some(now + expect),
+            "{round_trip:?}"
+        );
+        net.server
+            .handle_timeout(now + expect - Duration::from_millis(1));
+        assert!(net.take_server_transmits().is_empty());
+        net.server.handle_timeout(now + expect);
+        assert!(!net.take_server_transmits().is_empty(), "flight 4 resent");
+    }
+}
+
+#[test]
+fn a_client_answers_a_repeating_server_at_most_once_per_its_own_timer() {
+    use est_dtls::RetransmitConfig;
+    let pki = Pki::new(1);
+    let mut sc = pki.server_config();
+    // A server whose timer is far below the path's round trip.
+    sc.retransmit = RetransmitConfig {
+        initial: Duration::from_millis(200),
+        max: Duration::from_millis(200),
+    };
+    let mut net = Net::new(sc, 64, 0.0);
+    let mut cc = pki.client_config(0);
+    cc.retransmit = RetransmitConfig {
+        initial: Duration::from_secs(5),
+        max: Duration::from_secs(60),
+    };
+    net.add_client(cc);
+    // Flight 5 never arrives: the server repeats flight 4 every 200 ms.
+    net.filter = Some(Box::new(|to_server, _, d| {
+        let flight5 = to_server && d[0] == ct::HANDSHAKE && d[13] == hs::CERTIFICATE;
+        if flight5 {
+            Vec::new()
+        } else {
+            vec![d]
+        }
+    }));
+    net.run_for(Duration::from_millis(4500));
+    let flight5_sent = net
+        .log
+        .iter()
+        .filter(|(to_server, _, d)| *to_server && d[13] == hs::CERTIFICATE)
+        .count();
+    let flight4_sent = net
+        .log
+        .iter()
+        .filter(|(to_server, _, d)| !to_server && d[13] == hs::SERVER_HELLO)
+        .count();
+    assert!(
+        flight4_sent >= 15,
+        "the server repeated flight 4 ({flight4_sent})"
+    );
+    // The first flight 5, one answer to the first repeat, none to the next ones within the
+    // client's 5 s timer.
+    assert_eq!(flight5_sent, 2, "flight 5 sent {flight5_sent} times");
+}
