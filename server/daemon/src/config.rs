@@ -186,8 +186,8 @@ impl Default for DtlsSection {
             mtu_bytes: 1152,
             flight_interval_ms: 1000,
             retransmit_max_ms: 60_000,
-            handshake_timeout_secs: 30,
-            handshake_stall_timeout_secs: 10,
+            handshake_timeout_secs: 60,
+            handshake_stall_timeout_secs: 30,
             idle_timeout_secs: 120,
             max_half_open_handshakes: 1024,
             max_half_open_per_ip: 1024,
@@ -354,15 +354,20 @@ worker_threads = 0
 cipher_suites = ["ccm8", "gcm"]
 # Largest DTLS datagram we send (handshake messages are fragmented to fit, 256..16384).
 mtu_bytes = 1152
-# Handshake flight retransmission: the first resend after flight_interval_ms, then the
-# interval doubles up to retransmit_max_ms (RFC 6347 §4.2.4.1).
+# Handshake flight retransmission: the first resend after flight_interval_ms (or after three
+# times the round trip the cookie exchange measured, if longer: RFC 6298's first RTO, so slow
+# paths get no early resends), then the interval doubles up to retransmit_max_ms (RFC 6347
+# §4.2.4.1).
 flight_interval_ms = 1000
 retransmit_max_ms = 60000
-# A handshake not finished after this long is abandoned and its state freed.
-handshake_timeout_secs = 30
+# A handshake not finished after this long is abandoned and its state freed. Meters on slow
+# meshes back off exponentially from several seconds (RFC 7925 §11 recommends 9 s): their
+# fourth flight can come ~50 s after the first.
+handshake_timeout_secs = 60
 # A handshake past the cookie exchange that receives nothing for this long is abandoned
-# (at most handshake_timeout_secs).
-handshake_stall_timeout_secs = 10
+# (at most handshake_timeout_secs); it must outlast a backed-off meter's gap between two
+# retransmissions. At the half-open cap the oldest handshake gives way anyway.
+handshake_stall_timeout_secs = 30
 # A session with no traffic for this long is closed.
 idle_timeout_secs = 120
 # Handshakes past the cookie exchange at once (at most max_sessions); at the cap the oldest
@@ -927,13 +932,26 @@ mod tests {
         assert!(err.contains("session_limit_exempt_ips"), "{err}");
         let err = dtls_err("session_limit_exempt_ips = [\"0.0.0.0\"]");
         assert!(err.contains("dtls.session_limit_exempt_ips"), "{err}");
+        // C509 in the handshake: a Private Use type number, or 0 (off).
+        for ok in [0u8, 224, 255] {
+            Config::parse(
+                &format!("[dtls]\nc509_certificate_type = {ok}\n"),
+                Path::new("x"),
+            )
+            .unwrap();
+        }
+        let err = dtls_err("c509_certificate_type = 2");
+        assert!(err.contains("dtls.c509_certificate_type"), "{err}");
     }
 
     #[test]
     fn documented_dtls_defaults() {
         let d = DtlsSection::default();
         assert_eq!(d.retransmit_max_ms, 60_000);
-        assert_eq!(d.handshake_stall_timeout_secs, 10);
+        assert_eq!(d.handshake_stall_timeout_secs, 30);
+        assert_eq!(d.handshake_timeout_secs, 60);
+        assert!(d.send_chain && d.cached_info);
+        assert_eq!(d.c509_certificate_type, 224);
         assert_eq!(d.max_half_open_per_ip, 1024);
         assert_eq!(d.max_sessions_per_identity, 4);
         assert_eq!(d.max_sessions_per_ip, 20_000);

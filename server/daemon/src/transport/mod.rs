@@ -226,8 +226,8 @@ impl Default for DtlsServerConfig {
             mtu_bytes: 1152,
             flight_interval: Duration::from_secs(1),
             retransmit_max: Duration::from_secs(60),
-            handshake_timeout: Duration::from_secs(30),
-            handshake_stall_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(60),
+            handshake_stall_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
             max_half_open_handshakes: 1024,
             // Per-IP limits default to the global ones: meters behind one NAT, a DCU relay or a
