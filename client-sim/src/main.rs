@@ -208,14 +208,16 @@ struct Cli {
     /// DTLS MTU: handshake messages are fragmented to this size.
     #[arg(long, default_value_t = 1152)]
     dtls_mtu: usize,
-    /// The meters' DTLS client library: webrtc (webrtc-dtls), openssl (system OpenSSL 3;
-    /// retransmits on OpenSSL's own 1 s doubling timer, so --dtls-flight-interval does not apply
-    /// to it) or dimpl (sans-IO, ring crypto; negotiates TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
-    /// instead of CCM_8 and sends the leaf certificate only). openssl and dimpl are in the build
-    /// only with the cargo features openssl-backend and dimpl-backend. native is our own
-    /// engine's client mode (est-dtls): CCM_8, exponential back-off from
-    /// --dtls-flight-interval, and Connection ID with --dtls-connection-id.
-    #[arg(long, value_enum, default_value_t = DtlsBackend::Webrtc)]
+    /// The meters' DTLS client library: native (the default) is our own engine's client mode
+    /// (est-dtls): CCM_8, exponential back-off from --dtls-flight-interval, small
+    /// ClientHellos, Connection ID with --dtls-connection-id, RFC 7924 cached_info with
+    /// --cached-info, C509 certificates with --format c509. webrtc (webrtc-dtls; a fixed
+    /// retransmission interval, no back-off), openssl (system OpenSSL 3; retransmits on
+    /// OpenSSL's own 1 s doubling timer, so --dtls-flight-interval does not apply to it) or
+    /// dimpl (sans-IO, ring crypto; negotiates TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 instead
+    /// of CCM_8 and sends the leaf certificate only). openssl and dimpl are in the build only
+    /// with the cargo features openssl-backend and dimpl-backend.
+    #[arg(long, value_enum, default_value_t = DtlsBackend::Native)]
     dtls_backend: DtlsBackend,
     /// Offer a DTLS Connection ID (RFC 9146; --dtls-backend native): sessions survive a
     /// change of the meter's source address.
