@@ -1079,21 +1079,10 @@ impl Connection {
         let mut current: Vec<u8> = Vec::new();
         // Plaintext handshake fragments waiting to share a record.
         let mut pending: Vec<u8> = Vec::new();
-        let place = |datagrams: &mut Vec<Vec<u8>>, current: &mut Vec<u8>, r: Vec<u8>| {
-            if !current.is_empty() && current.len() + r.len() > mtu {
-                datagrams.push(std::mem::take(current));
-            }
-            current.extend_from_slice(&r);
-        };
         for item in &items {
             let records: Vec<Vec<u8>> = match item {
                 FlightItem::ChangeCipherSpec { epoch } => {
-                    if !pending.is_empty() {
-                        if let Ok(r) = self.encode_record(ct::HANDSHAKE, 0, &pending) {
-                            place(&mut datagrams, &mut current, r);
-                        }
-                        pending.clear();
-                    }
+                    self.flush_handshake_record(&mut pending, &mut datagrams, &mut current);
                     let r = self.encode_record(ct::CHANGE_CIPHER_SPEC, *epoch, &[1]);
                     // The cipher for the next epoch is installed once its CCS is encoded.
                     if *epoch == 0 {
@@ -1120,12 +1109,7 @@ impl Connection {
                         .max(16);
                     let fragments = wire::fragment_handshake(message, max_body);
                     if *epoch > 0 {
-                        if !pending.is_empty() {
-                            if let Ok(r) = self.encode_record(ct::HANDSHAKE, 0, &pending) {
-                                place(&mut datagrams, &mut current, r);
-                            }
-                            pending.clear();
-                        }
+                        self.flush_handshake_record(&mut pending, &mut datagrams, &mut current);
                         fragments
                             .iter()
                             .filter_map(|f| self.encode_record(ct::HANDSHAKE, *epoch, f).ok())
@@ -1135,11 +1119,12 @@ impl Connection {
                             let room = mtu.saturating_sub(current.len());
                             let joined = RECORD_HEADER_LEN + pending.len() + f.len();
                             let fits = joined <= room && joined <= self.max_plaintext;
-                            if !pending.is_empty() && !fits {
-                                if let Ok(r) = self.encode_record(ct::HANDSHAKE, 0, &pending) {
-                                    place(&mut datagrams, &mut current, r);
-                                }
-                                pending.clear();
+                            if !fits {
+                                self.flush_handshake_record(
+                                    &mut pending,
+                                    &mut datagrams,
+                                    &mut current,
+                                );
                             }
                             if pending.is_empty()
                                 && !current.is_empty()
@@ -1154,20 +1139,33 @@ impl Connection {
                 }
             };
             for r in records {
-                place(&mut datagrams, &mut current, r);
+                place_record(&mut datagrams, &mut current, r, mtu);
             }
         }
-        if !pending.is_empty() {
-            if let Ok(r) = self.encode_record(ct::HANDSHAKE, 0, &pending) {
-                place(&mut datagrams, &mut current, r);
-            }
-        }
+        self.flush_handshake_record(&mut pending, &mut datagrams, &mut current);
         if !current.is_empty() {
             datagrams.push(current);
         }
         self.flight = items;
         metrics.datagrams_sent_handshake += datagrams.len() as u64;
         self.outbox.extend(datagrams);
+    }
+
+    /// Encodes the plaintext handshake fragments in `pending` as one record into the datagram
+    /// being filled (see [`Connection::send_flight`]).
+    fn flush_handshake_record(
+        &mut self,
+        pending: &mut Vec<u8>,
+        datagrams: &mut Vec<Vec<u8>>,
+        current: &mut Vec<u8>,
+    ) {
+        if pending.is_empty() {
+            return;
+        }
+        if let Ok(r) = self.encode_record(ct::HANDSHAKE, 0, pending) {
+            place_record(datagrams, current, r, self.config.mtu());
+        }
+        pending.clear();
     }
 
     /// Resends our last flight because the peer repeated its previous one, at most once per
@@ -1995,6 +1993,15 @@ fn derive_keys(h: &mut Handshake, premaster: &[u8], role: Role) -> Result<(), Er
     h.pending_write = Some(write);
     h.master = Some(master);
     Ok(())
+}
+
+/// Appends record `r` to the datagram being filled, or starts a new one if it does not fit the
+/// MTU.
+fn place_record(datagrams: &mut Vec<Vec<u8>>, current: &mut Vec<u8>, r: Vec<u8>, mtu: usize) {
+    if !current.is_empty() && current.len() + r.len() > mtu {
+        datagrams.push(std::mem::take(current));
+    }
+    current.extend_from_slice(&r);
 }
 
 /// A DER chain in its C509 encoding, or `None` if a certificate does not convert.
