@@ -31,6 +31,9 @@ pub struct DriverConfig {
     pub bind: SocketAddr,
     pub dtls: DtlsClientConfig,
     pub coap: ClientConfig,
+    /// Derive each meter's CoAP ACK_TIMEOUT from its path ([`crate::dtls::auto_ack_timeout`])
+    /// instead of using `coap.coap.ack_timeout`.
+    pub ack_timeout_auto: bool,
     /// NAT rebinding: once per meter, right after the first request of its first session goes
     /// out, the meter's datagrams start leaving from a new source port (its emulated link's
     /// socket is replaced). With a DTLS Connection ID the session carries on; without one the
@@ -189,9 +192,18 @@ impl Notes {
     }
 }
 
-async fn close(session: &mut Option<Session>, coap: &mut CoapCounters, notes: &Notes) {
+async fn close(
+    session: &mut Option<Session>,
+    coap: &mut CoapCounters,
+    notes: &Notes,
+    notify: bool,
+) {
     if let Some(s) = session.take() {
         coap.add(&s.client.stats());
+        if !notify {
+            s.dtls.abandon().await;
+            return;
+        }
         notes.close();
         // close_notify goes out through the emulated link; do not wait on a stuck writer.
         let _ = tokio::time::timeout(Duration::from_secs(1), s.dtls.close()).await;
@@ -277,7 +289,7 @@ where
                     credential,
                     purpose,
                 } => {
-                    close(&mut session, &mut coap, &notes).await;
+                    close(&mut session, &mut coap, &notes, cfg.dtls.close_notify).await;
                     sessions += 1;
                     notes.begin_session(purpose);
                     let conn = match open().await {
@@ -342,7 +354,9 @@ where
                     }
                     None => meter.handle_session_lost(Instant::now(), "no session".into()),
                 },
-                Action::Disconnect => close(&mut session, &mut coap, &notes).await,
+                Action::Disconnect => {
+                    close(&mut session, &mut coap, &notes, cfg.dtls.close_notify).await
+                }
             }
         }
         if meter.is_done() {
@@ -359,7 +373,7 @@ where
                 }
             }
             if let Some(e) = lost {
-                close(&mut session, &mut coap, &notes).await;
+                close(&mut session, &mut coap, &notes, cfg.dtls.close_notify).await;
                 meter.handle_session_lost(Instant::now(), e);
                 continue;
             }
@@ -424,11 +438,11 @@ where
             }
         }
         if let Some(e) = lost {
-            close(&mut session, &mut coap, &notes).await;
+            close(&mut session, &mut coap, &notes, cfg.dtls.close_notify).await;
             meter.handle_session_lost(Instant::now(), e);
         }
     }
-    close(&mut session, &mut coap, &notes).await;
+    close(&mut session, &mut coap, &notes, cfg.dtls.close_notify).await;
     let ldevid = meter.ldevid().map(<[u8]>::to_vec);
     let failure = match meter.state() {
         MeterState::Failed(r) => Some(r.clone()),
@@ -492,6 +506,7 @@ mod tests {
                 block2_szx: Some(block_szx),
                 ..ClientConfig::default()
             },
+            ack_timeout_auto: false,
             nat_rebind: false,
         }
     }

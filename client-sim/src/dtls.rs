@@ -150,6 +150,14 @@ pub struct DtlsClientConfig {
     /// The server's certificate chain (DER, as the server sends it) the meters hold from
     /// provisioning; empty: each meter learns it in its first handshake.
     pub server_chain_der: Vec<Vec<u8>>,
+    /// C509 certificates inside the handshake (the native backend only): offer this TLS
+    /// certificate type number (RFC 7250) for the meter's certificate and the server's, X.509
+    /// second. `None`: X.509 only.
+    pub c509_certificate_type: Option<u8>,
+    /// End a session with close_notify (RFC 5246 §7.2.1). false (the native backend only):
+    /// just stop, and leave the server to close the session at its idle timeout; saves one
+    /// datagram (31 B, one frame) per session.
+    pub close_notify: bool,
 }
 
 impl std::fmt::Debug for DtlsClientConfig {
@@ -179,6 +187,8 @@ impl Default for DtlsClientConfig {
             connection_id: false,
             cached_info: false,
             server_chain_der: Vec::new(),
+            c509_certificate_type: None,
+            close_notify: true,
         }
     }
 }
@@ -313,6 +323,14 @@ impl DtlsSession {
         }
     }
 
+    /// Closes without close_notify (the native backend; the others close as usual).
+    pub async fn abandon(self) {
+        match self {
+            DtlsSession::Native(s) => s.abandon().await,
+            other => other.close().await,
+        }
+    }
+
     /// Sends close_notify and closes the connection (callers bound it with a timeout).
     pub async fn close(self) {
         match self {
@@ -388,23 +406,48 @@ pub(crate) async fn recv_until(
     }
 }
 
-/// A flight retransmission interval suited to a meter's path: 1.5 x the worst-case round trip of
-/// a full 1152-byte flight datagram (latency + jitter + serialization, each direction, over the
-/// meter link and the DCU backhaul), between 2 s and 20 s.
+/// The worst-case round trip over a meter's path of a `datagram`-byte datagram each way:
+/// latency + jitter + serialization, each direction, over the meter link and the DCU backhaul.
+pub fn worst_rtt(
+    link: &crate::link::LinkParams,
+    dcu: Option<&crate::link::LinkParams>,
+    datagram: usize,
+) -> Duration {
+    let one_way = |l: &crate::link::LinkParams| {
+        l.latency + l.jitter + l.serialization_delay(l.frames.air_bytes(datagram))
+    };
+    (one_way(link) + dcu.map(one_way).unwrap_or_default()) * 2
+}
+
+/// A flight retransmission interval suited to a meter's path: 1.5 x the worst-case round trip
+/// of a full 1152-byte flight datagram ([`worst_rtt`]), between 2 s and 20 s.
 ///
 /// webrtc-dtls retransmits at a fixed interval with no backoff (RFC 6347 §4.2.4.1 asks for
 /// doubling); an interval below the path's RTT makes every meter resend every flight before the
 /// answer can arrive, which collapses a shared narrowband backhaul. RFC 7925 §11 recommends 9 s
-/// initial timers for constrained links.
+/// initial timers for constrained links. The native backend starts from this value and doubles
+/// it at each expiry.
 pub fn auto_flight_interval(
     link: &crate::link::LinkParams,
     dcu: Option<&crate::link::LinkParams>,
 ) -> Duration {
-    let one_way = |l: &crate::link::LinkParams| {
-        l.latency + l.jitter + l.serialization_delay(l.frames.air_bytes(1152))
-    };
-    let rtt = (one_way(link) + dcu.map(one_way).unwrap_or_default()) * 2;
-    rtt.mul_f64(1.5)
+    worst_rtt(link, dcu, 1152)
+        .mul_f64(1.5)
+        .clamp(Duration::from_secs(2), Duration::from_secs(20))
+}
+
+/// A CoAP ACK_TIMEOUT suited to a meter's path (RFC 7252 §4.8.1 lets it be adjusted to the
+/// path): 1.5 x the worst-case round trip of a request and a response of `block` payload bytes
+/// plus 100 B of CoAP and DTLS overhead, at least the RFC's 2 s, at most 20 s. The CoAP client
+/// then draws the first timeout in `[ACK_TIMEOUT, 1.5 x ACK_TIMEOUT]` and doubles it at each
+/// retransmission (RFC 7252 §4.2).
+pub fn auto_ack_timeout(
+    link: &crate::link::LinkParams,
+    dcu: Option<&crate::link::LinkParams>,
+    block: usize,
+) -> Duration {
+    worst_rtt(link, dcu, block + 100)
+        .mul_f64(1.5)
         .clamp(Duration::from_secs(2), Duration::from_secs(20))
 }
 
@@ -489,5 +532,15 @@ mod tests {
         let mut slow = plc.clone();
         slow.latency = Duration::from_secs(30);
         assert_eq!(auto_flight_interval(&slow, None), Duration::from_secs(20));
+        // CoAP: the RFC's 2 s on a LAN; on plc 1.5 x (2 x (400 ms + 200 ms jitter + a 1124-byte
+        // datagram's ~1,500 on-air bytes at 20 kbit/s, 0.6 s)) = 3.6 s.
+        assert_eq!(auto_ack_timeout(&lan, None, 1024), Duration::from_secs(2));
+        let plc = LinkParams::profile(LinkProfile::Plc);
+        let a = auto_ack_timeout(&plc, None, 1024);
+        assert!(
+            a > Duration::from_millis(3400) && a < Duration::from_millis(3800),
+            "{a:?}"
+        );
+        assert!(auto_ack_timeout(&plc, None, 64) < a);
     }
 }

@@ -4,7 +4,9 @@
 //! and can offer a Connection ID (RFC 9146) so that a meter whose NAT rebinds keeps its session.
 //!
 //! The server certificate is checked by rustls's webpki verifier over the meter's Implicit TA
-//! database (RFC 9148 §3), as the other backends do.
+//! database (RFC 9148 §3), as the other backends do. Meters keep their ClientHellos small
+//! (`lean_hello`), can name the server certificate they hold with RFC 7924 cached_info, and can
+//! send (and receive) certificates as C509 (RFC 7250 negotiation, X.509 as the fallback).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -37,6 +39,7 @@ struct ConfigKey {
     trust_anchors_der: Vec<Vec<u8>>,
     /// The server chain offered with cached_info (empty: none).
     cached_server_chain: Vec<Vec<u8>>,
+    c509_certificate_type: Option<u8>,
 }
 static CONFIGS: Mutex<VecDeque<(ConfigKey, Arc<ClientConfig>)>> = Mutex::new(VecDeque::new());
 
@@ -56,6 +59,7 @@ fn config(cfg: &DtlsClientConfig, cred: &Credential) -> Result<Arc<ClientConfig>
         } else {
             Vec::new()
         },
+        c509_certificate_type: cfg.c509_certificate_type,
     };
     let mut cache = CONFIGS.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, c)) = cache.iter().find(|(k, _)| *k == key) {
@@ -74,15 +78,19 @@ fn config(cfg: &DtlsClientConfig, cred: &Credential) -> Result<Arc<ClientConfig>
         max: RETRANSMIT_MAX.max(cfg.flight_interval),
     };
     c.handshake_timeout = cfg.handshake_timeout;
-    // RFC 9148 §3: the mandatory suite; P-256 (RFC 7925 §4.4).
+    // RFC 9148 §3: the mandatory suite; P-256 and ecdsa_secp256r1_sha256 (RFC 7925 §4.4, §5).
     c.cipher_suites = vec![est_dtls::CipherSuite::Aes128Ccm8];
     c.groups = vec![est_dtls::NamedGroup::Secp256r1];
+    c.signature_schemes = vec![est_dtls::SignatureScheme::EcdsaSecp256r1Sha256];
+    // A meter on a mesh: the first ClientHello fits one 802.15.4 frame.
+    c.lean_hello = true;
     // We send with the server's CID; we want none back (our own address does not move for
     // the server's sake).
     c.connection_id = cfg.connection_id.then(Vec::new);
     if !key.cached_server_chain.is_empty() {
         c.cached_server_chains = vec![key.cached_server_chain.clone()];
     }
+    c.c509 = key.c509_certificate_type.map(est_dtls::C509Codec::type3);
     let c = Arc::new(c);
     if cache.len() >= MAX_CACHED {
         cache.pop_front();
@@ -297,6 +305,11 @@ impl NativeSession {
             &mut self.closed,
         );
         let _ = send_queued(&*self.conn, &mut self.outgoing).await;
+        let _ = self.conn.close().await;
+    }
+
+    /// Closes the connection without a close_notify.
+    pub async fn abandon(self) {
         let _ = self.conn.close().await;
     }
 

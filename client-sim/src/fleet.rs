@@ -270,7 +270,22 @@ pub async fn run_fleet(
                             dcu.as_ref().map(|_| &cfg.dcu_link),
                         );
                         driver.dtls.flight_interval = i;
-                        driver.dtls.handshake_timeout = driver.dtls.handshake_timeout.max(i * 8);
+                        // webrtc-dtls resends at a fixed interval: 8 of them; the others back
+                        // off (1 + 2 + 4 + 8 intervals for four resends).
+                        let intervals = match driver.dtls.backend {
+                            crate::dtls::DtlsBackend::Webrtc => 8,
+                            _ => 15,
+                        };
+                        driver.dtls.handshake_timeout =
+                            driver.dtls.handshake_timeout.max(i * intervals);
+                    }
+                    if driver.ack_timeout_auto {
+                        let block = 16usize << driver.coap.block1_szx.min(6);
+                        driver.coap.coap.ack_timeout = crate::dtls::auto_ack_timeout(
+                            &plan.link,
+                            dcu.as_ref().map(|_| &cfg.dcu_link),
+                            block,
+                        );
                     }
                     let link = MeterLink::new(plan.link.clone(), mix64(plan.seed ^ 0x11), dcu);
                     run_meter(plan.index, meter, link, &driver, plan.seed).await
@@ -472,6 +487,7 @@ mod tests {
                     block2_szx: Some(4),
                     ..ClientConfig::default()
                 },
+                ack_timeout_auto: false,
                 nat_rebind: false,
             },
             meter: MeterConfig::default(),

@@ -42,6 +42,10 @@ use serde::{Deserialize, Serialize};
 ///   datagram that does not fit one frame is fragmented; every fragment except the last carries a
 ///   multiple of 8 bytes of the (compressed) IPv6 packet.
 ///
+/// * `relay_header_bytes` 0: bytes a relay adds to every datagram on the mesh (its header in
+///   front of the UDP payload, e.g. 38 B for a relayed meter, `--link ...,relay=38`); they
+///   take room in the frames like payload does.
+///
 /// So an unfragmented datagram may carry up to 102 - 10 = **92 B of UDP payload** in one frame.
 /// A DTLS record of a 64-byte CoAP block (64 + ~12 CoAP + 29 DTLS/CCM_8 = ~105 B) needs two frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,6 +55,8 @@ pub struct FrameModel {
     pub compressed_header_bytes: u32,
     pub frag1_header_bytes: u32,
     pub fragn_header_bytes: u32,
+    #[serde(default)]
+    pub relay_header_bytes: u32,
 }
 
 impl Default for FrameModel {
@@ -61,6 +67,7 @@ impl Default for FrameModel {
             compressed_header_bytes: 10,
             frag1_header_bytes: 4,
             fragn_header_bytes: 5,
+            relay_header_bytes: 0,
         }
     }
 }
@@ -71,10 +78,12 @@ impl FrameModel {
         self.frame_bytes.saturating_sub(self.mac_overhead_bytes)
     }
 
-    /// UDP payload bytes that fit in a single unfragmented frame (92 B with the defaults).
+    /// UDP payload bytes that fit in a single unfragmented frame (92 B with the defaults, 54 B
+    /// behind a 38-byte relay header).
     pub fn single_frame_payload(&self) -> u32 {
         self.mac_payload()
             .saturating_sub(self.compressed_header_bytes)
+            .saturating_sub(self.relay_header_bytes)
     }
 
     /// Number of 802.15.4 frames needed for a UDP datagram of `udp_payload` bytes.
@@ -82,7 +91,9 @@ impl FrameModel {
     /// RFC 4944 §5.3: the first fragment carries FRAG1 (4 B) + the compressed header + data, later
     /// fragments FRAGN (5 B) + data; fragment data (except the last) is a multiple of 8 bytes.
     pub fn frames(&self, udp_payload: usize) -> u32 {
-        let len = u64::try_from(udp_payload).unwrap_or(u64::MAX);
+        let len = u64::try_from(udp_payload)
+            .unwrap_or(u64::MAX)
+            .saturating_add(u64::from(self.relay_header_bytes));
         let mac = u64::from(self.mac_payload());
         let hdr = u64::from(self.compressed_header_bytes);
         if len + hdr <= mac {
@@ -107,7 +118,9 @@ impl FrameModel {
     /// Bytes on the air for a UDP datagram: payload + compressed header + per-frame MAC and
     /// fragmentation headers. This is what the link's rate limit serializes.
     pub fn air_bytes(&self, udp_payload: usize) -> u64 {
-        let len = u64::try_from(udp_payload).unwrap_or(u64::MAX);
+        let len = u64::try_from(udp_payload)
+            .unwrap_or(u64::MAX)
+            .saturating_add(u64::from(self.relay_header_bytes));
         let frames = u64::from(self.frames(udp_payload));
         let frag = if frames > 1 {
             u64::from(self.frag1_header_bytes) + (frames - 1) * u64::from(self.fragn_header_bytes)
@@ -178,6 +191,11 @@ pub struct LinkParams {
     /// dropped. `None` = unbounded.
     pub max_queue_bytes: Option<u64>,
     pub frames: FrameModel,
+    /// Draw loss per 802.15.4 frame instead of per datagram: a fragmented datagram is lost when
+    /// any of its frames is (RFC 4944 fragments are not retransmitted one by one). `--link
+    /// ...,lossper=frame`.
+    #[serde(default)]
+    pub loss_per_frame: bool,
 }
 
 impl Default for LinkParams {
@@ -232,6 +250,7 @@ impl LinkParams {
                 rate_bps: None,
                 max_queue_bytes: None,
                 frames,
+                loss_per_frame: false,
             },
             LinkProfile::Wisun => LinkParams {
                 latency: Duration::from_millis(150),
@@ -245,6 +264,7 @@ impl LinkParams {
                 rate_bps: Some(50_000),
                 max_queue_bytes: Some(16 * 1024),
                 frames,
+                loss_per_frame: false,
             },
             LinkProfile::Plc => LinkParams {
                 latency: Duration::from_millis(400),
@@ -258,6 +278,7 @@ impl LinkParams {
                 rate_bps: Some(20_000),
                 max_queue_bytes: Some(8 * 1024),
                 frames,
+                loss_per_frame: false,
             },
             LinkProfile::Cellular => LinkParams {
                 latency: Duration::from_millis(80),
@@ -266,6 +287,7 @@ impl LinkParams {
                 rate_bps: Some(200_000),
                 max_queue_bytes: Some(64 * 1024),
                 frames,
+                loss_per_frame: false,
             },
         }
     }
@@ -286,7 +308,7 @@ impl LinkParams {
 /// Error parsing a `--link` specification.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum LinkSpecError {
-    #[error("unknown link profile or key `{0}` (profiles: lan, wisun, plc, cellular; keys: profile, loss, ge, latency, jitter, rate, queue)")]
+    #[error("unknown link profile or key `{0}` (profiles: lan, wisun, plc, cellular; keys: profile, loss, ge, lossper, relay, latency, jitter, rate, queue)")]
     UnknownKey(String),
     #[error("bad value `{value}` for `{key}`: {reason}")]
     BadValue {
@@ -426,6 +448,27 @@ impl FromStr for LinkParams {
                         loss_good: get(3)?,
                     };
                 }
+                "lossper" => {
+                    params.loss_per_frame = match value {
+                        "frame" => true,
+                        "datagram" => false,
+                        _ => {
+                            return Err(LinkSpecError::BadValue {
+                                key: key.to_string(),
+                                value: value.to_string(),
+                                reason: "expected `frame` or `datagram`",
+                            })
+                        }
+                    }
+                }
+                "relay" => {
+                    params.frames.relay_header_bytes =
+                        value.parse().map_err(|_| LinkSpecError::BadValue {
+                            key: key.to_string(),
+                            value: value.to_string(),
+                            reason: "expected the relay header's size in bytes",
+                        })?
+                }
                 "latency" => params.latency = parse_duration(key, value)?,
                 "jitter" => params.jitter = parse_duration(key, value)?,
                 "rate" => params.rate_bps = parse_rate(key, value)?,
@@ -474,6 +517,12 @@ impl fmt::Display for LinkParams {
         }
         if let Some(q) = self.max_queue_bytes {
             write!(f, ",queue={q}")?;
+        }
+        if self.loss_per_frame {
+            write!(f, ",lossper=frame")?;
+        }
+        if self.frames.relay_header_bytes > 0 {
+            write!(f, ",relay={}", self.frames.relay_header_bytes)?;
         }
         Ok(())
     }
@@ -602,8 +651,12 @@ impl LinkDirection {
         self.busy_until = Some(done);
 
         // Draw loss and jitter for every datagram, in a fixed order, so that the random stream
-        // does not depend on outcomes.
-        let lost = self.draw_loss();
+        // does not depend on outcomes (per frame: one draw for each of its frames).
+        let lost = if self.params.loss_per_frame {
+            (0..frames).fold(false, |lost, _| self.draw_loss() | lost)
+        } else {
+            self.draw_loss()
+        };
         let jitter = if self.params.jitter.is_zero() {
             Duration::ZERO
         } else {
@@ -649,6 +702,7 @@ mod tests {
             rate_bps: rate,
             max_queue_bytes: None,
             frames: FrameModel::default(),
+            loss_per_frame: false,
         }
     }
 
@@ -669,6 +723,50 @@ mod tests {
         // On-air bytes: payload + header + 25 B MAC per frame + fragmentation headers.
         assert_eq!(m.air_bytes(50), 50 + 10 + 25);
         assert_eq!(m.air_bytes(100), 100 + 10 + 2 * 25 + 4 + 5);
+    }
+
+    #[test]
+    fn a_relay_header_takes_room_in_the_frames() {
+        let m = FrameModel {
+            relay_header_bytes: 38,
+            ..FrameModel::default()
+        };
+        assert_eq!(m.single_frame_payload(), 54);
+        assert_eq!(m.frames(54), 1);
+        assert_eq!(m.frames(55), 2);
+        assert_eq!(m.frames(1152), FrameModel::default().frames(1152 + 38));
+        assert_eq!(m.air_bytes(50), 50 + 38 + 10 + 25);
+        let p: LinkParams = "wisun,relay=38,lossper=frame".parse().unwrap();
+        assert_eq!(p.frames.relay_header_bytes, 38);
+        assert!(p.loss_per_frame);
+        let again: LinkParams = p.to_string().parse().unwrap();
+        assert_eq!((again.frames, again.loss_per_frame), (p.frames, true));
+        assert!("lossper=packet".parse::<LinkParams>().is_err());
+        assert!("relay=x".parse::<LinkParams>().is_err());
+    }
+
+    #[test]
+    fn loss_per_frame_loses_fragmented_datagrams_more_often() {
+        let mut params = lossless(None);
+        params.loss = LossModel::Independent { p: 0.1 };
+        params.loss_per_frame = true;
+        let t0 = Instant::now();
+        let mut d = LinkDirection::new(params.clone(), 21);
+        // One frame: 10%; 13 frames (1152 B): 1 - 0.9^13 = 74.6%.
+        let small = (0..5000)
+            .filter(|_| d.submit(t0, 50) == Verdict::Lost)
+            .count();
+        let big = (0..5000)
+            .filter(|_| d.submit(t0, 1152) == Verdict::Lost)
+            .count();
+        assert!((400..=600).contains(&small), "{small}");
+        assert!((3550..=3900).contains(&big), "{big}");
+        params.loss_per_frame = false;
+        let mut d = LinkDirection::new(params, 21);
+        let big = (0..5000)
+            .filter(|_| d.submit(t0, 1152) == Verdict::Lost)
+            .count();
+        assert!((400..=600).contains(&big), "per datagram: {big}");
     }
 
     #[test]

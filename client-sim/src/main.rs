@@ -25,13 +25,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// `auto` (None) or a fixed duration.
 #[derive(Debug, Clone, Copy)]
-struct FlightInterval(Option<Duration>);
+struct AutoDuration(Option<Duration>);
 
-fn parse_flight_interval(s: &str) -> Result<FlightInterval, String> {
+fn parse_auto_duration(s: &str) -> Result<AutoDuration, String> {
     if s == "auto" {
-        Ok(FlightInterval(None))
+        Ok(AutoDuration(None))
     } else {
-        parse_duration(s).map(|d| FlightInterval(Some(d)))
+        parse_duration(s).map(|d| AutoDuration(Some(d)))
     }
 }
 
@@ -146,9 +146,24 @@ struct Cli {
     /// Re-run the schedule of a recording (its seed, arrivals, links, DCUs) against --server.
     #[arg(long, conflicts_with_all = ["arrival", "link", "seed", "max_hops", "meters_per_dcu", "dcu_link"])]
     replay: Option<PathBuf>,
-    /// Certificate encoding.
+    /// Certificate encoding: of the EST requests and responses, and with --dtls-backend
+    /// native of the DTLS handshake's certificates too (c509: offered with RFC 7250's
+    /// certificate types, X.509 as the fallback).
     #[arg(long, value_enum, default_value = "der")]
     format: CertEncoding,
+    /// CoAP token length of the meters' requests, 0..=8 bytes (RFC 7252 §5.3.1 allows short
+    /// ones for requests made one at a time; over DTLS they need not resist guessing).
+    #[arg(long, default_value_t = 4)]
+    coap_token_bytes: usize,
+    /// End sessions without close_notify (--dtls-backend native): the server closes them at
+    /// its idle timeout. One datagram less per session.
+    #[arg(long)]
+    no_close_notify: bool,
+    /// The TLS certificate type number for C509 in the handshake (the draft's TBD5 is
+    /// unassigned; est-server's `dtls.c509_certificate_type`, a Private Use value); 0 keeps
+    /// the handshake's certificates X.509 with --format c509.
+    #[arg(long, default_value_t = 224)]
+    c509_cert_type: u8,
     /// Response format requested with Accept.
     #[arg(long, value_enum, default_value = "pkcs7")]
     accept: AcceptFormat,
@@ -158,9 +173,11 @@ struct Cli {
     /// After enrolling, re-enroll (/sren) authenticated with the new LDevID.
     #[arg(long)]
     renew: bool,
-    /// CoAP ACK_TIMEOUT (RFC 7252 §4.8).
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    ack_timeout: Duration,
+    /// CoAP ACK_TIMEOUT (RFC 7252 §4.8): `auto` derives it per meter from its path (1.5 x the
+    /// worst-case round trip of a block-sized request and response, 2..20 s; the RFC's 2 s on
+    /// fast links), or a duration such as 2s. Retransmissions double it (RFC 7252 §4.2).
+    #[arg(long, default_value = "auto", value_parser = parse_auto_duration)]
+    ack_timeout: AutoDuration,
     /// CoAP ACK_RANDOM_FACTOR.
     #[arg(long, default_value_t = 1.5)]
     ack_random_factor: f64,
@@ -189,19 +206,21 @@ struct Cli {
     /// library), dimpl's initial timer (doubled on each expiry); `auto` derives it per meter from
     /// its path (1.5 x worst-case RTT of a full flight, 2..20 s, and a handshake timeout of at
     /// least 8 intervals), or a duration such as 2s.
-    #[arg(long, default_value = "auto", value_parser = parse_flight_interval)]
-    dtls_flight_interval: FlightInterval,
+    #[arg(long, default_value = "auto", value_parser = parse_auto_duration)]
+    dtls_flight_interval: AutoDuration,
     /// DTLS MTU: handshake messages are fragmented to this size.
     #[arg(long, default_value_t = 1152)]
     dtls_mtu: usize,
-    /// The meters' DTLS client library: webrtc (webrtc-dtls), openssl (system OpenSSL 3;
-    /// retransmits on OpenSSL's own 1 s doubling timer, so --dtls-flight-interval does not apply
-    /// to it) or dimpl (sans-IO, ring crypto; negotiates TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
-    /// instead of CCM_8 and sends the leaf certificate only). openssl and dimpl are in the build
-    /// only with the cargo features openssl-backend and dimpl-backend. native is our own
-    /// engine's client mode (est-dtls): CCM_8, exponential back-off from
-    /// --dtls-flight-interval, and Connection ID with --dtls-connection-id.
-    #[arg(long, value_enum, default_value_t = DtlsBackend::Webrtc)]
+    /// The meters' DTLS client library: native (the default) is our own engine's client mode
+    /// (est-dtls): CCM_8, exponential back-off from --dtls-flight-interval, small
+    /// ClientHellos, Connection ID with --dtls-connection-id, RFC 7924 cached_info with
+    /// --cached-info, C509 certificates with --format c509. webrtc (webrtc-dtls; a fixed
+    /// retransmission interval, no back-off), openssl (system OpenSSL 3; retransmits on
+    /// OpenSSL's own 1 s doubling timer, so --dtls-flight-interval does not apply to it) or
+    /// dimpl (sans-IO, ring crypto; negotiates TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 instead
+    /// of CCM_8 and sends the leaf certificate only). openssl and dimpl are in the build only
+    /// with the cargo features openssl-backend and dimpl-backend.
+    #[arg(long, value_enum, default_value_t = DtlsBackend::Native)]
     dtls_backend: DtlsBackend,
     /// Offer a DTLS Connection ID (RFC 9146; --dtls-backend native): sessions survive a
     /// change of the meter's source address.
@@ -376,7 +395,7 @@ async fn run(cli: Cli) -> Result<bool> {
 
     let coap = ClientConfig {
         coap: CoapConfig {
-            ack_timeout: cli.ack_timeout,
+            ack_timeout: cli.ack_timeout.0.unwrap_or(Duration::from_secs(2)),
             ack_random_factor: cli.ack_random_factor,
             max_retransmit: cli.max_retransmit,
             ..CoapConfig::default()
@@ -384,6 +403,7 @@ async fn run(cli: Cli) -> Result<bool> {
         block1_szx: cli.block_size,
         block2_szx: Some(cli.block_size),
         max_response_body_bytes: 64 * 1024,
+        token_len: cli.coap_token_bytes,
     };
     coap.validate().context("CoAP parameters")?;
     let cfg = FleetConfig {
@@ -403,12 +423,17 @@ async fn run(cli: Cli) -> Result<bool> {
                 backend: cli.dtls_backend,
                 connection_id: cli.dtls_connection_id,
                 cached_info: cli.cached_info,
+                c509_certificate_type: (cli.format == CertEncoding::C509
+                    && cli.c509_cert_type != 0)
+                    .then_some(cli.c509_cert_type),
+                close_notify: !cli.no_close_notify,
                 server_chain_der: match &cli.server_cert {
                     Some(p) => pki::load_cert_chain(p)?,
                     None => Vec::new(),
                 },
             },
             coap,
+            ack_timeout_auto: cli.ack_timeout.0.is_none(),
             nat_rebind: cli.nat_rebind,
         },
         meter: MeterConfig {

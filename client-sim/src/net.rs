@@ -360,6 +360,7 @@ mod tests {
             rate_bps: rate,
             max_queue_bytes: None,
             frames: FrameModel::default(),
+            loss_per_frame: false,
         }
     }
 

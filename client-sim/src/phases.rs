@@ -29,8 +29,8 @@
 //!    exchange's response, split as that response was.
 //! 4. Retransmissions: a handshake datagram whose first record (message type, message_seq,
 //!    fragment offset; or a ChangeCipherSpec) was already carried in this direction in this
-//!    session; a CoAP datagram whose bytes the meter already sent (up), or a copy of a
-//!    response already received or lost (down).
+//!    session; a CoAP datagram whose bytes the meter already sent (up), or whose Message ID the
+//!    meter already received, or a copy sent after a lost one (down).
 //!
 //! Byte split of a row: handshake flights: payload = handshake message bodies (and the
 //! ChangeCipherSpec byte, alert bytes), DTLS overhead = record headers (13 B, plus a CID),
@@ -343,8 +343,6 @@ pub struct Ledger {
     /// Tickets of pending datagrams the meter received, in the order it received them.
     arrived: VecDeque<u64>,
     next_ticket: u64,
-    /// (exchange, coap_len) of responses seen this session: a later copy is a retransmission.
-    responses: HashSet<(EstExchange, usize)>,
     /// The last explained response: exchange, DTLS overhead, CoAP overhead.
     last_down: Option<(EstExchange, u64, u64)>,
 }
@@ -361,7 +359,6 @@ impl Ledger {
         self.handshaking = true;
         self.seen.clear();
         self.up_notes.clear();
-        self.responses.clear();
     }
 
     /// The handshake of the current session completed (or failed).
@@ -405,10 +402,10 @@ impl Ledger {
         let dtls = delivered_bytes.saturating_sub(u64::try_from(note.coap_len).unwrap_or(0));
         let coap_ovh = u64::try_from(note.coap_len.saturating_sub(note.payload_len)).unwrap_or(0);
         self.last_down = Some((note.exchange, dtls, coap_ovh));
-        for p in group {
-            let key = (note.exchange, note.coap_len);
-            let repeat = !self.responses.insert(key) || note.repeat;
-            self.add_app(p, note.exchange, dtls, note, repeat);
+        // The first of the group is the original unless the driver saw this message before;
+        // the lost ones after it were copies of it (the server resends identical bytes).
+        for (i, p) in group.into_iter().enumerate() {
+            self.add_app(p, note.exchange, dtls, note, i > 0 || note.repeat);
         }
     }
 
@@ -835,5 +832,18 @@ mod tests {
             (alert.datagrams, alert.payload, alert.dtls_overhead),
             (1, 2, 29)
         );
+        // Two blocks of one response, the same length: neither repeats the other.
+        for _ in 0..2 {
+            let ticket = l.record(Dir::Down, &resp, 4, false).unwrap();
+            l.delivered(ticket);
+            l.note_down(CoapNote {
+                exchange: EstExchange::CaCerts,
+                ..note(300, 290, false)
+            });
+        }
+        let crts = l
+            .finish()
+            .get(Stage::Enroll, Phase::Est(EstExchange::CaCerts), Dir::Down);
+        assert_eq!((crts.datagrams, crts.retransmitted_datagrams), (2, 0));
     }
 }

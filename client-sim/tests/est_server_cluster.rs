@@ -70,6 +70,7 @@ async fn run(cluster: &support::Cluster, meters: usize, seed: u64) -> FleetResul
                 ..ClientConfig::default()
             },
             nat_rebind: false,
+            ack_timeout_auto: false,
         },
         meter: MeterConfig {
             max_attempts: 10,

@@ -59,6 +59,7 @@ async fn fleet_of_200_enrolls_at_20_percent_loss_and_store_holds_each_cert_once(
                 },
                 ..ClientConfig::default()
             },
+            ack_timeout_auto: false,
             nat_rebind: false,
         },
         meter: MeterConfig {

@@ -547,6 +547,7 @@ pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
         bind: "127.0.0.1:0".parse().expect("literal"),
         dtls: dcfg.clone(),
         coap: ClientConfig::default(),
+        ack_timeout_auto: false,
         nat_rebind: false,
     };
     let pool: Arc<Mutex<Vec<Meter>>> = Arc::new(Mutex::new(if cfg.mode == Mode::Enroll {

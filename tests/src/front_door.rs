@@ -577,6 +577,7 @@ pub async fn enroll(
             ..DtlsClientConfig::default()
         },
         coap: CoapClientConfig::default(),
+        ack_timeout_auto: false,
         nat_rebind: false,
     };
     let meter_cfg = MeterConfig {

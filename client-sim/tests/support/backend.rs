@@ -37,6 +37,7 @@ fn fleet_config(
                 },
                 ..ClientConfig::default()
             },
+            ack_timeout_auto: false,
             nat_rebind: false,
         },
         meter: MeterConfig {

@@ -150,6 +150,9 @@ pub struct DtlsSection {
     /// RFC 7924 cached_info: a meter naming our certificate by its current fingerprint gets
     /// the fingerprint instead of the chain.
     pub cached_info: bool,
+    /// The TLS certificate type number for C509 certificates (RFC 7250 negotiation; the draft's
+    /// TBD5, a Private Use value 224..=255); 0 turns C509 in the handshake off.
+    pub c509_certificate_type: u8,
 }
 
 /// Largest Connection ID the engine issues.
@@ -220,8 +223,8 @@ impl Default for DtlsSection {
             mtu_bytes: 1152,
             flight_interval_ms: 1000,
             retransmit_max_ms: 60_000,
-            handshake_timeout_secs: 30,
-            handshake_stall_timeout_secs: 10,
+            handshake_timeout_secs: 60,
+            handshake_stall_timeout_secs: 30,
             idle_timeout_secs: 120,
             max_half_open_handshakes: 1024,
             max_half_open_per_ip: 1024,
@@ -239,6 +242,7 @@ impl Default for DtlsSection {
             socket_receive_buffer_bytes: 4 * 1024 * 1024,
             send_chain: true,
             cached_info: true,
+            c509_certificate_type: 224,
         }
     }
 }
@@ -552,15 +556,20 @@ certificate_warn_days = 30
 cipher_suites = ["ccm8", "gcm"]
 # Largest DTLS datagram we send (handshake messages are fragmented to fit, 256..16384).
 mtu_bytes = 1152
-# Handshake flight retransmission: the first resend after flight_interval_ms, then the
-# interval doubles up to retransmit_max_ms (RFC 6347 §4.2.4.1).
+# Handshake flight retransmission: the first resend after flight_interval_ms (or after three
+# times the round trip the cookie exchange measured, if longer: RFC 6298's first RTO, so slow
+# paths get no early resends), then the interval doubles up to retransmit_max_ms (RFC 6347
+# §4.2.4.1).
 flight_interval_ms = 1000
 retransmit_max_ms = 60000
-# A handshake not finished after this long is abandoned and its state freed.
-handshake_timeout_secs = 30
+# A handshake not finished after this long is abandoned and its state freed. Meters on slow
+# meshes back off exponentially from several seconds (RFC 7925 §11 recommends 9 s): their
+# fourth flight can come ~50 s after the first.
+handshake_timeout_secs = 60
 # A handshake past the cookie exchange that receives nothing for this long is abandoned
-# (at most handshake_timeout_secs).
-handshake_stall_timeout_secs = 10
+# (at most handshake_timeout_secs); it must outlast a backed-off meter's gap between two
+# retransmissions. At the half-open cap the oldest handshake gives way anyway.
+handshake_stall_timeout_secs = 30
 # A session with no traffic for this long is closed.
 idle_timeout_secs = 120
 # Handshakes past the cookie exchange at once (at most max_sessions); at the cap the oldest
@@ -616,6 +625,14 @@ send_chain = true
 # certificate names it by its SHA-256 fingerprint and gets the 33-byte fingerprint instead of
 # the chain; a stale fingerprint gets the full chain. false: the extension is ignored.
 cached_info = true
+# C509 certificates inside the handshake (draft-ietf-cose-cbor-encoded-cert, negotiated with
+# RFC 7250's client_certificate_type and server_certificate_type): a meter that offers C509
+# sends its IDevID as C509 (284 B instead of 547 for `factory mint` ones) and gets ours as C509;
+# the chain is verified as its exact DER equivalent (the type-3 re-encoding is lossless). The
+# draft leaves the type number unassigned (TBD5): this is a Private Use value of the TLS
+# Certificate Types registry (224-255), which both ends must agree on. 0 = off (X.509 only);
+# clients that do not offer it get X.509 either way.
+c509_certificate_type = 224
 
 [coap]
 # RFC 7252 §4.8 transmission parameters (used for the derived lifetimes below).
@@ -1008,6 +1025,16 @@ impl Config {
     /// `[dtls]`: each value in range and the settings consistent with each other.
     fn validate_dtls(&self) -> Result<(), ConfigError> {
         let d = &self.dtls;
+        if d.c509_certificate_type != 0 && d.c509_certificate_type < 224 {
+            return Err(invalid(
+                "dtls.c509_certificate_type",
+                format!(
+                    "{} is not in the Private Use range 224..=255 of the TLS Certificate Types \
+                     registry (0 turns C509 off)",
+                    d.c509_certificate_type
+                ),
+            ));
+        }
         if d.cipher_suites.is_empty() {
             return Err(invalid(
                 "dtls.cipher_suites",
@@ -1491,13 +1518,26 @@ mod tests {
         assert!(err.contains("session_limit_exempt_ips"), "{err}");
         let err = dtls_err("session_limit_exempt_ips = [\"0.0.0.0\"]");
         assert!(err.contains("dtls.session_limit_exempt_ips"), "{err}");
+        // C509 in the handshake: a Private Use type number, or 0 (off).
+        for ok in [0u8, 224, 255] {
+            Config::parse(
+                &format!("[dtls]\nc509_certificate_type = {ok}\n"),
+                Path::new("x"),
+            )
+            .unwrap();
+        }
+        let err = dtls_err("c509_certificate_type = 2");
+        assert!(err.contains("dtls.c509_certificate_type"), "{err}");
     }
 
     #[test]
     fn documented_dtls_defaults() {
         let d = DtlsSection::default();
         assert_eq!(d.retransmit_max_ms, 60_000);
-        assert_eq!(d.handshake_stall_timeout_secs, 10);
+        assert_eq!(d.handshake_stall_timeout_secs, 30);
+        assert_eq!(d.handshake_timeout_secs, 60);
+        assert!(d.send_chain && d.cached_info);
+        assert_eq!(d.c509_certificate_type, 224);
         assert_eq!(d.max_half_open_per_ip, 1024);
         assert_eq!(d.max_sessions_per_identity, 4);
         assert_eq!(d.max_sessions_per_ip, 20_000);

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::crypto::{CipherSuite, NamedGroup, SigningKey};
+use crate::crypto::{CipherSuite, NamedGroup, SignatureScheme, SigningKey};
 use crate::error::CertError;
 
 /// What a verifier established about a peer's certificate chain.
@@ -32,6 +32,50 @@ impl fmt::Debug for Verified {
 /// Validates a peer's certificate chain (DER, leaf first, as sent). Runs once per handshake,
 /// before the CertificateVerify (proof of possession) is checked.
 pub type ChainVerifier = Arc<dyn Fn(&[Vec<u8>]) -> Result<Verified, CertError> + Send + Sync>;
+
+/// Converts one certificate between its DER and another encoding.
+pub type CertConverter = Arc<dyn Fn(&[u8]) -> Result<Vec<u8>, String> + Send + Sync>;
+
+/// The C509 certificate type (draft-ietf-cose-cbor-encoded-cert §"TLS Certificate Types":
+/// negotiated with RFC 7250's client_certificate_type and server_certificate_type). The
+/// Certificate message keeps the layout of RFC 5246 §7.4.2 with each entry a C509 certificate,
+/// the CBOR sequence `~C509Certificate`. The engine works on the DER equivalent: what it
+/// receives is converted with `to_der` before verification and the CertificateVerify check
+/// (for type-3 re-encoded certificates the conversion is exact), what it sends with `from_der`.
+#[derive(Clone)]
+pub struct C509Codec {
+    /// The CertificateType number (the draft's TBD5 is unassigned: a Private Use value).
+    pub type_code: u8,
+    /// C509 -> DER.
+    pub to_der: CertConverter,
+    /// DER -> C509.
+    pub from_der: CertConverter,
+}
+
+#[cfg(feature = "c509")]
+impl C509Codec {
+    /// C509 through cbor-schemas' type-3 re-encoding (exactly invertible back to the DER) under
+    /// the certificate type number `type_code`.
+    pub fn type3(type_code: u8) -> C509Codec {
+        C509Codec {
+            type_code,
+            to_der: Arc::new(|c: &[u8]| {
+                cbor_schemas::c509::certificate_c509_to_der(c).map_err(|e| e.to_string())
+            }),
+            from_der: Arc::new(|d: &[u8]| {
+                cbor_schemas::c509::certificate_der_to_c509(d).map_err(|e| e.to_string())
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for C509Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("C509Codec")
+            .field("type_code", &self.type_code)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Handshake retransmission timer (RFC 6347 §4.2.4.1): doubles from `initial` up to `max`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -140,6 +184,10 @@ pub struct ServerConfig {
     /// fingerprint, send the fingerprint instead of the certificates (RFC 7925 §4.4 makes the
     /// extension REQUIRED for certificate-based profiles). Off: the extension is ignored.
     pub cached_info: bool,
+    /// Accept client certificates as C509, and send ours as C509 to a client that asks
+    /// (RFC 7250 negotiation). `None`: X.509 only (the extensions are answered with X.509
+    /// when the client offers it).
+    pub c509: Option<C509Codec>,
     /// Answer a ClientHello's use_srtp offer (RFC 5764 §4.1.1) by echoing one profile, for
     /// DTLS stacks written for WebRTC that insist on it (dimpl; webrtc-dtls configured with
     /// SRTP profiles). No SRTP keys are ever exported: the session carries CoAP only.
@@ -201,6 +249,7 @@ impl ServerConfig {
             cid_prefix: Vec::new(),
             certificate_authorities: Vec::new(),
             cached_info: true,
+            c509: None,
             answer_use_srtp: false,
             limits: Limits::default(),
         }
@@ -258,6 +307,16 @@ pub struct ClientConfig {
     pub cipher_suites: Vec<CipherSuite>,
     /// Groups offered, in preference order.
     pub groups: Vec<NamedGroup>,
+    /// Signature schemes offered for the server's signatures (signature_algorithms).
+    pub signature_schemes: Vec<SignatureScheme>,
+    /// Keep the ClientHellos small for constrained links: no ec_point_formats (RFC 8422
+    /// §5.1.2: uncompressed points are implied), the renegotiation SCSV instead of an empty
+    /// renegotiation_info (RFC 5746 §3.3: 2 bytes instead of 5), and cached_info only in the
+    /// ClientHello that answers a HelloVerifyRequest: the first one only fetches the cookie,
+    /// which RFC 6347 §4.2.1 binds to version, random, session_id, suites and compression, not
+    /// to extensions. A server that binds its cookie to the extensions too (tinydtls, older
+    /// Californium) would answer with new cookies forever: leave this off for those.
+    pub lean_hello: bool,
     pub require_extended_master_secret: bool,
     pub mtu_bytes: usize,
     pub retransmit: RetransmitConfig,
@@ -271,6 +330,10 @@ pub struct ClientConfig {
     /// sends it answers with the fingerprint alone. The chain is still validated by
     /// `server_verifier`. Empty: cached_info is not offered.
     pub cached_server_chains: Vec<Vec<Vec<u8>>>,
+    /// Offer C509 for our certificate and the server's (RFC 7250: C509 first, X.509 second):
+    /// a server that takes it up gets our chain as C509, and sends its own as C509. `None`:
+    /// X.509 only, no extension.
+    pub c509: Option<C509Codec>,
     pub max_chain_len: usize,
     pub max_handshake_message_bytes: u32,
     /// Deliberate protocol violations, for the engine's negative tests only.
@@ -304,12 +367,18 @@ impl ClientConfig {
             server_verifier,
             cipher_suites: vec![CipherSuite::Aes128Ccm8, CipherSuite::Aes128Gcm],
             groups: vec![NamedGroup::Secp256r1],
+            signature_schemes: vec![
+                SignatureScheme::EcdsaSecp256r1Sha256,
+                SignatureScheme::EcdsaSecp384r1Sha384,
+            ],
+            lean_hello: false,
             require_extended_master_secret: true,
             mtu_bytes: 1152,
             retransmit: RetransmitConfig::default(),
             handshake_timeout: Duration::from_secs(60),
             connection_id: None,
             cached_server_chains: Vec::new(),
+            c509: None,
             max_chain_len: 8,
             max_handshake_message_bytes: 16 * 1024,
             #[cfg(feature = "danger-test-faults")]

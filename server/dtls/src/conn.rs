@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ring::rand::SecureRandom;
 
-use crate::config::{ClientConfig, RetransmitConfig, ServerConfig, Verified};
+use crate::config::{C509Codec, ClientConfig, RetransmitConfig, ServerConfig, Verified};
 use crate::crypto::{
     self, CipherSuite, EphemeralKey, NamedGroup, RecordCipher, SignatureScheme, Transcript,
 };
@@ -22,9 +22,10 @@ use crate::metrics::Metrics;
 use crate::reassembly::{Inserted, Reassembler};
 use crate::replay::ReplayWindow;
 use crate::wire::{
-    self, alert, content_type as ct, extension_type as ext, handshake_type as hs, CertificateMsg,
-    CertificateRequest, ClientHello, Extension, HelloVerifyRequest, Record, Records, ServerHello,
-    ServerKeyExchange, DTLS_1_0, DTLS_1_2, HANDSHAKE_HEADER_LEN, RECORD_HEADER_LEN,
+    self, alert, certificate_type as cert_type, content_type as ct, extension_type as ext,
+    handshake_type as hs, CertificateMsg, CertificateRequest, ClientHello, Extension,
+    HelloVerifyRequest, Record, Records, ServerHello, ServerKeyExchange, DTLS_1_0, DTLS_1_2,
+    HANDSHAKE_HEADER_LEN, RECORD_HEADER_LEN,
 };
 
 /// Signature schemes we accept from a peer (RFC 7925 profile + P-384 for DLMS suite 2).
@@ -166,6 +167,12 @@ struct Handshake {
     cached_fingerprints: Vec<[u8; 32]>,
     /// Client: the server took up cached_info for its certificate.
     certificate_cached: bool,
+    /// Client: extensions left out of the first ClientHello and added to the one that
+    /// answers a HelloVerifyRequest ([`ClientConfig::lean_hello`]).
+    deferred_extensions: Vec<Extension>,
+    /// The certificate type (RFC 7250) of the peer's Certificate message, and of ours.
+    peer_certificate_type: u8,
+    own_certificate_type: u8,
     started: Instant,
     last_progress: Instant,
     future_records: Vec<FutureRecord>,
@@ -286,6 +293,7 @@ impl Connection {
         ch_message_seq: u16,
         ch_record_seq: u64,
         own_cid: Vec<u8>,
+        round_trip: Duration,
         rng: &dyn SecureRandom,
         metrics: &mut Metrics,
     ) -> Result<Connection, Error> {
@@ -373,10 +381,41 @@ impl Connection {
             Some(d) if config.cid_length > 0 => Some(wire::parse_opaque8(d)?),
             _ => None,
         };
+        // RFC 7250 §4.2: the certificate types. C509 when configured and offered (ours only
+        // if our chain converts), else X.509 when offered; neither: unsupported_certificate.
+        let c509 = config.c509.as_ref();
+        let offered_types = |typ: u16| -> Result<Option<Vec<u8>>, Error> {
+            Ok(match ch.extension(typ) {
+                Some(d) => Some(wire::parse_certificate_types(d)?),
+                None => None,
+            })
+        };
+        let pick = |offered: &[u8], c509_ok: bool| -> Result<u8, Error> {
+            match c509.map(|c| c.type_code) {
+                Some(t) if c509_ok && offered.contains(&t) => Ok(t),
+                _ if offered.contains(&cert_type::X509) => Ok(cert_type::X509),
+                _ => Err(Error::UnsupportedCertificate),
+            }
+        };
+        let client_cert_type = match offered_types(ext::CLIENT_CERTIFICATE_TYPE)? {
+            Some(types) => Some(pick(&types, true)?),
+            None => None,
+        };
+        let (server_cert_type, own_chain) =
+            match (offered_types(ext::SERVER_CERTIFICATE_TYPE)?, c509) {
+                (Some(types), Some(codec)) if types.contains(&codec.type_code) => {
+                    match c509_chain(codec, &config.certificate_chain) {
+                        Some(chain) => (Some(codec.type_code), chain),
+                        None => (Some(pick(&types, false)?), config.certificate_chain.clone()),
+                    }
+                }
+                (Some(types), _) => (Some(pick(&types, false)?), config.certificate_chain.clone()),
+                (None, _) => (None, config.certificate_chain.clone()),
+            };
         // RFC 7924 §4.1: a client that holds our current Certificate message gets its
         // fingerprint instead (a stale or unknown fingerprint gets the full message).
         let certificate_body = CertificateMsg {
-            certificates: config.certificate_chain.clone(),
+            certificates: own_chain,
         }
         .encode();
         let cached_certificate = match ch.extension(ext::CACHED_INFO) {
@@ -441,6 +480,14 @@ impl Connection {
                 typ: ext::CACHED_INFO,
                 data: wire::cached_info_server_body(&[wire::cached_info_type::CERT]),
             });
+        }
+        for (typ, chosen) in [
+            (ext::CLIENT_CERTIFICATE_TYPE, client_cert_type),
+            (ext::SERVER_CERTIFICATE_TYPE, server_cert_type),
+        ] {
+            if let Some(t) = chosen {
+                sh_exts.push(Extension { typ, data: vec![t] });
+            }
         }
         let sh = ServerHello {
             server_version: DTLS_1_2,
@@ -520,6 +567,9 @@ impl Connection {
             server_public: None,
             cached_fingerprints: Vec::new(),
             certificate_cached: false,
+            deferred_extensions: Vec::new(),
+            peer_certificate_type: client_cert_type.unwrap_or(cert_type::X509),
+            own_certificate_type: server_cert_type.unwrap_or(cert_type::X509),
             started: now,
             last_progress: now,
             future_records: Vec::new(),
@@ -537,7 +587,11 @@ impl Connection {
         conn.write_seq[0] = ch_record_seq;
         conn.flight = flight;
         conn.send_flight(now, metrics);
-        conn.arm_retransmit(now);
+        // RFC 6298 §2.2 from the cookie's round trip R: RTO = R + 4 x R/2 = 3R, at least the
+        // configured initial timer, at most its maximum: a slow path does not get flight 4
+        // resent before flight 5 can be back.
+        let rtx = conn.config.retransmit();
+        conn.arm_retransmit_with(now, (round_trip * 3).clamp(rtx.initial, rtx.max));
         Ok(conn)
     }
 
@@ -549,50 +603,70 @@ impl Connection {
         rng: &dyn SecureRandom,
     ) -> Result<Connection, Error> {
         let client_random = random32(rng)?;
-        let mut exts = vec![
-            Extension {
-                typ: ext::SUPPORTED_GROUPS,
-                data: wire::supported_groups_body(
-                    &config.groups.iter().map(|g| g.code()).collect::<Vec<_>>(),
-                ),
-            },
-            Extension {
+        let lean = config.lean_hello;
+        let schemes: Vec<u16> = config.signature_schemes.iter().map(|s| s.code()).collect();
+        let mut exts = vec![Extension {
+            typ: ext::SUPPORTED_GROUPS,
+            data: wire::supported_groups_body(
+                &config.groups.iter().map(|g| g.code()).collect::<Vec<_>>(),
+            ),
+        }];
+        if !lean {
+            exts.push(Extension {
                 typ: ext::EC_POINT_FORMATS,
                 data: vec![1, 0],
-            },
-            Extension {
-                typ: ext::SIGNATURE_ALGORITHMS,
-                data: wire::signature_algorithms_body(&ACCEPTED_SCHEMES),
-            },
-            Extension {
-                typ: ext::EXTENDED_MASTER_SECRET,
-                data: Vec::new(),
-            },
-            Extension {
+            });
+        }
+        exts.push(Extension {
+            typ: ext::SIGNATURE_ALGORITHMS,
+            data: wire::signature_algorithms_body(&schemes),
+        });
+        exts.push(Extension {
+            typ: ext::EXTENDED_MASTER_SECRET,
+            data: Vec::new(),
+        });
+        if !lean {
+            exts.push(Extension {
                 typ: ext::RENEGOTIATION_INFO,
                 data: wire::opaque8_body(&[]),
-            },
-        ];
+            });
+        }
         if let Some(cid) = &config.connection_id {
             exts.push(Extension {
                 typ: ext::CONNECTION_ID,
                 data: wire::opaque8_body(cid),
             });
         }
-        // RFC 7924: name the server certificates we hold by their fingerprints.
+        // RFC 7924: name the server certificates we hold by their fingerprints, in the form we
+        // ask the server to send (C509 when we offer it and the chain converts).
         let cached_fingerprints: Vec<[u8; 32]> = config
             .cached_server_chains
             .iter()
             .take(wire::MAX_CACHED_OBJECTS)
             .map(|chain| {
-                crypto::certificate_fingerprint(
-                    &CertificateMsg {
-                        certificates: chain.clone(),
-                    }
-                    .encode(),
-                )
+                let certificates = config
+                    .c509
+                    .as_ref()
+                    .and_then(|codec| c509_chain(codec, chain))
+                    .unwrap_or_else(|| chain.clone());
+                crypto::certificate_fingerprint(&CertificateMsg { certificates }.encode())
             })
             .collect();
+        let mut deferred_extensions = Vec::new();
+        // RFC 7250: C509 first, X.509 as the fallback, for our certificate and the server's.
+        if let Some(codec) = &config.c509 {
+            for typ in [ext::CLIENT_CERTIFICATE_TYPE, ext::SERVER_CERTIFICATE_TYPE] {
+                let e = Extension {
+                    typ,
+                    data: wire::certificate_types_body(&[codec.type_code, cert_type::X509]),
+                };
+                if lean {
+                    deferred_extensions.push(e);
+                } else {
+                    exts.push(e);
+                }
+            }
+        }
         if !cached_fingerprints.is_empty() {
             let objects: Vec<wire::CachedObject> = cached_fingerprints
                 .iter()
@@ -601,17 +675,26 @@ impl Connection {
                     hash: f.to_vec(),
                 })
                 .collect();
-            exts.push(Extension {
+            let e = Extension {
                 typ: ext::CACHED_INFO,
                 data: wire::cached_info_client_body(&objects),
-            });
+            };
+            if lean {
+                deferred_extensions.push(e);
+            } else {
+                exts.push(e);
+            }
+        }
+        let mut cipher_suites: Vec<u16> = config.cipher_suites.iter().map(|s| s.code()).collect();
+        if lean {
+            cipher_suites.push(wire::EMPTY_RENEGOTIATION_INFO_SCSV);
         }
         let ch = ClientHello {
             client_version: DTLS_1_2,
             random: client_random,
             session_id: Vec::new(),
             cookie: Vec::new(),
-            cipher_suites: config.cipher_suites.iter().map(|s| s.code()).collect(),
+            cipher_suites,
             compression_methods: vec![0],
             extensions: exts,
         };
@@ -641,6 +724,9 @@ impl Connection {
             server_public: None,
             cached_fingerprints,
             certificate_cached: false,
+            deferred_extensions,
+            peer_certificate_type: cert_type::X509,
+            own_certificate_type: cert_type::X509,
             started: now,
             last_progress: now,
             future_records: Vec::new(),
@@ -875,7 +961,10 @@ impl Connection {
     }
 
     fn arm_retransmit(&mut self, now: Instant) {
-        let initial = self.config.retransmit().initial;
+        self.arm_retransmit_with(now, self.config.retransmit().initial);
+    }
+
+    fn arm_retransmit_with(&mut self, now: Instant, initial: Duration) {
         self.retransmit = Some(Retransmit {
             next_at: now + initial,
             rto: initial,
@@ -998,16 +1087,22 @@ impl Connection {
         Ok(out)
     }
 
-    /// Encodes the current flight into datagrams no larger than the MTU (records packed,
-    /// handshake messages fragmented) and queues them.
+    /// Encodes the current flight into datagrams no larger than the MTU and queues them:
+    /// handshake messages fragmented to fit, consecutive plaintext handshake messages (or
+    /// fragments) sharing one record where the datagram has room (RFC 6347 §4.2.3: "multiple
+    /// DTLS handshake messages MAY be placed in the same DTLS record"; 13 bytes saved per
+    /// message), records packed into datagrams.
     fn send_flight(&mut self, _now: Instant, metrics: &mut Metrics) {
         let mtu = self.path_mtu();
         let items = std::mem::take(&mut self.flight);
         let mut datagrams: Vec<Vec<u8>> = Vec::new();
         let mut current: Vec<u8> = Vec::new();
+        // Plaintext handshake fragments waiting to share a record.
+        let mut pending: Vec<u8> = Vec::new();
         for item in &items {
             let records: Vec<Vec<u8>> = match item {
                 FlightItem::ChangeCipherSpec { epoch } => {
+                    self.flush_handshake_record(&mut pending, &mut datagrams, &mut current);
                     let r = self.encode_record(ct::CHANGE_CIPHER_SPEC, *epoch, &[1]);
                     // The cipher for the next epoch is installed once its CCS is encoded.
                     if *epoch == 0 {
@@ -1032,19 +1127,42 @@ impl Connection {
                         .saturating_sub(overhead)
                         .min(self.max_plaintext.saturating_sub(HANDSHAKE_HEADER_LEN))
                         .max(16);
-                    wire::fragment_handshake(message, max_body)
-                        .iter()
-                        .filter_map(|f| self.encode_record(ct::HANDSHAKE, *epoch, f).ok())
-                        .collect()
+                    let fragments = wire::fragment_handshake(message, max_body);
+                    if *epoch > 0 {
+                        self.flush_handshake_record(&mut pending, &mut datagrams, &mut current);
+                        fragments
+                            .iter()
+                            .filter_map(|f| self.encode_record(ct::HANDSHAKE, *epoch, f).ok())
+                            .collect()
+                    } else {
+                        for f in fragments {
+                            let room = mtu.saturating_sub(current.len());
+                            let joined = RECORD_HEADER_LEN + pending.len() + f.len();
+                            let fits = joined <= room && joined <= self.max_plaintext;
+                            if !fits {
+                                self.flush_handshake_record(
+                                    &mut pending,
+                                    &mut datagrams,
+                                    &mut current,
+                                );
+                            }
+                            if pending.is_empty()
+                                && !current.is_empty()
+                                && current.len() + RECORD_HEADER_LEN + f.len() > mtu
+                            {
+                                datagrams.push(std::mem::take(&mut current));
+                            }
+                            pending.extend_from_slice(&f);
+                        }
+                        Vec::new()
+                    }
                 }
             };
             for r in records {
-                if !current.is_empty() && current.len() + r.len() > mtu {
-                    datagrams.push(std::mem::take(&mut current));
-                }
-                current.extend_from_slice(&r);
+                place_record(&mut datagrams, &mut current, r, mtu);
             }
         }
+        self.flush_handshake_record(&mut pending, &mut datagrams, &mut current);
         if !current.is_empty() {
             datagrams.push(current);
         }
@@ -1053,14 +1171,40 @@ impl Connection {
         self.outbox.extend(datagrams);
     }
 
+    /// Encodes the plaintext handshake fragments in `pending` as one record into the datagram
+    /// being filled (see [`Connection::send_flight`]).
+    fn flush_handshake_record(
+        &mut self,
+        pending: &mut Vec<u8>,
+        datagrams: &mut Vec<Vec<u8>>,
+        current: &mut Vec<u8>,
+    ) {
+        if pending.is_empty() {
+            return;
+        }
+        if let Ok(r) = self.encode_record(ct::HANDSHAKE, 0, pending) {
+            place_record(datagrams, current, r, self.config.mtu());
+        }
+        pending.clear();
+    }
+
     /// Resends our last flight because the peer repeated its previous one, at most once per
     /// [`PEER_TRIGGERED_RESEND_INTERVAL`].
     fn resend_on_peer_repeat(&mut self, now: Instant, metrics: &mut Metrics) {
         if self.flight.is_empty() {
             return;
         }
+        // While our own timer runs, at most once per its interval: a peer whose timer is
+        // shorter than the path's round trip repeats its flight while ours is on the way, and
+        // answering every repeat would double the traffic of a slow path.
+        let gap = self
+            .retransmit
+            .as_ref()
+            .map_or(PEER_TRIGGERED_RESEND_INTERVAL, |r| {
+                r.rto.max(PEER_TRIGGERED_RESEND_INTERVAL)
+            });
         if let Some(t) = self.last_peer_resend {
-            if now < t + PEER_TRIGGERED_RESEND_INTERVAL {
+            if now < t + gap {
                 return;
             }
         }
@@ -1420,6 +1564,12 @@ impl Connection {
                 if chain.is_empty() {
                     return Err(Error::NoCertificate);
                 }
+                // A C509 chain is verified, and proves possession, as its DER equivalent.
+                let peer_type = self.hs_mut()?.peer_certificate_type;
+                if peer_type != cert_type::X509 {
+                    metrics.c509_client_certificates += 1;
+                }
+                let chain = der_chain(config.c509.as_ref(), peer_type, chain)?;
                 metrics.chain_verifications += 1;
                 metrics.peer_certificates_received += chain.len() as u64;
                 let verified = (config.client_verifier)(&chain)?;
@@ -1523,11 +1673,13 @@ impl Connection {
                     return Err(Error::ProtocolVersion);
                 }
                 let h = self.hs_mut()?;
+                let deferred = std::mem::take(&mut h.deferred_extensions);
                 let ch = h
                     .client_hello
                     .as_mut()
                     .ok_or_else(|| Error::Internal("no ClientHello".into()))?;
                 ch.cookie = hvr.cookie;
+                ch.extensions.extend(deferred);
                 let msg_seq = h.next_send_msg_seq;
                 h.next_send_msg_seq = h.next_send_msg_seq.wrapping_add(1);
                 let m = wire::handshake_message(hs::CLIENT_HELLO, msg_seq, &ch.encode());
@@ -1560,17 +1712,40 @@ impl Connection {
                     ext::RENEGOTIATION_INFO,
                     ext::CONNECTION_ID,
                     ext::CACHED_INFO,
+                    ext::CLIENT_CERTIFICATE_TYPE,
+                    ext::SERVER_CERTIFICATE_TYPE,
                 ];
                 let cid_offered = config.connection_id.is_some();
                 let cached_offered = !self.hs_mut()?.cached_fingerprints.is_empty();
+                let types_offered = config.c509.is_some();
                 for e in &sh.extensions {
+                    let cert_type_ext = e.typ == ext::CLIENT_CERTIFICATE_TYPE
+                        || e.typ == ext::SERVER_CERTIFICATE_TYPE;
                     if !offered.contains(&e.typ)
                         || (e.typ == ext::CONNECTION_ID && !cid_offered)
                         || (e.typ == ext::CACHED_INFO && !cached_offered)
+                        || (cert_type_ext && !types_offered)
                     {
                         return Err(Error::UnsupportedExtension(e.typ));
                     }
                 }
+                // RFC 7250 §4.2: the types the server chose, each one we offered.
+                let chosen = |typ: u16| -> Result<u8, Error> {
+                    match sh.extension(typ) {
+                        None => Ok(cert_type::X509),
+                        Some(d) => {
+                            let t = wire::parse_certificate_type(d)?;
+                            let ours = config.c509.as_ref().map(|c| c.type_code);
+                            if t == cert_type::X509 || Some(t) == ours {
+                                Ok(t)
+                            } else {
+                                Err(Error::IllegalParameter("certificate type not offered"))
+                            }
+                        }
+                    }
+                };
+                let own_certificate_type = chosen(ext::CLIENT_CERTIFICATE_TYPE)?;
+                let peer_certificate_type = chosen(ext::SERVER_CERTIFICATE_TYPE)?;
                 // RFC 7924 §4: the server names only types we offered (we offer 'cert').
                 let certificate_cached = match sh.extension(ext::CACHED_INFO) {
                     Some(d) => {
@@ -1605,6 +1780,8 @@ impl Connection {
                 h.suite = suite;
                 h.ems = ems;
                 h.certificate_cached = certificate_cached;
+                h.own_certificate_type = own_certificate_type;
+                h.peer_certificate_type = peer_certificate_type;
                 h.server_random = sh.random;
                 h.transcript.add(&message);
                 h.state = HsState::Client(ClientState::ExpectCertificate);
@@ -1626,9 +1803,14 @@ impl Connection {
                     ),
                     _ => None,
                 };
+                let peer_type = h.peer_certificate_type;
                 let chain = match cached {
                     Some(chain) => chain,
-                    None => CertificateMsg::parse(body, config.max_chain_len)?.certificates,
+                    None => der_chain(
+                        config.c509.as_ref(),
+                        peer_type,
+                        CertificateMsg::parse(body, config.max_chain_len)?.certificates,
+                    )?,
                 };
                 if chain.is_empty() {
                     return Err(Error::BadCertificate("empty server certificate".into()));
@@ -1647,6 +1829,7 @@ impl Connection {
                     .filter(|g| config.groups.contains(g))
                     .ok_or(Error::IllegalParameter("group not offered"))?;
                 let scheme = SignatureScheme::from_u16(ske.signature_scheme)
+                    .filter(|s| config.signature_schemes.contains(s))
                     .ok_or(Error::IllegalParameter("signature scheme not offered"))?;
                 let leaf = self
                     .peer_chain
@@ -1732,12 +1915,17 @@ impl Connection {
             m
         };
         if h.certificate_requested {
+            let certificates = match &config.c509 {
+                Some(codec) if h.own_certificate_type == codec.type_code => {
+                    c509_chain(codec, &config.certificate_chain).ok_or_else(|| {
+                        Error::Internal("our certificate has no C509 encoding".into())
+                    })?
+                }
+                _ => config.certificate_chain.clone(),
+            };
             let m = next(
                 hs::CERTIFICATE,
-                &CertificateMsg {
-                    certificates: config.certificate_chain.clone(),
-                }
-                .encode(),
+                &CertificateMsg { certificates }.encode(),
                 &mut h.transcript,
             );
             flight.push(FlightItem::Handshake {
@@ -1825,6 +2013,35 @@ fn derive_keys(h: &mut Handshake, premaster: &[u8], role: Role) -> Result<(), Er
     h.pending_write = Some(write);
     h.master = Some(master);
     Ok(())
+}
+
+/// Appends record `r` to the datagram being filled, or starts a new one if it does not fit the
+/// MTU.
+fn place_record(datagrams: &mut Vec<Vec<u8>>, current: &mut Vec<u8>, r: Vec<u8>, mtu: usize) {
+    if !current.is_empty() && current.len() + r.len() > mtu {
+        datagrams.push(std::mem::take(current));
+    }
+    current.extend_from_slice(&r);
+}
+
+/// A DER chain in its C509 encoding, or `None` if a certificate does not convert.
+fn c509_chain(codec: &C509Codec, chain: &[Vec<u8>]) -> Option<Vec<Vec<u8>>> {
+    chain.iter().map(|c| (codec.from_der)(c).ok()).collect()
+}
+
+/// A received chain of certificate type `typ` as DER (C509 through the codec).
+fn der_chain(
+    codec: Option<&C509Codec>,
+    typ: u8,
+    chain: Vec<Vec<u8>>,
+) -> Result<Vec<Vec<u8>>, Error> {
+    match codec {
+        Some(codec) if typ == codec.type_code && typ != cert_type::X509 => chain
+            .iter()
+            .map(|c| (codec.to_der)(c).map_err(|e| Error::BadCertificate(format!("C509: {e}"))))
+            .collect(),
+        _ => Ok(chain),
+    }
 }
 
 fn message_name(t: u8) -> &'static str {

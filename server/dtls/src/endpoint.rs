@@ -381,13 +381,19 @@ impl Endpoint {
             return;
         };
         let params = ch.cookie_params();
-        if ch.cookie.is_empty() || !self.cookies.verify(from, &params, &ch.cookie) {
+        // The cookie's age is the HelloVerifyRequest / ClientHello round trip: the path's
+        // first RTT sample, which sets the handshake's first retransmission timer.
+        let round_trip = match ch.cookie.is_empty() {
+            true => None,
+            false => self.cookies.verify(now, from, &params, &ch.cookie),
+        };
+        let Some(round_trip) = round_trip else {
             if !ch.cookie.is_empty() {
                 self.metrics.refuse(RefusalReason::BadCookie);
             }
             let hvr = HelloVerifyRequest {
                 server_version: DTLS_1_0,
-                cookie: self.cookies.generate(from, &params).to_vec(),
+                cookie: self.cookies.generate(now, from, &params).to_vec(),
             };
             let msg =
                 wire::handshake_message(hs::HELLO_VERIFY_REQUEST, frag.message_seq, &hvr.encode());
@@ -400,7 +406,7 @@ impl Endpoint {
                 payload: out,
             });
             return;
-        }
+        };
         self.metrics.cookies_verified += 1;
         let limits = &self.config.limits;
         let ip = Source::of(from, limits);
@@ -479,6 +485,7 @@ impl Endpoint {
             frag.message_seq,
             rec.seq,
             own_cid,
+            round_trip,
             &self.rng,
             &mut self.metrics,
         );

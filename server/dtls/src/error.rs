@@ -25,6 +25,9 @@ pub enum Error {
     NoCertificate,
     #[error("bad certificate: {0}")]
     BadCertificate(String),
+    /// No certificate type in common (RFC 7250 §4.2: unsupported_certificate).
+    #[error("no certificate type in common")]
+    UnsupportedCertificate,
     #[error("certificate not issued by a trusted CA: {0}")]
     UnknownCa(String),
     #[error("certificate expired or not yet valid: {0}")]
@@ -140,6 +143,7 @@ impl Error {
             | Error::Renegotiation
             | Error::Limit(_) => alert::HANDSHAKE_FAILURE,
             Error::BadCertificate(_) => alert::BAD_CERTIFICATE,
+            Error::UnsupportedCertificate => alert::UNSUPPORTED_CERTIFICATE,
             Error::UnknownCa(_) => alert::UNKNOWN_CA,
             Error::CertificateExpired(_) => alert::CERTIFICATE_EXPIRED,
             Error::AccessDenied(_) => alert::ACCESS_DENIED,
@@ -167,6 +171,7 @@ impl Error {
             Error::NoExtendedMasterSecret => RefusalReason::NoExtendedMasterSecret,
             Error::NoCertificate
             | Error::BadCertificate(_)
+            | Error::UnsupportedCertificate
             | Error::CertificateExpired(_)
             | Error::AccessDenied(_)
             | Error::CertificateRevoked(_) => RefusalReason::BadCertificate,

@@ -25,7 +25,10 @@ mod peer;
 mod reassembly;
 
 pub use client::Client;
-pub use config::{ChainVerifier, ClientConfig, Limits, RetransmitConfig, ServerConfig, Verified};
+pub use config::{
+    C509Codec, CertConverter, ChainVerifier, ClientConfig, Limits, RetransmitConfig, ServerConfig,
+    Verified,
+};
 pub use conn::{CloseReason, ConnEvent, Connection, Role};
 pub use crypto::{CipherSuite, NamedGroup, SignatureScheme, SigningKey};
 pub use endpoint::{ConnectionHandle, Endpoint, Event, Gauges, Transmit};

@@ -35,6 +35,8 @@ pub struct Metrics {
     /// Server flights that named our Certificate message by its RFC 7924 fingerprint instead
     /// of carrying it.
     pub cached_info_hits: u64,
+    /// Handshakes whose client certificate came as C509 (RFC 7250 negotiation).
+    pub c509_client_certificates: u64,
     pub peer_address_changes: u64,
     pub renegotiations_refused: u64,
     /// Sessions closed because a new handshake from the same address proved reachability.

@@ -801,6 +801,43 @@ impl ServerHello {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Certificate types (RFC 7250)
+// ---------------------------------------------------------------------------------------------
+
+/// CertificateType values (TLS Certificate Types registry).
+pub mod certificate_type {
+    pub const X509: u8 = 0;
+    pub const RAW_PUBLIC_KEY: u8 = 2;
+    /// "C509 Certificate" (draft-ietf-cose-cbor-encoded-cert, TBD5, unassigned): our default
+    /// for it, the first value of the registry's Private Use range (224-255).
+    pub const C509_PRIVATE_USE_DEFAULT: u8 = 224;
+}
+
+/// A ClientHello's client_certificate_type / server_certificate_type body (RFC 7250 §3):
+/// `CertificateType types<1..2^8-1>`, in preference order.
+pub fn parse_certificate_types(data: &[u8]) -> Result<Vec<u8>, DecodeError> {
+    let mut r = Reader::new(data);
+    let list = r.vec8()?;
+    r.finish()?;
+    if list.is_empty() {
+        return Err(DecodeError::Invalid("certificate types"));
+    }
+    Ok(list.to_vec())
+}
+
+pub fn certificate_types_body(types: &[u8]) -> Vec<u8> {
+    opaque8_body(types)
+}
+
+/// A ServerHello's client_certificate_type / server_certificate_type body: one CertificateType.
+pub fn parse_certificate_type(data: &[u8]) -> Result<u8, DecodeError> {
+    match data {
+        [t] => Ok(*t),
+        _ => Err(DecodeError::Invalid("certificate type")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Cached information (RFC 7924)
 // ---------------------------------------------------------------------------------------------
 
@@ -1102,6 +1139,19 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn certificate_type_bodies() {
+        let b = certificate_types_body(&[224, 0]);
+        assert_eq!(b, [2, 224, 0]);
+        assert_eq!(parse_certificate_types(&b).unwrap(), [224, 0]);
+        assert!(parse_certificate_types(&[0]).is_err());
+        assert!(parse_certificate_types(&[2, 0]).is_err());
+        assert!(parse_certificate_types(&[1, 0, 0]).is_err());
+        assert_eq!(parse_certificate_type(&[224]), Ok(224));
+        assert!(parse_certificate_type(&[]).is_err());
+        assert!(parse_certificate_type(&[0, 224]).is_err());
     }
 
     #[test]

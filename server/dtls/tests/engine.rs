@@ -505,3 +505,187 @@ fn garbage_never_panics_and_is_counted() {
     assert_eq!(net.server.gauges().half_open, 0);
     let _ = wire::DTLS_1_2;
 }
+
+/// The records of a datagram: (content type, epoch, number of handshake fragments inside).
+fn records_of(d: &[u8]) -> Vec<(u8, u16, usize)> {
+    wire::Records::new(d, 0)
+        .map(|r| {
+            let r = r.unwrap();
+            let n = if r.content_type == ct::HANDSHAKE && r.epoch == 0 {
+                wire::parse_handshake_fragments(r.fragment).unwrap().len()
+            } else {
+                0
+            };
+            (r.content_type, r.epoch, n)
+        })
+        .collect()
+}
+
+#[test]
+fn a_flight_shares_one_record_per_datagram_and_still_fragments_to_the_mtu() {
+    let pki = Pki::new(2);
+    let mut net = Net::new(pki.server_config(), 60, 0.0);
+    net.add_client(pki.client_config(0));
+    net.run_for(Duration::from_secs(5));
+    assert!(net.client_connected(0));
+    let to_client: Vec<&Vec<u8>> = net.log.iter().filter(|l| !l.0).map(|l| &l.2).collect();
+    let to_server: Vec<&Vec<u8>> = net.log.iter().filter(|l| l.0).map(|l| &l.2).collect();
+    // Flight 4: ServerHello .. ServerHelloDone, five messages in one record.
+    assert_eq!(records_of(to_client[1]), [(ct::HANDSHAKE, 0, 5)]);
+    // Flight 5: Certificate, ClientKeyExchange, CertificateVerify in one record, then the
+    // ChangeCipherSpec and the encrypted Finished.
+    assert_eq!(
+        records_of(to_server[2]),
+        [
+            (ct::HANDSHAKE, 0, 3),
+            (ct::CHANGE_CIPHER_SPEC, 0, 0),
+            (ct::HANDSHAKE, 1, 0)
+        ]
+    );
+    // A 300-byte MTU: every datagram fits, messages are fragmented, the handshake completes.
+    let mut sc = pki.server_config();
+    sc.mtu_bytes = 300;
+    let mut net = Net::new(sc, 61, 0.0);
+    let mut cc = pki.client_config(1);
+    cc.mtu_bytes = 300;
+    net.add_client(cc);
+    net.run_for(Duration::from_secs(5));
+    assert!(net.client_connected(0));
+    assert!(net.log.iter().all(|(_, _, d)| d.len() <= 300));
+    let fragmented = net
+        .log
+        .iter()
+        .flat_map(|(_, _, d)| wire::Records::new(d, 0).filter_map(Result::ok))
+        .filter(|r| r.content_type == ct::HANDSHAKE && r.epoch == 0)
+        .flat_map(|r| wire::parse_handshake_fragments(r.fragment).unwrap())
+        .any(|f| !f.is_complete());
+    assert!(fragmented, "the certificates needed fragments at 300 bytes");
+}
+
+#[test]
+fn a_lean_client_hello_fits_a_frame_and_names_cached_certificates_after_the_cookie() {
+    use est_dtls::wire::extension_type as ext;
+    let pki = Pki::new(1);
+    let mut net = Net::new(pki.server_config(), 62, 0.0);
+    let mut cc = pki.client_config(0);
+    // The RFC 9148 meter profile: one suite, one group, one signature scheme.
+    cc.cipher_suites = vec![CipherSuite::Aes128Ccm8];
+    cc.lean_hello = true;
+    cc.signature_schemes = vec![est_dtls::SignatureScheme::EcdsaSecp256r1Sha256];
+    cc.cached_server_chains = vec![pki.server.chain.clone()];
+    net.add_client(cc);
+    net.run_for(Duration::from_secs(5));
+    assert!(net.client_connected(0));
+    assert_eq!(net.server.metrics().cached_info_hits, 1);
+    let hellos: Vec<(usize, wire::ClientHello)> = net
+        .log
+        .iter()
+        .filter(|l| l.0 && l.2[13] == hs::CLIENT_HELLO)
+        .map(|l| {
+            let f = wire::parse_handshake_fragments(&l.2[13..]).unwrap();
+            (l.2.len(), wire::ClientHello::parse(f[0].body).unwrap())
+        })
+        .collect();
+    assert_eq!(hellos.len(), 2);
+    let (len1, ch1) = &hellos[0];
+    let (_, ch2) = &hellos[1];
+    // 92 bytes of UDP payload fit one 802.15.4 frame (client-sim's link model).
+    assert!(*len1 <= 92, "first ClientHello {len1} bytes");
+    for e in [
+        ext::EC_POINT_FORMATS,
+        ext::RENEGOTIATION_INFO,
+        ext::CACHED_INFO,
+    ] {
+        assert_eq!(
+            ch1.extension(e),
+            None,
+            "extension {e} in the first ClientHello"
+        );
+    }
+    assert!(ch1
+        .cipher_suites
+        .contains(&wire::EMPTY_RENEGOTIATION_INFO_SCSV));
+    assert!(ch2.extension(ext::CACHED_INFO).is_some());
+    assert!(!ch2.cookie.is_empty());
+    assert_eq!(ch1.cipher_suites, ch2.cipher_suites);
+    assert_eq!(ch1.random, ch2.random);
+}
+
+#[test]
+fn the_servers_first_timer_is_three_cookie_round_trips_and_at_least_the_configured_one() {
+    let pki = Pki::new(2);
+    let mut net = Net::new(pki.server_config(), 63, 0.0);
+    for (i, round_trip, expect) in [
+        (0, Duration::from_millis(800), Duration::from_millis(2400)),
+        (1, Duration::from_millis(20), Duration::from_secs(1)),
+    ] {
+        net.add_client(pki.client_config(i));
+        let from = client_addr(i);
+        let ch1 = net.clients[i].poll_transmit().unwrap();
+        net.inject(from, &ch1);
+        let hvr = net.take_server_transmits().remove(0);
+        net.now += round_trip;
+        let now = net.now;
+        net.clients[i].handle_datagram(now, addr(SERVER), &hvr.payload);
+        let ch2 = net.clients[i].poll_transmit().unwrap();
+        net.inject(from, &ch2);
+        assert!(!net.take_server_transmits().is_empty(), "flight 4");
+        // RFC 6298 §2.2's first RTO, 3 x R (the configured 1 s is the floor).
+        assert_eq!(
+            net.server.poll_timeout(),
+            Some(now + expect),
+            "{round_trip:?}"
+        );
+        net.server
+            .handle_timeout(now + expect - Duration::from_millis(1));
+        assert!(net.take_server_transmits().is_empty());
+        net.server.handle_timeout(now + expect);
+        assert!(!net.take_server_transmits().is_empty(), "flight 4 resent");
+    }
+}
+
+#[test]
+fn a_client_answers_a_repeating_server_at_most_once_per_its_own_timer() {
+    use est_dtls::RetransmitConfig;
+    let pki = Pki::new(1);
+    let mut sc = pki.server_config();
+    // A server whose timer is far below the path's round trip.
+    sc.retransmit = RetransmitConfig {
+        initial: Duration::from_millis(200),
+        max: Duration::from_millis(200),
+    };
+    let mut net = Net::new(sc, 64, 0.0);
+    let mut cc = pki.client_config(0);
+    cc.retransmit = RetransmitConfig {
+        initial: Duration::from_secs(5),
+        max: Duration::from_secs(60),
+    };
+    net.add_client(cc);
+    // Flight 5 never arrives: the server repeats flight 4 every 200 ms.
+    net.filter = Some(Box::new(|to_server, _, d| {
+        let flight5 = to_server && d[0] == ct::HANDSHAKE && d[13] == hs::CERTIFICATE;
+        if flight5 {
+            Vec::new()
+        } else {
+            vec![d]
+        }
+    }));
+    net.run_for(Duration::from_millis(4500));
+    let flight5_sent = net
+        .log
+        .iter()
+        .filter(|(to_server, _, d)| *to_server && d[13] == hs::CERTIFICATE)
+        .count();
+    let flight4_sent = net
+        .log
+        .iter()
+        .filter(|(to_server, _, d)| !to_server && d[13] == hs::SERVER_HELLO)
+        .count();
+    assert!(
+        flight4_sent >= 15,
+        "the server repeated flight 4 ({flight4_sent})"
+    );
+    // The first flight 5, one answer to the first repeat, none to the next ones within the
+    // client's 5 s timer.
+    assert_eq!(flight5_sent, 2, "flight 5 sent {flight5_sent} times");
+}

@@ -695,7 +695,10 @@ fn a_tampered_or_transplanted_cookie_gets_a_new_hello_verify_request() {
     type Mutation = Box<dyn Fn(&mut ClientHello)>;
     let variants: Vec<(&str, Mutation)> = vec![
         ("cookie bit flipped", Box::new(|ch| ch.cookie[5] ^= 1)),
-        ("cookie truncated", Box::new(|ch| ch.cookie.truncate(20))),
+        (
+            "cookie truncated",
+            Box::new(|ch| ch.cookie.truncate(ch.cookie.len() - 4)),
+        ),
         (
             "another random",
             Box::new(|ch: &mut ClientHello| ch.random[0] ^= 1),
@@ -1432,4 +1435,184 @@ fn a_fingerprint_the_client_does_not_hold_or_a_type_it_did_not_offer_is_refused(
         Some(Error::UnsupportedExtension(ext::CACHED_INFO))
     );
     assert_eq!(net.server.gauges().half_open, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificate types (RFC 7250): C509
+// ---------------------------------------------------------------------------------------------
+
+/// A stand-in for the C509 re-encoding (the real one, from cbor-schemas, is exercised by
+/// est-server's and client-sim's tests): a marker byte in front of the DER.
+fn toy_codec() -> est_dtls::C509Codec {
+    const MARK: u8 = 0xC5;
+    est_dtls::C509Codec {
+        type_code: wire::certificate_type::C509_PRIVATE_USE_DEFAULT,
+        to_der: std::sync::Arc::new(|c: &[u8]| match c.split_first() {
+            Some((&MARK, der)) => Ok(der.to_vec()),
+            _ => Err("not a toy C509 certificate".into()),
+        }),
+        from_der: std::sync::Arc::new(|d: &[u8]| Ok([&[MARK][..], d].concat())),
+    }
+}
+
+/// The certificates of the Certificate message client `i` sent (`to_server`) or received.
+fn certificates_seen(net: &Net, i: usize, to_server: bool) -> Vec<Vec<u8>> {
+    net.log
+        .iter()
+        .filter(|(t, c, _)| *t == to_server && *c == i)
+        .flat_map(|(_, _, d)| plain_handshakes(d))
+        .find(|(t, _, _)| *t == hs::CERTIFICATE)
+        .map(|(_, _, b)| wire::CertificateMsg::parse(&b, 8).unwrap().certificates)
+        .expect("no Certificate")
+}
+
+#[test]
+fn c509_certificates_are_negotiated_both_ways_and_verified_as_der() {
+    let c509 = wire::certificate_type::C509_PRIVATE_USE_DEFAULT;
+    let pki = Pki::new(3);
+    let mut sc = pki.server_config();
+    sc.c509 = Some(toy_codec());
+    let mut net = Net::new(sc, 56, 0.0);
+    // (0) offers C509; (1) offers nothing; (2) offers C509 and holds the server chain.
+    let mut cc = pki.client_config(0);
+    cc.c509 = Some(toy_codec());
+    net.add_client(cc);
+    net.add_client(pki.client_config(1));
+    let mut cc = pki.client_config(2);
+    cc.c509 = Some(toy_codec());
+    cc.lean_hello = true;
+    cc.cached_server_chains = vec![pki.server.chain.clone()];
+    net.add_client(cc);
+    net.run_for(Duration::from_secs(5));
+    for i in 0..3 {
+        assert!(net.client_connected(i), "{i}");
+    }
+    let sh = server_hello_to(&net, 0);
+    assert_eq!(
+        sh.extension(ext::CLIENT_CERTIFICATE_TYPE),
+        Some(&[c509][..])
+    );
+    assert_eq!(
+        sh.extension(ext::SERVER_CERTIFICATE_TYPE),
+        Some(&[c509][..])
+    );
+    // On the wire: C509 entries; to the verifiers and the application: the DER.
+    assert!(certificates_seen(&net, 0, true)
+        .iter()
+        .all(|c| c[0] == 0xC5));
+    assert!(certificates_seen(&net, 0, false)
+        .iter()
+        .all(|c| c[0] == 0xC5));
+    let h = net.handle_of_client(0).unwrap();
+    assert_eq!(
+        net.server.connection(h).unwrap().peer_certificates(),
+        pki.clients[0].chain.as_slice()
+    );
+    assert_eq!(
+        net.clients[0].connection().peer_certificates(),
+        pki.server.chain.as_slice()
+    );
+    // No offer, no extension, X.509.
+    let sh = server_hello_to(&net, 1);
+    assert_eq!(sh.extension(ext::CLIENT_CERTIFICATE_TYPE), None);
+    assert_eq!(certificates_seen(&net, 1, true), pki.clients[1].chain);
+    // cached_info names the C509 form of the chain the client holds.
+    assert_eq!(net.server.metrics().cached_info_hits, 1);
+    assert_eq!(
+        server_hello_to(&net, 2).extension(ext::CLIENT_CERTIFICATE_TYPE),
+        Some(&[c509][..])
+    );
+    assert_session_works(&mut net, 2, b"c509 both ways");
+
+    // A server without C509 answers X.509 to a client that offers both.
+    let mut net = Net::new(pki.server_config(), 57, 0.0);
+    let mut cc = pki.client_config(0);
+    cc.c509 = Some(toy_codec());
+    net.add_client(cc);
+    net.run_for(Duration::from_secs(5));
+    assert!(net.client_connected(0));
+    let sh = server_hello_to(&net, 0);
+    assert_eq!(sh.extension(ext::CLIENT_CERTIFICATE_TYPE), Some(&[0u8][..]));
+    assert_eq!(sh.extension(ext::SERVER_CERTIFICATE_TYPE), Some(&[0u8][..]));
+    assert_eq!(certificates_seen(&net, 0, true), pki.clients[0].chain);
+    assert_eq!(certificates_seen(&net, 0, false), pki.server.chain);
+}
+
+#[test]
+fn no_common_certificate_type_a_type_not_offered_or_a_c509_that_does_not_convert_is_refused() {
+    let pki = Pki::new(4);
+    let c509 = wire::certificate_type::C509_PRIVATE_USE_DEFAULT;
+    // (0) offers C509 only to a server without C509: unsupported_certificate.
+    let mut net = Net::new(pki.server_config(), 58, 0.0);
+    let mut cc = pki.client_config(0);
+    cc.c509 = Some(toy_codec());
+    net.add_client(cc);
+    net.filter = Some(Box::new(move |to_server, _, d| {
+        if !to_server {
+            return vec![d];
+        }
+        vec![rewrite_plain_handshakes(&d, |t, b| {
+            if t == hs::CLIENT_HELLO {
+                let mut ch = ClientHello::parse(b).unwrap();
+                for e in &mut ch.extensions {
+                    if e.typ == ext::CLIENT_CERTIFICATE_TYPE {
+                        e.data = wire::certificate_types_body(&[c509]);
+                    }
+                }
+                *b = ch.encode();
+            }
+        })]
+    }));
+    net.run_for(Duration::from_secs(5));
+    assert!(!net.client_connected(0));
+    let alerts: Vec<_> = server_alerts(&net).into_iter().map(|(_, a)| a).collect();
+    assert_eq!(alerts, vec![(alert::FATAL, alert::UNSUPPORTED_CERTIFICATE)]);
+    assert_eq!(refused(&net, RefusalReason::BadCertificate), 1);
+
+    // (1) the ServerHello names a type the client did not offer: illegal_parameter.
+    let mut sc = pki.server_config();
+    sc.c509 = Some(toy_codec());
+    let mut net = Net::new(sc, 59, 0.0);
+    let mut cc = pki.client_config(1);
+    cc.c509 = Some(toy_codec());
+    net.add_client(cc);
+    net.filter = Some(Box::new(|to_server, _, d| {
+        if to_server {
+            return vec![d];
+        }
+        vec![rewrite_plain_handshakes(&d, |t, b| {
+            if t == hs::SERVER_HELLO {
+                let mut sh = ServerHello::parse(b).unwrap();
+                for e in &mut sh.extensions {
+                    if e.typ == ext::SERVER_CERTIFICATE_TYPE {
+                        e.data = vec![wire::certificate_type::RAW_PUBLIC_KEY];
+                    }
+                }
+                *b = sh.encode();
+            }
+        })]
+    }));
+    net.run_for(Duration::from_secs(5));
+    assert!(!net.client_connected(0));
+    assert!(
+        matches!(client_failure(&net, 0), Some(Error::IllegalParameter(_))),
+        "{:?}",
+        client_failure(&net, 0)
+    );
+
+    // (2) a client whose C509 certificate does not convert back to DER: bad_certificate.
+    let mut sc = pki.server_config();
+    sc.c509 = Some(toy_codec());
+    let mut net = Net::new(sc, 60, 0.0);
+    let mut cc = pki.client_config(2);
+    let mut broken = toy_codec();
+    broken.from_der = std::sync::Arc::new(|d: &[u8]| Ok([&[0x00][..], d].concat()));
+    cc.c509 = Some(broken);
+    net.add_client(cc);
+    net.run_for(Duration::from_secs(5));
+    assert!(!net.client_connected(0));
+    let alerts: Vec<_> = server_alerts(&net).into_iter().map(|(_, a)| a).collect();
+    assert_eq!(alerts, vec![(alert::FATAL, alert::BAD_CERTIFICATE)]);
+    assert_eq!(net.server.gauges().half_open, 0);
+    assert_still_serves(&mut net, &pki, 3);
 }

@@ -14,7 +14,8 @@
 //!   client now at that address, with edits;
 //! * 3 `a n bytes[n]`: an arbitrary datagram from address `a`;
 //! * 4 `a`: client `a` (re)starts a handshake (a rebooted meter); clients at odd addresses
-//!   hold the server's certificate and offer it with RFC 7924 cached_info;
+//!   hold the server's certificate and offer it with RFC 7924 cached_info, and offer C509
+//!   certificates (RFC 7250; a stand-in codec: a marker byte before the DER);
 //! * 5 `a`: application data both ways on `a`'s session, if any;
 //! * 6 `a`: client `a` closes (close_notify);
 //! * 7 `a b`: client `a`'s NAT binding moves to address `b` (with a Connection ID the session
@@ -60,6 +61,18 @@ fn verifier() -> ChainVerifier {
     })
 }
 
+/// A stand-in C509 codec: a marker byte in front of the DER.
+fn toy_c509() -> est_dtls::C509Codec {
+    est_dtls::C509Codec {
+        type_code: 224,
+        to_der: Arc::new(|c: &[u8]| match c.split_first() {
+            Some((0xC5, der)) => Ok(der.to_vec()),
+            _ => Err("not C509".into()),
+        }),
+        from_der: Arc::new(|d: &[u8]| Ok([&[0xC5][..], d].concat())),
+    }
+}
+
 fn cred(name: &str) -> (Vec<Vec<u8>>, Arc<SigningKey>) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
     let params = rcgen::CertificateParams::new(vec![name.to_string()]).expect("params");
@@ -82,12 +95,15 @@ fn fixture() -> &'static Fixture {
         sc.limits.max_sessions_per_identity = 2;
         sc.limits.max_handshake_message_bytes = 4096;
         sc.cid_length = 4;
+        sc.c509 = Some(toy_c509());
         sc.validate().expect("server config");
         let (chain, key) = cred("meter.fuzz");
         let mut cc = ClientConfig::new(chain, key, verifier());
         cc.connection_id = Some(Vec::new());
         let mut cached = cc.clone();
         cached.cached_server_chains = vec![server_chain];
+        cached.c509 = Some(toy_c509());
+        cached.lean_hello = true;
         Fixture {
             server: Arc::new(sc),
             client: Arc::new(cc),

@@ -4,7 +4,7 @@
 //! * `parse_handshake_fragments` never panics; what it accepts keeps
 //!   `fragment_offset + fragment_length <= length` and re-encodes to the input bytes;
 //! * every message and extension parser never panics (cached_info and the abbreviated
-//!   Certificate message of RFC 7924 included); where one succeeds, `encode()` and a
+//!   Certificate message of RFC 7924, RFC 7250's certificate types included); where one succeeds, `encode()` and a
 //!   second parse give an equal value, and for the strict (canonical) encodings the encoded
 //!   bytes are the input.
 //!
@@ -104,6 +104,13 @@ fn extensions(data: &[u8]) {
         assert!(!objects.is_empty() && objects.len() <= wire::MAX_CACHED_OBJECTS);
         assert!(objects.iter().all(|o| !o.hash.is_empty()));
         assert_eq!(wire::cached_info_client_body(&objects), data);
+    }
+    if let Ok(types) = wire::parse_certificate_types(data) {
+        assert!(!types.is_empty());
+        assert_eq!(wire::certificate_types_body(&types), data);
+    }
+    if let Ok(t) = wire::parse_certificate_type(data) {
+        assert_eq!(data, [t]);
     }
     if let Ok(types) = wire::parse_cached_info_server(data) {
         assert!(!types.is_empty());

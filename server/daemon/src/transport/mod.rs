@@ -149,6 +149,9 @@ pub struct DtlsServerConfig {
     /// RFC 7924 cached_info: a client naming our Certificate message by its current fingerprint
     /// gets the fingerprint instead of the chain.
     pub cached_info: bool,
+    /// C509 certificates in the handshake under this TLS certificate type number (RFC 7250);
+    /// `None`: X.509 only.
+    pub c509_certificate_type: Option<u8>,
     /// Our private key, PKCS#8 DER, ECDSA P-256 or P-384.
     pub private_key_pkcs8_der: Vec<u8>,
     /// Trust anchors for client certificates, used when no `client_chain_verifier` is set: the
@@ -224,6 +227,7 @@ impl Default for DtlsServerConfig {
             certificate_chain_der: Vec::new(),
             send_chain: true,
             cached_info: true,
+            c509_certificate_type: None,
             private_key_pkcs8_der: Vec::new(),
             client_trust_anchors_der: Vec::new(),
             verify_peer_certificate: None,
@@ -232,8 +236,8 @@ impl Default for DtlsServerConfig {
             mtu_bytes: 1152,
             flight_interval: Duration::from_secs(1),
             retransmit_max: Duration::from_secs(60),
-            handshake_timeout: Duration::from_secs(30),
-            handshake_stall_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(60),
+            handshake_stall_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
             max_half_open_handshakes: 1024,
             // Per-IP limits default to the global ones: meters behind one NAT, a DCU relay or a
@@ -339,6 +343,7 @@ pub(crate) fn build_engine_config(
     };
     let mut e = est_dtls::ServerConfig::new(sent.to_vec(), Arc::new(key), chain_verifier);
     e.cached_info = cfg.cached_info;
+    e.c509 = cfg.c509_certificate_type.map(est_dtls::C509Codec::type3);
     e.cipher_suites = suites;
     e.require_extended_master_secret = cfg.extended_master_secret_required;
     e.answer_use_srtp = cfg.answer_use_srtp;

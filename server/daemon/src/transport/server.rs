@@ -109,6 +109,8 @@ pub struct TransportMetrics {
     pub jpy_dropped_malformed: u64,
     /// DTLS datagrams of relayed meters the endpoint took (JPY content).
     pub relayed_datagrams: u64,
+    /// Handshakes whose client certificate came as C509 (RFC 7250 negotiation).
+    pub c509_client_certificates: u64,
 }
 
 fn snapshot(ep: &Endpoint, driver: &DriverCounters) -> TransportMetrics {
@@ -155,6 +157,7 @@ fn snapshot(ep: &Endpoint, driver: &DriverCounters) -> TransportMetrics {
         jpy_dropped_not_allowed: driver.jpy_not_allowed.load(Ordering::Relaxed),
         jpy_dropped_malformed: driver.jpy_malformed.load(Ordering::Relaxed),
         relayed_datagrams: m.datagrams_relayed,
+        c509_client_certificates: m.c509_client_certificates,
     }
 }
 

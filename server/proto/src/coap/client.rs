@@ -30,6 +30,10 @@ pub struct ClientConfig {
     pub block2_szx: Option<u8>,
     /// Cap on a reassembled response body.
     pub max_response_body_bytes: usize,
+    /// Token length of our requests, 0..=8 bytes (random, fresh per request). RFC 7252
+    /// §5.3.1: a client making requests one at a time may use short or even empty tokens, and
+    /// over DTLS the token need not resist guessing; on a mesh every byte is airtime.
+    pub token_len: usize,
 }
 
 impl Default for ClientConfig {
@@ -39,6 +43,7 @@ impl Default for ClientConfig {
             block1_szx: 6,
             block2_szx: None,
             max_response_body_bytes: 64 * 1024,
+            token_len: 4,
         }
     }
 }
@@ -60,6 +65,9 @@ impl ClientConfig {
         }
         if self.max_response_body_bytes == 0 {
             return Err(ConfigError::MaxResponseBody(0));
+        }
+        if self.token_len > 8 {
+            return Err(ConfigError::TokenLength(self.token_len));
         }
         Ok(())
     }
@@ -585,8 +593,12 @@ impl Client {
     fn send_next(&mut self, now: Instant) {
         let mid = self.next_mid;
         self.next_mid = self.next_mid.wrapping_add(1);
-        let mut token = [0u8; 4];
-        self.rng.fill_bytes(&mut token);
+        let mut token_buf = [0u8; 8];
+        let token = token_buf
+            .get_mut(..self.config.token_len.min(8))
+            .unwrap_or_default();
+        self.rng.fill_bytes(token);
+        let token: &[u8] = token;
         let early_block2 = self.config.block2_szx.map(|s| s.min(6));
         let Some(ex) = self.exchange.as_mut() else {
             return;
@@ -596,7 +608,7 @@ impl Client {
             MessageType::Confirmable,
             MessageClass::Request(r.method.to_request_type()),
             mid,
-            &token,
+            token,
         );
         for seg in &r.path {
             p.add_option(CoapOption::UriPath, seg.as_bytes().to_vec());

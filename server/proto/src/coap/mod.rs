@@ -135,6 +135,8 @@ pub enum ConfigError {
     MaxRequestBody(usize),
     #[error("max_response_body_bytes must be at least 1, got {0}")]
     MaxResponseBody(usize),
+    #[error("token_len must be at most 8 bytes (RFC 7252 §5.3.1), got {0}")]
+    TokenLength(usize),
     #[error("max_dedup_entries ({dedup}) must be larger than max_pending_requests ({pending}), and the latter at least 1")]
     CacheBounds { dedup: usize, pending: usize },
 }

@@ -1400,6 +1400,46 @@ fn client_cfg() -> ClientConfig {
 }
 
 #[test]
+fn short_and_empty_tokens_complete_exchanges_and_more_than_8_is_refused() {
+    let t0 = Instant::now();
+    for token_len in [0usize, 1, 4, 8] {
+        let cfg = ClientConfig {
+            token_len,
+            block2_szx: Some(4),
+            ..client_cfg()
+        };
+        let mut c = Client::new(cfg, 21);
+        let mut s = session();
+        c.start(t0, Request::new(Method::Get, "est/crts")).unwrap();
+        let req = c.poll_transmit().unwrap();
+        assert_eq!(parse(&req).get_token().len(), token_len);
+        let (id, _) = request(s.handle_datagram(t0, &req));
+        let out = s.respond(
+            t0,
+            id,
+            Response::new(ResponseType::Content).with_payload(281, body(300)),
+        );
+        for d in out {
+            c.handle_datagram(t0, &d);
+        }
+        // The rest of the body block by block, each request with a fresh token.
+        while let Some(d) = c.poll_transmit() {
+            assert_eq!(parse(&d).get_token().len(), token_len);
+            c.handle_datagram(t0, &send(s.handle_datagram(t0, &d)));
+        }
+        match c.poll_event().unwrap() {
+            ClientEvent::Response(r) => assert_eq!(r.payload, body(300), "{token_len}"),
+            other => panic!("{token_len}: {other:?}"),
+        }
+    }
+    let bad = ClientConfig {
+        token_len: 9,
+        ..client_cfg()
+    };
+    assert!(matches!(bad.validate(), Err(ConfigError::TokenLength(9))));
+}
+
+#[test]
 fn client_retransmits_with_doubling_timeout_then_fails() {
     let t0 = Instant::now();
     let mut c = Client::new(client_cfg(), 7);
