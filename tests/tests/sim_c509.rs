@@ -54,6 +54,8 @@ async fn run(srv: &TestServer, prefix: &str, c509: bool) -> Summary {
             ..MeterConfig::default()
         },
         dcu_link: "lan".parse().unwrap(),
+        dcu_mode: client_sim::net::DcuMode::Router,
+        jpy_server: None,
         progress: false,
     };
     let result = tokio::time::timeout(
