@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, Semaphore};
 use crate::driver::{run_meter, DriverConfig, MeterOutcome};
 use crate::link::{LinkCounters, LinkParams};
 use crate::meter::{FailureReason, Meter, MeterConfig};
-use crate::net::{Dcu, MeterLink};
+use crate::net::{Dcu, DcuMode, MeterLink, RelayReport};
 use crate::phases::PhaseTable;
 use crate::pki::DeviceIdentity;
 use crate::schedule::{mix64, MeterPlan};
@@ -27,6 +27,10 @@ pub struct FleetConfig {
     pub meter: MeterConfig,
     /// The shared backhaul of each DCU (if the schedule assigns DCUs).
     pub dcu_link: LinkParams,
+    /// How the DCUs carry their meters' traffic: routed, or relayed by est-relay's core.
+    pub dcu_mode: DcuMode,
+    /// The server's JPY port, for [`DcuMode::RelayStateless`].
+    pub jpy_server: Option<std::net::SocketAddr>,
     pub progress: bool,
 }
 
@@ -106,6 +110,12 @@ pub struct Summary {
     pub dcus: u64,
     pub dcu_up: LinkCounters,
     pub dcu_down: LinkCounters,
+    /// How the DCUs carried the traffic.
+    #[serde(default)]
+    pub dcu_mode: DcuMode,
+    /// The DCUs' join proxies (relay modes).
+    #[serde(default)]
+    pub relay: RelayReport,
     pub peak_in_flight: u64,
     pub rss_before_kb: u64,
     pub rss_peak_kb: u64,
@@ -206,17 +216,34 @@ pub async fn run_fleet(
     let peak = Arc::new(AtomicU64::new(0));
     let rss_peak = Arc::new(AtomicU64::new(rss_before));
 
-    // DCUs, created on demand by index.
-    let mut dcus: HashMap<u64, Arc<Dcu>> = HashMap::new();
+    // DCUs, created by index before the meters start.
+    let mut per_dcu: BTreeMap<u64, usize> = BTreeMap::new();
     for p in &plans {
         if let Some(d) = p.dcu {
-            dcus.entry(d).or_insert_with(|| {
-                Arc::new(Dcu::new(
-                    d,
-                    cfg.dcu_link.clone(),
-                    mix64(run_seed ^ 0xdc0 ^ d),
-                ))
-            });
+            *per_dcu.entry(d).or_default() += 1;
+        }
+    }
+    let registrar = match cfg.dcu_mode {
+        DcuMode::RelayStateless => cfg.jpy_server.unwrap_or(cfg.driver.server),
+        _ => cfg.driver.server,
+    };
+    let mut dcus: HashMap<u64, Arc<Dcu>> = HashMap::new();
+    for (&d, &meters) in &per_dcu {
+        let dcu = Dcu::with_mode(
+            d,
+            cfg.dcu_link.clone(),
+            mix64(run_seed ^ 0xdc0 ^ d),
+            cfg.dcu_mode,
+            registrar,
+            cfg.driver.bind.ip(),
+            meters,
+        )
+        .await;
+        match dcu {
+            Ok(dcu) => {
+                dcus.insert(d, dcu);
+            }
+            Err(e) => tracing::error!(dcu = d, error = %e, "cannot start the DCU's relay"),
         }
     }
 
@@ -343,10 +370,28 @@ pub async fn run_fleet(
         summary.enrolled as f64 / wall.as_secs_f64()
     };
     summary.dcus = dcus.len() as u64;
+    summary.dcu_mode = cfg.dcu_mode;
+    let mut relayed_meters = 0u64;
     for d in dcus.values() {
         let (u, dn) = d.counters();
         summary.dcu_up += u;
         summary.dcu_down += dn;
+        if let Some(r) = d.relay_report() {
+            let s = &mut summary.relay;
+            s.forwarded_up += r.forwarded_up;
+            s.forwarded_down += r.forwarded_down;
+            s.overhead_bytes_up += r.overhead_bytes_up;
+            s.overhead_bytes_down += r.overhead_bytes_down;
+            s.dropped += r.dropped;
+            s.failovers += r.failovers;
+            s.circuits_opened += r.circuits_opened;
+            s.state_bytes += r.state_bytes;
+            relayed_meters += u64::from(d.meters());
+        }
+    }
+    if relayed_meters > 0 {
+        summary.relay.state_bytes_per_meter =
+            summary.relay.state_bytes as f64 / relayed_meters as f64;
     }
     summary.peak_in_flight = peak.load(Ordering::Relaxed);
     summary.rss_before_kb = rss_before;
@@ -431,11 +476,54 @@ pub fn render_summary(s: &Summary) -> String {
         o.push_str(&crate::phases::render(&s.phases, s.enrolled));
     }
     if s.dcus > 0 {
+        let mode = match s.dcu_mode {
+            DcuMode::Router => "router",
+            DcuMode::RelayStateless => "relay-stateless",
+            DcuMode::RelayStateful => "relay-stateful",
+        };
         let _ = writeln!(
             o,
-            "DCUs              {:>10}   backhaul up {} B (queue drops {}), down {} B (queue drops {})",
-            s.dcus, s.dcu_up.bytes, s.dcu_up.queue_drops, s.dcu_down.bytes, s.dcu_down.queue_drops
+            "DCUs              {:>10}   ({mode}) backhaul up {} B in {} datagrams / {} frames (queue drops {}), down {} B in {} datagrams / {} frames (queue drops {})",
+            s.dcus,
+            s.dcu_up.bytes,
+            s.dcu_up.datagrams,
+            s.dcu_up.frames,
+            s.dcu_up.queue_drops,
+            s.dcu_down.bytes,
+            s.dcu_down.datagrams,
+            s.dcu_down.frames,
+            s.dcu_down.queue_drops
         );
+        let per = |x: u64| {
+            if s.enrolled == 0 {
+                0.0
+            } else {
+                x as f64 / s.enrolled as f64
+            }
+        };
+        let _ = writeln!(
+            o,
+            "backhaul per enrollment {:.0} B, {:.1} datagrams, {:.1} frames",
+            per(s.dcu_up.bytes + s.dcu_down.bytes),
+            per(s.dcu_up.datagrams + s.dcu_down.datagrams),
+            per(s.dcu_up.frames + s.dcu_down.frames)
+        );
+        if s.dcu_mode != DcuMode::Router {
+            let r = &s.relay;
+            let _ = writeln!(
+                o,
+                "relay             {} datagrams up, {} down; overhead {:.1} B per datagram ({} B up, {} B down); dropped {}; circuits {}; state {} B ({:.1} B per meter)",
+                r.forwarded_up,
+                r.forwarded_down,
+                r.overhead_per_datagram(),
+                r.overhead_bytes_up,
+                r.overhead_bytes_down,
+                r.dropped,
+                r.circuits_opened,
+                r.state_bytes,
+                r.state_bytes_per_meter
+            );
+        }
     }
     let _ = writeln!(
         o,
@@ -492,6 +580,8 @@ mod tests {
             },
             meter: MeterConfig::default(),
             dcu_link: "latency=2ms,rate=512kbps".parse().unwrap(),
+            dcu_mode: DcuMode::Router,
+            jpy_server: None,
             progress: false,
         };
         let r = tokio::time::timeout(Duration::from_secs(60), run_fleet(plans, devices, cfg, 9))

@@ -134,6 +134,22 @@ struct Cli {
         default_value = "latency=30ms,jitter=10ms,rate=256kbps,queue=65536"
     )]
     dcu_link: LinkParams,
+    /// How each DCU carries its meters' traffic: router (the meters' datagrams cross the
+    /// backhaul as they are), relay-stateless (est-relay's core in each DCU wraps each datagram
+    /// as a JPY message to --jpy-server: +24..38 bytes per datagram) or relay-stateful
+    /// (est-relay's core opens a UDP circuit per meter to --server). The relays keep the
+    /// defaults of est-relay's configuration, except that the mesh as a whole is not rate
+    /// limited and the circuit caps are sized for the DCU's meters. Needs --meters-per-dcu.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "router",
+        requires = "meters_per_dcu"
+    )]
+    dcu_mode: client_sim::net::DcuMode,
+    /// The server's JPY port (est-server's [relay] jpy_listen), for --dcu-mode relay-stateless.
+    #[arg(long)]
+    jpy_server: Option<SocketAddr>,
     /// Run seed: decides arrivals, per-meter seeds (keys, CoAP IDs, link draws).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -144,7 +160,7 @@ struct Cli {
     #[arg(long)]
     record: Option<PathBuf>,
     /// Re-run the schedule of a recording (its seed, arrivals, links, DCUs) against --server.
-    #[arg(long, conflicts_with_all = ["arrival", "link", "seed", "max_hops", "meters_per_dcu", "dcu_link"])]
+    #[arg(long, conflicts_with_all = ["arrival", "link", "seed", "max_hops", "meters_per_dcu", "dcu_link", "dcu_mode"])]
     replay: Option<PathBuf>,
     /// Certificate encoding: of the EST requests and responses, and with --dtls-backend
     /// native of the DTLS handshake's certificates too (c509: offered with RFC 7250's
@@ -384,6 +400,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 max_hops: plan.max_hops,
                 meters_per_dcu: cli.meters_per_dcu,
                 dcu_link: cli.dcu_link.clone(),
+                dcu_mode: cli.dcu_mode,
                 server: servers_text(&cli.server),
                 meters: Vec::new(),
                 outcomes: Vec::new(),
@@ -393,6 +410,9 @@ async fn run(cli: Cli) -> Result<bool> {
         }
     };
 
+    if rec_base.dcu_mode == client_sim::net::DcuMode::RelayStateless && cli.jpy_server.is_none() {
+        bail!("--dcu-mode relay-stateless needs --jpy-server (est-server's [relay] jpy_listen)");
+    }
     let coap = ClientConfig {
         coap: CoapConfig {
             ack_timeout: cli.ack_timeout.0.unwrap_or(Duration::from_secs(2)),
@@ -458,6 +478,8 @@ async fn run(cli: Cli) -> Result<bool> {
             },
         },
         dcu_link: rec_base.dcu_link.clone(),
+        dcu_mode: rec_base.dcu_mode,
+        jpy_server: cli.jpy_server,
         progress: !cli.no_progress,
     };
     eprintln!(

@@ -1,22 +1,30 @@
 //! Runtime side of the link emulator: a `webrtc_util::conn::Conn` that carries a meter's datagrams
-//! over a real UDP socket through its emulated link (and, optionally, its DCU's shared uplink).
+//! over a real UDP socket through its emulated link (and, optionally, its DCU).
 //!
 //! ```text
-//!   DTLSConn --send--> meter link (up) --> [DCU up, shared FIFO] --> UdpSocket --> server
-//!   DTLSConn <--recv-- meter link (down) <-- [DCU down, shared] <-- UdpSocket <-- server
+//!   router:          DTLSConn --send--> meter link (up) --> [DCU up, shared FIFO] --> UdpSocket --> server
+//!                    DTLSConn <--recv-- meter link (down) <-- [DCU down, shared] <-- UdpSocket <-- server
+//!   relay-stateless: DTLSConn --> meter link --> est-relay core (JPY [header, datagram]) --> DCU up --> JPY socket --> server's JPY port
+//!   relay-stateful:  DTLSConn --> meter link --> est-relay core (a circuit per meter)   --> DCU up --> circuit socket --> server
+//!                    (and back the same way: DCU down --> relay core --> meter link --> DTLSConn)
 //! ```
 //!
 //! Every decision (loss, queueing, delivery time) is taken by the sans-IO [`LinkDirection`]s at the
 //! moment the datagram reaches them; a small spawned task per datagram sleeps until the delivery
 //! time and passes it on. A datagram reaches the DCU only when it has crossed the meter's own link,
-//! so the DCU sees packets from all its meters in arrival order, FIFO.
+//! so the DCU sees packets from all its meters in arrival order, FIFO. In the relay modes the DCU
+//! runs est-relay's own core ([`est_relay::Relay`], the code of the `est-relay` binary): the
+//! backhaul carries exactly what a real DCU would send, JPY headers included.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_trait::async_trait;
+use est_relay::{CircuitId, Destination, MeterAddr, Relay, RelayConfig};
+use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -25,27 +33,349 @@ use webrtc_util::conn::Conn;
 use crate::link::{LinkCounters, LinkDirection, LinkParams, Verdict};
 use crate::phases::{Dir, Ledger};
 
-/// A data concentrator unit: its backhaul is one rate-limited link shared by all its meters.
+/// How a DCU carries its meters' enrollment traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DcuMode {
+    /// An IP router: the meters' datagrams cross the backhaul as they are (the meters are
+    /// routable; the behaviour before issue #12).
+    #[default]
+    Router,
+    /// A stateless join proxy: each datagram goes to the server's JPY port wrapped as
+    /// `[header, datagram]`.
+    RelayStateless,
+    /// A stateful join proxy: a UDP circuit (a port of the DCU) per meter to the coaps port.
+    RelayStateful,
+}
+
+/// The relay's counters, summed over DCUs, for the report.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RelayReport {
+    /// Meters' datagrams relayed to the server, and the server's relayed back.
+    pub forwarded_up: u64,
+    pub forwarded_down: u64,
+    /// Bytes the relays added on the backhaul (JPY headers and CBOR), each way.
+    pub overhead_bytes_up: u64,
+    pub overhead_bytes_down: u64,
+    /// Datagrams the relays dropped (rate limits, caps, headers, ...).
+    pub dropped: u64,
+    pub failovers: u64,
+    pub circuits_opened: u64,
+    /// The relays' state per meter, bytes: what they hold (fixed tables, circuits) at the end
+    /// of the run over the meters behind them.
+    pub state_bytes_per_meter: f64,
+    pub state_bytes: u64,
+}
+
+impl RelayReport {
+    /// Bytes added per relayed datagram (both directions).
+    pub fn overhead_per_datagram(&self) -> f64 {
+        let n = self.forwarded_up + self.forwarded_down;
+        if n == 0 {
+            0.0
+        } else {
+            (self.overhead_bytes_up + self.overhead_bytes_down) as f64 / n as f64
+        }
+    }
+}
+
+/// A data concentrator unit: its backhaul is one rate-limited link shared by all its meters;
+/// in the relay modes it also runs a join proxy.
 #[derive(Debug)]
 pub struct Dcu {
     pub index: u64,
     up: Mutex<LinkDirection>,
     down: Mutex<LinkDirection>,
+    relay: Option<Arc<RelayDcu>>,
+    next_meter: AtomicU32,
 }
 
 impl Dcu {
+    /// A router DCU.
     pub fn new(index: u64, params: LinkParams, seed: u64) -> Dcu {
         let link = crate::link::Link::new(params, seed);
         Dcu {
             index,
             up: Mutex::new(link.up),
             down: Mutex::new(link.down),
+            relay: None,
+            next_meter: AtomicU32::new(1),
         }
+    }
+
+    /// A DCU in `mode`: a relay towards `registrar` (the server's JPY port for stateless, its
+    /// coaps port for stateful), its backhaul sockets bound on `bind_ip`. `meters` is how many
+    /// meters it serves (its circuit caps are sized for them).
+    pub async fn with_mode(
+        index: u64,
+        params: LinkParams,
+        seed: u64,
+        mode: DcuMode,
+        registrar: SocketAddr,
+        bind_ip: IpAddr,
+        meters: usize,
+    ) -> std::io::Result<Arc<Dcu>> {
+        let mut dcu = Dcu::new(index, params, seed);
+        let relay_mode = match mode {
+            DcuMode::Router => return Ok(Arc::new(dcu)),
+            DcuMode::RelayStateless => est_relay::Mode::Stateless,
+            DcuMode::RelayStateful => est_relay::Mode::Stateful,
+        };
+        let config = RelayConfig {
+            mode: relay_mode,
+            registrars: vec![registrar],
+            join_port: 5684,
+            // The mesh links already limit each meter; the whole DCU is not limited here.
+            global_rate: est_relay::Rate::UNLIMITED,
+            max_circuits_per_interface: meters.max(1) * 2,
+            max_circuits: meters.max(1) * 2,
+            ..RelayConfig::default()
+        };
+        let core = Relay::new(config, Instant::now())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let jpy = match relay_mode {
+            est_relay::Mode::Stateless => Some(Arc::new(
+                UdpSocket::bind(SocketAddr::new(bind_ip, 0)).await?,
+            )),
+            est_relay::Mode::Stateful => None,
+        };
+        dcu.relay = Some(Arc::new(RelayDcu {
+            core: Mutex::new(core),
+            jpy,
+            bind_ip,
+            circuits: Mutex::new(HashMap::new()),
+            meters: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+        }));
+        let dcu = Arc::new(dcu);
+        if let Some(relay) = &dcu.relay {
+            if let Some(j) = &relay.jpy {
+                let reader = tokio::spawn(backhaul_reader(Arc::downgrade(&dcu), j.clone(), None));
+                lock(&relay.tasks).push(reader);
+            }
+            let timer = tokio::spawn(relay_timer(Arc::downgrade(&dcu)));
+            lock(&relay.tasks).push(timer);
+        }
+        Ok(dcu)
     }
 
     /// (up, down) counters of the DCU's shared link.
     pub fn counters(&self) -> (LinkCounters, LinkCounters) {
         (lock(&self.up).counters(), lock(&self.down).counters())
+    }
+
+    /// The relay's counters (zero for a router), with the meters it served.
+    pub fn relay_report(&self) -> Option<RelayReport> {
+        let relay = self.relay.as_ref()?;
+        let core = lock(&relay.core);
+        let m = core.metrics();
+        Some(RelayReport {
+            forwarded_up: m.forwarded_to_registrar,
+            forwarded_down: m.forwarded_to_meters,
+            overhead_bytes_up: m.overhead_bytes_up,
+            overhead_bytes_down: m.overhead_bytes_down,
+            dropped: m.dropped_total(),
+            failovers: m.failovers,
+            circuits_opened: m.circuits_opened,
+            state_bytes_per_meter: 0.0,
+            state_bytes: core.state_bytes() as u64,
+        })
+    }
+
+    /// Meters given an address by this DCU.
+    pub fn meters(&self) -> u32 {
+        self.next_meter.load(Ordering::Relaxed).saturating_sub(1)
+    }
+
+    /// A new mesh address for a meter behind this relay: link-local IPv6 (as a Wi-SUN meter
+    /// before it joins), its interface identifier naming the DCU and the meter.
+    fn new_meter_addr(&self) -> MeterAddr {
+        let n = self.next_meter.fetch_add(1, Ordering::Relaxed);
+        let ip = Ipv6Addr::new(
+            0xfe80,
+            0,
+            0,
+            0,
+            0x0200,
+            (self.index & 0xffff) as u16,
+            (n >> 16) as u16,
+            (n & 0xffff) as u16,
+        );
+        MeterAddr::new(SocketAddr::V6(SocketAddrV6::new(ip, 5684, 0, 0)), 0)
+    }
+
+    fn stop(&self) {
+        if let Some(r) = &self.relay {
+            for t in lock(&r.tasks).drain(..) {
+                t.abort();
+            }
+            for (_, (_, t)) in lock(&r.circuits).drain() {
+                t.abort();
+            }
+        }
+    }
+}
+
+impl Drop for Dcu {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A stateful circuit's socket and its reader task.
+type CircuitSocket = (Arc<UdpSocket>, JoinHandle<()>);
+/// Where a meter's datagrams go: its link, and its session's receive queue.
+type MeterRoute = (Arc<MeterLink>, mpsc::UnboundedSender<Vec<u8>>);
+
+/// The join proxy of a DCU: est-relay's core and the DCU's backhaul sockets.
+#[derive(Debug)]
+struct RelayDcu {
+    core: Mutex<Relay>,
+    /// Stateless: the one socket JPY messages leave from.
+    jpy: Option<Arc<UdpSocket>>,
+    bind_ip: IpAddr,
+    /// Stateful: a socket per circuit, and its reader.
+    circuits: Mutex<HashMap<CircuitId, CircuitSocket>>,
+    /// Where datagrams for each meter go: its link and its session's receive queue.
+    meters: Mutex<HashMap<MeterAddr, MeterRoute>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Carries out what the relay core asked for: circuit sockets, then datagrams (to the server
+/// over the DCU's backhaul, or to meters over their mesh links).
+fn relay_flush(dcu: &Arc<Dcu>) {
+    let Some(relay) = &dcu.relay else { return };
+    let (events, transmits) = {
+        let mut core = lock(&relay.core);
+        let events: Vec<_> = std::iter::from_fn(|| core.poll_event()).collect();
+        let transmits: Vec<_> = std::iter::from_fn(|| core.poll_transmit()).collect();
+        (events, transmits)
+    };
+    for ev in events {
+        match ev {
+            est_relay::Event::CircuitOpened { circuit, .. } => {
+                let Ok(std_socket) = std::net::UdpSocket::bind(SocketAddr::new(relay.bind_ip, 0))
+                else {
+                    continue;
+                };
+                let _ = std_socket.set_nonblocking(true);
+                let Ok(socket) = UdpSocket::from_std(std_socket) else {
+                    continue;
+                };
+                let socket = Arc::new(socket);
+                let reader = tokio::spawn(backhaul_reader(
+                    Arc::downgrade(dcu),
+                    socket.clone(),
+                    Some(circuit),
+                ));
+                lock(&relay.circuits).insert(circuit, (socket, reader));
+            }
+            est_relay::Event::CircuitClosed(c) => {
+                if let Some((_, t)) = lock(&relay.circuits).remove(&c) {
+                    t.abort();
+                }
+            }
+            est_relay::Event::FailedOver { .. } => {}
+        }
+    }
+    let now = Instant::now();
+    for t in transmits {
+        match t.destination {
+            Destination::Meter(m) => {
+                let Some((link, tx)) = lock(&relay.meters).get(&m).cloned() else {
+                    continue;
+                };
+                deliver_down(&link, tx, now, t.payload);
+            }
+            Destination::Jpy(to) | Destination::Circuit { registrar: to, .. } => {
+                let socket = match t.destination {
+                    Destination::Circuit { circuit, .. } => {
+                        lock(&relay.circuits).get(&circuit).map(|(s, _)| s.clone())
+                    }
+                    _ => relay.jpy.clone(),
+                };
+                let Some(socket) = socket else { continue };
+                let Verdict::Deliver { at } = lock(&dcu.up).submit(now, t.payload.len()) else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    if at > Instant::now() {
+                        sleep_until(at).await;
+                    }
+                    let _ = socket.send_to(&t.payload, to).await;
+                });
+            }
+        }
+    }
+}
+
+/// Through the meter's own link down, into its session's queue.
+fn deliver_down(
+    link: &Arc<MeterLink>,
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    now: Instant,
+    data: Vec<u8>,
+) {
+    if let Verdict::Deliver { at } = lock(&link.down).submit(now, data.len()) {
+        tokio::spawn(async move {
+            if at > Instant::now() {
+                sleep_until(at).await;
+            }
+            let _ = tx.send(data);
+        });
+    }
+}
+
+/// Reads the server's datagrams on a relay's backhaul socket (JPY, or one circuit's), passes
+/// them through the DCU's downlink and then to the relay core.
+async fn backhaul_reader(
+    dcu: std::sync::Weak<Dcu>,
+    socket: Arc<UdpSocket>,
+    circuit: Option<CircuitId>,
+) {
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+            continue;
+        };
+        let Some(d) = dcu.upgrade() else { return };
+        let data = buf.get(..n).map(<[u8]>::to_vec).unwrap_or_default();
+        let Verdict::Deliver { at } = lock(&d.down).submit(Instant::now(), n) else {
+            continue;
+        };
+        tokio::spawn(async move {
+            if at > Instant::now() {
+                sleep_until(at).await;
+            }
+            let Some(relay) = &d.relay else { return };
+            {
+                let mut core = lock(&relay.core);
+                match circuit {
+                    Some(c) => core.handle_circuit(Instant::now(), c, from, &data),
+                    None => core.handle_jpy(Instant::now(), from, &data),
+                }
+            }
+            relay_flush(&d);
+        });
+    }
+}
+
+/// The relay core's timers (circuit expiry, key rotation).
+async fn relay_timer(dcu: std::sync::Weak<Dcu>) {
+    loop {
+        let next = {
+            let Some(d) = dcu.upgrade() else { return };
+            let Some(relay) = &d.relay else { return };
+            let core = lock(&relay.core);
+            core.poll_timeout()
+        };
+        let cap = Instant::now() + std::time::Duration::from_secs(1);
+        sleep_until(next.map_or(cap, |t| t.min(cap))).await;
+        let Some(d) = dcu.upgrade() else { return };
+        if let Some(relay) = &d.relay {
+            lock(&relay.core).handle_timeout(Instant::now());
+        }
+        relay_flush(&d);
     }
 }
 
@@ -62,16 +392,24 @@ pub struct MeterLink {
     dcu: Option<Arc<Dcu>>,
     /// Where the datagrams this link counts go, by phase (the driver annotates it too).
     ledger: Arc<Mutex<Ledger>>,
+    /// Behind a relay DCU: the meter's mesh address (the same for all its sessions, as a
+    /// meter's CoAP port; a NAT rebinding moves it).
+    relay_addr: Mutex<Option<MeterAddr>>,
 }
 
 impl MeterLink {
     pub fn new(params: LinkParams, seed: u64, dcu: Option<Arc<Dcu>>) -> Arc<MeterLink> {
         let link = crate::link::Link::new(params, seed);
+        let relay_addr = dcu
+            .as_ref()
+            .filter(|d| d.relay.is_some())
+            .map(|d| d.new_meter_addr());
         Arc::new(MeterLink {
             up: Mutex::new(link.up),
             down: Mutex::new(link.down),
             dcu,
             ledger: Arc::new(Mutex::new(Ledger::new())),
+            relay_addr: Mutex::new(relay_addr),
         })
     }
 
@@ -120,75 +458,148 @@ impl MeterLink {
             lock(&self.ledger).delivered(t);
         }
     }
+    /// The DCU's relay, when the meter is behind one.
+    fn relay(&self) -> Option<&Arc<Dcu>> {
+        self.dcu.as_ref().filter(|d| d.relay.is_some())
+    }
+}
+
+/// How an [`EmulatedConn`] reaches the server.
+enum Path {
+    /// Its own UDP socket (directly, or through a router DCU).
+    Socket {
+        /// Swapped by [`EmulatedConn::rebind`] (a NAT giving the meter a new source port).
+        socket: Mutex<Arc<UdpSocket>>,
+        bind: SocketAddr,
+        reader: Mutex<JoinHandle<()>>,
+    },
+    /// Through its DCU's join proxy, under the meter's mesh address.
+    Relay(Arc<Dcu>),
 }
 
 /// A UDP "connection" to the server through the emulated link. One per DTLS session.
 pub struct EmulatedConn {
-    /// Swapped by [`EmulatedConn::rebind`] (a NAT giving the meter a new source port).
-    socket: Mutex<Arc<UdpSocket>>,
-    bind: SocketAddr,
+    path: Path,
     server: SocketAddr,
     link: Arc<MeterLink>,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
-    reader: Mutex<JoinHandle<()>>,
     closed: AtomicBool,
 }
 
 impl EmulatedConn {
-    /// Binds a fresh UDP socket on `bind` (normally 127.0.0.1:0) and starts its reader.
+    /// Binds a fresh UDP socket on `bind` (normally 127.0.0.1:0) and starts its reader; behind
+    /// a relay DCU, registers with the relay instead.
     pub async fn connect(
         bind: SocketAddr,
         server: SocketAddr,
         link: Arc<MeterLink>,
     ) -> std::io::Result<Arc<EmulatedConn>> {
-        let socket = Arc::new(UdpSocket::bind(bind).await?);
         let (tx, rx) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(read_loop(socket.clone(), server, link.clone(), tx.clone()));
+        let path = match link.relay() {
+            Some(dcu) => {
+                let addr = lock(&link.relay_addr).ok_or_else(|| {
+                    std::io::Error::other("meter behind a relay without a mesh address")
+                })?;
+                if let Some(r) = &dcu.relay {
+                    lock(&r.meters).insert(addr, (link.clone(), tx.clone()));
+                }
+                Path::Relay(dcu.clone())
+            }
+            None => {
+                let socket = Arc::new(UdpSocket::bind(bind).await?);
+                let reader =
+                    tokio::spawn(read_loop(socket.clone(), server, link.clone(), tx.clone()));
+                Path::Socket {
+                    socket: Mutex::new(socket),
+                    bind,
+                    reader: Mutex::new(reader),
+                }
+            }
+        };
         Ok(Arc::new(EmulatedConn {
-            socket: Mutex::new(socket),
-            bind,
+            path,
             server,
             link,
             tx,
             rx: tokio::sync::Mutex::new(rx),
-            reader: Mutex::new(reader),
             closed: AtomicBool::new(false),
         }))
     }
 
-    fn socket(&self) -> Arc<UdpSocket> {
-        lock(&self.socket).clone()
+    fn socket(&self) -> Option<Arc<UdpSocket>> {
+        match &self.path {
+            Path::Socket { socket, .. } => Some(lock(socket).clone()),
+            Path::Relay(_) => None,
+        }
     }
 
     /// A NAT rebinding: from now on the meter's datagrams leave from a new socket (a new source
-    /// port) and the old one is closed. Returns the new local address. The DTLS session above
-    /// does not notice; the server does (RFC 9146 Connection ID lets it follow).
+    /// port) and the old one is closed; behind a relay, the meter takes a new mesh address.
+    /// Returns the new local address. The DTLS session above does not notice; the server does
+    /// (RFC 9146 Connection ID lets it follow).
     pub async fn rebind(&self) -> std::io::Result<SocketAddr> {
-        let socket = Arc::new(UdpSocket::bind(self.bind).await?);
-        let reader = tokio::spawn(read_loop(
-            socket.clone(),
-            self.server,
-            self.link.clone(),
-            self.tx.clone(),
-        ));
-        let old = std::mem::replace(&mut *lock(&self.reader), reader);
-        old.abort();
-        *lock(&self.socket) = socket.clone();
-        socket.local_addr()
+        match &self.path {
+            Path::Socket {
+                socket: sock,
+                bind,
+                reader,
+            } => {
+                let socket = Arc::new(UdpSocket::bind(*bind).await?);
+                let new_reader = tokio::spawn(read_loop(
+                    socket.clone(),
+                    self.server,
+                    self.link.clone(),
+                    self.tx.clone(),
+                ));
+                let old = std::mem::replace(&mut *lock(reader), new_reader);
+                old.abort();
+                *lock(sock) = socket.clone();
+                socket.local_addr()
+            }
+            Path::Relay(dcu) => {
+                let addr = dcu.new_meter_addr();
+                let old = lock(&self.link.relay_addr).replace(addr);
+                if let Some(r) = &dcu.relay {
+                    let mut meters = lock(&r.meters);
+                    if let Some(o) = old {
+                        meters.remove(&o);
+                    }
+                    meters.insert(addr, (self.link.clone(), self.tx.clone()));
+                }
+                Ok(addr.addr)
+            }
+        }
+    }
+
+    fn stop(&self) {
+        match &self.path {
+            Path::Socket { reader, .. } => lock(reader).abort(),
+            Path::Relay(dcu) => {
+                if let (Some(r), Some(addr)) = (&dcu.relay, *lock(&self.link.relay_addr)) {
+                    let mut meters = lock(&r.meters);
+                    // Only if it is still this session's queue (a newer session may have it).
+                    if meters
+                        .get(&addr)
+                        .is_some_and(|(_, tx)| tx.same_channel(&self.tx))
+                    {
+                        meters.remove(&addr);
+                    }
+                }
+            }
+        }
     }
 }
 
 impl Drop for EmulatedConn {
     fn drop(&mut self) {
-        lock(&self.reader).abort();
+        self.stop();
     }
 }
 
 async fn sleep_until(at: Instant) {
     tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
 }
-
 /// Receives datagrams from the server and delivers them through DCU down + meter link down.
 async fn read_loop(
     socket: Arc<UdpSocket>,
@@ -294,13 +705,32 @@ impl Conn for EmulatedConn {
         let now = Instant::now();
         let (verdict, _) = self.link.submit(Dir::Up, now, buf);
         if let Verdict::Deliver { at } = verdict {
+            if let Path::Relay(dcu) = &self.path {
+                // Across the mesh to the DCU, then through its relay core.
+                let (dcu, data, link) = (dcu.clone(), buf.to_vec(), self.link.clone());
+                tokio::spawn(async move {
+                    if at > Instant::now() {
+                        sleep_until(at).await;
+                    }
+                    let Some(meter) = *lock(&link.relay_addr) else {
+                        return;
+                    };
+                    if let Some(relay) = &dcu.relay {
+                        lock(&relay.core).handle_meter(Instant::now(), meter, &data);
+                    }
+                    relay_flush(&dcu);
+                });
+                return Ok(buf.len());
+            }
+            let Some(socket) = self.socket() else {
+                return Ok(buf.len());
+            };
             // A zero-delay path (latency 0, unlimited rate, no DCU) sends inline: no task, no timer.
             if self.link.dcu.is_none() && at <= Instant::now() {
-                let _ = self.socket().send_to(buf, self.server).await;
+                let _ = socket.send_to(buf, self.server).await;
                 return Ok(buf.len());
             }
             let data = buf.to_vec();
-            let socket = self.socket();
             let link = self.link.clone();
             let server = self.server;
             tokio::spawn(async move {
@@ -327,7 +757,12 @@ impl Conn for EmulatedConn {
     }
 
     fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
-        self.socket().local_addr().map_err(to_util_err)
+        match self.socket() {
+            Some(s) => s.local_addr().map_err(to_util_err),
+            None => lock(&self.link.relay_addr)
+                .map(|m| m.addr)
+                .ok_or_else(|| to_util_err(std::io::Error::other("no address"))),
+        }
     }
 
     fn remote_addr(&self) -> Option<SocketAddr> {
@@ -336,7 +771,7 @@ impl Conn for EmulatedConn {
 
     async fn close(&self) -> webrtc_util::Result<()> {
         self.closed.store(true, Ordering::Relaxed);
-        lock(&self.reader).abort();
+        self.stop();
         Ok(())
     }
 
@@ -455,5 +890,103 @@ mod tests {
         let (up, down) = dcu.counters();
         assert_eq!(up.datagrams, 2);
         assert_eq!(down.datagrams, 2);
+    }
+    fn dtls_record(tag: u8) -> Vec<u8> {
+        let mut r = vec![23, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 1, 0, 8];
+        r.extend_from_slice(&[tag; 8]);
+        r
+    }
+
+    /// A registrar that answers each JPY message with the same header and the content
+    /// reversed.
+    async fn jpy_echo() -> SocketAddr {
+        let s = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = s.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = s.recv_from(&mut buf).await {
+                let j = est_relay::jpy::decode(&buf[..n], 64).unwrap();
+                let mut c = j.content.to_vec();
+                c.reverse();
+                let _ = s
+                    .send_to(&est_relay::jpy::encode(&j.header, &c), from)
+                    .await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_stateless_relay_dcu_wraps_and_unwraps() {
+        let registrar = jpy_echo().await;
+        let dcu = Dcu::with_mode(
+            0,
+            params(1, LossModel::None, None),
+            1,
+            DcuMode::RelayStateless,
+            registrar,
+            "127.0.0.1".parse().unwrap(),
+            2,
+        )
+        .await
+        .unwrap();
+        let link = MeterLink::new(params(1, LossModel::None, None), 2, Some(dcu.clone()));
+        let conn = EmulatedConn::connect("127.0.0.1:0".parse().unwrap(), registrar, link)
+            .await
+            .unwrap();
+        assert!(conn
+            .local_addr()
+            .unwrap()
+            .ip()
+            .to_string()
+            .starts_with("fe80::"));
+        conn.send(&dtls_record(5)).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let mut want = dtls_record(5);
+        want.reverse();
+        assert_eq!(&buf[..n], &want[..]);
+        let r = dcu.relay_report().unwrap();
+        assert_eq!((r.forwarded_up, r.forwarded_down), (1, 1));
+        // A link-local meter: a 32-byte header, 36 bytes of JPY around a 21-byte datagram.
+        assert_eq!(r.overhead_bytes_up, 36);
+        let (up, down) = dcu.counters();
+        assert_eq!(up.bytes, 21 + 36);
+        assert_eq!(down.bytes, 21 + 36);
+    }
+
+    #[tokio::test]
+    async fn a_stateful_relay_dcu_gives_each_meter_a_circuit() {
+        let server = echo().await;
+        let dcu = Dcu::with_mode(
+            1,
+            params(1, LossModel::None, None),
+            1,
+            DcuMode::RelayStateful,
+            server,
+            "127.0.0.1".parse().unwrap(),
+            2,
+        )
+        .await
+        .unwrap();
+        for i in 0..2u8 {
+            let link = MeterLink::new(params(1, LossModel::None, None), 3, Some(dcu.clone()));
+            let conn = EmulatedConn::connect("127.0.0.1:0".parse().unwrap(), server, link)
+                .await
+                .unwrap();
+            conn.send(&dtls_record(i)).await.unwrap();
+            let mut buf = [0u8; 64];
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.recv(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(&buf[..n], &dtls_record(i)[..]);
+        }
+        let r = dcu.relay_report().unwrap();
+        assert_eq!(r.circuits_opened, 2);
+        assert_eq!(r.overhead_bytes_up, 0);
     }
 }

@@ -24,6 +24,9 @@ pub struct Recording {
     pub max_hops: u32,
     pub meters_per_dcu: Option<u64>,
     pub dcu_link: LinkParams,
+    /// How the DCUs carried the traffic (recordings before issue #12: router).
+    #[serde(default)]
+    pub dcu_mode: crate::net::DcuMode,
     /// The server the run was recorded against (informational).
     pub server: String,
     pub meters: Vec<MeterPlan>,
@@ -127,6 +130,7 @@ mod tests {
             max_hops: plan.max_hops,
             meters_per_dcu: plan.meters_per_dcu,
             dcu_link: LinkParams::profile(LinkProfile::Cellular),
+            dcu_mode: crate::net::DcuMode::RelayStateless,
             server: "127.0.0.1:5684".into(),
             meters: meters.clone(),
             outcomes: vec![outcome],

@@ -25,6 +25,8 @@ fn help_explains_every_option() {
         "--replay",
         "--meters-per-dcu",
         "--dcu-link",
+        "--dcu-mode",
+        "--jpy-server",
         "--format",
         "--ack-timeout",
         "--ack-random-factor",
@@ -41,6 +43,7 @@ fn help_explains_every_option() {
     // The stated framing assumptions and the profiles are in the help.
     assert!(text.contains("92 B of UDP payload"));
     assert!(text.contains("wisun") && text.contains("plc") && text.contains("cellular"));
+    assert!(text.contains("relay-stateless") && text.contains("relay-stateful"));
 }
 
 #[test]

@@ -80,6 +80,8 @@ async fn run(cluster: &support::Cluster, meters: usize, seed: u64) -> FleetResul
             ..MeterConfig::default()
         },
         dcu_link: "lan".parse().unwrap(),
+        dcu_mode: client_sim::net::DcuMode::Router,
+        jpy_server: None,
         progress: false,
     };
     tokio::time::timeout(

@@ -68,6 +68,8 @@ async fn fleet_of_200_enrolls_at_20_percent_loss_and_store_holds_each_cert_once(
             ..MeterConfig::default()
         },
         dcu_link: "lan".parse().unwrap(),
+        dcu_mode: client_sim::net::DcuMode::Router,
+        jpy_server: None,
         progress: false,
     };
     let result = tokio::time::timeout(

@@ -69,6 +69,8 @@ async fn run_with(
             ..MeterConfig::default()
         },
         dcu_link: "lan".parse().unwrap(),
+        dcu_mode: client_sim::net::DcuMode::Router,
+        jpy_server: None,
         progress: false,
     };
     tweak(&mut cfg.driver, &mut cfg.meter);

@@ -46,6 +46,8 @@ fn fleet_config(
             ..MeterConfig::default()
         },
         dcu_link: "lan".parse().unwrap(),
+        dcu_mode: client_sim::net::DcuMode::Router,
+        jpy_server: None,
         progress: false,
     }
 }

@@ -76,11 +76,36 @@ impl Drop for Server {
 }
 
 /// Reads `est-server run`'s stdout up to its "listening on coaps://ADDR" line (printed once the
-/// socket is bound) and returns ADDR; the rest of its output is drained by a thread.
-fn announced_address(child: &mut Child) -> SocketAddr {
+/// socket is bound) and returns ADDR, and the JPY port it announces after it (`jpy://ADDR`,
+/// with `[relay] jpy_listen`); the rest of its output is drained by a thread.
+fn announced_addresses(child: &mut Child) -> (SocketAddr, Option<SocketAddr>) {
+    use std::io::BufRead;
     let stdout = child.stdout.take().expect("est-server stdout is piped");
-    est_test_tools::announced_address(stdout, Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("{e}"))
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut coaps = None;
+    let mut jpy = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while let Ok(line) =
+        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
+        if let Some(r) = est_test_tools::parse_announcement(&line) {
+            coaps = Some(r.unwrap_or_else(|e| panic!("{e}")));
+        } else if let Some(rest) = line.split("jpy://").nth(1) {
+            jpy = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+        } else if coaps.is_some() && line.starts_with("enroll a demo meter") {
+            break;
+        }
+    }
+    std::thread::spawn(move || while rx.recv().is_ok() {});
+    (coaps.expect("est-server announced its address"), jpy)
 }
 
 /// A fresh data directory with `meters` minted IDevIDs, and the server running on loopback.
@@ -89,6 +114,8 @@ pub struct Running {
     pub data: PathBuf,
     pub fleet_dir: PathBuf,
     pub listen: SocketAddr,
+    /// The JPY port for DCU relays (`[relay] jpy_listen`).
+    pub jpy: Option<SocketAddr>,
     pub server: Option<Server>,
 }
 
@@ -108,32 +135,45 @@ pub fn server_settings_for(backend: client_sim::dtls::DtlsBackend) -> &'static [
 }
 
 /// Replaces `key = value` in `[section]` of the data directory's est-server.toml (the key must
-/// be there: `est-server init` writes every setting).
+/// be there: `est-server init` writes every setting, the optional ones commented out as
+/// `# key = ...`, which this uncomments).
 fn apply_settings(data: &Path, settings: &[(&str, &str, &str)]) {
     if settings.is_empty() {
         return;
     }
     let path = data.join("est-server.toml");
     let text = std::fs::read_to_string(&path).unwrap();
-    let mut section = String::new();
-    let mut done = vec![false; settings.len()];
-    let lines: Vec<String> = text
-        .lines()
-        .map(|l| {
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    // A setting replaces its line in its section; a commented-out `# key = ...` line is
+    // uncommented only where the section has no live line for the key.
+    for (s, k, v) in settings {
+        let mut section = String::new();
+        let mut live = None;
+        let mut commented = None;
+        for (i, l) in lines.iter().enumerate() {
             let t = l.trim();
             if t.starts_with('[') {
                 section = t.trim_matches(|c| c == '[' || c == ']').to_string();
+                continue;
             }
-            for (i, (s, k, v)) in settings.iter().enumerate() {
-                if *s == section && t.split('=').next().map(str::trim) == Some(*k) {
-                    done[i] = true;
-                    return format!("{k} = {v}");
+            if section != *s {
+                continue;
+            }
+            let is_comment = t.starts_with('#');
+            let key = t.trim_start_matches('#').split('=').next().map(str::trim);
+            if key == Some(*k) && t.contains('=') {
+                if is_comment {
+                    commented.get_or_insert(i);
+                } else {
+                    live.get_or_insert(i);
                 }
             }
-            l.to_string()
-        })
-        .collect();
-    assert!(done.iter().all(|d| *d), "{settings:?} not all in {path:?}");
+        }
+        let i = live
+            .or(commented)
+            .unwrap_or_else(|| panic!("[{s}] {k} not in {path:?}"));
+        lines[i] = format!("{k} = {v}");
+    }
     std::fs::write(&path, lines.join("\n") + "\n").unwrap();
 }
 
@@ -173,12 +213,13 @@ impl Running {
                 .spawn()
                 .expect("starting est-server run"),
         );
-        let listen = announced_address(&mut server.0);
+        let (listen, jpy) = announced_addresses(&mut server.0);
         Running {
             tmp,
             data,
             fleet_dir,
             listen,
+            jpy,
             server: Some(server),
         }
     }
@@ -270,7 +311,7 @@ impl Cluster {
                 .spawn()
                 .expect("starting est-server run"),
         );
-        let addr = announced_address(&mut server.0);
+        let addr = announced_addresses(&mut server.0).0;
         (server, addr)
     }
 }

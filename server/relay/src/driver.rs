@@ -28,7 +28,12 @@ use crate::MeterAddr;
 
 /// Datagrams queued from the reader tasks to the core.
 const INBOUND_QUEUE: usize = 4096;
+/// Receive buffer of the join and JPY sockets.
 const RECV_BUFFER: usize = 65_536;
+/// Receive buffer of a circuit's socket (one per meter in stateful mode, so kept small): the
+/// registrar's datagrams to a meter must cross the mesh, and est-server's are at most its
+/// `dtls.mtu_bytes` (1,152 by default).
+const CIRCUIT_RECV_BUFFER: usize = 2048;
 
 enum Inbound {
     Meter(u8, SocketAddr, Vec<u8>),
@@ -108,11 +113,12 @@ async fn bind(addr: SocketAddr, rcvbuf: usize) -> io::Result<UdpSocket> {
 
 fn spawn_reader(
     socket: Arc<UdpSocket>,
+    buffer: usize,
     tx: mpsc::Sender<Inbound>,
     wrap: impl Fn(SocketAddr, Vec<u8>) -> Inbound + Send + 'static,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut buf = vec![0u8; RECV_BUFFER];
+        let mut buf = vec![0u8; buffer];
         loop {
             match socket.recv_from(&mut buf).await {
                 Ok((n, from)) => {
@@ -145,9 +151,12 @@ pub async fn start(file: &FileConfig) -> anyhow::Result<RunningRelay> {
                 .map_err(|e| anyhow::anyhow!("binding join port {addr}: {e}"))?,
         );
         let iface = i as u8;
-        readers.push(spawn_reader(s.clone(), tx.clone(), move |from, d| {
-            Inbound::Meter(iface, from, d)
-        }));
+        readers.push(spawn_reader(
+            s.clone(),
+            RECV_BUFFER,
+            tx.clone(),
+            move |from, d| Inbound::Meter(iface, from, d),
+        ));
         join.push(s);
     }
     let join_addrs = join
@@ -169,7 +178,12 @@ pub async fn start(file: &FileConfig) -> anyhow::Result<RunningRelay> {
                 .await
                 .map_err(|e| anyhow::anyhow!("binding the JPY socket {addr}: {e}"))?,
         );
-        readers.push(spawn_reader(s.clone(), tx.clone(), Inbound::Jpy));
+        readers.push(spawn_reader(
+            s.clone(),
+            RECV_BUFFER,
+            tx.clone(),
+            Inbound::Jpy,
+        ));
         Some(s)
     } else {
         None
@@ -288,10 +302,12 @@ impl Driver {
                     match bind(SocketAddr::new(self.circuit_ip, 0), 0).await {
                         Ok(s) => {
                             let s = Arc::new(s);
-                            let reader =
-                                spawn_reader(s.clone(), self.tx.clone(), move |from, d| {
-                                    Inbound::Circuit(circuit, from, d)
-                                });
+                            let reader = spawn_reader(
+                                s.clone(),
+                                CIRCUIT_RECV_BUFFER,
+                                self.tx.clone(),
+                                move |from, d| Inbound::Circuit(circuit, from, d),
+                            );
                             tracing::debug!(%meter, port = ?s.local_addr().ok(), "circuit opened");
                             self.circuits
                                 .insert(circuit, CircuitSocket { socket: s, reader });
