@@ -353,6 +353,23 @@ fn final_flight_is_resent_after_server_side_close() {
             Ok(())
         });
     }
+    // The simulation ends with its last client: this one outlives the meters by a few of the
+    // server's 50 ms metric snapshots, so the last snapshot is taken after the server has
+    // dropped the last session it accepted.
+    {
+        let outcome = Arc::clone(&outcome);
+        sim.client("settle", async move {
+            loop {
+                let (completed, hung) = *outcome.lock().unwrap();
+                if completed + hung == 40 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Ok(())
+        });
+    }
     if let Err(e) = sim.run() {
         panic!("seed {seed}: simulation failed: {e}");
     }
