@@ -108,7 +108,8 @@ fn proc_stats(pid: u32) -> (f64, u64, u64) {
 fn echo_registrar(stop: Arc<AtomicBool>, seen: Arc<AtomicU64>) -> SocketAddr {
     let s = UdpSocket::bind("127.0.0.1:0").unwrap();
     let _ = socket2::SockRef::from(&s).set_recv_buffer_size(8 << 20);
-    s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
     let addr = s.local_addr().unwrap();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
@@ -144,9 +145,7 @@ fn start_relay(bin: &str, mode: &str, registrar: SocketAddr, extra: &str) -> Rel
     let cfg = dir.join(format!("{mode}.toml"));
     std::fs::write(
         &cfg,
-        format!(
-            "metrics_log_interval_secs = 0\nsocket_receive_buffer_bytes = 8388608\n{extra}\n"
-        ),
+        format!("metrics_log_interval_secs = 0\nsocket_receive_buffer_bytes = 8388608\n{extra}\n"),
     )
     .unwrap();
     let mut child = Command::new(bin)
