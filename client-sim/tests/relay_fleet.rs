@@ -4,9 +4,9 @@
 //! stateless relays' memory does not grow with the meters (a fixed rate-limit table, nothing
 //! per meter). The stateful relays (a UDP circuit per meter to the coaps port) with fewer meters.
 //!
-//! `EST_RELAY_FLEET_METERS` changes the stateless fleet's size (default 1,000, about 35 s here
-//! in a debug build on 2 cores; 2,000 took 69 s, the debug est-server's one DTLS task being the
-//! bottleneck at about 30 enrollments a second).
+//! `EST_RELAY_FLEET_METERS` changes the stateless fleet's size (default 2,000: the fleet run
+//! takes about 26 s in a debug build on 2 shared cores, minting the IDevIDs and starting the
+//! server a few more).
 //!
 //! Run: `cargo test -p client-sim --test relay_fleet -- --nocapture`
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -30,7 +30,7 @@ fn meters() -> usize {
     std::env::var("EST_RELAY_FLEET_METERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1000)
+        .unwrap_or(2000)
 }
 
 /// The server with its JPY port open to relays on loopback.
@@ -80,7 +80,7 @@ async fn run(srv: &support::Running, meters: usize, mode: DcuMode) -> FleetResul
             coap: ClientConfig {
                 coap: CoapConfig {
                     ack_timeout: Duration::from_millis(300),
-                    max_retransmit: 6,
+                    max_retransmit: 4,
                     ..CoapConfig::default()
                 },
                 ..ClientConfig::default()

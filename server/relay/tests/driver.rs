@@ -129,3 +129,51 @@ async fn stateful_gives_each_meter_its_own_port() {
     assert_eq!(s.metrics.circuits_opened, 3);
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn tampered_and_stale_headers_are_dropped_over_udp() {
+    let registrar = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let relay = est_relay::driver::start(&FileConfig {
+        key_rotation_secs: 1,
+        ..config(Mode::Stateless, registrar.local_addr().unwrap())
+    })
+    .await
+    .unwrap();
+    let join = relay.join_addrs[0];
+    let meter = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    meter.send_to(&client_hello(), join).await.unwrap();
+    let (msg, jpy_from) = recv(&registrar).await;
+    let header = jpy::decode(&msg, 64).unwrap().header.to_vec();
+    // Tampered: one bit of the sealed part.
+    let mut bad = header.clone();
+    bad[5] ^= 1;
+    registrar
+        .send_to(&jpy::encode(&bad, b"\x16\xfe\xfdtampered"), jpy_from)
+        .await
+        .unwrap();
+    // Two rotations later the header is stale: a replay of something old.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    registrar
+        .send_to(&jpy::encode(&header, b"\x16\xfe\xfdreplayed"), jpy_from)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let got = tokio::time::timeout(Duration::from_millis(500), meter.recv_from(&mut buf)).await;
+    assert!(got.is_err(), "nothing reaches the meter");
+    // The meter's next datagram carries a header of the current key, which opens.
+    meter.send_to(&client_hello(), join).await.unwrap();
+    let (msg, _) = recv(&registrar).await;
+    let fresh = jpy::decode(&msg, 64).unwrap().header.to_vec();
+    assert_ne!(fresh, header);
+    registrar
+        .send_to(&jpy::encode(&fresh, b"\x16\xfe\xfdok"), jpy_from)
+        .await
+        .unwrap();
+    assert_eq!(recv(&meter).await.0, b"\x16\xfe\xfdok");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let m = relay.snapshot().metrics;
+    assert_eq!(m.dropped(est_relay::DropReason::HeaderAuth), 1);
+    assert_eq!(m.dropped(est_relay::DropReason::HeaderStale), 1);
+    assert!(m.key_rotations >= 2);
+    relay.shutdown().await;
+}
