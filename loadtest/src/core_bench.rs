@@ -214,7 +214,7 @@ pub fn enroll_once(bench: &mut CoreBench, i: usize) -> Result<()> {
     let peer = Peer {
         address: "127.0.0.1:40000".into(),
         relay: None,
-        chain,
+        chain: Arc::new(chain),
         verified: Some(Arc::new(verified)),
     };
     let mut session = EstSession::new(bench.est.clone(), bench.coap.clone(), peer, &mut bench.rng);

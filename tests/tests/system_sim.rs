@@ -229,7 +229,7 @@ impl World {
         let peer = Peer {
             address: format!("10.{}.{}.1:5684", i / 256, i % 256),
             relay: None,
-            chain,
+            chain: Arc::new(chain),
             verified,
         };
         let server = EstSession::new(self.service.clone(), self.coap.clone(), peer, &mut self.rng);

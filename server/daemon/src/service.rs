@@ -761,7 +761,7 @@ async fn serve_session(
     let peer = Peer {
         address: peer_addr.to_string(),
         relay,
-        chain: session.peer_certificates().to_vec(),
+        chain: session.peer_certificates_shared(),
         verified,
     };
     // Blocks that fit this session's datagrams (smaller behind a join proxy).
@@ -787,8 +787,10 @@ async fn serve_session(
     let mut core = EstSession::new(est, coap_cfg, peer, &mut rand::thread_rng());
     // Commit results from the store's writer thread. Unbounded, but it holds at most one
     // result per commit this session asked for, each holding an admission (its ticket until
-    // the result is sent): bounded by `[est] max_concurrent_enrollments`.
-    let (results_tx, mut results) = mpsc::unbounded_channel::<(CommitId, CommitResult)>();
+    // the result is sent): bounded by `[est] max_concurrent_enrollments`. Made at the first
+    // commit, and its results boxed: a tokio channel allocates a block of 32 slots when it is
+    // made, which for unboxed results was ~8 kB in every session, enrolling or not.
+    let mut results: Option<CommitResults> = None;
     let mut seen = core.stats();
     let mut coap_seen = est_proto::coap::SessionStats::default();
     'serve: loop {
@@ -800,14 +802,17 @@ async fn serve_session(
         while let Some(event) = core.poll_event() {
             match event {
                 Event::Commit { id, commit, ticket } => {
-                    let tx = results_tx.clone();
+                    let tx = results
+                        .get_or_insert_with(mpsc::unbounded_channel)
+                        .0
+                        .clone();
                     store.submit_commit(
                         commit,
                         Box::new(move |result| {
                             // Durable (or failed): the admission may go.
                             drop(ticket);
                             // The session may have ended meanwhile; the commit stands.
-                            let _ = tx.send((id, result));
+                            let _ = tx.send((id, Box::new(result)));
                         }),
                     );
                 }
@@ -840,12 +845,30 @@ async fn serve_session(
                     break;
                 }
             },
-            Some((id, result)) = results.recv() => core.complete_commit(now(), id, result),
+            Some((id, result)) = recv_commit_result(&mut results) => {
+                core.complete_commit(now(), id, *result)
+            }
             _ = sleep_until_std(deadline) => core.handle_timeout(now()),
         }
     }
     counters.coap.end(&coap_seen);
     session.close().await;
+}
+
+/// A session's channel of commit results: (sender kept for the next commit, receiver).
+type CommitResults = (
+    mpsc::UnboundedSender<(CommitId, Box<CommitResult>)>,
+    mpsc::UnboundedReceiver<(CommitId, Box<CommitResult>)>,
+);
+
+/// The next commit result, or never while the session has asked for no commit.
+async fn recv_commit_result(
+    results: &mut Option<CommitResults>,
+) -> Option<(CommitId, Box<CommitResult>)> {
+    match results {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_std(deadline: Option<std::time::Instant>) {

@@ -101,7 +101,7 @@ fuzz_target!(|data: &[u8]| {
     let peer = Peer {
         address: "192.0.2.1:40000".into(),
         relay: None,
-        chain: w.chain.clone(),
+        chain: Arc::new(w.chain.clone()),
         verified: None,
     };
     let mut rng = ChaCha20Rng::seed_from_u64(data.len() as u64);

@@ -50,8 +50,9 @@ pub struct Peer {
     /// The join proxy (DCU relay) the peer's datagrams come through, its address; `None`:
     /// direct. Recorded in the audit trail.
     pub relay: Option<String>,
-    /// The client certificate chain (DER, leaf first) the handshake verified.
-    pub chain: Vec<Vec<u8>>,
+    /// The client certificate chain (DER, leaf first) the handshake verified, shared with the
+    /// transport (an established session holds one copy).
+    pub chain: Arc<Vec<Vec<u8>>>,
     /// What [`crate::policy::Policy::verify_peer_chain`] established for `chain` at the
     /// handshake; `None` makes the policy verify the chain in full for each enrollment.
     pub verified: Option<Arc<VerifiedChain>>,

@@ -95,7 +95,7 @@ impl Fixture {
         let peer = Peer {
             address: format!("192.0.2.1:{}", 40000 + self.store.certificates().len()),
             relay: None,
-            chain,
+            chain: Arc::new(chain),
             verified,
         };
         let session = EstSession::new(
