@@ -144,6 +144,8 @@ pub struct DtlsSection {
     pub answer_use_srtp: bool,
     /// SO_RCVBUF asked for the UDP socket; 0 leaves the OS default.
     pub socket_receive_buffer_bytes: usize,
+    /// Independent DTLS engines (each a task, so handshakes use several cores).
+    pub engine_shards: usize,
     /// Send the whole chain of `pki.server_cert` in the handshake (true) or only the server's
     /// own certificate (false: meters must hold its issuer as their Implicit TA).
     pub send_chain: bool,
@@ -240,6 +242,7 @@ impl Default for DtlsSection {
             extended_master_secret_required: true,
             answer_use_srtp: false,
             socket_receive_buffer_bytes: 4 * 1024 * 1024,
+            engine_shards: 1,
             send_chain: true,
             cached_info: true,
             c509_certificate_type: 224,
@@ -614,6 +617,16 @@ answer_use_srtp = false
 # busy (0 = the OS default, often 208 KiB). Linux caps it at net.core.rmem_max; a smaller
 # buffer than asked is logged at start.
 socket_receive_buffer_bytes = 4194304
+# Independent DTLS engines ("shards"), each driven by a task of its own. One engine does every
+# handshake's ECDHE, signatures and chain checks on one core: about 3,000 handshakes/s at most
+# (docs/benchmarks.md), whatever the machine. With N > 1 a dispatcher reads the socket and
+# hands each datagram to a shard: by the shard byte the Connection ID carries after
+# cid_prefix_hex (so cid_length must leave that byte and 2 random bytes), otherwise by a keyed
+# hash of the peer (address and port, or join proxy and header). Every cap above
+# (max_half_open_*, max_sessions*, max_log_lines_per_sec) is shared out among the shards,
+# rounded up; max_sessions_per_identity holds per shard. Set it to the cores the server may
+# use (1..256); 1 = no dispatcher (the least CPU per handshake on a 1-2 core machine).
+engine_shards = 1
 # Send the whole chain of pki.server_cert in the handshake (true), or only the server's own
 # certificate (false). false saves the bytes of every intermediate on every handshake (a few
 # hundred each, several 802.15.4 frames on a mesh), but then every meter must hold the server
@@ -1042,6 +1055,24 @@ impl Config {
             ));
         }
         d.cipher_suite_names()?;
+        if !(1..=256).contains(&d.engine_shards) {
+            return Err(invalid("dtls.engine_shards", "must be within 1..=256"));
+        }
+        if d.engine_shards > 1 && d.cid_length > 0 {
+            let prefix = d.cid_prefix()?.len();
+            if prefix + 3 > d.cid_length {
+                return Err(invalid(
+                    "dtls.cid_length",
+                    format!(
+                        "{} leaves no room for the shard byte and 2 random bytes after the \
+                         {prefix}-byte cid_prefix_hex with dtls.engine_shards = {}: at least {}",
+                        d.cid_length,
+                        d.engine_shards,
+                        prefix + 3
+                    ),
+                ));
+            }
+        }
         if !(256..=16384).contains(&d.mtu_bytes) {
             return Err(invalid("dtls.mtu_bytes", "must be within 256..=16384"));
         }
@@ -1378,6 +1409,44 @@ mod tests {
         );
         let sqlite = text.replace("backend = \"postgres\"", "backend = \"sqlite\"");
         Config::parse(&sqlite, Path::new("x")).unwrap();
+    }
+
+    #[test]
+    fn engine_shards_are_checked_against_the_cid() {
+        let ok = Config::parse("[dtls]\nengine_shards = 4\n", Path::new("x")).unwrap();
+        assert_eq!(ok.dtls.engine_shards, 4);
+        assert_eq!(
+            crate::service::dtls_server_config(&ok.dtls)
+                .unwrap()
+                .engine_shards,
+            4
+        );
+        // No CIDs: nothing to carry the shard byte.
+        Config::parse(
+            "[dtls]\nengine_shards = 4\ncid_length = 0\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        for (text, field) in [
+            ("[dtls]\nengine_shards = 0\n", "dtls.engine_shards"),
+            ("[dtls]\nengine_shards = 257\n", "dtls.engine_shards"),
+            (
+                "[dtls]\nengine_shards = 2\ncid_length = 2\n",
+                "dtls.cid_length",
+            ),
+            (
+                "[dtls]\nengine_shards = 2\ncid_length = 4\ncid_prefix_hex = \"abcd\"\n",
+                "dtls.cid_length",
+            ),
+        ] {
+            let err = Config::parse(text, Path::new("x")).unwrap_err().to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
+        Config::parse(
+            "[dtls]\nengine_shards = 2\ncid_length = 5\ncid_prefix_hex = \"abcd\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
     }
 
     #[test]

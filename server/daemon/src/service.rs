@@ -245,6 +245,7 @@ pub fn dtls_server_config(d: &DtlsSection) -> Result<DtlsServerConfig, ConfigErr
         cid_prefix: d.cid_prefix()?,
         max_log_lines_per_sec: d.max_log_lines_per_sec,
         socket_receive_buffer_bytes: d.socket_receive_buffer_bytes,
+        engine_shards: d.engine_shards,
         ..DtlsServerConfig::default()
     })
 }

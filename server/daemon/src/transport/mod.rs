@@ -219,6 +219,14 @@ pub struct DtlsServerConfig {
     /// SO_RCVBUF requested by [`DtlsListener::bind_udp`] (0: leave the OS default, often 208 KiB,
     /// which a burst of handshake flights can overflow). Linux caps it at `net.core.rmem_max`.
     pub socket_receive_buffer_bytes: usize,
+    /// Engine shards: independent DTLS endpoints, each a task of its own, so that handshakes
+    /// run on several cores (one endpoint does every handshake's ECDHE and signatures on one
+    /// core). 1: one endpoint reads the socket itself. More: a dispatcher task reads the socket
+    /// and hands each datagram to a shard chosen by the Connection ID's shard byte (a record
+    /// of content type tls12_cid) or else by a keyed hash of the peer (address and port, or
+    /// join proxy and header). Every cap is shared out among the shards (rounded up) but the
+    /// per-identity limit, which holds per shard.
+    pub engine_shards: usize,
 }
 
 impl Default for DtlsServerConfig {
@@ -259,6 +267,7 @@ impl Default for DtlsServerConfig {
             cid_prefix: Vec::new(),
             max_log_lines_per_sec: 20,
             socket_receive_buffer_bytes: 4 * 1024 * 1024,
+            engine_shards: 1,
         }
     }
 }

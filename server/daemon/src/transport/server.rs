@@ -13,6 +13,19 @@
 //! The driver holds no protocol logic: cookies, limits, retransmission, CID routing and
 //! session replacement are the endpoint's (and unit-tested there on virtual time). Time is
 //! tokio's clock, so the same code runs under turmoil's simulated time.
+//!
+//! With `engine_shards` > 1 there are that many endpoints, each driven by a task of its own
+//! (one endpoint does all of its handshakes' curve operations on one core), and a dispatcher
+//! task owns the sockets' receive side:
+//!
+//! ```text
+//!   socket.recv_from ─► Router::shard(peer, datagram) ─► shard inbox ─► Endpoint::handle
+//!                       (the CID's shard byte for a tls12_cid record; otherwise a keyed hash
+//!                        of the peer: UDP address and port, or join proxy and JPY header)
+//! ```
+//!
+//! Each shard sends on the shared sockets itself. A shard's CIDs start with the configured
+//! prefix and then its own index, so a meter whose NAT rebinds reaches its shard again.
 
 use std::collections::HashMap;
 use std::io;
@@ -39,6 +52,14 @@ const SESSION_QUEUE: usize = 32;
 const SESSION_QUEUE_BYTES: usize = 32 * 1024;
 /// Commands from sessions to the driver.
 const COMMAND_QUEUE: usize = 4096;
+/// Datagrams waiting for one engine shard (with `engine_shards` > 1); over it they are dropped
+/// and counted as `dropped_queue_full`, like a full socket buffer.
+const SHARD_INBOX: usize = 1024;
+/// Offset of the CID in a DTLS 1.2 record of content type tls12_cid (RFC 9146 §4): type (1),
+/// version (2), epoch (2), sequence number (6).
+const CID_OFFSET: usize = 11;
+/// Content type tls12_cid (RFC 9146).
+const CONTENT_TYPE_TLS12_CID: u8 = 25;
 /// Largest datagram read from the socket.
 const RECV_BUFFER_BYTES: usize = 65_536;
 
@@ -75,7 +96,7 @@ pub struct TransportMetrics {
     pub dropped_unknown_peer: u64,
     /// Replayed records.
     pub dropped_duplicates: u64,
-    /// A session's receive queue or the accept queue was full.
+    /// A session's receive queue, the accept queue or an engine shard's inbox was full.
     pub dropped_queue_full: u64,
     pub socket_errors: u64,
     /// HelloVerifyRequests sent (stateless).
@@ -113,7 +134,9 @@ pub struct TransportMetrics {
     pub c509_client_certificates: u64,
 }
 
-fn snapshot(ep: &Endpoint, driver: &DriverCounters) -> TransportMetrics {
+/// The endpoint's part of the metrics (the driver's counters are added once, by
+/// [`merged`], whatever the number of shards).
+fn snapshot(ep: &Endpoint) -> TransportMetrics {
     let m = ep.metrics();
     let g = ep.gauges();
     TransportMetrics {
@@ -136,8 +159,8 @@ fn snapshot(ep: &Endpoint, driver: &DriverCounters) -> TransportMetrics {
         dropped_over_limit: m.refused(RefusalReason::Limit),
         dropped_unknown_peer: m.dropped_unknown_peer,
         dropped_duplicates: m.records_replayed,
-        dropped_queue_full: driver.queue_full.load(Ordering::Relaxed),
-        socket_errors: driver.socket_errors.load(Ordering::Relaxed),
+        dropped_queue_full: 0,
+        socket_errors: 0,
         hello_verify_sent: m.hello_verify_sent,
         bad_cookies: m.refused(RefusalReason::BadCookie),
         refused_bad_certificate: m.refused(RefusalReason::BadCertificate),
@@ -153,12 +176,61 @@ fn snapshot(ep: &Endpoint, driver: &DriverCounters) -> TransportMetrics {
         log_lines_suppressed: m.log_lines_suppressed,
         peer_certificates_received: m.peer_certificates_received,
         cached_info_hits: m.cached_info_hits,
-        jpy_received: driver.jpy_received.load(Ordering::Relaxed),
-        jpy_dropped_not_allowed: driver.jpy_not_allowed.load(Ordering::Relaxed),
-        jpy_dropped_malformed: driver.jpy_malformed.load(Ordering::Relaxed),
+        jpy_received: 0,
+        jpy_dropped_not_allowed: 0,
+        jpy_dropped_malformed: 0,
         relayed_datagrams: m.datagrams_relayed,
         c509_client_certificates: m.c509_client_certificates,
     }
+}
+
+/// The listener's metrics: every shard's endpoint part summed, plus the driver's counters.
+fn merged(shared: &Shared) -> TransportMetrics {
+    let mut m = TransportMetrics::default();
+    for shard in &shared.shard_metrics {
+        let s = *lock(shard);
+        m.handshakes_started += s.handshakes_started;
+        m.handshakes_completed += s.handshakes_completed;
+        m.handshakes_failed += s.handshakes_failed;
+        m.handshakes_timed_out += s.handshakes_timed_out;
+        m.handshakes_abandoned += s.handshakes_abandoned;
+        m.half_open_now += s.half_open_now;
+        m.sessions_now += s.sessions_now;
+        m.tracked_addresses_now += s.tracked_addresses_now;
+        m.tombstones_now += s.tombstones_now;
+        m.sessions_replaced += s.sessions_replaced;
+        m.sessions_idle_closed += s.sessions_idle_closed;
+        m.sessions_superseded += s.sessions_superseded;
+        m.final_flight_resends += s.final_flight_resends;
+        m.dropped_garbage += s.dropped_garbage;
+        m.dropped_over_limit += s.dropped_over_limit;
+        m.dropped_unknown_peer += s.dropped_unknown_peer;
+        m.dropped_duplicates += s.dropped_duplicates;
+        m.hello_verify_sent += s.hello_verify_sent;
+        m.bad_cookies += s.bad_cookies;
+        m.refused_bad_certificate += s.refused_bad_certificate;
+        m.refused_unknown_ca += s.refused_unknown_ca;
+        m.refused_no_common_suite += s.refused_no_common_suite;
+        m.refused_no_ems += s.refused_no_ems;
+        m.refused_decode_error += s.refused_decode_error;
+        m.refused_bad_signature_or_finished += s.refused_bad_signature_or_finished;
+        m.refused_peer_alert += s.refused_peer_alert;
+        m.refused_other += s.refused_other;
+        m.records_bad_mac += s.records_bad_mac;
+        m.peer_address_changes += s.peer_address_changes;
+        m.log_lines_suppressed += s.log_lines_suppressed;
+        m.peer_certificates_received += s.peer_certificates_received;
+        m.cached_info_hits += s.cached_info_hits;
+        m.relayed_datagrams += s.relayed_datagrams;
+        m.c509_client_certificates += s.c509_client_certificates;
+    }
+    let c = &shared.counters;
+    m.dropped_queue_full = c.queue_full.load(Ordering::Relaxed);
+    m.socket_errors = c.socket_errors.load(Ordering::Relaxed);
+    m.jpy_received = c.jpy_received.load(Ordering::Relaxed);
+    m.jpy_dropped_not_allowed = c.jpy_not_allowed.load(Ordering::Relaxed);
+    m.jpy_dropped_malformed = c.jpy_malformed.load(Ordering::Relaxed);
+    m
 }
 
 #[derive(Default)]
@@ -189,10 +261,12 @@ struct SessionLink {
 struct Shared {
     local_addr: io::Result<SocketAddr>,
     jpy_addr: Option<io::Result<SocketAddr>>,
-    metrics: Mutex<TransportMetrics>,
+    /// Each engine shard's last snapshot (see [`merged`]).
+    shard_metrics: Vec<Mutex<TransportMetrics>>,
     counters: DriverCounters,
     shutdown: watch::Sender<bool>,
-    commands: mpsc::Sender<Command>,
+    /// Each engine shard's command queue.
+    commands: Vec<mpsc::Sender<Command>>,
     max_datagram: usize,
 }
 
@@ -200,7 +274,8 @@ struct Shared {
 pub struct DtlsListener {
     shared: Arc<Shared>,
     accept_rx: tokio::sync::Mutex<mpsc::Receiver<DtlsSession>>,
-    task: Mutex<Option<JoinHandle<()>>>,
+    /// The engine shards' driver tasks, and the dispatcher's when there are several.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl DtlsListener {
@@ -222,40 +297,81 @@ impl DtlsListener {
         config: DtlsServerConfig,
     ) -> Result<Self, TransportError> {
         let engine_config = build_engine_config(&config)?;
-        let endpoint = Endpoint::new(
-            Arc::new(engine_config),
-            tokio::time::Instant::now().into_std(),
-        )
-        .map_err(|e| TransportError::Config(e.to_string()))?;
-        let (accept_tx, accept_rx) = mpsc::channel(ACCEPT_QUEUE);
-        let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
-        let (shutdown, _) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            local_addr: socket.local_addr(),
-            jpy_addr: jpy.as_ref().map(|j| j.local_addr()),
-            metrics: Mutex::new(TransportMetrics::default()),
-            counters: DriverCounters::default(),
-            shutdown,
-            commands: command_tx,
-            max_datagram: config.mtu_bytes,
-        });
-        let driver = Driver {
-            socket,
-            jpy: jpy.map(|socket| JpySocket {
+        let shards = config.engine_shards.max(1);
+        check_shards(&engine_config, shards)?;
+        let start = tokio::time::Instant::now().into_std();
+        let mut endpoints = Vec::with_capacity(shards);
+        for shard in 0..shards {
+            let cfg = shard_config(&engine_config, shard, shards);
+            endpoints.push(
+                Endpoint::new(Arc::new(cfg), start)
+                    .map_err(|e| TransportError::Config(e.to_string()))?,
+            );
+        }
+        let socket = Arc::new(socket);
+        let jpy = jpy.map(|socket| {
+            Arc::new(JpySocket {
                 socket,
                 allowed: config.jpy_allowed_proxies.clone(),
                 max_header: config.jpy_max_header_bytes,
-            }),
-            endpoint,
-            shared: Arc::clone(&shared),
-            accept_tx,
-            sessions: HashMap::new(),
-        };
-        let task = tokio::spawn(driver.run(command_rx));
+            })
+        });
+        let (accept_tx, accept_rx) = mpsc::channel(ACCEPT_QUEUE);
+        let (command_txs, command_rxs): (Vec<_>, Vec<_>) =
+            (0..shards).map(|_| mpsc::channel(COMMAND_QUEUE)).unzip();
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            local_addr: socket.local_addr(),
+            jpy_addr: jpy.as_ref().map(|j| j.socket.local_addr()),
+            shard_metrics: (0..shards)
+                .map(|_| Mutex::new(TransportMetrics::default()))
+                .collect(),
+            counters: DriverCounters::default(),
+            shutdown,
+            commands: command_txs.clone(),
+            max_datagram: config.mtu_bytes,
+        });
+        let mut tasks = Vec::with_capacity(shards + 1);
+        let mut inboxes = Vec::new();
+        for (shard, ((endpoint, commands_rx), commands)) in endpoints
+            .into_iter()
+            .zip(command_rxs)
+            .zip(command_txs)
+            .enumerate()
+        {
+            // One shard reads the sockets itself; several get their datagrams from the
+            // dispatcher.
+            let inbox = (shards > 1).then(|| {
+                let (tx, rx) = mpsc::channel(SHARD_INBOX);
+                inboxes.push(tx);
+                rx
+            });
+            let driver = Driver {
+                shard,
+                socket: Arc::clone(&socket),
+                jpy: jpy.clone(),
+                endpoint,
+                shared: Arc::clone(&shared),
+                accept_tx: accept_tx.clone(),
+                commands,
+                sessions: HashMap::new(),
+            };
+            tasks.push(tokio::spawn(driver.run(commands_rx, inbox)));
+        }
+        if shards > 1 {
+            let dispatcher = Dispatcher {
+                socket,
+                jpy,
+                inboxes,
+                shared: Arc::clone(&shared),
+                router: Router::new(&engine_config, shards),
+            };
+            tasks.push(tokio::spawn(dispatcher.run()));
+        }
         Ok(DtlsListener {
             shared,
             accept_rx: tokio::sync::Mutex::new(accept_rx),
-            task: Mutex::new(Some(task)),
+            tasks: Mutex::new(tasks),
         })
     }
 
@@ -308,7 +424,13 @@ impl DtlsListener {
     }
 
     pub fn metrics(&self) -> TransportMetrics {
-        *lock(&self.shared.metrics)
+        merged(&self.shared)
+    }
+
+    /// Each engine shard's metrics without the driver's counters (which are not per shard),
+    /// in shard order: how the load spreads.
+    pub fn shard_metrics(&self) -> Vec<TransportMetrics> {
+        self.shared.shard_metrics.iter().map(|m| *lock(m)).collect()
     }
 
     /// Serve handshakes that start from now on with this certificate chain (DER, ours first)
@@ -341,29 +463,34 @@ impl DtlsListener {
                 "the private key does not match the server certificate".into(),
             ));
         }
-        self.shared
-            .commands
-            .send(Command::Credentials(chain_der, Arc::new(key)))
-            .await
-            .map_err(|_| TransportError::ListenerClosed)
+        let key = Arc::new(key);
+        for commands in &self.shared.commands {
+            commands
+                .send(Command::Credentials(chain_der.clone(), Arc::clone(&key)))
+                .await
+                .map_err(|_| TransportError::ListenerClosed)?;
+        }
+        Ok(())
     }
 
     /// Stop receiving, abort handshakes, send close_notify to established sessions and forget
     /// all peers.
     pub async fn shutdown(&self) {
         self.shared.shutdown.send_replace(true);
-        let task = lock(&self.task).take();
-        if let Some(task) = task {
-            // The driver sees the flag, closes everything and returns.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), task).await;
-        }
+        let tasks = std::mem::take(&mut *lock(&self.tasks));
+        // The drivers see the flag, close everything and return.
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            futures_util::future::join_all(tasks),
+        )
+        .await;
     }
 }
 
 impl Drop for DtlsListener {
     fn drop(&mut self) {
         self.shared.shutdown.send_replace(true);
-        if let Some(task) = lock(&self.task).take() {
+        for task in lock(&self.tasks).drain(..) {
             task.abort();
         }
     }
@@ -389,7 +516,7 @@ struct JpySocket<S> {
 }
 
 async fn recv_jpy<S: DatagramSocket>(
-    jpy: &Option<JpySocket<S>>,
+    jpy: Option<&JpySocket<S>>,
     buf: &mut [u8],
 ) -> io::Result<(usize, SocketAddr)> {
     match jpy {
@@ -398,12 +525,205 @@ async fn recv_jpy<S: DatagramSocket>(
     }
 }
 
+/// A datagram on the JPY socket: from an allowlisted proxy, a JPY message whose content is the
+/// datagram of the peer (proxy, header). `None`: dropped and counted.
+fn jpy_message<S: DatagramSocket>(
+    jpy: &JpySocket<S>,
+    counters: &DriverCounters,
+    from: SocketAddr,
+    d: &[u8],
+) -> Option<(PeerAddr, Vec<u8>)> {
+    counters.jpy_received.fetch_add(1, Ordering::Relaxed);
+    if !jpy.allowed.iter().any(|p| p.contains(from.ip())) {
+        counters.jpy_not_allowed.fetch_add(1, Ordering::Relaxed);
+        return None;
+    }
+    // The draft: an array of 2 or more elements, the first two used.
+    let Ok(msg) = est_relay::jpy::decode(d, jpy.max_header) else {
+        counters.jpy_malformed.fetch_add(1, Ordering::Relaxed);
+        return None;
+    };
+    Some((
+        PeerAddr::relayed(from, &msg.header),
+        msg.content.into_owned(),
+    ))
+}
+
+/// The next datagram the dispatcher handed this shard; never without a dispatcher.
+async fn recv_inbox(
+    inbox: &mut Option<mpsc::Receiver<(PeerAddr, Vec<u8>)>>,
+) -> Option<(PeerAddr, Vec<u8>)> {
+    match inbox {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Shards need CIDs with room for their shard byte after the prefix, and some randomness.
+fn check_shards(engine: &est_dtls::ServerConfig, shards: usize) -> Result<(), TransportError> {
+    if shards > usize::from(u8::MAX) + 1 {
+        return Err(TransportError::Config(format!(
+            "engine_shards is {shards}: at most 256 (a CID carries the shard in one byte)"
+        )));
+    }
+    if shards > 1 && engine.cid_length > 0 && engine.cid_prefix.len() + 3 > engine.cid_length {
+        return Err(TransportError::Config(format!(
+            "with {shards} engine shards a Connection ID needs its prefix ({} bytes), a shard \
+             byte and at least 2 random bytes: cid_length {} is too short",
+            engine.cid_prefix.len(),
+            engine.cid_length
+        )));
+    }
+    Ok(())
+}
+
+/// Shard `shard` of `shards`: the CIDs it issues carry its index after the configured prefix,
+/// and it holds its share of the caps (a host's or relay's peers spread over the shards, so
+/// the per-address and per-relay caps are shared out too; the per-identity limit holds per
+/// shard).
+fn shard_config(
+    base: &est_dtls::ServerConfig,
+    shard: usize,
+    shards: usize,
+) -> est_dtls::ServerConfig {
+    let mut c = base.clone();
+    if shards > 1 {
+        if c.cid_length > 0 {
+            // check_shards: shard < 256.
+            c.cid_prefix.push(u8::try_from(shard).unwrap_or(u8::MAX));
+        }
+        let (b, l) = (&base.limits, &mut c.limits);
+        l.max_half_open = b.max_half_open.div_ceil(shards);
+        l.max_sessions = b.max_sessions.div_ceil(shards);
+        l.max_half_open_per_ip = b.max_half_open_per_ip.div_ceil(shards);
+        l.max_sessions_per_ip = b.max_sessions_per_ip.div_ceil(shards);
+        l.max_half_open_per_relay = b.max_half_open_per_relay.div_ceil(shards);
+        l.max_sessions_per_relay = b.max_sessions_per_relay.div_ceil(shards);
+        let n = u32::try_from(shards).unwrap_or(u32::MAX);
+        l.max_log_lines_per_sec = b.max_log_lines_per_sec.div_ceil(n);
+    }
+    c
+}
+
+/// Chooses the engine shard of a datagram.
+struct Router {
+    shards: usize,
+    /// Where a tls12_cid record carries the shard byte (after the CID prefix); `None`: no CIDs.
+    cid_shard_byte: Option<usize>,
+    /// A randomly keyed hash of the peer, so that no one can aim many peers at one shard on
+    /// purpose.
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Router {
+    fn new(engine: &est_dtls::ServerConfig, shards: usize) -> Self {
+        Router {
+            shards,
+            cid_shard_byte: (engine.cid_length > 0).then(|| CID_OFFSET + engine.cid_prefix.len()),
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    /// A record under a CID this server issued goes to the shard named in it, whatever its
+    /// source address; anything else to the shard of its peer (UDP address and port, or join
+    /// proxy and JPY header). Peers, not hosts: the meters behind one NAT or one stateful DCU
+    /// relay spread over every shard instead of crowding one.
+    fn shard(&self, peer: &PeerAddr, datagram: &[u8]) -> usize {
+        use std::hash::BuildHasher;
+        if let Some(at) = self.cid_shard_byte {
+            if datagram.first() == Some(&CONTENT_TYPE_TLS12_CID) {
+                if let Some(&b) = datagram.get(at) {
+                    let b = usize::from(b);
+                    if b < self.shards {
+                        return b;
+                    }
+                }
+            }
+        }
+        let h = self.hasher.hash_one(peer);
+        usize::try_from(h % self.shards as u64).unwrap_or(0)
+    }
+}
+
+/// With several engine shards: reads the sockets and hands each datagram to its shard.
+struct Dispatcher<S: DatagramSocket> {
+    socket: Arc<S>,
+    jpy: Option<Arc<JpySocket<S>>>,
+    inboxes: Vec<mpsc::Sender<(PeerAddr, Vec<u8>)>>,
+    shared: Arc<Shared>,
+    router: Router,
+}
+
+impl<S: DatagramSocket> Dispatcher<S> {
+    async fn run(self) {
+        let mut buf = vec![0u8; RECV_BUFFER_BYTES];
+        let mut jpy_buf = vec![
+            0u8;
+            if self.jpy.is_some() {
+                RECV_BUFFER_BYTES
+            } else {
+                0
+            }
+        ];
+        let mut shutdown = self.shared.shutdown.subscribe();
+        let counters = &self.shared.counters;
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => break,
+                r = self.socket.recv_from(&mut buf) => match r {
+                    Ok((n, from)) => {
+                        if let Some(d) = buf.get(..n) {
+                            self.dispatch(PeerAddr::Direct(from), d.to_vec());
+                        }
+                    }
+                    Err(e) => {
+                        counters.socket_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(error = %e, "DTLS socket receive error");
+                    }
+                },
+                r = recv_jpy(self.jpy.as_deref(), &mut jpy_buf) => match (r, &self.jpy) {
+                    (Ok((n, from)), Some(jpy)) => {
+                        let msg = jpy_buf.get(..n).and_then(|d| jpy_message(jpy, counters, from, d));
+                        if let Some((peer, content)) = msg {
+                            self.dispatch(peer, content);
+                        }
+                    }
+                    (Ok(_), None) => {}
+                    (Err(e), _) => {
+                        counters.socket_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(error = %e, "JPY socket receive error");
+                    }
+                },
+            }
+        }
+    }
+
+    fn dispatch(&self, peer: PeerAddr, datagram: Vec<u8>) {
+        let shard = self.router.shard(&peer, &datagram);
+        let sent = self
+            .inboxes
+            .get(shard)
+            .is_some_and(|tx| tx.try_send((peer, datagram)).is_ok());
+        if !sent {
+            self.shared
+                .counters
+                .queue_full
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 struct Driver<S: DatagramSocket> {
-    socket: S,
-    jpy: Option<JpySocket<S>>,
+    /// This driver's index among the engine shards.
+    shard: usize,
+    socket: Arc<S>,
+    jpy: Option<Arc<JpySocket<S>>>,
     endpoint: Endpoint,
     shared: Arc<Shared>,
     accept_tx: mpsc::Sender<DtlsSession>,
+    /// This shard's command queue, for the sessions it makes.
+    commands: mpsc::Sender<Command>,
     sessions: HashMap<ConnectionHandle, SessionLink>,
 }
 
@@ -412,11 +732,18 @@ fn now() -> std::time::Instant {
 }
 
 impl<S: DatagramSocket> Driver<S> {
-    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        let mut buf = vec![0u8; RECV_BUFFER_BYTES];
+    /// Drives the endpoint: from the sockets (one shard) or from `inbox` (several, behind a
+    /// [`Dispatcher`]).
+    async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<Command>,
+        mut inbox: Option<mpsc::Receiver<(PeerAddr, Vec<u8>)>>,
+    ) {
+        let reads_sockets = inbox.is_none();
+        let mut buf = vec![0u8; if reads_sockets { RECV_BUFFER_BYTES } else { 0 }];
         let mut jpy_buf = vec![
             0u8;
-            if self.jpy.is_some() {
+            if reads_sockets && self.jpy.is_some() {
                 RECV_BUFFER_BYTES
             } else {
                 0
@@ -441,7 +768,7 @@ impl<S: DatagramSocket> Driver<S> {
                 biased;
                 _ = shutdown.wait_for(|s| *s) => break,
                 _ = timer => self.endpoint.handle_timeout(now()),
-                r = self.socket.recv_from(&mut buf) => match r {
+                r = self.socket.recv_from(&mut buf), if reads_sockets => match r {
                     Ok((n, from)) => {
                         if let Some(d) = buf.get(..n) {
                             self.endpoint.handle(now(), from, d);
@@ -452,10 +779,16 @@ impl<S: DatagramSocket> Driver<S> {
                         tracing::debug!(error = %e, "DTLS socket receive error");
                     }
                 },
-                r = recv_jpy(&self.jpy, &mut jpy_buf) => match r {
+                r = recv_jpy(self.jpy.as_deref(), &mut jpy_buf), if reads_sockets => match r {
                     Ok((n, from)) => {
-                        if let Some(d) = jpy_buf.get(..n) {
-                            self.jpy_datagram(from, d);
+                        let msg = match (&self.jpy, jpy_buf.get(..n)) {
+                            (Some(jpy), Some(d)) => {
+                                jpy_message(jpy, &self.shared.counters, from, d)
+                            }
+                            _ => None,
+                        };
+                        if let Some((peer, content)) = msg {
+                            self.endpoint.handle(now(), peer, &content);
                         }
                     }
                     Err(e) => {
@@ -463,6 +796,7 @@ impl<S: DatagramSocket> Driver<S> {
                         tracing::debug!(error = %e, "JPY socket receive error");
                     }
                 },
+                Some((peer, d)) = recv_inbox(&mut inbox) => self.endpoint.handle(now(), peer, &d),
                 Some(cmd) = commands.recv() => self.command(cmd),
             }
             // Whatever else is queued, without waiting.
@@ -476,27 +810,6 @@ impl<S: DatagramSocket> Driver<S> {
         for (_, link) in self.sessions.drain() {
             link.closed_tx.send_replace(Some(CloseReason::Shutdown));
         }
-    }
-
-    /// A datagram on the JPY socket: from an allowlisted proxy, a JPY message whose content
-    /// goes to the endpoint as the datagram of the peer (proxy, header).
-    fn jpy_datagram(&mut self, from: SocketAddr, d: &[u8]) {
-        let Some(jpy) = &self.jpy else {
-            return;
-        };
-        let c = &self.shared.counters;
-        c.jpy_received.fetch_add(1, Ordering::Relaxed);
-        if !jpy.allowed.iter().any(|p| p.contains(from.ip())) {
-            c.jpy_not_allowed.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        // The draft: an array of 2 or more elements, the first two used.
-        let Ok(msg) = est_relay::jpy::decode(d, jpy.max_header) else {
-            c.jpy_malformed.fetch_add(1, Ordering::Relaxed);
-            return;
-        };
-        let peer = PeerAddr::relayed(from, &msg.header);
-        self.endpoint.handle(now(), peer, &msg.content);
     }
 
     async fn send(&self, t: &est_dtls::Transmit) -> io::Result<usize> {
@@ -545,7 +858,9 @@ impl<S: DatagramSocket> Driver<S> {
         while let Some(t) = self.endpoint.poll_transmit() {
             let _ = self.send(&t).await;
         }
-        *lock(&self.shared.metrics) = snapshot(&self.endpoint, &self.shared.counters);
+        if let Some(m) = self.shared.shard_metrics.get(self.shard) {
+            *lock(m) = snapshot(&self.endpoint);
+        }
     }
 
     fn event(&mut self, ev: Event) {
@@ -570,7 +885,7 @@ impl<S: DatagramSocket> Driver<S> {
                     data_rx: tokio::sync::Mutex::new(data_rx),
                     queued_bytes: Arc::clone(&queued_bytes),
                     closed_rx,
-                    commands: self.shared.commands.clone(),
+                    commands: self.commands.clone(),
                     max_datagram: conn.max_datagram().min(self.shared.max_datagram),
                 };
                 if self.accept_tx.try_send(session).is_err() {

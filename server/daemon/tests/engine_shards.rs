@@ -1,0 +1,237 @@
+//! `engine_shards` > 1 over real UDP: a dispatcher hands datagrams to several est-dtls
+//! endpoints. Sessions spread over the shards, each echoes, and a meter that moves to another
+//! source port mid-session keeps its session by Connection ID, whichever shard its new address
+//! hashes to. The meters are est-dtls's own client mode, driven here over tokio sockets.
+#![allow(clippy::unwrap_used)]
+
+mod transport_support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use est_dtls::{Client, ClientConfig, ConnEvent, SigningKey, Verified};
+use est_server::transport::{DtlsListener, DtlsServerConfig, DtlsSession};
+use tokio::net::UdpSocket;
+use transport_support::TestPki;
+
+const METERS: usize = 24;
+const SHARDS: usize = 4;
+
+async fn start(config: DtlsServerConfig) -> (Arc<DtlsListener>, SocketAddr) {
+    let listener = Arc::new(
+        DtlsListener::bind_udp("127.0.0.1:0".parse().unwrap(), config)
+            .await
+            .expect("bind"),
+    );
+    let addr = listener.local_addr().unwrap();
+    let l = Arc::clone(&listener);
+    tokio::spawn(async move {
+        while let Ok(session) = l.accept().await {
+            tokio::spawn(echo(session));
+        }
+    });
+    (listener, addr)
+}
+
+async fn echo(session: DtlsSession) {
+    while let Ok(d) = session.recv_datagram().await {
+        if session.send(&d).await.is_err() {
+            break;
+        }
+    }
+}
+
+fn client_config(pki: &TestPki) -> Arc<ClientConfig> {
+    let key = SigningKey::from_pkcs8(&pki.device.key_pkcs8_der).expect("device key");
+    // The server's authentication is not what is tested here.
+    let accept_any: est_dtls::ChainVerifier = Arc::new(|_chain: &[Vec<u8>]| {
+        Ok(Verified {
+            identity: Vec::new(),
+            context: None,
+        })
+    });
+    let mut c = ClientConfig::new(
+        vec![pki.device.cert_der.clone(), pki.device_sub_ca_der.clone()],
+        Arc::new(key),
+        accept_any,
+    );
+    c.connection_id = Some(Vec::new());
+    Arc::new(c)
+}
+
+/// One meter: a sans-IO client and the socket it currently sends from.
+struct Meter {
+    client: Client,
+    socket: UdpSocket,
+    received: Vec<Vec<u8>>,
+}
+
+impl Meter {
+    async fn connect(server: SocketAddr, config: Arc<ClientConfig>) -> Meter {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let client = Client::connect(Instant::now(), server, config).expect("client");
+        let mut m = Meter {
+            client,
+            socket,
+            received: Vec::new(),
+        };
+        m.run_until(|m| m.client.is_established()).await;
+        m
+    }
+
+    fn flush(&mut self) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(d) = self.client.poll_transmit() {
+            out.push(d);
+        }
+        out
+    }
+
+    /// Drives the client (sends, timers, receives) until `done`, for at most 20 s.
+    async fn run_until(&mut self, done: impl Fn(&Meter) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut buf = vec![0u8; 2048];
+        loop {
+            for d in self.flush() {
+                self.socket.send_to(&d, self.client.server()).await.unwrap();
+            }
+            while let Some(ev) = self.client.poll_event() {
+                match ev {
+                    ConnEvent::Data(d) => self.received.push(d),
+                    ConnEvent::Closed(r) => panic!("session closed: {r:?}"),
+                    _ => {}
+                }
+            }
+            if done(self) {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "timed out");
+            let wake = self
+                .client
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or(deadline)
+                .min(deadline);
+            tokio::select! {
+                r = self.socket.recv_from(&mut buf) => {
+                    let (n, from) = r.unwrap();
+                    self.client.handle_datagram(Instant::now(), from, &buf[..n]);
+                }
+                _ = tokio::time::sleep_until(wake) => self.client.handle_timeout(Instant::now()),
+            }
+        }
+    }
+
+    async fn echo(&mut self, payload: &[u8]) {
+        let before = self.received.len();
+        self.client.send(Instant::now(), payload).expect("send");
+        self.run_until(|m| m.received.len() > before).await;
+        assert_eq!(self.received.last().map(Vec::as_slice), Some(payload));
+    }
+
+    /// As a NAT rebinding: the same session from a new source port.
+    async fn rebind(&mut self) {
+        self.socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_spread_over_shards_and_keep_their_shard_across_a_port_change() {
+    let pki = TestPki::generate();
+    let config = DtlsServerConfig {
+        engine_shards: SHARDS,
+        // Every meter here has the same certificate.
+        max_sessions_per_identity: 1000,
+        ..pki.server_config()
+    };
+    let (listener, server) = start(config).await;
+    let cfg = client_config(&pki);
+
+    let mut meters = Vec::new();
+    for _ in 0..METERS {
+        meters.push(Meter::connect(server, Arc::clone(&cfg)).await);
+    }
+    for (i, m) in meters.iter_mut().enumerate() {
+        m.echo(format!("before {i}").as_bytes()).await;
+    }
+    let per_shard: Vec<u64> = listener
+        .shard_metrics()
+        .iter()
+        .map(|m| m.sessions_now)
+        .collect();
+    assert_eq!(per_shard.len(), SHARDS);
+    assert_eq!(
+        per_shard.iter().sum::<u64>(),
+        METERS as u64,
+        "{per_shard:?}"
+    );
+    // A keyed hash of 24 source ports over 4 shards: more than one shard serves (all on one
+    // has probability 4 x (1/4)^24).
+    assert!(
+        per_shard.iter().filter(|&&n| n > 0).count() > 1,
+        "{per_shard:?}"
+    );
+
+    // Every meter moves to a new port (most land on another shard by hash): the CID's shard
+    // byte routes their records home, and the session goes on without a new handshake.
+    for (i, m) in meters.iter_mut().enumerate() {
+        m.rebind().await;
+        m.echo(format!("after {i}").as_bytes()).await;
+    }
+    let total = listener.metrics();
+    assert_eq!(total.peer_address_changes, METERS as u64);
+    assert_eq!(total.handshakes_completed, METERS as u64);
+    assert_eq!(total.sessions_now, METERS as u64);
+    assert_eq!(total.dropped_queue_full, 0);
+    listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_cap_is_shared_out_among_shards() {
+    let pki = TestPki::generate();
+    let config = DtlsServerConfig {
+        engine_shards: 2,
+        max_sessions: 4,
+        max_half_open_handshakes: 4,
+        max_sessions_per_identity: 1000,
+        ..pki.server_config()
+    };
+    let (listener, server) = start(config).await;
+    let cfg = client_config(&pki);
+    // Each shard holds at most 2; keep connecting until one shard is full and refuses.
+    let mut meters = Vec::new();
+    let mut refused = 0;
+    for _ in 0..12 {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let client = Client::connect(Instant::now(), server, Arc::clone(&cfg)).unwrap();
+        let mut m = Meter {
+            client,
+            socket,
+            received: Vec::new(),
+        };
+        let outcome = tokio::spawn(async move {
+            m.run_until(|m| m.client.is_established()).await;
+            m
+        })
+        .await;
+        match outcome {
+            Ok(m) => meters.push(m),
+            Err(_) => refused += 1,
+        }
+    }
+    let per_shard: Vec<u64> = listener
+        .shard_metrics()
+        .iter()
+        .map(|m| m.sessions_now)
+        .collect();
+    assert!(per_shard.iter().all(|&n| n <= 2), "{per_shard:?}");
+    assert_eq!(meters.len() as u64, per_shard.iter().sum::<u64>());
+    assert!(
+        meters.len() <= 4 && refused >= 8,
+        "{} held, {refused} refused",
+        meters.len()
+    );
+    assert!(listener.metrics().dropped_over_limit >= 8);
+    listener.shutdown().await;
+}
