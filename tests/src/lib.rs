@@ -352,3 +352,32 @@ pub async fn post_csr(
     )
     .await
 }
+
+/// A meter's DTLS session with client-sim's webrtc-dtls client (CCM_8, extended master secret
+/// required) over `sock`, which is connected to the server: handshake attempts of at most
+/// `attempt_timeout` each, each from a fresh session, until one completes or `overall_timeout`
+/// has passed ([`client_sim::dtls::connect_retrying`]).
+pub async fn webrtc_dtls(
+    sock: tokio::net::UdpSocket,
+    chain: &[Vec<u8>],
+    key: &[u8],
+    trust: &[Vec<u8>],
+    attempt_timeout: std::time::Duration,
+    overall_timeout: std::time::Duration,
+) -> std::result::Result<std::sync::Arc<webrtc_dtls::conn::DTLSConn>, client_sim::meter::FailureReason>
+{
+    let cfg = client_sim::dtls::DtlsClientConfig {
+        trust_anchors_der: trust.to_vec(),
+        server_name: "localhost".into(),
+        flight_interval: std::time::Duration::from_secs(1),
+        handshake_timeout: attempt_timeout,
+        ..client_sim::dtls::DtlsClientConfig::default()
+    };
+    let cred = client_sim::meter::Credential {
+        chain_der: chain.to_vec(),
+        key_pkcs8_der: key.to_vec(),
+    };
+    client_sim::dtls::connect_retrying(std::sync::Arc::new(sock), &cfg, &cred, overall_timeout)
+        .await
+        .map(|c| c.conn)
+}
