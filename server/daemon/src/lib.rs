@@ -9,6 +9,7 @@ pub mod dlms_config;
 pub mod factory;
 pub mod hsm;
 pub mod lifetime;
+pub mod limits;
 pub mod metrics;
 pub mod p384;
 pub mod revocation;

@@ -186,6 +186,48 @@ mod tests {
     }
 }
 
+/// Sets `key = value` in `[section]` of `data_dir/est-server.toml`, for each `(section, key,
+/// value)` of `edits` (the value as TOML: strings quoted). `est-server init` writes every setting
+/// of the documented file, the optional ones commented out as `# key = ...`: a live line of the
+/// key in its section is replaced; where the section has none, its commented-out line is
+/// uncommented with the value. A key in neither form is an error (the format changed).
+pub fn set_config(data_dir: &std::path::Path, edits: &[(&str, &str, &str)]) -> Result<(), String> {
+    let path = data_dir.join("est-server.toml");
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    for (section, key, value) in edits {
+        let mut current = String::new();
+        let mut live = None;
+        let mut commented = None;
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim();
+            if t.starts_with('[') {
+                current = t.trim_matches(|c| c == '[' || c == ']').to_string();
+                continue;
+            }
+            if current != *section || !t.contains('=') {
+                continue;
+            }
+            let is_comment = t.starts_with('#');
+            if t.trim_start_matches('#').split('=').next().map(str::trim) == Some(*key) {
+                if is_comment {
+                    commented.get_or_insert(i);
+                } else {
+                    live.get_or_insert(i);
+                }
+            }
+        }
+        let i = live
+            .or(commented)
+            .ok_or_else(|| format!("{}: no {key} in [{section}]", path.display()))?;
+        if let Some(l) = lines.get_mut(i) {
+            *l = format!("{key} = {value}");
+        }
+    }
+    std::fs::write(&path, lines.join("\n") + "\n").map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// The `openssl` command line, as the tests drive it to make keys and CSRs and to check what
 /// the server issued. Errors carry openssl's stderr.
 pub mod openssl {
