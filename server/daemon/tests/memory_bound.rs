@@ -225,11 +225,11 @@ async fn a_server_at_all_its_limits_stays_within_the_documented_memory_bound() {
     est_test_tools::set_config(
         &data,
         &[
-            ("dtls", "max_sessions", &max_sessions),
-            ("dtls", "max_sessions_per_ip", &max_sessions),
-            ("dtls", "max_sessions_per_identity", &max_sessions),
-            ("dtls", "max_half_open_handshakes", &half_open),
-            ("dtls", "max_half_open_per_ip", &half_open),
+            ("dtls", "max_sessions", max_sessions.as_str()),
+            ("dtls", "max_sessions_per_ip", max_sessions.as_str()),
+            ("dtls", "max_sessions_per_identity", max_sessions.as_str()),
+            ("dtls", "max_half_open_handshakes", half_open.as_str()),
+            ("dtls", "max_half_open_per_ip", half_open.as_str()),
             ("dtls", "accept_queue_sessions", "8"),
             ("dtls", "session_queue_datagrams", "8"),
             ("dtls", "session_queue_bytes", "8192"),
