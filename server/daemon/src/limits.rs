@@ -40,6 +40,10 @@ pub const HANDSHAKE_KEYS_AND_FLIGHT_BYTES: u64 = 4 * 1024;
 /// Server-wide, per enrollment in flight: the certificate and its audit row beside the CSR.
 pub const ENROLLMENT_EXTRA_BYTES: u64 = 2 * 1024;
 
+/// The largest datagram the driver reads from its socket (`RECV_BUFFER_BYTES`,
+/// server/daemon/src/transport/server.rs): what one datagram in a shard's inbox can hold.
+pub const MAX_DATAGRAM_BYTES: u64 = 65_536;
+
 /// The worst case of a configuration, in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemoryBound {
@@ -51,7 +55,8 @@ pub struct MemoryBound {
     pub per_half_open: u64,
     /// `dtls.max_half_open_handshakes`.
     pub half_open: u64,
-    /// Enrollments in flight, server-wide.
+    /// Server-wide: enrollments in flight, the driver's command queues (datagrams to send) and,
+    /// with `engine_shards` > 1, the shards' inboxes.
     pub server_wide: u64,
 }
 
@@ -94,13 +99,30 @@ pub fn memory_bound(cfg: &Config) -> MemoryBound {
         + FUTURE_RECORDS * FUTURE_RECORD_BYTES
         + HANDSHAKE_TRANSCRIPT_BYTES
         + HANDSHAKE_KEYS_AND_FLIGHT_BYTES;
+    let d = &cfg.dtls;
+    // Each engine shard has its share of every cap, rounded up.
+    let shards = bytes(d.engine_shards.max(1));
+    let shared_out = |cap: usize| bytes(cap).div_ceil(shards).saturating_mul(shards);
+    let inboxes = if shards > 1 {
+        shards
+            .saturating_mul(bytes(d.shard_inbox_datagrams))
+            .saturating_mul(MAX_DATAGRAM_BYTES)
+    } else {
+        0
+    };
     let server_wide = bytes(cfg.est.max_concurrent_enrollments)
-        .saturating_mul(bytes(cfg.est.max_csr_bytes) + ENROLLMENT_EXTRA_BYTES);
+        .saturating_mul(bytes(cfg.est.max_csr_bytes) + ENROLLMENT_EXTRA_BYTES)
+        .saturating_add(
+            shards
+                .saturating_mul(bytes(d.command_queue_len))
+                .saturating_mul(bytes(d.mtu_bytes)),
+        )
+        .saturating_add(inboxes);
     MemoryBound {
         per_session,
-        sessions: bytes(cfg.dtls.max_sessions),
+        sessions: shared_out(d.max_sessions),
         per_half_open,
-        half_open: bytes(cfg.dtls.max_half_open_handshakes),
+        half_open: shared_out(d.max_half_open_handshakes),
         server_wide,
     }
 }
@@ -120,7 +142,7 @@ mod tests {
         assert!((195 * KIB..205 * KIB).contains(&b.per_session), "{b:?}");
         assert_eq!(b.per_half_open, 8 * 16 * KIB + 4 * 18 * KIB + 64 * KIB + 4 * KIB);
         assert_eq!((b.sessions, b.half_open), (20_000, 1_024));
-        assert_eq!(b.server_wide, 256 * 6 * KIB);
+        assert_eq!(b.server_wide, 256 * 6 * KIB + 4096 * 1152);
         let total = b.total() as f64 / GIB;
         assert!((4.0..4.2).contains(&total), "{total} GiB");
     }
@@ -138,6 +160,15 @@ mod tests {
         c.coap.max_pending_requests = 1;
         c.coap.max_dedup_entries = 8;
         assert!(memory_bound(&c).per_session < 100 * KIB);
+        // Shards: caps rounded up to a multiple of the shards, and their inboxes.
+        let mut c = Config::default();
+        c.dtls.engine_shards = 3;
+        let b = memory_bound(&c);
+        assert_eq!((b.sessions, b.half_open), (20_001, 1_026));
+        assert_eq!(
+            b.server_wide,
+            256 * 6 * KIB + 3 * 4096 * 1152 + 3 * 1024 * 65_536
+        );
         let mut c = Config::default();
         c.dtls.max_half_open_handshakes = 1;
         assert_eq!(
