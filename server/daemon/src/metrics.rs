@@ -272,7 +272,7 @@ impl Collector for MetricsSources {
             ),
             (
                 "est_dtls_dropped_queue_full",
-                "datagrams dropped on a full session queue (dtls.session_queue_datagrams or dtls.session_queue_bytes)",
+                "datagrams dropped on a full session queue or engine shard inbox (dtls.session_queue_*, dtls.shard_inbox_datagrams)",
                 t.dropped_queue_full,
             ),
             (
