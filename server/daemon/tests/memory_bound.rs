@@ -22,7 +22,6 @@ use est_server::config::Config;
 use est_server::datadir;
 use tokio::net::UdpSocket;
 use webrtc_dtls::conn::DTLSConn;
-use webrtc_util::conn::Conn;
 
 /// Established sessions held (one session slot is left for the fresh meter).
 const ESTABLISHED: usize = 40;
@@ -50,6 +49,22 @@ fn run_ok(cmd: &mut Command) {
         "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A value of the server's Prometheus text at `addr` (`name value` line).
+fn scrape(addr: SocketAddr, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(tcp, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| {
+            let (n, v) = l.split_once(' ')?;
+            (n == name).then(|| v.trim().parse().ok()).flatten()
+        })
+        .unwrap_or_else(|| panic!("{name} not in /metrics: {text}"))
 }
 
 /// VmRSS of `pid`, bytes.
@@ -220,6 +235,13 @@ async fn a_server_at_all_its_limits_stays_within_the_documented_memory_bound() {
     let data = dir.path().join("est-data");
     let fleet = dir.path().join("fleet");
     run_ok(est_server().arg("init").arg("--data-dir").arg(&data));
+    // The Prometheus endpoint on a port of the kernel's choosing, released just before the
+    // server binds it.
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let metrics_listen = format!("\"{metrics_addr}\"");
     let max_sessions = MAX_SESSIONS.to_string();
     let half_open = HALF_OPEN.to_string();
     est_test_tools::set_config(
@@ -238,6 +260,7 @@ async fn a_server_at_all_its_limits_stays_within_the_documented_memory_bound() {
             ("dtls", "handshake_stall_timeout_secs", "60"),
             ("dtls", "handshake_timeout_secs", "120"),
             ("est", "max_concurrent_enrollments", "16"),
+            ("metrics", "listen", metrics_listen.as_str()),
         ],
     )
     .unwrap();
@@ -313,6 +336,9 @@ async fn a_server_at_all_its_limits_stays_within_the_documented_memory_bound() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let loaded = rss_bytes(pid);
+    // The server holds what the test drove it to.
+    assert_eq!(scrape(metrics_addr, "est_dtls_sessions"), ESTABLISHED as f64);
+    assert_eq!(scrape(metrics_addr, "est_dtls_half_open"), HALF_OPEN as f64);
     let grown = loaded.saturating_sub(base);
     eprintln!(
         "memory bound: base RSS {} KiB, loaded {} KiB (+{} KiB); bound for this configuration \

@@ -157,6 +157,8 @@ fn snapshot(ep: &Endpoint) -> TransportMetrics {
         dropped_unknown_peer: m.dropped_unknown_peer,
         dropped_duplicates: m.records_replayed,
         dropped_queue_full: 0,
+        sessions_dropped_accept_queue_full: 0,
+        close_commands_dropped: 0,
         socket_errors: 0,
         hello_verify_sent: m.hello_verify_sent,
         bad_cookies: m.refused(RefusalReason::BadCookie),
