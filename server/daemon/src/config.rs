@@ -662,7 +662,7 @@ cached_info = true
 # clients that do not offer it get X.509 either way.
 c509_certificate_type = 224
 # The DTLS driver's queues (docs/limits.md adds them up). Established sessions waiting for a
-# session task (at most max_sessions); over it a new session is closed at once
+# session task (max_sessions where that is lower); over it a new session is closed at once
 # (est_dtls_sessions_dropped_accept_queue_full).
 accept_queue_sessions = 1024
 # Decrypted datagrams waiting for one session's task: at most this many and this many bytes
@@ -1191,15 +1191,6 @@ impl Config {
                 return Err(invalid(field, "queues must hold at least 1"));
             }
         }
-        if d.accept_queue_sessions > d.max_sessions {
-            return Err(invalid(
-                "dtls.accept_queue_sessions",
-                format!(
-                    "{} exceeds dtls.max_sessions ({}): no more sessions than that can wait",
-                    d.accept_queue_sessions, d.max_sessions
-                ),
-            ));
-        }
         if d.session_queue_bytes < d.mtu_bytes {
             return Err(invalid(
                 "dtls.session_queue_bytes",
@@ -1661,7 +1652,7 @@ mod tests {
     }
 
     #[test]
-    fn driver_queues_are_settings_checked_against_the_session_cap_and_the_mtu() {
+    fn driver_queues_are_settings_checked_against_the_mtu_and_capped_by_max_sessions() {
         let d = DtlsSection::default();
         assert_eq!(d.accept_queue_sessions, 1024);
         assert_eq!(d.session_queue_datagrams, 32);
@@ -1678,16 +1669,14 @@ mod tests {
             let err = dtls_err(&format!("{field} = 0"));
             assert!(err.contains(&format!("dtls.{field}")), "{err}");
         }
-        let err = dtls_err("max_sessions = 100\nmax_half_open_handshakes = 10\nmax_half_open_per_ip = 10\nmax_sessions_per_ip = 100\naccept_queue_sessions = 101");
-        assert!(err.contains("dtls.accept_queue_sessions"), "{err}");
-        assert!(err.contains("dtls.max_sessions"), "{err}");
         let err = dtls_err("session_queue_bytes = 1151");
         assert!(err.contains("dtls.session_queue_bytes"), "{err}");
         assert!(err.contains("dtls.mtu_bytes"), "{err}");
-        // At the edges: accepted, and carried into the transport's configuration.
+        // At the edges: accepted, and carried into the transport's configuration; no more
+        // sessions than max_sessions ever wait to be accepted.
         let cfg = Config::parse(
             "[dtls]\nmax_sessions = 100\nmax_half_open_handshakes = 10\nmax_half_open_per_ip = 10\n\
-             max_sessions_per_ip = 100\naccept_queue_sessions = 100\nsession_queue_datagrams = 1\n\
+             max_sessions_per_ip = 100\naccept_queue_sessions = 101\nsession_queue_datagrams = 1\n\
              session_queue_bytes = 1152\ncommand_queue_len = 1\nshard_inbox_datagrams = 1\n",
             Path::new("x"),
         )
