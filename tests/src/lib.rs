@@ -400,11 +400,23 @@ pub async fn crts_pkcs7(
     Ok((run, listed))
 }
 
+/// [`webrtc_dtls_within`] 10 s per handshake attempt, 30 s in all.
+pub async fn webrtc_dtls(
+    sock: tokio::net::UdpSocket,
+    chain: &[Vec<u8>],
+    key: &[u8],
+    trust: &[Vec<u8>],
+) -> std::result::Result<std::sync::Arc<webrtc_dtls::conn::DTLSConn>, client_sim::meter::FailureReason>
+{
+    let (attempt, overall) = (std::time::Duration::from_secs(10), std::time::Duration::from_secs(30));
+    webrtc_dtls_within(sock, chain, key, trust, attempt, overall).await
+}
+
 /// A meter's DTLS session with client-sim's webrtc-dtls client (CCM_8, extended master secret
 /// required) over `sock`, which is connected to the server: handshake attempts of at most
 /// `attempt_timeout` each, each from a fresh session, until one completes or `overall_timeout`
 /// has passed ([`client_sim::dtls::connect_retrying`]).
-pub async fn webrtc_dtls(
+pub async fn webrtc_dtls_within(
     sock: tokio::net::UdpSocket,
     chain: &[Vec<u8>],
     key: &[u8],

@@ -90,15 +90,7 @@ async fn try_dtls(
 ) -> anyhow::Result<DtlsConn> {
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     sock.connect(server).await.unwrap();
-    Ok(est_tests::webrtc_dtls(
-        sock,
-        chain,
-        key,
-        trust,
-        Duration::from_secs(10),
-        Duration::from_secs(30),
-    )
-    .await?)
+    Ok(est_tests::webrtc_dtls(sock, chain, key, trust).await?)
 }
 
 /// One request through the sans-IO client over a DTLS connection.

@@ -51,16 +51,7 @@ async fn dtls(
         }
     };
     sock.connect(server).await.unwrap();
-    est_tests::webrtc_dtls(
-        sock,
-        chain,
-        key,
-        trust,
-        Duration::from_secs(10),
-        Duration::from_secs(30),
-    )
-    .await
-    .unwrap()
+    est_tests::webrtc_dtls(sock, chain, key, trust).await.unwrap()
 }
 
 /// One request through the sans-IO client over a DTLS connection.
@@ -325,7 +316,7 @@ async fn expired_idevid_enrolls_over_dtls_only_when_policy_allows_it() {
             datadir::read_certs(&srv.mint(&["SNNEW"]).unwrap().join("implicit-ta.pem")).unwrap();
         let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         sock.connect(srv.addr).await.unwrap();
-        let connected = est_tests::webrtc_dtls(
+        let connected = est_tests::webrtc_dtls_within(
             sock,
             &chain,
             &key,

@@ -9,7 +9,7 @@ pub mod backend;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -164,14 +164,7 @@ impl Running {
         // and released (another test's socket could take it before the server binds it), and no
         // probe that binds the server's port itself.
         let mut server = Server(
-            Command::new(&bin)
-                .arg("run")
-                .arg("--data-dir")
-                .arg(&data)
-                .arg("--listen")
-                .arg("127.0.0.1:0")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
+            est_test_tools::est_server_run(&bin, &data)
                 .spawn()
                 .expect("starting est-server run"),
         );
@@ -262,14 +255,7 @@ impl Cluster {
     /// One more `est-server run` on the cluster's data directory.
     pub fn start_node(&self) -> (Server, SocketAddr) {
         let mut server = Server(
-            Command::new(est_server_bin())
-                .arg("run")
-                .arg("--data-dir")
-                .arg(&self.data)
-                .arg("--listen")
-                .arg("127.0.0.1:0")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
+            est_test_tools::est_server_run(&est_server_bin(), &self.data)
                 .spawn()
                 .expect("starting est-server run"),
         );

@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -284,16 +284,10 @@ async fn a_server_at_all_its_limits_stays_within_the_documented_memory_bound() {
     let holder = meter(&fleet, &devices[0]);
     let fresh = meter(&fleet, &devices[1]);
 
-    let mut child = est_server()
-        .arg("run")
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--listen")
-        .arg("127.0.0.1:0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child =
+        est_test_tools::est_server_run(Path::new(env!("CARGO_BIN_EXE_est-server")), &data)
+            .spawn()
+            .unwrap();
     let stdout = child.stdout.take().unwrap();
     let server = Server(child);
     let pid = server.0.id();

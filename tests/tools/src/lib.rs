@@ -186,6 +186,20 @@ mod tests {
     }
 }
 
+/// `BIN run --data-dir DATA_DIR --listen 127.0.0.1:0`, its stdout piped (read the address it
+/// binds and announces with [`announced_address`]: no port is picked and released here) and
+/// its stderr discarded. The caller adds what it needs and spawns it.
+pub fn est_server_run(bin: &std::path::Path, data_dir: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("run")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    cmd
+}
+
 /// Sets `key = value` in `[section]` of `data_dir/est-server.toml`, for each `(section, key,
 /// value)` of `edits` (the value as TOML: strings quoted). `est-server init` writes every setting
 /// of the documented file, the optional ones commented out as `# key = ...`: a live line of the
