@@ -387,7 +387,14 @@ pub async fn crts_pkcs7(
     url: &str,
     out: &Path,
 ) -> Result<(CoapRun, String)> {
-    let run = coap_client(which, Some(creds), &["-m", "get", "-A", "281"], url, Some(out)).await?;
+    let run = coap_client(
+        which,
+        Some(creds),
+        &["-m", "get", "-A", "281"],
+        url,
+        Some(out),
+    )
+    .await?;
     let listed = openssl(&[
         "pkcs7",
         "-inform",
@@ -406,9 +413,14 @@ pub async fn webrtc_dtls(
     chain: &[Vec<u8>],
     key: &[u8],
     trust: &[Vec<u8>],
-) -> std::result::Result<std::sync::Arc<webrtc_dtls::conn::DTLSConn>, client_sim::meter::FailureReason>
-{
-    let (attempt, overall) = (std::time::Duration::from_secs(10), std::time::Duration::from_secs(30));
+) -> std::result::Result<
+    std::sync::Arc<webrtc_dtls::conn::DTLSConn>,
+    client_sim::meter::FailureReason,
+> {
+    let (attempt, overall) = (
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(30),
+    );
     webrtc_dtls_within(sock, chain, key, trust, attempt, overall).await
 }
 
@@ -423,8 +435,10 @@ pub async fn webrtc_dtls_within(
     trust: &[Vec<u8>],
     attempt_timeout: std::time::Duration,
     overall_timeout: std::time::Duration,
-) -> std::result::Result<std::sync::Arc<webrtc_dtls::conn::DTLSConn>, client_sim::meter::FailureReason>
-{
+) -> std::result::Result<
+    std::sync::Arc<webrtc_dtls::conn::DTLSConn>,
+    client_sim::meter::FailureReason,
+> {
     let cfg = client_sim::dtls::DtlsClientConfig {
         trust_anchors_der: trust.to_vec(),
         server_name: "localhost".into(),

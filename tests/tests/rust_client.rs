@@ -51,7 +51,9 @@ async fn dtls(
         }
     };
     sock.connect(server).await.unwrap();
-    est_tests::webrtc_dtls(sock, chain, key, trust).await.unwrap()
+    est_tests::webrtc_dtls(sock, chain, key, trust)
+        .await
+        .unwrap()
 }
 
 /// One request through the sans-IO client over a DTLS connection.

@@ -138,9 +138,15 @@ mod tests {
     fn the_defaults_give_the_figures_docs_limits_md_shows() {
         let b = memory_bound(&Config::default());
         // 14 + 16 + 4 x 16 + 64 x 1.1 + 2 + 4 x 1.1 + 32 KiB.
-        assert_eq!(b.per_session, 14 * KIB + 16 * KIB + 64 * KIB + 64 * 1124 + 2 * KIB + 4 * 1124 + 32 * KIB);
+        assert_eq!(
+            b.per_session,
+            14 * KIB + 16 * KIB + 64 * KIB + 64 * 1124 + 2 * KIB + 4 * 1124 + 32 * KIB
+        );
         assert!((195 * KIB..205 * KIB).contains(&b.per_session), "{b:?}");
-        assert_eq!(b.per_half_open, 8 * 16 * KIB + 4 * 18 * KIB + 64 * KIB + 4 * KIB);
+        assert_eq!(
+            b.per_half_open,
+            8 * 16 * KIB + 4 * 18 * KIB + 64 * KIB + 4 * KIB
+        );
         assert_eq!((b.sessions, b.half_open), (20_000, 1_024));
         assert_eq!(b.server_wide, 256 * 6 * KIB + 4096 * 1152);
         let total = b.total() as f64 / GIB;
@@ -155,7 +161,10 @@ mod tests {
         assert!(memory_bound(&c).total() < base);
         let mut c = Config::default();
         c.dtls.session_queue_bytes = 4 * KIB as usize;
-        assert_eq!(memory_bound(&c).per_session + 28 * KIB, memory_bound(&Config::default()).per_session);
+        assert_eq!(
+            memory_bound(&c).per_session + 28 * KIB,
+            memory_bound(&Config::default()).per_session
+        );
         let mut c = Config::default();
         c.coap.max_pending_requests = 1;
         c.coap.max_dedup_entries = 8;

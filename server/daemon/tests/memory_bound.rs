@@ -56,7 +56,11 @@ fn scrape(addr: SocketAddr, name: &str) -> f64 {
     use std::io::{Read, Write};
     let mut tcp = std::net::TcpStream::connect(addr).unwrap();
     tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(tcp, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    write!(
+        tcp,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut text = String::new();
     tcp.read_to_string(&mut text).unwrap();
     text.lines()
@@ -148,7 +152,11 @@ async fn fill_session(conn: Arc<DTLSConn>, index: usize, cfg: &Config) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     for i in 0..cfg.coap.max_dedup_entries {
-        let token = [0xC0, u8::try_from(index).unwrap(), u8::try_from(i % 256).unwrap()];
+        let token = [
+            0xC0,
+            u8::try_from(index).unwrap(),
+            u8::try_from(i % 256).unwrap(),
+        ];
         let p = request(RequestType::Get, "crts", mid, &token);
         conn.write(&p.to_bytes().unwrap(), None).await.unwrap();
         mid += 1;
@@ -165,11 +173,11 @@ fn client_hello_body(random: [u8; 32], cookie: &[u8]) -> Vec<u8> {
     body.extend_from_slice(cookie);
     body.extend_from_slice(&[0, 2, 0xC0, 0xAE]); // cipher suites
     body.extend_from_slice(&[1, 0]); // compression methods
-    // extensions: extended_master_secret, signature_algorithms [ecdsa_secp256r1_sha256],
-    // supported_groups [secp256r1], ec_point_formats [uncompressed]
+                                     // extensions: extended_master_secret, signature_algorithms [ecdsa_secp256r1_sha256],
+                                     // supported_groups [secp256r1], ec_point_formats [uncompressed]
     body.extend_from_slice(&[
-        0, 26, 0x00, 0x17, 0, 0, 0x00, 0x0D, 0, 4, 0, 2, 4, 3, 0x00, 0x0A, 0, 4, 0, 2, 0, 23,
-        0x00, 0x0B, 0, 2, 1, 0,
+        0, 26, 0x00, 0x17, 0, 0, 0x00, 0x0D, 0, 4, 0, 2, 4, 3, 0x00, 0x0A, 0, 4, 0, 2, 0, 23, 0x00,
+        0x0B, 0, 2, 1, 0,
     ]);
     body
 }
@@ -331,7 +339,10 @@ async fn a_server_at_all_its_limits_stays_within_the_documented_memory_bound() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let loaded = rss_bytes(pid);
     // The server holds what the test drove it to.
-    assert_eq!(scrape(metrics_addr, "est_dtls_sessions"), ESTABLISHED as f64);
+    assert_eq!(
+        scrape(metrics_addr, "est_dtls_sessions"),
+        ESTABLISHED as f64
+    );
     assert_eq!(scrape(metrics_addr, "est_dtls_half_open"), HALF_OPEN as f64);
     let grown = loaded.saturating_sub(base);
     eprintln!(

@@ -207,8 +207,7 @@ pub fn est_server_run(bin: &std::path::Path, data_dir: &std::path::Path) -> std:
 /// uncommented with the value. A key in neither form is an error (the format changed).
 pub fn set_config(data_dir: &std::path::Path, edits: &[(&str, &str, &str)]) -> Result<(), String> {
     let path = data_dir.join("est-server.toml");
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
     for (section, key, value) in edits {
         let mut current = String::new();

@@ -11,11 +11,11 @@ use async_trait::async_trait;
 use client_sim::dtls::{self, DtlsClientConfig, Retried};
 use client_sim::meter::{Credential, FailureReason};
 use est_server::transport::{CipherSuiteName, DatagramSocket, DtlsServerConfig};
-use webrtc_util::conn::Conn;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
 };
+use webrtc_util::conn::Conn;
 
 /// A certificate with its key, DER.
 #[derive(Clone)]
@@ -166,7 +166,10 @@ pub struct Device {
 
 impl Device {
     /// Handshakes over `conn` with [`dtls::connect_retrying`].
-    pub async fn connect(&self, conn: Arc<dyn Conn + Send + Sync>) -> Result<Retried, FailureReason> {
+    pub async fn connect(
+        &self,
+        conn: Arc<dyn Conn + Send + Sync>,
+    ) -> Result<Retried, FailureReason> {
         dtls::connect_retrying(conn, &self.dtls, &self.cred, self.overall_timeout).await
     }
 
