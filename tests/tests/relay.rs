@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use est_tests::front_door::{client_hello, client_hello_datagram, StopOnDrop};
 use est_tests::relay::{Pki, Registrar, RelayProcess};
 use est_tests::*;
