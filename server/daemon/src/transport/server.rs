@@ -1084,13 +1084,13 @@ impl DtlsSession {
 
 impl Drop for DtlsSession {
     fn drop(&mut self) {
-        if self.close_reason().is_none() {
-            if self.commands.try_send(Command::Close(self.handle)).is_err() {
-                self.shared
-                    .counters
-                    .close_commands_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-            }
+        if self.close_reason().is_none()
+            && self.commands.try_send(Command::Close(self.handle)).is_err()
+        {
+            self.shared
+                .counters
+                .close_commands_dropped
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }
