@@ -112,6 +112,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn config_edits_replace_keys_in_their_section_and_uncomment_optional_ones() {
+        let dir = std::env::temp_dir().join(format!("est-test-tools-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("est-server.toml");
+        std::fs::write(
+            &file,
+            "[dtls]\n# max_sessions = 1\nmax_sessions = 20000\n[est]\nmax_sessions = 7\n\
+             [storage]\n# url = \"\"\n",
+        )
+        .unwrap();
+        set_config(
+            &dir,
+            &[
+                ("dtls", "max_sessions", "30000"),
+                ("storage", "url", "\"postgres://x\""),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            "[dtls]\n# max_sessions = 1\nmax_sessions = 30000\n[est]\nmax_sessions = 7\n\
+             [storage]\nurl = \"postgres://x\"\n"
+        );
+        let err = set_config(&dir, &[("dtls", "nope", "1")]).unwrap_err();
+        assert!(err.contains("no nope in [dtls]"), "{err}");
+        // A key of another section is not taken.
+        assert!(set_config(&dir, &[("storage", "max_sessions", "1")]).is_err());
+        assert!(set_config(&dir.join("missing"), &[("dtls", "max_sessions", "1")]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn finds_a_program_on_path_and_not_a_made_up_one() {
         assert!(find("sh").is_some());
         assert!(find("/bin/sh").is_some() || find("/usr/bin/sh").is_some());
