@@ -132,9 +132,9 @@ pub fn connector(mode: SslMode, ca_file: Option<&Path>) -> Result<Option<MakeRus
                     .build()
                     .map_err(|e| format!("storage.ca_file {}: {e}", ca.display()))?;
             if mode == SslMode::VerifyFull {
-                webpki
+                webpki as Arc<dyn ServerCertVerifier>
             } else {
-                Arc::new(ChainOnly { webpki })
+                Arc::new(ChainOnly { webpki }) as Arc<dyn ServerCertVerifier>
             }
         }
     };
