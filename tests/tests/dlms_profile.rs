@@ -307,11 +307,17 @@ async fn dlms_certificate_slots_on_postgres_across_two_nodes() {
     let sign_csr = csr(&d.work, "sign", serial, "P-256", "digitalSignature");
     let (run, sign) = d.sen(&srv, &sign_csr, "sign").await;
     let sign = sign.unwrap_or_else(|| panic!("{run:?}"));
-    assert_eq!(ext_value(&sign, "X509v3 Key Usage: critical"), Some("Digital Signature"));
+    assert_eq!(
+        ext_value(&sign, "X509v3 Key Usage: critical"),
+        Some("Digital Signature")
+    );
     let ka_csr = csr(&d.work, "ka", serial, "P-256", "keyAgreement");
     let (run, ka) = d.sen(&srv, &ka_csr, "ka").await;
     let ka = ka.unwrap_or_else(|| panic!("{run:?}"));
-    assert_eq!(ext_value(&ka, "X509v3 Key Usage: critical"), Some("Key Agreement"));
+    assert_eq!(
+        ext_value(&ka, "X509v3 Key Usage: critical"),
+        Some("Key Agreement")
+    );
     openssl_verify(&srv.ca_pem(), &d.work.join("sign.pem")).unwrap();
     openssl_verify(&srv.ca_pem(), &d.work.join("ka.pem")).unwrap();
 
@@ -354,7 +360,9 @@ async fn dlms_certificate_slots_on_postgres_across_two_nodes() {
         std::fs::read(d.work.join("sign.der")).unwrap()
     );
     assert_eq!(
-        rows(&format!("SELECT count(*) FROM certificates WHERE device_id = '{serial}'")),
+        rows(&format!(
+            "SELECT count(*) FROM certificates WHERE device_id = '{serial}'"
+        )),
         "2"
     );
 
@@ -363,7 +371,10 @@ async fn dlms_certificate_slots_on_postgres_across_two_nodes() {
     let ka2_csr = csr(&d.work, "ka2", serial, "P-256", "keyAgreement");
     let (run, ka2) = d.sen_at(&url_b, &ka2_csr, "ka2").await;
     let ka2 = ka2.unwrap_or_else(|| panic!("{run:?}"));
-    assert_eq!(ext_value(&ka2, "X509v3 Key Usage: critical"), Some("Key Agreement"));
+    assert_eq!(
+        ext_value(&ka2, "X509v3 Key Usage: critical"),
+        Some("Key Agreement")
+    );
     assert_eq!(
         rows(&by_slot),
         "dlms-key-agreement superseded\ndlms-key-agreement active\ndlms-signing active"

@@ -120,7 +120,9 @@ async fn enroll(srv: &TestServer, serial: &str) {
         .await
         .unwrap();
     assert!(
-        run.payload.as_ref().is_some_and(|p| p.first() == Some(&0x30)),
+        run.payload
+            .as_ref()
+            .is_some_and(|p| p.first() == Some(&0x30)),
         "{run:?}"
     );
     openssl_verify(&srv.ca_pem(), &der_to_pem(&der).unwrap()).unwrap();
@@ -132,8 +134,10 @@ async fn est_server_reaches_postgres_over_verified_tls() {
         return;
     }
     let good = pki("PostgreSQL test CA", &["localhost", "127.0.0.1"]);
-    let Some(pg) = tls_cluster("est_server_reaches_postgres_over_verified_tls", &good.server)
-    else {
+    let Some(pg) = tls_cluster(
+        "est_server_reaches_postgres_over_verified_tls",
+        &good.server,
+    ) else {
         return;
     };
 
@@ -143,7 +147,10 @@ async fn est_server_reaches_postgres_over_verified_tls() {
         .expect("verify-full with the server's CA");
     enroll(&srv, "SNTLS0001").await;
     let conns = est_connections(&pg, "full");
-    assert!(!conns.is_empty() && conns.iter().all(|tls| *tls), "{conns:?}");
+    assert!(
+        !conns.is_empty() && conns.iter().all(|tls| *tls),
+        "{conns:?}"
+    );
     assert_eq!(
         pg.psql(
             "full",
@@ -161,7 +168,10 @@ async fn est_server_reaches_postgres_over_verified_tls() {
         .err()
         .expect("a server certificate from another CA must be refused");
     let text = format!("{err:#}");
-    assert!(text.contains("TLS") && text.contains("verify-full"), "{text}");
+    assert!(
+        text.contains("TLS") && text.contains("verify-full"),
+        "{text}"
+    );
     assert!(est_connections(&pg, "wrongca").is_empty());
 
     // verify-ca with the right CA also starts.
@@ -176,7 +186,10 @@ async fn est_server_reaches_postgres_over_verified_tls() {
         .await
         .expect("require");
     let conns = est_connections(&pg, "require");
-    assert!(!conns.is_empty() && conns.iter().all(|tls| *tls), "{conns:?}");
+    assert!(
+        !conns.is_empty() && conns.iter().all(|tls| *tls),
+        "{conns:?}"
+    );
     srv.stop().await;
 
     // disable: still works, in the clear.
@@ -185,7 +198,10 @@ async fn est_server_reaches_postgres_over_verified_tls() {
         .expect("sslmode=disable");
     enroll(&srv, "SNPLAIN01").await;
     let conns = est_connections(&pg, "plain");
-    assert!(!conns.is_empty() && conns.iter().all(|tls| !*tls), "{conns:?}");
+    assert!(
+        !conns.is_empty() && conns.iter().all(|tls| !*tls),
+        "{conns:?}"
+    );
     srv.stop().await;
 }
 

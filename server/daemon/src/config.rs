@@ -1393,21 +1393,28 @@ mod tests {
     fn storage_tls_settings_are_checked() {
         let parse = |url: &str, ca: &str| {
             Config::parse(
-                &format!("[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\nca_file = \"{ca}\"\n"),
+                &format!(
+                    "[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\nca_file = \"{ca}\"\n"
+                ),
                 Path::new("x"),
             )
         };
         for mode in ["verify-ca", "verify-full"] {
             let url = format!("postgres://est@db.example/est?sslmode={mode}");
             let err = parse(&url, "").unwrap_err().to_string();
-            assert!(err.contains("storage.ca_file") && err.contains(mode), "{err}");
+            assert!(
+                err.contains("storage.ca_file") && err.contains(mode),
+                "{err}"
+            );
             let cfg = parse(&url, "pg-ca.pem").unwrap();
             assert_eq!(cfg.storage.ca_file, Path::new("pg-ca.pem"));
         }
         for mode in ["disable", "prefer", "require"] {
             parse(&format!("host=db.example dbname=est sslmode={mode}"), "").unwrap();
         }
-        let err = parse("host=db sslmode=verify", "ca.pem").unwrap_err().to_string();
+        let err = parse("host=db sslmode=verify", "ca.pem")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("storage.url"), "{err}");
         assert_eq!(Config::default().storage.ca_file, Path::new(""));
     }

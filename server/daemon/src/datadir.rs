@@ -180,7 +180,10 @@ pub fn init_with_storage(
     if storage.is_postgres() {
         let store = crate::store::open_configured(storage, data_dir)
             .map_err(|e| anyhow::anyhow!("opening the PostgreSQL store: {e}"))?;
-        tracing::info!(backend = store.backend_name(), "the store's schema is ready");
+        tracing::info!(
+            backend = store.backend_name(),
+            "the store's schema is ready"
+        );
         store.close();
     }
     create_private_dir(data_dir)?;

@@ -575,7 +575,10 @@ fn init_with_postgres_creates_no_sqlite_file() {
     let text = std::fs::read_to_string(&cfg_path).unwrap();
     assert!(text.contains("max_half_open_handshakes") && text.contains("# TLS to PostgreSQL"));
     // init migrated the schema.
-    let last = est_server::store::postgres::MIGRATIONS.last().unwrap().version;
+    let last = est_server::store::postgres::MIGRATIONS
+        .last()
+        .unwrap()
+        .version;
     assert_eq!(
         pg.psql("initpg", "SELECT max(version) FROM schema_migrations")
             .unwrap(),
@@ -588,7 +591,12 @@ fn init_with_postgres_creates_no_sqlite_file() {
     // An unreachable database: init fails, naming it, and leaves no data directory.
     let gone = dir.path().join("gone");
     let bad = bin()
-        .args(["init", "--data-dir", gone.to_str().unwrap(), "--storage-url"])
+        .args([
+            "init",
+            "--data-dir",
+            gone.to_str().unwrap(),
+            "--storage-url",
+        ])
         .arg(format!(
             "host={} port=1 user=est dbname=est connect_timeout=2",
             dir.path().display()
@@ -598,11 +606,19 @@ fn init_with_postgres_creates_no_sqlite_file() {
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("PostgreSQL"), "{err}");
-    assert!(!gone.exists(), "init wrote a data directory for a database it cannot reach");
+    assert!(
+        !gone.exists(),
+        "init wrote a data directory for a database it cannot reach"
+    );
 
     // verify-full needs the CA file; and the CA file flag needs a URL.
     let bad = bin()
-        .args(["init", "--data-dir", gone.to_str().unwrap(), "--storage-url"])
+        .args([
+            "init",
+            "--data-dir",
+            gone.to_str().unwrap(),
+            "--storage-url",
+        ])
         .arg("postgres://est@db.example/est?sslmode=verify-full")
         .output()
         .unwrap();
@@ -611,7 +627,13 @@ fn init_with_postgres_creates_no_sqlite_file() {
     assert!(err.contains("storage.ca_file"), "{err}");
     assert!(!gone.exists());
     let bad = bin()
-        .args(["init", "--data-dir", gone.to_str().unwrap(), "--storage-ca-file", "ca.pem"])
+        .args([
+            "init",
+            "--data-dir",
+            gone.to_str().unwrap(),
+            "--storage-ca-file",
+            "ca.pem",
+        ])
         .output()
         .unwrap();
     assert!(!bad.status.success());

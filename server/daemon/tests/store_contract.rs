@@ -832,7 +832,10 @@ fn slots_side_by_side(f: &mut Fixture) {
     let s = f.store.as_ref();
     // A DLMS meter's signing and key-agreement certificates, and an LDevID beside them.
     committed(issue(s, in_slot(cert("5a01", "DL1", 1, 100), SIGNING)));
-    committed(issue(s, in_slot(cert("5b01", "DL1", 2, 100), KEY_AGREEMENT)));
+    committed(issue(
+        s,
+        in_slot(cert("5b01", "DL1", 2, 100), KEY_AGREEMENT),
+    ));
     committed(issue(s, cert("5c01", "DL1", 3, 100)));
     assert_eq!(
         active_slots(s, "DL1"),
@@ -846,7 +849,10 @@ fn slots_side_by_side(f: &mut Fixture) {
     let ka = s.find_by_serial("5b01").unwrap().expect("stored");
     assert_eq!(ka.slot, KEY_AGREEMENT);
     assert_eq!(
-        s.find_by_request("DL1", &[1; 32]).unwrap().expect("stored").slot,
+        s.find_by_request("DL1", &[1; 32])
+            .unwrap()
+            .expect("stored")
+            .slot,
         SIGNING
     );
     // Re-enrolling the signing certificate supersedes it and nothing else.
@@ -864,7 +870,10 @@ fn slots_side_by_side(f: &mut Fixture) {
         ]
     );
     // A first enrollment in a slot (no renewal) supersedes that slot's certificate only.
-    committed(issue(s, in_slot(cert("5b02", "DL1", 5, 102), KEY_AGREEMENT)));
+    committed(issue(
+        s,
+        in_slot(cert("5b02", "DL1", 5, 102), KEY_AGREEMENT),
+    ));
     assert_eq!(status(s, "5b01"), CertStatus::Superseded);
     assert_eq!(status(s, "5a02"), CertStatus::Active);
     assert_eq!(status(s, "5c01"), CertStatus::Active);
@@ -912,7 +921,10 @@ fn slots_side_by_side(f: &mut Fixture) {
 
 fn slot_races(f: &mut Fixture) {
     let s = f.store.clone();
-    committed(issue(s.as_ref(), in_slot(cert("7a01", "DL3", 1, 100), SIGNING)));
+    committed(issue(
+        s.as_ref(),
+        in_slot(cert("7a01", "DL3", 1, 100), SIGNING),
+    ));
     committed(issue(
         s.as_ref(),
         in_slot(cert("7b01", "DL3", 2, 100), KEY_AGREEMENT),
@@ -951,7 +963,10 @@ fn slot_races(f: &mut Fixture) {
     assert_eq!(refused, 30);
     let active = active_slots(s.as_ref(), "DL3");
     assert_eq!(
-        active.iter().map(|(slot, _)| slot.as_str()).collect::<Vec<_>>(),
+        active
+            .iter()
+            .map(|(slot, _)| slot.as_str())
+            .collect::<Vec<_>>(),
         [KEY_AGREEMENT, SIGNING],
         "{active:?}"
     );
@@ -1352,8 +1367,14 @@ fn postgres_slots_across_two_nodes() {
     for d in 0..20u8 {
         let dev = format!("DLX{d}");
         let (sign, ka) = (format!("{d:02x}51"), format!("{d:02x}4b"));
-        committed(issue(a.as_ref(), in_slot(cert(&sign, &dev, 1, 100), SIGNING)));
-        committed(issue(b.as_ref(), in_slot(cert(&ka, &dev, 2, 100), KEY_AGREEMENT)));
+        committed(issue(
+            a.as_ref(),
+            in_slot(cert(&sign, &dev, 1, 100), SIGNING),
+        ));
+        committed(issue(
+            b.as_ref(),
+            in_slot(cert(&ka, &dev, 2, 100), KEY_AGREEMENT),
+        ));
         let barrier = Arc::new(std::sync::Barrier::new(4));
         let outcomes: Vec<(&str, CommitOutcome)> = std::thread::scope(|sc| {
             let hs: Vec<_> = [
@@ -1368,7 +1389,10 @@ fn postgres_slots_across_two_nodes() {
                 sc.spawn(move || {
                     let c = renewal(&format!("{old}{n:02x}"), &old, &dev, 0x20 + n, 101);
                     barrier.wait();
-                    (slot, issue(node.as_ref(), in_slot(c, slot)).expect("commit"))
+                    (
+                        slot,
+                        issue(node.as_ref(), in_slot(c, slot)).expect("commit"),
+                    )
                 })
             })
             .collect();
@@ -1381,7 +1405,9 @@ fn postgres_slots_across_two_nodes() {
                 .map(|(_, o)| o)
                 .collect();
             assert_eq!(
-                mine.iter().filter(|o| ***o == CommitOutcome::Committed).count(),
+                mine.iter()
+                    .filter(|o| ***o == CommitOutcome::Committed)
+                    .count(),
                 1,
                 "{dev} {slot}: {mine:?}"
             );
@@ -1455,7 +1481,10 @@ fn postgres_migrates_a_version_1_database() {
     );
     // A node of the previous release (est_issue_relayed, no slot) during a rolling upgrade:
     // its certificate goes to slot "", superseding that slot only, its relay audited.
-    committed(issue(s.as_ref(), in_slot(cert("0103", "OLD", 9, 150), SIGNING)));
+    committed(issue(
+        s.as_ref(),
+        in_slot(cert("0103", "OLD", 9, 150), SIGNING),
+    ));
     assert_eq!(
         pg.psql(
             "v1",

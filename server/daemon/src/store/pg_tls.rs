@@ -97,7 +97,8 @@ pub fn parse_url(url: &str) -> Result<(tokio_postgres::Config, SslMode), String>
 
 /// The trust anchors of `ca_file` (PEM, one or more certificates, or one DER certificate).
 fn roots(ca_file: &Path) -> Result<RootCertStore, String> {
-    let certs = crate::datadir::read_certs(ca_file).map_err(|e| format!("storage.ca_file: {e:#}"))?;
+    let certs =
+        crate::datadir::read_certs(ca_file).map_err(|e| format!("storage.ca_file: {e:#}"))?;
     let mut roots = RootCertStore::empty();
     for der in certs {
         roots
@@ -110,7 +111,10 @@ fn roots(ca_file: &Path) -> Result<RootCertStore, String> {
 /// The TLS connector for `mode`, or `None` for `disable`. `ca_file` is required by the
 /// `verify-*` modes; with `prefer` or `require` it makes them check the chain as
 /// `verify-ca` does.
-pub fn connector(mode: SslMode, ca_file: Option<&Path>) -> Result<Option<MakeRustlsConnect>, String> {
+pub fn connector(
+    mode: SslMode,
+    ca_file: Option<&Path>,
+) -> Result<Option<MakeRustlsConnect>, String> {
     if mode == SslMode::Disable {
         return Ok(None);
     }
@@ -265,14 +269,17 @@ mod tests {
             ("verify-ca", SslMode::VerifyCa),
             ("verify-full", SslMode::VerifyFull),
         ] {
-            let (cfg, got) =
-                parse_url(&format!("postgres://est@db.example:5433/est?sslmode={mode}&connect_timeout=3"))
-                    .unwrap();
+            let (cfg, got) = parse_url(&format!(
+                "postgres://est@db.example:5433/est?sslmode={mode}&connect_timeout=3"
+            ))
+            .unwrap();
             assert_eq!(got, want, "{mode}");
             assert_eq!(cfg.get_ports(), [5433]);
             assert_eq!(cfg.get_dbname(), Some("est"));
-            let (cfg, got) =
-                parse_url(&format!("host=db.example sslmode={mode} dbname=est user=est")).unwrap();
+            let (cfg, got) = parse_url(&format!(
+                "host=db.example sslmode={mode} dbname=est user=est"
+            ))
+            .unwrap();
             assert_eq!(got, want, "{mode}");
             assert_eq!(cfg.get_user(), Some("est"));
             if want.verifies() {
@@ -284,7 +291,10 @@ mod tests {
             }
         }
         // No sslmode: tokio-postgres's default, prefer.
-        assert_eq!(parse_url("host=/run/postgresql dbname=est").unwrap().1, SslMode::Prefer);
+        assert_eq!(
+            parse_url("host=/run/postgresql dbname=est").unwrap().1,
+            SslMode::Prefer
+        );
     }
 
     #[test]
@@ -303,13 +313,18 @@ mod tests {
     fn verify_modes_need_a_ca_file() {
         for mode in [SslMode::VerifyCa, SslMode::VerifyFull] {
             let err = connector(mode, None).err().unwrap();
-            assert!(err.contains("storage.ca_file") && err.contains(mode.as_str()), "{err}");
+            assert!(
+                err.contains("storage.ca_file") && err.contains(mode.as_str()),
+                "{err}"
+            );
         }
         assert!(connector(SslMode::Disable, None).unwrap().is_none());
         assert!(connector(SslMode::Require, None).unwrap().is_some());
         let dir = tempfile::tempdir().unwrap();
         let missing = dir.path().join("none.pem");
-        let err = connector(SslMode::VerifyFull, Some(&missing)).err().unwrap();
+        let err = connector(SslMode::VerifyFull, Some(&missing))
+            .err()
+            .unwrap();
         assert!(err.contains("storage.ca_file"), "{err}");
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "not a certificate").unwrap();
