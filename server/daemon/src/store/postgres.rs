@@ -515,12 +515,36 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 }
 
 /// A tokio-postgres error as the store reports it: the server's message and SQLSTATE when
-/// there is one (tokio-postgres's Display says only "db error").
+/// there is one (tokio-postgres's Display says only "db error"), else the error and its
+/// causes.
 fn pg_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
+        None => with_causes(e),
     }
+}
+
+/// `e` and every error under it (`source()`), e.g. "error performing TLS handshake: invalid
+/// peer certificate: UnknownIssuer": the Display of tokio-postgres and deadpool errors leaves
+/// the cause out.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let more = cause.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        next = cause.source();
+    }
+    text
+}
+
+/// A connection the pool could not give, with the reason (a refused TLS certificate, an
+/// unreachable host).
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    backend(with_causes(&e))
 }
 
 /// [`pg_text`] as a [`StoreError::Backend`].
@@ -638,7 +662,7 @@ impl PgStore {
         };
         let applied = store
             .run("migrating the schema", |pool| async move {
-                let mut client = pool.get().await.map_err(backend)?;
+                let mut client = pool.get().await.map_err(pool_error)?;
                 migrate(&mut client).await
             })
             .map_err(|e| {
@@ -711,7 +735,7 @@ impl PgStore {
         digest: Option<[u8; 32]>,
     ) -> Result<Option<IssuedCert>, StoreError> {
         self.run("reading a certificate", move |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let st = client
                 .prepare_cached(sql)
                 .await
@@ -735,7 +759,7 @@ impl PgStore {
         param: Box<dyn ToSql + Send + Sync>,
     ) -> Result<Vec<IssuedCert>, StoreError> {
         self.run("listing certificates", move |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let rows = client
                 .query(&sql, &[param.as_ref() as &(dyn ToSql + Sync)])
                 .await
@@ -748,7 +772,7 @@ impl PgStore {
     /// cases sharing a database).
     pub fn drop_schema(&self) -> Result<(), StoreError> {
         self.run("dropping the schema", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             client
                 .batch_execute(
                     "DROP TABLE IF EXISTS certificates, audit, devices, blocked_devices,
@@ -763,7 +787,7 @@ impl PgStore {
     /// The schema versions recorded in `schema_migrations`, ascending.
     pub fn schema_versions(&self) -> Result<Vec<i32>, StoreError> {
         self.run("reading schema_migrations", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let rows = client
                 .query(
                     "SELECT version FROM schema_migrations ORDER BY version",
@@ -969,7 +993,7 @@ async fn apply_batch(pool: &Pool, commits: &[&Commit]) -> Result<Vec<CommitResul
     let mut client = pool
         .get()
         .await
-        .map_err(|e| BatchError::Unavailable(e.to_string()))?;
+        .map_err(|e| BatchError::Unavailable(with_causes(&e)))?;
     let tx = client.transaction().await.map_err(batch_error)?;
     let issue = tx.prepare_cached(ISSUE).await.map_err(batch_error)?;
     let audit_st = tx.prepare_cached(INSERT_AUDIT).await.map_err(batch_error)?;
@@ -1111,7 +1135,7 @@ impl Store for PgStore {
     fn device_allowed(&self, device_id: &str) -> Result<bool, StoreError> {
         let device = device_id.to_owned();
         self.run("reading the allowlist", move |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let st = client
                 .prepare_cached(SELECT_DEVICE)
                 .await
@@ -1127,7 +1151,7 @@ impl Store for PgStore {
     fn device_blocked(&self, device_id: &str) -> Result<bool, StoreError> {
         let device = device_id.to_owned();
         self.run("reading the blocklist", move |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let st = client.prepare_cached(SELECT_BLOCKED).await.map_err(db)?;
             Ok(client
                 .query_opt(&st, &[&device])
@@ -1140,7 +1164,7 @@ impl Store for PgStore {
     fn issued_since(&self, device_id: &str, since_unix: i64) -> Result<IssuanceWindow, StoreError> {
         let device = device_id.to_owned();
         self.run("counting a device's certificates", move |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let st = client.prepare_cached(ISSUED_SINCE).await.map_err(db)?;
             let row = client
                 .query_one(&st, &[&device, &since_unix])
@@ -1156,7 +1180,7 @@ impl Store for PgStore {
     fn revoke(&self, r: &Revocation) -> Result<RevokeOutcome, StoreError> {
         let r = r.clone();
         self.run("revoking a certificate", move |pool| async move {
-            let mut client = pool.get().await.map_err(backend)?;
+            let mut client = pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(db)?;
             // The row lock: a revocation of the same serial on another node waits, then
             // finds it revoked; an issuance renewing it waits too (or is waited for).
@@ -1185,7 +1209,7 @@ impl Store for PgStore {
     fn block_device(&self, b: &DeviceBlock) -> Result<BlockOutcome, StoreError> {
         let b = b.clone();
         self.run("blocking a device", move |pool| async move {
-            let mut client = pool.get().await.map_err(backend)?;
+            let mut client = pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(db)?;
             // Taken by est_issue too: an issuance for the device on any node commits
             // before (and is revoked below) or after (and sees the block).
@@ -1221,7 +1245,7 @@ impl Store for PgStore {
 
     fn revoked_certificates(&self) -> Result<Vec<RevokedEntry>, StoreError> {
         self.run("reading the revoked certificates", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let rows = client.query(SELECT_REVOKED, &[]).await.map_err(db)?;
             rows.iter()
                 .map(|r| {
@@ -1234,7 +1258,7 @@ impl Store for PgStore {
 
     fn blocked_devices(&self) -> Result<Vec<String>, StoreError> {
         self.run("reading the blocklist", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let rows = client
                 .query(
                     "SELECT device_id FROM blocked_devices ORDER BY device_id",
@@ -1248,7 +1272,7 @@ impl Store for PgStore {
 
     fn revocation_generation(&self) -> Result<u64, StoreError> {
         self.run("reading the revocation generation", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let st = client.prepare_cached(SELECT_GENERATION).await.map_err(db)?;
             let row = client.query_one(&st, &[]).await.map_err(db)?;
             Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
@@ -1259,7 +1283,7 @@ impl Store for PgStore {
         // One UPDATE in its own transaction: the row lock orders the nodes, and the number
         // is durable (COMMIT) before it is handed out.
         self.run("allocating a cRLNumber", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let row = client.query_one(NEXT_CRL_NUMBER, &[]).await.map_err(db)?;
             u64::try_from(row.get::<_, i64>(0)).map_err(|_| StoreError::Corrupt("cRLNumber".into()))
         })
@@ -1270,7 +1294,7 @@ impl Store for PgStore {
         let generation = i64::try_from(crl.generation).map_err(backend)?;
         let crl = crl.clone();
         self.run("saving a CRL", move |pool| async move {
-            let mut client = pool.get().await.map_err(backend)?;
+            let mut client = pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(db)?;
             // Two nodes saving at once: the second waits and compares with the first's.
             tx.batch_execute("LOCK TABLE crls IN EXCLUSIVE MODE")
@@ -1297,7 +1321,7 @@ impl Store for PgStore {
 
     fn latest_crl(&self) -> Result<Option<CrlRecord>, StoreError> {
         self.run("reading the latest CRL", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let row = client.query_opt(SELECT_LATEST_CRL, &[]).await.map_err(db)?;
             Ok(row.map(|r| CrlRecord {
                 number: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
@@ -1353,7 +1377,7 @@ impl ServerStore for PgStore {
 
     fn count_certificates(&self) -> Result<u64, StoreError> {
         self.run("counting certificates", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let row = client
                 .query_one("SELECT count(*) FROM certificates", &[])
                 .await
@@ -1365,7 +1389,7 @@ impl ServerStore for PgStore {
     fn recent_audit(&self, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.run("reading the audit trail", move |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let rows = client
                 .query(
                     "SELECT at, peer, device_id, operation, outcome, code, detail, relay FROM audit ORDER BY id DESC LIMIT $1",
@@ -1392,7 +1416,7 @@ impl ServerStore for PgStore {
     fn import_devices(&self, ids: &[String], now_unix: i64) -> Result<usize, StoreError> {
         let ids = ids.to_vec();
         self.run("importing devices", move |pool| async move {
-            let mut client = pool.get().await.map_err(backend)?;
+            let mut client = pool.get().await.map_err(pool_error)?;
             let db = |e: tokio_postgres::Error| backend(pg_text(&e));
             let tx = client.transaction().await.map_err(db)?;
             let st = tx
