@@ -53,6 +53,8 @@ pub(crate) enum Command {
         server_names: Vec<String>,
         #[command(flatten)]
         hsm: HsmInitArgs,
+        #[command(flatten)]
+        storage: StorageInitArgs,
     },
     /// Run the server (initialising the data directory first if it does not exist).
     Run(RunArgs),
@@ -84,6 +86,21 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+}
+
+/// `init --storage-*`: the store on PostgreSQL instead of a SQLite file in the data directory.
+#[derive(Args, Debug, Default)]
+pub(crate) struct StorageInitArgs {
+    /// Keep the store on PostgreSQL ([storage] backend = "postgres"): the connection string,
+    /// a URL (postgres://est:SECRET@db.example:5432/est?sslmode=verify-full) or libpq
+    /// key=value pairs. The database is reached and its schema created before anything is
+    /// written; no SQLite file is created, and est-server.toml is written 0600.
+    #[arg(long)]
+    pub(crate) storage_url: Option<String>,
+    /// The CA certificate (PEM or DER) of the PostgreSQL server, for sslmode=verify-ca or
+    /// verify-full ([storage] ca_file; recorded by its absolute path).
+    #[arg(long, requires = "storage_url")]
+    pub(crate) storage_ca_file: Option<PathBuf>,
 }
 
 /// `init --hsm-*`: the issuing CA's key on a PKCS#11 token.

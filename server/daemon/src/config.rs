@@ -379,6 +379,10 @@ pub struct StorageSection {
     /// How long a PostgreSQL read or commit may take, connecting included, before the
     /// enrollment is answered 5.03 + Max-Age (the meter retries later).
     pub timeout_ms: u64,
+    /// The CA certificate(s) (PEM or DER) the PostgreSQL server's certificate must chain to,
+    /// for `sslmode=verify-ca` or `verify-full` in `url` (relative to the data directory);
+    /// "" = none.
+    pub ca_file: PathBuf,
 }
 
 impl Default for StorageSection {
@@ -390,6 +394,7 @@ impl Default for StorageSection {
             url: String::new(),
             pool_size: 16,
             timeout_ms: 5000,
+            ca_file: PathBuf::new(),
         }
     }
 }
@@ -728,6 +733,17 @@ pool_size = 16
 # A PostgreSQL read or commit (connecting included) that takes longer is answered 5.03 with
 # Max-Age: the meter retries later; no certificate leaves without being committed.
 timeout_ms = 5000
+# TLS to PostgreSQL: sslmode in url, as libpq (TLS over rustls; no sslmode = "prefer"):
+#   sslmode=disable     - never TLS
+#   sslmode=prefer      - TLS if the server offers it (never on a unix socket), checked as require
+#   sslmode=require     - always TLS; the server's certificate is checked against ca_file if
+#                         set, else not at all (encrypted, not authenticated: a warning at start)
+#   sslmode=verify-ca   - always TLS; the certificate must chain to ca_file
+#   sslmode=verify-full - as verify-ca, and be valid for the host in url (use this one)
+# e.g. url = "postgres://est:secret@db.example:5432/est?sslmode=verify-full"
+# The CA certificate(s) (PEM or DER) of the PostgreSQL server, required by verify-ca and
+# verify-full; relative to the data directory. "" = none.
+ca_file = ""
 
 [hsm]
 # The issuing CA's private key on a PKCS#11 token (an HSM) instead of pki.issuing_ca_key:
@@ -991,14 +1007,6 @@ impl Config {
     /// `[storage]`: a known backend, and for PostgreSQL a connection string that parses.
     fn validate_storage(&self) -> Result<(), ConfigError> {
         let st = &self.storage;
-        if st.is_postgres() && !self.dlms.rules.is_empty() {
-            return Err(invalid(
-                "dlms.rules",
-                "DLMS certificate slots (a meter's signing and key-agreement certificates side \
-                 by side) are not stored by the PostgreSQL backend yet: use backend = \"sqlite\" \
-                 for DLMS meters",
-            ));
-        }
         match st.backend.as_str() {
             "sqlite" => {}
             "postgres" => {
@@ -1009,10 +1017,23 @@ impl Config {
                          \"postgres://est@db.example/est\"",
                     ));
                 }
-                if let Err(e) = st.url.parse::<tokio_postgres::Config>() {
+                let mode = match crate::store::pg_tls::parse_url(&st.url) {
+                    Ok((_, mode)) => mode,
+                    Err(e) => {
+                        return Err(invalid(
+                            "storage.url",
+                            format!("not a PostgreSQL connection string: {e}"),
+                        ))
+                    }
+                };
+                if mode.verifies() && st.ca_file.as_os_str().is_empty() {
                     return Err(invalid(
-                        "storage.url",
-                        format!("not a PostgreSQL connection string: {e}"),
+                        "storage.ca_file",
+                        format!(
+                            "sslmode={} in storage.url needs the CA of the PostgreSQL server's \
+                             certificate",
+                            mode.as_str()
+                        ),
                     ));
                 }
             }
@@ -1400,15 +1421,45 @@ mod tests {
     }
 
     #[test]
-    fn dlms_rules_are_refused_on_the_postgres_backend() {
+    fn storage_tls_settings_are_checked() {
+        let parse = |url: &str, ca: &str| {
+            Config::parse(
+                &format!(
+                    "[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\nca_file = \"{ca}\"\n"
+                ),
+                Path::new("x"),
+            )
+        };
+        for mode in ["verify-ca", "verify-full"] {
+            let url = format!("postgres://est@db.example/est?sslmode={mode}");
+            let err = parse(&url, "").unwrap_err().to_string();
+            assert!(
+                err.contains("storage.ca_file") && err.contains(mode),
+                "{err}"
+            );
+            let cfg = parse(&url, "pg-ca.pem").unwrap();
+            assert_eq!(cfg.storage.ca_file, Path::new("pg-ca.pem"));
+        }
+        for mode in ["disable", "prefer", "require"] {
+            parse(&format!("host=db.example dbname=est sslmode={mode}"), "").unwrap();
+        }
+        let err = parse("host=db sslmode=verify", "ca.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("storage.url"), "{err}");
+        assert_eq!(Config::default().storage.ca_file, Path::new(""));
+    }
+
+    /// Both backends keep DLMS certificate slots (PostgreSQL since its migration 4).
+    #[test]
+    fn dlms_rules_load_on_both_backends() {
         let text = "[storage]\nbackend = \"postgres\"\nurl = \"host=/tmp dbname=est\"\n\n[[dlms.rules]]\nserial_prefix = \"ABC\"\nflag_id = \"ABC\"\n";
-        let err = Config::parse(text, Path::new("x")).unwrap_err().to_string();
-        assert!(
-            err.contains("dlms.rules") && err.contains("sqlite"),
-            "{err}"
-        );
-        let sqlite = text.replace("backend = \"postgres\"", "backend = \"sqlite\"");
-        Config::parse(&sqlite, Path::new("x")).unwrap();
+        for backend in ["postgres", "sqlite"] {
+            let text = text.replace("\"postgres\"", &format!("\"{backend}\""));
+            let cfg = Config::parse(&text, Path::new("x")).unwrap();
+            assert_eq!(cfg.storage.backend, backend);
+            assert_eq!(cfg.dlms.rules.len(), 1);
+        }
     }
 
     #[test]

@@ -361,7 +361,7 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     let data_dir = loaded.data_dir.clone();
     let manufacturer_cas = loaded.manufacturer_cas.clone();
     let cfg = &loaded.config;
-    let store = crate::store::open_configured(&cfg.storage, &loaded.database).map_err(|e| {
+    let store = crate::store::open_configured(&cfg.storage, &loaded.data_dir).map_err(|e| {
         if cfg.storage.is_postgres() {
             anyhow::anyhow!("opening the PostgreSQL store: {e}")
         } else {
