@@ -1052,12 +1052,13 @@ impl Connection {
     }
 
     fn encode_record(&mut self, content: u8, epoch: u16, payload: &[u8]) -> Result<Vec<u8>, Error> {
-        let idx = usize::from(epoch.min(1));
-        let seq = self.write_seq[idx];
+        let [epoch0_seq, later_seq] = &mut self.write_seq;
+        let slot = if epoch == 0 { epoch0_seq } else { later_seq };
+        let seq = *slot;
         if seq >= (1u64 << 48) - 1 {
             return Err(Error::Limit("record sequence number exhausted"));
         }
-        self.write_seq[idx] = seq + 1;
+        *slot = seq + 1;
         let mut out = Vec::with_capacity(RECORD_HEADER_LEN + payload.len() + 40);
         if epoch == 0 {
             wire::push_record(&mut out, content, DTLS_1_2, 0, seq, &[], payload);

@@ -941,7 +941,10 @@ pub fn cert_signature_scheme(cert_der: &[u8]) -> Option<SignatureScheme> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(
+    clippy::unwrap_used,
+    reason = "unit tests: a panic is the test failing"
+)]
 mod tests {
     use super::*;
     use ring::rand::SystemRandom;

@@ -2,7 +2,13 @@
 //! filter breaks one rule; the test checks the fatal alert that goes on the wire (or that the
 //! record was dropped silently), the refusal counter, that nothing panicked, and that the
 //! endpoint still serves a well-behaved client afterwards.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![warn(unreachable_pub)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test code: a panic is the test failing"
+)]
 
 mod support;
 

@@ -410,7 +410,8 @@ impl TestPostgres {
             let _ = f.read_to_string(&mut s);
         }
         let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+        let first = lines.len().saturating_sub(15);
+        lines.get(first..).unwrap_or_default().join("\n")
     }
 
     /// The unix-socket directory the server listens in.
