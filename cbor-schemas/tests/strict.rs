@@ -471,10 +471,11 @@ fn registry_values_inside_the_range_decode_and_outside_are_refused() {
         Err(DecodeError::OutOfRange("AlgorithmIdentifier"))
     );
     let ieee = vector("ieee8021ar.c509");
-    // issuer = [-4, "US", ...]: the first attribute type is at [11] (after `8A`).
-    assert_eq!((ieee[10], ieee[11]), (0x8a, 0x23));
+    // 8B 03 48 <8-byte serial> 00, then issuer = [-4, "US", ...]: the first attribute type
+    // is at [13] (after `8A`).
+    assert_eq!((ieee[12], ieee[13]), (0x8a, 0x23));
     assert_eq!(
-        C509Certificate::from_array(&splice(&ieee, 11, 1, &[0x39, 0x80, 0x00])),
+        C509Certificate::from_array(&splice(&ieee, 13, 1, &[0x39, 0x80, 0x00])),
         Err(DecodeError::OutOfRange("RDN attributeType"))
     );
     // Requests: the request type.
@@ -540,9 +541,12 @@ fn natively_signed_items_refuse_the_oid_form_of_an_implemented_extension() {
         ))
     );
     // An unregistered (private) OID has no specific form: fine in a native item too.
+    let oid = const_oid::ObjectIdentifier::new_unwrap("1.3.6.1.4.1.99999.1");
+    let oid = oid.as_bytes();
+    assert!(oid.len() < 24);
     let private = [
-        &[0x82, 0x4a][..],
-        const_oid::ObjectIdentifier::new_unwrap("1.3.6.1.4.1.99999.1").as_bytes(),
+        &[0x82, 0x40 | oid.len() as u8][..],
+        oid,
         &[0x42, 0x05, 0x00][..],
     ]
     .concat();

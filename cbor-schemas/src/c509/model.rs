@@ -1164,7 +1164,7 @@ pub struct C509CertificationRequest {
 
 impl C509CertificationRequest {
     /// Encode as the CBOR array `C509CertificationRequest` (media type
-    /// application/cose-c509-pkcs10).
+    /// application/cose-c509-pkcs10+cbor).
     pub fn to_array(&self) -> Vec<u8> {
         let mut out = vec![0x80 | CSR_ITEMS as u8];
         out.extend_from_slice(&self.tbs.to_cbor_sequence());
