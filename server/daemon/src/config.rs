@@ -629,7 +629,7 @@ send_chain = true
 cached_info = true
 # C509 certificates inside the handshake (draft-ietf-cose-cbor-encoded-cert, negotiated with
 # RFC 7250's client_certificate_type and server_certificate_type): a meter that offers C509
-# sends its IDevID as C509 (284 B instead of 547 for `factory mint` ones) and gets ours as C509;
+# sends its IDevID as C509 (285 B instead of 547 for `factory mint` ones) and gets ours as C509;
 # the chain is verified as its exact DER equivalent (the type-3 re-encoding is lossless). The
 # draft leaves the type number unassigned (TBD5): this is a Private Use value of the TLS
 # Certificate Types registry (224-255), which both ends must agree on. 0 = off (X.509 only);
