@@ -225,24 +225,25 @@ pub(crate) enum DtlsCommand {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum C509Command {
-    /// DER (or PEM) certificate or PKCS#10 request -> C509 type 3. A certificate becomes
-    /// the CBOR sequence ~C509Certificate (or COSE_C509 with --cose), a request the
+    /// DER (or PEM) certificate or PKCS#10 request -> C509 type 3 (draft-ietf-cose-cbor-
+    /// encoded-cert-20). A certificate becomes the CBOR array C509Certificate
+    /// (application/cose-c509-cert+cbor; COSE_C509 with --cose), a request the
     /// C509CertificationRequest array. Raw bytes go to stdout unless --out is given.
     Encode {
         file: PathBuf,
         /// Write the C509 bytes here instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Wrap a certificate as COSE_C509 (what application/cose-c509-cert carries).
+        /// Wrap a certificate as COSE_C509 (what application/cose-c509+cbor carries).
         #[arg(long)]
         cose: bool,
         /// Print a readable dump with sizes (DER vs C509) instead of raw bytes on stdout.
         #[arg(long)]
         info: bool,
     },
-    /// C509 certificate (~C509Certificate, C509Certificate or COSE_C509) or C509 request
-    /// -> the exact DER it was re-encoded from (type 3 only: a natively signed type 2
-    /// has no DER form).
+    /// C509 certificate (C509Certificate or COSE_C509) or C509 request -> the exact DER it
+    /// was re-encoded from (type 3 only: a natively signed type 2 has no DER form). Draft
+    /// -18's unwrapped ~C509Certificate is refused.
     Decode {
         file: PathBuf,
         /// Write the DER bytes here instead of stdout.

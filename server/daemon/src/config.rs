@@ -290,6 +290,7 @@ pub struct EstSection {
     pub overload_retry_after_secs: u32,
     pub server_keygen: bool,
     pub c509_cert_content_format: u16,
+    pub cose_c509_content_format: u16,
     pub c509_pkcs10_content_format: u16,
 }
 
@@ -302,6 +303,7 @@ impl Default for EstSection {
             overload_retry_after_secs: d.overload_retry_after_seconds,
             server_keygen: d.server_keygen,
             c509_cert_content_format: d.c509_cert_content_format,
+            cose_c509_content_format: d.cose_c509_content_format,
             c509_pkcs10_content_format: d.c509_pkcs10_content_format,
         }
     }
@@ -645,7 +647,7 @@ send_chain = true
 cached_info = true
 # C509 certificates inside the handshake (draft-ietf-cose-cbor-encoded-cert, negotiated with
 # RFC 7250's client_certificate_type and server_certificate_type): a meter that offers C509
-# sends its IDevID as C509 (284 B instead of 547 for `factory mint` ones) and gets ours as C509;
+# sends its IDevID as C509 (285 B instead of 547 for `factory mint` ones) and gets ours as C509;
 # the chain is verified as its exact DER equivalent (the type-3 re-encoding is lossless). The
 # draft leaves the type number unassigned (TBD5): this is a Private Use value of the TLS
 # Certificate Types registry (224-255), which both ends must agree on. 0 = off (X.509 only);
@@ -680,9 +682,16 @@ max_concurrent_enrollments = 256
 overload_retry_after_secs = 5
 # Serve /skg and /skc (server-side key generation, RFC 9148 §4.8).
 server_keygen = true
-# Content-Formats for C509 (draft-ietf-cose-cbor-encoded-cert leaves them TBD; these are in
-# the experimental range 65000-65535 until IANA assigns numbers).
+# CoAP Content-Formats for C509 (draft-ietf-cose-cbor-encoded-cert-20). The draft leaves the
+# numbers unassigned; the defaults are in the experimental range 65000-65535 and must match
+# what the meters use. Replace them once IANA assigns numbers. The three must differ.
+# application/cose-c509-cert+cbor: one certificate, the CBOR array C509Certificate (/sen and
+# /sren answers to C509 requests, /crts with this Accept).
 c509_cert_content_format = 65003
+# application/cose-c509+cbor: COSE_C509, a bag or chain of certificates (/crts lists every
+# issuing CA; /sen and /sren put the one certificate in it when asked with this Accept).
+cose_c509_content_format = 65015
+# application/cose-c509-pkcs10+cbor: C509 certification requests (C509CertificationRequest).
 c509_pkcs10_content_format = 65004
 
 [policy]
@@ -923,6 +932,21 @@ impl Config {
             return Err(invalid(
                 "est.max_concurrent_enrollments",
                 "must be positive",
+            ));
+        }
+        let e = &self.est;
+        if e.cose_c509_content_format == e.c509_cert_content_format
+            || e.c509_pkcs10_content_format == e.c509_cert_content_format
+            || e.c509_pkcs10_content_format == e.cose_c509_content_format
+        {
+            return Err(invalid(
+                "est.cose_c509_content_format",
+                format!(
+                    "the C509 Content-Formats must differ (cert {}, cose {}, pkcs10 {})",
+                    e.c509_cert_content_format,
+                    e.cose_c509_content_format,
+                    e.c509_pkcs10_content_format
+                ),
             ));
         }
         if self.policy.ldevid_validity_days == 0 {
@@ -1257,6 +1281,7 @@ impl Config {
             overload_retry_after_seconds: self.est.overload_retry_after_secs,
             server_keygen: self.est.server_keygen,
             c509_cert_content_format: self.est.c509_cert_content_format,
+            cose_c509_content_format: self.est.cose_c509_content_format,
             c509_pkcs10_content_format: self.est.c509_pkcs10_content_format,
             max_enrollments_per_device: self.enrollment.max_per_device_per_period,
             enrollment_period: Duration::from_secs(self.enrollment.period_secs),
@@ -1523,6 +1548,35 @@ mod tests {
                 .socket_receive_buffer_bytes,
             0
         );
+    }
+
+    #[test]
+    fn c509_content_formats_are_configurable_and_must_differ() {
+        let d = Config::parse("", Path::new("x")).unwrap();
+        let e = d.est_config();
+        assert_eq!(
+            (
+                e.c509_cert_content_format,
+                e.cose_c509_content_format,
+                e.c509_pkcs10_content_format
+            ),
+            (65003, 65015, 65004)
+        );
+        let c = Config::parse(
+            "[est]\nc509_cert_content_format = 65200\ncose_c509_content_format = 65201\n",
+            Path::new("x"),
+        )
+        .unwrap()
+        .est_config();
+        assert_eq!(
+            (c.c509_cert_content_format, c.cose_c509_content_format),
+            (65200, 65201)
+        );
+        let err = Config::parse("[est]\ncose_c509_content_format = 65003\n", Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("est.cose_c509_content_format"), "{err}");
+        assert!(err.contains("must differ"), "{err}");
     }
 
     fn dtls_err(toml: &str) -> String {

@@ -73,9 +73,15 @@ pub struct EstConfig {
     pub overload_retry_after_seconds: u32,
     /// Serve /skg and /skc (server-side key generation). Default true.
     pub server_keygen: bool,
-    /// Content-Format for C509 certificates (the draft leaves it TBD; experimental range).
+    /// Content-Format of `application/cose-c509-cert+cbor`, one C509 certificate (the CBOR
+    /// array `C509Certificate`; draft-ietf-cose-cbor-encoded-cert-20 leaves the number
+    /// unassigned; experimental range). Default 65003.
     pub c509_cert_content_format: u16,
-    /// Content-Format for C509 certification requests.
+    /// Content-Format of `application/cose-c509+cbor`, `COSE_C509`: a bag or chain of C509
+    /// certificates (unassigned in draft -20; experimental range). Default 65015.
+    pub cose_c509_content_format: u16,
+    /// Content-Format of `application/cose-c509-pkcs10+cbor`, C509 certification requests
+    /// (unassigned in draft -20; experimental range). Default 65004.
     pub c509_pkcs10_content_format: u16,
     /// Certificates one device may be issued per `enrollment_period` (every kind); beyond
     /// it 5.03 + Max-Age until the oldest leaves the period. 0: no limit.
@@ -111,6 +117,7 @@ impl Default for EstConfig {
             overload_retry_after_seconds: 5,
             server_keygen: true,
             c509_cert_content_format: cbor_schemas::c509::CONTENT_FORMAT_C509_CERT_DEFAULT,
+            cose_c509_content_format: cbor_schemas::c509::CONTENT_FORMAT_COSE_C509_DEFAULT,
             c509_pkcs10_content_format: cbor_schemas::c509::CONTENT_FORMAT_C509_PKCS10_DEFAULT,
             max_enrollments_per_device: 0,
             enrollment_period: Duration::from_secs(86_400),
@@ -604,13 +611,22 @@ impl EstService {
                 .with_payload(CF_PKCS7_CERTS_ONLY, self.crts_pkcs7.clone())),
             Some(CF_PKIX_CERT) => Ok(Response::new(ResponseType::Content)
                 .with_payload(CF_PKIX_CERT, self.ca.certificate_der().to_vec())),
-            // COSE_C509 (C509 draft §8.16): the CA certificate re-encoded as type 3.
+            // application/cose-c509-cert+cbor (C509 draft -20 §8.18): one certificate, the
+            // main CA re-encoded as type 3 (as 287 gives its DER).
             Some(cf) if cf == self.config.c509_cert_content_format => {
-                let body = cbor_schemas::cose::cose_c509_chain_from_der(&[self
-                    .ca
-                    .certificate_der()
-                    .to_vec()])
-                .map_err(|e| EstError::Internal(format!("C509 /crts: {e}")))?;
+                let body = cbor_schemas::c509::certificate_der_to_c509(self.ca.certificate_der())
+                    .map_err(|e| EstError::Internal(format!("C509 /crts: {e}")))?;
+                Ok(Response::new(ResponseType::Content).with_payload(cf, body))
+            }
+            // application/cose-c509+cbor: COSE_C509, a bag of every issuing CA (as 281 lists
+            // them), each re-encoded as type 3.
+            Some(cf) if cf == self.config.cose_c509_content_format => {
+                let ders: Vec<Vec<u8>> = self
+                    .issuing_cas()
+                    .map(|c| c.certificate_der().to_vec())
+                    .collect();
+                let body = cbor_schemas::cose::cose_c509_chain_from_der(&ders)
+                    .map_err(|e| EstError::Internal(format!("C509 /crts: {e}")))?;
                 Ok(Response::new(ResponseType::Content).with_payload(cf, body))
             }
             Some(other) => Err(EstError::NotAcceptable(other)),
@@ -1051,7 +1067,7 @@ impl EstService {
     }
 
     /// Parse and check a certification request, PKCS#10 (CF 286) or C509
-    /// (`application/cose-c509-pkcs10`), into one form: proof of possession verified.
+    /// (`application/cose-c509-pkcs10+cbor`), into one form: proof of possession verified.
     fn parse_request(&self, req: &Request) -> Result<Csr, EstError> {
         match req.content_format {
             Some(CF_PKCS10) => {
@@ -1102,8 +1118,10 @@ impl EstService {
         accept: Option<u16>,
         request: RequestFormat,
     ) -> Result<CertFormat, EstError> {
+        let native = matches!(request, RequestFormat::C509 { native: true });
         let c509 = CertFormat::C509 {
-            native: matches!(request, RequestFormat::C509 { native: true }),
+            native,
+            cose: false,
         };
         match op {
             Operation::Skg | Operation::Skc => match accept {
@@ -1118,6 +1136,9 @@ impl EstService {
                 Some(CF_PKCS7_CERTS_ONLY) => Ok(CertFormat::Pkcs7),
                 Some(CF_PKIX_CERT) => Ok(CertFormat::Pkix),
                 Some(cf) if cf == self.config.c509_cert_content_format => Ok(c509),
+                Some(cf) if cf == self.config.cose_c509_content_format => {
+                    Ok(CertFormat::C509 { native, cose: true })
+                }
                 Some(other) => Err(EstError::NotAcceptable(other)),
             },
         }
@@ -1158,17 +1179,22 @@ impl EstService {
                 let p7 = ca::certs_only(&[cert_der]).map_err(|e| internal(&e))?;
                 Ok(changed.with_payload(CF_PKCS7_CERTS_ONLY, p7))
             }
-            (CertFormat::C509 { native: false }, _) => {
-                // Type 3: the exact DER certificate, re-encoded losslessly.
-                let body = cbor_schemas::cose::cose_c509_chain_from_der(&[cert_der.to_vec()])
-                    .map_err(|e| internal(&e))?;
-                Ok(changed.with_payload(self.config.c509_cert_content_format, body))
-            }
-            (CertFormat::C509 { native: true }, _) => {
-                let native = self.sign_native(cert_der)?;
-                let body =
-                    cbor_schemas::cose::cose_c509_chain(&[native]).map_err(|e| internal(&e))?;
-                Ok(changed.with_payload(self.config.c509_cert_content_format, body))
+            (CertFormat::C509 { native, cose }, _) => {
+                // Type 3: the exact DER certificate, re-encoded losslessly; type 2: signed
+                // anew over the CBOR TBSCertificate. Both the array C509Certificate.
+                let cert = if native {
+                    self.sign_native(cert_der)?
+                } else {
+                    cbor_schemas::c509::certificate_der_to_c509(cert_der)
+                        .map_err(|e| internal(&e))?
+                };
+                if cose {
+                    let body =
+                        cbor_schemas::cose::cose_c509_chain(&[cert]).map_err(|e| internal(&e))?;
+                    Ok(changed.with_payload(self.config.cose_c509_content_format, body))
+                } else {
+                    Ok(changed.with_payload(self.config.c509_cert_content_format, cert))
+                }
             }
         }
     }
@@ -1215,8 +1241,10 @@ enum CertFormat {
     Pkcs7,
     /// 287
     Pkix,
-    /// application/cose-c509-cert: type 3 (re-encoded) or type 2 (natively signed).
-    C509 { native: bool },
+    /// Type 3 (re-encoded) or type 2 (natively signed) C509, as
+    /// `application/cose-c509-cert+cbor` (the bare certificate) or, with `cose`, as
+    /// `application/cose-c509+cbor` (COSE_C509 holding it).
+    C509 { native: bool, cose: bool },
     /// 62, for server-side key generation.
     Multipart,
 }

@@ -785,11 +785,11 @@ fn discovery_honours_the_rt_filter() {
     };
     let all = get(&[], &mut pki.rng);
     assert_eq!(all.matches('<').count(), 6);
-    assert!(all.contains("</.well-known/est/sen>;rt=\"ace.est.sen\";ct=\"281 287 65003\""));
+    assert!(all.contains("</.well-known/est/sen>;rt=\"ace.est.sen\";ct=\"281 287 65003 65015\""));
     assert_eq!(get(&["rt=ace.est*"], &mut pki.rng), all);
     assert_eq!(
         get(&["rt=ace.est.sen"], &mut pki.rng),
-        "</.well-known/est/sen>;rt=\"ace.est.sen\";ct=\"281 287 65003\""
+        "</.well-known/est/sen>;rt=\"ace.est.sen\";ct=\"281 287 65003 65015\""
     );
     assert_eq!(
         get(&["ct=285"], &mut pki.rng),
@@ -947,7 +947,8 @@ fn c509_request_gets_a_c509_certificate_whose_der_equivalent_is_stored() {
     let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
     let dev = device(&mut pki, "SN1");
     let cf = EstConfig::default().c509_cert_content_format;
-    // Type 3 request, no Accept: the answer follows the request's type (re-encoded).
+    // Type 3 request, no Accept: the answer follows the request's type (re-encoded), as
+    // application/cose-c509-cert+cbor, the bare C509Certificate array (draft -20).
     let r = call(
         &svc,
         &dev.chain,
@@ -960,10 +961,8 @@ fn c509_request_gets_a_c509_certificate_whose_der_equivalent_is_stored() {
         "{:?}",
         String::from_utf8_lossy(&r.payload)
     );
-    assert_cddl("COSE_C509", &r.payload);
-    let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
-    assert_eq!(certs.len(), 1);
-    let der = cbor_schemas::c509::certificate_c509_to_der(&certs[0]).expect("type 3 -> DER");
+    assert_cddl("C509Certificate", &r.payload);
+    let der = cbor_schemas::c509::certificate_c509_to_der(&r.payload).expect("type 3 -> DER");
     let stored = store.certificates();
     assert_eq!(stored.len(), 1);
     assert_eq!(
@@ -971,15 +970,33 @@ fn c509_request_gets_a_c509_certificate_whose_der_equivalent_is_stored() {
         "the store keeps the exact DER equivalent"
     );
     assert!(
-        certs[0].len() < der.len(),
+        r.payload.len() < der.len(),
         "C509 {} < DER {}",
-        certs[0].len(),
+        r.payload.len(),
         der.len()
     );
     let parsed = Certificate::from_der(&der).expect("cert");
     assert_eq!(
         ca::serial_number_attr(&parsed.tbs_certificate.subject).as_deref(),
         Some("SN1")
+    );
+
+    // Accept application/cose-c509+cbor: the same certificate as COSE_C509.
+    let (_, key3) = pki.key();
+    let cose_cf = EstConfig::default().cose_c509_content_format;
+    let r = call(
+        &svc,
+        &dev.chain,
+        &c509_post("sen", c509_csr_type3(&key3, &name(&[]))).with_accept(cose_cf),
+        &mut pki.rng,
+    );
+    assert_eq!(r.content_format, Some(cose_cf));
+    assert_cddl("COSE_C509", &r.payload);
+    let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
+    assert_eq!(certs.len(), 1);
+    assert_eq!(
+        cbor_schemas::c509::certificate_c509_to_der(&certs[0]).expect("der"),
+        store.certificates()[1].der
     );
 
     // The same C509 request with Accept 287 gets the DER certificate.
@@ -1005,17 +1022,19 @@ fn natively_signed_c509_request_gets_a_natively_signed_certificate() {
         &mut pki.rng,
     );
     assert_eq!(
-        r.code,
-        ResponseType::Changed,
+        (r.code, r.content_format),
+        (
+            ResponseType::Changed,
+            Some(EstConfig::default().c509_cert_content_format)
+        ),
         "{:?}",
         String::from_utf8_lossy(&r.payload)
     );
-    assert_cddl("COSE_C509", &r.payload);
-    let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
+    assert_cddl("C509Certificate", &r.payload);
     let ca_key = svc.ca.signer().public_key_spki_der().to_vec();
     let ca_spki = spki::SubjectPublicKeyInfoOwned::from_der(&ca_key).expect("spki");
     let c = cbor_schemas::c509::verify_native_certificate(
-        &certs[0],
+        &r.payload,
         ca_spki.subject_public_key.raw_bytes(),
     )
     .expect("the CA's native signature verifies");
@@ -1025,13 +1044,13 @@ fn natively_signed_c509_request_gets_a_natively_signed_certificate() {
         1,
         "its X.509 equivalent is stored"
     );
-    // A PKCS#10 request asking for C509 gets type 3.
+    // A PKCS#10 request asking for COSE_C509 gets type 3 inside it.
     let (_, k2) = pki.key();
     let r = call(
         &svc,
         &dev.chain,
         &post("sen", csr(&k2, &name(&[])))
-            .with_accept(EstConfig::default().c509_cert_content_format),
+            .with_accept(EstConfig::default().cose_c509_content_format),
         &mut pki.rng,
     );
     assert_cddl("COSE_C509", &r.payload);
@@ -1060,27 +1079,91 @@ fn c509_with_a_bad_proof_of_possession_is_400() {
 }
 
 #[test]
-fn crts_as_cose_c509() {
+fn crts_as_c509_certificate_and_as_cose_c509() {
     let mut pki = Pki::new();
     let (svc, _) = pki.service(PolicyConfig::default(), EstConfig::default());
     let dev = device(&mut pki, "SN1");
+    let crts = |accept: u16, rng: &mut ChaCha20Rng| {
+        call(
+            &svc,
+            &dev.chain,
+            &Request::new(Method::Get, "/.well-known/est/crts").with_accept(accept),
+            rng,
+        )
+    };
+    // application/cose-c509-cert+cbor: the CA certificate alone, as C509Certificate.
     let cf = EstConfig::default().c509_cert_content_format;
-    let r = call(
-        &svc,
-        &dev.chain,
-        &Request::new(Method::Get, "/.well-known/est/crts").with_accept(cf),
-        &mut pki.rng,
-    );
+    let r = crts(cf, &mut pki.rng);
     assert_eq!(
         (r.code, r.content_format),
         (ResponseType::Content, Some(cf))
     );
-    assert_cddl("COSE_C509", &r.payload);
-    let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
+    assert_cddl("C509Certificate", &r.payload);
     assert_eq!(
-        cbor_schemas::c509::certificate_c509_to_der(&certs[0]).expect("der"),
+        cbor_schemas::c509::certificate_c509_to_der(&r.payload).expect("der"),
         pki.issuing_der
     );
+    // application/cose-c509+cbor: COSE_C509, the same certificate in a byte string.
+    let cose_cf = EstConfig::default().cose_c509_content_format;
+    let r2 = crts(cose_cf, &mut pki.rng);
+    assert_eq!(
+        (r2.code, r2.content_format),
+        (ResponseType::Content, Some(cose_cf))
+    );
+    assert_cddl("COSE_C509", &r2.payload);
+    let certs = cbor_schemas::cose::decode_cose_c509(&r2.payload).expect("COSE_C509");
+    assert_eq!(certs, vec![r.payload.clone()]);
+    // Neither body is accepted as the other.
+    assert!(cbor_schemas::cose::decode_cose_c509(&r.payload).is_err());
+    assert!(cbor_schemas::c509::certificate_c509_to_der(&r2.payload).is_err());
+}
+
+#[test]
+fn c509_content_formats_follow_the_configuration() {
+    let mut pki = Pki::new();
+    let est = EstConfig {
+        c509_cert_content_format: 65100,
+        cose_c509_content_format: 65101,
+        c509_pkcs10_content_format: 65102,
+        ..EstConfig::default()
+    };
+    let (svc, store) = pki.service(PolicyConfig::default(), est);
+    let dev = device(&mut pki, "SN1");
+    let r = call(
+        &svc,
+        &dev.chain,
+        &Request::new(Method::Post, "/.well-known/est/sen")
+            .with_payload(65102, c509_csr_type3(&dev.signer, &name(&[]))),
+        &mut pki.rng,
+    );
+    assert_eq!(
+        (r.code, r.content_format),
+        (ResponseType::Changed, Some(65100))
+    );
+    assert_eq!(
+        cbor_schemas::c509::certificate_c509_to_der(&r.payload).expect("der"),
+        store.certificates()[0].der
+    );
+    let r = call(
+        &svc,
+        &dev.chain,
+        &Request::new(Method::Get, "/.well-known/est/crts").with_accept(65101),
+        &mut pki.rng,
+    );
+    assert_eq!(r.content_format, Some(65101));
+    // The defaults are not served any more.
+    for old in [
+        EstConfig::default().c509_cert_content_format,
+        EstConfig::default().cose_c509_content_format,
+    ] {
+        let r = call(
+            &svc,
+            &dev.chain,
+            &Request::new(Method::Get, "/.well-known/est/crts").with_accept(old),
+            &mut pki.rng,
+        );
+        assert_eq!(r.code, ResponseType::NotAcceptable);
+    }
 }
 
 #[test]
