@@ -583,7 +583,7 @@ mod tests {
         let out = t.fill(&idevid, &csr).unwrap();
         assert_eq!(
             out.to_string(),
-            "serialNumber=SN1,CN=m-SN1-east,OU=Meters,O=Utility {A}"
+            "SERIALNUMBER=SN1,CN=m-SN1-east,OU=Meters,O=Utility {A}"
         );
         // A missing CSR field: refused, naming it.
         assert_eq!(

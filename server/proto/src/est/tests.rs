@@ -1484,7 +1484,7 @@ fn a_profile_decides_key_curve_signer_validity_usages_subject_and_san() {
     assert_eq!(tbs.issuer.to_string(), "CN=EST Issuing CA P-384,O=est");
     assert_eq!(
         tbs.subject.to_string(),
-        "serialNumber=KG1,CN=kg-KG1,O=Utility"
+        "SERIALNUMBER=KG1,CN=kg-KG1,O=Utility"
     );
     let validity = tbs
         .validity
@@ -1524,7 +1524,7 @@ fn a_profile_decides_key_curve_signer_validity_usages_subject_and_san() {
     assert_eq!(cert.signature_algorithm.oid, ca::oid::ECDSA_WITH_SHA256);
     assert_eq!(
         cert.tbs_certificate.subject.to_string(),
-        "serialNumber=SN9,CN=SN9"
+        "SERIALNUMBER=SN9,CN=SN9"
     );
     assert!(cert
         .tbs_certificate
