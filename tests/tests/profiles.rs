@@ -56,7 +56,7 @@ fn maker_b_idevid(data_dir: &Path, work: &Path, serial: &str) -> (PathBuf, PathB
     let ca_key = data_dir.join("manufacturers/maker-b.key");
     let san = format!(
         "subjectAltName=otherName:1.3.6.1.5.5.7.8.4;SEQUENCE:hwmod\n\
-         [hwmod]\nhwType=OID:1.3.6.1.4.1.99999.42\nhwSerialNum=FORMAT:UTF8,OCTETSTRING:{serial}\n"
+         [hwmod]\nhwType=OID:1.3.6.1.4.1.99999.42\nhwSerialNum=OCTETSTRING:{serial}\n"
     );
     openssl_idevid(&ca, &ca_key, work, serial, "P-384", &san).unwrap()
 }
@@ -275,7 +275,10 @@ async fn profiles_chosen_by_manufacturer_ca_and_device_class() {
     assert!(same_public_key(&b, &key_b).unwrap());
     let t = text_of(&b);
     assert!(t.contains("Signature Algorithm: ecdsa-with-SHA384"), "{t}");
-    assert!(t.contains("Issuer: CN = EST Issuing CA P-384"), "{t}");
+    assert!(
+        t.contains("Issuer: O = est-server, CN = EST Issuing CA P-384"),
+        "{t}"
+    );
     assert!(
         t.contains("Subject: O = Utility B, CN = kitchen, serialNumber = SNB1"),
         "{t}"
