@@ -400,6 +400,14 @@ serial_prefix = "X"
         assert!(e.contains("never be used"), "{e}");
     }
 
+    /// One profile "a" with one rule naming `manufacturer_ca`.
+    fn one_rule(manufacturer_ca: &str) -> Config {
+        let text = format!(
+            "[[profiles]]\nname = \"a\"\n[[profiles.select]]\nmanufacturer_ca = {manufacturer_ca:?}\n"
+        );
+        Config::parse(&text, Path::new("t")).unwrap()
+    }
+
     #[test]
     fn build_resolves_manufacturer_cas() {
         let dir = tempfile::tempdir().unwrap();
@@ -421,11 +429,7 @@ serial_prefix = "X"
             format!("sha256:{fp}"),
             format!("subject:{subject}"),
         ] {
-            let text = format!(
-                "[[profiles]]\nname = \"a\"\n[[profiles.select]]\nmanufacturer_ca = {named:?}\n"
-            );
-            let c = Config::parse(&text, Path::new("t")).unwrap();
-            let p = build(&c, &data, &loaded.manufacturer_cas).unwrap();
+            let p = build(&one_rule(&named), &data, &loaded.manufacturer_cas).unwrap();
             let anchor = sha256(&loaded.manufacturer_cas[0]);
             assert_eq!(p.select("SN1", Some(&anchor)).unwrap().name, "a", "{named}");
             assert!(p.select("SN1", Some(&[0u8; 32])).is_none());
@@ -434,11 +438,7 @@ serial_prefix = "X"
             format!("sha256:{}", "00".repeat(32)),
             "subject:CN=Nobody".into(),
         ] {
-            let text = format!(
-                "[[profiles]]\nname = \"a\"\n[[profiles.select]]\nmanufacturer_ca = {unknown:?}\n"
-            );
-            let c = Config::parse(&text, Path::new("t")).unwrap();
-            let e = build(&c, &data, &loaded.manufacturer_cas).unwrap_err();
+            let e = build(&one_rule(&unknown), &data, &loaded.manufacturer_cas).unwrap_err();
             assert!(format!("{e:#}").contains("none of the configured"), "{e:#}");
         }
     }
