@@ -54,6 +54,8 @@ pub struct Config {
     pub relay: RelaySection,
     pub ca_p384: crate::p384::CaP384Section,
     pub dlms: crate::dlms_config::DlmsSection,
+    /// `[[profiles]]`: certificate profiles (none by default).
+    pub profiles: Vec<crate::profiles_config::ProfileSection>,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -476,9 +478,39 @@ impl RevocationSection {
 
     /// The PEM copy of the CRL file.
     pub fn crl_pem_file(&self) -> PathBuf {
-        let mut p = self.crl_file.clone().into_os_string();
+        Self::pem_path(&self.crl_file)
+    }
+
+    /// `file` with ".pem" appended.
+    pub fn pem_path(file: &Path) -> PathBuf {
+        let mut p = file.to_path_buf().into_os_string();
         p.push(".pem");
         PathBuf::from(p)
+    }
+
+    /// The P-384 issuing CA's CRL file (DER): `crl_file` with "-p384" before its extension
+    /// (`crl/issuing-ca.crl` → `crl/issuing-ca-p384.crl`); the PEM copy adds ".pem".
+    pub fn crl_p384_file(&self) -> PathBuf {
+        let stem = self
+            .crl_file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let name = match self.crl_file.extension() {
+            Some(ext) => format!("{stem}-p384.{}", ext.to_string_lossy()),
+            None => format!("{stem}-p384"),
+        };
+        self.crl_file.with_file_name(name)
+    }
+
+    /// The CoAP resource of the P-384 issuing CA's CRL: `coap_path` with "-p384" appended
+    /// (`/crl` → `/crl-p384`); empty when `coap_path` is.
+    pub fn coap_p384_segments(&self) -> Vec<String> {
+        let mut segs = self.coap_segments();
+        if let Some(last) = segs.last_mut() {
+            last.push_str("-p384");
+        }
+        segs
     }
 }
 
@@ -837,6 +869,8 @@ max_sessions_per_relay = 20000
 # A P-384 issuing CA beside the P-256 one (DLMS/COSEM security suite 2): CSRs whose key is on
 # P-384 are issued by it, signed ecdsa-with-SHA384; its LDevIDs may /sren, and /crts lists it
 # after the P-256 CA. `est-server ca create-p384` creates it and sets enabled = true.
+# It signs its own CRL (the certificates it issued): [revocation] crl_file with "-p384"
+# (crl/issuing-ca-p384.crl and .pem), served at coap_path with "-p384" (/crl-p384).
 enabled = false
 cert = "ca/issuing-ca-p384.pem"
 # PKCS#8 P-384 key, mode 0600.
@@ -858,6 +892,62 @@ key = "ca/issuing-ca-p384.key"
 #   flag_id = "ABC"
 #   curve = "P-384"   # "P-256" (suite 1), "P-384" (suite 2; needs [ca_p384]) or "" for both
 rules = []
+
+# [[profiles]]: certificate profiles (none by default: every device not taken by a
+# [[dlms.rules]] entry gets the built-in LDevID of [policy], exactly as without this section).
+# Each profile is chosen by its [[profiles.select]] rules; profiles are tried in file order,
+# their rules in order, and the first rule that matches wins. A rule matches when every field
+# it sets matches:
+#   manufacturer_ca - the manufacturer CA the meter's IDevID chain ends in: a file listed in
+#                     [pki] manufacturer_cas, "sha256:<hex>" (SHA-256 of the CA certificate,
+#                     DER; `openssl x509 -noout -fingerprint -sha256`) or "subject:<RFC 4514
+#                     subject>"; one naming no configured manufacturer CA stops the start.
+#                     Only at /sen, /skg and /skc: at /sren the meter presents its LDevID.
+#   serial_prefix   - the device class: a prefix of the IDevID subject's serialNumber.
+# Fields of a profile (defaults after "="):
+#   name               (required) unique, printable; written in the audit row of each issuance
+#   curves = []        request key curves accepted, "P-256" / "P-384"; [] accepts both. Another
+#                      curve is refused with 4.00 and a diagnostic naming the profile.
+#   signature_hash = "auto"   "auto": the CA on the key's curve (P-256 CA, ecdsa-with-SHA256, or
+#                      P-384 CA, ecdsa-with-SHA384); "SHA-256": the P-256 CA signs;
+#                      "SHA-384": the P-384 CA signs (needs [ca_p384] enabled, as does "auto"
+#                      with curves = ["P-384"]).
+#   validity_days = 0  days; 0 = [policy] ldevid_validity_days
+#   key_usage = ["digitalSignature"]   plus "keyAgreement" if wanted; digitalSignature is
+#                      required (the meter signs its DTLS handshake with the certificate)
+#   extended_key_usage = ["clientAuth"]   names (clientAuth, serverAuth, codeSigning,
+#                      emailProtection, timeStamping, OCSPSigning) or dotted OIDs; ["none"] for
+#                      no extension. When present it must include clientAuth (for /sren).
+#   subject = []       RDNs "ATTR=VALUE", most significant first; [] = the built-in subject.
+#                      ATTR: C, ST, L, O, OU, CN, serialNumber. VALUE: text with placeholders
+#                      {idevid.X} (the authenticating certificate's subject) or {csr.X} (the
+#                      CSR's), X one of CN, O, OU, serialNumber; {{ and }} are literal braces.
+#                      Unknown placeholders are refused at load. It must contain
+#                      "serialNumber={idevid.serialNumber}". A missing CSR attribute is 4.00,
+#                      a missing IDevID one 4.03. /sren keeps the renewed certificate's subject.
+#   san = "idevid"     subjectAltName hardwareModuleName: "idevid" (copied from the IDevID),
+#                      "csr" (from the CSR; one contradicting the IDevID's is refused, 4.03),
+#                      or "none".
+# Example:
+#   [[profiles]]
+#   name = "acme-meters"
+#   curves = ["P-256"]
+#   signature_hash = "SHA-256"
+#   validity_days = 730
+#   key_usage = ["digitalSignature", "keyAgreement"]
+#   extended_key_usage = ["clientAuth"]
+#   subject = ["O=Example Utility", "OU=Acme meters", "CN={idevid.serialNumber}",
+#              "serialNumber={idevid.serialNumber}"]
+#   san = "none"
+#   [[profiles.select]]
+#   manufacturer_ca = "manufacturers/acme-ca.pem"
+#
+#   [[profiles]]
+#   name = "gateways-p384"
+#   curves = ["P-384"]
+#   signature_hash = "SHA-384"
+#   [[profiles.select]]
+#   serial_prefix = "GW"
 "#;
 
 impl Config {
@@ -964,6 +1054,7 @@ impl Config {
         self.hsm.validate()?;
         self.ca_p384.validate()?;
         self.dlms.validate()?;
+        crate::profiles_config::validate(self)?;
         self.metrics.listen_addr()?;
         if self.enrollment.period_secs == 0 {
             return Err(invalid("enrollment.period_secs", "must be positive"));
@@ -1287,6 +1378,11 @@ impl Config {
             enrollment_period: Duration::from_secs(self.enrollment.period_secs),
             crl_path: self.revocation.coap_segments(),
             crl_content_format: self.revocation.content_format,
+            crl_p384_path: if self.ca_p384.enabled {
+                self.revocation.coap_p384_segments()
+            } else {
+                Vec::new()
+            },
             // jpy_uri is set by the service once the JPY socket is bound
             // (RelaySection::announced_uri).
             ..est_proto::est::EstConfig::default()
@@ -1306,6 +1402,8 @@ impl Config {
             key_agreement: self.policy.key_agreement,
             max_chain_len: self.policy.max_chain_len,
             dlms_rules: self.dlms.rules(),
+            // Needs the manufacturer CAs loaded: crate::profiles_config::build, at start.
+            profiles: est_proto::profile::Profiles::default(),
         }
     }
 }

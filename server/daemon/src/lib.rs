@@ -11,6 +11,7 @@ pub mod hsm;
 pub mod lifetime;
 pub mod metrics;
 pub mod p384;
+pub mod profiles_config;
 pub mod revocation;
 pub mod safefs;
 pub mod service;

@@ -1573,6 +1573,9 @@ impl Connection {
                 let chain = der_chain(config.c509.as_ref(), peer_type, chain)?;
                 metrics.chain_verifications += 1;
                 metrics.peer_certificates_received += chain.len() as u64;
+                if let Some(leaf) = chain.first() {
+                    crypto::check_signing_key_usage(leaf)?;
+                }
                 let verified = (config.client_verifier)(&chain)?;
                 self.peer_chain = chain;
                 self.verified = Some(verified);

@@ -36,11 +36,22 @@ fn leaf(
     ca_cert: &rcgen::Certificate,
     ca_key: &rcgen::KeyPair,
 ) -> Cred {
+    leaf_with_key_usages(name, alg, ca_cert, ca_key, Vec::new())
+}
+
+fn leaf_with_key_usages(
+    name: &str,
+    alg: &'static rcgen::SignatureAlgorithm,
+    ca_cert: &rcgen::Certificate,
+    ca_key: &rcgen::KeyPair,
+    key_usages: Vec<rcgen::KeyUsagePurpose>,
+) -> Cred {
     let key = rcgen::KeyPair::generate_for(alg).unwrap();
     let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, name);
+    params.key_usages = key_usages;
     let cert = params.signed_by(&key, ca_cert, ca_key).unwrap();
     Cred {
         chain: vec![cert.der().to_vec(), ca_cert.der().to_vec()],
@@ -88,6 +99,27 @@ impl Pki {
             &self.ca_cert,
             &self.ca_key,
         )
+    }
+
+    /// Another client certificate of our CA, with this keyUsage (none when empty).
+    pub fn client_with_key_usages(
+        &self,
+        name: &str,
+        key_usages: Vec<rcgen::KeyUsagePurpose>,
+    ) -> Cred {
+        leaf_with_key_usages(
+            name,
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &self.ca_cert,
+            &self.ca_key,
+            key_usages,
+        )
+    }
+
+    /// A client configuration with credentials `c`.
+    pub fn config_for(&self, c: &Cred) -> ClientConfig {
+        let key = Arc::new(SigningKey::from_pkcs8(&c.key_der).unwrap());
+        ClientConfig::new(c.chain.clone(), key, self.verifier())
     }
 
     /// Accepts chains whose second element is our CA (the test verifier: the engine's job is

@@ -1434,3 +1434,184 @@ fn the_crl_resource_serves_what_the_driver_set() {
     bad[n] ^= 1;
     assert!(ca::verify_crl(&bad, &pki.issuing_der).is_err());
 }
+
+#[test]
+fn the_p384_crl_resource_serves_its_own_crl() {
+    let mut pki = Pki::new();
+    let est = EstConfig {
+        crl_path: vec!["crl".into()],
+        crl_p384_path: vec!["crl-p384".into()],
+        ..EstConfig::default()
+    };
+    let (svc, _) = pki.service(PolicyConfig::default(), est);
+    let dev = device(&mut pki, "SN1");
+    let get = |path: &str| Request::new(Method::Get, path);
+    svc.set_crl(vec![0x30, 0x01, 0x01]);
+    // Not published yet: 5.03, whatever the other CA's CRL is.
+    let r = call(&svc, &dev.chain, &get("/crl-p384"), &mut pki.rng);
+    assert_eq!(r.code, ResponseType::ServiceUnavailable);
+    svc.set_crl_p384(vec![0x30, 0x01, 0x02]);
+    let r = call(&svc, &dev.chain, &get("/crl-p384"), &mut pki.rng);
+    assert_eq!(
+        (r.code, r.content_format, r.payload),
+        (
+            ResponseType::Content,
+            Some(CF_PKIX_CRL_DEFAULT),
+            vec![0x30, 0x01, 0x02]
+        )
+    );
+    let r = call(&svc, &dev.chain, &get("/crl"), &mut pki.rng);
+    assert_eq!(r.payload, vec![0x30, 0x01, 0x01]);
+    // Without the path configured there is no such resource.
+    let (plain, _) = pki.service(
+        PolicyConfig::default(),
+        EstConfig {
+            crl_path: vec!["crl".into()],
+            ..EstConfig::default()
+        },
+    );
+    plain.set_crl_p384(vec![0x30, 0x01, 0x02]);
+    let r = call(&plain, &dev.chain, &get("/crl-p384"), &mut pki.rng);
+    assert_eq!(r.code, ResponseType::NotFound);
+}
+
+/// A certificate profile selected by device class, with a P-384 CA beside the P-256 one:
+/// server-side key generation makes a P-384 key for a profile that accepts only P-384, the
+/// P-384 CA signs (SHA-384), and validity, keyUsage, EKU, subject and SAN are the profile's;
+/// a CSR on the other curve is refused with 4.00 and nothing is stored; devices no rule
+/// selects get the built-in LDevID.
+#[test]
+fn a_profile_decides_key_curve_signer_validity_usages_subject_and_san() {
+    use crate::profile::{
+        CertProfile, KeyUsageBits, Profiles, SanPolicy, Selector, SignatureHash, SubjectTemplate,
+    };
+    let mut pki = Pki::new();
+    let template = SubjectTemplate::parse(&[
+        "O=Utility".to_string(),
+        "CN=kg-{idevid.serialNumber}".to_string(),
+        "serialNumber={idevid.serialNumber}".to_string(),
+    ])
+    .expect("template");
+    let profile = CertProfile {
+        name: "kg384".into(),
+        curves: vec![ca::Curve::P384],
+        signature_hash: SignatureHash::Sha384,
+        validity: Some(7 * DAY),
+        key_usage: KeyUsageBits {
+            digital_signature: true,
+            key_agreement: true,
+        },
+        extended_key_usage: Vec::new(),
+        subject: Some(template),
+        san: SanPolicy::None,
+    };
+    let profiles = Profiles::new(
+        vec![profile],
+        vec![(
+            Selector {
+                manufacturer_anchors: None,
+                serial_prefix: Some("KG".into()),
+            },
+            0,
+        )],
+    )
+    .expect("profiles");
+    let policy = PolicyConfig {
+        profiles,
+        ..PolicyConfig::default()
+    };
+    let (mut svc, store) = pki.service(policy, EstConfig::default());
+    let p384_key = ca::generate_p384_pkcs8().expect("key");
+    let p384_signer = ca::RingP384Signer::from_pkcs8_der(&p384_key).expect("key");
+    let p384_cert = ca::self_signed_ca(
+        &p384_signer,
+        "EST Issuing CA P-384",
+        "est",
+        now() - DAY,
+        3650 * DAY,
+        &mut pki.rng,
+    )
+    .expect("P-384 CA");
+    svc.add_issuing_ca(IssuingCa::new(p384_cert, Box::new(p384_signer)).expect("CA"))
+        .expect("added");
+
+    let dev = device(&mut pki, "KG1");
+    // A P-256 CSR: refused, nothing stored.
+    let r = call(
+        &svc,
+        &dev.chain,
+        &post("sen", csr(&dev.signer, &name(&[]))),
+        &mut pki.rng,
+    );
+    assert_refused(&r, ResponseType::BadRequest, "kg384");
+    assert!(store.certificates().is_empty());
+
+    // Server-side key generation: a P-384 key.
+    let req = post("skc", csr(&dev.signer, &name(&[]))).with_accept(CF_MULTIPART_CORE);
+    let r = call(&svc, &dev.chain, &req, &mut pki.rng);
+    assert_eq!(
+        r.code,
+        ResponseType::Changed,
+        "{:?}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    let parts = cbor_schemas::multipart::decode(&r.payload).expect("multipart");
+    let key = ca::RingP384Signer::from_pkcs8_der(&parts[0].1).expect("a P-384 key");
+    let cert = Certificate::from_der(&parts[1].1).expect("cert");
+    let tbs = &cert.tbs_certificate;
+    assert_eq!(
+        tbs.subject_public_key_info.to_der().expect("spki"),
+        key.public_key_spki_der()
+    );
+    assert_eq!(cert.signature_algorithm.oid, ca::oid::ECDSA_WITH_SHA384);
+    assert_eq!(tbs.issuer.to_string(), "CN=EST Issuing CA P-384,O=est");
+    assert_eq!(
+        tbs.subject.to_string(),
+        "SERIALNUMBER=KG1,CN=kg-KG1,O=Utility"
+    );
+    let validity = tbs
+        .validity
+        .not_after
+        .to_system_time()
+        .duration_since(tbs.validity.not_before.to_system_time())
+        .expect("notAfter after notBefore");
+    assert_eq!(
+        validity,
+        7 * DAY + Duration::from_secs(300),
+        "7 days + the backdate"
+    );
+    let (_, ku) = tbs
+        .get::<x509_cert::ext::pkix::KeyUsage>()
+        .expect("ext")
+        .expect("keyUsage");
+    assert!(ku.digital_signature() && ku.key_agreement());
+    assert!(tbs
+        .get::<x509_cert::ext::pkix::ExtendedKeyUsage>()
+        .expect("ext")
+        .is_none());
+    assert_eq!(ca::hardware_module_from_cert(&cert), None, "san = none");
+    let audit = store.audit_events();
+    assert!(audit
+        .iter()
+        .any(|e| e.outcome == "issued" && e.detail.ends_with("profile kg384")));
+
+    // Another device: the built-in LDevID, as without profiles.
+    let other = device(&mut pki, "SN9");
+    let r = call(
+        &svc,
+        &other.chain,
+        &post("sen", csr(&other.signer, &name(&[]))),
+        &mut pki.rng,
+    );
+    let cert = only_cert(&r);
+    assert_eq!(cert.signature_algorithm.oid, ca::oid::ECDSA_WITH_SHA256);
+    assert_eq!(
+        cert.tbs_certificate.subject.to_string(),
+        "SERIALNUMBER=SN9,CN=SN9"
+    );
+    assert!(cert
+        .tbs_certificate
+        .get::<x509_cert::ext::pkix::ExtendedKeyUsage>()
+        .expect("ext")
+        .is_some());
+}
