@@ -102,7 +102,7 @@ impl Pki {
     }
 
     /// Another client certificate of our CA, with this keyUsage (none when empty).
-    pub fn client_with_key_usages(
+    pub(crate) fn client_with_key_usages(
         &self,
         name: &str,
         key_usages: Vec<rcgen::KeyUsagePurpose>,
@@ -117,7 +117,7 @@ impl Pki {
     }
 
     /// A client configuration with credentials `c`.
-    pub fn config_for(&self, c: &Cred) -> ClientConfig {
+    pub(crate) fn config_for(&self, c: &Cred) -> ClientConfig {
         let key = Arc::new(SigningKey::from_pkcs8(&c.key_der).unwrap());
         ClientConfig::new(c.chain.clone(), key, self.verifier())
     }
