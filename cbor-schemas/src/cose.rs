@@ -2,11 +2,15 @@
 //!
 //! * `x5chain` (label 33, RFC 9360 Section 2): `COSE_X509 = bstr / [ 2*certs: bstr ]`
 //!   of DER certificates.
-//! * `c5c` (label 25, draft-ietf-cose-cbor-encoded-cert-18 Section 3.4; IANA
+//! * `c5c` (label 25, draft-ietf-cose-cbor-encoded-cert-20 Section 3.4; IANA
 //!   temporary registration): `COSE_C509 = C509CertData / [ 2* C509CertData ]`,
-//!   `C509CertData = bytes .cborseq C509Certificate`, i.e. each certificate
-//!   as the unwrapped sequence `~C509Certificate` inside a byte string.
-//!   `COSE_C509` is also the body of `application/cose-c509-cert`.
+//!   `C509CertData = bytes .cbor C509Certificate`, i.e. each certificate as the
+//!   CBOR array `C509Certificate` inside a byte string (`58 8D 8B ...` for the
+//!   141-byte Appendix A.1 example). Draft -18 put the unwrapped sequence
+//!   `~C509Certificate` there (`58 8C 03 ...`); -20 changed it.
+//!   `COSE_C509` is also the body of `application/cose-c509+cbor` (a bag, or a
+//!   chain with `usage=chain`); a single certificate alone travels as
+//!   `application/cose-c509-cert+cbor`, the bare `C509Certificate` array.
 //!
 //! The header helpers work on [`coset::Header`]; coset is built on ciborium,
 //! so values cross as `coset::cbor::value::Value`.
@@ -18,7 +22,7 @@ use crate::c509::C509Certificate;
 use crate::cbor::{self, Reader};
 use crate::error::{ConvertError, DecodeError};
 
-/// c5t: hash of a ~C509Certificate (COSE_CertHash).
+/// c5t: hash of a C509Certificate (COSE_CertHash; -20 hashes the array).
 pub const HEADER_C5T: i64 = 22;
 /// c5u: URI of a COSE_C509 chain.
 pub const HEADER_C5U: i64 = 23;
@@ -86,19 +90,19 @@ fn decode_bag(bytes: &[u8]) -> Result<Vec<Vec<u8>>, DecodeError> {
     Ok(out)
 }
 
-/// COSE_C509 from `~C509Certificate` sequences (leaf first). Each element is
+/// COSE_C509 from `C509Certificate` arrays (leaf first). Each element is
 /// checked to decode as a C509 certificate. This is the body for the
-/// `application/cose-c509-cert` Content-Format (e.g. /crts in C509).
+/// `application/cose-c509+cbor` Content-Format (e.g. /crts in C509).
 pub fn cose_c509_chain(certs: &[Vec<u8>]) -> Result<Vec<u8>, ConvertError> {
     for c in certs {
-        C509Certificate::from_sequence(c)?;
+        C509Certificate::from_array(c)?;
     }
     encode_bag(certs)
 }
 
 /// COSE_C509 from DER certificates (leaf first), each re-encoded as C509
 /// type 3 (losslessly; see [`crate::c509::certificate_der_to_c509`]). Use this
-/// for an EST response in `application/cose-c509-cert`.
+/// for an EST response in `application/cose-c509+cbor`.
 pub fn cose_c509_chain_from_der(der_certs: &[Vec<u8>]) -> Result<Vec<u8>, ConvertError> {
     let certs = der_certs
         .iter()
@@ -107,11 +111,12 @@ pub fn cose_c509_chain_from_der(der_certs: &[Vec<u8>]) -> Result<Vec<u8>, Conver
     encode_bag(&certs)
 }
 
-/// Decode COSE_C509 into its `~C509Certificate` sequences, each validated.
+/// Decode COSE_C509 into its `C509Certificate` arrays, each validated (a
+/// draft -18 style `~C509Certificate` sequence inside is refused).
 pub fn decode_cose_c509(bytes: &[u8]) -> Result<Vec<Vec<u8>>, DecodeError> {
     let certs = decode_bag(bytes)?;
     for c in &certs {
-        C509Certificate::from_sequence(c)?;
+        C509Certificate::from_array(c)?;
     }
     Ok(certs)
 }
@@ -169,10 +174,10 @@ fn get(header: &Header, label: i64) -> Option<&Value> {
         .map(|(_, v)| v)
 }
 
-/// Put a C509 chain (`~C509Certificate` sequences, leaf first) in `c5c`.
+/// Put a C509 chain (`C509Certificate` arrays, leaf first) in `c5c`.
 pub fn set_c5c(header: &mut Header, certs: &[Vec<u8>]) -> Result<(), ConvertError> {
     for c in certs {
-        C509Certificate::from_sequence(c)?;
+        C509Certificate::from_array(c)?;
     }
     set(header, HEADER_C5C, bag_value(certs)?);
     Ok(())
@@ -185,7 +190,7 @@ pub fn c5c(header: &Header) -> Result<Option<Vec<Vec<u8>>>, DecodeError> {
     };
     let certs = value_bag(v)?;
     for c in &certs {
-        C509Certificate::from_sequence(c)?;
+        C509Certificate::from_array(c)?;
     }
     Ok(Some(certs))
 }

@@ -6,7 +6,7 @@
 ///
 /// Decoders are strict: they reject trailing bytes, indefinite lengths,
 /// non-deterministic encodings (RFC 8949 Section 4.2.1, which C509 requires
-/// in draft-ietf-cose-cbor-encoded-cert-18 Section 2), values outside the
+/// in draft-ietf-cose-cbor-encoded-cert-20 Section 2), values outside the
 /// registries this crate implements and oversized input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {

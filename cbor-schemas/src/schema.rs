@@ -7,11 +7,11 @@
 //! The files are used as they are, with one rewrite: the `cddl` crate (0.10.7) does not
 //! implement the unwrap operator `~` on user-defined tag types (it demands tag 111
 //! where `~oid` means the bare byte string, RFC 8610 §3.7), so `~oid` is replaced by a
-//! rule that is exactly its unwrapped content, `bstr` (RFC 9090 §2). It also cannot
-//! parse `.cborseq`, so [`check_cose_c509`] checks each certificate of a COSE_C509
-//! separately.
+//! rule that is exactly its unwrapped content, `bstr` (RFC 9090 §2). It does not
+//! check the `.cbor` control inside a byte string either, so [`check_cose_c509`]
+//! checks each certificate of a COSE_C509 separately.
 
-/// draft-ietf-cose-cbor-encoded-cert-18 structures (certificates, requests, COSE_C509).
+/// draft-ietf-cose-cbor-encoded-cert-20 structures (certificates, requests, COSE_C509).
 pub const C509_CDDL: &str = include_str!("../cddl/c509.cddl");
 /// COSE header parameters carrying certificate chains (c5c, x5chain).
 pub const COSE_CDDL: &str = include_str!("../cddl/cose-chain.cddl");
@@ -36,19 +36,11 @@ pub fn check_jpy(item: &[u8]) -> Result<(), String> {
     check("jpy_message", item)
 }
 
-/// Validate `~C509Certificate` (a CBOR sequence): with its array header it must be a
-/// `C509Certificate` (RFC 8742: the sequence is the array's items).
-pub fn check_cert_sequence(seq: &[u8]) -> Result<(), String> {
-    let mut v = vec![0x80 | 11];
-    v.extend_from_slice(seq);
-    check("C509Certificate", &v)
-}
-
-/// Validate COSE_C509 and each certificate in it (`.cborseq C509Certificate`).
+/// Validate COSE_C509 and each certificate in it (`.cbor C509Certificate`).
 pub fn check_cose_c509(item: &[u8]) -> Result<(), String> {
     check("COSE_C509", item)?;
     for c in crate::cose::decode_cose_c509(item).map_err(|e| e.to_string())? {
-        check_cert_sequence(&c)?;
+        check("C509Certificate", &c)?;
     }
     Ok(())
 }

@@ -326,13 +326,13 @@ proptest! {
         let c = c509::certificate_der_to_c509(&der).unwrap();
         prop_assert_eq!(c509::certificate_c509_to_der(&c).unwrap(), der.clone());
         prop_assert!(c.len() < der.len());
-        assert_cert_sequence(&c);
+        assert_c509_certificate(&c);
         c509::describe(&c).unwrap();
 
         // Natively signed variant of the same TBS verifies with the issuer key.
         let ntbs = c509::tbs_from_x509(&tbs, 2).unwrap();
         let native = c509::sign_native_certificate(&ntbs, |m| sign_der(&issuer_key, m)).unwrap();
-        assert_cert_sequence(&native);
+        assert_c509_certificate(&native);
         let pk = issuer_key.verifying_key().to_encoded_point(true);
         c509::verify_native_certificate(&native, pk.as_bytes()).unwrap();
     }
@@ -465,7 +465,7 @@ fn typical_device_certificate_sizes() {
     .to_der()
     .unwrap();
     let c = c509::certificate_der_to_c509(&der).unwrap();
-    assert_cert_sequence(&c);
+    assert_c509_certificate(&c);
     println!(
         "typical meter certificate: DER {} B, C509 {} B",
         der.len(),
@@ -475,4 +475,44 @@ fn typical_device_certificate_sizes() {
         c.len() * 10 < der.len() * 6,
         "C509 should be well under 60% of DER"
     );
+}
+
+/// The shortest CBOR encoding of an integer (RFC 8949 §3.1, §4.2.1).
+fn cbor_int(v: i64) -> Vec<u8> {
+    let (major, n) = if v >= 0 {
+        (0x00u8, v.unsigned_abs())
+    } else {
+        (0x20u8, (-1 - v).unsigned_abs())
+    };
+    match n {
+        0..=23 => vec![major | n as u8],
+        24..=0xff => vec![major | 24, n as u8],
+        0x100..=0xffff => [&[major | 25][..], &(n as u16).to_be_bytes()].concat(),
+        0x1_0000..=0xffff_ffff => [&[major | 26][..], &(n as u32).to_be_bytes()].concat(),
+        _ => [&[major | 27][..], &n.to_be_bytes()].concat(),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, rng_seed: seed(), .. ProptestConfig::default() })]
+
+    /// Draft -20 registry range: an issuerSignatureAlgorithm int decodes exactly when it lies
+    /// in -32768..=32767, whatever its size; outside it is refused by range.
+    #[test]
+    fn algorithm_ints_decode_exactly_inside_the_registry_range(
+        v in prop_oneof![any::<i64>(), -70_000i64..70_000]
+    ) {
+        let c = vector("rfc7925.c509");
+        let mut item = c[..6].to_vec();
+        item.extend_from_slice(&cbor_int(v));
+        item.extend_from_slice(&c[7..]);
+        let r = c509::C509Certificate::from_array(&item);
+        if (c509::REGISTRY_MIN..=c509::REGISTRY_MAX).contains(&v) {
+            let parsed = r.unwrap();
+            prop_assert_eq!(&parsed.tbs.issuer_signature_algorithm, &c509::AlgorithmIdentifier::Int(v));
+            prop_assert_eq!(parsed.to_array(), item);
+        } else {
+            prop_assert_eq!(r, Err(cbor_schemas::DecodeError::OutOfRange("AlgorithmIdentifier")));
+        }
+    }
 }

@@ -17,16 +17,13 @@ fn splice(v: &[u8], at: usize, remove: usize, insert: &[u8]) -> Vec<u8> {
 
 #[test]
 fn trailing_bytes_are_rejected() {
-    let mut c = vector("rfc7925.c509");
-    c.push(0x00);
-    // The extra item is read as the signature, then the real end is missing.
-    assert!(C509Certificate::from_sequence(&c).is_err());
-    let mut arr = wrap_array(&vector("rfc7925.c509"), 11);
+    let mut arr = vector("rfc7925.c509");
     arr.push(0xf6);
     assert_eq!(
         C509Certificate::from_array(&arr),
         Err(DecodeError::TrailingBytes(1))
     );
+    assert!(c509::certificate_c509_to_der(&arr).is_err());
     let mut csr = vector("c509tv-csr-type3.c509");
     csr.push(0x01);
     assert_eq!(C509Csr::decode(&csr), Err(DecodeError::TrailingBytes(1)));
@@ -42,11 +39,17 @@ fn indefinite_lengths_are_rejected() {
         C509Csr::decode(&indef),
         Err(DecodeError::IndefiniteLength("C509CertificationRequest"))
     );
-    // Indefinite byte string for the serial number.
     let c = vector("rfc7925.c509");
-    let indef_bytes = splice(&c, 1, 4, &[0x5f, 0x43, 0x01, 0xf5, 0x0d, 0xff]);
+    let mut indef = splice(&c, 0, 1, &[0x9f]);
+    indef.push(0xff);
     assert_eq!(
-        C509Certificate::from_sequence(&indef_bytes),
+        C509Certificate::from_array(&indef),
+        Err(DecodeError::IndefiniteLength("C509Certificate"))
+    );
+    // Indefinite byte string for the serial number.
+    let indef_bytes = splice(&c, 2, 4, &[0x5f, 0x43, 0x01, 0xf5, 0x0d, 0xff]);
+    assert_eq!(
+        C509Certificate::from_array(&indef_bytes),
         Err(DecodeError::IndefiniteLength("certificateSerialNumber"))
     );
 }
@@ -55,21 +58,21 @@ fn indefinite_lengths_are_rejected() {
 fn non_deterministic_encodings_are_rejected() {
     let c = vector("rfc7925.c509");
     // Type 3 as a two-byte integer.
-    let long_int = splice(&c, 0, 1, &[0x18, 0x03]);
+    let long_int = splice(&c, 1, 1, &[0x18, 0x03]);
     assert!(matches!(
-        C509Certificate::from_sequence(&long_int),
+        C509Certificate::from_array(&long_int),
         Err(DecodeError::NotDeterministic(_))
     ));
     // Serial with a leading zero.
-    let lead0 = splice(&c, 1, 4, &[0x44, 0x00, 0x01, 0xf5, 0x0d]);
+    let lead0 = splice(&c, 2, 4, &[0x44, 0x00, 0x01, 0xf5, 0x0d]);
     assert!(matches!(
-        C509Certificate::from_sequence(&lead0),
+        C509Certificate::from_array(&lead0),
         Err(DecodeError::NotDeterministic(_))
     ));
     // Issuer "RFC test CA" as [1, "RFC test CA"] instead of the text form.
-    let arr_cn = splice(&c, 6, 12, &[&[0x82, 0x01][..], &c[6..18]].concat());
+    let arr_cn = splice(&c, 7, 12, &[&[0x82, 0x01][..], &c[7..19]].concat());
     assert!(matches!(
-        C509Certificate::from_sequence(&arr_cn),
+        C509Certificate::from_array(&arr_cn),
         Err(DecodeError::NotDeterministic(_))
     ));
     // keyUsage only, as an array [2, 1] instead of the int 1.
@@ -77,7 +80,7 @@ fn non_deterministic_encodings_are_rejected() {
     assert_eq!(c[ext_at], 0x01);
     let ku_arr = splice(&c, ext_at, 1, &[0x82, 0x02, 0x01]);
     assert!(matches!(
-        C509Certificate::from_sequence(&ku_arr),
+        C509Certificate::from_array(&ku_arr),
         Err(DecodeError::NotDeterministic(_))
     ));
 }
@@ -86,23 +89,23 @@ fn non_deterministic_encodings_are_rejected() {
 fn out_of_range_values_are_rejected() {
     let c = vector("rfc7925.c509");
     assert!(matches!(
-        C509Certificate::from_sequence(&splice(&c, 0, 1, &[0x04])),
+        C509Certificate::from_array(&splice(&c, 1, 1, &[0x04])),
         Err(DecodeError::UnsupportedValue { value: 4, .. })
     ));
     assert!(matches!(
-        C509Certificate::from_sequence(&splice(&c, 0, 1, &[0x20])),
+        C509Certificate::from_array(&splice(&c, 1, 1, &[0x20])),
         Err(DecodeError::UnsupportedValue { value: -1, .. })
     ));
     // keyUsage beyond decipherOnly.
     let ext_at = c.len() - 67;
     assert!(matches!(
-        C509Certificate::from_sequence(&splice(&c, ext_at, 1, &[0x19, 0x04, 0x00])),
+        C509Certificate::from_array(&splice(&c, ext_at, 1, &[0x19, 0x04, 0x00])),
         Err(DecodeError::OutOfRange(_))
     ));
     // notBefore negative.
-    let nb = 18;
+    let nb = 19;
     assert_eq!(c[nb], 0x1a);
-    assert!(C509Certificate::from_sequence(&splice(&c, nb, 5, &[0x20])).is_err());
+    assert!(C509Certificate::from_array(&splice(&c, nb, 5, &[0x20])).is_err());
     // multipart Content-Format over 65535.
     assert_eq!(
         multipart::decode(&[0x82, 0x1a, 0x00, 0x01, 0x00, 0x00, 0x40]),
@@ -112,13 +115,19 @@ fn out_of_range_values_are_rejected() {
 
 #[test]
 fn every_truncation_fails_cleanly() {
-    for name in ["rfc7925.c509", "ieee8021ar.c509", "rfc7925-native.c509"] {
+    for name in [
+        "rfc7925.c509",
+        "ieee8021ar.c509",
+        "rfc7925-native.c509",
+        "rfc7925-native-certdata.c509",
+    ] {
         let v = vector(name);
         for n in 0..v.len() {
             assert!(
-                C509Certificate::from_sequence(&v[..n]).is_err(),
+                C509Certificate::from_array(&v[..n]).is_err(),
                 "{name} prefix {n}"
             );
+            assert!(cose::decode_cose_c509(&v[..n]).is_err());
             assert!(c509::describe(&v[..n]).is_err());
         }
     }
@@ -174,9 +183,9 @@ fn unregistered_extension_uses_the_oid_form_and_round_trips() {
     });
     let der = cert.to_der().unwrap();
     let c = c509::certificate_der_to_c509(&der).unwrap();
-    assert_cert_sequence(&c);
+    assert_c509_certificate(&c);
     assert_eq!(c509::certificate_c509_to_der(&c).unwrap(), der);
-    let parsed = C509Certificate::from_sequence(&c).unwrap();
+    let parsed = C509Certificate::from_array(&c).unwrap();
     assert!(matches!(
         parsed.tbs.extensions.last().map(|e| (&e.value, e.critical)),
         Some((c509::ExtensionValue::Generic { .. }, true))
@@ -253,7 +262,7 @@ fn cose_c509_chain_of_two_validates_and_round_trips() {
         vec![leaf.clone(), ca]
     );
     // A single cert wrapped in an array is not deterministic.
-    let mut one = vec![0x81, 0x58, 140];
+    let mut one = vec![0x81, 0x58, 141];
     one.extend_from_slice(&leaf);
     assert!(cose::decode_cose_c509(&one).is_err());
     assert_eq!(cose::cose_c509_chain(&[]), Err(ConvertError::EmptyChain));
@@ -384,4 +393,248 @@ fn jpy_messages_validate_against_the_drafts_cddl() {
     ] {
         assert!(check_jpy(&hex::decode(bad).unwrap()).is_err(), "{bad}");
     }
+}
+
+// ------------------------------------------- draft -20 registry range ----
+
+#[test]
+fn registry_values_inside_the_range_decode_and_outside_are_refused() {
+    let c = vector("rfc7925.c509");
+    // [1] c509CertificateType, [6] issuerSignatureAlgorithm (0 = ecdsa-with-SHA256).
+    assert_eq!((c[1], c[6]), (0x03, 0x00));
+    // issuerSignatureAlgorithm at both ends of -32768..=32767: decoded and kept...
+    for (bytes, v) in [
+        (&[0x19, 0x7f, 0xff][..], 32767),
+        (&[0x39, 0x7f, 0xff][..], -32768),
+        (&[0x19, 0x01, 0x00][..], 256),
+    ] {
+        let item = splice(&c, 6, 1, bytes);
+        let parsed = C509Certificate::from_array(&item).unwrap();
+        assert_eq!(
+            parsed.tbs.issuer_signature_algorithm,
+            c509::AlgorithmIdentifier::Int(v)
+        );
+        assert_eq!(parsed.to_array(), item);
+        // ...but an unregistered algorithm has no DER form.
+        assert!(matches!(
+            c509::certificate_c509_to_der(&item),
+            Err(ConvertError::UnsupportedAlgorithm(_)) | Err(ConvertError::Unsupported(_))
+        ));
+    }
+    // ...and one step outside is refused before any lookup.
+    for bytes in [
+        &[0x19, 0x80, 0x00][..],
+        &[0x39, 0x80, 0x00][..],
+        &[0x1a, 0, 1, 0, 0][..],
+    ] {
+        assert_eq!(
+            C509Certificate::from_array(&splice(&c, 6, 1, bytes)),
+            Err(DecodeError::OutOfRange("AlgorithmIdentifier")),
+            "{}",
+            hex::encode(bytes)
+        );
+    }
+    // c509CertificateType: unregistered inside the range, refused outside it.
+    assert_eq!(
+        C509Certificate::from_array(&splice(&c, 1, 1, &[0x19, 0x7f, 0xff])),
+        Err(DecodeError::UnsupportedValue {
+            registry: "C509 Certificate Types",
+            value: 32767
+        })
+    );
+    assert_eq!(
+        C509Certificate::from_array(&splice(&c, 1, 1, &[0x19, 0x80, 0x00])),
+        Err(DecodeError::OutOfRange("c509CertificateType"))
+    );
+    // extensionID: [32767, 0] is an unregistered extension, [32768, 0] out of range,
+    // [-32769, 0] too.
+    let ext_at = c.len() - 66 - 1;
+    assert_eq!(
+        C509Certificate::from_array(&splice(&c, ext_at, 1, &[0x82, 0x19, 0x7f, 0xff, 0x00])),
+        Err(DecodeError::UnsupportedValue {
+            registry: "C509 Extensions",
+            value: 32767
+        })
+    );
+    for id in [&[0x19, 0x80, 0x00][..], &[0x39, 0x80, 0x00][..]] {
+        let field = [&[0x82][..], id, &[0x00][..]].concat();
+        assert_eq!(
+            C509Certificate::from_array(&splice(&c, ext_at, 1, &field)),
+            Err(DecodeError::OutOfRange("extensionID"))
+        );
+    }
+    // Subject public key algorithm (byte before `58 21`) and an RDN attribute type.
+    let spka = c.len() - 66 - 1 - 35 - 1;
+    assert_eq!(c[spka], 0x01);
+    assert_eq!(
+        C509Certificate::from_array(&splice(&c, spka, 1, &[0x19, 0x80, 0x00])),
+        Err(DecodeError::OutOfRange("AlgorithmIdentifier"))
+    );
+    let ieee = vector("ieee8021ar.c509");
+    // 8B 03 48 <8-byte serial> 00, then issuer = [-4, "US", ...]: the first attribute type
+    // is at [13] (after `8A`).
+    assert_eq!((ieee[12], ieee[13]), (0x8a, 0x23));
+    assert_eq!(
+        C509Certificate::from_array(&splice(&ieee, 13, 1, &[0x39, 0x80, 0x00])),
+        Err(DecodeError::OutOfRange("RDN attributeType"))
+    );
+    // Requests: the request type.
+    let csr = vector("c509tv-csr-type3.c509");
+    assert_eq!(csr[1], 0x03);
+    assert_eq!(
+        C509Csr::decode(&splice(&csr, 1, 1, &[0x19, 0x80, 0x00])),
+        Err(DecodeError::OutOfRange("c509CertificationRequestType"))
+    );
+}
+
+// ------------------------------------ draft -20 extensions in OID form ----
+
+/// `[h'551d0f', h'03020780']`: the keyUsage extension {digitalSignature} of the
+/// A.1 example in the generic OID form, non-critical.
+const KEY_USAGE_OID_FORM: &[u8] = &[0x82, 0x43, 0x55, 0x1d, 0x0f, 0x44, 0x03, 0x02, 0x07, 0x80];
+
+#[test]
+fn type3_registered_extension_in_oid_form_gives_the_same_der() {
+    // A type-3 certificate may carry a registered extension in the OID form (for
+    // example one issued before the extension was registered); it must convert to
+    // exactly the DER the specific form gives.
+    let c = vector("rfc7925.c509");
+    let ext_at = c.len() - 66 - 1;
+    let oid_form = splice(&c, ext_at, 1, KEY_USAGE_OID_FORM);
+    assert_c509_certificate(&oid_form);
+    let parsed = C509Certificate::from_array(&oid_form).unwrap();
+    assert!(matches!(
+        parsed.tbs.extensions.as_slice(),
+        [c509::Extension {
+            critical: false,
+            value: c509::ExtensionValue::Generic { .. }
+        }]
+    ));
+    assert_eq!(
+        c509::certificate_c509_to_der(&oid_form).unwrap(),
+        vector("rfc7925.der")
+    );
+    // Critical: the value in a one-element array.
+    let crit = [
+        &[0x82, 0x43, 0x55, 0x1d, 0x0f, 0x81][..],
+        &KEY_USAGE_OID_FORM[5..],
+    ]
+    .concat();
+    let der = x509_cert::Certificate::from_der(
+        &c509::certificate_c509_to_der(&splice(&c, ext_at, 1, &crit)).unwrap(),
+    )
+    .unwrap();
+    let ext = &der.tbs_certificate.extensions.as_ref().unwrap()[0];
+    assert!(ext.critical);
+    assert_eq!(ext.extn_id, const_oid::db::rfc5280::ID_CE_KEY_USAGE);
+}
+
+#[test]
+fn natively_signed_items_refuse_the_oid_form_of_an_implemented_extension() {
+    let n = vector("rfc7925-native.c509");
+    let ext_at = n.len() - 66 - 1;
+    assert_eq!(n[ext_at], 0x01);
+    assert_eq!(
+        C509Certificate::from_array(&splice(&n, ext_at, 1, KEY_USAGE_OID_FORM)),
+        Err(DecodeError::NotDeterministic(
+            "registered extension in the OID form in a natively signed item"
+        ))
+    );
+    // An unregistered (private) OID has no specific form: fine in a native item too.
+    let oid = const_oid::ObjectIdentifier::new_unwrap("1.3.6.1.4.1.99999.1");
+    let oid = oid.as_bytes();
+    assert!(oid.len() < 24);
+    let private = [
+        &[0x82, 0x40 | oid.len() as u8][..],
+        oid,
+        &[0x42, 0x05, 0x00][..],
+    ]
+    .concat();
+    let item = splice(&n, ext_at, 1, &private);
+    let parsed = C509Certificate::from_array(&item).unwrap();
+    assert_eq!(parsed.to_array(), item);
+}
+
+#[test]
+fn private_oid_extensions_from_openssl_round_trip_to_identical_der() {
+    // A certificate whose extensions have no registry value: made by the openssl
+    // CLI (1.3.6.1.4.1.99999.7 non-critical, .8 critical). Under CI=true a missing
+    // openssl fails the test.
+    let Some(der) = openssl_cert_with_private_extensions() else {
+        return;
+    };
+    let c = c509::certificate_der_to_c509(&der).unwrap();
+    assert_c509_certificate(&c);
+    let parsed = C509Certificate::from_array(&c).unwrap();
+    let generic: Vec<(bool, String)> = parsed
+        .tbs
+        .extensions
+        .iter()
+        .filter_map(|e| match &e.value {
+            c509::ExtensionValue::Generic { oid, .. } => Some((
+                e.critical,
+                const_oid::ObjectIdentifier::from_bytes(oid)
+                    .unwrap()
+                    .to_string(),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        generic,
+        vec![
+            (false, "1.3.6.1.4.1.99999.7".to_string()),
+            (true, "1.3.6.1.4.1.99999.8".to_string())
+        ]
+    );
+    assert_eq!(c509::certificate_c509_to_der(&c).unwrap(), der);
+    // And as part of a COSE_C509 chain.
+    let chain = cose::cose_c509_chain_from_der(&[der.clone(), vector("rfc7925.der")]).unwrap();
+    let back = cose::decode_cose_c509(&chain).unwrap();
+    assert_eq!(c509::certificate_c509_to_der(&back[0]).unwrap(), der);
+}
+
+/// A self-signed P-256 certificate with two private-OID extensions, from the openssl
+/// CLI; None when openssl is missing and CI is not set (panics under CI=true).
+fn openssl_cert_with_private_extensions() -> Option<Vec<u8>> {
+    use std::process::Command;
+    if Command::new("openssl").arg("version").output().is_err() {
+        assert!(
+            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+            "openssl is required under CI=true"
+        );
+        eprintln!("skipping: openssl not installed");
+        return None;
+    }
+    let dir = std::env::temp_dir().join(format!("c509-oid-ext-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("k.pem");
+    let out = dir.join("c.der");
+    let ok = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "30", "-subj", "/CN=private-oid-test"])
+        .args(["-addext", "1.3.6.1.4.1.99999.7=DER:0500"])
+        .args(["-addext", "1.3.6.1.4.1.99999.8=critical,DER:020101"])
+        .args(["-addext", "keyUsage=critical,digitalSignature"])
+        .args(["-outform", "DER", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let der = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    Some(der)
 }

@@ -1,4 +1,4 @@
-//! The draft's test vectors, byte for byte (see testdata/README.md for sources).
+//! The draft's (-20) test vectors, byte for byte (see testdata/README.md for sources).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -10,15 +10,14 @@ use der::{Decode, Encode};
 
 #[test]
 fn rfc7925_der_to_c509_type3_byte_for_byte() {
+    // Draft -20 Appendix A.1: the type-3 example is the CBOR array C509Certificate.
     let der = vector("rfc7925.der");
     let want = vector("rfc7925.c509");
-    assert_eq!((der.len(), want.len()), (316, 140));
+    assert_eq!((der.len(), want.len()), (316, 141));
+    assert_eq!(want[0], 0x8b, "array of 11 items");
     let got = c509::certificate_der_to_c509(&der).unwrap();
     assert_eq!(hex::encode(&got), hex::encode(&want));
-    assert_cert_sequence(&got);
-    let arr = c509::certificate_der_to_c509_array(&der).unwrap();
-    assert_eq!(arr.len(), 141);
-    assert_cddl("C509Certificate", &arr);
+    assert_c509_certificate(&got);
 }
 
 #[test]
@@ -26,16 +25,35 @@ fn rfc7925_c509_type3_to_der_byte_for_byte() {
     let der = vector("rfc7925.der");
     let c = vector("rfc7925.c509");
     assert_eq!(c509::certificate_c509_to_der(&c).unwrap(), der);
-    // The array form converts back too.
+    // Parse and re-encode is the identity.
+    assert_eq!(C509Certificate::from_array(&c).unwrap().to_array(), c);
+}
+
+#[test]
+fn draft18_sequence_form_is_refused_on_the_wire() {
+    // -18's 140-byte ~C509Certificate (the -20 bytes without the array header) is
+    // no longer a wire form: the converter and COSE_C509 refuse it.
+    let c = vector("rfc7925.c509");
+    let seq = &c[1..];
+    assert!(c509::certificate_c509_to_der(seq).is_err());
+    let native = vector("rfc7925-native.c509");
+    assert!(
+        c509::verify_native_certificate(&native[1..], &vector("rfc7925-issuerPublicKey")).is_err()
+    );
+    // -18's C509CertData: 58 8C + the native sequence.
+    let mut old_cert_data = vec![0x58, 0x8c];
+    old_cert_data.extend_from_slice(&native[1..]);
+    assert!(cose::decode_cose_c509(&old_cert_data).is_err());
+    // The model still reads the sequence (it is how the TBS is signed).
     assert_eq!(
-        c509::certificate_c509_to_der(&wrap_array(&c, 11)).unwrap(),
-        der
+        C509Certificate::from_sequence(seq).unwrap(),
+        C509Certificate::from_array(&c).unwrap()
     );
 }
 
 #[test]
 fn rfc7925_type3_fields_match_the_draft_annotation() {
-    let c = C509Certificate::from_sequence(&vector("rfc7925.c509")).unwrap();
+    let c = C509Certificate::from_array(&vector("rfc7925.c509")).unwrap();
     assert_eq!(c.tbs.serial_number, vec![0x01, 0xf5, 0x0d]);
     assert_eq!(c.tbs.not_before, 1_672_531_200);
     assert_eq!(c.tbs.not_after, Some(1_767_225_600));
@@ -53,6 +71,7 @@ fn rfc7925_type3_fields_match_the_draft_annotation() {
 #[test]
 fn rfc7925_native_signature_verifies_with_the_issuer_key() {
     let native = vector("rfc7925-native.c509");
+    assert_eq!((native.len(), native[0]), (141, 0x8b));
     let issuer_pub = vector("rfc7925-issuerPublicKey");
     // The given private key derives the given compressed public key.
     let sk = p256::ecdsa::SigningKey::from_slice(&vector("rfc7925-issuerPrivateKey")).unwrap();
@@ -62,11 +81,12 @@ fn rfc7925_native_signature_verifies_with_the_issuer_key() {
     );
     let c = c509::verify_native_certificate(&native, &issuer_pub).unwrap();
     assert_eq!(c.tbs.certificate_type, 2);
-    // The signed TBS is the 74-byte CBOR sequence before the signature (58 40).
-    assert_eq!(c.tbs.to_cbor_sequence(), native[..74].to_vec());
+    // The signed TBS is the 74-byte CBOR sequence between the array header and the
+    // signature (58 40 ...).
+    assert_eq!(c.tbs.to_cbor_sequence(), native[1..75].to_vec());
     // Tampering breaks it.
     let mut bad = native.clone();
-    bad[4] ^= 1; // serial number byte
+    bad[5] ^= 1; // serial number byte
     let r = c509::verify_native_certificate(&bad, &issuer_pub);
     assert!(matches!(r, Err(ConvertError::BadSignature)), "{r:?}");
     // A native certificate has no DER form.
@@ -74,19 +94,19 @@ fn rfc7925_native_signature_verifies_with_the_issuer_key() {
         c509::certificate_c509_to_der(&native),
         Err(ConvertError::WrongType { found: 2, .. })
     ));
-    assert_cert_sequence(&native);
+    assert_c509_certificate(&native);
 }
 
 #[test]
 fn rfc7925_native_tbs_is_derived_from_the_x509_tbs() {
-    // Appendix A.1.2: identical to the type-3 example except type, point
+    // Appendix A.1: identical to the type-3 example except type, point
     // compression prefix and signature.
     let der = x509_cert::Certificate::from_der(&vector("rfc7925.der")).unwrap();
     let tbs = c509::tbs_from_x509(&der.tbs_certificate, 2).unwrap();
     let native = vector("rfc7925-native.c509");
     assert_eq!(
         hex::encode(tbs.to_cbor_sequence()),
-        hex::encode(&native[..74])
+        hex::encode(&native[1..75])
     );
 }
 
@@ -101,8 +121,8 @@ fn native_issuance_signs_and_verifies() {
         s.to_der().as_bytes().to_vec()
     })
     .unwrap();
-    assert_eq!(out.len(), 140);
-    assert_cert_sequence(&out);
+    assert_eq!((out.len(), out[0]), (141, 0x8b));
+    assert_c509_certificate(&out);
     c509::verify_native_certificate(&out, &vector("rfc7925-issuerPublicKey")).unwrap();
     // Type 3 TBS is refused.
     let t3 = c509::tbs_from_x509(&der.tbs_certificate, 3).unwrap();
@@ -110,27 +130,30 @@ fn native_issuance_signs_and_verifies() {
 }
 
 #[test]
-fn rfc7925_native_array_and_cert_data_wrappings() {
+fn rfc7925_native_cert_data_is_the_array_in_a_byte_string() {
+    // Draft -20: C509CertData = bytes .cbor C509Certificate, "58 8D" + the array.
     let native = vector("rfc7925-native.c509");
-    let c = C509Certificate::from_sequence(&native).unwrap();
-    assert_eq!(c.to_array(), vector("rfc7925-native-array.c509"));
     let cose = cose::cose_c509_chain(std::slice::from_ref(&native)).unwrap();
-    assert_eq!(cose, vector("rfc7925-native-certdata.c509"));
-    assert_eq!(cose.len(), 142);
+    assert_eq!(
+        hex::encode(&cose),
+        hex::encode(vector("rfc7925-native-certdata.c509"))
+    );
+    assert_eq!(cose.len(), 143);
+    assert_eq!(&cose[..3], &[0x58, 0x8d, 0x8b]);
     assert_cose_c509(&cose);
     assert_eq!(cose::decode_cose_c509(&cose).unwrap(), vec![native]);
 }
 
 #[test]
-fn ieee8021ar_der_577_to_c509_275_and_back() {
+fn ieee8021ar_der_577_to_c509_276_and_back() {
     let der = vector("ieee8021ar.der");
     let want = vector("ieee8021ar.c509");
-    assert_eq!((der.len(), want.len()), (577, 275));
+    assert_eq!((der.len(), want.len()), (577, 276));
     let got = c509::certificate_der_to_c509(&der).unwrap();
     assert_eq!(hex::encode(&got), hex::encode(&want));
-    assert_cert_sequence(&got);
+    assert_c509_certificate(&got);
     assert_eq!(c509::certificate_c509_to_der(&want).unwrap(), der);
-    let c = C509Certificate::from_sequence(&want).unwrap();
+    let c = C509Certificate::from_array(&want).unwrap();
     assert_eq!(c.tbs.not_after, None, "99991231235959Z is null");
     let hw = c.tbs.extensions.iter().find_map(|e| match &e.value {
         c509::ExtensionValue::SubjectAltName(g) => g.first().cloned(),
@@ -209,10 +232,7 @@ fn c509tv_key_matches_the_request() {
 #[test]
 fn describe_reports_sizes() {
     let d = c509::describe(&vector("rfc7925.c509")).unwrap();
-    assert!(
-        d.contains("~C509Certificate (CBOR sequence), 140 bytes"),
-        "{d}"
-    );
+    assert!(d.contains("C509Certificate (CBOR array), 141 bytes"), "{d}");
     assert!(d.contains("issuerSignatureValue: 64 B"), "{d}");
     let d = c509::describe(&vector("ieee8021ar.c509")).unwrap();
     assert!(d.contains("notAfter: null"), "{d}");
@@ -220,11 +240,16 @@ fn describe_reports_sizes() {
     assert!(d.contains("C509CertificationRequest, 164 bytes"), "{d}");
     let d = c509::describe(&vector("rfc7925-native-certdata.c509")).unwrap();
     assert!(
-        d.contains("COSE_C509 with 1 certificate(s), 142 bytes"),
+        d.contains("COSE_C509 with 1 certificate(s), 143 bytes"),
         "{d}"
     );
-    let d = c509::describe(&vector("rfc7925-native-array.c509")).unwrap();
-    assert!(d.contains("C509Certificate (CBOR array), 141 bytes"), "{d}");
+    assert!(
+        d.contains("certificate #0: C509Certificate, 141 bytes"),
+        "{d}"
+    );
+    // -18's sequence form is still described, and labelled as such.
+    let d = c509::describe(&vector("rfc7925.c509")[1..]).unwrap();
+    assert!(d.contains("the draft -18 form), 140 bytes"), "{d}");
 }
 
 #[test]
@@ -232,19 +257,27 @@ fn cddl_validator_rejects_wrong_items() {
     // The CDDL tie is real: broken items fail validation.
     let c = vector("rfc7925.c509");
     assert!(
-        check_cddl("C509Certificate", &c).is_err(),
+        check_cddl("C509Certificate", &c[1..]).is_err(),
         "a bare sequence is not the array"
     );
-    let mut arr = wrap_array(&c, 11);
+    let mut arr = c.clone();
     arr[1] = 0x60; // type as text ""
     assert!(check_cddl("C509Certificate", &arr).is_err());
-    assert!(check_cddl("C509CertificationRequest", &wrap_array(&c, 11)).is_err());
+    assert!(check_cddl("C509CertificationRequest", &c).is_err());
+    // COSE_C509: the byte string must hold the array (.cbor), not -18's sequence.
+    let mut old = vec![0x58, 0x8c];
+    old.extend_from_slice(&c[1..]);
+    assert!(check_cddl("COSE_C509", &old).is_err());
+    let mut new = vec![0x58, 0x8d];
+    new.extend_from_slice(&c);
+    assert!(check_cddl("COSE_C509", &new).is_ok());
     assert!(check_cddl("multipart-core", &[0x82, 0x19, 0x01, 0x1c, 0x01]).is_err());
 }
 
 #[test]
-fn rfc7925_cose_sizes_match_draft_section_6_2() {
-    // draft -18 Section 6.2 figure: COSE_X509 319 bytes vs COSE_C509 142 bytes.
+fn rfc7925_cose_sizes() {
+    // Draft -18 Section 6.2 gave COSE_X509 319 bytes vs COSE_C509 142 bytes; with
+    // -20's C509CertData (the array in a byte string) COSE_C509 is one byte more.
     let der = vector("rfc7925.der");
     assert_eq!(
         cose::cose_x509_chain(std::slice::from_ref(&der))
@@ -253,6 +286,6 @@ fn rfc7925_cose_sizes_match_draft_section_6_2() {
         319
     );
     let c = cose::cose_c509_chain_from_der(&[der]).unwrap();
-    assert_eq!(c.len(), 142);
+    assert_eq!(c.len(), 143);
     assert_cose_c509(&c);
 }

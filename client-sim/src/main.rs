@@ -46,8 +46,10 @@ fn parse_block_size(s: &str) -> Result<u8, String> {
 enum CertEncoding {
     /// DER X.509 (RFC 9148).
     Der,
-    /// C509 (draft-ietf-cose-cbor-encoded-cert): requests as C509 (CF 65004), certificates
-    /// asked for as COSE_C509 (CF 65003); compare bytes per enrollment with `der`.
+    /// C509 (draft-ietf-cose-cbor-encoded-cert-20): requests as C509 (CF 65004), the
+    /// enrolled certificate as application/cose-c509-cert+cbor (CF 65003), /crts as
+    /// application/cose-c509+cbor (COSE_C509, CF 65015); compare bytes per enrollment with
+    /// `der`.
     C509,
 }
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use cbor_schemas::c509::{
     CONTENT_FORMAT_C509_CERT_DEFAULT as CF_C509_CERT,
     CONTENT_FORMAT_C509_PKCS10_DEFAULT as CF_C509_PKCS10,
+    CONTENT_FORMAT_COSE_C509_DEFAULT as CF_COSE_C509,
 };
 use est_proto::coap::{ClientError, Method, Request, Response, ResponseType};
 use est_proto::est::{code_text, CF_PKCS10, CF_PKCS7_CERTS_ONLY, CF_PKIX_CERT};
@@ -39,16 +40,27 @@ pub enum CertFormat {
     Pkcs7,
     /// application/pkix-cert (287): the single DER certificate.
     PkixCert,
-    /// application/cose-c509-cert: COSE_C509, certificates re-encoded as C509 type 3.
+    /// C509 (draft-ietf-cose-cbor-encoded-cert-20), certificates re-encoded as type 3:
+    /// application/cose-c509-cert+cbor (one C509Certificate) from /sen and /sren,
+    /// application/cose-c509+cbor (COSE_C509, a bag) from /crts.
     C509,
 }
 
 impl CertFormat {
+    /// The Accept of /sen and /sren (one certificate).
     pub fn content_format(self) -> u16 {
         match self {
             CertFormat::Pkcs7 => CF_PKCS7_CERTS_ONLY,
             CertFormat::PkixCert => CF_PKIX_CERT,
             CertFormat::C509 => CF_C509_CERT,
+        }
+    }
+
+    /// The Accept of /crts (the Explicit TA database: a bag for C509).
+    pub fn crts_content_format(self) -> u16 {
+        match self {
+            CertFormat::C509 => CF_COSE_C509,
+            other => other.content_format(),
         }
     }
 }
@@ -601,7 +613,7 @@ impl Meter {
                 path: self.paths.crts.clone(),
                 query: Vec::new(),
                 content_format: None,
-                accept,
+                accept: Some(self.config.accept.crts_content_format()),
                 payload: Vec::new(),
             },
             EstExchange::Enroll | EstExchange::ReEnroll => Request {
@@ -814,7 +826,10 @@ impl Meter {
     fn certs_of(&self, response: &Response) -> Result<Vec<Vec<u8>>, String> {
         match response.content_format {
             Some(CF_PKIX_CERT) => Ok(vec![response.payload.clone()]),
-            Some(CF_C509_CERT) => {
+            Some(CF_C509_CERT) => cbor_schemas::c509::certificate_c509_to_der(&response.payload)
+                .map(|der| vec![der])
+                .map_err(|e| e.to_string()),
+            Some(CF_COSE_C509) => {
                 let c509 = cbor_schemas::cose::decode_cose_c509(&response.payload)
                     .map_err(|e| e.to_string())?;
                 c509.iter()

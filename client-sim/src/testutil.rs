@@ -186,7 +186,7 @@ pub mod server {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
-    use est_proto::coap::{CoapConfig, Incoming, ServerSession};
+    use est_proto::coap::{CoapConfig, ServerSession};
     use rand::SeedableRng;
     use webrtc_dtls::cipher_suite::CipherSuiteId;
     use webrtc_dtls::config::{ClientAuthType, Config, ExtendedMasterSecretType};
@@ -254,15 +254,12 @@ pub mod server {
                     let mut session = ServerSession::new(Arc::new(CoapConfig::default()));
                     let mut buf = vec![0u8; 4096];
                     while let Ok(n) = conn.recv(&mut buf).await {
-                        let out = match session.handle_datagram(Instant::now(), &buf[..n]) {
-                            Incoming::Send(d) => vec![d],
-                            Incoming::Request(id, req) => {
-                                let resp = est.lock().unwrap().handle(&req);
-                                session.respond(Instant::now(), id, resp)
-                            }
-                            Incoming::Ignore => Vec::new(),
-                        };
-                        for d in out {
+                        if let Some((id, req)) = session.handle_datagram(Instant::now(), &buf[..n])
+                        {
+                            let resp = est.lock().unwrap().handle(&req);
+                            session.respond(Instant::now(), id, resp);
+                        }
+                        while let Some(d) = session.poll_transmit() {
                             if conn.send(&d).await.is_err() {
                                 return;
                             }

@@ -8,11 +8,11 @@ use client_sim::dtls::DtlsBackend;
 
 use crate::steps::Transport;
 
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     client_sim::cli::parse_duration(s, Duration::from_secs(3600))
 }
 
-pub fn parse_step(s: &str) -> Result<usize, String> {
+pub(crate) fn parse_step(s: &str) -> Result<usize, String> {
     match s.trim().parse::<usize>() {
         Ok(c) if (1..=100_000).contains(&c) => Ok(c),
         _ => Err(format!("`{s}`: a step is 1..=100000 meters")),
@@ -29,7 +29,7 @@ pub fn parse_step(s: &str) -> Result<usize, String> {
 /// stayed up; 1 otherwise; 2 on bad arguments.
 #[derive(Debug, Parser)]
 #[command(name = "loadtest", version)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     pub cmd: Option<Cmd>,
     /// Concurrent meters per step (closed loop).
@@ -138,13 +138,13 @@ pub struct Cli {
 
 /// `--store`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum StoreKind {
+pub(crate) enum StoreKind {
     Sqlite,
     Postgres,
 }
 
 impl Cli {
-    pub fn transport(&self) -> Transport {
+    pub(crate) fn transport(&self) -> Transport {
         if self.direct_udp {
             Transport::Direct
         } else {
@@ -155,7 +155,7 @@ impl Cli {
 
 /// `--ca-key`: where the issuing CA's private key is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum CaKey {
+pub(crate) enum CaKey {
     /// A key file, signatures by ring.
     #[default]
     File,
@@ -165,7 +165,7 @@ pub enum CaKey {
 
 impl CaKey {
     /// How reports name it.
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             CaKey::File => "file (ring)",
             CaKey::Softhsm => "SoftHSM2 token (PKCS#11)",
@@ -174,7 +174,7 @@ impl CaKey {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Cmd {
+pub(crate) enum Cmd {
     /// Run the in-memory core path of N enrollments (what callgrind counts) and print its time.
     CoreBench {
         #[arg(long, default_value_t = 20)]

@@ -57,7 +57,7 @@ struct HandshakeKeys {
 }
 
 /// The server core, set up once.
-pub struct CoreBench {
+pub(crate) struct CoreBench {
     est: Arc<EstService>,
     store: Arc<MemoryStore>,
     coap: Arc<CoapConfig>,
@@ -68,7 +68,7 @@ pub struct CoreBench {
 
 impl CoreBench {
     /// Builds an issuing CA, a manufacturer CA and `n` meters with their CSRs, seeded.
-    pub fn new(n: usize, seed: u64) -> Result<Self> {
+    pub(crate) fn new(n: usize, seed: u64) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let now = SystemTime::now();
         let nb = now.checked_sub(Duration::from_secs(3600)).unwrap_or(now);
@@ -144,7 +144,7 @@ impl CoreBench {
     }
 
     /// Runs every prepared enrollment; fails if any is not answered 2.05 / 2.01.
-    pub fn run_all(&mut self) -> Result<()> {
+    pub(crate) fn run_all(&mut self) -> Result<()> {
         for i in 0..self.meters.len() {
             enroll_once(self, i)?;
         }
@@ -188,7 +188,7 @@ fn exchange(
 /// One full enrollment's server-side CPU path (see the module docs). Not inlined, so that
 /// callgrind's `--toggle-collect=*enroll_once*` counts exactly this.
 #[inline(never)]
-pub fn enroll_once(bench: &mut CoreBench, i: usize) -> Result<()> {
+pub(crate) fn enroll_once(bench: &mut CoreBench, i: usize) -> Result<()> {
     // Handshake public-key operations (server side).
     let hs = &bench.hs;
     let ske = hs.server_key.sign(&hs.rng, black_box(&[1u8; 150]));
@@ -238,7 +238,7 @@ pub fn enroll_once(bench: &mut CoreBench, i: usize) -> Result<()> {
 }
 
 /// Runs the core path of `iterations` enrollments natively; microseconds per enrollment.
-pub fn run_native(iterations: usize) -> Result<f64> {
+pub(crate) fn run_native(iterations: usize) -> Result<f64> {
     let mut b = CoreBench::new(iterations, 0xbe9c)?;
     let t = Instant::now();
     b.run_all()?;
@@ -247,7 +247,7 @@ pub fn run_native(iterations: usize) -> Result<f64> {
 
 /// Instruction counts of the core path.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct CallgrindResult {
+pub(crate) struct CallgrindResult {
     pub iterations: u64,
     /// Instructions executed inside `enroll_once`, summed.
     pub instructions: u64,
@@ -258,7 +258,7 @@ pub struct CallgrindResult {
 }
 
 /// Parses the `summary:` (or `totals:`) line of a callgrind output file.
-pub fn parse_callgrind_total(text: &str) -> Option<u64> {
+pub(crate) fn parse_callgrind_total(text: &str) -> Option<u64> {
     text.lines()
         .rev()
         .find_map(|l| {
@@ -270,7 +270,11 @@ pub fn parse_callgrind_total(text: &str) -> Option<u64> {
 }
 
 /// Runs `exe core-bench --iterations N` under valgrind callgrind, collecting only `enroll_once`.
-pub fn run_callgrind(exe: &Path, iterations: u64, out_dir: &Path) -> Result<CallgrindResult> {
+pub(crate) fn run_callgrind(
+    exe: &Path,
+    iterations: u64,
+    out_dir: &Path,
+) -> Result<CallgrindResult> {
     let out_file = out_dir.join("callgrind.core.out");
     let args = vec![
         "--tool=callgrind".to_string(),

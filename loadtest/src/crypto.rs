@@ -22,16 +22,16 @@ use serde::{Deserialize, Serialize};
 /// Server-side operations per full enrollment, by the model of the issue: handshake
 /// (ServerKeyExchange sign, client certificate verify, CertificateVerify verify, ECDHE) and EST
 /// (CSR verify, certificate sign).
-pub const MODEL_SIGNS: u32 = 2;
-pub const MODEL_VERIFIES: u32 = 3;
-pub const MODEL_ECDH: u32 = 1;
+pub(crate) const MODEL_SIGNS: u32 = 2;
+pub(crate) const MODEL_VERIFIES: u32 = 3;
+pub(crate) const MODEL_ECDH: u32 = 1;
 /// As implemented: CertificateVerify (webrtc-dtls), the client chain (once, by our handshake
 /// verifier; the EST policy reuses the result) and the CSR's proof of possession.
-pub const IMPLEMENTED_VERIFIES: u32 = 3;
+pub(crate) const IMPLEMENTED_VERIFIES: u32 = 3;
 
 /// One measured operation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct OpCost {
+pub(crate) struct OpCost {
     pub name: String,
     pub backend: String,
     pub iterations: u64,
@@ -41,7 +41,7 @@ pub struct OpCost {
 
 /// The crypto ceiling of one full enrollment on this machine.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Ceiling {
+pub(crate) struct Ceiling {
     pub sign: OpCost,
     pub verify: OpCost,
     pub ecdh: OpCost,
@@ -86,7 +86,7 @@ fn time_op(name: &str, backend: &str, budget: Duration, mut op: impl FnMut()) ->
 }
 
 /// Measures sign, verify and ECDH for `budget` each (single thread) and derives the ceiling.
-pub fn measure(budget: Duration, server_cores: f64) -> Result<Ceiling> {
+pub(crate) fn measure(budget: Duration, server_cores: f64) -> Result<Ceiling> {
     let rng = SystemRandom::new();
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
         .map_err(|_| anyhow::anyhow!("ring: key generation failed"))?;

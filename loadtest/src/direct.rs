@@ -20,7 +20,7 @@ use webrtc_util::conn::Conn;
 
 /// Datagram and byte counters of one meter (all its sessions), up = meter -> server.
 #[derive(Debug, Default)]
-pub struct Counters {
+pub(crate) struct Counters {
     pub up_bytes: AtomicU64,
     pub up_datagrams: AtomicU64,
     pub down_bytes: AtomicU64,
@@ -28,27 +28,27 @@ pub struct Counters {
 }
 
 impl Counters {
-    pub fn bytes(&self) -> (u64, u64) {
+    pub(crate) fn bytes(&self) -> (u64, u64) {
         (
             self.up_bytes.load(Ordering::Relaxed),
             self.down_bytes.load(Ordering::Relaxed),
         )
     }
 
-    pub fn datagrams(&self) -> u64 {
+    pub(crate) fn datagrams(&self) -> u64 {
         self.up_datagrams.load(Ordering::Relaxed) + self.down_datagrams.load(Ordering::Relaxed)
     }
 }
 
 /// A UDP socket connected to the server, counting what passes.
-pub struct CountingUdp {
+pub(crate) struct CountingUdp {
     socket: UdpSocket,
     server: SocketAddr,
     counters: Arc<Counters>,
 }
 
 impl CountingUdp {
-    pub async fn connect(
+    pub(crate) async fn connect(
         server: SocketAddr,
         counters: Arc<Counters>,
     ) -> std::io::Result<Arc<CountingUdp>> {

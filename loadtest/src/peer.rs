@@ -21,10 +21,10 @@ use crate::server::{self, command_pinned, ChildServer};
 use crate::steps::{self, Mode, StepConfig, Target};
 
 /// The program we compare against.
-pub const LIBCOAP_SERVER: &str = "coap-server-openssl";
+pub(crate) const LIBCOAP_SERVER: &str = "coap-server-openssl";
 
 /// Starts `coap-server-openssl` on 127.0.0.1:`port` (coaps on `port + 1`).
-pub fn start_libcoap(
+pub(crate) fn start_libcoap(
     bin: &Path,
     port: u16,
     cert_pem: &Path,
@@ -65,14 +65,14 @@ pub fn start_libcoap(
 }
 
 /// The command line, for the report.
-pub fn describe(port: u16) -> String {
+pub(crate) fn describe(port: u16) -> String {
     format!(
         "{LIBCOAP_SERVER} -A 127.0.0.1 -p {port} -c DATA/dtls/server.pem -j DATA/dtls/server.key -R DATA/manufacturers/demo-manufacturer-ca.pem -v 3"
     )
 }
 
 /// The side-by-side comparison: ours, then libcoap, doing handshake + GET /.well-known/core.
-pub async fn compare_peer(
+pub(crate) async fn compare_peer(
     cli: &Cli,
     setup: &Setup,
     out: &Path,

@@ -10,7 +10,7 @@ use crate::server;
 use crate::steps::StepResult;
 
 /// `perf record -g` on the server for the step's window (started after the warm-up).
-pub fn start_perf(
+pub(crate) fn start_perf(
     pid: u32,
     out: &Path,
     stem: &str,
@@ -38,7 +38,7 @@ pub fn start_perf(
 }
 
 /// Waits for `perf record`, writes OUT/STEM-report.txt and returns the step's profile.
-pub fn finish_perf(
+pub(crate) fn finish_perf(
     h: std::thread::JoinHandle<Result<()>>,
     out: &Path,
     stem: &str,
@@ -75,7 +75,7 @@ pub fn finish_perf(
 }
 
 /// "PATH (component 12.3%, ...)" for the report's notes.
-pub fn perf_summary(p: &PerfProfile) -> String {
+pub(crate) fn perf_summary(p: &PerfProfile) -> String {
     let parts: Vec<String> = p
         .components
         .iter()
@@ -85,7 +85,7 @@ pub fn perf_summary(p: &PerfProfile) -> String {
 }
 
 /// Groups a flat `perf report --sort dso,symbol` by where the time goes.
-pub fn perf_categories(report: &str) -> Vec<(String, f64)> {
+pub(crate) fn perf_categories(report: &str) -> Vec<(String, f64)> {
     let mut acc: std::collections::BTreeMap<&'static str, f64> = std::collections::BTreeMap::new();
     for line in report.lines() {
         let l = line.trim_start();
@@ -165,7 +165,7 @@ pub fn perf_categories(report: &str) -> Vec<(String, f64)> {
 
 /// With both profiles: per component, what a full enrollment costs the server beyond a bare
 /// handshake+GET, in ms per operation.
-pub fn est_over_handshake_note(r: &Report) -> Option<String> {
+pub(crate) fn est_over_handshake_note(r: &Report) -> Option<String> {
     let enroll = r.perf.iter().find(|p| p.mode == "enroll")?;
     let hs = r.perf.iter().find(|p| p.mode == "discover")?;
     if enroll.concurrency != hs.concurrency {

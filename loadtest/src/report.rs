@@ -12,7 +12,7 @@ use crate::steps::{HoldResult, StepResult};
 
 /// The machine the run happened on.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct Machine {
+pub(crate) struct Machine {
     pub cpus: usize,
     pub cpu_model: String,
     pub mem_total_gib: f64,
@@ -24,7 +24,7 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn detect() -> Machine {
+    pub(crate) fn detect() -> Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu_model = cpuinfo
             .lines()
@@ -49,7 +49,7 @@ impl Machine {
 }
 
 /// The 1, 5 and 15 minute load averages.
-pub fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
@@ -57,7 +57,7 @@ pub fn loadavg() -> String {
 
 /// Our server and libcoap doing the same exchange in the same run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct PeerComparison {
+pub(crate) struct PeerComparison {
     pub concurrency: usize,
     pub ours: Option<StepResult>,
     pub libcoap: Option<StepResult>,
@@ -75,7 +75,7 @@ pub struct PeerComparison {
 
 /// A perf profile of the server during one step, grouped by component.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct PerfProfile {
+pub(crate) struct PerfProfile {
     /// Which step: "enroll" (closed loop) or "discover" (our handshake+GET).
     pub mode: String,
     pub concurrency: usize,
@@ -89,7 +89,7 @@ pub struct PerfProfile {
 
 impl PerfProfile {
     /// Each component's share of the step's server CPU per operation, in ms.
-    pub fn ms_per_op(&self) -> Vec<(String, f64)> {
+    pub(crate) fn ms_per_op(&self) -> Vec<(String, f64)> {
         let per_op = self.server_cpu_ms_per_op.unwrap_or(0.0);
         self.components
             .iter()
@@ -100,7 +100,7 @@ impl PerfProfile {
 
 /// Where a full enrollment's server CPU beyond a bare handshake+GET goes: per component, the
 /// enrollment step's ms per op minus the handshake+GET step's (largest difference first).
-pub fn est_over_handshake(enroll: &PerfProfile, hs: &PerfProfile) -> Vec<(String, f64)> {
+pub(crate) fn est_over_handshake(enroll: &PerfProfile, hs: &PerfProfile) -> Vec<(String, f64)> {
     let mut diff: std::collections::BTreeMap<String, f64> = std::collections::BTreeMap::new();
     for (name, ms) in enroll.ms_per_op() {
         *diff.entry(name).or_default() += ms;
@@ -115,7 +115,7 @@ pub fn est_over_handshake(enroll: &PerfProfile, hs: &PerfProfile) -> Vec<(String
 
 /// A target of the issue and whether this run met it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TargetCheck {
+pub(crate) struct TargetCheck {
     pub name: String,
     pub target: String,
     pub measured: String,
@@ -126,7 +126,7 @@ pub struct TargetCheck {
 
 /// Everything one run produced.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct Report {
+pub(crate) struct Report {
     pub run_id: String,
     pub date_utc: String,
     pub command: String,
@@ -175,7 +175,7 @@ pub struct Report {
 
 /// One row of the storage comparison.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct StoreRow {
+pub(crate) struct StoreRow {
     /// `sqlite` or `postgres`.
     pub store: String,
     pub nodes: usize,
@@ -185,7 +185,7 @@ pub struct StoreRow {
 }
 
 /// The storage comparison as a text table (empty without one).
-pub fn render_store_table(r: &Report) -> String {
+pub(crate) fn render_store_table(r: &Report) -> String {
     let mut o = String::new();
     if r.store_comparison.is_empty() {
         return o;
@@ -234,7 +234,7 @@ fn fmt_opt(v: Option<f64>, prec: usize) -> String {
 
 /// The stdout table.
 /// "load generator: client-sim, openssl DTLS client (TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8)".
-pub fn load_generator(r: &Report) -> String {
+pub(crate) fn load_generator(r: &Report) -> String {
     let backend = if r.client_dtls.is_empty() {
         "webrtc"
     } else {
@@ -248,7 +248,7 @@ pub fn load_generator(r: &Report) -> String {
     format!("load generator: client-sim, {backend} DTLS client (TLS_ECDHE_ECDSA_WITH_{suite})")
 }
 
-pub fn render_table(r: &Report) -> String {
+pub(crate) fn render_table(r: &Report) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "{}", load_generator(r));
     if !r.ca_key.is_empty() {
@@ -512,8 +512,7 @@ fn plot_cdf(r: &Report, out: &mut String) -> PlotResult {
         .x_desc("latency, ms (log)")
         .y_desc("fraction")
         .draw()?;
-    for (i, s) in steps.iter().enumerate() {
-        let color = PALETTE[i % PALETTE.len()];
+    for (s, &color) in steps.iter().zip(PALETTE.iter().cycle()) {
         chart
             .draw_series(LineSeries::new(
                 s.latency.cdf.iter().map(|&(x, q)| (x.max(min_x), q)),
@@ -616,7 +615,7 @@ fn esc(s: &str) -> String {
 }
 
 /// The self-contained HTML report (inline SVG, no scripts, no external resources).
-pub fn render_html(r: &Report) -> String {
+pub(crate) fn render_html(r: &Report) -> String {
     let mut svgs = Vec::new();
     for f in [plot_throughput, plot_cdf, plot_cpu] {
         let mut s = String::new();

@@ -25,7 +25,7 @@ fn now_strings() -> (String, String) {
 }
 
 /// Re-executes this program under `taskset -c CPUS` (once).
-pub fn reexec_pinned(cpus: &str) -> Result<ExitCode> {
+pub(crate) fn reexec_pinned(cpus: &str) -> Result<ExitCode> {
     let exe = std::env::current_exe()?;
     let status = std::process::Command::new("taskset")
         .arg("-c")
@@ -42,7 +42,7 @@ pub fn reexec_pinned(cpus: &str) -> Result<ExitCode> {
     })
 }
 
-pub fn cpu_count(list: &str) -> f64 {
+pub(crate) fn cpu_count(list: &str) -> f64 {
     // "0", "0,1", "0-3", "0-1,4".
     list.split(',')
         .map(|p| match p.split_once('-') {
@@ -55,7 +55,7 @@ pub fn cpu_count(list: &str) -> f64 {
         .sum()
 }
 
-pub struct Setup {
+pub(crate) struct Setup {
     pub target: Target,
     pub server: Option<ChildServer>,
     pub data_dir: Option<PathBuf>,
@@ -163,7 +163,7 @@ fn server_alive(setup: &mut Setup) -> bool {
     setup.server.as_mut().is_none_or(ChildServer::alive)
 }
 
-pub fn warmup_of(d: Duration) -> Duration {
+pub(crate) fn warmup_of(d: Duration) -> Duration {
     (d / 5).min(Duration::from_secs(2))
 }
 
@@ -205,7 +205,7 @@ impl Plan {
     }
 }
 
-pub async fn run(cli: Cli) -> Result<bool> {
+pub(crate) async fn run(cli: Cli) -> Result<bool> {
     let (date, run_id) = now_strings();
     let out = cli
         .out
@@ -430,13 +430,19 @@ async fn store_comparison(
                 return false;
             }
         };
+        let Some((first, more)) = children.split_first() else {
+            report
+                .notes
+                .push(format!("storage comparison: x{n} started no est-server"));
+            return false;
+        };
         let target = steps::Target {
             name: format!("est-server x{n} on postgres"),
-            addr: children[0].addr,
+            addr: first.addr,
             devices: setup.target.devices.clone(),
             trust_anchors_der: setup.target.trust_anchors_der.clone(),
-            pid: Some(children[0].pid()),
-            more_nodes: children[1..].iter().map(|c| (c.addr, c.pid())).collect(),
+            pid: Some(first.pid()),
+            more_nodes: more.iter().map(|c| (c.addr, c.pid())).collect(),
             db_postmaster: postmaster,
         };
         let label = format!("postgres x{n}, batch {max_batch}, {c} meters");

@@ -11,7 +11,7 @@ use client_sim::fleet::parse_status_kb;
 
 /// CPU time and memory of a process, from /proc (Linux).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ProcSample {
+pub(crate) struct ProcSample {
     /// utime + stime, seconds.
     pub cpu_s: f64,
     pub rss_kb: u64,
@@ -20,7 +20,7 @@ pub struct ProcSample {
 }
 
 /// Clock ticks per second for /proc/<pid>/stat (`getconf CLK_TCK`; 100 on Linux in practice).
-pub fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()
@@ -33,7 +33,7 @@ pub fn clock_ticks() -> f64 {
 
 /// utime + stime in ticks from the text of /proc/<pid>/stat. The command name (field 2) may
 /// contain spaces and parentheses, so fields are counted after the last ')'.
-pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
+pub(crate) fn parse_stat_ticks(stat: &str) -> Option<u64> {
     let rest = stat.get(stat.rfind(')')? + 1..)?;
     let mut f = rest.split_whitespace();
     // After ')' come field 3 (state) ... ; utime is field 14, stime field 15.
@@ -44,13 +44,13 @@ pub fn parse_stat_ticks(stat: &str) -> Option<u64> {
 
 /// Busy CPU seconds of the whole machine so far (all CPUs; everything but idle and iowait),
 /// from the first line of /proc/stat.
-pub fn machine_busy_s(ticks_per_s: f64) -> Option<f64> {
+pub(crate) fn machine_busy_s(ticks_per_s: f64) -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     parse_machine_busy_ticks(stat.lines().next()?).map(|t| t as f64 / ticks_per_s)
 }
 
 /// `cpu  user nice system idle iowait irq softirq steal ...` -> busy ticks.
-pub fn parse_machine_busy_ticks(line: &str) -> Option<u64> {
+pub(crate) fn parse_machine_busy_ticks(line: &str) -> Option<u64> {
     let mut f = line.split_whitespace();
     if f.next()? != "cpu" {
         return None;
@@ -62,7 +62,7 @@ pub fn parse_machine_busy_ticks(line: &str) -> Option<u64> {
 }
 
 /// Reads CPU and memory of `pid`; `None` when the process is gone or /proc is unavailable.
-pub fn sample(pid: u32, ticks_per_s: f64) -> Option<ProcSample> {
+pub(crate) fn sample(pid: u32, ticks_per_s: f64) -> Option<ProcSample> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     Some(ProcSample {
@@ -73,7 +73,7 @@ pub fn sample(pid: u32, ticks_per_s: f64) -> Option<ProcSample> {
 }
 
 /// Copies the directory `from` (files and subdirectories) to `to`.
-pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+pub(crate) fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {
         let e = e?;
@@ -90,7 +90,7 @@ pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 
 /// The processes whose parent is `pid` (PostgreSQL's backends under its postmaster), from
 /// /proc.
-pub fn children_of(pid: u32) -> Vec<u32> {
+pub(crate) fn children_of(pid: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -107,14 +107,14 @@ pub fn children_of(pid: u32) -> Vec<u32> {
 }
 
 /// The parent pid (field 4) from the text of /proc/<pid>/stat.
-pub fn parse_stat_ppid(stat: &str) -> Option<u32> {
+pub(crate) fn parse_stat_ppid(stat: &str) -> Option<u32> {
     let rest = stat.get(stat.rfind(')')? + 1..)?;
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Finds `est-server`: an explicit path, next to our own executable (same cargo profile), or
 /// built with `cargo build --release -p est-server`.
-pub fn locate_est_server(explicit: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn locate_est_server(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         if p.is_file() {
             return Ok(p.to_path_buf());
@@ -167,7 +167,7 @@ pub fn locate_est_server(explicit: Option<&Path>) -> Result<PathBuf> {
 }
 
 /// Runs `est-server ARGS...` to completion, failing with its stderr.
-pub fn est_server_cmd(bin: &Path, args: &[&str]) -> Result<String> {
+pub(crate) fn est_server_cmd(bin: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new(bin)
         .envs(server_env())
         .args(args)
@@ -186,7 +186,7 @@ pub fn est_server_cmd(bin: &Path, args: &[&str]) -> Result<String> {
 }
 
 /// [`est_test_tools::set_config`] for edits whose values were formatted at run time.
-pub fn set_config(data_dir: &Path, edits: &[(&str, &str, String)]) -> Result<()> {
+pub(crate) fn set_config(data_dir: &Path, edits: &[(&str, &str, String)]) -> Result<()> {
     let edits: Vec<(&str, &str, &str)> = edits
         .iter()
         .map(|(section, key, value)| (*section, *key, value.as_str()))
@@ -195,19 +195,19 @@ pub fn set_config(data_dir: &Path, edits: &[(&str, &str, String)]) -> Result<()>
 }
 
 /// A server child process that is killed on drop.
-pub struct ChildServer {
+pub(crate) struct ChildServer {
     pub child: Child,
     pub addr: SocketAddr,
     pub name: String,
 }
 
 impl ChildServer {
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Whether the child is still running.
-    pub fn alive(&mut self) -> bool {
+    pub(crate) fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 }
@@ -220,7 +220,7 @@ impl Drop for ChildServer {
 }
 
 /// `taskset -c CPUS` in front of a command, when pinning was asked for.
-pub fn command_pinned(bin: &Path, cpus: Option<&str>) -> Command {
+pub(crate) fn command_pinned(bin: &Path, cpus: Option<&str>) -> Command {
     let mut cmd = match cpus {
         Some(c) => {
             let mut cmd = Command::new("taskset");
@@ -244,12 +244,12 @@ fn server_env() -> Vec<(String, String)> {
 }
 
 /// The SoftHSM2 module of Debian's softhsm2 package.
-pub const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
+pub(crate) const SOFTHSM_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
 /// `est-server init` with the issuing CA key generated on a fresh SoftHSM2 token in
 /// `out/softhsm` (its own softhsm2.conf, token "loadtest-ca", PIN in a 0600 file); every later
 /// est-server command of the run gets SOFTHSM2_CONF.
-pub fn init_with_softhsm(bin: &Path, out: &Path, data_dir: &Path) -> Result<()> {
+pub(crate) fn init_with_softhsm(bin: &Path, out: &Path, data_dir: &Path) -> Result<()> {
     if !Path::new(SOFTHSM_MODULE).exists() {
         bail!("--ca-key softhsm needs {SOFTHSM_MODULE}: apt-get install softhsm2");
     }
@@ -314,12 +314,16 @@ pub fn init_with_softhsm(bin: &Path, out: &Path, data_dir: &Path) -> Result<()> 
 }
 
 /// Starts `est-server run` on 127.0.0.1 port 0 and waits for its "listening on coaps://ADDR" line.
-pub fn start_est_server(bin: &Path, data_dir: &Path, cpus: Option<&str>) -> Result<ChildServer> {
+pub(crate) fn start_est_server(
+    bin: &Path,
+    data_dir: &Path,
+    cpus: Option<&str>,
+) -> Result<ChildServer> {
     start_est_server_named(bin, data_dir, cpus, "server.log")
 }
 
 /// [`start_est_server`] logging to `data_dir/log_name` (several nodes on one data directory).
-pub fn start_est_server_named(
+pub(crate) fn start_est_server_named(
     bin: &Path,
     data_dir: &Path,
     cpus: Option<&str>,
@@ -356,13 +360,13 @@ pub fn start_est_server_named(
 }
 
 /// Picks a free UDP port on loopback (bind port 0, read it, release it).
-pub fn free_udp_port() -> Result<u16> {
+pub(crate) fn free_udp_port() -> Result<u16> {
     let s = std::net::UdpSocket::bind("127.0.0.1:0").context("binding a probe socket")?;
     Ok(s.local_addr()?.port())
 }
 
 /// Whether a program is on PATH.
-pub use est_test_tools::find as on_path;
+pub(crate) use est_test_tools::find as on_path;
 
 #[cfg(test)]
 mod tests {

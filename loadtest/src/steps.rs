@@ -10,7 +10,7 @@
 //! exchange counts when it finishes inside the window.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use crate::server::{sample, ProcSample};
 /// How the meters' datagrams reach the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Transport {
+pub(crate) enum Transport {
     /// A plain connected UDP socket per session (see [`crate::direct`]), same driver.
     Direct,
     /// client-sim's driver and link emulator at zero delay (datagrams pass inline).
@@ -43,14 +43,14 @@ pub enum Transport {
 /// What each virtual meter does in a loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Mode {
+pub(crate) enum Mode {
     Enroll,
     Discover,
 }
 
 /// The server and the credentials to reach it.
 #[derive(Clone)]
-pub struct Target {
+pub(crate) struct Target {
     pub name: String,
     pub addr: SocketAddr,
     pub devices: Arc<Vec<DeviceIdentity>>,
@@ -104,7 +104,7 @@ struct Sample {
 
 /// Latency percentiles, milliseconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Latency {
+pub(crate) struct Latency {
     pub count: u64,
     pub mean_ms: f64,
     pub p50_ms: f64,
@@ -145,7 +145,7 @@ impl Latency {
 
 /// Figures of one step.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct StepResult {
+pub(crate) struct StepResult {
     pub target: String,
     pub mode: String,
     pub concurrency: usize,
@@ -193,7 +193,7 @@ pub struct StepResult {
 
 impl StepResult {
     /// The load generator's CPU milliseconds per successful exchange over the window.
-    pub fn client_cpu_ms_per_op(&self) -> Option<f64> {
+    pub(crate) fn client_cpu_ms_per_op(&self) -> Option<f64> {
         self.client_cpu_s
             .filter(|_| self.completed > 0)
             .map(|c| c * 1000.0 / self.completed as f64)
@@ -202,7 +202,7 @@ impl StepResult {
 
 /// Step settings shared by all steps of a run.
 #[derive(Debug, Clone)]
-pub struct StepConfig {
+pub(crate) struct StepConfig {
     pub mode: Mode,
     pub transport: Transport,
     /// The meters' DTLS client library (the load generator's).
@@ -223,7 +223,7 @@ pub struct StepConfig {
 }
 
 /// Zero-delay, loss-free link: loopback as it is, with client-sim's byte and datagram counters.
-pub fn loopback_link() -> LinkParams {
+pub(crate) fn loopback_link() -> LinkParams {
     LinkParams {
         latency: Duration::ZERO,
         jitter: Duration::ZERO,
@@ -254,6 +254,10 @@ fn meter_config() -> MeterConfig {
     }
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "constant bounds Histogram accepts (low 1, high above 2 x low, 3 significant figures)"
+)]
 fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant, valid histogram bounds")
 }
@@ -338,7 +342,7 @@ async fn discover_once(
         },
         Transport::Emulated => {
             match EmulatedConn::connect(
-                "127.0.0.1:0".parse().expect("literal"),
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
                 t.addr,
                 link.clone(),
             )
@@ -537,14 +541,14 @@ async fn one_exchange(ctx: &Ctx, seed: u64) -> Option<Sample> {
 }
 
 /// Runs one step against `t`.
-pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
+pub(crate) async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
     let ticks = crate::server::clock_ticks();
     let self_pid = std::process::id();
     let dcfg = dtls_config(t, cfg.dtls_backend);
     let driver = DriverConfig {
         server: t.addr,
         failover: t.more_nodes.iter().map(|(a, _)| *a).collect(),
-        bind: "127.0.0.1:0".parse().expect("literal"),
+        bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         dtls: dcfg.clone(),
         coap: ClientConfig::default(),
         ack_timeout_auto: false,
@@ -803,7 +807,7 @@ pub async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
 
 /// Result of the concurrent-sessions memory test.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct HoldResult {
+pub(crate) struct HoldResult {
     pub target: String,
     pub requested: usize,
     /// Sessions established and answered, then held open at once.
@@ -820,7 +824,7 @@ pub struct HoldResult {
 
 /// Opens `n` sessions (handshake + GET /.well-known/core each, `parallel` at a time), holds
 /// them all open, samples the server's memory, then closes them.
-pub async fn hold_sessions(
+pub(crate) async fn hold_sessions(
     transport: Transport,
     backend: DtlsBackend,
     t: &Target,

@@ -17,7 +17,7 @@ fn est_and_handshake_cpu(r: &Report) -> Option<(usize, f64, f64)> {
     (hs > 0.0).then_some((peer.concurrency, enroll, hs))
 }
 
-pub fn targets(r: &Report) -> Vec<TargetCheck> {
+pub(crate) fn targets(r: &Report) -> Vec<TargetCheck> {
     let mut v = Vec::new();
     let peak = r
         .steps

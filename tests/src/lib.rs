@@ -454,3 +454,98 @@ pub async fn webrtc_dtls_within(
         .await
         .map(|c| c.conn)
 }
+
+/// An IDevID for `serial` on `curve` ("P-256", "P-384"), signed (SHA-384) by the CA `ca` /
+/// `ca_key` (PEM files), made with openssl only; `extra_ext` adds extension lines (openssl
+/// x509v3 config syntax, e.g. a subjectAltName with its sections). Returns (key, chain PEM =
+/// IDevID + CA).
+pub fn openssl_idevid(
+    ca: &Path,
+    ca_key: &Path,
+    work: &Path,
+    serial: &str,
+    curve: &str,
+    extra_ext: &str,
+) -> Result<(PathBuf, PathBuf)> {
+    let key = work.join("idevid.key");
+    let csr = work.join("idevid.csr");
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        &format!("ec_paramgen_curve:{curve}"),
+        "-nodes",
+        "-keyout",
+        path_str(&key)?,
+        "-subj",
+        &format!("/CN={serial}/serialNumber={serial}"),
+        "-out",
+        path_str(&csr)?,
+    ])?;
+    let ext = work.join("idevid.ext");
+    std::fs::write(
+        &ext,
+        format!(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n{extra_ext}"
+        ),
+    )?;
+    let cert = work.join("idevid.pem");
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        path_str(&csr)?,
+        "-CA",
+        path_str(ca)?,
+        "-CAkey",
+        path_str(ca_key)?,
+        "-set_serial",
+        "0x1384",
+        "-days",
+        "3650",
+        "-sha384",
+        "-extfile",
+        path_str(&ext)?,
+        "-out",
+        path_str(&cert)?,
+    ])?;
+    let chain = work.join("idevid-chain.pem");
+    let mut pem = std::fs::read(&cert)?;
+    pem.extend(std::fs::read(ca)?);
+    std::fs::write(&chain, pem)?;
+    Ok((key, chain))
+}
+
+/// A fresh key on `curve` ("P-256", "P-384") and its DER CSR for `subject`, signed with
+/// `digest` ("-sha256", "-sha384"). Returns (key, CSR).
+pub fn openssl_csr_on(
+    work: &Path,
+    name: &str,
+    curve: &str,
+    subject: &str,
+    digest: &str,
+) -> Result<(PathBuf, PathBuf)> {
+    let key = work.join(format!("{name}.key"));
+    let csr = work.join(format!("{name}.csr.der"));
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        &format!("ec_paramgen_curve:{curve}"),
+        "-nodes",
+        digest,
+        "-keyout",
+        path_str(&key)?,
+        "-subj",
+        subject,
+        "-outform",
+        "DER",
+        "-out",
+        path_str(&csr)?,
+    ])?;
+    Ok((key, csr))
+}

@@ -9,8 +9,17 @@ use est_tests::TestServer;
 fn round_trip(name: &str, der: &[u8]) -> usize {
     let c509 = cbor_schemas::c509::certificate_der_to_c509(der)
         .unwrap_or_else(|e| panic!("{name}: DER -> C509 failed: {e}"));
+    // Draft -20: the CBOR array C509Certificate (application/cose-c509-cert+cbor).
+    assert_eq!(c509[0], 0x8b, "{name}: C509Certificate is an array of 11");
     let back = cbor_schemas::c509::certificate_c509_to_der(&c509).unwrap();
     assert_eq!(back, der, "{name}: C509 -> DER is not the exact input");
+    // And inside COSE_C509 (application/cose-c509+cbor), `bytes .cbor C509Certificate`.
+    let cose = cbor_schemas::cose::cose_c509_chain(std::slice::from_ref(&c509)).unwrap();
+    cbor_schemas::schema::check_cose_c509(&cose).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(
+        cbor_schemas::cose::decode_cose_c509(&cose).unwrap(),
+        vec![c509.clone()]
+    );
     assert!(
         c509.len() < der.len(),
         "{name}: {} >= {}",

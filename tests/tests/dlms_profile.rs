@@ -4,6 +4,11 @@
 //! `openssl x509 -text`; a P-384 key-agreement CSR gets a P-384 certificate signed
 //! ecdsa-with-SHA384 that replaces only the key-agreement one. Refusals: a CSR without
 //! keyUsage (4.00) and a serial that makes no system title (4.03).
+//!
+//! On PostgreSQL (`[storage] backend = "postgres"`, a throwaway cluster from est-test-tools):
+//! the same meter's two certificates are both active in the database, a second node sees them
+//! with their slots, a retry on the second node gets the first node's certificate back, and a
+//! new key-agreement certificate issued by the second node supersedes only that slot.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -82,13 +87,18 @@ impl Device {
 
     /// POST /sen with `csr`; (the run, the certificate's `openssl x509 -text` if any).
     async fn sen(&self, srv: &TestServer, csr: &Path, name: &str) -> (CoapRun, Option<String>) {
+        self.sen_at(&srv.url("sen"), csr, name).await
+    }
+
+    /// [`Self::sen`] to the node at `url` (its /sen); the certificate is left in `<name>.der`.
+    async fn sen_at(&self, url: &str, csr: &Path, name: &str) -> (CoapRun, Option<String>) {
         let creds = Creds {
             cert: &self.chain,
             key: &self.key,
             trust: &self.trust,
         };
         let der = self.work.join(format!("{name}.der"));
-        let run = post_csr(Libcoap::Gnutls, &creds, &srv.url("sen"), csr, &der)
+        let run = post_csr(Libcoap::Gnutls, &creds, url, csr, &der)
             .await
             .unwrap();
         if run
@@ -264,5 +274,118 @@ async fn dlms_signing_and_key_agreement_certificates_field_by_field() {
         "{text}"
     );
     assert!(text.contains("TLS Web Client Authentication"), "{text}");
+    srv.stop().await;
+}
+
+/// The DLMS profile on PostgreSQL, over two nodes of one database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlms_certificate_slots_on_postgres_across_two_nodes() {
+    if !require_tools() {
+        return;
+    }
+    let Some(pg) = est_test_tools::pg::TestPostgres::start_or_skip(
+        "dlms_certificate_slots_on_postgres_across_two_nodes",
+    ) else {
+        return;
+    };
+    let url = pg.create_database("dlms").unwrap();
+    let srv = TestServer::start(move |c| {
+        with_rule(c);
+        c.storage.backend = "postgres".into();
+        c.storage.url = url;
+        c.storage.pool_size = 4;
+    })
+    .await
+    .expect("node A on PostgreSQL with [[dlms.rules]]");
+    assert_eq!(srv.store().backend_name(), "postgres");
+    let b = srv.start_another_node().await.expect("node B");
+    let url_b = format!("coaps://{}/.well-known/est/sen", b.local_addr);
+    let serial = "ABC0000054321";
+    let d = Device::new(&srv, serial);
+
+    // Node A issues the signing and the key-agreement certificate.
+    let sign_csr = csr(&d.work, "sign", serial, "P-256", "digitalSignature");
+    let (run, sign) = d.sen(&srv, &sign_csr, "sign").await;
+    let sign = sign.unwrap_or_else(|| panic!("{run:?}"));
+    assert_eq!(
+        ext_value(&sign, "X509v3 Key Usage: critical"),
+        Some("Digital Signature")
+    );
+    let ka_csr = csr(&d.work, "ka", serial, "P-256", "keyAgreement");
+    let (run, ka) = d.sen(&srv, &ka_csr, "ka").await;
+    let ka = ka.unwrap_or_else(|| panic!("{run:?}"));
+    assert_eq!(
+        ext_value(&ka, "X509v3 Key Usage: critical"),
+        Some("Key Agreement")
+    );
+    openssl_verify(&srv.ca_pem(), &d.work.join("sign.pem")).unwrap();
+    openssl_verify(&srv.ca_pem(), &d.work.join("ka.pem")).unwrap();
+
+    // Both active in PostgreSQL, each in its slot.
+    let rows = |sql: &str| pg.psql("dlms", sql).unwrap();
+    let by_slot = format!(
+        "SELECT slot || ' ' || status FROM certificates WHERE device_id = '{serial}' ORDER BY slot, issued_at, seq"
+    );
+    assert_eq!(
+        rows(&by_slot),
+        "dlms-key-agreement active\ndlms-signing active"
+    );
+
+    // Node B sees them, slots included.
+    let seen: Vec<(String, String)> = {
+        let mut v: Vec<(String, String)> = b
+            .store
+            .list_certificates(10)
+            .unwrap()
+            .into_iter()
+            .filter(|c| c.device_id == serial)
+            .map(|c| (c.slot, c.status.as_str().to_owned()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        seen,
+        [
+            ("dlms-key-agreement".to_owned(), "active".to_owned()),
+            ("dlms-signing".to_owned(), "active".to_owned())
+        ]
+    );
+
+    // The meter retries its signing CSR on node B: the same certificate, nothing new.
+    let (run, again) = d.sen_at(&url_b, &sign_csr, "sign-again").await;
+    assert_eq!(again.unwrap_or_else(|| panic!("{run:?}")), sign);
+    assert_eq!(
+        std::fs::read(d.work.join("sign-again.der")).unwrap(),
+        std::fs::read(d.work.join("sign.der")).unwrap()
+    );
+    assert_eq!(
+        rows(&format!(
+            "SELECT count(*) FROM certificates WHERE device_id = '{serial}'"
+        )),
+        "2"
+    );
+
+    // A new key-agreement key, enrolled on node B: it supersedes the key-agreement
+    // certificate only; the signing one stays active.
+    let ka2_csr = csr(&d.work, "ka2", serial, "P-256", "keyAgreement");
+    let (run, ka2) = d.sen_at(&url_b, &ka2_csr, "ka2").await;
+    let ka2 = ka2.unwrap_or_else(|| panic!("{run:?}"));
+    assert_eq!(
+        ext_value(&ka2, "X509v3 Key Usage: critical"),
+        Some("Key Agreement")
+    );
+    assert_eq!(
+        rows(&by_slot),
+        "dlms-key-agreement superseded\ndlms-key-agreement active\ndlms-signing active"
+    );
+    // One active certificate per slot, whatever node issued it.
+    assert_eq!(
+        rows(&format!(
+            "SELECT count(*) FROM certificates WHERE device_id = '{serial}' AND status = 'active' GROUP BY slot HAVING count(*) > 1"
+        )),
+        ""
+    );
+    b.shutdown().await;
     srv.stop().await;
 }

@@ -185,6 +185,11 @@ async fn metrics_endpoint_is_scraped_and_parsed() {
     assert!(v("est_ca_certificate_days_left") > 7000.0);
     assert!(v("est_dtls_certificate_days_left") > 700.0);
     assert!(v("est_revocation_generation") >= 1.0);
+    // No [ca_p384]: no gauge for it.
+    assert!(
+        !m.contains_key("est_ca_p384_certificate_days_left"),
+        "{body}"
+    );
     assert!(m
         .keys()
         .any(|k| k.starts_with("est_enrollment_refusals_total{code=")));
@@ -193,5 +198,27 @@ async fn metrics_endpoint_is_scraped_and_parsed() {
         .await
         .unwrap();
     assert!(status.contains("404"), "{status}");
+    srv.stop().await;
+}
+
+/// With `[ca_p384]`, the P-384 issuing CA's days left are exported beside the P-256 one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_p384_ca_lifetime_is_exported() {
+    let srv = TestServer::start_p384(|c| {
+        c.metrics.listen = "127.0.0.1:0".into();
+    })
+    .await
+    .unwrap();
+    let addr = srv.running().metrics_addr.expect("metrics on");
+    let (status, _, body) = tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
+        .await
+        .unwrap();
+    assert!(status.contains("200"), "{status}");
+    let m = parse_exposition(&body);
+    let v = |k: &str| *m.get(k).unwrap_or_else(|| panic!("{k} missing:\n{body}"));
+    // `ca create-p384` makes a 20-year CA.
+    let p384 = v("est_ca_p384_certificate_days_left");
+    assert!((7000.0..=7305.0).contains(&p384), "{p384}");
+    assert!(v("est_ca_certificate_days_left") > 7000.0);
     srv.stop().await;
 }

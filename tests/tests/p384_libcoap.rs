@@ -7,87 +7,16 @@ use std::path::{Path, PathBuf};
 
 use est_tests::*;
 
-/// A P-384 IDevID for `serial`, signed (ecdsa-with-SHA384) by the demo manufacturer CA, made
-/// with openssl only. Returns (key, chain PEM = IDevID + manufacturer CA).
+/// A P-384 IDevID for `serial`, signed (ecdsa-with-SHA384) by the demo manufacturer CA.
 fn p384_idevid(srv: &TestServer, work: &Path, serial: &str) -> (PathBuf, PathBuf) {
     let mfr = srv.data_dir.join("manufacturers/demo-manufacturer-ca.pem");
     let mfr_key = srv.data_dir.join("manufacturers/demo-manufacturer-ca.key");
-    let key = work.join("idevid.key");
-    let csr = work.join("idevid.csr");
-    openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-384",
-        "-nodes",
-        "-keyout",
-        path_str(&key).unwrap(),
-        "-subj",
-        &format!("/CN={serial}/serialNumber={serial}"),
-        "-out",
-        path_str(&csr).unwrap(),
-    ])
-    .unwrap();
-    let ext = work.join("idevid.ext");
-    std::fs::write(
-        &ext,
-        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n",
-    )
-    .unwrap();
-    let cert = work.join("idevid.pem");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        path_str(&csr).unwrap(),
-        "-CA",
-        path_str(&mfr).unwrap(),
-        "-CAkey",
-        path_str(&mfr_key).unwrap(),
-        "-set_serial",
-        "0x1384",
-        "-days",
-        "3650",
-        "-sha384",
-        "-extfile",
-        path_str(&ext).unwrap(),
-        "-out",
-        path_str(&cert).unwrap(),
-    ])
-    .unwrap();
-    let chain = work.join("idevid-chain.pem");
-    let mut pem = std::fs::read(&cert).unwrap();
-    pem.extend(std::fs::read(&mfr).unwrap());
-    std::fs::write(&chain, pem).unwrap();
-    (key, chain)
+    openssl_idevid(&mfr, &mfr_key, work, serial, "P-384", "").unwrap()
 }
 
 /// A P-384 key and its DER CSR; `digest` is openssl's -sha256 / -sha384.
 fn p384_csr(work: &Path, name: &str, subject: &str, digest: &str) -> (PathBuf, PathBuf) {
-    let key = work.join(format!("{name}.key"));
-    let csr = work.join(format!("{name}.csr.der"));
-    openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-384",
-        "-nodes",
-        digest,
-        "-keyout",
-        path_str(&key).unwrap(),
-        "-subj",
-        subject,
-        "-outform",
-        "DER",
-        "-out",
-        path_str(&csr).unwrap(),
-    ])
-    .unwrap();
-    (key, csr)
+    openssl_csr_on(work, name, "P-384", subject, digest).unwrap()
 }
 
 /// A P-384 meter's working directory, IDevID and trust anchor (our P-256 CA, which signed
@@ -228,5 +157,136 @@ async fn p384_csr_without_a_p384_ca_is_refused() {
     let run = post(&creds, &srv.url("sen"), &csr, &work.join("none.der")).await;
     assert_eq!(run.error_code(), Some("4.00"), "{run:?}");
     assert!(srv.store().list_certificates(10).unwrap().is_empty());
+    srv.stop().await;
+}
+
+/// Each issuing CA publishes its own CRL: a revoked P-384 certificate is listed in the CRL
+/// the P-384 CA signs (`openssl crl -verify` accepts it against that CA only, `openssl verify
+/// -crl_check` rejects the certificate), not in the P-256 CA's, whose live certificate still
+/// verifies with its CRL; the CoAP resource `/crl-p384` serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_p384_certificate_is_in_the_p384_cas_own_crl() {
+    if !require_tools() {
+        return;
+    }
+    let srv = TestServer::start_p384(|_| {}).await.expect("server");
+    let serial = "SNP384R";
+    let m = Meter::new(&srv, serial);
+    let (work, creds) = (&m.work, m.creds());
+    let p384_ca = srv.data_dir.join("ca/issuing-ca-p384.pem");
+    let (_, csr) = p384_csr(
+        work,
+        "ldevid",
+        &format!("/serialNumber={serial}"),
+        "-sha384",
+    );
+    let der = work.join("ldevid.der");
+    let run = post(&creds, &srv.url("sen"), &csr, &der).await;
+    assert!(run.payload.is_some(), "{run:?}");
+    let p384_ldevid = der_to_pem(&der).unwrap();
+
+    // A P-256 meter's certificate, which stays live.
+    let fleet = srv.mint(&["SNP256L"]).unwrap();
+    let dev = fleet.join("SNP256L");
+    let p256_creds = Creds {
+        cert: &dev.join("idevid-chain.pem"),
+        key: &dev.join("idevid.key"),
+        trust: &m.trust,
+    };
+    let (_, csr) = openssl_csr(work, "p256", "/serialNumber=SNP256L").unwrap();
+    let der = work.join("p256.der");
+    let run = post(&p256_creds, &srv.url("sen"), &csr, &der).await;
+    assert!(run.payload.is_some(), "{run:?}");
+    let p256_ldevid = der_to_pem(&der).unwrap();
+
+    let certs = srv.store().list_certificates(10).unwrap();
+    let revoked = certs.iter().find(|c| c.device_id == serial).unwrap();
+    let cfg = est_server::datadir::load_config(&srv.data_dir, None).unwrap();
+    est_server::revocation::revoke_certificate(
+        &srv.data_dir,
+        &cfg,
+        &revoked.serial_hex,
+        est_proto::store::RevocationReason::KeyCompromise,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+
+    let p384_crl = srv.data_dir.join("crl/issuing-ca-p384.crl.pem");
+    let p256_crl = srv.data_dir.join("crl/issuing-ca.crl.pem");
+    let text = openssl(&[
+        "crl",
+        "-in",
+        path_str(&p384_crl).unwrap(),
+        "-CAfile",
+        path_str(&p384_ca).unwrap(),
+        "-verify",
+        "-noout",
+        "-text",
+    ])
+    .expect("the P-384 CA's CRL verifies against it");
+    assert!(
+        text.to_ascii_lowercase().contains(&revoked.serial_hex),
+        "{text}"
+    );
+    assert!(text.contains("Key Compromise"), "{text}");
+    assert!(text.contains("ecdsa-with-SHA384"), "{text}");
+    assert!(text.contains("CN = EST Issuing CA P-384"), "{text}");
+    assert!(
+        openssl(&[
+            "crl",
+            "-in",
+            path_str(&p384_crl).unwrap(),
+            "-CAfile",
+            path_str(&srv.ca_pem()).unwrap(),
+            "-verify",
+            "-noout",
+        ])
+        .is_err(),
+        "the P-256 CA did not sign the P-384 CA's CRL"
+    );
+    let p256_text = openssl(&[
+        "crl",
+        "-in",
+        path_str(&p256_crl).unwrap(),
+        "-CAfile",
+        path_str(&srv.ca_pem()).unwrap(),
+        "-verify",
+        "-noout",
+        "-text",
+    ])
+    .unwrap();
+    assert!(
+        !p256_text.to_ascii_lowercase().contains(&revoked.serial_hex),
+        "the P-256 CA's CRL must not list the P-384 CA's certificate: {p256_text}"
+    );
+    let crl_check = |ca: &Path, crl: &Path, cert: &Path| {
+        openssl(&[
+            "verify",
+            "-crl_check",
+            "-CAfile",
+            path_str(ca).unwrap(),
+            "-CRLfile",
+            path_str(crl).unwrap(),
+            path_str(cert).unwrap(),
+        ])
+    };
+    let e = crl_check(&p384_ca, &p384_crl, &p384_ldevid).unwrap_err();
+    assert!(format!("{e:#}").contains("certificate revoked"), "{e:#}");
+    crl_check(&srv.ca_pem(), &p256_crl, &p256_ldevid).expect("the live P-256 certificate");
+
+    // Over CoAP, once the server has polled: the same bytes as the file.
+    srv.running().poll_revocations().await.unwrap();
+    let got = work.join("p384.crl");
+    let run = coap_client(
+        Libcoap::Gnutls,
+        Some(&p256_creds),
+        &["-m", "get", "-A", "65005"],
+        &srv.url_at("crl-p384"),
+        Some(&got),
+    )
+    .await
+    .unwrap();
+    let file = std::fs::read(srv.data_dir.join("crl/issuing-ca-p384.crl")).unwrap();
+    assert_eq!(run.payload.as_deref(), Some(file.as_slice()), "{run:?}");
     srv.stop().await;
 }

@@ -1,6 +1,9 @@
 //! The simulator enrolls a fleet with C509 requests and C509 answers against the real
 //! server, and the same fleet with DER, side by side: C509 must cost fewer bytes and
 //! 802.15.4 frames per enrollment, and the store must hold one DER certificate per meter.
+//! The C509 meters use both draft -20 media types: /crts as application/cose-c509+cbor
+//! (COSE_C509, Accept 65015) on their first enrollment, /sen answered as
+//! application/cose-c509-cert+cbor (one C509Certificate, Accept 65003).
 //! With our engine's client (the `native` backend) C509 also covers the handshake's
 //! certificates (RFC 7250), and issue #15's targets hold; against a server with C509 off the
 //! same meters fall back to X.509.

@@ -1,4 +1,4 @@
-//! C509 Certification Requests (draft-ietf-cose-cbor-encoded-cert-18 Section 4).
+//! C509 Certification Requests (draft-ietf-cose-cbor-encoded-cert-20 Section 4; unchanged from -18).
 
 use const_oid::ObjectIdentifier as Oid;
 use der::asn1::{Any, SetOfVec};
@@ -23,7 +23,7 @@ pub struct C509Csr {
 
 impl C509Csr {
     /// Decode `C509CertificationRequest` (the CBOR array carried by
-    /// `application/cose-c509-pkcs10`), strictly.
+    /// `application/cose-c509-pkcs10+cbor`), strictly.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         Ok(C509Csr {
             request: C509CertificationRequest::from_array(bytes)?,

@@ -112,8 +112,9 @@ fn describe_tbs(out: &mut String, t: &TbsCertificate) {
     }
 }
 
-/// Describe a C509 item: `~C509Certificate`, `C509Certificate`,
-/// `C509CertificationRequest` or `COSE_C509` (one certificate or a chain).
+/// Describe a C509 item: `C509Certificate`, `C509CertificationRequest` or
+/// `COSE_C509` (one certificate or a chain), or draft -18's unwrapped
+/// `~C509Certificate` (a diagnostic aid for old files; no -20 wire form uses it).
 pub fn describe(bytes: &[u8]) -> Result<String, DecodeError> {
     let mut out = String::new();
     let first = bytes.first().copied().ok_or(DecodeError::Truncated)?;
@@ -175,8 +176,8 @@ pub fn describe(bytes: &[u8]) -> Result<String, DecodeError> {
                 bytes.len()
             );
             for (i, c) in certs.iter().enumerate() {
-                let _ = writeln!(out, "certificate #{i}: ~C509Certificate, {} bytes", c.len());
-                let cert = C509Certificate::from_sequence(c)?;
+                let _ = writeln!(out, "certificate #{i}: C509Certificate, {} bytes", c.len());
+                let cert = C509Certificate::from_array(c)?;
                 describe_tbs(&mut out, &cert.tbs);
                 let _ = writeln!(out, "  issuerSignatureValue: {} B", cert.signature.len());
             }
@@ -185,7 +186,7 @@ pub fn describe(bytes: &[u8]) -> Result<String, DecodeError> {
             let c = C509Certificate::from_sequence(bytes)?;
             let _ = writeln!(
                 out,
-                "~C509Certificate (CBOR sequence), {} bytes",
+                "~C509Certificate (CBOR sequence, the draft -18 form), {} bytes",
                 bytes.len()
             );
             describe_tbs(&mut out, &c.tbs);

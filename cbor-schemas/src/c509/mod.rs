@@ -1,25 +1,44 @@
 //! C509 certificates and certification requests
-//! (draft-ietf-cose-cbor-encoded-cert-18).
+//! (draft-ietf-cose-cbor-encoded-cert-20).
 //!
-//! # Wire forms
+//! # Wire forms (draft -20)
 //!
-//! * [`certificate_der_to_c509`] returns the unwrapped CBOR sequence
-//!   `~C509Certificate` (Section 3.1): the 140-byte form of the Appendix A.1
-//!   example, the content of a `C509CertData` byte string and what TLS carries.
-//! * The media type `application/cose-c509-cert` (Section 8.16, our
-//!   [`CONTENT_FORMAT_C509_CERT_DEFAULT`]) carries `COSE_C509`, i.e. each
-//!   certificate wrapped in a byte string (one) or an array of byte strings
-//!   (a chain): build it with [`crate::cose::cose_c509_chain`].
-//! * `application/cose-c509-pkcs10` ([`CONTENT_FORMAT_C509_PKCS10_DEFAULT`])
+//! * A certificate is the CBOR array `C509Certificate` (Section 3.1), e.g. the
+//!   141-byte form of the Appendix A.1 example that starts with `8B`. This is what
+//!   [`certificate_der_to_c509`] returns, what [`certificate_c509_to_der`] takes, what
+//!   the body of `application/cose-c509-cert+cbor` is and what the TLS/DTLS
+//!   Certificate message carries (`c509_data`, Section 8.20). Draft -18 used the
+//!   unwrapped sequence `~C509Certificate` (140 bytes) in TLS and inside
+//!   `C509CertData`; -20 does not, and the wire-facing decoders here refuse it.
+//! * `application/cose-c509+cbor` carries `COSE_C509` (a bag or chain):
+//!   `C509CertData = bytes .cbor C509Certificate`, one byte string or an array of
+//!   two or more; build it with [`crate::cose::cose_c509_chain`].
+//! * `application/cose-c509-pkcs10+cbor` ([`CONTENT_FORMAT_C509_PKCS10_DEFAULT`])
 //!   carries the CBOR array `C509CertificationRequest` (Section 4).
+//! * A natively signed (type 2) certificate is still signed over the CBOR sequence
+//!   `TBSCertificate` (the array's first ten items, without the array header).
 //!
 //! # Content-Formats
 //!
-//! Draft -18 leaves every CoAP Content-Format as TBD (Section 8.19). Until IANA
-//! assigns them we use numbers from the CoAP "Experimental Use" range
-//! 65000-65535, chosen as 65000 + the draft's TBD placeholder number so they are
-//! easy to trace back: TBD3 -> 65003, TBD15 -> 65015, TBD4 -> 65004,
-//! TBD19 -> 65019. These must be replaced once the RFC is published.
+//! Draft -20 leaves every CoAP Content-Format unassigned. Until IANA assigns them we
+//! use numbers from the CoAP "Experimental Use" range 65000-65535; every server
+//! setting that uses one is configurable (`[est]` in est-server's configuration):
+//! 65003 `application/cose-c509-cert+cbor` (-18's TBD3 for the certificate media
+//! type), 65015 `application/cose-c509+cbor` (-18's TBD15, the chain variant),
+//! 65004 `application/cose-c509-pkcs10+cbor` (TBD4), 65019
+//! `application/cose-c509-crtemplate+cbor` (TBD19). These must be replaced once the
+//! RFC is published.
+//!
+//! # Registry values
+//!
+//! Every registry-valued integer (types, algorithms, attributes, extensions, key
+//! purposes, general names) must lie in [`REGISTRY_MIN`]..=[`REGISTRY_MAX`], the value
+//! range of IANA's "CBOR Encoded X.509 (C509)" registries; the decoders refuse
+//! anything outside it with [`crate::DecodeError::OutOfRange`]. Inside it, values this
+//! crate does not implement are refused with `UnsupportedValue` where the value's
+//! meaning decides how the rest of the item is read (extensions, attributes, general
+//! names), and kept as numbers otherwise (algorithm identifiers), which the DER
+//! conversion then refuses by name.
 
 mod csr;
 mod describe;
@@ -41,16 +60,30 @@ pub use x509::{ecdsa_der_to_raw, ecdsa_raw_to_der};
 use crate::error::ConvertError;
 use x509::KeyForm;
 
-/// CoAP Content-Format for `application/cose-c509-cert` (COSE_C509). Draft
-/// value TBD3; experimental-range stand-in, see the module docs.
+/// Media type of a single certificate, the CBOR array `C509Certificate` (draft -20
+/// Section 8.18).
+pub const MEDIA_TYPE_C509_CERT: &str = "application/cose-c509-cert+cbor";
+/// Media type of a bag or chain, `COSE_C509` (draft -20 Section 8.18).
+pub const MEDIA_TYPE_COSE_C509: &str = "application/cose-c509+cbor";
+/// Media type of a certification request, `C509CertificationRequest`.
+pub const MEDIA_TYPE_C509_PKCS10: &str = "application/cose-c509-pkcs10+cbor";
+
+/// CoAP Content-Format for `application/cose-c509-cert+cbor` (one `C509Certificate`).
+/// Unassigned in draft -20; experimental-range stand-in, see the module docs.
 pub const CONTENT_FORMAT_C509_CERT_DEFAULT: u16 = 65003;
-/// CoAP Content-Format for `application/cose-c509-cert; usage=chain` (TBD15).
-pub const CONTENT_FORMAT_C509_CERT_CHAIN: u16 = 65015;
-/// CoAP Content-Format for `application/cose-c509-pkcs10`
-/// (C509CertificationRequest). Draft value TBD4.
+/// CoAP Content-Format for `application/cose-c509+cbor` (`COSE_C509`, a bag or
+/// chain). Unassigned in draft -20; experimental-range stand-in.
+pub const CONTENT_FORMAT_COSE_C509_DEFAULT: u16 = 65015;
+/// CoAP Content-Format for `application/cose-c509-pkcs10+cbor`
+/// (`C509CertificationRequest`). Unassigned in draft -20 (TBD4 in -18).
 pub const CONTENT_FORMAT_C509_PKCS10_DEFAULT: u16 = 65004;
-/// CoAP Content-Format for `application/cose-c509-crtemplate` (TBD19).
+/// CoAP Content-Format for `application/cose-c509-crtemplate+cbor` (TBD19 in -18).
 pub const CONTENT_FORMAT_C509_CRTEMPLATE: u16 = 65019;
+
+/// Smallest registry value (IANA "CBOR Encoded X.509 (C509)" registries).
+pub const REGISTRY_MIN: i64 = -32768;
+/// Largest registry value (IANA "CBOR Encoded X.509 (C509)" registries).
+pub const REGISTRY_MAX: i64 = 32767;
 
 /// Largest DER input accepted by the converters.
 pub const MAX_DER_BYTES: usize = 16 * 1024;
@@ -187,7 +220,7 @@ pub fn certificate_from_der(der: &[u8]) -> Result<C509Certificate, ConvertError>
     let signature = x509::sig_value_to_c509(&tbs.issuer_signature_algorithm, &cert.signature)?;
     let c = C509Certificate { tbs, signature };
     // Lossless by construction: decode what we would emit and rebuild the DER.
-    let back = C509Certificate::from_sequence(&c.to_sequence())?;
+    let back = C509Certificate::from_array(&c.to_array())?;
     if certificate_to_der(&back)? != der {
         return Err(ConvertError::NotInvertible("DER -> C509 -> DER differs"));
     }
@@ -211,30 +244,26 @@ pub fn certificate_to_der(c: &C509Certificate) -> Result<Vec<u8>, ConvertError> 
     Ok(cert.to_der()?)
 }
 
-/// DER X.509 certificate -> C509 type 3, as the unwrapped CBOR sequence
-/// `~C509Certificate` (wrap with [`crate::cose::cose_c509_chain`] for the
-/// `application/cose-c509-cert` Content-Format, or use
-/// [`certificate_der_to_c509_array`] for the `C509Certificate` array).
+/// DER X.509 certificate -> C509 type 3, as the CBOR array `C509Certificate`
+/// (draft -20: the body of `application/cose-c509-cert+cbor` and of a TLS
+/// `c509_data`; wrap it with [`crate::cose::cose_c509_chain`] for
+/// `application/cose-c509+cbor`).
 pub fn certificate_der_to_c509(der: &[u8]) -> Result<Vec<u8>, ConvertError> {
-    Ok(certificate_from_der(der)?.to_sequence())
-}
-
-/// DER X.509 certificate -> C509 type 3 as the CBOR array `C509Certificate`.
-pub fn certificate_der_to_c509_array(der: &[u8]) -> Result<Vec<u8>, ConvertError> {
     Ok(certificate_from_der(der)?.to_array())
 }
 
-/// C509 type 3 (`~C509Certificate` sequence or `C509Certificate` array) ->
-/// the exact original DER. Type 2 has no DER equivalent and is refused.
+/// C509 type 3 (the CBOR array `C509Certificate`) -> the exact original DER.
+/// Type 2 has no DER equivalent and is refused; so is draft -18's unwrapped
+/// sequence `~C509Certificate`, which -20 no longer uses on the wire.
 pub fn certificate_c509_to_der(c509: &[u8]) -> Result<Vec<u8>, ConvertError> {
-    let c = C509Certificate::from_either(c509)?;
+    let c = C509Certificate::from_array(c509)?;
     certificate_to_der(&c)
 }
 
 /// Issue a natively signed (type 2) C509 certificate: `sign` receives the
 /// TBSCertificate CBOR sequence (Section 3.1.11) and returns the signature as
 /// produced by the signer (DER Ecdsa-Sig-Value for ECDSA, raw for EdDSA).
-/// Returns `~C509Certificate`.
+/// Returns the CBOR array `C509Certificate`.
 pub fn sign_native_certificate(
     tbs: &TbsCertificate,
     sign: impl Fn(&[u8]) -> Vec<u8>,
@@ -256,20 +285,21 @@ pub fn sign_native_certificate(
         tbs: tbs.clone(),
         signature,
     };
-    let out = c.to_sequence();
+    let out = c.to_array();
     // Refuse to emit something our own decoder would reject.
-    C509Certificate::from_sequence(&out)?;
+    C509Certificate::from_array(&out)?;
     Ok(out)
 }
 
-/// Verify a natively signed (type 2) certificate with the issuer's P-256
-/// public key (SEC1 bytes, compressed or not). Only ecdsa-with-SHA256 is
-/// supported. Validity dates are not checked here (the caller owns the clock).
+/// Verify a natively signed (type 2) certificate (the CBOR array
+/// `C509Certificate`) with the issuer's P-256 public key (SEC1 bytes, compressed
+/// or not). Only ecdsa-with-SHA256 is supported. Validity dates are not checked
+/// here (the caller owns the clock).
 pub fn verify_native_certificate(
     c509: &[u8],
     issuer_public_key_sec1: &[u8],
 ) -> Result<C509Certificate, ConvertError> {
-    let c = C509Certificate::from_either(c509)?;
+    let c = C509Certificate::from_array(c509)?;
     if c.tbs.certificate_type != TYPE_NATIVE {
         return Err(ConvertError::WrongType {
             expected: "2 (natively signed)",

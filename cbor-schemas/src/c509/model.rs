@@ -1,4 +1,4 @@
-//! C509 data model and its CBOR codec (draft-ietf-cose-cbor-encoded-cert-18
+//! C509 data model and its CBOR codec (draft-ietf-cose-cbor-encoded-cert-20
 //! Sections 3.1-3.3 and 4).
 //!
 //! The types mirror the CDDL in `cddl/c509.cddl`. Decoding is strict: after a
@@ -254,7 +254,7 @@ impl Name {
         let mut attrs = Vec::with_capacity(n / 2);
         for _ in 0..n / 2 {
             if r.is_int()? {
-                let attr_type = r.int("RDN attributeType")?;
+                let attr_type = registry_int(r, "RDN attributeType")?;
                 if registry::rdn_by_value(attr_type.checked_abs().unwrap_or(i64::MAX)).is_none() {
                     return Err(DecodeError::UnsupportedValue {
                         registry: "C509 RDN Attributes",
@@ -282,6 +282,17 @@ impl Name {
         }
         Ok(Name::Attributes(attrs))
     }
+}
+
+/// Read a registry-valued int: every C509 registry holds values in
+/// `REGISTRY_MIN..=REGISTRY_MAX` (IANA "CBOR Encoded X.509 (C509)"), so anything
+/// outside is refused before its meaning is looked up.
+pub(crate) fn registry_int(r: &mut Reader<'_>, field: &'static str) -> Result<i64, DecodeError> {
+    let v = r.int(field)?;
+    if !(super::REGISTRY_MIN..=super::REGISTRY_MAX).contains(&v) {
+        return Err(DecodeError::OutOfRange(field));
+    }
+    Ok(v)
 }
 
 pub(crate) fn check_oid(b: &[u8]) -> Result<(), DecodeError> {
@@ -317,7 +328,10 @@ impl AlgorithmIdentifier {
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         use minicbor::data::Type;
         if r.is_int()? {
-            return Ok(AlgorithmIdentifier::Int(r.int("AlgorithmIdentifier")?));
+            return Ok(AlgorithmIdentifier::Int(registry_int(
+                r,
+                "AlgorithmIdentifier",
+            )?));
         }
         match r.peek()? {
             Type::Bytes | Type::BytesIndef => {
@@ -436,7 +450,7 @@ fn decode_general_names(
     }
     let mut out = Vec::with_capacity(n / 2);
     for _ in 0..n / 2 {
-        let t = r.int("GeneralNameType")?;
+        let t = registry_int(r, "GeneralNameType")?;
         let gn = match t {
             -3 => GeneralName::MacAddress(r.bytes("MACAddress")?.to_vec()),
             -2 => GeneralName::SmtpUtf8Mailbox(r.text("SmtpUTF8Mailbox")?.to_owned()),
@@ -673,6 +687,19 @@ pub(crate) fn decode_extensions(
         if !r.is_int()? {
             let oid = r.bytes("extensionID ~oid")?.to_vec();
             check_oid(&oid)?;
+            // Draft -20 Section 3.3: a re-encoded (type 3) item may carry a registered
+            // extension in the OID form (e.g. issued before the registration); a natively
+            // signed one MUST use the specific encoding where this crate has it.
+            if !strict {
+                if let Some((_, _, true)) = const_oid::ObjectIdentifier::from_bytes(&oid)
+                    .ok()
+                    .and_then(|o| registry::ext_by_oid(&o))
+                {
+                    return Err(DecodeError::NotDeterministic(
+                        "registered extension in the OID form in a natively signed item",
+                    ));
+                }
+            }
             let (critical, value) = if matches!(r.peek()?, Type::Array | Type::ArrayIndef) {
                 if r.array("critical extnValue")? != 1 {
                     return Err(DecodeError::Length("critical extnValue"));
@@ -687,7 +714,7 @@ pub(crate) fn decode_extensions(
             });
             continue;
         }
-        let id = r.int("extensionID")?;
+        let id = registry_int(r, "extensionID")?;
         let critical = id < 0;
         let value = match id.unsigned_abs() {
             1 => ExtensionValue::SubjectKeyIdentifier(r.bytes("subjectKeyIdentifier")?.to_vec()),
@@ -742,7 +769,7 @@ pub(crate) fn decode_extensions(
                 };
                 for _ in 0..count {
                     if r.is_int()? {
-                        let v = r.int("KeyPurposeId")?;
+                        let v = registry_int(r, "KeyPurposeId")?;
                         if registry::eku_by_value(v).is_none() {
                             return Err(DecodeError::UnsupportedValue {
                                 registry: "C509 Extended Key Usages",
@@ -849,7 +876,7 @@ impl TbsCertificate {
     }
 
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
-        let certificate_type = r.int("c509CertificateType")?;
+        let certificate_type = registry_int(r, "c509CertificateType")?;
         if certificate_type != 2 && certificate_type != 3 {
             return Err(DecodeError::UnsupportedValue {
                 registry: "C509 Certificate Types",
@@ -1060,7 +1087,7 @@ impl TbsCertificationRequest {
 
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         use minicbor::data::Type;
-        let request_type = r.int("c509CertificationRequestType")?;
+        let request_type = registry_int(r, "c509CertificationRequestType")?;
         if request_type != 2 && request_type != 3 {
             return Err(DecodeError::UnsupportedValue {
                 registry: "C509 Certification Request Types",
@@ -1085,7 +1112,7 @@ impl TbsCertificationRequest {
                 attributes.push(CrAttribute::Unregistered { oid, value });
                 continue;
             }
-            match r.int("CRAttribute type")? {
+            match registry_int(r, "CRAttribute type")? {
                 0 => attributes.push(CrAttribute::ExtensionRequest(decode_extensions(r, strict)?)),
                 1 => {
                     let printable = if matches!(r.peek()?, Type::Tag) {
@@ -1137,7 +1164,7 @@ pub struct C509CertificationRequest {
 
 impl C509CertificationRequest {
     /// Encode as the CBOR array `C509CertificationRequest` (media type
-    /// application/cose-c509-pkcs10).
+    /// application/cose-c509-pkcs10+cbor).
     pub fn to_array(&self) -> Vec<u8> {
         let mut out = vec![0x80 | CSR_ITEMS as u8];
         out.extend_from_slice(&self.tbs.to_cbor_sequence());

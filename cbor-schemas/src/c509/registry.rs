@@ -1,5 +1,8 @@
 //! The C509 registries this crate implements, from
-//! draft-ietf-cose-cbor-encoded-cert-18 Section 8 (IANA Considerations).
+//! draft-ietf-cose-cbor-encoded-cert-18 Section 8 (IANA Considerations). The
+//! values were not re-checked against draft -20's tables (see docs/design.md,
+//! "C509 draft -20"); the value range of every registry is
+//! [`super::REGISTRY_MIN`]..=[`super::REGISTRY_MAX`].
 
 use const_oid::ObjectIdentifier as Oid;
 

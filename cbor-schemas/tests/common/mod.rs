@@ -27,14 +27,9 @@ pub fn assert_cddl(rule: &str, item: &[u8]) {
     }
 }
 
-/// Validate `~C509Certificate` (a CBOR sequence).
-pub fn assert_cert_sequence(seq: &[u8]) {
-    if let Err(e) = cbor_schemas::schema::check_cert_sequence(seq) {
-        panic!(
-            "~C509Certificate CDDL validation failed for {}: {e}",
-            hex::encode(seq)
-        );
-    }
+/// Validate the CBOR array `C509Certificate` (the draft -20 wire form).
+pub fn assert_c509_certificate(item: &[u8]) {
+    assert_cddl("C509Certificate", item);
 }
 
 /// Prepend a CBOR array header of `n` items (n < 24).

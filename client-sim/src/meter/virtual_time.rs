@@ -5,7 +5,7 @@
 use super::*;
 use crate::link::{LinkDirection, LinkParams, Verdict};
 use crate::testutil::FakeEst;
-use est_proto::coap::{Client, ClientConfig, ClientEvent, CoapConfig, Incoming, ServerSession};
+use est_proto::coap::{Client, ClientConfig, ClientEvent, CoapConfig, ServerSession};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::sync::Arc;
@@ -125,15 +125,11 @@ fn run(seed: u64, link: &str, szx: u8) -> Run {
             }
             if f.to_server {
                 let Some(s) = server.as_mut() else { continue };
-                let out = match s.handle_datagram(now, &f.data) {
-                    Incoming::Send(d) => vec![d],
-                    Incoming::Request(id, req) => {
-                        let resp = est.handle(&req);
-                        s.respond(now, id, resp)
-                    }
-                    Incoming::Ignore => Vec::new(),
-                };
-                for d in out {
+                if let Some((id, req)) = s.handle_datagram(now, &f.data) {
+                    let resp = est.handle(&req);
+                    s.respond(now, id, resp);
+                }
+                while let Some(d) = s.poll_transmit() {
                     if let Verdict::Deliver { at } = down.submit(now, d.len()) {
                         seq += 1;
                         heap.push(InFlight {

@@ -53,6 +53,8 @@ pub(crate) enum Command {
         server_names: Vec<String>,
         #[command(flatten)]
         hsm: HsmInitArgs,
+        #[command(flatten)]
+        storage: StorageInitArgs,
     },
     /// Run the server (initialising the data directory first if it does not exist).
     Run(RunArgs),
@@ -84,6 +86,21 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
+}
+
+/// `init --storage-*`: the store on PostgreSQL instead of a SQLite file in the data directory.
+#[derive(Args, Debug, Default)]
+pub(crate) struct StorageInitArgs {
+    /// Keep the store on PostgreSQL ([storage] backend = "postgres"): the connection string,
+    /// a URL (postgres://est:SECRET@db.example:5432/est?sslmode=verify-full) or libpq
+    /// key=value pairs. The database is reached and its schema created before anything is
+    /// written; no SQLite file is created, and est-server.toml is written 0600.
+    #[arg(long)]
+    pub(crate) storage_url: Option<String>,
+    /// The CA certificate (PEM or DER) of the PostgreSQL server, for sslmode=verify-ca or
+    /// verify-full ([storage] ca_file; recorded by its absolute path).
+    #[arg(long, requires = "storage_url")]
+    pub(crate) storage_ca_file: Option<PathBuf>,
 }
 
 /// `init --hsm-*`: the issuing CA's key on a PKCS#11 token.
@@ -208,24 +225,25 @@ pub(crate) enum DtlsCommand {
 
 #[derive(Subcommand, Debug)]
 pub(crate) enum C509Command {
-    /// DER (or PEM) certificate or PKCS#10 request -> C509 type 3. A certificate becomes
-    /// the CBOR sequence ~C509Certificate (or COSE_C509 with --cose), a request the
+    /// DER (or PEM) certificate or PKCS#10 request -> C509 type 3 (draft-ietf-cose-cbor-
+    /// encoded-cert-20). A certificate becomes the CBOR array C509Certificate
+    /// (application/cose-c509-cert+cbor; COSE_C509 with --cose), a request the
     /// C509CertificationRequest array. Raw bytes go to stdout unless --out is given.
     Encode {
         file: PathBuf,
         /// Write the C509 bytes here instead of stdout.
         #[arg(long)]
         out: Option<PathBuf>,
-        /// Wrap a certificate as COSE_C509 (what application/cose-c509-cert carries).
+        /// Wrap a certificate as COSE_C509 (what application/cose-c509+cbor carries).
         #[arg(long)]
         cose: bool,
         /// Print a readable dump with sizes (DER vs C509) instead of raw bytes on stdout.
         #[arg(long)]
         info: bool,
     },
-    /// C509 certificate (~C509Certificate, C509Certificate or COSE_C509) or C509 request
-    /// -> the exact DER it was re-encoded from (type 3 only: a natively signed type 2
-    /// has no DER form).
+    /// C509 certificate (C509Certificate or COSE_C509) or C509 request -> the exact DER it
+    /// was re-encoded from (type 3 only: a natively signed type 2 has no DER form). Draft
+    /// -18's unwrapped ~C509Certificate is refused.
     Decode {
         file: PathBuf,
         /// Write the DER bytes here instead of stdout.

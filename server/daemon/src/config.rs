@@ -54,6 +54,8 @@ pub struct Config {
     pub relay: RelaySection,
     pub ca_p384: crate::p384::CaP384Section,
     pub dlms: crate::dlms_config::DlmsSection,
+    /// `[[profiles]]`: certificate profiles (none by default).
+    pub profiles: Vec<crate::profiles_config::ProfileSection>,
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -305,6 +307,7 @@ pub struct EstSection {
     pub overload_retry_after_secs: u32,
     pub server_keygen: bool,
     pub c509_cert_content_format: u16,
+    pub cose_c509_content_format: u16,
     pub c509_pkcs10_content_format: u16,
 }
 
@@ -317,6 +320,7 @@ impl Default for EstSection {
             overload_retry_after_secs: d.overload_retry_after_seconds,
             server_keygen: d.server_keygen,
             c509_cert_content_format: d.c509_cert_content_format,
+            cose_c509_content_format: d.cose_c509_content_format,
             c509_pkcs10_content_format: d.c509_pkcs10_content_format,
         }
     }
@@ -394,6 +398,10 @@ pub struct StorageSection {
     /// How long a PostgreSQL read or commit may take, connecting included, before the
     /// enrollment is answered 5.03 + Max-Age (the meter retries later).
     pub timeout_ms: u64,
+    /// The CA certificate(s) (PEM or DER) the PostgreSQL server's certificate must chain to,
+    /// for `sslmode=verify-ca` or `verify-full` in `url` (relative to the data directory);
+    /// "" = none.
+    pub ca_file: PathBuf,
 }
 
 impl Default for StorageSection {
@@ -405,6 +413,7 @@ impl Default for StorageSection {
             url: String::new(),
             pool_size: 16,
             timeout_ms: 5000,
+            ca_file: PathBuf::new(),
         }
     }
 }
@@ -484,9 +493,39 @@ impl RevocationSection {
 
     /// The PEM copy of the CRL file.
     pub fn crl_pem_file(&self) -> PathBuf {
-        let mut p = self.crl_file.clone().into_os_string();
+        Self::pem_path(&self.crl_file)
+    }
+
+    /// `file` with ".pem" appended.
+    pub fn pem_path(file: &Path) -> PathBuf {
+        let mut p = file.to_path_buf().into_os_string();
         p.push(".pem");
         PathBuf::from(p)
+    }
+
+    /// The P-384 issuing CA's CRL file (DER): `crl_file` with "-p384" before its extension
+    /// (`crl/issuing-ca.crl` → `crl/issuing-ca-p384.crl`); the PEM copy adds ".pem".
+    pub fn crl_p384_file(&self) -> PathBuf {
+        let stem = self
+            .crl_file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let name = match self.crl_file.extension() {
+            Some(ext) => format!("{stem}-p384.{}", ext.to_string_lossy()),
+            None => format!("{stem}-p384"),
+        };
+        self.crl_file.with_file_name(name)
+    }
+
+    /// The CoAP resource of the P-384 issuing CA's CRL: `coap_path` with "-p384" appended
+    /// (`/crl` → `/crl-p384`); empty when `coap_path` is.
+    pub fn coap_p384_segments(&self) -> Vec<String> {
+        let mut segs = self.coap_segments();
+        if let Some(last) = segs.last_mut() {
+            last.push_str("-p384");
+        }
+        segs
     }
 }
 
@@ -655,7 +694,7 @@ send_chain = true
 cached_info = true
 # C509 certificates inside the handshake (draft-ietf-cose-cbor-encoded-cert, negotiated with
 # RFC 7250's client_certificate_type and server_certificate_type): a meter that offers C509
-# sends its IDevID as C509 (284 B instead of 547 for `factory mint` ones) and gets ours as C509;
+# sends its IDevID as C509 (285 B instead of 547 for `factory mint` ones) and gets ours as C509;
 # the chain is verified as its exact DER equivalent (the type-3 re-encoding is lossless). The
 # draft leaves the type number unassigned (TBD5): this is a Private Use value of the TLS
 # Certificate Types registry (224-255), which both ends must agree on. 0 = off (X.509 only);
@@ -707,9 +746,16 @@ max_concurrent_enrollments = 256
 overload_retry_after_secs = 5
 # Serve /skg and /skc (server-side key generation, RFC 9148 §4.8).
 server_keygen = true
-# Content-Formats for C509 (draft-ietf-cose-cbor-encoded-cert leaves them TBD; these are in
-# the experimental range 65000-65535 until IANA assigns numbers).
+# CoAP Content-Formats for C509 (draft-ietf-cose-cbor-encoded-cert-20). The draft leaves the
+# numbers unassigned; the defaults are in the experimental range 65000-65535 and must match
+# what the meters use. Replace them once IANA assigns numbers. The three must differ.
+# application/cose-c509-cert+cbor: one certificate, the CBOR array C509Certificate (/sen and
+# /sren answers to C509 requests, /crts with this Accept).
 c509_cert_content_format = 65003
+# application/cose-c509+cbor: COSE_C509, a bag or chain of certificates (/crts lists every
+# issuing CA; /sen and /sren put the one certificate in it when asked with this Accept).
+cose_c509_content_format = 65015
+# application/cose-c509-pkcs10+cbor: C509 certification requests (C509CertificationRequest).
 c509_pkcs10_content_format = 65004
 
 [policy]
@@ -760,6 +806,17 @@ pool_size = 16
 # A PostgreSQL read or commit (connecting included) that takes longer is answered 5.03 with
 # Max-Age: the meter retries later; no certificate leaves without being committed.
 timeout_ms = 5000
+# TLS to PostgreSQL: sslmode in url, as libpq (TLS over rustls; no sslmode = "prefer"):
+#   sslmode=disable     - never TLS
+#   sslmode=prefer      - TLS if the server offers it (never on a unix socket), checked as require
+#   sslmode=require     - always TLS; the server's certificate is checked against ca_file if
+#                         set, else not at all (encrypted, not authenticated: a warning at start)
+#   sslmode=verify-ca   - always TLS; the certificate must chain to ca_file
+#   sslmode=verify-full - as verify-ca, and be valid for the host in url (use this one)
+# e.g. url = "postgres://est:secret@db.example:5432/est?sslmode=verify-full"
+# The CA certificate(s) (PEM or DER) of the PostgreSQL server, required by verify-ca and
+# verify-full; relative to the data directory. "" = none.
+ca_file = ""
 
 [hsm]
 # The issuing CA's private key on a PKCS#11 token (an HSM) instead of pki.issuing_ca_key:
@@ -844,6 +901,8 @@ max_sessions_per_relay = 20000
 # A P-384 issuing CA beside the P-256 one (DLMS/COSEM security suite 2): CSRs whose key is on
 # P-384 are issued by it, signed ecdsa-with-SHA384; its LDevIDs may /sren, and /crts lists it
 # after the P-256 CA. `est-server ca create-p384` creates it and sets enabled = true.
+# It signs its own CRL (the certificates it issued): [revocation] crl_file with "-p384"
+# (crl/issuing-ca-p384.crl and .pem), served at coap_path with "-p384" (/crl-p384).
 enabled = false
 cert = "ca/issuing-ca-p384.pem"
 # PKCS#8 P-384 key, mode 0600.
@@ -865,6 +924,62 @@ key = "ca/issuing-ca-p384.key"
 #   flag_id = "ABC"
 #   curve = "P-384"   # "P-256" (suite 1), "P-384" (suite 2; needs [ca_p384]) or "" for both
 rules = []
+
+# [[profiles]]: certificate profiles (none by default: every device not taken by a
+# [[dlms.rules]] entry gets the built-in LDevID of [policy], exactly as without this section).
+# Each profile is chosen by its [[profiles.select]] rules; profiles are tried in file order,
+# their rules in order, and the first rule that matches wins. A rule matches when every field
+# it sets matches:
+#   manufacturer_ca - the manufacturer CA the meter's IDevID chain ends in: a file listed in
+#                     [pki] manufacturer_cas, "sha256:<hex>" (SHA-256 of the CA certificate,
+#                     DER; `openssl x509 -noout -fingerprint -sha256`) or "subject:<RFC 4514
+#                     subject>"; one naming no configured manufacturer CA stops the start.
+#                     Only at /sen, /skg and /skc: at /sren the meter presents its LDevID.
+#   serial_prefix   - the device class: a prefix of the IDevID subject's serialNumber.
+# Fields of a profile (defaults after "="):
+#   name               (required) unique, printable; written in the audit row of each issuance
+#   curves = []        request key curves accepted, "P-256" / "P-384"; [] accepts both. Another
+#                      curve is refused with 4.00 and a diagnostic naming the profile.
+#   signature_hash = "auto"   "auto": the CA on the key's curve (P-256 CA, ecdsa-with-SHA256, or
+#                      P-384 CA, ecdsa-with-SHA384); "SHA-256": the P-256 CA signs;
+#                      "SHA-384": the P-384 CA signs (needs [ca_p384] enabled, as does "auto"
+#                      with curves = ["P-384"]).
+#   validity_days = 0  days; 0 = [policy] ldevid_validity_days
+#   key_usage = ["digitalSignature"]   plus "keyAgreement" if wanted; digitalSignature is
+#                      required (the meter signs its DTLS handshake with the certificate)
+#   extended_key_usage = ["clientAuth"]   names (clientAuth, serverAuth, codeSigning,
+#                      emailProtection, timeStamping, OCSPSigning) or dotted OIDs; ["none"] for
+#                      no extension. When present it must include clientAuth (for /sren).
+#   subject = []       RDNs "ATTR=VALUE", most significant first; [] = the built-in subject.
+#                      ATTR: C, ST, L, O, OU, CN, serialNumber. VALUE: text with placeholders
+#                      {idevid.X} (the authenticating certificate's subject) or {csr.X} (the
+#                      CSR's), X one of CN, O, OU, serialNumber; {{ and }} are literal braces.
+#                      Unknown placeholders are refused at load. It must contain
+#                      "serialNumber={idevid.serialNumber}". A missing CSR attribute is 4.00,
+#                      a missing IDevID one 4.03. /sren keeps the renewed certificate's subject.
+#   san = "idevid"     subjectAltName hardwareModuleName: "idevid" (copied from the IDevID),
+#                      "csr" (from the CSR; one contradicting the IDevID's is refused, 4.03),
+#                      or "none".
+# Example:
+#   [[profiles]]
+#   name = "acme-meters"
+#   curves = ["P-256"]
+#   signature_hash = "SHA-256"
+#   validity_days = 730
+#   key_usage = ["digitalSignature", "keyAgreement"]
+#   extended_key_usage = ["clientAuth"]
+#   subject = ["O=Example Utility", "OU=Acme meters", "CN={idevid.serialNumber}",
+#              "serialNumber={idevid.serialNumber}"]
+#   san = "none"
+#   [[profiles.select]]
+#   manufacturer_ca = "manufacturers/acme-ca.pem"
+#
+#   [[profiles]]
+#   name = "gateways-p384"
+#   curves = ["P-384"]
+#   signature_hash = "SHA-384"
+#   [[profiles.select]]
+#   serial_prefix = "GW"
 "#;
 
 impl Config {
@@ -941,6 +1056,21 @@ impl Config {
                 "must be positive",
             ));
         }
+        let e = &self.est;
+        if e.cose_c509_content_format == e.c509_cert_content_format
+            || e.c509_pkcs10_content_format == e.c509_cert_content_format
+            || e.c509_pkcs10_content_format == e.cose_c509_content_format
+        {
+            return Err(invalid(
+                "est.cose_c509_content_format",
+                format!(
+                    "the C509 Content-Formats must differ (cert {}, cose {}, pkcs10 {})",
+                    e.c509_cert_content_format,
+                    e.cose_c509_content_format,
+                    e.c509_pkcs10_content_format
+                ),
+            ));
+        }
         if self.policy.ldevid_validity_days == 0 {
             return Err(invalid("policy.ldevid_validity_days", "must be positive"));
         }
@@ -956,6 +1086,7 @@ impl Config {
         self.hsm.validate()?;
         self.ca_p384.validate()?;
         self.dlms.validate()?;
+        crate::profiles_config::validate(self)?;
         self.metrics.listen_addr()?;
         if self.enrollment.period_secs == 0 {
             return Err(invalid("enrollment.period_secs", "must be positive"));
@@ -1023,14 +1154,6 @@ impl Config {
     /// `[storage]`: a known backend, and for PostgreSQL a connection string that parses.
     fn validate_storage(&self) -> Result<(), ConfigError> {
         let st = &self.storage;
-        if st.is_postgres() && !self.dlms.rules.is_empty() {
-            return Err(invalid(
-                "dlms.rules",
-                "DLMS certificate slots (a meter's signing and key-agreement certificates side \
-                 by side) are not stored by the PostgreSQL backend yet: use backend = \"sqlite\" \
-                 for DLMS meters",
-            ));
-        }
         match st.backend.as_str() {
             "sqlite" => {}
             "postgres" => {
@@ -1041,10 +1164,23 @@ impl Config {
                          \"postgres://est@db.example/est\"",
                     ));
                 }
-                if let Err(e) = st.url.parse::<tokio_postgres::Config>() {
+                let mode = match crate::store::pg_tls::parse_url(&st.url) {
+                    Ok((_, mode)) => mode,
+                    Err(e) => {
+                        return Err(invalid(
+                            "storage.url",
+                            format!("not a PostgreSQL connection string: {e}"),
+                        ))
+                    }
+                };
+                if mode.verifies() && st.ca_file.as_os_str().is_empty() {
                     return Err(invalid(
-                        "storage.url",
-                        format!("not a PostgreSQL connection string: {e}"),
+                        "storage.ca_file",
+                        format!(
+                            "sslmode={} in storage.url needs the CA of the PostgreSQL server's \
+                             certificate",
+                            mode.as_str()
+                        ),
                     ));
                 }
             }
@@ -1288,11 +1424,17 @@ impl Config {
             overload_retry_after_seconds: self.est.overload_retry_after_secs,
             server_keygen: self.est.server_keygen,
             c509_cert_content_format: self.est.c509_cert_content_format,
+            cose_c509_content_format: self.est.cose_c509_content_format,
             c509_pkcs10_content_format: self.est.c509_pkcs10_content_format,
             max_enrollments_per_device: self.enrollment.max_per_device_per_period,
             enrollment_period: Duration::from_secs(self.enrollment.period_secs),
             crl_path: self.revocation.coap_segments(),
             crl_content_format: self.revocation.content_format,
+            crl_p384_path: if self.ca_p384.enabled {
+                self.revocation.coap_p384_segments()
+            } else {
+                Vec::new()
+            },
             // jpy_uri is set by the service once the JPY socket is bound
             // (RelaySection::announced_uri).
             ..est_proto::est::EstConfig::default()
@@ -1312,6 +1454,8 @@ impl Config {
             key_agreement: self.policy.key_agreement,
             max_chain_len: self.policy.max_chain_len,
             dlms_rules: self.dlms.rules(),
+            // Needs the manufacturer CAs loaded: crate::profiles_config::build, at start.
+            profiles: est_proto::profile::Profiles::default(),
         }
     }
 }
@@ -1452,15 +1596,45 @@ mod tests {
     }
 
     #[test]
-    fn dlms_rules_are_refused_on_the_postgres_backend() {
+    fn storage_tls_settings_are_checked() {
+        let parse = |url: &str, ca: &str| {
+            Config::parse(
+                &format!(
+                    "[storage]\nbackend = \"postgres\"\nurl = \"{url}\"\nca_file = \"{ca}\"\n"
+                ),
+                Path::new("x"),
+            )
+        };
+        for mode in ["verify-ca", "verify-full"] {
+            let url = format!("postgres://est@db.example/est?sslmode={mode}");
+            let err = parse(&url, "").unwrap_err().to_string();
+            assert!(
+                err.contains("storage.ca_file") && err.contains(mode),
+                "{err}"
+            );
+            let cfg = parse(&url, "pg-ca.pem").unwrap();
+            assert_eq!(cfg.storage.ca_file, Path::new("pg-ca.pem"));
+        }
+        for mode in ["disable", "prefer", "require"] {
+            parse(&format!("host=db.example dbname=est sslmode={mode}"), "").unwrap();
+        }
+        let err = parse("host=db sslmode=verify", "ca.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("storage.url"), "{err}");
+        assert_eq!(Config::default().storage.ca_file, Path::new(""));
+    }
+
+    /// Both backends keep DLMS certificate slots (PostgreSQL since its migration 4).
+    #[test]
+    fn dlms_rules_load_on_both_backends() {
         let text = "[storage]\nbackend = \"postgres\"\nurl = \"host=/tmp dbname=est\"\n\n[[dlms.rules]]\nserial_prefix = \"ABC\"\nflag_id = \"ABC\"\n";
-        let err = Config::parse(text, Path::new("x")).unwrap_err().to_string();
-        assert!(
-            err.contains("dlms.rules") && err.contains("sqlite"),
-            "{err}"
-        );
-        let sqlite = text.replace("backend = \"postgres\"", "backend = \"sqlite\"");
-        Config::parse(&sqlite, Path::new("x")).unwrap();
+        for backend in ["postgres", "sqlite"] {
+            let text = text.replace("\"postgres\"", &format!("\"{backend}\""));
+            let cfg = Config::parse(&text, Path::new("x")).unwrap();
+            assert_eq!(cfg.storage.backend, backend);
+            assert_eq!(cfg.dlms.rules.len(), 1);
+        }
     }
 
     #[test]
@@ -1524,6 +1698,35 @@ mod tests {
                 .socket_receive_buffer_bytes,
             0
         );
+    }
+
+    #[test]
+    fn c509_content_formats_are_configurable_and_must_differ() {
+        let d = Config::parse("", Path::new("x")).unwrap();
+        let e = d.est_config();
+        assert_eq!(
+            (
+                e.c509_cert_content_format,
+                e.cose_c509_content_format,
+                e.c509_pkcs10_content_format
+            ),
+            (65003, 65015, 65004)
+        );
+        let c = Config::parse(
+            "[est]\nc509_cert_content_format = 65200\ncose_c509_content_format = 65201\n",
+            Path::new("x"),
+        )
+        .unwrap()
+        .est_config();
+        assert_eq!(
+            (c.c509_cert_content_format, c.cose_c509_content_format),
+            (65200, 65201)
+        );
+        let err = Config::parse("[est]\ncose_c509_content_format = 65003\n", Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("est.cose_c509_content_format"), "{err}");
+        assert!(err.contains("must differ"), "{err}");
     }
 
     fn dtls_err(toml: &str) -> String {

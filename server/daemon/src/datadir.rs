@@ -9,6 +9,7 @@
 //!   manufacturers/demo-manufacturer-ca.pem   stands for a meter maker's IDevID CA
 //!   manufacturers/demo-manufacturer-ca.key   its key, used only by `factory mint`
 //!   est.sqlite3                              issued certificates, audit log, allowlist
+//!                                            (not with [storage] backend = "postgres")
 //! ```
 //! Every file and directory is created with an explicit mode whatever the umask (see
 //! [`crate::safefs`]): the data directory and key directories 0700, private keys and the
@@ -26,7 +27,7 @@ use der::pem::LineEnding;
 use est_proto::ca::{self, IssuingCa, RingP256Signer};
 use x509_cert::der::{Decode, Encode};
 
-use crate::config::{Config, DEFAULT_CONFIG_TOML};
+use crate::config::{Config, StorageSection, DEFAULT_CONFIG_TOML};
 use crate::hsm::{self, HsmSection};
 use crate::safefs;
 
@@ -150,6 +151,19 @@ pub fn init_with(
     server_names: &[String],
     hsm: Option<&HsmSection>,
 ) -> Result<InitReport> {
+    init_with_storage(data_dir, server_names, hsm, &StorageSection::default())
+}
+
+/// [`init_with`], the store being the one `storage` names. With PostgreSQL the database is
+/// reached and its schema migrated first (an unreachable database stops `init` before it
+/// writes anything), no SQLite file is created, and the configuration (which then holds the
+/// connection string, perhaps with a password) is written 0600.
+pub fn init_with_storage(
+    data_dir: &Path,
+    server_names: &[String],
+    hsm: Option<&HsmSection>,
+    storage: &StorageSection,
+) -> Result<InitReport> {
     let config_path = data_dir.join(CONFIG_FILE);
     if config_path.exists() {
         return Ok(InitReport {
@@ -157,8 +171,22 @@ pub fn init_with(
             created: false,
         });
     }
+    let cfg = Config {
+        storage: storage.clone(),
+        ..Config::default()
+    };
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("the storage settings: {e}"))?;
+    if storage.is_postgres() {
+        let store = crate::store::open_configured(storage, data_dir)
+            .map_err(|e| anyhow::anyhow!("opening the PostgreSQL store: {e}"))?;
+        tracing::info!(
+            backend = store.backend_name(),
+            "the store's schema is ready"
+        );
+        store.close();
+    }
     create_private_dir(data_dir)?;
-    let cfg = Config::default();
     let mut rng = rand::rngs::OsRng;
     let now = SystemTime::now();
     // Backdate a little: meters' clocks drift.
@@ -240,59 +268,104 @@ pub fn init_with(
     write_private(&mfr_key_path, key_pem(&mfr_key)?.as_bytes())?;
     write_public(&mfr_cert_path, cert_pem(&mfr_cert)?.as_bytes())?;
 
-    // The store.
-    let db_path = data_dir.join(&cfg.storage.database);
-    let store = crate::store::SqliteStore::open(&db_path, 1)
-        .map_err(|e| anyhow::anyhow!("creating the store: {e}"))?;
-    store.close();
-    safefs::set_mode(&db_path, safefs::PRIVATE_FILE)?;
+    // The store (PostgreSQL's was migrated above).
+    if !storage.is_postgres() {
+        let db_path = resolve(data_dir, &cfg.storage.database);
+        let store = crate::store::SqliteStore::open(&db_path, 1)
+            .map_err(|e| anyhow::anyhow!("creating the store: {e}"))?;
+        store.close();
+        safefs::set_mode(&db_path, safefs::PRIVATE_FILE)?;
+    }
 
     // The configuration last: its presence marks a complete data directory.
-    let config_text = match hsm {
+    let mut config_text = match hsm {
         None => DEFAULT_CONFIG_TOML.to_owned(),
         Some(h) => config_with_hsm(h)?,
     };
-    write_public(&config_path, config_text.as_bytes())?;
+    if storage != &StorageSection::default() {
+        config_text = config_with_storage(&config_text, storage)?;
+    }
+    if storage.is_postgres() {
+        write_private(&config_path, config_text.as_bytes())?;
+    } else {
+        write_public(&config_path, config_text.as_bytes())?;
+    }
     Ok(InitReport {
         data_dir: data_dir.to_path_buf(),
         created: true,
     })
 }
 
+fn toml_string(v: &str) -> String {
+    toml::Value::String(v.to_owned()).to_string()
+}
+
+/// `text` (a configuration in the layout of [`DEFAULT_CONFIG_TOML`]) with the values of the
+/// keys of `[section]` that `value_of` gives replaced; comments and other lines are kept.
+fn with_section_values(
+    text: &str,
+    section: &str,
+    value_of: impl Fn(&str) -> Option<String>,
+) -> Result<String> {
+    let header = format!("[{section}]");
+    if !text.lines().any(|l| l.trim_end() == header) {
+        bail!("the default configuration has no {header} section");
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut inside = false;
+    for line in text.split_inclusive('\n') {
+        // Only the section's lines: other sections have keys of the same names.
+        if line.starts_with('[') {
+            inside = line.trim_end() == header;
+        }
+        let key = line.split_once(" = ").map(|(k, _)| k).filter(|_| inside);
+        match key.and_then(|k| Some((k, value_of(k)?))) {
+            Some((k, value)) => out.push_str(&format!("{k} = {value}\n")),
+            None => out.push_str(line),
+        }
+    }
+    Ok(out)
+}
+
 /// The default configuration text with its `[hsm]` section filled in from `h`.
 fn config_with_hsm(h: &HsmSection) -> Result<String> {
-    let at = DEFAULT_CONFIG_TOML
-        .find("\n[hsm]\n")
-        .context("the default configuration has no [hsm] section")?;
-    let (head, section) = DEFAULT_CONFIG_TOML.split_at(at);
-    let quote = |v: &str| toml::Value::String(v.to_owned()).to_string();
-    let mut out = String::from(head);
-    let mut in_hsm = false;
-    for line in section.split_inclusive('\n') {
-        // Only the [hsm] section's lines: later sections have keys of the same names.
-        if line.starts_with('[') {
-            in_hsm = line.trim_end() == "[hsm]";
-        }
-        let key = line.split_once(" = ").map(|(k, _)| k).filter(|_| in_hsm);
-        let value = match key {
-            Some("enabled") => "true".to_owned(),
-            Some("module") => quote(&h.module.to_string_lossy()),
-            Some("token_label") => quote(&h.token_label),
-            Some("key_label") => quote(&h.key_label),
-            Some("pin_file") => quote(&h.pin_file.to_string_lossy()),
-            Some("pin_env") => quote(&h.pin_env),
-            Some("sessions") => h.sessions.to_string(),
-            _ => {
-                out.push_str(line);
-                continue;
-            }
-        };
-        out.push_str(&format!("{} = {value}\n", key.unwrap_or_default()));
-    }
+    let out = with_section_values(DEFAULT_CONFIG_TOML, "hsm", |key| {
+        Some(match key {
+            "enabled" => "true".to_owned(),
+            "module" => toml_string(&h.module.to_string_lossy()),
+            "token_label" => toml_string(&h.token_label),
+            "key_label" => toml_string(&h.key_label),
+            "pin_file" => toml_string(&h.pin_file.to_string_lossy()),
+            "pin_env" => toml_string(&h.pin_env),
+            "sessions" => h.sessions.to_string(),
+            _ => return None,
+        })
+    })?;
     // What we wrote must read back as exactly what was asked.
     let parsed: Config = toml::from_str(&out).context("rendering the [hsm] configuration")?;
     if &parsed.hsm != h {
         bail!("rendering the [hsm] configuration lost a setting");
+    }
+    Ok(out)
+}
+
+/// `text` with its `[storage]` section set to `st`.
+fn config_with_storage(text: &str, st: &StorageSection) -> Result<String> {
+    let out = with_section_values(text, "storage", |key| {
+        Some(match key {
+            "backend" => toml_string(&st.backend),
+            "database" => toml_string(&st.database.to_string_lossy()),
+            "max_batch" => st.max_batch.to_string(),
+            "url" => toml_string(&st.url),
+            "pool_size" => st.pool_size.to_string(),
+            "timeout_ms" => st.timeout_ms.to_string(),
+            "ca_file" => toml_string(&st.ca_file.to_string_lossy()),
+            _ => return None,
+        })
+    })?;
+    let parsed: Config = toml::from_str(&out).context("rendering the [storage] configuration")?;
+    if &parsed.storage != st {
+        bail!("rendering the [storage] configuration lost a setting");
     }
     Ok(out)
 }

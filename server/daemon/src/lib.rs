@@ -12,6 +12,7 @@ pub mod lifetime;
 pub mod limits;
 pub mod metrics;
 pub mod p384;
+pub mod profiles_config;
 pub mod revocation;
 pub mod safefs;
 pub mod service;

@@ -25,9 +25,11 @@ fn main() -> Result<()> {
     match cli.command {
         None => run::run(&data_dir, RunArgs::default()),
         Some(Command::Run(args)) => run::run(&data_dir, args),
-        Some(Command::Init { server_names, hsm }) => {
-            commands::init::run(&data_dir, &server_names, hsm)
-        }
+        Some(Command::Init {
+            server_names,
+            hsm,
+            storage,
+        }) => commands::init::run(&data_dir, &server_names, hsm, storage),
         Some(Command::Factory(cmd)) => commands::factory::run(&data_dir, cmd),
         Some(Command::Certs(cmd)) => commands::certs::run(&data_dir, cmd),
         Some(Command::Devices(cmd)) => commands::devices::run(&data_dir, cmd),

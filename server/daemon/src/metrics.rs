@@ -457,6 +457,14 @@ impl Collector for MetricsSources {
             "days left on the issuing CA certificate",
             ca_days,
         )?;
+        if let Some(p384_days) = self.lifetimes.p384_days_left(self.clock.now()) {
+            gauge(
+                enc,
+                "est_ca_p384_certificate_days_left",
+                "days left on the P-384 issuing CA certificate ([ca_p384])",
+                p384_days,
+            )?;
+        }
         gauge(
             enc,
             "est_dtls_certificate_days_left",

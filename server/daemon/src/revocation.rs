@@ -45,31 +45,58 @@ fn at_unix(unix: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(u64::try_from(unix).unwrap_or(0))
 }
 
-/// Sign a CRL of every revoked certificate in `store` with `ca`, keep it in the store, and
-/// write the latest CRL the store holds to `crl_file` (DER) and `crl_file.pem`. Returns the
-/// CRL signed here.
-pub fn publish_crl(
+/// The issuing CAs whose CRLs are published: the main (P-256 or HSM) one, and the P-384 one
+/// of `[ca_p384]` when enabled. Each signs the CRL of the certificates it issued.
+#[derive(Clone, Copy)]
+pub struct CrlSigners<'a> {
+    pub main: &'a IssuingCa,
+    pub p384: Option<&'a IssuingCa>,
+}
+
+/// The revoked certificates `ca` must list: with no other issuing CA, every revoked
+/// certificate (as before there was a second CA); otherwise the P-384 CA lists what it issued
+/// and the main CA everything else (its own, and any certificate whose record is gone).
+fn crl_entries(
+    store: &dyn Store,
+    ca: &IssuingCa,
+    other: Option<&IssuingCa>,
+    main: bool,
+) -> Result<Vec<CrlEntry>> {
+    let mut out = Vec::new();
+    for e in store.revoked_certificates()? {
+        if let Some(other) = other {
+            let issuer = store
+                .find_by_serial(&e.serial_hex)?
+                .and_then(|c| Certificate::from_der(&c.der).ok())
+                .map(|c| c.tbs_certificate.issuer);
+            let listed = match &issuer {
+                Some(i) if main => i != other.subject(),
+                Some(i) => i == ca.subject(),
+                None => main,
+            };
+            if !listed {
+                continue;
+            }
+        }
+        out.push(CrlEntry {
+            serial: hex::decode(&e.serial_hex)
+                .with_context(|| format!("stored serial {}", e.serial_hex))?,
+            revoked_at: at_unix(e.revoked_at_unix),
+            reason_code: Some(e.reason.code()),
+        });
+    }
+    Ok(out)
+}
+
+/// Sign a CRL with `ca` (cRLNumber from the store's sequence, shared by both CAs, so each
+/// CA's numbers only grow) valid `crl_validity_hours` from `now`.
+fn sign_crl(
     ca: &IssuingCa,
     store: &dyn Store,
+    entries: &[CrlEntry],
     cfg: &RevocationSection,
-    data_dir: &Path,
     now: SystemTime,
-) -> Result<CrlRecord> {
-    // The generation is read first: the entries read after it include at least its
-    // revocations.
-    let generation = store.revocation_generation()?;
-    let entries: Vec<CrlEntry> = store
-        .revoked_certificates()?
-        .into_iter()
-        .map(|e| {
-            Ok(CrlEntry {
-                serial: hex::decode(&e.serial_hex)
-                    .with_context(|| format!("stored serial {}", e.serial_hex))?,
-                revoked_at: at_unix(e.revoked_at_unix),
-                reason_code: Some(e.reason.code()),
-            })
-        })
-        .collect::<Result<_>>()?;
+) -> Result<(u64, SystemTime, SystemTime, Vec<u8>)> {
     let number = store.next_crl_number()?;
     // Whole seconds, as the CRL encodes them.
     let this_update = at_unix(unix_seconds(now));
@@ -79,9 +106,44 @@ pub fn publish_crl(
             number,
             this_update,
             next_update,
-            entries: &entries,
+            entries,
         })
         .map_err(|e| anyhow::anyhow!("signing the CRL: {e}"))?;
+    Ok((number, this_update, next_update, der))
+}
+
+/// Sign the CRL of every revoked certificate the main issuing CA issued, keep it in the
+/// store, and write the latest CRL the store holds to `crl_file` (DER) and `crl_file.pem`;
+/// with a P-384 CA, sign its CRL too (the certificates it issued) and write it to
+/// [`RevocationSection::crl_p384_file`] (and `.pem`). Returns the main CRL signed here.
+pub fn publish_crl(
+    cas: CrlSigners<'_>,
+    store: &dyn Store,
+    cfg: &RevocationSection,
+    data_dir: &Path,
+    now: SystemTime,
+) -> Result<CrlRecord> {
+    let ca = cas.main;
+    // The generation is read first: the entries read after it include at least its
+    // revocations.
+    let generation = store.revocation_generation()?;
+    let entries = crl_entries(store, ca, cas.p384, true)?;
+    let (number, this_update, next_update, der) = sign_crl(ca, store, &entries, cfg, now)?;
+    if let Some(p384) = cas.p384 {
+        let entries = crl_entries(store, p384, Some(ca), false)?;
+        let (n, _, _, der) = sign_crl(p384, store, &entries, cfg, now)?;
+        write_crl_files(
+            data_dir,
+            &cfg.crl_p384_file(),
+            &RevocationSection::pem_path(&cfg.crl_p384_file()),
+            &der,
+        )?;
+        tracing::info!(
+            number = n,
+            entries = entries.len(),
+            "P-384 CA's CRL published"
+        );
+    }
     let record = CrlRecord {
         number,
         this_update_unix: unix_seconds(this_update),
@@ -92,7 +154,7 @@ pub fn publish_crl(
     store.save_crl(&record)?;
     // Another process may have saved a newer one meanwhile: the files get the latest.
     let latest = store.latest_crl()?.unwrap_or_else(|| record.clone());
-    write_crl_files(data_dir, cfg, &latest.der)?;
+    write_crl_files(data_dir, &cfg.crl_file, &cfg.crl_pem_file(), &latest.der)?;
     tracing::info!(
         number = record.number,
         entries = entries.len(),
@@ -103,15 +165,12 @@ pub fn publish_crl(
 }
 
 /// The CRL files (public: mode 0644), replaced atomically (a reader never sees half a CRL).
-fn write_crl_files(data_dir: &Path, cfg: &RevocationSection, der: &[u8]) -> Result<()> {
+fn write_crl_files(data_dir: &Path, der_file: &Path, pem_file: &Path, der: &[u8]) -> Result<()> {
     let pem = der::pem::encode_string("X509 CRL", der::pem::LineEnding::LF, der)
         .map_err(|e| anyhow::anyhow!("PEM: {e}"))?;
     for (path, bytes) in [
-        (datadir::resolve(data_dir, &cfg.crl_file), der),
-        (
-            datadir::resolve(data_dir, &cfg.crl_pem_file()),
-            pem.as_bytes(),
-        ),
+        (datadir::resolve(data_dir, der_file), der),
+        (datadir::resolve(data_dir, pem_file), pem.as_bytes()),
     ] {
         if let Some(dir) = path.parent() {
             if !dir.exists() {
@@ -214,11 +273,37 @@ pub fn load_issuing_ca(data_dir: &Path, config: &Config) -> Result<IssuingCa> {
     )
 }
 
-/// Sign and write a fresh CRL now (`est-server crl publish`, and after every revocation).
+/// The P-384 issuing CA when `[ca_p384]` is enabled (for the operator commands, which sign
+/// its CRL; the key's permissions are checked by `run`).
+pub fn load_p384_ca(data_dir: &Path, config: &Config) -> Result<Option<IssuingCa>> {
+    crate::p384::load(data_dir, config, true)
+}
+
+/// Sign and publish the CRLs with the configured issuing CAs.
+fn publish_with(
+    data_dir: &Path,
+    config: &Config,
+    store: &dyn Store,
+    now: SystemTime,
+) -> Result<CrlRecord> {
+    let ca = load_issuing_ca(data_dir, config)?;
+    let p384 = load_p384_ca(data_dir, config)?;
+    publish_crl(
+        CrlSigners {
+            main: &ca,
+            p384: p384.as_ref(),
+        },
+        store,
+        &config.revocation,
+        data_dir,
+        now,
+    )
+}
+
+/// Sign and write fresh CRLs now (`est-server crl publish`, and after every revocation).
 pub fn publish_now(data_dir: &Path, config: &Config, now: SystemTime) -> Result<CrlRecord> {
     let store = open_store(data_dir, config)?;
-    let ca = load_issuing_ca(data_dir, config)?;
-    let r = publish_crl(&ca, store.as_ref(), &config.revocation, data_dir, now);
+    let r = publish_with(data_dir, config, store.as_ref(), now);
     store.close();
     r
 }
@@ -274,16 +359,7 @@ pub fn revoke_certificate(
         },
     })?;
     let crl = match outcome {
-        RevokeOutcome::Revoked(_) => {
-            let ca = load_issuing_ca(data_dir, config)?;
-            Some(publish_crl(
-                &ca,
-                store.as_ref(),
-                &config.revocation,
-                data_dir,
-                now,
-            )?)
-        }
+        RevokeOutcome::Revoked(_) => Some(publish_with(data_dir, config, store.as_ref(), now)?),
         _ => None,
     };
     store.close();
@@ -337,14 +413,7 @@ pub fn block_device(
     let crl = if outcome.revoked_serials.is_empty() {
         None
     } else {
-        let ca = load_issuing_ca(data_dir, config)?;
-        Some(publish_crl(
-            &ca,
-            store.as_ref(),
-            &config.revocation,
-            data_dir,
-            now,
-        )?)
+        Some(publish_with(data_dir, config, store.as_ref(), now)?)
     };
     store.close();
     Ok(BlockReport { outcome, crl })

@@ -85,11 +85,13 @@ fn not_after_of(der: &[u8]) -> Result<SystemTime> {
     Ok(c.tbs_certificate.validity.not_after.to_system_time())
 }
 
-/// Ends of validity the server watches: the issuing CA's and the DTLS certificate's (which
-/// SIGHUP may replace).
+/// Ends of validity the server watches: the issuing CAs' (P-256, and P-384 when
+/// `[ca_p384]` is enabled) and the DTLS certificate's (which SIGHUP may replace).
 #[derive(Debug)]
 pub struct Lifetimes {
     pub ca_not_after: SystemTime,
+    /// The P-384 issuing CA's notAfter, when there is one.
+    pub ca_p384_not_after: Option<SystemTime>,
     pub dtls_not_after: Mutex<SystemTime>,
     pub warn_days: u32,
 }
@@ -102,6 +104,18 @@ impl Lifetimes {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         (days_left(self.ca_not_after, now), days_left(dtls, now))
+    }
+
+    /// Days left on the P-384 issuing CA at `now`, when there is one.
+    pub fn p384_days_left(&self, now: SystemTime) -> Option<i64> {
+        self.ca_p384_not_after.map(|t| days_left(t, now))
+    }
+
+    /// Whether any watched certificate is inside the warning window at `now`.
+    pub fn any_within_warning(&self, now: SystemTime) -> bool {
+        let (ca, dtls) = self.days_left(now);
+        let warn = i64::from(self.warn_days);
+        ca < warn || dtls < warn || self.p384_days_left(now).is_some_and(|d| d < warn)
     }
 
     /// Log the days left on both, as a warning inside the warning window.
@@ -117,6 +131,13 @@ impl Lifetimes {
             tracing::warn!(days_left = ca, not_after = %rfc(self.ca_not_after), "the issuing CA certificate expires soon: renew it (enrollments are answered 5.03 once it has expired)");
         } else {
             tracing::info!(days_left = ca, not_after = %rfc(self.ca_not_after), "issuing CA certificate");
+        }
+        if let (Some(at), Some(p384)) = (self.ca_p384_not_after, self.p384_days_left(now)) {
+            if p384 < warn {
+                tracing::warn!(days_left = p384, not_after = %rfc(at), "the P-384 issuing CA certificate expires soon: renew it (its enrollments are answered 5.03 once it has expired)");
+            } else {
+                tracing::info!(days_left = p384, not_after = %rfc(at), "P-384 issuing CA certificate");
+            }
         }
         if dtls < 0 {
             tracing::error!(days_left = dtls, not_after = %rfc(dtls_at), "the DTLS server certificate has expired: meters will refuse the handshake; run `est-server dtls renew` and send SIGHUP");
@@ -306,7 +327,16 @@ pub fn revocation_tick(
     }
     let mut latest = store.latest_crl()?;
     if revocation::crl_due(latest.as_ref(), generation, now) {
-        revocation::publish_crl(est.ca(), store, cfg, data_dir, now)?;
+        revocation::publish_crl(
+            revocation::CrlSigners {
+                main: est.ca(),
+                p384: p384_ca(est),
+            },
+            store,
+            cfg,
+            data_dir,
+            now,
+        )?;
         latest = store.latest_crl()?;
     }
     if let Some(c) = latest {
@@ -314,7 +344,41 @@ pub fn revocation_tick(
             est.set_crl(c.der);
         }
     }
+    if let Some(p384) = p384_ca(est) {
+        // Its CRL lives in its file (written by whichever process signed last); one that is
+        // missing or not signed by this CA is signed now.
+        let file = crate::datadir::resolve(data_dir, &cfg.crl_p384_file());
+        let current = std::fs::read(&file)
+            .ok()
+            .filter(|der| est_proto::ca::verify_crl(der, p384.certificate_der()).is_ok());
+        let der = match current {
+            Some(der) => der,
+            None => {
+                revocation::publish_crl(
+                    revocation::CrlSigners {
+                        main: est.ca(),
+                        p384: Some(p384),
+                    },
+                    store,
+                    cfg,
+                    data_dir,
+                    now,
+                )?;
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?
+            }
+        };
+        if est.crl_p384().is_none_or(|served| *served != der) {
+            est.set_crl_p384(der);
+        }
+    }
     Ok(())
+}
+
+/// The P-384 issuing CA beside the main one, if any.
+fn p384_ca(est: &EstService) -> Option<&est_proto::ca::IssuingCa> {
+    est.issuing_cas()
+        .skip(1)
+        .find(|c| c.curve() == Some(est_proto::ca::Curve::P384))
 }
 
 fn cert_error(e: est_proto::policy::PolicyError) -> CertError {
@@ -344,6 +408,7 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     }
     let lifetimes = Arc::new(Lifetimes {
         ca_not_after: loaded.issuing_ca.not_after(),
+        ca_p384_not_after: loaded.issuing_ca_p384.as_ref().map(|c| c.not_after()),
         dtls_not_after: Mutex::new(not_after_of(
             loaded
                 .server_chain
@@ -367,15 +432,19 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     let data_dir = loaded.data_dir.clone();
     let manufacturer_cas = loaded.manufacturer_cas.clone();
     let cfg = &loaded.config;
-    let store = crate::store::open_configured(&cfg.storage, &loaded.database).map_err(|e| {
+    let store = crate::store::open_configured(&cfg.storage, &loaded.data_dir).map_err(|e| {
         if cfg.storage.is_postgres() {
             anyhow::anyhow!("opening the PostgreSQL store: {e}")
         } else {
             anyhow::anyhow!("opening {}: {e}", loaded.database.display())
         }
     })?;
+    let mut policy_cfg = cfg.policy_config();
+    policy_cfg.profiles =
+        crate::profiles_config::build(cfg, &loaded.data_dir, &loaded.manufacturer_cas)
+            .context("[[profiles]]")?;
     let policy = Policy::new(
-        cfg.policy_config(),
+        policy_cfg,
         &loaded.manufacturer_cas,
         loaded.issuing_ca.certificate_der(),
     )
@@ -626,9 +695,8 @@ async fn metrics_loop(src: MetricsSources, every: Duration, mut stop: watch::Rec
         let e = est.counters();
         let w = store.writer_stats();
         let (ca_days_left, dtls_days_left) = lifetimes.days_left(clock.now());
-        if ca_days_left < i64::from(lifetimes.warn_days)
-            || dtls_days_left < i64::from(lifetimes.warn_days)
-        {
+        let ca_p384_days_left = lifetimes.p384_days_left(clock.now());
+        if lifetimes.any_within_warning(clock.now()) {
             lifetimes.log(clock.now());
         }
         tracing::info!(
@@ -685,6 +753,7 @@ async fn metrics_loop(src: MetricsSources, every: Duration, mut stop: watch::Rec
             handshakes_refused_manufacturer_crl = revocation.refused_manufacturer_revoked.load(Ordering::Relaxed),
             revocation_generation = revocation.generation(),
             ca_days_left,
+            ca_p384_days_left = ?ca_p384_days_left,
             dtls_days_left,
             enrollments_in_flight = est.in_flight(),
             // operations / transactions = the group-commit factor (fsyncs saved).
@@ -898,6 +967,25 @@ mod tests {
             .self_signed(&key)
             .unwrap();
         (vec![cert.der().to_vec()], key.serialize_der())
+    }
+
+    #[test]
+    fn the_p384_ca_enters_the_warning_window() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let day = Duration::from_secs(86_400);
+        let mut l = Lifetimes {
+            ca_not_after: now + 400 * day,
+            ca_p384_not_after: None,
+            dtls_not_after: Mutex::new(now + 400 * day),
+            warn_days: 30,
+        };
+        assert_eq!(l.p384_days_left(now), None);
+        assert!(!l.any_within_warning(now));
+        l.ca_p384_not_after = Some(now + 10 * day);
+        assert_eq!(l.p384_days_left(now), Some(10));
+        assert!(l.any_within_warning(now));
+        l.ca_p384_not_after = Some(now + 100 * day);
+        assert!(!l.any_within_warning(now));
     }
 
     #[test]

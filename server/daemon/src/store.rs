@@ -29,6 +29,7 @@ use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use crate::config::StorageSection;
 
+pub mod pg_tls;
 pub mod postgres;
 pub use postgres::PgStore;
 
@@ -55,18 +56,22 @@ pub trait ServerStore: Store {
     fn close(&self);
 }
 
-/// Opens the store `[storage]` names: SQLite at `database` (resolved against the data
-/// directory by the caller), or PostgreSQL at `url` (schema migrated before it returns).
+/// Opens the store `[storage]` names: SQLite at `database`, or PostgreSQL at `url` (schema
+/// migrated before it returns); relative paths (`database`, `ca_file`) are resolved against
+/// the data directory.
 pub fn open_configured(
     storage: &StorageSection,
-    sqlite_path: &Path,
+    data_dir: &Path,
 ) -> Result<Arc<dyn ServerStore>, StoreError> {
     if storage.is_postgres() {
-        Ok(Arc::new(PgStore::open(
-            &postgres::PgSettings::from_config(storage),
-        )?))
+        let mut settings = postgres::PgSettings::from_config(storage);
+        settings.ca_file = settings
+            .ca_file
+            .map(|ca| crate::datadir::resolve(data_dir, &ca));
+        Ok(Arc::new(PgStore::open(&settings)?))
     } else {
-        Ok(Arc::new(SqliteStore::open(sqlite_path, storage.max_batch)?))
+        let db = crate::datadir::resolve(data_dir, &storage.database);
+        Ok(Arc::new(SqliteStore::open(&db, storage.max_batch)?))
     }
 }
 
@@ -86,7 +91,7 @@ pub fn open_for_command(
         pool_size: storage.pool_size.min(2),
         ..storage.clone()
     };
-    Ok(open_configured(&storage, &db)?)
+    Ok(open_configured(&storage, data_dir)?)
 }
 
 const SCHEMA: &str = r#"

@@ -543,3 +543,104 @@ fn operator_commands_work_on_postgres() {
     assert!(store.device_allowed("SNPG2").unwrap());
     store.close();
 }
+
+/// `init --storage-url`: a data directory whose store is PostgreSQL. The schema is migrated
+/// by init, no SQLite file is created, the configuration (holding the connection string) is
+/// 0600 and names the database, and the operator commands use it. An unreachable database
+/// or a verify mode without a CA file stops init before it writes anything.
+#[cfg(unix)]
+#[test]
+fn init_with_postgres_creates_no_sqlite_file() {
+    let Some(pg) = est_test_tools::pg::TestPostgres::start_or_skip("init with postgres") else {
+        return;
+    };
+    let url = pg.create_database("initpg").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    let ds = d.to_str().unwrap();
+    let out = run_ok(&["init", "--data-dir", ds, "--storage-url", &url]);
+    assert!(out.contains("created"), "{out}");
+    assert!(!d.join("est.sqlite3").exists(), "an unused SQLite file");
+    let names: Vec<String> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!names.iter().any(|n| n.contains("sqlite")), "{names:?}");
+    let cfg_path = d.join("est-server.toml");
+    assert_eq!(mode(&cfg_path), 0o600);
+    let cfg = est_server::config::Config::load(&cfg_path).unwrap();
+    assert!(cfg.storage.is_postgres());
+    assert_eq!(cfg.storage.url, url);
+    // The rest of the file is the documented default.
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    assert!(text.contains("max_half_open_handshakes") && text.contains("# TLS to PostgreSQL"));
+    // init migrated the schema.
+    let last = est_server::store::postgres::MIGRATIONS
+        .last()
+        .unwrap()
+        .version;
+    assert_eq!(
+        pg.psql("initpg", "SELECT max(version) FROM schema_migrations")
+            .unwrap(),
+        last.to_string()
+    );
+    assert!(run_ok(&["certs", "list", "--data-dir", ds]).starts_with("serial"));
+    assert!(run_ok(&["init", "--data-dir", ds, "--storage-url", &url]).contains("untouched"));
+    assert!(!d.join("est.sqlite3").exists());
+
+    // An unreachable database: init fails, naming it, and leaves no data directory.
+    let gone = dir.path().join("gone");
+    let bad = bin()
+        .args([
+            "init",
+            "--data-dir",
+            gone.to_str().unwrap(),
+            "--storage-url",
+        ])
+        .arg(format!(
+            "host={} port=1 user=est dbname=est connect_timeout=2",
+            dir.path().display()
+        ))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("PostgreSQL"), "{err}");
+    assert!(
+        !gone.exists(),
+        "init wrote a data directory for a database it cannot reach"
+    );
+
+    // verify-full needs the CA file; and the CA file flag needs a URL.
+    let bad = bin()
+        .args([
+            "init",
+            "--data-dir",
+            gone.to_str().unwrap(),
+            "--storage-url",
+        ])
+        .arg("postgres://est@db.example/est?sslmode=verify-full")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("storage.ca_file"), "{err}");
+    assert!(!gone.exists());
+    let bad = bin()
+        .args([
+            "init",
+            "--data-dir",
+            gone.to_str().unwrap(),
+            "--storage-ca-file",
+            "ca.pem",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--storage-url"));
+    // Without the flags: SQLite, as before.
+    let lite = dir.path().join("lite");
+    run_ok(&["init", "--data-dir", lite.to_str().unwrap()]);
+    assert!(lite.join("est.sqlite3").exists());
+    assert_eq!(mode(&lite.join("est-server.toml")), 0o644);
+}

@@ -8,12 +8,14 @@
 //! durability across close and reopen; concurrent commits (grouped, all durable) and
 //! concurrent commits for one device; revocation (once, audited, the generation, the CRL's
 //! entries), device blocks, the commit-time refusal after a block or revocation, the
-//! per-device issuance window, cRLNumbers and the latest CRL.
+//! per-device issuance window, cRLNumbers and the latest CRL; DLMS certificate slots (two
+//! active side by side, supersession and idempotent retries per slot, the /sren race per slot).
 //!
 //! PostgreSQL only (what SQLite cannot have): two stores on one database standing for two
 //! nodes (cross-node idempotency, the /sren race; a revocation or block on one node seen by
-//! the other, cRLNumbers never handed out twice, blocks racing issuances), the schema
-//! migrations (a version 1 database brought up to date), and an outage of the database
+//! the other, cRLNumbers never handed out twice, blocks racing issuances, DLMS slots racing
+//! across nodes), the schema migrations (a version 1 database brought up to date, and the
+//! previous release's issuance function still right after it), and an outage of the database
 //! (errors, never a false "committed", then recovery).
 
 #![allow(clippy::unwrap_used)]
@@ -87,6 +89,11 @@ const CASES: &[Case] = &[
         "cRLNumbers grow; the latest CRL is kept; all survive reopen",
         crl_numbers_and_records,
     ),
+    (
+        "DLMS slots: both active, a renewal supersedes only its slot, a retry per slot",
+        slots_side_by_side,
+    ),
+    ("DLMS slots: the /sren race within one slot", slot_races),
 ];
 
 fn cert(serial: &str, device: &str, digest: u8, issued_at: i64) -> IssuedCert {
@@ -112,6 +119,30 @@ fn renewal(serial: &str, replaces: &str, device: &str, digest: u8, issued_at: i6
         replaces_serial_hex: Some(replaces.into()),
         ..cert(serial, device, digest, issued_at)
     }
+}
+
+/// A DLMS meter's certificate in `slot` (the signing or key-agreement one).
+fn in_slot(c: IssuedCert, slot: &str) -> IssuedCert {
+    IssuedCert {
+        slot: slot.into(),
+        ..c
+    }
+}
+
+const SIGNING: &str = "dlms-signing";
+const KEY_AGREEMENT: &str = "dlms-key-agreement";
+
+/// The active certificates of `device`, as (slot, serial), sorted.
+fn active_slots(s: &dyn ServerStore, device: &str) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = s
+        .list_certificates(100_000)
+        .expect("list")
+        .into_iter()
+        .filter(|c| c.device_id == device && c.status == CertStatus::Active)
+        .map(|c| (c.slot, c.serial_hex))
+        .collect();
+    v.sort();
+    v
 }
 
 fn audit(device: &str, op: &str, outcome: &str, at: i64) -> AuditEvent {
@@ -793,6 +824,192 @@ fn crl_numbers_and_records(f: &mut Fixture) {
     assert_eq!(s.blocked_devices().unwrap(), ["SN9"]);
 }
 
+fn pair(slot: &str, serial: &str) -> (String, String) {
+    (slot.to_owned(), serial.to_owned())
+}
+
+fn slots_side_by_side(f: &mut Fixture) {
+    let s = f.store.as_ref();
+    // A DLMS meter's signing and key-agreement certificates, and an LDevID beside them.
+    committed(issue(s, in_slot(cert("5a01", "DL1", 1, 100), SIGNING)));
+    committed(issue(
+        s,
+        in_slot(cert("5b01", "DL1", 2, 100), KEY_AGREEMENT),
+    ));
+    committed(issue(s, cert("5c01", "DL1", 3, 100)));
+    assert_eq!(
+        active_slots(s, "DL1"),
+        [
+            pair("", "5c01"),
+            pair(KEY_AGREEMENT, "5b01"),
+            pair(SIGNING, "5a01")
+        ]
+    );
+    // The slot reads back.
+    let ka = s.find_by_serial("5b01").unwrap().expect("stored");
+    assert_eq!(ka.slot, KEY_AGREEMENT);
+    assert_eq!(
+        s.find_by_request("DL1", &[1; 32])
+            .unwrap()
+            .expect("stored")
+            .slot,
+        SIGNING
+    );
+    // Re-enrolling the signing certificate supersedes it and nothing else.
+    committed(issue(
+        s,
+        in_slot(renewal("5a02", "5a01", "DL1", 4, 101), SIGNING),
+    ));
+    assert_eq!(status(s, "5a01"), CertStatus::Superseded);
+    assert_eq!(
+        active_slots(s, "DL1"),
+        [
+            pair("", "5c01"),
+            pair(KEY_AGREEMENT, "5b01"),
+            pair(SIGNING, "5a02")
+        ]
+    );
+    // A first enrollment in a slot (no renewal) supersedes that slot's certificate only.
+    committed(issue(
+        s,
+        in_slot(cert("5b02", "DL1", 5, 102), KEY_AGREEMENT),
+    ));
+    assert_eq!(status(s, "5b01"), CertStatus::Superseded);
+    assert_eq!(status(s, "5a02"), CertStatus::Active);
+    assert_eq!(status(s, "5c01"), CertStatus::Active);
+    // A retry per slot (the same CSR again, under a fresh serial) gets that slot's
+    // certificate back, and writes nothing.
+    let before = s.count_certificates().unwrap();
+    match issue(s, in_slot(renewal("5a99", "5a01", "DL1", 4, 103), SIGNING)).unwrap() {
+        CommitOutcome::AlreadyIssued(c) => {
+            assert_eq!((c.serial_hex.as_str(), c.slot.as_str()), ("5a02", SIGNING));
+        }
+        other => panic!("{other:?}"),
+    }
+    match issue(s, in_slot(cert("5b99", "DL1", 5, 103), KEY_AGREEMENT)).unwrap() {
+        CommitOutcome::AlreadyIssued(c) => {
+            assert_eq!(
+                (c.serial_hex.as_str(), c.slot.as_str()),
+                ("5b02", KEY_AGREEMENT)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.count_certificates().unwrap(), before);
+    // Another device's slots are its own.
+    committed(issue(s, in_slot(cert("6a01", "DL2", 1, 104), SIGNING)));
+    assert_eq!(status(s, "5a02"), CertStatus::Active);
+    // The slots survive a restart.
+    f.store.close();
+    f.store = (f.reopen)();
+    let s = f.store.as_ref();
+    assert_eq!(
+        active_slots(s, "DL1"),
+        [
+            pair("", "5c01"),
+            pair(KEY_AGREEMENT, "5b02"),
+            pair(SIGNING, "5a02")
+        ]
+    );
+    // Blocking the device revokes every slot's certificate.
+    let out = s.block_device(&block_of("DL1", false, 200)).unwrap();
+    let mut revoked = out.revoked_serials;
+    revoked.sort();
+    assert_eq!(revoked, ["5a02", "5b02", "5c01"]);
+    assert!(active_slots(s, "DL1").is_empty());
+}
+
+fn slot_races(f: &mut Fixture) {
+    let s = f.store.clone();
+    committed(issue(
+        s.as_ref(),
+        in_slot(cert("7a01", "DL3", 1, 100), SIGNING),
+    ));
+    committed(issue(
+        s.as_ref(),
+        in_slot(cert("7b01", "DL3", 2, 100), KEY_AGREEMENT),
+    ));
+    // 16 concurrent re-enrollments of each slot, each replacing that slot's certificate with
+    // its own CSR: one wins per slot, the others are refused, and the other slot is untouched.
+    let threads: Vec<_> = (0..32u8)
+        .map(|i| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let (slot, replaces) = if i % 2 == 0 {
+                    (SIGNING, "7a01")
+                } else {
+                    (KEY_AGREEMENT, "7b01")
+                };
+                let c = renewal(&format!("7c{i:02x}"), replaces, "DL3", 0x40 + i, 101);
+                (slot, issue(s.as_ref(), in_slot(c, slot)))
+            })
+        })
+        .collect();
+    let mut won = std::collections::BTreeMap::new();
+    let mut refused = 0;
+    for t in threads {
+        let (slot, r) = t.join().expect("thread");
+        match r.expect("commit") {
+            CommitOutcome::Committed => *won.entry(slot).or_insert(0) += 1,
+            CommitOutcome::ReplacedNotActive(CertStatus::Superseded) => refused += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        won,
+        [(KEY_AGREEMENT, 1), (SIGNING, 1)].into_iter().collect(),
+        "one winner per slot"
+    );
+    assert_eq!(refused, 30);
+    let active = active_slots(s.as_ref(), "DL3");
+    assert_eq!(
+        active
+            .iter()
+            .map(|(slot, _)| slot.as_str())
+            .collect::<Vec<_>>(),
+        [KEY_AGREEMENT, SIGNING],
+        "{active:?}"
+    );
+    // 16 concurrent copies of one request per slot: one certificate per slot, every answer
+    // is that slot's certificate.
+    let current: Vec<(String, String)> = active.clone();
+    let threads: Vec<_> = (0..32u8)
+        .map(|i| {
+            let s = s.clone();
+            let (slot, replaces) = current[usize::from(i % 2)].clone();
+            std::thread::spawn(move || {
+                let digest = 0x90 + i % 2;
+                let c = renewal(&format!("7d{i:02x}"), &replaces, "DL3", digest, 102);
+                (slot.clone(), issue(s.as_ref(), in_slot(c, &slot)))
+            })
+        })
+        .collect();
+    let mut serials: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    let mut winners = 0;
+    for t in threads {
+        let (slot, r) = t.join().expect("thread");
+        match r.expect("commit") {
+            CommitOutcome::Committed => winners += 1,
+            CommitOutcome::AlreadyIssued(c) => {
+                assert_eq!(c.slot, slot);
+                serials.entry(slot).or_default().insert(c.serial_hex);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(winners, 2);
+    let active = active_slots(s.as_ref(), "DL3");
+    assert_eq!(active.len(), 2, "{active:?}");
+    for (slot, serial) in &active {
+        let answered = serials.get(slot).cloned().unwrap_or_default();
+        assert!(
+            answered.iter().all(|x| x == serial),
+            "{slot}: {answered:?} vs {serial}"
+        );
+    }
+}
+
 // ---- the backends ----
 
 fn run_cases(backend: &str, mut fixture: impl FnMut(usize) -> Fixture) {
@@ -1134,6 +1351,98 @@ fn postgres_revocation_across_nodes() {
     b.close();
 }
 
+/// DLMS slots on two nodes: both nodes re-enroll both slots of one device at once (four
+/// re-enrollments, other CSRs): per slot one wins and the other is refused, and the device
+/// ends with exactly one active certificate in each slot; a retry on the other node gets
+/// that slot's certificate.
+#[test]
+fn postgres_slots_across_two_nodes() {
+    let Some(pg) = TestPostgres::start_or_skip("postgres_slots_across_two_nodes") else {
+        return;
+    };
+    let url = pg
+        .create_database("slots")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (a, b) = (pg_open(&url), pg_open(&url));
+    for d in 0..20u8 {
+        let dev = format!("DLX{d}");
+        let (sign, ka) = (format!("{d:02x}51"), format!("{d:02x}4b"));
+        committed(issue(
+            a.as_ref(),
+            in_slot(cert(&sign, &dev, 1, 100), SIGNING),
+        ));
+        committed(issue(
+            b.as_ref(),
+            in_slot(cert(&ka, &dev, 2, 100), KEY_AGREEMENT),
+        ));
+        let barrier = Arc::new(std::sync::Barrier::new(4));
+        let outcomes: Vec<(&str, CommitOutcome)> = std::thread::scope(|sc| {
+            let hs: Vec<_> = [
+                (a.clone(), SIGNING, sign.clone(), 0u8),
+                (b.clone(), SIGNING, sign.clone(), 1),
+                (a.clone(), KEY_AGREEMENT, ka.clone(), 2),
+                (b.clone(), KEY_AGREEMENT, ka.clone(), 3),
+            ]
+            .into_iter()
+            .map(|(node, slot, old, n)| {
+                let (dev, barrier) = (dev.clone(), barrier.clone());
+                sc.spawn(move || {
+                    let c = renewal(&format!("{old}{n:02x}"), &old, &dev, 0x20 + n, 101);
+                    barrier.wait();
+                    (
+                        slot,
+                        issue(node.as_ref(), in_slot(c, slot)).expect("commit"),
+                    )
+                })
+            })
+            .collect();
+            hs.into_iter().map(|h| h.join().expect("node")).collect()
+        });
+        for slot in [SIGNING, KEY_AGREEMENT] {
+            let mine: Vec<&CommitOutcome> = outcomes
+                .iter()
+                .filter(|(s, _)| *s == slot)
+                .map(|(_, o)| o)
+                .collect();
+            assert_eq!(
+                mine.iter()
+                    .filter(|o| ***o == CommitOutcome::Committed)
+                    .count(),
+                1,
+                "{dev} {slot}: {mine:?}"
+            );
+            assert_eq!(
+                mine.iter()
+                    .filter(|o| ***o == CommitOutcome::ReplacedNotActive(CertStatus::Superseded))
+                    .count(),
+                1,
+                "{dev} {slot}: {mine:?}"
+            );
+        }
+        let active = active_slots(b.as_ref(), &dev);
+        assert_eq!(
+            active.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+            [KEY_AGREEMENT, SIGNING],
+            "{dev}: {active:?}"
+        );
+        // The winner's meter retries on the other node: the same certificate.
+        let (_, winner) = &active[1];
+        let won = a.find_by_serial(winner).unwrap().expect("stored");
+        let retry = IssuedCert {
+            serial_hex: format!("{winner}ff"),
+            ..won.clone()
+        };
+        for node in [&a, &b] {
+            match issue(node.as_ref(), retry.clone()).unwrap() {
+                CommitOutcome::AlreadyIssued(c) => assert_eq!(c, won),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    a.close();
+    b.close();
+}
+
 /// A database a node of the previous release created (schema version 1, with a
 /// certificate) is brought to the current schema at open, its data intact and revocable.
 #[test]
@@ -1167,8 +1476,33 @@ fn postgres_migrates_a_version_1_database() {
     );
     let old = s.find_by_serial("0101").unwrap().expect("kept");
     assert_eq!(
-        (old.device_id.as_str(), old.status),
-        ("OLD", CertStatus::Active)
+        (old.device_id.as_str(), old.status, old.slot.as_str()),
+        ("OLD", CertStatus::Active, "")
+    );
+    // A node of the previous release (est_issue_relayed, no slot) during a rolling upgrade:
+    // its certificate goes to slot "", superseding that slot only, its relay audited.
+    committed(issue(
+        s.as_ref(),
+        in_slot(cert("0103", "OLD", 9, 150), SIGNING),
+    ));
+    assert_eq!(
+        pg.psql(
+            "v1",
+            "SELECT est_issue_relayed('0104', 'OLD', 'CN=OLD', '\\x3000', decode(repeat('0a', 32), 'hex'),
+                 1, 2, 151, 'active', 'reenroll', '0101',
+                 151, 'peer', 'OLD', 'sren', 'issued', '2.04', '', '[2001:db8::1]:7634')"
+        )
+        .unwrap(),
+        "committed"
+    );
+    assert_eq!(status(s.as_ref(), "0101"), CertStatus::Superseded);
+    assert_eq!(
+        active_slots(s.as_ref(), "OLD"),
+        [pair("", "0104"), pair(SIGNING, "0103")]
+    );
+    assert_eq!(
+        s.recent_audit(1).unwrap()[0].relay.as_deref(),
+        Some("[2001:db8::1]:7634")
     );
     assert_eq!(s.revocation_generation().unwrap(), 0);
     assert_eq!(s.next_crl_number().unwrap(), 1);

@@ -36,10 +36,11 @@ pub type ChainVerifier = Arc<dyn Fn(&[Vec<u8>]) -> Result<Verified, CertError> +
 /// Converts one certificate between its DER and another encoding.
 pub type CertConverter = Arc<dyn Fn(&[u8]) -> Result<Vec<u8>, String> + Send + Sync>;
 
-/// The C509 certificate type (draft-ietf-cose-cbor-encoded-cert §"TLS Certificate Types":
-/// negotiated with RFC 7250's client_certificate_type and server_certificate_type). The
+/// The C509 certificate type (draft-ietf-cose-cbor-encoded-cert-20 §8.20 "TLS Certificate
+/// Types": negotiated with RFC 7250's client_certificate_type and server_certificate_type). The
 /// Certificate message keeps the layout of RFC 5246 §7.4.2 with each entry a C509 certificate,
-/// the CBOR sequence `~C509Certificate`. The engine works on the DER equivalent: what it
+/// `c509_data`, the CBOR array `C509Certificate` (draft -18 carried the unwrapped sequence
+/// `~C509Certificate`, one byte shorter; -20 changed it). The engine works on the DER equivalent: what it
 /// receives is converted with `to_der` before verification and the CertificateVerify check
 /// (for type-3 re-encoded certificates the conversion is exact), what it sends with `from_der`.
 #[derive(Clone)]

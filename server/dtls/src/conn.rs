@@ -1052,12 +1052,13 @@ impl Connection {
     }
 
     fn encode_record(&mut self, content: u8, epoch: u16, payload: &[u8]) -> Result<Vec<u8>, Error> {
-        let idx = usize::from(epoch.min(1));
-        let seq = self.write_seq[idx];
+        let [epoch0_seq, later_seq] = &mut self.write_seq;
+        let slot = if epoch == 0 { epoch0_seq } else { later_seq };
+        let seq = *slot;
         if seq >= (1u64 << 48) - 1 {
             return Err(Error::Limit("record sequence number exhausted"));
         }
-        self.write_seq[idx] = seq + 1;
+        *slot = seq + 1;
         let mut out = Vec::with_capacity(RECORD_HEADER_LEN + payload.len() + 40);
         if epoch == 0 {
             wire::push_record(&mut out, content, DTLS_1_2, 0, seq, &[], payload);
@@ -1572,6 +1573,9 @@ impl Connection {
                 let chain = der_chain(config.c509.as_ref(), peer_type, chain)?;
                 metrics.chain_verifications += 1;
                 metrics.peer_certificates_received += chain.len() as u64;
+                if let Some(leaf) = chain.first() {
+                    crypto::check_signing_key_usage(leaf)?;
+                }
                 let verified = (config.client_verifier)(&chain)?;
                 self.peer_chain = chain;
                 self.verified = Some(verified);

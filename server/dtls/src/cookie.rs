@@ -151,7 +151,7 @@ impl CookieKeys {
         if cookie.len() != COOKIE_LEN {
             return None;
         }
-        let (time, mac) = cookie.split_at(TIME_LEN);
+        let (time, mac) = cookie.split_first_chunk::<TIME_LEN>()?;
         let msg = mac_input(time, client, client_params);
         let valid = [&self.current, &self.previous]
             .into_iter()
@@ -165,7 +165,7 @@ impl CookieKeys {
                     .fold(0u8, |acc, (a, b)| acc | (a ^ b));
                 diff == 0
             });
-        let made = u32::from_be_bytes([time[0], time[1], time[2], time[3]]);
+        let made = u32::from_be_bytes(*time);
         valid.then(|| Duration::from_millis(u64::from(self.millis(now).wrapping_sub(made))))
     }
 }

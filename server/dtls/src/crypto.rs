@@ -868,6 +868,29 @@ impl fmt::Debug for SigningKey {
     }
 }
 
+/// A peer's (leaf) certificate must allow the signature it makes in the handshake: when it
+/// has a keyUsage extension, digitalSignature must be set (RFC 5246 §7.4.2 and §7.4.8, RFC
+/// 8422 §5.6: an ECDSA-capable certificate signs the CertificateVerify / ServerKeyExchange;
+/// RFC 5280 §4.2.1.3). A certificate without keyUsage may be used for anything; one that
+/// does not parse is left to the chain verifier, which refuses it with its own reason.
+pub fn check_signing_key_usage(cert_der: &[u8]) -> Result<(), CryptoError> {
+    let Ok(cert) = x509_cert::Certificate::from_der(cert_der) else {
+        return Ok(());
+    };
+    match cert
+        .tbs_certificate
+        .get::<x509_cert::ext::pkix::KeyUsage>()
+        .map_err(|e| CryptoError::BadCertificate(format!("keyUsage: {e}")))?
+    {
+        Some((_, ku)) if !ku.digital_signature() => Err(CryptoError::BadCertificate(
+            "the certificate's keyUsage does not allow digitalSignature, so it cannot sign the \
+             handshake"
+                .into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The curve OID and public point of a certificate whose key is id-ecPublicKey.
 fn cert_ec_key(cert_der: &[u8]) -> Result<(ObjectIdentifier, Vec<u8>), CryptoError> {
     let cert = x509_cert::Certificate::from_der(cert_der)
@@ -941,7 +964,10 @@ pub fn cert_signature_scheme(cert_der: &[u8]) -> Option<SignatureScheme> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used)]
+#[allow(
+    clippy::unwrap_used,
+    reason = "unit tests: a panic is the test failing"
+)]
 mod tests {
     use super::*;
     use ring::rand::SystemRandom;

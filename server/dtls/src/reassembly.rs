@@ -11,7 +11,7 @@ const MAX_RANGES: usize = 64;
 
 /// What became of an inserted fragment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Inserted {
+pub(crate) enum Inserted {
     /// Part of the next expected message or one shortly after it: kept.
     Buffered,
     /// Belongs to a message already delivered: the peer is retransmitting its previous flight.
@@ -58,7 +58,7 @@ impl Partial {
 
 /// Reassembles one direction's handshake messages and delivers them in message_seq order.
 #[derive(Debug)]
-pub struct Reassembler {
+pub(crate) struct Reassembler {
     next_seq: u16,
     max_message_len: u32,
     pending: Vec<Partial>,
@@ -67,7 +67,7 @@ pub struct Reassembler {
 impl Reassembler {
     /// `next_seq` is the first message_seq expected; messages longer than `max_message_len`
     /// are refused.
-    pub fn new(next_seq: u16, max_message_len: u32) -> Self {
+    pub(crate) fn new(next_seq: u16, max_message_len: u32) -> Self {
         Reassembler {
             next_seq,
             max_message_len,
@@ -77,13 +77,13 @@ impl Reassembler {
 
     /// The message_seq of the next message to deliver.
     #[cfg(test)]
-    pub fn next_seq(&self) -> u16 {
+    pub(crate) fn next_seq(&self) -> u16 {
         self.next_seq
     }
 
     /// Takes a fragment in. Errors are protocol violations (inconsistent type or length, too
     /// large); the caller decides whether they are fatal.
-    pub fn insert(&mut self, frag: &HandshakeFragment<'_>) -> Result<Inserted, DecodeError> {
+    pub(crate) fn insert(&mut self, frag: &HandshakeFragment<'_>) -> Result<Inserted, DecodeError> {
         if frag.message_seq < self.next_seq {
             return Ok(Inserted::Old);
         }
@@ -123,7 +123,7 @@ impl Reassembler {
     }
 
     /// The next complete message in order: (msg_type, message_seq, body).
-    pub fn pop(&mut self) -> Option<(u8, u16, Vec<u8>)> {
+    pub(crate) fn pop(&mut self) -> Option<(u8, u16, Vec<u8>)> {
         let idx = self
             .pending
             .iter()
@@ -135,7 +135,11 @@ impl Reassembler {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "unit tests: a panic is the test failing"
+)]
 mod tests {
     use super::*;
     use crate::wire::{fragment_handshake, handshake_message, parse_handshake_fragments};

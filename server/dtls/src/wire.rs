@@ -459,7 +459,8 @@ pub fn fragment_handshake(message: &[u8], max_body: usize) -> Vec<Vec<u8>> {
     let msg_type = header.first().copied().unwrap_or(0);
     let message_seq = header
         .get(4..6)
-        .map(|b| u16::from_be_bytes([b[0], b[1]]))
+        .and_then(|b| b.try_into().ok())
+        .map(u16::from_be_bytes)
         .unwrap_or(0);
     if body.len() <= max_body {
         return vec![message.to_vec()];
@@ -1116,7 +1117,11 @@ pub fn parse_finished(body: &[u8]) -> Result<[u8; 12], DecodeError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    reason = "unit tests: a panic is the test failing"
+)]
 mod tests {
     use super::*;
 

@@ -2,7 +2,13 @@
 //! filter breaks one rule; the test checks the fatal alert that goes on the wire (or that the
 //! record was dropped silently), the refusal counter, that nothing panicked, and that the
 //! endpoint still serves a well-behaved client afterwards.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![warn(unreachable_pub)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test code: a panic is the test failing"
+)]
 
 mod support;
 
@@ -1615,4 +1621,41 @@ fn no_common_certificate_type_a_type_not_offered_or_a_c509_that_does_not_convert
     assert_eq!(alerts, vec![(alert::FATAL, alert::BAD_CERTIFICATE)]);
     assert_eq!(net.server.gauges().half_open, 0);
     assert_still_serves(&mut net, &pki, 3);
+}
+
+/// A client certificate whose keyUsage does not allow digitalSignature cannot sign the
+/// handshake (RFC 5246 §7.4.8, RFC 5280 §4.2.1.3): bad_certificate, before the chain is even
+/// verified; one with digitalSignature, or without keyUsage, is admitted.
+#[test]
+fn a_client_certificate_without_digital_signature_in_its_key_usage_is_refused() {
+    use rcgen::KeyUsagePurpose as K;
+    let pki = Pki::new(1);
+    let mut net = Net::new(pki.server_config(), 71, 0.0);
+    let agreement_only = pki.client_with_key_usages("ka-only", vec![K::KeyAgreement]);
+    net.add_client(pki.config_for(&agreement_only));
+    net.run_for(Duration::from_secs(5));
+    assert!(!net.client_connected(0));
+    let alerts: Vec<_> = server_alerts(&net).into_iter().map(|(_, a)| a).collect();
+    assert_eq!(alerts, vec![(alert::FATAL, alert::BAD_CERTIFICATE)]);
+    assert!(
+        matches!(server_failures(&net).as_slice(), [Error::BadCertificate(m)] if m.contains("digitalSignature")),
+        "{:?}",
+        server_failures(&net)
+    );
+    assert_eq!(refused(&net, RefusalReason::BadCertificate), 1);
+    assert_eq!(net.server.gauges().half_open, 0);
+
+    for (i, usages) in [
+        vec![K::DigitalSignature, K::KeyAgreement],
+        vec![K::DigitalSignature],
+        Vec::new(),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cred = pki.client_with_key_usages(&format!("ok-{i}"), usages);
+        let c = net.add_client(pki.config_for(&cred));
+        net.run_for(Duration::from_secs(5));
+        assert!(net.client_connected(c), "client {i}");
+    }
 }

@@ -1,6 +1,12 @@
 //! Meters behind a stateless join proxy (draft-ietf-anima-constrained-join-proxy): full peers
 //! of the endpoint keyed by (proxy address, JPY header), on virtual time.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![warn(unreachable_pub)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test code: a panic is the test failing"
+)]
 
 mod support;
 

@@ -21,6 +21,7 @@ pub mod coap;
 pub mod dlms;
 pub mod est;
 pub mod policy;
+pub mod profile;
 pub mod session;
 pub mod store;
 

@@ -51,6 +51,9 @@ pub struct PolicyConfig {
     pub max_chain_len: usize,
     /// Device-class rules selecting the `dlms` profile (first match wins); none by default.
     pub dlms_rules: Vec<crate::dlms::DlmsRule>,
+    /// Certificate profiles and the rules selecting them (after `dlms_rules`; devices no
+    /// rule selects get the built-in LDevID profile above). None by default.
+    pub profiles: crate::profile::Profiles,
 }
 
 impl Default for PolicyConfig {
@@ -64,6 +67,7 @@ impl Default for PolicyConfig {
             key_agreement: false,
             max_chain_len: 4,
             dlms_rules: Vec::new(),
+            profiles: crate::profile::Profiles::default(),
         }
     }
 }
@@ -106,6 +110,9 @@ pub enum PolicyError {
     /// The `dlms` profile cannot be applied (e.g. a serial that makes no system title).
     #[error("dlms profile: {0}")]
     Dlms(#[from] crate::dlms::DlmsError),
+    /// The selected certificate profile cannot be applied to this device.
+    #[error("certificate profile: {0}")]
+    Profile(String),
     /// Refused when the commit was made: a revocation or block came in meanwhile.
     #[error("{0}")]
     RevokedMeanwhile(String),
@@ -169,12 +176,19 @@ impl AnchorClass {
 pub struct VerifiedChain {
     digest: [u8; 32],
     class: AnchorClass,
+    /// SHA-256 of the manufacturer anchor the path ends in (class Manufacturer).
+    manufacturer_anchor: Option<[u8; 32]>,
 }
 
 impl VerifiedChain {
     /// The class of anchor the validated path ends in.
     pub fn class(&self) -> AnchorClass {
         self.class
+    }
+
+    /// SHA-256 of the manufacturer CA certificate (DER) the path ends in, for an IDevID.
+    pub fn manufacturer_anchor(&self) -> Option<&[u8; 32]> {
+        self.manufacturer_anchor.as_ref()
     }
 
     fn covers(&self, chain: &[Vec<u8>]) -> bool {
@@ -204,6 +218,9 @@ pub struct Device {
     pub certificate: Certificate,
     /// Its serial, lower-case hex.
     pub certificate_serial_hex: String,
+    /// SHA-256 of the manufacturer CA certificate (DER) its chain ends in, when it
+    /// authenticated with an IDevID; what certificate profiles select by.
+    pub manufacturer_anchor: Option<[u8; 32]>,
 }
 
 /// The enrollment policy, with its trust anchors.
@@ -275,7 +292,7 @@ impl Policy {
             .skip(1)
             .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
             .collect();
-        let validate = |at: SystemTime| -> Result<AnchorClass, webpki::Error> {
+        let validate = |at: SystemTime| -> Result<(AnchorClass, usize), webpki::Error> {
             let secs = at
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap_or_default();
@@ -296,13 +313,15 @@ impl Policy {
                 .iter()
                 .position(|a| std::ptr::eq(a, anchor))
             {
-                Some(i) if i < self.manufacturer_anchors.len() => Ok(AnchorClass::Manufacturer),
-                Some(_) => Ok(AnchorClass::Operational),
+                Some(i) if i < self.manufacturer_anchors.len() => {
+                    Ok((AnchorClass::Manufacturer, i))
+                }
+                Some(i) => Ok((AnchorClass::Operational, i)),
                 None => Err(webpki::Error::UnknownIssuer),
             }
         };
-        let class = match validate(now) {
-            Ok(class) => class,
+        let (class, index) = match validate(now) {
+            Ok(found) => found,
             Err(webpki::Error::CertExpired { .. }) if self.config.accept_expired_idevid => {
                 let leaf_cert =
                     Certificate::from_der(first).map_err(|_| PolicyError::MalformedCertificate)?;
@@ -311,8 +330,8 @@ impl Policy {
                     .validity
                     .not_after
                     .to_system_time();
-                let class = validate(not_after).map_err(map_webpki_error)?;
-                if class != AnchorClass::Manufacturer {
+                let found = validate(not_after).map_err(map_webpki_error)?;
+                if found.0 != AnchorClass::Manufacturer {
                     return Err(PolicyError::Expired);
                 }
                 check_validity(&leaf_cert, now, true)?;
@@ -321,13 +340,22 @@ impl Policy {
                         .map_err(|_| PolicyError::MalformedCertificate)?;
                     check_validity(&c, now, false)?;
                 }
-                class
+                found
             }
             Err(e) => return Err(map_webpki_error(e)),
+        };
+        let manufacturer_anchor = match class {
+            AnchorClass::Manufacturer => self.manufacturer_anchors.get(index).map(|a| {
+                let mut out = [0u8; 32];
+                out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &a.der).as_ref());
+                out
+            }),
+            AnchorClass::Operational => None,
         };
         Ok(VerifiedChain {
             digest: chain_digest(chain),
             class,
+            manufacturer_anchor,
         })
     }
 
@@ -364,7 +392,9 @@ impl Policy {
         let may_be_expired =
             required == AnchorClass::Manufacturer && self.config.accept_expired_idevid;
         check_validity(&leaf, now, may_be_expired)?;
-        device_from_leaf(leaf)
+        let mut device = device_from_leaf(leaf)?;
+        device.manufacturer_anchor = verified.manufacturer_anchor;
+        Ok(device)
     }
 
     pub fn config(&self) -> &PolicyConfig {
@@ -419,6 +449,16 @@ impl Policy {
     /// The `dlms` rule selecting `device_id`, if any (first match).
     pub fn dlms_rule(&self, device_id: &str) -> Option<&crate::dlms::DlmsRule> {
         self.config.dlms_rules.iter().find(|r| r.matches(device_id))
+    }
+
+    /// The certificate profile selected for `device` (first matching rule), if any: by the
+    /// manufacturer CA its IDevID chain ends in and by device class (serial prefix). At
+    /// `/sren` the device presents its LDevID, so rules naming a manufacturer CA do not match
+    /// there.
+    pub fn profile(&self, device: &Device) -> Option<&crate::profile::CertProfile> {
+        self.config
+            .profiles
+            .select(&device.device_id, device.manufacturer_anchor.as_ref())
     }
 
     /// The subject of a `dlms` certificate: CN = the system title (16 uppercase hex digits),
@@ -535,6 +575,7 @@ fn device_from_leaf(leaf: Certificate) -> Result<Device, PolicyError> {
         hardware_module,
         certificate: leaf,
         certificate_serial_hex,
+        manufacturer_anchor: None,
     })
 }
 

@@ -10,7 +10,12 @@
 //! Everything runs on loopback; the meters are UDP sockets of this process (one per meter, so
 //! 10,000 meters need an open-files limit above 10,000), the registrar a thread that answers
 //! every datagram (JPY: same header, same content).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![warn(unreachable_pub, clippy::indexing_slicing)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark harness: a setup failure aborts the run with its message"
+)]
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, UdpSocket};
@@ -59,8 +64,8 @@ fn core_bench(mode: Mode, n: usize) -> (f64, f64) {
     let d = datagram(7, 200);
     let mut replies = Vec::with_capacity(n);
     let start = Instant::now();
-    for i in 0..n {
-        relay.handle_meter(t0, meters[i % meters.len()], &d);
+    for &meter in meters.iter().cycle().take(n) {
+        relay.handle_meter(t0, meter, &d);
         while let Some(t) = relay.poll_transmit() {
             replies.push(t);
         }
@@ -116,10 +121,12 @@ fn echo_registrar(stop: Arc<AtomicBool>, seen: Arc<AtomicU64>) -> SocketAddr {
         while !stop.load(Ordering::Relaxed) {
             if let Ok((n, from)) = s.recv_from(&mut buf) {
                 seen.fetch_add(1, Ordering::Relaxed);
-                if let Ok(j) = jpy::decode(&buf[..n], 64) {
+                // recv_from's n never exceeds the buffer.
+                let d = buf.get(..n).unwrap_or_default();
+                if let Ok(j) = jpy::decode(d, 64) {
                     let _ = s.send_to(&jpy::encode(&j.header, &j.content), from);
                 } else {
-                    let _ = s.send_to(&buf[..n], from);
+                    let _ = s.send_to(d, from);
                 }
             }
         }

@@ -163,9 +163,9 @@ impl FileConfig {
 
     /// The core's configuration, validated.
     pub fn relay_config(&self) -> Result<RelayConfig, String> {
-        if self.listen.is_empty() {
+        let Some(first_listen) = self.listen.first() else {
             return Err("listen: at least one address is needed".into());
-        }
+        };
         if self.listen.len() > 256 {
             return Err("listen: at most 256 interfaces".into());
         }
@@ -176,7 +176,7 @@ impl FileConfig {
         let c = RelayConfig {
             mode: self.mode,
             registrars: self.registrars.clone(),
-            join_port: self.join_port.unwrap_or(self.listen[0].port()),
+            join_port: self.join_port.unwrap_or(first_listen.port()),
             answer_discovery: self.answer_discovery,
             key_rotation: Duration::from_secs(self.key_rotation_secs),
             failover_after: Duration::from_millis(self.failover_after_ms),

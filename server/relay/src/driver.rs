@@ -163,9 +163,9 @@ pub async fn start(file: &FileConfig) -> anyhow::Result<RunningRelay> {
         .iter()
         .map(|s| s.local_addr())
         .collect::<io::Result<Vec<_>>>()?;
-    if file.join_port.is_none() {
+    if let (None, Some(first)) = (file.join_port, join_addrs.first()) {
         // The port the system chose, when the configuration asked for any.
-        config.join_port = join_addrs[0].port();
+        config.join_port = first.port();
     }
     let relay = Relay::new(config, now()).map_err(anyhow::Error::msg)?;
     let backhaul_ip = file.backhaul_ip();

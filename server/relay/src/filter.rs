@@ -31,16 +31,16 @@ pub fn looks_like_dtls(datagram: &[u8]) -> bool {
         return false;
     }
     while !rest.is_empty() {
-        if rest.len() < RECORD_HEADER_LEN {
+        let Some(header) = rest.first_chunk::<RECORD_HEADER_LEN>() else {
             return false;
-        }
-        let ct = rest[0];
-        if !version_ok([rest[1], rest[2]]) {
+        };
+        let ct = header[0];
+        if !version_ok([header[1], header[2]]) {
             return false;
         }
         match ct {
             CHANGE_CIPHER_SPEC | ALERT | HANDSHAKE | APPLICATION_DATA => {
-                let len = usize::from(u16::from_be_bytes([rest[11], rest[12]]));
+                let len = usize::from(u16::from_be_bytes([header[11], header[12]]));
                 let Some(next) = rest.get(RECORD_HEADER_LEN + len..) else {
                     return false;
                 };
@@ -53,10 +53,12 @@ pub fn looks_like_dtls(datagram: &[u8]) -> bool {
                 // type(1) version(2) epoch(2) seq(6) cid(n) length(2) payload(length)
                 return (1..=MAX_CID_LEN).any(|n| {
                     let at = 11 + n;
-                    rest.get(at..at + 2).is_some_and(|l| {
-                        let len = usize::from(u16::from_be_bytes([l[0], l[1]]));
-                        len > 0 && rest.len() == at + 2 + len
-                    })
+                    rest.get(at..)
+                        .and_then(<[u8]>::first_chunk)
+                        .is_some_and(|l| {
+                            let len = usize::from(u16::from_be_bytes(*l));
+                            len > 0 && rest.len() == at + 2 + len
+                        })
                 });
             }
             _ => return false,
@@ -69,10 +71,13 @@ pub fn looks_like_dtls(datagram: &[u8]) -> bool {
 /// registrar answers every one (a HelloVerifyRequest at least), so an unanswered ClientHello
 /// is what tells the proxy that a registrar is down.
 pub fn is_client_hello(datagram: &[u8]) -> bool {
-    datagram.len() > RECORD_HEADER_LEN
-        && datagram[0] == HANDSHAKE
-        && datagram[3..5] == [0, 0]
-        && datagram[RECORD_HEADER_LEN] == HANDSHAKE_CLIENT_HELLO
+    datagram
+        .first_chunk::<{ RECORD_HEADER_LEN + 1 }>()
+        .is_some_and(|h| {
+            h[0] == HANDSHAKE
+                && [h[3], h[4]] == [0, 0]
+                && h[RECORD_HEADER_LEN] == HANDSHAKE_CLIENT_HELLO
+        })
 }
 
 #[cfg(test)]

@@ -50,6 +50,8 @@ pub const MAX_HEADER_LEN: usize = 1 + 19 + TAG_LEN;
 pub const DRAFT_HEADER_LEN: usize = 32;
 
 const AAD_LABEL: &[u8] = b"est-relay jpy header";
+/// The longest additional data: the label, the family byte, an IPv6 address and a port.
+const AAD_MAX_LEN: usize = AAD_LABEL.len() + 1 + 16 + 2;
 
 /// A meter as the proxy sees it: its address and port, and the proxy interface it came in on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -80,6 +82,10 @@ pub struct SealedHeader {
 
 impl std::ops::Deref for SealedHeader {
     type Target = [u8];
+    #[allow(
+        clippy::indexing_slicing,
+        reason = "`len` is set only by `HeaderKeys::seal`, to 1 + (7, 15 or 19) + TAG_LEN <= MAX_HEADER_LEN"
+    )]
     fn deref(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }
@@ -130,24 +136,26 @@ impl Key {
     }
 }
 
-fn aad(registrar: SocketAddr) -> ([u8; 40], usize) {
-    let mut a = [0u8; 40];
-    let mut n = AAD_LABEL.len();
-    a[..n].copy_from_slice(AAD_LABEL);
+/// The additional data binding a header to `registrar`, written into `a`: the label, the
+/// address family (4 or 6), the address and the port.
+fn aad(registrar: SocketAddr, a: &mut [u8; AAD_MAX_LEN]) -> &[u8] {
+    const L: usize = AAD_LABEL.len();
+    a[..L].copy_from_slice(AAD_LABEL);
+    let port = registrar.port().to_be_bytes();
     match registrar.ip() {
         IpAddr::V4(ip) => {
-            a[n] = 4;
-            a[n + 1..n + 5].copy_from_slice(&ip.octets());
-            n += 5;
+            a[L] = 4;
+            a[L + 1..L + 5].copy_from_slice(&ip.octets());
+            a[L + 5..L + 7].copy_from_slice(&port);
+            &a[..L + 7]
         }
         IpAddr::V6(ip) => {
-            a[n] = 6;
-            a[n + 1..n + 17].copy_from_slice(&ip.octets());
-            n += 17;
+            a[L] = 6;
+            a[L + 1..L + 17].copy_from_slice(&ip.octets());
+            a[L + 17..L + 19].copy_from_slice(&port);
+            &a[..L + 19]
         }
     }
-    a[n..n + 2].copy_from_slice(&registrar.port().to_be_bytes());
-    (a, n + 2)
 }
 
 fn is_link_local_v6(ip: &Ipv6Addr) -> bool {
@@ -287,23 +295,25 @@ impl HeaderKeys {
         let key = self.current.as_ref()?;
         let mut plain = [0u8; 19];
         let n = encode_plaintext(meter, &mut plain);
-        let mut out = SealedHeader {
-            bytes: [0; MAX_HEADER_LEN],
-            len: (1 + n + TAG_LEN) as u8,
-        };
-        out.bytes[0] = key.generation;
-        out.bytes[1..1 + n].copy_from_slice(&plain[..n]);
-        let (a, alen) = aad(registrar);
+        // [generation | ciphertext (n) | tag], n being 7, 15 or 19: every split below fits.
+        let mut bytes = [0; MAX_HEADER_LEN];
+        bytes[0] = key.generation;
+        let (ciphertext, after) = bytes[1..].split_at_mut_checked(n)?;
+        ciphertext.copy_from_slice(plain.get(..n)?);
+        let mut a = [0u8; AAD_MAX_LEN];
         let tag = key
             .cipher
             .encrypt_in_place_detached(
                 Nonce::from_slice(&key.nonce()),
-                &a[..alen],
-                &mut out.bytes[1..1 + n],
+                aad(registrar, &mut a),
+                ciphertext,
             )
             .ok()?;
-        out.bytes[1 + n..1 + n + TAG_LEN].copy_from_slice(&tag);
-        Some(out)
+        after.get_mut(..TAG_LEN)?.copy_from_slice(&tag);
+        Some(SealedHeader {
+            bytes,
+            len: (1 + n + TAG_LEN) as u8,
+        })
     }
 
     /// Opens a header that came back from `registrar`.
@@ -319,18 +329,21 @@ impl HeaderKeys {
             .flatten()
             .find(|k| k.generation == generation)
             .ok_or(OpenError::StaleKey)?;
-        let mut plain = [0u8; 19];
-        plain[..n].copy_from_slice(&sealed[..n]);
-        let (a, alen) = aad(registrar);
+        // n is 7, 15 or 19 and the rest is the tag: every split below fits.
+        let (ciphertext, tag) = sealed.split_at_checked(n).ok_or(OpenError::Malformed)?;
+        let mut buf = [0u8; 19];
+        let plain = buf.get_mut(..n).ok_or(OpenError::Malformed)?;
+        plain.copy_from_slice(ciphertext);
+        let mut a = [0u8; AAD_MAX_LEN];
         key.cipher
             .decrypt_in_place_detached(
                 Nonce::from_slice(&key.nonce()),
-                &a[..alen],
-                &mut plain[..n],
-                aes_gcm_siv::Tag::from_slice(&sealed[n..]),
+                aad(registrar, &mut a),
+                plain,
+                aes_gcm_siv::Tag::from_slice(tag),
             )
             .map_err(|_| OpenError::AuthFailed)?;
-        decode_plaintext(&plain[..n]).ok_or(OpenError::AuthFailed)
+        decode_plaintext(plain).ok_or(OpenError::AuthFailed)
     }
 }
 

@@ -121,7 +121,11 @@ impl RelayConfig {
                     "registrar {r}: a port is needed (JPY has no default port)"
                 ));
             }
-            if self.registrars[..i].contains(r) {
+            if self
+                .registrars
+                .get(..i)
+                .is_some_and(|before| before.contains(r))
+            {
                 return Err(format!("registrar {r} is listed twice"));
             }
         }
@@ -356,7 +360,16 @@ impl Relay {
 
     /// The registrar new traffic goes to.
     pub fn active_registrar(&self) -> SocketAddr {
-        self.config.registrars[self.failover.active]
+        self.registrar(self.failover.active)
+    }
+
+    /// The registrar at `index`, which is the failover's active one or a circuit's.
+    #[allow(
+        clippy::indexing_slicing,
+        reason = "every registrar index is `failover.active` or a copy of it: it starts at 0 and advances modulo the list's length, and `RelayConfig::validate` refuses an empty list"
+    )]
+    fn registrar(&self, index: usize) -> SocketAddr {
+        self.config.registrars[index]
     }
 
     pub fn circuits(&self) -> usize {
@@ -505,7 +518,7 @@ impl Relay {
             self.metrics.key_rotations += 1;
         }
         let registrar = self.failover.active;
-        let to = self.config.registrars[registrar];
+        let to = self.registrar(registrar);
         let Some(header) = self.keys.seal(&from, to) else {
             return self.metrics.drop(DropReason::NoKey);
         };
@@ -548,7 +561,7 @@ impl Relay {
         self.transmits.push_back(Transmit {
             destination: Destination::Circuit {
                 circuit: id,
-                registrar: self.config.registrars[registrar],
+                registrar: self.registrar(registrar),
             },
             payload: datagram.to_vec(),
         });

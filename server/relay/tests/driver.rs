@@ -1,6 +1,12 @@
 //! The tokio driver over real UDP sockets on loopback, with a registrar that echoes: both
 //! modes, discovery, and a circuit's own port per meter.
-#![allow(clippy::unwrap_used)]
+#![warn(unreachable_pub)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "test code: a panic is the test failing"
+)]
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
-use est_proto::coap::{BlockOpt, CoapConfig, Incoming, Response, ServerSession};
+use est_proto::coap::{BlockOpt, CoapConfig, Response, ServerSession};
 use libfuzzer_sys::fuzz_target;
 
 const MAX_BODY: usize = 1500;
@@ -98,13 +98,18 @@ fuzz_target!(|data: &[u8]| {
             }
         }
 
-        match session.handle_datagram(now, &bytes) {
-            Incoming::Request(id, request) => {
+        let request = session.handle_datagram(now, &bytes);
+        let answer = session.poll_transmit();
+        assert!(session.poll_transmit().is_none(), "one answer per datagram at most");
+        match (request, answer) {
+            (Some(_), Some(_)) => panic!("a request and an answer from one datagram"),
+            (Some((id, request)), None) => {
                 assert!(!retransmit, "a retransmission must not reach the application");
                 assert_eq!(Some(&request.payload), expected_body.as_ref(), "reassembled body differs from the model");
-                let _ = session.respond(now, id, Response::new(ResponseType::Changed));
+                session.respond(now, id, Response::new(ResponseType::Changed));
+                let _ = session.poll_transmit();
             }
-            Incoming::Send(answer) => {
+            (None, Some(answer)) => {
                 let answer = Packet::from_bytes(&answer).expect("valid answer");
                 if !retransmit {
                     assert!(expected_body.is_none(), "a complete body was not delivered");
@@ -112,7 +117,7 @@ fuzz_target!(|data: &[u8]| {
                     assert_eq!(is_continue, expect_continue, "2.31 exactly while a transfer continues");
                 }
             }
-            Incoming::Ignore => assert!(retransmit, "a fresh CON must be answered"),
+            (None, None) => assert!(retransmit, "a fresh CON must be answered"),
         }
         let held = session.stats().reassembly_bytes;
         assert!(held <= MAX_BODY);

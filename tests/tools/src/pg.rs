@@ -2,7 +2,8 @@
 //!
 //! [`TestPostgres::start`] runs `initdb` in a fresh temporary directory and starts `postgres`
 //! on it, listening only on a unix socket in that directory (no TCP unless asked), with
-//! `trust` authentication for the superuser `est`. Dropping it stops the server (immediate
+//! `trust` authentication for the superuser `est` (and, with [`PgOptions::tls`], TLS offered
+//! on TCP with a certificate the caller made). Dropping it stops the server (immediate
 //! shutdown) and removes the directory. The binaries are Debian's (`postgresql` package,
 //! `/usr/lib/postgresql/<major>/bin`), `$EST_PG_BINDIR`, or `initdb` on `PATH`.
 //!
@@ -35,6 +36,17 @@ pub struct PgOptions {
     pub max_connections: u32,
     /// Extra `-c name=value` settings.
     pub settings: Vec<(String, String)>,
+    /// `ssl = on` with this server certificate chain and private key (PEM), written into
+    /// the data directory (the key 0600, owned by the server's user, as PostgreSQL demands).
+    /// TLS is offered on TCP only (PostgreSQL has none on unix sockets): set `tcp` too.
+    pub tls: Option<PgTls>,
+}
+
+/// The server certificate and key of [`PgOptions::tls`].
+#[derive(Clone, Debug)]
+pub struct PgTls {
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 impl Default for PgOptions {
@@ -44,6 +56,7 @@ impl Default for PgOptions {
             tcp: false,
             max_connections: 200,
             settings: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -263,8 +276,37 @@ impl TestPostgres {
                 String::from_utf8_lossy(&out.stderr)
             ));
         }
+        if let Some(tls) = pg.options.tls.clone() {
+            pg.install_tls(&tls)?;
+        }
         pg.launch()?;
         Ok(pg)
+    }
+
+    /// Writes the server's certificate and key into the data directory and turns `ssl` on.
+    fn install_tls(&mut self, tls: &PgTls) -> Result<(), String> {
+        use std::os::unix::fs::PermissionsExt;
+        for (name, pem, mode) in [
+            ("server.crt", &tls.cert_pem, 0o644),
+            ("server.key", &tls.key_pem, 0o600),
+        ] {
+            let path = self.data.join(name);
+            fs::write(&path, pem).map_err(|e| format!("writing {}: {e}", path.display()))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                .map_err(|e| format!("chmod {}: {e}", path.display()))?;
+            if let Some((uid, gid)) = self.run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(|e| format!("chown {}: {e}", path.display()))?;
+            }
+        }
+        for (k, v) in [
+            ("ssl", "on"),
+            ("ssl_cert_file", "server.crt"),
+            ("ssl_key_file", "server.key"),
+        ] {
+            self.options.settings.push((k.into(), v.into()));
+        }
+        Ok(())
     }
 
     /// `program` from the PostgreSQL bindir, as the unprivileged user when we are root,
@@ -368,7 +410,8 @@ impl TestPostgres {
             let _ = f.read_to_string(&mut s);
         }
         let lines: Vec<&str> = s.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
+        let first = lines.len().saturating_sub(15);
+        lines.get(first..).unwrap_or_default().join("\n")
     }
 
     /// The unix-socket directory the server listens in.

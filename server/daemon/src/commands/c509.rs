@@ -30,8 +30,8 @@ pub(crate) fn run(cmd: C509Command) -> Result<()> {
         } => {
             let input = read_der_or_pem(&file)?;
             let (c509, what) = match c509::certificate_der_to_c509(&input) {
-                Ok(seq) if wrap => (cose::cose_c509_chain(&[seq])?, "COSE_C509 certificate"),
-                Ok(seq) => (seq, "~C509Certificate (type 3)"),
+                Ok(cert) if wrap => (cose::cose_c509_chain(&[cert])?, "COSE_C509 certificate"),
+                Ok(cert) => (cert, "C509Certificate (type 3)"),
                 Err(cert_err) => match c509::csr_der_to_c509(&input) {
                     Ok(csr) => (csr, "C509CertificationRequest (type 3)"),
                     Err(csr_err) => bail!(

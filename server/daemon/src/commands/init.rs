@@ -4,16 +4,23 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use est_server::config::StorageSection;
 use est_server::datadir;
 use est_server::hsm::HsmSection;
 
 use super::init_logging;
-use crate::cli::HsmInitArgs;
+use crate::cli::{HsmInitArgs, StorageInitArgs};
 
-pub(crate) fn run(data_dir: &Path, server_names: &[String], hsm: HsmInitArgs) -> Result<()> {
+pub(crate) fn run(
+    data_dir: &Path,
+    server_names: &[String],
+    hsm: HsmInitArgs,
+    storage: StorageInitArgs,
+) -> Result<()> {
     init_logging(false);
     let section = hsm_section(hsm)?;
-    let r = datadir::init_with(data_dir, server_names, section.as_ref())?;
+    let storage = storage_section(storage)?;
+    let r = datadir::init_with_storage(data_dir, server_names, section.as_ref(), &storage)?;
     if r.created {
         println!("created {}", r.data_dir.display());
         if let Some(h) = &section {
@@ -31,6 +38,25 @@ pub(crate) fn run(data_dir: &Path, server_names: &[String], hsm: HsmInitArgs) ->
         );
     }
     Ok(())
+}
+
+/// The `[storage]` section the flags describe (the default, SQLite, without them). A CA file
+/// is recorded by its absolute path.
+fn storage_section(a: StorageInitArgs) -> Result<StorageSection> {
+    let Some(url) = a.storage_url else {
+        return Ok(StorageSection::default());
+    };
+    let ca_file = match a.storage_ca_file {
+        Some(p) => std::fs::canonicalize(&p)
+            .with_context(|| format!("the PostgreSQL CA file {}", p.display()))?,
+        None => Default::default(),
+    };
+    Ok(StorageSection {
+        backend: "postgres".into(),
+        url,
+        ca_file,
+        ..StorageSection::default()
+    })
 }
 
 /// The `[hsm]` section the flags describe, if any. A PIN file is recorded by its absolute

@@ -27,28 +27,32 @@
 //! # Correctness across nodes
 //!
 //! Nothing but the database coordinates the nodes. An issuance is one call of the SQL
-//! function `est_issue` (migration 1), inside the batch's transaction, which:
+//! function `est_issue_slot` (migration 4; `est_issue` of migrations 1 and 2 before it),
+//! inside the batch's transaction, which:
 //!
 //! 1. returns the device's certificate for the same request digest if there is one (a retry
 //!    on any node gets the first node's certificate: [`CommitOutcome::AlreadyIssued`]);
 //! 2. for a re-enrollment, locks the certificate it replaces (`SELECT ... FOR UPDATE`) and
 //!    refuses it if another re-enrollment has superseded it meanwhile
 //!    ([`CommitOutcome::ReplacedNotActive`]) unless that one was for the same request;
-//! 3. supersedes the device's active certificate, inserts the new one and its audit row.
+//! 3. supersedes the device's active certificate of the same slot ([`IssuedCert::slot`]: a
+//!    DLMS meter's signing and key-agreement certificates stay active side by side), inserts
+//!    the new one and its audit row.
 //!
 //! The constraints make races safe whatever the timing: `UNIQUE (device_id, request_digest)`
-//! and a partial unique index allowing one `active` certificate per device. A statement that
-//! loses a race on either (or a deadlock) is retried inside the function from step 1 under a
-//! fresh snapshot (READ COMMITTED), where it sees the winner. Two nodes racing the same
-//! device's /sren therefore produce one active certificate: the loser's meter gets the same
-//! certificate (same CSR) or a 4.03 refusal (another CSR). Each batch takes its row locks in
-//! device order, so two nodes' batches do not deadlock on each other.
+//! and a partial unique index allowing one `active` certificate per device and slot. A
+//! statement that loses a race on either (or a deadlock) is retried inside the function from
+//! step 1 under a fresh snapshot (READ COMMITTED), where it sees the winner. Two nodes racing
+//! the same device's /sren (in one slot) therefore produce one active certificate: the
+//! loser's meter gets the same certificate (same CSR) or a 4.03 refusal (another CSR). Each
+//! batch takes its row locks in device order, so two nodes' batches do not deadlock on each
+//! other.
 //!
 //! Revocation (migration 2) keeps the same rules on N nodes and the operator CLI:
 //!
-//! - `est_issue` first takes the device's transaction-scoped advisory lock, which
-//!   [`Store::block_device`] takes too: a block and an issuance of the same device, on any
-//!   nodes, are ordered. The block either comes first (the issuance sees it and answers
+//! - `est_issue` (now `est_issue_slot`) first takes the device's transaction-scoped advisory
+//!   lock, which [`Store::block_device`] takes too: a block and an issuance of the same
+//!   device, on any nodes, are ordered. The block either comes first (the issuance sees it and answers
 //!   `blocked`: [`CommitOutcome::Refused`]) or second (it revokes the new certificate). A
 //!   re-enrollment whose certificate was revoked meanwhile is refused the same way (the
 //!   `FOR UPDATE` of step 2 waits for a revocation in progress).
@@ -66,6 +70,7 @@
 //! column or table is a new entry at the end of the list (migration 2: revocation).
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -80,7 +85,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
 
-use super::{revoked_entry, ServerStore, WriteOp, WriterCounters, WriterStats};
+use super::{pg_tls, revoked_entry, ServerStore, WriteOp, WriterCounters, WriterStats};
 use crate::config::StorageSection;
 
 /// One schema change, applied once per database, in order.
@@ -106,6 +111,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "audit.relay (the join proxy an enrollment came through); est_issue_relayed()",
         sql: MIGRATION_3,
+    },
+    Migration {
+        version: 4,
+        name: "certificates.slot (DLMS signing and key-agreement certificates side by side); est_issue_slot()",
+        sql: MIGRATION_4,
     },
 ];
 
@@ -325,25 +335,110 @@ END
 $fn$;
 "#;
 
+/// Certificate slots (a DLMS meter holds a signing and a key-agreement certificate at once,
+/// [`IssuedCert::slot`]; "" is the LDevID, and every row from before this migration): one
+/// active certificate per device *and slot*, and a new certificate supersedes only the active
+/// one of its own slot. `est_issue_slot()` is the issuance of migration 2 with the slot and
+/// the relay as parameters; `est_issue()` (and through it `est_issue_relayed()`, which nodes
+/// of the previous release call during a rolling upgrade) becomes the issuance into slot "".
+const MIGRATION_4: &str = r#"
+ALTER TABLE certificates ADD COLUMN slot text NOT NULL DEFAULT '';
+DROP INDEX certificates_one_active;
+CREATE UNIQUE INDEX certificates_one_active_per_slot ON certificates (device_id, slot)
+    WHERE status = 'active';
+
+CREATE FUNCTION est_issue_slot(
+    p_serial text, p_device text, p_subject text, p_der bytea, p_digest bytea,
+    p_not_before bigint, p_not_after bigint, p_issued_at bigint, p_status text, p_kind text,
+    p_replaces text, p_slot text,
+    a_at bigint, a_peer text, a_device text, a_operation text, a_outcome text, a_code text,
+    a_detail text, a_relay text
+) RETURNS text LANGUAGE plpgsql AS $fn$
+DECLARE
+    existing text;
+    replaced_status text;
+    attempt integer := 0;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_device, 0));
+    LOOP
+        BEGIN
+            SELECT serial INTO existing FROM certificates
+                WHERE device_id = p_device AND request_digest = p_digest;
+            IF FOUND THEN
+                RETURN 'already:' || existing;
+            END IF;
+            PERFORM 1 FROM blocked_devices WHERE device_id = p_device;
+            IF FOUND THEN
+                RETURN 'blocked';
+            END IF;
+            IF p_replaces IS NOT NULL THEN
+                SELECT status INTO replaced_status FROM certificates
+                    WHERE serial = p_replaces FOR UPDATE;
+                IF FOUND AND replaced_status <> 'active' THEN
+                    SELECT serial INTO existing FROM certificates
+                        WHERE device_id = p_device AND request_digest = p_digest;
+                    IF FOUND THEN
+                        RETURN 'already:' || existing;
+                    END IF;
+                    RETURN 'not-active:' || replaced_status;
+                END IF;
+            END IF;
+            UPDATE certificates SET status = 'superseded'
+                WHERE device_id = p_device AND slot = p_slot AND status = 'active';
+            INSERT INTO certificates (serial, device_id, subject, der, request_digest,
+                    not_before, not_after, issued_at, status, kind, replaces, slot)
+                VALUES (p_serial, p_device, p_subject, p_der, p_digest,
+                    p_not_before, p_not_after, p_issued_at, p_status, p_kind, p_replaces, p_slot);
+            INSERT INTO audit (at, peer, device_id, operation, outcome, code, detail, relay)
+                VALUES (a_at, a_peer, a_device, a_operation, a_outcome, a_code, a_detail,
+                    NULLIF(a_relay, ''));
+            RETURN 'committed';
+        EXCEPTION WHEN unique_violation OR deadlock_detected OR serialization_failure THEN
+            attempt := attempt + 1;
+            IF attempt >= 8 THEN
+                RAISE;
+            END IF;
+        END;
+    END LOOP;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION est_issue(
+    p_serial text, p_device text, p_subject text, p_der bytea, p_digest bytea,
+    p_not_before bigint, p_not_after bigint, p_issued_at bigint, p_status text, p_kind text,
+    p_replaces text,
+    a_at bigint, a_peer text, a_device text, a_operation text, a_outcome text, a_code text,
+    a_detail text
+) RETURNS text LANGUAGE sql AS $fn$
+    SELECT est_issue_slot(p_serial, p_device, p_subject, p_der, p_digest, p_not_before,
+        p_not_after, p_issued_at, p_status, p_kind, p_replaces, '', a_at, a_peer, a_device,
+        a_operation, a_outcome, a_code, a_detail, current_setting('est.relay', true));
+$fn$;
+"#;
+
 /// Serialises migrations of nodes that start together (an arbitrary constant).
 const MIGRATION_LOCK_KEY: i64 = 0x4553_545f_5047; // "EST_PG"
 
-const CERT_COLUMNS: &str =
-    "serial, device_id, subject, der, request_digest, not_before, not_after, issued_at, status, kind, replaces";
+/// The certificate columns, in the order [`cert_from_row`] reads them.
+macro_rules! cert_columns {
+    () => {
+        "serial, device_id, subject, der, request_digest, not_before, not_after, issued_at, status, kind, replaces, slot"
+    };
+}
+const CERT_COLUMNS: &str = cert_columns!();
 
 macro_rules! cert_select {
     ($where:literal) => {
-        concat!(
-            "SELECT serial, device_id, subject, der, request_digest, not_before, not_after, issued_at, status, kind, replaces FROM certificates ",
-            $where
-        )
+        concat!("SELECT ", cert_columns!(), " FROM certificates ", $where)
     };
 }
 const SELECT_BY_REQUEST: &str = cert_select!("WHERE device_id = $1 AND request_digest = $2");
 const SELECT_BY_SERIAL: &str = cert_select!("WHERE serial = $1");
 const SELECT_DEVICE: &str = "SELECT 1 FROM devices WHERE device_id = $1";
+/// One issuance (migration 4's function: the certificate's slot, and the relay in the audit
+/// row).
 const ISSUE: &str =
-    "SELECT est_issue_relayed($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)";
+    "SELECT est_issue_slot($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)";
 const INSERT_AUDIT: &str = "INSERT INTO audit (at, peer, device_id, operation, outcome, code, detail, relay) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 // Revocation (migration 2).
@@ -376,6 +471,9 @@ pub struct PgSettings {
     pub max_batch: usize,
     /// Bound on a read or a batch, connecting included.
     pub timeout: Duration,
+    /// The CA of the server's certificate (PEM or DER), for `sslmode=verify-ca|verify-full`
+    /// (and a checked `require`); see [`super::pg_tls`].
+    pub ca_file: Option<PathBuf>,
 }
 
 impl PgSettings {
@@ -385,6 +483,7 @@ impl PgSettings {
             pool_size: s.pool_size.max(1),
             max_batch: s.max_batch.max(1),
             timeout: Duration::from_millis(s.timeout_ms.max(1)),
+            ca_file: (!s.ca_file.as_os_str().is_empty()).then(|| s.ca_file.clone()),
         }
     }
 
@@ -416,12 +515,36 @@ fn backend(e: impl std::fmt::Display) -> StoreError {
 }
 
 /// A tokio-postgres error as the store reports it: the server's message and SQLSTATE when
-/// there is one (tokio-postgres's Display says only "db error").
+/// there is one (tokio-postgres's Display says only "db error"), else the error and its
+/// causes.
 fn pg_text(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
+        None => with_causes(e),
     }
+}
+
+/// `e` and every error under it (`source()`), e.g. "error performing TLS handshake: invalid
+/// peer certificate: UnknownIssuer": the Display of tokio-postgres and deadpool errors leaves
+/// the cause out.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let more = cause.to_string();
+        if !text.ends_with(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        next = cause.source();
+    }
+    text
+}
+
+/// A connection the pool could not give, with the reason (a refused TLS certificate, an
+/// unreachable host).
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    backend(with_causes(&e))
 }
 
 /// [`pg_text`] as a [`StoreError::Backend`].
@@ -488,10 +611,8 @@ impl PgStore {
     /// Connects, applies the pending migrations and starts the writers. Fails if the
     /// database cannot be reached within the timeout (a node does not start blind).
     pub fn open(settings: &PgSettings) -> Result<Self, StoreError> {
-        let mut pg: tokio_postgres::Config = settings
-            .url
-            .parse()
-            .map_err(|e| backend(format!("storage.url: {e}")))?;
+        let (mut pg, ssl_mode) =
+            pg_tls::parse_url(&settings.url).map_err(|e| backend(format!("storage.url: {e}")))?;
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(settings.timeout);
         }
@@ -506,14 +627,19 @@ impl PgStore {
             .build()
             .map_err(backend)?;
         let handle = runtime.handle().clone();
-        let manager = Manager::from_config(
-            pg,
-            NoTls,
-            ManagerConfig {
-                // A connection that died with the server is noticed (is_closed) and replaced.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let tls = pg_tls::connector(ssl_mode, settings.ca_file.as_deref())
+            .map_err(|e| backend(format!("PostgreSQL at {target}: TLS: {e}")))?;
+        if ssl_mode == pg_tls::SslMode::Require && settings.ca_file.is_none() {
+            tracing::warn!(target_db = %target, "sslmode=require without storage.ca_file: the connection to PostgreSQL is encrypted but the server is not authenticated; use sslmode=verify-full with storage.ca_file");
+        }
+        let manager_config = ManagerConfig {
+            // A connection that died with the server is noticed (is_closed) and replaced.
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls {
+            Some(tls) => Manager::from_config(pg, tls, manager_config),
+            None => Manager::from_config(pg, NoTls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size)
             .runtime(Runtime::Tokio1)
@@ -536,10 +662,16 @@ impl PgStore {
         };
         let applied = store
             .run("migrating the schema", |pool| async move {
-                let mut client = pool.get().await.map_err(backend)?;
+                let mut client = pool.get().await.map_err(pool_error)?;
                 migrate(&mut client).await
             })
-            .map_err(|e| backend(format!("PostgreSQL at {}: {e}", store.target)))?;
+            .map_err(|e| {
+                backend(format!(
+                    "PostgreSQL at {} (sslmode={}): {e}",
+                    store.target,
+                    ssl_mode.as_str()
+                ))
+            })?;
         if !applied.is_empty() {
             tracing::info!(target_db = %store.target, migrations = ?applied, "PostgreSQL schema migrated");
         }
@@ -603,7 +735,7 @@ impl PgStore {
         digest: Option<[u8; 32]>,
     ) -> Result<Option<IssuedCert>, StoreError> {
         self.run("reading a certificate", move |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let st = client
                 .prepare_cached(sql)
                 .await
@@ -627,7 +759,7 @@ impl PgStore {
         param: Box<dyn ToSql + Send + Sync>,
     ) -> Result<Vec<IssuedCert>, StoreError> {
         self.run("listing certificates", move |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let rows = client
                 .query(&sql, &[param.as_ref() as &(dyn ToSql + Sync)])
                 .await
@@ -640,12 +772,12 @@ impl PgStore {
     /// cases sharing a database).
     pub fn drop_schema(&self) -> Result<(), StoreError> {
         self.run("dropping the schema", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             client
                 .batch_execute(
                     "DROP TABLE IF EXISTS certificates, audit, devices, blocked_devices,
                          revocation_state, crls, schema_migrations CASCADE;
-                     DROP FUNCTION IF EXISTS est_issue CASCADE;",
+                     DROP FUNCTION IF EXISTS est_issue, est_issue_relayed, est_issue_slot CASCADE;",
                 )
                 .await
                 .map_err(|e| backend(pg_text(&e)))
@@ -655,7 +787,7 @@ impl PgStore {
     /// The schema versions recorded in `schema_migrations`, ascending.
     pub fn schema_versions(&self) -> Result<Vec<i32>, StoreError> {
         self.run("reading schema_migrations", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let rows = client
                 .query(
                     "SELECT version FROM schema_migrations ORDER BY version",
@@ -754,10 +886,8 @@ fn cert_from_row(r: &Row) -> Result<IssuedCert, StoreError> {
         status,
         kind,
         replaces_serial_hex: r.try_get(10).map_err(get)?,
+        slot: r.try_get(11).map_err(get)?,
         serial_hex: serial,
-        // Certificate slots (DLMS) are not stored in PostgreSQL yet: the configuration refuses
-        // [[dlms.rules]] with this backend, so every certificate here is an LDevID.
-        slot: String::new(),
     })
 }
 
@@ -803,7 +933,7 @@ async fn apply_one(
     match commit {
         Commit::Issuance { cert, audit } => {
             let digest = cert.request_digest.as_slice();
-            let params: [&(dyn ToSql + Sync); 19] = [
+            let params: [&(dyn ToSql + Sync); 20] = [
                 &cert.serial_hex,
                 &cert.device_id,
                 &cert.subject,
@@ -815,6 +945,7 @@ async fn apply_one(
                 &cert.status.as_str(),
                 &cert.kind.as_str(),
                 &cert.replaces_serial_hex,
+                &cert.slot,
                 &audit.at_unix,
                 &audit.peer,
                 &audit.device_id,
@@ -862,7 +993,7 @@ async fn apply_batch(pool: &Pool, commits: &[&Commit]) -> Result<Vec<CommitResul
     let mut client = pool
         .get()
         .await
-        .map_err(|e| BatchError::Unavailable(e.to_string()))?;
+        .map_err(|e| BatchError::Unavailable(with_causes(&e)))?;
     let tx = client.transaction().await.map_err(batch_error)?;
     let issue = tx.prepare_cached(ISSUE).await.map_err(batch_error)?;
     let audit_st = tx.prepare_cached(INSERT_AUDIT).await.map_err(batch_error)?;
@@ -1004,7 +1135,7 @@ impl Store for PgStore {
     fn device_allowed(&self, device_id: &str) -> Result<bool, StoreError> {
         let device = device_id.to_owned();
         self.run("reading the allowlist", move |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let st = client
                 .prepare_cached(SELECT_DEVICE)
                 .await
@@ -1020,7 +1151,7 @@ impl Store for PgStore {
     fn device_blocked(&self, device_id: &str) -> Result<bool, StoreError> {
         let device = device_id.to_owned();
         self.run("reading the blocklist", move |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let st = client.prepare_cached(SELECT_BLOCKED).await.map_err(db)?;
             Ok(client
                 .query_opt(&st, &[&device])
@@ -1033,7 +1164,7 @@ impl Store for PgStore {
     fn issued_since(&self, device_id: &str, since_unix: i64) -> Result<IssuanceWindow, StoreError> {
         let device = device_id.to_owned();
         self.run("counting a device's certificates", move |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let st = client.prepare_cached(ISSUED_SINCE).await.map_err(db)?;
             let row = client
                 .query_one(&st, &[&device, &since_unix])
@@ -1049,7 +1180,7 @@ impl Store for PgStore {
     fn revoke(&self, r: &Revocation) -> Result<RevokeOutcome, StoreError> {
         let r = r.clone();
         self.run("revoking a certificate", move |pool| async move {
-            let mut client = pool.get().await.map_err(backend)?;
+            let mut client = pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(db)?;
             // The row lock: a revocation of the same serial on another node waits, then
             // finds it revoked; an issuance renewing it waits too (or is waited for).
@@ -1078,7 +1209,7 @@ impl Store for PgStore {
     fn block_device(&self, b: &DeviceBlock) -> Result<BlockOutcome, StoreError> {
         let b = b.clone();
         self.run("blocking a device", move |pool| async move {
-            let mut client = pool.get().await.map_err(backend)?;
+            let mut client = pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(db)?;
             // Taken by est_issue too: an issuance for the device on any node commits
             // before (and is revoked below) or after (and sees the block).
@@ -1114,7 +1245,7 @@ impl Store for PgStore {
 
     fn revoked_certificates(&self) -> Result<Vec<RevokedEntry>, StoreError> {
         self.run("reading the revoked certificates", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let rows = client.query(SELECT_REVOKED, &[]).await.map_err(db)?;
             rows.iter()
                 .map(|r| {
@@ -1127,7 +1258,7 @@ impl Store for PgStore {
 
     fn blocked_devices(&self) -> Result<Vec<String>, StoreError> {
         self.run("reading the blocklist", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let rows = client
                 .query(
                     "SELECT device_id FROM blocked_devices ORDER BY device_id",
@@ -1141,7 +1272,7 @@ impl Store for PgStore {
 
     fn revocation_generation(&self) -> Result<u64, StoreError> {
         self.run("reading the revocation generation", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let st = client.prepare_cached(SELECT_GENERATION).await.map_err(db)?;
             let row = client.query_one(&st, &[]).await.map_err(db)?;
             Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
@@ -1152,7 +1283,7 @@ impl Store for PgStore {
         // One UPDATE in its own transaction: the row lock orders the nodes, and the number
         // is durable (COMMIT) before it is handed out.
         self.run("allocating a cRLNumber", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let row = client.query_one(NEXT_CRL_NUMBER, &[]).await.map_err(db)?;
             u64::try_from(row.get::<_, i64>(0)).map_err(|_| StoreError::Corrupt("cRLNumber".into()))
         })
@@ -1163,7 +1294,7 @@ impl Store for PgStore {
         let generation = i64::try_from(crl.generation).map_err(backend)?;
         let crl = crl.clone();
         self.run("saving a CRL", move |pool| async move {
-            let mut client = pool.get().await.map_err(backend)?;
+            let mut client = pool.get().await.map_err(pool_error)?;
             let tx = client.transaction().await.map_err(db)?;
             // Two nodes saving at once: the second waits and compares with the first's.
             tx.batch_execute("LOCK TABLE crls IN EXCLUSIVE MODE")
@@ -1190,7 +1321,7 @@ impl Store for PgStore {
 
     fn latest_crl(&self) -> Result<Option<CrlRecord>, StoreError> {
         self.run("reading the latest CRL", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let row = client.query_opt(SELECT_LATEST_CRL, &[]).await.map_err(db)?;
             Ok(row.map(|r| CrlRecord {
                 number: u64::try_from(r.get::<_, i64>(0)).unwrap_or(0),
@@ -1246,7 +1377,7 @@ impl ServerStore for PgStore {
 
     fn count_certificates(&self) -> Result<u64, StoreError> {
         self.run("counting certificates", |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let row = client
                 .query_one("SELECT count(*) FROM certificates", &[])
                 .await
@@ -1258,7 +1389,7 @@ impl ServerStore for PgStore {
     fn recent_audit(&self, limit: usize) -> Result<Vec<AuditEvent>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.run("reading the audit trail", move |pool| async move {
-            let client = pool.get().await.map_err(backend)?;
+            let client = pool.get().await.map_err(pool_error)?;
             let rows = client
                 .query(
                     "SELECT at, peer, device_id, operation, outcome, code, detail, relay FROM audit ORDER BY id DESC LIMIT $1",
@@ -1285,7 +1416,7 @@ impl ServerStore for PgStore {
     fn import_devices(&self, ids: &[String], now_unix: i64) -> Result<usize, StoreError> {
         let ids = ids.to_vec();
         self.run("importing devices", move |pool| async move {
-            let mut client = pool.get().await.map_err(backend)?;
+            let mut client = pool.get().await.map_err(pool_error)?;
             let db = |e: tokio_postgres::Error| backend(pg_text(&e));
             let tx = client.transaction().await.map_err(db)?;
             let st = tx

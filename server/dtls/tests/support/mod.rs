@@ -3,7 +3,8 @@
     dead_code,
     clippy::unwrap_used,
     clippy::expect_used,
-    clippy::indexing_slicing
+    clippy::indexing_slicing,
+    reason = "test support shared by several test binaries (not each uses every helper); a panic is the test failing"
 )]
 
 use std::collections::{HashMap, VecDeque};
@@ -16,12 +17,12 @@ use est_dtls::{
     ServerConfig, SigningKey, Verified,
 };
 
-pub struct Cred {
+pub(crate) struct Cred {
     pub chain: Vec<Vec<u8>>,
     pub key_der: Vec<u8>,
 }
 
-pub struct Pki {
+pub(crate) struct Pki {
     pub ca_der: Vec<u8>,
     pub server: Cred,
     pub clients: Vec<Cred>,
@@ -35,11 +36,22 @@ fn leaf(
     ca_cert: &rcgen::Certificate,
     ca_key: &rcgen::KeyPair,
 ) -> Cred {
+    leaf_with_key_usages(name, alg, ca_cert, ca_key, Vec::new())
+}
+
+fn leaf_with_key_usages(
+    name: &str,
+    alg: &'static rcgen::SignatureAlgorithm,
+    ca_cert: &rcgen::Certificate,
+    ca_key: &rcgen::KeyPair,
+    key_usages: Vec<rcgen::KeyUsagePurpose>,
+) -> Cred {
     let key = rcgen::KeyPair::generate_for(alg).unwrap();
     let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, name);
+    params.key_usages = key_usages;
     let cert = params.signed_by(&key, ca_cert, ca_key).unwrap();
     Cred {
         chain: vec![cert.der().to_vec(), ca_cert.der().to_vec()],
@@ -48,11 +60,11 @@ fn leaf(
 }
 
 impl Pki {
-    pub fn new(clients: usize) -> Pki {
+    pub(crate) fn new(clients: usize) -> Pki {
         Self::with_server_alg(clients, &rcgen::PKCS_ECDSA_P256_SHA256)
     }
 
-    pub fn with_server_alg(clients: usize, alg: &'static rcgen::SignatureAlgorithm) -> Pki {
+    pub(crate) fn with_server_alg(clients: usize, alg: &'static rcgen::SignatureAlgorithm) -> Pki {
         let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -80,7 +92,7 @@ impl Pki {
         }
     }
 
-    pub fn extra_client(&self, name: &str) -> Cred {
+    pub(crate) fn extra_client(&self, name: &str) -> Cred {
         leaf(
             name,
             &rcgen::PKCS_ECDSA_P256_SHA256,
@@ -89,9 +101,30 @@ impl Pki {
         )
     }
 
+    /// Another client certificate of our CA, with this keyUsage (none when empty).
+    pub(crate) fn client_with_key_usages(
+        &self,
+        name: &str,
+        key_usages: Vec<rcgen::KeyUsagePurpose>,
+    ) -> Cred {
+        leaf_with_key_usages(
+            name,
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &self.ca_cert,
+            &self.ca_key,
+            key_usages,
+        )
+    }
+
+    /// A client configuration with credentials `c`.
+    pub(crate) fn config_for(&self, c: &Cred) -> ClientConfig {
+        let key = Arc::new(SigningKey::from_pkcs8(&c.key_der).unwrap());
+        ClientConfig::new(c.chain.clone(), key, self.verifier())
+    }
+
     /// Accepts chains whose second element is our CA (the test verifier: the engine's job is
     /// to call it and act on its answer; real path validation is the policy's, tested there).
-    pub fn verifier(&self) -> ChainVerifier {
+    pub(crate) fn verifier(&self) -> ChainVerifier {
         let ca = self.ca_der.clone();
         Arc::new(move |chain: &[Vec<u8>]| {
             if chain.get(1) == Some(&ca) {
@@ -105,12 +138,12 @@ impl Pki {
         })
     }
 
-    pub fn server_config(&self) -> ServerConfig {
+    pub(crate) fn server_config(&self) -> ServerConfig {
         let key = Arc::new(SigningKey::from_pkcs8(&self.server.key_der).unwrap());
         ServerConfig::new(self.server.chain.clone(), key, self.verifier())
     }
 
-    pub fn client_config(&self, i: usize) -> ClientConfig {
+    pub(crate) fn client_config(&self, i: usize) -> ClientConfig {
         let c = &self.clients[i];
         let key = Arc::new(SigningKey::from_pkcs8(&c.key_der).unwrap());
         ClientConfig::new(c.chain.clone(), key, self.verifier())
@@ -118,10 +151,10 @@ impl Pki {
 }
 
 /// A tiny deterministic PRNG for loss decisions.
-pub struct Lcg(pub u64);
+pub(crate) struct Lcg(pub u64);
 
 impl Lcg {
-    pub fn next_f64(&mut self) -> f64 {
+    pub(crate) fn next_f64(&mut self) -> f64 {
         self.0 = self
             .0
             .wrapping_mul(6_364_136_223_846_793_005)
@@ -130,22 +163,22 @@ impl Lcg {
     }
 }
 
-pub const SERVER: &str = "10.0.0.1:5684";
+pub(crate) const SERVER: &str = "10.0.0.1:5684";
 
-pub fn addr(s: &str) -> SocketAddr {
+pub(crate) fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-pub fn client_addr(i: usize) -> SocketAddr {
+pub(crate) fn client_addr(i: usize) -> SocketAddr {
     SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8 + 1], 40000))
 }
 
 /// Rewrites a datagram in flight: (to the server?, client index, datagram) → the datagrams
 /// delivered instead (none: dropped).
-pub type Filter = Box<dyn FnMut(bool, usize, Vec<u8>) -> Vec<Vec<u8>>>;
+pub(crate) type Filter = Box<dyn FnMut(bool, usize, Vec<u8>) -> Vec<Vec<u8>>>;
 
 /// One endpoint and many clients joined by a lossy in-memory network on virtual time.
-pub struct Net {
+pub(crate) struct Net {
     pub now: Instant,
     pub server: Endpoint,
     pub clients: Vec<Client>,
@@ -173,7 +206,7 @@ pub struct Net {
 }
 
 impl Net {
-    pub fn new(server: ServerConfig, seed: u64, loss: f64) -> Net {
+    pub(crate) fn new(server: ServerConfig, seed: u64, loss: f64) -> Net {
         let now = Instant::now();
         Net {
             now,
@@ -195,7 +228,7 @@ impl Net {
         }
     }
 
-    pub fn add_client(&mut self, config: ClientConfig) -> usize {
+    pub(crate) fn add_client(&mut self, config: ClientConfig) -> usize {
         let i = self.clients.len();
         let c = Client::connect(self.now, addr(SERVER), Arc::new(config)).unwrap();
         self.clients.push(c);
@@ -206,7 +239,7 @@ impl Net {
     }
 
     /// A client behind a join proxy at `proxy` that gives it `header`.
-    pub fn add_relayed_client(
+    pub(crate) fn add_relayed_client(
         &mut self,
         config: ClientConfig,
         proxy: SocketAddr,
@@ -219,7 +252,7 @@ impl Net {
     }
 
     /// Who the server sees client `i` as.
-    pub fn peer_of(&self, i: usize) -> PeerAddr {
+    pub(crate) fn peer_of(&self, i: usize) -> PeerAddr {
         match &self.client_relay[i] {
             Some(h) => PeerAddr::relayed(self.client_addrs[i], h),
             None => PeerAddr::Direct(self.client_addrs[i]),
@@ -285,13 +318,13 @@ impl Net {
     }
 
     /// Injects a datagram to the server from any address.
-    pub fn inject(&mut self, from: SocketAddr, bytes: &[u8]) {
+    pub(crate) fn inject(&mut self, from: SocketAddr, bytes: &[u8]) {
         self.server.handle(self.now, from, bytes);
         self.collect_server_only();
     }
 
     /// Takes what the server wants to send without delivering it anywhere.
-    pub fn take_server_transmits(&mut self) -> Vec<est_dtls::Transmit> {
+    pub(crate) fn take_server_transmits(&mut self) -> Vec<est_dtls::Transmit> {
         let mut v = Vec::new();
         while let Some(t) = self.server.poll_transmit() {
             v.push(t);
@@ -306,7 +339,7 @@ impl Net {
     }
 
     /// Runs until `until` of virtual time has passed or nothing is left to do.
-    pub fn run_for(&mut self, span: Duration) {
+    pub(crate) fn run_for(&mut self, span: Duration) {
         let end = self.now + span;
         loop {
             self.collect();
@@ -353,18 +386,18 @@ impl Net {
         self.now = self.now.max(end);
     }
 
-    pub fn client_connected(&self, i: usize) -> bool {
+    pub(crate) fn client_connected(&self, i: usize) -> bool {
         self.clients[i].is_established()
     }
 
-    pub fn server_connected_count(&self) -> usize {
+    pub(crate) fn server_connected_count(&self) -> usize {
         self.server_events
             .iter()
             .filter(|e| matches!(e, Event::Connected(_)))
             .count()
     }
 
-    pub fn server_data(&self) -> Vec<Vec<u8>> {
+    pub(crate) fn server_data(&self) -> Vec<Vec<u8>> {
         self.server_events
             .iter()
             .filter_map(|e| match e {
@@ -374,7 +407,7 @@ impl Net {
             .collect()
     }
 
-    pub fn handle_of_client(&self, i: usize) -> Option<est_dtls::ConnectionHandle> {
+    pub(crate) fn handle_of_client(&self, i: usize) -> Option<est_dtls::ConnectionHandle> {
         let a = self.peer_of(i);
         self.server_events.iter().rev().find_map(|e| match e {
             Event::Connected(h) if self.server.connection(*h).is_some_and(|c| c.peer() == a) => {
@@ -384,7 +417,7 @@ impl Net {
         })
     }
 
-    pub fn counts(&self) -> HashMap<&'static str, u64> {
+    pub(crate) fn counts(&self) -> HashMap<&'static str, u64> {
         let m = self.server.metrics();
         HashMap::from([
             ("hvr", m.hello_verify_sent),

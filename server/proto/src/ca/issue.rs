@@ -47,6 +47,9 @@ pub struct IssueParams {
     pub extended_key_usage_client_auth: bool,
     /// Add id-kp-serverAuth to extKeyUsage (a DLMS TLS certificate).
     pub extended_key_usage_server_auth: bool,
+    /// When set, extKeyUsage is exactly these purposes, in this order (no extension when
+    /// empty), instead of what the two flags above say (a configured certificate profile).
+    pub extended_key_usages: Option<Vec<const_oid::ObjectIdentifier>>,
 }
 
 impl IssueParams {
@@ -69,6 +72,7 @@ impl IssueParams {
             key_agreement: false,
             extended_key_usage_client_auth: true,
             extended_key_usage_server_auth: false,
+            extended_key_usages: None,
         }
     }
 
@@ -263,11 +267,15 @@ impl IssuingCa {
         extensions.push(basic_constraints(false, None)?);
         extensions.push(key_usage(KeyUsage(usages))?);
         let mut purposes = Vec::new();
-        if params.extended_key_usage_client_auth {
-            purposes.push(oid::KP_CLIENT_AUTH);
-        }
-        if params.extended_key_usage_server_auth {
-            purposes.push(oid::KP_SERVER_AUTH);
+        if let Some(listed) = &params.extended_key_usages {
+            purposes.clone_from(listed);
+        } else {
+            if params.extended_key_usage_client_auth {
+                purposes.push(oid::KP_CLIENT_AUTH);
+            }
+            if params.extended_key_usage_server_auth {
+                purposes.push(oid::KP_SERVER_AUTH);
+            }
         }
         if !purposes.is_empty() {
             extensions.push(extended_key_usage(purposes)?);

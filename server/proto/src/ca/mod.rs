@@ -51,8 +51,8 @@ pub use csr::{build_csr, csr_digest, parse_and_verify_csr, ParsedCsr};
 pub use error::{CaError, CsrError};
 pub use issue::{random_serial, IssueParams, IssuingCa};
 pub use names::{
-    common_name, hardware_module_from_cert, name_from_attrs, organization, serial_number_attr,
-    subject_alt_name_from_cert, HardwareModuleName,
+    attribute_text, common_name, hardware_module_from_cert, name_from_attrs, organization,
+    serial_number_attr, subject_alt_name_from_cert, HardwareModuleName,
 };
 pub use pkcs7::{certs_from_certs_only, certs_only};
 pub use pki::{
@@ -60,8 +60,8 @@ pub use pki::{
     self_signed_ca, IDEVID_NO_EXPIRY_UNIX_SECS,
 };
 pub use signer::{
-    generate_p256_pkcs8, generate_p384_pkcs8, p256_spki_from_pkcs8, signer_from_pkcs8_der, Curve,
-    RingP256Signer, RingP384Signer, Signer,
+    generate_p256_pkcs8, generate_p384_pkcs8, p256_spki_from_pkcs8, signer_from_pkcs8_der,
+    spki_from_pkcs8, Curve, RingP256Signer, RingP384Signer, Signer,
 };
 
 // Re-exported so that callers can name the types of this API without adding the crates themselves.

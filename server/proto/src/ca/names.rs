@@ -118,6 +118,11 @@ fn last_attr(name: &Name, attr: ObjectIdentifier) -> Option<String> {
         .and_then(|atv| attr_value_string(&atv.value))
 }
 
+/// The most specific value of attribute `attr` in `name`, as text (directory strings only).
+pub fn attribute_text(name: &Name, attr: ObjectIdentifier) -> Option<String> {
+    last_attr(name, attr)
+}
+
 /// The X.520 serialNumber (2.5.4.5) of a name (802.1AR puts the device serial there).
 pub fn serial_number_attr(name: &Name) -> Option<String> {
     last_attr(name, oid::AT_SERIAL_NUMBER)

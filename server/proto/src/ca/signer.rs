@@ -282,6 +282,16 @@ pub fn p256_spki_from_pkcs8(pkcs8: &[u8]) -> Result<SubjectPublicKeyInfoOwned, C
     p256_spki(signer.public_key_sec1())
 }
 
+/// The SubjectPublicKeyInfo of a PKCS#8 private key on P-256 or P-384 (server-side key
+/// generation under a P-384 certificate profile).
+pub fn spki_from_pkcs8(pkcs8: &[u8]) -> Result<SubjectPublicKeyInfoOwned, CaError> {
+    use der::Decode;
+    let (_, signer) = signer_from_pkcs8_der(pkcs8)?;
+    Ok(SubjectPublicKeyInfoOwned::from_der(
+        signer.public_key_spki_der(),
+    )?)
+}
+
 /// SubjectPublicKeyInfo of an uncompressed P-256 point (RFC 5480 §2: id-ecPublicKey, namedCurve secp256r1).
 pub(crate) fn p256_spki(sec1_uncompressed: &[u8]) -> Result<SubjectPublicKeyInfoOwned, CaError> {
     ec_spki(Curve::P256, sec1_uncompressed)

@@ -70,7 +70,7 @@ use std::time::Duration;
 
 pub use client::{Client, ClientConfig, ClientError, ClientEvent, ClientStats};
 pub use coap_lite::ResponseType;
-pub use server::{Incoming, ServerSession, SessionStats};
+pub use server::{ServerSession, SessionStats};
 pub use wire::BlockOpt;
 
 /// Transmission parameters and per-session limits (RFC 7252 §4.8 defaults; units in names).

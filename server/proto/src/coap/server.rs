@@ -23,13 +23,13 @@ use options::{OptionError, RequestOptions, Target};
 /// Max-Age (seconds) sent with 5.03 when a session has too many unanswered requests.
 const SHED_MAX_AGE_SECS: u32 = 2;
 
-/// What the driver must do with a datagram it fed to [`ServerSession::handle_datagram`].
+/// What this layer made of one received datagram (inside [`ServerSession::handle_datagram`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Incoming {
+enum Incoming {
     /// Send these bytes back to the peer (an answer produced by this layer: duplicate,
     /// 2.31 Continue, Block2 from cache, error, RST).
     Send(Vec<u8>),
-    /// A complete request for the application; answer it with [`ServerSession::respond`].
+    /// A complete request for the application.
     Request(RequestId, Request),
     /// Nothing to do.
     Ignore,
@@ -208,8 +208,26 @@ impl ServerSession {
         &self.config
     }
 
-    /// Processes one received datagram.
-    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) -> Incoming {
+    /// Processes one received datagram. Returns a complete request for the application
+    /// (answer it with [`Self::respond`], or first [`Self::acknowledge`] it); whatever this
+    /// layer answers itself (duplicates, 2.31 Continue, Block2 from the cache, errors, RST)
+    /// waits in [`Self::poll_transmit`].
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        datagram: &[u8],
+    ) -> Option<(RequestId, Request)> {
+        match self.receive(now, datagram) {
+            Incoming::Send(bytes) => {
+                self.transmit.push_back(bytes);
+                None
+            }
+            Incoming::Request(id, request) => Some((id, request)),
+            Incoming::Ignore => None,
+        }
+    }
+
+    fn receive(&mut self, now: Instant, datagram: &[u8]) -> Incoming {
         self.expire(now);
         self.stats.datagrams_received += 1;
         let (header, packet) = match wire::parse(datagram) {
@@ -490,13 +508,14 @@ impl ServerSession {
         )
     }
 
-    /// Answers request `id`. Returns the datagram(s) to send: one piggybacked ACK (CON) or
-    /// NON response, carrying the first Block2 slice if the body is larger than the
-    /// negotiated block size. Empty if `id` is unknown or expired.
-    pub fn respond(&mut self, now: Instant, id: RequestId, response: Response) -> Vec<Vec<u8>> {
+    /// Answers request `id`: one piggybacked ACK (CON) or NON response, or a separate CON
+    /// after [`Self::acknowledge`], carrying the first Block2 slice if the body is larger than
+    /// the negotiated block size, queued for [`Self::poll_transmit`]. Returns false (nothing
+    /// queued) if `id` is unknown or expired.
+    pub fn respond(&mut self, now: Instant, id: RequestId, response: Response) -> bool {
         self.expire(now);
         let Some(p) = self.pending.remove(&id) else {
-            return Vec::new();
+            return false;
         };
         let reply = self.body_reply(now, &p, response);
         if p.separate {
@@ -505,7 +524,8 @@ impl ServerSession {
             let mid = self.alloc_mid();
             let bytes = self.build(MessageType::Confirmable, mid, &p.to.token, &reply);
             self.send_confirmable(now, mid, bytes.clone());
-            return vec![bytes];
+            self.transmit.push_back(bytes);
+            return true;
         }
         let bytes = self.emit(&p.to, &reply);
         self.dedup.set(
@@ -516,30 +536,39 @@ impl ServerSession {
                 DedupState::Silent
             },
         );
-        vec![bytes]
+        self.transmit.push_back(bytes);
+        true
     }
 
     /// Acknowledges pending CON request `id` with an empty ACK now, for an application that
     /// needs time (RFC 7252 §5.2.2, RFC 9148 §5.7 "short delay"). The later
     /// [`Self::respond`] then sends the response as a separate CON, retransmitted from
     /// [`Self::handle_timeout`] through [`Self::poll_transmit`] until the peer ACKs it.
-    /// Duplicates of the request get the empty ACK again. Returns `None` (nothing to send)
-    /// for a NON request, an unknown id, or one already acknowledged.
-    pub fn acknowledge(&mut self, now: Instant, id: RequestId) -> Option<Vec<u8>> {
+    /// Duplicates of the request get the empty ACK again. The ACK waits in
+    /// [`Self::poll_transmit`]. Returns false (nothing queued) for a NON request, an unknown
+    /// id, or one already acknowledged.
+    pub fn acknowledge(&mut self, now: Instant, id: RequestId) -> bool {
         self.expire(now);
-        let p = self.pending.get_mut(&id)?;
+        let Some(p) = self.pending.get_mut(&id) else {
+            return false;
+        };
         if !p.to.confirmable || p.separate {
-            return None;
+            return false;
         }
         p.separate = true;
         let ack = wire::empty(MessageType::Acknowledgement, p.to.mid);
         let mid = p.to.mid;
         self.dedup.set(mid, DedupState::Answered(ack.clone()));
         self.stats.empty_acks_sent += 1;
-        Some(ack)
+        self.transmit.push_back(ack);
+        true
     }
 
-    /// Retransmissions of separate CON responses that are due (after [`Self::handle_timeout`]).
+    /// The next datagram to send to the peer, whatever made it: this layer's own answers
+    /// (from [`Self::handle_datagram`]), responses and empty ACKs ([`Self::respond`],
+    /// [`Self::acknowledge`]) and due retransmissions of separate responses
+    /// ([`Self::handle_timeout`]). Call until `None` after every input: the session's one
+    /// output path.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
         self.transmit.pop_front()
     }

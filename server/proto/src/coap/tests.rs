@@ -12,6 +12,62 @@ use rand_chacha::ChaCha8Rng;
 use super::wire::{self, BlockOpt};
 use super::*;
 
+/// What one datagram led to, as these tests look at it: the request for the application, the
+/// one datagram this layer answered with (taken from `poll_transmit`), or nothing.
+#[derive(Debug, PartialEq, Eq)]
+enum Got {
+    Send(Vec<u8>),
+    Request(RequestId, Request),
+    Ignore,
+}
+
+/// The session's one output path ([`ServerSession::poll_transmit`]) read after each call.
+trait Drive {
+    fn drain(&mut self) -> Vec<Vec<u8>>;
+    fn feed(&mut self, now: Instant, datagram: &[u8]) -> Got;
+    fn respond_out(&mut self, now: Instant, id: RequestId, response: Response) -> Vec<Vec<u8>>;
+    fn ack_out(&mut self, now: Instant, id: RequestId) -> Option<Vec<u8>>;
+}
+
+impl Drive for ServerSession {
+    fn drain(&mut self) -> Vec<Vec<u8>> {
+        std::iter::from_fn(|| self.poll_transmit()).collect()
+    }
+
+    fn feed(&mut self, now: Instant, datagram: &[u8]) -> Got {
+        let request = self.handle_datagram(now, datagram);
+        let mut out = self.drain();
+        match (request, out.len()) {
+            (Some((id, r)), 0) => Got::Request(id, r),
+            (None, 0) => Got::Ignore,
+            (None, 1) => Got::Send(out.remove(0)),
+            (request, n) => panic!("a request ({request:?}) and {n} datagrams at once"),
+        }
+    }
+
+    fn respond_out(&mut self, now: Instant, id: RequestId, response: Response) -> Vec<Vec<u8>> {
+        let queued = self.respond(now, id, response);
+        let out = self.drain();
+        assert_eq!(
+            queued,
+            !out.is_empty(),
+            "respond's result says whether it queued"
+        );
+        out
+    }
+
+    fn ack_out(&mut self, now: Instant, id: RequestId) -> Option<Vec<u8>> {
+        let queued = self.acknowledge(now, id);
+        let mut out = self.drain();
+        assert_eq!(
+            usize::from(queued),
+            out.len(),
+            "acknowledge queues one empty ACK"
+        );
+        out.pop()
+    }
+}
+
 const TOKEN: [u8; 4] = [0xA1, 0xB2, 0xC3, 0xD4];
 
 // ---------------------------------------------------------------------------------------
@@ -102,16 +158,16 @@ fn uint(p: &Packet, option: CoapOption) -> Option<u32> {
     wire::uint_option(p, option, 4).unwrap()
 }
 
-fn send(i: Incoming) -> Vec<u8> {
+fn send(i: Got) -> Vec<u8> {
     match i {
-        Incoming::Send(b) => b,
+        Got::Send(b) => b,
         other => panic!("expected Send, got {other:?}"),
     }
 }
 
-fn request(i: Incoming) -> (RequestId, Request) {
+fn request(i: Got) -> (RequestId, Request) {
     match i {
-        Incoming::Request(id, r) => (id, r),
+        Got::Request(id, r) => (id, r),
         other => panic!("expected Request, got {other:?}"),
     }
 }
@@ -217,13 +273,13 @@ fn config_validation_rejects_bad_values() {
 fn con_request_gets_piggybacked_ack_with_same_mid_and_token() {
     let t0 = Instant::now();
     let mut s = session();
-    let (id, req) = request(s.handle_datagram(
+    let (id, req) = request(s.feed(
         t0,
         &Msg::con(0x1234, RequestType::Get).path("est/crts").bytes(),
     ));
     assert_eq!(req.method, Method::Get);
     assert_eq!(req.path, vec!["est".to_string(), "crts".to_string()]);
-    let out = one(s.respond(
+    let out = one(s.respond_out(
         t0,
         id,
         Response::new(ResponseType::Content).with_payload(287, b"cert".to_vec()),
@@ -238,7 +294,7 @@ fn con_request_gets_piggybacked_ack_with_same_mid_and_token() {
     assert!(block(&p, CoapOption::Block2).is_none());
     // A second respond() for the same id sends nothing.
     assert!(s
-        .respond(t0, id, Response::new(ResponseType::Content))
+        .respond_out(t0, id, Response::new(ResponseType::Content))
         .is_empty());
 }
 
@@ -246,8 +302,8 @@ fn con_request_gets_piggybacked_ack_with_same_mid_and_token() {
 fn non_request_gets_non_response_with_new_mid_and_same_token() {
     let t0 = Instant::now();
     let mut s = ServerSession::with_initial_message_id(Arc::new(CoapConfig::default()), 500);
-    let (id, _) = request(s.handle_datagram(t0, &Msg::non(77, RequestType::Get).path("x").bytes()));
-    let p = parse(&one(s.respond(
+    let (id, _) = request(s.feed(t0, &Msg::non(77, RequestType::Get).path("x").bytes()));
+    let p = parse(&one(s.respond_out(
         t0,
         id,
         Response::new(ResponseType::Content),
@@ -255,9 +311,8 @@ fn non_request_gets_non_response_with_new_mid_and_same_token() {
     assert_eq!(p.header.get_type(), MessageType::NonConfirmable);
     assert_eq!(p.header.message_id, 500);
     assert_eq!(p.get_token(), TOKEN);
-    let (id2, _) =
-        request(s.handle_datagram(t0, &Msg::non(78, RequestType::Get).path("x").bytes()));
-    let p2 = parse(&one(s.respond(
+    let (id2, _) = request(s.feed(t0, &Msg::non(78, RequestType::Get).path("x").bytes()));
+    let p2 = parse(&one(s.respond_out(
         t0,
         id2,
         Response::new(ResponseType::Content),
@@ -269,15 +324,12 @@ fn non_request_gets_non_response_with_new_mid_and_same_token() {
 fn ping_empty_con_gets_rst() {
     let t0 = Instant::now();
     let mut s = session();
-    let out = send(s.handle_datagram(t0, &[0x40, 0x00, 0xBE, 0xEF]));
+    let out = send(s.feed(t0, &[0x40, 0x00, 0xBE, 0xEF]));
     assert_eq!(out, vec![0x70, 0x00, 0xBE, 0xEF]);
     assert_eq!(s.stats().pings, 1);
     // Empty NON, ACK and RST are ignored.
     for first in [0x50u8, 0x60, 0x70] {
-        assert_eq!(
-            s.handle_datagram(t0, &[first, 0x00, 0, 1]),
-            Incoming::Ignore
-        );
+        assert_eq!(s.feed(t0, &[first, 0x00, 0, 1]), Got::Ignore);
     }
 }
 
@@ -293,34 +345,34 @@ fn malformed_datagrams_are_ignored_or_reset_never_panic() {
         &[0x80, 0x01, 0, 1],
         &[0x00, 0x01, 0, 1],
     ] {
-        assert_eq!(s.handle_datagram(t0, d), Incoming::Ignore, "{d:02x?}");
+        assert_eq!(s.feed(t0, d), Got::Ignore, "{d:02x?}");
     }
     // TKL 9 in a CON: format error -> RST with the same MID; in a NON: ignored.
     assert_eq!(
-        send(s.handle_datagram(t0, &[0x49, 0x01, 0x12, 0x34, 1, 2, 3, 4, 5, 6, 7, 8, 9])),
+        send(s.feed(t0, &[0x49, 0x01, 0x12, 0x34, 1, 2, 3, 4, 5, 6, 7, 8, 9])),
         vec![0x70, 0, 0x12, 0x34]
     );
     assert_eq!(
-        s.handle_datagram(t0, &[0x59, 0x01, 0x12, 0x35, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
-        Incoming::Ignore
+        s.feed(t0, &[0x59, 0x01, 0x12, 0x35, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+        Got::Ignore
     );
     // Token shorter than TKL.
     assert_eq!(
-        send(s.handle_datagram(t0, &[0x44, 0x01, 0, 9, 1])),
+        send(s.feed(t0, &[0x44, 0x01, 0, 9, 1])),
         vec![0x70, 0, 0, 9]
     );
     // Option length running past the end; option delta 15 (reserved).
     assert_eq!(
-        send(s.handle_datagram(t0, &[0x40, 0x01, 0, 10, 0xB5, b'a'])),
+        send(s.feed(t0, &[0x40, 0x01, 0, 10, 0xB5, b'a'])),
         vec![0x70, 0, 0, 10]
     );
     assert_eq!(
-        send(s.handle_datagram(t0, &[0x40, 0x01, 0, 11, 0xF0])),
+        send(s.feed(t0, &[0x40, 0x01, 0, 11, 0xF0])),
         vec![0x70, 0, 0, 11]
     );
     // Payload marker followed by nothing (RFC 7252 §3).
     assert_eq!(
-        send(s.handle_datagram(t0, &[0x40, 0x01, 0, 12, 0xFF])),
+        send(s.feed(t0, &[0x40, 0x01, 0, 12, 0xFF])),
         vec![0x70, 0, 0, 12]
     );
     // ... but 0xFF as the last byte of an option value is fine.
@@ -329,32 +381,20 @@ fn malformed_datagrams_are_ignored_or_reset_never_panic() {
         .bytes();
     assert_eq!(*ok.last().unwrap(), 0xFF);
     assert!(
-        matches!(s.handle_datagram(t0, &ok), Incoming::Send(_)),
+        matches!(s.feed(t0, &ok), Got::Send(_)),
         "not UTF-8 -> 4.00, but parsed"
     );
     // Empty message with a token or payload is a format error (§4.1).
     assert_eq!(
-        send(s.handle_datagram(t0, &[0x41, 0x00, 0, 14, 7])),
+        send(s.feed(t0, &[0x41, 0x00, 0, 14, 7])),
         vec![0x70, 0, 0, 14]
     );
     // Reserved class 1 code in a CON: RST (§4.2); a response code in a CON: RST (§5.3.2).
-    assert_eq!(
-        send(s.handle_datagram(t0, &[0x40, 0x21, 0, 15])),
-        vec![0x70, 0, 0, 15]
-    );
-    assert_eq!(
-        send(s.handle_datagram(t0, &[0x40, 0x45, 0, 16])),
-        vec![0x70, 0, 0, 16]
-    );
+    assert_eq!(send(s.feed(t0, &[0x40, 0x21, 0, 15])), vec![0x70, 0, 0, 15]);
+    assert_eq!(send(s.feed(t0, &[0x40, 0x45, 0, 16])), vec![0x70, 0, 0, 16]);
     // A response in a NON / ACK: ignored.
-    assert_eq!(
-        s.handle_datagram(t0, &[0x50, 0x45, 0, 17]),
-        Incoming::Ignore
-    );
-    assert_eq!(
-        s.handle_datagram(t0, &[0x60, 0x45, 0, 18]),
-        Incoming::Ignore
-    );
+    assert_eq!(s.feed(t0, &[0x50, 0x45, 0, 17]), Got::Ignore);
+    assert_eq!(s.feed(t0, &[0x60, 0x45, 0, 18]), Got::Ignore);
     assert!(s.stats().malformed >= 8);
 }
 
@@ -362,7 +402,7 @@ fn malformed_datagrams_are_ignored_or_reset_never_panic() {
 fn unknown_method_gets_405() {
     let t0 = Instant::now();
     let mut s = session();
-    let p = parse(&send(s.handle_datagram(t0, &[0x40, 0x1F, 0, 1])));
+    let p = parse(&send(s.feed(t0, &[0x40, 0x1F, 0, 1])));
     assert_eq!(code(&p), ResponseType::MethodNotAllowed);
 }
 
@@ -372,7 +412,7 @@ fn unknown_critical_option_gets_402_elective_is_ignored() {
     let mut s = session();
     // Option 2049 (odd = critical, unknown).
     let p = parse(&send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(1, RequestType::Get)
                 .path("a")
@@ -384,7 +424,7 @@ fn unknown_critical_option_gets_402_elective_is_ignored() {
     assert_eq!(p.header.message_id, 1);
     // If-Match (1) is critical and not processed here.
     let p = parse(&send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(2, RequestType::Get)
                 .path("a")
@@ -395,7 +435,7 @@ fn unknown_critical_option_gets_402_elective_is_ignored() {
     assert_eq!(code(&p), ResponseType::BadOption);
     // Two Accept options (critical, not repeatable, §5.4.5) -> 4.02.
     let p = parse(&send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(3, RequestType::Get)
                 .path("a")
@@ -407,7 +447,7 @@ fn unknown_critical_option_gets_402_elective_is_ignored() {
     assert_eq!(code(&p), ResponseType::BadOption);
     // Block2 value of 4 bytes is outside its length range (§5.4.3) -> 4.02.
     let p = parse(&send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(4, RequestType::Get)
                 .path("a")
@@ -418,7 +458,7 @@ fn unknown_critical_option_gets_402_elective_is_ignored() {
     assert_eq!(code(&p), ResponseType::BadOption);
     // Proxy-Uri -> 5.05.
     let p = parse(&send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(5, RequestType::Get)
                 .opt(CoapOption::ProxyUri, b"coap://x/")
@@ -428,7 +468,7 @@ fn unknown_critical_option_gets_402_elective_is_ignored() {
     assert_eq!(code(&p), ResponseType::ProxyingNotSupported);
     // Elective unknown (2048) and Observe (6, elective) are ignored.
     let (_, r) = request(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(6, RequestType::Get)
                 .path("a")
@@ -440,13 +480,13 @@ fn unknown_critical_option_gets_402_elective_is_ignored() {
     assert_eq!(r.path, vec!["a".to_string()]);
     // A NON with a bad critical option is rejected silently (§5.4.1, §4.3).
     assert_eq!(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::non(7, RequestType::Get)
                 .opt(CoapOption::IfNoneMatch, &[])
                 .bytes()
         ),
-        Incoming::Ignore
+        Got::Ignore
     );
 }
 
@@ -460,7 +500,7 @@ fn query_accept_and_content_format_reach_the_application() {
         .opt(CoapOption::Accept, &[0x01, 0x19])
         .cf(286)
         .payload(b"csr");
-    let (_, r) = request(s.handle_datagram(t0, &m.bytes()));
+    let (_, r) = request(s.feed(t0, &m.bytes()));
     assert_eq!(r.method, Method::Post);
     assert_eq!(r.path_string(), ".well-known/est/sen");
     assert_eq!(r.query, vec!["aid=1".to_string()]);
@@ -481,17 +521,17 @@ fn duplicate_con_gets_identical_bytes_and_app_is_called_once() {
         .cf(286)
         .payload(b"csr")
         .bytes();
-    let (id, _) = request(s.handle_datagram(t0, &m));
+    let (id, _) = request(s.feed(t0, &m));
     // Duplicate before the application answered: ignored, the answer is coming.
-    assert_eq!(s.handle_datagram(t0 + secs(1), &m), Incoming::Ignore);
-    let first = one(s.respond(
+    assert_eq!(s.feed(t0 + secs(1), &m), Got::Ignore);
+    let first = one(s.respond_out(
         t0 + secs(2),
         id,
         Response::new(ResponseType::Changed).with_payload(281, body(100)),
     ));
     // Duplicates within EXCHANGE_LIFETIME: identical bytes, no new Request.
     for t in [3, 100, 246] {
-        assert_eq!(send(s.handle_datagram(t0 + secs(t), &m)), first, "at {t} s");
+        assert_eq!(send(s.feed(t0 + secs(t), &m)), first, "at {t} s");
     }
     let st = s.stats();
     assert_eq!(st.requests_delivered, 1);
@@ -501,7 +541,7 @@ fn duplicate_con_gets_identical_bytes_and_app_is_called_once() {
     assert!(s.poll_timeout().unwrap() <= t0 + secs(247));
     s.handle_timeout(t0 + secs(248));
     assert_eq!(s.stats().dedup_entries, 0);
-    let _ = request(s.handle_datagram(t0 + secs(248), &m));
+    let _ = request(s.feed(t0 + secs(248), &m));
 }
 
 #[test]
@@ -509,10 +549,10 @@ fn duplicate_non_is_ignored_until_non_lifetime() {
     let t0 = Instant::now();
     let mut s = session();
     let m = Msg::non(9, RequestType::Get).path("a").bytes();
-    let (id, _) = request(s.handle_datagram(t0, &m));
-    let _ = s.respond(t0, id, Response::new(ResponseType::Content));
-    assert_eq!(s.handle_datagram(t0 + secs(144), &m), Incoming::Ignore);
-    let _ = request(s.handle_datagram(t0 + secs(146), &m));
+    let (id, _) = request(s.feed(t0, &m));
+    let _ = s.respond_out(t0, id, Response::new(ResponseType::Content));
+    assert_eq!(s.feed(t0 + secs(144), &m), Got::Ignore);
+    let _ = request(s.feed(t0 + secs(146), &m));
 }
 
 #[test]
@@ -523,8 +563,8 @@ fn layer_answers_are_deduplicated_too() {
         .path("a")
         .opt(CoapOption::IfMatch, b"e")
         .bytes();
-    let a = send(s.handle_datagram(t0, &m));
-    assert_eq!(send(s.handle_datagram(t0, &m)), a);
+    let a = send(s.feed(t0, &m));
+    assert_eq!(send(s.feed(t0, &m)), a);
     assert_eq!(s.stats().requests_received, 1);
 }
 
@@ -533,9 +573,8 @@ fn dedup_cache_is_bounded_and_evicts_oldest() {
     let t0 = Instant::now();
     let mut s = session();
     for mid in 0..200u16 {
-        let (id, _) =
-            request(s.handle_datagram(t0, &Msg::con(mid, RequestType::Get).path("a").bytes()));
-        let _ = s.respond(
+        let (id, _) = request(s.feed(t0, &Msg::con(mid, RequestType::Get).path("a").bytes()));
+        let _ = s.respond_out(
             t0,
             id,
             Response::new(ResponseType::Content).with_payload(0, vec![b'x'; 500]),
@@ -548,12 +587,12 @@ fn dedup_cache_is_bounded_and_evicts_oldest() {
     assert!(st.dedup_bytes <= 64 * 600);
     // The newest MID is still known, the oldest was evicted and counts as new.
     assert!(matches!(
-        s.handle_datagram(t0, &Msg::con(199, RequestType::Get).path("a").bytes()),
-        Incoming::Send(_)
+        s.feed(t0, &Msg::con(199, RequestType::Get).path("a").bytes()),
+        Got::Send(_)
     ));
     assert!(matches!(
-        s.handle_datagram(t0, &Msg::con(0, RequestType::Get).path("a").bytes()),
-        Incoming::Request(..)
+        s.feed(t0, &Msg::con(0, RequestType::Get).path("a").bytes()),
+        Got::Request(..)
     ));
 }
 
@@ -562,12 +601,11 @@ fn too_many_pending_requests_get_503_with_max_age() {
     let t0 = Instant::now();
     let mut s = session();
     for mid in 0..4u16 {
-        let _ = request(s.handle_datagram(t0, &Msg::con(mid, RequestType::Get).path("a").bytes()));
+        let _ = request(s.feed(t0, &Msg::con(mid, RequestType::Get).path("a").bytes()));
     }
-    let p = parse(&send(s.handle_datagram(
-        t0,
-        &Msg::con(4, RequestType::Get).path("a").bytes(),
-    )));
+    let p = parse(&send(
+        s.feed(t0, &Msg::con(4, RequestType::Get).path("a").bytes()),
+    ));
     assert_eq!(code(&p), ResponseType::ServiceUnavailable);
     assert_eq!(uint(&p, CoapOption::MaxAge), Some(2));
     assert_eq!(s.stats().pending_requests, 4);
@@ -588,8 +626,8 @@ fn fetch_get_blocks(s: &mut ServerSession, szx: Option<u8>, len: usize, expect_s
     if let Some(z) = szx {
         m = m.block2(0, z);
     }
-    let (id, _) = request(s.handle_datagram(t0, &m.bytes()));
-    let p = parse(&one(s.respond(
+    let (id, _) = request(s.feed(t0, &m.bytes()));
+    let p = parse(&one(s.respond_out(
         t0,
         id,
         Response::new(ResponseType::Content).with_payload(281, want.clone()),
@@ -613,7 +651,7 @@ fn fetch_get_blocks(s: &mut ServerSession, szx: Option<u8>, len: usize, expect_s
         let m = Msg::con(1000 + num as u16, RequestType::Get)
             .path("est/crts")
             .block2(num, expect_szx);
-        let p = parse(&send(s.handle_datagram(t0, &m.bytes())));
+        let p = parse(&send(s.feed(t0, &m.bytes())));
         assert_eq!(code(&p), ResponseType::Content);
         assert_eq!(uint(&p, CoapOption::ContentFormat), Some(281));
         assert_eq!(p.get_first_option(CoapOption::ETag), Some(&etag));
@@ -663,11 +701,11 @@ fn block2_default_size_is_max_block2_szx_and_client_cannot_exceed_it() {
 fn small_response_with_early_block2_carries_block2_m0() {
     let t0 = Instant::now();
     let mut s = session();
-    let (id, _) = request(s.handle_datagram(
+    let (id, _) = request(s.feed(
         t0,
         &Msg::con(1, RequestType::Get).path("a").block2(0, 2).bytes(),
     ));
-    let p = parse(&one(s.respond(
+    let p = parse(&one(s.respond_out(
         t0,
         id,
         Response::new(ResponseType::Content).with_payload(0, body(40)),
@@ -684,7 +722,7 @@ fn block2_for_post_without_cached_body_is_408_not_a_rerun() {
     let t0 = Instant::now();
     let mut s = session();
     let p = parse(&send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(1, RequestType::Post)
                 .path("est/sen")
@@ -701,7 +739,7 @@ fn block2_for_get_without_cached_body_reruns_and_slices_at_num() {
     let t0 = Instant::now();
     let mut s = session();
     let (id, _) = request(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(1, RequestType::Get)
                 .path("est/crts")
@@ -709,7 +747,7 @@ fn block2_for_get_without_cached_body_reruns_and_slices_at_num() {
                 .bytes(),
         ),
     );
-    let p = parse(&one(s.respond(
+    let p = parse(&one(s.respond_out(
         t0,
         id,
         Response::new(ResponseType::Content).with_payload(281, body(1000)),
@@ -722,7 +760,7 @@ fn block2_for_get_without_cached_body_reruns_and_slices_at_num() {
     // The ETag is a digest of the body, so it matches the one a first run produced.
     let etag = p.get_first_option(CoapOption::ETag).cloned();
     let (id, _) = request(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(2, RequestType::Get)
                 .path("est/crts")
@@ -730,7 +768,7 @@ fn block2_for_get_without_cached_body_reruns_and_slices_at_num() {
                 .bytes(),
         ),
     );
-    let p0 = parse(&one(s.respond(
+    let p0 = parse(&one(s.respond_out(
         t0,
         id,
         Response::new(ResponseType::Content).with_payload(281, body(1000)),
@@ -738,7 +776,7 @@ fn block2_for_get_without_cached_body_reruns_and_slices_at_num() {
     assert_eq!(p0.get_first_option(CoapOption::ETag).cloned(), etag);
     // NUM beyond the end -> 4.02.
     let (id, _) = request(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(3, RequestType::Get)
                 .path("other")
@@ -746,7 +784,7 @@ fn block2_for_get_without_cached_body_reruns_and_slices_at_num() {
                 .bytes(),
         ),
     );
-    let p = parse(&one(s.respond(
+    let p = parse(&one(s.respond_out(
         t0,
         id,
         Response::new(ResponseType::Content).with_payload(281, body(1000)),
@@ -758,9 +796,8 @@ fn block2_for_get_without_cached_body_reruns_and_slices_at_num() {
 fn block2_cache_expires_after_exchange_lifetime() {
     let t0 = Instant::now();
     let mut s = session();
-    let (id, _) =
-        request(s.handle_datagram(t0, &Msg::con(1, RequestType::Post).path("est/sen").bytes()));
-    let _ = s.respond(
+    let (id, _) = request(s.feed(t0, &Msg::con(1, RequestType::Post).path("est/sen").bytes()));
+    let _ = s.respond_out(
         t0,
         id,
         Response::new(ResponseType::Changed).with_payload(281, body(3000)),
@@ -769,7 +806,7 @@ fn block2_cache_expires_after_exchange_lifetime() {
     s.handle_timeout(t0 + secs(248));
     assert_eq!(s.stats().block2_cache_bytes, 0);
     let p = parse(&send(
-        s.handle_datagram(
+        s.feed(
             t0 + secs(248),
             &Msg::con(2, RequestType::Post)
                 .path("est/sen")
@@ -791,7 +828,7 @@ fn send_block1(
     data: &[u8],
     szx: u8,
     cf: u16,
-) -> Incoming {
+) -> Got {
     let size = 16usize << szx;
     let chunks: Vec<&[u8]> = data.chunks(size).collect();
     let n = chunks.len();
@@ -802,7 +839,7 @@ fn send_block1(
             .cf(cf)
             .block1(i as u32, more, szx)
             .payload(chunk);
-        let out = s.handle_datagram(t, &m.bytes());
+        let out = s.feed(t, &m.bytes());
         if !more {
             return out;
         }
@@ -833,7 +870,7 @@ fn block1_at_every_szx_reassembles_2500_bytes() {
         assert_eq!(s.stats().reassembly_bytes, 0);
         let n = 2500usize.div_ceil(16 << szx);
         assert_eq!(s.stats().continues_sent as usize, n - 1);
-        let p = parse(&one(s.respond(
+        let p = parse(&one(s.respond_out(
             t0,
             id,
             Response::new(ResponseType::Changed),
@@ -858,7 +895,7 @@ fn block1_server_asks_for_smaller_blocks() {
         .cf(286)
         .block1(0, true, 6)
         .payload(&data[..1024]);
-    let p = parse(&send(s.handle_datagram(t0, &m.bytes())));
+    let p = parse(&send(s.feed(t0, &m.bytes())));
     assert_eq!(code(&p), ResponseType::Continue);
     assert_eq!(
         block(&p, CoapOption::Block1),
@@ -873,7 +910,7 @@ fn block1_server_asks_for_smaller_blocks() {
             .cf(286)
             .block1(num, more, 2)
             .payload(chunk);
-        let out = s.handle_datagram(t0, &m.bytes());
+        let out = s.feed(t0, &m.bytes());
         if more {
             let p = parse(&send(out));
             assert_eq!(
@@ -893,7 +930,7 @@ fn block1_missing_or_out_of_order_block_is_408() {
     let mut s = session();
     let d = body(64);
     let _ = send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(1, RequestType::Post)
                 .path("est/sen")
@@ -904,7 +941,7 @@ fn block1_missing_or_out_of_order_block_is_408() {
     );
     // NUM 2 after NUM 0: block 1 missing.
     let p = parse(&send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(2, RequestType::Post)
                 .path("est/sen")
@@ -917,7 +954,7 @@ fn block1_missing_or_out_of_order_block_is_408() {
     assert_eq!(s.stats().reassembly_bytes, 0, "partial body dropped");
     // A block other than NUM 0 without a transfer in progress.
     let p = parse(&send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(3, RequestType::Post)
                 .path("est/sen")
@@ -929,7 +966,7 @@ fn block1_missing_or_out_of_order_block_is_408() {
     assert_eq!(code(&p), ResponseType::RequestEntityIncomplete);
     // A block for another resource.
     let _ = send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(4, RequestType::Post)
                 .path("est/sen")
@@ -939,7 +976,7 @@ fn block1_missing_or_out_of_order_block_is_408() {
         ),
     );
     let p = parse(&send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(5, RequestType::Post)
                 .path("est/sren")
@@ -958,7 +995,7 @@ fn block1_content_format_change_is_408() {
     let mut s = session();
     let d = body(32);
     let _ = send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(1, RequestType::Post)
                 .path("est/sen")
@@ -969,7 +1006,7 @@ fn block1_content_format_change_is_408() {
         ),
     );
     let p = parse(&send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(2, RequestType::Post)
                 .path("est/sen")
@@ -992,7 +1029,7 @@ fn block1_over_the_limit_is_413_with_size1() {
     for i in 0..20u32 {
         let o = (i as usize) * 64;
         let out = send(
-            s.handle_datagram(
+            s.feed(
                 t0,
                 &Msg::con(i as u16, RequestType::Post)
                     .path("est/sen")
@@ -1015,7 +1052,7 @@ fn block1_over_the_limit_is_413_with_size1() {
     assert_eq!(s.stats().reassembly_bytes, 0);
     // Size1 announcing more than the cap: 4.13 at the first block.
     let p = parse(&send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(100, RequestType::Post)
                 .path("est/sen")
@@ -1029,7 +1066,7 @@ fn block1_over_the_limit_is_413_with_size1() {
     assert_eq!(uint(&p, CoapOption::Size1), Some(1000));
     // A request without Block1 that is over the cap: 4.13 with Size1 too.
     let p = parse(&send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(101, RequestType::Post)
                 .path("est/sen")
@@ -1050,14 +1087,14 @@ fn szx_7_is_400() {
         .opt(CoapOption::Block1, &[0x0F])
         .payload(&[0; 16]);
     assert_eq!(
-        code(&parse(&send(s.handle_datagram(t0, &m.bytes())))),
+        code(&parse(&send(s.feed(t0, &m.bytes())))),
         ResponseType::BadRequest
     );
     let m = Msg::con(2, RequestType::Get)
         .path("est/crts")
         .opt(CoapOption::Block2, &[0x07]);
     assert_eq!(
-        code(&parse(&send(s.handle_datagram(t0, &m.bytes())))),
+        code(&parse(&send(s.feed(t0, &m.bytes())))),
         ResponseType::BadRequest
     );
 }
@@ -1071,7 +1108,7 @@ fn block1_payload_not_matching_szx_is_400() {
         .block1(0, true, 2)
         .payload(&[0; 10]);
     assert_eq!(
-        code(&parse(&send(s.handle_datagram(t0, &m.bytes())))),
+        code(&parse(&send(s.feed(t0, &m.bytes())))),
         ResponseType::BadRequest
     );
 }
@@ -1096,15 +1133,15 @@ fn retransmitted_block_is_answered_from_dedup_not_reappended() {
         .block1(2, false, 0)
         .payload(&d[32..])
         .bytes();
-    let _ = send(s.handle_datagram(t0, &b0));
-    let a1 = send(s.handle_datagram(t0, &b1));
-    assert_eq!(send(s.handle_datagram(t0 + secs(2), &b1)), a1);
+    let _ = send(s.feed(t0, &b0));
+    let a1 = send(s.feed(t0, &b1));
+    assert_eq!(send(s.feed(t0 + secs(2), &b1)), a1);
     assert_eq!(s.stats().reassembly_bytes, 32);
-    let (id, req) = request(s.handle_datagram(t0, &b2));
+    let (id, req) = request(s.feed(t0, &b2));
     assert_eq!(req.payload, d);
-    let fin = one(s.respond(t0, id, Response::new(ResponseType::Changed)));
+    let fin = one(s.respond_out(t0, id, Response::new(ResponseType::Changed)));
     assert_eq!(
-        send(s.handle_datagram(t0 + secs(5), &b2)),
+        send(s.feed(t0 + secs(5), &b2)),
         fin,
         "final block retransmission -> same final response"
     );
@@ -1117,7 +1154,7 @@ fn reassembly_expires_after_exchange_lifetime() {
     let mut s = session();
     let d = body(32);
     let _ = send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(1, RequestType::Post)
                 .path("est/sen")
@@ -1132,7 +1169,7 @@ fn reassembly_expires_after_exchange_lifetime() {
     assert_eq!(s.stats().reassembly_bytes, 0);
     assert_eq!(s.poll_timeout(), None);
     let p = parse(&send(
-        s.handle_datagram(
+        s.feed(
             t0 + secs(248),
             &Msg::con(2, RequestType::Post)
                 .path("est/sen")
@@ -1151,7 +1188,7 @@ fn early_block2_negotiation_in_first_request_of_block1_transfer() {
     let mut s = session();
     let d = body(300);
     let _ = send(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(1, RequestType::Post)
                 .path("est/sen")
@@ -1162,7 +1199,7 @@ fn early_block2_negotiation_in_first_request_of_block1_transfer() {
         ),
     );
     let (id, req) = request(
-        s.handle_datagram(
+        s.feed(
             t0,
             &Msg::con(2, RequestType::Post)
                 .path("est/sen")
@@ -1172,7 +1209,7 @@ fn early_block2_negotiation_in_first_request_of_block1_transfer() {
         ),
     );
     assert_eq!(req.payload, d);
-    let p = parse(&one(s.respond(
+    let p = parse(&one(s.respond_out(
         t0,
         id,
         Response::new(ResponseType::Changed).with_payload(281, body(700)),
@@ -1207,7 +1244,7 @@ fn block1_block2_combined_post_figure_10() {
             .block2(0, 2)
             .payload(c);
         mid += 1;
-        let out = s.handle_datagram(t0, &m.bytes());
+        let out = s.feed(t0, &m.bytes());
         if more {
             assert_eq!(code(&parse(&send(out))), ResponseType::Continue);
         } else {
@@ -1217,7 +1254,7 @@ fn block1_block2_combined_post_figure_10() {
     let (id, req) = fin.unwrap();
     assert_eq!(req.payload, csr);
     let cert = body(3000).into_iter().rev().collect::<Vec<u8>>();
-    let p = parse(&one(s.respond(
+    let p = parse(&one(s.respond_out(
         t0,
         id,
         Response::new(ResponseType::Changed).with_payload(281, cert.clone()),
@@ -1240,7 +1277,7 @@ fn block1_block2_combined_post_figure_10() {
             .block2(num, 2)
             .token(&[9, 9]);
         mid += 1;
-        let p = parse(&send(s.handle_datagram(t0, &m.bytes())));
+        let p = parse(&send(s.feed(t0, &m.bytes())));
         assert_eq!(code(&p), ResponseType::Changed);
         assert_eq!(p.get_token(), [9, 9]);
         assert!(block(&p, CoapOption::Block1).is_none());
@@ -1267,13 +1304,13 @@ fn separate_response_empty_ack_then_con_until_acked() {
         .cf(286)
         .payload(b"csr")
         .bytes();
-    let (id, _) = request(s.handle_datagram(t0, &m));
-    let ack = s.acknowledge(t0, id).unwrap();
+    let (id, _) = request(s.feed(t0, &m));
+    let ack = s.ack_out(t0, id).unwrap();
     assert_eq!(ack, vec![0x60, 0x00, 0x0A, 0x0A]);
-    assert_eq!(s.acknowledge(t0, id), None, "only once");
+    assert_eq!(s.ack_out(t0, id), None, "only once");
     // §5.2.2: a retransmitted request gets the empty ACK again, never the response.
-    assert_eq!(send(s.handle_datagram(t0 + secs(2), &m)), ack);
-    let con = one(s.respond(
+    assert_eq!(send(s.feed(t0 + secs(2), &m)), ack);
+    let con = one(s.respond_out(
         t0 + secs(10),
         id,
         Response::new(ResponseType::Changed).with_payload(281, b"cert".to_vec()),
@@ -1283,11 +1320,7 @@ fn separate_response_empty_ack_then_con_until_acked() {
     assert_eq!(p.header.message_id, 0x4000);
     assert_eq!(p.get_token(), TOKEN);
     assert_eq!(code(&p), ResponseType::Changed);
-    assert_eq!(
-        send(s.handle_datagram(t0 + secs(11), &m)),
-        ack,
-        "still the empty ACK"
-    );
+    assert_eq!(send(s.feed(t0 + secs(11), &m)), ack, "still the empty ACK");
     // Not ACKed: retransmitted with doubling timeouts, identical bytes.
     let d1 = s.poll_timeout().unwrap();
     assert!(d1 >= t0 + secs(12) && d1 <= t0 + secs(13), "{:?}", d1 - t0);
@@ -1297,10 +1330,7 @@ fn separate_response_empty_ack_then_con_until_acked() {
     let d2 = s.poll_timeout().unwrap();
     assert_eq!(d2 - d1, (d1 - (t0 + secs(10))) * 2);
     // The peer's empty ACK (matched by MID) stops retransmission.
-    assert_eq!(
-        s.handle_datagram(d1 + secs(1), &[0x60, 0x00, 0x40, 0x00]),
-        Incoming::Ignore
-    );
+    assert_eq!(s.feed(d1 + secs(1), &[0x60, 0x00, 0x40, 0x00]), Got::Ignore);
     s.handle_timeout(d2);
     assert_eq!(s.poll_transmit(), None);
     let st = s.stats();
@@ -1316,9 +1346,9 @@ fn separate_response_empty_ack_then_con_until_acked() {
 fn separate_response_is_abandoned_after_max_retransmit() {
     let t0 = Instant::now();
     let mut s = session();
-    let (id, _) = request(s.handle_datagram(t0, &Msg::con(1, RequestType::Get).path("a").bytes()));
-    let _ = s.acknowledge(t0, id).unwrap();
-    let _ = s.respond(t0, id, Response::new(ResponseType::Content));
+    let (id, _) = request(s.feed(t0, &Msg::con(1, RequestType::Get).path("a").bytes()));
+    let _ = s.ack_out(t0, id).unwrap();
+    let _ = s.respond_out(t0, id, Response::new(ResponseType::Content));
     let mut sent = 0;
     while let Some(t) = s.poll_timeout() {
         if t >= t0 + secs(247) {
@@ -1337,10 +1367,10 @@ fn separate_response_is_abandoned_after_max_retransmit() {
 fn acknowledge_is_refused_for_non_and_unknown_ids() {
     let t0 = Instant::now();
     let mut s = session();
-    let (id, _) = request(s.handle_datagram(t0, &Msg::non(1, RequestType::Get).path("a").bytes()));
-    assert_eq!(s.acknowledge(t0, id), None);
-    let _ = s.respond(t0, id, Response::new(ResponseType::Content));
-    assert_eq!(s.acknowledge(t0, id), None);
+    let (id, _) = request(s.feed(t0, &Msg::non(1, RequestType::Get).path("a").bytes()));
+    assert_eq!(s.ack_out(t0, id), None);
+    let _ = s.respond_out(t0, id, Response::new(ResponseType::Content));
+    assert_eq!(s.ack_out(t0, id), None);
 }
 
 #[test]
@@ -1359,15 +1389,15 @@ fn client_and_server_complete_a_separate_response_with_block2() {
         Request::new(Method::Post, "est/sen").with_payload(286, body(100)),
     )
     .unwrap();
-    let (id, _) = request(s.handle_datagram(t0, &c.poll_transmit().unwrap()));
-    c.handle_datagram(t0, &s.acknowledge(t0, id).unwrap());
+    let (id, _) = request(s.feed(t0, &c.poll_transmit().unwrap()));
+    c.handle_datagram(t0, &s.ack_out(t0, id).unwrap());
     assert_eq!(
         c.poll_timeout(),
         Some(t0 + secs(247)),
         "client waits, no retransmission"
     );
     let now = t0 + secs(20);
-    let con = one(s.respond(
+    let con = one(s.respond_out(
         now,
         id,
         Response::new(ResponseType::Changed).with_payload(281, body(700)),
@@ -1376,10 +1406,10 @@ fn client_and_server_complete_a_separate_response_with_block2() {
     // The client's empty ACK, then its Block2 NUM 1 request.
     let ack = c.poll_transmit().unwrap();
     assert_eq!(ack.len(), 4);
-    assert_eq!(s.handle_datagram(now, &ack), Incoming::Ignore);
+    assert_eq!(s.feed(now, &ack), Got::Ignore);
     assert_eq!(s.stats().separate_acked, 1);
     while let Some(d) = c.poll_transmit() {
-        c.handle_datagram(now, &send(s.handle_datagram(now, &d)));
+        c.handle_datagram(now, &send(s.feed(now, &d)));
     }
     match c.poll_event().unwrap() {
         ClientEvent::Response(r) => {
@@ -1413,8 +1443,8 @@ fn short_and_empty_tokens_complete_exchanges_and_more_than_8_is_refused() {
         c.start(t0, Request::new(Method::Get, "est/crts")).unwrap();
         let req = c.poll_transmit().unwrap();
         assert_eq!(parse(&req).get_token().len(), token_len);
-        let (id, _) = request(s.handle_datagram(t0, &req));
-        let out = s.respond(
+        let (id, _) = request(s.feed(t0, &req));
+        let out = s.respond_out(
             t0,
             id,
             Response::new(ResponseType::Content).with_payload(281, body(300)),
@@ -1425,7 +1455,7 @@ fn short_and_empty_tokens_complete_exchanges_and_more_than_8_is_refused() {
         // The rest of the body block by block, each request with a fresh token.
         while let Some(d) = c.poll_transmit() {
             assert_eq!(parse(&d).get_token().len(), token_len);
-            c.handle_datagram(t0, &send(s.handle_datagram(t0, &d)));
+            c.handle_datagram(t0, &send(s.feed(t0, &d)));
         }
         match c.poll_event().unwrap() {
             ClientEvent::Response(r) => assert_eq!(r.payload, body(300), "{token_len}"),
@@ -1642,13 +1672,13 @@ fn run_pipe(
             if net.gen_bool(loss) {
                 continue;
             }
-            match server.handle_datagram(now, &d) {
-                Incoming::Send(b) => to_client.push(b),
-                Incoming::Request(id, r) => {
+            match server.feed(now, &d) {
+                Got::Send(b) => to_client.push(b),
+                Got::Request(id, r) => {
                     app_calls += 1;
-                    to_client.extend(server.respond(now, id, app(r)));
+                    to_client.extend(server.respond_out(now, id, app(r)));
                 }
-                Incoming::Ignore => {}
+                Got::Ignore => {}
             }
         }
         for d in to_client {
@@ -1750,15 +1780,15 @@ fn client_restarts_on_413_with_smaller_szx_hint() {
     let mut s = session();
     let mut got = None;
     while let Some(d) = c.poll_transmit() {
-        match s.handle_datagram(t0, &d) {
-            Incoming::Send(b) => c.handle_datagram(t0, &b),
-            Incoming::Request(id, r) => {
+        match s.feed(t0, &d) {
+            Got::Send(b) => c.handle_datagram(t0, &b),
+            Got::Request(id, r) => {
                 got = Some(r.payload.clone());
-                for b in s.respond(t0, id, Response::new(ResponseType::Changed)) {
+                for b in s.respond_out(t0, id, Response::new(ResponseType::Changed)) {
                     c.handle_datagram(t0, &b);
                 }
             }
-            Incoming::Ignore => {}
+            Got::Ignore => {}
         }
     }
     assert_eq!(got, Some(data));
@@ -1850,7 +1880,6 @@ fn session_and_client_can_move_between_threads() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<ServerSession>();
     assert_send_sync::<Client>();
-    assert_send_sync::<Incoming>();
 }
 
 #[test]
@@ -1885,9 +1914,9 @@ fn serve_udp(
                 continue;
             };
             let now = Instant::now();
-            let out = match s.handle_datagram(now, &buf[..n]) {
-                Incoming::Send(b) => vec![b],
-                Incoming::Request(id, r) => {
+            let out = match s.feed(now, &buf[..n]) {
+                Got::Send(b) => vec![b],
+                Got::Request(id, r) => {
                     let resp = match (r.method, r.path_string().as_str()) {
                         (Method::Post, "echo") => {
                             let rev: Vec<u8> = r.payload.iter().rev().copied().collect();
@@ -1898,9 +1927,9 @@ fn serve_udp(
                         }
                         _ => Response::diagnostic(ResponseType::NotFound, "no such resource"),
                     };
-                    s.respond(now, id, resp)
+                    s.respond_out(now, id, resp)
                 }
-                Incoming::Ignore => vec![],
+                Got::Ignore => vec![],
             };
             for b in out {
                 socket.send_to(&b, peer).unwrap();
@@ -2248,33 +2277,33 @@ fn simulate(seed: u64, requests: usize) -> (ClientStats, SessionStats) {
                 let std::cmp::Reverse((_, _, dir, bytes)) = net.queue.pop().unwrap();
                 match dir {
                     Dir::ToClient => c.handle_datagram(now, &bytes),
-                    Dir::ToServer => match s.handle_datagram(now, &bytes) {
-                        Incoming::Send(b) => net.send(now, Dir::ToClient, b),
-                        Incoming::Request(id, r) => {
+                    Dir::ToServer => match s.feed(now, &bytes) {
+                        Got::Send(b) => net.send(now, Dir::ToClient, b),
+                        Got::Request(id, r) => {
                             calls += 1;
                             assert_eq!(r, req, "seed {seed} request {i}: reassembled request");
                             let resp = response_for(&r);
                             if rng.gen_bool(0.3) {
                                 // Short delay: empty ACK now, separate CON later.
-                                if let Some(ack) = s.acknowledge(now, id) {
+                                if let Some(ack) = s.ack_out(now, id) {
                                     net.send(now, Dir::ToClient, ack);
                                 }
                                 let later = now + Duration::from_millis(rng.gen_range(0..5000));
                                 app_later.push((later, id, resp));
                             } else {
-                                for b in s.respond(now, id, resp) {
+                                for b in s.respond_out(now, id, resp) {
                                     net.send(now, Dir::ToClient, b);
                                 }
                             }
                         }
-                        Incoming::Ignore => {}
+                        Got::Ignore => {}
                     },
                 }
             }
             let (due, rest): (Vec<_>, Vec<_>) = app_later.drain(..).partition(|a| a.0 <= now);
             app_later = rest;
             for (_, id, resp) in due {
-                for b in s.respond(now, id, resp) {
+                for b in s.respond_out(now, id, resp) {
                     net.send(now, Dir::ToClient, b);
                 }
             }
@@ -2343,8 +2372,8 @@ mod prop {
             c.start(t0, Request::new(Method::Get, "x")).unwrap();
             for (i, d) in datagrams.iter().enumerate() {
                 let now = t0 + Duration::from_millis(step_ms * i as u64);
-                if let Incoming::Request(id, _) = s.handle_datagram(now, d) {
-                    let _ = s.respond(now, id, Response::new(ResponseType::Content).with_payload(0, body(3000)));
+                if let Got::Request(id, _) = s.feed(now, d) {
+                    let _ = s.respond_out(now, id, Response::new(ResponseType::Content).with_payload(0, body(3000)));
                 }
                 c.handle_datagram(now, d);
                 s.handle_timeout(now);
@@ -2364,16 +2393,16 @@ mod prop {
             for (i, (num, more, szx, len, cf, dup)) in steps.into_iter().enumerate() {
                 let mid = if dup && i > 0 { i as u16 - 1 } else { i as u16 };
                 let m = Msg::con(mid, RequestType::Post).path("est/sen").cf(cf).opt(CoapOption::Block1, &BlockOpt::new(num, more, szx).encode()).payload(&body(len));
-                match s.handle_datagram(t0, &m.bytes()) {
-                    Incoming::Request(id, r) => {
+                match s.feed(t0, &m.bytes()) {
+                    Got::Request(id, r) => {
                         prop_assert!(r.payload.len() <= 1500);
-                        let _ = s.respond(t0, id, Response::new(ResponseType::Changed));
+                        let _ = s.respond_out(t0, id, Response::new(ResponseType::Changed));
                     }
-                    Incoming::Send(b) => {
+                    Got::Send(b) => {
                         let p = Packet::from_bytes(&b).unwrap();
                         prop_assert!(matches!(p.header.code, MessageClass::Response(_)));
                     }
-                    Incoming::Ignore => {}
+                    Got::Ignore => {}
                 }
                 prop_assert!(s.stats().reassembly_bytes <= 1500);
             }

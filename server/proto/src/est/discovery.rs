@@ -18,6 +18,7 @@ pub(crate) fn links(cfg: &EstConfig, server_keygen: bool, query: &[String]) -> V
         CF_PKCS7_CERTS_ONLY,
         CF_PKIX_CERT,
         cfg.c509_cert_content_format,
+        cfg.cose_c509_content_format,
     ];
     let mut all = vec![
         Link {

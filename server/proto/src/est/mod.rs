@@ -73,9 +73,15 @@ pub struct EstConfig {
     pub overload_retry_after_seconds: u32,
     /// Serve /skg and /skc (server-side key generation). Default true.
     pub server_keygen: bool,
-    /// Content-Format for C509 certificates (the draft leaves it TBD; experimental range).
+    /// Content-Format of `application/cose-c509-cert+cbor`, one C509 certificate (the CBOR
+    /// array `C509Certificate`; draft-ietf-cose-cbor-encoded-cert-20 leaves the number
+    /// unassigned; experimental range). Default 65003.
     pub c509_cert_content_format: u16,
-    /// Content-Format for C509 certification requests.
+    /// Content-Format of `application/cose-c509+cbor`, `COSE_C509`: a bag or chain of C509
+    /// certificates (unassigned in draft -20; experimental range). Default 65015.
+    pub cose_c509_content_format: u16,
+    /// Content-Format of `application/cose-c509-pkcs10+cbor`, C509 certification requests
+    /// (unassigned in draft -20; experimental range). Default 65004.
     pub c509_pkcs10_content_format: u16,
     /// Certificates one device may be issued per `enrollment_period` (every kind); beyond
     /// it 5.03 + Max-Age until the oldest leaves the period. 0: no limit.
@@ -89,6 +95,9 @@ pub struct EstConfig {
     /// application/pkix-crl; the default is in the experimental range). Accept 42
     /// (application/octet-stream) gets the same bytes as 42.
     pub crl_content_format: u16,
+    /// Path of the CoAP resource serving the P-384 issuing CA's CRL (e.g. `["crl-p384"]`);
+    /// empty: not served.
+    pub crl_p384_path: Vec<String>,
     /// Max-Age of the 5.03 sent while the issuing CA is outside its validity.
     pub ca_unavailable_retry_after_seconds: u32,
     /// The registrar's JPY endpoint for stateless join proxies, e.g.
@@ -111,15 +120,22 @@ impl Default for EstConfig {
             overload_retry_after_seconds: 5,
             server_keygen: true,
             c509_cert_content_format: cbor_schemas::c509::CONTENT_FORMAT_C509_CERT_DEFAULT,
+            cose_c509_content_format: cbor_schemas::c509::CONTENT_FORMAT_COSE_C509_DEFAULT,
             c509_pkcs10_content_format: cbor_schemas::c509::CONTENT_FORMAT_C509_PKCS10_DEFAULT,
             max_enrollments_per_device: 0,
             enrollment_period: Duration::from_secs(86_400),
             crl_path: Vec::new(),
             crl_content_format: CF_PKIX_CRL_DEFAULT,
+            crl_p384_path: Vec::new(),
             ca_unavailable_retry_after_seconds: 3600,
             jpy_uri: None,
         }
     }
+}
+
+/// Whether request path `p` is the configured resource `path` (never an empty one).
+fn path_is(p: &[&str], path: &[String]) -> bool {
+    !path.is_empty() && p.len() == path.len() && p.iter().zip(path).all(|(a, b)| a == b)
 }
 
 /// Who is asking, as established by the transport, and the wall clock.
@@ -239,6 +255,8 @@ pub struct EstService {
     csrattrs: Vec<u8>,
     /// The CRL the CRL resource serves (the driver sets it, [`EstService::set_crl`]).
     crl: RwLock<Option<Arc<Vec<u8>>>>,
+    /// The P-384 issuing CA's CRL ([`EstService::set_crl_p384`]).
+    crl_p384: RwLock<Option<Arc<Vec<u8>>>>,
 }
 
 /// What serving a request comes to, now or after a commit.
@@ -345,6 +363,7 @@ impl EstService {
             crts_pkcs7,
             csrattrs,
             crl: RwLock::new(None),
+            crl_p384: RwLock::new(None),
         })
     }
 
@@ -444,6 +463,18 @@ impl EstService {
     /// The CRL being served.
     pub fn crl(&self) -> Option<Arc<Vec<u8>>> {
         self.crl.read().ok().and_then(|g| g.clone())
+    }
+
+    /// Serve `der`, the P-384 issuing CA's CRL, at `crl_p384_path` from now on.
+    pub fn set_crl_p384(&self, der: Vec<u8>) {
+        if let Ok(mut g) = self.crl_p384.write() {
+            *g = Some(Arc::new(der));
+        }
+    }
+
+    /// The P-384 issuing CA's CRL being served.
+    pub fn crl_p384(&self) -> Option<Arc<Vec<u8>>> {
+        self.crl_p384.read().ok().and_then(|g| g.clone())
     }
 
     /// Enrollments admitted and not yet answered (their commit may be in flight).
@@ -568,11 +599,11 @@ impl EstService {
                     Response::new(ResponseType::Content).with_payload(CF_LINK_FORMAT, body),
                 ))
             }
-            p if !self.config.crl_path.is_empty()
-                && p.len() == self.config.crl_path.len()
-                && p.iter().zip(&self.config.crl_path).all(|(a, b)| a == b) =>
-            {
-                self.crl_resource(req).map(Step::Respond)
+            p if path_is(p, &self.config.crl_path) => {
+                self.crl_resource(req, self.crl()).map(Step::Respond)
+            }
+            p if path_is(p, &self.config.crl_p384_path) => {
+                self.crl_resource(req, self.crl_p384()).map(Step::Respond)
             }
             [".well-known", "est", op] => {
                 let op = Operation::from_segment(op).ok_or(EstError::NotFound)?;
@@ -604,21 +635,31 @@ impl EstService {
                 .with_payload(CF_PKCS7_CERTS_ONLY, self.crts_pkcs7.clone())),
             Some(CF_PKIX_CERT) => Ok(Response::new(ResponseType::Content)
                 .with_payload(CF_PKIX_CERT, self.ca.certificate_der().to_vec())),
-            // COSE_C509 (C509 draft §8.16): the CA certificate re-encoded as type 3.
+            // application/cose-c509-cert+cbor (C509 draft -20 §8.18): one certificate, the
+            // main CA re-encoded as type 3 (as 287 gives its DER).
             Some(cf) if cf == self.config.c509_cert_content_format => {
-                let body = cbor_schemas::cose::cose_c509_chain_from_der(&[self
-                    .ca
-                    .certificate_der()
-                    .to_vec()])
-                .map_err(|e| EstError::Internal(format!("C509 /crts: {e}")))?;
+                let body = cbor_schemas::c509::certificate_der_to_c509(self.ca.certificate_der())
+                    .map_err(|e| EstError::Internal(format!("C509 /crts: {e}")))?;
+                Ok(Response::new(ResponseType::Content).with_payload(cf, body))
+            }
+            // application/cose-c509+cbor: COSE_C509, a bag of every issuing CA (as 281 lists
+            // them), each re-encoded as type 3.
+            Some(cf) if cf == self.config.cose_c509_content_format => {
+                let ders: Vec<Vec<u8>> = self
+                    .issuing_cas()
+                    .map(|c| c.certificate_der().to_vec())
+                    .collect();
+                let body = cbor_schemas::cose::cose_c509_chain_from_der(&ders)
+                    .map_err(|e| EstError::Internal(format!("C509 /crts: {e}")))?;
                 Ok(Response::new(ResponseType::Content).with_payload(cf, body))
             }
             Some(other) => Err(EstError::NotAcceptable(other)),
         }
     }
 
-    /// GET of our CRL (DER), as Content-Format `crl_content_format` (or 42 when asked).
-    fn crl_resource(&self, req: &Request) -> Result<Response, EstError> {
+    /// GET of one of our CRLs (DER), as Content-Format `crl_content_format` (or 42 when
+    /// asked).
+    fn crl_resource(&self, req: &Request, crl: Option<Arc<Vec<u8>>>) -> Result<Response, EstError> {
         if req.method != Method::Get {
             return Err(EstError::MethodNotAllowed);
         }
@@ -627,7 +668,7 @@ impl EstService {
             Some(a) if a == self.config.crl_content_format || a == CF_OCTET_STREAM => a,
             Some(other) => return Err(EstError::NotAcceptable(other)),
         };
-        match self.crl() {
+        match crl {
             Some(der) => Ok(Response::new(ResponseType::Content).with_payload(cf, der.to_vec())),
             None => Err(EstError::Overloaded {
                 retry_after_seconds: self.config.overload_retry_after_seconds,
@@ -832,11 +873,33 @@ impl EstService {
             }
             None => None,
         };
+        // A configured certificate profile (devices no dlms rule took): the key's curve
+        // must be one it accepts.
+        let profile = match dlms {
+            Some(_) => None,
+            None => self.policy.profile(&device),
+        };
+        let keygen = matches!(op, Operation::Skg | Operation::Skc);
+        // Server-side key generation makes a P-256 key, or a P-384 one for a profile that
+        // accepts P-384 keys and not P-256 ones.
+        let keygen_curve = match profile {
+            Some(p)
+                if p.curves.contains(&ca::Curve::P384) && !p.curves.contains(&ca::Curve::P256) =>
+            {
+                ca::Curve::P384
+            }
+            _ => ca::Curve::P256,
+        };
+        if let Some(p) = profile {
+            if !keygen {
+                p.check_curve(ca::Curve::of_spki(&csr.public_key))
+                    .map_err(|e| EstError::BadRequest(format!("CSR: {e}")))?;
+            }
+        }
 
         // 4. A retried request (same device, same CSR) gets the certificate already issued.
         //    Server keygen is excluded: its private key is never stored, so it cannot be
         //    replayed (the CoAP layer's deduplication covers retransmissions).
-        let keygen = matches!(op, Operation::Skg | Operation::Skc);
         if !keygen {
             if let Some(existing) = self
                 .store
@@ -862,13 +925,21 @@ impl EstService {
         // 5. The CA for the key's curve must be able to sign now, and the device within
         //    its rate limit.
         let curve = if keygen {
-            ca::Curve::P256
+            keygen_curve
         } else {
             ca::Curve::of_spki(&csr.public_key)
                 .ok_or_else(|| EstError::BadRequest("CSR: key is neither P-256 nor P-384".into()))?
         };
-        let issuer = self.ca_for_curve(curve).ok_or_else(|| {
-            EstError::BadRequest(format!("CSR: no issuing CA for {curve} keys is configured"))
+        // The profile's signature hash names the CA; otherwise the CA on the key's curve.
+        let ca_curve = profile.map_or(curve, |p| p.signature_hash.ca_curve(curve));
+        let issuer = self.ca_for_curve(ca_curve).ok_or_else(|| {
+            if ca_curve == curve {
+                EstError::BadRequest(format!("CSR: no issuing CA for {curve} keys is configured"))
+            } else {
+                EstError::Internal(format!(
+                    "no {ca_curve} issuing CA for the certificate profile"
+                ))
+            }
         })?;
         if let Err(detail) = issuer.check_validity(ctx.now) {
             tracing::error!(%detail, "issuing CA outside its validity: enrollments answered 5.03");
@@ -881,10 +952,21 @@ impl EstService {
 
         // 6. Issue.
         let (public_key, private_key) = if keygen {
-            let pkcs8 =
-                ca::generate_p256_pkcs8(rng).map_err(|e| EstError::Internal(e.to_string()))?;
-            let spki = ca::p256_spki_from_pkcs8(&pkcs8)
-                .map_err(|e| EstError::Internal(format!("generated key: {e}")))?;
+            let (pkcs8, spki) = match keygen_curve {
+                ca::Curve::P256 => {
+                    let pkcs8 = ca::generate_p256_pkcs8(rng)
+                        .map_err(|e| EstError::Internal(e.to_string()))?;
+                    let spki = ca::p256_spki_from_pkcs8(&pkcs8);
+                    (pkcs8, spki)
+                }
+                ca::Curve::P384 => {
+                    let pkcs8 =
+                        ca::generate_p384_pkcs8().map_err(|e| EstError::Internal(e.to_string()))?;
+                    let spki = ca::spki_from_pkcs8(&pkcs8);
+                    (pkcs8, spki)
+                }
+            };
+            let spki = spki.map_err(|e| EstError::Internal(format!("generated key: {e}")))?;
             (spki, Some(pkcs8))
         } else {
             (csr.public_key.clone(), None)
@@ -892,10 +974,25 @@ impl EstService {
         let subject = match (&op, &replaces) {
             // RFC 7030 §4.2.2: the renewed certificate keeps its subject.
             (Operation::Sren, Some(_)) => device.certificate.tbs_certificate.subject.clone(),
-            _ => match &dlms {
-                Some((_, title)) => self.policy.dlms_subject(&device, title)?,
-                None => self.policy.ldevid_subject(&device)?,
+            _ => match (&dlms, profile.and_then(|p| p.subject.as_ref())) {
+                (Some((_, title)), _) => self.policy.dlms_subject(&device, title)?,
+                (None, Some(template)) => template
+                    .fill(&device.certificate.tbs_certificate.subject, &csr.subject)
+                    .map_err(|e| match e {
+                        crate::profile::FillError::IdevidField(_) => {
+                            EstError::Forbidden(crate::policy::PolicyError::Profile(e.to_string()))
+                        }
+                        other => EstError::BadRequest(format!("CSR: {other}")),
+                    })?,
+                (None, None) => self.policy.ldevid_subject(&device)?,
             },
+        };
+        let hardware_module = match profile {
+            Some(p) => p.subject_alt_name(
+                device.hardware_module.as_ref(),
+                csr.hardware_module.as_ref(),
+            )?,
+            None => device.hardware_module.clone(),
         };
         let cfg = self.policy.config();
         let not_before = ctx
@@ -904,7 +1001,11 @@ impl EstService {
             .unwrap_or(ctx.now);
         let not_after = ctx
             .now
-            .checked_add(cfg.ldevid_validity)
+            .checked_add(
+                profile
+                    .and_then(|p| p.validity)
+                    .unwrap_or(cfg.ldevid_validity),
+            )
             .ok_or_else(|| EstError::Internal("validity overflows".into()))?;
         // Never beyond the CA's own notAfter (the CA clamps; record what it signs).
         let not_after = issuer.effective_not_after(not_after);
@@ -912,7 +1013,7 @@ impl EstService {
         let params = IssueParams {
             subject,
             public_key,
-            hardware_module: device.hardware_module.clone(),
+            hardware_module,
             serial,
             not_before,
             not_after,
@@ -920,9 +1021,18 @@ impl EstService {
             key_agreement: cfg.key_agreement,
             extended_key_usage_client_auth: true,
             extended_key_usage_server_auth: false,
+            extended_key_usages: None,
         };
         let params = match dlms.map(|(kind, _)| kind) {
-            None => params,
+            None => match profile {
+                None => params,
+                Some(p) => IssueParams {
+                    digital_signature: p.key_usage.digital_signature,
+                    key_agreement: p.key_usage.key_agreement,
+                    extended_key_usages: Some(p.extended_key_usage.clone()),
+                    ..params
+                },
+            },
             // Gurux's checks: keyUsage exactly as the type says, EKU only on TLS ones.
             Some(kind) => {
                 use crate::dlms::DlmsCertType as T;
@@ -975,7 +1085,10 @@ impl EstService {
             operation: op.name().to_string(),
             outcome: "issued".into(),
             code: code_text(ResponseType::Changed),
-            detail: format!("serial {}", record.serial_hex),
+            detail: match profile {
+                Some(p) => format!("serial {} profile {}", record.serial_hex, p.name),
+                None => format!("serial {}", record.serial_hex),
+            },
         };
         // 8. Durable before the meter sees it: the caller asks for the commit.
         Ok(Decision::Issue {
@@ -1051,7 +1164,7 @@ impl EstService {
     }
 
     /// Parse and check a certification request, PKCS#10 (CF 286) or C509
-    /// (`application/cose-c509-pkcs10`), into one form: proof of possession verified.
+    /// (`application/cose-c509-pkcs10+cbor`), into one form: proof of possession verified.
     fn parse_request(&self, req: &Request) -> Result<Csr, EstError> {
         match req.content_format {
             Some(CF_PKCS10) => {
@@ -1102,8 +1215,10 @@ impl EstService {
         accept: Option<u16>,
         request: RequestFormat,
     ) -> Result<CertFormat, EstError> {
+        let native = matches!(request, RequestFormat::C509 { native: true });
         let c509 = CertFormat::C509 {
-            native: matches!(request, RequestFormat::C509 { native: true }),
+            native,
+            cose: false,
         };
         match op {
             Operation::Skg | Operation::Skc => match accept {
@@ -1118,6 +1233,9 @@ impl EstService {
                 Some(CF_PKCS7_CERTS_ONLY) => Ok(CertFormat::Pkcs7),
                 Some(CF_PKIX_CERT) => Ok(CertFormat::Pkix),
                 Some(cf) if cf == self.config.c509_cert_content_format => Ok(c509),
+                Some(cf) if cf == self.config.cose_c509_content_format => {
+                    Ok(CertFormat::C509 { native, cose: true })
+                }
                 Some(other) => Err(EstError::NotAcceptable(other)),
             },
         }
@@ -1158,17 +1276,22 @@ impl EstService {
                 let p7 = ca::certs_only(&[cert_der]).map_err(|e| internal(&e))?;
                 Ok(changed.with_payload(CF_PKCS7_CERTS_ONLY, p7))
             }
-            (CertFormat::C509 { native: false }, _) => {
-                // Type 3: the exact DER certificate, re-encoded losslessly.
-                let body = cbor_schemas::cose::cose_c509_chain_from_der(&[cert_der.to_vec()])
-                    .map_err(|e| internal(&e))?;
-                Ok(changed.with_payload(self.config.c509_cert_content_format, body))
-            }
-            (CertFormat::C509 { native: true }, _) => {
-                let native = self.sign_native(cert_der)?;
-                let body =
-                    cbor_schemas::cose::cose_c509_chain(&[native]).map_err(|e| internal(&e))?;
-                Ok(changed.with_payload(self.config.c509_cert_content_format, body))
+            (CertFormat::C509 { native, cose }, _) => {
+                // Type 3: the exact DER certificate, re-encoded losslessly; type 2: signed
+                // anew over the CBOR TBSCertificate. Both the array C509Certificate.
+                let cert = if native {
+                    self.sign_native(cert_der)?
+                } else {
+                    cbor_schemas::c509::certificate_der_to_c509(cert_der)
+                        .map_err(|e| internal(&e))?
+                };
+                if cose {
+                    let body =
+                        cbor_schemas::cose::cose_c509_chain(&[cert]).map_err(|e| internal(&e))?;
+                    Ok(changed.with_payload(self.config.cose_c509_content_format, body))
+                } else {
+                    Ok(changed.with_payload(self.config.c509_cert_content_format, cert))
+                }
             }
         }
     }
@@ -1215,8 +1338,10 @@ enum CertFormat {
     Pkcs7,
     /// 287
     Pkix,
-    /// application/cose-c509-cert: type 3 (re-encoded) or type 2 (natively signed).
-    C509 { native: bool },
+    /// Type 3 (re-encoded) or type 2 (natively signed) C509, as
+    /// `application/cose-c509-cert+cbor` (the bare certificate) or, with `cose`, as
+    /// `application/cose-c509+cbor` (COSE_C509 holding it).
+    C509 { native: bool, cose: bool },
     /// 62, for server-side key generation.
     Multipart,
 }

@@ -785,11 +785,11 @@ fn discovery_honours_the_rt_filter() {
     };
     let all = get(&[], &mut pki.rng);
     assert_eq!(all.matches('<').count(), 6);
-    assert!(all.contains("</.well-known/est/sen>;rt=\"ace.est.sen\";ct=\"281 287 65003\""));
+    assert!(all.contains("</.well-known/est/sen>;rt=\"ace.est.sen\";ct=\"281 287 65003 65015\""));
     assert_eq!(get(&["rt=ace.est*"], &mut pki.rng), all);
     assert_eq!(
         get(&["rt=ace.est.sen"], &mut pki.rng),
-        "</.well-known/est/sen>;rt=\"ace.est.sen\";ct=\"281 287 65003\""
+        "</.well-known/est/sen>;rt=\"ace.est.sen\";ct=\"281 287 65003 65015\""
     );
     assert_eq!(
         get(&["ct=285"], &mut pki.rng),
@@ -947,7 +947,8 @@ fn c509_request_gets_a_c509_certificate_whose_der_equivalent_is_stored() {
     let (svc, store) = pki.service(PolicyConfig::default(), EstConfig::default());
     let dev = device(&mut pki, "SN1");
     let cf = EstConfig::default().c509_cert_content_format;
-    // Type 3 request, no Accept: the answer follows the request's type (re-encoded).
+    // Type 3 request, no Accept: the answer follows the request's type (re-encoded), as
+    // application/cose-c509-cert+cbor, the bare C509Certificate array (draft -20).
     let r = call(
         &svc,
         &dev.chain,
@@ -960,10 +961,8 @@ fn c509_request_gets_a_c509_certificate_whose_der_equivalent_is_stored() {
         "{:?}",
         String::from_utf8_lossy(&r.payload)
     );
-    assert_cddl("COSE_C509", &r.payload);
-    let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
-    assert_eq!(certs.len(), 1);
-    let der = cbor_schemas::c509::certificate_c509_to_der(&certs[0]).expect("type 3 -> DER");
+    assert_cddl("C509Certificate", &r.payload);
+    let der = cbor_schemas::c509::certificate_c509_to_der(&r.payload).expect("type 3 -> DER");
     let stored = store.certificates();
     assert_eq!(stored.len(), 1);
     assert_eq!(
@@ -971,15 +970,33 @@ fn c509_request_gets_a_c509_certificate_whose_der_equivalent_is_stored() {
         "the store keeps the exact DER equivalent"
     );
     assert!(
-        certs[0].len() < der.len(),
+        r.payload.len() < der.len(),
         "C509 {} < DER {}",
-        certs[0].len(),
+        r.payload.len(),
         der.len()
     );
     let parsed = Certificate::from_der(&der).expect("cert");
     assert_eq!(
         ca::serial_number_attr(&parsed.tbs_certificate.subject).as_deref(),
         Some("SN1")
+    );
+
+    // Accept application/cose-c509+cbor: the same certificate as COSE_C509.
+    let (_, key3) = pki.key();
+    let cose_cf = EstConfig::default().cose_c509_content_format;
+    let r = call(
+        &svc,
+        &dev.chain,
+        &c509_post("sen", c509_csr_type3(&key3, &name(&[]))).with_accept(cose_cf),
+        &mut pki.rng,
+    );
+    assert_eq!(r.content_format, Some(cose_cf));
+    assert_cddl("COSE_C509", &r.payload);
+    let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
+    assert_eq!(certs.len(), 1);
+    assert_eq!(
+        cbor_schemas::c509::certificate_c509_to_der(&certs[0]).expect("der"),
+        store.certificates()[1].der
     );
 
     // The same C509 request with Accept 287 gets the DER certificate.
@@ -1005,17 +1022,19 @@ fn natively_signed_c509_request_gets_a_natively_signed_certificate() {
         &mut pki.rng,
     );
     assert_eq!(
-        r.code,
-        ResponseType::Changed,
+        (r.code, r.content_format),
+        (
+            ResponseType::Changed,
+            Some(EstConfig::default().c509_cert_content_format)
+        ),
         "{:?}",
         String::from_utf8_lossy(&r.payload)
     );
-    assert_cddl("COSE_C509", &r.payload);
-    let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
+    assert_cddl("C509Certificate", &r.payload);
     let ca_key = svc.ca.signer().public_key_spki_der().to_vec();
     let ca_spki = spki::SubjectPublicKeyInfoOwned::from_der(&ca_key).expect("spki");
     let c = cbor_schemas::c509::verify_native_certificate(
-        &certs[0],
+        &r.payload,
         ca_spki.subject_public_key.raw_bytes(),
     )
     .expect("the CA's native signature verifies");
@@ -1025,13 +1044,13 @@ fn natively_signed_c509_request_gets_a_natively_signed_certificate() {
         1,
         "its X.509 equivalent is stored"
     );
-    // A PKCS#10 request asking for C509 gets type 3.
+    // A PKCS#10 request asking for COSE_C509 gets type 3 inside it.
     let (_, k2) = pki.key();
     let r = call(
         &svc,
         &dev.chain,
         &post("sen", csr(&k2, &name(&[])))
-            .with_accept(EstConfig::default().c509_cert_content_format),
+            .with_accept(EstConfig::default().cose_c509_content_format),
         &mut pki.rng,
     );
     assert_cddl("COSE_C509", &r.payload);
@@ -1060,27 +1079,91 @@ fn c509_with_a_bad_proof_of_possession_is_400() {
 }
 
 #[test]
-fn crts_as_cose_c509() {
+fn crts_as_c509_certificate_and_as_cose_c509() {
     let mut pki = Pki::new();
     let (svc, _) = pki.service(PolicyConfig::default(), EstConfig::default());
     let dev = device(&mut pki, "SN1");
+    let crts = |accept: u16, rng: &mut ChaCha20Rng| {
+        call(
+            &svc,
+            &dev.chain,
+            &Request::new(Method::Get, "/.well-known/est/crts").with_accept(accept),
+            rng,
+        )
+    };
+    // application/cose-c509-cert+cbor: the CA certificate alone, as C509Certificate.
     let cf = EstConfig::default().c509_cert_content_format;
-    let r = call(
-        &svc,
-        &dev.chain,
-        &Request::new(Method::Get, "/.well-known/est/crts").with_accept(cf),
-        &mut pki.rng,
-    );
+    let r = crts(cf, &mut pki.rng);
     assert_eq!(
         (r.code, r.content_format),
         (ResponseType::Content, Some(cf))
     );
-    assert_cddl("COSE_C509", &r.payload);
-    let certs = cbor_schemas::cose::decode_cose_c509(&r.payload).expect("COSE_C509");
+    assert_cddl("C509Certificate", &r.payload);
     assert_eq!(
-        cbor_schemas::c509::certificate_c509_to_der(&certs[0]).expect("der"),
+        cbor_schemas::c509::certificate_c509_to_der(&r.payload).expect("der"),
         pki.issuing_der
     );
+    // application/cose-c509+cbor: COSE_C509, the same certificate in a byte string.
+    let cose_cf = EstConfig::default().cose_c509_content_format;
+    let r2 = crts(cose_cf, &mut pki.rng);
+    assert_eq!(
+        (r2.code, r2.content_format),
+        (ResponseType::Content, Some(cose_cf))
+    );
+    assert_cddl("COSE_C509", &r2.payload);
+    let certs = cbor_schemas::cose::decode_cose_c509(&r2.payload).expect("COSE_C509");
+    assert_eq!(certs, vec![r.payload.clone()]);
+    // Neither body is accepted as the other.
+    assert!(cbor_schemas::cose::decode_cose_c509(&r.payload).is_err());
+    assert!(cbor_schemas::c509::certificate_c509_to_der(&r2.payload).is_err());
+}
+
+#[test]
+fn c509_content_formats_follow_the_configuration() {
+    let mut pki = Pki::new();
+    let est = EstConfig {
+        c509_cert_content_format: 65100,
+        cose_c509_content_format: 65101,
+        c509_pkcs10_content_format: 65102,
+        ..EstConfig::default()
+    };
+    let (svc, store) = pki.service(PolicyConfig::default(), est);
+    let dev = device(&mut pki, "SN1");
+    let r = call(
+        &svc,
+        &dev.chain,
+        &Request::new(Method::Post, "/.well-known/est/sen")
+            .with_payload(65102, c509_csr_type3(&dev.signer, &name(&[]))),
+        &mut pki.rng,
+    );
+    assert_eq!(
+        (r.code, r.content_format),
+        (ResponseType::Changed, Some(65100))
+    );
+    assert_eq!(
+        cbor_schemas::c509::certificate_c509_to_der(&r.payload).expect("der"),
+        store.certificates()[0].der
+    );
+    let r = call(
+        &svc,
+        &dev.chain,
+        &Request::new(Method::Get, "/.well-known/est/crts").with_accept(65101),
+        &mut pki.rng,
+    );
+    assert_eq!(r.content_format, Some(65101));
+    // The defaults are not served any more.
+    for old in [
+        EstConfig::default().c509_cert_content_format,
+        EstConfig::default().cose_c509_content_format,
+    ] {
+        let r = call(
+            &svc,
+            &dev.chain,
+            &Request::new(Method::Get, "/.well-known/est/crts").with_accept(old),
+            &mut pki.rng,
+        );
+        assert_eq!(r.code, ResponseType::NotAcceptable);
+    }
 }
 
 #[test]
@@ -1350,4 +1433,185 @@ fn the_crl_resource_serves_what_the_driver_set() {
     let n = bad.len() - 3;
     bad[n] ^= 1;
     assert!(ca::verify_crl(&bad, &pki.issuing_der).is_err());
+}
+
+#[test]
+fn the_p384_crl_resource_serves_its_own_crl() {
+    let mut pki = Pki::new();
+    let est = EstConfig {
+        crl_path: vec!["crl".into()],
+        crl_p384_path: vec!["crl-p384".into()],
+        ..EstConfig::default()
+    };
+    let (svc, _) = pki.service(PolicyConfig::default(), est);
+    let dev = device(&mut pki, "SN1");
+    let get = |path: &str| Request::new(Method::Get, path);
+    svc.set_crl(vec![0x30, 0x01, 0x01]);
+    // Not published yet: 5.03, whatever the other CA's CRL is.
+    let r = call(&svc, &dev.chain, &get("/crl-p384"), &mut pki.rng);
+    assert_eq!(r.code, ResponseType::ServiceUnavailable);
+    svc.set_crl_p384(vec![0x30, 0x01, 0x02]);
+    let r = call(&svc, &dev.chain, &get("/crl-p384"), &mut pki.rng);
+    assert_eq!(
+        (r.code, r.content_format, r.payload),
+        (
+            ResponseType::Content,
+            Some(CF_PKIX_CRL_DEFAULT),
+            vec![0x30, 0x01, 0x02]
+        )
+    );
+    let r = call(&svc, &dev.chain, &get("/crl"), &mut pki.rng);
+    assert_eq!(r.payload, vec![0x30, 0x01, 0x01]);
+    // Without the path configured there is no such resource.
+    let (plain, _) = pki.service(
+        PolicyConfig::default(),
+        EstConfig {
+            crl_path: vec!["crl".into()],
+            ..EstConfig::default()
+        },
+    );
+    plain.set_crl_p384(vec![0x30, 0x01, 0x02]);
+    let r = call(&plain, &dev.chain, &get("/crl-p384"), &mut pki.rng);
+    assert_eq!(r.code, ResponseType::NotFound);
+}
+
+/// A certificate profile selected by device class, with a P-384 CA beside the P-256 one:
+/// server-side key generation makes a P-384 key for a profile that accepts only P-384, the
+/// P-384 CA signs (SHA-384), and validity, keyUsage, EKU, subject and SAN are the profile's;
+/// a CSR on the other curve is refused with 4.00 and nothing is stored; devices no rule
+/// selects get the built-in LDevID.
+#[test]
+fn a_profile_decides_key_curve_signer_validity_usages_subject_and_san() {
+    use crate::profile::{
+        CertProfile, KeyUsageBits, Profiles, SanPolicy, Selector, SignatureHash, SubjectTemplate,
+    };
+    let mut pki = Pki::new();
+    let template = SubjectTemplate::parse(&[
+        "O=Utility".to_string(),
+        "CN=kg-{idevid.serialNumber}".to_string(),
+        "serialNumber={idevid.serialNumber}".to_string(),
+    ])
+    .expect("template");
+    let profile = CertProfile {
+        name: "kg384".into(),
+        curves: vec![ca::Curve::P384],
+        signature_hash: SignatureHash::Sha384,
+        validity: Some(7 * DAY),
+        key_usage: KeyUsageBits {
+            digital_signature: true,
+            key_agreement: true,
+        },
+        extended_key_usage: Vec::new(),
+        subject: Some(template),
+        san: SanPolicy::None,
+    };
+    let profiles = Profiles::new(
+        vec![profile],
+        vec![(
+            Selector {
+                manufacturer_anchors: None,
+                serial_prefix: Some("KG".into()),
+            },
+            0,
+        )],
+    )
+    .expect("profiles");
+    let policy = PolicyConfig {
+        profiles,
+        ..PolicyConfig::default()
+    };
+    let (mut svc, store) = pki.service(policy, EstConfig::default());
+    let p384_key = ca::generate_p384_pkcs8().expect("key");
+    let p384_signer = ca::RingP384Signer::from_pkcs8_der(&p384_key).expect("key");
+    let p384_cert = ca::self_signed_ca(
+        &p384_signer,
+        "EST Issuing CA P-384",
+        "est",
+        now() - DAY,
+        3650 * DAY,
+        &mut pki.rng,
+    )
+    .expect("P-384 CA");
+    svc.add_issuing_ca(IssuingCa::new(p384_cert, Box::new(p384_signer)).expect("CA"))
+        .expect("added");
+
+    let dev = device(&mut pki, "KG1");
+    // A P-256 CSR: refused, nothing stored.
+    let r = call(
+        &svc,
+        &dev.chain,
+        &post("sen", csr(&dev.signer, &name(&[]))),
+        &mut pki.rng,
+    );
+    assert_refused(&r, ResponseType::BadRequest, "kg384");
+    assert!(store.certificates().is_empty());
+
+    // Server-side key generation: a P-384 key.
+    let req = post("skc", csr(&dev.signer, &name(&[]))).with_accept(CF_MULTIPART_CORE);
+    let r = call(&svc, &dev.chain, &req, &mut pki.rng);
+    assert_eq!(
+        r.code,
+        ResponseType::Changed,
+        "{:?}",
+        String::from_utf8_lossy(&r.payload)
+    );
+    let parts = cbor_schemas::multipart::decode(&r.payload).expect("multipart");
+    let key = ca::RingP384Signer::from_pkcs8_der(&parts[0].1).expect("a P-384 key");
+    let cert = Certificate::from_der(&parts[1].1).expect("cert");
+    let tbs = &cert.tbs_certificate;
+    assert_eq!(
+        tbs.subject_public_key_info.to_der().expect("spki"),
+        key.public_key_spki_der()
+    );
+    assert_eq!(cert.signature_algorithm.oid, ca::oid::ECDSA_WITH_SHA384);
+    assert_eq!(tbs.issuer.to_string(), "CN=EST Issuing CA P-384,O=est");
+    assert_eq!(
+        tbs.subject.to_string(),
+        "SERIALNUMBER=KG1,CN=kg-KG1,O=Utility"
+    );
+    let validity = tbs
+        .validity
+        .not_after
+        .to_system_time()
+        .duration_since(tbs.validity.not_before.to_system_time())
+        .expect("notAfter after notBefore");
+    assert_eq!(
+        validity,
+        7 * DAY + Duration::from_secs(300),
+        "7 days + the backdate"
+    );
+    let (_, ku) = tbs
+        .get::<x509_cert::ext::pkix::KeyUsage>()
+        .expect("ext")
+        .expect("keyUsage");
+    assert!(ku.digital_signature() && ku.key_agreement());
+    assert!(tbs
+        .get::<x509_cert::ext::pkix::ExtendedKeyUsage>()
+        .expect("ext")
+        .is_none());
+    assert_eq!(ca::hardware_module_from_cert(&cert), None, "san = none");
+    let audit = store.audit_events();
+    assert!(audit
+        .iter()
+        .any(|e| e.outcome == "issued" && e.detail.ends_with("profile kg384")));
+
+    // Another device: the built-in LDevID, as without profiles.
+    let other = device(&mut pki, "SN9");
+    let r = call(
+        &svc,
+        &other.chain,
+        &post("sen", csr(&other.signer, &name(&[]))),
+        &mut pki.rng,
+    );
+    let cert = only_cert(&r);
+    assert_eq!(cert.signature_algorithm.oid, ca::oid::ECDSA_WITH_SHA256);
+    assert_eq!(
+        cert.tbs_certificate.subject.to_string(),
+        "SERIALNUMBER=SN9,CN=SN9"
+    );
+    assert!(cert
+        .tbs_certificate
+        .get::<x509_cert::ext::pkix::ExtendedKeyUsage>()
+        .expect("ext")
+        .is_some());
 }

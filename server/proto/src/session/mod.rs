@@ -36,7 +36,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::rngs::StdRng;
 use rand::{CryptoRng, RngCore, SeedableRng};
 
-use crate::coap::{CoapConfig, Incoming, RequestId, ServerSession, SessionStats};
+use crate::coap::{CoapConfig, RequestId, ServerSession, SessionStats};
 pub use crate::est::CommitTicket;
 use crate::est::{AwaitingCommit, EstService, RequestContext, Step};
 use crate::policy::VerifiedChain;
@@ -116,7 +116,6 @@ pub struct EstSession {
     waiting: BTreeMap<CommitId, Waiting>,
     next_commit: u64,
     events: VecDeque<Event>,
-    transmit: VecDeque<Vec<u8>>,
     stats: EstSessionStats,
 }
 
@@ -150,7 +149,6 @@ impl EstSession {
             waiting: BTreeMap::new(),
             next_commit: 0,
             events: VecDeque::new(),
-            transmit: VecDeque::new(),
             stats: EstSessionStats::default(),
         }
     }
@@ -163,22 +161,19 @@ impl EstSession {
     /// Processes one plaintext CoAP datagram from the peer. `now` drives the CoAP timers;
     /// `wall_clock` is the time certificates are issued at.
     pub fn handle_datagram(&mut self, now: Instant, wall_clock: SystemTime, datagram: &[u8]) {
-        match self.coap.handle_datagram(now, datagram) {
-            Incoming::Send(bytes) => self.transmit.push_back(bytes),
-            Incoming::Ignore => {}
-            Incoming::Request(id, request) => {
-                self.stats.requests += 1;
-                let ctx = RequestContext {
-                    peer: &self.peer.address,
-                    relay: self.peer.relay.as_deref(),
-                    client_chain: &self.peer.chain,
-                    verified: self.peer.verified.as_deref(),
-                    now: wall_clock,
-                };
-                let step = self.service.begin(&ctx, &request, &mut self.rng);
-                let empty_ack_at = now.checked_add(self.slow_commit_after());
-                self.advance(now, id, step, empty_ack_at);
-            }
+        // What the CoAP layer answers itself waits in its transmit queue.
+        if let Some((id, request)) = self.coap.handle_datagram(now, datagram) {
+            self.stats.requests += 1;
+            let ctx = RequestContext {
+                peer: &self.peer.address,
+                relay: self.peer.relay.as_deref(),
+                client_chain: &self.peer.chain,
+                verified: self.peer.verified.as_deref(),
+                now: wall_clock,
+            };
+            let step = self.service.begin(&ctx, &request, &mut self.rng);
+            let empty_ack_at = now.checked_add(self.slow_commit_after());
+            self.advance(now, id, step, empty_ack_at);
         }
     }
 
@@ -197,9 +192,7 @@ impl EstSession {
     /// The next datagram to send to the peer: answers, empty ACKs, retransmissions of
     /// separate responses. Call until `None` after every input.
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.transmit
-            .pop_front()
-            .or_else(|| self.coap.poll_transmit())
+        self.coap.poll_transmit()
     }
 
     /// The next request for the driver ([`Event::Commit`]). Call until `None` after every
@@ -223,9 +216,8 @@ impl EstSession {
                 w.empty_ack_at = None;
                 // RFC 7252 §5.2.2: stop the peer's retransmissions; the answer follows as a
                 // separate CON. None for a NON request or one no longer pending.
-                if let Some(ack) = self.coap.acknowledge(now, w.request) {
+                if self.coap.acknowledge(now, w.request) {
                     self.stats.slow_commit_acks += 1;
-                    self.transmit.push_back(ack);
                 }
             }
         }
@@ -260,8 +252,7 @@ impl EstSession {
     ) {
         match step {
             Step::Respond(response) => {
-                self.transmit
-                    .extend(self.coap.respond(now, request, response));
+                self.coap.respond(now, request, response);
             }
             Step::Commit(commit, then) => {
                 let id = CommitId(self.next_commit);
