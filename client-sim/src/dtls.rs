@@ -158,6 +158,9 @@ pub struct DtlsClientConfig {
     /// just stop, and leave the server to close the session at its idle timeout; saves one
     /// datagram (31 B, one frame) per session.
     pub close_notify: bool,
+    /// The suites the webrtc-dtls backend offers, in this order (a meter: CCM_8 only, RFC 9148
+    /// §3; tests offer GCM too, to check the server's preference). Not used by the others.
+    pub webrtc_cipher_suites: Vec<CipherSuiteId>,
 }
 
 impl std::fmt::Debug for DtlsClientConfig {
@@ -189,23 +192,37 @@ impl Default for DtlsClientConfig {
             server_chain_der: Vec::new(),
             c509_certificate_type: None,
             close_notify: true,
+            webrtc_cipher_suites: vec![CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Ccm_8],
         }
     }
 }
 
-/// Builds the webrtc-dtls client config for one session.
+/// Builds the webrtc-dtls client config for one session. A credential with an empty chain
+/// sends no client certificate (which the server refuses: the tests check that it does).
 pub fn client_config(cfg: &DtlsClientConfig, cred: &Credential) -> Result<Config, FailureReason> {
-    let key_pair = rcgen::KeyPair::try_from(cred.key_pkcs8_der.as_slice())
-        .map_err(|e| FailureReason::Credentials(format!("client key: {e}")))?;
-    let private_key = CryptoPrivateKey::from_key_pair(&key_pair)
-        .map_err(|e| FailureReason::Credentials(format!("client key: {e}")))?;
-    let certificate = Certificate {
-        certificate: cred
-            .chain_der
-            .iter()
-            .map(|d| rustls::pki_types::CertificateDer::from(d.clone()))
-            .collect(),
-        private_key,
+    // webrtc-dtls builds rustls verifiers, which panic when both ring and aws-lc-rs are compiled
+    // in and no default provider was chosen (webrtc-rs/webrtc#567). Err: one is installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    if cfg.webrtc_cipher_suites.is_empty() {
+        return Err(FailureReason::Credentials(
+            "webrtc_cipher_suites is empty".into(),
+        ));
+    }
+    let certificates = if cred.chain_der.is_empty() {
+        Vec::new()
+    } else {
+        let key_pair = rcgen::KeyPair::try_from(cred.key_pkcs8_der.as_slice())
+            .map_err(|e| FailureReason::Credentials(format!("client key: {e}")))?;
+        let private_key = CryptoPrivateKey::from_key_pair(&key_pair)
+            .map_err(|e| FailureReason::Credentials(format!("client key: {e}")))?;
+        vec![Certificate {
+            certificate: cred
+                .chain_der
+                .iter()
+                .map(|d| rustls::pki_types::CertificateDer::from(d.clone()))
+                .collect(),
+            private_key,
+        }]
     };
     let mut roots = rustls::RootCertStore::empty();
     for ta in &cfg.trust_anchors_der {
@@ -214,8 +231,8 @@ pub fn client_config(cfg: &DtlsClientConfig, cred: &Credential) -> Result<Config
             .map_err(|e| FailureReason::Credentials(format!("trust anchor: {e}")))?;
     }
     Ok(Config {
-        certificates: vec![certificate],
-        cipher_suites: vec![CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Ccm_8],
+        certificates,
+        cipher_suites: cfg.webrtc_cipher_suites.clone(),
         extended_master_secret: ExtendedMasterSecretType::Require,
         roots_cas: roots,
         server_name: cfg.server_name.clone(),
@@ -233,15 +250,86 @@ pub async fn connect(
     cred: &Credential,
 ) -> Result<Arc<DTLSConn>, FailureReason> {
     let config = client_config(cfg, cred)?;
-    match tokio::time::timeout(
-        cfg.handshake_timeout,
-        DTLSConn::new(conn, config, true, None),
-    )
-    .await
-    {
+    attempt(conn, config, cfg.handshake_timeout).await
+}
+
+async fn attempt(
+    conn: Arc<dyn Conn + Send + Sync>,
+    config: Config,
+    timeout: Duration,
+) -> Result<Arc<DTLSConn>, FailureReason> {
+    match tokio::time::timeout(timeout, DTLSConn::new(conn, config, true, None)).await {
         Ok(Ok(c)) => Ok(Arc::new(c)),
         Ok(Err(e)) => Err(FailureReason::HandshakeError(e.to_string())),
         Err(_) => Err(FailureReason::HandshakeTimeout),
+    }
+}
+
+/// A webrtc-dtls session that [`connect_retrying`] established.
+pub struct Retried {
+    pub conn: Arc<DTLSConn>,
+    /// Handshake attempts used (1: the first one completed).
+    pub attempts: u32,
+}
+
+impl std::fmt::Debug for Retried {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Retried")
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Handshake attempts of at most `cfg.handshake_timeout` each over `conn`, each from a fresh
+/// session (new client random), until one completes or `overall_timeout` has passed (then
+/// [`FailureReason::HandshakeTimeout`]). A handshake that *fails* (an alert, a certificate
+/// refused) is not retried: that answer is definite. webrtc-dtls itself retransmits its flight
+/// forever and never gives up; a meter's own retry policy is [`crate::meter`]'s, this is the
+/// simple one the transport tests use.
+pub async fn connect_retrying(
+    conn: Arc<dyn Conn + Send + Sync>,
+    cfg: &DtlsClientConfig,
+    cred: &Credential,
+    overall_timeout: Duration,
+) -> Result<Retried, FailureReason> {
+    let config = client_config(cfg, cred)?;
+    connect_config_retrying(conn, &config, cfg.handshake_timeout, overall_timeout).await
+}
+
+/// [`connect_retrying`] with a webrtc-dtls `Config` the caller built (from [`client_config`],
+/// then changed: e.g. an extension offered that a meter would not offer).
+pub async fn connect_config_retrying(
+    conn: Arc<dyn Conn + Send + Sync>,
+    config: &Config,
+    attempt_timeout: Duration,
+    overall_timeout: Duration,
+) -> Result<Retried, FailureReason> {
+    if attempt_timeout.is_zero() || overall_timeout.is_zero() {
+        return Err(FailureReason::Credentials(
+            "handshake and overall timeouts must not be zero".into(),
+        ));
+    }
+    let deadline = tokio::time::Instant::now() + overall_timeout;
+    let mut attempts: u32 = 0;
+    loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if remaining.is_zero() {
+            return Err(FailureReason::HandshakeTimeout);
+        }
+        attempts = attempts.saturating_add(1);
+        match attempt(
+            Arc::clone(&conn),
+            config.clone(),
+            attempt_timeout.min(remaining),
+        )
+        .await
+        {
+            Ok(conn) => return Ok(Retried { conn, attempts }),
+            Err(FailureReason::HandshakeTimeout) => {
+                tracing::debug!(attempts, "DTLS client attempt timed out; starting over");
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

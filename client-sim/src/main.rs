@@ -453,6 +453,7 @@ async fn run(cli: Cli) -> Result<bool> {
                     Some(p) => pki::load_cert_chain(p)?,
                     None => Vec::new(),
                 },
+                ..DtlsClientConfig::default()
             },
             coap,
             ack_timeout_auto: cli.ack_timeout.0.is_none(),

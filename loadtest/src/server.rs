@@ -185,36 +185,13 @@ pub(crate) fn est_server_cmd(bin: &Path, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Replaces `key = value` lines of the data directory's documented config (first match after
-/// the `[section]` header). Keys that are not found are an error: the config format changed.
+/// [`est_test_tools::set_config`] for edits whose values were formatted at run time.
 pub(crate) fn set_config(data_dir: &Path, edits: &[(&str, &str, String)]) -> Result<()> {
-    let path = data_dir.join("est-server.toml");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
-    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
-    for (section, key, value) in edits {
-        let header = format!("[{section}]");
-        let start = lines
-            .iter()
-            .position(|l| l.trim() == header)
-            .with_context(|| format!("{}: no {header}", path.display()))?;
-        let idx = lines
-            .iter()
-            .enumerate()
-            .skip(start + 1)
-            .take_while(|(_, l)| !l.trim_start().starts_with('['))
-            .find(|(_, l)| {
-                l.split('=')
-                    .next()
-                    .is_some_and(|k| k.trim() == *key && !l.trim_start().starts_with('#'))
-            })
-            .map(|(i, _)| i)
-            .with_context(|| format!("{}: no {key} in {header}", path.display()))?;
-        if let Some(l) = lines.get_mut(idx) {
-            *l = format!("{key} = {value}");
-        }
-    }
-    std::fs::write(&path, lines.join("\n") + "\n")?;
-    Ok(())
+    let edits: Vec<(&str, &str, &str)> = edits
+        .iter()
+        .map(|(section, key, value)| (*section, *key, value.as_str()))
+        .collect();
+    est_test_tools::set_config(data_dir, &edits).map_err(anyhow::Error::msg)
 }
 
 /// A server child process that is killed on drop.
@@ -423,22 +400,5 @@ mod tests {
             parse_status_kb("Name:\tx\nVmHWM:\t  1234 kB\n", "VmHWM:"),
             Some(1234)
         );
-    }
-
-    #[test]
-    fn config_edits_replace_keys_in_their_section_only() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("est-server.toml"),
-            "[dtls]\n# max_sessions = 1\nmax_sessions = 20000\n[est]\nmax_sessions = 7\n",
-        )
-        .unwrap();
-        set_config(dir.path(), &[("dtls", "max_sessions", "30000".into())]).unwrap();
-        let t = std::fs::read_to_string(dir.path().join("est-server.toml")).unwrap();
-        assert_eq!(
-            t,
-            "[dtls]\n# max_sessions = 1\nmax_sessions = 30000\n[est]\nmax_sessions = 7\n"
-        );
-        assert!(set_config(dir.path(), &[("dtls", "nope", "1".into())]).is_err());
     }
 }

@@ -30,7 +30,6 @@ use client_sim::pki::DeviceIdentity;
 use est_dtls::wire::{self, content_type as ct, extension_type as ext, handshake_type as hs};
 use est_dtls::{Client, ClientConfig, SigningKey, Verified};
 use est_proto::coap::ClientConfig as CoapClientConfig;
-use est_server::transport::SocketConn;
 
 // ---------------------------------------------------------------------------------------------
 // Knobs
@@ -592,8 +591,8 @@ pub async fn enroll(
     };
     let outcome = run_meter_over(seed, meter, &cfg, seed, move || async move {
         let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-        let c: Arc<dyn webrtc_util::conn::Conn + Send + Sync> =
-            Arc::new(SocketConn::new(Arc::new(s), server));
+        s.connect(server).await?;
+        let c: Arc<dyn webrtc_util::conn::Conn + Send + Sync> = Arc::new(s);
         Ok(c)
     })
     .await;

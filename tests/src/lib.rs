@@ -332,25 +332,127 @@ pub async fn post_csr(
     csr: &Path,
     out: &Path,
 ) -> Result<CoapRun> {
-    coap_client(
+    post_csr_with(which, creds, url, csr, Some(out), Some(64)).await
+}
+
+/// POST a DER PKCS#10 request (286) to /sen, /sren (or another URL) asking for a bare DER
+/// certificate (287), in Block1 blocks of `block` bytes (`None`: libcoap's default), the answer
+/// written to `out` if given.
+pub async fn post_csr_with(
+    which: Libcoap,
+    creds: &Creds<'_>,
+    url: &str,
+    csr: &Path,
+    out: Option<&Path>,
+    block: Option<u16>,
+) -> Result<CoapRun> {
+    let block = block.map(|b| b.to_string());
+    let mut args = vec!["-m", "post"];
+    if let Some(b) = &block {
+        args.extend(["-b", b.as_str()]);
+    }
+    args.extend(["-t", "286", "-A", "287", "-f", path_str(csr)?]);
+    coap_client(which, Some(creds), &args, url, out).await
+}
+
+/// The answer carried a DER certificate (a SEQUENCE).
+pub fn is_der_certificate(run: &CoapRun) -> bool {
+    run.payload
+        .as_ref()
+        .is_some_and(|p| p.first() == Some(&0x30))
+}
+
+/// The enrollment a libcoap meter does: POST `csr` to `url` (/sen or /sren) in 64-byte blocks,
+/// the DER certificate written to `der`; its PEM beside it. An answer that is not a certificate
+/// is an error naming the run.
+pub async fn enroll_csr(
+    which: Libcoap,
+    creds: &Creds<'_>,
+    url: &str,
+    csr: &Path,
+    der: &Path,
+) -> Result<PathBuf> {
+    let run = post_csr(which, creds, url, csr, der).await?;
+    if !is_der_certificate(&run) {
+        anyhow::bail!("no certificate from {url}: {run:?}");
+    }
+    der_to_pem(der)
+}
+
+/// GET /crts as PKCS#7 (281) into `out`, and the certificates in it as `openssl pkcs7
+/// -print_certs -noout` lists them.
+pub async fn crts_pkcs7(
+    which: Libcoap,
+    creds: &Creds<'_>,
+    url: &str,
+    out: &Path,
+) -> Result<(CoapRun, String)> {
+    let run = coap_client(
         which,
         Some(creds),
-        &[
-            "-m",
-            "post",
-            "-b",
-            "64",
-            "-t",
-            "286",
-            "-A",
-            "287",
-            "-f",
-            path_str(csr)?,
-        ],
+        &["-m", "get", "-A", "281"],
         url,
         Some(out),
     )
-    .await
+    .await?;
+    let listed = openssl(&[
+        "pkcs7",
+        "-inform",
+        "DER",
+        "-in",
+        path_str(out)?,
+        "-print_certs",
+        "-noout",
+    ])?;
+    Ok((run, listed))
+}
+
+/// [`webrtc_dtls_within`] 10 s per handshake attempt, 30 s in all.
+pub async fn webrtc_dtls(
+    sock: tokio::net::UdpSocket,
+    chain: &[Vec<u8>],
+    key: &[u8],
+    trust: &[Vec<u8>],
+) -> std::result::Result<
+    std::sync::Arc<webrtc_dtls::conn::DTLSConn>,
+    client_sim::meter::FailureReason,
+> {
+    let (attempt, overall) = (
+        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(30),
+    );
+    webrtc_dtls_within(sock, chain, key, trust, attempt, overall).await
+}
+
+/// A meter's DTLS session with client-sim's webrtc-dtls client (CCM_8, extended master secret
+/// required) over `sock`, which is connected to the server: handshake attempts of at most
+/// `attempt_timeout` each, each from a fresh session, until one completes or `overall_timeout`
+/// has passed ([`client_sim::dtls::connect_retrying`]).
+pub async fn webrtc_dtls_within(
+    sock: tokio::net::UdpSocket,
+    chain: &[Vec<u8>],
+    key: &[u8],
+    trust: &[Vec<u8>],
+    attempt_timeout: std::time::Duration,
+    overall_timeout: std::time::Duration,
+) -> std::result::Result<
+    std::sync::Arc<webrtc_dtls::conn::DTLSConn>,
+    client_sim::meter::FailureReason,
+> {
+    let cfg = client_sim::dtls::DtlsClientConfig {
+        trust_anchors_der: trust.to_vec(),
+        server_name: "localhost".into(),
+        flight_interval: std::time::Duration::from_secs(1),
+        handshake_timeout: attempt_timeout,
+        ..client_sim::dtls::DtlsClientConfig::default()
+    };
+    let cred = client_sim::meter::Credential {
+        chain_der: chain.to_vec(),
+        key_pkcs8_der: key.to_vec(),
+    };
+    client_sim::dtls::connect_retrying(std::sync::Arc::new(sock), &cfg, &cred, overall_timeout)
+        .await
+        .map(|c| c.conn)
 }
 
 /// An IDevID for `serial` on `curve` ("P-256", "P-384"), signed (SHA-384) by the CA `ca` /

@@ -30,7 +30,6 @@ use est_proto::coap::{Client, ClientConfig, ClientEvent, Method, Request, Respon
 use est_proto::est::{CF_PKCS10, CF_PKIX_CERT};
 use est_proto::store::{AuditEvent, CertStatus, DeviceBlock, RevocationReason, RevokeOutcome};
 use est_server::datadir;
-use est_server::transport::client::{connect, DtlsClientConfig};
 use est_test_tools::pg::TestPostgres;
 use est_tests::TestServer;
 use webrtc_util::conn::Conn;
@@ -91,16 +90,7 @@ async fn try_dtls(
 ) -> anyhow::Result<DtlsConn> {
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     sock.connect(server).await.unwrap();
-    let cfg = DtlsClientConfig {
-        certificate_chain_der: chain.to_vec(),
-        private_key_pkcs8_der: key.to_vec(),
-        server_trust_anchors_der: trust.to_vec(),
-        server_name: "localhost".into(),
-        attempt_timeout: Duration::from_secs(10),
-        overall_timeout: Duration::from_secs(30),
-        ..DtlsClientConfig::default()
-    };
-    Ok(connect(Arc::new(sock), &cfg).await?)
+    Ok(est_tests::webrtc_dtls(sock, chain, key, trust).await?)
 }
 
 /// One request through the sans-IO client over a DTLS connection.

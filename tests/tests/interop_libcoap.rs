@@ -27,15 +27,9 @@ async fn enroll_and_reenroll(which: Libcoap, serial: &str) {
 
     // /crts, PKCS#7 (281) and bare certificate (287).
     let p7 = work.join("crts.p7");
-    let run = coap_client(
-        which,
-        Some(&creds),
-        &["-m", "get", "-A", "281"],
-        &srv.url("crts"),
-        Some(&p7),
-    )
-    .await
-    .expect("crts");
+    let (run, listed) = crts_pkcs7(which, &creds, &srv.url("crts"), &p7)
+        .await
+        .expect("crts");
     assert!(run.payload.is_some(), "no /crts payload: {run:?}");
     // What the client's Certificate message carried: the IDevID and the manufacturer CA
     // (GnuTLS, from the chain file), or the IDevID alone (OpenSSL), which the server accepts
@@ -53,16 +47,6 @@ async fn enroll_and_reenroll(which: Libcoap, serial: &str) {
     );
     // libcoap offers no certificate type (RFC 7250): X.509, though the server offers C509.
     assert_eq!(t.c509_client_certificates, 0, "{t:?}");
-    let listed = openssl(&[
-        "pkcs7",
-        "-inform",
-        "DER",
-        "-in",
-        path_str(&p7).unwrap(),
-        "-print_certs",
-        "-noout",
-    ])
-    .expect("pkcs7");
     assert!(listed.contains("EST Issuing CA"), "{listed}");
     let ca_der = work.join("ca.der");
     coap_client(
@@ -81,33 +65,9 @@ async fn enroll_and_reenroll(which: Libcoap, serial: &str) {
     let (ldevid_key, csr) =
         openssl_csr(&work, "ldevid", &format!("/serialNumber={serial}")).expect("csr");
     let ldevid_der = work.join("ldevid.der");
-    let run = coap_client(
-        which,
-        Some(&creds),
-        &[
-            "-m",
-            "post",
-            "-b",
-            "64",
-            "-t",
-            "286",
-            "-A",
-            "287",
-            "-f",
-            path_str(&csr).unwrap(),
-        ],
-        &srv.url("sen"),
-        Some(&ldevid_der),
-    )
-    .await
-    .expect("sen");
-    assert!(
-        run.payload
-            .as_ref()
-            .is_some_and(|p| p.first() == Some(&0x30)),
-        "no certificate from /sen: {run:?}"
-    );
-    let ldevid_pem = der_to_pem(&ldevid_der).expect("pem");
+    let ldevid_pem = enroll_csr(which, &creds, &srv.url("sen"), &csr, &ldevid_der)
+        .await
+        .expect("sen");
     openssl_verify(&srv.ca_pem(), &ldevid_pem).expect("openssl verifies the LDevID");
     openssl_verify(&ca_pem, &ldevid_pem).expect("and against the CA fetched from /crts");
     let text = openssl(&[
@@ -122,30 +82,11 @@ async fn enroll_and_reenroll(which: Libcoap, serial: &str) {
     assert!(text.contains("TLS Web Client Authentication"), "{text}");
     assert!(text.contains("CA:FALSE"), "{text}");
     // Its public key is the one in our CSR.
-    let cert_pub = openssl(&[
-        "x509",
-        "-in",
-        path_str(&ldevid_pem).unwrap(),
-        "-noout",
-        "-pubkey",
-    ])
-    .unwrap();
-    let key_pub = openssl(&["pkey", "-in", path_str(&ldevid_key).unwrap(), "-pubout"]).unwrap();
-    assert_eq!(cert_pub, key_pub);
+    assert!(same_public_key(&ldevid_pem, &ldevid_key).unwrap());
 
     // /sren, authenticated with the new LDevID, CSR subject equal to the certificate's
     // (RFC 7030 §4.2.2), default answer PKCS#7 (281).
-    let subject = openssl(&[
-        "x509",
-        "-in",
-        path_str(&ldevid_pem).unwrap(),
-        "-noout",
-        "-subject",
-        "-nameopt",
-        "compat",
-    ])
-    .unwrap();
-    let subject = subject.trim().trim_start_matches("subject=").to_string();
+    let subject = cert_subject(&ldevid_pem).unwrap();
     let (_, csr2) = openssl_csr(&work, "renew", &subject).expect("csr2");
     let creds2 = Creds {
         cert: &ldevid_pem,
@@ -233,21 +174,13 @@ async fn a_retried_sen_returns_the_same_certificate() {
     let mut got = Vec::new();
     for i in 0..2 {
         let out = srv.dir.path().join(format!("retry-{i}.der"));
-        let run = coap_client(
+        let run = post_csr_with(
             Libcoap::Gnutls,
-            Some(&creds),
-            &[
-                "-m",
-                "post",
-                "-t",
-                "286",
-                "-A",
-                "287",
-                "-f",
-                path_str(&csr).unwrap(),
-            ],
+            &creds,
             &srv.url("sen"),
+            &csr,
             Some(&out),
+            None,
         )
         .await
         .unwrap();
@@ -534,26 +467,9 @@ async fn garbage_and_truncated_records_do_not_disturb_an_enrollment() {
         key: &dev.join("idevid.key"),
         trust: &trust,
     };
-    let run = coap_client(
-        Libcoap::Gnutls,
-        Some(&creds),
-        &[
-            "-m",
-            "post",
-            "-b",
-            "64",
-            "-t",
-            "286",
-            "-A",
-            "287",
-            "-f",
-            path_str(&csr).unwrap(),
-        ],
-        &srv.url("sen"),
-        Some(&out),
-    )
-    .await
-    .unwrap();
+    let run = post_csr(Libcoap::Gnutls, &creds, &srv.url("sen"), &csr, &out)
+        .await
+        .unwrap();
     noise.await.unwrap();
     assert!(run.payload.is_some(), "{run:?}");
     openssl_verify(&srv.ca_pem(), &der_to_pem(&out).unwrap()).unwrap();

@@ -113,27 +113,16 @@ async fn metrics_endpoint_is_scraped_and_parsed() {
     let work = srv.dir.path().join("metrics-work");
     std::fs::create_dir_all(&work).unwrap();
     let (_, csr) = openssl_csr(&work, "m", "/serialNumber=SNMETRIC").unwrap();
-    let run = coap_client(
+    let run = post_csr(
         Libcoap::Gnutls,
-        Some(&Creds {
+        &Creds {
             cert: &fleet.join("SNMETRIC/idevid-chain.pem"),
             key: &fleet.join("SNMETRIC/idevid.key"),
             trust: &trust,
-        }),
-        &[
-            "-m",
-            "post",
-            "-b",
-            "64",
-            "-t",
-            "286",
-            "-A",
-            "287",
-            "-f",
-            path_str(&csr).unwrap(),
-        ],
+        },
         &srv.url("sen"),
-        Some(&work.join("m.der")),
+        &csr,
+        &work.join("m.der"),
     )
     .await
     .unwrap();

@@ -80,14 +80,9 @@ async fn p384_meter_enrolls_and_reenrolls_through_libcoap() {
         "-sha384",
     );
     let ldevid_der = work.join("ldevid.der");
-    let run = post(&creds, &srv.url("sen"), &csr, &ldevid_der).await;
-    assert!(
-        run.payload
-            .as_ref()
-            .is_some_and(|p| p.first() == Some(&0x30)),
-        "{run:?}"
-    );
-    let ldevid_pem = der_to_pem(&ldevid_der).unwrap();
+    let ldevid_pem = enroll_csr(Libcoap::Gnutls, &creds, &srv.url("sen"), &csr, &ldevid_der)
+        .await
+        .unwrap();
     openssl_verify(&p384_ca, &ldevid_pem).expect("openssl verifies the P-384 LDevID");
     assert!(
         openssl_verify(&srv.ca_pem(), &ldevid_pem).is_err(),
@@ -113,38 +108,23 @@ async fn p384_meter_enrolls_and_reenrolls_through_libcoap() {
         trust,
     };
     let renewed_der = work.join("renewed.der");
-    let run = post(&creds2, &srv.url("sren"), &csr2, &renewed_der).await;
-    assert!(
-        run.payload
-            .as_ref()
-            .is_some_and(|p| p.first() == Some(&0x30)),
-        "{run:?}"
-    );
-    let renewed_pem = der_to_pem(&renewed_der).unwrap();
+    let renewed_pem = enroll_csr(
+        Libcoap::Gnutls,
+        &creds2,
+        &srv.url("sren"),
+        &csr2,
+        &renewed_der,
+    )
+    .await
+    .unwrap();
     openssl_verify(&p384_ca, &renewed_pem).expect("renewed P-384 certificate verifies");
     assert!(text_of(&renewed_pem).contains("ecdsa-with-SHA384"));
 
     // /crts lists both CAs.
     let p7 = work.join("crts.p7");
-    coap_client(
-        Libcoap::Gnutls,
-        Some(&creds2),
-        &["-m", "get", "-A", "281"],
-        &srv.url("crts"),
-        Some(&p7),
-    )
-    .await
-    .unwrap();
-    let listed = openssl(&[
-        "pkcs7",
-        "-inform",
-        "DER",
-        "-in",
-        path_str(&p7).unwrap(),
-        "-print_certs",
-        "-noout",
-    ])
-    .unwrap();
+    let (_, listed) = crts_pkcs7(Libcoap::Gnutls, &creds2, &srv.url("crts"), &p7)
+        .await
+        .unwrap();
     assert!(
         listed.matches("subject=").count() == 2 && listed.contains("CN = EST Issuing CA P-384"),
         "{listed}"

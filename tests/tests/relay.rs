@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{Context, Result};
 use est_tests::front_door::{client_hello, client_hello_datagram, StopOnDrop};
 use est_tests::relay::{Pki, Registrar, RelayProcess};
 use est_tests::*;
@@ -31,30 +31,9 @@ async fn enroll(pki: &Pki, serial: &str, sen_url: &str, ca: &Path) -> Result<Pat
     };
     let (_, csr) = openssl_csr(&work, "ldevid", &format!("/serialNumber={serial}"))?;
     let der = work.join("ldevid.der");
-    let run = coap_client(
-        Libcoap::Gnutls,
-        Some(&creds),
-        &[
-            "-m",
-            "post",
-            "-b",
-            "64",
-            "-t",
-            "286",
-            "-A",
-            "287",
-            "-f",
-            path_str(&csr)?,
-        ],
-        sen_url,
-        Some(&der),
-    )
-    .await?;
-    let is_der = run.payload.as_ref().and_then(|p| p.first()) == Some(&0x30);
-    if !is_der {
-        bail!("no certificate for {serial}: {run:?}");
-    }
-    let pem = der_to_pem(&der)?;
+    let pem = enroll_csr(Libcoap::Gnutls, &creds, sen_url, &csr, &der)
+        .await
+        .with_context(|| format!("enrolling {serial}"))?;
     openssl_verify(ca, &pem)?;
     Ok(pem)
 }

@@ -88,55 +88,22 @@ async fn sen(
     csr: &Path,
     out: Option<&Path>,
 ) -> CoapRun {
-    coap_client(
-        which,
-        Some(creds),
-        &[
-            "-m",
-            "post",
-            "-t",
-            "286",
-            "-A",
-            "287",
-            "-f",
-            path_str(csr).unwrap(),
-        ],
-        &srv.url("sen"),
-        out,
-    )
-    .await
-    .unwrap()
+    post_csr_with(which, creds, &srv.url("sen"), csr, out, None)
+        .await
+        .unwrap()
 }
 
 /// /sren with the meter's LDevID and a CSR for its subject.
 async fn sren(srv: &TestServer, which: Libcoap, m: &Meter, name: &str) -> CoapRun {
-    let subject = openssl(&[
-        "x509",
-        "-in",
-        path_str(&m.ldevid_pem).unwrap(),
-        "-noout",
-        "-subject",
-        "-nameopt",
-        "compat",
-    ])
-    .unwrap();
-    let subject = subject.trim().trim_start_matches("subject=").to_string();
+    let subject = cert_subject(&m.ldevid_pem).unwrap();
     let (_, csr) = openssl_csr(&m.work, name, &subject).unwrap();
-    coap_client(
+    post_csr_with(
         which,
-        Some(&m.ldevid_creds()),
-        &[
-            "-m",
-            "post",
-            "-t",
-            "286",
-            "-A",
-            "287",
-            "-f",
-            path_str(&csr).unwrap(),
-        ],
+        &m.ldevid_creds(),
         &srv.url("sren"),
+        &csr,
         Some(&m.work.join(format!("{name}.der"))),
+        None,
     )
     .await
     .unwrap()

@@ -12,7 +12,6 @@ use est_proto::ca::{self, RingP256Signer};
 use est_proto::coap::{Client, ClientConfig, ClientEvent, Method, Request, Response};
 use est_proto::est::{CF_PKCS10, CF_PKCS7_CERTS_ONLY, CF_PKIX_CERT};
 use est_server::datadir;
-use est_server::transport::client::{connect, DtlsClientConfig};
 use est_tests::TestServer;
 use webrtc_util::conn::Conn;
 
@@ -52,16 +51,9 @@ async fn dtls(
         }
     };
     sock.connect(server).await.unwrap();
-    let cfg = DtlsClientConfig {
-        certificate_chain_der: chain.to_vec(),
-        private_key_pkcs8_der: key.to_vec(),
-        server_trust_anchors_der: trust.to_vec(),
-        server_name: "localhost".into(),
-        attempt_timeout: Duration::from_secs(10),
-        overall_timeout: Duration::from_secs(30),
-        ..DtlsClientConfig::default()
-    };
-    connect(Arc::new(sock), &cfg).await.unwrap()
+    est_tests::webrtc_dtls(sock, chain, key, trust)
+        .await
+        .unwrap()
 }
 
 /// One request through the sans-IO client over a DTLS connection.
@@ -326,16 +318,15 @@ async fn expired_idevid_enrolls_over_dtls_only_when_policy_allows_it() {
             datadir::read_certs(&srv.mint(&["SNNEW"]).unwrap().join("implicit-ta.pem")).unwrap();
         let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         sock.connect(srv.addr).await.unwrap();
-        let cfg = DtlsClientConfig {
-            certificate_chain_der: chain,
-            private_key_pkcs8_der: key,
-            server_trust_anchors_der: trust,
-            server_name: "localhost".into(),
-            attempt_timeout: Duration::from_secs(5),
-            overall_timeout: Duration::from_secs(5),
-            ..DtlsClientConfig::default()
-        };
-        let connected = connect(Arc::new(sock), &cfg).await;
+        let connected = est_tests::webrtc_dtls_within(
+            sock,
+            &chain,
+            &key,
+            &trust,
+            Duration::from_secs(5),
+            Duration::from_secs(5),
+        )
+        .await;
         if !accept {
             assert!(
                 connected.is_err(),

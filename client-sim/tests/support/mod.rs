@@ -9,7 +9,7 @@ pub mod backend;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -134,47 +134,9 @@ pub fn server_settings_for(backend: client_sim::dtls::DtlsBackend) -> &'static [
     }
 }
 
-/// Replaces `key = value` in `[section]` of the data directory's est-server.toml (the key must
-/// be there: `est-server init` writes every setting, the optional ones commented out as
-/// `# key = ...`, which this uncomments).
+/// The settings in the data directory's est-server.toml ([`est_test_tools::set_config`]).
 fn apply_settings(data: &Path, settings: &[(&str, &str, &str)]) {
-    if settings.is_empty() {
-        return;
-    }
-    let path = data.join("est-server.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
-    // A setting replaces its line in its section; a commented-out `# key = ...` line is
-    // uncommented only where the section has no live line for the key.
-    for (s, k, v) in settings {
-        let mut section = String::new();
-        let mut live = None;
-        let mut commented = None;
-        for (i, l) in lines.iter().enumerate() {
-            let t = l.trim();
-            if t.starts_with('[') {
-                section = t.trim_matches(|c| c == '[' || c == ']').to_string();
-                continue;
-            }
-            if section != *s {
-                continue;
-            }
-            let is_comment = t.starts_with('#');
-            let key = t.trim_start_matches('#').split('=').next().map(str::trim);
-            if key == Some(*k) && t.contains('=') {
-                if is_comment {
-                    commented.get_or_insert(i);
-                } else {
-                    live.get_or_insert(i);
-                }
-            }
-        }
-        let i = live
-            .or(commented)
-            .unwrap_or_else(|| panic!("[{s}] {k} not in {path:?}"));
-        lines[i] = format!("{k} = {v}");
-    }
-    std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+    est_test_tools::set_config(data, settings).unwrap();
 }
 
 impl Running {
@@ -202,14 +164,7 @@ impl Running {
         // and released (another test's socket could take it before the server binds it), and no
         // probe that binds the server's port itself.
         let mut server = Server(
-            Command::new(&bin)
-                .arg("run")
-                .arg("--data-dir")
-                .arg(&data)
-                .arg("--listen")
-                .arg("127.0.0.1:0")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
+            est_test_tools::est_server_run(&bin, &data)
                 .spawn()
                 .expect("starting est-server run"),
         );
@@ -300,14 +255,7 @@ impl Cluster {
     /// One more `est-server run` on the cluster's data directory.
     pub fn start_node(&self) -> (Server, SocketAddr) {
         let mut server = Server(
-            Command::new(est_server_bin())
-                .arg("run")
-                .arg("--data-dir")
-                .arg(&self.data)
-                .arg("--listen")
-                .arg("127.0.0.1:0")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
+            est_test_tools::est_server_run(&est_server_bin(), &self.data)
                 .spawn()
                 .expect("starting est-server run"),
         );

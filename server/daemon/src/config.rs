@@ -157,6 +157,16 @@ pub struct DtlsSection {
     /// The TLS certificate type number for C509 certificates (RFC 7250 negotiation; the draft's
     /// TBD5, a Private Use value 224..=255); 0 turns C509 in the handshake off.
     pub c509_certificate_type: u8,
+    /// Established sessions waiting for a session task; over it a new session is closed.
+    pub accept_queue_sessions: usize,
+    /// Plaintext datagrams queued for one session task; over it they are dropped.
+    pub session_queue_datagrams: usize,
+    /// Bytes queued for one session task (at least `mtu_bytes`).
+    pub session_queue_bytes: usize,
+    /// Commands (sends, closes) from session tasks to the DTLS driver.
+    pub command_queue_len: usize,
+    /// Datagrams waiting for one engine shard (with `engine_shards` > 1).
+    pub shard_inbox_datagrams: usize,
 }
 
 /// Largest Connection ID the engine issues.
@@ -248,6 +258,11 @@ impl Default for DtlsSection {
             send_chain: true,
             cached_info: true,
             c509_certificate_type: 224,
+            accept_queue_sessions: 1024,
+            session_queue_datagrams: 32,
+            session_queue_bytes: 32 * 1024,
+            command_queue_len: 4096,
+            shard_inbox_datagrams: 1024,
         }
     }
 }
@@ -685,6 +700,23 @@ cached_info = true
 # Certificate Types registry (224-255), which both ends must agree on. 0 = off (X.509 only);
 # clients that do not offer it get X.509 either way.
 c509_certificate_type = 224
+# The DTLS driver's queues (docs/limits.md adds them up). Established sessions waiting for a
+# session task (max_sessions where that is lower); over it a new session is closed at once
+# (est_dtls_sessions_dropped_accept_queue_full).
+accept_queue_sessions = 1024
+# Decrypted datagrams waiting for one session's task: at most this many and this many bytes
+# (at least mtu_bytes); the rest are dropped (est_dtls_dropped_queue_full) and the meter's CoAP
+# retransmits. The byte budget bounds what a session that does not keep up can hold: DTLS
+# allows 16 KiB records. 32768 holds 28 full 1,152-byte datagrams.
+session_queue_datagrams = 32
+session_queue_bytes = 32768
+# Commands from session tasks to the driver (datagrams to send, closes). A sending task waits
+# for room; a close request from a dropped session is lost when it is full
+# (est_dtls_close_commands_dropped) and that session ends at idle_timeout_secs.
+command_queue_len = 4096
+# With engine_shards > 1: datagrams the dispatcher has handed to one shard that it has not yet
+# taken; over it they are dropped (est_dtls_dropped_queue_full), like a full socket buffer.
+shard_inbox_datagrams = 1024
 
 [coap]
 # RFC 7252 §4.8 transmission parameters (used for the derived lifetimes below).
@@ -1284,6 +1316,26 @@ impl Config {
                 ),
             ));
         }
+        for (field, v) in [
+            ("dtls.accept_queue_sessions", d.accept_queue_sessions),
+            ("dtls.session_queue_datagrams", d.session_queue_datagrams),
+            ("dtls.session_queue_bytes", d.session_queue_bytes),
+            ("dtls.command_queue_len", d.command_queue_len),
+            ("dtls.shard_inbox_datagrams", d.shard_inbox_datagrams),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "queues must hold at least 1"));
+            }
+        }
+        if d.session_queue_bytes < d.mtu_bytes {
+            return Err(invalid(
+                "dtls.session_queue_bytes",
+                format!(
+                    "{} is below dtls.mtu_bytes ({}): a full-size datagram would never fit",
+                    d.session_queue_bytes, d.mtu_bytes
+                ),
+            ));
+        }
         if d.max_half_open_per_ip > d.max_half_open_handshakes {
             return Err(invalid(
                 "dtls.max_half_open_per_ip",
@@ -1800,6 +1852,44 @@ mod tests {
         }
         let err = dtls_err("c509_certificate_type = 2");
         assert!(err.contains("dtls.c509_certificate_type"), "{err}");
+    }
+
+    #[test]
+    fn driver_queues_are_settings_checked_against_the_mtu_and_capped_by_max_sessions() {
+        let d = DtlsSection::default();
+        assert_eq!(d.accept_queue_sessions, 1024);
+        assert_eq!(d.session_queue_datagrams, 32);
+        assert_eq!(d.session_queue_bytes, 32 * 1024);
+        assert_eq!(d.command_queue_len, 4096);
+        assert_eq!(d.shard_inbox_datagrams, 1024);
+        for field in [
+            "accept_queue_sessions",
+            "session_queue_datagrams",
+            "session_queue_bytes",
+            "command_queue_len",
+            "shard_inbox_datagrams",
+        ] {
+            let err = dtls_err(&format!("{field} = 0"));
+            assert!(err.contains(&format!("dtls.{field}")), "{err}");
+        }
+        let err = dtls_err("session_queue_bytes = 1151");
+        assert!(err.contains("dtls.session_queue_bytes"), "{err}");
+        assert!(err.contains("dtls.mtu_bytes"), "{err}");
+        // At the edges: accepted, and carried into the transport's configuration; no more
+        // sessions than max_sessions ever wait to be accepted.
+        let cfg = Config::parse(
+            "[dtls]\nmax_sessions = 100\nmax_half_open_handshakes = 10\nmax_half_open_per_ip = 10\n\
+             max_sessions_per_ip = 100\naccept_queue_sessions = 101\nsession_queue_datagrams = 1\n\
+             session_queue_bytes = 1152\ncommand_queue_len = 1\nshard_inbox_datagrams = 1\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        let t = crate::service::dtls_server_config(&cfg.dtls).unwrap();
+        assert_eq!(t.accept_queue_sessions, 100);
+        assert_eq!(t.session_queue_datagrams, 1);
+        assert_eq!(t.session_queue_bytes, 1152);
+        assert_eq!(t.command_queue_len, 1);
+        assert_eq!(t.shard_inbox_datagrams, 1);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! # est-server: the tokio driver of the EST-coaps enrollment service
 //!
-//! Owns the UDP socket, DTLS (webrtc-dtls behind our own transport layer), timers,
+//! Owns the UDP socket, DTLS (our engine `est-dtls` behind the transport layer), timers,
 //! the durable store, configuration and the command line. The protocol logic lives in
 //! the sans-IO crate `est-proto`; this crate only moves datagrams and bytes.
 pub mod config;
@@ -9,6 +9,7 @@ pub mod dlms_config;
 pub mod factory;
 pub mod hsm;
 pub mod lifetime;
+pub mod limits;
 pub mod metrics;
 pub mod p384;
 pub mod profiles_config;

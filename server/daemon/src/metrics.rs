@@ -272,8 +272,18 @@ impl Collector for MetricsSources {
             ),
             (
                 "est_dtls_dropped_queue_full",
-                "datagrams dropped on a full session or accept queue",
+                "datagrams dropped on a full session queue or engine shard inbox (dtls.session_queue_*, dtls.shard_inbox_datagrams)",
                 t.dropped_queue_full,
+            ),
+            (
+                "est_dtls_sessions_dropped_accept_queue_full",
+                "sessions closed after their handshake on a full accept queue (dtls.accept_queue_sessions)",
+                t.sessions_dropped_accept_queue_full,
+            ),
+            (
+                "est_dtls_close_commands_dropped",
+                "close requests lost on a full driver command queue (dtls.command_queue_len)",
+                t.close_commands_dropped,
             ),
             ("est_dtls_socket_errors", "socket errors", t.socket_errors),
             (

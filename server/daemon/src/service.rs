@@ -267,6 +267,12 @@ pub fn dtls_server_config(d: &DtlsSection) -> Result<DtlsServerConfig, ConfigErr
         max_log_lines_per_sec: d.max_log_lines_per_sec,
         socket_receive_buffer_bytes: d.socket_receive_buffer_bytes,
         engine_shards: d.engine_shards,
+        // No more sessions than the cap can wait to be accepted.
+        accept_queue_sessions: d.accept_queue_sessions.min(d.max_sessions),
+        session_queue_datagrams: d.session_queue_datagrams,
+        session_queue_bytes: d.session_queue_bytes,
+        command_queue_len: d.command_queue_len,
+        shard_inbox_datagrams: d.shard_inbox_datagrams,
         ..DtlsServerConfig::default()
     })
 }

@@ -7,14 +7,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use est_server::transport::client::{self, DtlsClientConfig};
+use client_sim::dtls;
+use client_sim::meter::FailureReason;
 use est_server::transport::CertError;
 use est_server::transport::{
     CipherSuiteName, ClientChainVerifier, CloseReason, DtlsListener, DtlsServerConfig, DtlsSession,
-    PeerCertificateHook, PeerVerification, SocketConn, TransportError, VerifiedClient,
+    PeerCertificateHook, PeerVerification, TransportError, VerifiedClient,
 };
 use tokio::net::UdpSocket;
-use transport_support::TestPki;
+use transport_support::{Device, SocketConn, TestPki};
+use webrtc_dtls::cipher_suite::CipherSuiteId;
 use webrtc_dtls::conn::DTLSConn;
 use webrtc_util::conn::Conn;
 
@@ -57,10 +59,10 @@ async fn client_socket() -> Arc<UdpSocket> {
 async fn connect(
     socket: &Arc<UdpSocket>,
     server: SocketAddr,
-    cfg: &DtlsClientConfig,
-) -> Result<Arc<DTLSConn>, TransportError> {
+    cfg: &Device,
+) -> Result<Arc<DTLSConn>, FailureReason> {
     let conn: Arc<dyn Conn + Send + Sync> = Arc::new(SocketConn::new(Arc::clone(socket), server));
-    client::connect(conn, cfg).await
+    cfg.connect(conn).await.map(|c| c.conn)
 }
 
 /// Send `payload` and return the echo; re-sends like a CoAP CON if a datagram is lost (loopback
@@ -173,7 +175,10 @@ async fn the_server_preference_decides_the_suite() {
     let (listener, addr) = start_server(server_cfg).await;
     let socket = client_socket().await;
     let mut cfg = pki.device_config("localhost");
-    cfg.cipher_suites = vec![CipherSuiteName::Ccm8, CipherSuiteName::Gcm];
+    cfg.dtls.webrtc_cipher_suites = vec![
+        CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Ccm_8,
+        CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Gcm_Sha256,
+    ];
     let accept = {
         let listener = Arc::clone(&listener);
         tokio::spawn(async move { listener.accept().await })
@@ -197,16 +202,20 @@ async fn a_client_offering_use_srtp_is_answered_and_refused_only_when_configured
         let (listener, addr) = start_server(server_cfg).await;
         let _echo = spawn_echo(Arc::clone(&listener));
         let socket = client_socket().await;
-        let mut cfg = pki.device_config("127.0.0.1");
-        cfg.attempt_timeout = Duration::from_secs(3);
-        cfg.overall_timeout = Duration::from_secs(3);
-        let mut config = client::build_config(&cfg).unwrap();
+        let cfg = pki
+            .device_config("127.0.0.1")
+            .with_timeout(Duration::from_secs(3));
+        let mut config = dtls::client_config(&cfg.dtls, &cfg.cred).unwrap();
         config.srtp_protection_profiles = vec![SrtpProtectionProfile::Srtp_Aead_Aes_128_Gcm];
         let conn: Arc<dyn Conn + Send + Sync> =
             Arc::new(SocketConn::new(Arc::clone(&socket), addr));
-        let result =
-            client::connect_with_config(conn, &config, cfg.attempt_timeout, cfg.overall_timeout)
-                .await;
+        let result = dtls::connect_config_retrying(
+            conn,
+            &config,
+            cfg.dtls.handshake_timeout,
+            cfg.overall_timeout,
+        )
+        .await;
         if answer {
             let c = result.unwrap();
             assert_eq!(
@@ -216,7 +225,7 @@ async fn a_client_offering_use_srtp_is_answered_and_refused_only_when_configured
             assert_eq!(listener.metrics().handshakes_completed, 1);
         } else {
             assert!(
-                matches!(result, Err(TransportError::Handshake(_))),
+                matches!(result, Err(FailureReason::HandshakeError(_))),
                 "refused when configured off, got {:?}",
                 result.map(|_| ())
             );
@@ -232,12 +241,11 @@ async fn client_without_certificate_is_refused() {
     let _echo = spawn_echo(Arc::clone(&listener));
     let socket = client_socket().await;
     let mut cfg = pki.device_config("127.0.0.1");
-    cfg.certificate_chain_der.clear();
-    cfg.attempt_timeout = Duration::from_secs(3);
-    cfg.overall_timeout = Duration::from_secs(3);
+    cfg.cred.chain_der.clear();
+    cfg = cfg.with_timeout(Duration::from_secs(3));
     let result = connect(&socket, addr, &cfg).await;
     assert!(
-        matches!(result, Err(TransportError::Handshake(_))),
+        matches!(result, Err(FailureReason::HandshakeError(_))),
         "a client without a certificate must be refused, got {:?}",
         result.map(|_| ())
     );
@@ -251,13 +259,12 @@ async fn client_from_unknown_ca_is_refused() {
     let _echo = spawn_echo(Arc::clone(&listener));
     let socket = client_socket().await;
     let mut cfg = pki.device_config("127.0.0.1");
-    cfg.certificate_chain_der = vec![pki.rogue_device.cert_der.clone()];
-    cfg.private_key_pkcs8_der = pki.rogue_device.key_pkcs8_der.clone();
-    cfg.attempt_timeout = Duration::from_secs(3);
-    cfg.overall_timeout = Duration::from_secs(3);
+    cfg.cred.chain_der = vec![pki.rogue_device.cert_der.clone()];
+    cfg.cred.key_pkcs8_der = pki.rogue_device.key_pkcs8_der.clone();
+    cfg = cfg.with_timeout(Duration::from_secs(3));
     let result = connect(&socket, addr, &cfg).await;
     assert!(
-        matches!(result, Err(TransportError::Handshake(_))),
+        matches!(result, Err(FailureReason::HandshakeError(_))),
         "a client from an unknown CA must be refused, got {:?}",
         result.map(|_| ())
     );
@@ -284,12 +291,12 @@ async fn policy_hook_refuses_a_device_during_the_handshake() {
     let (listener, addr) = start_server(server_cfg).await;
     let _echo = spawn_echo(Arc::clone(&listener));
     let socket = client_socket().await;
-    let mut cfg = pki.device_config("127.0.0.1");
-    cfg.attempt_timeout = Duration::from_secs(3);
-    cfg.overall_timeout = Duration::from_secs(3);
+    let cfg = pki
+        .device_config("127.0.0.1")
+        .with_timeout(Duration::from_secs(3));
     let result = connect(&socket, addr, &cfg).await;
     assert!(
-        matches!(result, Err(TransportError::Handshake(_))),
+        matches!(result, Err(FailureReason::HandshakeError(_))),
         "{:?}",
         result.map(|_| ())
     );
@@ -360,16 +367,12 @@ async fn own_chain_verifier_decides_once_and_its_result_travels_with_the_session
     );
 
     // Another device's chain: the verifier refuses, the hook is not asked.
-    let refuse = |mut cfg: DtlsClientConfig| {
-        cfg.attempt_timeout = Duration::from_secs(3);
-        cfg.overall_timeout = Duration::from_secs(3);
-        cfg
-    };
+    let refuse = |cfg: Device| cfg.with_timeout(Duration::from_secs(3));
     let mut rogue = refuse(pki.device_config("127.0.0.1"));
-    rogue.certificate_chain_der = vec![pki.rogue_device.cert_der.clone()];
-    rogue.private_key_pkcs8_der = pki.rogue_device.key_pkcs8_der.clone();
+    rogue.cred.chain_der = vec![pki.rogue_device.cert_der.clone()];
+    rogue.cred.key_pkcs8_der = pki.rogue_device.key_pkcs8_der.clone();
     let result = connect(&client_socket().await, addr, &rogue).await;
-    assert!(matches!(result, Err(TransportError::Handshake(_))));
+    assert!(matches!(result, Err(FailureReason::HandshakeError(_))));
     wait_for(|| listener.metrics().handshakes_failed == 1).await;
     // Once per handshake that reached the Certificate (the webrtc-dtls client may retry a
     // refused handshake once more within its deadline).
@@ -379,16 +382,16 @@ async fn own_chain_verifier_decides_once_and_its_result_travels_with_the_session
     // The genuine chain without its private key: CertificateVerify fails in the library,
     // before our verifier is asked.
     let mut stolen = refuse(pki.device_config("127.0.0.1"));
-    stolen.private_key_pkcs8_der = pki.rogue_device.key_pkcs8_der.clone();
+    stolen.cred.key_pkcs8_der = pki.rogue_device.key_pkcs8_der.clone();
     let result = connect(&client_socket().await, addr, &stolen).await;
-    assert!(matches!(result, Err(TransportError::Handshake(_))));
+    assert!(matches!(result, Err(FailureReason::HandshakeError(_))));
     wait_for(|| listener.metrics().handshakes_failed == 2).await;
 
     // No certificate at all: refused by the library (RequireAnyClientCert).
     let mut anonymous = refuse(pki.device_config("127.0.0.1"));
-    anonymous.certificate_chain_der.clear();
+    anonymous.cred.chain_der.clear();
     let result = connect(&client_socket().await, addr, &anonymous).await;
-    assert!(matches!(result, Err(TransportError::Handshake(_))));
+    assert!(matches!(result, Err(FailureReason::HandshakeError(_))));
     wait_for(|| listener.metrics().handshakes_failed == 3).await;
     // Once per handshake that reached the Certificate (the webrtc-dtls client may retry a
     // refused handshake once more within its deadline).
@@ -532,7 +535,7 @@ async fn half_open_limit_is_enforced_and_recovers() {
     // A real meter is not kept out: the oldest silent handshake gives way to it.
     let socket = client_socket().await;
     let mut cfg = pki.device_config("127.0.0.1");
-    cfg.flight_interval = Duration::from_millis(200);
+    cfg.dtls.flight_interval = Duration::from_millis(200);
     let conn = connect(&socket, addr, &cfg).await.unwrap();
     assert_eq!(round_trip(&conn, b"x").await, b"echo:x");
 
@@ -731,13 +734,11 @@ async fn session_limit_is_enforced() {
     // The second meter is refused cleanly (a fatal alert, not silence) while the first holds
     // the only slot ...
     let second_socket = client_socket().await;
-    let mut short = cfg.clone();
-    short.flight_interval = Duration::from_millis(100);
-    short.attempt_timeout = Duration::from_millis(600);
-    short.overall_timeout = Duration::from_millis(600);
+    let mut short = cfg.clone().with_timeout(Duration::from_millis(600));
+    short.dtls.flight_interval = Duration::from_millis(100);
     let refused = connect(&second_socket, addr, &short).await;
     assert!(
-        matches!(refused, Err(TransportError::Handshake(_))),
+        matches!(refused, Err(FailureReason::HandshakeError(_))),
         "{:?}",
         refused.map(|_| ())
     );
@@ -886,12 +887,12 @@ async fn final_flight_resend_is_rate_limited_and_released_by_application_data() 
         inner: SocketConn::new(Arc::clone(&socket), addr),
         sent: std::sync::Mutex::new(Vec::new()),
     });
-    let conn = client::connect(
-        Arc::clone(&recording) as Arc<dyn Conn + Send + Sync>,
-        &pki.device_config("127.0.0.1"),
-    )
-    .await
-    .unwrap();
+    let conn = pki
+        .device_config("127.0.0.1")
+        .connect(Arc::clone(&recording) as Arc<dyn Conn + Send + Sync>)
+        .await
+        .unwrap()
+        .conn;
     wait_for(|| listener.metrics().sessions_now == 1).await;
     // The client's last handshake datagram belongs to its flight 5 (… ChangeCipherSpec, Finished).
     let flight5_tail = recording.sent.lock().unwrap().last().unwrap().clone();
@@ -929,12 +930,12 @@ async fn panicking_policy_hook_refuses_and_leaves_no_state() {
     let (listener, addr) = start_server(server_cfg).await;
     let _echo = spawn_echo(Arc::clone(&listener));
     let socket = client_socket().await;
-    let mut cfg = pki.device_config("127.0.0.1");
-    cfg.attempt_timeout = Duration::from_secs(3);
-    cfg.overall_timeout = Duration::from_secs(3);
+    let cfg = pki
+        .device_config("127.0.0.1")
+        .with_timeout(Duration::from_secs(3));
     let result = connect(&socket, addr, &cfg).await;
     assert!(
-        matches!(result, Err(TransportError::Handshake(_))),
+        matches!(result, Err(FailureReason::HandshakeError(_))),
         "{:?}",
         result.map(|_| ())
     );

@@ -16,12 +16,9 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use est_server::transport::client::{self, DtlsClientConfig};
-use est_server::transport::{
-    DtlsListener, DtlsServerConfig, DtlsSession, SocketConn, TransportMetrics,
-};
+use est_server::transport::{DtlsListener, DtlsServerConfig, DtlsSession, TransportMetrics};
 use tokio::time::Instant;
-use transport_support::{percentile, SimUdp, TestPki};
+use transport_support::{percentile, SimUdp, SocketConn, TestPki};
 use webrtc_util::conn::Conn;
 
 const SERVER_PORT: u16 = 5684;
@@ -125,11 +122,9 @@ fn run_sim(pki: &TestPki, params: SimParams) -> Outcome {
 
     for i in 0..params.clients {
         let outcome = Arc::clone(&outcome);
-        let cfg = DtlsClientConfig {
-            attempt_timeout: params.attempt_timeout,
-            overall_timeout: params.overall_timeout,
-            ..pki.device_config("server")
-        };
+        let mut cfg = pki.device_config("server");
+        cfg.dtls.handshake_timeout = params.attempt_timeout;
+        cfg.overall_timeout = params.overall_timeout;
         sim.client(format!("meter{i}"), async move {
             let socket = Arc::new(SimUdp(
                 turmoil::net::UdpSocket::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), CLIENT_PORT))
@@ -139,7 +134,7 @@ fn run_sim(pki: &TestPki, params: SimParams) -> Outcome {
             let conn: Arc<dyn Conn + Send + Sync> = Arc::new(SocketConn::new(socket, server));
             for round in 0..params.rounds {
                 let started = Instant::now();
-                match client::connect_detailed(Arc::clone(&conn), &cfg).await {
+                match cfg.connect(Arc::clone(&conn)).await {
                     Ok(connected) => {
                         let took = started.elapsed();
                         let payload = format!("meter{i}-round{round}");
@@ -332,11 +327,9 @@ fn final_flight_is_resent_after_server_side_close() {
     }
     for i in 0..40 {
         let outcome = Arc::clone(&outcome);
-        let cfg = DtlsClientConfig {
-            attempt_timeout: Duration::from_secs(60),
-            overall_timeout: Duration::from_secs(60),
-            ..pki.device_config("server")
-        };
+        let cfg = pki
+            .device_config("server")
+            .with_timeout(Duration::from_secs(60));
         sim.client(format!("meter{i}"), async move {
             let socket = Arc::new(SimUdp(
                 turmoil::net::UdpSocket::bind((IpAddr::V4(Ipv4Addr::UNSPECIFIED), CLIENT_PORT))
@@ -344,7 +337,7 @@ fn final_flight_is_resent_after_server_side_close() {
             ));
             let server = SocketAddr::new(turmoil::lookup("server"), SERVER_PORT);
             let conn: Arc<dyn Conn + Send + Sync> = Arc::new(SocketConn::new(socket, server));
-            let result = client::connect_detailed(conn, &cfg).await;
+            let result = cfg.connect(conn).await;
             let mut o = outcome.lock().unwrap();
             match result {
                 Ok(_) => o.0 += 1,

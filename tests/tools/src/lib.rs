@@ -121,6 +121,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn config_edits_replace_keys_in_their_section_and_uncomment_optional_ones() {
+        let dir = std::env::temp_dir().join(format!("est-test-tools-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("est-server.toml");
+        std::fs::write(
+            &file,
+            "[dtls]\n# max_sessions = 1\nmax_sessions = 20000\n[est]\nmax_sessions = 7\n\
+             [storage]\n# url = \"\"\n",
+        )
+        .unwrap();
+        set_config(
+            &dir,
+            &[
+                ("dtls", "max_sessions", "30000"),
+                ("storage", "url", "\"postgres://x\""),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&file).unwrap(),
+            "[dtls]\n# max_sessions = 1\nmax_sessions = 30000\n[est]\nmax_sessions = 7\n\
+             [storage]\nurl = \"postgres://x\"\n"
+        );
+        let err = set_config(&dir, &[("dtls", "nope", "1")]).unwrap_err();
+        assert!(err.contains("no nope in [dtls]"), "{err}");
+        // A key of another section is not taken.
+        assert!(set_config(&dir, &[("storage", "max_sessions", "1")]).is_err());
+        assert!(set_config(&dir.join("missing"), &[("dtls", "max_sessions", "1")]).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn finds_a_program_on_path_and_not_a_made_up_one() {
         assert!(find("sh").is_some());
         assert!(find("/bin/sh").is_some() || find("/usr/bin/sh").is_some());
@@ -193,6 +225,61 @@ mod tests {
             "a missing tool must fail the test under CI"
         );
     }
+}
+
+/// `BIN run --data-dir DATA_DIR --listen 127.0.0.1:0`, its stdout piped (read the address it
+/// binds and announces with [`announced_address`]: no port is picked and released here) and
+/// its stderr discarded. The caller adds what it needs and spawns it.
+pub fn est_server_run(bin: &std::path::Path, data_dir: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("run")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    cmd
+}
+
+/// Sets `key = value` in `[section]` of `data_dir/est-server.toml`, for each `(section, key,
+/// value)` of `edits` (the value as TOML: strings quoted). `est-server init` writes every setting
+/// of the documented file, the optional ones commented out as `# key = ...`: a live line of the
+/// key in its section is replaced; where the section has none, its commented-out line is
+/// uncommented with the value. A key in neither form is an error (the format changed).
+pub fn set_config(data_dir: &std::path::Path, edits: &[(&str, &str, &str)]) -> Result<(), String> {
+    let path = data_dir.join("est-server.toml");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    for (section, key, value) in edits {
+        let mut current = String::new();
+        let mut live = None;
+        let mut commented = None;
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim();
+            if t.starts_with('[') {
+                current = t.trim_matches(|c| c == '[' || c == ']').to_string();
+                continue;
+            }
+            if current != *section || !t.contains('=') {
+                continue;
+            }
+            let is_comment = t.starts_with('#');
+            if t.trim_start_matches('#').split('=').next().map(str::trim) == Some(*key) {
+                if is_comment {
+                    commented.get_or_insert(i);
+                } else {
+                    live.get_or_insert(i);
+                }
+            }
+        }
+        let i = live
+            .or(commented)
+            .ok_or_else(|| format!("{}: no {key} in [{section}]", path.display()))?;
+        if let Some(l) = lines.get_mut(i) {
+            *l = format!("{key} = {value}");
+        }
+    }
+    std::fs::write(&path, lines.join("\n") + "\n").map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// The `openssl` command line, as the tests drive it to make keys and CSRs and to check what

@@ -10,8 +10,9 @@
 //!
 //! Until 2026-12 the server ran webrtc-dtls behind a demultiplexer of our own, with workarounds
 //! for its defects (no stateless cookies, no back-off, no final-flight resend, no Connection
-//! ID). Those could not all be fixed from outside the crate (docs/design.md §1 and §5), so the server now runs `server/dtls`; webrtc-dtls remains the meter-side stack of
-//! client-sim and of [`client`] (tests).
+//! ID). Those could not all be fixed from outside the crate (docs/design.md §1 and §5), so the
+//! server now runs `server/dtls`; webrtc-dtls remains a meter-side stack of client-sim (which the
+//! transport tests use as their client).
 //!
 //! Evidence: the engine's own tests on virtual time (`server/dtls/tests`), `transport_sim.rs`
 //! (turmoil, 20% loss), `transport_real.rs` (real sockets: refusals, limits, replacement,
@@ -19,7 +20,6 @@
 //! webrtc-dtls against the server; `openssl s_client`, Mbed TLS's `ssl_client2` (Connection
 //! ID, a NAT port change) and Go's pion/dtls against the engine (`interop_dtls.rs`).
 
-pub mod client;
 mod server;
 mod socket;
 
@@ -27,10 +27,8 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use webrtc_dtls::cipher_suite::CipherSuiteId;
-
 pub use server::{DtlsListener, DtlsSession, TransportMetrics};
-pub use socket::{DatagramSocket, SocketConn};
+pub use socket::DatagramSocket;
 
 pub use est_dtls::{CertError, IpPrefix, PeerAddr};
 
@@ -118,16 +116,6 @@ impl CipherSuiteName {
             est_dtls::CipherSuite::Aes128Ccm8 => CipherSuiteName::Ccm8,
             est_dtls::CipherSuite::Aes128Gcm => CipherSuiteName::Gcm,
             est_dtls::CipherSuite::Aes256Gcm => CipherSuiteName::Gcm256,
-        }
-    }
-
-    /// The suite in webrtc-dtls (the test client, [`client`]); `None` for AES-256-GCM, which
-    /// webrtc-dtls 0.12 does not implement.
-    pub(crate) fn to_dtls(self) -> Option<CipherSuiteId> {
-        match self {
-            CipherSuiteName::Ccm8 => Some(CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Ccm_8),
-            CipherSuiteName::Gcm => Some(CipherSuiteId::Tls_Ecdhe_Ecdsa_With_Aes_128_Gcm_Sha256),
-            CipherSuiteName::Gcm256 => None,
         }
     }
 }
@@ -227,6 +215,22 @@ pub struct DtlsServerConfig {
     /// join proxy and header). Every cap is shared out among the shards (rounded up) but the
     /// per-identity limit, which holds per shard.
     pub engine_shards: usize,
+    /// Established sessions waiting for [`DtlsListener::accept`]; over it a new session is
+    /// closed at once (counted: `sessions_dropped_accept_queue_full`).
+    pub accept_queue_sessions: usize,
+    /// Plaintext datagrams queued for one session task; over it they are dropped (counted:
+    /// `dropped_queue_full`; CoAP retransmits).
+    pub session_queue_datagrams: usize,
+    /// Bytes queued for one session task, whatever the datagram count (DTLS allows 16 KiB
+    /// records: without a byte budget 32 of them could wait per session).
+    pub session_queue_bytes: usize,
+    /// Commands from sessions to the driver (sends, closes). A sending session waits for room;
+    /// a dropped session's close request is lost when it is full (counted:
+    /// `close_commands_dropped`) and the session ends at its idle timeout.
+    pub command_queue_len: usize,
+    /// Datagrams waiting for one engine shard (with `engine_shards` > 1); over it they are
+    /// dropped (counted: `dropped_queue_full`), like a full socket buffer.
+    pub shard_inbox_datagrams: usize,
 }
 
 impl Default for DtlsServerConfig {
@@ -268,6 +272,11 @@ impl Default for DtlsServerConfig {
             max_log_lines_per_sec: 20,
             socket_receive_buffer_bytes: 4 * 1024 * 1024,
             engine_shards: 1,
+            accept_queue_sessions: 1024,
+            session_queue_datagrams: 32,
+            session_queue_bytes: 32 * 1024,
+            command_queue_len: 4096,
+            shard_inbox_datagrams: 1024,
         }
     }
 }
@@ -493,10 +502,6 @@ pub enum TransportError {
     Config(String),
     #[error("socket error: {0}")]
     Io(#[from] std::io::Error),
-    #[error("DTLS handshake failed: {0}")]
-    Handshake(String),
-    #[error("DTLS handshake did not complete within {0:?}")]
-    HandshakeTimeout(Duration),
     #[error("DTLS session closed: {0}")]
     Closed(CloseReason),
     #[error("receive buffer too small for the datagram (it was discarded)")]
@@ -507,73 +512,4 @@ pub enum TransportError {
     Dtls(String),
     #[error("the listener has shut down")]
     ListenerClosed,
-}
-
-/// Install rustls' ring provider as the process default, if none is installed yet.
-/// webrtc-dtls builds rustls verifiers, which panic when both ring and aws-lc-rs are compiled in
-/// and no default was chosen (webrtc-rs/webrtc#567).
-pub(crate) fn ensure_crypto_provider() {
-    // Err means a provider is already installed, which is all we need.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// Our certificate and key in webrtc-dtls form.
-pub(crate) fn load_certificate(
-    chain_der: &[Vec<u8>],
-    key_pkcs8_der: &[u8],
-) -> Result<webrtc_dtls::crypto::Certificate, TransportError> {
-    if chain_der.is_empty() {
-        return Err(TransportError::Config("certificate chain is empty".into()));
-    }
-    let key_pair = rcgen::KeyPair::try_from(key_pkcs8_der)
-        .map_err(|e| TransportError::Config(format!("private key is not usable PKCS#8: {e}")))?;
-    if !key_pair.is_compatible(&rcgen::PKCS_ECDSA_P256_SHA256) {
-        return Err(TransportError::Config(
-            "private key must be ECDSA P-256 (RFC 7925 §4.4)".into(),
-        ));
-    }
-    let private_key = webrtc_dtls::crypto::CryptoPrivateKey::from_key_pair(&key_pair)
-        .map_err(|e| TransportError::Config(format!("private key rejected by webrtc-dtls: {e}")))?;
-    Ok(webrtc_dtls::crypto::Certificate {
-        certificate: chain_der
-            .iter()
-            .map(|der| rustls::pki_types::CertificateDer::from(der.clone()))
-            .collect(),
-        private_key,
-    })
-}
-
-/// A rustls root store from DER trust anchors.
-pub(crate) fn root_store(
-    anchors_der: &[Vec<u8>],
-    what: &str,
-) -> Result<rustls::RootCertStore, TransportError> {
-    if anchors_der.is_empty() {
-        return Err(TransportError::Config(format!("{what} is empty")));
-    }
-    let mut store = rustls::RootCertStore::empty();
-    for (index, der) in anchors_der.iter().enumerate() {
-        store
-            .add(rustls::pki_types::CertificateDer::from(der.clone()))
-            .map_err(|e| TransportError::Config(format!("{what}[{index}] rejected: {e}")))?;
-    }
-    Ok(store)
-}
-
-pub(crate) fn dtls_cipher_suites(
-    suites: &[CipherSuiteName],
-) -> Result<Vec<CipherSuiteId>, TransportError> {
-    if suites.is_empty() {
-        return Err(TransportError::Config("cipher_suites is empty".into()));
-    }
-    suites
-        .iter()
-        .map(|s| {
-            s.to_dtls().ok_or_else(|| {
-                TransportError::Config(format!(
-                    "{s} is not implemented by the webrtc-dtls test client (use ccm8 or gcm)"
-                ))
-            })
-        })
-        .collect()
 }

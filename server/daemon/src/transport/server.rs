@@ -42,19 +42,9 @@ use super::{
     PeerVerification, TransportError,
 };
 
-/// Completed sessions waiting for [`DtlsListener::accept`]; over it new sessions are closed.
-const ACCEPT_QUEUE: usize = 1024;
-/// Plaintext datagrams queued per session before further ones are dropped (CoAP retransmits).
-const SESSION_QUEUE: usize = 32;
-/// Bytes queued for one session task, whatever the datagram count: DTLS allows 16 KiB records,
-/// and without this budget 32 of them (512 KiB) could wait per session (docs/limits.md).
-/// 32 KiB holds 28 full 1,152-byte datagrams, or two records of the largest kind.
-const SESSION_QUEUE_BYTES: usize = 32 * 1024;
-/// Commands from sessions to the driver.
-const COMMAND_QUEUE: usize = 4096;
-/// Datagrams waiting for one engine shard (with `engine_shards` > 1); over it they are dropped
-/// and counted as `dropped_queue_full`, like a full socket buffer.
-const SHARD_INBOX: usize = 1024;
+// The driver's queues are sized by `DtlsServerConfig::{accept_queue_sessions,
+// session_queue_datagrams, session_queue_bytes, command_queue_len, shard_inbox_datagrams}`
+// ([dtls] in the TOML; docs/limits.md adds them up).
 /// Offset of the CID in a DTLS 1.2 record of content type tls12_cid (RFC 9146 §4): type (1),
 /// version (2), epoch (2), sequence number (6).
 const CID_OFFSET: usize = 11;
@@ -96,8 +86,15 @@ pub struct TransportMetrics {
     pub dropped_unknown_peer: u64,
     /// Replayed records.
     pub dropped_duplicates: u64,
-    /// A session's receive queue, the accept queue or an engine shard's inbox was full.
+    /// Datagrams dropped on a full session queue (`session_queue_datagrams` or
+    /// `session_queue_bytes`) or a full engine shard inbox (`shard_inbox_datagrams`).
     pub dropped_queue_full: u64,
+    /// Sessions closed right after their handshake because the accept queue was full
+    /// (`accept_queue_sessions`).
+    pub sessions_dropped_accept_queue_full: u64,
+    /// Close requests of dropped sessions lost on a full command queue (`command_queue_len`);
+    /// such a session ends at its idle timeout instead.
+    pub close_commands_dropped: u64,
     pub socket_errors: u64,
     /// HelloVerifyRequests sent (stateless).
     pub hello_verify_sent: u64,
@@ -160,6 +157,8 @@ fn snapshot(ep: &Endpoint) -> TransportMetrics {
         dropped_unknown_peer: m.dropped_unknown_peer,
         dropped_duplicates: m.records_replayed,
         dropped_queue_full: 0,
+        sessions_dropped_accept_queue_full: 0,
+        close_commands_dropped: 0,
         socket_errors: 0,
         hello_verify_sent: m.hello_verify_sent,
         bad_cookies: m.refused(RefusalReason::BadCookie),
@@ -226,6 +225,8 @@ fn merged(shared: &Shared) -> TransportMetrics {
     }
     let c = &shared.counters;
     m.dropped_queue_full = c.queue_full.load(Ordering::Relaxed);
+    m.sessions_dropped_accept_queue_full = c.accept_queue_full.load(Ordering::Relaxed);
+    m.close_commands_dropped = c.close_commands_dropped.load(Ordering::Relaxed);
     m.socket_errors = c.socket_errors.load(Ordering::Relaxed);
     m.jpy_received = c.jpy_received.load(Ordering::Relaxed);
     m.jpy_dropped_not_allowed = c.jpy_not_allowed.load(Ordering::Relaxed);
@@ -236,6 +237,8 @@ fn merged(shared: &Shared) -> TransportMetrics {
 #[derive(Default)]
 struct DriverCounters {
     queue_full: AtomicU64,
+    accept_queue_full: AtomicU64,
+    close_commands_dropped: AtomicU64,
     socket_errors: AtomicU64,
     jpy_received: AtomicU64,
     jpy_not_allowed: AtomicU64,
@@ -297,6 +300,17 @@ impl DtlsListener {
         config: DtlsServerConfig,
     ) -> Result<Self, TransportError> {
         let engine_config = build_engine_config(&config)?;
+        for (name, v) in [
+            ("accept_queue_sessions", config.accept_queue_sessions),
+            ("session_queue_datagrams", config.session_queue_datagrams),
+            ("session_queue_bytes", config.session_queue_bytes),
+            ("command_queue_len", config.command_queue_len),
+            ("shard_inbox_datagrams", config.shard_inbox_datagrams),
+        ] {
+            if v == 0 {
+                return Err(TransportError::Config(format!("{name} must be at least 1")));
+            }
+        }
         let shards = config.engine_shards.max(1);
         check_shards(&engine_config, shards)?;
         let start = tokio::time::Instant::now().into_std();
@@ -316,9 +330,10 @@ impl DtlsListener {
                 max_header: config.jpy_max_header_bytes,
             })
         });
-        let (accept_tx, accept_rx) = mpsc::channel(ACCEPT_QUEUE);
-        let (command_txs, command_rxs): (Vec<_>, Vec<_>) =
-            (0..shards).map(|_| mpsc::channel(COMMAND_QUEUE)).unzip();
+        let (accept_tx, accept_rx) = mpsc::channel(config.accept_queue_sessions);
+        let (command_txs, command_rxs): (Vec<_>, Vec<_>) = (0..shards)
+            .map(|_| mpsc::channel(config.command_queue_len))
+            .unzip();
         let (shutdown, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             local_addr: socket.local_addr(),
@@ -342,7 +357,7 @@ impl DtlsListener {
             // One shard reads the sockets itself; several get their datagrams from the
             // dispatcher.
             let inbox = (shards > 1).then(|| {
-                let (tx, rx) = mpsc::channel(SHARD_INBOX);
+                let (tx, rx) = mpsc::channel(config.shard_inbox_datagrams);
                 inboxes.push(tx);
                 rx
             });
@@ -355,6 +370,8 @@ impl DtlsListener {
                 accept_tx: accept_tx.clone(),
                 commands,
                 sessions: HashMap::new(),
+                session_queue_datagrams: config.session_queue_datagrams,
+                session_queue_bytes: config.session_queue_bytes,
             };
             tasks.push(tokio::spawn(driver.run(commands_rx, inbox)));
         }
@@ -725,6 +742,8 @@ struct Driver<S: DatagramSocket> {
     /// This shard's command queue, for the sessions it makes.
     commands: mpsc::Sender<Command>,
     sessions: HashMap<ConnectionHandle, SessionLink>,
+    session_queue_datagrams: usize,
+    session_queue_bytes: usize,
 }
 
 fn now() -> std::time::Instant {
@@ -870,7 +889,7 @@ impl<S: DatagramSocket> Driver<S> {
                 let Some(conn) = self.endpoint.connection(h) else {
                     return;
                 };
-                let (data_tx, data_rx) = mpsc::channel(SESSION_QUEUE);
+                let (data_tx, data_rx) = mpsc::channel(self.session_queue_datagrams);
                 let queued_bytes = Arc::new(AtomicUsize::new(0));
                 let (closed_tx, closed_rx) = watch::channel(None);
                 let peer = Arc::new(Mutex::new(conn.peer()));
@@ -886,12 +905,13 @@ impl<S: DatagramSocket> Driver<S> {
                     queued_bytes: Arc::clone(&queued_bytes),
                     closed_rx,
                     commands: self.commands.clone(),
+                    shared: Arc::clone(&self.shared),
                     max_datagram: conn.max_datagram().min(self.shared.max_datagram),
                 };
                 if self.accept_tx.try_send(session).is_err() {
                     self.shared
                         .counters
-                        .queue_full
+                        .accept_queue_full
                         .fetch_add(1, Ordering::Relaxed);
                     self.endpoint.close(now(), h);
                     return;
@@ -910,7 +930,7 @@ impl<S: DatagramSocket> Driver<S> {
                 if let Some(link) = self.sessions.get(&h) {
                     let len = d.len();
                     let within_budget =
-                        link.queued_bytes.load(Ordering::Acquire) + len <= SESSION_QUEUE_BYTES;
+                        link.queued_bytes.load(Ordering::Acquire) + len <= self.session_queue_bytes;
                     if within_budget {
                         link.queued_bytes.fetch_add(len, Ordering::AcqRel);
                     }
@@ -952,6 +972,8 @@ pub struct DtlsSession {
     queued_bytes: Arc<AtomicUsize>,
     closed_rx: watch::Receiver<Option<CloseReason>>,
     commands: mpsc::Sender<Command>,
+    /// The listener's counters (a close request lost on a full command queue is counted).
+    shared: Arc<Shared>,
     max_datagram: usize,
 }
 
@@ -1062,8 +1084,13 @@ impl DtlsSession {
 
 impl Drop for DtlsSession {
     fn drop(&mut self) {
-        if self.close_reason().is_none() {
-            let _ = self.commands.try_send(Command::Close(self.handle));
+        if self.close_reason().is_none()
+            && self.commands.try_send(Command::Close(self.handle)).is_err()
+        {
+            self.shared
+                .counters
+                .close_commands_dropped
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 }

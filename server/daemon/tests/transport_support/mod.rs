@@ -1,18 +1,21 @@
-//! Shared helpers for the transport tests: a test PKI made with rcgen (P-256), config builders,
-//! and a turmoil UDP socket adapter.
+//! Shared helpers for the transport tests: a test PKI made with rcgen (P-256), config builders
+//! (the device side is client-sim's webrtc-dtls client), and a turmoil UDP socket adapter.
 #![allow(dead_code)]
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use est_server::transport::client::DtlsClientConfig;
+use client_sim::dtls::{self, DtlsClientConfig, Retried};
+use client_sim::meter::{Credential, FailureReason};
 use est_server::transport::{CipherSuiteName, DatagramSocket, DtlsServerConfig};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose,
 };
+use webrtc_util::conn::Conn;
 
 /// A certificate with its key, DER.
 #[derive(Clone)]
@@ -134,21 +137,47 @@ impl TestPki {
     }
 
     /// The good device, sending [leaf, sub-CA], offering CCM_8 only.
-    pub fn device_config(&self, server_name: &str) -> DtlsClientConfig {
-        DtlsClientConfig {
-            certificate_chain_der: vec![
-                self.device.cert_der.clone(),
-                self.device_sub_ca_der.clone(),
-            ],
-            private_key_pkcs8_der: self.device.key_pkcs8_der.clone(),
-            server_trust_anchors_der: vec![self.root_der.clone()],
-            server_name: server_name.to_string(),
-            cipher_suites: vec![CipherSuiteName::Ccm8],
-            flight_interval: Duration::from_secs(1),
-            attempt_timeout: Duration::from_secs(10),
+    pub fn device_config(&self, server_name: &str) -> Device {
+        Device {
+            dtls: DtlsClientConfig {
+                trust_anchors_der: vec![self.root_der.clone()],
+                server_name: server_name.to_string(),
+                flight_interval: Duration::from_secs(1),
+                handshake_timeout: Duration::from_secs(10),
+                ..DtlsClientConfig::default()
+            },
+            cred: Credential {
+                chain_der: vec![self.device.cert_der.clone(), self.device_sub_ca_der.clone()],
+                key_pkcs8_der: self.device.key_pkcs8_der.clone(),
+            },
             overall_timeout: Duration::from_secs(20),
-            ..DtlsClientConfig::default()
         }
+    }
+}
+
+/// A test device: client-sim's webrtc-dtls client settings (`dtls.handshake_timeout` bounds one
+/// attempt), its credential, and the deadline of all attempts together.
+#[derive(Clone, Debug)]
+pub struct Device {
+    pub dtls: DtlsClientConfig,
+    pub cred: Credential,
+    pub overall_timeout: Duration,
+}
+
+impl Device {
+    /// Handshakes over `conn` with [`dtls::connect_retrying`].
+    pub async fn connect(
+        &self,
+        conn: Arc<dyn Conn + Send + Sync>,
+    ) -> Result<Retried, FailureReason> {
+        dtls::connect_retrying(conn, &self.dtls, &self.cred, self.overall_timeout).await
+    }
+
+    /// One attempt and the whole of the handshake bounded by `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.dtls.handshake_timeout = timeout;
+        self.overall_timeout = timeout;
+        self
     }
 }
 
@@ -177,4 +206,69 @@ pub fn percentile(sorted: &[Duration], p: usize) -> Duration {
     }
     let rank = (p * sorted.len()).div_ceil(100).clamp(1, sorted.len());
     sorted[rank - 1]
+}
+
+/// A [`webrtc_util::conn::Conn`] "connected" to one remote address over a [`DatagramSocket`]:
+/// sends go to `remote`, datagrams from any other source are discarded: what the tests hand to
+/// client-sim's webrtc-dtls client, over a real or a turmoil socket.
+pub struct SocketConn<S: DatagramSocket> {
+    socket: Arc<S>,
+    remote: SocketAddr,
+}
+
+impl<S: DatagramSocket> SocketConn<S> {
+    pub fn new(socket: Arc<S>, remote: SocketAddr) -> Self {
+        SocketConn { socket, remote }
+    }
+
+    pub fn socket(&self) -> &Arc<S> {
+        &self.socket
+    }
+}
+
+#[async_trait]
+impl<S: DatagramSocket> Conn for SocketConn<S> {
+    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+        Err(webrtc_util::Error::Other(
+            "SocketConn is connected at construction".into(),
+        ))
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        loop {
+            let (n, from) = self.socket.recv_from(buf).await?;
+            if from == self.remote {
+                return Ok(n);
+            }
+        }
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let n = Conn::recv(self, buf).await?;
+        Ok((n, self.remote))
+    }
+
+    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+        Ok(self.socket.send_to(buf, self.remote).await?)
+    }
+
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        Ok(self.socket.send_to(buf, target).await?)
+    }
+
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.socket.local_addr()?)
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        Some(self.remote)
+    }
+
+    async fn close(&self) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
 }
