@@ -590,8 +590,8 @@ pub async fn enroll(
         Err(e) => panic!("meter {}: {e}", device.serial),
     };
     let outcome = run_meter_over(seed, meter, &cfg, seed, move || async move {
-        let s = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-        s.connect(server).await?;
+        let bind = SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0));
+        let s = client_sim::net::ConnectedUdp::connect(bind, server).await?;
         let c: Arc<dyn webrtc_util::conn::Conn + Send + Sync> = Arc::new(s);
         Ok(c)
     })
