@@ -780,6 +780,54 @@ impl Conn for EmulatedConn {
     }
 }
 
+/// A plain UDP socket connected to one server, as a webrtc-util [`Conn`] that knows its remote
+/// address (tokio's `UdpSocket` implements `Conn` but reports none, which the native backend
+/// needs to address its flights).
+pub struct ConnectedUdp {
+    socket: UdpSocket,
+    server: SocketAddr,
+}
+
+impl ConnectedUdp {
+    /// Binds `bind` (e.g. `127.0.0.1:0`) and connects to `server`.
+    pub async fn connect(bind: SocketAddr, server: SocketAddr) -> std::io::Result<ConnectedUdp> {
+        let socket = UdpSocket::bind(bind).await?;
+        socket.connect(server).await?;
+        Ok(ConnectedUdp { socket, server })
+    }
+}
+
+#[async_trait]
+impl Conn for ConnectedUdp {
+    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        Ok(self.socket.recv(buf).await?)
+    }
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        Ok((self.socket.recv(buf).await?, self.server))
+    }
+    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+        Ok(self.socket.send(buf).await?)
+    }
+    async fn send_to(&self, buf: &[u8], _target: SocketAddr) -> webrtc_util::Result<usize> {
+        Ok(self.socket.send(buf).await?)
+    }
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.socket.local_addr()?)
+    }
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        Some(self.server)
+    }
+    async fn close(&self) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -988,53 +1036,5 @@ mod tests {
         let r = dcu.relay_report().unwrap();
         assert_eq!(r.circuits_opened, 2);
         assert_eq!(r.overhead_bytes_up, 0);
-    }
-}
-
-/// A plain UDP socket connected to one server, as a webrtc-util [`Conn`] that knows its remote
-/// address (tokio's `UdpSocket` implements `Conn` but reports none, which the native backend
-/// needs to address its flights).
-pub struct ConnectedUdp {
-    socket: UdpSocket,
-    server: SocketAddr,
-}
-
-impl ConnectedUdp {
-    /// Binds `bind` (e.g. `127.0.0.1:0`) and connects to `server`.
-    pub async fn connect(bind: SocketAddr, server: SocketAddr) -> std::io::Result<ConnectedUdp> {
-        let socket = UdpSocket::bind(bind).await?;
-        socket.connect(server).await?;
-        Ok(ConnectedUdp { socket, server })
-    }
-}
-
-#[async_trait]
-impl Conn for ConnectedUdp {
-    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
-        Ok(())
-    }
-    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
-        Ok(self.socket.recv(buf).await?)
-    }
-    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        Ok((self.socket.recv(buf).await?, self.server))
-    }
-    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
-        Ok(self.socket.send(buf).await?)
-    }
-    async fn send_to(&self, buf: &[u8], _target: SocketAddr) -> webrtc_util::Result<usize> {
-        Ok(self.socket.send(buf).await?)
-    }
-    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
-        Ok(self.socket.local_addr()?)
-    }
-    fn remote_addr(&self) -> Option<SocketAddr> {
-        Some(self.server)
-    }
-    async fn close(&self) -> webrtc_util::Result<()> {
-        Ok(())
-    }
-    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
-        self
     }
 }
