@@ -7,8 +7,10 @@ use est_tests::*;
 
 /// GET crts, POST sen with `-b 64`, then POST sren authenticated by the new LDevID;
 /// every certificate verified by openssl against the issuing CA.
-async fn enroll_and_reenroll(which: Libcoap, serial: &str) {
-    let srv = TestServer::start(|_| {}).await.expect("server");
+async fn enroll_and_reenroll(which: Libcoap, serial: &str, engine_shards: usize) {
+    let srv = TestServer::start(|c| c.dtls.engine_shards = engine_shards)
+        .await
+        .expect("server");
     let fleet = srv.mint(&[serial]).expect("mint");
     let dev = fleet.join(serial);
     let work = srv.dir.path().join(format!("work-{serial}"));
@@ -145,7 +147,17 @@ async fn gnutls_client_enrolls_and_reenrolls() {
     if !require_tools() {
         return;
     }
-    enroll_and_reenroll(Libcoap::Gnutls, "SNGNUTLS1").await;
+    enroll_and_reenroll(Libcoap::Gnutls, "SNGNUTLS1", 1).await;
+}
+
+/// The same through four engine shards behind the dispatcher: each of libcoap's sessions
+/// (a new source port every run) lands on the shard its address hashes to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gnutls_client_enrolls_and_reenrolls_through_engine_shards() {
+    if !require_tools() {
+        return;
+    }
+    enroll_and_reenroll(Libcoap::Gnutls, "SNGNUTLS2", 4).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +165,7 @@ async fn openssl_client_enrolls_and_reenrolls() {
     if !require_tools() {
         return;
     }
-    enroll_and_reenroll(Libcoap::Openssl, "SNOPENSSL1").await;
+    enroll_and_reenroll(Libcoap::Openssl, "SNOPENSSL1", 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
