@@ -5,6 +5,7 @@
 //! DER -> C509 -> DER unchanged, validate against the CDDL, and the natively
 //! signed variants verify.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod common;
 

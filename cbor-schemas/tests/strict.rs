@@ -1,5 +1,6 @@
 //! Decoder strictness, conversion refusals, COSE headers and multipart-core.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod common;
 

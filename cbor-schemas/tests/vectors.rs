@@ -1,5 +1,6 @@
 //! The draft's (-20) test vectors, byte for byte (see testdata/README.md for sources).
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod common;
 

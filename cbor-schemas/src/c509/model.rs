@@ -12,11 +12,11 @@ use crate::error::DecodeError;
 use super::registry;
 
 /// 99991231235959Z as POSIX seconds; encoded as `null` (Section 3.1.5).
-pub const NO_EXPIRY_SECONDS: u64 = 253_402_300_799;
+const NO_EXPIRY_SECONDS: u64 = 253_402_300_799;
 /// CBOR tag 48: MAC address (RFC 9542 Section 2.4), used for EUI-64 text (Section 3.1.4).
-pub const TAG_MAC_ADDRESS: u64 = 48;
+const TAG_MAC_ADDRESS: u64 = 48;
 /// CBOR tag 121: challengePassword as PrintableString (Section 4.3.2).
-pub const TAG_PRINTABLE_PASSWORD: u64 = 121;
+const TAG_PRINTABLE_PASSWORD: u64 = 121;
 
 /// `SpecialText = text / bytes / tag` (Section 3.1.4).
 #[derive(Debug, Clone, PartialEq, Eq)]

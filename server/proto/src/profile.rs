@@ -515,7 +515,7 @@ impl Profiles {
     /// of range and duplicate names.
     pub fn new(profiles: Vec<CertProfile>, rules: Vec<(Selector, usize)>) -> Result<Self, String> {
         for (i, p) in profiles.iter().enumerate() {
-            if profiles[..i].iter().any(|q| q.name == p.name) {
+            if profiles.iter().take(i).any(|q| q.name == p.name) {
                 return Err(format!("profile {:?} is defined twice", p.name));
             }
         }

@@ -4,6 +4,7 @@
 //!
 //! Needs the `openssl` binary on PATH (the CI installs it).
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -4,6 +4,7 @@
 //! DTLS server certificate; and refuses them in the wrong role, at the wrong time or under the
 //! wrong root.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -99,11 +99,14 @@ impl IssueParams {
 /// A positive random serial number of 16 octets (RFC 5280 §4.1.2.2: positive, at most 20 octets;
 /// CA/B Forum asks for at least 64 random bits; this has 126). The first octet is 0x40..=0x7F: top
 /// bit clear (positive without a 0x00 pad) and never zero (fixed length).
+#[allow(
+    clippy::expect_used,
+    reason = "16 octets, top bit clear: within SerialNumber's 20-octet limit, `new` cannot fail"
+)]
 pub fn random_serial<R: RngCore + ?Sized>(rng: &mut R) -> SerialNumber {
     let mut bytes = [0u8; 16];
     rng.fill_bytes(&mut bytes);
     bytes[0] = (bytes[0] & 0x3f) | 0x40;
-    // Invariant: a 16-octet positive integer is within SerialNumber's 20-octet limit.
     SerialNumber::new(&bytes).expect("16-octet positive serial is always valid")
 }
 

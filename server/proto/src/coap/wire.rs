@@ -95,7 +95,7 @@ pub(crate) struct RawHeader {
 }
 
 impl RawHeader {
-    pub fn read(datagram: &[u8]) -> Option<Self> {
+    pub(crate) fn read(datagram: &[u8]) -> Option<Self> {
         let (b0, code, m0, m1) = match datagram {
             [a, b, c, d, ..] => (*a, *b, *c, *d),
             _ => return None,

@@ -71,13 +71,11 @@ pub(crate) fn links(cfg: &EstConfig, server_keygen: bool, query: &[String]) -> V
 
 fn render(l: &Link) -> String {
     let ct: Vec<String> = l.ct.iter().map(u16::to_string).collect();
-    if ct.is_empty() {
+    match ct.as_slice() {
         // As the draft writes it: `<jpy://[2001:db8:0:abcd::52]:7634>;rt=brski.rjp`.
-        format!("<{}>;rt={}", l.href, l.rt)
-    } else if ct.len() == 1 {
-        format!("<{}>;rt=\"{}\";ct={}", l.href, l.rt, ct[0])
-    } else {
-        format!("<{}>;rt=\"{}\";ct=\"{}\"", l.href, l.rt, ct.join(" "))
+        [] => format!("<{}>;rt={}", l.href, l.rt),
+        [one] => format!("<{}>;rt=\"{}\";ct={}", l.href, l.rt, one),
+        _ => format!("<{}>;rt=\"{}\";ct=\"{}\"", l.href, l.rt, ct.join(" ")),
     }
 }
 
