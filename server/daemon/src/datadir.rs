@@ -262,7 +262,12 @@ pub fn init_with_storage(
         &mut rng,
     )
     .map_err(|e| anyhow::anyhow!("generating the manufacturer CA: {e}"))?;
-    let mfr_cert_path = data_dir.join(&cfg.pki.manufacturer_cas[0]);
+    let mfr_cert_path = data_dir.join(
+        cfg.pki
+            .manufacturer_cas
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("[pki] manufacturer_cas is empty"))?,
+    );
     let mfr_key_path = mfr_cert_path.with_extension("key");
     create_private_dir(parent(&mfr_key_path)?)?;
     write_private(&mfr_key_path, key_pem(&mfr_key)?.as_bytes())?;

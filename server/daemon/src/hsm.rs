@@ -257,15 +257,20 @@ impl Pkcs11Signer {
     }
 
     fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>, CkError> {
-        let n = self.sessions.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % self.sessions.len().max(1);
+        // The rotation from our turn: sessions[start..], then sessions[..start].
+        let (before, ours) = self.sessions.split_at_checked(start).unwrap_or_default();
+        let mut rotation = ours.iter().chain(before);
         // A free session if there is one; else wait for ours in the rotation.
-        for i in 0..n {
-            if let Ok(s) = self.sessions[(start + i) % n].try_lock() {
+        for m in rotation.clone() {
+            if let Ok(s) = m.try_lock() {
                 return s.sign(&Mechanism::Ecdsa, self.key, digest);
             }
         }
-        let s = self.sessions[start]
+        // `open_inner` opens at least one session; a signer without one cannot sign.
+        let s = rotation
+            .next()
+            .ok_or(CkError::InvalidValue)?
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         s.sign(&Mechanism::Ecdsa, self.key, digest)
@@ -332,7 +337,10 @@ fn find_one(
 
 /// A P-256 key pair on the token: the private half sensitive, never extractable, sign only.
 fn generate_p256(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
-    let id = Sha256::digest(label.as_bytes())[..8].to_vec();
+    let id: Vec<u8> = Sha256::digest(label.as_bytes())
+        .into_iter()
+        .take(8)
+        .collect();
     let public = [
         Attribute::Token(true),
         Attribute::Private(false),

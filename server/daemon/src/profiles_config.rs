@@ -153,7 +153,7 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
                 "name must be non-empty printable ASCII without spaces".into()
             ));
         }
-        if cfg.profiles[..i].iter().any(|q| q.name == p.name) {
+        if cfg.profiles.iter().take(i).any(|q| q.name == p.name) {
             return Err(bad("a profile of this name is defined earlier".into()));
         }
         let profile = p.profile().map_err(&bad)?;

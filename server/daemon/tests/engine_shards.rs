@@ -3,6 +3,8 @@
 //! source port mid-session keeps its session by Connection ID, whichever shard its new address
 //! hashes to. The meters are est-dtls's own client mode, driven here over tokio sockets.
 #![allow(clippy::unwrap_used)]
+#![warn(unreachable_pub)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod transport_support;
 

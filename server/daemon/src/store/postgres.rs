@@ -998,12 +998,12 @@ async fn apply_batch(pool: &Pool, commits: &[&Commit]) -> Result<Vec<CommitResul
     let issue = tx.prepare_cached(ISSUE).await.map_err(batch_error)?;
     let audit_st = tx.prepare_cached(INSERT_AUDIT).await.map_err(batch_error)?;
     // Row locks in device order: two nodes' batches cannot wait on each other in a cycle.
-    let mut order: Vec<usize> = (0..commits.len()).collect();
-    order.sort_by(|&a, &b| device_of(commits[a]).cmp(device_of(commits[b])));
+    let mut order: Vec<(usize, &Commit)> = commits.iter().copied().enumerate().collect();
+    order.sort_by(|(_, a), (_, b)| device_of(a).cmp(device_of(b)));
     let raws = futures_util::future::try_join_all(
         order
             .iter()
-            .map(|&i| apply_one(&tx, &issue, &audit_st, commits[i])),
+            .map(|&(_, c)| apply_one(&tx, &issue, &audit_st, c)),
     )
     .await
     .map_err(batch_error)?;
@@ -1013,8 +1013,8 @@ async fn apply_batch(pool: &Pool, commits: &[&Commit]) -> Result<Vec<CommitResul
         .await
         .map_err(|e| BatchError::Unavailable(pg_text(&e)))?;
     let mut out: Vec<Option<CommitResult>> = (0..commits.len()).map(|_| None).collect();
-    for (raw, &i) in raws.into_iter().zip(&order) {
-        out[i] = Some(match raw {
+    for (raw, &(i, _)) in raws.into_iter().zip(&order) {
+        let result = match raw {
             Raw::Committed => Ok(CommitOutcome::Committed),
             Raw::Blocked => issuance_refusal(true, None)
                 .map(CommitOutcome::Refused)
@@ -1035,7 +1035,11 @@ async fn apply_batch(pool: &Pool, commits: &[&Commit]) -> Result<Vec<CommitResul
                     Err(e) => Err(backend(pg_text(&e))),
                 }
             }
-        });
+        };
+        // `order` is a permutation of `0..commits.len()`: every slot is filled once.
+        if let Some(slot) = out.get_mut(i) {
+            *slot = Some(result);
+        }
     }
     Ok(out
         .into_iter()

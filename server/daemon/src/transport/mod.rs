@@ -317,9 +317,9 @@ impl fmt::Debug for DtlsServerConfig {
 pub(crate) fn build_engine_config(
     cfg: &DtlsServerConfig,
 ) -> Result<est_dtls::ServerConfig, TransportError> {
-    if cfg.certificate_chain_der.is_empty() {
+    let Some(leaf) = cfg.certificate_chain_der.first() else {
         return Err(TransportError::Config("certificate chain is empty".into()));
-    }
+    };
     let key = est_dtls::SigningKey::from_pkcs8(&cfg.private_key_pkcs8_der).map_err(|e| {
         TransportError::Config(format!(
             "private key must be ECDSA P-256 or P-384 PKCS#8: {e}"
@@ -357,7 +357,7 @@ pub(crate) fn build_engine_config(
     let sent: &[Vec<u8>] = if cfg.send_chain {
         &cfg.certificate_chain_der
     } else {
-        &cfg.certificate_chain_der[..1]
+        std::slice::from_ref(leaf)
     };
     let mut e = est_dtls::ServerConfig::new(sent.to_vec(), Arc::new(key), chain_verifier);
     e.cached_info = cfg.cached_info;

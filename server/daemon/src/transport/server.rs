@@ -458,16 +458,16 @@ impl DtlsListener {
         chain_der: Vec<Vec<u8>>,
         key_pkcs8_der: &[u8],
     ) -> Result<(), TransportError> {
-        if chain_der.is_empty() {
+        let Some(leaf) = chain_der.first() else {
             return Err(TransportError::Config("certificate chain is empty".into()));
-        }
+        };
         let key = est_dtls::SigningKey::from_pkcs8(key_pkcs8_der).map_err(|e| {
             TransportError::Config(format!(
                 "private key must be ECDSA P-256 or P-384 PKCS#8: {e}"
             ))
         })?;
         // The certificate must carry this key, or every new handshake would fail.
-        let cert = <x509_cert::Certificate as der::Decode>::from_der(&chain_der[0])
+        let cert = <x509_cert::Certificate as der::Decode>::from_der(leaf)
             .map_err(|e| TransportError::Config(format!("server certificate: {e}")))?;
         if cert
             .tbs_certificate

@@ -1,6 +1,7 @@
 //! Shared helpers for the transport tests: a test PKI made with rcgen (P-256), config builders
 //! (the device side is client-sim's webrtc-dtls client), and a turmoil UDP socket adapter.
 #![allow(dead_code)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,22 +20,22 @@ use webrtc_util::conn::Conn;
 
 /// A certificate with its key, DER.
 #[derive(Clone)]
-pub struct Issued {
-    pub cert_der: Vec<u8>,
-    pub key_pkcs8_der: Vec<u8>,
+pub(crate) struct Issued {
+    pub(crate) cert_der: Vec<u8>,
+    pub(crate) key_pkcs8_der: Vec<u8>,
 }
 
 /// Root CA -> server leaf (SAN localhost, 127.0.0.1; serverAuth);
 /// root CA -> device sub-CA (pathlen 0) -> device leaf (clientAuth), sent as [leaf, sub-CA];
 /// an unrelated "rogue" root -> rogue device leaf.
 #[derive(Clone)]
-pub struct TestPki {
-    pub root_der: Vec<u8>,
-    pub server: Issued,
-    pub device_sub_ca_der: Vec<u8>,
-    pub device: Issued,
-    pub rogue_root_der: Vec<u8>,
-    pub rogue_device: Issued,
+pub(crate) struct TestPki {
+    pub(crate) root_der: Vec<u8>,
+    pub(crate) server: Issued,
+    pub(crate) device_sub_ca_der: Vec<u8>,
+    pub(crate) device: Issued,
+    pub(crate) rogue_root_der: Vec<u8>,
+    pub(crate) rogue_device: Issued,
 }
 
 fn p256() -> KeyPair {
@@ -63,7 +64,7 @@ fn leaf_params(cn: &str, sans: Vec<String>, eku: ExtendedKeyUsagePurpose) -> Cer
 }
 
 impl TestPki {
-    pub fn generate() -> Self {
+    pub(crate) fn generate() -> Self {
         let root_key = p256();
         let root = ca_params("Test Root CA", BasicConstraints::Unconstrained)
             .self_signed(&root_key)
@@ -124,7 +125,7 @@ impl TestPki {
         }
     }
 
-    pub fn server_config(&self) -> DtlsServerConfig {
+    pub(crate) fn server_config(&self) -> DtlsServerConfig {
         DtlsServerConfig {
             certificate_chain_der: vec![self.server.cert_der.clone()],
             private_key_pkcs8_der: self.server.key_pkcs8_der.clone(),
@@ -137,7 +138,7 @@ impl TestPki {
     }
 
     /// The good device, sending [leaf, sub-CA], offering CCM_8 only.
-    pub fn device_config(&self, server_name: &str) -> Device {
+    pub(crate) fn device_config(&self, server_name: &str) -> Device {
         Device {
             dtls: DtlsClientConfig {
                 trust_anchors_der: vec![self.root_der.clone()],
@@ -158,15 +159,15 @@ impl TestPki {
 /// A test device: client-sim's webrtc-dtls client settings (`dtls.handshake_timeout` bounds one
 /// attempt), its credential, and the deadline of all attempts together.
 #[derive(Clone, Debug)]
-pub struct Device {
-    pub dtls: DtlsClientConfig,
-    pub cred: Credential,
-    pub overall_timeout: Duration,
+pub(crate) struct Device {
+    pub(crate) dtls: DtlsClientConfig,
+    pub(crate) cred: Credential,
+    pub(crate) overall_timeout: Duration,
 }
 
 impl Device {
     /// Handshakes over `conn` with [`dtls::connect_retrying`].
-    pub async fn connect(
+    pub(crate) async fn connect(
         &self,
         conn: Arc<dyn Conn + Send + Sync>,
     ) -> Result<Retried, FailureReason> {
@@ -174,7 +175,7 @@ impl Device {
     }
 
     /// One attempt and the whole of the handshake bounded by `timeout`.
-    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+    pub(crate) fn with_timeout(mut self, timeout: Duration) -> Self {
         self.dtls.handshake_timeout = timeout;
         self.overall_timeout = timeout;
         self
@@ -182,7 +183,7 @@ impl Device {
 }
 
 /// turmoil's simulated UDP socket as a [`DatagramSocket`].
-pub struct SimUdp(pub turmoil::net::UdpSocket);
+pub(crate) struct SimUdp(pub(crate) turmoil::net::UdpSocket);
 
 #[async_trait]
 impl DatagramSocket for SimUdp {
@@ -200,7 +201,7 @@ impl DatagramSocket for SimUdp {
 }
 
 /// p-th percentile (0..=100) of sorted durations, nearest rank.
-pub fn percentile(sorted: &[Duration], p: usize) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: usize) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -211,17 +212,17 @@ pub fn percentile(sorted: &[Duration], p: usize) -> Duration {
 /// A [`webrtc_util::conn::Conn`] "connected" to one remote address over a [`DatagramSocket`]:
 /// sends go to `remote`, datagrams from any other source are discarded: what the tests hand to
 /// client-sim's webrtc-dtls client, over a real or a turmoil socket.
-pub struct SocketConn<S: DatagramSocket> {
+pub(crate) struct SocketConn<S: DatagramSocket> {
     socket: Arc<S>,
     remote: SocketAddr,
 }
 
 impl<S: DatagramSocket> SocketConn<S> {
-    pub fn new(socket: Arc<S>, remote: SocketAddr) -> Self {
+    pub(crate) fn new(socket: Arc<S>, remote: SocketAddr) -> Self {
         SocketConn { socket, remote }
     }
 
-    pub fn socket(&self) -> &Arc<S> {
+    pub(crate) fn socket(&self) -> &Arc<S> {
         &self.socket
     }
 }
