@@ -3,7 +3,8 @@
 //! never read, each with a Block1 upload left one block short of `coap.max_request_body_bytes`
 //! and its duplicate-detection cache full of answers; half-open handshakes up to
 //! `dtls.max_half_open_handshakes`, each reassembling as many handshake messages of the largest
-//! size as the engine buffers, one byte short of complete). Its resident memory (/proc/PID/status VmRSS) must then stay
+//! size as the engine buffers, one byte short of complete, and holding as many early records of
+//! the next epoch, of the largest size, as the engine keeps). Its resident memory (/proc/PID/status VmRSS) must then stay
 //! under the base it measured before the load plus [`est_server::limits::memory_bound`] of its
 //! configuration, and a fresh meter must still be served.
 #![allow(clippy::unwrap_used)]
@@ -198,7 +199,8 @@ fn fragment(msg_type: u8, seq: u16, total: u32, offset: u32, data: &[u8]) -> Vec
 
 /// A handshake past the cookie exchange from `socket`, then the handshake messages of the
 /// largest size the engine reassembles at once (the next one and the seven after it), each one
-/// byte short.
+/// byte short, and as many records of the next epoch, of the largest size, as the engine keeps
+/// before the ChangeCipherSpec (it needs no keys to be made to keep them).
 async fn hold_half_open(socket: &UdpSocket, server: SocketAddr, n: u8, max_message: u32) {
     let mut record_seq = 0u64;
     let mut send = |payload: Vec<u8>| {
@@ -234,6 +236,12 @@ async fn hold_half_open(socket: &UdpSocket, server: SocketAddr, n: u8, max_messa
             socket.send_to(&send(f), server).await.unwrap();
             offset += len;
         }
+    }
+    for k in 0..est_server::limits::FUTURE_RECORDS {
+        let mut rec = Vec::new();
+        let body = vec![0xCD; wire::MAX_CIPHERTEXT_LEN];
+        wire::push_record(&mut rec, 23, wire::DTLS_1_2, 1, k, &[], &body);
+        socket.send_to(&rec, server).await.unwrap();
     }
 }
 
