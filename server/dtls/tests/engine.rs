@@ -284,7 +284,9 @@ fn supersede_closes_an_established_session_once_and_counts_it() {
     assert!(net.server.identity(h0).is_none());
     let now = net.now;
     assert!(!net.server.supersede(now, h0));
-    assert!(!net.server.supersede(now, est_dtls::ConnectionHandle(u64::MAX)));
+    assert!(!net
+        .server
+        .supersede(now, est_dtls::ConnectionHandle(u64::MAX)));
     assert_eq!(net.server.metrics().sessions_superseded, 1);
     assert_eq!(net.server.gauges().established, 1);
 }

@@ -528,7 +528,15 @@ fn early_records_of_the_next_epoch_are_held_to_their_cap() {
     for k in 0..sent {
         let mut rec = Vec::new();
         let body = vec![0xAB; wire::MAX_CIPHERTEXT_LEN];
-        wire::push_record(&mut rec, ct::APPLICATION_DATA, DTLS_1_2, 1, 100 + k as u64, &[], &body);
+        wire::push_record(
+            &mut rec,
+            ct::APPLICATION_DATA,
+            DTLS_1_2,
+            1,
+            100 + k as u64,
+            &[],
+            &body,
+        );
         net.inject(from, &rec);
     }
     assert!(net.take_server_transmits().is_empty(), "silent");
@@ -536,7 +544,15 @@ fn early_records_of_the_next_epoch_are_held_to_their_cap() {
     // One record over the size limit is not a record at all.
     let mut too_large = Vec::new();
     let body = vec![0xAB; wire::MAX_CIPHERTEXT_LEN + 1];
-    wire::push_record(&mut too_large, ct::APPLICATION_DATA, DTLS_1_2, 1, 99, &[], &body);
+    wire::push_record(
+        &mut too_large,
+        ct::APPLICATION_DATA,
+        DTLS_1_2,
+        1,
+        99,
+        &[],
+        &body,
+    );
     net.inject(from, &too_large);
     assert_eq!(
         net.server.metrics().records_malformed,
