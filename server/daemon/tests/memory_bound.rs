@@ -363,14 +363,6 @@ async fn a_server_at_all_its_limits_stays_within_the_documented_memory_bound() {
     for f in fills {
         f.await.unwrap();
     }
-    // Enrollments pending on every session: the store's writer waits for the write lock the
-    // test holds (its busy timeout is 10 s; the measurement comes well before).
-    let db = rusqlite::Connection::open(data.join(&cfg.storage.database)).unwrap();
-    db.busy_timeout(Duration::from_secs(10)).unwrap();
-    db.execute_batch("BEGIN IMMEDIATE").unwrap();
-    for (i, c) in sessions.iter().enumerate() {
-        hold_pending(c, i + 1, &csr).await;
-    }
     // Half-open handshakes up to the cap, from another loopback address (the fresh meter's own
     // address then has no half-open handshake to be refused under the per-IP cap).
     let max_message = est_dtls::Limits::default().max_handshake_message_bytes;
@@ -380,8 +372,23 @@ async fn a_server_at_all_its_limits_stays_within_the_documented_memory_bound() {
         hold_half_open(&s, addr, u8::try_from(n + 1).unwrap(), max_message).await;
         half_open_sockets.push(s);
     }
+    // Last, so that the measurement falls inside the store writer's busy timeout (10 s, after
+    // which the first waiting commit fails and its enrollment is answered 5.03): enrollments
+    // pending on every session, their commits waiting for the write lock the test holds.
+    let db = rusqlite::Connection::open(data.join(&cfg.storage.database)).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let started = std::time::Instant::now();
+    for (i, c) in sessions.iter().enumerate() {
+        hold_pending(c, i + 1, &csr).await;
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let loaded = rss_bytes(pid);
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "the measurement must fall inside the writer's 10 s busy timeout: {:?}",
+        started.elapsed()
+    );
     // The server holds what the test drove it to.
     assert_eq!(
         scrape(metrics_addr, "est_dtls_sessions"),
