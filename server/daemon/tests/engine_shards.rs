@@ -249,19 +249,23 @@ async fn the_session_cap_is_shared_out_among_shards() {
     listener.shutdown().await;
 }
 
-/// Waits (up to 5 s) until the listener holds `expected` established sessions in all, summed
-/// over the shards; a superseded session on another shard closes when that shard takes the
-/// command, a moment after the new session is established.
-async fn settle(listener: &DtlsListener, expected: u64) {
+/// Waits (up to 5 s) until the shards' metrics show `completed` handshakes and `expected`
+/// established sessions in all. A shard publishes its metrics after handling the events of a
+/// datagram, a moment after the client saw its Finished; a superseded session on another shard
+/// closes when that shard takes the command.
+async fn settle(listener: &DtlsListener, completed: u64, expected: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let now = listener.metrics().sessions_now;
-        if now == expected {
+        let m = listener.metrics();
+        let now = m.sessions_now;
+        if m.handshakes_completed == completed && now == expected {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{now} sessions held, {expected} expected; per shard {:?}",
+            "{now} sessions held after {} handshakes, {expected} expected after {completed}; \
+             per shard {:?}",
+            m.handshakes_completed,
             listener
                 .shard_metrics()
                 .iter()
@@ -293,7 +297,7 @@ async fn one_identity_holds_at_most_its_limit_across_all_shards() {
     let mut meters = Vec::new();
     for i in 0..OPENED {
         meters.push(Meter::connect(server, Arc::clone(&cfg)).await);
-        settle(&listener, (i + 1).min(LIMIT) as u64).await;
+        settle(&listener, (i + 1) as u64, (i + 1).min(LIMIT) as u64).await;
     }
     let total = listener.metrics();
     assert_eq!(total.handshakes_completed, OPENED as u64);
@@ -321,7 +325,7 @@ async fn one_identity_holds_at_most_its_limit_across_all_shards() {
     let mut others = Vec::new();
     for i in 0..LIMIT {
         others.push(Meter::connect(server, Arc::clone(&other_cfg)).await);
-        settle(&listener, (LIMIT + i + 1) as u64).await;
+        settle(&listener, (OPENED + i + 1) as u64, (LIMIT + i + 1) as u64).await;
     }
     for (i, m) in others.iter_mut().enumerate() {
         m.echo(format!("other {i}").as_bytes()).await;
