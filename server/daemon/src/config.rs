@@ -678,7 +678,7 @@ socket_receive_buffer_bytes = 4194304
 # cid_prefix_hex (so cid_length must leave that byte and 2 random bytes), otherwise by a keyed
 # hash of the peer (address and port, or join proxy and header). Every cap above
 # (max_half_open_*, max_sessions*, max_log_lines_per_sec) is shared out among the shards,
-# rounded up; max_sessions_per_identity holds per shard. Set it to the cores the server may
+# rounded up; max_sessions_per_identity holds across all shards. Set it to the cores the server may
 # use (1..256); 1 = no dispatcher (the least CPU per handshake on a 1-2 core machine).
 engine_shards = 1
 # Send the whole chain of pki.server_cert in the handshake (true), or only the server's own

@@ -26,11 +26,14 @@ pub const BLOCK2_BODY_BYTES: u64 = 2 * 1024;
 /// `max_handshake_message_bytes` (16 KiB).
 pub const HANDSHAKE_MESSAGES_BUFFERED: u64 = 8;
 
-/// Records of the next epoch a handshake buffers early (`MAX_FUTURE_RECORDS`,
-/// server/dtls/src/conn.rs), each at most a 16 KiB plaintext plus expansion.
-pub const FUTURE_RECORDS: u64 = 4;
-/// One buffered record of the next epoch.
-pub const FUTURE_RECORD_BYTES: u64 = 18 * 1024;
+/// Records of the next epoch a handshake buffers early, before the peer's ChangeCipherSpec
+/// (`est_dtls::MAX_FUTURE_RECORDS`, server/dtls/src/conn.rs): a peer past the cookie can fill
+/// them at once, without keys.
+pub const FUTURE_RECORDS: u64 = est_dtls::MAX_FUTURE_RECORDS as u64;
+/// One buffered record of the next epoch: the largest record fragment the engine parses
+/// (`est_dtls::wire::MAX_CIPHERTEXT_LEN`, 2^14 + 2048 = 18 KiB); its CID (`dtls.cid_length`)
+/// is added per configuration.
+pub const FUTURE_RECORD_BYTES: u64 = est_dtls::wire::MAX_CIPHERTEXT_LEN as u64;
 
 /// The handshake transcript (every message so far, each under the same message limit) and the
 /// handshake's keys and own flight.
@@ -96,7 +99,8 @@ pub fn memory_bound(cfg: &Config) -> MemoryBound {
         + bytes(cfg.dtls.session_queue_bytes);
     let max_message = u64::from(est_dtls::Limits::default().max_handshake_message_bytes);
     let per_half_open = HANDSHAKE_MESSAGES_BUFFERED * max_message
-        + FUTURE_RECORDS * FUTURE_RECORD_BYTES
+        // Early records of the next epoch, each with the CID it came under.
+        + FUTURE_RECORDS * (FUTURE_RECORD_BYTES + bytes(cfg.dtls.cid_length))
         + HANDSHAKE_TRANSCRIPT_BYTES
         + HANDSHAKE_KEYS_AND_FLIGHT_BYTES;
     let d = &cfg.dtls;
@@ -145,7 +149,7 @@ mod tests {
         assert!((195 * KIB..205 * KIB).contains(&b.per_session), "{b:?}");
         assert_eq!(
             b.per_half_open,
-            8 * 16 * KIB + 4 * 18 * KIB + 64 * KIB + 4 * KIB
+            8 * 16 * KIB + 4 * (18 * KIB + 4) + 64 * KIB + 4 * KIB
         );
         assert_eq!((b.sessions, b.half_open), (20_000, 1_024));
         assert_eq!(b.server_wide, 256 * 6 * KIB + 4096 * 1152);
@@ -169,6 +173,26 @@ mod tests {
         c.coap.max_pending_requests = 1;
         c.coap.max_dedup_entries = 8;
         assert!(memory_bound(&c).per_session < 100 * KIB);
+        // Pending requests: each holds up to a whole body and a separate response.
+        let d = memory_bound(&Config::default());
+        let block_message = 1024 + COAP_MESSAGE_OVERHEAD_BYTES;
+        let mut c = Config::default();
+        c.coap.max_pending_requests += 1;
+        assert_eq!(
+            memory_bound(&c).per_session - d.per_session,
+            16 * KIB + block_message
+        );
+        // The body limit: Block1 reassembly plus each pending request's body.
+        let mut c = Config::default();
+        c.coap.max_request_body_bytes += 1024;
+        assert_eq!(memory_bound(&c).per_session - d.per_session, (1 + 4) * KIB);
+        // Early records of the next epoch carry the CID.
+        let mut c = Config::default();
+        c.dtls.cid_length = 8;
+        assert_eq!(
+            memory_bound(&c).per_half_open - d.per_half_open,
+            FUTURE_RECORDS * 4
+        );
         // Shards: caps rounded up to a multiple of the shards, and their inboxes.
         let mut c = Config::default();
         c.dtls.engine_shards = 3;

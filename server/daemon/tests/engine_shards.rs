@@ -1,7 +1,8 @@
 //! `engine_shards` > 1 over real UDP: a dispatcher hands datagrams to several est-dtls
 //! endpoints. Sessions spread over the shards, each echoes, and a meter that moves to another
 //! source port mid-session keeps its session by Connection ID, whichever shard its new address
-//! hashes to. The meters are est-dtls's own client mode, driven here over tokio sockets.
+//! hashes to; one device identity holds at most `max_sessions_per_identity` sessions across all
+//! the shards. The meters are est-dtls's own client mode, driven here over tokio sockets.
 #![allow(clippy::unwrap_used)]
 #![warn(unreachable_pub)]
 #![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
@@ -12,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use est_dtls::{Client, ClientConfig, ConnEvent, SigningKey, Verified};
+use est_dtls::{Client, ClientConfig, CloseReason, ConnEvent, SigningKey, Verified};
 use est_server::transport::{DtlsListener, DtlsServerConfig, DtlsSession};
 use tokio::net::UdpSocket;
 use transport_support::TestPki;
@@ -45,7 +46,15 @@ async fn echo(session: DtlsSession) {
 }
 
 fn client_config(pki: &TestPki) -> Arc<ClientConfig> {
-    let key = SigningKey::from_pkcs8(&pki.device.key_pkcs8_der).expect("device key");
+    client_config_of(
+        &pki.device,
+        vec![pki.device.cert_der.clone(), pki.device_sub_ca_der.clone()],
+    )
+}
+
+/// A meter with `device`'s key, sending `chain`.
+fn client_config_of(device: &transport_support::Issued, chain: Vec<Vec<u8>>) -> Arc<ClientConfig> {
+    let key = SigningKey::from_pkcs8(&device.key_pkcs8_der).expect("device key");
     // The server's authentication is not what is tested here.
     let accept_any: est_dtls::ChainVerifier = Arc::new(|_chain: &[Vec<u8>]| {
         Ok(Verified {
@@ -53,11 +62,7 @@ fn client_config(pki: &TestPki) -> Arc<ClientConfig> {
             context: None,
         })
     });
-    let mut c = ClientConfig::new(
-        vec![pki.device.cert_der.clone(), pki.device_sub_ca_der.clone()],
-        Arc::new(key),
-        accept_any,
-    );
+    let mut c = ClientConfig::new(chain, Arc::new(key), accept_any);
     c.connection_id = Some(Vec::new());
     Arc::new(c)
 }
@@ -67,6 +72,8 @@ struct Meter {
     client: Client,
     socket: UdpSocket,
     received: Vec<Vec<u8>>,
+    /// How the session ended, if it did.
+    closed: Option<CloseReason>,
 }
 
 impl Meter {
@@ -77,6 +84,7 @@ impl Meter {
             client,
             socket,
             received: Vec::new(),
+            closed: None,
         };
         m.run_until(|m| m.client.is_established()).await;
         m
@@ -90,7 +98,8 @@ impl Meter {
         out
     }
 
-    /// Drives the client (sends, timers, receives) until `done`, for at most 20 s.
+    /// Drives the client (sends, timers, receives) until `done`, for at most 20 s. A session
+    /// that ends before `done` fails the test.
     async fn run_until(&mut self, done: impl Fn(&Meter) -> bool) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         let mut buf = vec![0u8; 2048];
@@ -101,12 +110,15 @@ impl Meter {
             while let Some(ev) = self.client.poll_event() {
                 match ev {
                     ConnEvent::Data(d) => self.received.push(d),
-                    ConnEvent::Closed(r) => panic!("session closed: {r:?}"),
+                    ConnEvent::Closed(r) => self.closed = Some(r),
                     _ => {}
                 }
             }
             if done(self) {
                 return;
+            }
+            if let Some(r) = &self.closed {
+                panic!("session closed: {r:?}");
             }
             assert!(tokio::time::Instant::now() < deadline, "timed out");
             let wake = self
@@ -211,6 +223,7 @@ async fn the_session_cap_is_shared_out_among_shards() {
             client,
             socket,
             received: Vec::new(),
+            closed: None,
         };
         let outcome = tokio::spawn(async move {
             m.run_until(|m| m.client.is_established()).await;
@@ -235,5 +248,95 @@ async fn the_session_cap_is_shared_out_among_shards() {
         meters.len()
     );
     assert!(listener.metrics().dropped_over_limit >= 8);
+    listener.shutdown().await;
+}
+
+/// Waits (up to 5 s) until the shards' metrics show `completed` handshakes and `expected`
+/// established sessions in all. A shard publishes its metrics after handling the events of a
+/// datagram, a moment after the client saw its Finished; a superseded session on another shard
+/// closes when that shard takes the command.
+async fn settle(listener: &DtlsListener, completed: u64, expected: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = listener.metrics();
+        let now = m.sessions_now;
+        if m.handshakes_completed == completed && now == expected {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{now} sessions held after {} handshakes, {expected} expected after {completed}; \
+             per shard {:?}",
+            m.handshakes_completed,
+            listener
+                .shard_metrics()
+                .iter()
+                .map(|m| m.sessions_now)
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identity_holds_at_most_its_limit_across_all_shards() {
+    const LIMIT: usize = 2;
+    const OPENED: usize = 12;
+    let pki = TestPki::generate();
+    let config = DtlsServerConfig {
+        engine_shards: SHARDS,
+        max_sessions_per_identity: LIMIT,
+        // Two devices, two identities (the SHA-256 of each leaf): the test device and the
+        // "rogue" one, whose root is trusted here.
+        client_trust_anchors_der: vec![pki.root_der.clone(), pki.rogue_root_der.clone()],
+        ..pki.server_config()
+    };
+    let (listener, server) = start(config).await;
+    let cfg = client_config(&pki);
+
+    // One device opens session after session, each from a new source port (a keyed hash of
+    // the port picks its shard). After each, the identity holds min(opened, LIMIT) in all.
+    let mut meters = Vec::new();
+    for i in 0..OPENED {
+        meters.push(Meter::connect(server, Arc::clone(&cfg)).await);
+        settle(&listener, (i + 1) as u64, (i + 1).min(LIMIT) as u64).await;
+    }
+    let total = listener.metrics();
+    assert_eq!(total.handshakes_completed, OPENED as u64);
+    assert_eq!(total.sessions_superseded, (OPENED - LIMIT) as u64);
+    assert_eq!(total.sessions_now, LIMIT as u64);
+    let shards = listener.shard_metrics();
+    // The sessions were spread over the shards (all 12 on one: probability 4 x (1/4)^12), so
+    // the limit held across shards, not within one.
+    assert!(
+        shards.iter().filter(|m| m.handshakes_completed > 0).count() > 1,
+        "{shards:?}"
+    );
+    // The oldest went, each told with close_notify; the newest LIMIT still work.
+    for m in &mut meters[..OPENED - LIMIT] {
+        m.run_until(|m| m.closed.is_some()).await;
+        assert_eq!(m.closed, Some(CloseReason::PeerClosed));
+    }
+    for (i, m) in meters[OPENED - LIMIT..].iter_mut().enumerate() {
+        m.echo(format!("newest {i}").as_bytes()).await;
+    }
+
+    // Another meter (another identity) gets in, and its sessions count apart: LIMIT of them
+    // close none of the first device's, nor each other.
+    let other_cfg = client_config_of(&pki.rogue_device, vec![pki.rogue_device.cert_der.clone()]);
+    let mut others = Vec::new();
+    for i in 0..LIMIT {
+        others.push(Meter::connect(server, Arc::clone(&other_cfg)).await);
+        settle(&listener, (OPENED + i + 1) as u64, (LIMIT + i + 1) as u64).await;
+    }
+    for (i, m) in others.iter_mut().enumerate() {
+        m.echo(format!("other {i}").as_bytes()).await;
+    }
+    for (i, m) in meters[OPENED - LIMIT..].iter_mut().enumerate() {
+        m.echo(format!("newest again {i}").as_bytes()).await;
+    }
+    let total = listener.metrics();
+    assert_eq!(total.sessions_superseded, (OPENED - LIMIT) as u64);
+    assert_eq!(total.sessions_now, 2 * LIMIT as u64);
     listener.shutdown().await;
 }

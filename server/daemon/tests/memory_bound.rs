@@ -1,9 +1,11 @@
 //! The aggregate memory bound of docs/limits.md, held on a real server: `est-server run` with
 //! its limits scaled down is driven to them over UDP + DTLS (established sessions that send and
-//! never read, each with a Block1 upload left one block short of `coap.max_request_body_bytes`
-//! and its duplicate-detection cache full of answers; half-open handshakes up to
+//! never read, each with a Block1 upload left one block short of `coap.max_request_body_bytes`,
+//! its duplicate-detection cache full of answers and `coap.max_pending_requests` enrollments
+//! pending, their commits held up by a write lock the test takes on the store's database; half-open handshakes up to
 //! `dtls.max_half_open_handshakes`, each reassembling as many handshake messages of the largest
-//! size as the engine buffers, one byte short of complete). Its resident memory (/proc/PID/status VmRSS) must then stay
+//! size as the engine buffers, one byte short of complete, and holding as many early records of
+//! the next epoch, of the largest size, as the engine keeps). Its resident memory (/proc/PID/status VmRSS) must then stay
 //! under the base it measured before the load plus [`est_server::limits::memory_bound`] of its
 //! configuration, and a fresh meter must still be served.
 #![allow(clippy::unwrap_used)]
@@ -27,6 +29,8 @@ use webrtc_dtls::conn::DTLSConn;
 
 /// Established sessions held (one session slot is left for the fresh meter).
 const ESTABLISHED: usize = 40;
+/// Enrollments each session keeps pending: `coap.max_pending_requests` (the default).
+const PENDING: usize = 4;
 /// Half-open handshakes held: `dtls.max_half_open_handshakes`.
 const HALF_OPEN: usize = 16;
 const MAX_SESSIONS: usize = ESTABLISHED + HALF_OPEN + 1;
@@ -166,6 +170,20 @@ async fn fill_session(conn: Arc<DTLSConn>, index: usize, cfg: &Config) {
     }
 }
 
+/// Enrollments pending on one established session: `PENDING` /sen requests with a valid CSR,
+/// each a new message, whose commits wait for the store (the test holds its write lock).
+async fn hold_pending(conn: &DTLSConn, index: usize, csr: &[u8]) {
+    for i in 0..PENDING {
+        let mid = 50_000 + u16::try_from(index * PENDING + i).unwrap();
+        let token = [0xE0, u8::try_from(index).unwrap(), u8::try_from(i).unwrap()];
+        let mut p = request(RequestType::Post, "sen", mid, &token);
+        p.add_option(CoapOption::ContentFormat, vec![0x01, 0x1E]); // 286, application/pkcs10
+        p.payload = csr.to_vec();
+        conn.write(&p.to_bytes().unwrap(), None).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// A ClientHello offering CCM_8 with extended_master_secret and ecdsa_secp256r1_sha256.
 fn client_hello_body(random: [u8; 32], cookie: &[u8]) -> Vec<u8> {
     let mut body = vec![0xFE, 0xFD];
@@ -200,7 +218,8 @@ fn fragment(msg_type: u8, seq: u16, total: u32, offset: u32, data: &[u8]) -> Vec
 
 /// A handshake past the cookie exchange from `socket`, then the handshake messages of the
 /// largest size the engine reassembles at once (the next one and the seven after it), each one
-/// byte short.
+/// byte short, and as many records of the next epoch, of the largest size, as the engine keeps
+/// before the ChangeCipherSpec (it needs no keys to be made to keep them).
 async fn hold_half_open(socket: &UdpSocket, server: SocketAddr, n: u8, max_message: u32) {
     let mut record_seq = 0u64;
     let mut send = |payload: Vec<u8>| {
@@ -237,6 +256,12 @@ async fn hold_half_open(socket: &UdpSocket, server: SocketAddr, n: u8, max_messa
             offset += len;
         }
     }
+    for k in 0..est_server::limits::FUTURE_RECORDS {
+        let mut rec = Vec::new();
+        let body = vec![0xCD; wire::MAX_CIPHERTEXT_LEN];
+        wire::push_record(&mut rec, 23, wire::DTLS_1_2, 1, k, &[], &body);
+        socket.send_to(&rec, server).await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,6 +279,7 @@ async fn a_server_at_all_its_limits_stays_within_the_documented_memory_bound() {
     let metrics_listen = format!("\"{metrics_addr}\"");
     let max_sessions = MAX_SESSIONS.to_string();
     let half_open = HALF_OPEN.to_string();
+    let enrollments = (ESTABLISHED * PENDING).to_string();
     est_test_tools::set_config(
         &data,
         &[
@@ -269,13 +295,15 @@ async fn a_server_at_all_its_limits_stays_within_the_documented_memory_bound() {
             // The half-open handshakes must outlast the measurement.
             ("dtls", "handshake_stall_timeout_secs", "60"),
             ("dtls", "handshake_timeout_secs", "120"),
-            ("est", "max_concurrent_enrollments", "16"),
+            // Every session's pending enrollments are admitted at once.
+            ("est", "max_concurrent_enrollments", enrollments.as_str()),
             ("metrics", "listen", metrics_listen.as_str()),
         ],
     )
     .unwrap();
     let cfg = datadir::load_config(&data, None).unwrap();
     cfg.validate().unwrap();
+    assert_eq!(cfg.coap.max_pending_requests, PENDING);
     let bound = est_server::limits::memory_bound(&cfg);
     run_ok(
         est_server()
@@ -293,6 +321,14 @@ async fn a_server_at_all_its_limits_stays_within_the_documented_memory_bound() {
     assert_eq!(devices.len(), 2);
     let holder = meter(&fleet, &devices[0]);
     let fresh = meter(&fleet, &devices[1]);
+    // The CSR the holder's pending enrollments carry (a real one: only a request that passes
+    // the checks reaches the store).
+    let csr = {
+        use rand_chacha::rand_core::SeedableRng;
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
+        let key = client_sim::pki::EnrollmentKey::generate(&mut rng);
+        client_sim::pki::build_csr(&key, "meter", Some(&holder.cred.chain_der[0])).unwrap()
+    };
 
     let mut child =
         est_test_tools::est_server_run(Path::new(env!("CARGO_BIN_EXE_est-server")), &data)
@@ -338,14 +374,42 @@ async fn a_server_at_all_its_limits_stays_within_the_documented_memory_bound() {
         hold_half_open(&s, addr, u8::try_from(n + 1).unwrap(), max_message).await;
         half_open_sockets.push(s);
     }
+    // Last, so that the measurement falls inside the store writer's busy timeout (10 s, after
+    // which the first waiting commit fails and its enrollment is answered 5.03): enrollments
+    // pending on every session, their commits waiting for the write lock the test holds.
+    let db = rusqlite::Connection::open(data.join(&cfg.storage.database)).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let started = std::time::Instant::now();
+    for (i, c) in sessions.iter().enumerate() {
+        hold_pending(c, i + 1, &csr).await;
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let loaded = rss_bytes(pid);
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "the measurement must fall inside the writer's 10 s busy timeout: {:?}",
+        started.elapsed()
+    );
     // The server holds what the test drove it to.
     assert_eq!(
         scrape(metrics_addr, "est_dtls_sessions"),
         ESTABLISHED as f64
     );
     assert_eq!(scrape(metrics_addr, "est_dtls_half_open"), HALF_OPEN as f64);
+    assert_eq!(
+        scrape(metrics_addr, "est_coap_pending_requests"),
+        (ESTABLISHED * PENDING) as f64
+    );
+    assert_eq!(
+        scrape(metrics_addr, "est_enrollments_in_flight"),
+        (ESTABLISHED * PENDING) as f64
+    );
+    let block = 1usize << (cfg.coap.max_block1_szx + 4);
+    assert_eq!(
+        scrape(metrics_addr, "est_coap_reassembly_bytes"),
+        (ESTABLISHED * (cfg.coap.max_request_body_bytes - block)) as f64
+    );
     let grown = loaded.saturating_sub(base);
     eprintln!(
         "memory bound: base RSS {} KiB, loaded {} KiB (+{} KiB); bound for this configuration \
@@ -365,6 +429,9 @@ async fn a_server_at_all_its_limits_stays_within_the_documented_memory_bound() {
         "RSS {loaded} exceeds base {base} + bound {}",
         bound.total()
     );
+    // The store's writer may go on.
+    db.execute_batch("COMMIT").unwrap();
+    drop(db);
 
     // A fresh meter is still served: /crts answered over its own session.
     let conn = connect(&fresh, addr).await;

@@ -33,8 +33,9 @@ const ACCEPTED_SCHEMES: [u16; 2] = [0x0403, 0x0503];
 /// A peer-triggered resend of our flight happens at most this often (a repeated flight can
 /// arrive as several datagrams; one resend answers them all).
 const PEER_TRIGGERED_RESEND_INTERVAL: Duration = Duration::from_millis(250);
-/// Encrypted records of the next epoch kept while the ChangeCipherSpec is still missing.
-const MAX_FUTURE_RECORDS: usize = 4;
+/// Encrypted records of the next epoch a handshake keeps while the ChangeCipherSpec is still
+/// missing (each at most [`wire::MAX_CIPHERTEXT_LEN`] plus its CID); later ones are dropped.
+pub const MAX_FUTURE_RECORDS: usize = 4;
 
 #[cfg(feature = "danger-test-faults")]
 mod danger;

@@ -228,6 +228,43 @@ impl Endpoint {
         self.slots.get(&h.0).map(|s| &s.conn)
     }
 
+    /// The identity an established session counts under for `max_sessions_per_identity`: the
+    /// verifier's [`Verified::identity`], or the SHA-256 of the peer's leaf certificate.
+    /// `None` for a handshake in progress or a closed connection.
+    pub fn identity(&self, h: ConnectionHandle) -> Option<&[u8]> {
+        self.slots
+            .get(&h.0)
+            .filter(|s| s.established)
+            .and_then(|s| s.identity.as_deref())
+    }
+
+    /// Closes an established session (close_notify) because a newer session of the same
+    /// identity was established elsewhere (another endpoint of the same server, e.g. another
+    /// engine shard): the per-identity limit held across endpoints by their driver. Counted in
+    /// `sessions_superseded`, like the replacement this endpoint does on its own. Returns
+    /// whether a session was closed (false: the handle is no longer an established session).
+    pub fn supersede(&mut self, now: Instant, h: ConnectionHandle) -> bool {
+        if !self.slots.get(&h.0).is_some_and(|s| s.established) {
+            return false;
+        }
+        self.close_superseded(now, h.0);
+        true
+    }
+
+    fn close_superseded(&mut self, now: Instant, id: u64) {
+        if let Some(s) = self.slots.get_mut(&id) {
+            let mut events = Vec::new();
+            s.conn.close_with(
+                CloseReason::Superseded,
+                true,
+                &mut self.metrics,
+                &mut events,
+            );
+            self.metrics.sessions_superseded += 1;
+            self.after(now, id, events);
+        }
+    }
+
     /// Takes an established session's peer chain out of the engine (it needs it no more once
     /// the handshake is done), so that the application holds the only copy.
     pub fn take_peer_certificates(&mut self, h: ConnectionHandle) -> Vec<Vec<u8>> {
@@ -737,17 +774,7 @@ impl Endpoint {
             }
         }
         for old in superseded {
-            if let Some(s) = self.slots.get_mut(&old) {
-                let mut events = Vec::new();
-                s.conn.close_with(
-                    CloseReason::Superseded,
-                    true,
-                    &mut self.metrics,
-                    &mut events,
-                );
-                self.metrics.sessions_superseded += 1;
-                self.after(now, old, events);
-            }
+            self.close_superseded(now, old);
         }
     }
 

@@ -38,7 +38,7 @@ pub use config::{
     C509Codec, CertConverter, ChainVerifier, ClientConfig, Limits, RetransmitConfig, ServerConfig,
     Verified,
 };
-pub use conn::{CloseReason, ConnEvent, Connection, Role};
+pub use conn::{CloseReason, ConnEvent, Connection, Role, MAX_FUTURE_RECORDS};
 pub use crypto::{CipherSuite, NamedGroup, SignatureScheme, SigningKey};
 pub use endpoint::{ConnectionHandle, Endpoint, Event, Gauges, Transmit};
 pub use error::{CertError, Error, RefusalReason};

@@ -257,6 +257,41 @@ fn one_identity_keeps_at_most_its_limit_of_sessions() {
 }
 
 #[test]
+fn supersede_closes_an_established_session_once_and_counts_it() {
+    // What a driver with several endpoints does when a newer session of the same identity was
+    // established on another one: the endpoint reports each session's identity and closes the
+    // one it is told to, counted like its own replacement.
+    let pki = Pki::new(2);
+    let mut net = Net::new(pki.server_config(), 11, 0.0);
+    net.add_client(pki.client_config(0));
+    net.add_client(pki.client_config(1));
+    net.run_for(Duration::from_secs(5));
+    assert!(net.client_connected(0) && net.client_connected(1));
+    let h0 = net.handle_of_client(0).unwrap();
+    let h1 = net.handle_of_client(1).unwrap();
+    let id0 = net.server.identity(h0).unwrap().to_vec();
+    let id1 = net.server.identity(h1).unwrap().to_vec();
+    assert!(!id0.is_empty());
+    assert_ne!(id0, id1, "two devices, two identities");
+    let now = net.now;
+    assert!(net.server.supersede(now, h0));
+    net.run_for(Duration::from_millis(50));
+    assert_eq!(net.server.metrics().sessions_superseded, 1);
+    assert_eq!(net.server.gauges().established, 1);
+    assert!(net.clients[0].is_closed(), "client 0 got close_notify");
+    assert!(net.client_connected(1), "client 1 is untouched");
+    // A handle that is no longer an established session: nothing closed, nothing counted.
+    assert!(net.server.identity(h0).is_none());
+    let now = net.now;
+    assert!(!net.server.supersede(now, h0));
+    assert!(!net
+        .server
+        .supersede(now, est_dtls::ConnectionHandle(u64::MAX)));
+    assert_eq!(net.server.metrics().sessions_superseded, 1);
+    assert_eq!(net.server.gauges().established, 1);
+}
+
+#[test]
 fn silent_cookie_echoers_cannot_keep_a_meter_out() {
     let pki = Pki::new(1);
     let mut sc = pki.server_config();

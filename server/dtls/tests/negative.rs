@@ -511,6 +511,64 @@ fn a_change_cipher_spec_before_keys_is_dropped_and_the_handshake_completes() {
     assert_session_works(&mut net, 0, b"after early CCS");
 }
 
+#[test]
+fn early_records_of_the_next_epoch_are_held_to_their_cap() {
+    // A peer past the cookie sends many records of epoch 1 of the largest size before any
+    // ChangeCipherSpec: the handshake keeps at most MAX_FUTURE_RECORDS of them (what
+    // est-server's memory bound counts per half-open handshake) and drops the rest. When the
+    // epoch starts, each kept record is opened and fails authentication: the count of bad
+    // MACs is the count kept. The handshake completes regardless.
+    let pki = Pki::new(1);
+    let mut net = Net::new(pki.server_config(), 27, 0.0);
+    net.add_client(pki.client_config(0));
+    let from = client_addr(0);
+    let flight4 = admit(&mut net, 0);
+    let m0 = net.server.metrics().clone();
+    let sent = 3 * est_dtls::MAX_FUTURE_RECORDS;
+    for k in 0..sent {
+        let mut rec = Vec::new();
+        let body = vec![0xAB; wire::MAX_CIPHERTEXT_LEN];
+        wire::push_record(
+            &mut rec,
+            ct::APPLICATION_DATA,
+            DTLS_1_2,
+            1,
+            100 + k as u64,
+            &[],
+            &body,
+        );
+        net.inject(from, &rec);
+    }
+    assert!(net.take_server_transmits().is_empty(), "silent");
+    assert_eq!(net.server.metrics().records_bad_mac, m0.records_bad_mac);
+    // One record over the size limit is not a record at all.
+    let mut too_large = Vec::new();
+    let body = vec![0xAB; wire::MAX_CIPHERTEXT_LEN + 1];
+    wire::push_record(
+        &mut too_large,
+        ct::APPLICATION_DATA,
+        DTLS_1_2,
+        1,
+        99,
+        &[],
+        &body,
+    );
+    net.inject(from, &too_large);
+    assert_eq!(
+        net.server.metrics().records_malformed,
+        m0.records_malformed + 1
+    );
+    deliver_to_client(&mut net, 0, &flight4);
+    net.run_for(Duration::from_secs(5));
+    assert!(net.client_connected(0), "handshake did not complete");
+    assert_eq!(
+        net.server.metrics().records_bad_mac,
+        m0.records_bad_mac + est_dtls::MAX_FUTURE_RECORDS as u64,
+        "exactly the cap was kept"
+    );
+    assert_session_works(&mut net, 0, b"after early records");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Handshake fragments
 // ---------------------------------------------------------------------------------------------

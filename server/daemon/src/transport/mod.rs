@@ -20,6 +20,7 @@
 //! webrtc-dtls against the server; `openssl s_client`, Mbed TLS's `ssl_client2` (Connection
 //! ID, a NAT port change) and Go's pion/dtls against the engine (`interop_dtls.rs`).
 
+mod identities;
 mod server;
 mod socket;
 
@@ -213,7 +214,8 @@ pub struct DtlsServerConfig {
     /// and hands each datagram to a shard chosen by the Connection ID's shard byte (a record
     /// of content type tls12_cid) or else by a keyed hash of the peer (address and port, or
     /// join proxy and header). Every cap is shared out among the shards (rounded up) but the
-    /// per-identity limit, which holds per shard.
+    /// per-identity limit, which holds across the shards (their drivers share a registry of
+    /// the sessions per identity).
     pub engine_shards: usize,
     /// Established sessions waiting for [`DtlsListener::accept`]; over it a new session is
     /// closed at once (counted: `sessions_dropped_accept_queue_full`).

@@ -26,6 +26,10 @@
 //!
 //! Each shard sends on the shared sockets itself. A shard's CIDs start with the configured
 //! prefix and then its own index, so a meter whose NAT rebinds reaches its shard again.
+//! `max_sessions_per_identity` holds across the shards: their drivers share an
+//! [`IdentityRegistry`] of every established session per identity, and the shard whose new
+//! session pushes an identity over the limit closes the oldest wherever it is (its own shard
+//! at once, another through that shard's command queue).
 
 use std::collections::HashMap;
 use std::io;
@@ -37,6 +41,7 @@ use est_dtls::{ConnectionHandle, Endpoint, Event, IpPrefix, PeerAddr, RefusalRea
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use super::identities::{IdentityRegistry, ShardSession};
 use super::{
     build_engine_config, CipherSuiteName, CloseReason, DatagramSocket, DtlsServerConfig,
     PeerVerification, TransportError,
@@ -248,6 +253,9 @@ struct DriverCounters {
 enum Command {
     Send(ConnectionHandle, Vec<u8>),
     Close(ConnectionHandle),
+    /// Close a session because a newer one of its identity, on another shard, pushed it over
+    /// `max_sessions_per_identity`.
+    Supersede(ConnectionHandle),
     /// A new server certificate chain and key for the handshakes that start from now on.
     Credentials(Vec<Vec<u8>>, Arc<est_dtls::SigningKey>),
 }
@@ -259,6 +267,9 @@ struct SessionLink {
     queued_bytes: Arc<AtomicUsize>,
     closed_tx: watch::Sender<Option<CloseReason>>,
     peer: Arc<Mutex<PeerAddr>>,
+    /// The identity the session is registered under in [`Shared::identities`] (several
+    /// shards only).
+    identity: Option<Vec<u8>>,
 }
 
 struct Shared {
@@ -271,6 +282,10 @@ struct Shared {
     /// Each engine shard's command queue.
     commands: Vec<mpsc::Sender<Command>>,
     max_datagram: usize,
+    /// With several engine shards: every shard's established sessions per identity, so that
+    /// `max_sessions_per_identity` holds across them. `None` with one shard (its endpoint
+    /// enforces the limit alone).
+    identities: Option<IdentityRegistry>,
 }
 
 /// A DTLS server on one datagram socket.
@@ -345,6 +360,8 @@ impl DtlsListener {
             shutdown,
             commands: command_txs.clone(),
             max_datagram: config.mtu_bytes,
+            identities: (shards > 1)
+                .then(|| IdentityRegistry::new(config.max_sessions_per_identity)),
         });
         let mut tasks = Vec::with_capacity(shards + 1);
         let mut inboxes = Vec::new();
@@ -596,8 +613,10 @@ fn check_shards(engine: &est_dtls::ServerConfig, shards: usize) -> Result<(), Tr
 
 /// Shard `shard` of `shards`: the CIDs it issues carry its index after the configured prefix,
 /// and it holds its share of the caps (a host's or relay's peers spread over the shards, so
-/// the per-address and per-relay caps are shared out too; the per-identity limit holds per
-/// shard).
+/// the per-address and per-relay caps are shared out too). The per-identity limit stays whole
+/// in each shard's engine: the drivers' [`IdentityRegistry`] holds it across the shards, and
+/// an engine that reaches it alone (every session of the identity on its shard) replaces the
+/// same oldest session the registry would.
 fn shard_config(
     base: &est_dtls::ServerConfig,
     shard: usize,
@@ -853,6 +872,9 @@ impl<S: DatagramSocket> Driver<S> {
                 }
             }
             Command::Close(h) => self.endpoint.close(now(), h),
+            Command::Supersede(h) => {
+                self.endpoint.supersede(now(), h);
+            }
             Command::Credentials(chain, key) => {
                 self.endpoint.set_credentials(chain, key);
                 tracing::info!("DTLS server certificate replaced for new handshakes");
@@ -916,6 +938,7 @@ impl<S: DatagramSocket> Driver<S> {
                     self.endpoint.close(now(), h);
                     return;
                 }
+                let identity = self.register_identity(h);
                 self.sessions.insert(
                     h,
                     SessionLink {
@@ -923,6 +946,7 @@ impl<S: DatagramSocket> Driver<S> {
                         queued_bytes,
                         closed_tx,
                         peer,
+                        identity,
                     },
                 );
             }
@@ -953,11 +977,52 @@ impl<S: DatagramSocket> Driver<S> {
             }
             Event::Closed(h, reason) => {
                 if let Some(link) = self.sessions.remove(&h) {
+                    if let (Some(registry), Some(identity)) =
+                        (&self.shared.identities, &link.identity)
+                    {
+                        let session = ShardSession {
+                            shard: self.shard,
+                            handle: h,
+                        };
+                        registry.closed(identity, session);
+                    }
                     link.closed_tx
                         .send_replace(Some(CloseReason::from_engine(&reason)));
                 }
             }
         }
+    }
+
+    /// With several shards: counts a new session under its identity across every shard and
+    /// closes the oldest sessions it pushes over `max_sessions_per_identity`, on this shard at
+    /// once, on another through its command queue. Returns the identity it was counted under.
+    fn register_identity(&mut self, h: ConnectionHandle) -> Option<Vec<u8>> {
+        let registry = self.shared.identities.as_ref()?;
+        let identity = self.endpoint.identity(h)?.to_vec();
+        let session = ShardSession {
+            shard: self.shard,
+            handle: h,
+        };
+        for old in registry.established(&identity, session) {
+            if old.shard == self.shard {
+                self.endpoint.supersede(now(), old.handle);
+                continue;
+            }
+            let Some(tx) = self.shared.commands.get(old.shard) else {
+                continue;
+            };
+            if let Err(mpsc::error::TrySendError::Full(cmd)) =
+                tx.try_send(Command::Supersede(old.handle))
+            {
+                // The other shard's queue is full: the command waits for room rather than
+                // being lost (one small task per such session, never a busy wait).
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send(cmd).await;
+                });
+            }
+        }
+        Some(identity)
     }
 }
 
