@@ -598,44 +598,23 @@ fn private_oid_extensions_from_openssl_round_trip_to_identical_der() {
 /// A self-signed P-256 certificate with two private-OID extensions, from the openssl
 /// CLI; None when openssl is missing and CI is not set (panics under CI=true).
 fn openssl_cert_with_private_extensions() -> Option<Vec<u8>> {
-    use std::process::Command;
-    if Command::new("openssl").arg("version").output().is_err() {
-        assert!(
-            std::env::var("CI").map(|v| v != "true").unwrap_or(true),
-            "openssl is required under CI=true"
-        );
-        eprintln!("skipping: openssl not installed");
+    if !est_test_tools::require_tools(&["openssl"]) {
         return None;
     }
     let dir = std::env::temp_dir().join(format!("c509-oid-ext-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("k.pem");
-    let out = dir.join("c.der");
-    let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "30", "-subj", "/CN=private-oid-test"])
-        .args(["-addext", "1.3.6.1.4.1.99999.7=DER:0500"])
-        .args(["-addext", "1.3.6.1.4.1.99999.8=critical,DER:020101"])
-        .args(["-addext", "keyUsage=critical,digitalSignature"])
-        .args(["-outform", "DER", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    let der = std::fs::read(&out).unwrap();
+    let (_, pem) = est_test_tools::openssl::self_signed(
+        &dir,
+        "c",
+        "/CN=private-oid-test",
+        &[
+            "1.3.6.1.4.1.99999.7=DER:0500",
+            "1.3.6.1.4.1.99999.8=critical,DER:020101",
+            "keyUsage=critical,digitalSignature",
+        ],
+    )
+    .unwrap();
+    let der = est_test_tools::openssl::pem_to_der(&pem).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     Some(der)
 }

@@ -489,87 +489,20 @@ impl OpensslSession {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::net::{logged_udp, plaintext_handshake_type, LoggedUdp};
     use crate::testutil::{server, FakeEst};
-    use async_trait::async_trait;
     use std::net::SocketAddr;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::net::UdpSocket;
 
-    /// DTLS handshake message type of a datagram's first record, if it is a plaintext handshake
-    /// record (content type 22, epoch 0).
-    fn handshake_type(d: &[u8]) -> Option<u8> {
-        (d.first() == Some(&22) && d.get(3..5) == Some(&[0, 0])).then(|| d.get(13).copied())?
+    async fn udp(server: SocketAddr, drop_types: Vec<u8>) -> Arc<LoggedUdp> {
+        logged_udp(server, drop_types).await.unwrap()
     }
 
-    /// A UDP connection that drops the first client datagram carrying each listed handshake
-    /// message type, and counts what it sends by type.
-    struct DroppingUdp {
-        socket: UdpSocket,
-        server: SocketAddr,
-        drop_types: Mutex<Vec<u8>>,
-        sent: Mutex<Vec<u8>>,
-        first_client_hello: Mutex<Vec<u8>>,
-        dropped: AtomicUsize,
-        largest: AtomicUsize,
-    }
-
-    #[async_trait]
-    impl Conn for DroppingUdp {
-        async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
-            Ok(())
-        }
-        async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
-            Ok(self.socket.recv(buf).await?)
-        }
-        async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-            Ok((self.socket.recv(buf).await?, self.server))
-        }
-        async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
-            self.largest.fetch_max(buf.len(), Ordering::Relaxed);
-            if let Some(t) = handshake_type(buf) {
-                self.sent.lock().unwrap().push(t);
-                let mut ch = self.first_client_hello.lock().unwrap();
-                if t == 1 && ch.is_empty() {
-                    ch.extend_from_slice(buf);
-                }
-                let mut drop = self.drop_types.lock().unwrap();
-                if let Some(i) = drop.iter().position(|x| *x == t) {
-                    drop.remove(i);
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                    return Ok(buf.len());
-                }
-            }
-            Ok(self.socket.send(buf).await?)
-        }
-        async fn send_to(&self, buf: &[u8], _t: SocketAddr) -> webrtc_util::Result<usize> {
-            self.send(buf).await
-        }
-        fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
-            Ok(self.socket.local_addr()?)
-        }
-        fn remote_addr(&self) -> Option<SocketAddr> {
-            Some(self.server)
-        }
-        async fn close(&self) -> webrtc_util::Result<()> {
-            Ok(())
-        }
-        fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
-            self
-        }
-    }
-
-    async fn udp(server: SocketAddr, drop_types: Vec<u8>) -> Arc<DroppingUdp> {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        socket.connect(server).await.unwrap();
-        Arc::new(DroppingUdp {
-            socket,
-            server,
-            drop_types: Mutex::new(drop_types),
-            sent: Mutex::new(Vec::new()),
-            first_client_hello: Mutex::new(Vec::new()),
-            dropped: AtomicUsize::new(0),
-            largest: AtomicUsize::new(0),
-        })
+    /// The handshake message types of what the client sent (dropped datagrams included).
+    fn sent_types(conn: &LoggedUdp) -> Vec<u8> {
+        let sent = conn.tap().sent();
+        sent.iter()
+            .filter_map(|d| plaintext_handshake_type(d))
+            .collect()
     }
 
     fn cfg(srv: &server::TestServer) -> DtlsClientConfig {
@@ -606,13 +539,18 @@ mod tests {
         );
         // ClientHello twice (HelloVerifyRequest cookie exchange), then the client's flight 5
         // starting with its Certificate.
-        let sent = conn.sent.lock().unwrap().clone();
+        let sent = sent_types(&conn);
         assert_eq!(sent.iter().filter(|t| **t == 1).count(), 2, "{sent:?}");
         assert!(sent.contains(&11), "{sent:?}");
         // The ClientHello offers exactly the profile: TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8 (+ the
         // renegotiation SCSV), secp256r1 only, ecdsa_secp256r1_sha256 only, extended master
         // secret.
-        let ch = conn.first_client_hello.lock().unwrap().clone();
+        let ch = conn
+            .tap()
+            .sent()
+            .into_iter()
+            .find(|d| plaintext_handshake_type(d) == Some(1))
+            .unwrap();
         let has = |needle: &[u8]| ch.windows(needle.len()).any(|w| w == needle);
         // DTLS record header 13 B, handshake header 12 B, client_version 2 B, random 32 B, then
         // session_id, cookie and the cipher suites (RFC 6347 §4.2.1).
@@ -687,8 +625,8 @@ mod tests {
             .await
             .unwrap();
         let took = t.elapsed();
-        assert_eq!(conn.dropped.load(Ordering::Relaxed), 2);
-        let sent = conn.sent.lock().unwrap().clone();
+        assert_eq!(conn.tap().dropped(), 2);
+        let sent = sent_types(&conn);
         // CH (dropped), CH again after the timer, CH with the cookie; Certificate twice. One
         // more resend is allowed: on a loaded box the server may answer after the 1 s timer.
         let count = |ty: u8| sent.iter().filter(|t| **t == ty).count();
@@ -711,10 +649,10 @@ mod tests {
         let mut c = cfg(&srv);
         c.mtu = 300;
         let s = connect(conn.clone(), &c, &cred(&dev)).await.unwrap();
-        let largest = conn.largest.load(Ordering::Relaxed);
+        let largest = conn.tap().sent().iter().map(Vec::len).max().unwrap_or(0);
         assert!(largest <= 300, "{largest}");
         // The client's Certificate message (IDevID chain) needed several fragments.
-        let sent = conn.sent.lock().unwrap().clone();
+        let sent = sent_types(&conn);
         assert!(sent.iter().filter(|t| **t == 11).count() >= 2, "{sent:?}");
         s.close().await;
     }

@@ -795,6 +795,18 @@ impl ConnectedUdp {
         socket.connect(server).await?;
         Ok(ConnectedUdp { socket, server })
     }
+
+    /// Connects to `server` from an ephemeral port of the matching family: loopback for a
+    /// loopback server, the unspecified address otherwise.
+    pub async fn to(server: SocketAddr) -> std::io::Result<ConnectedUdp> {
+        let bind = match (server.is_ipv4(), server.ip().is_loopback()) {
+            (true, true) => SocketAddr::from(([127, 0, 0, 1], 0)),
+            (true, false) => SocketAddr::from(([0, 0, 0, 0], 0)),
+            (false, true) => SocketAddr::from((Ipv6Addr::LOCALHOST, 0)),
+            (false, false) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+        };
+        ConnectedUdp::connect(bind, server).await
+    }
 }
 
 #[async_trait]
@@ -822,6 +834,169 @@ impl Conn for ConnectedUdp {
     }
     async fn close(&self) -> webrtc_util::Result<()> {
         Ok(())
+    }
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+/// Watches, and may drop, the datagrams of a [`Tapped`] connection: how tests and the load
+/// generator count, record or lose traffic on a real socket without writing another [`Conn`].
+pub trait Tap: Send + Sync + 'static {
+    /// Called with each datagram before it is sent; `false` drops it (the sender is told it
+    /// went, as a lossy network would).
+    fn on_send(&self, datagram: &[u8]) -> bool {
+        let _ = datagram;
+        true
+    }
+
+    /// Called with each datagram received.
+    fn on_recv(&self, datagram: &[u8]) {
+        let _ = datagram;
+    }
+}
+
+impl<T: Tap + ?Sized> Tap for Arc<T> {
+    fn on_send(&self, datagram: &[u8]) -> bool {
+        (**self).on_send(datagram)
+    }
+
+    fn on_recv(&self, datagram: &[u8]) {
+        (**self).on_recv(datagram)
+    }
+}
+
+/// DTLS handshake message type of a datagram's first record, if that record is a plaintext
+/// handshake record (content type 22, epoch 0).
+pub fn plaintext_handshake_type(datagram: &[u8]) -> Option<u8> {
+    (datagram.first() == Some(&22) && datagram.get(3..5) == Some(&[0, 0]))
+        .then(|| datagram.get(13).copied())?
+}
+
+/// A [`Tap`] for wire-level checks of a DTLS client: keeps every datagram both ways, and drops
+/// the first outgoing datagram whose first record is a plaintext handshake message of each
+/// listed type (so a test can lose, say, the first ClientHello and the first Certificate).
+#[derive(Debug, Default)]
+pub struct WireLog {
+    drop_types: Mutex<Vec<u8>>,
+    sent: Mutex<Vec<Vec<u8>>>,
+    received: Mutex<Vec<Vec<u8>>>,
+    dropped: AtomicU32,
+}
+
+impl WireLog {
+    /// A log that drops the first outgoing datagram of each handshake type in `types`.
+    pub fn dropping(types: Vec<u8>) -> WireLog {
+        WireLog {
+            drop_types: Mutex::new(types),
+            ..WireLog::default()
+        }
+    }
+
+    /// Every datagram the client sent, dropped ones included, in order.
+    pub fn sent(&self) -> Vec<Vec<u8>> {
+        lock(&self.sent).clone()
+    }
+
+    /// Every datagram the client received, in order.
+    pub fn received(&self) -> Vec<Vec<u8>> {
+        lock(&self.received).clone()
+    }
+
+    /// How many datagrams were dropped.
+    pub fn dropped(&self) -> u32 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl Tap for WireLog {
+    fn on_send(&self, datagram: &[u8]) -> bool {
+        lock(&self.sent).push(datagram.to_vec());
+        if let Some(t) = plaintext_handshake_type(datagram) {
+            let mut drop = lock(&self.drop_types);
+            if let Some(i) = drop.iter().position(|x| *x == t) {
+                drop.remove(i);
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+        }
+        true
+    }
+
+    fn on_recv(&self, datagram: &[u8]) {
+        lock(&self.received).push(datagram.to_vec());
+    }
+}
+
+/// A connected UDP socket with a [`WireLog`] on it.
+pub type LoggedUdp = Tapped<ConnectedUdp, WireLog>;
+
+/// A [`LoggedUdp`] from loopback to `server`, dropping the first datagram of each of `types`.
+pub async fn logged_udp(server: SocketAddr, types: Vec<u8>) -> std::io::Result<Arc<LoggedUdp>> {
+    Ok(Arc::new(Tapped::new(
+        ConnectedUdp::to(server).await?,
+        WireLog::dropping(types),
+    )))
+}
+
+/// A [`Conn`] that passes everything through to `inner` and shows each datagram to a [`Tap`].
+pub struct Tapped<C, T> {
+    inner: C,
+    tap: T,
+}
+
+impl<C, T> Tapped<C, T> {
+    /// Wraps `inner`, showing its datagrams to `tap`.
+    pub fn new(inner: C, tap: T) -> Self {
+        Tapped { inner, tap }
+    }
+
+    /// The tap, to read what it saw.
+    pub fn tap(&self) -> &T {
+        &self.tap
+    }
+
+    /// The wrapped connection.
+    pub fn inner(&self) -> &C {
+        &self.inner
+    }
+}
+
+#[async_trait]
+impl<C: Conn + Send + Sync + 'static, T: Tap> Conn for Tapped<C, T> {
+    async fn connect(&self, addr: SocketAddr) -> webrtc_util::Result<()> {
+        self.inner.connect(addr).await
+    }
+    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        let n = self.inner.recv(buf).await?;
+        self.tap.on_recv(buf.get(..n).unwrap_or_default());
+        Ok(n)
+    }
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let (n, from) = self.inner.recv_from(buf).await?;
+        self.tap.on_recv(buf.get(..n).unwrap_or_default());
+        Ok((n, from))
+    }
+    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+        if !self.tap.on_send(buf) {
+            return Ok(buf.len());
+        }
+        self.inner.send(buf).await
+    }
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        if !self.tap.on_send(buf) {
+            return Ok(buf.len());
+        }
+        self.inner.send_to(buf, target).await
+    }
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        self.inner.remote_addr()
+    }
+    async fn close(&self) -> webrtc_util::Result<()> {
+        self.inner.close().await
     }
     fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
         self

@@ -16,17 +16,14 @@ mod support;
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use client_sim::dtls::{connect_session, DtlsBackend, DtlsClientConfig};
 use client_sim::meter::{Credential, FailureReason};
+use client_sim::net::{logged_udp, plaintext_handshake_type, LoggedUdp};
 use client_sim::pki;
 use support::backend;
-use tokio::net::UdpSocket;
-use webrtc_util::conn::Conn;
 
 fn dimpl_dtls(trust_anchors_der: Vec<Vec<u8>>) -> DtlsClientConfig {
     DtlsClientConfig {
@@ -61,83 +58,15 @@ async fn dimpl_meter_with_a_wrong_trust_anchor_fails_the_handshake() {
 // ---------------------------------------------------------------------------------------------
 // Wire-level checks over a plain UDP socket that records (and can drop) datagrams.
 
-/// DTLS handshake message type of a datagram's first record, if it is a plaintext handshake
-/// record (content type 22, epoch 0).
-fn handshake_type(d: &[u8]) -> Option<u8> {
-    (d.first() == Some(&22) && d.get(3..5) == Some(&[0, 0])).then(|| d.get(13).copied())?
-}
-
-/// A UDP connection to the server that drops the first client datagram starting with each
-/// listed handshake message type, and keeps every datagram both ways.
-struct WireUdp {
-    socket: UdpSocket,
-    server: SocketAddr,
-    drop_types: Mutex<Vec<u8>>,
-    sent: Mutex<Vec<Vec<u8>>>,
-    received: Mutex<Vec<Vec<u8>>>,
-    dropped: AtomicUsize,
-}
-
-#[async_trait]
-impl Conn for WireUdp {
-    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
-        Ok(())
-    }
-    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
-        let n = self.socket.recv(buf).await?;
-        self.received.lock().unwrap().push(buf[..n].to_vec());
-        Ok(n)
-    }
-    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        Ok((self.recv(buf).await?, self.server))
-    }
-    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
-        self.sent.lock().unwrap().push(buf.to_vec());
-        if let Some(t) = handshake_type(buf) {
-            let mut drop = self.drop_types.lock().unwrap();
-            if let Some(i) = drop.iter().position(|x| *x == t) {
-                drop.remove(i);
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                return Ok(buf.len());
-            }
-        }
-        Ok(self.socket.send(buf).await?)
-    }
-    async fn send_to(&self, buf: &[u8], _t: SocketAddr) -> webrtc_util::Result<usize> {
-        self.send(buf).await
-    }
-    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
-        Ok(self.socket.local_addr()?)
-    }
-    fn remote_addr(&self) -> Option<SocketAddr> {
-        Some(self.server)
-    }
-    async fn close(&self) -> webrtc_util::Result<()> {
-        Ok(())
-    }
-    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
-        self
-    }
-}
-
-async fn wire(server: SocketAddr, drop_types: Vec<u8>) -> Arc<WireUdp> {
-    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    socket.connect(server).await.unwrap();
-    Arc::new(WireUdp {
-        socket,
-        server,
-        drop_types: Mutex::new(drop_types),
-        sent: Mutex::new(Vec::new()),
-        received: Mutex::new(Vec::new()),
-        dropped: AtomicUsize::new(0),
-    })
+async fn wire(server: SocketAddr, drop_types: Vec<u8>) -> Arc<LoggedUdp> {
+    logged_udp(server, drop_types).await.unwrap()
 }
 
 /// The body of the first plaintext handshake message of `types` found in `datagrams` (first
 /// record of a datagram, unfragmented: fragment offset 0, fragment length = length).
 fn handshake_body(datagrams: &[Vec<u8>], msg_type: u8) -> Option<Vec<u8>> {
     datagrams.iter().find_map(|d| {
-        if handshake_type(d) != Some(msg_type) {
+        if plaintext_handshake_type(d) != Some(msg_type) {
             return None;
         }
         let len = u32::from_be_bytes([0, d[14], d[15], d[16]]) as usize;
@@ -172,10 +101,10 @@ async fn dimpl_wire_profile_and_lost_flights_resent_on_dimpl_timer() {
     let t = Instant::now();
     let s = connect_session(conn.clone(), &cfg, &cred).await.unwrap();
     let took = t.elapsed();
-    assert_eq!(conn.dropped.load(Ordering::Relaxed), 2);
-    let sent = conn.sent.lock().unwrap().clone();
-    let received = conn.received.lock().unwrap().clone();
-    let types: Vec<Option<u8>> = sent.iter().map(|d| handshake_type(d)).collect();
+    assert_eq!(conn.tap().dropped(), 2);
+    let sent = conn.tap().sent();
+    let received = conn.tap().received();
+    let types: Vec<Option<u8>> = sent.iter().map(|d| plaintext_handshake_type(d)).collect();
     // ClientHello (lost), again on the timer, with the cookie; Certificate twice. At least: the
     // timer's first expiry can come at 375 ms, and a server slowed by a loaded box may answer a
     // resent flight after that, so one more resend is correct behaviour, not a failure.
@@ -246,11 +175,13 @@ async fn dimpl_refuses_a_wrong_server_name_before_its_second_flight() {
         "{e:?}"
     );
     // Nothing but ClientHellos left the client: no Certificate, no key exchange.
-    let sent = conn.sent.lock().unwrap().clone();
+    let sent = conn.tap().sent();
     assert!(
-        sent.iter().all(|d| handshake_type(d) == Some(1)),
+        sent.iter().all(|d| plaintext_handshake_type(d) == Some(1)),
         "{:?}",
-        sent.iter().map(|d| handshake_type(d)).collect::<Vec<_>>()
+        sent.iter()
+            .map(|d| plaintext_handshake_type(d))
+            .collect::<Vec<_>>()
     );
     // The same server, the right name: the handshake completes.
     let conn = wire(srv.listen, Vec::new()).await;
@@ -297,18 +228,18 @@ async fn dimpl_handshake_datagrams_fit_the_mtu() {
     let s = connect_session(conn.clone(), &cfg, &credential(&fleet.devices[0]))
         .await
         .unwrap();
-    let sent = conn.sent.lock().unwrap().clone();
+    let sent = conn.tap().sent();
     let largest = sent.iter().map(Vec::len).max().unwrap();
     assert!(largest <= 300, "{largest}");
     // The client's Certificate message (the IDevID) needed several fragments.
     assert!(
         sent.iter()
-            .filter(|d| handshake_type(d) == Some(11))
+            .filter(|d| plaintext_handshake_type(d) == Some(11))
             .count()
             >= 2,
         "{:?}",
         sent.iter()
-            .map(|d| (handshake_type(d), d.len()))
+            .map(|d| (plaintext_handshake_type(d), d.len()))
             .collect::<Vec<_>>()
     );
     s.close().await;

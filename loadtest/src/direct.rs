@@ -14,9 +14,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use tokio::net::UdpSocket;
-use webrtc_util::conn::Conn;
+use client_sim::net::{ConnectedUdp, Tap, Tapped};
 
 /// Datagram and byte counters of one meter (all its sessions), up = meter -> server.
 #[derive(Debug, Default)]
@@ -40,80 +38,31 @@ impl Counters {
     }
 }
 
+impl Tap for Counters {
+    fn on_send(&self, datagram: &[u8]) -> bool {
+        self.up_bytes
+            .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+        self.up_datagrams.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn on_recv(&self, datagram: &[u8]) {
+        self.down_bytes
+            .fetch_add(datagram.len() as u64, Ordering::Relaxed);
+        self.down_datagrams.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// A UDP socket connected to the server, counting what passes.
-pub(crate) struct CountingUdp {
-    socket: UdpSocket,
+pub(crate) type CountingUdp = Tapped<ConnectedUdp, Arc<Counters>>;
+
+/// Connects a [`CountingUdp`] to `server`.
+pub(crate) async fn connect(
     server: SocketAddr,
     counters: Arc<Counters>,
-}
-
-impl CountingUdp {
-    pub(crate) async fn connect(
-        server: SocketAddr,
-        counters: Arc<Counters>,
-    ) -> std::io::Result<Arc<CountingUdp>> {
-        let bind = match (server.is_ipv4(), server.ip().is_loopback()) {
-            (true, true) => SocketAddr::from(([127, 0, 0, 1], 0)),
-            (true, false) => SocketAddr::from(([0, 0, 0, 0], 0)),
-            (false, true) => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0)),
-            (false, false) => SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)),
-        };
-        let socket = UdpSocket::bind(bind).await?;
-        socket.connect(server).await?;
-        Ok(Arc::new(CountingUdp {
-            socket,
-            server,
-            counters,
-        }))
-    }
-}
-
-#[async_trait]
-impl Conn for CountingUdp {
-    async fn connect(&self, _addr: SocketAddr) -> webrtc_util::Result<()> {
-        Ok(())
-    }
-
-    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
-        let n = self.socket.recv(buf).await?;
-        self.counters
-            .down_bytes
-            .fetch_add(n as u64, Ordering::Relaxed);
-        self.counters.down_datagrams.fetch_add(1, Ordering::Relaxed);
-        Ok(n)
-    }
-
-    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        let n = Conn::recv(self, buf).await?;
-        Ok((n, self.server))
-    }
-
-    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
-        let n = self.socket.send(buf).await?;
-        self.counters
-            .up_bytes
-            .fetch_add(n as u64, Ordering::Relaxed);
-        self.counters.up_datagrams.fetch_add(1, Ordering::Relaxed);
-        Ok(n)
-    }
-
-    async fn send_to(&self, buf: &[u8], _target: SocketAddr) -> webrtc_util::Result<usize> {
-        Conn::send(self, buf).await
-    }
-
-    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
-        Ok(self.socket.local_addr()?)
-    }
-
-    fn remote_addr(&self) -> Option<SocketAddr> {
-        Some(self.server)
-    }
-
-    async fn close(&self) -> webrtc_util::Result<()> {
-        Ok(())
-    }
-
-    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
-        self
-    }
+) -> std::io::Result<Arc<CountingUdp>> {
+    Ok(Arc::new(Tapped::new(
+        ConnectedUdp::to(server).await?,
+        counters,
+    )))
 }

@@ -27,7 +27,7 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use crate::direct::{Counters, CountingUdp};
+use crate::direct::{self, Counters};
 use crate::server::{sample, ProcSample};
 
 /// How the meters' datagrams reach the server.
@@ -336,7 +336,7 @@ async fn discover_once(
     };
     let counters = Arc::new(Counters::default());
     let conn: Arc<dyn webrtc_util::Conn + Send + Sync> = match transport {
-        Transport::Direct => match CountingUdp::connect(t.addr, counters.clone()).await {
+        Transport::Direct => match direct::connect(t.addr, counters.clone()).await {
             Ok(c) => c,
             Err(e) => return fail(format!("i/o: {e}"), &link, &counters),
         },
@@ -486,7 +486,7 @@ async fn one_exchange(ctx: &Ctx, seed: u64) -> Option<Sample> {
                         let c = c.clone();
                         async move {
                             let conn: Arc<dyn webrtc_util::Conn + Send + Sync> =
-                                CountingUdp::connect(server, c).await?;
+                                direct::connect(server, c).await?;
                             Ok(conn)
                         }
                     };

@@ -141,30 +141,11 @@ fn verifier(ca_der: Vec<u8>) -> est_dtls::ChainVerifier {
         let ca = rustls_pki_types::CertificateDer::from(ca_der.as_slice());
         let anchor = webpki::anchor_from_trusted_cert(&ca)
             .map_err(|e| CertError::BadCertificate(e.to_string()))?;
-        let leaf_der = chain
-            .first()
-            .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
-            .ok_or_else(|| CertError::BadCertificate("no certificate".into()))?;
-        let leaf = webpki::EndEntityCert::try_from(&leaf_der)
-            .map_err(|e| CertError::BadCertificate(e.to_string()))?;
-        let intermediates: Vec<rustls_pki_types::CertificateDer<'_>> = chain
-            .iter()
-            .skip(1)
-            .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
-            .collect();
-        leaf.verify_for_usage(
-            &[webpki::ring::ECDSA_P256_SHA256],
+        est_server::transport::verify_client_chain(
             &[anchor],
-            &intermediates,
+            chain,
             rustls_pki_types::UnixTime::now(),
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| match e {
-            webpki::Error::UnknownIssuer => CertError::UnknownCa(e.to_string()),
-            other => CertError::BadCertificate(other.to_string()),
-        })?;
+        )?;
         Ok(Verified {
             identity: Vec::new(),
             context: None,

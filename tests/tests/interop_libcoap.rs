@@ -369,71 +369,32 @@ async fn no_certificate_or_unknown_manufacturer_fails_the_handshake() {
     handshake_refused(&srv, None).await;
     // A device certificate from a manufacturer we do not trust, made by openssl.
     let w = bad_request_dir(&srv);
-    let p = |n: &str| w.join(n);
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        path_str(&p("rogue.key")).unwrap(),
-        "-subj",
+    let (ca_key, ca_cert) = est_test_tools::openssl::self_signed(
+        &w,
+        "rogue",
         "/CN=Rogue Maker CA",
-        "-days",
-        "30",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign",
-        "-out",
-        path_str(&p("rogue.pem")).unwrap(),
-    ])
-    .unwrap();
-    openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        path_str(&p("dev.key")).unwrap(),
-        "-subj",
-        "/serialNumber=SNROGUE",
-        "-out",
-        path_str(&p("dev.csr")).unwrap(),
-    ])
-    .unwrap();
-    std::fs::write(
-        p("ext.cnf"),
-        "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n",
+        &[
+            "basicConstraints=critical,CA:TRUE",
+            "keyUsage=critical,keyCertSign",
+        ],
     )
     .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        path_str(&p("dev.csr")).unwrap(),
-        "-CA",
-        path_str(&p("rogue.pem")).unwrap(),
-        "-CAkey",
-        path_str(&p("rogue.key")).unwrap(),
-        "-CAcreateserial",
-        "-days",
-        "30",
-        "-extfile",
-        path_str(&p("ext.cnf")).unwrap(),
-        "-out",
-        path_str(&p("dev.pem")).unwrap(),
-    ])
+    let (dev_key, dev_csr) =
+        est_test_tools::openssl::csr(&w, "dev", "/serialNumber=SNROGUE").unwrap();
+    let dev_cert = est_test_tools::openssl::sign(
+        &w,
+        "dev",
+        &dev_csr,
+        (&ca_key, &ca_cert),
+        &[
+            "extendedKeyUsage=clientAuth",
+            "keyUsage=critical,digitalSignature",
+        ],
+    )
     .unwrap();
     let rogue = Creds {
-        cert: &p("dev.pem"),
-        key: &p("dev.key"),
+        cert: &dev_cert,
+        key: &dev_key,
         trust: &trust,
     };
     handshake_refused(&srv, Some(&rogue)).await;

@@ -20,7 +20,10 @@ use est_proto::coap::CoapConfig;
 use est_proto::est::EstService;
 use est_proto::policy::{Policy, VerifiedChain};
 use est_proto::session::{CommitId, EstSession, Event, Peer};
+// The monotonic clock of the CoAP/EST timers is tokio's, as the transport driver's, so that
+// both follow a paused or simulated clock together.
 use est_proto::store::{unix_seconds, AuditEvent, Commit, CommitResult, Store, UtcDateTime};
+use est_relay::tokio_clock::{now, sleep_until};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -812,12 +815,6 @@ fn relay_of(peer: &est_dtls::PeerAddr, relays: &[est_dtls::IpPrefix]) -> Option<
     }
 }
 
-/// The monotonic clock of the CoAP/EST timers: tokio's, as the transport driver's, so that
-/// both follow a paused or simulated clock together.
-fn now() -> std::time::Instant {
-    tokio::time::Instant::now().into_std()
-}
-
 /// One session's task: feeds the session's datagrams, timer and commit results to its
 /// [`EstSession`], and performs what it asks.
 async fn serve_session(
@@ -924,7 +921,7 @@ async fn serve_session(
             Some((id, result)) = recv_commit_result(&mut results) => {
                 core.complete_commit(now(), id, *result)
             }
-            _ = sleep_until_std(deadline) => core.handle_timeout(now()),
+            _ = sleep_until(deadline) => core.handle_timeout(now()),
         }
     }
     counters.coap.end(&coap_seen);
@@ -943,13 +940,6 @@ async fn recv_commit_result(
 ) -> Option<(CommitId, Box<CommitResult>)> {
     match results {
         Some((_, rx)) => rx.recv().await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until_std(deadline: Option<std::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
         None => std::future::pending().await,
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use client_sim::dtls;
 use client_sim::meter::FailureReason;
+use client_sim::net::{Tapped, WireLog};
 use est_server::transport::CertError;
 use est_server::transport::{
     CipherSuiteName, ClientChainVerifier, CloseReason, DtlsListener, DtlsServerConfig, DtlsSession,
@@ -841,54 +842,17 @@ async fn concurrent_handshakes_pass_a_stalled_one_and_leave_nothing_behind() {
     assert_eq!(m.tombstones_now, 0, "{m:?}");
 }
 
-/// A `Conn` that remembers what the client sent, to replay its flight 5 by hand.
-struct RecordingConn {
-    inner: SocketConn<UdpSocket>,
-    sent: std::sync::Mutex<Vec<Vec<u8>>>,
-}
-
-#[async_trait::async_trait]
-impl Conn for RecordingConn {
-    async fn connect(&self, addr: SocketAddr) -> webrtc_util::Result<()> {
-        self.inner.connect(addr).await
-    }
-    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
-        self.inner.recv(buf).await
-    }
-    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        self.inner.recv_from(buf).await
-    }
-    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
-        self.sent.lock().unwrap().push(buf.to_vec());
-        self.inner.send(buf).await
-    }
-    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        self.inner.send_to(buf, target).await
-    }
-    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-    fn remote_addr(&self) -> Option<SocketAddr> {
-        self.inner.remote_addr()
-    }
-    async fn close(&self) -> webrtc_util::Result<()> {
-        self.inner.close().await
-    }
-    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
-        self
-    }
-}
-
 #[tokio::test]
 async fn final_flight_resend_is_rate_limited_and_released_by_application_data() {
     let pki = TestPki::generate();
     let (listener, addr) = start_server(pki.server_config()).await;
     let _echo = spawn_echo(Arc::clone(&listener));
     let socket = client_socket().await;
-    let recording = Arc::new(RecordingConn {
-        inner: SocketConn::new(Arc::clone(&socket), addr),
-        sent: std::sync::Mutex::new(Vec::new()),
-    });
+    // Remembers what the client sent, to replay its flight 5 by hand.
+    let recording = Arc::new(Tapped::new(
+        SocketConn::new(Arc::clone(&socket), addr),
+        WireLog::default(),
+    ));
     let conn = pki
         .device_config("127.0.0.1")
         .connect(Arc::clone(&recording) as Arc<dyn Conn + Send + Sync>)
@@ -897,7 +861,7 @@ async fn final_flight_resend_is_rate_limited_and_released_by_application_data() 
         .conn;
     wait_for(|| listener.metrics().sessions_now == 1).await;
     // The client's last handshake datagram belongs to its flight 5 (… ChangeCipherSpec, Finished).
-    let flight5_tail = recording.sent.lock().unwrap().last().unwrap().clone();
+    let flight5_tail = recording.tap().sent().last().unwrap().clone();
     let resends = || listener.metrics().final_flight_resends;
     assert_eq!(resends(), 0);
 

@@ -236,6 +236,23 @@ pub struct Record<'a> {
     pub fragment: &'a [u8],
 }
 
+impl Record<'_> {
+    /// Appends this record's header (content type, version, epoch, sequence number, CID) with
+    /// `fragment` as its body, which may differ from the parsed one: how tests re-encode a
+    /// record they altered, and the fuzz target checks that parsing round-trips.
+    pub fn push_with(&self, out: &mut Vec<u8>, fragment: &[u8]) {
+        push_record(
+            out,
+            self.content_type,
+            self.version,
+            self.epoch,
+            self.seq,
+            self.cid,
+            fragment,
+        );
+    }
+}
+
 /// Splits a datagram into records (RFC 6347 §4.1.1: several may share a datagram, none spans
 /// two). `cid_len` is the length of the connection IDs this side issues; `tls12_cid` records
 /// are refused when it is 0. Stops at the first malformed record.

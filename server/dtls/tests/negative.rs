@@ -118,15 +118,7 @@ fn rewrite_plain_handshakes(d: &[u8], mut f: impl FnMut(u8, &mut Vec<u8>)) -> Ve
                 payload.extend(wire::handshake_message(fr.msg_type, fr.message_seq, &body));
             }
         }
-        wire::push_record(
-            &mut out,
-            rec.content_type,
-            rec.version,
-            rec.epoch,
-            rec.seq,
-            rec.cid,
-            &payload,
-        );
+        rec.push_with(&mut out, &payload);
     }
     out
 }
@@ -587,15 +579,7 @@ fn overlapping(d: Vec<u8>, rewritten: &mut usize) -> Vec<Vec<u8>> {
             Vec::new()
         };
         if frags.is_empty() || frags.iter().any(|f| f.msg_type == hs::CLIENT_HELLO) {
-            wire::push_record(
-                &mut rest,
-                rec.content_type,
-                rec.version,
-                rec.epoch,
-                rec.seq,
-                rec.cid,
-                rec.fragment,
-            );
+            rec.push_with(&mut rest, rec.fragment);
             continue;
         }
         for f in frags {
@@ -1232,15 +1216,7 @@ fn a_finished_from_a_new_address_moves_the_handshake_without_an_address_event() 
         } else {
             &mut plain
         };
-        wire::push_record(
-            out,
-            rec.content_type,
-            rec.version,
-            rec.epoch,
-            rec.seq,
-            rec.cid,
-            rec.fragment,
-        );
+        rec.push_with(out, rec.fragment);
     }
     assert!(!protected.is_empty(), "the Finished travels as tls12_cid");
     net.inject(client_addr(0), &plain);

@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::FileConfig;
 use crate::relay::{CircuitId, Destination, DropReason, Event, Metrics, Mode, Relay};
+use crate::tokio_clock::{now, sleep_until};
 use crate::MeterAddr;
 
 /// Datagrams queued from the reader tasks to the core.
@@ -232,10 +233,6 @@ struct Driver {
     metrics_every: Duration,
 }
 
-fn now() -> std::time::Instant {
-    tokio::time::Instant::now().into_std()
-}
-
 impl Driver {
     async fn run(mut self, mut rx: mpsc::Receiver<Inbound>, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(if self.metrics_every.is_zero() {
@@ -246,16 +243,7 @@ impl Driver {
         tick.tick().await;
         let mut snap_tick = tokio::time::interval(Duration::from_millis(100));
         loop {
-            let deadline = self
-                .relay
-                .poll_timeout()
-                .map(tokio::time::Instant::from_std);
-            let timer = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let timer = sleep_until(self.relay.poll_timeout());
             tokio::select! {
                 biased;
                 _ = stop.wait_for(|s| *s) => break,

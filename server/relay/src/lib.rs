@@ -37,6 +37,7 @@ pub mod header;
 pub mod jpy;
 pub mod ratelimit;
 pub mod relay;
+pub mod tokio_clock;
 
 pub use header::{HeaderKeys, MeterAddr, OpenError, SealedHeader};
 pub use ratelimit::Rate;

@@ -25,15 +25,7 @@ fuzz_target!(|data: &[u8]| {
                 first = Some((rec.content_type, rec.epoch, rec.cid.to_vec()));
             }
             let mut out = Vec::new();
-            wire::push_record(
-                &mut out,
-                rec.content_type,
-                rec.version,
-                rec.epoch,
-                rec.seq,
-                rec.cid,
-                rec.fragment,
-            );
+            rec.push_with(&mut out, rec.fragment);
             assert_eq!(
                 data.get(consumed..consumed + out.len()),
                 Some(out.as_slice()),

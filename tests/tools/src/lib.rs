@@ -334,6 +334,92 @@ pub mod openssl {
         Ok((key, csr))
     }
 
+    /// A fresh P-256 key and a self-signed certificate for `subject`, valid 30 days, with the
+    /// `-addext` extensions given (e.g. "basicConstraints=critical,CA:TRUE"), as
+    /// `dir/<name>.key` and `dir/<name>.pem`.
+    pub fn self_signed(
+        dir: &Path,
+        name: &str,
+        subject: &str,
+        extensions: &[&str],
+    ) -> Result<(PathBuf, PathBuf), String> {
+        let key = dir.join(format!("{name}.key"));
+        let cert = dir.join(format!("{name}.pem"));
+        let mut args = vec![
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "30",
+            "-subj",
+            subject,
+            "-keyout",
+            s(&key)?,
+            "-out",
+            s(&cert)?,
+        ];
+        for e in extensions {
+            args.extend(["-addext", e]);
+        }
+        run(&args)?;
+        Ok((key, cert))
+    }
+
+    /// Signs the DER CSR `csr` with `ca_key`/`ca_cert` (PEM) for 30 days, with the extension
+    /// lines given (openssl `-extfile` syntax, e.g. "extendedKeyUsage=clientAuth"), as
+    /// `dir/<name>.pem`.
+    pub fn sign(
+        dir: &Path,
+        name: &str,
+        csr: &Path,
+        (ca_key, ca_cert): (&Path, &Path),
+        extension_lines: &[&str],
+    ) -> Result<PathBuf, String> {
+        let ext = dir.join(format!("{name}.ext.cnf"));
+        std::fs::write(&ext, extension_lines.join("\n") + "\n")
+            .map_err(|e| format!("writing {}: {e}", ext.display()))?;
+        let cert = dir.join(format!("{name}.pem"));
+        run(&[
+            "x509",
+            "-req",
+            "-inform",
+            "DER",
+            "-in",
+            s(csr)?,
+            "-CA",
+            s(ca_cert)?,
+            "-CAkey",
+            s(ca_key)?,
+            "-CAcreateserial",
+            "-days",
+            "30",
+            "-extfile",
+            s(&ext)?,
+            "-out",
+            s(&cert)?,
+        ])?;
+        Ok(cert)
+    }
+
+    /// The DER bytes of a PEM certificate file.
+    pub fn pem_to_der(pem_path: &Path) -> Result<Vec<u8>, String> {
+        let der = pem_path.with_extension("der");
+        run(&[
+            "x509",
+            "-in",
+            s(pem_path)?,
+            "-outform",
+            "DER",
+            "-out",
+            s(&der)?,
+        ])?;
+        std::fs::read(&der).map_err(|e| format!("reading {}: {e}", der.display()))
+    }
+
     /// DER certificate -> PEM file next to it; returns the PEM path.
     pub fn der_to_pem(der_path: &Path) -> Result<PathBuf, String> {
         let pem = der_path.with_extension("pem");

@@ -31,7 +31,7 @@ use std::time::Duration;
 pub use server::{DtlsListener, DtlsSession, TransportMetrics};
 pub use socket::DatagramSocket;
 
-pub use est_dtls::{CertError, IpPrefix, PeerAddr};
+pub use est_dtls::{CertError, CloseReason, IpPrefix, PeerAddr};
 
 /// Policy hook run during the handshake, after the chain has been verified against the trust
 /// anchors: receives the client's certificates (DER, leaf first, as sent). Returning `Err`
@@ -416,36 +416,7 @@ fn anchors_verifier(anchors_der: &[Vec<u8>]) -> Result<ClientChainVerifier, Tran
         })
         .collect::<Result<_, _>>()?;
     Ok(Arc::new(move |chain: &[Vec<u8>]| {
-        let leaf_der = chain
-            .first()
-            .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
-            .ok_or_else(|| CertError::BadCertificate("no certificate".into()))?;
-        let leaf = webpki::EndEntityCert::try_from(&leaf_der)
-            .map_err(|e| CertError::BadCertificate(e.to_string()))?;
-        let intermediates: Vec<rustls_pki_types::CertificateDer<'_>> = chain
-            .iter()
-            .skip(1)
-            .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
-            .collect();
-        leaf.verify_for_usage(
-            &[
-                webpki::ring::ECDSA_P256_SHA256,
-                webpki::ring::ECDSA_P384_SHA384,
-            ],
-            &anchors,
-            &intermediates,
-            rustls_pki_types::UnixTime::now(),
-            webpki::KeyUsage::client_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| match e {
-            webpki::Error::UnknownIssuer => CertError::UnknownCa(e.to_string()),
-            webpki::Error::CertExpired { .. } | webpki::Error::CertNotValidYet { .. } => {
-                CertError::Expired(e.to_string())
-            }
-            other => CertError::BadCertificate(other.to_string()),
-        })?;
+        verify_client_chain(&anchors, chain, rustls_pki_types::UnixTime::now())?;
         Ok(VerifiedClient {
             identity: Vec::new(),
             verification: Arc::new(()) as PeerVerification,
@@ -453,48 +424,46 @@ fn anchors_verifier(anchors_der: &[Vec<u8>]) -> Result<ClientChainVerifier, Tran
     }))
 }
 
-/// Why a session ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CloseReason {
-    /// The peer sent close_notify or a fatal alert.
-    PeerClosed,
-    /// We closed it ([`DtlsSession::close`] or drop).
-    LocalClose,
-    /// No traffic for `idle_timeout`.
-    IdleTimeout,
-    /// The same address completed a return-routability check for a new handshake.
-    Replaced,
-    /// A newer session of the same device identity took its place (per-identity limit).
-    Superseded,
-    /// The listener shut down.
-    Shutdown,
-}
-
-impl fmt::Display for CloseReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            CloseReason::PeerClosed => "closed by peer",
-            CloseReason::LocalClose => "closed locally",
-            CloseReason::IdleTimeout => "idle timeout",
-            CloseReason::Replaced => "replaced by a new handshake from the same address",
-            CloseReason::Superseded => "superseded by a newer session of the same device",
-            CloseReason::Shutdown => "listener shut down",
-        })
-    }
-}
-
-impl CloseReason {
-    pub(crate) fn from_engine(r: &est_dtls::CloseReason) -> CloseReason {
-        match r {
-            est_dtls::CloseReason::PeerClosed => CloseReason::PeerClosed,
-            est_dtls::CloseReason::LocalClose => CloseReason::LocalClose,
-            est_dtls::CloseReason::IdleTimeout => CloseReason::IdleTimeout,
-            est_dtls::CloseReason::Replaced => CloseReason::Replaced,
-            est_dtls::CloseReason::Superseded => CloseReason::Superseded,
-            est_dtls::CloseReason::Shutdown => CloseReason::Shutdown,
-            est_dtls::CloseReason::HandshakeFailed(_) => CloseReason::PeerClosed,
+/// Validates a client chain (leaf first, then intermediates) against `anchors` with
+/// rustls-webpki: clientAuth usage, ECDSA P-256/SHA-256 or P-384/SHA-384, valid at `now`. An
+/// unknown issuer is [`CertError::UnknownCa`], an expired or not yet valid certificate
+/// [`CertError::Expired`], anything else [`CertError::BadCertificate`].
+pub fn verify_client_chain(
+    anchors: &[rustls_pki_types::TrustAnchor<'_>],
+    chain: &[Vec<u8>],
+    now: rustls_pki_types::UnixTime,
+) -> Result<(), CertError> {
+    let leaf_der = chain
+        .first()
+        .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
+        .ok_or_else(|| CertError::BadCertificate("no certificate".into()))?;
+    let leaf = webpki::EndEntityCert::try_from(&leaf_der)
+        .map_err(|e| CertError::BadCertificate(e.to_string()))?;
+    let intermediates: Vec<rustls_pki_types::CertificateDer<'_>> = chain
+        .iter()
+        .skip(1)
+        .map(|c| rustls_pki_types::CertificateDer::from(c.as_slice()))
+        .collect();
+    leaf.verify_for_usage(
+        &[
+            webpki::ring::ECDSA_P256_SHA256,
+            webpki::ring::ECDSA_P384_SHA384,
+        ],
+        anchors,
+        &intermediates,
+        now,
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .map_err(|e| match e {
+        webpki::Error::UnknownIssuer => CertError::UnknownCa(e.to_string()),
+        webpki::Error::CertExpired { .. } | webpki::Error::CertNotValidYet { .. } => {
+            CertError::Expired(e.to_string())
         }
-    }
+        other => CertError::BadCertificate(other.to_string()),
+    })?;
+    Ok(())
 }
 
 /// Errors of the DTLS transport.

@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use est_dtls::{ConnectionHandle, Endpoint, Event, IpPrefix, PeerAddr, RefusalReason};
+use est_relay::tokio_clock::{now, sleep_until};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -765,10 +766,6 @@ struct Driver<S: DatagramSocket> {
     session_queue_bytes: usize,
 }
 
-fn now() -> std::time::Instant {
-    tokio::time::Instant::now().into_std()
-}
-
 impl<S: DatagramSocket> Driver<S> {
     /// Drives the endpoint: from the sockets (one shard) or from `inbox` (several, behind a
     /// [`Dispatcher`]).
@@ -789,16 +786,7 @@ impl<S: DatagramSocket> Driver<S> {
         ];
         let mut shutdown = self.shared.shutdown.subscribe();
         loop {
-            let deadline = self
-                .endpoint
-                .poll_timeout()
-                .map(tokio::time::Instant::from_std);
-            let timer = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let timer = sleep_until(self.endpoint.poll_timeout());
             // Biased: the timer goes before the socket. A flood that keeps the socket readable
             // would otherwise starve it (no retransmission, no stall or idle timeout while the
             // flood lasts). A due timer now fires first; a pending one costs what it did.
@@ -986,8 +974,7 @@ impl<S: DatagramSocket> Driver<S> {
                         };
                         registry.closed(identity, session);
                     }
-                    link.closed_tx
-                        .send_replace(Some(CloseReason::from_engine(&reason)));
+                    link.closed_tx.send_replace(Some(reason));
                 }
             }
         }
@@ -1084,7 +1071,7 @@ impl DtlsSession {
     }
 
     fn close_reason(&self) -> Option<CloseReason> {
-        *self.closed_rx.borrow()
+        self.closed_rx.borrow().clone()
     }
 
     /// Receive one plaintext datagram as its own buffer (no receive buffer is held between
