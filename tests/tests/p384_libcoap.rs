@@ -361,12 +361,7 @@ async fn each_cas_certificates_point_at_its_own_crl() {
         .restart(|c| c.revocation.distribution_points_p384 = Vec::new())
         .await
         .expect("restart");
-    let (_, csr) = p384_csr(
-        work,
-        "again",
-        &format!("/serialNumber={serial}"),
-        "-sha384",
-    );
+    let (_, csr) = p384_csr(work, "again", &format!("/serialNumber={serial}"), "-sha384");
     let again = enroll_csr(
         Libcoap::Gnutls,
         &creds,

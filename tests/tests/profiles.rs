@@ -162,14 +162,14 @@ async fn start_with_profiles() -> TestServer {
     let text = profiles_toml(&fp);
     let extra = est_server::config::Config::parse(&text, Path::new("profiles.toml")).unwrap();
     srv.restart(|c| {
-            c.pki
-                .manufacturer_cas
-                .push("manufacturers/maker-b.pem".into());
-            c.ca_p384 = extra.ca_p384.clone();
-            c.profiles = extra.profiles.clone();
-        })
-        .await
-        .expect("restart with profiles")
+        c.pki
+            .manufacturer_cas
+            .push("manufacturers/maker-b.pem".into());
+        c.ca_p384 = extra.ca_p384.clone();
+        c.profiles = extra.profiles.clone();
+    })
+    .await
+    .expect("restart with profiles")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,7 +391,10 @@ fn assert_vendor_b(p384_ca: &Path, pem: &Path, serial: &str) {
         )),
         "{t}"
     );
-    assert!(t.contains("Digital Signature") && !t.contains("Key Agreement"), "{t}");
+    assert!(
+        t.contains("Digital Signature") && !t.contains("Key Agreement"),
+        "{t}"
+    );
     assert!(!t.contains("Extended Key Usage"), "{t}");
     assert!(t.contains("Subject Alternative Name"), "{t}");
     assert!(valid_in_days(pem, 89) && !valid_in_days(pem, 91), "{t}");

@@ -247,7 +247,7 @@ impl Pkcs11Signer {
         let (private, origin) = match find_one(&first, ObjectClass::PRIVATE_KEY, key)? {
             Some(h) => (h, KeyOrigin::Existing),
             None if generate => (
-                generate(&first, key.key_label, key.curve)?,
+                generate_key(&first, key.key_label, key.curve)?,
                 KeyOrigin::Generated,
             ),
             None => {
@@ -374,7 +374,7 @@ fn find_one(
 
 /// A key pair on `curve` on the token: the private half sensitive, never extractable, sign
 /// only.
-fn generate(session: &Session, label: &str, curve: Curve) -> Result<ObjectHandle, HsmError> {
+fn generate_key(session: &Session, label: &str, curve: Curve) -> Result<ObjectHandle, HsmError> {
     let id = Sha256::digest(label.as_bytes())[..8].to_vec();
     let public = [
         Attribute::Token(true),

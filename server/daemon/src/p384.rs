@@ -17,8 +17,8 @@ use est_proto::ca::{self, Curve, IssuingCa, RingP384Signer};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ConfigError};
-use crate::hsm::{HsmSection, Pkcs11Signer};
 use crate::datadir::{self, cert_pem, key_pem, resolve, write_private, write_public};
+use crate::hsm::{HsmSection, Pkcs11Signer};
 use crate::safefs;
 
 const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -116,12 +116,7 @@ fn hsm_signer(
     } else {
         Pkcs11Signer::open(&key).map(|s| (s, crate::hsm::KeyOrigin::Existing))
     };
-    opened.with_context(|| {
-        format!(
-            "the P-384 CA key {label:?} on token {:?}",
-            hsm.token_label
-        )
-    })
+    opened.with_context(|| format!("the P-384 CA key {label:?} on token {:?}", hsm.token_label))
 }
 
 /// Load the P-384 issuing CA when `[ca_p384] enabled`; refuses a key group or others can read
@@ -141,9 +136,8 @@ pub fn load(data_dir: &Path, cfg: &Config, allow_insecure: bool) -> Result<Optio
         safefs::check_key_permissions(&key_path, allow_insecure)?;
         let signer = RingP384Signer::from_pkcs8_der(&datadir::read_key(&key_path)?)
             .map_err(|e| anyhow::anyhow!("{}: not a P-384 key: {e}", key_path.display()))?;
-        IssuingCa::new(cert_der, Box::new(signer)).map_err(|e| {
-            anyhow::anyhow!("{} / {}: {e}", cert_path.display(), key_path.display())
-        })?
+        IssuingCa::new(cert_der, Box::new(signer))
+            .map_err(|e| anyhow::anyhow!("{} / {}: {e}", cert_path.display(), key_path.display()))?
     } else {
         let (signer, _) = hsm_signer(data_dir, &cfg.hsm, &s.hsm_key_label, false)?;
         IssuingCa::new(cert_der, Box::new(signer)).map_err(|e| {
@@ -239,12 +233,8 @@ pub fn create_with(
 /// The configuration text with `[ca_p384] enabled = true`, and `hsm_key_label` set when given
 /// (the section, or the line, is appended when the file has none).
 fn enable_in(text: &str, hsm_key_label: Option<&str>) -> Result<String> {
-    let label_line = hsm_key_label.map(|l| {
-        format!(
-            "hsm_key_label = {}\n",
-            toml::Value::String(l.to_owned())
-        )
-    });
+    let label_line =
+        hsm_key_label.map(|l| format!("hsm_key_label = {}\n", toml::Value::String(l.to_owned())));
     let Some(at) = text.find("\n[ca_p384]\n") else {
         let mut out = text.to_owned();
         if !out.ends_with('\n') {

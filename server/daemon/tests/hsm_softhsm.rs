@@ -278,8 +278,18 @@ fn p384_idevid(data: &Path, work: &Path, serial: &str) -> (PathBuf, PathBuf) {
         work.join("idevid.pem"),
     );
     openssl(&[
-        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384", "-nodes",
-        "-keyout", &s(&key), "-subj", &format!("/CN={serial}/serialNumber={serial}"), "-out",
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-384",
+        "-nodes",
+        "-keyout",
+        &s(&key),
+        "-subj",
+        &format!("/CN={serial}/serialNumber={serial}"),
+        "-out",
         &s(&csr),
     ]);
     let ext = work.join("idevid.ext");
@@ -289,8 +299,23 @@ fn p384_idevid(data: &Path, work: &Path, serial: &str) -> (PathBuf, PathBuf) {
     )
     .unwrap();
     openssl(&[
-        "x509", "-req", "-in", &s(&csr), "-CA", &s(&ca), "-CAkey", &s(&ca_key), "-set_serial",
-        "0x384", "-days", "3650", "-sha384", "-extfile", &s(&ext), "-out", &s(&cert),
+        "x509",
+        "-req",
+        "-in",
+        &s(&csr),
+        "-CA",
+        &s(&ca),
+        "-CAkey",
+        &s(&ca_key),
+        "-set_serial",
+        "0x384",
+        "-days",
+        "3650",
+        "-sha384",
+        "-extfile",
+        &s(&ext),
+        "-out",
+        &s(&cert),
     ]);
     let chain = work.join("idevid-chain.pem");
     let mut pem = std::fs::read(&cert).unwrap();
@@ -308,24 +333,46 @@ fn enroll_p384(t: &Token, addr: std::net::SocketAddr, data: &Path, serial: &str)
     let s = |p: &Path| p.to_str().unwrap().to_owned();
     let (key, csr) = (work.join("ldevid.key"), work.join("ldevid.csr.der"));
     openssl(&[
-        "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-384", "-nodes",
-        "-sha384", "-keyout", &s(&key), "-subj", &format!("/serialNumber={serial}"),
-        "-outform", "DER", "-out", &s(&csr),
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-384",
+        "-nodes",
+        "-sha384",
+        "-keyout",
+        &s(&key),
+        "-subj",
+        &format!("/serialNumber={serial}"),
+        "-outform",
+        "DER",
+        "-out",
+        &s(&csr),
     ]);
     let der = work.join("ldevid.der");
     let mut c = Command::new("timeout");
-    c.args(["60", "coap-client-gnutls", "-B", "30", "-m", "post", "-b", "64"])
-        .args(["-t", "286", "-A", "287", "-f"])
-        .arg(&csr)
-        .arg("-c")
-        .arg(&chain)
-        .arg("-j")
-        .arg(&idevid_key)
-        .arg("-C")
-        .arg(data.join("ca/issuing-ca.pem"))
-        .arg("-o")
-        .arg(&der)
-        .arg(format!("coaps://{addr}/.well-known/est/sen"));
+    c.args([
+        "60",
+        "coap-client-gnutls",
+        "-B",
+        "30",
+        "-m",
+        "post",
+        "-b",
+        "64",
+    ])
+    .args(["-t", "286", "-A", "287", "-f"])
+    .arg(&csr)
+    .arg("-c")
+    .arg(&chain)
+    .arg("-j")
+    .arg(&idevid_key)
+    .arg("-C")
+    .arg(data.join("ca/issuing-ca.pem"))
+    .arg("-o")
+    .arg(&der)
+    .arg(format!("coaps://{addr}/.well-known/est/sen"));
     ok(c);
     est_test_tools::openssl::der_to_pem(&der).unwrap()
 }
@@ -361,20 +408,29 @@ fn softhsm_p384_ca_key_enroll_verify_crl_restart() {
         .arg(&data)
         .args(["--hsm-key-label", "utility-ca-p384"]);
     let said = ok(create);
-    assert!(said.contains("\"utility-ca-p384\" on the [hsm] token"), "{said}");
+    assert!(
+        said.contains("\"utility-ca-p384\" on the [hsm] token"),
+        "{said}"
+    );
     assert!(!data.join("ca/issuing-ca-p384.key").exists());
     let toml = std::fs::read_to_string(data.join("est-server.toml")).unwrap();
     assert!(
         toml.contains("hsm_key_label = \"utility-ca-p384\""),
         "{toml}"
     );
-    assert!(!toml.contains("123456"), "the PIN leaked into the configuration");
+    assert!(
+        !toml.contains("123456"),
+        "the PIN leaked into the configuration"
+    );
     // The P-384 CA certificate was self-signed on the token, ecdsa-with-SHA384.
     let p384_ca = data.join("ca/issuing-ca-p384.pem");
     let p384_s = p384_ca.to_str().unwrap();
     assert!(openssl(&["verify", "-CAfile", p384_s, p384_s]).contains("OK"));
     let text = text_of(&p384_ca);
-    assert!(text.contains("ecdsa-with-SHA384") && text.contains("P-384"), "{text}");
+    assert!(
+        text.contains("ecdsa-with-SHA384") && text.contains("P-384"),
+        "{text}"
+    );
     // Not twice.
     let mut again = t.est_server();
     again
@@ -393,13 +449,23 @@ fn softhsm_p384_ca_key_enroll_verify_crl_restart() {
     let ldevid = enroll_p384(&t, addr, &data, "HSMP0001");
     est_test_tools::openssl::verify(&p384_ca, &ldevid).unwrap();
     let text = text_of(&ldevid);
-    assert!(text.contains("Signature Algorithm: ecdsa-with-SHA384"), "{text}");
+    assert!(
+        text.contains("Signature Algorithm: ecdsa-with-SHA384"),
+        "{text}"
+    );
     assert!(text.contains("CN = EST Issuing CA P-384"), "{text}");
     // The P-384 CRL the server signed (on the token) at start.
     let crl = data.join("crl/issuing-ca-p384.crl.pem");
     let crl_verify = || {
         openssl(&[
-            "crl", "-in", crl.to_str().unwrap(), "-CAfile", p384_s, "-verify", "-noout", "-text",
+            "crl",
+            "-in",
+            crl.to_str().unwrap(),
+            "-CAfile",
+            p384_s,
+            "-verify",
+            "-noout",
+            "-text",
         ])
     };
     let text = crl_verify();
@@ -408,10 +474,20 @@ fn softhsm_p384_ca_key_enroll_verify_crl_restart() {
 
     // Revoked by the CLI, which signs both CRLs on the token.
     let serial = openssl(&["x509", "-in", ldevid.to_str().unwrap(), "-noout", "-serial"]);
-    let serial = serial.trim().trim_start_matches("serial=").to_ascii_lowercase();
+    let serial = serial
+        .trim()
+        .trim_start_matches("serial=")
+        .to_ascii_lowercase();
     let mut revoke = t.est_server();
     revoke
-        .args(["certs", "revoke", &serial, "--reason", "keyCompromise", "--data-dir"])
+        .args([
+            "certs",
+            "revoke",
+            &serial,
+            "--reason",
+            "keyCompromise",
+            "--data-dir",
+        ])
         .arg(&data);
     ok(revoke);
     let text = crl_verify();
@@ -442,5 +518,8 @@ fn softhsm_p384_ca_key_enroll_verify_crl_restart() {
     let out = c.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("no EC private key labelled \"no-such-p384\""), "{err}");
+    assert!(
+        err.contains("no EC private key labelled \"no-such-p384\""),
+        "{err}"
+    );
 }

@@ -844,17 +844,29 @@ fn with_profile(c: IssuedCert, profile: &str) -> IssuedCert {
 fn profiles_recorded(f: &mut Fixture) {
     let s = f.store.as_ref();
     // A meter enrolled under "vendor-a" and one under the built-in profile ("").
-    committed(issue(s, with_profile(cert("6a01", "PA1", 1, 100), "vendor-a")));
+    committed(issue(
+        s,
+        with_profile(cert("6a01", "PA1", 1, 100), "vendor-a"),
+    ));
     committed(issue(s, cert("6b01", "PB1", 2, 100)));
     let a = s.find_by_serial("6a01").unwrap().expect("stored");
     assert_eq!(a.profile, "vendor-a");
-    assert_eq!(s.find_by_serial("6b01").unwrap().expect("stored").profile, "");
+    assert_eq!(
+        s.find_by_serial("6b01").unwrap().expect("stored").profile,
+        ""
+    );
     // Every lookup reads it: by request (a retry), certs show (prefix), certs list.
     assert_eq!(
-        s.find_by_request("PA1", &[1; 32]).unwrap().expect("stored").profile,
+        s.find_by_request("PA1", &[1; 32])
+            .unwrap()
+            .expect("stored")
+            .profile,
         "vendor-a"
     );
-    assert_eq!(s.find_by_serial_prefix("6a0").unwrap()[0].profile, "vendor-a");
+    assert_eq!(
+        s.find_by_serial_prefix("6a0").unwrap()[0].profile,
+        "vendor-a"
+    );
     assert!(s
         .list_certificates(100)
         .unwrap()
@@ -866,11 +878,22 @@ fn profiles_recorded(f: &mut Fixture) {
         with_profile(renewal("6a02", "6a01", "PA1", 3, 101), "vendor-a"),
     ));
     assert_eq!(status(s, "6a01"), CertStatus::Superseded);
-    assert_eq!(s.find_by_serial("6a02").unwrap().unwrap().profile, "vendor-a");
+    assert_eq!(
+        s.find_by_serial("6a02").unwrap().unwrap().profile,
+        "vendor-a"
+    );
     // A retry answered from the store carries the first certificate's profile.
-    match issue(s, with_profile(renewal("6a99", "6a01", "PA1", 3, 102), "other")).unwrap() {
+    match issue(
+        s,
+        with_profile(renewal("6a99", "6a01", "PA1", 3, 102), "other"),
+    )
+    .unwrap()
+    {
         CommitOutcome::AlreadyIssued(c) => {
-            assert_eq!((c.serial_hex.as_str(), c.profile.as_str()), ("6a02", "vendor-a"));
+            assert_eq!(
+                (c.serial_hex.as_str(), c.profile.as_str()),
+                ("6a02", "vendor-a")
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -878,7 +901,11 @@ fn profiles_recorded(f: &mut Fixture) {
     s.revoke(&revocation_of("6a02", RevocationReason::KeyCompromise, 103))
         .unwrap();
     assert!(matches!(
-        issue(s, with_profile(renewal("6a03", "6a02", "PA1", 4, 104), "vendor-a")).unwrap(),
+        issue(
+            s,
+            with_profile(renewal("6a03", "6a02", "PA1", 4, 104), "vendor-a")
+        )
+        .unwrap(),
         CommitOutcome::Refused(_)
     ));
     assert!(s.find_by_serial("6a03").unwrap().is_none());
@@ -886,7 +913,10 @@ fn profiles_recorded(f: &mut Fixture) {
     f.store.close();
     f.store = (f.reopen)();
     let s = f.store.as_ref();
-    assert_eq!(s.find_by_serial("6a02").unwrap().unwrap().profile, "vendor-a");
+    assert_eq!(
+        s.find_by_serial("6a02").unwrap().unwrap().profile,
+        "vendor-a"
+    );
     assert_eq!(s.find_by_serial("6b01").unwrap().unwrap().profile, "");
 }
 
@@ -1587,7 +1617,10 @@ fn postgres_migrates_a_version_1_database() {
             ..cert("0106", "PROF", 12, 153)
         },
     ));
-    assert_eq!(s.find_by_serial("0106").unwrap().unwrap().profile, "vendor-a");
+    assert_eq!(
+        s.find_by_serial("0106").unwrap().unwrap().profile,
+        "vendor-a"
+    );
     assert_eq!(
         s.recent_audit(1).unwrap()[0].relay.as_deref(),
         Some("[2001:db8::1]:7634")

@@ -890,9 +890,8 @@ impl EstService {
                     .by_name(&current.profile)
                     .ok_or_else(|| {
                         crate::policy::PolicyError::Profile(format!(
-                            "the certificate being renewed was issued under profile {:?}, \
-                             which is no longer configured; enroll again with the IDevID \
-                             (/sen)",
+                            "{:?} of the certificate being renewed is no longer configured; \
+                             enroll at /sen",
                             current.profile
                         ))
                     })?,
