@@ -1597,6 +1597,10 @@ fn postgres_migrates_a_version_1_database() {
         active_slots(s.as_ref(), "OLD"),
         [pair("", "0104"), pair(SIGNING, "0103")]
     );
+    assert_eq!(
+        s.recent_audit(1).unwrap()[0].relay.as_deref(),
+        Some("[2001:db8::1]:7634")
+    );
     // Migration 4's est_issue_slot (the release before profiles, during a rolling upgrade)
     // still issues, recording no profile; this release's issuance records its profile.
     assert_eq!(
@@ -1620,10 +1624,6 @@ fn postgres_migrates_a_version_1_database() {
     assert_eq!(
         s.find_by_serial("0106").unwrap().unwrap().profile,
         "vendor-a"
-    );
-    assert_eq!(
-        s.recent_audit(1).unwrap()[0].relay.as_deref(),
-        Some("[2001:db8::1]:7634")
     );
     assert_eq!(s.revocation_generation().unwrap(), 0);
     assert_eq!(s.next_crl_number().unwrap(), 1);
