@@ -327,6 +327,10 @@ pub enum Commit {
 
 /// Result of a [`Commit`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per commit, moved once to the core: boxing the certificate saves nothing"
+)]
 pub enum CommitOutcome {
     /// The write is durable.
     Committed,
