@@ -290,3 +290,92 @@ async fn a_revoked_p384_certificate_is_in_the_p384_cas_own_crl() {
     assert_eq!(run.payload.as_deref(), Some(file.as_slice()), "{run:?}");
     srv.stop().await;
 }
+
+/// Each issuing CA's certificates point at that CA's own CRL: with
+/// `[revocation] distribution_points` and `distribution_points_p384` set, a P-384 LDevID
+/// carries the P-384 CRL's URIs and a P-256 one the P-256 CRL's (`openssl x509 -text`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_cas_certificates_point_at_its_own_crl() {
+    if !require_tools() {
+        return;
+    }
+    const P256_CDP: &str = "coaps://est.example.net/crl";
+    const P384_CDP: &str = "coaps://est.example.net/crl-p384";
+    const P384_CDP_HTTP: &str = "http://pki.example.net/est-p384.crl";
+    let srv = TestServer::start_p384(|c| {
+        c.revocation.distribution_points = vec![P256_CDP.into()];
+        c.revocation.distribution_points_p384 = vec![P384_CDP.into(), P384_CDP_HTTP.into()];
+    })
+    .await
+    .expect("server");
+    let serial = "SNP384C";
+    let m = Meter::new(&srv, serial);
+    let (work, creds) = (&m.work, m.creds());
+    let (_, csr) = p384_csr(
+        work,
+        "ldevid",
+        &format!("/serialNumber={serial}"),
+        "-sha384",
+    );
+    let p384_ldevid = enroll_csr(
+        Libcoap::Gnutls,
+        &creds,
+        &srv.url("sen"),
+        &csr,
+        &work.join("p384.der"),
+    )
+    .await
+    .unwrap();
+    openssl_verify(&srv.data_dir.join("ca/issuing-ca-p384.pem"), &p384_ldevid).unwrap();
+    let t = text_of(&p384_ldevid);
+    assert!(t.contains("X509v3 CRL Distribution Points"), "{t}");
+    assert!(t.contains(&format!("URI:{P384_CDP}\n")), "{t}");
+    assert!(t.contains(&format!("URI:{P384_CDP_HTTP}\n")), "{t}");
+    assert!(!t.contains(&format!("URI:{P256_CDP}\n")), "{t}");
+
+    let fleet = srv.mint(&["SNP256C"]).unwrap();
+    let dev = fleet.join("SNP256C");
+    let p256_creds = Creds {
+        cert: &dev.join("idevid-chain.pem"),
+        key: &dev.join("idevid.key"),
+        trust: &m.trust,
+    };
+    let (_, csr) = openssl_csr(work, "p256", "/serialNumber=SNP256C").unwrap();
+    let p256_ldevid = enroll_csr(
+        Libcoap::Gnutls,
+        &p256_creds,
+        &srv.url("sen"),
+        &csr,
+        &work.join("p256.der"),
+    )
+    .await
+    .unwrap();
+    openssl_verify(&srv.ca_pem(), &p256_ldevid).unwrap();
+    let t = text_of(&p256_ldevid);
+    assert!(t.contains("X509v3 CRL Distribution Points"), "{t}");
+    assert!(t.contains(&format!("URI:{P256_CDP}\n")), "{t}");
+    assert!(!t.contains("crl-p384") && !t.contains(P384_CDP_HTTP), "{t}");
+
+    // The P-384 list defaults to [] (no extension), whatever the P-256 one says.
+    let srv = srv
+        .restart(|c| c.revocation.distribution_points_p384 = Vec::new())
+        .await
+        .expect("restart");
+    let (_, csr) = p384_csr(work, "again", &format!("/serialNumber={serial}"), "-sha384");
+    let again = enroll_csr(
+        Libcoap::Gnutls,
+        &creds,
+        &srv.url("sen"),
+        &csr,
+        &work.join("again.der"),
+    )
+    .await
+    .unwrap();
+    let t = text_of(&again);
+    assert!(!t.contains("CRL Distribution Points"), "{t}");
+    assert_eq!(
+        est_server::config::RevocationSection::default().distribution_points_p384,
+        Vec::<String>::new()
+    );
+    srv.stop().await;
+}

@@ -13,6 +13,10 @@
 //!
 //! And the refusals: a CSR on a curve its profile does not accept gets 4.00 with a diagnostic
 //! naming the profile, and nothing is stored.
+//!
+//! At /sren a meter keeps the profile its certificate was issued under (stored with it), also
+//! one chosen by manufacturer CA, which its LDevID no longer shows; when that profile has been
+//! removed from the configuration the renewal is refused with 4.03.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -133,11 +137,8 @@ fn assert_issued(run: &CoapRun) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn profiles_chosen_by_manufacturer_ca_and_device_class() {
-    if !require_tools() {
-        return;
-    }
+/// A server with the P-384 CA, maker B trusted and the profiles of [`profiles_toml`].
+async fn start_with_profiles() -> TestServer {
     let srv = TestServer::start_with(
         |d| {
             est_server::p384::create(d, std::time::SystemTime::now())?;
@@ -160,16 +161,23 @@ async fn profiles_chosen_by_manufacturer_ca_and_device_class() {
     let fp = fp.trim().rsplit('=').next().unwrap().to_string();
     let text = profiles_toml(&fp);
     let extra = est_server::config::Config::parse(&text, Path::new("profiles.toml")).unwrap();
-    let srv = srv
-        .restart(|c| {
-            c.pki
-                .manufacturer_cas
-                .push("manufacturers/maker-b.pem".into());
-            c.ca_p384 = extra.ca_p384.clone();
-            c.profiles = extra.profiles.clone();
-        })
-        .await
-        .expect("restart with profiles");
+    srv.restart(|c| {
+        c.pki
+            .manufacturer_cas
+            .push("manufacturers/maker-b.pem".into());
+        c.ca_p384 = extra.ca_p384.clone();
+        c.profiles = extra.profiles.clone();
+    })
+    .await
+    .expect("restart with profiles")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_chosen_by_manufacturer_ca_and_device_class() {
+    if !require_tools() {
+        return;
+    }
+    let srv = start_with_profiles().await;
     let p384_ca = srv.data_dir.join("ca/issuing-ca-p384.pem");
     let fleet = srv.mint(&["SNA1", "GW7"]).unwrap();
     let trust = fleet.join("implicit-ta.pem");
@@ -347,5 +355,185 @@ async fn profiles_chosen_by_manufacturer_ca_and_device_class() {
             "{device}: {audit:?}"
         );
     }
+    srv.stop().await;
+}
+
+/// What vendor-a issues (P-256 CA, 30 days, digitalSignature|keyAgreement,
+/// clientAuth+serverAuth, its subject, no SAN), checked with `openssl x509 -text`.
+fn assert_vendor_a(srv: &TestServer, pem: &Path, serial: &str) {
+    openssl_verify(&srv.ca_pem(), pem).expect("the P-256 CA signed it");
+    let t = text_of(pem);
+    assert!(t.contains("Signature Algorithm: ecdsa-with-SHA256"), "{t}");
+    assert!(
+        t.contains(&format!(
+            "Subject: O = Utility A, OU = Meters, CN = A-{serial}, serialNumber = {serial}"
+        )),
+        "{t}"
+    );
+    assert!(t.contains("Digital Signature, Key Agreement"), "{t}");
+    assert!(
+        t.contains("TLS Web Client Authentication, TLS Web Server Authentication"),
+        "{t}"
+    );
+    assert!(!t.contains("Subject Alternative Name"), "{t}");
+    assert!(valid_in_days(pem, 29) && !valid_in_days(pem, 31), "{t}");
+}
+
+/// What vendor-b issues (P-384 CA, SHA-384, 90 days, digitalSignature only, no EKU, CN from
+/// the CSR, SAN from the IDevID).
+fn assert_vendor_b(p384_ca: &Path, pem: &Path, serial: &str) {
+    openssl_verify(p384_ca, pem).expect("the P-384 CA signed it");
+    let t = text_of(pem);
+    assert!(t.contains("Signature Algorithm: ecdsa-with-SHA384"), "{t}");
+    assert!(
+        t.contains(&format!(
+            "Subject: O = Utility B, CN = kitchen, serialNumber = {serial}"
+        )),
+        "{t}"
+    );
+    assert!(
+        t.contains("Digital Signature") && !t.contains("Key Agreement"),
+        "{t}"
+    );
+    assert!(!t.contains("Extended Key Usage"), "{t}");
+    assert!(t.contains("Subject Alternative Name"), "{t}");
+    assert!(valid_in_days(pem, 89) && !valid_in_days(pem, 91), "{t}");
+}
+
+/// /sren with the LDevID `cert`/`key`, a new key on `curve` and the certificate's subject.
+async fn renew(
+    lib: Libcoap,
+    srv: &TestServer,
+    work: &Path,
+    name: &str,
+    cert: &Path,
+    key: &Path,
+    curve: &str,
+) -> (CoapRun, PathBuf, PathBuf) {
+    let subject = cert_subject(cert).unwrap();
+    let (new_key, csr) = csr_on(work, name, curve, &subject);
+    let trust = srv.ca_pem();
+    let creds = Creds {
+        cert,
+        key,
+        trust: &trust,
+    };
+    let out = work.join(format!("{name}.der"));
+    let run = post_csr(lib, &creds, &srv.url("sren"), &csr, &out)
+        .await
+        .unwrap();
+    (run, out, new_key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_profile_chosen_at_sen_is_kept_at_sren() {
+    if !require_tools() {
+        return;
+    }
+    let srv = start_with_profiles().await;
+    let p384_ca = srv.data_dir.join("ca/issuing-ca-p384.pem");
+    let fleet = srv.mint(&["SNA2"]).unwrap();
+    let trust = fleet.join("implicit-ta.pem");
+    let work = srv.dir.path().join("keep");
+    std::fs::create_dir_all(&work).unwrap();
+
+    // --- Maker A's meter: vendor-a at /sen (chosen by manufacturer CA) ...
+    let dev = fleet.join("SNA2");
+    let creds_a = Creds {
+        cert: &dev.join("idevid.pem"),
+        key: &dev.join("idevid.key"),
+        trust: &trust,
+    };
+    let (key_a, csr) = csr_on(&work, "a", "P-256", "/serialNumber=SNA2");
+    let out = work.join("a.der");
+    let run = post_csr(Libcoap::Openssl, &creds_a, &srv.url("sen"), &csr, &out)
+        .await
+        .unwrap();
+    assert_issued(&run);
+    let a = der_to_pem(&out).unwrap();
+    assert_vendor_a(&srv, &a, "SNA2");
+    // ... and again vendor-a at /sren, authenticated by the LDevID (no manufacturer CA in its
+    // chain; no serial-prefix rule selects SNA2).
+    let (run, out, key_a2) = renew(Libcoap::Openssl, &srv, &work, "a2", &a, &key_a, "P-256").await;
+    assert_issued(&run);
+    let a2 = der_to_pem(&out).unwrap();
+    assert!(same_public_key(&a2, &key_a2).unwrap());
+    assert_vendor_a(&srv, &a2, "SNA2");
+
+    // --- Maker B's P-384 meter keeps vendor-b.
+    let (idevid_key, chain) = maker_b_idevid(&srv.data_dir, &work, "SNB2");
+    let creds_b = Creds {
+        cert: &chain,
+        key: &idevid_key,
+        trust: &trust,
+    };
+    let (key_b, csr) = csr_on(&work, "b", "P-384", "/CN=kitchen/serialNumber=SNB2");
+    let out = work.join("b.der");
+    let run = post_csr(Libcoap::Gnutls, &creds_b, &srv.url("sen"), &csr, &out)
+        .await
+        .unwrap();
+    assert_issued(&run);
+    let b = der_to_pem(&out).unwrap();
+    assert_vendor_b(&p384_ca, &b, "SNB2");
+    let (run, out, key_b2) = renew(Libcoap::Gnutls, &srv, &work, "b2", &b, &key_b, "P-384").await;
+    assert_issued(&run);
+    let b2 = der_to_pem(&out).unwrap();
+    assert_vendor_b(&p384_ca, &b2, "SNB2");
+
+    // The store records each certificate's profile; the audit trail names it.
+    let certs = srv.store().list_certificates(10).unwrap();
+    for (device, profile) in [("SNA2", "vendor-a"), ("SNB2", "vendor-b")] {
+        let mine: Vec<_> = certs.iter().filter(|c| c.device_id == device).collect();
+        assert_eq!(mine.len(), 2, "{certs:?}");
+        assert!(mine.iter().all(|c| c.profile == profile), "{mine:?}");
+    }
+    let audit = srv.store().recent_audit(20).unwrap();
+    assert!(
+        audit.iter().any(|e| e.device_id == "SNA2"
+            && e.operation == "sren"
+            && e.outcome == "issued"
+            && e.detail.ends_with("profile vendor-a")),
+        "{audit:?}"
+    );
+
+    // --- vendor-a removed from the configuration: SNA2's renewal is refused with 4.03
+    // naming it (not issued under another profile), nothing stored; vendor-b still renews.
+    let kept: Vec<_> = srv
+        .config
+        .profiles
+        .iter()
+        .filter(|p| p.name != "vendor-a")
+        .cloned()
+        .collect();
+    assert_eq!(kept.len(), 2);
+    let srv = srv
+        .restart(|c| {
+            c.pki
+                .manufacturer_cas
+                .push("manufacturers/maker-b.pem".into());
+            c.profiles = kept;
+        })
+        .await
+        .expect("restart without vendor-a");
+    let before = srv.store().list_certificates(10).unwrap().len();
+    let (run, _, _) = renew(Libcoap::Openssl, &srv, &work, "a3", &a2, &key_a2, "P-256").await;
+    assert_eq!(run.error_code(), Some("4.03"), "{run:?}");
+    assert!(
+        run.stderr.contains("vendor-a") && run.stderr.contains("no longer configured"),
+        "diagnostic: {run:?}"
+    );
+    assert_eq!(srv.store().list_certificates(10).unwrap().len(), before);
+    let audit = srv.store().recent_audit(5).unwrap();
+    assert!(
+        audit.iter().any(|e| e.device_id == "SNA2"
+            && e.operation == "sren"
+            && e.outcome == "refused"
+            && e.code == "4.03"
+            && e.detail.contains("vendor-a")),
+        "{audit:?}"
+    );
+    let (run, out, _) = renew(Libcoap::Gnutls, &srv, &work, "b3", &b2, &key_b2, "P-384").await;
+    assert_issued(&run);
+    assert_vendor_b(&p384_ca, &der_to_pem(&out).unwrap(), "SNB2");
     srv.stop().await;
 }

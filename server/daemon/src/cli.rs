@@ -280,5 +280,12 @@ pub(crate) enum CaCommand {
     /// ecdsa-with-SHA384) and set [ca_p384] enabled = true in the data directory's
     /// configuration. P-384 CSRs (DLMS/COSEM security suite 2) are then issued by it, after
     /// a restart. Refuses to overwrite an existing key or certificate.
-    CreateP384,
+    CreateP384 {
+        /// Put the CA's key on the PKCS#11 token of [hsm] (which must be enabled) instead of
+        /// a key file: the P-384 key pair with this label is used, or generated there, and
+        /// [ca_p384] hsm_key_label is set. The PIN is read as [hsm] says (pin_file or
+        /// pin_env), never written to the configuration.
+        #[arg(long)]
+        hsm_key_label: Option<String>,
+    },
 }

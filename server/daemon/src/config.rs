@@ -458,8 +458,12 @@ pub struct RevocationSection {
     /// Content-Format of the CRL resource (no CoAP number is registered for
     /// application/pkix-crl; 65005 is in the experimental range).
     pub content_format: u16,
-    /// URIs put in a cRLDistributionPoints extension of every issued certificate; [] = none.
+    /// URIs put in a cRLDistributionPoints extension of every certificate the P-256 issuing CA
+    /// issues (its CRL); [] = none.
     pub distribution_points: Vec<String>,
+    /// The same for the P-384 issuing CA of `[ca_p384]`: the URIs of its own CRL (served at
+    /// `coap_path` with "-p384"); [] (default) = none.
+    pub distribution_points_p384: Vec<String>,
     /// How often the running server looks for revocations made by the CLI.
     pub poll_interval_secs: u64,
     /// Audit rows for handshakes refused by revocation, per second at most (the rest are
@@ -475,6 +479,7 @@ impl Default for RevocationSection {
             coap_path: "/crl".into(),
             content_format: est_proto::est::CF_PKIX_CRL_DEFAULT,
             distribution_points: Vec::new(),
+            distribution_points_p384: Vec::new(),
             poll_interval_secs: 2,
             max_handshake_audit_per_sec: 10,
         }
@@ -855,9 +860,14 @@ coap_path = "/crl"
 # Its Content-Format: application/pkix-crl has no registered CoAP number, so by default one
 # from the experimental range; Accept 42 (application/octet-stream) gets the same bytes.
 content_format = 65005
-# cRLDistributionPoints URIs put in every certificate issued, e.g.
-# ["coaps://est.example.net/crl", "http://pki.example.net/est.crl"]; [] = no extension.
+# cRLDistributionPoints URIs put in every certificate the P-256 issuing CA issues (where its
+# CRL is), e.g. ["coaps://est.example.net/crl", "http://pki.example.net/est.crl"];
+# [] = no extension.
 distribution_points = []
+# The same for the P-384 issuing CA of [ca_p384]: its own CRL, e.g.
+# ["coaps://est.example.net/crl-p384", "http://pki.example.net/est-p384.crl"];
+# [] (the default) = no extension on its certificates.
+distribution_points_p384 = []
 # How often the running server checks the store for revocations made by the CLI (it then
 # re-reads them for the handshake checks and re-issues the CRL if the CLI has not).
 poll_interval_secs = 2
@@ -905,8 +915,14 @@ max_sessions_per_relay = 20000
 # (crl/issuing-ca-p384.crl and .pem), served at coap_path with "-p384" (/crl-p384).
 enabled = false
 cert = "ca/issuing-ca-p384.pem"
-# PKCS#8 P-384 key, mode 0600.
+# PKCS#8 P-384 key, mode 0600 (unused with hsm_key_label).
 key = "ca/issuing-ca-p384.key"
+# Label (CKA_LABEL) of its P-384 key pair on the PKCS#11 token of [hsm] instead of the key
+# file: module, token, PIN (never written here) and sessions are [hsm]'s, which must be
+# enabled. Certificates and CRLs of this CA are then signed on the token (CKM_ECDSA over a
+# SHA-384 digest). `est-server ca create-p384 --hsm-key-label L` generates the key there (or
+# uses the one already there) and sets this. "" (default): the key file above.
+hsm_key_label = ""
 
 [dlms]
 # Device-class rules selecting the `dlms` certificate profile (DLMS/COSEM, after Gurux's
@@ -1084,7 +1100,7 @@ impl Config {
             return Err(invalid("storage.max_batch", "must be positive"));
         }
         self.hsm.validate()?;
-        self.ca_p384.validate()?;
+        self.ca_p384.validate(&self.hsm)?;
         self.dlms.validate()?;
         crate::profiles_config::validate(self)?;
         self.metrics.listen_addr()?;
@@ -1100,12 +1116,20 @@ impl Config {
         if self.revocation.crl_file.as_os_str().is_empty() {
             return Err(invalid("revocation.crl_file", "must name a file"));
         }
-        for u in &self.revocation.distribution_points {
-            if !u.contains("://") || !u.is_ascii() {
-                return Err(invalid(
-                    "revocation.distribution_points",
-                    format!("{u:?} is not an ASCII URI"),
-                ));
+        for (field, uris) in [
+            (
+                "revocation.distribution_points",
+                &self.revocation.distribution_points,
+            ),
+            (
+                "revocation.distribution_points_p384",
+                &self.revocation.distribution_points_p384,
+            ),
+        ] {
+            for u in uris {
+                if !u.contains("://") || !u.is_ascii() {
+                    return Err(invalid(field, format!("{u:?} is not an ASCII URI")));
+                }
             }
         }
         self.validate_relay()?;

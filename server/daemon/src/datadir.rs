@@ -383,6 +383,7 @@ pub fn hsm_key_ref<'a>(h: &'a HsmSection, pin: &'a cryptoki::types::AuthPin) -> 
         key_label: &h.key_label,
         pin,
         sessions: h.sessions,
+        curve: est_proto::ca::Curve::P256,
     }
 }
 

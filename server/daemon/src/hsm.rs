@@ -1,10 +1,12 @@
-//! The issuing CA's private key in an HSM, through PKCS#11 ([`cryptoki`]).
+//! The issuing CAs' private keys in an HSM, through PKCS#11 ([`cryptoki`]).
 //!
-//! The key never leaves the token: it is generated there (`CKA_SENSITIVE`, not
-//! `CKA_EXTRACTABLE`) by `est-server init --hsm-*`, or an existing key pair is used, found
-//! by its label. Every certificate the CA issues (LDevIDs, the server's DTLS certificate)
-//! and every CRL is signed with `CKM_ECDSA` over a SHA-256 digest computed here; the token's
-//! raw `r || s` is re-encoded as the DER `ECDSA-Sig-Value` X.509 needs.
+//! A key never leaves the token: it is generated there (`CKA_SENSITIVE`, not
+//! `CKA_EXTRACTABLE`) by `est-server init --hsm-*` (the P-256 CA) or `est-server ca
+//! create-p384 --hsm-key-label` (the P-384 CA of `[ca_p384]`), or an existing key pair is
+//! used, found by its label. Every certificate a CA issues (LDevIDs, the server's DTLS
+//! certificate) and every CRL is signed with `CKM_ECDSA` over a digest computed here
+//! (SHA-256 for the P-256 key, SHA-384 for the P-384 one); the token's raw `r || s` is
+//! re-encoded as the DER `ECDSA-Sig-Value` X.509 needs.
 //!
 //! The user PIN comes from a file (mode 0600) or from an environment variable, never from the
 //! configuration itself. Signing uses a small pool of sessions (`[hsm] sessions`), so
@@ -22,15 +24,25 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use est_proto::ca::{CaError, Signer};
+use est_proto::ca::{CaError, Curve, ObjectIdentifier, Signer};
 use p256::pkcs8::EncodePublicKey;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::{Digest, Sha256, Sha384};
 
 use crate::config::ConfigError;
 
-/// DER of the secp256r1 (P-256) OID: `CKA_EC_PARAMS` of the CA key.
+/// DER of the secp256r1 (P-256) OID: `CKA_EC_PARAMS` of the P-256 CA key.
 const P256_EC_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+/// DER of the secp384r1 (P-384) OID: `CKA_EC_PARAMS` of the P-384 CA key.
+const P384_EC_PARAMS: [u8; 7] = [0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+
+/// `CKA_EC_PARAMS` (the namedCurve OID, DER) of a key on `curve`.
+fn ec_params(curve: Curve) -> &'static [u8] {
+    match curve {
+        Curve::P256 => &P256_EC_PARAMS,
+        Curve::P384 => &P384_EC_PARAMS,
+    }
+}
 
 /// `[hsm]` of est-server.toml.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -136,8 +148,11 @@ pub enum HsmError {
         label: String,
         count: usize,
     },
-    #[error("the key {label:?} is not a P-256 key (CKA_EC_PARAMS)")]
-    NotP256 { label: String },
+    #[error("the key {label:?} is not a {expected} key (CKA_EC_PARAMS)")]
+    WrongCurve {
+        label: String,
+        expected: &'static str,
+    },
     #[error("the public key {label:?}: {message}")]
     PublicKey { label: String, message: String },
     #[error("PKCS#11 {operation}: {source}")]
@@ -158,13 +173,16 @@ pub struct HsmKeyRef<'a> {
     pub key_label: &'a str,
     pub pin: &'a AuthPin,
     pub sessions: usize,
+    /// The key's curve: P-256 (the `[hsm]` key) or P-384 (the `[ca_p384]` key).
+    pub curve: Curve,
 }
 
-/// An ECDSA P-256 signer whose private key stays on a PKCS#11 token.
+/// An ECDSA P-256 or P-384 signer whose private key stays on a PKCS#11 token.
 pub struct Pkcs11Signer {
     sessions: Vec<Mutex<Session>>,
     next: AtomicUsize,
     key: ObjectHandle,
+    curve: Curve,
     spki_der: Vec<u8>,
     label: String,
     // Kept last: the sessions close before the library is finalised.
@@ -175,6 +193,7 @@ impl std::fmt::Debug for Pkcs11Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Pkcs11Signer")
             .field("label", &self.label)
+            .field("curve", &self.curve)
             .field("sessions", &self.sessions.len())
             .finish_non_exhaustive()
     }
@@ -227,7 +246,10 @@ impl Pkcs11Signer {
         }
         let (private, origin) = match find_one(&first, ObjectClass::PRIVATE_KEY, key)? {
             Some(h) => (h, KeyOrigin::Existing),
-            None if generate => (generate_p256(&first, key.key_label)?, KeyOrigin::Generated),
+            None if generate => (
+                generate_key(&first, key.key_label, key.curve)?,
+                KeyOrigin::Generated,
+            ),
             None => {
                 return Err(HsmError::NoKey {
                     token: key.token_label.into(),
@@ -248,6 +270,7 @@ impl Pkcs11Signer {
                 sessions,
                 next: AtomicUsize::new(0),
                 key: private,
+                curve: key.curve,
                 spki_der,
                 label: key.key_label.into(),
                 _context: context,
@@ -279,21 +302,40 @@ impl Pkcs11Signer {
 
 impl Signer for Pkcs11Signer {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, CaError> {
-        let digest = Sha256::digest(message);
+        // The hash matched to the curve (RFC 5480 §4): the CA's signature algorithm.
+        let digest = match self.curve {
+            Curve::P256 => Sha256::digest(message).to_vec(),
+            Curve::P384 => Sha384::digest(message).to_vec(),
+        };
         let raw = self.sign_digest(&digest).map_err(|e| {
             tracing::error!(key = %self.label, error = %e, "HSM signature failed");
             CaError::SigningFailed
         })?;
-        // CKM_ECDSA returns r || s, each the size of the order (RFC 5480 wants DER).
-        let sig = p256::ecdsa::Signature::from_slice(&raw).map_err(|_| {
+        raw_to_der(self.curve, &raw).ok_or_else(|| {
             tracing::error!(key = %self.label, len = raw.len(), "HSM returned a malformed ECDSA signature");
             CaError::SigningFailed
-        })?;
-        Ok(sig.to_der().as_bytes().to_vec())
+        })
     }
 
     fn public_key_spki_der(&self) -> &[u8] {
         &self.spki_der
+    }
+
+    fn signature_algorithm(&self) -> ObjectIdentifier {
+        self.curve.signature_algorithm()
+    }
+}
+
+/// CKM_ECDSA's `r || s` (each the size of the curve's order) as the DER `ECDSA-Sig-Value`
+/// RFC 5480 wants; `None` for a wrong length or an out-of-range scalar.
+fn raw_to_der(curve: Curve, raw: &[u8]) -> Option<Vec<u8>> {
+    match curve {
+        Curve::P256 => p256::ecdsa::Signature::from_slice(raw)
+            .ok()
+            .map(|s| s.to_der().as_bytes().to_vec()),
+        Curve::P384 => p384::ecdsa::Signature::from_slice(raw)
+            .ok()
+            .map(|s| s.to_der().as_bytes().to_vec()),
     }
 }
 
@@ -335,8 +377,9 @@ fn find_one(
     }
 }
 
-/// A P-256 key pair on the token: the private half sensitive, never extractable, sign only.
-fn generate_p256(session: &Session, label: &str) -> Result<ObjectHandle, HsmError> {
+/// A key pair on `curve` on the token: the private half sensitive, never extractable, sign
+/// only.
+fn generate_key(session: &Session, label: &str, curve: Curve) -> Result<ObjectHandle, HsmError> {
     let id: Vec<u8> = Sha256::digest(label.as_bytes())
         .into_iter()
         .take(8)
@@ -345,7 +388,7 @@ fn generate_p256(session: &Session, label: &str) -> Result<ObjectHandle, HsmErro
         Attribute::Token(true),
         Attribute::Private(false),
         Attribute::Verify(true),
-        Attribute::EcParams(P256_EC_PARAMS.to_vec()),
+        Attribute::EcParams(ec_params(curve).to_vec()),
         Attribute::Label(label.as_bytes().to_vec()),
         Attribute::Id(id.clone()),
     ];
@@ -378,9 +421,10 @@ fn public_key_spki(session: &Session, key: &HsmKeyRef<'_>) -> Result<Vec<u8>, Hs
     let mut point = None;
     for a in attrs {
         match a {
-            Attribute::EcParams(p) if p != P256_EC_PARAMS => {
-                return Err(HsmError::NotP256 {
+            Attribute::EcParams(p) if p != ec_params(key.curve) => {
+                return Err(HsmError::WrongCurve {
                     label: key.key_label.into(),
+                    expected: key.curve.name(),
                 })
             }
             Attribute::EcPoint(p) => point = Some(p),
@@ -390,13 +434,50 @@ fn public_key_spki(session: &Session, key: &HsmKeyRef<'_>) -> Result<Vec<u8>, Hs
     let point = point.ok_or_else(|| bad("no CKA_EC_POINT"))?;
     // PKCS#11 says CKA_EC_POINT is the DER OCTET STRING of the point; some tokens give the
     // bare point.
+    let len = key.curve.uncompressed_point_len();
     let sec1 = match point.as_slice() {
-        [0x04, 0x41, rest @ ..] if rest.len() == 0x41 => rest,
+        [0x04, l, rest @ ..] if usize::from(*l) == len && rest.len() == len => rest,
         bare => bare,
     };
-    let public = p256::PublicKey::from_sec1_bytes(sec1).map_err(|_| bad("not a P-256 point"))?;
-    public
-        .to_public_key_der()
-        .map(|d| d.as_bytes().to_vec())
+    let der = match key.curve {
+        Curve::P256 => p256::PublicKey::from_sec1_bytes(sec1)
+            .map_err(|_| bad("not a P-256 point"))?
+            .to_public_key_der(),
+        Curve::P384 => p384::PublicKey::from_sec1_bytes(sec1)
+            .map_err(|_| bad("not a P-384 point"))?
+            .to_public_key_der(),
+    };
+    der.map(|d| d.as_bytes().to_vec())
         .map_err(|e| bad(&e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The token's raw signatures become DER the curve's verifier accepts; a wrong length or
+    /// a zero scalar is refused, never passed on.
+    #[test]
+    fn raw_signatures_to_der() {
+        use p384::ecdsa::signature::hazmat::PrehashSigner;
+        let key = p384::ecdsa::SigningKey::from_slice(&[7u8; 48]).unwrap();
+        let digest = Sha384::digest(b"tbs");
+        let sig: p384::ecdsa::Signature = key.sign_prehash(&digest).unwrap();
+        let der = raw_to_der(Curve::P384, &sig.to_bytes()).unwrap();
+        assert_eq!(der, sig.to_der().as_bytes());
+        // P-384's r || s is 96 bytes: not a P-256 signature, and a short one is refused.
+        assert!(raw_to_der(Curve::P256, &sig.to_bytes()).is_none());
+        assert!(raw_to_der(Curve::P384, &sig.to_bytes()[..95]).is_none());
+        assert!(raw_to_der(Curve::P384, &[0u8; 96]).is_none());
+        assert_eq!(ec_params(Curve::P384), P384_EC_PARAMS);
+        assert_eq!(
+            der::Encode::to_der(&Curve::P384.oid()).unwrap(),
+            P384_EC_PARAMS
+        );
+        assert_eq!(
+            der::Encode::to_der(&Curve::P256.oid()).unwrap(),
+            P256_EC_PARAMS
+        );
+    }
 }

@@ -265,10 +265,15 @@ fn open_store(data_dir: &Path, config: &Config) -> Result<Arc<dyn ServerStore>> 
     crate::store::open_for_command(data_dir, &config.storage)
 }
 
-/// Load the issuing CA (certificate and key) named by the configuration.
+/// Load the issuing CA (certificate and key) named by the configuration: its key from the
+/// PKCS#11 token when `[hsm]` is enabled, else from the key file.
 pub fn load_issuing_ca(data_dir: &Path, config: &Config) -> Result<IssuingCa> {
+    let cert = datadir::resolve(data_dir, &config.pki.issuing_ca_cert);
+    if config.hsm.enabled {
+        return datadir::load_hsm_ca(data_dir, &cert, &config.hsm);
+    }
     datadir::load_ca(
-        &datadir::resolve(data_dir, &config.pki.issuing_ca_cert),
+        &cert,
         &datadir::resolve(data_dir, &config.pki.issuing_ca_key),
     )
 }

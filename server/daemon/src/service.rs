@@ -476,10 +476,13 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     let store_dyn: Arc<dyn est_proto::store::Store> = store.clone();
     let mut est_service = EstService::new(est_cfg, loaded.issuing_ca, policy, store_dyn)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    if let Some(p384) = loaded.issuing_ca_p384 {
+    if let Some(mut p384) = loaded.issuing_ca_p384 {
         if let Err(why) = p384.check_validity(now) {
             anyhow::bail!("refusing to start: the P-384 issuing CA: {why}");
         }
+        // Its certificates point at its own CRL.
+        p384.set_crl_distribution_points(&config.revocation.distribution_points_p384)
+            .map_err(|e| anyhow::anyhow!("revocation.distribution_points_p384: {e}"))?;
         est_service
             .add_issuing_ca(p384)
             .map_err(|e| anyhow::anyhow!("the P-384 issuing CA: {e}"))?;

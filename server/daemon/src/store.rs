@@ -173,7 +173,7 @@ const SELECT_LATEST_CRL: &str = "SELECT number, this_update, next_update, genera
 /// (each is prepared once per connection and then reused from rusqlite's statement cache).
 macro_rules! cert_columns {
     () => {
-        "serial, device_id, subject, der, request_digest, not_before, not_after, issued_at, status, kind, replaces, slot"
+        "serial, device_id, subject, der, request_digest, not_before, not_after, issued_at, status, kind, replaces, slot, profile"
     };
 }
 const CERT_COLUMNS: &str = cert_columns!();
@@ -190,7 +190,7 @@ const SELECT_BY_SERIAL: &str = concat!(
 const INSERT_CERT: &str = concat!(
     "INSERT INTO certificates(",
     cert_columns!(),
-    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
+    ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
 );
 /// A new certificate supersedes the active ones of the same device and slot (a DLMS meter's
 /// signing and key-agreement certificates live side by side).
@@ -217,6 +217,13 @@ const MIGRATIONS: &[(&str, &str, &str)] = &[
         "certificates",
         "slot",
         "ALTER TABLE certificates ADD COLUMN slot TEXT NOT NULL DEFAULT ''",
+    ),
+    // The certificate profile it was issued under (IssuedCert::profile), kept at /sren;
+    // "" = none recorded (every row from before this column).
+    (
+        "certificates",
+        "profile",
+        "ALTER TABLE certificates ADD COLUMN profile TEXT NOT NULL DEFAULT ''",
     ),
 ];
 
@@ -478,6 +485,7 @@ type RawCert = (
     String,
     Option<String>,
     String,
+    String,
 );
 
 fn raw_cert(r: &Row<'_>) -> rusqlite::Result<RawCert> {
@@ -494,11 +502,13 @@ fn raw_cert(r: &Row<'_>) -> rusqlite::Result<RawCert> {
         r.get(9)?,
         r.get(10)?,
         r.get(11)?,
+        r.get(12)?,
     ))
 }
 
 fn cert_from_raw(raw: RawCert) -> Result<IssuedCert, StoreError> {
-    let (serial, device, subject, der, digest, nb, na, at, status, kind, replaces, slot) = raw;
+    let (serial, device, subject, der, digest, nb, na, at, status, kind, replaces, slot, profile) =
+        raw;
     let request_digest: [u8; 32] = digest
         .as_slice()
         .try_into()
@@ -524,6 +534,7 @@ fn cert_from_raw(raw: RawCert) -> Result<IssuedCert, StoreError> {
         kind,
         replaces_serial_hex: replaces,
         slot,
+        profile,
     })
 }
 
@@ -653,6 +664,7 @@ fn apply_issue(
             cert.kind.as_str(),
             cert.replaces_serial_hex,
             cert.slot,
+            cert.profile,
         ],
     )
     .map_err(backend)?;
@@ -969,6 +981,7 @@ mod tests {
             kind: IssuanceKind::Enroll,
             replaces_serial_hex: None,
             slot: String::new(),
+            profile: String::new(),
         }
     }
 
@@ -1312,6 +1325,19 @@ mod tests {
             .unwrap();
         }
         let s = SqliteStore::open(&path, 4).unwrap();
+        let old = s.find_by_serial("0a").unwrap().unwrap();
+        assert_eq!((old.slot.as_str(), old.profile.as_str()), ("", ""));
+        // New rows keep their profile beside the old ones.
+        issue(
+            &s,
+            IssuedCert {
+                profile: "vendor-a".into(),
+                ..cert("0b", "SN2", 9)
+            },
+            audit("SN2"),
+        )
+        .unwrap();
+        assert_eq!(s.find_by_serial("0b").unwrap().unwrap().profile, "vendor-a");
         assert!(matches!(
             s.revoke(&rev("0a", RevocationReason::Superseded)).unwrap(),
             RevokeOutcome::Revoked(_)

@@ -233,6 +233,7 @@ fn issue_into_store(d: &Path, device: &str) -> String {
                 kind: IssuanceKind::Enroll,
                 replaces_serial_hex: None,
                 slot: String::new(),
+                profile: String::new(),
             }),
             audit: AuditEvent {
                 at_unix: at,
@@ -495,6 +496,7 @@ fn operator_commands_work_on_postgres() {
         kind: IssuanceKind::Enroll,
         replaces_serial_hex: None,
         slot: String::new(),
+        profile: String::new(),
     };
     let audit = AuditEvent {
         at_unix: 1_750_000_000,

@@ -262,3 +262,266 @@ fn softhsm_ca_key_init_enroll_verify_restart() {
     }
     refused(&toml, None, "chmod 600");
 }
+
+/// `openssl x509 -text` of a PEM certificate.
+fn text_of(pem: &Path) -> String {
+    openssl(&["x509", "-in", pem.to_str().unwrap(), "-noout", "-text"])
+}
+
+/// A P-384 IDevID for `serial` signed by the data directory's demo manufacturer CA (openssl);
+/// returns (key, chain PEM = IDevID + CA).
+fn p384_idevid(data: &Path, work: &Path, serial: &str) -> (PathBuf, PathBuf) {
+    let ca = data.join("manufacturers/demo-manufacturer-ca.pem");
+    let ca_key = data.join("manufacturers/demo-manufacturer-ca.key");
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let (key, csr, cert) = (
+        work.join("idevid.key"),
+        work.join("idevid.csr"),
+        work.join("idevid.pem"),
+    );
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-384",
+        "-nodes",
+        "-keyout",
+        &s(&key),
+        "-subj",
+        &format!("/CN={serial}/serialNumber={serial}"),
+        "-out",
+        &s(&csr),
+    ]);
+    let ext = work.join("idevid.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &s(&csr),
+        "-CA",
+        &s(&ca),
+        "-CAkey",
+        &s(&ca_key),
+        "-set_serial",
+        "0x384",
+        "-days",
+        "3650",
+        "-sha384",
+        "-extfile",
+        &s(&ext),
+        "-out",
+        &s(&cert),
+    ]);
+    let chain = work.join("idevid-chain.pem");
+    let mut pem = std::fs::read(&cert).unwrap();
+    pem.extend(std::fs::read(&ca).unwrap());
+    std::fs::write(&chain, pem).unwrap();
+    (key, chain)
+}
+
+/// A P-384 meter enrolls at /sen over DTLS (libcoap, GnuTLS) with a P-384 CSR; returns the
+/// LDevID (PEM).
+fn enroll_p384(t: &Token, addr: std::net::SocketAddr, data: &Path, serial: &str) -> PathBuf {
+    let work = t.path(&format!("work-{serial}"));
+    std::fs::create_dir_all(&work).unwrap();
+    let (idevid_key, chain) = p384_idevid(data, &work, serial);
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let (key, csr) = (work.join("ldevid.key"), work.join("ldevid.csr.der"));
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-384",
+        "-nodes",
+        "-sha384",
+        "-keyout",
+        &s(&key),
+        "-subj",
+        &format!("/serialNumber={serial}"),
+        "-outform",
+        "DER",
+        "-out",
+        &s(&csr),
+    ]);
+    let der = work.join("ldevid.der");
+    let mut c = Command::new("timeout");
+    c.args([
+        "60",
+        "coap-client-gnutls",
+        "-B",
+        "30",
+        "-m",
+        "post",
+        "-b",
+        "64",
+    ])
+    .args(["-t", "286", "-A", "287", "-f"])
+    .arg(&csr)
+    .arg("-c")
+    .arg(&chain)
+    .arg("-j")
+    .arg(&idevid_key)
+    .arg("-C")
+    .arg(data.join("ca/issuing-ca.pem"))
+    .arg("-o")
+    .arg(&der)
+    .arg(format!("coaps://{addr}/.well-known/est/sen"));
+    ok(c);
+    est_test_tools::openssl::der_to_pem(&der).unwrap()
+}
+
+/// The P-384 issuing CA's key on the token too: `ca create-p384 --hsm-key-label` generates it
+/// there and writes no key file (nor the PIN); a P-384 meter enrolls through libcoap under a
+/// P-384 profile and `openssl verify` accepts its LDevID against the P-384 CA; the P-384 CRL,
+/// signed on the token by the server and again by the CLI after a revocation, passes
+/// `openssl crl -verify`; after a restart the token key still signs; a missing P-384 key is
+/// refused at start.
+#[test]
+fn softhsm_p384_ca_key_enroll_verify_crl_restart() {
+    if !est_test_tools::require_tools(&TOOLS) {
+        return;
+    }
+    assert!(
+        Path::new(SOFTHSM_MODULE).exists(),
+        "{SOFTHSM_MODULE} missing: apt-get install softhsm2"
+    );
+    let t = Token::new("est-ca", "123456");
+    let pin = t.write_pin("pin", "123456");
+    let data = t.path("data");
+    let mut init = t.est_server();
+    init.args(["init", "--data-dir"])
+        .arg(&data)
+        .args(["--hsm-module", SOFTHSM_MODULE, "--hsm-token", "est-ca"])
+        .args(["--hsm-key-label", "utility-ca-2026", "--hsm-pin-file"])
+        .arg(&pin);
+    ok(init);
+    let mut create = t.est_server();
+    create
+        .args(["ca", "create-p384", "--data-dir"])
+        .arg(&data)
+        .args(["--hsm-key-label", "utility-ca-p384"]);
+    let said = ok(create);
+    assert!(
+        said.contains("\"utility-ca-p384\" on the [hsm] token"),
+        "{said}"
+    );
+    assert!(!data.join("ca/issuing-ca-p384.key").exists());
+    let toml = std::fs::read_to_string(data.join("est-server.toml")).unwrap();
+    assert!(
+        toml.contains("hsm_key_label = \"utility-ca-p384\""),
+        "{toml}"
+    );
+    assert!(
+        !toml.contains("123456"),
+        "the PIN leaked into the configuration"
+    );
+    // The P-384 CA certificate was self-signed on the token, ecdsa-with-SHA384.
+    let p384_ca = data.join("ca/issuing-ca-p384.pem");
+    let p384_s = p384_ca.to_str().unwrap();
+    assert!(openssl(&["verify", "-CAfile", p384_s, p384_s]).contains("OK"));
+    let text = text_of(&p384_ca);
+    assert!(
+        text.contains("ecdsa-with-SHA384") && text.contains("P-384"),
+        "{text}"
+    );
+    // Not twice.
+    let mut again = t.est_server();
+    again
+        .args(["ca", "create-p384", "--data-dir"])
+        .arg(&data)
+        .args(["--hsm-key-label", "utility-ca-p384"]);
+    assert!(!again.output().unwrap().status.success());
+
+    // A profile for P-384 meters (device class HSMP), signed by the P-384 CA.
+    let profile = "\n[[profiles]]\nname = \"p384-meters\"\ncurves = [\"P-384\"]\n\
+                   signature_hash = \"SHA-384\"\n[[profiles.select]]\nserial_prefix = \"HSMP\"\n";
+    let toml = toml + profile;
+    std::fs::write(data.join("est-server.toml"), &toml).unwrap();
+
+    let (child, addr) = t.run(&data);
+    let ldevid = enroll_p384(&t, addr, &data, "HSMP0001");
+    est_test_tools::openssl::verify(&p384_ca, &ldevid).unwrap();
+    let text = text_of(&ldevid);
+    assert!(
+        text.contains("Signature Algorithm: ecdsa-with-SHA384"),
+        "{text}"
+    );
+    assert!(text.contains("CN = EST Issuing CA P-384"), "{text}");
+    // The P-384 CRL the server signed (on the token) at start.
+    let crl = data.join("crl/issuing-ca-p384.crl.pem");
+    let crl_verify = || {
+        openssl(&[
+            "crl",
+            "-in",
+            crl.to_str().unwrap(),
+            "-CAfile",
+            p384_s,
+            "-verify",
+            "-noout",
+            "-text",
+        ])
+    };
+    let text = crl_verify();
+    assert!(text.contains("ecdsa-with-SHA384"), "{text}");
+    stop(child);
+
+    // Revoked by the CLI, which signs both CRLs on the token.
+    let serial = openssl(&["x509", "-in", ldevid.to_str().unwrap(), "-noout", "-serial"]);
+    let serial = serial
+        .trim()
+        .trim_start_matches("serial=")
+        .to_ascii_lowercase();
+    let mut revoke = t.est_server();
+    revoke
+        .args([
+            "certs",
+            "revoke",
+            &serial,
+            "--reason",
+            "keyCompromise",
+            "--data-dir",
+        ])
+        .arg(&data);
+    ok(revoke);
+    let text = crl_verify();
+    assert!(
+        text.to_ascii_lowercase().contains(&serial) && text.contains("Key Compromise"),
+        "{text}"
+    );
+
+    // After a restart the token's P-384 key still signs.
+    let (child, addr) = t.run(&data);
+    let second = enroll_p384(&t, addr, &data, "HSMP0002");
+    est_test_tools::openssl::verify(&p384_ca, &second).unwrap();
+    stop(child);
+
+    // A P-384 key that is not on the token stops the start, naming it.
+    let cfg_path = t.path("missing-p384.toml");
+    std::fs::write(
+        &cfg_path,
+        toml.replace("\"utility-ca-p384\"", "\"no-such-p384\""),
+    )
+    .unwrap();
+    let mut c = t.est_server();
+    c.args(["run", "--data-dir"])
+        .arg(&data)
+        .arg("--config")
+        .arg(&cfg_path)
+        .args(["--listen", "127.0.0.1:0"]);
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no EC private key labelled \"no-such-p384\""),
+        "{err}"
+    );
+}

@@ -9,7 +9,8 @@
 //! concurrent commits for one device; revocation (once, audited, the generation, the CRL's
 //! entries), device blocks, the commit-time refusal after a block or revocation, the
 //! per-device issuance window, cRLNumbers and the latest CRL; DLMS certificate slots (two
-//! active side by side, supersession and idempotent retries per slot, the /sren race per slot).
+//! active side by side, supersession and idempotent retries per slot, the /sren race per slot);
+//! the certificate profile recorded with each certificate (what /sren keeps).
 //!
 //! PostgreSQL only (what SQLite cannot have): two stores on one database standing for two
 //! nodes (cross-node idempotency, the /sren race; a revocation or block on one node seen by
@@ -96,6 +97,10 @@ const CASES: &[Case] = &[
         slots_side_by_side,
     ),
     ("DLMS slots: the /sren race within one slot", slot_races),
+    (
+        "the certificate profile is recorded, read back by every lookup, survives reopen",
+        profiles_recorded,
+    ),
 ];
 
 fn cert(serial: &str, device: &str, digest: u8, issued_at: i64) -> IssuedCert {
@@ -112,6 +117,7 @@ fn cert(serial: &str, device: &str, digest: u8, issued_at: i64) -> IssuedCert {
         kind: IssuanceKind::Enroll,
         replaces_serial_hex: None,
         slot: String::new(),
+        profile: String::new(),
     }
 }
 
@@ -830,6 +836,92 @@ fn pair(slot: &str, serial: &str) -> (String, String) {
     (slot.to_owned(), serial.to_owned())
 }
 
+fn with_profile(c: IssuedCert, profile: &str) -> IssuedCert {
+    IssuedCert {
+        profile: profile.into(),
+        ..c
+    }
+}
+
+fn profiles_recorded(f: &mut Fixture) {
+    let s = f.store.as_ref();
+    // A meter enrolled under "vendor-a" and one under the built-in profile ("").
+    committed(issue(
+        s,
+        with_profile(cert("6a01", "PA1", 1, 100), "vendor-a"),
+    ));
+    committed(issue(s, cert("6b01", "PB1", 2, 100)));
+    let a = s.find_by_serial("6a01").unwrap().expect("stored");
+    assert_eq!(a.profile, "vendor-a");
+    assert_eq!(
+        s.find_by_serial("6b01").unwrap().expect("stored").profile,
+        ""
+    );
+    // Every lookup reads it: by request (a retry), certs show (prefix), certs list.
+    assert_eq!(
+        s.find_by_request("PA1", &[1; 32])
+            .unwrap()
+            .expect("stored")
+            .profile,
+        "vendor-a"
+    );
+    assert_eq!(
+        s.find_by_serial_prefix("6a0").unwrap()[0].profile,
+        "vendor-a"
+    );
+    assert!(s
+        .list_certificates(100)
+        .unwrap()
+        .iter()
+        .any(|c| c.serial_hex == "6a01" && c.profile == "vendor-a"));
+    // The renewal records the profile it was issued under (what /sren kept), its own row.
+    committed(issue(
+        s,
+        with_profile(renewal("6a02", "6a01", "PA1", 3, 101), "vendor-a"),
+    ));
+    assert_eq!(status(s, "6a01"), CertStatus::Superseded);
+    assert_eq!(
+        s.find_by_serial("6a02").unwrap().unwrap().profile,
+        "vendor-a"
+    );
+    // A retry answered from the store carries the first certificate's profile.
+    match issue(
+        s,
+        with_profile(renewal("6a99", "6a01", "PA1", 3, 102), "other"),
+    )
+    .unwrap()
+    {
+        CommitOutcome::AlreadyIssued(c) => {
+            assert_eq!(
+                (c.serial_hex.as_str(), c.profile.as_str()),
+                ("6a02", "vendor-a")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Refused at commit (the replaced certificate was revoked): nothing recorded.
+    s.revoke(&revocation_of("6a02", RevocationReason::KeyCompromise, 103))
+        .unwrap();
+    assert!(matches!(
+        issue(
+            s,
+            with_profile(renewal("6a03", "6a02", "PA1", 4, 104), "vendor-a")
+        )
+        .unwrap(),
+        CommitOutcome::Refused(_)
+    ));
+    assert!(s.find_by_serial("6a03").unwrap().is_none());
+    // Durable.
+    f.store.close();
+    f.store = (f.reopen)();
+    let s = f.store.as_ref();
+    assert_eq!(
+        s.find_by_serial("6a02").unwrap().unwrap().profile,
+        "vendor-a"
+    );
+    assert_eq!(s.find_by_serial("6b01").unwrap().unwrap().profile, "");
+}
+
 fn slots_side_by_side(f: &mut Fixture) {
     let s = f.store.as_ref();
     // A DLMS meter's signing and key-agreement certificates, and an LDevID beside them.
@@ -1478,8 +1570,13 @@ fn postgres_migrates_a_version_1_database() {
     );
     let old = s.find_by_serial("0101").unwrap().expect("kept");
     assert_eq!(
-        (old.device_id.as_str(), old.status, old.slot.as_str()),
-        ("OLD", CertStatus::Active, "")
+        (
+            old.device_id.as_str(),
+            old.status,
+            old.slot.as_str(),
+            old.profile.as_str()
+        ),
+        ("OLD", CertStatus::Active, "", "")
     );
     // A node of the previous release (est_issue_relayed, no slot) during a rolling upgrade:
     // its certificate goes to slot "", superseding that slot only, its relay audited.
@@ -1505,6 +1602,30 @@ fn postgres_migrates_a_version_1_database() {
     assert_eq!(
         s.recent_audit(1).unwrap()[0].relay.as_deref(),
         Some("[2001:db8::1]:7634")
+    );
+    // Migration 4's est_issue_slot (the release before profiles, during a rolling upgrade)
+    // still issues, recording no profile; this release's issuance records its profile.
+    assert_eq!(
+        pg.psql(
+            "v1",
+            "SELECT est_issue_slot('0105', 'SLOT', 'CN=SLOT', '\\x3000', decode(repeat('0b', 32), 'hex'),
+                 1, 2, 152, 'active', 'enroll', NULL, '',
+                 152, 'peer', 'SLOT', 'sen', 'issued', '2.04', '', '')"
+        )
+        .unwrap(),
+        "committed"
+    );
+    assert_eq!(s.find_by_serial("0105").unwrap().unwrap().profile, "");
+    committed(issue(
+        s.as_ref(),
+        IssuedCert {
+            profile: "vendor-a".into(),
+            ..cert("0106", "PROF", 12, 153)
+        },
+    ));
+    assert_eq!(
+        s.find_by_serial("0106").unwrap().unwrap().profile,
+        "vendor-a"
     );
     assert_eq!(s.revocation_generation().unwrap(), 0);
     assert_eq!(s.next_crl_number().unwrap(), 1);

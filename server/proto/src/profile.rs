@@ -535,6 +535,12 @@ impl Profiles {
         &self.profiles
     }
 
+    /// The profile named `name`, if one is configured (a re-enrollment keeps the profile its
+    /// certificate was issued under).
+    pub fn by_name(&self, name: &str) -> Option<&CertProfile> {
+        self.profiles.iter().find(|p| p.name == name)
+    }
+
     /// The profile of the first rule matching: the device's identity and, when it
     /// authenticated with an IDevID, the fingerprint of the manufacturer anchor its chain
     /// ends in (`None` at `/sren`, where only rules without a manufacturer CA can match).
@@ -713,6 +719,8 @@ mod tests {
         assert!(p.select("SN1", Some(&b)).is_none());
         assert!(p.select("SN1", None).is_none());
         assert_eq!(p.select("ZZ1", None).unwrap().name, "y");
+        assert_eq!(p.by_name("x").unwrap().name, "x");
+        assert!(p.by_name("z").is_none());
         assert!(Profiles::new(vec![profile("x", vec![])], vec![(Selector::default(), 1)]).is_err());
         assert!(Profiles::new(vec![profile("x", vec![]), profile("x", vec![])], vec![]).is_err());
     }

@@ -99,6 +99,11 @@ pub struct IssuedCert {
     /// profile but `dlms`); the `dlms` profile fills "dlms-signing", "dlms-key-agreement" or
     /// "dlms-tls", so a meter's signing and key-agreement certificates are active together.
     pub slot: String,
+    /// The certificate profile (`[[profiles]]` name) it was issued under, which a
+    /// re-enrollment authenticated by this certificate keeps; "" when none was: the built-in
+    /// LDevID profile, the `dlms` profile, or a certificate stored before profiles were
+    /// recorded.
+    pub profile: String,
 }
 
 /// One audit record: every enrollment attempt, success or refusal.
@@ -322,6 +327,10 @@ pub enum Commit {
 
 /// Result of a [`Commit`].
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per commit, moved once to the core: boxing the certificate saves nothing"
+)]
 pub enum CommitOutcome {
     /// The write is durable.
     Committed,

@@ -27,8 +27,9 @@
 //! # Correctness across nodes
 //!
 //! Nothing but the database coordinates the nodes. An issuance is one call of the SQL
-//! function `est_issue_slot` (migration 4; `est_issue` of migrations 1 and 2 before it),
-//! inside the batch's transaction, which:
+//! function `est_issue_profile` (migration 5: `est_issue_slot` of migration 4 recording the
+//! certificate's profile too; `est_issue` of migrations 1 and 2 before them), inside the
+//! batch's transaction, which:
 //!
 //! 1. returns the device's certificate for the same request digest if there is one (a retry
 //!    on any node gets the first node's certificate: [`CommitOutcome::AlreadyIssued`]);
@@ -116,6 +117,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "certificates.slot (DLMS signing and key-agreement certificates side by side); est_issue_slot()",
         sql: MIGRATION_4,
+    },
+    Migration {
+        version: 5,
+        name: "certificates.profile (the certificate profile kept at /sren); est_issue_profile()",
+        sql: MIGRATION_5,
     },
 ];
 
@@ -416,13 +422,42 @@ CREATE OR REPLACE FUNCTION est_issue(
 $fn$;
 "#;
 
+/// The certificate profile a certificate was issued under ([`IssuedCert::profile`]), which its
+/// re-enrollment keeps; "" = none recorded (every row from before this migration).
+/// `est_issue_profile()` is `est_issue_slot()` with the profile recorded on the row it
+/// inserted, in the same call (so in the batch's transaction); `est_issue_slot()`, which
+/// nodes of the previous release call during a rolling upgrade, is unchanged and records "".
+const MIGRATION_5: &str = r#"
+ALTER TABLE certificates ADD COLUMN profile text NOT NULL DEFAULT '';
+
+CREATE FUNCTION est_issue_profile(
+    p_serial text, p_device text, p_subject text, p_der bytea, p_digest bytea,
+    p_not_before bigint, p_not_after bigint, p_issued_at bigint, p_status text, p_kind text,
+    p_replaces text, p_slot text,
+    a_at bigint, a_peer text, a_device text, a_operation text, a_outcome text, a_code text,
+    a_detail text, a_relay text, p_profile text
+) RETURNS text LANGUAGE plpgsql AS $fn$
+DECLARE
+    outcome text;
+BEGIN
+    outcome := est_issue_slot(p_serial, p_device, p_subject, p_der, p_digest, p_not_before,
+        p_not_after, p_issued_at, p_status, p_kind, p_replaces, p_slot, a_at, a_peer, a_device,
+        a_operation, a_outcome, a_code, a_detail, a_relay);
+    IF outcome = 'committed' THEN
+        UPDATE certificates SET profile = p_profile WHERE serial = p_serial;
+    END IF;
+    RETURN outcome;
+END
+$fn$;
+"#;
+
 /// Serialises migrations of nodes that start together (an arbitrary constant).
 const MIGRATION_LOCK_KEY: i64 = 0x4553_545f_5047; // "EST_PG"
 
 /// The certificate columns, in the order [`cert_from_row`] reads them.
 macro_rules! cert_columns {
     () => {
-        "serial, device_id, subject, der, request_digest, not_before, not_after, issued_at, status, kind, replaces, slot"
+        "serial, device_id, subject, der, request_digest, not_before, not_after, issued_at, status, kind, replaces, slot, profile"
     };
 }
 const CERT_COLUMNS: &str = cert_columns!();
@@ -435,10 +470,10 @@ macro_rules! cert_select {
 const SELECT_BY_REQUEST: &str = cert_select!("WHERE device_id = $1 AND request_digest = $2");
 const SELECT_BY_SERIAL: &str = cert_select!("WHERE serial = $1");
 const SELECT_DEVICE: &str = "SELECT 1 FROM devices WHERE device_id = $1";
-/// One issuance (migration 4's function: the certificate's slot, and the relay in the audit
-/// row).
+/// One issuance (migration 5's function: the certificate's slot and profile, and the relay in
+/// the audit row).
 const ISSUE: &str =
-    "SELECT est_issue_slot($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)";
+    "SELECT est_issue_profile($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21)";
 const INSERT_AUDIT: &str = "INSERT INTO audit (at, peer, device_id, operation, outcome, code, detail, relay) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 // Revocation (migration 2).
@@ -777,7 +812,7 @@ impl PgStore {
                 .batch_execute(
                     "DROP TABLE IF EXISTS certificates, audit, devices, blocked_devices,
                          revocation_state, crls, schema_migrations CASCADE;
-                     DROP FUNCTION IF EXISTS est_issue, est_issue_relayed, est_issue_slot CASCADE;",
+                     DROP FUNCTION IF EXISTS est_issue, est_issue_relayed, est_issue_slot, est_issue_profile CASCADE;",
                 )
                 .await
                 .map_err(|e| backend(pg_text(&e)))
@@ -887,6 +922,7 @@ fn cert_from_row(r: &Row) -> Result<IssuedCert, StoreError> {
         kind,
         replaces_serial_hex: r.try_get(10).map_err(get)?,
         slot: r.try_get(11).map_err(get)?,
+        profile: r.try_get(12).map_err(get)?,
         serial_hex: serial,
     })
 }
@@ -933,7 +969,7 @@ async fn apply_one(
     match commit {
         Commit::Issuance { cert, audit } => {
             let digest = cert.request_digest.as_slice();
-            let params: [&(dyn ToSql + Sync); 20] = [
+            let params: [&(dyn ToSql + Sync); 21] = [
                 &cert.serial_hex,
                 &cert.device_id,
                 &cert.subject,
@@ -954,6 +990,7 @@ async fn apply_one(
                 &audit.code,
                 &audit.detail,
                 &audit.relay,
+                &cert.profile,
             ];
             let row = tx.query_one(issue, &params).await?;
             let text: String = row.get(0);

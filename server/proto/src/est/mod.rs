@@ -874,10 +874,29 @@ impl EstService {
             None => None,
         };
         // A configured certificate profile (devices no dlms rule took): the key's curve
-        // must be one it accepts.
-        let profile = match dlms {
-            Some(_) => None,
-            None => self.policy.profile(&device),
+        // must be one it accepts. A re-enrollment keeps the profile the certificate being
+        // renewed was issued under (recorded with it): the device now presents its LDevID,
+        // which rules naming a manufacturer CA cannot match. If that profile is no longer
+        // configured the renewal is refused (4.03) rather than issued under another profile
+        // without the operator deciding so; the device can enroll again with its IDevID
+        // (/sen), where today's rules choose. A certificate recorded without a profile (the
+        // built-in one, or stored before profiles were recorded) is renewed under the rules.
+        let profile = match (&dlms, &replaces) {
+            (Some(_), _) => None,
+            (None, Some(current)) if !current.profile.is_empty() => Some(
+                self.policy
+                    .config()
+                    .profiles
+                    .by_name(&current.profile)
+                    .ok_or_else(|| {
+                        crate::policy::PolicyError::Profile(format!(
+                            "{:?} of the certificate being renewed is no longer configured; \
+                             enroll at /sen",
+                            current.profile
+                        ))
+                    })?,
+            ),
+            (None, _) => self.policy.profile(&device),
         };
         let keygen = matches!(op, Operation::Skg | Operation::Skc);
         // Server-side key generation makes a P-256 key, or a P-384 one for a profile that
@@ -1076,6 +1095,7 @@ impl EstService {
             slot: dlms
                 .map(|(kind, _)| kind.slot().to_owned())
                 .unwrap_or_default(),
+            profile: profile.map(|p| p.name.clone()).unwrap_or_default(),
         };
         let audit = AuditEvent {
             at_unix: unix_seconds(ctx.now),

@@ -1615,3 +1615,145 @@ fn a_profile_decides_key_curve_signer_validity_usages_subject_and_san() {
         .expect("ext")
         .is_some());
 }
+
+/// /sren keeps the profile of the certificate being renewed (recorded with it), also one
+/// chosen by manufacturer CA, which the LDevID the meter now presents no longer shows; when
+/// that profile is no longer configured the renewal is refused (4.03) and nothing is stored.
+#[test]
+fn sren_keeps_the_profile_of_the_certificate_it_renews() {
+    use crate::profile::{CertProfile, KeyUsageBits, Profiles, SanPolicy, Selector, SignatureHash};
+    let mut pki = Pki::new();
+    let mut anchor = [0u8; 32];
+    anchor.copy_from_slice(
+        ring::digest::digest(&ring::digest::SHA256, pki.maker.certificate_der()).as_ref(),
+    );
+    let profile = CertProfile {
+        name: "maker".into(),
+        curves: Vec::new(),
+        signature_hash: SignatureHash::Auto,
+        validity: Some(30 * DAY),
+        key_usage: KeyUsageBits {
+            digital_signature: true,
+            key_agreement: true,
+        },
+        extended_key_usage: vec![ca::oid::KP_CLIENT_AUTH, ca::oid::KP_SERVER_AUTH],
+        subject: None,
+        san: SanPolicy::None,
+    };
+    let profiles = Profiles::new(
+        vec![profile],
+        vec![(
+            Selector {
+                manufacturer_anchors: Some(vec![anchor]),
+                serial_prefix: None,
+            },
+            0,
+        )],
+    )
+    .expect("profiles");
+    let (svc, store) = pki.service(
+        PolicyConfig {
+            profiles,
+            ..PolicyConfig::default()
+        },
+        EstConfig::default(),
+    );
+    let is_makers = |cert: &Certificate| {
+        let tbs = &cert.tbs_certificate;
+        let validity = tbs
+            .validity
+            .not_after
+            .to_system_time()
+            .duration_since(tbs.validity.not_before.to_system_time())
+            .expect("notAfter after notBefore");
+        let (_, ku) = tbs
+            .get::<x509_cert::ext::pkix::KeyUsage>()
+            .expect("ext")
+            .expect("keyUsage");
+        let (_, eku) = tbs
+            .get::<x509_cert::ext::pkix::ExtendedKeyUsage>()
+            .expect("ext")
+            .expect("extKeyUsage");
+        validity == 30 * DAY + Duration::from_secs(300)
+            && ku.key_agreement()
+            && eku.0.contains(&ca::oid::KP_SERVER_AUTH)
+            && ca::hardware_module_from_cert(cert).is_none()
+    };
+    let dev = device(&mut pki, "SN1");
+    let first = only_cert(&call(
+        &svc,
+        &dev.chain,
+        &post("sen", csr(&dev.signer, &name(&[]))),
+        &mut pki.rng,
+    ));
+    assert!(is_makers(&first));
+    let subject = first.tbs_certificate.subject.clone();
+    let (_, k2) = pki.key();
+    let renewed = only_cert(&call(
+        &svc,
+        &[first.to_der().expect("der")],
+        &post("sren", csr(&k2, &subject)),
+        &mut pki.rng,
+    ));
+    assert!(is_makers(&renewed), "the renewal kept the profile");
+    let certs = store.certificates();
+    assert_eq!(certs.len(), 2);
+    assert!(certs.iter().all(|c| c.profile == "maker"), "{certs:?}");
+    assert!(store
+        .audit_events()
+        .iter()
+        .any(|e| e.operation == "sren" && e.detail.ends_with("profile maker")));
+
+    // The same store under a configuration without the profile: refused, nothing stored.
+    let dyn_store: Arc<dyn Store> = store.clone();
+    let policy = Policy::new(
+        PolicyConfig::default(),
+        &[pki.maker.certificate_der().to_vec()],
+        &pki.issuing_der,
+    )
+    .expect("policy");
+    let svc2 =
+        EstService::new(EstConfig::default(), pki.issuing(), policy, dyn_store).expect("service");
+    let renewed_chain = [renewed.to_der().expect("der")];
+    let (_, k3) = pki.key();
+    let r = call(
+        &svc2,
+        &renewed_chain,
+        &post("sren", csr(&k3, &subject)),
+        &mut pki.rng,
+    );
+    assert_refused(
+        &r,
+        ResponseType::Forbidden,
+        "\"maker\" of the certificate being renewed is no longer configured",
+    );
+    assert_eq!(store.certificates().len(), 2);
+    let last = store.audit_events().last().cloned().expect("audited");
+    assert_eq!(
+        (
+            last.operation.as_str(),
+            last.outcome.as_str(),
+            last.code.as_str()
+        ),
+        ("sren", "refused", "4.03")
+    );
+
+    // A certificate recorded without a profile (the built-in one) renews under the rules.
+    let other = device(&mut pki, "SN2");
+    let plain = only_cert(&call(
+        &svc2,
+        &other.chain,
+        &post("sen", csr(&other.signer, &name(&[]))),
+        &mut pki.rng,
+    ));
+    assert!(!is_makers(&plain));
+    let (_, k4) = pki.key();
+    let again = only_cert(&call(
+        &svc2,
+        &[plain.to_der().expect("der")],
+        &post("sren", csr(&k4, &plain.tbs_certificate.subject)),
+        &mut pki.rng,
+    ));
+    assert!(!is_makers(&again));
+    assert_eq!(store.certificates().last().expect("stored").profile, "");
+}
