@@ -14,6 +14,7 @@
 //! And the refusals: a CSR on a curve its profile does not accept gets 4.00 with a diagnostic
 //! naming the profile, and nothing is stored.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::path::{Path, PathBuf};
 
