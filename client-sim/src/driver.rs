@@ -181,7 +181,10 @@ impl Notes {
             .copied()
             .or(exchange)
             .unwrap_or(self.last);
-        let mid = d.get(2..4).map_or(0, |m| u16::from_be_bytes([m[0], m[1]]));
+        let mid = d
+            .get(2..4)
+            .and_then(|m| m.try_into().ok())
+            .map_or(0, u16::from_be_bytes);
         let repeat = !self.received.insert((mid, d.len()));
         let note = CoapNote::of(exchange, d, repeat);
         self.with(|l| l.note_down(note));
@@ -231,6 +234,10 @@ pub async fn run_meter(
     let l = link.clone();
     let open = move || {
         let l = l.clone();
+        #[allow(
+            clippy::indexing_slicing,
+            reason = "servers holds cfg.server at least, so next % len is an index of it"
+        )]
         let server = servers[next % servers.len()];
         next = next.wrapping_add(1);
         async move {

@@ -132,6 +132,10 @@ pub struct FleetResult {
     pub outcomes: Vec<MeterOutcome>,
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "constant bounds, valid for new_with_bounds (low >= 1, high >= 2 * low, sigfig <= 5)"
+)]
 fn new_hist() -> Histogram<u64> {
     // 1 µs .. 1 h, 3 significant digits; values above are clamped by `saturating_record`.
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant, valid histogram bounds")

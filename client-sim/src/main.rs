@@ -1,5 +1,6 @@
 //! `client-sim`: a fleet of virtual smart meters enrolling over EST-coaps (RFC 9148) through emulated
 //! narrowband links. See `client-sim --help`.
+#![warn(unreachable_pub, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -428,11 +429,14 @@ async fn run(cli: Cli) -> Result<bool> {
         token_len: cli.coap_token_bytes,
     };
     coap.validate().context("CoAP parameters")?;
+    let Some((&server, failover)) = cli.server.split_first() else {
+        bail!("--server: no address");
+    };
     let cfg = FleetConfig {
         concurrency: cli.concurrency.max(1),
         driver: DriverConfig {
-            server: cli.server[0],
-            failover: cli.server[1..].to_vec(),
+            server,
+            failover: failover.to_vec(),
             bind: cli.bind,
             dtls: DtlsClientConfig {
                 trust_anchors_der: ta.clone(),

@@ -483,13 +483,13 @@ pub(crate) mod test_pki {
     #![allow(clippy::unwrap_used)]
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 
-    pub struct TestCa {
-        pub cert_der: Vec<u8>,
-        pub params: CertificateParams,
-        pub key: KeyPair,
+    pub(crate) struct TestCa {
+        pub(crate) cert_der: Vec<u8>,
+        pub(crate) params: CertificateParams,
+        pub(crate) key: KeyPair,
     }
 
-    pub fn ca(name: &str) -> TestCa {
+    pub(crate) fn ca(name: &str) -> TestCa {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
@@ -503,7 +503,7 @@ pub(crate) mod test_pki {
     }
 
     /// Issues an end-entity certificate for the key `key` signed by `ca`.
-    pub fn issue_for(ca: &TestCa, key: &super::EnrollmentKey, serial: &str) -> Vec<u8> {
+    pub(crate) fn issue_for(ca: &TestCa, key: &super::EnrollmentKey, serial: &str) -> Vec<u8> {
         let issuer = ca.params.clone().self_signed(&ca.key).unwrap();
         let pk = KeyPair::try_from(key.pkcs8_der().unwrap()).unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();

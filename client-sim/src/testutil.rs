@@ -11,24 +11,24 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::pki::DeviceIdentity;
 
-pub struct FakeEst {
-    pub ca: IssuingCa,
-    pub ca_der: Vec<u8>,
-    pub manufacturer: IssuingCa,
+pub(crate) struct FakeEst {
+    pub(crate) ca: IssuingCa,
+    pub(crate) ca_der: Vec<u8>,
+    pub(crate) manufacturer: IssuingCa,
     manufacturer_der: Vec<u8>,
     /// Certificates issued so far (DER).
-    pub issued: Vec<Vec<u8>>,
+    pub(crate) issued: Vec<Vec<u8>>,
     /// Answer this many /sen requests with 5.03 + Max-Age `busy_max_age` first.
-    pub busy_first: u32,
-    pub busy_max_age: u32,
+    pub(crate) busy_first: u32,
+    pub(crate) busy_max_age: u32,
     /// Answer /sen with this code instead of issuing.
-    pub reject_sen: Option<ResponseType>,
+    pub(crate) reject_sen: Option<ResponseType>,
     /// Issue for a different key than the CSR's (a broken or malicious server).
-    pub wrong_key: bool,
+    pub(crate) wrong_key: bool,
     /// Requests seen: (method, path joined with '/').
-    pub log: Vec<(Method, String)>,
+    pub(crate) log: Vec<(Method, String)>,
     /// CSR payloads of /sen requests, in order.
-    pub csrs: Vec<Vec<u8>>,
+    pub(crate) csrs: Vec<Vec<u8>>,
     rng: ChaCha8Rng,
 }
 
@@ -37,7 +37,7 @@ fn now_wall() -> SystemTime {
 }
 
 impl FakeEst {
-    pub fn new(seed: u64) -> FakeEst {
+    pub(crate) fn new(seed: u64) -> FakeEst {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (ca_der, ca_key) = ca::generate_root_ca(
             "Test EST CA",
@@ -81,12 +81,12 @@ impl FakeEst {
         }
     }
 
-    pub fn manufacturer_cert_der(&self) -> Vec<u8> {
+    pub(crate) fn manufacturer_cert_der(&self) -> Vec<u8> {
         self.manufacturer_der.clone()
     }
 
     /// A device identity minted by the manufacturer CA (IEEE 802.1AR-style IDevID).
-    pub fn device(&mut self, serial: &str) -> DeviceIdentity {
+    pub(crate) fn device(&mut self, serial: &str) -> DeviceIdentity {
         let (cert, key) = ca::mint_idevid(
             &self.manufacturer,
             serial,
@@ -103,7 +103,7 @@ impl FakeEst {
         }
     }
 
-    pub fn handle(&mut self, req: &Request) -> Response {
+    pub(crate) fn handle(&mut self, req: &Request) -> Response {
         let path = req.path.join("/");
         self.log.push((req.method, path.clone()));
         match (req.method, path.as_str()) {
@@ -181,7 +181,7 @@ impl FakeEst {
 /// certificates verified against the manufacturer CA and the EST CA), est-proto's CoAP server
 /// session, and [`FakeEst`] behind it. Lossless links only (the stock listener accepts serially and
 /// does not resend its final flight).
-pub mod server {
+pub(crate) mod server {
     use std::net::SocketAddr;
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
@@ -195,14 +195,14 @@ pub mod server {
 
     use super::FakeEst;
 
-    pub struct TestServer {
-        pub addr: SocketAddr,
+    pub(crate) struct TestServer {
+        pub(crate) addr: SocketAddr,
         /// The root that verifies the server certificate (the meters' Implicit TA).
-        pub trust_anchor_der: Vec<u8>,
-        pub est: Arc<Mutex<FakeEst>>,
+        pub(crate) trust_anchor_der: Vec<u8>,
+        pub(crate) est: Arc<Mutex<FakeEst>>,
     }
 
-    pub async fn spawn(est: FakeEst) -> TestServer {
+    pub(crate) async fn spawn(est: FakeEst) -> TestServer {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(77);
         let (server_cert, server_key) = est_proto::ca::generate_server_cert(
             &est.ca,

@@ -1,5 +1,6 @@
 //! The client-sim command line: help text and error exits (no server needed).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::process::Command;
 

@@ -10,7 +10,8 @@
 //! dimpl always offers use_srtp (RFC 5764) in its ClientHello and gives up when the server does
 //! not answer it; est-server answers it only with `dtls.answer_use_srtp = true` (default off),
 //! which every server here is started with ([`support::DIMPL_SERVER_SETTINGS`]).
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod support;
 

@@ -14,7 +14,8 @@
 //! elsewhere they are skipped.
 //!
 //! Run: `cargo test -p client-sim --test est_server_cluster -- --nocapture`
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod support;
 

@@ -7,7 +7,8 @@
 //! date). Set `EST_SERVER_BIN=/path/to/est-server` to use another build.
 //!
 //! Run: `cargo test -p client-sim --test est_server_fleet -- --nocapture`
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod support;
 

@@ -5,7 +5,8 @@
 //! without a new handshake, while without one the server no longer knows the meter.
 //!
 //! Run: `cargo test -p client-sim --test native_backend -- --nocapture`
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod support;
 

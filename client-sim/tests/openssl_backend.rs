@@ -4,7 +4,8 @@
 //! fails the handshake with a clear reason; the command line selects the backend.
 //!
 //! Run: `cargo test -p client-sim --test openssl_backend -- --nocapture`
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod support;
 

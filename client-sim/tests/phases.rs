@@ -4,7 +4,8 @@
 //! loses 20% of the datagrams the rows still add up, and the retransmissions show.
 //!
 //! Run: `cargo test -p client-sim --test phases -- --nocapture`
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod support;
 

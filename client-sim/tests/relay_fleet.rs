@@ -9,7 +9,8 @@
 //! server a few more).
 //!
 //! Run: `cargo test -p client-sim --test relay_fleet -- --nocapture`
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod support;
 

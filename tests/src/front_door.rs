@@ -870,7 +870,7 @@ impl Drop for ServerProcess {
 /// The number after `"field":` in a JSON line.
 pub fn json_u64(line: &str, field: &str) -> Option<u64> {
     let key = format!("\"{field}\":");
-    let rest = &line[line.find(&key)? + key.len()..];
+    let (_, rest) = line.split_once(key.as_str())?;
     let end = rest
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(rest.len());

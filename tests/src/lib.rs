@@ -5,6 +5,15 @@
 //! `est-server init` does; the test PKI is therefore regenerated for every test, never
 //! checked in. [`Tools`] wraps the third-party peers: libcoap's `coap-client-gnutls` and
 //! `coap-client-openssl`, and the `openssl` command line.
+#![warn(unreachable_pub, clippy::expect_used, clippy::indexing_slicing)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        reason = "unit tests: a panic is the test failing"
+    )
+)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -186,11 +195,13 @@ impl CoapRun {
             .chain(self.stdout.lines())
             .find_map(|l| {
                 let code = l.get(..4)?;
-                let b = code.as_bytes();
-                (b[0].is_ascii_digit()
-                    && b[1] == b'.'
-                    && b[2].is_ascii_digit()
-                    && b[3].is_ascii_digit())
+                let &[class, dot, d1, d2] = code.as_bytes() else {
+                    return None;
+                };
+                (class.is_ascii_digit()
+                    && dot == b'.'
+                    && d1.is_ascii_digit()
+                    && d2.is_ascii_digit())
                 .then_some(code)
             })
     }
@@ -548,4 +559,29 @@ pub fn openssl_csr_on(
         path_str(&csr)?,
     ])?;
     Ok((key, csr))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::ExitStatusExt;
+
+    use super::CoapRun;
+
+    fn run(stderr: &str) -> CoapRun {
+        CoapRun {
+            status: std::process::ExitStatus::from_raw(0),
+            stdout: String::new(),
+            stderr: stderr.to_owned(),
+            payload: None,
+        }
+    }
+
+    #[test]
+    fn the_error_code_is_the_first_line_that_starts_with_one() {
+        assert_eq!(run("4.06 Not Acceptable\n").error_code(), Some("4.06"));
+        assert_eq!(run("warning: x\n5.03\n4.00\n").error_code(), Some("5.03"));
+        for no_code in ["", "4.0", "4.0x", "4-06", "x.06", "é.06 ", "v4.15"] {
+            assert_eq!(run(no_code).error_code(), None, "{no_code:?}");
+        }
+    }
 }

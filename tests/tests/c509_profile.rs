@@ -2,6 +2,7 @@
 //! the exact DER: the issuing CA, the server's DTLS certificate, a minted IDevID, and an
 //! LDevID issued over the real enrollment path (see interop_libcoap for the latter).
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use est_server::datadir;
 use est_tests::TestServer;

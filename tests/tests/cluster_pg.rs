@@ -18,6 +18,7 @@
 //! The database is a throwaway cluster (est-test-tools' pg module); under CI a cluster that
 //! cannot start fails these tests, elsewhere they are skipped.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -10,6 +10,7 @@
 //! with their slots, a retry on the second node gets the first node's certificate back, and a
 //! new key-agreement certificate issued by the second node supersedes only that slot.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::path::{Path, PathBuf};
 

@@ -34,7 +34,8 @@
 //! | FRONT_DOOR_IDENTITY_CONCURRENCY | 8 | 32 | handshakes in flight |
 //!
 //! The tests of this file run one at a time (each starts its own server and loads the box).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+#![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;

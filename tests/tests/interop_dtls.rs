@@ -28,7 +28,8 @@
 //! ([`est_test_tools::require_tools`]).
 //!
 //! Run: `cargo test -p est-tests --test interop_dtls -- --nocapture`
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -2,6 +2,7 @@
 //! builds, Debian libcoap3-bin 4.3.1) enrolls against our server over real UDP + DTLS 1.2
 //! with certificates and 64-byte Block1, and `openssl verify` checks what we issued.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use est_tests::*;
 

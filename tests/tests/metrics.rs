@@ -3,6 +3,7 @@
 //! parsed line by line (every sample belongs to a family with HELP and TYPE, values are
 //! numbers, the exposition ends with `# EOF`), and the values are what happened.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};

@@ -2,6 +2,7 @@
 //! libcoap's `coap-client-gnutls` over real UDP + DTLS 1.2 against a server with a P-384
 //! issuing CA beside the P-256 one; `openssl verify` accepts what it issued.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::path::{Path, PathBuf};
 

@@ -10,6 +10,7 @@
 //! - `require` without a CA file is encrypted (not authenticated), `sslmode=disable` still
 //!   works and is plain; `require` against a server without TLS is refused.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use est_test_tools::pg::{PgOptions, PgTls, TestPostgres};
 use est_tests::*;

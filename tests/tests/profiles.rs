@@ -18,6 +18,7 @@
 //! one chosen by manufacturer CA, which its LDevID no longer shows; when that profile has been
 //! removed from the configuration the renewal is refused with 4.03.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::path::{Path, PathBuf};
 

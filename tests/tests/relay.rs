@@ -3,7 +3,8 @@
 //! `openssl verify` checks the certificate; the refusals (JPY from a source not on the
 //! allowlist, a datagram that is not DTLS, a flooding meter address); two registrars, one
 //! killed mid-run.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};

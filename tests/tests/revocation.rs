@@ -3,6 +3,7 @@
 //! CRLs, the issuing CA expiring while the server runs, the per-device enrollment rate limit,
 //! and a renewed DTLS certificate picked up without a restart.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -2,6 +2,7 @@
 //! at the smallest block size, CoAP deduplication of a retransmitted enrollment over
 //! DTLS, and a meter that re-enrolls from the same address and port after closing.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -9,6 +9,7 @@
 //!
 //! What must hold: every meter enrolls, and the store holds exactly one certificate per
 //! meter, the one the meter received, committed once; every admission permit comes back.
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;

@@ -2,6 +2,7 @@
 //! and their LDevIDs are in the store once and verify; a lossy link still completes; a wrong
 //! trust anchor fails the handshake fast with nothing stored. Each backend's test file calls
 //! these with its own [`DtlsClientConfig`].
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::time::{Duration, Instant};
 
@@ -54,7 +55,7 @@ fn fleet_config(
 
 /// Runs `meters` meters of the fleet over `link`; `dtls.trust_anchors_der` empty = the fleet's
 /// Implicit TA.
-pub async fn run(
+pub(crate) async fn run(
     srv: &Running,
     dtls: DtlsClientConfig,
     link: &str,
@@ -65,7 +66,7 @@ pub async fn run(
 }
 
 /// As [`run`], with the meters' configuration changed by `tweak`.
-pub async fn run_with(
+pub(crate) async fn run_with(
     srv: &Running,
     mut dtls: DtlsClientConfig,
     tweak: impl FnOnce(&mut MeterConfig),
@@ -100,7 +101,7 @@ pub async fn run_with(
 
 /// Every LDevID a meter holds is in the store exactly once and is signed by the server's
 /// issuing CA (checked with OpenSSL).
-pub fn check_store(srv: &mut Running, result: &FleetResult, meters: usize) {
+pub(crate) fn check_store(srv: &mut Running, result: &FleetResult, meters: usize) {
     let ders = srv.stop_and_read_store();
     assert_eq!(ders.len(), meters, "one certificate per meter");
     let ca = X509::from_pem(&std::fs::read(srv.data.join("ca/issuing-ca.pem")).unwrap()).unwrap();
@@ -128,7 +129,7 @@ pub fn check_store(srv: &mut Running, result: &FleetResult, meters: usize) {
 
 /// Each meter's bytes, datagrams and frames by phase add up exactly to its link's counters,
 /// and every row's byte split (payload + CoAP overhead + DTLS overhead) to its bytes.
-pub fn assert_phases_add_up(result: &FleetResult) {
+pub(crate) fn assert_phases_add_up(result: &FleetResult) {
     use client_sim::phases::Dir;
     for o in &result.outcomes {
         let t = &o.phases;
@@ -164,7 +165,7 @@ pub fn assert_phases_add_up(result: &FleetResult) {
 }
 
 /// 16 meters enroll, one handshake each, and their LDevIDs are stored once and verify.
-pub async fn meters_enroll_and_ldevids_verify(dtls: DtlsClientConfig) {
+pub(crate) async fn meters_enroll_and_ldevids_verify(dtls: DtlsClientConfig) {
     const METERS: usize = 16;
     let mut srv = Running::start_with(METERS, server_settings_for(dtls.backend));
     let result = run(&srv, dtls, "lan", METERS, 3).await;
@@ -182,7 +183,7 @@ pub async fn meters_enroll_and_ldevids_verify(dtls: DtlsClientConfig) {
 }
 
 /// 6 meters enroll over a link that loses 15% of datagrams.
-pub async fn meters_enroll_over_a_15_percent_lossy_link(dtls: DtlsClientConfig) {
+pub(crate) async fn meters_enroll_over_a_15_percent_lossy_link(dtls: DtlsClientConfig) {
     const METERS: usize = 6;
     let mut srv = Running::start_with(METERS, server_settings_for(dtls.backend));
     let result = run(&srv, dtls, "loss=0.15,latency=5ms,jitter=2ms", METERS, 8).await;
@@ -200,7 +201,7 @@ pub async fn meters_enroll_over_a_15_percent_lossy_link(dtls: DtlsClientConfig) 
 /// A meter whose Implicit TA is a real CA, but not the server certificate's issuer, fails both
 /// handshake attempts fast, sends no CoAP, and nothing is stored. The failure message contains
 /// every string of `expect_in_message`.
-pub async fn wrong_trust_anchor_fails_the_handshake(
+pub(crate) async fn wrong_trust_anchor_fails_the_handshake(
     mut dtls: DtlsClientConfig,
     expect_in_message: &[&str],
 ) {

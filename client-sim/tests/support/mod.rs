@@ -3,9 +3,10 @@
 //! The `est-server` binary is located next to the test binary (same target directory and
 //! profile) after `cargo build -p est-server --bin est-server`, which is run here (a no-op when up
 //! to date). Set `EST_SERVER_BIN=/path/to/est-server` to use another build.
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+#![allow(dead_code, clippy::unwrap_used)]
+#![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
-pub mod backend;
+pub(crate) mod backend;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,7 +32,7 @@ fn profile_dir() -> PathBuf {
 
 /// The est-server binary, built once per test process (the tests of one binary run in parallel
 /// and each starts servers; one `cargo build` is enough).
-pub fn est_server_bin() -> PathBuf {
+pub(crate) fn est_server_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(build_est_server).clone()
 }
@@ -53,7 +54,7 @@ fn build_est_server() -> PathBuf {
     profile_dir.join("est-server")
 }
 
-pub fn run_ok(cmd: &mut Command) -> String {
+pub(crate) fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().expect("spawning est-server");
     assert!(
         out.status.success(),
@@ -66,7 +67,7 @@ pub fn run_ok(cmd: &mut Command) -> String {
 }
 
 /// A running `est-server run`, killed on drop.
-pub struct Server(pub Child);
+pub(crate) struct Server(pub Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -109,25 +110,25 @@ fn announced_addresses(child: &mut Child) -> (SocketAddr, Option<SocketAddr>) {
 }
 
 /// A fresh data directory with `meters` minted IDevIDs, and the server running on loopback.
-pub struct Running {
-    pub tmp: tempfile::TempDir,
-    pub data: PathBuf,
-    pub fleet_dir: PathBuf,
-    pub listen: SocketAddr,
+pub(crate) struct Running {
+    pub(crate) tmp: tempfile::TempDir,
+    pub(crate) data: PathBuf,
+    pub(crate) fleet_dir: PathBuf,
+    pub(crate) listen: SocketAddr,
     /// The JPY port for DCU relays (`[relay] jpy_listen`).
-    pub jpy: Option<SocketAddr>,
-    pub server: Option<Server>,
+    pub(crate) jpy: Option<SocketAddr>,
+    pub(crate) server: Option<Server>,
 }
 
 /// A server setting: (section, key, TOML value).
-pub type Setting = (&'static str, &'static str, &'static str);
+pub(crate) type Setting = (&'static str, &'static str, &'static str);
 
 /// dimpl is a DTLS stack written for WebRTC: it offers use_srtp (RFC 5764) and gives up unless
 /// the server answers it, which est-server does only with `dtls.answer_use_srtp = true`.
-pub const DIMPL_SERVER_SETTINGS: &[Setting] = &[("dtls", "answer_use_srtp", "true")];
+pub(crate) const DIMPL_SERVER_SETTINGS: &[Setting] = &[("dtls", "answer_use_srtp", "true")];
 
 /// What a server for meters of `backend` needs beyond the defaults.
-pub fn server_settings_for(backend: client_sim::dtls::DtlsBackend) -> &'static [Setting] {
+pub(crate) fn server_settings_for(backend: client_sim::dtls::DtlsBackend) -> &'static [Setting] {
     match backend {
         client_sim::dtls::DtlsBackend::Dimpl => DIMPL_SERVER_SETTINGS,
         _ => &[],
@@ -140,12 +141,12 @@ fn apply_settings(data: &Path, settings: &[(&str, &str, &str)]) {
 }
 
 impl Running {
-    pub fn start(meters: usize) -> Running {
+    pub(crate) fn start(meters: usize) -> Running {
         Self::start_with(meters, &[])
     }
 
     /// As [`Running::start`], with `settings` changed in the server's configuration.
-    pub fn start_with(meters: usize, settings: &[Setting]) -> Running {
+    pub(crate) fn start_with(meters: usize, settings: &[Setting]) -> Running {
         let bin = est_server_bin();
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("est-data");
@@ -180,7 +181,7 @@ impl Running {
     }
 
     /// Stops the server and returns the DER of every certificate in its store.
-    pub fn stop_and_read_store(&mut self) -> Vec<Vec<u8>> {
+    pub(crate) fn stop_and_read_store(&mut self) -> Vec<Vec<u8>> {
         drop(self.server.take());
         let db = rusqlite::Connection::open_with_flags(
             self.data.join("est.sqlite3"),
@@ -199,18 +200,18 @@ impl Running {
 
 /// N `est-server run` processes on one data directory (the same issuing CA and DTLS
 /// credentials) and one PostgreSQL database: the nodes of one service.
-pub struct Cluster {
-    pub tmp: tempfile::TempDir,
-    pub data: PathBuf,
-    pub fleet_dir: PathBuf,
-    pub addrs: Vec<SocketAddr>,
-    pub nodes: Vec<Option<Server>>,
+pub(crate) struct Cluster {
+    pub(crate) tmp: tempfile::TempDir,
+    pub(crate) data: PathBuf,
+    pub(crate) fleet_dir: PathBuf,
+    pub(crate) addrs: Vec<SocketAddr>,
+    pub(crate) nodes: Vec<Option<Server>>,
 }
 
 impl Cluster {
     /// `meters` minted IDevIDs and `nodes` servers on the PostgreSQL database at `url`, with
     /// `settings` changed besides `[storage]`.
-    pub fn start(
+    pub(crate) fn start(
         meters: usize,
         nodes: usize,
         url: &str,
@@ -253,7 +254,7 @@ impl Cluster {
     }
 
     /// One more `est-server run` on the cluster's data directory.
-    pub fn start_node(&self) -> (Server, SocketAddr) {
+    pub(crate) fn start_node(&self) -> (Server, SocketAddr) {
         let mut server = Server(
             est_test_tools::est_server_run(&est_server_bin(), &self.data)
                 .spawn()
@@ -264,7 +265,7 @@ impl Cluster {
     }
 }
 
-pub fn sha256_hex(d: &[u8]) -> String {
+pub(crate) fn sha256_hex(d: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(d))
 }
