@@ -606,6 +606,7 @@ fn openssl_cert_with_private_extensions() -> Option<Vec<u8>> {
     let (_, pem) = est_test_tools::openssl::self_signed(
         &dir,
         "c",
+        "P-256",
         "/CN=private-oid-test",
         &[
             "1.3.6.1.4.1.99999.7=DER:0500",

@@ -478,55 +478,8 @@ pub fn openssl_idevid(
     curve: &str,
     extra_ext: &str,
 ) -> Result<(PathBuf, PathBuf)> {
-    let key = work.join("idevid.key");
-    let csr = work.join("idevid.csr");
-    openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        &format!("ec_paramgen_curve:{curve}"),
-        "-nodes",
-        "-keyout",
-        path_str(&key)?,
-        "-subj",
-        &format!("/CN={serial}/serialNumber={serial}"),
-        "-out",
-        path_str(&csr)?,
-    ])?;
-    let ext = work.join("idevid.ext");
-    std::fs::write(
-        &ext,
-        format!(
-            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n{extra_ext}"
-        ),
-    )?;
-    let cert = work.join("idevid.pem");
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        path_str(&csr)?,
-        "-CA",
-        path_str(ca)?,
-        "-CAkey",
-        path_str(ca_key)?,
-        "-set_serial",
-        "0x1384",
-        "-days",
-        "3650",
-        "-sha384",
-        "-extfile",
-        path_str(&ext)?,
-        "-out",
-        path_str(&cert)?,
-    ])?;
-    let chain = work.join("idevid-chain.pem");
-    let mut pem = std::fs::read(&cert)?;
-    pem.extend(std::fs::read(ca)?);
-    std::fs::write(&chain, pem)?;
-    Ok((key, chain))
+    est_test_tools::openssl::idevid((ca, ca_key), work, serial, curve, extra_ext)
+        .map_err(anyhow::Error::msg)
 }
 
 /// A fresh key on `curve` ("P-256", "P-384") and its DER CSR for `subject`, signed with
@@ -538,27 +491,7 @@ pub fn openssl_csr_on(
     subject: &str,
     digest: &str,
 ) -> Result<(PathBuf, PathBuf)> {
-    let key = work.join(format!("{name}.key"));
-    let csr = work.join(format!("{name}.csr.der"));
-    openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        &format!("ec_paramgen_curve:{curve}"),
-        "-nodes",
-        digest,
-        "-keyout",
-        path_str(&key)?,
-        "-subj",
-        subject,
-        "-outform",
-        "DER",
-        "-out",
-        path_str(&csr)?,
-    ])?;
-    Ok((key, csr))
+    est_test_tools::openssl::csr_on(work, name, curve, subject, digest).map_err(anyhow::Error::msg)
 }
 
 #[cfg(test)]

@@ -373,6 +373,7 @@ async fn no_certificate_or_unknown_manufacturer_fails_the_handshake() {
     let (ca_key, ca_cert) = est_test_tools::openssl::self_signed(
         &w,
         "rogue",
+        "P-256",
         "/CN=Rogue Maker CA",
         &[
             "basicConstraints=critical,CA:TRUE",

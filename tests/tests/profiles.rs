@@ -26,31 +26,17 @@ use est_tests::*;
 
 /// Maker B: a self-signed P-384 manufacturer CA in the data directory.
 fn maker_b(data_dir: &Path) -> anyhow::Result<()> {
-    let dir = data_dir.join("manufacturers");
-    let key = dir.join("maker-b.key");
-    let cert = dir.join("maker-b.pem");
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-384",
-        "-nodes",
-        "-sha384",
-        "-days",
-        "3650",
-        "-keyout",
-        path_str(&key)?,
-        "-out",
-        path_str(&cert)?,
-        "-subj",
+    est_test_tools::openssl::self_signed(
+        &data_dir.join("manufacturers"),
+        "maker-b",
+        "P-384",
         "/O=Maker B/CN=Maker B IDevID CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ])?;
+        &[
+            "basicConstraints=critical,CA:TRUE",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    )
+    .map_err(anyhow::Error::msg)?;
     Ok(())
 }
 

@@ -273,57 +273,7 @@ fn text_of(pem: &Path) -> String {
 fn p384_idevid(data: &Path, work: &Path, serial: &str) -> (PathBuf, PathBuf) {
     let ca = data.join("manufacturers/demo-manufacturer-ca.pem");
     let ca_key = data.join("manufacturers/demo-manufacturer-ca.key");
-    let s = |p: &Path| p.to_str().unwrap().to_owned();
-    let (key, csr, cert) = (
-        work.join("idevid.key"),
-        work.join("idevid.csr"),
-        work.join("idevid.pem"),
-    );
-    openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-384",
-        "-nodes",
-        "-keyout",
-        &s(&key),
-        "-subj",
-        &format!("/CN={serial}/serialNumber={serial}"),
-        "-out",
-        &s(&csr),
-    ]);
-    let ext = work.join("idevid.ext");
-    std::fs::write(
-        &ext,
-        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n",
-    )
-    .unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        &s(&csr),
-        "-CA",
-        &s(&ca),
-        "-CAkey",
-        &s(&ca_key),
-        "-set_serial",
-        "0x384",
-        "-days",
-        "3650",
-        "-sha384",
-        "-extfile",
-        &s(&ext),
-        "-out",
-        &s(&cert),
-    ]);
-    let chain = work.join("idevid-chain.pem");
-    let mut pem = std::fs::read(&cert).unwrap();
-    pem.extend(std::fs::read(&ca).unwrap());
-    std::fs::write(&chain, pem).unwrap();
-    (key, chain)
+    est_test_tools::openssl::idevid((&ca, &ca_key), work, serial, "P-384", "").unwrap()
 }
 
 /// A P-384 meter enrolls at /sen over DTLS (libcoap, GnuTLS) with a P-384 CSR; returns the
@@ -332,26 +282,14 @@ fn enroll_p384(t: &Token, addr: std::net::SocketAddr, data: &Path, serial: &str)
     let work = t.path(&format!("work-{serial}"));
     std::fs::create_dir_all(&work).unwrap();
     let (idevid_key, chain) = p384_idevid(data, &work, serial);
-    let s = |p: &Path| p.to_str().unwrap().to_owned();
-    let (key, csr) = (work.join("ldevid.key"), work.join("ldevid.csr.der"));
-    openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-384",
-        "-nodes",
-        "-sha384",
-        "-keyout",
-        &s(&key),
-        "-subj",
+    let (_, csr) = est_test_tools::openssl::csr_on(
+        &work,
+        "ldevid",
+        "P-384",
         &format!("/serialNumber={serial}"),
-        "-outform",
-        "DER",
-        "-out",
-        &s(&csr),
-    ]);
+        "-sha384",
+    )
+    .unwrap();
     let der = work.join("ldevid.der");
     let mut c = Command::new("timeout");
     c.args([

@@ -312,6 +312,18 @@ pub mod openssl {
     /// A fresh P-256 key and a DER CSR for `subject` (e.g. "/serialNumber=SN1"), made by
     /// `openssl req`, as `dir/<name>.key` and `dir/<name>.csr.der`.
     pub fn csr(dir: &Path, name: &str, subject: &str) -> Result<(PathBuf, PathBuf), String> {
+        csr_on(dir, name, "P-256", subject, "-sha256")
+    }
+
+    /// A fresh key on `curve` ("P-256", "P-384") and its DER CSR for `subject`, signed with
+    /// `digest` ("-sha256", "-sha384"), as `dir/<name>.key` and `dir/<name>.csr.der`.
+    pub fn csr_on(
+        dir: &Path,
+        name: &str,
+        curve: &str,
+        subject: &str,
+        digest: &str,
+    ) -> Result<(PathBuf, PathBuf), String> {
         let key = dir.join(format!("{name}.key"));
         let csr = dir.join(format!("{name}.csr.der"));
         run(&[
@@ -320,8 +332,9 @@ pub mod openssl {
             "-newkey",
             "ec",
             "-pkeyopt",
-            "ec_paramgen_curve:P-256",
+            &format!("ec_paramgen_curve:{curve}"),
             "-nodes",
+            digest,
             "-keyout",
             s(&key)?,
             "-subj",
@@ -334,27 +347,92 @@ pub mod openssl {
         Ok((key, csr))
     }
 
-    /// A fresh P-256 key and a self-signed certificate for `subject`, valid 30 days, with the
-    /// `-addext` extensions given (e.g. "basicConstraints=critical,CA:TRUE"), as
-    /// `dir/<name>.key` and `dir/<name>.pem`.
+    /// An IDevID for `serial` on `curve` ("P-256", "P-384"), signed (SHA-384) by the CA `ca` /
+    /// `ca_key` (PEM files); `extra_ext` adds extension lines (openssl x509v3 config syntax,
+    /// e.g. a subjectAltName with its sections). Written under `work`; returns (key, chain PEM
+    /// = IDevID + CA).
+    pub fn idevid(
+        (ca, ca_key): (&Path, &Path),
+        work: &Path,
+        serial: &str,
+        curve: &str,
+        extra_ext: &str,
+    ) -> Result<(PathBuf, PathBuf), String> {
+        let (key, csr) = csr_on(
+            work,
+            "idevid",
+            curve,
+            &format!("/CN={serial}/serialNumber={serial}"),
+            "-sha256",
+        )?;
+        let ext = work.join("idevid.ext");
+        std::fs::write(
+            &ext,
+            format!(
+                "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n{extra_ext}"
+            ),
+        )
+        .map_err(|e| format!("writing {}: {e}", ext.display()))?;
+        let cert = work.join("idevid.pem");
+        run(&[
+            "x509",
+            "-req",
+            "-inform",
+            "DER",
+            "-in",
+            s(&csr)?,
+            "-CA",
+            s(ca)?,
+            "-CAkey",
+            s(ca_key)?,
+            "-set_serial",
+            "0x1384",
+            "-days",
+            "3650",
+            "-sha384",
+            "-extfile",
+            s(&ext)?,
+            "-out",
+            s(&cert)?,
+        ])?;
+        let chain = work.join("idevid-chain.pem");
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
+        let mut pem = read(&cert)?;
+        pem.extend(read(ca)?);
+        std::fs::write(&chain, pem).map_err(|e| format!("writing {}: {e}", chain.display()))?;
+        Ok((key, chain))
+    }
+
+    /// A fresh key on `curve` ("P-256", "P-384") and a self-signed certificate for `subject`,
+    /// signed with the curve's hash (SHA-256, SHA-384), valid 10 years, with the `-addext`
+    /// extensions given (e.g. "basicConstraints=critical,CA:TRUE"), as `dir/<name>.key` and
+    /// `dir/<name>.pem`.
     pub fn self_signed(
         dir: &Path,
         name: &str,
+        curve: &str,
         subject: &str,
         extensions: &[&str],
     ) -> Result<(PathBuf, PathBuf), String> {
         let key = dir.join(format!("{name}.key"));
         let cert = dir.join(format!("{name}.pem"));
+        let param = format!("ec_paramgen_curve:{curve}");
+        let digest = if curve == "P-384" {
+            "-sha384"
+        } else {
+            "-sha256"
+        };
         let mut args = vec![
             "req",
             "-x509",
             "-newkey",
             "ec",
             "-pkeyopt",
-            "ec_paramgen_curve:P-256",
+            &param,
             "-nodes",
+            digest,
             "-days",
-            "30",
+            "3650",
             "-subj",
             subject,
             "-keyout",
