@@ -41,7 +41,6 @@
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
-#![warn(unreachable_pub, clippy::expect_used, clippy::indexing_slicing)]
 
 pub mod c509;
 mod cbor;

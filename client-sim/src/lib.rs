@@ -13,15 +13,6 @@
 //! `dimpl-backend`); [`dtls::DtlsBackend::ensure_compiled_in`] says which feature a backend
 //! missing from the build needs.
 #![forbid(unsafe_code)]
-#![warn(unreachable_pub, clippy::expect_used, clippy::indexing_slicing)]
-#![cfg_attr(
-    test,
-    allow(
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        reason = "unit tests: a panic is the test failing"
-    )
-)]
 
 pub mod cli;
 pub mod driver;

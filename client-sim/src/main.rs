@@ -1,6 +1,5 @@
 //! `client-sim`: a fleet of virtual smart meters enrolling over EST-coaps (RFC 9148) through emulated
 //! narrowband links. See `client-sim --help`.
-#![warn(unreachable_pub, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

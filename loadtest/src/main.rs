@@ -13,15 +13,6 @@
 //!
 //! `loadtest --smoke --out DIR` does all of it in seconds with a tiny fleet (CI).
 #![forbid(unsafe_code)]
-#![warn(unreachable_pub, clippy::expect_used, clippy::indexing_slicing)]
-#![cfg_attr(
-    test,
-    allow(
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        reason = "unit tests: a panic is the test failing"
-    )
-)]
 
 mod cli;
 mod core_bench;

@@ -5,15 +5,6 @@
 //! `est-server init` does; the test PKI is therefore regenerated for every test, never
 //! checked in. [`Tools`] wraps the third-party peers: libcoap's `coap-client-gnutls` and
 //! `coap-client-openssl`, and the `openssl` command line.
-#![warn(unreachable_pub, clippy::expect_used, clippy::indexing_slicing)]
-#![cfg_attr(
-    test,
-    allow(
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        reason = "unit tests: a panic is the test failing"
-    )
-)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -3,15 +3,6 @@
 //! Owns the UDP socket, DTLS (our engine `est-dtls` behind the transport layer), timers,
 //! the durable store, configuration and the command line. The protocol logic lives in
 //! the sans-IO crate `est-proto`; this crate only moves datagrams and bytes.
-#![warn(unreachable_pub, clippy::expect_used, clippy::indexing_slicing)]
-#![cfg_attr(
-    test,
-    allow(
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        reason = "unit tests: a panic is the test failing"
-    )
-)]
 pub mod config;
 pub mod datadir;
 pub mod dlms_config;

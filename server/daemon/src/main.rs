@@ -2,7 +2,6 @@
 //!
 //! [`cli`] holds the command line, [`run`] the server run, [`commands`] every other
 //! subcommand with its rendering.
-#![warn(unreachable_pub, clippy::expect_used, clippy::indexing_slicing)]
 
 mod cli;
 mod commands;

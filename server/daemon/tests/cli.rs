@@ -1,7 +1,6 @@
 //! The `est-server` binary as an operator uses it: init, key file modes, factory mint,
 //! run (prints where it listens), certs list, help texts, and the operator commands on PostgreSQL.
 #![allow(clippy::unwrap_used)]
-#![warn(unreachable_pub)]
 #![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::path::Path;

@@ -4,7 +4,6 @@
 //! hashes to; one device identity holds at most `max_sessions_per_identity` sessions across all
 //! the shards. The meters are est-dtls's own client mode, driven here over tokio sockets.
 #![allow(clippy::unwrap_used)]
-#![warn(unreachable_pub)]
 #![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod transport_support;

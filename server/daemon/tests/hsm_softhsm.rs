@@ -5,7 +5,6 @@
 //! missing key are refused at start with a clear message.
 #![cfg(unix)]
 #![allow(clippy::unwrap_used)]
-#![warn(unreachable_pub)]
 #![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::path::{Path, PathBuf};

@@ -9,7 +9,6 @@
 //! under the base it measured before the load plus [`est_server::limits::memory_bound`] of its
 //! configuration, and a fresh meter must still be served.
 #![allow(clippy::unwrap_used)]
-#![warn(unreachable_pub)]
 #![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::net::SocketAddr;

@@ -4,7 +4,6 @@
 //! readable key unless told otherwise.
 #![cfg(unix)]
 #![allow(clippy::unwrap_used)]
-#![warn(unreachable_pub)]
 #![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::os::unix::fs::PermissionsExt;

@@ -20,7 +20,6 @@
 //! (errors, never a false "committed", then recovery).
 
 #![allow(clippy::unwrap_used)]
-#![warn(unreachable_pub)]
 #![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::sync::Arc;

@@ -4,7 +4,6 @@
 //! the driver's select, an admitted handshake got no retransmission (and no stall, handshake or
 //! idle timeout) for as long as a flood lasted. Real UDP on 127.0.0.1 only.
 #![allow(clippy::unwrap_used)]
-#![warn(unreachable_pub)]
 #![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod transport_support;

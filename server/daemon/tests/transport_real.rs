@@ -1,6 +1,5 @@
 //! DTLS transport on real UDP sockets (127.0.0.1 only).
 #![allow(clippy::unwrap_used)]
-#![warn(unreachable_pub)]
 #![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod transport_support;

@@ -9,7 +9,6 @@
 //! seed gives the same network decisions but different handshake bytes. The seed is printed on
 //! failure.
 #![allow(clippy::unwrap_used)]
-#![warn(unreachable_pub)]
 #![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod transport_support;

@@ -1,7 +1,6 @@
 //! The engine end to end in memory, on virtual time: our client against our endpoint.
 //! (Independent peers — OpenSSL, GnuTLS via libcoap, webrtc-dtls, Mbed TLS — are in the daemon's
 //! and the workspace's interop tests.)
-#![warn(unreachable_pub)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

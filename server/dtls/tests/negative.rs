@@ -2,7 +2,6 @@
 //! filter breaks one rule; the test checks the fatal alert that goes on the wire (or that the
 //! record was dropped silently), the refusal counter, that nothing panicked, and that the
 //! endpoint still serves a well-behaved client afterwards.
-#![warn(unreachable_pub)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

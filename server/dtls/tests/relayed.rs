@@ -1,6 +1,5 @@
 //! Meters behind a stateless join proxy (draft-ietf-anima-constrained-join-proxy): full peers
 //! of the endpoint keyed by (proxy address, JPY header), on virtual time.
-#![warn(unreachable_pub)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -16,15 +16,6 @@
 //! testable deterministically in memory. A driver feeds [`session::EstSession`]
 //! (`handle_datagram`, `handle_timeout`, `complete_commit`) and polls it (`poll_transmit`,
 //! `poll_timeout`, `poll_event`).
-#![warn(unreachable_pub, clippy::expect_used, clippy::indexing_slicing)]
-#![cfg_attr(
-    test,
-    allow(
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        reason = "unit tests: a panic is the test failing"
-    )
-)]
 
 pub mod ca;
 pub mod coap;

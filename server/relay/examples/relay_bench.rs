@@ -10,7 +10,6 @@
 //! Everything runs on loopback; the meters are UDP sockets of this process (one per meter, so
 //! 10,000 meters need an open-files limit above 10,000), the registrar a thread that answers
 //! every datagram (JPY: same header, same content).
-#![warn(unreachable_pub, clippy::indexing_slicing)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

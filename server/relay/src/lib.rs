@@ -19,15 +19,6 @@
 //! * [`discovery`]: `GET /.well-known/core?brski-jp=*`.
 //! * [`relay`]: modes, registrar failover, stateful circuits, metrics.
 #![forbid(unsafe_code)]
-#![warn(unreachable_pub, clippy::expect_used, clippy::indexing_slicing)]
-#![cfg_attr(
-    test,
-    allow(
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        reason = "unit tests: a panic is the test failing"
-    )
-)]
 
 pub mod config;
 pub mod discovery;

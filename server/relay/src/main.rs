@@ -1,7 +1,5 @@
 //! `est-relay`: a DCU's join proxy. See `est-relay --help` and `est-relay --print-config`.
 
-#![warn(unreachable_pub, clippy::expect_used, clippy::indexing_slicing)]
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

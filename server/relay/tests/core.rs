@@ -1,7 +1,6 @@
 //! The relay core on virtual time: both modes, header crypto and key rotation, tampered and
 //! replayed headers, the DTLS filter, discovery, rate limits, registrar failover, circuits
 //! (expiry and caps), and every JPY message checked against the draft's CDDL.
-#![warn(unreachable_pub)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

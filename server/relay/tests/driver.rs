@@ -1,6 +1,5 @@
 //! The tokio driver over real UDP sockets on loopback, with a registrar that echoes: both
 //! modes, discovery, and a circuit's own port per meter.
-#![warn(unreachable_pub)]
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,

@@ -10,7 +10,6 @@
 //! a second (0: as fast as one thread can send). `silent`: `--peers` peers in 127.2.0.0/16 echo
 //! their cookie and go silent, round-robin, at `--rate` exchanges a second (0: flat out).
 //! The target must be a loopback address; every run ends after `--secs` (at most an hour).
-#![warn(unreachable_pub, clippy::expect_used, clippy::indexing_slicing)]
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

@@ -15,15 +15,6 @@
 //! Whatever starts `est-server run` as a child (client-sim's tests, est-server's CLI test,
 //! loadtest) learns where it listens with [`announced_address`].
 #![forbid(unsafe_code)]
-#![warn(unreachable_pub, clippy::expect_used, clippy::indexing_slicing)]
-#![cfg_attr(
-    test,
-    allow(
-        clippy::expect_used,
-        clippy::indexing_slicing,
-        reason = "unit tests: a panic is the test failing"
-    )
-)]
 
 pub mod pg;
 
