@@ -146,10 +146,12 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
-#[test]
-fn softhsm_ca_key_init_enroll_verify_restart() {
+/// A fresh token "est-ca" (PIN 123456, also in the file `pin`) and `est-server init` of the
+/// data directory `data` with the CA key "utility-ca-2026" on it. Returns (token, PIN file, data
+/// directory, what init printed), or None when the tools are missing off CI.
+fn initialised_on_token() -> Option<(Token, PathBuf, PathBuf, String)> {
     if !est_test_tools::require_tools(&TOOLS) {
-        return;
+        return None;
     }
     assert!(
         Path::new(SOFTHSM_MODULE).exists(),
@@ -165,6 +167,14 @@ fn softhsm_ca_key_init_enroll_verify_restart() {
         .args(["--hsm-key-label", "utility-ca-2026", "--hsm-pin-file"])
         .arg(&pin);
     let said = ok(init);
+    Some((t, pin, data, said))
+}
+
+#[test]
+fn softhsm_ca_key_init_enroll_verify_restart() {
+    let Some((t, pin, data, said)) = initialised_on_token() else {
+        return;
+    };
     assert!(said.contains("on token \"est-ca\""), "{said}");
     // The key is on the token, not on disk; the configuration names it, not the PIN.
     assert!(!data.join("ca/issuing-ca.key").exists());
@@ -324,23 +334,9 @@ fn enroll_p384(t: &Token, addr: std::net::SocketAddr, data: &Path, serial: &str)
 /// refused at start.
 #[test]
 fn softhsm_p384_ca_key_enroll_verify_crl_restart() {
-    if !est_test_tools::require_tools(&TOOLS) {
+    let Some((t, pin, data, _)) = initialised_on_token() else {
         return;
-    }
-    assert!(
-        Path::new(SOFTHSM_MODULE).exists(),
-        "{SOFTHSM_MODULE} missing: apt-get install softhsm2"
-    );
-    let t = Token::new("est-ca", "123456");
-    let pin = t.write_pin("pin", "123456");
-    let data = t.path("data");
-    let mut init = t.est_server();
-    init.args(["init", "--data-dir"])
-        .arg(&data)
-        .args(["--hsm-module", SOFTHSM_MODULE, "--hsm-token", "est-ca"])
-        .args(["--hsm-key-label", "utility-ca-2026", "--hsm-pin-file"])
-        .arg(&pin);
-    ok(init);
+    };
     let mut create = t.est_server();
     create
         .args(["ca", "create-p384", "--data-dir"])
