@@ -334,7 +334,7 @@ fn enroll_p384(t: &Token, addr: std::net::SocketAddr, data: &Path, serial: &str)
 /// refused at start.
 #[test]
 fn softhsm_p384_ca_key_enroll_verify_crl_restart() {
-    let Some((t, pin, data, _)) = initialised_on_token() else {
+    let Some((t, _, data, _)) = initialised_on_token() else {
         return;
     };
     let mut create = t.est_server();
