@@ -32,7 +32,7 @@
 #![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -42,6 +42,7 @@ use est_dtls::{
     CertError, CipherSuite, ConnectionHandle, Endpoint, Event, Metrics, RefusalReason,
     ServerConfig, SigningKey, Verified,
 };
+use est_test_tools::peers::{peers_dir, run_logged as run, VendoredCrate};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
@@ -512,34 +513,6 @@ const MBEDTLS_CRATE_VERSION: &str = "3.5.0-alpha.3+0b3de6f";
 /// What the client asks the server to put in its records: "mbcli".
 const CLIENT_CID_HEX: &str = "6d62636c69";
 
-/// The target directory of this test binary (`<target>/<profile>/deps/<test>`).
-fn target_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.ancestors().nth(3).expect("<target>").to_path_buf()
-}
-
-fn run(cmd: &mut Command, what: &str, log: &Path) -> Result<(), String> {
-    let out = cmd
-        .output()
-        .map_err(|e| format!("{what}: cannot run {cmd:?}: {e}"))?;
-    let text = format!(
-        "$ {cmd:?}\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let _ = std::fs::write(log, &text);
-    if out.status.success() {
-        Ok(())
-    } else {
-        let tail: Vec<&str> = text.lines().rev().take(30).collect();
-        Err(format!(
-            "{what} failed ({}):\n{}",
-            out.status,
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        ))
-    }
-}
-
 /// `ssl_client2` of Mbed TLS 3.4.0 with MBEDTLS_SSL_DTLS_CONNECTION_ID (RFC 9146), built once
 /// into `<target>/interop-peers/` (cid-peers.md, Recipe B).
 fn ssl_client2() -> PathBuf {
@@ -550,7 +523,7 @@ fn ssl_client2() -> PathBuf {
 }
 
 fn build_ssl_client2() -> Result<PathBuf, String> {
-    let peers = target_dir().join("interop-peers");
+    let peers = peers_dir();
     let bin = peers.join(format!("mbedtls-{MBEDTLS_CRATE_VERSION}-cid-ssl_client2"));
     if bin.is_file() {
         return Ok(bin);
@@ -558,61 +531,14 @@ fn build_ssl_client2() -> Result<PathBuf, String> {
     let t = Instant::now();
     let work = peers.join(format!("build-mbedtls-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
-    let fetch = work.join("fetch");
-    std::fs::create_dir_all(fetch.join("src")).map_err(|e| e.to_string())?;
-    std::fs::write(fetch.join("src/main.rs"), "fn main() {}\n").map_err(|e| e.to_string())?;
-    // Its own [workspace]: the target directory may lie inside ours.
-    std::fs::write(
-        fetch.join("Cargo.toml"),
-        format!(
-            "[package]\nname = \"mbedtls-fetch\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\
-             publish = false\n\n[dependencies]\n\
-             {MBEDTLS_CRATE} = {{ version = \">=2.28.15, <=3.5.0-alpha.3\", default-features = false }}\n\n\
-             [workspace]\n"
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let manifest = fetch.join("Cargo.toml");
-    let cargo_cmd = |args: &[&str]| {
-        let mut c = Command::new(&cargo);
-        c.args(args)
-            .arg("--manifest-path")
-            .arg(&manifest)
-            .env("CARGO_TARGET_DIR", work.join("fetch-target"));
-        c
-    };
-    // The crate version is yanked: only `--precise` (or a lockfile) selects it.
-    run(
-        &mut cargo_cmd(&[
-            "update",
-            "-p",
-            MBEDTLS_CRATE,
-            "--precise",
-            MBEDTLS_CRATE_VERSION,
-        ]),
-        "cargo update --precise",
-        &work.join("update.log"),
+    let crate_dir = est_test_tools::peers::crate_source(
+        &work,
+        VendoredCrate {
+            name: MBEDTLS_CRATE,
+            requirement: ">=2.28.15, <=3.5.0-alpha.3",
+            version: MBEDTLS_CRATE_VERSION,
+        },
     )?;
-    run(
-        &mut cargo_cmd(&["fetch"]),
-        "cargo fetch",
-        &work.join("fetch.log"),
-    )?;
-    let meta = cargo_cmd(&["metadata", "--format-version", "1"])
-        .output()
-        .map_err(|e| format!("cargo metadata: {e}"))?;
-    let meta = String::from_utf8_lossy(&meta.stdout);
-    let needle = format!("{MBEDTLS_CRATE}-{MBEDTLS_CRATE_VERSION}/Cargo.toml\"");
-    let end = meta
-        .find(&needle)
-        .ok_or_else(|| format!("{MBEDTLS_CRATE} {MBEDTLS_CRATE_VERSION} not in cargo metadata"))?;
-    let key = "\"manifest_path\":\"";
-    let start = meta[..end].rfind(key).ok_or("no manifest_path")? + key.len();
-    let crate_dir = Path::new(&meta[start..end + needle.len() - 1])
-        .parent()
-        .ok_or("crate dir")?
-        .to_path_buf();
     let src = work.join("mbedtls");
     run(
         Command::new("cp")
@@ -948,7 +874,7 @@ fn pion_client() -> PathBuf {
 }
 
 fn build_pion_client() -> Result<PathBuf, String> {
-    let peers = target_dir().join("interop-peers");
+    let peers = peers_dir();
     let bin = peers.join("pion-dtls-client");
     let cached_src = peers.join("pion-dtls-client.go");
     if bin.is_file() && std::fs::read_to_string(&cached_src).ok().as_deref() == Some(PION_CLIENT_GO)

@@ -12,10 +12,14 @@
 //! [`pg::TestPostgres`] is a throwaway PostgreSQL cluster (initdb in a temporary directory, a
 //! private unix socket, stopped and removed on drop) for the tests of the PostgreSQL store.
 //!
+//! [`peers`] builds third-party test peers (Mbed TLS, wolfSSL) from the C source a registry
+//! crate vendors, cached under the target directory, for tests that run them as processes.
+//!
 //! Whatever starts `est-server run` as a child (client-sim's tests, est-server's CLI test,
 //! loadtest) learns where it listens with [`announced_address`].
 #![forbid(unsafe_code)]
 
+pub mod peers;
 pub mod pg;
 
 use std::io::{BufRead, BufReader, Read};
