@@ -18,7 +18,8 @@
  *   CID enabled=0|1 tx=HEX rx=HEX      (tx: the CID in our records, the server's; rx: ours)
  *   LOCAL n=1|2 port=P
  *   RESPONSE n=1|2 code=C.DD type=T mid=M payload=LEN block2=NUM|none
- *   NORESPONSE n=1|2 error=E            (no answer after a CoAP retransmission)
+ *   NORESPONSE n=1|2 error=E            (no answer after a CoAP retransmission: 2 x 2 s;
+ *                                        E is -1 for a timeout, else wolfSSL's error)
  *   ERROR what=... code=E
  * Exit status: 0 both responses arrived, 3 the second did not, 1 any other failure.
  */
@@ -27,14 +28,19 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define BUF_SIZE 4096
+/* How long one CoAP request waits for its answer before it is sent again (once). */
+#define ANSWER_WAIT_MS 2000
 
 static void fail(const char *what, int code) {
     printf("ERROR what=%s code=%d\n", what, code);
@@ -60,6 +66,21 @@ static int connected_socket(const struct sockaddr_in *server) {
     if (connect(fd, (const struct sockaddr *)server, sizeof(*server)) != 0)
         fail("connect", errno);
     return fd;
+}
+
+/* After the handshake the sockets are non-blocking, so an unanswered request ends at our own
+ * deadline: a blocking wolfSSL_read would wait forever once the handshake is done. */
+static void set_nonblocking(WOLFSSL *ssl, int fd) {
+    int flags = fcntl(fd, F_GETFL, 0);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0)
+        fail("fcntl", errno);
+    wolfSSL_dtls_set_using_nonblock(ssl, 1);
+}
+
+static long now_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000L + t.tv_nsec / 1000000L;
 }
 
 static int local_port(int fd) {
@@ -162,7 +183,7 @@ static int coap_parse(const unsigned char *m, int len, const unsigned char token
 }
 
 /* Sends request n (retransmitted once if unanswered), prints the response, writes its payload. */
-static int exchange(WOLFSSL *ssl, int n, const char *out_path) {
+static int exchange(WOLFSSL *ssl, int fd, int n, const char *out_path) {
     unsigned char req[64], buf[BUF_SIZE];
     unsigned char token[2] = {0x77, (unsigned char)n};
     unsigned short mid = (unsigned short)(0x5700 + n);
@@ -170,13 +191,30 @@ static int exchange(WOLFSSL *ssl, int n, const char *out_path) {
     int attempt, err = 0;
     for (attempt = 0; attempt < 2; attempt++) {
         int got;
+        long deadline = now_ms() + ANSWER_WAIT_MS;
         if (wolfSSL_write(ssl, req, req_len) != req_len)
             fail("write", wolfSSL_get_error(ssl, 0));
         for (;;) {
             struct coap_response r;
+            long left = deadline - now_ms();
+            if (wolfSSL_pending(ssl) == 0) {
+                struct pollfd p = {fd, POLLIN, 0};
+                int ready;
+                if (left <= 0) {
+                    err = -1; /* no answer in time */
+                    break;
+                }
+                ready = poll(&p, 1, (int)left);
+                if (ready < 0 && errno != EINTR)
+                    fail("poll", errno);
+                if (ready <= 0)
+                    continue;
+            }
             got = wolfSSL_read(ssl, buf, sizeof(buf));
             if (got <= 0) {
                 err = wolfSSL_get_error(ssl, got);
+                if (err == WOLFSSL_ERROR_WANT_READ)
+                    continue; /* nothing for us in that datagram */
                 break;
             }
             if (coap_parse(buf, got, token, &r) != 0)
@@ -298,18 +336,20 @@ int main(int argc, char **argv) {
         printf("CID enabled=%d tx=%s rx=%s\n", enabled ? 1 : 0, tx_hex, rx_hex);
     }
     fflush(stdout);
+    set_nonblocking(ssl, fd1);
 
-    if (exchange(ssl, 1, argv[8]) != 0)
+    if (exchange(ssl, fd1, 1, argv[8]) != 0)
         return 1;
 
     /* A new socket, so a new source port; open it before closing the old one so the two differ. */
     fd2 = connected_socket(&server);
+    set_nonblocking(ssl, fd2);
     if ((ret = wolfSSL_set_dtls_fd_connected(ssl, fd2)) != WOLFSSL_SUCCESS)
         fail("set new fd", ret);
     close(fd1);
     printf("LOCAL n=2 port=%d\n", local_port(fd2));
     fflush(stdout);
-    ret = exchange(ssl, 2, argv[9]);
+    ret = exchange(ssl, fd2, 2, argv[9]);
 
     wolfSSL_free(ssl);
     close(fd2);
