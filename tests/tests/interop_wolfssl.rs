@@ -320,7 +320,7 @@ async fn session_survives_a_port_change_by_its_cid(serial: &str, suite: &str) {
         );
     }
     let issuing_ca = est_test_tools::openssl::pem_to_der(&srv.ca_pem()).unwrap();
-    assert_eq!(run.certificates(1), [issuing_ca.clone()]);
+    assert_eq!(run.certificates(1), std::slice::from_ref(&issuing_ca));
     assert_eq!(run.certificates(2), [issuing_ca]);
     // The server's side: one handshake, one session, and it followed the session to the new
     // port (only a CID lets it tell that the records from there are this session's).
