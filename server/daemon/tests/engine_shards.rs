@@ -9,6 +9,7 @@
 mod transport_support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -355,7 +356,7 @@ struct GatedSocket {
     inner: UdpSocket,
     hold: tokio::sync::watch::Sender<Option<SocketAddr>>,
     /// Sends waiting at the gate now.
-    waiting: std::sync::atomic::AtomicUsize,
+    waiting: AtomicUsize,
 }
 
 #[async_trait]
@@ -368,9 +369,9 @@ impl DatagramSocket for GatedSocket {
         let mut hold = self.hold.subscribe();
         let held = *hold.borrow_and_update() == Some(target);
         if held {
-            self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.waiting.fetch_add(1, Ordering::SeqCst);
             let _ = hold.wait_for(|h| *h != Some(target)).await;
-            self.waiting.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
         }
         self.inner.send_to(buf, target).await
     }
@@ -401,7 +402,7 @@ async fn a_supersede_that_finds_the_other_shards_command_queue_full_is_applied_o
     let gated = Arc::new(GatedSocket {
         inner: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
         hold: tokio::sync::watch::channel(None).0,
-        waiting: std::sync::atomic::AtomicUsize::new(0),
+        waiting: AtomicUsize::new(0),
     });
     let listener = DtlsListener::bind(Arc::clone(&gated), config)
         .await
@@ -415,10 +416,12 @@ async fn a_supersede_that_finds_the_other_shards_command_queue_full_is_applied_o
     settle(&listener, 1, 1).await;
 
     // Stall X: it sends a datagram to the old meter and waits at the gate ...
-    gated.hold.send_replace(Some(old.socket.local_addr().unwrap()));
+    gated
+        .hold
+        .send_replace(Some(old.socket.local_addr().unwrap()));
     old_session.send(b"one").await.unwrap();
     eventually("shard X waits at the gate", || {
-        gated.waiting.load(std::sync::atomic::Ordering::SeqCst) == 1
+        gated.waiting.load(Ordering::SeqCst) == 1
     })
     .await;
     // ... so the next command fills its queue (room for one), where it stays.
