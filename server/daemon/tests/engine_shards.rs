@@ -390,8 +390,19 @@ async fn eventually(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_supersede_that_finds_the_other_shards_command_queue_full_is_applied_once_it_drains() {
+/// Two shards, one identity limited to one session, command queues of one: the old session's
+/// shard (X) stalled at the gate with its queue full, and a new session of the same device on
+/// the other shard (Y), whose supersede of the old one waits for room on X's queue.
+struct Deferred {
+    gated: Arc<GatedSocket>,
+    listener: DtlsListener,
+    old: Meter,
+    old_session: DtlsSession,
+    new: Meter,
+    new_session: DtlsSession,
+}
+
+async fn deferred_supersede() -> Deferred {
     let pki = TestPki::generate();
     let config = DtlsServerConfig {
         engine_shards: 2,
@@ -410,8 +421,8 @@ async fn a_supersede_that_finds_the_other_shards_command_queue_full_is_applied_o
     let server = listener.local_addr().unwrap();
     let cfg = client_config(&pki);
 
-    // The old session, on the shard its source port hashes to (call it X).
-    let mut old = Meter::connect(server, Arc::clone(&cfg)).await;
+    // The old session, on the shard its source port hashes to (X).
+    let old = Meter::connect(server, Arc::clone(&cfg)).await;
     let old_session = listener.accept().await.unwrap();
     settle(&listener, 1, 1).await;
 
@@ -454,7 +465,7 @@ async fn a_supersede_that_finds_the_other_shards_command_queue_full_is_applied_o
             break;
         }
     }
-    let mut new = new.expect("a port that hashes to the shard that is not stalled");
+    let new = new.expect("a port that hashes to the shard that is not stalled");
     let new_session = listener.accept().await.unwrap();
 
     // Y counted the new session, pushed the old one out of the registry and found X's queue
@@ -471,6 +482,26 @@ async fn a_supersede_that_finds_the_other_shards_command_queue_full_is_applied_o
         "the old session ended before its shard took the supersede"
     );
     assert_eq!(listener.metrics().sessions_superseded, 0);
+    Deferred {
+        gated,
+        listener,
+        old,
+        old_session,
+        new,
+        new_session,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supersede_that_finds_the_other_shards_command_queue_full_is_applied_once_it_drains() {
+    let Deferred {
+        gated,
+        listener,
+        mut old,
+        old_session,
+        mut new,
+        new_session,
+    } = deferred_supersede().await;
 
     // Release X: it sends both datagrams, takes the waiting supersede and closes the old
     // session with close_notify.
@@ -490,4 +521,42 @@ async fn a_supersede_that_finds_the_other_shards_command_queue_full_is_applied_o
     tokio::spawn(echo(new_session));
     new.echo(b"still here").await;
     listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supersede_still_waiting_at_shutdown_ends_with_the_listener() {
+    let runtime = tokio::runtime::Handle::current().metrics();
+    assert_eq!(runtime.num_alive_tasks(), 0);
+    let Deferred {
+        gated,
+        listener,
+        mut old,
+        old_session,
+        new: _new,
+        new_session: _new_session,
+    } = deferred_supersede().await;
+    // The dispatcher, two shard drivers and the waiting supersede.
+    assert_eq!(runtime.num_alive_tasks(), 4);
+
+    // Shutdown begins while X is still stalled; X gets out of its send a moment later, sees
+    // the flag before its queue and closes every session it holds for the shutdown: the
+    // supersede is never applied, and its task ends when X drops its queue.
+    let release = Arc::clone(&gated);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        release.hold.send_replace(None);
+    });
+    listener.shutdown().await;
+    old.run_until(|m| m.closed.is_some()).await;
+    assert_eq!(old.closed, Some(CloseReason::PeerClosed));
+    match old_session.recv_datagram().await {
+        Err(TransportError::Closed(CloseReason::Shutdown)) => {}
+        other => panic!("the old session should end with the shutdown: {other:?}"),
+    }
+    let total = listener.metrics();
+    assert_eq!(total.supersedes_deferred, 1);
+    assert_eq!(total.sessions_superseded, 0);
+    // Nothing outlives the listener: no task is left waiting for room.
+    eventually("every task ended", || runtime.num_alive_tasks() == 0).await;
+    drop(listener);
 }
