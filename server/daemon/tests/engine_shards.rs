@@ -2,7 +2,9 @@
 //! endpoints. Sessions spread over the shards, each echoes, and a meter that moves to another
 //! source port mid-session keeps its session by Connection ID, whichever shard its new address
 //! hashes to; one device identity holds at most `max_sessions_per_identity` sessions across all
-//! the shards. The meters are est-dtls's own client mode, driven here over tokio sockets.
+//! the shards, also when the shard holding the oldest session has a full command queue (the
+//! supersede waits for room and is applied once it drains, or ends with the listener). The
+//! meters are est-dtls's own client mode, driven here over tokio sockets.
 #![allow(clippy::unwrap_used)]
 #![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 

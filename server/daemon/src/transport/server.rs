@@ -104,8 +104,8 @@ pub struct TransportMetrics {
     /// With several engine shards: per-identity supersedes of a session on another shard that
     /// found that shard's command queue full (`command_queue_len`) and wait for room; each is
     /// applied (counted in `sessions_superseded`) once that shard has worked through the
-    /// commands ahead of it. Meanwhile the identity holds one session over its limit per
-    /// waiting supersede.
+    /// commands ahead of it, unless the session ended meanwhile or the listener shut down.
+    /// Meanwhile the identity holds one session over its limit per waiting supersede.
     pub supersedes_deferred: u64,
     pub socket_errors: u64,
     /// HelloVerifyRequests sent (stateless).
