@@ -717,7 +717,10 @@ session_queue_datagrams = 32
 session_queue_bytes = 32768
 # Commands from session tasks to the driver (datagrams to send, closes). A sending task waits
 # for room; a close request from a dropped session is lost when it is full
-# (est_dtls_close_commands_dropped) and that session ends at idle_timeout_secs.
+# (est_dtls_close_commands_dropped) and that session ends at idle_timeout_secs. With
+# engine_shards > 1, another shard's order to close a session of an identity over its limit
+# waits for room (est_dtls_supersedes_deferred); the identity holds one session over its limit
+# until then.
 command_queue_len = 4096
 # With engine_shards > 1: datagrams the dispatcher has handed to one shard that it has not yet
 # taken; over it they are dropped (est_dtls_dropped_queue_full), like a full socket buffer.

@@ -285,6 +285,11 @@ impl Collector for MetricsSources {
                 "close requests lost on a full driver command queue (dtls.command_queue_len)",
                 t.close_commands_dropped,
             ),
+            (
+                "est_dtls_supersedes_deferred",
+                "per-identity supersedes that waited for room on another engine shard's full command queue (dtls.command_queue_len)",
+                t.supersedes_deferred,
+            ),
             ("est_dtls_socket_errors", "socket errors", t.socket_errors),
             (
                 "est_dtls_hello_verify_sent",

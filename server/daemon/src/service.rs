@@ -727,6 +727,7 @@ async fn metrics_loop(src: MetricsSources, every: Duration, mut stop: watch::Rec
             refused_over_limit = t.dropped_over_limit,
             sessions_replaced = t.sessions_replaced,
             sessions_superseded = t.sessions_superseded,
+            supersedes_deferred = t.supersedes_deferred,
             sessions_idle_closed = t.sessions_idle_closed,
             peer_address_changes = t.peer_address_changes,
             records_bad_mac = t.records_bad_mac,

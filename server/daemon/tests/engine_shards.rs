@@ -2,18 +2,24 @@
 //! endpoints. Sessions spread over the shards, each echoes, and a meter that moves to another
 //! source port mid-session keeps its session by Connection ID, whichever shard its new address
 //! hashes to; one device identity holds at most `max_sessions_per_identity` sessions across all
-//! the shards. The meters are est-dtls's own client mode, driven here over tokio sockets.
+//! the shards, also when the shard holding the oldest session has a full command queue (the
+//! supersede waits for room and is applied once it drains, or ends with the listener). The
+//! meters are est-dtls's own client mode, driven here over tokio sockets.
 #![allow(clippy::unwrap_used)]
 #![allow(clippy::expect_used, clippy::indexing_slicing, reason = "test code")]
 
 mod transport_support;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use est_dtls::{Client, ClientConfig, CloseReason, ConnEvent, SigningKey, Verified};
-use est_server::transport::{DtlsListener, DtlsServerConfig, DtlsSession};
+use est_server::transport::{
+    DatagramSocket, DtlsListener, DtlsServerConfig, DtlsSession, TransportError,
+};
 use tokio::net::UdpSocket;
 use transport_support::TestPki;
 
@@ -73,6 +79,8 @@ struct Meter {
     received: Vec<Vec<u8>>,
     /// How the session ended, if it did.
     closed: Option<CloseReason>,
+    /// Datagrams received from the server.
+    datagrams_in: usize,
 }
 
 impl Meter {
@@ -84,6 +92,7 @@ impl Meter {
             socket,
             received: Vec::new(),
             closed: None,
+            datagrams_in: 0,
         };
         m.run_until(|m| m.client.is_established()).await;
         m
@@ -129,6 +138,7 @@ impl Meter {
             tokio::select! {
                 r = self.socket.recv_from(&mut buf) => {
                     let (n, from) = r.unwrap();
+                    self.datagrams_in += 1;
                     self.client.handle_datagram(Instant::now(), from, &buf[..n]);
                 }
                 _ = tokio::time::sleep_until(wake) => self.client.handle_timeout(Instant::now()),
@@ -223,6 +233,7 @@ async fn the_session_cap_is_shared_out_among_shards() {
             socket,
             received: Vec::new(),
             closed: None,
+            datagrams_in: 0,
         };
         let outcome = tokio::spawn(async move {
             m.run_until(|m| m.client.is_established()).await;
@@ -338,4 +349,216 @@ async fn one_identity_holds_at_most_its_limit_across_all_shards() {
     assert_eq!(total.sessions_superseded, (OPENED - LIMIT) as u64);
     assert_eq!(total.sessions_now, 2 * LIMIT as u64);
     listener.shutdown().await;
+}
+
+/// The server's UDP socket, with a gate: while `hold` names an address, a send to it waits
+/// (as a send on a full socket buffer would), so the engine shard that sends there stalls in
+/// its flush and takes no commands.
+struct GatedSocket {
+    inner: UdpSocket,
+    hold: tokio::sync::watch::Sender<Option<SocketAddr>>,
+    /// Sends waiting at the gate now.
+    waiting: AtomicUsize,
+}
+
+#[async_trait]
+impl DatagramSocket for GatedSocket {
+    async fn recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        self.inner.recv_from(buf).await
+    }
+
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> std::io::Result<usize> {
+        let mut hold = self.hold.subscribe();
+        let held = *hold.borrow_and_update() == Some(target);
+        if held {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            let _ = hold.wait_for(|h| *h != Some(target)).await;
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.inner.send_to(buf, target).await
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// Waits (up to 5 s) for `cond`.
+async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Two shards, one identity limited to one session, command queues of one: the old session's
+/// shard (X) stalled at the gate with its queue full, and a new session of the same device on
+/// the other shard (Y), whose supersede of the old one waits for room on X's queue.
+struct Deferred {
+    gated: Arc<GatedSocket>,
+    listener: DtlsListener,
+    old: Meter,
+    old_session: DtlsSession,
+    new: Meter,
+    new_session: DtlsSession,
+}
+
+async fn deferred_supersede() -> Deferred {
+    let pki = TestPki::generate();
+    let config = DtlsServerConfig {
+        engine_shards: 2,
+        max_sessions_per_identity: 1,
+        command_queue_len: 1,
+        ..pki.server_config()
+    };
+    let gated = Arc::new(GatedSocket {
+        inner: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        hold: tokio::sync::watch::channel(None).0,
+        waiting: AtomicUsize::new(0),
+    });
+    let listener = DtlsListener::bind(Arc::clone(&gated), config)
+        .await
+        .expect("bind");
+    let server = listener.local_addr().unwrap();
+    let cfg = client_config(&pki);
+
+    // The old session, on the shard its source port hashes to (X).
+    let old = Meter::connect(server, Arc::clone(&cfg)).await;
+    let old_session = listener.accept().await.unwrap();
+    settle(&listener, 1, 1).await;
+
+    // Stall X: it sends a datagram to the old meter and waits at the gate ...
+    gated
+        .hold
+        .send_replace(Some(old.socket.local_addr().unwrap()));
+    old_session.send(b"one").await.unwrap();
+    eventually("shard X waits at the gate", || {
+        gated.waiting.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    // ... so the next command fills its queue (room for one), where it stays.
+    tokio::time::timeout(Duration::from_secs(1), old_session.send(b"two"))
+        .await
+        .expect("room for one command")
+        .unwrap();
+
+    // A new session of the same device on the other shard (Y). A meter whose port hashes to X
+    // gets no answer while X is stalled: try other ports until one is answered.
+    let mut new = None;
+    for _ in 0..30 {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let client = Client::connect(Instant::now(), server, Arc::clone(&cfg)).unwrap();
+        let mut m = Meter {
+            client,
+            socket,
+            received: Vec::new(),
+            closed: None,
+            datagrams_in: 0,
+        };
+        let answered = tokio::time::timeout(
+            Duration::from_millis(1500),
+            m.run_until(|m| m.datagrams_in > 0),
+        )
+        .await;
+        if answered.is_ok() {
+            m.run_until(|m| m.client.is_established()).await;
+            new = Some(m);
+            break;
+        }
+    }
+    let new = new.expect("a port that hashes to the shard that is not stalled");
+    let new_session = listener.accept().await.unwrap();
+
+    // Y counted the new session, pushed the old one out of the registry and found X's queue
+    // full: the supersede waits for room.
+    eventually("the supersede is deferred", || {
+        listener.metrics().supersedes_deferred == 1
+    })
+    .await;
+    // Not applied yet: X is still stalled, the old session open (the identity is one over).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), old_session.recv_datagram())
+            .await
+            .is_err(),
+        "the old session ended before its shard took the supersede"
+    );
+    assert_eq!(listener.metrics().sessions_superseded, 0);
+    Deferred {
+        gated,
+        listener,
+        old,
+        old_session,
+        new,
+        new_session,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supersede_that_finds_the_other_shards_command_queue_full_is_applied_once_it_drains() {
+    let Deferred {
+        gated,
+        listener,
+        mut old,
+        old_session,
+        mut new,
+        new_session,
+    } = deferred_supersede().await;
+
+    // Release X: it sends both datagrams, takes the waiting supersede and closes the old
+    // session with close_notify.
+    gated.hold.send_replace(None);
+    old.run_until(|m| m.closed.is_some()).await;
+    assert_eq!(old.received, vec![b"one".to_vec(), b"two".to_vec()]);
+    assert_eq!(old.closed, Some(CloseReason::PeerClosed));
+    match old_session.recv_datagram().await {
+        Err(TransportError::Closed(CloseReason::Superseded)) => {}
+        other => panic!("the old session should end superseded: {other:?}"),
+    }
+    // The identity is back within its limit; the new session works.
+    settle(&listener, 2, 1).await;
+    let total = listener.metrics();
+    assert_eq!(total.sessions_superseded, 1);
+    assert_eq!(total.supersedes_deferred, 1);
+    tokio::spawn(echo(new_session));
+    new.echo(b"still here").await;
+    listener.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_supersede_still_waiting_at_shutdown_ends_with_the_listener() {
+    let runtime = tokio::runtime::Handle::current().metrics();
+    assert_eq!(runtime.num_alive_tasks(), 0);
+    let Deferred {
+        gated,
+        listener,
+        mut old,
+        old_session,
+        new: _new,
+        new_session: _new_session,
+    } = deferred_supersede().await;
+    // The dispatcher, two shard drivers and the waiting supersede.
+    assert_eq!(runtime.num_alive_tasks(), 4);
+
+    // Shutdown begins while X is still stalled; X gets out of its send a moment later, sees
+    // the flag before its queue and closes every session it holds for the shutdown: the
+    // supersede is never applied, and its task ends when X drops its queue.
+    let release = Arc::clone(&gated);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        release.hold.send_replace(None);
+    });
+    listener.shutdown().await;
+    old.run_until(|m| m.closed.is_some()).await;
+    assert_eq!(old.closed, Some(CloseReason::PeerClosed));
+    match old_session.recv_datagram().await {
+        Err(TransportError::Closed(CloseReason::Shutdown)) => {}
+        other => panic!("the old session should end with the shutdown: {other:?}"),
+    }
+    let total = listener.metrics();
+    assert_eq!(total.supersedes_deferred, 1);
+    assert_eq!(total.sessions_superseded, 0);
+    // Nothing outlives the listener: no task is left waiting for room.
+    eventually("every task ended", || runtime.num_alive_tasks() == 0).await;
+    drop(listener);
 }

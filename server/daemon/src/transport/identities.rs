@@ -7,7 +7,9 @@
 //! new session pushes its identity over the limit, [`IdentityRegistry::established`] hands back
 //! the oldest ones, whichever shard holds them; the new session's driver closes those on its
 //! own shard at once and sends the others' shards a command (`Endpoint::supersede`, counted in
-//! `sessions_superseded` like the engine's own replacement).
+//! `sessions_superseded` like the engine's own replacement), which waits for room when that
+//! shard's command queue is full (counted in `supersedes_deferred`; `Driver::register_identity`
+//! in server.rs describes the moment the identity holds one session over its limit).
 //!
 //! Only the drivers of a sharded listener use it, at a session's start and end (never per
 //! datagram); with one shard the engine's own limit is the whole story and no registry exists.

@@ -228,7 +228,9 @@ pub struct DtlsServerConfig {
     pub session_queue_bytes: usize,
     /// Commands from sessions to the driver (sends, closes). A sending session waits for room;
     /// a dropped session's close request is lost when it is full (counted:
-    /// `close_commands_dropped`) and the session ends at its idle timeout.
+    /// `close_commands_dropped`) and the session ends at its idle timeout. With several engine
+    /// shards a per-identity supersede from another shard that finds it full waits for room
+    /// (counted: `supersedes_deferred`).
     pub command_queue_len: usize,
     /// Datagrams waiting for one engine shard (with `engine_shards` > 1); over it they are
     /// dropped (counted: `dropped_queue_full`), like a full socket buffer.

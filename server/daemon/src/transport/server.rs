@@ -101,6 +101,12 @@ pub struct TransportMetrics {
     /// Close requests of dropped sessions lost on a full command queue (`command_queue_len`);
     /// such a session ends at its idle timeout instead.
     pub close_commands_dropped: u64,
+    /// With several engine shards: per-identity supersedes of a session on another shard that
+    /// found that shard's command queue full (`command_queue_len`) and wait for room; each is
+    /// applied (counted in `sessions_superseded`) once that shard has worked through the
+    /// commands ahead of it, unless the session ended meanwhile or the listener shut down.
+    /// Meanwhile the identity holds one session over its limit per waiting supersede.
+    pub supersedes_deferred: u64,
     pub socket_errors: u64,
     /// HelloVerifyRequests sent (stateless).
     pub hello_verify_sent: u64,
@@ -165,6 +171,7 @@ fn snapshot(ep: &Endpoint) -> TransportMetrics {
         dropped_queue_full: 0,
         sessions_dropped_accept_queue_full: 0,
         close_commands_dropped: 0,
+        supersedes_deferred: 0,
         socket_errors: 0,
         hello_verify_sent: m.hello_verify_sent,
         bad_cookies: m.refused(RefusalReason::BadCookie),
@@ -233,6 +240,7 @@ fn merged(shared: &Shared) -> TransportMetrics {
     m.dropped_queue_full = c.queue_full.load(Ordering::Relaxed);
     m.sessions_dropped_accept_queue_full = c.accept_queue_full.load(Ordering::Relaxed);
     m.close_commands_dropped = c.close_commands_dropped.load(Ordering::Relaxed);
+    m.supersedes_deferred = c.supersedes_deferred.load(Ordering::Relaxed);
     m.socket_errors = c.socket_errors.load(Ordering::Relaxed);
     m.jpy_received = c.jpy_received.load(Ordering::Relaxed);
     m.jpy_dropped_not_allowed = c.jpy_not_allowed.load(Ordering::Relaxed);
@@ -245,6 +253,7 @@ struct DriverCounters {
     queue_full: AtomicU64,
     accept_queue_full: AtomicU64,
     close_commands_dropped: AtomicU64,
+    supersedes_deferred: AtomicU64,
     socket_errors: AtomicU64,
     jpy_received: AtomicU64,
     jpy_not_allowed: AtomicU64,
@@ -983,6 +992,19 @@ impl<S: DatagramSocket> Driver<S> {
     /// With several shards: counts a new session under its identity across every shard and
     /// closes the oldest sessions it pushes over `max_sessions_per_identity`, on this shard at
     /// once, on another through its command queue. Returns the identity it was counted under.
+    ///
+    /// The over-limit window. The registry stops counting a pushed-out session `old` here, in
+    /// the same step that counts the new one, but `old` ends only when its own shard takes the
+    /// `Supersede`: on this shard at once (no window); on another, at that shard's next turn of
+    /// its loop, i.e. after the datagram or timer it is handling and the socket sends that
+    /// follow (one handshake step at most: a signature or key exchange). Meanwhile the new session is already in the accept queue, so the identity holds
+    /// one session over its limit for each supersede still in flight: one, unless several new
+    /// sessions of the identity complete on other shards before that shard's turn. If that
+    /// shard's command queue is full, the window lasts until the shard has worked through the
+    /// commands ahead (at most `command_queue_len` plus the senders already waiting, which it
+    /// takes in order); counted in `supersedes_deferred`. Closing the window would mean
+    /// holding the new session back until the other shard confirms, a round trip between
+    /// shards on every session over the limit: not done.
     fn register_identity(&mut self, h: ConnectionHandle) -> Option<Vec<u8>> {
         let registry = self.shared.identities.as_ref()?;
         let identity = self.endpoint.identity(h)?.to_vec();
@@ -1002,7 +1024,19 @@ impl<S: DatagramSocket> Driver<S> {
                 tx.try_send(Command::Supersede(old.handle))
             {
                 // The other shard's queue is full: the command waits for room rather than
-                // being lost (one small task per such session, never a busy wait).
+                // being lost (the identity would stay over its limit until the session's idle
+                // timeout), in a task of its own, since this driver must not wait on another
+                // shard (two shards waiting on each other's full queues would deadlock).
+                // Bounded: each task carries a distinct session of that shard (the registry
+                // hands every session back once) and that shard's senders get room in the
+                // order they asked. A waiting send ends with an error when that shard's driver
+                // returns (shutdown) and drops its queue; its sessions are closed then anyway.
+                // A session that ends meanwhile makes the late command a no-op (handles are
+                // never reused).
+                self.shared
+                    .counters
+                    .supersedes_deferred
+                    .fetch_add(1, Ordering::Relaxed);
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let _ = tx.send(cmd).await;
