@@ -180,6 +180,42 @@ pub(crate) enum Cmd {
         #[arg(long, default_value_t = 20)]
         iterations: usize,
     },
+    /// Measure the server CPU a full enrollment cannot do without on this machine: its curve
+    /// operations, its datagrams on loopback and a durable commit, to set beside the
+    /// measured server CPU per enrollment (the rest is parsing, CoAP, the store's code,
+    /// allocation and scheduling).
+    Floor {
+        /// Datagrams echoed to measure a loopback receive + send.
+        #[arg(long, default_value_t = 200_000)]
+        datagrams: u64,
+        /// Bytes per echoed datagram (an enrollment's average is ~380).
+        #[arg(long, default_value_t = 400)]
+        payload: usize,
+        /// Datagrams kept outstanding during the echo (many meters at once).
+        #[arg(long, default_value_t = 16)]
+        in_flight: usize,
+        /// Datagrams the server receives per enrollment (ClientHello twice, the client's
+        /// flight, the request, close_notify).
+        #[arg(long, default_value_t = 5.0)]
+        datagrams_in: f64,
+        /// Datagrams the server sends per enrollment (HelloVerifyRequest, its two flights,
+        /// the response).
+        #[arg(long, default_value_t = 4.0)]
+        datagrams_out: f64,
+        /// Durable appends (write + fdatasync) to measure.
+        #[arg(long, default_value_t = 2_000)]
+        commits: u64,
+        /// Enrollments per commit (the server's est_store_operations / est_store_transactions
+        /// at the load of interest).
+        #[arg(long, default_value_t = 8.0)]
+        group: f64,
+        /// Directory for the commit file: the server's data directory's filesystem.
+        #[arg(long, default_value = ".")]
+        dir: std::path::PathBuf,
+        /// Time per crypto operation.
+        #[arg(long, value_parser = parse_duration, default_value = "1s")]
+        crypto_duration: Duration,
+    },
 }
 
 #[cfg(test)]

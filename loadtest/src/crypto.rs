@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 pub(crate) const MODEL_SIGNS: u32 = 2;
 pub(crate) const MODEL_VERIFIES: u32 = 3;
 pub(crate) const MODEL_ECDH: u32 = 1;
-/// As implemented: CertificateVerify (webrtc-dtls), the client chain (once, by our handshake
+/// As implemented: CertificateVerify (est-dtls), the client chain (once, by our handshake
 /// verifier; the EST policy reuses the result) and the CSR's proof of possession.
 pub(crate) const IMPLEMENTED_VERIFIES: u32 = 3;
 

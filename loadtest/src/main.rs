@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!   loadtest ──starts──> est-server (child, fresh data dir, release build)   [or --server ADDR]
-//!      │  crypto ceiling (ring sign/verify, p256 0.13 ECDH)
+//!      │  crypto ceiling (ring sign/verify, the engine's ring ECDH); `loadtest floor`: the floor
 //!      │  stepped closed-loop fleets (client-sim meters): 1, 8, 64, 256 ... meters
 //!      │  open-loop step at half the peak rate (p99 target)
 //!      │  peer: handshake + GET /.well-known/core vs libcoap coap-server-openssl
@@ -18,6 +18,7 @@ mod cli;
 mod core_bench;
 mod crypto;
 mod direct;
+mod floor;
 mod peer;
 mod perf;
 mod report;
@@ -42,6 +43,39 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("core-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Cmd::Floor {
+        datagrams,
+        payload,
+        in_flight,
+        datagrams_in,
+        datagrams_out,
+        commits,
+        group,
+        dir,
+        crypto_duration,
+    }) = &cli.cmd
+    {
+        let args = floor::FloorArgs {
+            datagrams: *datagrams,
+            payload: *payload,
+            in_flight: *in_flight,
+            datagrams_in: *datagrams_in,
+            datagrams_out: *datagrams_out,
+            commits: *commits,
+            group: *group,
+            crypto_budget: *crypto_duration,
+        };
+        return match floor::measure(&args, dir) {
+            Ok(f) => {
+                print!("{}", floor::render(&args, &f));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("loadtest floor: {e:#}");
                 ExitCode::FAILURE
             }
         };

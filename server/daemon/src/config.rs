@@ -91,7 +91,7 @@ pub struct ServerSection {
     pub log_format: String,
     /// A structured `metrics` log line (transport and EST counters) this often; 0 = never.
     pub metrics_log_interval_secs: u64,
-    /// tokio worker threads (the DTLS and CoAP I/O); 0 = one per CPU core.
+    /// tokio worker threads (the DTLS engine, CoAP sessions, signing); 0 = one per CPU core.
     pub worker_threads: usize,
     /// Warn (at start and in every metrics line) when the issuing CA or the DTLS server
     /// certificate has fewer days left than this.
@@ -603,8 +603,11 @@ log_format = "text"
 # resends, certificates issued/replayed/refused, 5.03 answers, enrollments in flight, store
 # transactions and the operations grouped into them) this often. 0 turns it off.
 metrics_log_interval_secs = 60
-# Threads running the DTLS and CoAP I/O (tokio workers); 0 = one per CPU core. Enrollments
-# (signing, the durable commit) run on a separate pool either way.
+# Threads running the DTLS engine, the CoAP sessions and the certificate signing (tokio
+# workers); 0 = one per CPU core. The durable commit runs on the store's own writer thread
+# either way. On a box shared with other busy work (a load generator, say), 1 costs about 10%
+# less CPU per enrollment than 2 (fewer thread hand-offs; docs/benchmarks.md), but caps the
+# server near one core.
 worker_threads = 0
 # Days left on the issuing CA and on the DTLS server certificate are logged at start and in
 # every metrics line; under this many, as a warning. (An expired CA refuses to start.)
