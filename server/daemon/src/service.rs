@@ -728,6 +728,8 @@ async fn metrics_loop(src: MetricsSources, every: Duration, mut stop: watch::Rec
             sessions_replaced = t.sessions_replaced,
             sessions_superseded = t.sessions_superseded,
             supersedes_deferred = t.supersedes_deferred,
+            close_commands_dropped = t.close_commands_dropped,
+            sessions_dropped_accept_queue_full = t.sessions_dropped_accept_queue_full,
             sessions_idle_closed = t.sessions_idle_closed,
             peer_address_changes = t.peer_address_changes,
             records_bad_mac = t.records_bad_mac,
