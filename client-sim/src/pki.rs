@@ -685,7 +685,10 @@ mod tests {
             &ring::rand::SystemRandom::new(),
         )
         .unwrap();
-        assert_eq!(&a.spki_der[a.spki_der.len() - 65..], pair.public_key().as_ref());
+        assert_eq!(
+            &a.spki_der[a.spki_der.len() - 65..],
+            pair.public_key().as_ref()
+        );
         assert!(build_csr(&a, "bad\u{1}serial", None).is_err());
     }
 
@@ -756,9 +759,12 @@ mod tests {
             let cert_pem =
                 der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, &cert).unwrap();
             fs::write(sd.join("idevid.pem"), cert_pem).unwrap();
-            let key_pem =
-                der::pem::encode_string("PRIVATE KEY", der::pem::LineEnding::LF, &key.pkcs8_der().unwrap())
-                    .unwrap();
+            let key_pem = der::pem::encode_string(
+                "PRIVATE KEY",
+                der::pem::LineEnding::LF,
+                &key.pkcs8_der().unwrap(),
+            )
+            .unwrap();
             fs::write(sd.join("idevid.key"), key_pem.as_bytes()).unwrap();
             devices.push(serde_json::json!({"serial": serial, "cert": format!("{serial}/idevid.pem"), "key": format!("{serial}/idevid.key")}));
         }

@@ -487,7 +487,10 @@ fn system_keys_enroll_and_renew_with_a_fresh_key_per_meter() {
     let sren = expect_send(&mut m);
     // The renewal request is signed with the same ring key and names the same key.
     let csr = est_proto::ca::parse_and_verify_csr(&sren.payload, 4096).unwrap();
-    assert_eq!(der::Encode::to_der(&csr.public_key).unwrap(), m.public_key_spki());
+    assert_eq!(
+        der::Encode::to_der(&csr.public_key).unwrap(),
+        m.public_key_spki()
+    );
     m.handle_response(now, est.handle(&sren));
     expect_disconnect(&mut m);
     assert_eq!(m.state(), &MeterState::Enrolled);
