@@ -8,7 +8,7 @@
 //! (`lean_hello`), can name the server certificate they hold with RFC 7924 cached_info, and can
 //! send (and receive) certificates as C509 (RFC 7250 negotiation, X.509 as the fallback).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,13 +21,14 @@ use crate::meter::{Credential, FailureReason};
 
 /// Largest datagram read.
 const RECV_BUF: usize = 2048;
-/// Engine configurations kept (one per credential and settings): a fleet reuses few.
-const MAX_CACHED: usize = 256;
+/// Engine configurations kept (one per credential and settings). A load-test fleet has 2,048
+/// devices by default; with fewer slots than devices every handshake rebuilt its configuration
+/// (a PKCS#8 parse with a P-256 point multiplication) after a linear scan of the cache.
+const MAX_CACHED: usize = 16_384;
 /// The largest retransmission interval the back-off reaches.
 const RETRANSMIT_MAX: Duration = Duration::from_secs(60);
 
 /// What an engine configuration is built from.
-#[derive(PartialEq)]
 struct ConfigKey {
     key_pkcs8_der: Vec<u8>,
     chain_der: Vec<Vec<u8>>,
@@ -36,35 +37,109 @@ struct ConfigKey {
     flight_interval: Duration,
     handshake_timeout: Duration,
     connection_id: bool,
+    danger_skip_server_verification: bool,
     trust_anchors_der: Vec<Vec<u8>>,
     /// The server chain offered with cached_info (empty: none).
     cached_server_chain: Vec<Vec<u8>>,
     c509_certificate_type: Option<u8>,
 }
-static CONFIGS: Mutex<VecDeque<(ConfigKey, Arc<ClientConfig>)>> = Mutex::new(VecDeque::new());
+
+/// The server chain a meter offers with cached_info (empty: none).
+fn cached_chain(cfg: &DtlsClientConfig) -> &[Vec<u8>] {
+    if cfg.cached_info {
+        &cfg.server_chain_der
+    } else {
+        &[]
+    }
+}
+
+impl ConfigKey {
+    fn of(cfg: &DtlsClientConfig, cred: &Credential) -> ConfigKey {
+        ConfigKey {
+            key_pkcs8_der: cred.key_pkcs8_der.clone(),
+            chain_der: cred.chain_der.clone(),
+            server_name: cfg.server_name.clone(),
+            mtu: cfg.mtu,
+            flight_interval: cfg.flight_interval,
+            handshake_timeout: cfg.handshake_timeout,
+            connection_id: cfg.connection_id,
+            danger_skip_server_verification: cfg.danger_skip_server_verification,
+            trust_anchors_der: cfg.trust_anchors_der.clone(),
+            cached_server_chain: cached_chain(cfg).to_vec(),
+            c509_certificate_type: cfg.c509_certificate_type,
+        }
+    }
+
+    /// Whether this key was made from `cfg` and `cred` (compared in place: a lookup copies
+    /// nothing).
+    fn matches(&self, cfg: &DtlsClientConfig, cred: &Credential) -> bool {
+        self.key_pkcs8_der == cred.key_pkcs8_der
+            && self.chain_der == cred.chain_der
+            && self.server_name == cfg.server_name
+            && self.mtu == cfg.mtu
+            && self.flight_interval == cfg.flight_interval
+            && self.handshake_timeout == cfg.handshake_timeout
+            && self.connection_id == cfg.connection_id
+            && self.danger_skip_server_verification == cfg.danger_skip_server_verification
+            && self.trust_anchors_der == cfg.trust_anchors_der
+            && self.cached_server_chain == cached_chain(cfg)
+            && self.c509_certificate_type == cfg.c509_certificate_type
+    }
+}
+
+/// The hash a configuration is filed under: the meter's key and certificate (what differs
+/// between meters); the settings are compared on a hit.
+fn config_hash(cred: &Credential) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    cred.key_pkcs8_der.hash(&mut h);
+    cred.chain_der.hash(&mut h);
+    h.finish()
+}
+
+/// Built configurations by [`config_hash`]; emptied when it reaches [`MAX_CACHED`] entries.
+#[derive(Default)]
+struct ConfigCache {
+    by_hash: HashMap<u64, Vec<(ConfigKey, Arc<ClientConfig>)>>,
+    len: usize,
+}
+static CONFIGS: Mutex<Option<ConfigCache>> = Mutex::new(None);
 
 /// The engine's configuration for a meter, built once per credential and settings.
 fn config(cfg: &DtlsClientConfig, cred: &Credential) -> Result<Arc<ClientConfig>, FailureReason> {
-    let key = ConfigKey {
-        key_pkcs8_der: cred.key_pkcs8_der.clone(),
-        chain_der: cred.chain_der.clone(),
-        server_name: cfg.server_name.clone(),
-        mtu: cfg.mtu,
-        flight_interval: cfg.flight_interval,
-        handshake_timeout: cfg.handshake_timeout,
-        connection_id: cfg.connection_id,
-        trust_anchors_der: cfg.trust_anchors_der.clone(),
-        cached_server_chain: if cfg.cached_info {
-            cfg.server_chain_der.clone()
-        } else {
-            Vec::new()
-        },
-        c509_certificate_type: cfg.c509_certificate_type,
-    };
-    let mut cache = CONFIGS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((_, c)) = cache.iter().find(|(k, _)| *k == key) {
-        return Ok(c.clone());
+    let hash = config_hash(cred);
+    {
+        let cache = CONFIGS.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = cache
+            .as_ref()
+            .and_then(|m| m.by_hash.get(&hash))
+            .and_then(|v| v.iter().find(|(k, _)| k.matches(cfg, cred)));
+        if let Some((_, c)) = hit {
+            return Ok(c.clone());
+        }
     }
+    // Built outside the lock: meters of other devices need not wait for this one.
+    let c = build_config(cfg, cred)?;
+    let mut cache = CONFIGS.lock().unwrap_or_else(|p| p.into_inner());
+    let cache = cache.get_or_insert_with(ConfigCache::default);
+    if cache.len >= MAX_CACHED {
+        cache.by_hash.clear();
+        cache.len = 0;
+    }
+    let slot = cache.by_hash.entry(hash).or_default();
+    if let Some((_, built)) = slot.iter().find(|(k, _)| k.matches(cfg, cred)) {
+        // Another meter of the same device built it meanwhile: share one.
+        return Ok(built.clone());
+    }
+    slot.push((ConfigKey::of(cfg, cred), c.clone()));
+    cache.len += 1;
+    Ok(c)
+}
+
+fn build_config(
+    cfg: &DtlsClientConfig,
+    cred: &Credential,
+) -> Result<Arc<ClientConfig>, FailureReason> {
     let signing = SigningKey::from_pkcs8(&cred.key_pkcs8_der)
         .map_err(|e| FailureReason::Credentials(format!("client key: {e}")))?;
     let mut c = ClientConfig::new(
@@ -87,16 +162,12 @@ fn config(cfg: &DtlsClientConfig, cred: &Credential) -> Result<Arc<ClientConfig>
     // We send with the server's CID; we want none back (our own address does not move for
     // the server's sake).
     c.connection_id = cfg.connection_id.then(Vec::new);
-    if !key.cached_server_chain.is_empty() {
-        c.cached_server_chains = vec![key.cached_server_chain.clone()];
+    let cached = cached_chain(cfg);
+    if !cached.is_empty() {
+        c.cached_server_chains = vec![cached.to_vec()];
     }
-    c.c509 = key.c509_certificate_type.map(est_dtls::C509Codec::type3);
-    let c = Arc::new(c);
-    if cache.len() >= MAX_CACHED {
-        cache.pop_front();
-    }
-    cache.push_back((key, c.clone()));
-    Ok(c)
+    c.c509 = cfg.c509_certificate_type.map(est_dtls::C509Codec::type3);
+    Ok(Arc::new(c))
 }
 
 /// RFC 9148 §3 / RFC 7925 §4.4.1: the server's chain leads to the Implicit TA and names the
@@ -334,5 +405,86 @@ impl NativeSession {
     /// tell the datagrams are ours.
     pub fn rebind(&mut self, conn: Arc<dyn Conn + Send + Sync>) {
         self.conn = conn;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn credential(tag: u8) -> Credential {
+        let rng = ring::rand::SystemRandom::new();
+        let key = ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            &rng,
+        )
+        .unwrap();
+        Credential {
+            // The engine does not read its own chain until a handshake: any bytes do here.
+            chain_der: vec![vec![0x30, 0x03, 0x02, 0x01, tag]],
+            key_pkcs8_der: key.as_ref().to_vec(),
+        }
+    }
+
+    fn settings() -> DtlsClientConfig {
+        DtlsClientConfig {
+            backend: crate::dtls::DtlsBackend::Native,
+            danger_skip_server_verification: true,
+            ..DtlsClientConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_configuration_is_built_once_per_credential_and_settings() {
+        let cfg = settings();
+        let a = credential(1);
+        let first = config(&cfg, &a).unwrap();
+        assert!(Arc::ptr_eq(&first, &config(&cfg, &a).unwrap()));
+        // Another meter: its own configuration.
+        let b = credential(2);
+        assert!(!Arc::ptr_eq(&first, &config(&cfg, &b).unwrap()));
+        // The same meter with other settings: another configuration.
+        let other = DtlsClientConfig {
+            mtu: cfg.mtu / 2,
+            ..settings()
+        };
+        let smaller = config(&other, &a).unwrap();
+        assert!(!Arc::ptr_eq(&first, &smaller));
+        assert_eq!(smaller.mtu_bytes, cfg.mtu / 2);
+        // Server verification on or off never shares a configuration.
+        let verifying = DtlsClientConfig {
+            danger_skip_server_verification: false,
+            trust_anchors_der: Vec::new(),
+            ..settings()
+        };
+        assert!(
+            config(&verifying, &a).is_err(),
+            "no trust anchor: the verifier cannot be built, so no skipped check is reused"
+        );
+    }
+
+    #[test]
+    fn a_fleet_larger_than_the_old_256_slots_stays_cached() {
+        let cfg = settings();
+        let creds: Vec<Credential> = (0..300u32).map(|i| credential(i as u8)).collect();
+        let built: Vec<Arc<ClientConfig>> =
+            creds.iter().map(|c| config(&cfg, c).unwrap()).collect();
+        // Round-robin again, as loadtest's meters go through the fleet: every one is a hit.
+        for (c, b) in creds.iter().zip(&built) {
+            assert!(Arc::ptr_eq(b, &config(&cfg, c).unwrap()));
+        }
+    }
+
+    #[test]
+    fn a_bad_key_is_refused() {
+        let cred = Credential {
+            chain_der: vec![vec![0x30, 0x00]],
+            key_pkcs8_der: vec![0x30, 0x03, 0x02, 0x01, 0x00],
+        };
+        assert!(matches!(
+            config(&settings(), &cred),
+            Err(FailureReason::Credentials(_))
+        ));
     }
 }

@@ -482,6 +482,7 @@ async fn run(cli: Cli) -> Result<bool> {
                 (None, CrtsMode::Never) => ta.clone(),
                 (None, _) => Vec::new(),
             },
+            key_source: client_sim::meter::KeySource::Seeded,
         },
         dcu_link: rec_base.dcu_link.clone(),
         dcu_mode: rec_base.dcu_mode,

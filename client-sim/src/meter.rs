@@ -104,6 +104,21 @@ pub struct MeterConfig {
     /// The Explicit TA database a [`CrtsMode::Never`] meter holds (DER), against which it
     /// verifies the certificates it is issued.
     pub explicit_ta_der: Vec<Vec<u8>>,
+    /// Where the enrollment key pair comes from.
+    pub key_source: KeySource,
+}
+
+/// Where a meter's enrollment key pair comes from. Either way every meter makes its own key and
+/// signs its own CSR when it is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeySource {
+    /// The meter's seeded generator, with p256: the same seed gives the same key and CSR
+    /// (simulations and their tests replay byte for byte).
+    #[default]
+    Seeded,
+    /// The operating system's generator, with ring: a few times cheaper, not reproducible
+    /// (the load generator, where the meters' own CPU competes with the server's).
+    System,
 }
 
 impl Default for MeterConfig {
@@ -120,6 +135,7 @@ impl Default for MeterConfig {
             est_root: "/.well-known/est".into(),
             crts: CrtsMode::Once,
             explicit_ta_der: Vec::new(),
+            key_source: KeySource::Seeded,
         }
     }
 }
@@ -420,7 +436,10 @@ impl Meter {
         seed: u64,
     ) -> Result<Meter, PkiError> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let key = EnrollmentKey::generate(&mut rng);
+        let key = match config.key_source {
+            KeySource::Seeded => EnrollmentKey::generate(&mut rng),
+            KeySource::System => EnrollmentKey::generate_system()?,
+        };
         let csr_der = pki::build_csr(
             &key,
             &identity.serial,

@@ -241,12 +241,30 @@ pub fn load_fleet(dir: &Path, limit: Option<usize>) -> Result<Fleet, PkiError> {
     })
 }
 
-/// The meter's enrollment key and the PKCS#10 request built from it.
+/// The meter's enrollment key pair.
 #[derive(Clone)]
 pub struct EnrollmentKey {
-    pub signing_key: SigningKey,
+    key: KeyPair,
     /// DER SubjectPublicKeyInfo of the key (compared with the issued certificate).
     pub spki_der: Vec<u8>,
+}
+
+#[derive(Clone)]
+enum KeyPair {
+    /// Drawn from the meter's seeded generator, signing with p256 (RFC 6979 deterministic
+    /// signatures): the same seed gives the same key and the same CSR, byte for byte.
+    Seeded(SigningKey),
+    /// From the operating system's generator, generated and signing with ring: a few times
+    /// cheaper than p256 (what the load generator uses), reproducible from nothing.
+    System(std::sync::Arc<RingKey>),
+}
+
+/// A ring P-256 key pair, its PKCS#8 DER and its public key in p256's form (for the CSR
+/// builder's SubjectPublicKeyInfo).
+struct RingKey {
+    pair: ring::signature::EcdsaKeyPair,
+    pkcs8_der: Vec<u8>,
+    verifying: p256::ecdsa::VerifyingKey,
 }
 
 impl std::fmt::Debug for EnrollmentKey {
@@ -259,28 +277,110 @@ impl EnrollmentKey {
     /// A fresh P-256 key from the meter's seeded generator (reproducible per run seed; simulation only).
     pub fn generate<R: RngCore + CryptoRng>(rng: &mut R) -> EnrollmentKey {
         let signing_key = SigningKey::random(rng);
-        let spki_der = spki_of(&signing_key);
+        let spki_der = spki_of(signing_key.verifying_key());
         EnrollmentKey {
-            signing_key,
+            key: KeyPair::Seeded(signing_key),
             spki_der,
         }
     }
 
+    /// A fresh P-256 key from the operating system's generator, made with ring (a fixed-base
+    /// multiplication in ring's P-256 code rather than p256's); its CSR signatures are ring's
+    /// too. Not reproducible: for load generation, where every enrollment pays for its key.
+    pub fn generate_system() -> Result<EnrollmentKey, PkiError> {
+        let alg = &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING;
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng)
+            .map_err(|e| PkiError::Key(format!("generating a P-256 key: {e}")))?;
+        let pair = ring::signature::EcdsaKeyPair::from_pkcs8(alg, pkcs8.as_ref(), &rng)
+            .map_err(|e| PkiError::Key(format!("reading the generated key: {e}")))?;
+        use ring::signature::KeyPair as _;
+        let verifying = p256::ecdsa::VerifyingKey::from_sec1_bytes(pair.public_key().as_ref())
+            .map_err(|e| PkiError::Key(format!("the generated public key: {e}")))?;
+        let spki_der = spki_of(&verifying);
+        Ok(EnrollmentKey {
+            key: KeyPair::System(std::sync::Arc::new(RingKey {
+                pair,
+                pkcs8_der: pkcs8.as_ref().to_vec(),
+                verifying,
+            })),
+            spki_der,
+        })
+    }
+
     /// PKCS#8 DER of the key (for the DTLS client certificate after enrollment).
     pub fn pkcs8_der(&self) -> Result<Vec<u8>, PkiError> {
-        Ok(self
-            .signing_key
-            .to_pkcs8_der()
-            .map_err(|e| PkiError::Key(e.to_string()))?
-            .as_bytes()
-            .to_vec())
+        match &self.key {
+            KeyPair::Seeded(k) => Ok(k
+                .to_pkcs8_der()
+                .map_err(|e| PkiError::Key(e.to_string()))?
+                .as_bytes()
+                .to_vec()),
+            KeyPair::System(r) => Ok(r.pkcs8_der.clone()),
+        }
+    }
+
+    /// Builds and self-signs a PKCS#10 request for `subject` with this key.
+    fn request(&self, subject: Name, sans: &[SubjectAltName]) -> Result<Vec<u8>, PkiError> {
+        fn build<S>(signer: &S, subject: Name, sans: &[SubjectAltName]) -> Result<Vec<u8>, PkiError>
+        where
+            S: signature::Keypair
+                + spki::DynSignatureAlgorithmIdentifier
+                + signature::Signer<p256::ecdsa::DerSignature>,
+            S::VerifyingKey: p256::pkcs8::EncodePublicKey,
+        {
+            let mut builder =
+                RequestBuilder::new(subject, signer).map_err(|e| PkiError::Csr(e.to_string()))?;
+            for san in sans {
+                builder
+                    .add_extension(san)
+                    .map_err(|e| PkiError::Csr(e.to_string()))?;
+            }
+            let req = builder
+                .build::<p256::ecdsa::DerSignature>()
+                .map_err(|e| PkiError::Csr(e.to_string()))?;
+            req.to_der().map_err(|e| PkiError::Csr(e.to_string()))
+        }
+        match &self.key {
+            KeyPair::Seeded(k) => build(k, subject, sans),
+            KeyPair::System(r) => build(&**r, subject, sans),
+        }
     }
 }
 
-fn spki_of(key: &SigningKey) -> Vec<u8> {
+use p256::ecdsa::signature;
+
+impl signature::Keypair for RingKey {
+    type VerifyingKey = p256::ecdsa::VerifyingKey;
+    fn verifying_key(&self) -> Self::VerifyingKey {
+        self.verifying
+    }
+}
+
+impl spki::DynSignatureAlgorithmIdentifier for RingKey {
+    fn signature_algorithm_identifier(&self) -> spki::Result<spki::AlgorithmIdentifierOwned> {
+        // RFC 5758 §3.2: ecdsa-with-SHA256, parameters absent.
+        Ok(spki::AlgorithmIdentifierOwned {
+            oid: const_oid::db::rfc5912::ECDSA_WITH_SHA_256,
+            parameters: None,
+        })
+    }
+}
+
+impl signature::Signer<p256::ecdsa::DerSignature> for RingKey {
+    fn try_sign(&self, msg: &[u8]) -> Result<p256::ecdsa::DerSignature, signature::Error> {
+        let rng = ring::rand::SystemRandom::new();
+        let sig = self
+            .pair
+            .sign(&rng, msg)
+            .map_err(|_| signature::Error::new())?;
+        p256::ecdsa::DerSignature::from_bytes(sig.as_ref())
+    }
+}
+
+fn spki_of(key: &p256::ecdsa::VerifyingKey) -> Vec<u8> {
     use p256::pkcs8::EncodePublicKey;
-    key.verifying_key()
-        .to_public_key_der()
+    key.to_public_key_der()
         .map(|d| d.as_bytes().to_vec())
         .unwrap_or_default()
 }
@@ -343,40 +443,25 @@ pub fn build_csr(
     let subject: Name = format!("serialNumber={serial}")
         .parse()
         .map_err(|e: der::Error| PkiError::Csr(e.to_string()))?;
-    let mut builder =
-        RequestBuilder::new(subject, &key.signing_key).map_err(|e| PkiError::Csr(e.to_string()))?;
-    if let Some(san) = san {
-        builder
-            .add_extension(&san)
-            .map_err(|e| PkiError::Csr(e.to_string()))?;
-    }
-    let req = builder
-        .build::<p256::ecdsa::DerSignature>()
-        .map_err(|e| PkiError::Csr(e.to_string()))?;
-    req.to_der().map_err(|e| PkiError::Csr(e.to_string()))
+    key.request(subject, san.as_slice())
 }
 
 /// Builds the PKCS#10 request for /sren: RFC 7030 §4.2.2 requires the Subject and subjectAltName
 /// to be identical to those of the certificate being renewed, so both are copied from `current`.
 pub fn build_renewal_csr(key: &EnrollmentKey, current_der: &[u8]) -> Result<Vec<u8>, PkiError> {
     let cert = Certificate::from_der(current_der).map_err(|e| PkiError::Csr(e.to_string()))?;
-    let mut builder = RequestBuilder::new(cert.tbs_certificate.subject.clone(), &key.signing_key)
-        .map_err(|e| PkiError::Csr(e.to_string()))?;
+    let mut sans = Vec::new();
     if let Some(exts) = &cert.tbs_certificate.extensions {
         for ext in exts {
             if ext.extn_id == const_oid::db::rfc5280::ID_CE_SUBJECT_ALT_NAME {
-                let san = SubjectAltName::from_der(ext.extn_value.as_bytes())
-                    .map_err(|e| PkiError::Csr(e.to_string()))?;
-                builder
-                    .add_extension(&san)
-                    .map_err(|e| PkiError::Csr(e.to_string()))?;
+                sans.push(
+                    SubjectAltName::from_der(ext.extn_value.as_bytes())
+                        .map_err(|e| PkiError::Csr(e.to_string()))?,
+                );
             }
         }
     }
-    let req = builder
-        .build::<p256::ecdsa::DerSignature>()
-        .map_err(|e| PkiError::Csr(e.to_string()))?;
-    req.to_der().map_err(|e| PkiError::Csr(e.to_string()))
+    key.request(cert.tbs_certificate.subject, &sans)
 }
 
 /// Checks an ECDSA P-256/SHA-256 signature of `cert` with `issuer`'s public key (ring).
@@ -547,6 +632,84 @@ mod tests {
         assert!(build_csr(&key, "bad\u{1}serial", None).is_err());
     }
 
+    /// The server's check of a CSR: parse, the self-signature verifies, key and subject.
+    fn server_reads(der: &[u8]) -> est_proto::ca::ParsedCsr {
+        est_proto::ca::parse_and_verify_csr(der, 4096).unwrap()
+    }
+
+    #[test]
+    fn system_keys_are_fresh_and_their_csrs_verify_like_seeded_ones() {
+        let a = EnrollmentKey::generate_system().unwrap();
+        let b = EnrollmentKey::generate_system().unwrap();
+        assert_ne!(a.spki_der, b.spki_der, "every key is fresh");
+        let der = build_csr(&a, "SN000043", None).unwrap();
+        let req = x509_cert::request::CertReq::from_der(&der).unwrap();
+        assert_eq!(
+            serial_number_of(&req.info.subject).as_deref(),
+            Some("SN000043")
+        );
+        assert_eq!(req.info.public_key.to_der().unwrap(), a.spki_der);
+        assert_eq!(
+            req.algorithm.oid,
+            const_oid::db::rfc5912::ECDSA_WITH_SHA_256
+        );
+        assert_eq!(req.algorithm.parameters, None);
+        let tbs = req.info.to_der().unwrap();
+        let pk = req.info.public_key.subject_public_key.as_bytes().unwrap();
+        ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, pk)
+            .verify(&tbs, req.signature.as_bytes().unwrap())
+            .unwrap();
+        server_reads(&der);
+        // Same layout as the seeded key's request (only the key and signature differ).
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let seeded = EnrollmentKey::generate(&mut rng);
+        let seeded_req =
+            x509_cert::request::CertReq::from_der(&build_csr(&seeded, "SN000043", None).unwrap())
+                .unwrap();
+        assert_eq!(seeded_req.info.subject, req.info.subject);
+        assert_eq!(seeded_req.info.attributes, req.info.attributes);
+        assert_eq!(seeded_req.algorithm, req.algorithm);
+        // Two requests of one key: two signatures (ring's are randomised), one key.
+        let again = build_csr(&a, "SN000043", None).unwrap();
+        assert_eq!(
+            server_reads(&again).public_key.to_der().unwrap(),
+            a.spki_der
+        );
+        assert_ne!(again, der, "a fresh signature per request");
+        // The PKCS#8 document is ring's and reads back as the same key.
+        let pkcs8 = a.pkcs8_der().unwrap();
+        use ring::signature::KeyPair as _;
+        let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            &pkcs8,
+            &ring::rand::SystemRandom::new(),
+        )
+        .unwrap();
+        assert_eq!(
+            &a.spki_der[a.spki_der.len() - 65..],
+            pair.public_key().as_ref()
+        );
+        assert!(build_csr(&a, "bad\u{1}serial", None).is_err());
+    }
+
+    #[test]
+    fn system_key_renewal_csr_copies_subject_and_san() {
+        let ca = test_pki::ca("Test EST CA");
+        let key = EnrollmentKey::generate_system().unwrap();
+        let leaf = test_pki::issue_for(&ca, &key, "SN7");
+        let der = build_renewal_csr(&key, &leaf).unwrap();
+        let req = x509_cert::request::CertReq::from_der(&der).unwrap();
+        let cert = Certificate::from_der(&leaf).unwrap();
+        assert_eq!(req.info.subject, cert.tbs_certificate.subject);
+        assert_eq!(req.info.public_key.to_der().unwrap(), key.spki_der);
+        server_reads(&der);
+        let ca_certs = parse_ca_certs(std::slice::from_ref(&ca.cert_der)).unwrap();
+        assert_eq!(
+            verify_issued(std::slice::from_ref(&leaf), &key.spki_der, &ca_certs).unwrap(),
+            leaf
+        );
+    }
+
     #[test]
     fn issued_certificate_verification() {
         let ca = test_pki::ca("Test EST CA");
@@ -596,10 +759,12 @@ mod tests {
             let cert_pem =
                 der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, &cert).unwrap();
             fs::write(sd.join("idevid.pem"), cert_pem).unwrap();
-            let key_pem = key
-                .signing_key
-                .to_pkcs8_pem(der::pem::LineEnding::LF)
-                .unwrap();
+            let key_pem = der::pem::encode_string(
+                "PRIVATE KEY",
+                der::pem::LineEnding::LF,
+                &key.pkcs8_der().unwrap(),
+            )
+            .unwrap();
             fs::write(sd.join("idevid.key"), key_pem.as_bytes()).unwrap();
             devices.push(serde_json::json!({"serial": serial, "cert": format!("{serial}/idevid.pem"), "key": format!("{serial}/idevid.key")}));
         }

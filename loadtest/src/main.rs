@@ -33,6 +33,14 @@ use clap::Parser;
 
 use cli::{Cli, Cmd};
 
+/// mimalloc instead of glibc malloc, as est-server: the meters' DTLS and CoAP path allocates and
+/// frees many small buffers across the runtime's threads, and glibc's allocator was ~7.6% of the
+/// generator's CPU in an enrollment step (perf, docs/benchmarks.md "The load generator's CPU per
+/// enrollment"). It also makes the in-process core path (`core-bench`, callgrind) allocate as
+/// the server does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Cmd::CoreBench { iterations }) = cli.cmd {

@@ -93,7 +93,6 @@ pub(crate) async fn compare_peer(
         warmup: warmup_of(duration),
         drain_timeout: Duration::from_secs(20),
         seed: cli.seed ^ 0x9ee2,
-        prebuild: 0,
         arrival_rate: None,
         progress,
         label: label.into(),

@@ -352,7 +352,6 @@ async fn store_comparison(
         warmup: warmup_of(plan.duration),
         drain_timeout: Duration::from_secs(30),
         seed,
-        prebuild: (2_000.0 * plan.duration.as_secs_f64()) as usize + c,
         arrival_rate: None,
         progress: plan.progress,
         label,
@@ -476,11 +475,7 @@ async fn enrollment_steps(
 ) -> bool {
     let (duration, progress) = (plan.duration, plan.progress);
     let mut ok = true;
-    let mut last_rate: f64 = 0.0;
     for (i, &c) in plan.steps.iter().enumerate() {
-        // Keys and CSRs for the whole step are built before it (client-side p256 work that would
-        // otherwise compete with the server for the CPUs); built inline only if this runs dry.
-        let expected = last_rate.max(500.0) * 2.0 * duration.as_secs_f64();
         let cfg = StepConfig {
             mode: Mode::Enroll,
             transport: cli.transport(),
@@ -490,7 +485,6 @@ async fn enrollment_steps(
             warmup: warmup_of(duration),
             drain_timeout: Duration::from_secs(30),
             seed: cli.seed ^ ((i as u64) << 40),
-            prebuild: ((expected as usize) + c).min(40_000),
             arrival_rate: None,
             progress,
             label: format!("enroll, {c} meters"),
@@ -512,7 +506,6 @@ async fn enrollment_steps(
                 Err(e) => report.notes.push(format!("perf: {e:#}")),
             }
         }
-        last_rate = last_rate.max(r.rate_per_s);
         if r.completed == 0 || (r.errors as f64) > 0.05 * (r.finished.max(1) as f64) {
             eprintln!(
                 "loadtest: step {c}: {} enrolled, {} errors {:?}",
@@ -563,7 +556,6 @@ async fn half_rate_step(cli: &Cli, plan: &Plan, setup: &Setup, report: &mut Repo
         warmup: warmup_of(duration),
         drain_timeout: Duration::from_secs(30),
         seed: cli.seed ^ 0x4a1f,
-        prebuild: (rate * 1.2 * duration.as_secs_f64()) as usize + 16,
         arrival_rate: Some(rate),
         progress: plan.progress,
         label: format!("enroll at {rate:.0}/s (open loop)"),

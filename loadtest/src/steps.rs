@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use client_sim::driver::{run_meter, run_meter_over, DriverConfig};
 use client_sim::dtls::{self, DtlsBackend, DtlsClientConfig, DtlsSession};
 use client_sim::link::{LinkParams, LossModel};
-use client_sim::meter::{Credential, Meter, MeterConfig};
+use client_sim::meter::{Credential, KeySource, Meter, MeterConfig};
 use client_sim::net::{EmulatedConn, MeterLink};
 use client_sim::pki::DeviceIdentity;
 use client_sim::schedule::mix64;
@@ -184,7 +184,7 @@ pub(crate) struct StepResult {
     pub bytes_up_per_op: f64,
     pub bytes_down_per_op: f64,
     pub datagrams_per_op: f64,
-    /// Meters whose key and CSR were built during the step (the pool ran dry).
+    /// Meters built (a fresh key pair and CSR each) during the step: every enrollment's.
     pub meters_built_inline: u64,
     /// Of the server CPU per exchange, what the PostgreSQL processes used (`--store postgres`).
     #[serde(default)]
@@ -213,8 +213,6 @@ pub(crate) struct StepConfig {
     /// Upper bound on waiting for in-flight exchanges after the step ends.
     pub drain_timeout: Duration,
     pub seed: u64,
-    /// Meters (keys + CSRs) built before the step starts.
-    pub prebuild: usize,
     /// Open loop at this many arrivals per second (`concurrency` caps the in-flight count);
     /// `None`: closed loop with `concurrency` meters.
     pub arrival_rate: Option<f64>,
@@ -245,11 +243,17 @@ fn dtls_config(t: &Target, backend: DtlsBackend) -> DtlsClientConfig {
     }
 }
 
+/// The meters of an enrollment step. Each is built (a fresh key pair, its CSR signed) by the
+/// worker right before its enrollment, inside the measured window: the generator's CPU per
+/// enrollment includes its keys. The keys come from the OS generator through ring
+/// ([`KeySource::System`]): p256's seeded keys cost a few times more, and a load test needs
+/// fresh keys, not reproducible ones.
 fn meter_config() -> MeterConfig {
     MeterConfig {
         max_attempts: 3,
         retry_backoff: Duration::from_millis(500),
         max_retry_after: Duration::from_secs(10),
+        key_source: KeySource::System,
         ..MeterConfig::default()
     }
 }
@@ -260,38 +264,6 @@ fn meter_config() -> MeterConfig {
 )]
 fn new_hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("constant, valid histogram bounds")
-}
-
-/// Builds meters (enrollment key + CSR each) on all cores before a step.
-fn prebuild_meters(
-    devices: &Arc<Vec<DeviceIdentity>>,
-    n: usize,
-    seed: u64,
-    first_index: usize,
-) -> Vec<Meter> {
-    let threads = std::thread::available_parallelism().map_or(1, usize::from);
-    let per = n.div_ceil(threads.max(1));
-    let handles: Vec<_> = (0..threads)
-        .map(|t| {
-            let devices = devices.clone();
-            std::thread::spawn(move || {
-                let mut v = Vec::with_capacity(per);
-                for k in (t * per)..((t + 1) * per).min(n) {
-                    let idx = first_index + k;
-                    if let Some(d) = devices.get(idx % devices.len().max(1)) {
-                        if let Ok(m) = Meter::new(meter_config(), d, mix64(seed ^ idx as u64)) {
-                            v.push(m);
-                        }
-                    }
-                }
-                v
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .flat_map(|h| h.join().unwrap_or_default())
-        .collect()
 }
 
 /// Handshake + GET /.well-known/core + close. Returns the sample and, with `keep`, the open
@@ -443,7 +415,6 @@ struct Ctx {
     cfg: StepConfig,
     driver: DriverConfig,
     dcfg: DtlsClientConfig,
-    pool: Arc<Mutex<Vec<Meter>>>,
     next: Arc<AtomicUsize>,
     built: Arc<AtomicU64>,
 }
@@ -453,16 +424,10 @@ async fn one_exchange(ctx: &Ctx, seed: u64) -> Option<Sample> {
     let t = &ctx.t;
     match ctx.cfg.mode {
         Mode::Enroll => {
-            let pooled = ctx.pool.lock().map(|mut p| p.pop()).unwrap_or(None);
-            let meter = match pooled {
-                Some(m) => m,
-                None => {
-                    ctx.built.fetch_add(1, Ordering::Relaxed);
-                    let idx = ctx.next.fetch_add(1, Ordering::Relaxed);
-                    let d = t.devices.get(idx % t.devices.len().max(1))?;
-                    Meter::new(meter_config(), d, seed).ok()?
-                }
-            };
+            ctx.built.fetch_add(1, Ordering::Relaxed);
+            let idx = ctx.next.fetch_add(1, Ordering::Relaxed);
+            let d = t.devices.get(idx % t.devices.len().max(1))?;
+            let meter = Meter::new(meter_config(), d, seed).ok()?;
             let t0 = Instant::now();
             let timeout = Duration::from_secs(120);
             let (res, up, down, dg) = match ctx.cfg.transport {
@@ -554,17 +519,8 @@ pub(crate) async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
         ack_timeout_auto: false,
         nat_rebind: false,
     };
-    let pool: Arc<Mutex<Vec<Meter>>> = Arc::new(Mutex::new(if cfg.mode == Mode::Enroll {
-        let devices = t.devices.clone();
-        let (n, seed) = (cfg.prebuild, cfg.seed);
-        tokio::task::spawn_blocking(move || prebuild_meters(&devices, n, seed, 0))
-            .await
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    }));
     let built_inline = Arc::new(AtomicU64::new(0));
-    let next = Arc::new(AtomicUsize::new(cfg.prebuild));
+    let next = Arc::new(AtomicUsize::new(0));
     let samples: Arc<Mutex<Vec<Sample>>> = Arc::new(Mutex::new(Vec::new()));
     let done_ok = Arc::new(AtomicU64::new(0));
     let done_err = Arc::new(AtomicU64::new(0));
@@ -652,7 +608,6 @@ pub(crate) async fn run_step(t: &Target, cfg: &StepConfig) -> StepResult {
         cfg: cfg.clone(),
         driver,
         dcfg,
-        pool,
         next,
         built: built_inline.clone(),
     });

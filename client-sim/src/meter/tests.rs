@@ -438,3 +438,62 @@ fn discovery_parser() {
     assert!(parse_discovery(b"</x>;rt=\"other\"", &fb).is_err());
     assert!(parse_discovery(&[0xff, 0xfe], &fb).is_err());
 }
+
+#[test]
+fn system_keys_enroll_and_renew_with_a_fresh_key_per_meter() {
+    let mut est = FakeEst::new(31);
+    let dev = est.device("SN000031");
+    let cfg = MeterConfig {
+        renew: true,
+        key_source: KeySource::System,
+        ..MeterConfig::default()
+    };
+    // Same device, same seed: the seeded source would repeat the CSR; the system one may not.
+    let mut m = Meter::new(cfg.clone(), &dev, 7).unwrap();
+    let other = Meter::new(cfg, &dev, 7).unwrap();
+    assert_ne!(m.public_key_spki(), other.public_key_spki());
+    assert_ne!(m.csr_der(), other.csr_der());
+    let seeded = |seed| Meter::new(MeterConfig::default(), &dev, seed).unwrap();
+    assert_eq!(seeded(7).csr_der(), seeded(7).csr_der());
+    // The server reads the request: the IDevID's serialNumber and hardwareModuleName.
+    let csr = est_proto::ca::parse_and_verify_csr(m.csr_der(), 4096).unwrap();
+    assert_eq!(
+        est_proto::ca::serial_number_attr(&csr.subject).as_deref(),
+        Some("SN000031")
+    );
+    assert!(csr.hardware_module.is_some());
+    // A whole enrollment and renewal with it, the LDevID checked against our key each time.
+    let now = t0();
+    m.start(now);
+    let _ = expect_connect(&mut m);
+    m.handle_connected(now);
+    let crts = expect_send(&mut m);
+    m.handle_response(now, est.handle(&crts));
+    let sen = expect_send(&mut m);
+    m.handle_response(now, est.handle(&sen));
+    expect_disconnect(&mut m);
+    assert_eq!(m.ldevid(), Some(est.issued[0].as_slice()));
+    let (purpose, cred) = expect_connect(&mut m);
+    assert_eq!(purpose, Purpose::Renew);
+    // The renewal session authenticates with the new key (ring's PKCS#8).
+    assert_eq!(cred.chain_der, vec![est.issued[0].clone()]);
+    assert!(ring::signature::EcdsaKeyPair::from_pkcs8(
+        &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        &cred.key_pkcs8_der,
+        &ring::rand::SystemRandom::new()
+    )
+    .is_ok());
+    m.handle_connected(now);
+    let sren = expect_send(&mut m);
+    // The renewal request is signed with the same ring key and names the same key.
+    let csr = est_proto::ca::parse_and_verify_csr(&sren.payload, 4096).unwrap();
+    assert_eq!(
+        der::Encode::to_der(&csr.public_key).unwrap(),
+        m.public_key_spki()
+    );
+    m.handle_response(now, est.handle(&sren));
+    expect_disconnect(&mut m);
+    assert_eq!(m.state(), &MeterState::Enrolled);
+    assert!(m.renewed());
+    assert_eq!(m.ldevid(), Some(est.issued[1].as_slice()));
+}
