@@ -192,6 +192,20 @@ pub(crate) fn render(a: &FloorArgs, f: &Floor) -> String {
 mod tests {
     use super::*;
 
+    /// Tiny measurements, 5 datagrams in and 4 out, `group` enrollments per commit.
+    fn args(group: f64) -> FloorArgs {
+        FloorArgs {
+            datagrams: 1,
+            payload: 1,
+            in_flight: 1,
+            datagrams_in: 5.0,
+            datagrams_out: 4.0,
+            commits: 1,
+            group,
+            crypto_budget: Duration::from_millis(1),
+        }
+    }
+
     #[test]
     fn the_floor_is_the_sum_of_its_parts() {
         let f = Floor {
@@ -203,16 +217,7 @@ mod tests {
         };
         assert!((f.total_us() - 330.0).abs() < 1e-9);
         assert_eq!(floor_datagrams(5.0, 4.0), 4.0);
-        let a = FloorArgs {
-            datagrams: 1,
-            payload: 1,
-            in_flight: 1,
-            datagrams_in: 5.0,
-            datagrams_out: 4.0,
-            commits: 1,
-            group: 8.0,
-            crypto_budget: Duration::from_millis(1),
-        };
+        let a = args(8.0);
         let text = render(&a, &f);
         assert!(text.contains("330.0"), "{text}");
         assert!(text.contains("5 in / 4 out"), "{text}");
@@ -239,16 +244,7 @@ mod tests {
         assert!(datagram_pair_us(10, 300, 0).is_err());
         let dir = tempfile::tempdir().expect("tempdir");
         assert!(commit_us(dir.path(), 0, 4096).is_err());
-        let a = FloorArgs {
-            datagrams: 1,
-            payload: 1,
-            in_flight: 1,
-            datagrams_in: 5.0,
-            datagrams_out: 4.0,
-            commits: 1,
-            group: 0.5,
-            crypto_budget: Duration::from_millis(1),
-        };
+        let a = args(0.5);
         assert!(measure(&a, dir.path()).is_err());
     }
 }
