@@ -360,36 +360,16 @@ pub mod openssl {
             &format!("/CN={serial}/serialNumber={serial}"),
             "-sha256",
         )?;
-        let ext = work.join("idevid.ext");
-        std::fs::write(
-            &ext,
-            format!(
+        let cert = sign_der_csr(
+            work,
+            "idevid",
+            &csr,
+            (ca_key, ca),
+            &format!(
                 "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n{extra_ext}"
             ),
-        )
-        .map_err(|e| format!("writing {}: {e}", ext.display()))?;
-        let cert = work.join("idevid.pem");
-        run(&[
-            "x509",
-            "-req",
-            "-inform",
-            "DER",
-            "-in",
-            s(&csr)?,
-            "-CA",
-            s(ca)?,
-            "-CAkey",
-            s(ca_key)?,
-            "-set_serial",
-            "0x1384",
-            "-days",
-            "3650",
-            "-sha384",
-            "-extfile",
-            s(&ext)?,
-            "-out",
-            s(&cert)?,
-        ])?;
+            &["-set_serial", "0x1384", "-days", "3650", "-sha384"],
+        )?;
         let chain = work.join("idevid-chain.pem");
         let read = |p: &Path| std::fs::read(p).map_err(|e| format!("reading {}: {e}", p.display()));
         let mut pem = read(&cert)?;
@@ -452,11 +432,31 @@ pub mod openssl {
         (ca_key, ca_cert): (&Path, &Path),
         extension_lines: &[&str],
     ) -> Result<PathBuf, String> {
+        sign_der_csr(
+            dir,
+            name,
+            csr,
+            (ca_key, ca_cert),
+            &(extension_lines.join("\n") + "\n"),
+            &["-CAcreateserial", "-days", "30"],
+        )
+    }
+
+    /// `openssl x509 -req` of the DER CSR `csr` by `ca_key`/`ca_cert`, with `extensions`
+    /// (`-extfile` text, written to `dir/<name>.ext.cnf`) and the serial/validity/digest
+    /// options in `options`, as `dir/<name>.pem`.
+    fn sign_der_csr(
+        dir: &Path,
+        name: &str,
+        csr: &Path,
+        (ca_key, ca_cert): (&Path, &Path),
+        extensions: &str,
+        options: &[&str],
+    ) -> Result<PathBuf, String> {
         let ext = dir.join(format!("{name}.ext.cnf"));
-        std::fs::write(&ext, extension_lines.join("\n") + "\n")
-            .map_err(|e| format!("writing {}: {e}", ext.display()))?;
+        std::fs::write(&ext, extensions).map_err(|e| format!("writing {}: {e}", ext.display()))?;
         let cert = dir.join(format!("{name}.pem"));
-        run(&[
+        let mut args = vec![
             "x509",
             "-req",
             "-inform",
@@ -467,14 +467,10 @@ pub mod openssl {
             s(ca_cert)?,
             "-CAkey",
             s(ca_key)?,
-            "-CAcreateserial",
-            "-days",
-            "30",
-            "-extfile",
-            s(&ext)?,
-            "-out",
-            s(&cert)?,
-        ])?;
+        ];
+        args.extend_from_slice(options);
+        args.extend(["-extfile", s(&ext)?, "-out", s(&cert)?]);
+        run(&args)?;
         Ok(cert)
     }
 
