@@ -109,7 +109,6 @@ CREATE TABLE IF NOT EXISTS certificates (
     replaces        TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS certificates_by_request ON certificates(device_id, request_digest);
-CREATE INDEX IF NOT EXISTS certificates_by_device ON certificates(device_id, status);
 CREATE TABLE IF NOT EXISTS audit (
     id         INTEGER PRIMARY KEY AUTOINCREMENT,
     at         INTEGER NOT NULL,
@@ -187,15 +186,23 @@ const SELECT_BY_SERIAL: &str = concat!(
     cert_columns!(),
     " FROM certificates WHERE serial = ?1"
 );
+// The three statements of every issuance are `OR FAIL` rather than SQLite's default `OR
+// ABORT`: an ABORT statement inside a transaction opens a statement journal, an in-memory
+// copy of every page it changes, whose malloc and free made glibc grow and trim the writer
+// thread's heap at every statement (about 18 µs of the writer thread per enrollment;
+// docs/benchmarks.md, "The store's writer thread"). Each is a single-row change whose
+// constraints are checked before it writes, and an operation that fails anyway is undone
+// with the rest of its batch and applied again inside a SAVEPOINT of its own
+// (`commit_batch`), so no partial change survives a failure.
 const INSERT_CERT: &str = concat!(
-    "INSERT INTO certificates(",
+    "INSERT OR FAIL INTO certificates(",
     cert_columns!(),
     ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
 );
 /// A new certificate supersedes the active ones of the same device and slot (a DLMS meter's
 /// signing and key-agreement certificates live side by side).
-const SUPERSEDE_ACTIVE: &str = "UPDATE certificates SET status = 'superseded' WHERE device_id = ?1 AND slot = ?2 AND status = 'active'";
-const INSERT_AUDIT: &str = "INSERT INTO audit(at, peer, device_id, operation, outcome, code, detail, relay) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
+const SUPERSEDE_ACTIVE: &str = "UPDATE OR FAIL certificates SET status = 'superseded' WHERE device_id = ?1 AND slot = ?2 AND status = 'active'";
+const INSERT_AUDIT: &str = "INSERT OR FAIL INTO audit(at, peer, device_id, operation, outcome, code, detail, relay) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)";
 
 /// Columns added after the first release, added to an older database when it is opened.
 const MIGRATIONS: &[(&str, &str, &str)] = &[
@@ -227,7 +234,25 @@ const MIGRATIONS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// Indexes that need the migrated columns, made after [`MIGRATIONS`].
+///
+/// A device's active certificates (one per slot), for the supersession at every issuance
+/// and for blocking a device. A partial index: a superseded certificate leaves it, so a
+/// device has one or two entries whatever its history, and an issuance changes one leaf
+/// of it. It replaces `certificates_by_device (device_id, status)`, which held every
+/// certificate and was rewritten at each supersession (its B-tree cost about 5 µs of the
+/// writer thread per enrollment; docs/benchmarks.md, "The store's writer thread").
+const POST_MIGRATION: &str = "
+DROP INDEX IF EXISTS certificates_by_device;
+CREATE INDEX IF NOT EXISTS certificates_active_by_device ON certificates(device_id, slot) WHERE status = 'active';
+";
+
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    migrate_columns(conn)?;
+    conn.execute_batch(POST_MIGRATION)
+}
+
+fn migrate_columns(conn: &Connection) -> rusqlite::Result<()> {
     for (table, column, sql) in MIGRATIONS {
         let mut st = conn.prepare(&format!("PRAGMA table_info({table})"))?;
         let has = st
@@ -713,45 +738,78 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let began = exec_cached(&conn, "BEGIN IMMEDIATE", [])
-            .map(|_| ())
-            .map_err(backend);
-        let mut applied = Vec::with_capacity(batch.len());
-        for WriteOp { commit, done } in batch {
-            let r = match &began {
-                Ok(()) => in_savepoint(&conn, |c| apply(c, &commit)),
-                Err(e) => Err(backend(e)),
-            };
-            applied.push((done, r));
-        }
-        // Nobody hears "committed" before COMMIT (with synchronous=FULL, the fsync) returns.
-        let committed = if began.is_ok() {
-            exec_cached(&conn, "COMMIT", [])
-                .map(|_| ())
-                .map_err(backend)
-        } else {
-            Err(backend("could not begin transaction"))
-        };
+        let (committed, results) = commit_batch(&conn, &batch);
         match &committed {
             Ok(()) => {
                 counters.transactions.fetch_add(1, Ordering::Relaxed);
                 counters.operations.fetch_add(
-                    u64::try_from(applied.len()).unwrap_or(u64::MAX),
+                    u64::try_from(batch.len()).unwrap_or(u64::MAX),
                     Ordering::Relaxed,
                 );
             }
-            Err(e) => {
-                tracing::error!(error = %e, "store commit failed");
-                let _ = conn.execute_batch("ROLLBACK");
-            }
+            Err(e) => tracing::error!(error = %e, "store commit failed"),
         }
-        for (done, r) in applied {
+        for (WriteOp { done, .. }, r) in batch.into_iter().zip(results) {
             done(match (&committed, r) {
                 (Ok(()), r) => r,
                 (Err(e), _) => Err(backend(e)),
             });
         }
     }
+}
+
+/// One transaction for the whole batch (one fsync), and each operation's result.
+///
+/// The batch is first applied as it is. An operation that fails (a backend error: an
+/// operation that is refused, replayed or superseded has an `Ok` outcome and writes no more
+/// than its audit row) makes the whole transaction roll back, and the batch is applied
+/// again with each operation inside a SAVEPOINT of its own, so that only the failing one
+/// leaves nothing behind. A SAVEPOINT makes SQLite copy every page the operation touches
+/// into a statement journal: paying that on every operation cost about 8 µs of the writer
+/// thread per enrollment (docs/benchmarks.md, "The store's writer thread").
+fn commit_batch(
+    conn: &Connection,
+    batch: &[WriteOp],
+) -> (Result<(), StoreError>, Vec<CommitResult>) {
+    let optimistic = in_transaction(conn, |c| {
+        let mut results = Vec::with_capacity(batch.len());
+        for op in batch {
+            results.push(apply(c, &op.commit)?);
+        }
+        Ok(results)
+    });
+    match optimistic {
+        Ok(results) => (Ok(()), results.into_iter().map(Ok).collect()),
+        // Begin, commit or one of the operations failed, and nothing of the batch stands.
+        Err(_) => {
+            let mut results = Vec::with_capacity(batch.len());
+            let committed = in_transaction(conn, |c| {
+                for op in batch {
+                    results.push(in_savepoint(c, |c| apply(c, &op.commit)));
+                }
+                Ok(())
+            });
+            results.resize_with(batch.len(), || Err(backend("not applied")));
+            (committed, results)
+        }
+    }
+}
+
+/// Run `f` in a write transaction: committed (with synchronous=FULL, fsynced) if it
+/// succeeds, rolled back otherwise. Nobody hears "committed" before COMMIT returns.
+fn in_transaction<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    exec_cached(conn, "BEGIN IMMEDIATE", []).map_err(backend)?;
+    let r = f(conn).and_then(|v| {
+        exec_cached(conn, "COMMIT", []).map_err(backend)?;
+        Ok(v)
+    });
+    if r.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    r
 }
 
 impl ServerStore for SqliteStore {
@@ -1111,6 +1169,128 @@ mod tests {
         // Opening again does not try to add it twice.
         drop(s);
         SqliteStore::open(&path, 4).unwrap();
+    }
+
+    /// The first column of every row `sql` gives, as text.
+    fn strings(conn: &Connection, sql: &str) -> Vec<String> {
+        conn.prepare(sql)
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// A batch is one transaction without per-operation savepoints. When one operation of
+    /// it fails (here a duplicate serial), the batch is applied again operation by
+    /// operation: the others are committed in one transaction and the failing one leaves
+    /// nothing behind, neither its certificate nor its audit row.
+    #[test]
+    fn a_failing_operation_in_a_batch_costs_only_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        drop(SqliteStore::open(&path, 4).unwrap());
+        let conn = open_connection(&path).unwrap();
+        let op = |serial: &str, device: &str, digest: u8| WriteOp {
+            commit: Commit::Issuance {
+                cert: Box::new(cert(serial, device, digest)),
+                audit: audit(device),
+            },
+            done: Box::new(|_| {}),
+        };
+        let rows = |table: &str| -> i64 {
+            conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        // Without a failure: one transaction, every outcome Committed.
+        let (committed, results) = commit_batch(&conn, &[op("01", "SN1", 1), op("02", "SN2", 2)]);
+        committed.unwrap();
+        assert!(results
+            .iter()
+            .all(|r| matches!(r, Ok(CommitOutcome::Committed))));
+        assert_eq!((rows("certificates"), rows("audit")), (2, 2));
+        // "02" again, for another device and request: the INSERT fails on the serial.
+        let (committed, results) = commit_batch(
+            &conn,
+            &[op("03", "SN3", 3), op("02", "SN4", 4), op("05", "SN5", 5)],
+        );
+        committed.unwrap();
+        assert!(
+            matches!(results[0], Ok(CommitOutcome::Committed)),
+            "{results:?}"
+        );
+        assert!(
+            matches!(results[1], Err(StoreError::Backend(_))),
+            "{results:?}"
+        );
+        assert!(
+            matches!(results[2], Ok(CommitOutcome::Committed)),
+            "{results:?}"
+        );
+        assert_eq!((rows("certificates"), rows("audit")), (4, 4));
+        assert_eq!(
+            strings(&conn, "SELECT device_id FROM certificates ORDER BY serial"),
+            ["SN1", "SN2", "SN3", "SN5"]
+        );
+        assert!(conn.is_autocommit(), "no transaction left open");
+        // A replay in a batch is an outcome, not a failure: no fallback, nothing written.
+        let (committed, results) = commit_batch(&conn, &[op("06", "SN1", 1)]);
+        committed.unwrap();
+        assert!(
+            matches!(results[0], Ok(CommitOutcome::AlreadyIssued(ref c)) if c.serial_hex == "01"),
+            "{results:?}"
+        );
+        assert_eq!((rows("certificates"), rows("audit")), (4, 4));
+    }
+
+    /// The statements run at every issuance find their rows through an index (no table
+    /// scan), on a new database and on one from before the active-certificates index.
+    #[test]
+    fn issuance_statements_use_their_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            // A database as an older release left it: the index over every certificate.
+            let c = open_connection(&path).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            migrate_columns(&c).unwrap();
+            c.execute_batch(
+                "CREATE INDEX certificates_by_device ON certificates(device_id, status)",
+            )
+            .unwrap();
+        }
+        drop(SqliteStore::open(&path, 4).unwrap());
+        let conn = open_connection(&path).unwrap();
+        assert_eq!(
+            strings(&conn, "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'certificates' AND name NOT LIKE 'sqlite_%' ORDER BY name"),
+            [
+                "certificates_active_by_device",
+                "certificates_by_device_time",
+                "certificates_by_request"
+            ]
+        );
+        let plan = |sql: &str| -> String {
+            let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let args = vec!["x"; st.parameter_count()];
+            st.query_map(rusqlite::params_from_iter(args), |r| r.get::<_, String>(3))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        for (sql, index) in [
+            (SUPERSEDE_ACTIVE, "certificates_active_by_device"),
+            (SELECT_ACTIVE_OF_DEVICE, "certificates_active_by_device"),
+            (ISSUED_SINCE, "certificates_by_device_time"),
+            (SELECT_BY_REQUEST, "certificates_by_request"),
+        ] {
+            let p = plan(sql);
+            assert!(
+                p.contains(&format!("USING INDEX {index}"))
+                    || p.contains(&format!("USING COVERING INDEX {index}")),
+                "{sql}: {p}"
+            );
+        }
     }
 
     #[test]

@@ -174,6 +174,9 @@ struct Handshake {
     /// The certificate type (RFC 7250) of the peer's Certificate message, and of ours.
     peer_certificate_type: u8,
     own_certificate_type: u8,
+    /// Server: the key of the client's leaf certificate, read when its Certificate came
+    /// (`None` if it has none we can verify with: its CertificateVerify then fails).
+    peer_key: Option<crypto::PeerKey>,
     started: Instant,
     last_progress: Instant,
     future_records: Vec<FutureRecord>,
@@ -571,6 +574,7 @@ impl Connection {
             deferred_extensions: Vec::new(),
             peer_certificate_type: client_cert_type.unwrap_or(cert_type::X509),
             own_certificate_type: server_cert_type.unwrap_or(cert_type::X509),
+            peer_key: None,
             started: now,
             last_progress: now,
             future_records: Vec::new(),
@@ -728,6 +732,7 @@ impl Connection {
             deferred_extensions,
             peer_certificate_type: cert_type::X509,
             own_certificate_type: cert_type::X509,
+            peer_key: None,
             started: now,
             last_progress: now,
             future_records: Vec::new(),
@@ -1574,13 +1579,17 @@ impl Connection {
                 let chain = der_chain(config.c509.as_ref(), peer_type, chain)?;
                 metrics.chain_verifications += 1;
                 metrics.peer_certificates_received += chain.len() as u64;
-                if let Some(leaf) = chain.first() {
-                    crypto::check_signing_key_usage(leaf)?;
-                }
+                // The leaf is parsed here once: its keyUsage, and the key that must sign
+                // the CertificateVerify.
+                let peer_key = match chain.first() {
+                    Some(leaf) => crypto::leaf_signing_key(leaf)?,
+                    None => None,
+                };
                 let verified = (config.client_verifier)(&chain)?;
                 self.peer_chain = chain;
                 self.verified = Some(verified);
                 let h = self.hs_mut()?;
+                h.peer_key = peer_key;
                 h.transcript.add(&message);
                 h.state = HsState::Server(ServerState::ExpectClientKeyExchange);
             }
@@ -1601,14 +1610,15 @@ impl Connection {
                 let scheme = SignatureScheme::from_u16(scheme).ok_or(Error::IllegalParameter(
                     "CertificateVerify signature scheme",
                 ))?;
-                let leaf = self
-                    .peer_chain
-                    .first()
-                    .cloned()
-                    .ok_or(Error::NoCertificate)?;
+                if self.peer_chain.is_empty() {
+                    return Err(Error::NoCertificate);
+                }
                 let h = self.hs_mut()?;
                 metrics.ecdsa_verifies += 1;
-                crypto::verify_signature_by_cert(scheme, &leaf, h.transcript.as_bytes(), &sig)
+                h.peer_key
+                    .as_ref()
+                    .ok_or(Error::BadSignature)?
+                    .verify(scheme, h.transcript.as_bytes(), &sig)
                     .map_err(|_| Error::BadSignature)?;
                 h.transcript.add(&message);
                 h.state = HsState::Server(ServerState::ExpectChangeCipherSpec);
@@ -1839,13 +1849,13 @@ impl Connection {
                 let leaf = self
                     .peer_chain
                     .first()
-                    .cloned()
                     .ok_or_else(|| Error::Internal("no server certificate".into()))?;
+                let key = crypto::PeerKey::from_cert(leaf).map_err(|_| Error::BadSignature)?;
                 let h = self.hs_mut()?;
                 let params = ServerKeyExchange::params(ske.named_group, &ske.public);
                 let signed =
                     ServerKeyExchange::signed_data(&h.client_random, &h.server_random, &params);
-                crypto::verify_signature_by_cert(scheme, &leaf, &signed, &ske.signature)
+                key.verify(scheme, &signed, &ske.signature)
                     .map_err(|_| Error::BadSignature)?;
                 h.server_public = Some((group, ske.public));
                 h.transcript.add(&message);

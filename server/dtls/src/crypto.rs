@@ -874,8 +874,18 @@ impl fmt::Debug for SigningKey {
 /// RFC 5280 §4.2.1.3). A certificate without keyUsage may be used for anything; one that
 /// does not parse is left to the chain verifier, which refuses it with its own reason.
 pub fn check_signing_key_usage(cert_der: &[u8]) -> Result<(), CryptoError> {
+    leaf_signing_key(cert_der).map(|_| ())
+}
+
+/// The key a peer's leaf certificate (DER) signs the handshake with, read once when its
+/// Certificate message arrives: its keyUsage is checked as [`check_signing_key_usage`]
+/// does (an `Err` refuses the certificate), and its id-ecPublicKey kept for the
+/// CertificateVerify. `Ok(None)` for a certificate that does not parse (left to the chain
+/// verifier) or whose key is not id-ecPublicKey with a named curve: its signature then
+/// fails as [`verify_signature_by_cert`]'s would.
+pub fn leaf_signing_key(cert_der: &[u8]) -> Result<Option<PeerKey>, CryptoError> {
     let Ok(cert) = x509_cert::Certificate::from_der(cert_der) else {
-        return Ok(());
+        return Ok(None);
     };
     match cert
         .tbs_certificate
@@ -887,38 +897,71 @@ pub fn check_signing_key_usage(cert_der: &[u8]) -> Result<(), CryptoError> {
              handshake"
                 .into(),
         )),
-        _ => Ok(()),
+        _ => Ok(PeerKey::of_certificate(cert).ok()),
     }
 }
 
-/// The curve OID and public point of a certificate whose key is id-ecPublicKey.
-fn cert_ec_key(cert_der: &[u8]) -> Result<(ObjectIdentifier, Vec<u8>), CryptoError> {
-    let cert = x509_cert::Certificate::from_der(cert_der)
-        .map_err(|e| CryptoError::BadCertificate(format!("DER: {e}")))?;
-    let spki = cert.tbs_certificate.subject_public_key_info;
-    if spki.algorithm.oid != OID_EC_PUBLIC_KEY {
-        return Err(CryptoError::BadCertificate(format!(
-            "public key algorithm {} is not id-ecPublicKey",
-            spki.algorithm.oid
-        )));
+/// A certificate's id-ecPublicKey: its named curve and public point.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerKey {
+    curve: ObjectIdentifier,
+    point: Vec<u8>,
+}
+
+impl PeerKey {
+    /// The key of a certificate (DER).
+    pub fn from_cert(cert_der: &[u8]) -> Result<Self, CryptoError> {
+        let cert = x509_cert::Certificate::from_der(cert_der)
+            .map_err(|e| CryptoError::BadCertificate(format!("DER: {e}")))?;
+        Self::of_certificate(cert)
     }
-    let curve = spki
-        .algorithm
-        .parameters
-        .as_ref()
-        .ok_or_else(|| CryptoError::BadCertificate("EC key without namedCurve".into()))?
-        .decode_as::<ObjectIdentifier>()
-        .map_err(|_| {
-            CryptoError::BadCertificate("EC key parameters are not a namedCurve".into())
-        })?;
-    let point = spki
-        .subject_public_key
-        .as_bytes()
-        .ok_or_else(|| {
-            CryptoError::BadCertificate("public key BIT STRING not octet-aligned".into())
-        })?
-        .to_vec();
-    Ok((curve, point))
+
+    fn of_certificate(cert: x509_cert::Certificate) -> Result<Self, CryptoError> {
+        let spki = cert.tbs_certificate.subject_public_key_info;
+        if spki.algorithm.oid != OID_EC_PUBLIC_KEY {
+            return Err(CryptoError::BadCertificate(format!(
+                "public key algorithm {} is not id-ecPublicKey",
+                spki.algorithm.oid
+            )));
+        }
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .ok_or_else(|| CryptoError::BadCertificate("EC key without namedCurve".into()))?
+            .decode_as::<ObjectIdentifier>()
+            .map_err(|_| {
+                CryptoError::BadCertificate("EC key parameters are not a namedCurve".into())
+            })?;
+        let point = spki
+            .subject_public_key
+            .as_bytes()
+            .ok_or_else(|| {
+                CryptoError::BadCertificate("public key BIT STRING not octet-aligned".into())
+            })?
+            .to_vec();
+        Ok(Self { curve, point })
+    }
+
+    /// Verify a DER ECDSA signature by this key; see [`verify_signature_by_cert`].
+    pub fn verify(
+        &self,
+        scheme: SignatureScheme,
+        msg: &[u8],
+        sig: &[u8],
+    ) -> Result<(), CryptoError> {
+        let curve = self.curve;
+        let alg: &'static dyn signature::VerificationAlgorithm = match (scheme.hash(), curve) {
+            (HashAlg::Sha256, c) if c == OID_SECP256R1 => &signature::ECDSA_P256_SHA256_ASN1,
+            (HashAlg::Sha384, c) if c == OID_SECP256R1 => &signature::ECDSA_P256_SHA384_ASN1,
+            (HashAlg::Sha256, c) if c == OID_SECP384R1 => &signature::ECDSA_P384_SHA256_ASN1,
+            (HashAlg::Sha384, c) if c == OID_SECP384R1 => &signature::ECDSA_P384_SHA384_ASN1,
+            _ => return Err(CryptoError::BadSignature),
+        };
+        signature::UnparsedPublicKey::new(alg, &self.point)
+            .verify(msg, sig)
+            .map_err(|_| CryptoError::BadSignature)
+    }
 }
 
 /// Verify a DER ECDSA signature by the public key of an X.509 certificate (DER).
@@ -937,23 +980,13 @@ pub fn verify_signature_by_cert(
     msg: &[u8],
     sig: &[u8],
 ) -> Result<(), CryptoError> {
-    let (curve, point) = cert_ec_key(cert_der)?;
-    let alg: &'static dyn signature::VerificationAlgorithm = match (scheme.hash(), curve) {
-        (HashAlg::Sha256, c) if c == OID_SECP256R1 => &signature::ECDSA_P256_SHA256_ASN1,
-        (HashAlg::Sha384, c) if c == OID_SECP256R1 => &signature::ECDSA_P256_SHA384_ASN1,
-        (HashAlg::Sha256, c) if c == OID_SECP384R1 => &signature::ECDSA_P384_SHA256_ASN1,
-        (HashAlg::Sha384, c) if c == OID_SECP384R1 => &signature::ECDSA_P384_SHA384_ASN1,
-        _ => return Err(CryptoError::BadSignature),
-    };
-    signature::UnparsedPublicKey::new(alg, &point)
-        .verify(msg, sig)
-        .map_err(|_| CryptoError::BadSignature)
+    PeerKey::from_cert(cert_der)?.verify(scheme, msg, sig)
 }
 
 /// The SignatureScheme matching a certificate's public key (for choosing what to send), `None`
 /// if the certificate does not parse or its key is not P-256/P-384 ECDSA.
 pub fn cert_signature_scheme(cert_der: &[u8]) -> Option<SignatureScheme> {
-    let (curve, _) = cert_ec_key(cert_der).ok()?;
+    let curve = PeerKey::from_cert(cert_der).ok()?.curve;
     if curve == OID_SECP256R1 {
         Some(SignatureScheme::EcdsaSecp256r1Sha256)
     } else if curve == OID_SECP384R1 {

@@ -51,8 +51,8 @@ pub use csr::{build_csr, csr_digest, parse_and_verify_csr, ParsedCsr};
 pub use error::{CaError, CsrError};
 pub use issue::{random_serial, IssueParams, IssuingCa};
 pub use names::{
-    attribute_text, common_name, hardware_module_from_cert, name_from_attrs, organization,
-    serial_number_attr, subject_alt_name_from_cert, HardwareModuleName,
+    attribute_text, common_name, hardware_module_from_cert, name_from_attrs, name_string,
+    organization, serial_number_attr, subject_alt_name_from_cert, HardwareModuleName,
 };
 pub use pkcs7::{certs_from_certs_only, certs_only};
 pub use pki::{

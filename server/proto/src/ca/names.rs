@@ -81,6 +81,115 @@ pub fn hardware_module_from_cert(cert: &Certificate) -> Option<HardwareModuleNam
     hardware_module_in_san(&san).ok()?
 }
 
+/// The RFC 4514 string of `name`, exactly as x509-cert's `Display` writes it (the store's
+/// `subject` column and the audit trail hold it).
+///
+/// x509-cert looks each attribute's short name up with a scan of const-oid's whole OID
+/// database, about 6 µs per issued certificate (docs/benchmarks.md, "The store's writer
+/// thread"). Here the names of the attributes that certificates of this server carry are
+/// looked up once; any other attribute, or a value that is not a directory string, is
+/// written by x509-cert itself.
+pub fn name_string(name: &Name) -> String {
+    let mut out = String::with_capacity(64);
+    for (i, rdn) in name.0.iter().rev().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for (j, atv) in rdn.0.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            match (known_attribute_name(&atv.oid), display_value(&atv.value)) {
+                (Some(key), Some(value)) => {
+                    out.push_str(key);
+                    out.push('=');
+                    escape_rfc4514(&mut out, value);
+                }
+                _ => out.push_str(&atv.to_string()),
+            }
+        }
+    }
+    out
+}
+
+/// The attributes of X.520 and RFC 4519 that subjects commonly carry, whose names
+/// [`name_string`] looks up once.
+const KNOWN_ATTRIBUTES: [ObjectIdentifier; 14] = {
+    use const_oid::db::rfc4519;
+    [
+        rfc4519::CN,
+        rfc4519::SERIAL_NUMBER,
+        rfc4519::O,
+        rfc4519::OU,
+        rfc4519::C,
+        rfc4519::L,
+        rfc4519::ST,
+        rfc4519::STREET,
+        rfc4519::DC,
+        rfc4519::UID,
+        rfc4519::TITLE,
+        rfc4519::SN,
+        rfc4519::GIVEN_NAME,
+        const_oid::db::rfc3280::EMAIL_ADDRESS,
+    ]
+};
+
+/// The upper-cased shortest name const-oid's database gives the attribute, for
+/// [`KNOWN_ATTRIBUTES`]; `None` for any other.
+fn known_attribute_name(attr: &ObjectIdentifier) -> Option<&'static str> {
+    static NAMES: std::sync::OnceLock<Vec<(ObjectIdentifier, String)>> = std::sync::OnceLock::new();
+    NAMES
+        .get_or_init(|| {
+            KNOWN_ATTRIBUTES
+                .into_iter()
+                .filter_map(|oid| {
+                    // The first of the shortest, as x509-cert picks it.
+                    let name = const_oid::db::DB
+                        .find_names_for_oid(oid)
+                        .reduce(|best, n| if n.len() < best.len() { n } else { best })?;
+                    Some((oid, name.to_ascii_uppercase()))
+                })
+                .collect()
+        })
+        .iter()
+        .find(|(oid, _)| oid == attr)
+        .map(|(_, name)| name.as_str())
+}
+
+/// The text of a PrintableString, UTF8String, IA5String or TeletexString value (the string
+/// types x509-cert writes as text); `None` for any other value.
+fn display_value(value: &Any) -> Option<&str> {
+    use der::asn1::{Ia5StringRef, TeletexStringRef};
+    match value.tag() {
+        Tag::PrintableString => PrintableStringRef::try_from(value).ok().map(|s| s.as_str()),
+        Tag::Utf8String => Utf8StringRef::try_from(value).ok().map(|s| s.as_str()),
+        Tag::Ia5String => Ia5StringRef::try_from(value).ok().map(|s| s.as_str()),
+        Tag::TeletexString => TeletexStringRef::try_from(value).ok().map(|s| s.as_str()),
+        _ => None,
+    }
+}
+
+/// Append `value` with the escapes of RFC 4514 §2.4: a leading '#' or space, a trailing
+/// space, the special characters `" + , ; < > \`, and control characters as `\xx`.
+fn escape_rfc4514(out: &mut String, value: &str) {
+    let last = value.char_indices().last().map(|(i, _)| i);
+    for (i, c) in value.char_indices() {
+        match c {
+            '#' if i == 0 => out.push_str("\\#"),
+            ' ' if i == 0 || Some(i) == last => out.push_str("\\ "),
+            '"' | '+' | ',' | ';' | '<' | '>' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '\x00'..='\x1f' | '\x7f' => {
+                use std::fmt::Write as _;
+                let _ = write!(out, "\\{:02x}", c as u8);
+            }
+            _ => out.push(c),
+        }
+    }
+}
+
 /// Text of a directory string attribute value (UTF8String, PrintableString, IA5String; TeletexString
 /// only when ASCII; BMPString decoded from UTF-16BE).
 fn attr_value_string(value: &Any) -> Option<String> {
@@ -163,4 +272,111 @@ pub fn name_from_attrs(attrs: &[(ObjectIdentifier, &str)]) -> Result<Name, CaErr
         rdns.push(RelativeDistinguishedName(set));
     }
     Ok(RdnSequence(rdns))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn atv(oid: ObjectIdentifier, value: Any) -> AttributeTypeAndValue {
+        AttributeTypeAndValue { oid, value }
+    }
+
+    fn text(tag: Tag, s: &str) -> Any {
+        Any::new(tag, s.as_bytes()).unwrap()
+    }
+
+    /// `name_string` writes what x509-cert's `Display` writes, for every attribute this
+    /// server puts in subjects, the escapes of RFC 4514 §2.4, multi-valued RDNs, and the
+    /// attributes and values it hands back to x509-cert.
+    #[test]
+    fn name_string_is_x509_certs_display() {
+        use const_oid::db::rfc4519;
+        let utf8 = |s: &str| text(Tag::Utf8String, s);
+        let printable = |s: &str| text(Tag::PrintableString, s);
+        let mut names: Vec<Name> = vec![
+            RdnSequence(vec![]),
+            name_from_attrs(&[
+                (rfc4519::C, "DE"),
+                (rfc4519::O, "Stadtwerke Musterstadt"),
+                (rfc4519::OU, "Metering"),
+                (rfc4519::CN, "ESTLT00000042"),
+                (rfc4519::SERIAL_NUMBER, "ESTLT00000042"),
+            ])
+            .unwrap(),
+        ];
+        let values = [
+            "plain",
+            "#leading hash",
+            "inner # hash",
+            " leading space",
+            "trailing space ",
+            " ",
+            "",
+            "a\"b+c,d;e<f>g\\h",
+            "ctl\u{1}\u{1f}\u{7f}end",
+            "Zähler €",
+            "x",
+        ];
+        // Every attribute of the table, and two that x509-cert writes itself.
+        let attrs = KNOWN_ATTRIBUTES.into_iter().chain([
+            rfc4519::POSTAL_CODE,
+            ObjectIdentifier::new_unwrap("1.3.6.1.4.1.55555.1"),
+        ]);
+        for attr in attrs {
+            for v in values {
+                names.push(RdnSequence(vec![RelativeDistinguishedName(
+                    SetOfVec::try_from(vec![atv(attr, utf8(v))]).unwrap(),
+                )]));
+            }
+        }
+        let mut odd = vec![
+            atv(rfc4519::CN, text(Tag::Ia5String, "ia5 #,")),
+            atv(rfc4519::CN, text(Tag::TeletexString, "teletex")),
+            atv(rfc4519::C, printable("DE")),
+            // Not a directory string: written as #hex by x509-cert.
+            atv(
+                rfc4519::CN,
+                Any::new(Tag::OctetString, [1u8, 2, 3].as_slice()).unwrap(),
+            ),
+            atv(
+                rfc4519::CN,
+                Any::new(Tag::BmpString, [0u8, 0x41].as_slice()).unwrap(),
+            ),
+            // Not valid for its tag: x509-cert falls back to #hex, and so does name_string.
+            atv(
+                rfc4519::CN,
+                Any::new(Tag::Utf8String, [0xffu8].as_slice()).unwrap(),
+            ),
+            atv(
+                rfc4519::CN,
+                Any::new(Tag::PrintableString, b"a@b".as_slice()).unwrap(),
+            ),
+        ];
+        for a in odd.drain(..) {
+            names.push(RdnSequence(vec![RelativeDistinguishedName(
+                SetOfVec::try_from(vec![a]).unwrap(),
+            )]));
+        }
+        // A multi-valued RDN beside single-valued ones.
+        names.push(RdnSequence(vec![
+            RelativeDistinguishedName(
+                SetOfVec::try_from(vec![atv(rfc4519::C, printable("NL"))]).unwrap(),
+            ),
+            RelativeDistinguishedName(
+                SetOfVec::try_from(vec![
+                    atv(rfc4519::CN, utf8("meter")),
+                    atv(rfc4519::SERIAL_NUMBER, printable("SN1")),
+                ])
+                .unwrap(),
+            ),
+        ]));
+        for name in &names {
+            assert_eq!(name_string(name), name.to_string(), "{name:?}");
+        }
+        assert_eq!(
+            name_string(&names[1]),
+            "SERIALNUMBER=ESTLT00000042,CN=ESTLT00000042,OU=Metering,O=Stadtwerke Musterstadt,C=DE"
+        );
+    }
 }

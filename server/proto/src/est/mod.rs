@@ -1073,7 +1073,7 @@ impl EstService {
         let record = IssuedCert {
             serial_hex: hex::encode(params.serial.as_bytes()),
             device_id: device.device_id.clone(),
-            subject: params.subject.to_string(),
+            subject: ca::name_string(&params.subject),
             // Keygen requests are never replayed (the key is not kept), so their record is
             // keyed by the certificate itself rather than the request.
             request_digest: if keygen {
