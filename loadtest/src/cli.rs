@@ -216,6 +216,29 @@ pub(crate) enum Cmd {
         #[arg(long, value_parser = parse_duration, default_value = "1s")]
         crypto_duration: Duration,
     },
+    /// Measure the CPU est-server's SQLite store spends per issuance (its writer thread and
+    /// the threads that submit), in-process: the server's schema, statements, group commit
+    /// and synchronous=FULL, with `--meters` issuances in flight as at that many meters.
+    Store {
+        /// Issuances measured.
+        #[arg(long, default_value_t = 20_000)]
+        issuances: u64,
+        /// Issuances committed first, untimed, so that the indexes have some depth.
+        #[arg(long, default_value_t = 8_192)]
+        history: u64,
+        /// Issuances in flight at once (threads that each commit and wait).
+        #[arg(long, default_value_t = 4)]
+        meters: usize,
+        /// Devices the issuances are spread over (each supersedes its device's last).
+        #[arg(long, default_value_t = 2_048)]
+        devices: usize,
+        /// The writer's largest transaction (`[storage] max_batch`).
+        #[arg(long, default_value_t = 256)]
+        max_batch: usize,
+        /// Directory for the store: the server's data directory's filesystem.
+        #[arg(long, default_value = ".")]
+        dir: std::path::PathBuf,
+    },
 }
 
 #[cfg(test)]

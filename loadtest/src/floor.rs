@@ -62,7 +62,7 @@ impl Floor {
 
 /// Nanoseconds the scheduler has run the calling thread (first field of
 /// `/proc/thread-self/schedstat`).
-fn thread_cpu_ns() -> Result<u64> {
+pub(crate) fn thread_cpu_ns() -> Result<u64> {
     let s = std::fs::read_to_string("/proc/thread-self/schedstat")
         .context("reading /proc/thread-self/schedstat (Linux only)")?;
     s.split_whitespace()

@@ -25,6 +25,7 @@ mod report;
 mod run;
 mod server;
 mod steps;
+mod store_bench;
 mod targets;
 
 use std::process::ExitCode;
@@ -40,6 +41,20 @@ use cli::{Cli, Cmd};
 /// the server does.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A subcommand's report on stdout, or its error on stderr and a failing exit status.
+fn print_report(what: &str, report: anyhow::Result<String>) -> ExitCode {
+    match report {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{what}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -77,16 +92,31 @@ fn main() -> ExitCode {
             group: *group,
             crypto_budget: *crypto_duration,
         };
-        return match floor::measure(&args, dir) {
-            Ok(f) => {
-                print!("{}", floor::render(&args, &f));
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("loadtest floor: {e:#}");
-                ExitCode::FAILURE
-            }
+        return print_report(
+            "loadtest floor",
+            floor::measure(&args, dir).map(|f| floor::render(&args, &f)),
+        );
+    }
+    if let Some(Cmd::Store {
+        issuances,
+        history,
+        meters,
+        devices,
+        max_batch,
+        dir,
+    }) = &cli.cmd
+    {
+        let args = store_bench::StoreArgs {
+            issuances: *issuances,
+            history: *history,
+            meters: *meters,
+            devices: *devices,
+            max_batch: *max_batch,
         };
+        return print_report(
+            "loadtest store",
+            store_bench::measure(&args, dir).map(|f| store_bench::render(&args, &f)),
+        );
     }
     if let Err(e) = cli.client_dtls.ensure_compiled_in() {
         eprintln!("loadtest: {e}");
