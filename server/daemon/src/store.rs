@@ -189,11 +189,10 @@ const SELECT_BY_SERIAL: &str = concat!(
 // The three statements of every issuance are `OR FAIL` rather than SQLite's default `OR
 // ABORT`: an ABORT statement inside a transaction opens a statement journal, an in-memory
 // copy of every page it changes, whose malloc and free made glibc grow and trim the writer
-// thread's heap at every statement (about 18 µs of the writer thread per enrollment;
-// docs/benchmarks.md, "The store's writer thread"). Each is a single-row change whose
-// constraints are checked before it writes, and an operation that fails anyway is undone
-// with the rest of its batch and applied again inside a SAVEPOINT of its own
-// (`commit_batch`), so no partial change survives a failure.
+// thread's heap at every statement (docs/benchmarks.md, "The store's writer thread"). Each
+// is a single-row change whose constraints are checked before it writes, and an operation
+// that fails anyway is undone with the rest of its batch and applied again inside a
+// SAVEPOINT of its own (`commit_batch`), so no partial change survives a failure.
 const INSERT_CERT: &str = concat!(
     "INSERT OR FAIL INTO certificates(",
     cert_columns!(),
@@ -240,8 +239,8 @@ const MIGRATIONS: &[(&str, &str, &str)] = &[
 /// and for blocking a device. A partial index: a superseded certificate leaves it, so a
 /// device has one or two entries whatever its history, and an issuance changes one leaf
 /// of it. It replaces `certificates_by_device (device_id, status)`, which held every
-/// certificate and was rewritten at each supersession (its B-tree cost about 5 µs of the
-/// writer thread per enrollment; docs/benchmarks.md, "The store's writer thread").
+/// certificate and was rewritten at each supersession (docs/benchmarks.md, "The store's
+/// writer thread").
 const POST_MIGRATION: &str = "
 DROP INDEX IF EXISTS certificates_by_device;
 CREATE INDEX IF NOT EXISTS certificates_active_by_device ON certificates(device_id, slot) WHERE status = 'active';
@@ -765,8 +764,8 @@ fn writer_loop(
 /// than its audit row) makes the whole transaction roll back, and the batch is applied
 /// again with each operation inside a SAVEPOINT of its own, so that only the failing one
 /// leaves nothing behind. A SAVEPOINT makes SQLite copy every page the operation touches
-/// into a statement journal: paying that on every operation cost about 8 µs of the writer
-/// thread per enrollment (docs/benchmarks.md, "The store's writer thread").
+/// into an in-memory journal, which is now paid only for a batch that failed
+/// (docs/benchmarks.md, "The store's writer thread").
 fn commit_batch(
     conn: &Connection,
     batch: &[WriteOp],

@@ -85,8 +85,8 @@ pub fn hardware_module_from_cert(cert: &Certificate) -> Option<HardwareModuleNam
 /// `subject` column and the audit trail hold it).
 ///
 /// x509-cert looks each attribute's short name up with a scan of const-oid's whole OID
-/// database, about 6 µs per issued certificate (docs/benchmarks.md, "The store's writer
-/// thread"). Here the names of the attributes that certificates of this server carry are
+/// database: 6 µs per issued certificate in the server's profile at 64 meters
+/// (docs/benchmarks.md, "The store's writer thread"). Here the names of the attributes that certificates of this server carry are
 /// looked up once; any other attribute, or a value that is not a directory string, is
 /// written by x509-cert itself.
 pub fn name_string(name: &Name) -> String {
