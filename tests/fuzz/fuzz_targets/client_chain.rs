@@ -11,7 +11,9 @@
 //! Invariants: no panic; a chain accepted at the handshake is accepted by the policy for exactly
 //! its anchor class and refused for the other; the policy's own verification (no
 //! `VerifiedChain`) agrees with the handshake's; a `VerifiedChain` never vouches for another
-//! chain (authenticating chain B with A's verification equals authenticating B alone).
+//! chain (authenticating chain B with A's verification equals authenticating B alone). For
+//! every certificate that parses, `ca::name_string` of its subject and issuer (the store's
+//! subject column) equals x509-cert's `Display` of them.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -91,6 +93,13 @@ fn chain_from(data: &[u8]) -> Vec<Vec<u8>> {
 fuzz_target!(|data: &[u8]| {
     let f = fixture();
     let chain = chain_from(data);
+    for der in &chain {
+        if let Ok(cert) = <ca::Certificate as der::Decode>::from_der(der) {
+            let tbs = &cert.tbs_certificate;
+            assert_eq!(ca::name_string(&tbs.subject), tbs.subject.to_string());
+            assert_eq!(ca::name_string(&tbs.issuer), tbs.issuer.to_string());
+        }
+    }
     let at_handshake = f.policy.verify_peer_chain(&chain, f.now);
     for class in [AnchorClass::Manufacturer, AnchorClass::Operational] {
         let alone = f.policy.authenticate(class, &chain, None, f.now);
