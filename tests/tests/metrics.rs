@@ -174,6 +174,15 @@ async fn metrics_endpoint_is_scraped_and_parsed() {
     assert!(v("est_handshake_refusals_total{reason=\"bad_certificate\"}") >= 1.0);
     assert!(v("est_dtls_handshakes_completed_total") >= 1.0);
     assert!(v("est_dtls_hello_verify_sent_total") >= 2.0);
+    // The admission counters of the driver's queues are exported, and nothing here filled one.
+    for queue_counter in [
+        "est_dtls_supersedes_deferred_total",
+        "est_dtls_close_commands_dropped_total",
+        "est_dtls_sessions_dropped_accept_queue_full_total",
+        "est_dtls_dropped_queue_full_total",
+    ] {
+        assert_eq!(v(queue_counter), 0.0, "{queue_counter}");
+    }
     assert!(
         v("est_coap_block1_received_total") >= 2.0,
         "Block1 of 64 bytes"
