@@ -63,12 +63,17 @@ impl Floor {
 /// Nanoseconds the scheduler has run the calling thread (first field of
 /// `/proc/thread-self/schedstat`).
 pub(crate) fn thread_cpu_ns() -> Result<u64> {
-    let s = std::fs::read_to_string("/proc/thread-self/schedstat")
-        .context("reading /proc/thread-self/schedstat (Linux only)")?;
+    schedstat_cpu_ns(Path::new("/proc/thread-self/schedstat"))
+}
+
+/// Nanoseconds on CPU, the first field of a thread's `schedstat` file.
+pub(crate) fn schedstat_cpu_ns(path: &Path) -> Result<u64> {
+    let s = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {} (Linux only)", path.display()))?;
     s.split_whitespace()
         .next()
         .and_then(|v| v.parse().ok())
-        .context("unexpected /proc/thread-self/schedstat")
+        .with_context(|| format!("unexpected {}", path.display()))
 }
 
 /// CPU of the echo thread per datagram received and answered, microseconds.

@@ -25,7 +25,7 @@ use est_proto::store::{
 };
 use est_server::store::SqliteStore;
 
-use crate::floor::thread_cpu_ns;
+use crate::floor::{schedstat_cpu_ns, thread_cpu_ns};
 
 /// What `loadtest store` measures.
 #[derive(Debug, Clone)]
@@ -53,12 +53,7 @@ fn writer_cpu_ns() -> Result<u64> {
         let dir = task?.path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
         if comm.trim_end() == "est-store-write" {
-            let s = std::fs::read_to_string(dir.join("schedstat"))?;
-            return s
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse().ok())
-                .context("unexpected schedstat");
+            return schedstat_cpu_ns(&dir.join("schedstat"));
         }
     }
     bail!("no est-store-writer thread in this process")

@@ -868,21 +868,17 @@ impl fmt::Debug for SigningKey {
     }
 }
 
-/// A peer's (leaf) certificate must allow the signature it makes in the handshake: when it
-/// has a keyUsage extension, digitalSignature must be set (RFC 5246 §7.4.2 and §7.4.8, RFC
-/// 8422 §5.6: an ECDSA-capable certificate signs the CertificateVerify / ServerKeyExchange;
-/// RFC 5280 §4.2.1.3). A certificate without keyUsage may be used for anything; one that
-/// does not parse is left to the chain verifier, which refuses it with its own reason.
-pub fn check_signing_key_usage(cert_der: &[u8]) -> Result<(), CryptoError> {
-    leaf_signing_key(cert_der).map(|_| ())
-}
-
 /// The key a peer's leaf certificate (DER) signs the handshake with, read once when its
-/// Certificate message arrives: its keyUsage is checked as [`check_signing_key_usage`]
-/// does (an `Err` refuses the certificate), and its id-ecPublicKey kept for the
-/// CertificateVerify. `Ok(None)` for a certificate that does not parse (left to the chain
-/// verifier) or whose key is not id-ecPublicKey with a named curve: its signature then
-/// fails as [`verify_signature_by_cert`]'s would.
+/// Certificate message arrives.
+///
+/// The certificate must allow that signature: when it has a keyUsage extension,
+/// digitalSignature must be set (RFC 5246 §7.4.2 and §7.4.8, RFC 8422 §5.6: an
+/// ECDSA-capable certificate signs the CertificateVerify / ServerKeyExchange; RFC 5280
+/// §4.2.1.3); an `Err` refuses it. A certificate without keyUsage may be used for anything.
+/// Its id-ecPublicKey is kept for the CertificateVerify. `Ok(None)` for a certificate that
+/// does not parse (left to the chain verifier, which refuses it with its own reason) or
+/// whose key is not id-ecPublicKey with a named curve: its signature then fails as
+/// [`verify_signature_by_cert`]'s would.
 pub fn leaf_signing_key(cert_der: &[u8]) -> Result<Option<PeerKey>, CryptoError> {
     let Ok(cert) = x509_cert::Certificate::from_der(cert_der) else {
         return Ok(None);
