@@ -188,8 +188,8 @@ const SELECT_BY_SERIAL: &str = concat!(
 );
 // The three statements of every issuance are `OR FAIL` rather than SQLite's default `OR
 // ABORT`: an ABORT statement inside a transaction opens a statement journal, an in-memory
-// copy of every page it changes, whose malloc and free made glibc grow and trim the writer
-// thread's heap at every statement (docs/benchmarks.md, "The store's writer thread"). Each
+// copy of every page it changes, whose frees also showed as glibc trimming the writer
+// thread's heap (docs/benchmarks.md, "The store's writer thread"). Each
 // is a single-row change whose constraints are checked before it writes, and an operation
 // that fails anyway is undone with the rest of its batch and applied again inside a
 // SAVEPOINT of its own (`commit_batch`), so no partial change survives a failure.
