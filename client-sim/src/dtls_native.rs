@@ -178,6 +178,7 @@ fn server_check(cfg: &DtlsClientConfig) -> Result<ChainVerifier, FailureReason> 
             Ok(Verified {
                 identity: Vec::new(),
                 context: None,
+                leaf: None,
             })
         }));
     }
@@ -199,6 +200,7 @@ fn server_check(cfg: &DtlsClientConfig) -> Result<ChainVerifier, FailureReason> 
             .map(|_| Verified {
                 identity: Vec::new(),
                 context: None,
+                leaf: None,
             })
             .map_err(|e| match e {
                 rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer) => {

@@ -437,6 +437,7 @@ pub fn attacker_config(device: &DeviceIdentity) -> Result<Arc<ClientConfig>> {
             Ok(Verified {
                 identity: Vec::new(),
                 context: None,
+                leaf: None,
             })
         }),
     );

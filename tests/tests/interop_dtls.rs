@@ -151,6 +151,7 @@ fn verifier(ca_der: Vec<u8>) -> est_dtls::ChainVerifier {
         Ok(Verified {
             identity: Vec::new(),
             context: None,
+            leaf: None,
         })
     })
 }

@@ -530,8 +530,13 @@ impl RevocationView {
 
     /// Whether the client `chain` (leaf first), which path validation tied to an anchor of
     /// `class`, may complete its handshake. Counts refusals.
-    pub fn check(&self, chain: &[Vec<u8>], class: AnchorClass) -> Result<(), HandshakeRefusal> {
-        let r = self.decide(chain, class);
+    pub fn check(
+        &self,
+        chain: &[Vec<u8>],
+        leaf: &Certificate,
+        class: AnchorClass,
+    ) -> Result<(), HandshakeRefusal> {
+        let r = self.decide(chain, leaf, class);
         if let Err(refusal) = &r {
             match refusal {
                 HandshakeRefusal::Revoked { .. } => &self.refused_revoked,
@@ -543,17 +548,19 @@ impl RevocationView {
         r
     }
 
-    fn decide(&self, chain: &[Vec<u8>], class: AnchorClass) -> Result<(), HandshakeRefusal> {
+    fn decide(
+        &self,
+        chain: &[Vec<u8>],
+        leaf: &Certificate,
+        class: AnchorClass,
+    ) -> Result<(), HandshakeRefusal> {
         let Ok(g) = self.inner.read() else {
             return Ok(());
         };
-        // Nothing revoked or blocked anywhere (the usual case): no parsing at all.
+        // Nothing revoked or blocked anywhere: the usual case.
         if g.revoked.is_empty() && g.blocked.is_empty() && g.manufacturer.is_empty() {
             return Ok(());
         }
-        let Some(leaf) = chain.first().and_then(|d| Certificate::from_der(d).ok()) else {
-            return Ok(());
-        };
         let device = ca::serial_number_attr(&leaf.tbs_certificate.subject).unwrap_or_default();
         if !device.is_empty() && g.blocked.contains(&device) {
             return Err(HandshakeRefusal::Blocked { device });
@@ -569,10 +576,13 @@ impl RevocationView {
                 if g.manufacturer.is_empty() {
                     return Ok(());
                 }
-                for der in chain {
-                    let Ok(c) = Certificate::from_der(der) else {
-                        continue;
-                    };
+                // The leaf is parsed already; the rest of the chain is parsed here.
+                let rest: Vec<Certificate> = chain
+                    .iter()
+                    .skip(1)
+                    .filter_map(|der| Certificate::from_der(der).ok())
+                    .collect();
+                for c in std::iter::once(leaf).chain(rest.iter()) {
                     let Ok(issuer) = c.tbs_certificate.issuer.to_der() else {
                         continue;
                     };

@@ -509,7 +509,7 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
         let policy = verifier_est.policy();
         let now = verifier_clock.now();
         let verified = policy.verify_peer_chain(chain, now).map_err(cert_error)?;
-        if let Err(refusal) = verifier_view.check(chain, verified.class()) {
+        if let Err(refusal) = verifier_view.check(chain, verified.leaf(), verified.class()) {
             let (alert, error) = match &refusal {
                 revocation::HandshakeRefusal::Blocked { .. } => {
                     ("alert 49", CertError::AccessDenied(refusal.to_string()))
@@ -540,12 +540,16 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
             return Err(error);
         }
         // The per-identity session limit counts sessions per device serial.
-        let identity = est_proto::policy::device_id_of(chain)
+        let identity = verified
+            .device_id()
             .map(String::into_bytes)
             .unwrap_or_default();
+        // The leaf, parsed once by the policy, is handed to the engine too.
+        let leaf = Some(verified.leaf().clone());
         Ok(VerifiedClient {
             identity,
             verification: Arc::new(verified) as PeerVerification,
+            leaf,
         })
     });
     let dtls = DtlsServerConfig {

@@ -65,6 +65,7 @@ fn client_config_of(device: &transport_support::Issued, chain: Vec<Vec<u8>>) -> 
         Ok(Verified {
             identity: Vec::new(),
             context: None,
+            leaf: None,
         })
     });
     let mut c = ClientConfig::new(chain, Arc::new(key), accept_any);

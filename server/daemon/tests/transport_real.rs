@@ -325,6 +325,7 @@ async fn own_chain_verifier_decides_once_and_its_result_travels_with_the_session
                 identity: Vec::new(),
                 verification: Arc::new(format!("device with {} certificates", chain.len()))
                     as PeerVerification,
+                leaf: None,
             })
         } else {
             Err(CertError::BadCertificate("not a known device".to_string()))
@@ -965,6 +966,7 @@ async fn engine_handshake(
         Ok(est_dtls::Verified {
             identity: Vec::new(),
             context: None,
+            leaf: None,
         })
     });
     let key = est_dtls::SigningKey::from_pkcs8(&pki.device.key_pkcs8_der).unwrap();

@@ -11,13 +11,18 @@ use crate::crypto::{CipherSuite, NamedGroup, SignatureScheme, SigningKey};
 use crate::error::CertError;
 
 /// What a verifier established about a peer's certificate chain.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Verified {
     /// The peer's identity for the per-identity session limit (e.g. the device serial). Empty:
     /// the SHA-256 of the leaf certificate is used.
     pub identity: Vec<u8>,
     /// Whatever the verifier wants the application to have with the session.
     pub context: Option<Arc<dyn Any + Send + Sync>>,
+    /// The leaf (the chain's first certificate) as the verifier parsed it, if it did. It must
+    /// be exactly that certificate: the engine then reads the key that must sign the
+    /// CertificateVerify, and its keyUsage, from it instead of parsing the leaf again. `None`:
+    /// the engine parses the leaf itself.
+    pub leaf: Option<Arc<x509_cert::Certificate>>,
 }
 
 impl fmt::Debug for Verified {
@@ -25,6 +30,7 @@ impl fmt::Debug for Verified {
         f.debug_struct("Verified")
             .field("identity", &String::from_utf8_lossy(&self.identity))
             .field("context", &self.context.is_some())
+            .field("leaf", &self.leaf.is_some())
             .finish()
     }
 }

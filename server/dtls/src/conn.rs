@@ -1579,13 +1579,14 @@ impl Connection {
                 let chain = der_chain(config.c509.as_ref(), peer_type, chain)?;
                 metrics.chain_verifications += 1;
                 metrics.peer_certificates_received += chain.len() as u64;
-                // The leaf is parsed here once: its keyUsage, and the key that must sign
-                // the CertificateVerify.
-                let peer_key = match chain.first() {
-                    Some(leaf) => crypto::leaf_signing_key(leaf)?,
-                    None => None,
-                };
                 let verified = (config.client_verifier)(&chain)?;
+                // The leaf's keyUsage, and the key that must sign the CertificateVerify: from
+                // the verifier's parse of the leaf if it kept one, else parsed here (once).
+                let peer_key = match (&verified.leaf, chain.first()) {
+                    (Some(leaf), _) => crypto::signing_key_of(leaf)?,
+                    (None, Some(der)) => crypto::leaf_signing_key(der)?,
+                    (None, None) => None,
+                };
                 self.peer_chain = chain;
                 self.verified = Some(verified);
                 let h = self.hs_mut()?;

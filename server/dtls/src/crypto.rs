@@ -880,9 +880,14 @@ impl fmt::Debug for SigningKey {
 /// whose key is not id-ecPublicKey with a named curve: its signature then fails as
 /// [`verify_signature_by_cert`]'s would.
 pub fn leaf_signing_key(cert_der: &[u8]) -> Result<Option<PeerKey>, CryptoError> {
-    let Ok(cert) = x509_cert::Certificate::from_der(cert_der) else {
-        return Ok(None);
-    };
+    match x509_cert::Certificate::from_der(cert_der) {
+        Ok(cert) => signing_key_of(&cert),
+        Err(_) => Ok(None),
+    }
+}
+
+/// [`leaf_signing_key`] of a leaf certificate already parsed.
+pub fn signing_key_of(cert: &x509_cert::Certificate) -> Result<Option<PeerKey>, CryptoError> {
     match cert
         .tbs_certificate
         .get::<x509_cert::ext::pkix::KeyUsage>()
@@ -909,11 +914,11 @@ impl PeerKey {
     pub fn from_cert(cert_der: &[u8]) -> Result<Self, CryptoError> {
         let cert = x509_cert::Certificate::from_der(cert_der)
             .map_err(|e| CryptoError::BadCertificate(format!("DER: {e}")))?;
-        Self::of_certificate(cert)
+        Self::of_certificate(&cert)
     }
 
-    fn of_certificate(cert: x509_cert::Certificate) -> Result<Self, CryptoError> {
-        let spki = cert.tbs_certificate.subject_public_key_info;
+    fn of_certificate(cert: &x509_cert::Certificate) -> Result<Self, CryptoError> {
+        let spki = &cert.tbs_certificate.subject_public_key_info;
         if spki.algorithm.oid != OID_EC_PUBLIC_KEY {
             return Err(CryptoError::BadCertificate(format!(
                 "public key algorithm {} is not id-ecPublicKey",

@@ -258,6 +258,64 @@ fn a_certificate_verify_over_the_wrong_transcript_gets_decrypt_error() {
     assert_still_serves(&mut net, &pki, 1);
 }
 
+/// A verifier that parsed the leaf hands it to the engine (`Verified::leaf`), which then takes
+/// the CertificateVerify's key and the keyUsage check from that parse instead of parsing the
+/// leaf again: with the leaf it was given, a meter connects and a keyAgreement-only
+/// certificate is still refused; handed another certificate than the one sent (a broken
+/// verifier), the CertificateVerify is checked against that one's key and fails.
+#[test]
+fn the_leaf_a_verifier_hands_back_is_the_one_the_engine_checks() {
+    use der::Decode;
+    use rcgen::KeyUsagePurpose as K;
+    use std::sync::Arc;
+    let pki = Pki::new(2);
+    let handing_back = |substitute: Option<Vec<u8>>| -> est_dtls::ChainVerifier {
+        let ca = pki.ca_der.clone();
+        Arc::new(move |chain: &[Vec<u8>]| {
+            if chain.get(1) != Some(&ca) {
+                return Err(est_dtls::CertError::UnknownCa("not our CA".into()));
+            }
+            let leaf = substitute.as_ref().unwrap_or(&chain[0]);
+            Ok(est_dtls::Verified {
+                identity: chain[0].clone(),
+                context: None,
+                leaf: Some(Arc::new(x509_cert::Certificate::from_der(leaf).unwrap())),
+            })
+        })
+    };
+    let with_verifier = |v: est_dtls::ChainVerifier| {
+        let mut c = pki.server_config();
+        c.client_verifier = v;
+        c
+    };
+
+    let mut net = Net::new(with_verifier(handing_back(None)), 72, 0.0);
+    net.add_client(pki.client_config(0));
+    net.run_for(Duration::from_secs(5));
+    assert!(net.client_connected(0));
+    assert_eq!(net.server.metrics().ecdsa_verifies, 1);
+    let agreement_only = pki.client_with_key_usages("ka-only", vec![K::KeyAgreement]);
+    let c = net.add_client(pki.config_for(&agreement_only));
+    net.run_for(Duration::from_secs(5));
+    assert!(!net.client_connected(c));
+    assert!(
+        matches!(server_failures(&net).as_slice(), [Error::BadCertificate(m)] if m.contains("digitalSignature")),
+        "{:?}",
+        server_failures(&net)
+    );
+
+    let other = pki.clients[1].chain[0].clone();
+    let mut net = Net::new(with_verifier(handing_back(Some(other))), 73, 0.0);
+    net.add_client(pki.client_config(0));
+    net.run_for(Duration::from_secs(5));
+    assert!(!net.client_connected(0));
+    assert_eq!(
+        server_alerts(&net),
+        vec![(0, (alert::FATAL, alert::DECRYPT_ERROR))]
+    );
+    assert_eq!(server_failures(&net), vec![Error::BadSignature]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // ECDHE public keys
 // ---------------------------------------------------------------------------------------------
@@ -1657,8 +1715,8 @@ fn no_common_certificate_type_a_type_not_offered_or_a_c509_that_does_not_convert
 }
 
 /// A client certificate whose keyUsage does not allow digitalSignature cannot sign the
-/// handshake (RFC 5246 §7.4.8, RFC 5280 §4.2.1.3): bad_certificate, before the chain is even
-/// verified; one with digitalSignature, or without keyUsage, is admitted.
+/// handshake (RFC 5246 §7.4.8, RFC 5280 §4.2.1.3): bad_certificate, before its
+/// CertificateVerify is looked at; one with digitalSignature, or without keyUsage, is admitted.
 #[test]
 fn a_client_certificate_without_digital_signature_in_its_key_usage_is_refused() {
     use rcgen::KeyUsagePurpose as K;

@@ -13,6 +13,7 @@
 //! re-enrollment), without verifying the signatures a second time. A caller without a
 //! [`VerifiedChain`] (in-memory use) gets the full check against the operation's anchors.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use const_oid::ObjectIdentifier;
@@ -123,6 +124,8 @@ pub enum PolicyError {
 pub struct TrustAnchor {
     der: Vec<u8>,
     subject_der: Vec<u8>,
+    /// SHA-256 of `der`: what a [`VerifiedChain`] records of a manufacturer anchor.
+    digest: [u8; 32],
 }
 
 impl TrustAnchor {
@@ -134,9 +137,12 @@ impl TrustAnchor {
             .subject
             .to_der()
             .map_err(|_| PolicyError::MalformedCertificate)?;
+        let mut digest = [0u8; 32];
+        digest.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, der).as_ref());
         Ok(Self {
             der: der.to_vec(),
             subject_der,
+            digest,
         })
     }
 
@@ -178,6 +184,9 @@ pub struct VerifiedChain {
     class: AnchorClass,
     /// SHA-256 of the manufacturer anchor the path ends in (class Manufacturer).
     manufacturer_anchor: Option<[u8; 32]>,
+    /// The leaf, parsed once here: the handshake's engine, the session limit's identity and
+    /// [`Policy::authenticate`] read it without parsing it again.
+    leaf: Arc<Certificate>,
 }
 
 impl VerifiedChain {
@@ -189,6 +198,16 @@ impl VerifiedChain {
     /// SHA-256 of the manufacturer CA certificate (DER) the path ends in, for an IDevID.
     pub fn manufacturer_anchor(&self) -> Option<&[u8; 32]> {
         self.manufacturer_anchor.as_ref()
+    }
+
+    /// The leaf certificate (the chain's first), as parsed.
+    pub fn leaf(&self) -> &Arc<Certificate> {
+        &self.leaf
+    }
+
+    /// The device identity (subject serialNumber) of the leaf, if it has one.
+    pub fn device_id(&self) -> Option<String> {
+        ca::serial_number_attr(&self.leaf.tbs_certificate.subject)
     }
 
     fn covers(&self, chain: &[Vec<u8>]) -> bool {
@@ -215,7 +234,7 @@ pub struct Device {
     /// hardwareModuleName from the client certificate's subjectAltName, if any.
     pub hardware_module: Option<HardwareModuleName>,
     /// The client (leaf) certificate.
-    pub certificate: Certificate,
+    pub certificate: Arc<Certificate>,
     /// Its serial, lower-case hex.
     pub certificate_serial_hex: String,
     /// SHA-256 of the manufacturer CA certificate (DER) its chain ends in, when it
@@ -320,6 +339,9 @@ impl Policy {
                 None => Err(webpki::Error::UnknownIssuer),
             }
         };
+        // The leaf as x509-cert reads it, parsed once the path is valid (webpki names what is
+        // wrong with a certificate that is not).
+        let mut parsed_leaf = None;
         let (class, index) = match validate(now) {
             Ok(found) => found,
             Err(webpki::Error::CertExpired { .. }) if self.config.accept_expired_idevid => {
@@ -340,22 +362,24 @@ impl Policy {
                         .map_err(|_| PolicyError::MalformedCertificate)?;
                     check_validity(&c, now, false)?;
                 }
+                parsed_leaf = Some(leaf_cert);
                 found
             }
             Err(e) => return Err(map_webpki_error(e)),
         };
+        let leaf = match parsed_leaf {
+            Some(c) => c,
+            None => Certificate::from_der(first).map_err(|_| PolicyError::MalformedCertificate)?,
+        };
         let manufacturer_anchor = match class {
-            AnchorClass::Manufacturer => self.manufacturer_anchors.get(index).map(|a| {
-                let mut out = [0u8; 32];
-                out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, &a.der).as_ref());
-                out
-            }),
+            AnchorClass::Manufacturer => self.manufacturer_anchors.get(index).map(|a| a.digest),
             AnchorClass::Operational => None,
         };
         Ok(VerifiedChain {
             digest: chain_digest(chain),
             class,
             manufacturer_anchor,
+            leaf: Arc::new(leaf),
         })
     }
 
@@ -387,8 +411,8 @@ impl Policy {
         if verified.class != required {
             return Err(PolicyError::UntrustedIssuer(required.what()));
         }
-        let first = chain.first().ok_or(PolicyError::NoClientCertificate)?;
-        let leaf = Certificate::from_der(first).map_err(|_| PolicyError::MalformedCertificate)?;
+        // The leaf as the verification parsed it (`covers` binds it to these chain bytes).
+        let leaf = verified.leaf.clone();
         let may_be_expired =
             required == AnchorClass::Manufacturer && self.config.accept_expired_idevid;
         check_validity(&leaf, now, may_be_expired)?;
@@ -555,14 +579,7 @@ fn map_webpki_error(e: webpki::Error) -> PolicyError {
     }
 }
 
-/// The device identity (subject serialNumber) of a chain's leaf, without any validation: the
-/// key the transport counts sessions per device under.
-pub fn device_id_of(chain: &[Vec<u8>]) -> Option<String> {
-    let leaf = Certificate::from_der(chain.first()?).ok()?;
-    ca::serial_number_attr(&leaf.tbs_certificate.subject)
-}
-
-fn device_from_leaf(leaf: Certificate) -> Result<Device, PolicyError> {
+fn device_from_leaf(leaf: Arc<Certificate>) -> Result<Device, PolicyError> {
     let device_id = ca::serial_number_attr(&leaf.tbs_certificate.subject)
         .ok_or(PolicyError::MissingSerialNumber)?;
     if device_id.is_empty() || PrintableStringRef::new(&device_id).is_err() {

@@ -56,6 +56,7 @@ fn verifier() -> ChainVerifier {
         Some(leaf) if leaf.len() > 100 => Ok(Verified {
             identity: leaf.clone(),
             context: None,
+            leaf: None,
         }),
         _ => Err(CertError::BadCertificate("short".into())),
     })

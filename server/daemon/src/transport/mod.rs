@@ -50,6 +50,9 @@ pub struct VerifiedClient {
     pub identity: Vec<u8>,
     /// What the verifier established, kept with the session.
     pub verification: PeerVerification,
+    /// The leaf as the verifier parsed it, if it did: exactly the chain's first certificate
+    /// ([`est_dtls::Verified::leaf`]); the engine then does not parse it again.
+    pub leaf: Option<Arc<x509_cert::Certificate>>,
 }
 
 /// Validates the client's certificate chain (DER, leaf first, as sent) once per handshake,
@@ -351,6 +354,7 @@ pub(crate) fn build_engine_config(
             Ok(Ok(v)) => Ok(est_dtls::Verified {
                 identity: v.identity,
                 context: Some(v.verification),
+                leaf: v.leaf,
             }),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(CertError::BadCertificate(
@@ -422,6 +426,7 @@ fn anchors_verifier(anchors_der: &[Vec<u8>]) -> Result<ClientChainVerifier, Tran
         Ok(VerifiedClient {
             identity: Vec::new(),
             verification: Arc::new(()) as PeerVerification,
+            leaf: None,
         })
     }))
 }

@@ -131,6 +131,7 @@ impl Pki {
                 Ok(Verified {
                     identity: chain[0].clone(),
                     context: None,
+                    leaf: None,
                 })
             } else {
                 Err(CertError::UnknownCa("not our CA".into()))
