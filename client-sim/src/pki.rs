@@ -536,7 +536,8 @@ pub fn verify_issued(
     let mut current = leaf;
     for _depth in 0..4 {
         let issuer_name = &current.tbs_certificate.issuer;
-        let mut last_err = format!("no certificate named {issuer_name}");
+        // Formatted only on failure: a Name's Display looks every attribute up by OID.
+        let mut last_err = None;
         let mut next = None;
         for cand in pool
             .iter()
@@ -547,11 +548,13 @@ pub fn verify_issued(
                     next = Some(*cand);
                     break;
                 }
-                Err(e) => last_err = e,
+                Err(e) => last_err = Some(e),
             }
         }
         let Some(issuer) = next else {
-            return Err(VerifyError::Chain(last_err));
+            return Err(VerifyError::Chain(
+                last_err.unwrap_or_else(|| format!("no certificate named {issuer_name}")),
+            ));
         };
         // Reached a certificate from /crts: trusted (the Explicit TA database, RFC 9148 §3).
         if ca_certs.iter().any(|c| c == issuer) {

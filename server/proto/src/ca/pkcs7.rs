@@ -1,9 +1,8 @@
 //! `application/pkcs7-mime; smime-type=certs-only` (RFC 9148 §4.1, Content-Format 281): a degenerate
 //! CMS SignedData (RFC 5652 §5; RFC 8551 §3.2.2) that carries certificates and no signature.
 
-use cms::cert::CertificateChoices;
-use cms::content_info::{CmsVersion, ContentInfo};
-use cms::signed_data::{DigestAlgorithmIdentifiers, EncapsulatedContentInfo, SignedData};
+use cms::content_info::CmsVersion;
+use cms::signed_data::{DigestAlgorithmIdentifiers, EncapsulatedContentInfo};
 use der::asn1::{AnyRef, BitStringRef, SetOfVec};
 use der::{Decode, Encode};
 use spki::AlgorithmIdentifierRef;
@@ -36,7 +35,7 @@ struct CertsOnlySignedData<'a> {
 
 /// The outer shape of an X.509 Certificate (RFC 5280 §4.1), checked without decoding the TBS.
 #[derive(der::Sequence)]
-struct CertificateShape<'a> {
+pub(super) struct CertificateShape<'a> {
     tbs_certificate: AnyRef<'a>,
     signature_algorithm: AlgorithmIdentifierRef<'a>,
     signature: BitStringRef<'a>,
@@ -76,23 +75,53 @@ pub fn certs_only(certs: &[&[u8]]) -> Result<Vec<u8>, CaError> {
     Ok(content_info.to_der()?)
 }
 
+/// RFC 5652 §3 ContentInfo, its content kept as a TLV (reading).
+#[derive(der::Sequence)]
+struct ContentInfoRef<'a> {
+    content_type: der::asn1::ObjectIdentifier,
+    #[asn1(context_specific = "0", tag_mode = "EXPLICIT")]
+    content: AnyRef<'a>,
+}
+
+/// RFC 5652 §5.1 SignedData as `cms::signed_data::SignedData` reads it, with the
+/// CertificateChoices, RevocationInfoChoices and SignerInfos kept as TLVs (reading).
+#[derive(der::Sequence)]
+struct SignedDataRef<'a> {
+    version: CmsVersion,
+    digest_algorithms: DigestAlgorithmIdentifiers,
+    encap_content_info: EncapsulatedContentInfo,
+    #[asn1(context_specific = "0", tag_mode = "IMPLICIT", optional = "true")]
+    certificates: Option<SetOfVec<AnyRef<'a>>>,
+    #[asn1(context_specific = "1", tag_mode = "IMPLICIT", optional = "true")]
+    crls: Option<SetOfVec<AnyRef<'a>>>,
+    signer_infos: SetOfVec<AnyRef<'a>>,
+}
+
 /// The certificates (DER) of a certs-only CMS message, in the order they appear.
 ///
-/// Requires a ContentInfo of type id-signedData; CMS "other" certificate formats are ignored.
-/// Signatures (if any signerInfos exist) are not checked: certs-only carries none.
+/// Requires a ContentInfo of type id-signedData; CMS "other" certificate formats (the
+/// context-tagged CertificateChoices) are ignored. Signatures (if any signerInfos exist) are
+/// not checked: certs-only carries none. Each certificate is returned byte for byte as it
+/// was carried, checked for the outer shape of a Certificate (SEQUENCE of TBS,
+/// AlgorithmIdentifier, BIT STRING) but not decoded: whoever uses one parses it. Reading
+/// them as TLVs instead of decoding and re-encoding each one was most of a meter's cost of
+/// a /crts or /sen response (docs/benchmarks.md).
 pub fn certs_from_certs_only(der: &[u8]) -> Result<Vec<Vec<u8>>, CaError> {
-    let content_info = ContentInfo::from_der(der)?;
+    let content_info = ContentInfoRef::from_der(der)?;
     if content_info.content_type != oid::CMS_SIGNED_DATA {
         return Err(CaError::UnexpectedCms("ContentInfo is not id-signedData"));
     }
-    let signed_data = content_info.content.decode_as::<SignedData>()?;
+    let signed_data = content_info.content.decode_as::<SignedDataRef<'_>>()?;
     let Some(set) = signed_data.certificates else {
         return Ok(Vec::new());
     };
-    let mut out = Vec::with_capacity(set.0.len());
-    for choice in set.0.iter() {
-        if let CertificateChoices::Certificate(cert) = choice {
-            out.push(cert.to_der()?);
+    let mut out = Vec::with_capacity(set.len());
+    for choice in set.iter() {
+        // CertificateChoices: a Certificate is a SEQUENCE; the other choices are [0]..[3].
+        if der::Tagged::tag(choice) == der::Tag::Sequence {
+            let cert = choice.to_der()?;
+            CertificateShape::from_der(&cert)?;
+            out.push(cert);
         }
     }
     Ok(out)

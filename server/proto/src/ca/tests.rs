@@ -793,6 +793,90 @@ fn certs_only_encoding_equals_the_cms_crate_schema() {
     assert_eq!(certs_only(&certs).unwrap(), ci.to_der().unwrap());
 }
 
+/// What `certs_from_certs_only` returned before it read certificates as TLVs: the cms
+/// crate's types, each certificate decoded and re-encoded. The reference for the
+/// differential test below.
+fn certs_from_certs_only_with_cms(der: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let ci = cms::content_info::ContentInfo::from_der(der).ok()?;
+    if ci.content_type != oid::CMS_SIGNED_DATA {
+        return None;
+    }
+    let sd = ci
+        .content
+        .decode_as::<cms::signed_data::SignedData>()
+        .ok()?;
+    let mut out = Vec::new();
+    for choice in sd.certificates.map(|s| s.0.into_vec()).unwrap_or_default() {
+        if let cms::cert::CertificateChoices::Certificate(c) = choice {
+            out.push(c.to_der().ok()?);
+        }
+    }
+    Some(out)
+}
+
+/// Differential: on a certs-only message and on every one-bit flip and every truncation of
+/// it, whatever the cms crate's full decode reads, the TLV reader reads too (the same
+/// certificates, byte for byte as carried rather than re-encoded); what
+/// only the TLV reader accepts (a certificate whose TBS does not decode) still has a
+/// certificate's outer shape. A message with crls and an attribute-certificate choice reads
+/// as its certificates.
+#[test]
+fn certs_only_reads_what_the_cms_crate_reads() {
+    let p = pki(113);
+    let p7 = certs_only(&[p.ca.certificate_der(), &devid_vector()]).unwrap();
+    let mut inputs = vec![p7.clone()];
+    for i in 0..p7.len() {
+        inputs.push(p7[..i].to_vec());
+        for bit in 0..8 {
+            let mut m = p7.clone();
+            m[i] ^= 1 << bit;
+            inputs.push(m);
+        }
+    }
+    let mut agreed = 0;
+    for m in &inputs {
+        let ours = certs_from_certs_only(m);
+        match certs_from_certs_only_with_cms(m) {
+            Some(reference) => {
+                // The same certificates; the cms crate's are re-encoded (a TBS that is not
+                // canonical DER, e.g. an explicit v1 version, comes back normalised), ours
+                // are as carried.
+                let ours: Vec<Vec<u8>> = ours
+                    .unwrap_or_else(|e| panic!("{e}: {}", hex::encode(m)))
+                    .iter()
+                    .map(|c| Certificate::from_der(c).unwrap().to_der().unwrap())
+                    .collect();
+                assert_eq!(ours, reference, "{}", hex::encode(m));
+                agreed += 1;
+            }
+            None => {
+                for c in ours.unwrap_or_default() {
+                    assert!(super::pkcs7::CertificateShape::from_der(&c).is_ok());
+                }
+            }
+        }
+    }
+    assert!(agreed > 1, "the mutations are not all refused");
+
+    // crls [1] (empty) and an attribute certificate ([1] IMPLICIT in CertificateChoices),
+    // spliced in by hand: SET OF is ordered by encoding, so the [1] choice (A1) sorts last.
+    let ca = p.ca.certificate_der();
+    let attr_cert: &[u8] = &[0xA1, 0x03, 0x02, 0x01, 0x00];
+    let set_body = [ca, attr_cert].concat();
+    let mut sd_body = vec![0x02, 0x01, 0x01, 0x31, 0x00];
+    sd_body.extend_from_slice(&[0x30, 0x0B, 0x06, 0x09]);
+    sd_body.extend_from_slice(&[0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x07, 0x01]);
+    sd_body.extend(tlv(0xA0, &set_body));
+    sd_body.extend_from_slice(&[0xA1, 0x00, 0x31, 0x00]);
+    let sd = tlv(0x30, &sd_body);
+    let mut ci_body = vec![
+        0x06, 0x09, 0x2A, 0x86, 0x48, 0x86, 0xF7, 0x0D, 0x01, 0x07, 0x02,
+    ];
+    ci_body.extend(tlv(0xA0, &sd));
+    let msg = tlv(0x30, &ci_body);
+    assert_eq!(certs_from_certs_only(&msg).unwrap(), vec![ca.to_vec()]);
+}
+
 #[test]
 fn certs_only_rejects_garbage_and_non_signed_data() {
     assert!(matches!(
