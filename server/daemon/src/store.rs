@@ -22,8 +22,8 @@ use std::thread::JoinHandle;
 
 use est_proto::store::{
     issuance_refusal, AuditEvent, BlockOutcome, CertStatus, Commit, CommitDone, CommitOutcome,
-    CommitResult, CrlRecord, DeviceBlock, IssuanceKind, IssuanceWindow, IssuedCert, Revocation,
-    RevocationReason, RevokeOutcome, RevokedEntry, Store, StoreError,
+    CommitResult, CrlRecord, DeviceBlock, EnrollmentReads, IssuanceKind, IssuanceWindow,
+    IssuedCert, Revocation, RevocationReason, RevokeOutcome, RevokedEntry, Store, StoreError,
 };
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
@@ -839,6 +839,37 @@ impl ServerStore for SqliteStore {
 }
 
 impl Store for SqliteStore {
+    fn enrollment_reads(
+        &self,
+        device_id: &str,
+        request_digest: Option<&[u8; 32]>,
+    ) -> Result<EnrollmentReads, StoreError> {
+        let (blocked, raw) = self.read(|c| {
+            // One read transaction: one WAL snapshot and one read lock for both lookups.
+            // Each statement on its own would take its own, and after every commit of the
+            // writer find the reader's page cache stale again.
+            exec_cached(c, "BEGIN", [])?;
+            let reads = (|| -> rusqlite::Result<(bool, Option<RawCert>)> {
+                let blocked = is_blocked(c, device_id)?;
+                let raw = match request_digest {
+                    Some(d) if !blocked => {
+                        query_cert(c, SELECT_BY_REQUEST, params![device_id, d.as_slice()])?
+                    }
+                    _ => None,
+                };
+                Ok((blocked, raw))
+            })();
+            let end = exec_cached(c, if reads.is_ok() { "COMMIT" } else { "ROLLBACK" }, []);
+            let reads = reads?;
+            end?;
+            Ok(reads)
+        })?;
+        Ok(EnrollmentReads {
+            blocked,
+            already_issued: raw.map(cert_from_raw).transpose()?,
+        })
+    }
+
     fn find_by_request(
         &self,
         device_id: &str,
@@ -1092,6 +1123,55 @@ mod tests {
             s.find_by_serial("a2").unwrap().unwrap().slot,
             "dlms-signing"
         );
+    }
+
+    /// The block and the replay lookup in one read transaction: both answers as the two
+    /// reads give them, nothing read for a blocked device, and the reader left outside any
+    /// transaction (so it sees the next commit).
+    #[test]
+    fn enrollment_reads_answer_as_the_separate_reads_in_one_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("est.sqlite3"), 4).unwrap();
+        issue(&s, cert("01", "SN1", 1), audit("SN1")).unwrap();
+        let reads = s.enrollment_reads("SN1", Some(&[1; 32])).unwrap();
+        assert!(!reads.blocked);
+        assert_eq!(reads.already_issued.unwrap().serial_hex, "01");
+        assert_eq!(
+            reads_of(&s, "SN1", Some(&[2; 32])),
+            EnrollmentReads::default()
+        );
+        assert_eq!(reads_of(&s, "SN1", None), EnrollmentReads::default());
+        assert!(s.reader.lock().unwrap().is_autocommit());
+
+        // A commit after a read is seen by the next one.
+        issue(&s, cert("02", "SN1", 2), audit("SN1")).unwrap();
+        assert_eq!(
+            reads_of(&s, "SN1", Some(&[2; 32]))
+                .already_issued
+                .unwrap()
+                .serial_hex,
+            "02"
+        );
+        s.block_device(&DeviceBlock {
+            device_id: "SN1".into(),
+            reason: RevocationReason::CessationOfOperation,
+            at_unix: 60,
+            keep_certs: true,
+            audit: audit("SN1"),
+        })
+        .unwrap();
+        assert_eq!(
+            reads_of(&s, "SN1", Some(&[1; 32])),
+            EnrollmentReads {
+                blocked: true,
+                already_issued: None
+            }
+        );
+        assert!(s.reader.lock().unwrap().is_autocommit());
+    }
+
+    fn reads_of(s: &SqliteStore, device: &str, digest: Option<&[u8; 32]>) -> EnrollmentReads {
+        s.enrollment_reads(device, digest).unwrap()
     }
 
     #[test]

@@ -281,6 +281,17 @@ pub struct IssuanceWindow {
     pub oldest_unix: Option<i64>,
 }
 
+/// What an enrollment reads from the store before it is decided
+/// ([`Store::enrollment_reads`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct EnrollmentReads {
+    /// The device is blocked (`est-server devices block`).
+    pub blocked: bool,
+    /// The certificate already issued to the device for an identical request (not read
+    /// for a blocked device, or without a request digest).
+    pub already_issued: Option<IssuedCert>,
+}
+
 /// The latest CRL published, as the store keeps it: every server and operator command
 /// that signs a CRL goes through [`Store::next_crl_number`] and [`Store::save_crl`], so
 /// the CRL number only grows, whoever signs.
@@ -366,6 +377,26 @@ pub trait Store: Send + Sync {
         device_id: &str,
         request_digest: &[u8; 32],
     ) -> Result<Option<IssuedCert>, StoreError>;
+
+    /// What an enrollment reads before it is decided: whether `device_id` is blocked and,
+    /// for `request_digest`, the certificate already issued for that request
+    /// ([`Store::device_blocked`], [`Store::find_by_request`]). A store that can reads both
+    /// at once, from one snapshot (SQLite: one read transaction instead of two).
+    fn enrollment_reads(
+        &self,
+        device_id: &str,
+        request_digest: Option<&[u8; 32]>,
+    ) -> Result<EnrollmentReads, StoreError> {
+        let blocked = self.device_blocked(device_id)?;
+        let already_issued = match request_digest {
+            Some(digest) if !blocked => self.find_by_request(device_id, digest)?,
+            _ => None,
+        };
+        Ok(EnrollmentReads {
+            blocked,
+            already_issued,
+        })
+    }
 
     /// Look a certificate up by serial (lower-case hex).
     fn find_by_serial(&self, serial_hex: &str) -> Result<Option<IssuedCert>, StoreError>;

@@ -814,7 +814,17 @@ impl EstService {
             .policy
             .authenticate(required, ctx.client_chain, ctx.verified, ctx.now)?;
         device_id_out.clone_from(&device.device_id);
-        if self.store.device_blocked(&device.device_id).map_err(read)? {
+        let keygen = matches!(op, Operation::Skg | Operation::Skc);
+        // Whether the device is blocked, and the certificate of a retried request (step 4),
+        // in one read. Server keygen is never replayed (below); a request over the size
+        // limit is refused at step 2 unhashed.
+        let request_digest = (!keygen && req.payload.len() <= self.config.max_csr_bytes)
+            .then(|| ca::csr_digest(&req.payload));
+        let reads = self
+            .store
+            .enrollment_reads(&device.device_id, request_digest.as_ref())
+            .map_err(read)?;
+        if reads.blocked {
             return Err(crate::policy::PolicyError::DeviceBlocked.into());
         }
         if self.policy.config().require_device_allowlist
@@ -898,7 +908,6 @@ impl EstService {
             ),
             (None, _) => self.policy.profile(&device),
         };
-        let keygen = matches!(op, Operation::Skg | Operation::Skc);
         // Server-side key generation makes a P-256 key, or a P-384 one for a profile that
         // accepts P-384 keys and not P-256 ones.
         let keygen_curve = match profile {
@@ -919,15 +928,11 @@ impl EstService {
         // 4. A retried request (same device, same CSR) gets the certificate already issued.
         //    Server keygen is excluded: its private key is never stored, so it cannot be
         //    replayed (the CoAP layer's deduplication covers retransmissions).
-        if !keygen {
-            if let Some(existing) = self
-                .store
-                .find_by_request(&device.device_id, &csr.digest)
-                .map_err(read)?
-            {
-                if existing.status == CertStatus::Active {
-                    return Ok(Decision::Replay { existing, accept });
-                }
+        //    (Read with the block above, by the digest of the payload: what `csr.digest` is for
+        //    both request formats.)
+        if let Some(existing) = reads.already_issued {
+            if existing.status == CertStatus::Active && request_digest == Some(csr.digest) {
+                return Ok(Decision::Replay { existing, accept });
             }
         }
         // Re-enrollment authenticated by a certificate that is no longer current (and
