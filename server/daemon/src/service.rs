@@ -508,8 +508,10 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
     let client_chain_verifier: ClientChainVerifier = Arc::new(move |chain: &[Vec<u8>]| {
         let policy = verifier_est.policy();
         let now = verifier_clock.now();
-        let verified = policy.verify_peer_chain(chain, now).map_err(cert_error)?;
-        if let Err(refusal) = verifier_view.check(chain, verified.leaf(), verified.class()) {
+        let (verified, leaf) = policy
+            .verify_peer_chain_with_leaf(chain, now)
+            .map_err(cert_error)?;
+        if let Err(refusal) = verifier_view.check(chain, &leaf, verified.class()) {
             let (alert, error) = match &refusal {
                 revocation::HandshakeRefusal::Blocked { .. } => {
                     ("alert 49", CertError::AccessDenied(refusal.to_string()))
@@ -540,16 +542,15 @@ pub async fn start(loaded: Loaded, listen: Option<SocketAddr>) -> Result<Running
             return Err(error);
         }
         // The per-identity session limit counts sessions per device serial.
-        let identity = verified
-            .device_id()
+        let identity = est_proto::ca::serial_number_attr(&leaf.tbs_certificate.subject)
             .map(String::into_bytes)
             .unwrap_or_default();
-        // The leaf, parsed once by the policy, is handed to the engine too.
-        let leaf = Some(verified.leaf().clone());
+        // The leaf, parsed once by the policy, is handed to the engine (which does not keep
+        // it with the session).
         Ok(VerifiedClient {
             identity,
             verification: Arc::new(verified) as PeerVerification,
-            leaf,
+            leaf: Some(Arc::new(leaf)),
         })
     });
     let dtls = DtlsServerConfig {

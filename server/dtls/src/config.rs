@@ -20,8 +20,9 @@ pub struct Verified {
     pub context: Option<Arc<dyn Any + Send + Sync>>,
     /// The leaf (the chain's first certificate) as the verifier parsed it, if it did. It must
     /// be exactly that certificate: the engine then reads the key that must sign the
-    /// CertificateVerify, and its keyUsage, from it instead of parsing the leaf again. `None`:
-    /// the engine parses the leaf itself.
+    /// CertificateVerify, and its keyUsage, from it instead of parsing the leaf again, and
+    /// drops it (a parsed certificate is not kept with the session). `None`: the engine
+    /// parses the leaf itself.
     pub leaf: Option<Arc<x509_cert::Certificate>>,
 }
 

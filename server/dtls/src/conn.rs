@@ -1579,11 +1579,12 @@ impl Connection {
                 let chain = der_chain(config.c509.as_ref(), peer_type, chain)?;
                 metrics.chain_verifications += 1;
                 metrics.peer_certificates_received += chain.len() as u64;
-                let verified = (config.client_verifier)(&chain)?;
+                let mut verified = (config.client_verifier)(&chain)?;
                 // The leaf's keyUsage, and the key that must sign the CertificateVerify: from
-                // the verifier's parse of the leaf if it kept one, else parsed here (once).
-                let peer_key = match (&verified.leaf, chain.first()) {
-                    (Some(leaf), _) => crypto::signing_key_of(leaf)?,
+                // the verifier's parse of the leaf if it handed one over (taken: not kept with
+                // the session), else parsed here (once).
+                let peer_key = match (verified.leaf.take(), chain.first()) {
+                    (Some(leaf), _) => crypto::signing_key_of(&leaf)?,
                     (None, Some(der)) => crypto::leaf_signing_key(der)?,
                     (None, None) => None,
                 };

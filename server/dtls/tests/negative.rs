@@ -269,17 +269,21 @@ fn the_leaf_a_verifier_hands_back_is_the_one_the_engine_checks() {
     use rcgen::KeyUsagePurpose as K;
     use std::sync::Arc;
     let pki = Pki::new(2);
+    let handed: Arc<std::sync::Mutex<Vec<Arc<x509_cert::Certificate>>>> = Arc::default();
     let handing_back = |substitute: Option<Vec<u8>>| -> est_dtls::ChainVerifier {
         let ca = pki.ca_der.clone();
+        let handed = handed.clone();
         Arc::new(move |chain: &[Vec<u8>]| {
             if chain.get(1) != Some(&ca) {
                 return Err(est_dtls::CertError::UnknownCa("not our CA".into()));
             }
             let leaf = substitute.as_ref().unwrap_or(&chain[0]);
+            let leaf = Arc::new(x509_cert::Certificate::from_der(leaf).unwrap());
+            handed.lock().unwrap().push(leaf.clone());
             Ok(est_dtls::Verified {
                 identity: chain[0].clone(),
                 context: None,
-                leaf: Some(Arc::new(x509_cert::Certificate::from_der(leaf).unwrap())),
+                leaf: Some(leaf),
             })
         })
     };
@@ -294,6 +298,8 @@ fn the_leaf_a_verifier_hands_back_is_the_one_the_engine_checks() {
     net.run_for(Duration::from_secs(5));
     assert!(net.client_connected(0));
     assert_eq!(net.server.metrics().ecdsa_verifies, 1);
+    // The engine used the parsed leaf and dropped it: the session does not keep it.
+    assert!(handed.lock().unwrap().iter().all(|l| Arc::strong_count(l) == 1));
     let agreement_only = pki.client_with_key_usages("ka-only", vec![K::KeyAgreement]);
     let c = net.add_client(pki.config_for(&agreement_only));
     net.run_for(Duration::from_secs(5));

@@ -184,9 +184,6 @@ pub struct VerifiedChain {
     class: AnchorClass,
     /// SHA-256 of the manufacturer anchor the path ends in (class Manufacturer).
     manufacturer_anchor: Option<[u8; 32]>,
-    /// The leaf, parsed once here: the handshake's engine, the session limit's identity and
-    /// [`Policy::authenticate`] read it without parsing it again.
-    leaf: Arc<Certificate>,
 }
 
 impl VerifiedChain {
@@ -198,16 +195,6 @@ impl VerifiedChain {
     /// SHA-256 of the manufacturer CA certificate (DER) the path ends in, for an IDevID.
     pub fn manufacturer_anchor(&self) -> Option<&[u8; 32]> {
         self.manufacturer_anchor.as_ref()
-    }
-
-    /// The leaf certificate (the chain's first), as parsed.
-    pub fn leaf(&self) -> &Arc<Certificate> {
-        &self.leaf
-    }
-
-    /// The device identity (subject serialNumber) of the leaf, if it has one.
-    pub fn device_id(&self) -> Option<String> {
-        ca::serial_number_attr(&self.leaf.tbs_certificate.subject)
     }
 
     fn covers(&self, chain: &[Vec<u8>]) -> bool {
@@ -297,6 +284,30 @@ impl Policy {
         chain: &[Vec<u8>],
         now: SystemTime,
     ) -> Result<VerifiedChain, PolicyError> {
+        self.verify_chain(chain, now, false).map(|(v, _)| v)
+    }
+
+    /// [`Policy::verify_peer_chain`], and the leaf as x509-cert reads it (parsed once the
+    /// path is valid): for the handshake, whose engine takes the CertificateVerify key from
+    /// it and the session limit the device identity. It is not kept with the
+    /// [`VerifiedChain`]: a session can stay open for hours, and a parsed certificate costs
+    /// about 3.5 kB of heap (docs/benchmarks.md).
+    pub fn verify_peer_chain_with_leaf(
+        &self,
+        chain: &[Vec<u8>],
+        now: SystemTime,
+    ) -> Result<(VerifiedChain, Certificate), PolicyError> {
+        let (verified, leaf) = self.verify_chain(chain, now, true)?;
+        let leaf = leaf.ok_or(PolicyError::MalformedCertificate)?;
+        Ok((verified, leaf))
+    }
+
+    fn verify_chain(
+        &self,
+        chain: &[Vec<u8>],
+        now: SystemTime,
+        want_leaf: bool,
+    ) -> Result<(VerifiedChain, Option<Certificate>), PolicyError> {
         let Some(first) = chain.first() else {
             return Err(PolicyError::NoClientCertificate);
         };
@@ -340,7 +351,8 @@ impl Policy {
             }
         };
         // The leaf as x509-cert reads it, parsed once the path is valid (webpki names what is
-        // wrong with a certificate that is not).
+        // wrong with a certificate that is not) when asked for, or when it was for the
+        // expired-IDevID rule.
         let mut parsed_leaf = None;
         let (class, index) = match validate(now) {
             Ok(found) => found,
@@ -368,19 +380,22 @@ impl Policy {
             Err(e) => return Err(map_webpki_error(e)),
         };
         let leaf = match parsed_leaf {
-            Some(c) => c,
-            None => Certificate::from_der(first).map_err(|_| PolicyError::MalformedCertificate)?,
+            Some(c) => Some(c),
+            None if want_leaf => {
+                Some(Certificate::from_der(first).map_err(|_| PolicyError::MalformedCertificate)?)
+            }
+            None => None,
         };
         let manufacturer_anchor = match class {
             AnchorClass::Manufacturer => self.manufacturer_anchors.get(index).map(|a| a.digest),
             AnchorClass::Operational => None,
         };
-        Ok(VerifiedChain {
+        let verified = VerifiedChain {
             digest: chain_digest(chain),
             class,
             manufacturer_anchor,
-            leaf: Arc::new(leaf),
-        })
+        };
+        Ok((verified, leaf))
     }
 
     /// Authenticate the device behind `chain` for an operation that needs `required`: with a
@@ -411,8 +426,9 @@ impl Policy {
         if verified.class != required {
             return Err(PolicyError::UntrustedIssuer(required.what()));
         }
-        // The leaf as the verification parsed it (`covers` binds it to these chain bytes).
-        let leaf = verified.leaf.clone();
+        let first = chain.first().ok_or(PolicyError::NoClientCertificate)?;
+        let leaf =
+            Arc::new(Certificate::from_der(first).map_err(|_| PolicyError::MalformedCertificate)?);
         let may_be_expired =
             required == AnchorClass::Manufacturer && self.config.accept_expired_idevid;
         check_validity(&leaf, now, may_be_expired)?;
