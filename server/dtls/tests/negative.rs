@@ -299,7 +299,11 @@ fn the_leaf_a_verifier_hands_back_is_the_one_the_engine_checks() {
     assert!(net.client_connected(0));
     assert_eq!(net.server.metrics().ecdsa_verifies, 1);
     // The engine used the parsed leaf and dropped it: the session does not keep it.
-    assert!(handed.lock().unwrap().iter().all(|l| Arc::strong_count(l) == 1));
+    assert!(handed
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|l| Arc::strong_count(l) == 1));
     let agreement_only = pki.client_with_key_usages("ka-only", vec![K::KeyAgreement]);
     let c = net.add_client(pki.config_for(&agreement_only));
     net.run_for(Duration::from_secs(5));
