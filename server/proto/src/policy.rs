@@ -13,7 +13,6 @@
 //! re-enrollment), without verifying the signatures a second time. A caller without a
 //! [`VerifiedChain`] (in-memory use) gets the full check against the operation's anchors.
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use const_oid::ObjectIdentifier;
@@ -184,6 +183,54 @@ pub struct VerifiedChain {
     class: AnchorClass,
     /// SHA-256 of the manufacturer anchor the path ends in (class Manufacturer).
     manufacturer_anchor: Option<[u8; 32]>,
+    /// What [`Policy::authenticate`] needs of the leaf, read once here: a few hundred bytes
+    /// kept with the session instead of a parsed certificate (about 3.5 kB).
+    leaf: LeafFacts,
+}
+
+/// What [`Policy::authenticate`] reads of a verified chain's leaf.
+#[derive(Clone, Debug)]
+struct LeafFacts {
+    not_before: SystemTime,
+    not_after: SystemTime,
+    /// The device identity, or why the leaf has none (refused at the request, after the
+    /// validity, as before).
+    identity: Result<LeafIdentity, PolicyError>,
+}
+
+#[derive(Clone, Debug)]
+struct LeafIdentity {
+    device_id: String,
+    hardware_module: Option<HardwareModuleName>,
+    subject_der: Vec<u8>,
+    serial_hex: String,
+}
+
+impl LeafFacts {
+    fn of(leaf: &Certificate) -> LeafFacts {
+        let tbs = &leaf.tbs_certificate;
+        let identity = (|| {
+            let device_id =
+                ca::serial_number_attr(&tbs.subject).ok_or(PolicyError::MissingSerialNumber)?;
+            if device_id.is_empty() || PrintableStringRef::new(&device_id).is_err() {
+                return Err(PolicyError::InvalidSerialNumber);
+            }
+            Ok(LeafIdentity {
+                device_id,
+                hardware_module: ca::hardware_module_from_cert(leaf),
+                subject_der: tbs
+                    .subject
+                    .to_der()
+                    .map_err(|_| PolicyError::MalformedCertificate)?,
+                serial_hex: hex::encode(tbs.serial_number.as_bytes()),
+            })
+        })();
+        LeafFacts {
+            not_before: tbs.validity.not_before.to_system_time(),
+            not_after: tbs.validity.not_after.to_system_time(),
+            identity,
+        }
+    }
 }
 
 impl VerifiedChain {
@@ -220,8 +267,8 @@ pub struct Device {
     pub device_id: String,
     /// hardwareModuleName from the client certificate's subjectAltName, if any.
     pub hardware_module: Option<HardwareModuleName>,
-    /// The client (leaf) certificate.
-    pub certificate: Arc<Certificate>,
+    /// The client (leaf) certificate's subject.
+    pub subject: Name,
     /// Its serial, lower-case hex.
     pub certificate_serial_hex: String,
     /// SHA-256 of the manufacturer CA certificate (DER) its chain ends in, when it
@@ -284,30 +331,28 @@ impl Policy {
         chain: &[Vec<u8>],
         now: SystemTime,
     ) -> Result<VerifiedChain, PolicyError> {
-        self.verify_chain(chain, now, false).map(|(v, _)| v)
+        self.verify_chain(chain, now).map(|(v, _)| v)
     }
 
     /// [`Policy::verify_peer_chain`], and the leaf as x509-cert reads it (parsed once the
     /// path is valid): for the handshake, whose engine takes the CertificateVerify key from
     /// it and the session limit the device identity. It is not kept with the
-    /// [`VerifiedChain`]: a session can stay open for hours, and a parsed certificate costs
-    /// about 3.5 kB of heap (docs/benchmarks.md).
+    /// [`VerifiedChain`], which keeps only what [`Policy::authenticate`] needs of it: a
+    /// session can stay open for hours, and a parsed certificate costs about 3.5 kB of heap
+    /// (docs/benchmarks.md).
     pub fn verify_peer_chain_with_leaf(
         &self,
         chain: &[Vec<u8>],
         now: SystemTime,
     ) -> Result<(VerifiedChain, Certificate), PolicyError> {
-        let (verified, leaf) = self.verify_chain(chain, now, true)?;
-        let leaf = leaf.ok_or(PolicyError::MalformedCertificate)?;
-        Ok((verified, leaf))
+        self.verify_chain(chain, now)
     }
 
     fn verify_chain(
         &self,
         chain: &[Vec<u8>],
         now: SystemTime,
-        want_leaf: bool,
-    ) -> Result<(VerifiedChain, Option<Certificate>), PolicyError> {
+    ) -> Result<(VerifiedChain, Certificate), PolicyError> {
         let Some(first) = chain.first() else {
             return Err(PolicyError::NoClientCertificate);
         };
@@ -351,8 +396,7 @@ impl Policy {
             }
         };
         // The leaf as x509-cert reads it, parsed once the path is valid (webpki names what is
-        // wrong with a certificate that is not) when asked for, or when it was for the
-        // expired-IDevID rule.
+        // wrong with a certificate that is not), or for the expired-IDevID rule.
         let mut parsed_leaf = None;
         let (class, index) = match validate(now) {
             Ok(found) => found,
@@ -380,11 +424,8 @@ impl Policy {
             Err(e) => return Err(map_webpki_error(e)),
         };
         let leaf = match parsed_leaf {
-            Some(c) => Some(c),
-            None if want_leaf => {
-                Some(Certificate::from_der(first).map_err(|_| PolicyError::MalformedCertificate)?)
-            }
-            None => None,
+            Some(c) => c,
+            None => Certificate::from_der(first).map_err(|_| PolicyError::MalformedCertificate)?,
         };
         let manufacturer_anchor = match class {
             AnchorClass::Manufacturer => self.manufacturer_anchors.get(index).map(|a| a.digest),
@@ -394,6 +435,7 @@ impl Policy {
             digest: chain_digest(chain),
             class,
             manufacturer_anchor,
+            leaf: LeafFacts::of(&leaf),
         };
         Ok((verified, leaf))
     }
@@ -426,15 +468,25 @@ impl Policy {
         if verified.class != required {
             return Err(PolicyError::UntrustedIssuer(required.what()));
         }
-        let first = chain.first().ok_or(PolicyError::NoClientCertificate)?;
-        let leaf =
-            Arc::new(Certificate::from_der(first).map_err(|_| PolicyError::MalformedCertificate)?);
+        // The leaf as the verification read it (`covers` binds it to these chain bytes).
+        let facts = &verified.leaf;
         let may_be_expired =
             required == AnchorClass::Manufacturer && self.config.accept_expired_idevid;
-        check_validity(&leaf, now, may_be_expired)?;
-        let mut device = device_from_leaf(leaf)?;
-        device.manufacturer_anchor = verified.manufacturer_anchor;
-        Ok(device)
+        if now < facts.not_before {
+            return Err(PolicyError::NotYetValid);
+        }
+        if !may_be_expired && now > facts.not_after {
+            return Err(PolicyError::Expired);
+        }
+        let id = facts.identity.clone()?;
+        Ok(Device {
+            device_id: id.device_id,
+            hardware_module: id.hardware_module,
+            subject: Name::from_der(&id.subject_der)
+                .map_err(|_| PolicyError::MalformedCertificate)?,
+            certificate_serial_hex: id.serial_hex,
+            manufacturer_anchor: verified.manufacturer_anchor,
+        })
     }
 
     pub fn config(&self) -> &PolicyConfig {
@@ -553,8 +605,6 @@ impl Policy {
             .to_der()
             .map_err(|_| PolicyError::MalformedCertificate)?;
         let b = current
-            .certificate
-            .tbs_certificate
             .subject
             .to_der()
             .map_err(|_| PolicyError::MalformedCertificate)?;
@@ -593,23 +643,6 @@ fn map_webpki_error(e: webpki::Error) -> PolicyError {
         }
         _ => PolicyError::UntrustedIssuer("trusted CA"),
     }
-}
-
-fn device_from_leaf(leaf: Arc<Certificate>) -> Result<Device, PolicyError> {
-    let device_id = ca::serial_number_attr(&leaf.tbs_certificate.subject)
-        .ok_or(PolicyError::MissingSerialNumber)?;
-    if device_id.is_empty() || PrintableStringRef::new(&device_id).is_err() {
-        return Err(PolicyError::InvalidSerialNumber);
-    }
-    let hardware_module = ca::hardware_module_from_cert(&leaf);
-    let certificate_serial_hex = hex::encode(leaf.tbs_certificate.serial_number.as_bytes());
-    Ok(Device {
-        device_id,
-        hardware_module,
-        certificate: leaf,
-        certificate_serial_hex,
-        manufacturer_anchor: None,
-    })
 }
 
 fn check_validity(

@@ -995,22 +995,23 @@ impl EstService {
         } else {
             (csr.public_key.clone(), None)
         };
-        let subject = match (&op, &replaces) {
-            // RFC 7030 §4.2.2: the renewed certificate keeps its subject.
-            (Operation::Sren, Some(_)) => device.certificate.tbs_certificate.subject.clone(),
-            _ => match (&dlms, profile.and_then(|p| p.subject.as_ref())) {
-                (Some((_, title)), _) => self.policy.dlms_subject(&device, title)?,
-                (None, Some(template)) => template
-                    .fill(&device.certificate.tbs_certificate.subject, &csr.subject)
-                    .map_err(|e| match e {
-                        crate::profile::FillError::IdevidField(_) => {
-                            EstError::Forbidden(crate::policy::PolicyError::Profile(e.to_string()))
-                        }
-                        other => EstError::BadRequest(format!("CSR: {other}")),
-                    })?,
-                (None, None) => self.policy.ldevid_subject(&device)?,
-            },
-        };
+        let subject =
+            match (&op, &replaces) {
+                // RFC 7030 §4.2.2: the renewed certificate keeps its subject.
+                (Operation::Sren, Some(_)) => device.subject.clone(),
+                _ => match (&dlms, profile.and_then(|p| p.subject.as_ref())) {
+                    (Some((_, title)), _) => self.policy.dlms_subject(&device, title)?,
+                    (None, Some(template)) => template
+                        .fill(&device.subject, &csr.subject)
+                        .map_err(|e| match e {
+                            crate::profile::FillError::IdevidField(_) => EstError::Forbidden(
+                                crate::policy::PolicyError::Profile(e.to_string()),
+                            ),
+                            other => EstError::BadRequest(format!("CSR: {other}")),
+                        })?,
+                    (None, None) => self.policy.ldevid_subject(&device)?,
+                },
+            };
         let hardware_module = match profile {
             Some(p) => p.subject_alt_name(
                 device.hardware_module.as_ref(),

@@ -621,6 +621,77 @@ fn expired_idevid_is_refused_unless_policy_accepts_it() {
     assert_eq!(store.certificates().len(), 1);
 }
 
+/// `authenticate` with the handshake's `VerifiedChain` reads the leaf as the verification
+/// recorded it (no second parse): its validity is checked at the request's time, and the
+/// device's identity, subject, hardwareModuleName and serial are the leaf's.
+#[test]
+fn authenticate_reads_the_leaf_the_verification_recorded() {
+    use crate::policy::{AnchorClass, PolicyError};
+    let mut pki = Pki::new();
+    let (cert, _) = pki.idevid("SN7", now() + DAY);
+    let chain = vec![cert.clone()];
+    let (strict, _) = pki.service(PolicyConfig::default(), EstConfig::default());
+    let lenient_cfg = PolicyConfig {
+        accept_expired_idevid: true,
+        ..PolicyConfig::default()
+    };
+    let (lenient, _) = pki.service(lenient_cfg, EstConfig::default());
+    let leaf = Certificate::from_der(&cert).expect("leaf");
+    for svc in [&strict, &lenient] {
+        let policy = svc.policy();
+        let verified = policy.verify_peer_chain(&chain, now()).expect("verified");
+        let device = policy
+            .authenticate(AnchorClass::Manufacturer, &chain, Some(&verified), now())
+            .expect("authenticated");
+        assert_eq!(device.device_id, "SN7");
+        assert_eq!(device.subject, leaf.tbs_certificate.subject);
+        assert_eq!(
+            device.certificate_serial_hex,
+            hex::encode(leaf.tbs_certificate.serial_number.as_bytes())
+        );
+        assert_eq!(device.hardware_module, ca::hardware_module_from_cert(&leaf));
+        assert!(device.hardware_module.is_some());
+        assert_eq!(
+            device.manufacturer_anchor,
+            verified.manufacturer_anchor().copied()
+        );
+        // A request time before the leaf's notBefore.
+        assert_eq!(
+            policy
+                .authenticate(
+                    AnchorClass::Manufacturer,
+                    &chain,
+                    Some(&verified),
+                    now() - 6 * DAY
+                )
+                .unwrap_err(),
+            PolicyError::NotYetValid
+        );
+    }
+    // The session outlived its IDevID: refused at the request, unless expired IDevIDs are
+    // accepted.
+    let later = now() + 2 * DAY;
+    let verified = strict
+        .policy()
+        .verify_peer_chain(&chain, now())
+        .expect("verified");
+    assert_eq!(
+        strict
+            .policy()
+            .authenticate(AnchorClass::Manufacturer, &chain, Some(&verified), later)
+            .unwrap_err(),
+        PolicyError::Expired
+    );
+    let verified = lenient
+        .policy()
+        .verify_peer_chain(&chain, now())
+        .expect("verified");
+    lenient
+        .policy()
+        .authenticate(AnchorClass::Manufacturer, &chain, Some(&verified), later)
+        .expect("expired IDevID accepted");
+}
+
 #[test]
 fn allowlist_refuses_unlisted_devices_and_admits_listed_ones() {
     let mut pki = Pki::new();
