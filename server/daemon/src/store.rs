@@ -800,7 +800,17 @@ fn in_transaction<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    exec_cached(conn, "BEGIN IMMEDIATE", []).map_err(backend)?;
+    begun_by("BEGIN IMMEDIATE", conn, f)
+}
+
+/// Run `f` in a transaction opened by `begin` (`BEGIN IMMEDIATE` to write, `BEGIN` for a read
+/// transaction): committed if it succeeds, rolled back otherwise.
+fn begun_by<T>(
+    begin: &'static str,
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    exec_cached(conn, begin, []).map_err(backend)?;
     let r = f(conn).and_then(|v| {
         exec_cached(conn, "COMMIT", []).map_err(backend)?;
         Ok(v)
@@ -844,25 +854,23 @@ impl Store for SqliteStore {
         device_id: &str,
         request_digest: Option<&[u8; 32]>,
     ) -> Result<EnrollmentReads, StoreError> {
-        let (blocked, raw) = self.read(|c| {
-            // One read transaction: one WAL snapshot and one read lock for both lookups.
-            // Each statement on its own would take its own, and after every commit of the
-            // writer find the reader's page cache stale again.
-            exec_cached(c, "BEGIN", [])?;
-            let reads = (|| -> rusqlite::Result<(bool, Option<RawCert>)> {
-                let blocked = is_blocked(c, device_id)?;
-                let raw = match request_digest {
-                    Some(d) if !blocked => {
-                        query_cert(c, SELECT_BY_REQUEST, params![device_id, d.as_slice()])?
-                    }
-                    _ => None,
-                };
-                Ok((blocked, raw))
-            })();
-            let end = exec_cached(c, if reads.is_ok() { "COMMIT" } else { "ROLLBACK" }, []);
-            let reads = reads?;
-            end?;
-            Ok(reads)
+        let conn = self
+            .reader
+            .lock()
+            .map_err(|_| backend("reader mutex poisoned"))?;
+        // One read transaction: one WAL snapshot and one read lock for both lookups. Each
+        // statement on its own would take its own, and after every commit of the writer find
+        // the reader's page cache stale again.
+        let (blocked, raw) = begun_by("BEGIN", &conn, |c| {
+            let blocked = is_blocked(c, device_id).map_err(backend)?;
+            let raw = match request_digest {
+                Some(d) if !blocked => {
+                    query_cert(c, SELECT_BY_REQUEST, params![device_id, d.as_slice()])
+                        .map_err(backend)?
+                }
+                _ => None,
+            };
+            Ok((blocked, raw))
         })?;
         Ok(EnrollmentReads {
             blocked,

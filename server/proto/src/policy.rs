@@ -472,12 +472,7 @@ impl Policy {
         let facts = &verified.leaf;
         let may_be_expired =
             required == AnchorClass::Manufacturer && self.config.accept_expired_idevid;
-        if now < facts.not_before {
-            return Err(PolicyError::NotYetValid);
-        }
-        if !may_be_expired && now > facts.not_after {
-            return Err(PolicyError::Expired);
-        }
+        check_validity_period(facts.not_before, facts.not_after, now, may_be_expired)?;
         let id = facts.identity.clone()?;
         Ok(Device {
             device_id: id.device_id,
@@ -651,10 +646,24 @@ fn check_validity(
     may_be_expired: bool,
 ) -> Result<(), PolicyError> {
     let v = &cert.tbs_certificate.validity;
-    if now < v.not_before.to_system_time() {
+    check_validity_period(
+        v.not_before.to_system_time(),
+        v.not_after.to_system_time(),
+        now,
+        may_be_expired,
+    )
+}
+
+fn check_validity_period(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    now: SystemTime,
+    may_be_expired: bool,
+) -> Result<(), PolicyError> {
+    if now < not_before {
         return Err(PolicyError::NotYetValid);
     }
-    if !may_be_expired && now > v.not_after.to_system_time() {
+    if !may_be_expired && now > not_after {
         return Err(PolicyError::Expired);
     }
     Ok(())
