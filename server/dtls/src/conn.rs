@@ -1991,7 +1991,7 @@ impl Connection {
 impl Handshake {
     /// Finished verify_data (RFC 5246 §7.4.9) over the transcript so far, with `label`
     /// ("client finished" / "server finished").
-    fn verify_data(&self, label: &[u8]) -> Result<[u8; 12], Error> {
+    fn verify_data(&mut self, label: &[u8]) -> Result<[u8; 12], Error> {
         let master = self
             .master
             .ok_or_else(|| Error::Internal("no master".into()))?;

@@ -279,10 +279,18 @@ pub fn digest(hash: HashAlg, data: &[u8]) -> Vec<u8> {
 }
 
 /// The raw handshake transcript (DTLS: 12-byte handshake headers as if unfragmented + body).
-/// Kept raw because CertificateVerify may use a hash different from the PRF hash.
+/// Kept raw because CertificateVerify may use a hash different from the PRF hash, and ring's
+/// ECDSA verification takes the message, not its digest.
+///
+/// Beside the bytes, a running digest: the first [`Transcript::hash`] hashes what is there and
+/// keeps the context, later messages are hashed as they are added, and each later `hash` of
+/// the same algorithm finishes a copy. A handshake asks for the transcript's hash three times
+/// (the extended master secret's session hash and both Finished messages); with the running
+/// digest each byte is hashed once instead of three times.
 #[derive(Clone, Default)]
 pub struct Transcript {
     bytes: Vec<u8>,
+    running: Option<(HashAlg, rdigest::Context)>,
 }
 
 impl Transcript {
@@ -294,10 +302,23 @@ impl Transcript {
     /// `fragment_length = length`, then the body).
     pub fn add(&mut self, msg: &[u8]) {
         self.bytes.extend_from_slice(msg);
+        if let Some((_, ctx)) = &mut self.running {
+            ctx.update(msg);
+        }
     }
 
-    pub fn hash(&self, h: HashAlg) -> Vec<u8> {
-        digest(h, &self.bytes)
+    /// The digest of everything added so far.
+    pub fn hash(&mut self, h: HashAlg) -> Vec<u8> {
+        match &self.running {
+            Some((alg, ctx)) if *alg == h => ctx.clone().finish().as_ref().to_vec(),
+            _ => {
+                let mut ctx = rdigest::Context::new(h.digest_alg());
+                ctx.update(&self.bytes);
+                let out = ctx.clone().finish().as_ref().to_vec();
+                self.running = Some((h, ctx));
+                out
+            }
+        }
     }
 
     pub fn as_bytes(&self) -> &[u8] {
@@ -1160,6 +1181,23 @@ mod tests {
         assert_eq!(t.hash(HashAlg::Sha256), digest(HashAlg::Sha256, b"abc"));
         assert_eq!(t.hash(HashAlg::Sha384), digest(HashAlg::Sha384, b"abc"));
         assert_eq!(format!("{t:?}"), "Transcript { len: 3 }");
+        // The running digest: messages added after a hash are in the next one, whichever
+        // algorithm was asked last, and a copy of the transcript hashes as the original.
+        t.add(b"de");
+        assert_eq!(t.hash(HashAlg::Sha384), digest(HashAlg::Sha384, b"abcde"));
+        assert_eq!(t.hash(HashAlg::Sha384), digest(HashAlg::Sha384, b"abcde"));
+        let mut copy = t.clone();
+        t.add(b"f");
+        copy.add(b"g");
+        assert_eq!(t.hash(HashAlg::Sha384), digest(HashAlg::Sha384, b"abcdef"));
+        assert_eq!(
+            copy.hash(HashAlg::Sha384),
+            digest(HashAlg::Sha384, b"abcdeg")
+        );
+        assert_eq!(t.hash(HashAlg::Sha256), digest(HashAlg::Sha256, b"abcdef"));
+        t.add(b"h");
+        assert_eq!(t.hash(HashAlg::Sha256), digest(HashAlg::Sha256, b"abcdefh"));
+        assert_eq!(t.hash(HashAlg::Sha384), digest(HashAlg::Sha384, b"abcdefh"));
         assert_eq!(HashAlg::Sha256.output_len(), 32);
         assert_eq!(HashAlg::Sha384.output_len(), 48);
     }
