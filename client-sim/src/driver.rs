@@ -469,12 +469,7 @@ where
             use sha2::Digest;
             hex::encode(sha2::Sha256::digest(d))
         }),
-        ldevid_serial: ldevid.as_ref().and_then(|d| {
-            use der::Decode;
-            x509_cert::Certificate::from_der(d)
-                .ok()
-                .map(|c| hex::encode(c.tbs_certificate.serial_number.as_bytes()))
-        }),
+        ldevid_serial: meter.ldevid_serial().map(str::to_string),
         nat_rebinds,
         phases: PhaseTable::default(),
     }

@@ -406,6 +406,8 @@ pub struct Meter {
     ca_certs: Vec<Certificate>,
     ca_certs_der: Vec<Vec<u8>>,
     ldevid: Option<Vec<u8>>,
+    /// The LDevID's serialNumber, hex.
+    ldevid_serial: Option<String>,
     renewed: bool,
     discovered: bool,
     attempts: u32,
@@ -472,6 +474,7 @@ impl Meter {
             ca_certs,
             ca_certs_der,
             ldevid: None,
+            ldevid_serial: None,
             renewed: false,
             discovered: false,
             attempts: 0,
@@ -499,6 +502,11 @@ impl Meter {
     /// The verified LDevID (DER), once enrolled.
     pub fn ldevid(&self) -> Option<&[u8]> {
         self.ldevid.as_deref()
+    }
+
+    /// The serialNumber (hex) of [`Meter::ldevid`].
+    pub fn ldevid_serial(&self) -> Option<&str> {
+        self.ldevid_serial.as_deref()
     }
 
     /// Whether the LDevID came from a successful /sren.
@@ -792,8 +800,12 @@ impl Meter {
                 });
                 self.actions.push_back(Action::Disconnect);
                 match verified {
-                    Ok(leaf) => {
+                    Ok(pki::IssuedLeaf {
+                        der: leaf,
+                        serial_hex,
+                    }) => {
                         self.ldevid = Some(leaf.clone());
+                        self.ldevid_serial = Some(serial_hex);
                         self.busy = 0;
                         if step == EstExchange::Enroll {
                             if let Some(s) = self.started {

@@ -500,11 +500,19 @@ pub fn parse_ca_certs(certs_der: &[Vec<u8>]) -> Result<Vec<Certificate>, VerifyE
 /// to 4 levels) to a certificate from `/crts`. Returns the leaf DER.
 ///
 /// `returned` are the certificates of the /sen or /sren response (leaf and perhaps intermediates).
+/// The certificate the meter was issued, as [`verify_issued`] found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IssuedLeaf {
+    pub der: Vec<u8>,
+    /// Its serialNumber, hex (lower case), read from the parse that verified it.
+    pub serial_hex: String,
+}
+
 pub fn verify_issued(
     returned: &[Vec<u8>],
     our_spki_der: &[u8],
     ca_certs: &[Certificate],
-) -> Result<Vec<u8>, VerifyError> {
+) -> Result<IssuedLeaf, VerifyError> {
     if returned.is_empty() {
         return Err(VerifyError::Empty);
     }
@@ -558,7 +566,10 @@ pub fn verify_issued(
         };
         // Reached a certificate from /crts: trusted (the Explicit TA database, RFC 9148 §3).
         if ca_certs.iter().any(|c| c == issuer) {
-            return Ok(leaf_der.clone());
+            return Ok(IssuedLeaf {
+                der: leaf_der.clone(),
+                serial_hex: hex::encode(leaf.tbs_certificate.serial_number.as_bytes()),
+            });
         }
         current = issuer;
     }
@@ -708,7 +719,9 @@ mod tests {
         server_reads(&der);
         let ca_certs = parse_ca_certs(std::slice::from_ref(&ca.cert_der)).unwrap();
         assert_eq!(
-            verify_issued(std::slice::from_ref(&leaf), &key.spki_der, &ca_certs).unwrap(),
+            verify_issued(std::slice::from_ref(&leaf), &key.spki_der, &ca_certs)
+                .unwrap()
+                .der,
             leaf
         );
     }
@@ -722,7 +735,9 @@ mod tests {
         let key = EnrollmentKey::generate(&mut rng);
         let leaf = test_pki::issue_for(&ca, &key, "SN1");
         assert_eq!(
-            verify_issued(std::slice::from_ref(&leaf), &key.spki_der, &ca_certs).unwrap(),
+            verify_issued(std::slice::from_ref(&leaf), &key.spki_der, &ca_certs)
+                .unwrap()
+                .der,
             leaf
         );
         // Wrong key.

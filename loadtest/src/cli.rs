@@ -180,6 +180,20 @@ pub(crate) enum Cmd {
         #[arg(long, default_value_t = 20)]
         iterations: usize,
     },
+    /// Run N DTLS sessions in memory between est-dtls's client mode and its endpoint: a full
+    /// handshake with client authentication (the policy's path validation), one datagram each
+    /// way and close_notify. With --callgrind, count the instructions of each side per session
+    /// under valgrind (deterministic: for comparing engine changes on a noisy machine).
+    DtlsBench {
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+        /// Count instructions per session under valgrind callgrind, server side and meter side.
+        #[arg(long)]
+        callgrind: bool,
+        /// Where callgrind's output files go.
+        #[arg(long, default_value = ".")]
+        out: std::path::PathBuf,
+    },
     /// Measure the server CPU a full enrollment cannot do without on this machine: its curve
     /// operations, its datagrams on loopback and a durable commit, to set beside the
     /// measured server CPU per enrollment (the rest is parsing, CoAP, the store's code,

@@ -18,6 +18,7 @@ mod cli;
 mod core_bench;
 mod crypto;
 mod direct;
+mod dtls_bench;
 mod floor;
 mod peer;
 mod perf;
@@ -66,6 +67,35 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("core-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Cmd::DtlsBench {
+        iterations,
+        callgrind,
+        ref out,
+    }) = cli.cmd
+    {
+        let r = if callgrind {
+            std::env::current_exe()
+                .map_err(anyhow::Error::from)
+                .and_then(|exe| dtls_bench::run_callgrind(&exe, iterations as u64, out))
+                .map(|c| {
+                    println!(
+                        "dtls sessions: {iterations}; instructions per session: server {}, meter {}",
+                        c.server, c.client
+                    );
+                })
+        } else {
+            dtls_bench::run_native(iterations).map(|us| {
+                println!("dtls sessions: {iterations}, {us:.1} us each (both sides)");
+            })
+        };
+        return match r {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("dtls-bench: {e:#}");
                 ExitCode::FAILURE
             }
         };

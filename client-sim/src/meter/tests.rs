@@ -73,6 +73,11 @@ fn enrolls_with_crts_then_sen_and_verifies() {
     expect_disconnect(&mut m);
     assert_eq!(m.state(), &MeterState::Enrolled);
     assert_eq!(m.ldevid(), Some(est.issued[0].as_slice()));
+    let issued = <x509_cert::Certificate as der::Decode>::from_der(&est.issued[0]).unwrap();
+    assert_eq!(
+        m.ldevid_serial(),
+        Some(hex::encode(issued.tbs_certificate.serial_number.as_bytes()).as_str())
+    );
     assert_eq!(m.stats().enroll_us, Some(2_000_000));
     assert_eq!(m.ca_certs_der(), &[est.ca_der.clone()]);
     // The CSR carried the IDevID's serialNumber and hardwareModuleName.
