@@ -11,9 +11,10 @@
 //!   (the daemon's SQLite writer thread is not in this path);
 //! * the handshake's public-key operations on the server side, with the server's backends:
 //!   ServerKeyExchange sign (ring), CertificateVerify verify (ring), the client chain's
-//!   validation by the policy's handshake verifier (rustls-webpki + ring, once), ECDHE (p256 0.13
-//!   ephemeral key + agreement). webrtc-dtls's own record/handshake code is not in this path (it
-//!   needs its async runtime); the stepped load test measures it for real.
+//!   validation by the policy's handshake verifier (rustls-webpki + ring, once), ECDHE (ring:
+//!   ephemeral key + agreement, as est-dtls). The DTLS engine's own record and handshake code is
+//!   not in this path; `loadtest dtls-bench` counts est-dtls's sessions (both sides) the same
+//!   way, and the stepped load test measures everything for real.
 //!
 //! Everything else (CA generation, minting, CSR building on the "meter" side, client CoAP) runs
 //! outside `enroll_once` and is not counted.
@@ -35,6 +36,7 @@ use est_proto::session::{EstSession, Event, Peer};
 use est_proto::store::MemoryStore;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use ring::agreement;
 use ring::signature::{
     EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1,
     ECDSA_P256_SHA256_ASN1_SIGNING,
@@ -52,7 +54,8 @@ struct HandshakeKeys {
     server_key: EcdsaKeyPair,
     client_sig: Vec<u8>,
     client_pub: Vec<u8>,
-    peer_point: p256::PublicKey,
+    /// The meter's ECDHE public key (uncompressed P-256 point).
+    peer_point: Vec<u8>,
     rng: ring::rand::SystemRandom,
 }
 
@@ -125,12 +128,14 @@ impl CoreBench {
             .map_err(|_| anyhow::anyhow!("ring sign"))?
             .as_ref()
             .to_vec();
-        let peer = p256::ecdh::EphemeralSecret::random(&mut rng);
+        let peer = agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P256, &sys)
+            .and_then(|k| k.compute_public_key())
+            .map_err(|_| anyhow::anyhow!("ring ECDHE keygen"))?;
         let hs = HandshakeKeys {
             server_key,
             client_sig,
             client_pub: client_key.public_key().as_ref().to_vec(),
-            peer_point: peer.public_key(),
+            peer_point: peer.as_ref().to_vec(),
             rng: sys,
         };
         Ok(Self {
@@ -193,12 +198,15 @@ pub(crate) fn enroll_once(bench: &mut CoreBench, i: usize) -> Result<()> {
     let hs = &bench.hs;
     let ske = hs.server_key.sign(&hs.rng, black_box(&[1u8; 150]));
     black_box(ske.is_ok());
-    // CertificateVerify (webrtc-dtls, ring).
+    // CertificateVerify (est-dtls, ring).
     let vk = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &hs.client_pub);
     black_box(vk.verify(&[7u8; 200], &hs.client_sig).is_ok());
-    let eph = p256::ecdh::EphemeralSecret::random(&mut bench.rng);
-    black_box(p256::EncodedPoint::from(eph.public_key()).len());
-    black_box(eph.diffie_hellman(&hs.peer_point).raw_secret_bytes().len());
+    // ECDHE (est-dtls: ring).
+    let eph = agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P256, &hs.rng)
+        .map_err(|_| anyhow::anyhow!("ring ECDHE keygen"))?;
+    black_box(eph.compute_public_key().map(|p| p.as_ref().len()).ok());
+    let peer_key = agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, &hs.peer_point);
+    black_box(agreement::agree_ephemeral(eph, &peer_key, |k| k.len()).ok());
     let (chain, csr) = match bench.meters.get(i) {
         Some(m) => (m.chain.clone(), m.csr.clone()),
         None => bail!("no prepared meter {i}"),

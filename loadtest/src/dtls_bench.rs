@@ -342,7 +342,7 @@ pub(crate) fn run_native(iterations: usize) -> Result<f64> {
 }
 
 /// Instructions per session of each side, counted by callgrind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct DtlsCounts {
     pub server: u64,
     pub client: u64,

@@ -159,6 +159,10 @@ pub(crate) struct Report {
     pub peer: Option<PeerComparison>,
     pub hold: Option<HoldResult>,
     pub callgrind: Option<CallgrindResult>,
+    /// The DTLS engine's instructions per session under callgrind (`loadtest dtls-bench`),
+    /// server side and meter side.
+    #[serde(default)]
+    pub dtls_callgrind: Option<crate::dtls_bench::DtlsCounts>,
     /// Native wall time of one `enroll_once` (µs), median of a short run.
     pub core_native_us: Option<f64>,
     pub targets: Vec<TargetCheck>,
@@ -363,6 +367,13 @@ pub(crate) fn render_table(r: &Report) -> String {
             o,
             "core path (callgrind): {} instructions per enrollment ({} iterations)",
             c.instructions_per_enrollment, c.iterations
+        );
+    }
+    if let Some(d) = &r.dtls_callgrind {
+        let _ = writeln!(
+            o,
+            "DTLS engine (callgrind): {} instructions per session on the server, {} on the meter",
+            d.server, d.client
         );
     }
     for t in &r.targets {

@@ -647,6 +647,17 @@ async fn core_path(cli: &Cli, plan: &Plan, out: &Path, report: &mut Report) -> R
             Ok(Err(e)) => report.notes.push(format!("callgrind: {e:#}")),
             Err(e) => report.notes.push(format!("callgrind task: {e}")),
         }
+        let exe = std::env::current_exe()?;
+        let (iters, out2) = (cli.callgrind_iterations, out.to_path_buf());
+        match tokio::task::spawn_blocking(move || {
+            crate::dtls_bench::run_callgrind(&exe, iters, &out2)
+        })
+        .await
+        {
+            Ok(Ok(c)) => report.dtls_callgrind = Some(c),
+            Ok(Err(e)) => report.notes.push(format!("DTLS callgrind: {e:#}")),
+            Err(e) => report.notes.push(format!("DTLS callgrind task: {e}")),
+        }
     }
     Ok(ok)
 }
