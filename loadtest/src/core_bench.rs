@@ -59,6 +59,47 @@ struct HandshakeKeys {
     rng: ring::rand::SystemRandom,
 }
 
+/// The benches' PKI: an issuing CA and a manufacturer CA (P-256, ring), valid from an hour ago
+/// for ten years, and the hardware type of the IDevIDs they mint.
+pub(crate) struct BenchCas {
+    pub ca_cert: Vec<u8>,
+    pub issuing: IssuingCa,
+    pub mfr_cert: Vec<u8>,
+    pub maker: IssuingCa,
+    pub hw: ObjectIdentifier,
+    pub not_before: SystemTime,
+    pub validity: Duration,
+}
+
+impl BenchCas {
+    pub(crate) fn new(rng: &mut ChaCha8Rng) -> Result<Self> {
+        let now = SystemTime::now();
+        let nb = now.checked_sub(Duration::from_secs(3600)).unwrap_or(now);
+        let validity = Duration::from_secs(10 * 365 * 86_400);
+        let (ca_cert, ca_key) =
+            ca::generate_root_ca("Bench Issuing CA", "loadtest", nb, validity, rng)?;
+        let (mfr_cert, mfr_key) =
+            ca::generate_root_ca("Bench Manufacturer CA", "Bench Meters", nb, validity, rng)?;
+        let maker = IssuingCa::new(
+            mfr_cert.clone(),
+            Box::new(RingP256Signer::from_pkcs8_der(&mfr_key)?),
+        )?;
+        let issuing = IssuingCa::new(
+            ca_cert.clone(),
+            Box::new(RingP256Signer::from_pkcs8_der(&ca_key)?),
+        )?;
+        Ok(Self {
+            ca_cert,
+            issuing,
+            mfr_cert,
+            maker,
+            hw: ObjectIdentifier::new_unwrap("1.3.6.1.4.1.6175.10.1"),
+            not_before: nb,
+            validity,
+        })
+    }
+}
+
 /// The server core, set up once.
 pub(crate) struct CoreBench {
     est: Arc<EstService>,
@@ -73,31 +114,19 @@ impl CoreBench {
     /// Builds an issuing CA, a manufacturer CA and `n` meters with their CSRs, seeded.
     pub(crate) fn new(n: usize, seed: u64) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let now = SystemTime::now();
-        let nb = now.checked_sub(Duration::from_secs(3600)).unwrap_or(now);
-        let year = Duration::from_secs(365 * 86_400);
-        let (ca_cert, ca_key) =
-            ca::generate_root_ca("Bench Issuing CA", "loadtest", nb, 10 * year, &mut rng)?;
-        let (mfr_cert, mfr_key) = ca::generate_root_ca(
-            "Bench Manufacturer CA",
-            "Bench Meters",
-            nb,
-            10 * year,
-            &mut rng,
-        )?;
-        let maker = IssuingCa::new(
-            mfr_cert.clone(),
-            Box::new(RingP256Signer::from_pkcs8_der(&mfr_key)?),
-        )?;
-        let issuing = IssuingCa::new(
-            ca_cert.clone(),
-            Box::new(RingP256Signer::from_pkcs8_der(&ca_key)?),
-        )?;
-        let hw = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.6175.10.1");
+        let BenchCas {
+            ca_cert,
+            issuing,
+            mfr_cert,
+            maker,
+            hw,
+            not_before: nb,
+            validity,
+        } = BenchCas::new(&mut rng)?;
         let mut meters = Vec::with_capacity(n);
         for i in 0..n {
             let serial = format!("BENCH{i:06}");
-            let (cert, _key) = ca::mint_idevid(&maker, &serial, hw, nb, nb + 10 * year, &mut rng)?;
+            let (cert, _key) = ca::mint_idevid(&maker, &serial, hw, nb, nb + validity, &mut rng)?;
             let key = client_sim::pki::EnrollmentKey::generate(&mut rng);
             let csr = client_sim::pki::build_csr(&key, &serial, Some(&cert))?;
             meters.push(Prepared {

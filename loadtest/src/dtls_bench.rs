@@ -28,12 +28,12 @@ use est_dtls::{
     CertError, ChainVerifier, Client, ClientConfig, ConnEvent, Endpoint, Event, ServerConfig,
     SigningKey, Verified,
 };
-use est_proto::ca::{self, IssuingCa, ObjectIdentifier, RingP256Signer};
+use est_proto::ca;
 use est_proto::policy::{Policy, PolicyConfig};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::core_bench::parse_callgrind_total;
+use crate::core_bench::{parse_callgrind_total, BenchCas};
 
 /// Bytes of the meter's application datagram (a POST /sen with its CSR, about what the
 /// loadtest's meters send) and of the server's answer (certs-only with one certificate).
@@ -63,31 +63,19 @@ impl DtlsBench {
     /// certificate (issued by it); seeded.
     pub(crate) fn new(n: usize, seed: u64) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let wall = SystemTime::now();
-        let nb = wall.checked_sub(Duration::from_secs(3600)).unwrap_or(wall);
-        let year = Duration::from_secs(365 * 86_400);
-        let (ca_cert, ca_key) =
-            ca::generate_root_ca("Bench Issuing CA", "loadtest", nb, 10 * year, &mut rng)?;
-        let (mfr_cert, mfr_key) = ca::generate_root_ca(
-            "Bench Manufacturer CA",
-            "Bench Meters",
-            nb,
-            10 * year,
-            &mut rng,
-        )?;
-        let maker = IssuingCa::new(
-            mfr_cert.clone(),
-            Box::new(RingP256Signer::from_pkcs8_der(&mfr_key)?),
-        )?;
-        let issuing = IssuingCa::new(
-            ca_cert.clone(),
-            Box::new(RingP256Signer::from_pkcs8_der(&ca_key)?),
-        )?;
-        let hw = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.6175.10.1");
+        let BenchCas {
+            ca_cert,
+            issuing,
+            mfr_cert,
+            maker,
+            hw,
+            not_before: nb,
+            validity,
+        } = BenchCas::new(&mut rng)?;
         // The server's certificate: an IDevID-shaped end-entity certificate of the issuing CA
         // (the engine reads only its key; the meters' verifier below compares it).
         let (server_cert, server_key) =
-            ca::mint_idevid(&issuing, "BENCHSERVER", hw, nb, nb + 10 * year, &mut rng)?;
+            ca::mint_idevid(&issuing, "BENCHSERVER", hw, nb, nb + validity, &mut rng)?;
 
         // The meters' check of the server: exactly our server's chain.
         let expected = vec![server_cert.clone(), ca_cert.clone()];
@@ -105,7 +93,7 @@ impl DtlsBench {
         let mut meters = Vec::with_capacity(n);
         for i in 0..n {
             let serial = format!("BENCH{i:06}");
-            let (cert, key) = ca::mint_idevid(&maker, &serial, hw, nb, nb + 10 * year, &mut rng)?;
+            let (cert, key) = ca::mint_idevid(&maker, &serial, hw, nb, nb + validity, &mut rng)?;
             let key = SigningKey::from_pkcs8(&key).map_err(|e| anyhow::anyhow!("{e}"))?;
             meters.push(Arc::new(ClientConfig::new(
                 vec![cert],
@@ -393,6 +381,7 @@ pub(crate) fn run_callgrind(exe: &Path, iterations: u64, out_dir: &Path) -> Resu
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use est_proto::ca::{IssuingCa, ObjectIdentifier, RingP256Signer};
 
     #[test]
     fn sessions_complete_and_a_stranger_is_refused() {
