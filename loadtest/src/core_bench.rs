@@ -59,16 +59,18 @@ struct HandshakeKeys {
     rng: ring::rand::SystemRandom,
 }
 
+/// The hardware type (hardwareModuleName) of the benches' IDevIDs.
+pub(crate) const BENCH_HW: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.6175.10.1");
+
 /// The benches' PKI: an issuing CA and a manufacturer CA (P-256, ring), valid from an hour ago
-/// for ten years, and the hardware type of the IDevIDs they mint.
+/// for ten years.
 pub(crate) struct BenchCas {
     pub ca_cert: Vec<u8>,
     pub issuing: IssuingCa,
     pub mfr_cert: Vec<u8>,
     pub maker: IssuingCa,
-    pub hw: ObjectIdentifier,
-    pub not_before: SystemTime,
-    pub validity: Duration,
+    not_before: SystemTime,
+    validity: Duration,
 }
 
 impl BenchCas {
@@ -93,10 +95,28 @@ impl BenchCas {
             issuing,
             mfr_cert,
             maker,
-            hw: ObjectIdentifier::new_unwrap("1.3.6.1.4.1.6175.10.1"),
             not_before: nb,
             validity,
         })
+    }
+
+    /// An IDevID-shaped certificate for `serial` signed by `issuer` (one of ours), valid as
+    /// the CAs are: (certificate DER, PKCS#8 key DER).
+    pub(crate) fn mint(
+        &self,
+        issuer: &IssuingCa,
+        serial: &str,
+        rng: &mut ChaCha8Rng,
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let nb = self.not_before;
+        Ok(ca::mint_idevid(
+            issuer,
+            serial,
+            BENCH_HW,
+            nb,
+            nb + self.validity,
+            rng,
+        )?)
     }
 }
 
@@ -114,19 +134,11 @@ impl CoreBench {
     /// Builds an issuing CA, a manufacturer CA and `n` meters with their CSRs, seeded.
     pub(crate) fn new(n: usize, seed: u64) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let BenchCas {
-            ca_cert,
-            issuing,
-            mfr_cert,
-            maker,
-            hw,
-            not_before: nb,
-            validity,
-        } = BenchCas::new(&mut rng)?;
+        let cas = BenchCas::new(&mut rng)?;
         let mut meters = Vec::with_capacity(n);
         for i in 0..n {
             let serial = format!("BENCH{i:06}");
-            let (cert, _key) = ca::mint_idevid(&maker, &serial, hw, nb, nb + validity, &mut rng)?;
+            let (cert, _key) = cas.mint(&cas.maker, &serial, &mut rng)?;
             let key = client_sim::pki::EnrollmentKey::generate(&mut rng);
             let csr = client_sim::pki::build_csr(&key, &serial, Some(&cert))?;
             meters.push(Prepared {
@@ -134,6 +146,12 @@ impl CoreBench {
                 csr,
             });
         }
+        let BenchCas {
+            ca_cert,
+            issuing,
+            mfr_cert,
+            ..
+        } = cas;
         let policy = Policy::new(PolicyConfig::default(), &[mfr_cert], &ca_cert)?;
         let store = Arc::new(MemoryStore::new());
         let est = Arc::new(EstService::new(

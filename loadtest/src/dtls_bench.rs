@@ -63,22 +63,13 @@ impl DtlsBench {
     /// certificate (issued by it); seeded.
     pub(crate) fn new(n: usize, seed: u64) -> Result<Self> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let BenchCas {
-            ca_cert,
-            issuing,
-            mfr_cert,
-            maker,
-            hw,
-            not_before: nb,
-            validity,
-        } = BenchCas::new(&mut rng)?;
+        let cas = BenchCas::new(&mut rng)?;
         // The server's certificate: an IDevID-shaped end-entity certificate of the issuing CA
         // (the engine reads only its key; the meters' verifier below compares it).
-        let (server_cert, server_key) =
-            ca::mint_idevid(&issuing, "BENCHSERVER", hw, nb, nb + validity, &mut rng)?;
+        let (server_cert, server_key) = cas.mint(&cas.issuing, "BENCHSERVER", &mut rng)?;
 
         // The meters' check of the server: exactly our server's chain.
-        let expected = vec![server_cert.clone(), ca_cert.clone()];
+        let expected = vec![server_cert.clone(), cas.ca_cert.clone()];
         let server_verifier: ChainVerifier = Arc::new(move |chain: &[Vec<u8>]| {
             if chain == expected.as_slice() {
                 Ok(Verified {
@@ -93,7 +84,7 @@ impl DtlsBench {
         let mut meters = Vec::with_capacity(n);
         for i in 0..n {
             let serial = format!("BENCH{i:06}");
-            let (cert, key) = ca::mint_idevid(&maker, &serial, hw, nb, nb + validity, &mut rng)?;
+            let (cert, key) = cas.mint(&cas.maker, &serial, &mut rng)?;
             let key = SigningKey::from_pkcs8(&key).map_err(|e| anyhow::anyhow!("{e}"))?;
             meters.push(Arc::new(ClientConfig::new(
                 vec![cert],
@@ -103,7 +94,11 @@ impl DtlsBench {
         }
 
         // est-server's check of the meters: the policy's path validation, the leaf handed over.
-        let policy = Arc::new(Policy::new(PolicyConfig::default(), &[mfr_cert], &ca_cert)?);
+        let policy = Arc::new(Policy::new(
+            PolicyConfig::default(),
+            std::slice::from_ref(&cas.mfr_cert),
+            &cas.ca_cert,
+        )?);
         let client_verifier: ChainVerifier = Arc::new(move |chain: &[Vec<u8>]| {
             let (verified, leaf) = policy
                 .verify_peer_chain_with_leaf(chain, SystemTime::now())
@@ -118,7 +113,11 @@ impl DtlsBench {
             })
         });
         let key = SigningKey::from_pkcs8(&server_key).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let config = ServerConfig::new(vec![server_cert, ca_cert], Arc::new(key), client_verifier);
+        let config = ServerConfig::new(
+            vec![server_cert, cas.ca_cert.clone()],
+            Arc::new(key),
+            client_verifier,
+        );
         let now = Instant::now();
         let server = Endpoint::new(Arc::new(config), now).map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(Self {
@@ -212,33 +211,47 @@ fn dtls_client_close(client: &mut Client) {
     client.close();
 }
 
+/// What is in flight between the meter and the server during one session, and what each
+/// side reported.
+#[derive(Default)]
+struct Wire {
+    to_server: Vec<Vec<u8>>,
+    server_events: Vec<Event>,
+    client_events: Vec<ConnEvent>,
+}
+
 /// Delivers datagrams both ways until neither side has anything to send.
-fn pump(
-    bench: &mut DtlsBench,
-    client: &mut Client,
-    from: SocketAddr,
-    to_server: &mut Vec<Vec<u8>>,
-    server_events: &mut Vec<Event>,
-    client_events: &mut Vec<ConnEvent>,
-) -> Result<()> {
+fn pump(bench: &mut DtlsBench, client: &mut Client, from: SocketAddr, w: &mut Wire) -> Result<()> {
     let mut to_client = Vec::new();
     for _ in 0..MAX_ROUNDS {
-        dtls_client_step(client, bench.now, None, to_server, client_events);
-        if to_server.is_empty() && to_client.is_empty() {
+        dtls_client_step(
+            client,
+            bench.now,
+            None,
+            &mut w.to_server,
+            &mut w.client_events,
+        );
+        if w.to_server.is_empty() && to_client.is_empty() {
             return Ok(());
         }
-        for d in std::mem::take(to_server) {
+        for d in std::mem::take(&mut w.to_server) {
             dtls_server_step(
                 &mut bench.server,
                 bench.now,
                 from,
                 &d,
                 &mut to_client,
-                server_events,
+                &mut w.server_events,
             );
         }
         for d in std::mem::take(&mut to_client) {
-            dtls_client_step(client, bench.now, Some(&d), to_server, client_events);
+            dtls_client_step(
+                client,
+                bench.now,
+                Some(&d),
+                &mut w.to_server,
+                &mut w.client_events,
+            );
         }
     }
     bail!("the exchange did not settle in {MAX_ROUNDS} rounds")
@@ -250,40 +263,25 @@ pub(crate) fn session_once(bench: &mut DtlsBench, i: usize) -> Result<()> {
     let from = meter_addr(i);
     bench.now += Duration::from_millis(10);
     let mut client = dtls_client_connect(bench.now, &config)?;
-    let (mut to_server, mut server_events, mut client_events) =
-        (Vec::new(), Vec::new(), Vec::new());
-    pump(
-        bench,
-        &mut client,
-        from,
-        &mut to_server,
-        &mut server_events,
-        &mut client_events,
-    )?;
-    let h = match server_events.as_slice() {
+    let mut w = Wire::default();
+    pump(bench, &mut client, from, &mut w)?;
+    let h = match w.server_events.as_slice() {
         [Event::Connected(h)] => *h,
         other => bail!("meter {i}: the handshake ended in {other:?}"),
     };
     if !client.is_established() {
         bail!("meter {i}: the client did not finish its handshake");
     }
-    server_events.clear();
-    client_events.clear();
+    w.server_events.clear();
+    w.client_events.clear();
 
     dtls_client_send(&mut client, bench.now, &[0x42; REQUEST_BYTES])?;
-    pump(
-        bench,
-        &mut client,
-        from,
-        &mut to_server,
-        &mut server_events,
-        &mut client_events,
-    )?;
-    match server_events.as_slice() {
+    pump(bench, &mut client, from, &mut w)?;
+    match w.server_events.as_slice() {
         [Event::Data(got, d)] if *got == h && d.len() == REQUEST_BYTES => {}
         other => bail!("meter {i}: the server got {other:?} for the request"),
     }
-    server_events.clear();
+    w.server_events.clear();
     let mut to_client = Vec::new();
     dtls_server_send(
         &mut bench.server,
@@ -297,25 +295,18 @@ pub(crate) fn session_once(bench: &mut DtlsBench, i: usize) -> Result<()> {
             &mut client,
             bench.now,
             Some(&d),
-            &mut to_server,
-            &mut client_events,
+            &mut w.to_server,
+            &mut w.client_events,
         );
     }
-    match client_events.as_slice() {
+    match w.client_events.as_slice() {
         [ConnEvent::Data(d)] if d.len() == RESPONSE_BYTES => {}
         other => bail!("meter {i}: the client got {other:?} for the response"),
     }
 
     dtls_client_close(&mut client);
-    pump(
-        bench,
-        &mut client,
-        from,
-        &mut to_server,
-        &mut server_events,
-        &mut client_events,
-    )?;
-    match server_events.as_slice() {
+    pump(bench, &mut client, from, &mut w)?;
+    match w.server_events.as_slice() {
         [Event::Closed(got, _)] if *got == h => Ok(()),
         other => bail!("meter {i}: the server saw {other:?} after close_notify"),
     }
@@ -381,7 +372,8 @@ pub(crate) fn run_callgrind(exe: &Path, iterations: u64, out_dir: &Path) -> Resu
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use est_proto::ca::{IssuingCa, ObjectIdentifier, RingP256Signer};
+    use crate::core_bench::BENCH_HW;
+    use est_proto::ca::{IssuingCa, RingP256Signer};
 
     #[test]
     fn sessions_complete_and_a_stranger_is_refused() {
@@ -401,9 +393,8 @@ mod tests {
             Box::new(RingP256Signer::from_pkcs8_der(&key).unwrap()),
         )
         .unwrap();
-        let hw = ObjectIdentifier::new_unwrap("1.3.6.1.4.1.6175.10.1");
         let (cert, key) =
-            ca::mint_idevid(&other, "STRANGER", hw, wall, wall + day, &mut rng).unwrap();
+            ca::mint_idevid(&other, "STRANGER", BENCH_HW, wall, wall + day, &mut rng).unwrap();
         b.meters[0] = Arc::new(ClientConfig::new(
             vec![cert],
             Arc::new(SigningKey::from_pkcs8(&key).unwrap()),
